@@ -1,0 +1,61 @@
+"""Shared plumbing for the CuTe-DSL kernels: import, target architecture, availability.
+
+Why this module exists: CuTe-DSL reads the target GPU architecture **once**, when ``cutlass`` is
+first imported. On a machine without a GPU it then silently targets sm_100a, and simple kernels
+compile for the wrong chip without any warning. So every kernel module imports cutlass through
+``import_cutlass()``, which pins ``CUTE_DSL_ARCH=sm_90a`` (Hopper) first unless the user chose.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+HOPPER_ARCH = "sm_90a"
+
+
+@functools.lru_cache(maxsize=None)
+def import_cutlass():
+    """Import and return the ``cutlass`` module with the target arch pinned to sm_90a.
+
+    Raises ImportError with an install hint when nvidia-cutlass-dsl is missing.
+    """
+    if importlib.util.find_spec("cutlass") is None:
+        raise ImportError(
+            "the fast path needs CuTe-DSL: pip install 'sonic_learn[gpu]' (nvidia-cutlass-dsl==4.8.1)"
+        )
+    os.environ.setdefault("CUTE_DSL_ARCH", HOPPER_ARCH)
+    import cutlass  # noqa: PLC0415  (imported late on purpose: the arch must be pinned first)
+
+    return cutlass
+
+
+def cutlass_available() -> tuple[bool, str]:
+    """Return (True, version) when CuTe-DSL imports, else (False, why)."""
+    try:
+        cutlass = import_cutlass()
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        return False, str(exc)
+    return True, f"nvidia-cutlass-dsl {cutlass.__version__}"
+
+
+def hopper_available() -> tuple[bool, str]:
+    """Return (True, device name) when the current CUDA device is a Hopper GPU (sm_90), else (False, why)."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    major, minor = torch.cuda.get_device_capability()
+    name = torch.cuda.get_device_name()
+    if (major, minor) != (9, 0):
+        return False, f"{name} is sm_{major}{minor}, the kernels target Hopper (sm_90a)"
+    return True, name
+
+
+def fast_available() -> tuple[bool, str]:
+    """Can the fast kernels *run* here? (CuTe-DSL importable and a Hopper GPU present.)"""
+    ok, why = cutlass_available()
+    if not ok:
+        return False, why
+    return hopper_available()

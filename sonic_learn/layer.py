@@ -1,0 +1,93 @@
+"""``sonic_learn.MoE``: the Mixture-of-Experts layer as a ``torch.nn.Module``.
+
+It owns the parameters (in the paper's orientation, see ``sonic_learn.reference.moe``) and calls
+the reference implementation (``backend="reference"``, any device) or the CuTe-DSL kernels
+(``backend="fast"``, Hopper GPUs, when ``sonic_learn.fast.moe`` is available).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+from torch import nn
+
+from sonic_learn import _checks
+from sonic_learn.reference import moe as reference_moe
+
+BACKENDS = ("reference", "fast")
+
+
+def _fast_moe_forward():
+    """The fast layer's forward, or a clear error saying why it cannot be used here."""
+    try:
+        fast_moe = importlib.import_module("sonic_learn.fast.moe")
+    except ModuleNotFoundError as exc:
+        if exc.name != "sonic_learn.fast.moe":
+            raise
+        raise NotImplementedError(
+            "backend='fast' needs sonic_learn.fast.moe, which is not part of this version yet; "
+            "use backend='reference'"
+        ) from None
+    return fast_moe.moe_forward
+
+
+class MoE(nn.Module):
+    """A SonicMoE-style MoE layer with SwiGLU experts.
+
+    Args:
+        d_model: d, the model (hidden) dimension.
+        d_expert: n, each expert's intermediate dimension.
+        num_experts: E.
+        top_k: K, experts per token.
+        routing: ``"topk"`` (token choice) or ``"token_rounding"``.
+        tile_m: the GEMM M tile, used by token rounding and the tiled kernels.
+        backward: ``"reduced_memory"`` (SonicMoE) or ``"standard"``.
+        backend: ``"reference"`` (PyTorch) or ``"fast"`` (CuTe-DSL kernels on Hopper).
+
+    Parameters: ``router_w`` (d, E), ``w1`` (E, d, 2n) with gate/up interleaved, ``w2`` (E, n, d).
+    Init: the router and w1 use std 1/sqrt(d), w2 uses std 1/sqrt(n), so a unit-variance input gives
+    O(1) pre-activations (good for tests that must see a wrong SwiGLU).
+    """
+
+    def __init__(self, d_model: int, d_expert: int, num_experts: int, top_k: int, *, routing: str = "topk",
+                 tile_m: int = 128, backward: str = "reduced_memory", backend: str = "reference",
+                 device=None, dtype=None):
+        super().__init__()
+        _checks.check_int_range("d_model", d_model, 1)
+        _checks.check_int_range("d_expert", d_expert, 1)
+        _checks.check_int_range("num_experts", num_experts, 1)
+        _checks.check_int_range("top_k", top_k, 1, num_experts, "the number of experts num_experts")
+        _checks.check_int_range("tile_m", tile_m, 1)
+        _checks.check_choice("routing", routing, reference_moe.ROUTINGS)
+        _checks.check_choice("backward", backward, reference_moe.BACKWARD_MODES)
+        _checks.check_choice("backend", backend, BACKENDS)
+        self.d_model, self.d_expert, self.num_experts, self.top_k = d_model, d_expert, num_experts, top_k
+        self.routing, self.tile_m, self.backward, self.backend = routing, tile_m, backward, backend
+        kw = {"device": device, "dtype": dtype}
+        self.router_w = nn.Parameter(torch.empty(d_model, num_experts, **kw))
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, 2 * d_expert, **kw))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_expert, d_model, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.router_w, std=1 / math.sqrt(self.d_model))
+        nn.init.normal_(self.w1, std=1 / math.sqrt(self.d_model))
+        nn.init.normal_(self.w2, std=1 / math.sqrt(self.d_expert))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d) -> (..., d)."""
+        _checks.check_tensor("x", x)
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have last dim d_model={self.d_model}, got shape {tuple(x.shape)}")
+        flat = x.reshape(-1, self.d_model)  # (T, d)
+        forward = reference_moe.moe_forward if self.backend == "reference" else _fast_moe_forward()
+        out = forward(flat, self.router_w, self.w1, self.w2, self.top_k, routing=self.routing,
+                      tile_m=self.tile_m, backward=self.backward)
+        return out.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_expert={self.d_expert}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}, routing={self.routing!r}, tile_m={self.tile_m}, "
+                f"backward={self.backward!r}, backend={self.backend!r}")
