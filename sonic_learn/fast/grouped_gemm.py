@@ -1,0 +1,280 @@
+"""Fast grouped GEMMs for MoE on Hopper (CuTe-DSL): varlen-M with contiguous or gathered A, and varlen-K.
+
+Same names and contracts as ``sonic_learn.reference.grouped_gemm`` (paper Section 3, pair
+"gather then GEMM" vs "gather fused into the GEMM's loads"):
+
+* ``naive_grouped_gemm(x, w, meta)``: materialize ``x[gather_idx]`` (here with ``torch.index_select``,
+  the classic "gather kernel"), then run the contiguous grouped GEMM on it.
+* ``gather_fused_grouped_gemm(x, w, meta)``: the grouped GEMM reads the rows of ``x`` through
+  ``gather_idx`` inside its load phase, so the (M, K) gathered copy is never written.
+* ``contiguous_grouped_gemm(a, w, meta)``: A is already in expert-grouped row order (e.g. the
+  down-projection input ``h``).
+* ``grouped_gemm_varlen_k(a, b, meta, gather_a=...)``: weight gradients
+  ``dW[e] = a[rows of e]^T @ b[rows of e]``, reduction length f_e per expert.
+
+Shapes (paper notation): x (T, K), w (E, K, N) row-major (N contiguous), out (M, N) with M = number of
+(token, expert) pairs = ``meta.gather_idx.numel()``, rows in expert-grouped order
+(``meta.expert_offsets``). Inputs bf16 or fp16, fp32 accumulation, ``out_dtype`` bf16/fp16/fp32.
+
+Which kernel runs: today every entry point runs the ladder's first step,
+``grouped_gemm_v1.GroupedGemmV1`` (one CTA per output tile, cp.async loads into swizzled shared
+memory, WGMMA with fp32 accumulators, masked epilogue). The weights are used as stored: WGMMA reads
+B in its "MN-major" mode, so no transposed copy of w is ever made. The warp-specialized TMA
+producer/consumer kernel described in issue 6 is NOT implemented yet (see the module's tests and
+the issue for the measured gap).
+
+Launch path: each (variant, dtype, out dtype, tile config) is compiled once, ahead of any data,
+from fake tensors with symbolic sizes (so one compile serves every T, M, E, K, N), with TVM-FFI
+(``--enable-tvm-ffi``): the compiled function takes torch tensors directly and launches on the
+current torch stream. No device-to-host synchronization happens on any call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from sonic_learn import _checks
+from sonic_learn.reference.routing import RoutingMetadata
+
+IN_DTYPES = (torch.bfloat16, torch.float16)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_ELEMENTS = 2**31 - 1  # 32-bit index arithmetic inside the kernel
+TILE = (128, 128, 64)  # (tile_m, tile_n, tile_k) of the v1 kernel
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (runs before any compile or launch)
+# ----------------------------------------------------------------------------------------------
+def _check_operand(name: str, t: object, ndim: int, dtypes=IN_DTYPES) -> torch.Tensor:
+    t = _checks.check_tensor(name, t)
+    _checks.check_cuda(name, t)
+    _checks.check_ndim(name, t, ndim)
+    _checks.check_dtype(name, t, dtypes)
+    if t.numel() > MAX_ELEMENTS:
+        raise ValueError(f"{name} has {t.numel()} elements; the fast kernels take at most 2^31 - 1 (32-bit indexing)")
+    return t
+
+
+def _check_multiple_of_8(name: str, value: int, what: str) -> None:
+    if value <= 0 or value % 8:
+        raise ValueError(f"{name} ({what}) must be a positive multiple of 8 for 16-byte loads, got {value}")
+
+
+def _check_meta(meta: object, device: torch.device) -> RoutingMetadata:
+    if not isinstance(meta, RoutingMetadata):
+        raise TypeError(f"meta must be a sonic_learn.reference.routing.RoutingMetadata, got {type(meta).__name__}")
+    from sonic_learn.fast.grouped_gemm_v1 import MAX_EXPERTS
+
+    E = meta.num_experts
+    if not 1 <= E <= MAX_EXPERTS:
+        raise ValueError(f"meta.num_experts must satisfy 1 <= E <= {MAX_EXPERTS}, got {E}")
+    for field, shape in (("expert_offsets", (E + 1,)), ("gather_idx", (None,))):
+        t = _checks.check_tensor(f"meta.{field}", getattr(meta, field))
+        _checks.check_shape(f"meta.{field}", t, shape)
+        _checks.check_dtype(f"meta.{field}", t, (torch.int32,))
+        if t.device != device:
+            raise ValueError(f"meta.{field} must be on {device} (the inputs' device), got {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"meta.{field} must be contiguous")
+    return meta
+
+
+def _out_dtype(out_dtype: torch.dtype | None, default: torch.dtype) -> torch.dtype:
+    if out_dtype is None:
+        return default
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of bfloat16, float16, float32 (or None), got {out_dtype}")
+    return out_dtype
+
+
+def _check_tile_m(tile_m: object) -> None:
+    if tile_m != TILE[0]:
+        raise ValueError(f"tile_m must be {TILE[0]} for the fast kernel (its M tile), got {tile_m!r}")
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Row-major with 16-byte aligned base: the cp.async loads read 16 bytes at a time."""
+    t = t.contiguous()
+    if t.data_ptr() % 16:
+        t = t.clone()
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile cache
+# ----------------------------------------------------------------------------------------------
+def _cutlass_dtype(dtype: torch.dtype):
+    from sonic_learn.fast._cute import import_cutlass
+
+    cutlass = import_cutlass()
+    return {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16, torch.float32: cutlass.Float32}[dtype]
+
+
+@functools.lru_cache(maxsize=None)
+def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, tile: tuple = TILE,
+                         stages: int | None = None, keep_ptx: bool = False):
+    """Compile one grouped-GEMM variant for sm_90a from fake tensors (no GPU needed).
+
+    ``variant`` is one of "varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather". Sizes (rows,
+    K, N, E) are symbolic, so the result serves every problem with these dtypes. Returns the
+    TVM-FFI callable ``f(a, b, out, gather_idx, expert_offsets, tile_offsets, num_row_tiles)``.
+    """
+    _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
+    from sonic_learn.fast._cute import import_cutlass
+
+    cutlass = import_cutlass()
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+    from sonic_learn.fast.grouped_gemm_v1 import GroupedGemmV1, default_stages
+
+    varlen_k = variant.startswith("varlen_k")
+    gather = variant.endswith("gather")
+    dt, odt = _cutlass_dtype(dtype), _cutlass_dtype(out_dtype)
+
+    def mat(elem, rows, cols):
+        return make_fake_compact_tensor(elem, (rows, cols), stride_order=(1, 0), assumed_align=16)
+
+    def sym(div=1):
+        return cute.sym_int(divisibility=div) if div > 1 else cute.sym_int()
+
+    cols_a, n_dim = sym(8), sym(8)
+    a = mat(dt, sym(), cols_a)
+    if varlen_k:
+        b = mat(dt, sym(), n_dim)  # (M, N) rows in grouped order
+        out = mat(odt, sym(), n_dim)  # (E * d, N)
+    else:
+        b = mat(dt, sym(), n_dim)  # (E * K, N): w reshaped
+        out = mat(odt, sym(), n_dim)  # (M, N)
+    vec = lambda: make_fake_compact_tensor(cutlass.Int32, (sym(),), assumed_align=4)  # noqa: E731
+    gidx, offs, toffs = vec(), vec(), vec()
+    stages = stages or default_stages(tile)
+    kernel = GroupedGemmV1(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2],
+                           stages=stages)
+    opts = "--enable-tvm-ffi" + (" --keep-ptx" if keep_ptx else "")
+    return cute.compile(kernel, a, b, out, gidx, offs, toffs, cutlass.Int32(1),
+                        make_fake_stream(use_tvm_ffi_env_stream=True), options=opts)
+
+
+def _tile_offsets(expert_offsets: torch.Tensor, tile_m: int) -> torch.Tensor:
+    """tile_offsets[e] = sum_{j<e} ceil(f_j / tile_m), on the device (no host sync)."""
+    counts = expert_offsets[1:] - expert_offsets[:-1]  # (E,)
+    tiles = torch.div(counts + (tile_m - 1), tile_m, rounding_mode="floor")  # (E,)
+    out = torch.zeros_like(expert_offsets)  # (E+1,)
+    torch.cumsum(tiles, dim=0, out=out[1:])
+    return out
+
+
+def _launch_varlen_m(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, gather: bool,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    M = meta.gather_idx.numel()
+    E, K, N = w.shape
+    out = torch.empty(M, N, dtype=out_dtype, device=a.device)  # (M, N)
+    if M == 0:
+        return out
+    fn = compile_grouped_gemm("varlen_m_gather" if gather else "varlen_m", a.dtype, out_dtype)
+    tile_offsets = _tile_offsets(meta.expert_offsets, TILE[0])
+    num_row_tiles = -(-M // TILE[0]) + E  # >= sum_e ceil(f_e / tile_m); surplus CTAs exit
+    fn(_aligned(a), _aligned(w).view(E * K, N), out, meta.gather_idx, meta.expert_offsets, tile_offsets,
+       num_row_tiles)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+def _check_varlen_m(x, w, meta, tile_m, out_dtype, x_name: str, rows_expected: int | None):
+    x = _check_operand(x_name, x, 2)
+    w = _check_operand("w", w, 3)
+    if w.dtype != x.dtype:
+        raise TypeError(f"w must have the same dtype as {x_name} ({x.dtype}), got {w.dtype}")
+    _checks.check_same_device(**{x_name: x, "w": w})
+    meta = _check_meta(meta, x.device)
+    _check_tile_m(tile_m)
+    E, K, N = w.shape
+    if E != meta.num_experts:
+        raise ValueError(f"w must have shape (E, K, N) with E = meta.num_experts = {meta.num_experts}, got {tuple(w.shape)}")
+    if x.shape[1] != K:
+        raise ValueError(f"{x_name} must have shape (*, K) with K = w.shape[1] = {K}, got {tuple(x.shape)}")
+    _check_multiple_of_8(f"{x_name}.shape[1]", K, "K")
+    _check_multiple_of_8("w.shape[2]", N, "N")
+    M = meta.gather_idx.numel()
+    if rows_expected is not None and x.shape[0] != M:
+        raise ValueError(f"{x_name} must have M = {M} rows (meta.gather_idx.numel()), got {x.shape[0]}")
+    if M * N > MAX_ELEMENTS:
+        raise ValueError(f"the output (M, N) = ({M}, {N}) exceeds 2^31 - 1 elements")
+    if E * K * N > MAX_ELEMENTS:
+        raise ValueError(f"w has more than 2^31 - 1 elements: {tuple(w.shape)}")
+    return x, w, meta, _out_dtype(out_dtype, x.dtype)
+
+
+def gather_fused_grouped_gemm(x: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, *, tile_m: int = 128,
+                              out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out[r] = x[gather_idx[r]] @ w[e(r)], rows of x gathered inside the GEMM's loads. Returns (M, N)."""
+    x, w, meta, out_dtype = _check_varlen_m(x, w, meta, tile_m, out_dtype, "x", None)
+    return _launch_varlen_m(x, w, meta, True, out_dtype)
+
+
+def contiguous_grouped_gemm(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, *, tile_m: int = 128,
+                            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """out[r] = a[r] @ w[e(r)] for A already in expert-grouped row order (M, K). Returns (M, N)."""
+    a, w, meta, out_dtype = _check_varlen_m(a, w, meta, tile_m, out_dtype, "a", meta.gather_idx.numel()
+                                            if isinstance(meta, RoutingMetadata) else None)
+    return _launch_varlen_m(a, w, meta, False, out_dtype)
+
+
+def naive_grouped_gemm(x: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, *, tile_m: int = 128,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The classic two-pass path: gather ``x[gather_idx]`` into an (M, K) buffer (torch.index_select),
+    then the contiguous grouped GEMM. Same result as ``gather_fused_grouped_gemm``."""
+    x, w, meta, out_dtype = _check_varlen_m(x, w, meta, tile_m, out_dtype, "x", None)
+    x_grouped = torch.index_select(x, 0, meta.gather_idx)  # (M, K): the gather kernel
+    return _launch_varlen_m(x_grouped, w, meta, False, out_dtype)
+
+
+def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadata, *, gather_a: bool = True,
+                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Weight gradients: out[e] = A_e^T @ b[rows of e], reduced over the f_e rows of expert e.
+
+    A_e = ``a[gather_idx[rows of e]]`` when ``gather_a`` (a is (T, d), e.g. x), else ``a[rows of e]``
+    (a is (M, d), already grouped). b is (M, N) in grouped row order. Returns (E, d, N); experts
+    with no rows get zeros.
+    """
+    a = _check_operand("a", a, 2)
+    b = _check_operand("b", b, 2)
+    if b.dtype != a.dtype:
+        raise TypeError(f"b must have the same dtype as a ({a.dtype}), got {b.dtype}")
+    _checks.check_same_device(a=a, b=b)
+    meta = _check_meta(meta, a.device)
+    if not isinstance(gather_a, bool):
+        raise TypeError(f"gather_a must be a bool, got {type(gather_a).__name__}")
+    out_dtype = _out_dtype(out_dtype, a.dtype)
+    M = meta.gather_idx.numel()
+    E = meta.num_experts
+    d, N = a.shape[1], b.shape[1]
+    if b.shape[0] != M:
+        raise ValueError(f"b must have M = {M} rows (meta.gather_idx.numel()), got shape {tuple(b.shape)}")
+    if not gather_a and a.shape[0] != M:
+        raise ValueError(f"a must have M = {M} rows when gather_a=False, got shape {tuple(a.shape)}")
+    _check_multiple_of_8("a.shape[1]", d, "d")
+    _check_multiple_of_8("b.shape[1]", N, "N")
+    if E * d * N > MAX_ELEMENTS:
+        raise ValueError(f"the output (E, d, N) = ({E}, {d}, {N}) exceeds 2^31 - 1 elements")
+    out = torch.empty(E, d, N, dtype=out_dtype, device=a.device)  # (E, d, N)
+    fn = compile_grouped_gemm("varlen_k_gather" if gather_a else "varlen_k", a.dtype, out_dtype)
+    gidx = meta.gather_idx
+    if gidx.numel() == 0:  # the kernel still runs (it writes the zeros); give it a valid pointer
+        gidx = torch.zeros(1, dtype=torch.int32, device=a.device)
+    fn(_aligned(a), _aligned(b), out.view(E * d, N), gidx, meta.expert_offsets, meta.expert_offsets, 0)
+    return out
+
+
+__all__ = [
+    "naive_grouped_gemm",
+    "gather_fused_grouped_gemm",
+    "contiguous_grouped_gemm",
+    "grouped_gemm_varlen_k",
+    "compile_grouped_gemm",
+]

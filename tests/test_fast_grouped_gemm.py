@@ -1,0 +1,234 @@
+"""GPU property tests: the CuTe-DSL grouped GEMMs agree with the reference / a float64 oracle.
+
+Tolerance rule (teaching-anchors): the kernel's max error against a float64 oracle must be at most
+2x the max error of torch's own same-dtype computation (cuBLAS, fp32 accumulate, output rounded to
+the input dtype) against the same oracle, plus a tiny absolute slack.
+
+"Poisoned outputs": the functions allocate their output with ``torch.empty``. Before each call we
+allocate a block of exactly that size filled with NaN and free it, so the caching allocator hands
+the NaN-filled block to the kernel; an element the kernel forgets to write stays NaN and fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from sonic_learn.fast._cute import fast_available
+from sonic_learn.reference.routing import RoutingMetadata
+
+pytestmark = pytest.mark.gpu
+
+FAST_OK, FAST_WHY = fast_available() if torch.cuda.is_available() else (False, "no CUDA device")
+needs_hopper = pytest.mark.skipif(not FAST_OK, reason=f"fast path unavailable: {FAST_WHY}")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+EDGE_COUNTS = (0, 1, 127, 128, 129)  # 0, 1, tile-1, tile, tile+1 for tile_m = 128
+
+
+def make_meta(counts: list[int], T: int, gen: torch.Generator) -> RoutingMetadata:
+    """Routing metadata with the given per-expert row counts; row tokens drawn at random from [0, T)."""
+    E = len(counts)
+    M = sum(counts)
+    dev = "cuda"
+    counts_t = torch.tensor(counts, dtype=torch.int32)
+    offsets = torch.zeros(E + 1, dtype=torch.int32)
+    offsets[1:] = torch.cumsum(counts_t, 0)
+    gather = torch.randint(0, max(T, 1), (M,), generator=gen, dtype=torch.int32)
+    ar = torch.arange(M, dtype=torch.int32)
+    return RoutingMetadata(
+        expert_counts=counts_t.to(dev), expert_offsets=offsets.to(dev), gather_idx=gather.to(dev),
+        pair_of_row=ar.to(dev), row_of_pair=ar.to(dev), num_tokens=T, num_experts=E,
+    )
+
+
+def poison(shape, dtype):
+    """Leave a NaN-filled block of this size in the caching allocator (see module docstring)."""
+    torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+
+
+def check_close(name, got, oracle, torch_same_dtype, atol=1e-3):
+    got64 = got.double()
+    assert not torch.isnan(got64).any(), f"{name}: NaN in output (unwritten element or bad load)"
+    kernel_err = (got64 - oracle).abs().max().item() if got.numel() else 0.0
+    torch_err = (torch_same_dtype.double() - oracle).abs().max().item() if got.numel() else 0.0
+    assert kernel_err <= 2 * torch_err + atol, f"{name}: kernel err {kernel_err:.3e} > 2 x torch err {torch_err:.3e} + {atol}"
+
+
+@st.composite
+def problems(draw):
+    E = draw(st.integers(1, 6))
+    style = draw(st.sampled_from(["edges", "random", "one_expert"]))
+    if style == "edges":
+        counts = [draw(st.sampled_from(EDGE_COUNTS)) for _ in range(E)]
+    elif style == "random":
+        counts = [draw(st.integers(0, 300)) for _ in range(E)]
+    else:
+        hot = draw(st.integers(0, E - 1))
+        counts = [0] * E
+        counts[hot] = draw(st.integers(1, 400))
+    K = 8 * draw(st.integers(1, 40))
+    N = 8 * draw(st.integers(1, 40))
+    T = draw(st.integers(1, 300))
+    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    out = draw(st.sampled_from([None, torch.float32]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return counts, T, K, N, dtype, out, seed
+
+
+def varlen_m_oracle(x, w, meta):
+    """float64 oracle and torch's same-dtype result for out[r] = x[g[r]] @ w[e(r)]."""
+    offs = meta.expert_offsets.tolist()
+    g = meta.gather_idx.long()
+    N = w.shape[2]
+    oracle = torch.zeros(len(g), N, dtype=torch.float64, device="cuda")
+    same = torch.zeros(len(g), N, dtype=x.dtype, device="cuda")
+    for e in range(len(offs) - 1):
+        rows = slice(offs[e], offs[e + 1])
+        if offs[e + 1] > offs[e]:
+            xe = x[g[rows]]
+            oracle[rows] = xe.double() @ w[e].double()
+            same[rows] = xe @ w[e]
+    return oracle, same
+
+
+@needs_hopper
+@settings(max_examples=12)
+@given(problems())
+@example(([129, 0, 128, 1, 127], 200, 64, 72, "bf16", None, 0))
+@example(([0, 0, 300], 100, 1536, 512, "bf16", None, 1))  # all rows on one expert, d = 1536
+def test_varlen_m_matches_oracle(problem):
+    from sonic_learn.fast import grouped_gemm as fast
+
+    counts, T, K, N, dtype_name, out_dtype, seed = problem
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(seed)
+    E = len(counts)
+    meta = make_meta(counts, T, gen)
+    x = torch.randn(T, K, generator=gen).to("cuda", dtype)
+    w = (torch.randn(E, K, N, generator=gen) / K**0.5).to("cuda", dtype)
+    oracle, same = varlen_m_oracle(x, w, meta)
+    M, odt = sum(counts), out_dtype or dtype
+
+    poison((M, N), odt)
+    fused = fast.gather_fused_grouped_gemm(x, w, meta, out_dtype=out_dtype)
+    assert fused.shape == (M, N) and fused.dtype == odt
+    check_close("gather_fused", fused, oracle, same)
+
+    poison((M, N), odt)
+    naive = fast.naive_grouped_gemm(x, w, meta, out_dtype=out_dtype)
+    check_close("naive", naive, oracle, same)
+    # Same rows, same kernel math, same k order: the two must agree bit for bit.
+    assert torch.equal(naive, fused)
+
+    a = x[meta.gather_idx.long()].contiguous()
+    poison((M, N), odt)
+    contig = fast.contiguous_grouped_gemm(a, w, meta, out_dtype=out_dtype)
+    assert torch.equal(contig, fused)
+
+    again = fast.gather_fused_grouped_gemm(x, w, meta, out_dtype=out_dtype)
+    assert torch.equal(again, fused), "two runs on the same inputs must be bitwise identical"
+
+
+@needs_hopper
+@settings(max_examples=10)
+@given(problems(), st.booleans())
+@example(([129, 0, 128, 1, 127], 200, 64, 72, "bf16", None, 0), True)
+def test_varlen_k_matches_oracle(problem, gather_a):
+    from sonic_learn.fast import grouped_gemm as fast
+
+    counts, T, K, N, dtype_name, out_dtype, seed = problem
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(seed)
+    E, M = len(counts), sum(counts)
+    meta = make_meta(counts, T, gen)
+    rows_a = T if gather_a else M
+    a = torch.randn(rows_a, K, generator=gen).to("cuda", dtype)
+    b = torch.randn(M, N, generator=gen).to("cuda", dtype)
+    g = meta.gather_idx.long()
+    offs = meta.expert_offsets.tolist()
+    oracle = torch.zeros(E, K, N, dtype=torch.float64, device="cuda")
+    same = torch.zeros(E, K, N, dtype=dtype, device="cuda")
+    for e in range(E):
+        rows = slice(offs[e], offs[e + 1])
+        ae = a[g[rows]] if gather_a else a[rows]
+        oracle[e] = ae.double().T @ b[rows].double()
+        same[e] = ae.T @ b[rows]
+    odt = out_dtype or dtype
+    poison((E, K, N), odt)
+    got = fast.grouped_gemm_varlen_k(a, b, meta, gather_a=gather_a, out_dtype=out_dtype)
+    assert got.shape == (E, K, N) and got.dtype == odt
+    check_close("varlen_k", got, oracle, same, atol=1e-3 * max(1, M) ** 0.5)
+    for e in range(E):
+        if counts[e] == 0:
+            assert torch.count_nonzero(got[e]) == 0, "an expert with no rows must get a zero gradient"
+    again = fast.grouped_gemm_varlen_k(a, b, meta, gather_a=gather_a, out_dtype=out_dtype)
+    assert torch.equal(again, got)
+
+
+@needs_hopper
+def test_realistic_shape_7b_up_proj_slice():
+    """A slice of the 7B up-projection (d = 1536, 2n = 512) with uniform routing over 16 experts."""
+    from sonic_learn.fast import grouped_gemm as fast
+
+    gen = torch.Generator().manual_seed(7)
+    T, K, N, E, topk = 2048, 1536, 512, 16, 4
+    experts = torch.rand(T, E, generator=gen).topk(topk, dim=1).indices.flatten()
+    counts = torch.bincount(experts, minlength=E).tolist()
+    meta = make_meta(counts, T, gen)
+    x = torch.randn(T, K, generator=gen).to("cuda", torch.bfloat16)
+    w = (torch.randn(E, K, N, generator=gen) / K**0.5).to("cuda", torch.bfloat16)
+    oracle, same = varlen_m_oracle(x, w, meta)
+    check_close("7b-slice", fast.gather_fused_grouped_gemm(x, w, meta), oracle, same)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs: clear errors before any launch
+# ------------------------------------------------------------------------------------------------
+def _good(dtype=torch.bfloat16, dev="cuda"):
+    gen = torch.Generator().manual_seed(0)
+    meta = make_meta([3, 5], 6, gen) if dev == "cuda" else None
+    x = torch.randn(6, 16, dtype=dtype, device=dev)
+    w = torch.randn(2, 16, 24, dtype=dtype, device=dev)
+    return x, w, meta
+
+
+@needs_hopper
+def test_bad_inputs_raise_clear_errors():
+    from sonic_learn.fast import grouped_gemm as fast
+
+    x, w, meta = _good()
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        fast.gather_fused_grouped_gemm(x.cpu(), w, meta)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        fast.gather_fused_grouped_gemm(x.float(), w.float(), meta)
+    with pytest.raises(TypeError, match="w must have the same dtype"):
+        fast.gather_fused_grouped_gemm(x, w.half(), meta)
+    with pytest.raises(ValueError, match="K = w.shape"):
+        fast.gather_fused_grouped_gemm(x[:, :8], w, meta)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        fast.gather_fused_grouped_gemm(x[:, :12], w[:, :12], meta)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        fast.gather_fused_grouped_gemm(x, w[:, :, :20], meta)
+    with pytest.raises(ValueError, match="E = meta.num_experts"):
+        fast.gather_fused_grouped_gemm(x, w[:1], meta)
+    with pytest.raises(TypeError, match="meta must be"):
+        fast.gather_fused_grouped_gemm(x, w, {"offsets": 0})
+    with pytest.raises(ValueError, match="tile_m must be 128"):
+        fast.gather_fused_grouped_gemm(x, w, meta, tile_m=64)
+    with pytest.raises(TypeError, match="out_dtype"):
+        fast.gather_fused_grouped_gemm(x, w, meta, out_dtype=torch.int8)
+    with pytest.raises(ValueError, match="M = 8 rows"):
+        fast.contiguous_grouped_gemm(x, w, meta)
+    huge = torch.empty(1, 16, dtype=torch.bfloat16, device="cuda").expand(2**27 + 1, 16)
+    with pytest.raises(ValueError, match="2\\^31"):
+        fast.gather_fused_grouped_gemm(huge, w, meta)
+    b = torch.randn(8, 24, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="b must have M = 8 rows"):
+        fast.grouped_gemm_varlen_k(x, b[:7], meta)
+    with pytest.raises(ValueError, match="a must have M = 8 rows"):
+        fast.grouped_gemm_varlen_k(x, b, meta, gather_a=False)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        fast.grouped_gemm_varlen_k(x[:, :12], b, meta)
