@@ -46,7 +46,7 @@ import cutlass.cute as cute  # noqa: E402
 import cutlass.utils.hopper_helpers as sm90_utils  # noqa: E402
 from cutlass import Int32, const_expr  # noqa: E402
 from cutlass.cute.nvgpu import cpasync, warpgroup  # noqa: E402
-from cutlass.utils import LayoutEnum  # noqa: E402
+from cutlass.tensor_utils import LayoutEnum  # noqa: E402
 
 # Binary-search depth for the expert lookup: supports up to 2**16 - 1 experts.
 SEARCH_STEPS = 16
@@ -237,7 +237,7 @@ class GroupedGemmV1:
 
         if active:
             # ---- Phase 2: shared memory and the MMA partition ---------------------------------
-            smem = cutlass.utils.SmemAllocator()
+            smem = cutlass.memory.SmemAllocator()
             storage = smem.allocate(self.storage)
             sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)  # (bm, bk, S)
             sB = storage.sB.get_tensor(sB_layout.outer, swizzle=sB_layout.inner)  # (bn, bk, S)
@@ -245,8 +245,9 @@ class GroupedGemmV1:
             thr_mma = tiled_mma.get_slice(cute.make_layout(2, stride=128)(wg_idx))
             tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
             tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
-            c_coord = cute.make_identity_tensor((bm, bn))
-            tCcC = thr_mma.partition_C(c_coord)
+            # Accumulator coordinates: A/B are partitioned per *warpgroup* (thr_mma above), but each
+            # thread holds its own accumulator elements, so C is partitioned per *thread*.
+            tCcC = tiled_mma.get_slice(tidx).partition_C(cute.make_identity_tensor((bm, bn)))
             acc = cute.make_rmem_tensor(tCcC.shape, cutlass.Float32)
             acc.fill(0.0)
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
