@@ -354,7 +354,9 @@ def saved_tensors(x, router_w, w1, w2, k, **kwargs) -> list[SavedTensor]:
 
     def pack(t: torch.Tensor):
         key = (t.data_ptr(), tuple(t.shape), t.dtype)
-        if t.data_ptr() not in weights and key not in seen:
+        if t.numel() == 0:  # empty tensors share data_ptr 0: count each one (they hold 0 bytes)
+            found.append(SavedTensor(tuple(t.shape), t.dtype, 0))
+        elif t.data_ptr() not in weights and key not in seen:
             seen.add(key)
             found.append(SavedTensor(tuple(t.shape), t.dtype, t.numel() * t.element_size()))
         return t
