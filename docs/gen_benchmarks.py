@@ -1,14 +1,18 @@
 """Render the measured benchmark results (``benchmarks/results/*.json``) as Markdown tables.
 
-The Benchmarks page shows only numbers that a run of ``python -m sonic_learn.compare ... --json``
-wrote to ``benchmarks/results/``: nothing is typed in by hand. ``docs/hooks.py`` calls
-``render_results`` while the site builds and puts the tables where the page says
-``<!-- benchmark-tables -->``; ``python docs/gen_benchmarks.py`` prints the same Markdown.
+The Benchmarks page shows only numbers that a measurement wrote to ``benchmarks/results/`` (the
+comparison tool's ``--json`` output, or a script under ``benchmarks/``): nothing is typed in by
+hand. ``docs/hooks.py`` calls ``render_results`` while the site builds and puts the tables where the
+page says ``<!-- benchmark-tables -->``; ``python docs/gen_benchmarks.py`` prints the same Markdown.
 
-A results file is either a list of records (one per table row) or an object with a list of records
-under ``"records"`` (or ``"rows"``) and the machine description under ``"environment"``. Each record
-is a flat object; nested values are shown as compact JSON. Records that carry their own
-``"environment"`` (or ``"device"``) have it lifted into the file's description.
+The files do not share one schema, so the renderer is generic and shows every value it finds:
+
+- the ``"environment"`` object (device, versions) becomes the file's "Measured on" line;
+- an object whose values are all flat objects (e.g. implementation -> {median_ms, p20_ms, ...})
+  becomes one table, a row per key;
+- a list of flat objects (e.g. one record per table row) becomes one table, a row per item;
+- any other object becomes a small key/value table for its plain values, followed by a sub-section
+  for each nested value.
 """
 
 from __future__ import annotations
@@ -21,67 +25,100 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 NOT_MEASURED = """\
 !!! warning "Not yet measured"
     There are no results files in `benchmarks/results/` yet, so this page shows no numbers.
-    To produce them, run on a Hopper GPU (H100/H200):
+    To produce them, run the comparison tool on a Hopper GPU (H100/H200) with `--json`, e.g.
 
     ```bash
-    python -m sonic_learn.compare moe --json benchmarks/results/moe.json
+    python -m sonic_learn.compare moe --config 7B --device cuda --json benchmarks/results/moe.json
     ```
 
-    (one file per subcommand: `topk`, `routing`, `grouped-gemm`, `backward`, `moe`), commit the
-    JSON files, and rebuild the docs: the tables appear here.
+    commit the JSON files, and rebuild the docs: the tables appear here.
 """
+
+_SCALARS = (str, int, float, bool, type(None))
 
 
 def _cell(value: object) -> str:
     if value is None:
         return "—"
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (dict, list)):
-        text = json.dumps(value, separators=(",", ":"), sort_keys=True)
+        text = json.dumps(value, separators=(", ", ": "), sort_keys=True)
     else:
         text = str(value)
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _split(data: object, name: str) -> tuple[list[dict], dict]:
-    """Return (records, environment) of one results file."""
-    env: dict = {}
-    if isinstance(data, dict):
-        env = dict(data.get("environment") or {})
-        records = data.get("records", data.get("rows"))
-    else:
-        records = data
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise ValueError(f"{name}: expected a list of records (objects), or an object with 'records'")
-    flat = []
-    for rec in records:
-        rec = dict(rec)
-        rec_env = rec.pop("environment", None)
-        if isinstance(rec_env, dict):
-            env.update(rec_env)
-        flat.append(rec)
-    return flat, env
+def _is_flat(obj: object) -> bool:
+    if isinstance(obj, dict):
+        return all(isinstance(v, _SCALARS) or (isinstance(v, list) and all(isinstance(x, _SCALARS) for x in v))
+                   for v in obj.values())
+    return False
+
+
+def _table(rows: list[tuple[str | None, dict]], first: str | None) -> list[str]:
+    """A Markdown table; ``first`` names a leading column holding each row's key (None: no such column)."""
+    columns: list[str] = []
+    for _, rec in rows:
+        columns += [k for k in rec if k not in columns]
+    head = ([first] if first is not None else []) + columns
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, rec in rows:
+        cells = ([f"**{_cell(key)}**"] if first is not None else []) + [_cell(rec.get(c)) for c in columns]
+        out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def _heading(title: str, depth: int) -> list[str]:
+    if depth <= 3:
+        return ["#" * (depth + 2) + " " + title, ""]
+    return [f"**{title}**", ""]
+
+
+def _render(title: str | None, obj: object, depth: int) -> list[str]:
+    if isinstance(obj, (dict, list)) and not obj:
+        return []  # nothing measured under this key
+    out = _heading(title, depth) if title else []
+    if isinstance(obj, list):
+        if obj and all(_is_flat(x) for x in obj):
+            return out + _table([(None, x) for x in obj], None)
+        if all(isinstance(x, _SCALARS) for x in obj):
+            return out + [", ".join(_cell(x) for x in obj), ""]
+        for i, item in enumerate(obj):
+            name = None
+            if isinstance(item, dict):
+                name = next((str(item[k]) for k in ("pair", "name", "impl", "label") if k in item), None)
+            out += _render(name or f"{title or 'item'} {i}", item, depth + 1)
+        return out
+    if not isinstance(obj, dict):
+        return out + [_cell(obj), ""]
+    if obj and all(_is_flat(v) for v in obj.values()):
+        return out + _table(list(obj.items()), "")
+    plain = {k: v for k, v in obj.items() if not isinstance(v, (dict, list)) or _is_flat_list(v)}
+    if plain:
+        out += ["| key | value |", "|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in plain.items()] + [""]
+    for k, v in obj.items():
+        if k not in plain:
+            out += _render(str(k), v, depth + 1)
+    return out
+
+
+def _is_flat_list(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, _SCALARS) for x in v)
 
 
 def render_file(path: Path) -> str:
-    """One results file as Markdown: a heading, the environment it was measured in, the table."""
-    records, env = _split(json.loads(path.read_text()), path.name)
-    out = [f"### `{path.name}`", ""]
-    if env:
-        out.append("Measured on: " + "; ".join(f"**{k}** {_cell(v)}" for k, v in sorted(env.items())) + ".")
-        out.append("")
-    if not records:
-        out.append("(no records in this file)")
-        return "\n".join(out) + "\n"
-    columns: list[str] = []
-    for rec in records:
-        columns += [k for k in rec if k not in columns]
-    out.append("| " + " | ".join(columns) + " |")
-    out.append("|" + "---|" * len(columns))
-    for rec in records:
-        out.append("| " + " | ".join(_cell(rec.get(c)) for c in columns) + " |")
-    return "\n".join(out) + "\n"
+    """One results file as Markdown: a heading, the environment it was measured in, its tables."""
+    data = json.loads(Path(path).read_text())
+    out = [f"### `{Path(path).name}`", ""]
+    if isinstance(data, dict) and isinstance(data.get("environment"), dict):
+        env = data["environment"]
+        out += ["Measured on: " + "; ".join(f"**{k}** {_cell(v)}" for k, v in env.items()) + ".", ""]
+        data = {k: v for k, v in data.items() if k != "environment"}
+    body = _render(None, data, 1)
+    return "\n".join(out + body) + "\n"
 
 
 def render_results(results_dir: Path = RESULTS_DIR) -> str:

@@ -1,15 +1,24 @@
 """MkDocs hooks of the sonic_learn site.
 
-``on_page_markdown`` fills the Benchmarks page with tables rendered from the measured JSON files in
-``benchmarks/results/`` (see ``docs/gen_benchmarks.py``), so the page never holds a hand-typed number.
+``on_page_markdown`` fills two pages with text generated from the code at build time, so neither
+can drift from it:
+
+- the Benchmarks page: tables rendered from the measured JSON files in ``benchmarks/results/``
+  (``docs/gen_benchmarks.py``), never a hand-typed number;
+- the CLI reference: the ``--help`` of ``python -m sonic_learn.compare`` and of each subcommand,
+  from the tool's own argument parser.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import importlib.util
+import os
 from pathlib import Path
 
-MARKER = "<!-- benchmark-tables -->"
+BENCHMARK_MARKER = "<!-- benchmark-tables -->"
+CLI_MARKER = "<!-- cli-help -->"
 
 
 def _gen_benchmarks():
@@ -20,7 +29,39 @@ def _gen_benchmarks():
     return module
 
 
+def cli_help_markdown() -> str:
+    """The help of the compare tool and of every subcommand, as Markdown sections."""
+    try:
+        cli = importlib.import_module("sonic_learn.compare.__main__")
+        build_parser = cli.build_parser
+    except (ModuleNotFoundError, AttributeError):
+        return (
+            '!!! warning "Not in this version"\n'
+            "    `python -m sonic_learn.compare` is not available in this version of sonic_learn.\n"
+        )
+    old = {k: os.environ.get(k) for k in ("COLUMNS", "NO_COLOR", "TERM")}
+    os.environ.update({"COLUMNS": "100", "NO_COLOR": "1", "TERM": "dumb"})  # plain, fixed-width help
+    try:
+        parser = build_parser()
+        parser.prog = "python -m sonic_learn.compare"
+        sections = ["## `python -m sonic_learn.compare`", "", "```text", parser.format_help().rstrip(), "```", ""]
+        for action in parser._actions:  # argparse keeps subcommands in a _SubParsersAction
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    sub.prog = f"python -m sonic_learn.compare {name}"
+                    sections += [f"## `{name}`", "", "```text", sub.format_help().rstrip(), "```", ""]
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return "\n".join(sections)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
-    if MARKER not in markdown:
-        return markdown
-    return markdown.replace(MARKER, _gen_benchmarks().render_results())
+    if BENCHMARK_MARKER in markdown:
+        markdown = markdown.replace(BENCHMARK_MARKER, _gen_benchmarks().render_results())
+    if CLI_MARKER in markdown:
+        markdown = markdown.replace(CLI_MARKER, cli_help_markdown())
+    return markdown
