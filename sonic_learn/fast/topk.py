@@ -1,0 +1,702 @@
+"""Fast top-k on Hopper: a bitonic register kernel and a radix-select kernel, written in CuTe-DSL.
+
+What this teaches (paper Section 4, "the router's top-K"; reference: ``sonic_learn.reference.topk``):
+
+* **Bitonic top-k (SonicMoE's kernel).** A row of N scores is spread over a small group of
+  threads (1..32 lanes of one warp). Each value is turned into one *key* that also carries its
+  column, so a single integer max/min compares values and breaks ties at once. Every thread sorts
+  its registers in chunks with a bitonic network, keeps a running top-k, and the lanes of a row
+  then merge their top-k lists with warp shuffles. Nothing goes through shared memory: the row is
+  read once from HBM and the k winners are written once. That is why it runs at memory speed.
+* **Radix select (the classic algorithm, as in ``torch.topk``).** One warp per row builds 8-bit
+  digit histograms in shared memory, narrows digit by digit to the exact k-th largest key, and
+  a final collect pass gathers the winners. Same answer, more passes and synchronisation.
+
+The key (both kernels) — the reference's "pack the column into the low mantissa bits":
+for bf16/fp16 a value's 16 bits, moved to the top of an int32, are exactly its float32 bits. We
+map them to an *order-preserving signed integer* first (negative floats get their magnitude bits
+flipped, -0.0 becomes +0.0), then put the inverted column in the low bits::
+
+    key = ordered(bits) << 16 | (32767 - col) << 1 | is_negative_zero    # int32 for bf16/fp16
+
+Comparing keys as integers (not as floats) keeps +-inf and subnormals exact and can never make a
+NaN out of an infinity; the larger key always means "larger value, or equal value at a lower
+column". The last bit only remembers a -0.0 (it never decides: columns are unique), so unpacking
+is lossless and the returned values are bit-for-bit the inputs. float32 needs all 32 bits for the
+value, so its keys are int64 (the same formula, shifted 16 more bits): exact too, where the
+reference's float32 packing is a documented approximation, so for float32 the fast bitonic
+kernel agrees with the reference's (exact) ``radix_topk``.
+
+Contract (same as the reference): ``x`` is a 2-D CUDA tensor (rows, N) of bf16/fp16/fp32, values
+come out sorted descending with ``values == x.gather(-1, indices)``, ties go to the lower index
+(-0.0 and +0.0 tie, as torch compares them), indices are int64, softmax scores are float32.
+Supported sizes: ``8 <= N <= 4096`` with ``N % 8 == 0``, and ``1 <= k <= min(16, N)`` (bitonic;
+k is rounded up to a power of two inside the kernel) or ``1 <= k <= min(128, N)`` (radix).
+Anything else raises ``ValueError`` before any launch (``sonic_learn.reference.topk`` handles
+every size). Strided or misaligned inputs are copied to a contiguous, 16-byte-aligned tensor first.
+
+Value checks: like the reference, the public functions reject NaN (top-k) or NaN and +-inf (the
+softmax scores) by default, ``check_finite=True``. That check costs an extra read and a
+device-to-host sync; callers that already know their data is clean (the MoE layer, benchmarks)
+pass ``check_finite=False``. On that path a NaN crashes nothing: it is ordered by its bits like
+any other key (a positive NaN ranks above +inf, as in ``torch.topk``), but the result is outside
+the contract.
+
+Every kernel is compiled once per (kernel, dtype, N, k, epilogue), with the row count dynamic,
+cached, and called through TVM-FFI (torch tensors go straight in; the current torch stream is
+used), so a call costs a few microseconds of host time.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from sonic_learn import _checks
+from sonic_learn.fast._cute import import_cutlass
+
+cutlass = import_cutlass()
+import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
+from cutlass import Float32, Int32, Int64, Uint32, const_expr  # noqa: E402
+from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
+
+__all__ = [
+    "bitonic_topk",
+    "radix_topk",
+    "softmax_topk",
+    "topk_softmax",
+    "MAX_N",
+    "MAX_K_BITONIC",
+    "MAX_K_RADIX",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Supported range (checked on the host before any launch)
+# ---------------------------------------------------------------------------------------------
+MIN_N = 8  # one 16-byte vector of bf16
+MAX_N = 4096  # the row must fit in the registers of one warp
+N_MULTIPLE = 8  # rows are read in 16-byte vectors (8 x bf16/fp16, 4 x fp32)
+MAX_K_BITONIC = 16  # each lane keeps a sorted top-k list in registers
+MAX_K_RADIX = 128  # the winners are staged in shared memory, k slots per row
+
+THREADS_PER_CTA = 128
+IDX_BITS = 16  # the low 16 bits of a key: 15 for the column, 1 for "this was -0.0"
+IDX_MASK = (1 << IDX_BITS) - 1
+COL_MAX = (1 << (IDX_BITS - 1)) - 1  # columns are stored inverted: COL_MAX - col
+
+_TORCH_TO_CUTE = {}  # filled lazily (torch dtype -> cutlass numeric type)
+
+
+def _cute_dtype(dtype: torch.dtype):
+    if not _TORCH_TO_CUTE:
+        _TORCH_TO_CUTE.update(
+            {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16, torch.float32: Float32}
+        )
+    return _TORCH_TO_CUTE[dtype]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _raw_int_type(dtype):
+    """The signed integer type with the same width as ``dtype`` (to read a float's bits)."""
+    return cutlass.Int16 if dtype.width == 16 else Int32
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys: float bits <-> order-preserving integers (device helpers, inlined into the kernels)
+# ---------------------------------------------------------------------------------------------
+@cute.jit
+def _ordered_from_bits(bits: Int32, width: cutlass.Constexpr[int]) -> Int32:
+    """Map a float's bits (sign-extended to int32) to a signed int with the same order.
+
+    Non-negative floats already compare correctly as integers. For negative floats a larger
+    magnitude must mean a *smaller* number, so we flip the magnitude bits (the sign stays):
+    -0.0 -> -1, -1.0 -> -(bits of 1.0) - 1, -inf -> -(bits of inf) - 1. Applying it twice gives
+    the bits back, so the same function also decodes.
+    """
+    magnitude_mask = (1 << (width - 1)) - 1
+    sign = bits >> 31  # 0 for non-negative, -1 (all ones) for negative
+    return bits ^ (sign & magnitude_mask)
+
+
+@cute.jit
+def _is_negative_zero(bits: Int32, width: cutlass.Constexpr[int]):
+    """-0.0 is the sign bit alone (sign-extended: the most negative ``width``-bit integer)."""
+    return bits == -(1 << (width - 1))
+
+
+@cute.jit
+def _pack_key(bits: Int32, col: Int32, key_type: cutlass.Constexpr, width: cutlass.Constexpr[int]):
+    """Build the top-k key (see the module docstring)::
+
+        key = ordered(value) << 16 | (COL_MAX - col) << 1 | is_negative_zero
+
+    -0.0 gets the key of +0.0 (they tie, as torch compares them); the last bit only remembers the
+    sign so that the value unpacks bit-exactly. Columns are unique, so that bit never decides.
+    """
+    neg_zero = Int32(_is_negative_zero(bits, width))  # 1 for -0.0, else 0
+    ordered = _ordered_from_bits(bits & (neg_zero - 1), width)  # -0.0 -> +0.0 (bits & 0)
+    low = ((COL_MAX - col) << 1) | neg_zero
+    return (key_type(ordered) << IDX_BITS) | key_type(low)
+
+
+@cute.jit
+def _unpack_key(key, width: cutlass.Constexpr[int]):
+    """Inverse of ``_pack_key``: return (the value's bits sign-extended to int32, column)."""
+    low = Int32(key & IDX_MASK)
+    col = COL_MAX - (low >> 1)
+    bits = _ordered_from_bits(Int32(key >> IDX_BITS), width)  # arithmetic shift keeps the sign
+    if (low & 1) != 0:
+        bits = Int32(-(1 << (width - 1)))  # -0.0
+    return bits, col
+
+
+@cute.jit
+def _radix_key(bits: Int32, width: cutlass.Constexpr[int]) -> Uint32:
+    """Unsigned order-preserving key of the value alone (radix select works on unsigned digits)."""
+    neg_zero = Int32(_is_negative_zero(bits, width))
+    ordered = _ordered_from_bits(bits & (neg_zero - 1), width)  # -0.0 ties with +0.0
+    if const_expr(width == 16):
+        return Uint32(ordered + 32768)  # [-32768, 32767] -> [0, 65535]
+    else:
+        return Uint32(ordered) ^ Uint32(0x80000000)  # flip the sign bit: signed order -> unsigned
+
+
+# ---------------------------------------------------------------------------------------------
+# Sorting networks on register arrays (descending = largest key first)
+# ---------------------------------------------------------------------------------------------
+@cute.jit
+def _compare_exchange(a: cute.Tensor, i: cutlass.Constexpr[int], j: cutlass.Constexpr[int], descending: cutlass.Constexpr[bool]):
+    """Put the larger of a[i], a[j] first (descending) or last (ascending)."""
+    hi = cutlass.max(a[i], a[j])
+    lo = cutlass.min(a[i], a[j])
+    if const_expr(descending):
+        a[i], a[j] = hi, lo
+    else:
+        a[i], a[j] = lo, hi
+
+
+@cute.jit
+def _bitonic_merge(a: cute.Tensor, n: cutlass.Constexpr[int], descending: cutlass.Constexpr[bool]):
+    """Sort a *bitonic* sequence a[0:n] (n a power of two): log2(n) half-cleaner stages."""
+    half = n // 2
+    while const_expr(half >= 1):
+        for i in cutlass.range_constexpr(n):
+            if const_expr((i & half) == 0):
+                _compare_exchange(a, i, i + half, descending)
+        half = half // 2
+
+
+@cute.jit
+def _bitonic_sort(a: cute.Tensor, n: cutlass.Constexpr[int], descending: cutlass.Constexpr[bool]):
+    """Classic bitonic sorting network on a[0:n] (n a power of two), fully unrolled.
+
+    Stage ``size`` (2, 4, ..., n) merges runs of ``size``; runs alternate direction so that each
+    pair of neighbouring runs forms a bitonic sequence for the next stage.
+    """
+    size = 2
+    while const_expr(size <= n):
+        stride = size // 2
+        while const_expr(stride >= 1):
+            for i in cutlass.range_constexpr(n):
+                partner = i ^ stride
+                if const_expr(partner > i):
+                    run_descending = ((i & size) == 0) == descending
+                    _compare_exchange(a, i, partner, run_descending)
+            stride = stride // 2
+        size = size * 2
+
+
+@cute.jit
+def _merge_topk(best: cute.Tensor, other: cute.Tensor, k: cutlass.Constexpr[int]):
+    """best, other: both sorted descending, length k. Leave the top k of their union in ``best``.
+
+    Pairing best[i] with other[k-1-i] and keeping the larger gives the k largest of the 2k keys
+    as a bitonic sequence; one bitonic merge sorts it.
+    """
+    for i in cutlass.range_constexpr(k):
+        best[i] = cutlass.max(best[i], other[k - 1 - i])
+    _bitonic_merge(best, k, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Warp helpers
+# ---------------------------------------------------------------------------------------------
+@cute.jit
+def _warp_exclusive_sum(x: Int32, lane: Int32):
+    """Exclusive prefix sum over the 32 lanes of a warp, and the warp total (Hillis-Steele)."""
+    inclusive = x
+    for step in cutlass.range_constexpr(5):
+        offset = 1 << step
+        from_below = cute.arch.shuffle_sync_up(inclusive, offset)
+        if lane >= offset:
+            inclusive = inclusive + from_below
+    total = cute.arch.shuffle_sync(inclusive, 31)
+    return inclusive - x, total
+
+
+@cute.jit
+def _warp_suffix_sum(x: Int32, lane: Int32) -> Int32:
+    """Inclusive suffix sum: sum of x over lanes >= this lane."""
+    inclusive = x
+    for step in cutlass.range_constexpr(5):
+        offset = 1 << step
+        from_above = cute.arch.shuffle_sync_down(inclusive, offset)
+        if lane + offset < 32:
+            inclusive = inclusive + from_above
+    return inclusive
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared loading step: a CTA tile of rows, each row spread over `lanes_per_row` lanes
+# ---------------------------------------------------------------------------------------------
+class _RowTileLoader:
+    """Reads `rows_per_cta` rows per CTA with 16-byte vector loads into registers.
+
+    Lane j of a row owns the 16-byte chunks j, j + lanes_per_row, j + 2 * lanes_per_row, ...
+    (so neighbouring lanes read neighbouring bytes: coalesced). The row is padded in registers to
+    `n_padded` columns with -inf, which can never win a top-k against a real column.
+    """
+
+    def __init__(self, dtype, N: int, n_padded: int, lanes_per_row: int):
+        self.dtype = dtype
+        self.N = N
+        self.n_padded = n_padded
+        self.lanes_per_row = lanes_per_row
+        self.vec = 128 // dtype.width  # elements per 16-byte load
+        self.rows_per_cta = THREADS_PER_CTA // lanes_per_row
+        self.per_thread = n_padded // lanes_per_row
+        assert self.per_thread % self.vec == 0
+
+    def tiled_copy(self):
+        atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=128)
+        threads = cute.make_ordered_layout((self.rows_per_cta, self.lanes_per_row), order=(1, 0))
+        values = cute.make_layout((1, self.vec))
+        return cute.make_tiled_copy_tv(atom, threads, values)
+
+    @cute.jit
+    def load(self, mX: cute.Tensor, tiled_copy: cute.TiledCopy, tidx: Int32, bidx: Int32):
+        """Return (registers holding this lane's slice, their (row, col) coordinates, row)."""
+        tile = (self.rows_per_cta, self.n_padded)
+        gX = cute.local_tile(mX, tile, (bidx, 0))
+        cX = cute.local_tile(cute.make_identity_tensor(mX.shape), tile, (bidx, 0))
+        thr_copy = tiled_copy.get_slice(tidx)
+        tXgX = thr_copy.partition_S(gX)
+        tXcX = thr_copy.partition_S(cX)
+        tXrX = cute.make_rmem_tensor_like(tXgX)
+        tXrX.fill(-self.dtype.inf)
+        row = tXcX[0][0]
+        num_rows = mX.shape[0]
+        for c in cutlass.range_constexpr(cute.size(tXgX, mode=[2])):
+            chunk_col = tXcX[(0, 0), 0, c][1]
+            if row < num_rows and chunk_col < self.N:
+                cute.copy(tiled_copy, tXgX[None, None, c], tXrX[None, None, c])
+        return tXrX, tXcX, row
+
+
+# ---------------------------------------------------------------------------------------------
+# Bitonic top-k kernel (SonicMoE's algorithm)
+# ---------------------------------------------------------------------------------------------
+EPILOGUES = ("values", "softmax_topk", "topk_softmax", "topk_softmax_normalized")
+
+
+class BitonicTopK:
+    """Register-only bitonic top-k of each row; optional fused softmax epilogue.
+
+    Compile-time parameters: dtype, N, k, epilogue. Runtime: the number of rows.
+    Outputs: ``out`` (rows, k) in the input dtype ("values") or float32 (softmax epilogues),
+    ``idx`` (rows, k) int64.
+    """
+
+    def __init__(self, dtype, N: int, k: int, epilogue: str = "values"):
+        assert epilogue in EPILOGUES
+        self.dtype = dtype
+        self.width = dtype.width
+        self.N = N
+        self.k = k
+        self.epilogue = epilogue
+        self.kp = _next_pow2(k)  # the merge network needs a power of two
+        self.key_type = Int32 if dtype.width == 16 else Int64
+        n_pow2 = max(_next_pow2(N), 8)
+        vec = 128 // dtype.width
+        # Work per lane: at least kp keys and one 16-byte vector; aim for 64 bytes of loads per
+        # lane (memory-level parallelism), but never more than 32 lanes per row.
+        per_thread = max(self.kp, vec, min(n_pow2, 64 // (dtype.width // 8)))
+        per_thread = min(max(per_thread, n_pow2 // 32), n_pow2)
+        self.loader = _RowTileLoader(dtype, N, n_pow2, n_pow2 // per_thread)
+
+    @cute.jit
+    def __call__(self, mX: cute.Tensor, mOut: cute.Tensor, mIdx: cute.Tensor, stream):
+        tiled_copy = self.loader.tiled_copy()
+        num_ctas = cute.ceil_div(mX.shape[0], self.loader.rows_per_cta)
+        self.kernel(mX, mOut, mIdx, tiled_copy).launch(
+            grid=[num_ctas, 1, 1], block=[THREADS_PER_CTA, 1, 1], stream=stream
+        )
+
+    @cute.jit
+    def pack_keys(self, dst: cute.Tensor, raw_bits: cute.Tensor, coords: cute.Tensor, g: cutlass.Constexpr[int]):
+        """dst[j] = key of the lane's element g * kp + j (value bits and column)."""
+        for j in cutlass.range_constexpr(self.kp):
+            i = g * self.kp + j
+            dst[j] = _pack_key(Int32(raw_bits[i]), coords[i][1], self.key_type, self.width)
+
+    @cute.kernel
+    def kernel(self, mX: cute.Tensor, mOut: cute.Tensor, mIdx: cute.Tensor, tiled_copy: cute.TiledCopy):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        lanes = self.loader.lanes_per_row
+        kp = self.kp
+        lane_in_row = tidx % lanes
+
+        # Step 1 (reference: "pad the row to a power of two"): read this lane's slice of the row.
+        tXrX, tXcX, row = self.loader.load(mX, tiled_copy, tidx, bidx)
+        raw_bits = cute.recast_tensor(tXrX, _raw_int_type(self.dtype))
+
+        # Step 2 (reference: "pack the column into the key, sort, keep the top k"): per lane,
+        # sort chunks of kp keys with a bitonic network and fold each chunk into a running top-k.
+        best = cute.make_rmem_tensor(kp, self.key_type)
+        chunk = cute.make_rmem_tensor(kp, self.key_type)
+        for g in cutlass.range_constexpr(self.loader.per_thread // kp):
+            if const_expr(g == 0):
+                self.pack_keys(best, raw_bits, tXcX, g)
+                _bitonic_sort(best, kp, True)
+            else:
+                self.pack_keys(chunk, raw_bits, tXcX, g)
+                _bitonic_sort(chunk, kp, True)
+                _merge_topk(best, chunk, kp)
+
+        # Step 3 (reference: "merge across the row"): butterfly over the lanes of the row. After
+        # log2(lanes) rounds every lane of the row holds the row's sorted top-kp keys.
+        offset = 1
+        while const_expr(offset < lanes):
+            for j in cutlass.range_constexpr(kp):
+                chunk[j] = cute.arch.shuffle_sync_bfly(best[kp - 1 - j], offset=offset)
+            for j in cutlass.range_constexpr(kp):
+                best[j] = cutlass.max(best[j], chunk[j])
+            _bitonic_merge(best, kp, True)
+            offset = offset * 2
+
+        # Step 4: unpack the k winners (lossless) and apply the epilogue.
+        raw_int = _raw_int_type(self.dtype)
+        win_bits = cute.make_rmem_tensor(kp, raw_int)
+        win_col = cute.make_rmem_tensor(kp, Int32)
+        for j in cutlass.range_constexpr(kp):
+            bits, col = _unpack_key(best[j], self.width)
+            win_bits[j] = raw_int(bits)
+            win_col[j] = col
+        win_vals = cute.recast_tensor(win_bits, self.dtype)
+
+        scores = cute.make_rmem_tensor(kp, Float32)
+        if const_expr(self.epilogue != "values"):
+            log2_e = math.log2(math.e)
+            top1 = Float32(win_vals[0])  # the row maximum
+            if const_expr(self.epilogue == "softmax_topk"):
+                # Mixtral: softmax over the k selected logits.
+                denom = Float32(0.0)
+                for j in cutlass.range_constexpr(self.k):
+                    scores[j] = cute.math.exp2((Float32(win_vals[j]) - top1) * log2_e, fastmath=True)
+                    denom = denom + scores[j]
+            else:
+                # Qwen: softmax over all N logits (sum of exp over this lane's slice, then over
+                # the lanes of the row), then take the k winners' probabilities.
+                partial = Float32(0.0)
+                for i in cutlass.range_constexpr(cute.size(tXrX)):
+                    partial = partial + cute.math.exp2((Float32(tXrX[i]) - top1) * log2_e, fastmath=True)
+                denom = cute.arch.warp_reduction_sum(partial, threads_in_group=lanes)
+                topk_mass = Float32(0.0)
+                for j in cutlass.range_constexpr(self.k):
+                    scores[j] = cute.math.exp2((Float32(win_vals[j]) - top1) * log2_e, fastmath=True)
+                    topk_mass = topk_mass + scores[j]
+                if const_expr(self.epilogue == "topk_softmax_normalized"):
+                    denom = topk_mass  # p_j / sum_k p_k == e_j / sum_k e_j
+            inv = Float32(1.0) / denom
+            for j in cutlass.range_constexpr(self.k):
+                scores[j] = scores[j] * inv
+
+        # Step 5: write. All lanes of the row hold the answer; lane l writes slots l, l+lanes, ...
+        if row < mX.shape[0]:
+            for j in cutlass.range_constexpr(self.k):
+                if lane_in_row == j % lanes:
+                    if const_expr(self.epilogue == "values"):
+                        mOut[row, j] = win_vals[j]
+                    else:
+                        mOut[row, j] = scores[j]
+                    mIdx[row, j] = Int64(win_col[j])
+
+
+# ---------------------------------------------------------------------------------------------
+# Radix-select top-k kernel (the classic algorithm)
+# ---------------------------------------------------------------------------------------------
+RADIX_BITS = 8
+RADIX_BINS = 1 << RADIX_BITS
+WARPS_PER_CTA = THREADS_PER_CTA // 32
+
+
+class RadixTopK:
+    """Radix select, one warp per row: digit histograms in shared memory, then a collect pass.
+
+    Reference steps: (1) order-preserving unsigned keys; (2) for each 8-bit digit, from the most
+    significant: histogram the keys that still match the decided prefix, find the digit bin that
+    holds the k-th largest key, fix that digit; (3) collect: every key above the k-th is a winner,
+    and among keys equal to it the lowest columns fill the remaining slots; (4) sort the k winners.
+    """
+
+    def __init__(self, dtype, N: int, k: int):
+        self.dtype = dtype
+        self.width = dtype.width
+        self.N = N
+        self.k = k
+        vec = 128 // dtype.width
+        n_padded = max(N, 32 * vec)
+        n_padded = -(-n_padded // (32 * vec)) * (32 * vec)  # whole 16-byte chunks for all lanes
+        self.loader = _RowTileLoader(dtype, N, n_padded, 32)
+        self.num_passes = dtype.width // RADIX_BITS
+
+    @cute.jit
+    def __call__(self, mX: cute.Tensor, mOut: cute.Tensor, mIdx: cute.Tensor, stream):
+        tiled_copy = self.loader.tiled_copy()
+        num_ctas = cute.ceil_div(mX.shape[0], WARPS_PER_CTA)
+        self.kernel(mX, mOut, mIdx, tiled_copy).launch(
+            grid=[num_ctas, 1, 1], block=[THREADS_PER_CTA, 1, 1], stream=stream
+        )
+
+    @cute.kernel
+    def kernel(self, mX: cute.Tensor, mOut: cute.Tensor, mIdx: cute.Tensor, tiled_copy: cute.TiledCopy):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        lane = cute.arch.lane_idx()
+        warp = tidx // 32
+        vec = self.loader.vec
+        per_thread = self.loader.per_thread
+
+        smem = cutlass.memory.SmemAllocator()
+        hist_all = smem.allocate_tensor(Int32, cute.make_layout((RADIX_BINS, WARPS_PER_CTA)), byte_alignment=16)
+        stage_key_all = smem.allocate_tensor(Uint32, cute.make_layout((self.k, WARPS_PER_CTA)), byte_alignment=16)
+        stage_col_all = smem.allocate_tensor(Int32, cute.make_layout((self.k, WARPS_PER_CTA)), byte_alignment=16)
+        hist = hist_all[None, warp]
+        stage_key = stage_key_all[None, warp]
+        stage_col = stage_col_all[None, warp]
+
+        # Step 1: read the row (one warp) and note which register slots are real columns.
+        tXrX, tXcX, row = self.loader.load(mX, tiled_copy, tidx, bidx)
+        raw_bits = cute.recast_tensor(tXrX, _raw_int_type(self.dtype))
+
+        # Step 2: narrow to the k-th largest key, one 8-bit digit per pass (MSB first).
+        prefix = Uint32(0)  # digits decided so far
+        decided = Uint32(0)  # mask of the decided bits
+        k_left = Int32(self.k)  # how many winners are still to be found below `prefix`
+        for p in cutlass.range_constexpr(self.num_passes):
+            shift = self.width - RADIX_BITS * (p + 1)
+            # 2a. clear this warp's histogram
+            for b in cutlass.range_constexpr(RADIX_BINS // 32):
+                hist[b * 32 + lane] = Int32(0)
+            cute.arch.sync_warp()
+            # 2b. count the keys that still match the prefix, by their next digit
+            for i in cutlass.range_constexpr(per_thread):
+                key = _radix_key(Int32(raw_bits[i]), self.width)
+                if tXcX[i][1] < self.N and (key & decided) == prefix:
+                    digit = Int32((key >> shift) & Uint32(RADIX_BINS - 1))
+                    cute.arch.atomic_add((hist.iterator + digit).llvm_ptr, Int32(1))
+            cute.arch.sync_warp()
+            # 2c. find the bin holding the k-th largest: lane l owns bins 8l..8l+7; count the keys
+            #     in higher bins (higher lanes first, then higher bins of this lane).
+            per_lane = RADIX_BINS // 32
+            counts = cute.make_rmem_tensor(per_lane, Int32)
+            lane_total = Int32(0)
+            for b in cutlass.range_constexpr(per_lane):
+                counts[b] = hist[lane * per_lane + b]
+                lane_total = lane_total + counts[b]
+            above = _warp_suffix_sum(lane_total, lane) - lane_total
+            found = Int32(0)
+            digit_here = Int32(0)
+            above_here = Int32(0)
+            for b in cutlass.range_constexpr(per_lane - 1, -1, -1):
+                if found == 0 and above < k_left and above + counts[b] >= k_left:
+                    found = Int32(1)
+                    digit_here = lane * per_lane + b
+                    above_here = above
+                above = above + counts[b]
+            owner_mask = cute.arch.vote_ballot_sync(found != 0)
+            owner = cute.arch.popc((owner_mask & -owner_mask) - 1)  # index of the (single) set bit
+            digit = cute.arch.shuffle_sync(digit_here, owner)
+            k_left = k_left - cute.arch.shuffle_sync(above_here, owner)
+            prefix = prefix | (Uint32(digit) << shift)
+            decided = decided | (Uint32(RADIX_BINS - 1) << shift)
+            cute.arch.sync_warp()  # everyone has read the histogram before the next pass clears it
+        kth = prefix  # the exact k-th largest key; k_left of the keys equal to it are winners
+
+        # Step 3: collect, walking the row in column order one 16-byte chunk per lane at a time.
+        #   taken = key > kth, or key == kth and fewer than k_left equal keys come before it.
+        equal_before = Int32(0)  # equal keys in earlier chunks
+        taken_before = Int32(0)  # winners in earlier chunks (= their staging slot)
+        for c in cutlass.range_constexpr(per_thread // vec):
+            n_equal = Int32(0)
+            for v in cutlass.range_constexpr(vec):
+                i = c * vec + v
+                if tXcX[i][1] < self.N and _radix_key(Int32(raw_bits[i]), self.width) == kth:
+                    n_equal = n_equal + 1
+            equal_excl, equal_total = _warp_exclusive_sum(n_equal, lane)
+            equal_rank = equal_before + equal_excl
+            taken = cute.make_rmem_tensor(vec, Int32)
+            n_taken = Int32(0)
+            for v in cutlass.range_constexpr(vec):
+                i = c * vec + v
+                key = _radix_key(Int32(raw_bits[i]), self.width)
+                take = Int32(0)
+                if tXcX[i][1] < self.N:
+                    if key > kth:
+                        take = Int32(1)
+                    elif key == kth:
+                        if equal_rank < k_left:
+                            take = Int32(1)
+                        equal_rank = equal_rank + 1
+                taken[v] = take
+                n_taken = n_taken + take
+            taken_excl, taken_total = _warp_exclusive_sum(n_taken, lane)
+            slot = taken_before + taken_excl
+            for v in cutlass.range_constexpr(vec):
+                i = c * vec + v
+                if taken[v] != 0:
+                    stage_key[slot] = _radix_key(Int32(raw_bits[i]), self.width)
+                    stage_col[slot] = tXcX[i][1]
+                    slot = slot + 1
+            equal_before = equal_before + equal_total
+            taken_before = taken_before + taken_total
+        cute.arch.sync_warp()
+
+        # Step 4: sort the k winners. Staging is in column order, so a winner's output position is
+        # (#winners with a larger key) + (#equal winners staged before it).
+        if row < mX.shape[0]:
+            for j in cutlass.range(lane, self.k, 32):
+                my_key = stage_key[j]
+                rank = Int32(0)
+                for m in cutlass.range(self.k):
+                    other = stage_key[m]
+                    if other > my_key or (other == my_key and m < j):
+                        rank = rank + 1
+                col = stage_col[j]
+                mOut[row, rank] = mX[row, col]  # re-read the exact value (keeps -0.0), as x.gather
+                mIdx[row, rank] = Int64(col)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile (once per variant) and launch
+# ---------------------------------------------------------------------------------------------
+def compile_kernel(kind: str, dtype: torch.dtype, N: int, k: int, epilogue: str = "values", *, extra_options: str = ""):
+    """Compile one kernel variant for sm_90a with fake tensors (no GPU needed); not cached.
+
+    ``kind`` is "bitonic" or "radix". The row count is a symbolic integer, so the compiled function
+    serves every number of rows. Returns the TVM-FFI callable ``f(x, out, idx)``.
+    """
+    cdtype = _cute_dtype(dtype)
+    if kind == "bitonic":
+        op = BitonicTopK(cdtype, N, k, epilogue)
+    elif kind == "radix":
+        assert epilogue == "values"
+        op = RadixTopK(cdtype, N, k)
+    else:
+        raise ValueError(f"kind must be 'bitonic' or 'radix', got {kind!r}")
+    out_dtype = cdtype if epilogue == "values" else Float32
+    rows = cute.sym_int()
+    x = make_fake_compact_tensor(cdtype, (rows, N), stride_order=(1, 0), assumed_align=16)
+    out = make_fake_compact_tensor(out_dtype, (rows, k), stride_order=(1, 0))
+    idx = make_fake_compact_tensor(Int64, (rows, k), stride_order=(1, 0))
+    stream = make_fake_stream(use_tvm_ffi_env_stream=True)
+    options = ("--enable-tvm-ffi " + extra_options).strip()
+    return cute.compile(op, x, out, idx, stream, options=options)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(kind: str, dtype: torch.dtype, N: int, k: int, epilogue: str):
+    return compile_kernel(kind, dtype, N, k, epilogue)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API (same names and contract as sonic_learn.reference.topk)
+# ---------------------------------------------------------------------------------------------
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_inputs(name: str, x: object, k: object, max_k: int, kernel: str) -> torch.Tensor:
+    """Validate before any launch; return x as a row-major, 16-byte-aligned tensor."""
+    x = _checks.check_tensor(name, x)
+    _checks.check_ndim(name, x, 2, "(rows, N)")
+    _checks.check_dtype(name, x, _DTYPES)
+    n = x.shape[1]
+    if n < MIN_N or n > MAX_N or n % N_MULTIPLE != 0:
+        raise ValueError(
+            f"{name}.shape[1] (N) must be a multiple of {N_MULTIPLE} in [{MIN_N}, {MAX_N}] for the "
+            f"fast {kernel} kernel, got {n}; use sonic_learn.reference.topk for other sizes"
+        )
+    _checks.check_int_range("k", k, 1, min(max_k, n), f"the fast {kernel} kernel supports k <= {max_k} and k <= N = {n}")
+    _checks.check_cuda(name, x)
+    # The kernels read rows in 16-byte chunks: copy strided or misaligned inputs first.
+    if not x.is_contiguous() or x.data_ptr() % 16 != 0:
+        x = x.contiguous() if not x.is_contiguous() else x.clone()
+    return x
+
+
+def _run(kind: str, x: torch.Tensor, k: int, epilogue: str):
+    rows, n = x.shape
+    out_dtype = x.dtype if epilogue == "values" else torch.float32
+    out = torch.empty((rows, k), dtype=out_dtype, device=x.device)
+    idx = torch.empty((rows, k), dtype=torch.int64, device=x.device)
+    if rows > 0:
+        kernel = _compiled(kind, x.dtype, n, k, epilogue)
+        if x.device.index == torch.cuda.current_device():
+            kernel(x, out, idx)  # TVM-FFI launches on the current torch stream
+        else:
+            with torch.cuda.device(x.device):
+                kernel(x, out, idx)
+    return out, idx
+
+
+def bitonic_topk(x: torch.Tensor, k: int, *, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of ``x`` (rows, N) with the register bitonic kernel.
+
+    Returns ``(values, indices)``: values (rows, k) in x's dtype, sorted descending, exactly
+    ``x.gather(-1, indices)``; indices (rows, k) int64; ties go to the lower column.
+    ``check_finite`` rejects NaN like the reference (an extra read and a device-to-host sync).
+    """
+    x = _check_inputs("x", x, k, MAX_K_BITONIC, "bitonic")
+    if check_finite:
+        _checks.check_finite("x", x, allow_inf=True)
+    return _run("bitonic", x, k, "values")
+
+
+def radix_topk(x: torch.Tensor, k: int, *, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of ``x`` (rows, N) by radix select (one warp per row). Same contract as
+    :func:`bitonic_topk`, with k up to ``MAX_K_RADIX``."""
+    x = _check_inputs("x", x, k, MAX_K_RADIX, "radix")
+    if check_finite:
+        _checks.check_finite("x", x, allow_inf=True)
+    return _run("radix", x, k, "values")
+
+
+def softmax_topk(logits: torch.Tensor, k: int, *, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral-style routing scores: top-k of the logits, then softmax over the k selected.
+
+    Returns ``(scores, indices)``: scores (rows, k) float32 summing to 1 per row, in the order of
+    the top-k logits; indices (rows, k) int64. Fused into the bitonic kernel's epilogue.
+    """
+    logits = _check_inputs("logits", logits, k, MAX_K_BITONIC, "bitonic")
+    if check_finite:
+        _checks.check_finite("logits", logits, allow_inf=False)
+    return _run("bitonic", logits, k, "softmax_topk")
+
+
+def topk_softmax(
+    logits: torch.Tensor, k: int, normalize: bool = False, *, check_finite: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen-style routing scores: softmax over all N logits, then the top-k probabilities
+    (renormalized to sum to 1 when ``normalize``). Returns ``(scores fp32, indices int64)``."""
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    logits = _check_inputs("logits", logits, k, MAX_K_BITONIC, "bitonic")
+    if check_finite:
+        _checks.check_finite("logits", logits, allow_inf=False)
+    return _run("bitonic", logits, k, "topk_softmax_normalized" if normalize else "topk_softmax")
