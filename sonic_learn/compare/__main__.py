@@ -1,0 +1,237 @@
+"""``python -m sonic_learn.compare``: every SonicMoE pair side by side (thin CLI over runner/tables).
+
+    python -m sonic_learn.compare                 # quick tour: the four pairs on a small problem
+    python -m sonic_learn.compare topk -E 128 -K 8
+    python -m sonic_learn.compare moe --config 7B --device cuda --json out.json
+    python -m sonic_learn.compare memory -K 8     # which tensors each backward mode saves
+    python -m sonic_learn.compare list            # what can run on this machine, and why not
+
+Exit status: 0 when every row agrees with its oracle, 1 when a row FAILs (or crashes), 2 for bad
+arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+
+from sonic_learn.compare import configs as cfg
+from sonic_learn.compare import pairs as pairs_mod
+from sonic_learn.compare import records, tables
+from sonic_learn.compare.registry import REGISTRY, Setup
+from sonic_learn.compare.runner import FAULT_ENV, Settings, run_pair
+
+try:  # nicer help when rich-argparse happens to be installed; plain argparse otherwise
+    from rich_argparse import RawDescriptionRichHelpFormatter as _Formatter
+except ImportError:  # pragma: no cover - depends on the environment
+    _Formatter = argparse.RawDescriptionHelpFormatter
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+SUBCOMMANDS = {
+    "tour": "the four pairs (top-k, routing, grouped GEMM, backward) on one problem (the default)",
+    "topk": "pair 1: radix select vs bitonic top-k (the router)",
+    "routing": "pair 2: token-choice top-k vs token rounding (padding waste)",
+    "grouped-gemm": "pair 3: gather + pad + GEMM vs gather-fused grouped GEMM",
+    "backward": "pair 4: standard vs reduced-memory backward (time of the backward, saved bytes)",
+    "moe": "the whole MoE layer, forward + backward, every implementation",
+    "memory": "which tensors each backward mode saves (saved-tensor hooks vs the closed form)",
+    "list": "which implementations can run here, and why the others cannot",
+}
+
+
+def _add_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
+    """Shape and run options; on subparsers their defaults are SUPPRESSed so that options given
+    before the subcommand are not overwritten."""
+    d = {"default": argparse.SUPPRESS} if sub else {}
+    g = p.add_argument_group("problem (paper notation)")
+    g.add_argument("--config", metavar="NAME", help="a named config: " + ", ".join(
+        list(cfg.CONFIGS) + list(cfg.ALIASES)) + f" (default {cfg.DEFAULT_CONFIG}); shape options override it", **d)
+    g.add_argument("-T", "--tokens", type=int, metavar="T", help="tokens in the microbatch", **d)
+    g.add_argument("-d", "--d-model", type=int, metavar="d", help="model (hidden) dimension", **d)
+    g.add_argument("-n", "--d-expert", type=int, metavar="n", help="intermediate dimension of one expert", **d)
+    g.add_argument("-E", "--experts", type=int, metavar="E", help="number of experts", **d)
+    g.add_argument("-K", "--top-k", type=int, metavar="K", help="experts per token", **d)
+    g.add_argument("--tile-m", type=int, metavar="M", help="GEMM M tile (token rounding multiple), default 128", **d)
+    r = p.add_argument_group("run")
+    r.add_argument("--dtype", choices=sorted(DTYPES), help="default bfloat16 on CUDA, float32 on CPU", **d)
+    r.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available, else cpu)", **d)
+    r.add_argument("--reps", type=int, help="timed repetitions per row (default 5 on CPU, 20 on CUDA)", **d)
+    r.add_argument("--warmup", type=int, help="untimed warm-up calls per row (default 1 on CPU, 3 on CUDA)", **d)
+    r.add_argument("--seed", type=int, help="seed of the inputs (default 0)", **d)
+    r.add_argument("--routing", choices=("topk", "token_rounding"), help="routing for `memory` (default topk)", **d)
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="PATH", help="write every row as JSON ('-' = stdout, instead of tables)", **d)
+    o.add_argument("--csv", metavar="PATH", help="write one CSV record per row ('-' = stdout)", **d)
+    o.add_argument("--plot", metavar="PATH.png", help="draw each pair's picture with matplotlib", **d)
+    o.add_argument("--inject-fault", metavar="NAME",
+                   help=f"TESTING ONLY: corrupt the output of every row whose name contains NAME, to check that a "
+                        f"disagreement is reported as FAIL and exits 1 (same as env {FAULT_ENV}=NAME)", **d)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sonic_learn.compare",
+        description="SonicMoE's ideas side by side: for each pair (classic vs SonicMoE), every implementation "
+                    "on the same input -- do they agree, how long do they take, how much memory, how many "
+                    "bytes and FLOPs.",
+        epilog="subcommands:\n" + "\n".join(f"  {k:<13} {v}" for k, v in SUBCOMMANDS.items())
+               + "\n\nexit status: 0 all rows agree, 1 a row FAILed, 2 bad arguments",
+        formatter_class=_Formatter,
+    )
+    _add_options(parser, sub=False)
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_ in SUBCOMMANDS.items():
+        sp = subs.add_parser(name, help=help_, description=help_, formatter_class=_Formatter)
+        _add_options(sp, sub=True)
+    return parser
+
+
+def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """Turn the parsed options into (problem, setup, settings); argument errors exit with status 2."""
+    try:
+        device = torch.device(args.device) if getattr(args, "device", None) else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError as exc:
+        parser.error(f"--device: {exc}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    dtype_name = getattr(args, "dtype", None) or ("bfloat16" if device.type == "cuda" else "float32")
+    try:
+        problem = cfg.get_config(getattr(args, "config", None) or cfg.DEFAULT_CONFIG)
+        problem = problem.with_overrides(T=getattr(args, "tokens", None), d=getattr(args, "d_model", None),
+                                         n=getattr(args, "d_expert", None), E=getattr(args, "experts", None),
+                                         K=getattr(args, "top_k", None), tile_m=getattr(args, "tile_m", None))
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    for opt in ("reps", "warmup"):
+        v = getattr(args, opt, None)
+        if v is not None and v < (1 if opt == "reps" else 0):
+            parser.error(f"--{opt} must be >= {1 if opt == 'reps' else 0}, got {v}")
+    plot = getattr(args, "plot", None)
+    if plot:
+        try:
+            import matplotlib  # noqa: F401, PLC0415
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'sonic_learn[plot]'")
+    settings = Settings(reps=getattr(args, "reps", None), warmup=getattr(args, "warmup", None),
+                        seed=getattr(args, "seed", None) or 0, fault=getattr(args, "inject_fault", None))
+    return problem, Setup(device=device, dtype=DTYPES[dtype_name]), settings
+
+
+def _write(path: str, text: str) -> None:
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def _progress(total: int):
+    """A rich progress bar on stderr (only when stderr is a terminal); yields the step callback."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+
+    console = tables.make_console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
+                  transient=True, disable=not console.is_terminal) as prog:
+        task = prog.add_task("compare", total=total)
+
+        def step(msg: str) -> None:
+            prog.update(task, description=msg, advance=1)
+
+        yield step
+
+
+def _list(setup: Setup, out, as_json: str | None, env: dict) -> int:
+    entries = []
+    for pair, impls in REGISTRY.items():
+        for impl in impls:
+            ok, why = impl.available(setup)
+            entries.append({"pair": pair, "impl": impl.name, "kind": impl.kind, "algorithm": impl.algorithm,
+                            "available": ok, "why": why})
+    if as_json:
+        _write(as_json, records.to_json({"tool": "sonic_learn.compare", "command": "list", "environment": env,
+                                         "device": str(setup.device), "implementations": entries}) + "\n")
+    if as_json != "-":
+        out.print(tables.list_table(entries, ascii_box=not out.is_terminal))
+        out.print(f"device: {env.get('device')} ({setup.device}); " + ", ".join(
+            f"{k} {v}" for k, v in env.items() if k != "device" and v))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.command or "tour"
+    problem, setup, settings = _resolve(args, parser)
+    from sonic_learn.bench import environment  # noqa: PLC0415
+
+    env = environment()
+    as_json, as_csv, plot = getattr(args, "json", None), getattr(args, "csv", None), getattr(args, "plot", None)
+    out = tables.make_console()
+    quiet = "-" in (as_json, as_csv)  # machine-readable output on stdout replaces the tables
+
+    if command == "list":
+        return _list(setup, out, as_json, env)
+
+    if command == "memory":
+        from sonic_learn.compare.memory import memory_report  # noqa: PLC0415
+
+        report = memory_report(problem, setup, routing=getattr(args, "routing", None) or "topk", seed=settings.seed)
+        if not quiet:
+            out.print(tables.memory_table(report, ascii_box=not out.is_terminal))
+        if as_json:
+            _write(as_json, records.to_json(records.document(
+                [], env, command=command, settings=_settings_dict(problem, setup, settings), memory=report)) + "\n")
+        if plot:
+            from sonic_learn.compare.plots import plot_results  # noqa: PLC0415
+
+            plot_results([], problem, setup, plot, memory=report)
+        return 0 if report["ok"] else 1
+
+    keys = pairs_mod.TOUR if command == "tour" else (command,)
+    total = sum(2 * len(REGISTRY[k]) for k in keys)
+    results = []
+    with _progress(total) as step:
+        settings.on_step = step
+        for key in keys:
+            result = run_pair(pairs_mod.SPECS[key], REGISTRY[key], problem, setup, settings)
+            results.append(result)
+            if not quiet:
+                tables.print_pair(out, result, env)
+    ok = all(r.ok for r in results)
+    if not quiet:
+        failed = [f"{r.pair}/{row.impl}" for r in results for row in r.rows if row.failed]
+        out.print("all checked rows agree with their oracle" if ok else "FAILED: " + ", ".join(failed),
+                  style="green" if ok else "bold red")
+    doc = records.document(results, env, command=command, settings=_settings_dict(problem, setup, settings))
+    if as_json:
+        _write(as_json, records.to_json(doc) + "\n")
+    if as_csv:
+        _write(as_csv, records.to_csv(results, env))
+    if plot:
+        from sonic_learn.compare.plots import plot_results  # noqa: PLC0415
+
+        plot_results(results, problem, setup, plot)
+        if not quiet:
+            out.print(f"plot written to {plot}")
+    return 0 if ok else 1
+
+
+def _settings_dict(problem, setup, settings) -> dict:
+    reps, warmup = settings.resolved(setup.device)
+    return {"problem": problem.as_dict(), "device": str(setup.device),
+            "dtype": str(setup.dtype).replace("torch.", ""), "reps": reps, "warmup": warmup, "seed": settings.seed,
+            "inject_fault": settings.fault or os.environ.get(FAULT_ENV) or None}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
