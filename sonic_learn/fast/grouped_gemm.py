@@ -41,7 +41,24 @@ from sonic_learn.reference.routing import RoutingMetadata
 IN_DTYPES = (torch.bfloat16, torch.float16)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_ELEMENTS = 2**31 - 1  # 32-bit index arithmetic inside the kernel
-TILE = (128, 128, 64)  # (tile_m, tile_n, tile_k) of the v1 kernel
+TILE = (128, 128, 64)  # default (tile_m, tile_n, tile_k)
+
+# Kernel choice used by the public functions. ``set_kernel_config`` changes it (the tile sweep in
+# benchmarks/grouped_gemm_tiles.py uses it); every config is compiled once and cached.
+_CONFIG = {"kernel": "sm90", "tile": TILE, "stages": None}
+
+
+def set_kernel_config(*, kernel: str = "sm90", tile: tuple[int, int, int] = TILE, stages: int | None = None) -> None:
+    """Select the kernel ("v1" = teaching step, "sm90" = production) and its tile / stage count."""
+    _checks.check_choice("kernel", kernel, ("v1", "sm90"))
+    if not (isinstance(tile, tuple) and len(tile) == 3 and tile[0] == 128 and tile[1] in (64, 128, 256)
+            and tile[2] in (32, 64)):
+        raise ValueError(f"tile must be (128, tile_n in 64/128/256, tile_k in 32/64), got {tile!r}")
+    _CONFIG.update(kernel=kernel, tile=tile, stages=stages)
+
+
+def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype):
+    return compile_grouped_gemm(variant, dtype, out_dtype, _CONFIG["tile"], _CONFIG["stages"], kernel=_CONFIG["kernel"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +131,7 @@ def _cutlass_dtype(dtype: torch.dtype):
 
 @functools.lru_cache(maxsize=None)
 def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, tile: tuple = TILE,
-                         stages: int | None = None, keep_ptx: bool = False):
+                         stages: int | None = None, keep_ptx: bool = False, kernel: str = "sm90"):
     """Compile one grouped-GEMM variant for sm_90a from fake tensors (no GPU needed).
 
     ``variant`` is one of "varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather". Sizes (rows,
@@ -128,7 +145,10 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
+    from sonic_learn.fast.grouped_gemm_sm90 import GroupedGemmSm90, epilogue_smem_bytes
     from sonic_learn.fast.grouped_gemm_v1 import GroupedGemmV1, default_stages
+
+    _checks.check_choice("kernel", kernel, ("v1", "sm90"))
 
     varlen_k = variant.startswith("varlen_k")
     gather = variant.endswith("gather")
@@ -151,10 +171,14 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     vec = lambda: make_fake_compact_tensor(cutlass.Int32, (sym(),), assumed_align=4)  # noqa: E731
     gidx, offs, toffs = vec(), vec(), vec()
     stages = stages or default_stages(tile)
-    kernel = GroupedGemmV1(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2],
-                           stages=stages)
+    cls = GroupedGemmSm90 if kernel == "sm90" else GroupedGemmV1
+    if kernel == "sm90":  # the epilogue reuses the A/B stage buffers for the output tile
+        ab_bytes = stages * (tile[0] + tile[1]) * tile[2] * 2
+        if epilogue_smem_bytes(tile, out_dtype.itemsize) > ab_bytes:
+            raise ValueError(f"tile {tile} with {stages} stages leaves too little shared memory for the epilogue")
+    kernel_obj = cls(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2], stages=stages)
     opts = "--enable-tvm-ffi" + (" --keep-ptx" if keep_ptx else "")
-    return cute.compile(kernel, a, b, out, gidx, offs, toffs, cutlass.Int32(1),
+    return cute.compile(kernel_obj, a, b, out, gidx, offs, toffs, cutlass.Int32(1),
                         make_fake_stream(use_tvm_ffi_env_stream=True), options=opts)
 
 
@@ -174,7 +198,7 @@ def _launch_varlen_m(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, ga
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)  # (M, N)
     if M == 0:
         return out
-    fn = compile_grouped_gemm("varlen_m_gather" if gather else "varlen_m", a.dtype, out_dtype)
+    fn = _compiled("varlen_m_gather" if gather else "varlen_m", a.dtype, out_dtype)
     tile_offsets = _tile_offsets(meta.expert_offsets, TILE[0])
     num_row_tiles = -(-M // TILE[0]) + E  # >= sum_e ceil(f_e / tile_m); surplus CTAs exit
     fn(_aligned(a), _aligned(w).view(E * K, N), out, meta.gather_idx, meta.expert_offsets, tile_offsets,
@@ -263,7 +287,7 @@ def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadat
     if E * d * N > MAX_ELEMENTS:
         raise ValueError(f"the output (E, d, N) = ({E}, {d}, {N}) exceeds 2^31 - 1 elements")
     out = torch.empty(E, d, N, dtype=out_dtype, device=a.device)  # (E, d, N)
-    fn = compile_grouped_gemm("varlen_k_gather" if gather_a else "varlen_k", a.dtype, out_dtype)
+    fn = _compiled("varlen_k_gather" if gather_a else "varlen_k", a.dtype, out_dtype)
     gidx = meta.gather_idx
     if gidx.numel() == 0:  # the kernel still runs (it writes the zeros); give it a valid pointer
         gidx = torch.zeros(1, dtype=torch.int32, device=a.device)
@@ -277,4 +301,5 @@ __all__ = [
     "contiguous_grouped_gemm",
     "grouped_gemm_varlen_k",
     "compile_grouped_gemm",
+    "set_kernel_config",
 ]

@@ -283,16 +283,25 @@ class GroupedGemmV1:
             warpgroup.wait_group(0)
             cute.arch.cp_async_wait_group(0)
 
-            # ---- Phase 5: epilogue (masked direct store) ---------------------------------------
+            # ---- Phase 5: epilogue ---------------------------------------------------------------
             out_row0 = row0 + m_start
             if const_expr(self.varlen_k):
                 out_row0 = expert * m_dim + m_start
-            rows_left = m_dim - m_start
-            cols_left = n_dim - n_start
-            for i in cutlass.range_constexpr(cute.size(acc)):
-                m, n = tCcC[i]
-                if m < rows_left and n < cols_left:
-                    out[out_row0 + m, n_start + n] = acc[i].to(self.out_dtype)
+            self.epilogue(acc, tCcC, out, storage.sA.data_ptr(), out_row0, m_dim - m_start, n_start, n_dim - n_start)
+
+    @cute.jit
+    def epilogue(self, acc: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, smem_base: cute.Pointer,
+                 out_row0: Int32, rows_left: Int32, n_start: Int32, cols_left: Int32):
+        """Masked direct store: every accumulator element goes to out[out_row0 + m, n_start + n],
+        converted to the output dtype, if (m, n) lies inside the expert's rows and the matrix.
+
+        Simple and correct, but each thread stores 2-byte scalars scattered over 16 rows: the
+        production kernel (grouped_gemm_sm90.py) stages the tile in shared memory instead.
+        """
+        for i in cutlass.range_constexpr(cute.size(acc)):
+            m, n = tCcC[i]
+            if m < rows_left and n < cols_left:
+                out[out_row0 + m, n_start + n] = acc[i].to(self.out_dtype)
 
 
 def default_stages(tile: tuple[int, int, int], smem_bytes: int = 227 * 1024) -> int:

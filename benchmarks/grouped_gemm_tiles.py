@@ -1,0 +1,85 @@
+"""Tile sweep for the fast grouped GEMM (the "autotune" mode of issue 6, run by hand on the GPU).
+
+    python benchmarks/grouped_gemm_tiles.py [--shapes 7b-up,...] [--configs v1:128x128x64:5,sm90:128x256x64:4]
+
+For each shape (same definitions as benchmarks/grouped_gemm.py) and kernel config it checks the
+result against torch (fp32 per expert) and times contiguous, gather-fused and varlen-K; prints a
+table and writes JSON to $OUT (or benchmarks/results/) as grouped_gemm_tiles_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+
+import torch
+
+from sonic_learn import bench
+from sonic_learn.fast import grouped_gemm as fast
+
+from grouped_gemm import CONFIGS, uniform_routing  # noqa: E402  (same folder)
+
+DEFAULT_CONFIGS = "v1:128x128x64:5,sm90:128x128x64:5,sm90:128x256x64:4,sm90:128x128x64:3"
+
+
+def parse(cfg: str):
+    kernel, tile, stages = cfg.split(":")
+    return kernel, tuple(int(v) for v in tile.split("x")), int(stages)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="7b-up,7b-down,30b-up,30b-down")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    args = p.parse_args()
+    out = {"environment": bench.environment(), "rows": []}
+    for shape in args.shapes.split(","):
+        cfg, proj = shape.split("-")
+        T, d, n, E, K = CONFIGS[cfg]
+        Kg, Ng = (d, 2 * n) if proj == "up" else (n, d)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        meta = uniform_routing(T, E, K, gen)
+        M = meta.gather_idx.numel()
+        x = torch.randn(T, Kg, device="cuda", dtype=torch.bfloat16, generator=gen)
+        w = torch.randn(E, Kg, Ng, device="cuda", dtype=torch.bfloat16, generator=gen) / Kg**0.5
+        a = torch.index_select(x, 0, meta.gather_idx)
+        b = torch.randn(M, Ng, device="cuda", dtype=torch.bfloat16, generator=gen)
+        offs = meta.expert_offsets.tolist()
+        ref = torch.empty(M, Ng, device="cuda")
+        for e in range(E):
+            ref[offs[e]:offs[e + 1]] = a[offs[e]:offs[e + 1]].float() @ w[e].float()
+        flops = 2 * M * Kg * Ng
+        t_mm = bench.measure(lambda: torch.matmul(a, w[0]), device="cuda", reps=args.reps).median_ms
+        print(f"{shape}: torch.matmul {flops / t_mm / 1e9:.0f} TFLOP/s", flush=True)
+        for c in args.configs.split(","):
+            kernel, tile, stages = parse(c)
+            try:
+                fast.set_kernel_config(kernel=kernel, tile=tile, stages=stages)
+                err = ((fast.contiguous_grouped_gemm(a, w, meta).float() - ref).abs().max() / ref.abs().max()).item()
+                row = {"shape": shape, "config": c, "rel_err": err, "torch_matmul_tflops": flops / t_mm / 1e9}
+                for name, fn in {
+                    "contiguous": lambda: fast.contiguous_grouped_gemm(a, w, meta),
+                    "gather_fused": lambda: fast.gather_fused_grouped_gemm(x, w, meta),
+                    "varlen_k": lambda: fast.grouped_gemm_varlen_k(x, b, meta),
+                }.items():
+                    row[name + "_tflops"] = flops / bench.measure(fn, device="cuda", reps=args.reps).median_ms / 1e9
+            except Exception as exc:  # a config that does not compile or fit is reported, not fatal
+                row = {"shape": shape, "config": c, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            out["rows"].append(row)
+            print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "shape"}, flush=True)
+        del x, w, a, b, ref
+        torch.cuda.empty_cache()
+    fast.set_kernel_config()
+    dev = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"grouped_gemm_tiles_{dev}.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
