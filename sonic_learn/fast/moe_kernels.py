@@ -1,0 +1,375 @@
+"""The MoE layer's memory-bound kernels on Hopper (CuTe-DSL): SwiGLU, dSwiGLU + dS, gather-and-sum.
+
+What this teaches (paper Section 3 and Appendix C; reference: ``sonic_learn.reference.moe``):
+the two grouped GEMMs do the FLOPs, but a MoE layer also has *elementwise and reduction* work
+between them. Every such pass reads and writes (P, n) or (P, d) activations (P = routed pairs),
+so its cost is bytes, not FLOPs. Four kernels here, one per job:
+
+* ``SwiGLUForward``: A = up * silu(gate) from H on the interleaved layout (gate = H[:, 0::2],
+  up = H[:, 1::2]), fp32 math. One thread turns one 16-byte chunk of H (4 gate/up pairs) into
+  4 values of A.
+* ``SwiGLUBackward`` (the reduced-memory "dH" pass, Appendix C): given H, dA' = dO @ W2^T and the
+  row's score s, one warp per row computes ``dS = <dA', A>`` (fp32 row reduction, written straight
+  to pair order through ``pair_of_row``), ``A' = s * A`` (for dW2) and ``dH = dSwiGLU(H, s * dA')``.
+  A is recomputed from H in registers: it is never cached. With ``scaled=False`` (the standard
+  backward) it is the plain dSwiGLU pass: dH from (H, dA) and A for dW2.
+* ``GatherScaleDot`` (the standard backward's extra pass): ``dS = <dO[token], Y[row]>`` and
+  ``dY = s * dO[token]``; it must read the cached Y, the (P, d) tensor SonicMoE never keeps.
+* ``GatherSum``: ``out[t] = sum over the pairs p of token t of w[p] * rows[row_of_pair[p]]``, fp32
+  accumulation, used weighted (the forward output O) and unweighted (dX). Each token *pulls* its
+  rows, so there are no atomics and the sum order is fixed: the result is deterministic.
+
+**Unfused for now.** SonicMoE runs SwiGLU inside the up-projection's epilogue and the dSwiGLU/dS
+pass inside the dH GEMM's epilogue, on the fp32 accumulator tile still in registers. Here they are
+standalone kernels (the GEMM epilogue hook belongs to the grouped-GEMM work, issue 6), which costs
+extra HBM traffic per layer call, in bytes for 16-bit activations:
+
+* forward: SwiGLU re-reads H (4Pn) and the GEMM wrote it (4Pn) -- fused, the epilogue writes H and
+  A from registers, so the re-read of H (4Pn) disappears;
+* reduced-memory backward: the dH GEMM writes dA' (2Pn), this pass re-reads it (2Pn) plus H (4Pn);
+  fused, dA' never exists in memory and only H is read: 4Pn bytes and one launch saved;
+* the standard backward pays its extra pass over (P, d) tensors by design (it is the baseline).
+
+Every kernel is compiled once per (dtype, variant) from fake tensors with symbolic sizes and is
+called through TVM-FFI on the current torch stream (no host synchronization; CUDA-graph safe).
+Sizes: column counts (d, n) must be multiples of 8 (16-byte vectors of bf16/fp16); the callers in
+``sonic_learn.fast.moe`` validate that before any launch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from sonic_learn.fast._cute import import_cutlass
+
+cutlass = import_cutlass()
+import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
+from cutlass import Float32, Int32, const_expr  # noqa: E402
+from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
+
+THREADS = 128  # threads per CTA for every kernel here
+WARP = 32
+ROWS_PER_CTA = THREADS // WARP  # the row kernels give one warp to one row
+VEC = 8  # 16-bit elements per 16-byte vector
+PAIRS = VEC // 2  # gate/up pairs in one 16-byte chunk of H
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+@cute.jit
+def _sigmoid(g: Float32) -> Float32:
+    return Float32(1.0) / (Float32(1.0) + cute.arch.exp(-g))
+
+
+@cute.jit
+def _warp_sum(x: Float32) -> Float32:
+    """Butterfly reduction: after 5 steps every lane holds the sum over the warp's 32 lanes."""
+    for step in cutlass.range_constexpr(5):
+        x = x + cute.arch.shuffle_sync_bfly(x, offset=1 << (4 - step))
+    return x
+
+
+@cute.jit
+def _load_vec(m: cute.Tensor, row: Int32, chunk: Int32, width: cutlass.Constexpr[int]) -> cute.Tensor:
+    """Registers holding m[row, chunk*width : (chunk+1)*width], read with one vector load."""
+    frag = cute.make_rmem_tensor((1, width), m.element_type)
+    cute.autovec_copy(cute.local_tile(m, (1, width), (row, chunk)), frag)
+    return frag
+
+
+@cute.jit
+def _store_vec(frag: cute.Tensor, m: cute.Tensor, row: Int32, chunk: Int32, width: cutlass.Constexpr[int]):
+    cute.autovec_copy(frag, cute.local_tile(m, (1, width), (row, chunk)))
+
+
+# ----------------------------------------------------------------------------------------------
+# SwiGLU forward: H (M, 2n) -> A (M, n)
+# ----------------------------------------------------------------------------------------------
+class SwiGLUForward:
+    """A[r, j] = H[r, 2j+1] * silu(H[r, 2j]); one thread per 16-byte chunk of H."""
+
+    @cute.jit
+    def __call__(self, h: cute.Tensor, a: cute.Tensor, stream):
+        chunks = a.shape[0] * (a.shape[1] // PAIRS)
+        self.kernel(h, a).launch(grid=((chunks + THREADS - 1) // THREADS, 1, 1), block=(THREADS, 1, 1),
+                                 stream=stream)
+
+    @cute.kernel
+    def kernel(self, h: cute.Tensor, a: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        per_row = a.shape[1] // PAIRS  # chunks of H per row
+        idx = bidx * THREADS + tidx
+        row = idx // per_row
+        c = idx % per_row
+        if row < a.shape[0]:
+            rh = _load_vec(h, row, c, VEC)  # 4 (gate, up) pairs
+            ra = cute.make_rmem_tensor((1, PAIRS), a.element_type)
+            for j in cutlass.range_constexpr(PAIRS):
+                g = rh[0, 2 * j].to(Float32)
+                u = rh[0, 2 * j + 1].to(Float32)
+                ra[0, j] = (u * g * _sigmoid(g)).to(a.element_type)
+            _store_vec(ra, a, row, c, PAIRS)
+
+
+# ----------------------------------------------------------------------------------------------
+# SwiGLU backward (+ dS and A' when scaled): one warp per row
+# ----------------------------------------------------------------------------------------------
+class SwiGLUBackward:
+    """Per grouped row r (one warp), with s = scores[pair_of_row[r]] when ``scaled``:
+
+    * scaled (reduced-memory): inputs H, dA'; outputs dS[pair] = <dA', A>, A' = s*A, dH = dSwiGLU(H, s*dA').
+    * not scaled (standard): inputs H, dA; outputs A and dH = dSwiGLU(H, dA).
+
+    dSwiGLU: d gate = dA * up * sig(g) * (1 + g * (1 - sig(g))), d up = dA * silu(g).
+    """
+
+    def __init__(self, scaled: bool):
+        self.scaled = scaled
+
+    @cute.jit
+    def __call__(self, h: cute.Tensor, da: cute.Tensor, scores: cute.Tensor, pair_of_row: cute.Tensor,
+                 dh: cute.Tensor, a_out: cute.Tensor, dscores: cute.Tensor, stream):
+        rows = h.shape[0]
+        self.kernel(h, da, scores, pair_of_row, dh, a_out, dscores).launch(
+            grid=((rows + ROWS_PER_CTA - 1) // ROWS_PER_CTA, 1, 1), block=(THREADS, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, h: cute.Tensor, da: cute.Tensor, scores: cute.Tensor, pair_of_row: cute.Tensor,
+               dh: cute.Tensor, a_out: cute.Tensor, dscores: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        lane = tidx % WARP
+        row = bidx * ROWS_PER_CTA + tidx // WARP
+        dtype = h.element_type
+        if row < h.shape[0]:
+            # Phase 1: the row's score (pair order -> grouped row order through pair_of_row).
+            s = Float32(1.0)
+            pair = Int32(0)
+            if const_expr(self.scaled):
+                pair = pair_of_row[row]
+                s = scores[pair]
+            # Phase 2: the lanes stride over the row's chunks (4 gate/up pairs each), coalesced.
+            dot = Float32(0.0)
+            for c in cutlass.range(lane, da.shape[1] // PAIRS, WARP, unroll=1):
+                rh = _load_vec(h, row, c, VEC)
+                rda = _load_vec(da, row, c, PAIRS)
+                rdh = cute.make_rmem_tensor((1, VEC), dtype)
+                ra = cute.make_rmem_tensor((1, PAIRS), dtype)
+                for j in cutlass.range_constexpr(PAIRS):
+                    g = rh[0, 2 * j].to(Float32)
+                    u = rh[0, 2 * j + 1].to(Float32)
+                    sig = _sigmoid(g)
+                    silu = g * sig
+                    act = u * silu  # A, recomputed from H
+                    grad = rda[0, j].to(Float32)  # dA' (scaled) or dA
+                    if const_expr(self.scaled):
+                        dot = dot + grad * act  # dS partial: <dA', A>
+                        grad = grad * s  # dA = s * dA'
+                        act = act * s  # A' = s * A
+                    rdh[0, 2 * j] = (grad * u * sig * (Float32(1.0) + g * (Float32(1.0) - sig))).to(dtype)
+                    rdh[0, 2 * j + 1] = (grad * silu).to(dtype)
+                    ra[0, j] = act.to(dtype)
+                _store_vec(rdh, dh, row, c, VEC)
+                _store_vec(ra, a_out, row, c, PAIRS)
+            # Phase 3: reduce dS over the warp; lane 0 writes it in pair order.
+            if const_expr(self.scaled):
+                dot = _warp_sum(dot)
+                if lane == 0:
+                    dscores[pair] = dot
+
+
+# ----------------------------------------------------------------------------------------------
+# Standard backward's extra pass: dS = <dO[token], Y[row]>, dY = s * dO[token]; one warp per row
+# ----------------------------------------------------------------------------------------------
+class GatherScaleDot:
+    """Per grouped row r: t = gather_idx[r], p = pair_of_row[r]; dscores[p] = <dO[t], Y[r]>, dY[r] = s_p * dO[t]."""
+
+    @cute.jit
+    def __call__(self, dout: cute.Tensor, y: cute.Tensor, scores: cute.Tensor, gather_idx: cute.Tensor,
+                 pair_of_row: cute.Tensor, dy: cute.Tensor, dscores: cute.Tensor, stream):
+        rows = y.shape[0]
+        self.kernel(dout, y, scores, gather_idx, pair_of_row, dy, dscores).launch(
+            grid=((rows + ROWS_PER_CTA - 1) // ROWS_PER_CTA, 1, 1), block=(THREADS, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, dout: cute.Tensor, y: cute.Tensor, scores: cute.Tensor, gather_idx: cute.Tensor,
+               pair_of_row: cute.Tensor, dy: cute.Tensor, dscores: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        lane = tidx % WARP
+        row = bidx * ROWS_PER_CTA + tidx // WARP
+        dtype = y.element_type
+        if row < y.shape[0]:
+            token = gather_idx[row]
+            pair = pair_of_row[row]
+            s = scores[pair]
+            dot = Float32(0.0)
+            for c in cutlass.range(lane, y.shape[1] // VEC, WARP, unroll=1):
+                rdo = _load_vec(dout, token, c, VEC)
+                ry = _load_vec(y, row, c, VEC)
+                rdy = cute.make_rmem_tensor((1, VEC), dtype)
+                for j in cutlass.range_constexpr(VEC):
+                    g = rdo[0, j].to(Float32)
+                    dot = dot + g * ry[0, j].to(Float32)
+                    rdy[0, j] = (g * s).to(dtype)
+                _store_vec(rdy, dy, row, c, VEC)
+            dot = _warp_sum(dot)
+            if lane == 0:
+                dscores[pair] = dot
+
+
+# ----------------------------------------------------------------------------------------------
+# Gather-and-sum: out[t] = sum_p w[p] * rows[row_of_pair[p]]; one thread per (token, 16-byte chunk)
+# ----------------------------------------------------------------------------------------------
+class GatherSum:
+    """Deterministic per-token reduction over its rows (pairs ``token_offsets[t] : token_offsets[t+1]``)."""
+
+    def __init__(self, weighted: bool):
+        self.weighted = weighted
+
+    @cute.jit
+    def __call__(self, rows: cute.Tensor, weights: cute.Tensor, row_of_pair: cute.Tensor,
+                 token_offsets: cute.Tensor, out: cute.Tensor, stream):
+        chunks = out.shape[0] * (out.shape[1] // VEC)
+        self.kernel(rows, weights, row_of_pair, token_offsets, out).launch(
+            grid=((chunks + THREADS - 1) // THREADS, 1, 1), block=(THREADS, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, rows: cute.Tensor, weights: cute.Tensor, row_of_pair: cute.Tensor,
+               token_offsets: cute.Tensor, out: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        per_row = out.shape[1] // VEC
+        idx = bidx * THREADS + tidx
+        t = idx // per_row  # neighbouring threads read neighbouring chunks of the same rows
+        c = idx % per_row
+        if t < out.shape[0]:
+            acc = cute.make_rmem_tensor((1, VEC), Float32)
+            acc.fill(0.0)
+            for p in cutlass.range(token_offsets[t], token_offsets[t + 1], unroll=1):
+                w = Float32(1.0)
+                if const_expr(self.weighted):
+                    w = weights[p]
+                rv = _load_vec(rows, row_of_pair[p], c, VEC)
+                for j in cutlass.range_constexpr(VEC):
+                    acc[0, j] = acc[0, j] + w * rv[0, j].to(Float32)
+            res = cute.make_rmem_tensor((1, VEC), out.element_type)
+            for j in cutlass.range_constexpr(VEC):
+                res[0, j] = acc[0, j].to(out.element_type)
+            _store_vec(res, out, t, c, VEC)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile (fake tensors, symbolic sizes: one compile per dtype and variant) and launch helpers
+# ----------------------------------------------------------------------------------------------
+KERNELS = ("swiglu_fwd", "swiglu_bwd_scaled", "swiglu_bwd", "gather_scale_dot", "gather_sum_weighted",
+           "gather_sum")
+
+
+def _cute_dtype(dtype: torch.dtype):
+    return {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[dtype]
+
+
+def compile_kernel(name: str, dtype: torch.dtype, *, keep_ptx: bool = False):
+    """Compile one kernel for sm_90a from fake tensors (no GPU needed); returns the TVM-FFI callable."""
+    if name not in KERNELS:
+        raise ValueError(f"name must be one of {KERNELS}, got {name!r}")
+    dt = _cute_dtype(dtype)
+
+    def mat(elem):  # (rows, cols) row-major, cols a multiple of 8, 16-byte aligned base
+        return make_fake_compact_tensor(elem, (cute.sym_int(), cute.sym_int(divisibility=8)),
+                                        stride_order=(1, 0), assumed_align=16)
+
+    def vec(elem):  # (len,) index or score vector
+        return make_fake_compact_tensor(elem, (cute.sym_int(),), assumed_align=4)
+
+    stream = make_fake_stream(use_tvm_ffi_env_stream=True)
+    opts = "--enable-tvm-ffi" + (" --keep-ptx" if keep_ptx else "")
+    if name == "swiglu_fwd":
+        return cute.compile(SwiGLUForward(), mat(dt), mat(dt), stream, options=opts)
+    if name.startswith("swiglu_bwd"):
+        op = SwiGLUBackward(scaled=name.endswith("scaled"))
+        return cute.compile(op, mat(dt), mat(dt), vec(Float32), vec(Int32), mat(dt), mat(dt), vec(Float32),
+                            stream, options=opts)
+    if name == "gather_scale_dot":
+        return cute.compile(GatherScaleDot(), mat(dt), mat(dt), vec(Float32), vec(Int32), vec(Int32), mat(dt),
+                            vec(Float32), stream, options=opts)
+    op = GatherSum(weighted=name == "gather_sum_weighted")
+    return cute.compile(op, mat(dt), vec(Float32), vec(Int32), vec(Int32), mat(dt), stream, options=opts)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str, dtype: torch.dtype):
+    return compile_kernel(name, dtype)
+
+
+# The launchers below assume validated inputs (``sonic_learn.fast.moe`` checks dtypes, devices,
+# contiguity and multiples of 8 before any launch) and never synchronize with the host.
+def _dummy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(1, dtype=dtype, device=t.device)
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """A (M, n) from H (M, 2n), interleaved gate/up."""
+    M, two_n = h.shape
+    a = torch.empty(M, two_n // 2, dtype=h.dtype, device=h.device)  # (M, n)
+    if M > 0 and two_n > 0:
+        _compiled("swiglu_fwd", h.dtype)(h, a)
+    return a
+
+
+def swiglu_backward_scaled(h: torch.Tensor, da_prime: torch.Tensor, scores: torch.Tensor,
+                           pair_of_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduced-memory dH pass: returns (dH (M, 2n), A' = s*A (M, n), dscores (P,) fp32 in pair order)."""
+    M = h.shape[0]
+    dh = torch.empty_like(h)  # (M, 2n)
+    a_scaled = torch.empty_like(da_prime)  # (M, n)
+    dscores = torch.zeros(scores.shape[0], dtype=torch.float32, device=h.device)  # (P,)
+    if M > 0:
+        _compiled("swiglu_bwd_scaled", h.dtype)(h, da_prime, scores, pair_of_row, dh, a_scaled, dscores)
+    return dh, a_scaled, dscores
+
+
+def swiglu_backward(h: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard dSwiGLU pass: returns (dH (M, 2n), A (M, n))."""
+    M = h.shape[0]
+    dh = torch.empty_like(h)
+    a = torch.empty_like(da)
+    if M > 0:
+        f32, i32 = _dummy(h, torch.float32), _dummy(h, torch.int32)
+        _compiled("swiglu_bwd", h.dtype)(h, da, f32, i32, dh, a, f32)
+    return dh, a
+
+
+def gather_scale_dot(dout: torch.Tensor, y: torch.Tensor, scores: torch.Tensor, gather_idx: torch.Tensor,
+                     pair_of_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard backward: returns (dY = s * dO[token] (M, d), dscores (P,) fp32 = <dO[token], Y>)."""
+    dy = torch.empty_like(y)
+    dscores = torch.zeros(scores.shape[0], dtype=torch.float32, device=y.device)
+    if y.shape[0] > 0:
+        _compiled("gather_scale_dot", y.dtype)(dout, y, scores, gather_idx, pair_of_row, dy, dscores)
+    return dy, dscores
+
+
+def gather_sum(rows: torch.Tensor, weights: torch.Tensor | None, row_of_pair: torch.Tensor,
+               token_offsets: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum over pairs p of token t of weights[p] * rows[row_of_pair[p]] (fp32 accumulate)."""
+    T = token_offsets.shape[0] - 1
+    out = torch.empty(T, rows.shape[1], dtype=rows.dtype, device=rows.device)  # (T, d)
+    if T > 0 and rows.shape[1] > 0:
+        if row_of_pair.numel() == 0:  # no pairs at all: every token sums nothing
+            return out.zero_()
+        name = "gather_sum" if weights is None else "gather_sum_weighted"
+        w = _dummy(rows, torch.float32) if weights is None else weights
+        _compiled(name, rows.dtype)(rows, w, row_of_pair, token_offsets, out)
+    return out
+
+
+__all__ = [
+    "SwiGLUForward", "SwiGLUBackward", "GatherScaleDot", "GatherSum", "KERNELS", "compile_kernel",
+    "swiglu", "swiglu_backward_scaled", "swiglu_backward", "gather_scale_dot", "gather_sum",
+]
