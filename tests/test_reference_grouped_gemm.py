@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
@@ -149,26 +149,21 @@ def test_naive_and_fused_match_float64_oracle(p: Problem):
     else:
         tol = 2 * max_err(torch_same_dtype_varlen_m(x, w, meta), ref) + p.K * acc_eps(p.dtype) * scale
 
-    outs = {}
+    # naive and gather-fused are each held to the oracle with the same bound (so to each other too).
     for gemm in GEMMS:
         y = gemm(x, w, meta, tile_m=p.tile_m, out_dtype=out_dtype)
         assert y.shape == (meta.num_rows, p.N)
         assert y.dtype == (out_dtype or p.dtype)
         err = max_err(y, ref)
         assert err <= tol, f"{gemm.__name__}: max error {err} > tolerance {tol}"
-        outs[gemm.__name__] = y
-    # Both read the same rows with the same accumulation dtype: they agree within twice the bound.
-    diff = max_err(outs["naive_grouped_gemm"], outs["gather_fused_grouped_gemm"].double())
-    assert diff <= 2 * tol
 
 
 @given(problems(max_count=40), st.data())
 def test_rows_of_an_expert_depend_only_on_its_rows(p: Problem, data):
     """Permuting the rows inside each expert permutes the outputs; other tokens never leak in."""
     x, w, meta = build(p)
-    if meta.num_rows == 0:
-        return
-    ref, scale = oracle_varlen_m(x, w, meta)
+    assume(meta.num_rows > 0)
+    _, scale = oracle_varlen_m(x, w, meta)
     # Two valid fp32/fp64 computations of the same row differ by at most 2 accumulation bounds,
     # plus one rounding step of the output dtype if they straddle a rounding boundary.
     tol = (2 * p.K * acc_eps(p.dtype) + torch.finfo(p.dtype).eps) * scale
@@ -300,6 +295,8 @@ def test_io_cost_hand_worked_example():
 
 
 @given(problems())
+@example(Problem(counts=(0, 128, 256), extra_tokens=0, tile_m=128, K=16, N=8, dtype=torch.bfloat16, seed=0))
+@example(Problem(counts=(0, 0), extra_tokens=0, tile_m=4, K=2, N=3, dtype=torch.float32, seed=0))  # T = 0
 def test_io_cost_properties(p: Problem):
     x, w, meta = build(p)
     args = (p.T, p.K, p.N)

@@ -453,8 +453,10 @@ def io_cost(
     **gather_fused** (one kernel): reads the M routed rows straight from x, M*K*b, plus E_act*K*N*b
     of weights; writes M*N*b (the last tile of an expert is masked on load and on store).
 
-    So fused saves M_pad*K*b of reads and M_pad*K*b + (M_pad - M)*N*b of writes: the paper's
-    "2TKd bytes" when M = TK and no padding.
+    So fused saves M_pad*K*b of reads and M_pad*K*b + (M_pad - M)*N*b of writes. For the
+    up-projection (K = d) with M = TK rows, no padding and bf16 (b = 2), that is one write and one
+    read of the gathered (TK, d) copy, 2TKd bytes each. (The paper's Appendix B counts a separate
+    gather plus a separate scatter, read and write each, as 8TKd bytes, the same per-pass sizes.)
 
     **FLOPs.** Useful: 2*M*K*N. Wasted on padding: 2*(M_pad - M)*K*N for *both* variants. The fused
     kernel masks the rows past an expert's end out of its loads and stores, but the tensor cores
