@@ -75,7 +75,7 @@ CONFIGS: dict[str, Problem] = {
     for p in [
         # small problems for the quick tour and the tests (not from the paper)
         _p("tour", 1024, 128, 64, 16, 4, "small default for the quick tour (not a paper config)"),
-        _p("tiny", 64, 32, 16, 8, 2, "tiny problem for tests (not a paper config)"),
+        _p("tiny", 64, 32, 8, 8, 2, "tiny problem for tests (not a paper config)"),
         # Table 9b: (T, d) fixed per model, (n, E, K) = finest / middle / coarsest granularity
         _p("1.4B-n256", 40960, 768, 256, 128, 8, _TABLE_9B),
         _p("1.4B-n512", 40960, 768, 512, 64, 4, _TABLE_9B),

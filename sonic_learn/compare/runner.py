@@ -356,6 +356,14 @@ def run_pair(
             row.agreement = spec.compare(case, impl, out)
             row.status = "checked"
             fns[impl.name] = fn
+        except (ValueError, TypeError) as exc:
+            if impl.kind not in ("fast", "upstream"):
+                row.status, row.why = "ERROR", f"{type(exc).__name__}: {exc}"
+                continue
+            # A kernel validates its inputs before launching and rejects shapes/dtypes outside its
+            # contract (e.g. E not a multiple of 8): that is "not applicable here", not a wrong answer.
+            row.why = f"rejects this problem: {exc}"
+            continue
         except Exception as exc:  # noqa: BLE001 - an implementation that crashes is a failing row
             row.status = "ERROR"
             row.why = f"{type(exc).__name__}: {exc}"
