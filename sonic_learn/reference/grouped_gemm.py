@@ -1,7 +1,7 @@
 """Grouped GEMM: every expert multiplies its own rows by its own weight matrix.
 
-Pair 2 of SonicMoE (paper Section 3.2, "gather fusion"; Algorithms 2 and 3; Appendix B for the IO
-accounting). After routing, expert e owns ``f_e`` rows of the grouped GEMM, and row r must load
+Pair 2 of SonicMoE (paper v1: the kernel list of Section 3.1 / Algorithms 2, 3 and 5; gather fusion
+in the IO-aware kernel design of Section 4.1; Appendix B for the IO of other MoE implementations). After routing, expert e owns ``f_e`` rows of the grouped GEMM, and row r must load
 token ``gather_idx[r]`` of ``x``. There are two ways to feed those rows to a tile-based GEMM:
 
 1. **naive** (``naive_grouped_gemm``), the way MegaBlocks-style or DeepGEMM-style pipelines do it:
@@ -14,7 +14,7 @@ token ``gather_idx[r]`` of ``x``. There are two ways to feed those rows to a til
    (``cp.async`` on Hopper, because a TMA descriptor cannot express an arbitrary row gather). The
    last tile of an expert is *masked*, not padded: no gathered copy, no padding bytes.
 
-``grouped_gemm_varlen_k`` is the weight-gradient form (paper Section 3.1, kernels dW1/dW2): the
+``grouped_gemm_varlen_k`` is the weight-gradient form (the dW1 and dW2 kernels of Section 3.1): the
 tokens are the *reduction* dim, so each expert's reduction length varies ("varlen-K"), and the
 gather happens along that reduction dim.
 
@@ -221,7 +221,7 @@ def gather_fused_grouped_gemm(
     tile_m: int = 128,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Grouped GEMM with the gather fused into the tile loads (SonicMoE, paper Section 3.2).
+    """Grouped GEMM with the gather fused into the tile loads (SonicMoE, paper Section 4.1).
 
     Walks the (expert, m-tile) grid in the order a varlen-M tile scheduler does. Each tile reads its
     row indices from ``gather_idx`` and loads those rows directly from ``x``; the gathered (M, K)
@@ -438,8 +438,8 @@ def io_cost(
     variants pay those re-reads alike, so the *difference* between them is the same in either model.
     Index arrays (4 bytes per row, versus K*b bytes per row of data) are left out, and every gathered
     row counts as one HBM read even when the same token was read for another expert (in practice x
-    is M/T times smaller than the gathered copy and often stays in L2, the paper's Section 3.2 /
-    blog appendix measurement; ``source_bytes`` gives that lower bound).
+    is M/T times smaller than the gathered copy and often stays in L2, as the SonicMoE Blackwell
+    blog post's appendix measures; ``source_bytes`` gives that lower bound).
 
     **naive** (two kernels):
 
