@@ -1,7 +1,8 @@
 """Grouped GEMM: every expert multiplies its own rows by its own weight matrix.
 
 Pair 2 of SonicMoE (paper v1: the kernel list of Section 3.1 / Algorithms 2, 3 and 5; gather fusion
-in the IO-aware kernel design of Section 4.1; Appendix B for the IO of other MoE implementations). After routing, expert e owns ``f_e`` rows of the grouped GEMM, and row r must load
+in the IO-aware kernel design of Section 4.1; Appendix B for the IO of other MoE implementations).
+After routing, expert e owns ``f_e`` rows of the grouped GEMM, and row r must load
 token ``gather_idx[r]`` of ``x``. There are two ways to feed those rows to a tile-based GEMM:
 
 1. **naive** (``naive_grouped_gemm``), the way MegaBlocks-style or DeepGEMM-style pipelines do it:
