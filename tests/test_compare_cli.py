@@ -1,0 +1,231 @@
+"""Tests of ``python -m sonic_learn.compare``: exit codes, JSON/CSV records, forced disagreements.
+
+The CLI is called in-process (``main([...])``) on the tiny config with 2 repetitions; two
+subprocess tests check ``--help`` and the default tour (no subcommand) end to end. Timings are
+recorded, never asserted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sonic_learn.compare import CONFIGS, REGISTRY, get_config, run
+from sonic_learn.compare.__main__ import main
+from sonic_learn.compare.runner import FAULT_ENV
+
+FAST = ["--config", "tiny", "--reps", "2", "--warmup", "0"]
+
+
+def _run_json(tmp_path, *args) -> tuple[int, dict]:
+    path = tmp_path / "out.json"
+    code = main([*args, *FAST, "--json", str(path)])
+    return code, json.loads(path.read_text())
+
+
+def _rows(doc: dict, pair: str) -> dict[str, dict]:
+    (p,) = [p for p in doc["pairs"] if p["pair"] == pair]
+    return {r["impl"]: r for r in p["rows"]}
+
+
+def _assert_checked_rows_pass(rows: dict[str, dict]) -> None:
+    for name, r in rows.items():
+        if r["status"] == "n/a":
+            assert r["why"], f"{name}: an unavailable row must say why"
+            continue
+        assert r["status"] == "PASS", (name, r)
+        a = r["agreement"]
+        assert a["passed"] is True
+        for k, err in a["max_rel_err"].items():
+            assert err <= a["tolerance"][k], (name, k, err)
+        assert all(m["differ"] == 0 for m in a["mismatches"].values()), (name, a["mismatches"])
+        t = r["timing"]
+        assert t["reps"] >= 2 and t["median_ms"] > 0 and t["p20_ms"] <= t["median_ms"] <= t["p80_ms"]
+        assert r["speedup"] is not None and r["speedup"] > 0
+
+
+@pytest.mark.parametrize(
+    ("pair", "expected"),
+    [
+        ("topk", {"torch.topk", "reference radix", "reference bitonic", "fast radix", "fast bitonic"}),
+        ("routing", {"torch.topk + argsort", "reference top-k", "reference rounding nearest",
+                     "reference rounding up", "reference rounding down"}),
+        ("grouped-gemm", {"torch.matmul per-expert loop", "reference naive", "reference gather-fused"}),
+        ("backward", {"naive PyTorch loop", "reference standard", "reference reduced-memory"}),
+        ("moe", {"naive PyTorch loop", "reference standard", "reference reduced-memory",
+                 "reference reduced-memory + token rounding", "upstream sonic-moe"}),
+    ],
+)
+def test_pair_json_rows_agree(tmp_path, pair, expected):
+    code, doc = _run_json(tmp_path, pair)
+    assert code == 0
+    assert doc["ok"] is True and doc["command"] == pair
+    env = doc["environment"]
+    assert env["device"] and env["torch"] == torch.__version__ and env["sonic_learn"]
+    rows = _rows(doc, pair)
+    assert expected <= set(rows)
+    baseline = [r for r in rows.values() if r["kind"] == "baseline"]
+    assert len(baseline) == 1 and baseline[0]["status"] == "PASS" and baseline[0]["speedup"] == pytest.approx(1.0)
+    _assert_checked_rows_pass(rows)
+    # every reference row ran here (the references run on the CPU)
+    assert all(r["status"] == "PASS" for r in rows.values() if r["kind"] == "reference")
+    if not torch.cuda.is_available():
+        assert all(r["status"] == "n/a" for r in rows.values() if r["kind"] in ("fast", "upstream"))
+
+
+def test_cost_columns_follow_the_cost_model(tmp_path):
+    code, doc = _run_json(tmp_path, "grouped-gemm")
+    assert code == 0
+    rows = _rows(doc, "grouped-gemm")
+    naive, fused = rows["reference naive"], rows["reference gather-fused"]
+    p = get_config("tiny")
+    # Both variants do the same useful FLOPs; gather fusion saves the gathered copy's traffic.
+    assert naive["flops"] == fused["flops"] == 2 * p.T * p.K * p.d * 2 * p.n
+    assert fused["bytes_moved"] < naive["bytes_moved"]
+    assert naive["throughput_unit"] == "TFLOP/s" and naive["throughput"] > 0
+
+
+def test_token_rounding_removes_padding(tmp_path):
+    code, doc = _run_json(tmp_path, "routing", "--tile-m", "8")
+    assert code == 0
+    rows = _rows(doc, "routing")
+    topk, rounded = rows["reference top-k"], rows["reference rounding nearest"]
+    assert topk["cost_extra"]["pairs"] == 64 * 2
+    assert rounded["wasted_flops"] == 0 and rounded["cost_extra"]["padded_rows"] == rounded["cost_extra"]["pairs"]
+    assert rows["reference rounding up"]["cost_extra"]["pairs"] >= topk["cost_extra"]["pairs"]
+    assert rows["reference rounding down"]["cost_extra"]["pairs"] <= topk["cost_extra"]["pairs"]
+
+
+@pytest.mark.parametrize(("pair", "target"), [("topk", "reference bitonic"), ("grouped-gemm", "reference naive"),
+                                              ("backward", "reference reduced-memory")])
+def test_forced_disagreement_fails_and_is_not_timed(tmp_path, pair, target):
+    code, doc = _run_json(tmp_path, pair, "--inject-fault", target)
+    assert code == 1
+    assert doc["ok"] is False
+    rows = _rows(doc, pair)
+    bad = rows[target]
+    assert bad["status"] == "FAIL" and bad["agreement"]["passed"] is False
+    assert bad["timing"] is None and bad["speedup"] is None
+    others = {k: v for k, v in rows.items() if k != target}
+    _assert_checked_rows_pass(others)
+
+
+def test_forced_disagreement_through_the_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(FAULT_ENV, "reference rounding down")
+    code = main(["routing", *FAST])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL" in out and "FAILED: routing/reference rounding down" in out
+
+
+def test_memory_measured_equals_closed_form(tmp_path):
+    path = tmp_path / "mem.json"
+    assert main(["memory", "--config", "tiny", "--json", str(path)]) == 0
+    mem = json.loads(path.read_text())["memory"]
+    assert mem["ok"] is True
+    totals = {m["backward"]: m for m in mem["modes"]}
+    for m in totals.values():
+        assert m["measured_total"] == m["expected_total"] > 0
+        assert all(t["measured_bytes"] == t["expected_bytes"] for t in m["tensors"])
+    p = get_config("tiny")
+    b = 4  # float32 on the CPU
+    # the standard backward additionally holds gathered X and Y, both (P, d), and not X (T, d)
+    gap = totals["standard"]["measured_total"] - totals["reduced_memory"]["measured_total"]
+    assert gap == 2 * p.T * p.K * p.d * b - p.T * p.d * b
+
+
+def test_list_says_why_rows_are_unavailable(tmp_path):
+    path = tmp_path / "list.json"
+    assert main(["list", "--device", "cpu", "--json", str(path)]) == 0
+    entries = json.loads(path.read_text())["implementations"]
+    assert {e["pair"] for e in entries} == set(REGISTRY)
+    for e in entries:
+        if e["kind"] == "fast":
+            assert e["available"] is False and "CUDA" in e["why"]
+        if e["kind"] == "reference":
+            assert e["available"] is True
+
+
+def test_json_to_stdout_and_csv(tmp_path, capsys):
+    csv_path = tmp_path / "rows.csv"
+    assert main(["topk", *FAST, "--json", "-", "--csv", str(csv_path)]) == 0
+    doc = json.loads(capsys.readouterr().out)  # stdout holds only the JSON document
+    assert doc["pairs"][0]["pair"] == "topk"
+    records = list(csv.DictReader(csv_path.open()))
+    assert [r["impl"] for r in records] == [r["impl"] for r in doc["pairs"][0]["rows"]]
+    for r in records:
+        assert r["device_name"] and r["torch"] == torch.__version__ and r["T"] == "64"
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["topk", "-E", "8", "-K", "9"], "K .*must satisfy 1 <= K"),
+        (["topk", "-T", "0"], "T .*must satisfy 1 <= T"),
+        (["topk", "--config", "nope"], "config must be one of"),
+        (["topk", "--dtype", "int8"], "invalid choice"),
+        (["topk", "--reps", "0"], "--reps must be >= 1"),
+        (["topk", "--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_clear_message(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_without_a_gpu_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["topk", "--device", "cuda"])
+    assert exc.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_named_configs_come_from_the_paper():
+    assert get_config("7B") == CONFIGS["7B-n256"]
+    p = get_config("7b-n256")
+    assert (p.T, p.d, p.n, p.E, p.K) == (24576, 1536, 256, 128, 8)
+    q = get_config("qwen3-next-80b")
+    assert (q.T, q.d, q.n, q.E, q.K) == (32768, 2048, 512, 512, 10)
+    with pytest.raises(ValueError, match="config must be one of"):
+        get_config("8B")
+    with pytest.raises(ValueError, match="pair must be one of"):
+        run("nope", p)
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop(FAULT_ENV, None)
+    env["NO_COLOR"] = "1"
+    return env
+
+
+def test_help_subprocess():
+    res = subprocess.run([sys.executable, "-m", "sonic_learn.compare", "--help"], capture_output=True, text=True,
+                         env=_env(), timeout=120)
+    assert res.returncode == 0
+    for word in ("topk", "routing", "grouped-gemm", "backward", "moe", "memory", "list", "--inject-fault",
+                 "--tokens", "--config"):
+        assert word in res.stdout
+
+
+def test_default_tour_subprocess():
+    """The tour (no subcommand) prints the four pairs' tables as plain text (not a TTY)."""
+    res = subprocess.run([sys.executable, "-m", "sonic_learn.compare", *FAST], capture_output=True, text=True,
+                         env=_env(), timeout=300)
+    assert res.returncode == 0, res.stderr
+    for title in ("top-k: radix select vs bitonic", "routing: token-choice top-k vs token rounding",
+                  "grouped GEMM: gather + pad + GEMM vs gather-fused", "backward: standard vs reduced-memory"):
+        assert title in res.stdout
+    assert "all checked rows agree" in res.stdout
+    assert "\x1b[" not in res.stdout  # no ANSI escapes when not a terminal
+    assert res.stderr.strip() == ""  # no progress bar when stderr is not a terminal
