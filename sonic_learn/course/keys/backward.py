@@ -1,0 +1,48 @@
+"""Key for assignment 4: the reduced-memory backward pieces of ``sonic_learn.reference.moe``, by name.
+
+Every function here delegates to the reference layer (no second implementation of the math):
+``dh_epilogue`` is the epilogue of ``ReducedMemoryExperts.backward`` (step 1), and
+``reduced_memory_backward`` runs that backward on the tensors its forward caches.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from sonic_learn import _checks
+from sonic_learn.reference.moe import BACKWARD_MODES, ReducedMemoryExperts, expected_saved_bytes, swiglu, swiglu_backward
+
+__all__ = ["dh_epilogue", "reduced_memory_backward", "saved_bytes", "swiglu_backward"]
+
+_DTYPE_OF_BYTES = {1: torch.int8, 2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
+
+
+def dh_epilogue(h: torch.Tensor, dA_prime: torch.Tensor, row_scores: torch.Tensor):
+    """(dH, dS, A') from H, dA' = dO @ W2^T and the scores, as in the reference's dH kernel."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    a = swiglu(h)  # (P, n) recomputed from H
+    dS = (dA_prime.to(acc) * a.to(acc)).sum(dim=1)  # (P,)  dS = <dA', A>
+    dA = (dA_prime.to(acc) * row_scores.to(acc)[:, None]).to(h.dtype)  # (P, n)
+    a_scaled = (a.to(acc) * row_scores.to(acc)[:, None]).to(h.dtype)  # (P, n)
+    return swiglu_backward(h, dA), dS, a_scaled
+
+
+def reduced_memory_backward(dout, x, w1, w2, h, scores, meta, tile_m):
+    """Run ``ReducedMemoryExperts.backward`` on exactly what its forward saves."""
+    ctx = SimpleNamespace(
+        saved_tensors=(x, w1, w2, h, scores, meta.expert_offsets, meta.gather_idx, meta.pair_of_row), tile_m=tile_m
+    )
+    dx, dw1, dw2, dscores, _, _ = ReducedMemoryExperts.backward(ctx, dout)
+    return dx, dw1, dw2, dscores
+
+
+def saved_bytes(T: int, d: int, n: int, E: int, P: int, *, dtype_bytes: int = 2, backward: str = "reduced_memory") -> int:
+    """Total of ``expected_saved_bytes`` (activations in a ``dtype_bytes``-byte dtype)."""
+    for name, value, lo in (("T", T, 0), ("d", d, 1), ("n", n, 1), ("E", E, 1), ("P", P, 0)):
+        _checks.check_int_range(name, value, lo)
+    _checks.check_choice("dtype_bytes", dtype_bytes, tuple(_DTYPE_OF_BYTES)) if dtype_bytes in _DTYPE_OF_BYTES else \
+        _checks.check_int_range("dtype_bytes", dtype_bytes, 1, 8, what="1, 2, 4 or 8 bytes per element")
+    _checks.check_choice("backward", backward, BACKWARD_MODES)
+    return expected_saved_bytes(T, d, n, E, P, dtype=_DTYPE_OF_BYTES[dtype_bytes], backward=backward)["total"]

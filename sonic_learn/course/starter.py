@@ -1,0 +1,74 @@
+"""``start NAME DIR``: write the starter module and a short README for the student."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from sonic_learn.course.assignments import get_assignment
+
+DOCS_URL = "docs/"  # the pages live in the repository's docs/ folder (and on the docs site)
+
+
+def starter_text(name: str) -> str:
+    """The starter module of assignment ``name`` (a real, importable module in sonic_learn.course.starters)."""
+    a = get_assignment(name)
+    return resources.files("sonic_learn.course.starters").joinpath(a.filename).read_text(encoding="utf-8")
+
+
+def readme_text(name: str, directory: str = "DIR") -> str:
+    a = get_assignment(name)
+    lines = [
+        f"# Assignment {a.number}: {a.title}",
+        "",
+        a.summary,
+        "",
+        f"The problem statement, the math and the hints are on the course page `{DOCS_URL}{a.page}`.",
+        "",
+        f"## What to implement in `{a.filename}`",
+        "",
+        "| function | points | what |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{t.function}` | {t.points} | {t.summary} |" for t in a.tasks]
+    lines += [
+        "",
+        "Every function starts as `raise NotImplementedError(...)` with a hint of its length. Keep the",
+        "signatures; the docstrings are the contract the grader checks (results, dtypes, error messages).",
+        "",
+        "## Check yourself",
+        "",
+        "```bash",
+        f"python -m sonic_learn.course grade {a.name} {directory}",
+        f"python -m sonic_learn.course grade {a.name} {directory} --verbose     # every failure, not just the first",
+        "```",
+        "",
+        "The grader runs Hypothesis property tests on your functions (agreement with an oracle, invariants,",
+        "error handling) and prints a score per task. The examples are derandomized: every run shows the same",
+        "(shrunk, minimal) counterexample, so fix it and rerun. Your instructor may grade with `--seed N`,",
+        "which draws examples you have not seen: pass the properties, not the examples.",
+        "",
+        "Import what the starter imports; do not import the function you are writing from `sonic_learn`",
+        "(the grader warns when a graded function comes from the library).",
+    ]
+    if a.gpu:
+        lines += [
+            "",
+            "This exercise needs `pip install 'sonic_learn[gpu]'`. On a CPU-only machine it is graded for",
+            "compilation (PTX for sm_90a); on a Hopper GPU the kernel also runs and is checked numerically.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def start(name: str, directory: str | Path, *, force: bool = False) -> list[Path]:
+    """Write ``DIR/<name>.py`` and ``DIR/README.md``; refuse to overwrite unless ``force``."""
+    a = get_assignment(name)
+    directory = Path(directory)
+    targets = {directory / a.filename: starter_text(name), directory / "README.md": readme_text(name, str(directory))}
+    existing = [p for p in targets if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"{', '.join(map(str, existing))} already exist: pass --force to overwrite (your work is lost)")
+    directory.mkdir(parents=True, exist_ok=True)
+    for path, text in targets.items():
+        path.write_text(text, encoding="utf-8")
+    return list(targets)
