@@ -45,12 +45,13 @@ TILE = (128, 128, 64)  # default (tile_m, tile_n, tile_k)
 
 # Kernel choice used by the public functions. ``set_kernel_config`` changes it (the tile sweep in
 # benchmarks/grouped_gemm_tiles.py uses it); every config is compiled once and cached.
+KERNELS = ("v1", "sm90", "ws")  # the ladder: teaching step, + smem epilogue, + warp specialization
 _CONFIG = {"kernel": "sm90", "tile": TILE, "stages": None}
 
 
 def set_kernel_config(*, kernel: str = "sm90", tile: tuple[int, int, int] = TILE, stages: int | None = None) -> None:
     """Select the kernel ("v1" = teaching step, "sm90" = production) and its tile / stage count."""
-    _checks.check_choice("kernel", kernel, ("v1", "sm90"))
+    _checks.check_choice("kernel", kernel, KERNELS)
     if not (isinstance(tile, tuple) and len(tile) == 3 and tile[0] == 128 and tile[1] in (64, 128, 256)
             and tile[2] in (32, 64)):
         raise ValueError(f"tile must be (128, tile_n in 64/128/256, tile_k in 32/64), got {tile!r}")
@@ -58,7 +59,10 @@ def set_kernel_config(*, kernel: str = "sm90", tile: tuple[int, int, int] = TILE
 
 
 def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype):
-    return compile_grouped_gemm(variant, dtype, out_dtype, _CONFIG["tile"], _CONFIG["stages"], kernel=_CONFIG["kernel"])
+    tile = _CONFIG["tile"]
+    if _CONFIG["kernel"] == "ws" and out_dtype == torch.float32 and tile[1] == 256 and _CONFIG["stages"] is None:
+        tile = (tile[0], 128, tile[2])  # fp32 epilogue buffers of a 128 x 256 tile leave no room for stages
+    return compile_grouped_gemm(variant, dtype, out_dtype, tile, _CONFIG["stages"], kernel=_CONFIG["kernel"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,10 +149,10 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
-    from sonic_learn.fast.grouped_gemm_sm90 import GroupedGemmSm90, epilogue_smem_bytes
+    from sonic_learn.fast.grouped_gemm_sm90 import GroupedGemmSm90, GroupedGemmWS, epilogue_smem_bytes, ws_stages
     from sonic_learn.fast.grouped_gemm_v1 import GroupedGemmV1, default_stages
 
-    _checks.check_choice("kernel", kernel, ("v1", "sm90"))
+    _checks.check_choice("kernel", kernel, KERNELS)
 
     varlen_k = variant.startswith("varlen_k")
     gather = variant.endswith("gather")
@@ -170,8 +174,12 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
         out = mat(odt, sym(), n_dim)  # (M, N)
     vec = lambda: make_fake_compact_tensor(cutlass.Int32, (sym(),), assumed_align=4)  # noqa: E731
     gidx, offs, toffs = vec(), vec(), vec()
+    if kernel == "ws":
+        stages = stages or ws_stages(tile, out_dtype.itemsize)
+        if stages < 2:
+            raise ValueError(f"tile {tile} leaves room for {stages} pipeline stages next to the epilogue buffers")
     stages = stages or default_stages(tile)
-    cls = GroupedGemmSm90 if kernel == "sm90" else GroupedGemmV1
+    cls = {"v1": GroupedGemmV1, "sm90": GroupedGemmSm90, "ws": GroupedGemmWS}[kernel]
     if kernel == "sm90":  # the epilogue reuses the A/B stage buffers for the output tile
         ab_bytes = stages * (tile[0] + tile[1]) * tile[2] * 2
         if epilogue_smem_bytes(tile, out_dtype.itemsize) > ab_bytes:
@@ -191,6 +199,20 @@ def _tile_offsets(expert_offsets: torch.Tensor, tile_m: int) -> torch.Tensor:
     return out
 
 
+def _grid_size(row_tile_bound: int, device: torch.device) -> int:
+    """Last launch argument: the row-tile bound (v1/sm90: one CTA per tile, grid.y; surplus CTAs exit
+    at once; it is >= sum_e ceil(f_e / tile_m), so no device-to-host copy of the counts is needed)
+    or, for the persistent "ws" kernel, one CTA per SM."""
+    if _CONFIG["kernel"] == "ws":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return row_tile_bound
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _launch_varlen_m(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, gather: bool,
                      out_dtype: torch.dtype) -> torch.Tensor:
     M = meta.gather_idx.numel()
@@ -200,9 +222,8 @@ def _launch_varlen_m(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, ga
         return out
     fn = _compiled("varlen_m_gather" if gather else "varlen_m", a.dtype, out_dtype)
     tile_offsets = _tile_offsets(meta.expert_offsets, TILE[0])
-    num_row_tiles = -(-M // TILE[0]) + E  # >= sum_e ceil(f_e / tile_m); surplus CTAs exit
     fn(_aligned(a), _aligned(w).view(E * K, N), out, meta.gather_idx, meta.expert_offsets, tile_offsets,
-       num_row_tiles)
+       _grid_size(-(-M // TILE[0]) + E, a.device))
     return out
 
 
@@ -291,7 +312,8 @@ def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadat
     gidx = meta.gather_idx
     if gidx.numel() == 0:  # the kernel still runs (it writes the zeros); give it a valid pointer
         gidx = torch.zeros(1, dtype=torch.int32, device=a.device)
-    fn(_aligned(a), _aligned(b), out.view(E * d, N), gidx, meta.expert_offsets, meta.expert_offsets, 0)
+    fn(_aligned(a), _aligned(b), out.view(E * d, N), gidx, meta.expert_offsets, meta.expert_offsets,
+       _grid_size(0, a.device))
     return out
 
 

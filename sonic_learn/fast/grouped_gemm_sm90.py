@@ -26,7 +26,11 @@ from sonic_learn.fast.grouped_gemm_v1 import THREADS, GroupedGemmV1
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402
-from cutlass import Int32  # noqa: E402
+import cutlass.pipeline as pipeline  # noqa: E402
+import cutlass.utils.hopper_helpers as sm90_utils  # noqa: E402
+from cutlass import Int32, const_expr  # noqa: E402
+from cutlass.cute.nvgpu import warpgroup  # noqa: E402
+from cutlass.tensor_utils import LayoutEnum  # noqa: E402
 
 CHUNK_BYTES = 16  # one vectorized global store
 
@@ -69,3 +73,215 @@ class GroupedGemmSm90(GroupedGemmV1):
 def epilogue_smem_bytes(tile: tuple[int, int, int], out_bytes: int) -> int:
     bm, bn, _ = tile
     return bm * (bn + CHUNK_BYTES // out_bytes) * out_bytes
+
+
+# ================================================================================================
+# Step 3: warp specialization + a persistent tile scheduler
+# ================================================================================================
+PRODUCER_THREADS = 128  # warpgroup 0: the load warps
+CONSUMER_THREADS = 256  # warpgroups 1 and 2: the MMA warps, 64 rows of the tile each
+PRODUCER_REGS = 56  # setmaxnreg budgets: 56 * 128 + 224 * 256 <= 65536 registers per SM
+CONSUMER_REGS = 224
+
+
+class GroupedGemmWS(GroupedGemmSm90):
+    """Warp-specialized, persistent grouped GEMM (same math and contract as GroupedGemmV1).
+
+    * **Roles.** Warpgroup 0 only loads (cp.async gather of A, cp.async of B, zero-fill of ragged
+      edges); warpgroups 1-2 only multiply and store. ``setmaxnreg`` moves registers from the
+      loaders to the MMA warps, which hold the 64 x tile_n fp32 accumulators.
+    * **Pipeline.** ``stages`` shared-memory slots, each with a "full" mbarrier (the 128 loader
+      threads arrive through ``cp.async.mbarrier.arrive``, i.e. when their copies have landed) and
+      an "empty" mbarrier (the 256 MMA threads arrive once the WGMMAs reading the slot are done).
+      No CTA-wide barrier in the mainloop: the loaders run up to ``stages`` k-tiles ahead, across
+      tile boundaries.
+    * **Persistent scheduler.** One CTA per SM walks the linear tile index
+      ``t = blockIdx.x, blockIdx.x + gridDim.x, ...`` over (row-tile, n-tile) pairs (n fastest).
+      Loaders and MMA warps decode the same sequence independently, so they need no extra queue.
+      While the MMA warps run an epilogue, the loaders already fill the next tile's slots.
+    * **Epilogue** per MMA warpgroup through its own shared-memory buffer (64 rows), synchronized
+      with a named barrier of 128 threads; the same ``tile_value`` hook as GroupedGemmSm90.
+    """
+
+    @cute.jit
+    def __call__(self, a: cute.Tensor, b: cute.Tensor, out: cute.Tensor, gather_idx: cute.Tensor,
+                 expert_offsets: cute.Tensor, tile_offsets: cute.Tensor, num_ctas: Int32, stream):
+        bm, bn, bk = self.tile
+        dtype = a.element_type
+        self.dtype = dtype
+        self.out_dtype = out.element_type
+        self.a_layout = LayoutEnum.COL_MAJOR if const_expr(self.varlen_k) else LayoutEnum.ROW_MAJOR
+        self.b_layout = LayoutEnum.COL_MAJOR
+        tiled_mma = sm90_utils.make_trivial_tiled_mma(
+            dtype, dtype, self.a_layout.sm90_mma_major_mode(), self.b_layout.sm90_mma_major_mode(),
+            cutlass.Float32, (2, 1, 1), tiler_mn=(64, bn),
+        )
+        sA_layout = sm90_utils.make_smem_layout_a(self.a_layout, self.tile, dtype, self.stages)
+        sB_layout = sm90_utils.make_smem_layout_b(self.b_layout, self.tile, dtype, self.stages)
+        epi_elems = 2 * (bm // 2) * (bn + CHUNK_BYTES * 8 // self.out_dtype.width)
+
+        @cute.struct
+        class Storage:
+            barriers: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
+            sA: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sA_layout)], 1024]
+            sB: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sB_layout)], 1024]
+            sC: cute.struct.Align[cute.struct.MemRange[self.out_dtype, epi_elems], 128]
+
+        self.storage = Storage
+        self.kernel(a, b, out, gather_idx, expert_offsets, tile_offsets, tiled_mma, sA_layout,
+                    sB_layout).launch(grid=(num_ctas, 1, 1), block=[PRODUCER_THREADS + CONSUMER_THREADS, 1, 1],
+                                      stream=stream)
+
+    @cute.jit
+    def tile_coords(self, t: Int32, n_tiles: Int32, m_tiles: Int32, tile_offsets: cute.Tensor,
+                    num_experts: Int32):
+        """Linear tile index -> (expert, m_start inside the expert's rows or d, n_start)."""
+        bm, bn, _ = self.tile
+        n_tile = t % n_tiles
+        rest = t // n_tiles
+        expert = Int32(0)
+        m_tile = Int32(0)
+        if const_expr(self.varlen_k):
+            m_tile = rest % m_tiles
+            expert = rest // m_tiles
+        else:
+            expert = self.find_expert(tile_offsets, num_experts, rest)
+            m_tile = rest - tile_offsets[expert]
+        return expert, m_tile * bm, n_tile * bn
+
+    @cute.kernel
+    def kernel(self, a: cute.Tensor, b: cute.Tensor, out: cute.Tensor, gather_idx: cute.Tensor,
+               expert_offsets: cute.Tensor, tile_offsets: cute.Tensor, tiled_mma: cute.TiledMma,
+               sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout):
+        bm, bn, bk = self.tile
+        tidx, _, _ = cute.arch.thread_idx()
+        cta, _, _ = cute.arch.block_idx()
+        num_ctas, _, _ = cute.arch.grid_dim()
+        wg = cute.arch.make_warp_uniform(tidx // 128)
+
+        # ---- Shared memory and the load pipeline ----------------------------------------------
+        smem = cutlass.memory.SmemAllocator()
+        storage = smem.allocate(self.storage)
+        sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)  # (bm, bk, S)
+        sB = storage.sB.get_tensor(sB_layout.outer, swizzle=sB_layout.inner)  # (bn, bk, S)
+        pipe = pipeline.PipelineCpAsync.create(
+            barrier_storage=storage.barriers.data_ptr(),
+            num_stages=self.stages,
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, PRODUCER_THREADS),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, CONSUMER_THREADS),
+        )
+
+        # ---- The tile space (identical for both roles) -----------------------------------------
+        num_experts = expert_offsets.shape[0] - 1
+        n_dim = out.shape[1]
+        n_tiles = (n_dim + bn - 1) // bn
+        m_tiles = Int32(1)
+        num_tiles = Int32(0)
+        if const_expr(self.varlen_k):
+            m_tiles = (a.shape[1] + bm - 1) // bm
+            num_tiles = num_experts * m_tiles * n_tiles
+        else:
+            num_tiles = tile_offsets[num_experts] * n_tiles
+
+        if wg == 0:
+            # ================= producer warpgroup: loads only =================================
+            cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+            copy_a = self.make_tiled_copy(not self.varlen_k, bm, PRODUCER_THREADS)
+            copy_b = self.make_tiled_copy(False, bn, PRODUCER_THREADS)
+            state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+            for t in cutlass.range(cta, num_tiles, num_ctas, unroll=1):
+                expert, m_start, n_start = self.tile_coords(t, n_tiles, m_tiles, tile_offsets, num_experts)
+                row0 = expert_offsets[expert]
+                count = expert_offsets[expert + 1] - row0
+                m_dim = count
+                k_len = a.shape[1]
+                if const_expr(self.varlen_k):
+                    m_dim = a.shape[1]
+                    k_len = count
+                for kt in cutlass.range((k_len + bk - 1) // bk, unroll=1):
+                    pipe.producer_acquire(state)
+                    self.load_stage(copy_a, copy_b, a, b, sA[None, None, state.index], sB[None, None, state.index],
+                                    gather_idx, kt, expert, row0, count, m_start, n_start, m_dim, n_dim, k_len)
+                    # zero-filled slots are ordinary st.shared: publish them to the async proxy
+                    cute.arch.fence_proxy("async.shared", space="cta")
+                    pipe.producer_commit(state)  # arrives when this thread's cp.async have landed
+                    state.advance()
+        else:
+            # ================= consumer warpgroups: WGMMA + epilogue ===========================
+            cute.arch.setmaxregister_increase(CONSUMER_REGS)
+            ctid = tidx - PRODUCER_THREADS  # 0..255 among the MMA threads
+            thr_mma = tiled_mma.get_slice(cute.make_layout(2, stride=128)(wg - 1))
+            tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
+            tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
+            tCcC = tiled_mma.get_slice(ctid).partition_C(cute.make_identity_tensor((bm, bn)))
+            acc = cute.make_rmem_tensor(tCcC.shape, cutlass.Float32)
+            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+            num_k_blocks = cute.size(tCrA, mode=[2])
+            read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+            release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+            epi_pitch = bn + CHUNK_BYTES * 8 // self.out_dtype.width
+            sC_both = cute.make_tensor(storage.sC.data_ptr(), cute.make_layout(
+                (2, bm // 2, bn), stride=((bm // 2) * epi_pitch, epi_pitch, 1)))  # (WG, rows, cols)
+            sC = sC_both[wg - 1, None, None]  # this warpgroup's 64 rows
+            for t in cutlass.range(cta, num_tiles, num_ctas, unroll=1):
+                expert, m_start, n_start = self.tile_coords(t, n_tiles, m_tiles, tile_offsets, num_experts)
+                row0 = expert_offsets[expert]
+                count = expert_offsets[expert + 1] - row0
+                m_dim = count
+                k_len = a.shape[1]
+                out_row0 = row0 + m_start
+                if const_expr(self.varlen_k):
+                    m_dim = a.shape[1]
+                    k_len = count
+                    out_row0 = expert * m_dim + m_start
+                k_tiles = (k_len + bk - 1) // bk
+                acc.fill(0.0)
+                for kt in cutlass.range(k_tiles, unroll=1):
+                    pipe.consumer_wait(read)
+                    cute.arch.fence_proxy("async.shared", space="cta")  # cp.async data -> async proxy
+                    warpgroup.fence()
+                    for kb in cutlass.range_constexpr(num_k_blocks):
+                        cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read.index], tCrB[None, None, kb, read.index], acc)
+                    warpgroup.commit_group()
+                    warpgroup.wait_group(1)  # the previous k-tile's WGMMAs are done: free its slot
+                    if kt > 0:
+                        pipe.consumer_release(release)
+                        release.advance()
+                    read.advance()
+                warpgroup.wait_group(0)
+                if k_tiles > 0:
+                    pipe.consumer_release(release)
+                    release.advance()
+                self.epilogue_wg(acc, tCcC, out, sC, wg, ctid, out_row0, m_dim - m_start, n_start, n_dim - n_start)
+
+    @cute.jit
+    def epilogue_wg(self, acc: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, sC: cute.Tensor, wg: Int32,
+                    ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32, cols_left: Int32):
+        """One MMA warpgroup stores its 64 rows: registers -> padded smem -> 16-byte masked global stores."""
+        bm, bn, _ = self.tile
+        half = bm // 2
+        lt = ctid % 128  # thread index inside the warpgroup
+        row_off = (wg - 1) * half  # first tile row owned by this warpgroup
+        elems = CHUNK_BYTES * 8 // self.out_dtype.width
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)  # previous tile's copy-out is done
+        for i in cutlass.range_constexpr(cute.size(acc)):
+            m, n = tCcC[i]
+            sC[m - row_off, n] = self.tile_value(acc[i])
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)
+        chunks_per_row = bn // elems
+        for it in cutlass.range_constexpr(half * chunks_per_row // 128):
+            c = it * 128 + lt
+            m = c // chunks_per_row
+            q = (c % chunks_per_row) * elems
+            if row_off + m < rows_left and q < cols_left:
+                src = cute.local_tile(sC, (1, elems), (m, q // elems))
+                dst = cute.local_tile(out, (1, elems), (out_row0 + row_off + m, (n_start + q) // elems))
+                cute.autovec_copy(src, dst)
+
+
+def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = 227 * 1024) -> int:
+    """Stages that fit next to the two warpgroups' epilogue buffers (16-bit operands)."""
+    bm, bn, bk = tile
+    epi = bm * (bn + CHUNK_BYTES // out_bytes) * out_bytes
+    per_stage = (bm + bn) * bk * 2
+    return (smem_bytes - 2048 - epi) // per_stage

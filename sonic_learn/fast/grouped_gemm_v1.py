@@ -118,18 +118,18 @@ class GroupedGemmV1:
     # ------------------------------------------------------------------------------------------
     # Loader: one (mn, k) operand tile of one stage, from a row-major global matrix.
     # ------------------------------------------------------------------------------------------
-    def make_tiled_copy(self, k_major: bool, tile_mn: int):
+    def make_tiled_copy(self, k_major: bool, tile_mn: int, threads: int = THREADS):
         """cp.async of 8 contiguous elements per thread-copy, threads laid out along the contiguous axis."""
         bk = self.tile[2]
         atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL),
                                    self.dtype, num_bits_per_copy=128)
         if const_expr(k_major):
             t_k = bk // CHUNK  # threads along k (contiguous)
-            thr = cute.make_layout((THREADS // t_k, t_k), stride=(t_k, 1))
+            thr = cute.make_layout((threads // t_k, t_k), stride=(t_k, 1))
             val = cute.make_layout((1, CHUNK))
         else:
             t_mn = tile_mn // CHUNK  # threads along mn (contiguous)
-            thr = cute.make_layout((t_mn, THREADS // t_mn), stride=(1, t_mn))
+            thr = cute.make_layout((t_mn, threads // t_mn), stride=(1, t_mn))
             val = cute.make_layout((CHUNK, 1))
         return cute.make_tiled_copy_tv(atom, thr, val)
 
@@ -191,6 +191,21 @@ class GroupedGemmV1:
             self.load_tile(copy_b, b, sB_s, False, gather_idx, expert * k_len + k0, k_len - k0, False,
                            n_start, n_dim)
 
+    @cute.jit
+    def find_expert(self, tile_offsets: cute.Tensor, num_experts: Int32, row_tile: Int32) -> Int32:
+        """Binary search: the largest e with tile_offsets[e] <= row_tile. Empty experts share their
+        offset with the next expert; the search lands on the last of them, the one owning the tile."""
+        lo = Int32(0)
+        hi = num_experts
+        for _ in cutlass.range_constexpr(SEARCH_STEPS):
+            if hi - lo > 1:
+                mid = (lo + hi) // 2
+                if tile_offsets[mid] <= row_tile:
+                    lo = mid
+                else:
+                    hi = mid
+        return lo
+
     # ------------------------------------------------------------------------------------------
     # Device kernel.
     # ------------------------------------------------------------------------------------------
@@ -207,18 +222,7 @@ class GroupedGemmV1:
         expert = expert_z
         m_start = m_tile * bm  # first output row of the tile, inside the expert (varlen-M)
         if const_expr(not self.varlen_k):
-            # Largest e with tile_offsets[e] <= m_tile (empty experts share offsets; the search
-            # lands on the last of them, which is the non-empty one owning the tile).
-            lo = Int32(0)
-            hi = num_experts
-            for _ in cutlass.range_constexpr(SEARCH_STEPS):
-                if hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    if tile_offsets[mid] <= m_tile:
-                        lo = mid
-                    else:
-                        hi = mid
-            expert = lo
+            expert = self.find_expert(tile_offsets, num_experts, m_tile)
             m_start = (m_tile - tile_offsets[expert]) * bm
         row0 = expert_offsets[expert]  # first grouped row of the expert
         count = expert_offsets[expert + 1] - row0  # f_e
