@@ -55,9 +55,11 @@ The router scores every token against every expert: a row of $E$ logits per toke
 the $K$ largest of each row, sorted, with their columns (the chosen experts):
 
 $$
-\operatorname{topk}(x, K) = \big((x_{i_1}, \dots, x_{i_K}),\ (i_1, \dots, i_K)\big),
-\qquad x_{i_1} \ge x_{i_2} \ge \dots \ge x_{i_K} \ge x_j \ \ \forall j \notin \{i_1, \dots, i_K\}.
+\operatorname{topk}(x, K) = \big((x_{i_1}, \dots, x_{i_K}),\ (i_1, \dots, i_K)\big)
+\quad\text{with}\quad x_{i_1} \ge x_{i_2} \ge \dots \ge x_{i_K},
 $$
+
+and no column left out is larger: $x_j \le x_{i_K}$ for every $j \notin \{i_1, \dots, i_K\}$.
 
 When two logits are equal (common in bf16, which has only 8 significant bits) the **lower column
 wins**, like `torch.topk`. A tie rule is part of the contract: without one, two implementations

@@ -1,0 +1,198 @@
+"""The docs site builds with ``mkdocs build --strict`` and renders in a real browser, offline.
+
+One build per module (into a temporary folder), served from a localhost ``http.server`` thread,
+opened in headless Chromium (Debian's ``chromium`` + ``chromium-driver``, driven by selenium).
+Every host except 127.0.0.1 resolves to nothing, so a page that still fetched KaTeX, Mermaid or a
+font from a CDN would log a console error and fail. Screenshots go to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.docs
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def _require_browser() -> None:
+    """Skip where the browser stack is missing, except in CI, where .ci/run installs it: fail there."""
+    missing = [name for name, ok in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if not ok]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("selenium (pip install -e '.[dev]')")
+    if missing:
+        msg = "docs browser test needs " + ", ".join(missing) + " (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
+    assert "WARNING" not in proc.stderr, proc.stderr
+    return out
+
+
+def test_build_has_every_page(site: Path) -> None:
+    for page in ("index.html", "getting-started/index.html", "tutorials/topk/index.html",
+                 "tutorials/routing/index.html", "tutorials/grouped-gemm/index.html",
+                 "tutorials/backward/index.html", "tutorials/moe-layer/index.html",
+                 "reading-cute-dsl/index.html", "benchmarks/index.html", "cli/index.html",
+                 "api/index.html", "course/index.html"):
+        assert (site / page).is_file(), page
+    # Snippet section markers must never leak into a page (the API page shows whole source files,
+    # markers included, on purpose), and the vendored assets must be there.
+    for html in site.rglob("*.html"):
+        if html.parent.name == "api":
+            continue
+        assert "--8&lt;--" not in html.read_text() and "--8<--" not in html.read_text(), html
+    for asset in ("assets/katex/katex.min.js", "assets/katex/katex.min.css",
+                  "assets/katex/fonts/KaTeX_Main-Regular.woff2", "assets/mermaid/mermaid.min.js"):
+        assert (site / asset).is_file(), asset
+    assert not list(site.rglob("*.py")), "generator scripts must not be published"
+
+
+def test_pages_pull_code_from_the_sources(site: Path) -> None:
+    topk = (site / "tutorials/topk/index.html").read_text()
+    assert "_radix_select_columns" in topk  # from sonic_learn/reference/topk.py:radix_topk
+    assert "stable-sort oracle" in topk  # from tutorials/01_topk.py:check
+    api = (site / "api/index.html").read_text()
+    for name in ("radix_topk", "token_rounding", "gather_fused_grouped_gemm", "moe_forward"):
+        assert name in api, name
+
+
+@pytest.fixture(scope="module")
+def server(site: Path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+
+    class Quiet(handler.func):  # type: ignore[misc,name-defined]
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    _require_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1280,1600",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+                # Offline: nothing but the local server resolves.
+                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def _open(browser, url: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get_log("browser")  # drop messages of earlier pages
+    browser.get(url)
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    # KaTeX runs on Material's document$ event; wait for it to have typeset every formula.
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script(
+        "return document.querySelectorAll('.arithmatex').length > 0 && "
+        "document.querySelectorAll('.arithmatex:not([data-katex-done])').length === 0"))
+
+
+def _errors(browser) -> list[str]:
+    return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def _count(browser, selector: str) -> int:
+    return browser.execute_script(f"return document.querySelectorAll({selector!r}).length")
+
+
+def _mermaid_svgs(browser) -> list:
+    """Diagrams Mermaid has drawn. Material renders each into a (closed) shadow root of a
+    ``div.mermaid`` that replaces the source ``pre.mermaid``; chromedriver can still look inside."""
+    from selenium.common.exceptions import NoSuchShadowRootException
+    from selenium.webdriver.common.by import By
+
+    drawn = []
+    for block in browser.find_elements(By.CSS_SELECTOR, "div.mermaid"):
+        try:
+            svgs = block.shadow_root.find_elements(By.CSS_SELECTOR, "svg")
+        except NoSuchShadowRootException:
+            continue
+        if svgs and block.size["height"] > 20:
+            drawn.append(block)
+    return drawn
+
+
+def test_home_page_renders(browser, server) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open(browser, server + "/")
+    assert _count(browser, ".katex") > 0, "no KaTeX output: the math was not typeset"
+    assert _count(browser, ".katex-error") == 0
+    # Mermaid replaces the diagram's source with an <svg> inside the .mermaid block.
+    diagrams = WebDriverWait(browser, 30).until(_mermaid_svgs)
+    assert _count(browser, "pre.mermaid") == 0, "a Mermaid source block was left undrawn"
+    assert _count(browser, ".tabbed-set") > 0, "no content tabs"
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "docs-home.png"))
+    diagrams[0].screenshot(str(ARTIFACTS / "docs-home-mermaid.png"))
+    assert _errors(browser) == []
+
+
+def test_tutorial_page_renders(browser, server) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open(browser, server + "/tutorials/topk/")
+    assert _count(browser, ".katex") > 0
+    assert _count(browser, ".katex-error") == 0
+    assert _count(browser, ".katex-display") > 0, "no display math"
+    assert _count(browser, ".tabbed-set") > 0
+    assert _count(browser, "img[src*='bitonic_network.png']") == 1
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script(
+        "const i = document.querySelector(\"img[src*='bitonic_network.png']\"); return i && i.complete && i.naturalWidth > 0"))
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "docs-tutorial-topk.png"))
+    assert _errors(browser) == []
+
+
+def test_grouped_gemm_diagram_renders(browser, server) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open(browser, server + "/tutorials/grouped-gemm/")
+    WebDriverWait(browser, 30).until(_mermaid_svgs)
+    assert _count(browser, "pre.mermaid") == 0
+    assert _errors(browser) == []
