@@ -61,7 +61,7 @@ PAIRS = VEC // 2  # gate/up pairs in one 16-byte chunk of H
 # ----------------------------------------------------------------------------------------------
 @cute.jit
 def _sigmoid(g: Float32) -> Float32:
-    return Float32(1.0) / (Float32(1.0) + cute.arch.exp(-g))
+    return Float32(1.0) / (Float32(1.0) + cute.math.exp(-g, fastmath=True))
 
 
 @cute.jit

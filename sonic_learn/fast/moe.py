@@ -1,0 +1,366 @@
+"""The whole MoE layer on the fast path (Hopper): router, routing metadata, grouped GEMMs, kernels.
+
+Same signature and semantics as ``sonic_learn.reference.moe.moe_forward`` (paper Section 2,
+Algorithm 1; Section 3.2 and Appendix C for the backward), built from:
+
+* the router GEMM (cuBLAS) and the top-k of ``sonic_learn.fast.topk`` (bitonic kernel, when E and k
+  are in its range; otherwise ``torch.topk``, see ``_topk_indices``); the scores are then recomputed
+  from the logits by torch ops so that dS flows back into the router (a few (T, K) elementwise ops);
+* routing metadata built on the device without host synchronization (``device_metadata``);
+* the CuTe-DSL grouped GEMMs of ``sonic_learn.fast.grouped_gemm`` (varlen-M with gathered or
+  contiguous A, varlen-K for the weight gradients);
+* the memory-bound kernels of ``sonic_learn.fast.moe_kernels`` (SwiGLU, dSwiGLU + dS + A',
+  gather-and-sum, and the standard backward's gather-scale-dot).
+
+Two autograd Functions mirror the reference:
+
+* ``ReducedMemoryExperts`` (SonicMoE): caches X, H, the scores and the int32 index arrays only;
+  dS = <dA', A> comes out of the dSwiGLU pass. No (P, d) tensor is ever cached.
+* ``StandardExperts`` (the classic baseline): caches the gathered X, H and Y; dS = <dO, Y> in a
+  separate pass over Y.
+
+What is *not* fused yet (and what it costs) is documented in ``moe_kernels``: SwiGLU and the
+dSwiGLU/dS pass run as standalone kernels, not in the GEMM epilogues. The GEMM reads its B operand
+N-major only, so the backward's ``W1^T`` and ``W2^T`` are materialized as transposed copies (one
+per backward call, E*d*2n + E*n*d elements).
+
+Synchronization and CUDA graphs: with ``routing="topk"`` the forward and backward issue no
+device-to-host synchronization (no ``.item()``, no ``bincount``/``nonzero``; every size is known on
+the host as T*K), so a training step can be captured in a CUDA graph. ``routing="token_rounding"``
+uses the reference ``token_rounding`` on the GPU, whose pair count depends on the data: it
+synchronizes (``bincount``, ``nonzero``) and cannot be captured.
+
+Inputs must be CUDA tensors of bf16 or fp16 with d and n multiples of 8; ``tile_m`` is the token
+rounding tile (the GEMM's own M tile is fixed at 128 and does not change any result).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from sonic_learn import _checks
+from sonic_learn.reference.moe import BACKWARD_MODES, ROUTINGS, _check_layer_inputs
+from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, RoutingMetadata
+
+FAST_DTYPES = (torch.bfloat16, torch.float16)
+MAX_ELEMENTS = 2**31 - 1  # the kernels index with 32-bit integers
+GEMM_TILE_M = 128  # the fast grouped GEMM's M tile
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernels the experts call, behind one small interface (so the autograd logic can also be
+# exercised on the CPU with torch stand-ins, see tests/test_fast_moe_compile.py)
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExpertOps:
+    """The eight operations of the experts' forward and backward (contracts as in moe_kernels /
+    fast.grouped_gemm)."""
+
+    gather_gemm: object  # (x (T, K), w (E, K, N), meta) -> (P, N), rows x[gather_idx] @ w[e]
+    grouped_gemm: object  # (a (P, K), w (E, K, N), meta) -> (P, N), rows a[r] @ w[e]
+    varlen_k_gemm: object  # (a, b (P, N), meta, gather_a) -> (E, K, N)
+    swiglu: object  # H (P, 2n) -> A (P, n)
+    swiglu_backward_scaled: object  # (H, dA', scores, pair_of_row) -> (dH, A', dscores)
+    swiglu_backward: object  # (H, dA) -> (dH, A)
+    gather_scale_dot: object  # (dO, Y, scores, gather_idx, pair_of_row) -> (dY, dscores)
+    gather_sum: object  # (rows, weights | None, row_of_pair, token_offsets) -> (T, d)
+
+
+def _fast_ops() -> ExpertOps:
+    from sonic_learn.fast import grouped_gemm as gg
+    from sonic_learn.fast import moe_kernels as mk
+
+    return ExpertOps(
+        gather_gemm=lambda x, w, meta: gg.gather_fused_grouped_gemm(x, w, meta, tile_m=GEMM_TILE_M),
+        grouped_gemm=lambda a, w, meta: gg.contiguous_grouped_gemm(a, w, meta, tile_m=GEMM_TILE_M),
+        varlen_k_gemm=lambda a, b, meta, gather_a: gg.grouped_gemm_varlen_k(a, b, meta, gather_a=gather_a),
+        swiglu=mk.swiglu,
+        swiglu_backward_scaled=mk.swiglu_backward_scaled,
+        swiglu_backward=mk.swiglu_backward,
+        gather_scale_dot=mk.gather_scale_dot,
+        gather_sum=mk.gather_sum,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing metadata on the device, without host synchronization
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceRouting:
+    """Everything the experts need about a routing: the grouped-GEMM metadata, the scores in pair
+    order (differentiable) and ``token_offsets`` (T+1,): token t owns pairs token_offsets[t] : [t+1]."""
+
+    meta: RoutingMetadata
+    scores: torch.Tensor  # (P,) float32
+    token_offsets: torch.Tensor  # (T+1,) int32
+
+
+def device_metadata(token_idx: torch.Tensor, expert_idx: torch.Tensor, num_tokens: int, num_experts: int,
+                    pairs_per_token: int | None = None) -> tuple[RoutingMetadata, torch.Tensor]:
+    """``build_metadata`` of the reference, with device-only torch ops (no ``bincount``, no ``.item()``).
+
+    ``token_idx`` must be ascending (pair order is token order). With ``pairs_per_token=K`` (top-k)
+    the token offsets are simply t*K. Returns (metadata, token_offsets (T+1,) int32).
+    """
+    device = expert_idx.device
+    P = expert_idx.numel()
+    T, E = num_tokens, num_experts
+    experts = expert_idx.long()  # (P,)
+    # Step 1: histogram f_e by a scatter-add of ones (bincount would read its size on the host).
+    counts = torch.zeros(E, dtype=torch.int64, device=device).scatter_add_(0, experts, torch.ones_like(experts))
+    # Step 2: exclusive prefix sum: expert e owns grouped rows offsets[e] : offsets[e+1].
+    offsets = torch.zeros(E + 1, dtype=torch.int32, device=device)  # (E+1,)
+    offsets[1:] = torch.cumsum(counts, 0)
+    # Step 3: stable grouping by expert, and its inverse permutation.
+    pair_of_row = torch.sort(experts, stable=True).indices  # (P,)
+    row_of_pair = torch.empty_like(pair_of_row).scatter_(0, pair_of_row, torch.arange(P, device=device))  # (P,)
+    # Step 4: the token each grouped row loads.
+    gather_idx = token_idx.long().gather(0, pair_of_row)  # (P,)
+    # Step 5: the pairs of each token (for the gather-and-sum).
+    if pairs_per_token is not None:
+        token_offsets = torch.arange(T + 1, dtype=torch.int32, device=device) * pairs_per_token  # (T+1,)
+    else:
+        per_token = torch.zeros(T, dtype=torch.int64, device=device).scatter_add_(
+            0, token_idx.long(), torch.ones_like(token_idx, dtype=torch.int64))  # (T,)
+        token_offsets = torch.zeros(T + 1, dtype=torch.int32, device=device)
+        token_offsets[1:] = torch.cumsum(per_token, 0)
+    i32 = torch.int32
+    meta = RoutingMetadata(
+        expert_counts=counts.to(i32), expert_offsets=offsets, gather_idx=gather_idx.to(i32),
+        pair_of_row=pair_of_row.to(i32), row_of_pair=row_of_pair.to(i32), num_tokens=T, num_experts=E,
+    )
+    return meta, token_offsets
+
+
+def _topk_indices(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(T, K) int64 expert ids, best first: the fast bitonic kernel when (E, k) fit it, else torch.topk.
+
+    The fast kernel breaks ties toward the lower expert like the reference; ``torch.topk`` (the
+    fallback, for E outside [8, 4096] or not a multiple of 8, or k > 16) does not promise an order
+    among exactly tied logits.
+    """
+    from sonic_learn.fast import topk as fast_topk
+
+    E = logits.shape[1]
+    if fast_topk.MIN_N <= E <= fast_topk.MAX_N and E % fast_topk.N_MULTIPLE == 0 and k <= fast_topk.MAX_K_BITONIC:
+        return fast_topk.bitonic_topk(logits, k, check_finite=False)[1]
+    return torch.topk(logits, k, dim=1, sorted=True).indices
+
+
+def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk", rounding_mode="nearest",
+          generator=None) -> DeviceRouting:
+    """Router + metadata. Scores are float32 and differentiable w.r.t. x and router_w."""
+    T, E = x.shape[0], router_w.shape[1]
+    logits = (x @ router_w).float()  # (T, E), as the reference: GEMM in x's dtype, then float32
+    if routing == "topk":
+        experts = _topk_indices(logits.detach(), k)  # (T, K)
+        if scoring == "softmax_topk":
+            scores = torch.softmax(logits.gather(1, experts), dim=1)  # (T, K) softmax over the picks
+        else:
+            scores = torch.softmax(logits, dim=1).gather(1, experts)  # (T, K) picks of the softmax
+        token_idx = torch.arange(T, device=x.device).repeat_interleave(k)  # (T*K,) pair p = t*K + j
+        meta, token_offsets = device_metadata(token_idx, experts.reshape(-1), T, E, pairs_per_token=k)
+        return DeviceRouting(meta, scores.reshape(-1), token_offsets)
+    # Token rounding: the reference router on the GPU (data-dependent pair count: synchronizes).
+    from sonic_learn.reference.routing import token_rounding
+
+    r = token_rounding(logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator, scoring=scoring)
+    meta, token_offsets = device_metadata(r.token_idx, r.expert_idx, T, E)
+    return DeviceRouting(meta, r.scores.contiguous(), token_offsets)
+
+
+# ----------------------------------------------------------------------------------------------
+# The experts: two autograd Functions
+# ----------------------------------------------------------------------------------------------
+def _meta_from_saved(offsets, gather_idx, pair_of_row, row_of_pair, num_tokens) -> RoutingMetadata:
+    return RoutingMetadata(
+        expert_counts=offsets[1:] - offsets[:-1], expert_offsets=offsets, gather_idx=gather_idx,
+        pair_of_row=pair_of_row, row_of_pair=row_of_pair, num_tokens=num_tokens,
+        num_experts=offsets.numel() - 1,
+    )
+
+
+class ReducedMemoryExperts(torch.autograd.Function):
+    """SonicMoE's experts: caches X, H, the scores and the index arrays; dS = <dA', A>."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, scores, meta: RoutingMetadata, token_offsets, ops: ExpertOps):
+        h = ops.gather_gemm(x, w1, meta)  # (P, 2n) up-projection, X gathered inside the GEMM
+        a = ops.swiglu(h)  # (P, n)
+        y = ops.grouped_gemm(a, w2, meta)  # (P, d) down-projection
+        out = ops.gather_sum(y, scores, meta.row_of_pair, token_offsets)  # (T, d); y, a freed on return
+        ctx.save_for_backward(x, w1, w2, h, scores, meta.expert_offsets, meta.gather_idx, meta.pair_of_row,
+                              meta.row_of_pair, token_offsets)
+        ctx.ops = ops
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w1, w2, h, scores, offsets, gather_idx, pair_of_row, row_of_pair, token_offsets = ctx.saved_tensors
+        ops = ctx.ops
+        meta = _meta_from_saved(offsets, gather_idx, pair_of_row, row_of_pair, x.shape[0])
+        dout = dout.contiguous()  # (T, d)
+        # Step 1: dA' = dO[token of row] @ W2^T, dO gathered inside the GEMM.
+        da_prime = ops.gather_gemm(dout, w2.transpose(1, 2), meta)  # (P, n)
+        # Step 2: the dSwiGLU pass: dS = <dA', A> (in pair order), A' = s*A, dH = dSwiGLU(H, s*dA').
+        dh, a_scaled, dscores = ops.swiglu_backward_scaled(h, da_prime, scores, pair_of_row)
+        # Step 3: dW2[e] = A'_e^T dO_e, computed as (dO_e^T A'_e)^T with dO gathered on K.
+        dw2 = ops.varlen_k_gemm(dout, a_scaled, meta, True).transpose(1, 2)  # (E, n, d)
+        # Step 4: dX~ = dH @ W1^T, then dX = unweighted gather-and-sum over each token's rows.
+        dx_rows = ops.grouped_gemm(dh, w1.transpose(1, 2), meta)  # (P, d)
+        dx = ops.gather_sum(dx_rows, None, row_of_pair, token_offsets)  # (T, d)
+        # Step 5: dW1[e] = X_e^T dH_e with X gathered on K.
+        dw1 = ops.varlen_k_gemm(x, dh, meta, True)  # (E, d, 2n)
+        return dx, dw1, dw2, dscores.to(scores.dtype), None, None, None
+
+
+class StandardExperts(torch.autograd.Function):
+    """The classic experts: caches gathered X, H and Y; dS = <dO, Y> in a separate pass."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, scores, meta: RoutingMetadata, token_offsets, ops: ExpertOps):
+        x_gathered = torch.index_select(x, 0, meta.gather_idx)  # (P, d) the explicit gather, cached
+        h = ops.grouped_gemm(x_gathered, w1, meta)  # (P, 2n)
+        a = ops.swiglu(h)  # (P, n)
+        y = ops.grouped_gemm(a, w2, meta)  # (P, d), cached
+        out = ops.gather_sum(y, scores, meta.row_of_pair, token_offsets)  # (T, d)
+        ctx.save_for_backward(x_gathered, w1, w2, h, y, scores, meta.expert_offsets, meta.gather_idx,
+                              meta.pair_of_row, meta.row_of_pair, token_offsets)
+        ctx.ops = ops
+        ctx.num_tokens = x.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        (x_gathered, w1, w2, h, y, scores, offsets, gather_idx, pair_of_row, row_of_pair,
+         token_offsets) = ctx.saved_tensors
+        ops = ctx.ops
+        meta = _meta_from_saved(offsets, gather_idx, pair_of_row, row_of_pair, ctx.num_tokens)
+        dout = dout.contiguous()  # (T, d)
+        # Step 1: a separate pass over the cached Y: dS = <dO[token], Y>, dY = s * dO[token].
+        dy, dscores = ops.gather_scale_dot(dout, y, scores, gather_idx, pair_of_row)  # (P, d), (P,)
+        # Step 2: dA = dY @ W2^T, then dSwiGLU as a separate pass (it also recomputes A for dW2).
+        da = ops.grouped_gemm(dy, w2.transpose(1, 2), meta)  # (P, n)
+        dh, a = ops.swiglu_backward(h, da)  # (P, 2n), (P, n)
+        # Step 3: weight gradients on the cached, already gathered operands.
+        dw2 = ops.varlen_k_gemm(a, dy, meta, False)  # (E, n, d)
+        dw1 = ops.varlen_k_gemm(x_gathered, dh, meta, False)  # (E, d, 2n)
+        # Step 4: dX~ = dH @ W1^T, dX = unweighted gather-and-sum.
+        dx_rows = ops.grouped_gemm(dh, w1.transpose(1, 2), meta)  # (P, d)
+        dx = ops.gather_sum(dx_rows, None, row_of_pair, token_offsets)  # (T, d)
+        return dx, dw1, dw2, dscores.to(scores.dtype), None, None, None
+
+
+def run_experts(x, w1, w2, r: DeviceRouting, backward: str, ops: ExpertOps | None = None) -> torch.Tensor:
+    """The experts' part of the layer on a given routing (``ops`` defaults to the CuTe-DSL kernels)."""
+    experts = ReducedMemoryExperts if backward == "reduced_memory" else StandardExperts
+    return experts.apply(x, w1, w2, r.scores, r.meta, r.token_offsets, ops or _fast_ops())
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer
+# ----------------------------------------------------------------------------------------------
+def check_inputs(x, router_w, w1, w2, k, *, routing="topk", tile_m=128, backward="reduced_memory",
+                 scoring="softmax_topk", rounding_mode="nearest", generator=None) -> None:
+    """Every check of the fast layer, before any work or launch (raises TypeError / ValueError)."""
+    _check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
+    for name, t in (("x", x), ("router_w", router_w), ("w1", w1), ("w2", w2)):
+        _checks.check_dtype(name, t, FAST_DTYPES)
+    _checks.check_choice("scoring", scoring, SCORINGS)
+    _checks.check_choice("rounding_mode", rounding_mode, ROUNDING_MODES)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    T, d = x.shape
+    E, _, two_n = w1.shape
+    n = two_n // 2
+    if d % 8:
+        raise ValueError(f"x.shape[1] (d) must be a multiple of 8 for the fast kernels' 16-byte vectors, got {d}")
+    if n % 8:
+        raise ValueError(f"w2.shape[1] (n) must be a multiple of 8 for the fast kernels' 16-byte vectors, got {n}")
+    P = T * k
+    if P * max(d, two_n) > MAX_ELEMENTS or E * d * two_n > MAX_ELEMENTS:
+        raise ValueError(f"(T*K, max(d, 2n)) = ({P}, {max(d, two_n)}) or w1 {tuple(w1.shape)} exceeds 2^31 - 1 "
+                         "elements (the fast kernels index with 32-bit integers)")
+    for name, t in (("x", x), ("router_w", router_w), ("w1", w1), ("w2", w2)):
+        _checks.check_cuda(name, t)
+
+
+def moe_forward(
+    x: torch.Tensor,
+    router_w: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    k: int,
+    *,
+    routing: str = "topk",
+    tile_m: int = 128,
+    backward: str = "reduced_memory",
+    scoring: str = "softmax_topk",
+    rounding_mode: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The MoE layer on the fast path: x (T, d) -> out (T, d) in x's dtype.
+
+    Same arguments and result as ``sonic_learn.reference.moe.moe_forward``: ``router_w`` (d, E),
+    ``w1`` (E, d, 2n) with gate/up interleaved, ``w2`` (E, n, d); gradients flow to x, router_w,
+    w1 and w2. CUDA tensors of bf16/fp16 with d and n multiples of 8.
+    """
+    check_inputs(x, router_w, w1, w2, k, routing=routing, tile_m=tile_m, backward=backward, scoring=scoring,
+                 rounding_mode=rounding_mode, generator=generator)
+    x = x.contiguous()
+    r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring, rounding_mode=rounding_mode,
+              generator=generator)
+    return run_experts(x, w1.contiguous(), w2.contiguous(), r, backward)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation memory (same accounting as the reference: saved-tensor hooks)
+# ----------------------------------------------------------------------------------------------
+def saved_tensors(x, w1, w2, r: DeviceRouting, backward: str = "reduced_memory", ops: ExpertOps | None = None):
+    """Every activation the experts' Function saves for backward, as reference ``SavedTensor`` records
+    (weights excluded, each storage once). ``r`` is a routing from ``route`` (or built by hand)."""
+    from sonic_learn.reference.moe import SavedTensor
+
+    _checks.check_choice("backward", backward, BACKWARD_MODES)
+    weights = {w1.data_ptr(), w2.data_ptr()}
+    seen: set[tuple] = set()
+    found: list = []
+
+    def pack(t: torch.Tensor):
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() == 0:
+            found.append(SavedTensor(tuple(t.shape), t.dtype, 0))
+        elif t.data_ptr() not in weights and key not in seen:
+            seen.add(key)
+            found.append(SavedTensor(tuple(t.shape), t.dtype, t.numel() * t.element_size()))
+        return t
+
+    scores = r.scores.detach().requires_grad_(True)
+    xr = x.detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run_experts(xr, w1, w2, dataclasses.replace(r, scores=scores), backward, ops)
+    return found
+
+
+def expected_saved_bytes(T: int, d: int, n: int, E: int, P: int, *, dtype=torch.bfloat16,
+                         backward: str = "reduced_memory") -> dict[str, int]:
+    """Closed form of what the fast experts cache: the reference's terms plus the two extra int32
+    index arrays the gather-and-sum kernel reads (row_of_pair (P,), token_offsets (T+1,))."""
+    from sonic_learn.reference.moe import expected_saved_bytes as reference_terms
+
+    terms = reference_terms(T, d, n, E, P, dtype=dtype, backward=backward)
+    total = terms.pop("total")
+    terms["row_of_pair (P,)"] = P * 4
+    terms["token_offsets (T+1,)"] = (T + 1) * 4
+    terms["total"] = total + P * 4 + (T + 1) * 4
+    return terms
+
+
+__all__ = [
+    "moe_forward", "route", "run_experts", "device_metadata", "check_inputs", "ReducedMemoryExperts",
+    "StandardExperts", "ExpertOps", "DeviceRouting", "saved_tensors", "expected_saved_bytes", "ROUTINGS",
+    "BACKWARD_MODES",
+]

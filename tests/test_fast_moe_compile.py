@@ -1,0 +1,207 @@
+"""CPU tests of the fast MoE layer (marker ``compile``): no GPU needed.
+
+1. Every kernel of ``sonic_learn.fast.moe_kernels`` compiles for sm_90a from fake tensors, with
+   16-byte vector loads and (for the dS reductions) warp shuffles in its PTX.
+2. The layer's *autograd logic* (``ReducedMemoryExperts`` / ``StandardExperts``, the device-side
+   routing metadata, dS routed back to pair order) runs on the CPU with torch stand-ins for the
+   kernels (``TORCH_OPS`` below, each one the reference formula with the kernel's contract), in
+   float64 against the reference layer: output and all four gradients must agree to float64
+   round-off, for both backward modes and both routings.
+3. Saved-tensor accounting (the reference's saved_tensors_hooks method): the reduced-memory mode
+   caches no (P, d) tensor and exactly the closed-form bytes; the standard mode caches Y and the
+   gathered X on top.
+4. Bad inputs are rejected with clear messages before any work.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from sonic_learn.fast import moe as fast_moe
+from sonic_learn.reference import grouped_gemm as ref_gg
+from sonic_learn.reference import moe as ref_moe
+from sonic_learn.reference.routing import token_rounding, topk_routing
+
+pytestmark = pytest.mark.compile
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Kernels compile for Hopper
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_kernels_compile_for_sm90a(dtype, tmp_path, monkeypatch):
+    from sonic_learn.fast import moe_kernels as mk
+
+    monkeypatch.chdir(tmp_path)  # --keep-ptx writes its files into the working directory
+    for name in mk.KERNELS:
+        ptx = mk.compile_kernel(name, dtype, keep_ptx=True).__ptx__
+        assert ".target sm_90a" in ptx, name
+        assert re.search(r"ld\.global[.\w]*\.v4", ptx), f"{name}: no 16-byte vector load"
+        if name in ("swiglu_bwd_scaled", "gather_scale_dot"):
+            assert ptx.count("shfl.sync.bfly") >= 5, f"{name}: the dS warp reduction is missing"
+        assert "atom." not in ptx and "red.global" not in ptx, f"{name}: uses atomics (must be deterministic)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch stand-ins for the kernels (same contracts as moe_kernels / fast.grouped_gemm)
+# ----------------------------------------------------------------------------------------------
+def _acc(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _swiglu_bwd_scaled(h, da_prime, scores, pair_of_row):
+    s = scores[pair_of_row.long()].to(_acc(h))[:, None]  # (P, 1)
+    a = ref_moe.swiglu(h.to(_acc(h)))  # (P, n) fp32 like the kernel's registers
+    dots = (da_prime.to(_acc(h)) * a).sum(1)  # (P,)
+    dh = ref_moe.swiglu_backward(h.to(_acc(h)), da_prime.to(_acc(h)) * s).to(h.dtype)
+    dscores = torch.zeros(scores.shape[0], dtype=torch.float32 if h.dtype != torch.float64 else h.dtype)
+    dscores[pair_of_row.long()] = dots.to(dscores.dtype)
+    return dh, (a * s).to(h.dtype), dscores
+
+
+def _swiglu_bwd(h, da):
+    return ref_moe.swiglu_backward(h, da), ref_moe.swiglu(h)
+
+
+def _gather_scale_dot(dout, y, scores, gather_idx, pair_of_row):
+    g = dout[gather_idx.long()].to(_acc(y))  # (P, d)
+    s = scores[pair_of_row.long()].to(_acc(y))[:, None]
+    dscores = torch.zeros(scores.shape[0], dtype=torch.float32 if y.dtype != torch.float64 else y.dtype)
+    dscores[pair_of_row.long()] = (g * y.to(_acc(y))).sum(1).to(dscores.dtype)
+    return (g * s).to(y.dtype), dscores
+
+
+def _gather_sum(rows, weights, row_of_pair, token_offsets):
+    T = token_offsets.numel() - 1
+    per_token = (token_offsets[1:] - token_offsets[:-1]).long()
+    token_of_pair = torch.repeat_interleave(torch.arange(T), per_token)  # (P,)
+    contrib = rows[row_of_pair.long()].to(_acc(rows))  # (P, d) in pair order
+    if weights is not None:
+        contrib = contrib * weights.to(_acc(rows))[:, None]
+    out = torch.zeros(T, rows.shape[1], dtype=_acc(rows)).index_add_(0, token_of_pair, contrib)
+    return out.to(rows.dtype)
+
+
+TORCH_OPS = fast_moe.ExpertOps(
+    gather_gemm=lambda x, w, meta: ref_gg.gather_fused_grouped_gemm(x, w, meta),
+    grouped_gemm=lambda a, w, meta: ref_gg.gather_fused_grouped_gemm(a, w, ref_moe._contiguous_meta(meta)),
+    varlen_k_gemm=lambda a, b, meta, gather_a: ref_gg.grouped_gemm_varlen_k(
+        a, b, meta if gather_a else ref_moe._contiguous_meta(meta), gather_a=gather_a),
+    swiglu=ref_moe.swiglu,
+    swiglu_backward_scaled=_swiglu_bwd_scaled,
+    swiglu_backward=_swiglu_bwd,
+    gather_scale_dot=_gather_scale_dot,
+    gather_sum=_gather_sum,
+)
+
+
+def _cpu_layer(x, router_w, w1, w2, k, routing, backward, tile_m=4):
+    """The fast layer's routing + autograd Functions on the CPU (reference router, TORCH_OPS kernels)."""
+    logits = x @ router_w  # (T, E)
+    T, E = logits.shape
+    if routing == "topk":
+        r = topk_routing(logits, k)
+        meta, token_offsets = fast_moe.device_metadata(r.token_idx, r.expert_idx, T, E, pairs_per_token=k)
+    else:
+        r = token_rounding(logits, k, tile_m=tile_m)
+        meta, token_offsets = fast_moe.device_metadata(r.token_idx, r.expert_idx, T, E)
+    dr = fast_moe.DeviceRouting(meta, r.scores, token_offsets)
+    return fast_moe.run_experts(x, w1, w2, dr, backward, TORCH_OPS), dr
+
+
+def _params(T, d, n, E, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, generator=g, dtype=dtype)
+    router_w = torch.randn(d, E, generator=g, dtype=dtype) / d**0.5
+    w1 = torch.randn(E, d, 2 * n, generator=g, dtype=dtype) / d**0.5
+    w2 = torch.randn(E, n, d, generator=g, dtype=dtype) / n**0.5
+    return [t.requires_grad_(True) for t in (x, router_w, w1, w2)]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The autograd logic matches the reference (float64, CPU)
+# ----------------------------------------------------------------------------------------------
+@settings(max_examples=12, deadline=None)
+@given(T=st.integers(0, 24), d=st.sampled_from([8, 16]), n=st.sampled_from([8, 16]), E=st.integers(1, 6),
+       k_frac=st.floats(0, 1), seed=st.integers(0, 2**31 - 1),
+       routing=st.sampled_from(["topk", "token_rounding"]), backward=st.sampled_from(["reduced_memory", "standard"]))
+@example(T=17, d=16, n=8, E=4, k_frac=0.5, seed=1, routing="token_rounding", backward="reduced_memory")
+@example(T=0, d=8, n=8, E=2, k_frac=1.0, seed=0, routing="topk", backward="standard")
+def test_autograd_logic_matches_reference_float64(T, d, n, E, k_frac, seed, routing, backward):
+    k = 1 + int(k_frac * (E - 1))
+    params = _params(T, d, n, E, seed)
+    out, _ = _cpu_layer(*params, k, routing, backward)
+    ref_params = [p.detach().clone().requires_grad_(True) for p in params]
+    ref = ref_moe.moe_forward(*ref_params, k, routing=routing, tile_m=4, backward=backward)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=out.dtype)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    for name, p, q in zip(("x", "router_w", "w1", "w2"), params, ref_params):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. What each backward mode caches
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("routing", ["topk", "token_rounding"])
+def test_reduced_memory_caches_no_pd_tensor(routing):
+    T, d, n, E, k = 64, 48, 16, 8, 4  # d distinct from n, 2n and E so a (P, d) tensor is recognisable
+    x, router_w, w1, w2 = (p.detach().to(torch.bfloat16) for p in _params(T, d, n, E, seed=3))
+    with torch.no_grad():
+        _, dr = _cpu_layer(x, router_w, w1, w2, k, routing, "reduced_memory", tile_m=8)
+    P = dr.meta.gather_idx.numel()
+    found = fast_moe.saved_tensors(x, w1, w2, dr, "reduced_memory", TORCH_OPS)
+    shapes = [s.shape for s in found]
+    assert (P, d) not in shapes and (T * k, d) not in shapes, shapes
+    assert (T, d) in shapes and (P, 2 * n) in shapes  # X and H
+    expected = fast_moe.expected_saved_bytes(T, d, n, E, P, backward="reduced_memory")
+    assert sum(s.nbytes for s in found) == expected["total"], (found, expected)
+
+    standard = fast_moe.saved_tensors(x, w1, w2, dr, "standard", TORCH_OPS)
+    assert [s.shape for s in standard].count((P, d)) == 2  # gathered X and Y
+    expected_std = fast_moe.expected_saved_bytes(T, d, n, E, P, backward="standard")
+    assert sum(s.nbytes for s in standard) == expected_std["total"]
+    assert expected_std["total"] - expected["total"] == 2 * P * d * 2 - T * d * 2  # + Xg + Y - X
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Bad inputs (checked before any work; these checks need no GPU)
+# ----------------------------------------------------------------------------------------------
+def _bf16(T=16, d=16, n=16, E=4):
+    return [p.detach().to(torch.bfloat16) for p in _params(T, d, n, E, seed=0)]
+
+
+def test_rejects_bad_inputs():
+    x, rw, w1, w2 = _bf16()
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        fast_moe.moe_forward(x, rw, w1, w2, 2)
+    with pytest.raises(TypeError, match=r"x must have dtype in \(bfloat16, float16\)"):
+        fast_moe.moe_forward(x.float(), rw.float(), w1.float(), w2.float(), 2)
+    x12, rw12, w1_12, w2_12 = _bf16(d=12)
+    with pytest.raises(ValueError, match=r"x.shape\[1\] \(d\) must be a multiple of 8"):
+        fast_moe.moe_forward(x12, rw12, w1_12, w2_12, 2)
+    xn, rwn, w1n, w2n = _bf16(n=12)
+    with pytest.raises(ValueError, match=r"\(n\) must be a multiple of 8"):
+        fast_moe.moe_forward(xn, rwn, w1n, w2n, 2)
+    with pytest.raises(ValueError, match="k must satisfy 1 <= k <= 4"):
+        fast_moe.moe_forward(x, rw, w1, w2, 5)
+    with pytest.raises(ValueError, match="backward must be one of"):
+        fast_moe.moe_forward(x, rw, w1, w2, 2, backward="fast")
+    with pytest.raises(ValueError, match="routing must be one of"):
+        fast_moe.moe_forward(x, rw, w1, w2, 2, routing="expert_choice")
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        fast_moe.moe_forward(x, rw, w1, w2, 2, scoring="sigmoid")
+    with pytest.raises(ValueError, match="rounding_mode must be one of"):
+        fast_moe.moe_forward(x, rw, w1, w2, 2, rounding_mode="banker")
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        fast_moe.moe_forward(x, rw, w1, w2, 2, generator=3)
+    with pytest.raises(ValueError, match="w2 must have shape"):
+        fast_moe.moe_forward(x, rw, w1, w2[:, :8], 2)
+    with pytest.raises(TypeError, match="w1 must have the dtype of x"):
+        fast_moe.moe_forward(x, rw, w1.half(), w2, 2)
