@@ -5,8 +5,9 @@ Pair 4 of SonicMoE (paper Section 5, Algorithm 4):
 1. **token-choice top-k** (``topk_routing``): every token picks its K best experts. Expert e then
    receives f_e tokens, an arbitrary number, so a tile-based GEMM pads e's last M-tile.
 2. **token rounding** (``token_rounding``): start from token-choice, then round every f_e to a
-   multiple of the GEMM tile ``tile_m`` and let expert e keep its best-ranked tokens (its
-   token-choice picks first), so no tile is partly empty.
+   multiple of the GEMM tile ``tile_m`` (``round_counts``, the rounding rule the fast path
+   shares) and let expert e keep its best-ranked tokens (its token-choice picks first), so no
+   tile is partly empty (unless an expert takes all T tokens, see ``round_counts``).
 
 ``build_metadata`` turns either routing into the arrays a grouped GEMM needs (paper Section 3,
 "routing metadata"): per-expert counts and offsets, and the two permutations between *pair order*
@@ -102,7 +103,7 @@ def _check_generator(generator: object, device: torch.device) -> None:
 def topk_routing(
     logits: torch.Tensor, k: int, *, scoring: str = "softmax_topk", normalize: bool = False
 ) -> Routing:
-    """Token-choice top-k routing (the classic router, paper Section 1.3 of our notes).
+    """Token-choice top-k routing: the classic router, and the baseline of paper Section 5.
 
     Every token t picks the K experts with the largest logits and weighs them:
 
