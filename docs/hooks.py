@@ -6,7 +6,8 @@ can drift from it:
 - the Benchmarks page: tables rendered from the measured JSON files in ``benchmarks/results/``
   (``docs/gen_benchmarks.py``), never a hand-typed number;
 - the CLI reference: the ``--help`` of ``python -m sonic_learn.compare`` and of each subcommand,
-  from the tool's own argument parser.
+  from the tool's own argument parser;
+- the Course page: the table of assignments defined in ``sonic_learn.course``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 BENCHMARK_MARKER = "<!-- benchmark-tables -->"
 CLI_MARKER = "<!-- cli-help -->"
+COURSE_MARKER = "<!-- course-assignments -->"
 
 
 def _gen_benchmarks():
@@ -59,9 +61,26 @@ def cli_help_markdown() -> str:
     return "\n".join(sections)
 
 
+def course_markdown(docs_dir: Path) -> str:
+    """The assignments that ``sonic_learn.course`` defines, as a table (or a note if there are none)."""
+    try:
+        course = importlib.import_module("sonic_learn.course")
+    except ModuleNotFoundError:
+        return '!!! warning "Not in this version"\n    `sonic_learn.course` is not available in this version.\n'
+    rows = ["| # | Assignment | Your module | Tasks (points) | Needs |", "|---|---|---|---|---|"]
+    for a in sorted(course.all_assignments().values(), key=lambda a: a.number):
+        title = f"[{a.title}]({a.page})" if (docs_dir / a.page).is_file() else a.title
+        tasks = ", ".join(f"`{t.function}` ({t.points})" for t in a.tasks)
+        needs = "CuTe-DSL (compiles on a CPU, runs on a Hopper GPU)" if a.gpu else "a CPU"
+        rows.append(f"| {a.number} | {title} | `{a.filename}` | {tasks} | {needs} |")
+    return "\n".join(rows) + "\n"
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     if BENCHMARK_MARKER in markdown:
         markdown = markdown.replace(BENCHMARK_MARKER, _gen_benchmarks().render_results())
     if CLI_MARKER in markdown:
         markdown = markdown.replace(CLI_MARKER, cli_help_markdown())
+    if COURSE_MARKER in markdown:
+        markdown = markdown.replace(COURSE_MARKER, course_markdown(Path(config["docs_dir"])))
     return markdown
