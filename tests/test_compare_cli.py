@@ -135,7 +135,7 @@ def test_memory_measured_equals_closed_form(tmp_path):
         assert m["measured_total"] == m["expected_total"] > 0
         assert all(t["measured_bytes"] == t["expected_bytes"] for t in m["tensors"])
     p = get_config("tiny")
-    b = 4  # float32 on the CPU
+    b = torch.empty((), dtype=getattr(torch, mem["dtype"])).element_size()  # float32 on CPU, bf16 on CUDA
     # the standard backward additionally holds gathered X and Y, both (P, d), and not X (T, d)
     gap = totals["standard"]["measured_total"] - totals["reduced_memory"]["measured_total"]
     assert gap == 2 * p.T * p.K * p.d * b - p.T * p.d * b
