@@ -1,0 +1,164 @@
+"""Benchmark: the fast MoE layer (both backward modes) vs the naive PyTorch loop (issue 7).
+
+Run on the GPU machine:  python benchmarks/moe.py [--out DIR] [--configs 7b,30b,e256] [--reps 10]
+
+For each configuration (T, d, n, E, K), bf16, O(1)-scaled inputs, token-choice top-K routing:
+
+* ``fast_reduced_memory`` / ``fast_standard``: ``sonic_learn.fast.moe.moe_forward`` (CuTe-DSL grouped
+  GEMMs + the MoE kernels), the two backward modes;
+* ``naive_loop``: ``sonic_learn.reference.moe.naive_moe_forward`` in bf16 on the GPU (a per-expert
+  Python loop differentiated by autograd).
+
+Measured per implementation: forward and forward+backward time (medians of
+``sonic_learn.bench.measure``, L2 flushed before each rep; the forward runs with autograd recording,
+as in training) and TFLOP/s with the useful FLOPs 6*T*K*n*d (forward) and 18*T*K*n*d
+(forward+backward); the activation bytes still allocated after the forward (X counted, output not:
+compare with 2Td + 4TKn + metadata); and the peak allocation above the inputs during one
+forward+backward (which also holds the weight gradients). The upstream SonicMoE numbers measured on
+our H200 (../shared/notes/sonicmoe.md) are copied into the JSON for reference, not re-measured.
+JSON: benchmarks/results/moe_<device>.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import torch
+
+from sonic_learn import bench
+
+CONFIGS = {"7b": (24576, 1536, 256, 128, 8), "30b": (32768, 4096, 1024, 128, 8), "e256": (16384, 4096, 512, 256, 16)}
+UPSTREAM_H200 = {  # sonic-moe 0.1.2.post1 on our H200 (notes/sonicmoe.md): fwd / fwd+bwd TFLOP/s, peak fwd act GB
+    "7b": {"fwd_tflops": 434, "fwd_bwd_tflops": 432, "peak_fwd_activation_gb": 0.99},
+    "30b": {"fwd_tflops": 557, "fwd_bwd_tflops": 582, "peak_fwd_activation_gb": 4.04},
+    "e256": {"fwd_tflops": 493, "fwd_bwd_tflops": 516, "peak_fwd_activation_gb": 3.10},
+}
+
+
+def make_inputs(T, d, n, E, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bf = torch.bfloat16
+    x = torch.randn(T, d, device="cuda", generator=g).to(bf)
+    router_w = (torch.randn(d, E, device="cuda", generator=g) / d**0.5).to(bf)
+    w1 = (torch.randn(E, d, 2 * n, device="cuda", generator=g) / d**0.5).to(bf)
+    w2 = (torch.randn(E, n, d, device="cuda", generator=g) / n**0.5).to(bf)
+    gout = torch.randn(T, d, device="cuda", generator=g).to(bf)
+    return [t.requires_grad_(True) for t in (x, router_w, w1, w2)], gout
+
+
+def bench_impl(fn, leaves, gout, k, reps, warmup):
+    T, d = leaves[0].shape
+
+    def forward():
+        return fn(*leaves, k)
+
+    def forward_backward():
+        for leaf in leaves:
+            leaf.grad = None
+        fn(*leaves, k).backward(gout)
+
+    t_fwd = bench.measure(forward, device="cuda", warmup=warmup, reps=reps)
+    t_all = bench.measure(forward_backward, device="cuda", warmup=warmup, reps=reps)
+    for leaf in leaves:
+        leaf.grad = None
+    # Activation bytes: allocated after the forward (graph alive), minus the output, plus X.
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = forward()
+    torch.cuda.synchronize()
+    act = torch.cuda.memory_allocated() - before - out.numel() * out.element_size() + T * d * 2
+    del out
+    peak_fwd = bench.peak_memory_bytes(forward, "cuda")
+    peak_all = bench.peak_memory_bytes(forward_backward, "cuda")
+    for leaf in leaves:
+        leaf.grad = None
+    return {"fwd": t_fwd.as_dict(), "fwd_bwd": t_all.as_dict(), "activation_bytes_after_fwd": act,
+            "peak_bytes_fwd": peak_fwd, "peak_bytes_fwd_bwd": peak_all}
+
+
+def max_rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
+    p.add_argument("--configs", default="7b,30b,e256")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--naive-reps", type=int, default=3)
+    p.add_argument("--no-naive", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from sonic_learn.fast import moe as fast_moe
+    from sonic_learn.reference import moe as ref_moe
+
+    env = bench.environment()
+    record = {
+        "benchmark": "moe", "environment": env,
+        "notes": ("fast = sonic_learn.fast.moe (grouped GEMMs of sonic_learn.fast.grouped_gemm as of this run; "
+                  "SwiGLU and dSwiGLU/dS as standalone kernels, not GEMM epilogues; W^T copies in backward). "
+                  "naive_loop = reference naive_moe_forward in bf16. upstream_sonicmoe = notes, not re-measured."),
+        "flops": "fwd 6*T*K*n*d, fwd+bwd 18*T*K*n*d", "configs": {},
+    }
+    impls = {
+        "fast_reduced_memory": lambda *a: fast_moe.moe_forward(*a, backward="reduced_memory"),
+        "fast_standard": lambda *a: fast_moe.moe_forward(*a, backward="standard"),
+    }
+    if not args.no_naive:
+        impls["naive_loop"] = ref_moe.naive_moe_forward
+    for name in args.configs.split(","):
+        T, d, n, E, K = CONFIGS[name]
+        leaves, gout = make_inputs(T, d, n, E)
+        P = T * K
+        flops_fwd, flops_all = 6 * P * n * d, 18 * P * n * d
+        expected = fast_moe.expected_saved_bytes(T, d, n, E, P)["total"]
+        cfg = {"T": T, "d": d, "n": n, "E": E, "K": K, "expected_reduced_memory_bytes": expected,
+               "two_Td_plus_4TKn_bytes": 2 * T * d + 4 * P * n, "results": {},
+               "upstream_sonicmoe_h200_notes": UPSTREAM_H200[name]}
+        print(f"{name}: T={T} d={d} n={n} E={E} K={K}", flush=True)
+        with torch.no_grad():
+            fast_out = fast_moe.moe_forward(*leaves, K)
+            ref_out = ref_moe.naive_moe_forward(*leaves, K) if not args.no_naive else None
+        if ref_out is not None:
+            cfg["fast_vs_naive_out_max_rel_err"] = max_rel_err(fast_out, ref_out)
+        del fast_out, ref_out
+        for impl, fn in impls.items():
+            naive = impl == "naive_loop"
+            r = bench_impl(fn, leaves, gout, K, args.naive_reps if naive else args.reps, 1 if naive else 3)
+            r["fwd_tflops"] = flops_fwd / (r["fwd"]["median_ms"] * 1e-3) / 1e12
+            r["fwd_bwd_tflops"] = flops_all / (r["fwd_bwd"]["median_ms"] * 1e-3) / 1e12
+            cfg["results"][impl] = r
+            print(f"  {impl:20s} fwd {r['fwd']['median_ms']:8.2f} ms {r['fwd_tflops']:6.1f} TF/s | fwd+bwd "
+                  f"{r['fwd_bwd']['median_ms']:8.2f} ms {r['fwd_bwd_tflops']:6.1f} TF/s | act "
+                  f"{r['activation_bytes_after_fwd'] / 1e9:.3f} GB (expected reduced {expected / 1e9:.3f}) | "
+                  f"peak fwd+bwd {r['peak_bytes_fwd_bwd'] / 1e9:.2f} GB", flush=True)
+            torch.cuda.empty_cache()
+        res = cfg["results"]
+        ratios = {}
+        if "naive_loop" in res:
+            for m in ("fwd_tflops", "fwd_bwd_tflops"):
+                ratios[f"fast_reduced_vs_naive_{m}"] = res["fast_reduced_memory"][m] / res["naive_loop"][m]
+        for m in ("fwd_tflops", "fwd_bwd_tflops"):
+            ratios[f"fast_reduced_vs_upstream_notes_{m}"] = res["fast_reduced_memory"][m] / UPSTREAM_H200[name][m]
+        cfg["ratios"] = ratios
+        print("  ratios:", {k: round(v, 3) for k, v in ratios.items()}, flush=True)
+        record["configs"][name] = cfg
+        del leaves, gout
+        torch.cuda.empty_cache()
+    dev = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"moe_{dev}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
