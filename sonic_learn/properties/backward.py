@@ -84,7 +84,7 @@ def check_dh_epilogue(fn, case: RowsCase) -> None:
     s64 = s.double().requires_grad_(True)
     a64 = swiglu64(h64)
     loss = (s64[:, None] * a64 * dA_prime.double()).sum()
-    want_dH, want_dS = torch.autograd.grad(loss, (h64, s64)) if case.M else (torch.zeros_like(h64), torch.zeros_like(s64))
+    want_dH, want_dS = torch.autograd.grad(loss, (h64, s64), retain_graph=True) if case.M else (torch.zeros_like(h64), torch.zeros_like(s64))
     want_a_scaled = (s64[:, None] * a64).detach()
     tol = _tol(h.dtype)
     expect(tuple(dS.shape) == (case.M,), f"[matches_autograd] dS must have shape (P,) = ({case.M},), got {tuple(dS.shape)}")
