@@ -41,11 +41,12 @@ def _list() -> int:
     from rich.table import Table
 
     table = Table(title="sonic_learn course assignments", title_justify="left")
-    for col in ("#", "NAME", "title", "tasks (points)", "page"):
-        table.add_column(col)
+    for col in ("#", "NAME", "title", "tasks (points)"):
+        table.add_column(col, no_wrap=col in ("NAME", "tasks (points)"))
     for a in all_assignments().values():
-        tasks = ", ".join(f"{t.function} ({t.points})" for t in a.tasks)
-        table.add_row(str(a.number), a.name, a.title + (" [GPU]" if a.gpu else ""), tasks, f"docs/{a.page}")
+        tasks = "\n".join(f"{t.function} ({t.points})" for t in a.tasks)
+        title = f"{a.title}{' [GPU]' if a.gpu else ''}\n[dim]docs/{a.page}[/]"
+        table.add_row(str(a.number), a.name, title, tasks, end_section=True)
     Console().print(table)
     return 0
 

@@ -12,6 +12,7 @@ layout), computed in float32 and stored in A's dtype. Checked:
 
 from __future__ import annotations
 
+import tempfile
 from typing import NamedTuple
 
 import torch
@@ -55,14 +56,16 @@ def compile_for_hopper(launcher, dtype: str) -> str:
     h = make_fake_compact_tensor(elem, (M, two_n), stride_order=(1, 0), assumed_align=16)
     a = make_fake_compact_tensor(elem, (M, n), stride_order=(1, 0), assumed_align=16)
     try:
-        compiled = cute.compile(launcher, h, a, options="--keep-ptx")
+        # --keep-ptx writes a .ptx file: into a temporary folder, never the working directory.
+        with tempfile.TemporaryDirectory(prefix="sonic_learn_ptx_") as dump_dir:
+            compiled = cute.compile(launcher, h, a, options=f"--keep-ptx --dump-dir={dump_dir}")
+            ptx = compiled.__ptx__
     except NotImplementedError:
         raise
     except Exception as exc:
         if _not_implemented_inside(exc):
             raise NotImplementedError("the kernel or its launcher still raises NotImplementedError") from None
         raise AssertionError(f"[compiles_for_sm90a] cute.compile failed for {dtype}: {type(exc).__name__}: {exc}") from None
-    ptx = compiled.__ptx__
     expect(isinstance(ptx, str) and ".target" in ptx, "[compiles_for_sm90a] no PTX came out of cute.compile")
     return ptx
 
