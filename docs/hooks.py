@@ -7,7 +7,9 @@ can drift from it:
   (``docs/gen_benchmarks.py``), never a hand-typed number;
 - the CLI reference: the ``--help`` of ``python -m sonic_learn.compare`` and of each subcommand,
   from the tool's own argument parser;
-- the Course page: the table of assignments defined in ``sonic_learn.course``.
+- the Course page: the table of assignments defined in ``sonic_learn.course``;
+- "Reading a CuTe-DSL kernel": the files of ``sonic_learn/fast`` with their docstrings' summaries,
+  and which reference functions have a fast twin, read from the source with ``ast``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from pathlib import Path
 BENCHMARK_MARKER = "<!-- benchmark-tables -->"
 CLI_MARKER = "<!-- cli-help -->"
 COURSE_MARKER = "<!-- course-assignments -->"
+FAST_FILES_MARKER = "<!-- fast-path-files -->"
+FAST_TWINS_MARKER = "<!-- fast-path-twins -->"
+FAST_PHASES_MARKER = "<!-- fast-path-phases -->"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _gen_benchmarks():
@@ -76,11 +82,109 @@ def course_markdown(docs_dir: Path) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _module_info(path: Path) -> tuple[str, set[str]]:
+    """(first paragraph of the docstring, public top-level names) of a module, read without importing
+    it (the kernel modules import CuTe-DSL, which the docs build does not need)."""
+    import ast  # noqa: PLC0415
+
+    tree = ast.parse(path.read_text())
+    doc = (ast.get_docstring(tree) or "").split("\n\n")[0].replace("\n", " ").strip()
+    names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")}
+    return doc, names
+
+
+def fast_files_markdown() -> str:
+    """One row per module of sonic_learn/fast: its file and the first paragraph of its docstring."""
+    rows = ["| File | What it says it holds |", "|---|---|"]
+    for path in sorted((REPO / "sonic_learn" / "fast").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        doc, _ = _module_info(path)
+        doc = doc.replace("|", "\\|")
+        rows.append(f"| `sonic_learn/fast/{path.name}` | {doc} |")
+    return "\n".join(rows) + "\n"
+
+
+def fast_twins_markdown() -> str:
+    """For each public function of the references, whether a function of the same name exists in
+    the fast module of the same name."""
+    rows = ["| Reference function | Fast twin in this version |", "|---|---|"]
+    for name in ("topk", "routing", "grouped_gemm", "moe"):
+        _, ref_names = _module_info(REPO / "sonic_learn" / "reference" / f"{name}.py")
+        fast_path = REPO / "sonic_learn" / "fast" / f"{name}.py"
+        fast_names = _module_info(fast_path)[1] if fast_path.is_file() else set()
+        import ast  # noqa: PLC0415
+
+        ref_funcs = [n.name for n in ast.parse((REPO / "sonic_learn" / "reference" / f"{name}.py").read_text()).body
+                     if isinstance(n, ast.FunctionDef) and n.name in ref_names]
+        for func in ref_funcs:
+            twin = f"`sonic_learn.fast.{name}.{func}`" if func in fast_names else "—"
+            rows.append(f"| `sonic_learn.reference.{name}.{func}` | {twin} |")
+    return "\n".join(rows) + "\n"
+
+
+def _md_text(text: str) -> str:
+    """Plain text for a Markdown page: no HTML, no emphasis, no links."""
+    import html  # noqa: PLC0415
+
+    text = html.escape(text, quote=False)
+    for ch in "\\`*_[]$":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def fast_phases_markdown() -> str:
+    """The named phases of every kernel and launcher in sonic_learn/fast: the ``# Phase N: ...`` and
+    ``# Step N: ...`` comments, grouped by the function (or method) they sit in."""
+    import ast  # noqa: PLC0415
+    import re  # noqa: PLC0415
+
+    phase = re.compile(r"^\s*#\s*(?:-+\s*)?((?:Phase|Step)\s+\d+\b.*?)\s*-*\s*$")
+    out = []
+    for path in sorted((REPO / "sonic_learn" / "fast").glob("*.py")):
+        lines = path.read_text().splitlines()
+        funcs = []  # (start, end, qualified name), innermost last
+        def visit(node, prefix=""):
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    name = prefix + child.name
+                    if not isinstance(child, ast.ClassDef):
+                        funcs.append((child.lineno, child.end_lineno, name))
+                    visit(child, name + ".")
+        visit(ast.parse("\n".join(lines)))
+        groups: dict[str, list[str]] = {}
+        for i, line in enumerate(lines, start=1):
+            m = phase.match(line)
+            if not m:
+                continue
+            inside = [f for f in funcs if f[0] <= i <= f[1]]
+            if not inside:
+                continue  # a section banner at module level, not a step of one function
+            text = m.group(1).rstrip(" -")
+            for more in lines[i:]:  # the comment may go on over the next lines
+                stripped = more.strip()
+                if not stripped.startswith("#") or phase.match(more) or stripped.strip("#- ") == "":
+                    break
+                text += " " + stripped.lstrip("#").strip()
+            name = max(inside, key=lambda f: f[0])[2]
+            groups.setdefault(name, []).append(_md_text(text))
+        for name, steps in groups.items():
+            out.append(f"- **`{name}`** (`sonic_learn/fast/{path.name}`)")
+            out += [f"    - {step}" for step in steps]
+    return "\n".join(out) + "\n" if out else "(no named phases found)\n"
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     if BENCHMARK_MARKER in markdown:
         markdown = markdown.replace(BENCHMARK_MARKER, _gen_benchmarks().render_results())
     if CLI_MARKER in markdown:
         markdown = markdown.replace(CLI_MARKER, cli_help_markdown())
+    if FAST_FILES_MARKER in markdown:
+        markdown = markdown.replace(FAST_FILES_MARKER, fast_files_markdown())
+    if FAST_TWINS_MARKER in markdown:
+        markdown = markdown.replace(FAST_TWINS_MARKER, fast_twins_markdown())
+    if FAST_PHASES_MARKER in markdown:
+        markdown = markdown.replace(FAST_PHASES_MARKER, fast_phases_markdown())
     if COURSE_MARKER in markdown:
         markdown = markdown.replace(COURSE_MARKER, course_markdown(Path(config["docs_dir"])))
     return markdown

@@ -190,6 +190,13 @@ def test_cuda_without_a_gpu_is_a_usage_error(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "routing.png"
+    assert main(["routing", *FAST, "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_named_configs_come_from_the_paper():
     assert get_config("7B") == CONFIGS["7B-n256"]
     p = get_config("7b-n256")
