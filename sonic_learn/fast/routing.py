@@ -1,0 +1,650 @@
+"""Fast routing on Hopper: routing metadata in CuTe-DSL, and token rounding without a full sort.
+
+Same names and contracts as ``sonic_learn.reference.routing`` (paper Section 3 "routing metadata",
+Section 5 / Algorithm 4 "token rounding"); the ``Routing`` and ``RoutingMetadata`` types are the
+reference's own.
+
+**Metadata (CuTe-DSL, four small kernels launched by one compiled call, no host sync).**
+The pairs are cut into *tiles*: one warp owns ``chunks_per_tile * 256`` consecutive pairs.
+
+1. ``histogram`` (reference step 1, ``bincount``): each warp counts its tile's experts with
+   shared-memory integer atomics (deterministic: integer adds commute) and writes the column
+   ``tile_counts[:, tile]``.
+2. ``scan_tiles`` (the per-tile half of step 2): one warp per expert turns its row of
+   ``tile_counts`` into an exclusive prefix over tiles, in place, and writes ``f_e`` = the total.
+3. ``offsets`` (step 2, the exclusive cumsum): one warp scans ``f`` into ``expert_offsets``.
+4. ``scatter`` (steps 3-5, the *stable* grouping): each warp walks its tile in pair order, 32
+   pairs at a time. ``match.any.sync`` finds the lanes holding the same expert; a lane's rank among
+   them (``popc(peers & lanemask_lt)``) plus the expert's running row counter (in shared memory,
+   started at ``offsets[e] + rows of e in earlier tiles``) is its row. Pairs of one expert thus
+   get rows in pair order, exactly like the reference's stable sort. The warp writes
+   ``row_of_pair[p]``, ``pair_of_row[row]`` and ``gather_idx[row]`` directly: no sort, no inverse
+   permutation pass.
+
+E and P are known on the host from the shapes, so every buffer is allocated without reading the
+device. The kernels are compiled once per *expert bucket* (the next power of two >= E, at least
+32; it only sizes the shared-memory counters) with all lengths dynamic.
+
+**Token rounding (Algorithm 4) without sorting the (T, E) score matrix.**
+The reference ranks all T tokens of every expert (two stable sorts of a (T, E) matrix). But only
+an expert's *last tile* changes: with f_e token-choice picks and the rounded count ``rounded_e``,
+
+* ``rounded_e < f_e`` (rounded down): expert e keeps all but its ``d_e = f_e - rounded_e`` worst
+  picks (d_e < tile_m): a selection of the d_e lowest-ranked picks of column e;
+* ``rounded_e > f_e`` (rounded up): expert e keeps all its picks plus the ``r_e = rounded_e - f_e``
+  best non-picked tokens (r_e < tile_m): a top-r_e selection over the column's other scores.
+
+Both are "the r best of a column" for some r < tile_m (for ``down`` the keys are the negated pick
+scores). One batched ``torch.topk`` with k = min(tile_m - 1, T) over the T rows gives, per column,
+the r-th best key (a *threshold*); a key above the threshold is selected, and among keys equal to
+it the tie rule of the reference decides (the lower token ranks higher, so ``up`` takes the lowest
+tokens among equals and ``down`` drops the highest). Nothing is sorted; the work is one partial
+selection with k < tile_m plus elementwise passes over (T, E). **Honest note:** this selection
+step uses torch ops (``torch.topk``, ``cumsum``, ``nonzero``), not a CuTe kernel; the token-choice
+top-k uses the CuTe bitonic kernel (``sonic_learn.fast.topk``) and the counts use the CuTe
+histogram above. ``nonzero`` (sizing the output: P is data dependent) is the one host sync.
+
+**Exact agreement with the reference.** The expert indices are integers (the bitonic kernel and the
+reference's radix select agree exactly, ties to the lower expert). The scores are computed from
+those indices with the reference's formulas (torch ops), so they are bit-identical, stay
+differentiable, and the rankings of token rounding compare exactly the same floats. The
+stochastic rounding draws its E uniforms exactly as the reference does (``torch.rand(E,
+float64, generator)``), so the same generator state gives the same routing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from sonic_learn import _checks
+from sonic_learn.fast._cute import import_cutlass
+from sonic_learn.reference import routing as _ref
+from sonic_learn.reference import topk as _ref_topk
+from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata
+
+cutlass = import_cutlass()
+import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
+from cutlass import Int32, Uint32, const_expr  # noqa: E402
+from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
+
+from sonic_learn.fast import topk as _fast_topk  # noqa: E402
+from sonic_learn.fast.topk import _warp_exclusive_sum  # noqa: E402  (shared warp-scan helper)
+
+__all__ = [
+    "Routing",
+    "RoutingMetadata",
+    "build_metadata",
+    "topk_routing",
+    "round_counts",
+    "token_rounding",
+    "compile_metadata_kernel",
+    "MAX_EXPERTS",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Kernel geometry
+# ---------------------------------------------------------------------------------------------
+WARPS_PER_CTA = 4
+THREADS_PER_CTA = 32 * WARPS_PER_CTA
+UNROLL = 8  # 32-pair groups a lane loads before using them (hides global-load latency)
+CHUNK = 32 * UNROLL  # pairs per chunk; a warp's tile is chunks_per_tile chunks
+TARGET_TILES = 1024  # keep the tile_counts buffer (E x tiles) and the tile scan small
+MIN_BUCKET = 32
+MAX_EXPERTS = 2048  # shared memory: WARPS_PER_CTA x bucket int32 counters (32 KiB at the max)
+MAX_PAIRS = 2**31 - 1  # rows and pairs are int32 inside the kernels
+FULL_MASK = 0xFFFFFFFF
+
+
+def _expert_bucket(num_experts: int) -> int:
+    """The compiled variant serving E experts: the next power of two >= E (at least 32)."""
+    return max(MIN_BUCKET, 1 << (num_experts - 1).bit_length())
+
+
+def _tiling(num_pairs: int) -> tuple[int, int]:
+    """(chunks_per_tile, num_tiles) for P pairs: ~TARGET_TILES warps, at least one chunk each."""
+    chunks = -(-num_pairs // CHUNK)
+    chunks_per_tile = max(1, -(-chunks // TARGET_TILES))
+    return chunks_per_tile, -(-chunks // chunks_per_tile)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helper: a warp scans a 1-D int32 array in chunks (exclusive prefix, returns the total)
+# ---------------------------------------------------------------------------------------------
+@cute.jit
+def _warp_exclusive_scan(src: cute.Tensor, dst: cute.Tensor, n: Int32, lane: Int32) -> Int32:
+    """dst[i] = src[0] + ... + src[i-1] for i < n (dst may alias src); returns the total.
+
+    Lane l handles UNROLL consecutive entries of each 32 * UNROLL chunk: it loads them all first,
+    the warp scans the 32 lane sums, then each lane writes its running prefixes.
+    """
+    carry = Int32(0)
+    for start in cutlass.range(0, n, 32 * UNROLL):
+        vals = cute.make_rmem_tensor(UNROLL, Int32)
+        lane_sum = Int32(0)
+        for u in cutlass.range_constexpr(UNROLL):
+            i = start + lane * UNROLL + u
+            v = Int32(0)
+            if i < n:
+                v = src[i]
+            vals[u] = v
+            lane_sum = lane_sum + v
+        before, chunk_total = _warp_exclusive_sum(lane_sum, lane)
+        running = carry + before
+        for u in cutlass.range_constexpr(UNROLL):
+            i = start + lane * UNROLL + u
+            if i < n:
+                dst[i] = running
+            running = running + vals[u]
+        carry = carry + chunk_total
+    return carry
+
+
+# ---------------------------------------------------------------------------------------------
+# The metadata kernels
+# ---------------------------------------------------------------------------------------------
+class RoutingMetadataKernel:
+    """Histogram -> per-tile scan -> offsets -> stable scatter (see the module docstring).
+
+    Compile-time: ``bucket`` (shared-memory counters per warp, >= E) and ``scatter`` (False = stop
+    after counts and offsets, for token rounding). Runtime: P, E, the tile count, chunks_per_tile.
+    """
+
+    def __init__(self, bucket: int, scatter: bool = True):
+        self.bucket = bucket
+        self.scatter = scatter
+
+    @cute.jit
+    def __call__(
+        self,
+        mExpert: cute.Tensor,  # (P,) int32 expert of each pair
+        mToken: cute.Tensor,  # (P,) int32 token of each pair
+        mTileCounts: cute.Tensor,  # (E, num_tiles) int32 scratch: counts, then prefixes
+        mCounts: cute.Tensor,  # (E,) out: f_e
+        mOffsets: cute.Tensor,  # (E+1,) out: exclusive cumsum of f
+        mGather: cute.Tensor,  # (P,) out: token of each row
+        mPairOfRow: cute.Tensor,  # (P,) out
+        mRowOfPair: cute.Tensor,  # (P,) out
+        chunks_per_tile: Int32,
+        stream,
+    ):
+        num_experts = mCounts.shape[0]
+        tile_ctas = cute.ceil_div(mTileCounts.shape[1], WARPS_PER_CTA)
+        block = [THREADS_PER_CTA, 1, 1]
+        self.histogram_kernel(mExpert, mTileCounts, chunks_per_tile).launch(
+            grid=[tile_ctas, 1, 1], block=block, stream=stream
+        )
+        self.scan_tiles_kernel(mTileCounts, mCounts).launch(
+            grid=[cute.ceil_div(num_experts, WARPS_PER_CTA), 1, 1], block=block, stream=stream
+        )
+        self.offsets_kernel(mCounts, mOffsets).launch(grid=[1, 1, 1], block=[32, 1, 1], stream=stream)
+        if const_expr(self.scatter):
+            self.scatter_kernel(
+                mExpert, mToken, mTileCounts, mOffsets, mGather, mPairOfRow, mRowOfPair, chunks_per_tile
+            ).launch(grid=[tile_ctas, 1, 1], block=block, stream=stream)
+
+    @cute.jit
+    def _load_chunk(self, mExpert: cute.Tensor, chunk_start: Int32, lane: Int32, num_experts: Int32):
+        """Experts of one chunk (lane l holds pairs chunk_start + 32u + l); -1 past the end or for
+        an id outside [0, E) (such pairs are skipped: never an out-of-bounds write)."""
+        ids = cute.make_rmem_tensor(UNROLL, Int32)
+        num_pairs = mExpert.shape[0]
+        for u in cutlass.range_constexpr(UNROLL):
+            p = chunk_start + u * 32 + lane
+            e = Int32(-1)
+            if p < num_pairs:
+                e = mExpert[p]
+            if e >= num_experts:
+                e = Int32(-1)
+            if e < 0:
+                e = Int32(-1)
+            ids[u] = e
+        return ids
+
+    # -- Phase 1: per-tile histogram (reference step 1) ----------------------------------------
+    @cute.kernel
+    def histogram_kernel(self, mExpert: cute.Tensor, mTileCounts: cute.Tensor, chunks_per_tile: Int32):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        lane = cute.arch.lane_idx()
+        warp = tidx // 32
+        tile = bidx * WARPS_PER_CTA + warp
+        num_experts = mTileCounts.shape[0]
+
+        smem = cutlass.memory.SmemAllocator()
+        hist_all = smem.allocate_tensor(Int32, cute.make_layout((self.bucket, WARPS_PER_CTA)), byte_alignment=16)
+        hist = hist_all[None, warp]  # this warp's counters, one per expert
+        for e in cutlass.range(lane, num_experts, 32):
+            hist[e] = Int32(0)
+        cute.arch.sync_warp()
+
+        tile_start = tile * chunks_per_tile * CHUNK
+        for c in cutlass.range(chunks_per_tile):
+            ids = self._load_chunk(mExpert, tile_start + c * CHUNK, lane, num_experts)
+            for u in cutlass.range_constexpr(UNROLL):
+                if ids[u] >= 0:
+                    cute.arch.atomic_add((hist.iterator + ids[u]).llvm_ptr, Int32(1))
+        cute.arch.sync_warp()
+
+        if tile < mTileCounts.shape[1]:
+            for e in cutlass.range(lane, num_experts, 32):
+                mTileCounts[e, tile] = hist[e]
+
+    # -- Phase 2: per expert, exclusive prefix over tiles, and f_e (reference step 1's total) ----
+    @cute.kernel
+    def scan_tiles_kernel(self, mTileCounts: cute.Tensor, mCounts: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        lane = cute.arch.lane_idx()
+        e = bidx * WARPS_PER_CTA + tidx // 32
+        if e < mCounts.shape[0]:
+            row = mTileCounts[e, None]  # (num_tiles,) counts of expert e, tile by tile
+            total = _warp_exclusive_scan(row, row, mTileCounts.shape[1], lane)
+            if lane == 0:
+                mCounts[e] = total
+
+    # -- Phase 3: expert offsets (reference step 2) ---------------------------------------------
+    @cute.kernel
+    def offsets_kernel(self, mCounts: cute.Tensor, mOffsets: cute.Tensor):
+        lane = cute.arch.lane_idx()
+        num_experts = mCounts.shape[0]
+        total = _warp_exclusive_scan(mCounts, mOffsets, num_experts, lane)
+        if lane == 0:
+            mOffsets[num_experts] = total
+
+    # -- Phase 4: stable scatter (reference steps 3-5) -------------------------------------------
+    @cute.kernel
+    def scatter_kernel(
+        self,
+        mExpert: cute.Tensor,
+        mToken: cute.Tensor,
+        mTilePrefix: cute.Tensor,
+        mOffsets: cute.Tensor,
+        mGather: cute.Tensor,
+        mPairOfRow: cute.Tensor,
+        mRowOfPair: cute.Tensor,
+        chunks_per_tile: Int32,
+    ):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        lane = cute.arch.lane_idx()
+        warp = tidx // 32
+        tile = bidx * WARPS_PER_CTA + warp
+        num_experts = mTilePrefix.shape[0]
+
+        smem = cutlass.memory.SmemAllocator()
+        next_all = smem.allocate_tensor(Int32, cute.make_layout((self.bucket, WARPS_PER_CTA)), byte_alignment=16)
+        next_row = next_all[None, warp]  # next free grouped row of each expert, for this tile
+        if tile < mTilePrefix.shape[1]:
+            for e in cutlass.range(lane, num_experts, 32):
+                next_row[e] = mOffsets[e] + mTilePrefix[e, tile]
+        cute.arch.sync_warp()
+
+        below = cute.arch.lanemask_lt()
+        above = cute.arch.lanemask_gt()
+        tile_start = tile * chunks_per_tile * CHUNK
+        num_pairs = mExpert.shape[0]
+        for c in cutlass.range(chunks_per_tile):
+            chunk_start = tile_start + c * CHUNK
+            ids = self._load_chunk(mExpert, chunk_start, lane, num_experts)
+            tokens = cute.make_rmem_tensor(UNROLL, Int32)
+            for u in cutlass.range_constexpr(UNROLL):
+                p = chunk_start + u * 32 + lane
+                t = Int32(0)
+                if p < num_pairs:
+                    t = mToken[p]
+                tokens[u] = t
+            for u in cutlass.range_constexpr(UNROLL):
+                p = chunk_start + u * 32 + lane
+                e = ids[u]
+                # Lanes with the same expert, and this lane's rank among them (pair order).
+                peers = cute.arch.match_sync(FULL_MASK, e)
+                rank = Int32(cute.arch.popc(peers & below))
+                base = Int32(0)
+                if e >= 0:
+                    base = next_row[e]
+                cute.arch.sync_warp()  # every lane has read its counter before any is advanced
+                if e >= 0:
+                    row = base + rank
+                    mRowOfPair[p] = row
+                    mPairOfRow[row] = p
+                    mGather[row] = tokens[u]
+                    if (peers & above) == Uint32(0):  # the last lane of the group advances e's counter
+                        next_row[e] = base + Int32(cute.arch.popc(peers))
+                cute.arch.sync_warp()
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile (once per variant) and launch
+# ---------------------------------------------------------------------------------------------
+def compile_metadata_kernel(bucket: int, scatter: bool = True, *, extra_options: str = ""):
+    """Compile the metadata kernels for sm_90a from fake tensors (no GPU needed); not cached.
+
+    ``bucket`` is a power of two in [32, MAX_EXPERTS] bounding E. All lengths (P, E, tiles) are
+    symbolic, so one compile serves every routing with E <= bucket. Returns the TVM-FFI callable
+    ``f(expert, token, tile_counts, counts, offsets, gather_idx, pair_of_row, row_of_pair,
+    chunks_per_tile)``.
+    """
+    if bucket < MIN_BUCKET or bucket > MAX_EXPERTS or bucket & (bucket - 1):
+        raise ValueError(f"bucket must be a power of two in [{MIN_BUCKET}, {MAX_EXPERTS}], got {bucket}")
+    op = RoutingMetadataKernel(bucket, scatter)
+
+    def vec():
+        return make_fake_compact_tensor(Int32, (cute.sym_int(),), assumed_align=4)
+
+    tile_counts = make_fake_compact_tensor(Int32, (cute.sym_int(), cute.sym_int()), stride_order=(1, 0), assumed_align=4)
+    stream = make_fake_stream(use_tvm_ffi_env_stream=True)
+    options = ("--enable-tvm-ffi " + extra_options).strip()
+    return cute.compile(
+        op, vec(), vec(), tile_counts, vec(), vec(), vec(), vec(), vec(), Int32(1), stream, options=options
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(bucket: int, scatter: bool):
+    return compile_metadata_kernel(bucket, scatter)
+
+
+def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, num_experts: int, scatter: bool):
+    """Run the kernels on validated, int32, contiguous CUDA inputs; no host sync.
+
+    Returns (counts, offsets, gather_idx, pair_of_row, row_of_pair); the last three are None when
+    ``scatter`` is False.
+    """
+    device = expert_idx.device
+    P, E = expert_idx.numel(), num_experts
+    i32 = torch.int32
+    counts = torch.zeros(E, dtype=i32, device=device)
+    offsets = torch.zeros(E + 1, dtype=i32, device=device)
+    if scatter:
+        rows = [torch.empty(P, dtype=i32, device=device) for _ in range(3)]  # gather, pair_of_row, row_of_pair
+    else:
+        rows = [torch.empty(1, dtype=i32, device=device) for _ in range(3)]  # never touched
+    if P > 0:
+        chunks_per_tile, num_tiles = _tiling(P)
+        tile_counts = torch.empty(E, num_tiles, dtype=i32, device=device)  # (E, tiles) scratch
+        tokens = token_idx if token_idx is not None else expert_idx  # read only when scattering
+        kernel = _compiled(_expert_bucket(E), scatter)
+        with torch.cuda.device(device):
+            kernel(expert_idx, tokens, tile_counts, counts, offsets, *rows, chunks_per_tile)
+    return (counts, offsets, *rows) if scatter else (counts, offsets, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (host only; value checks that read the device are opt-out)
+# ---------------------------------------------------------------------------------------------
+def _check_routing_structure(routing: object) -> Routing:
+    """Everything about a Routing that the host knows without reading the device."""
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a sonic_learn.reference.routing.Routing, got {type(routing).__name__}")
+    _checks.check_int_range("routing.num_tokens", routing.num_tokens, 0)
+    _checks.check_int_range("routing.num_experts", routing.num_experts, 1, MAX_EXPERTS,
+                            "the fast metadata kernel; use sonic_learn.reference.routing for more experts")
+    for name in ("token_idx", "expert_idx", "scores"):
+        t = _checks.check_tensor(f"routing.{name}", getattr(routing, name))
+        _checks.check_ndim(f"routing.{name}", t, 1, "(P,) one entry per pair")
+        _checks.check_cuda(f"routing.{name}", t)
+    for name in ("token_idx", "expert_idx"):
+        _checks.check_dtype(f"routing.{name}", getattr(routing, name), (torch.int32, torch.int64))
+    P = routing.token_idx.numel()
+    for name in ("expert_idx", "scores"):
+        if getattr(routing, name).numel() != P:
+            raise ValueError(
+                f"routing.{name} must have P = {P} entries (one per pair, like routing.token_idx), "
+                f"got {getattr(routing, name).numel()}"
+            )
+    if P > MAX_PAIRS:
+        raise ValueError(f"routing must have at most {MAX_PAIRS} pairs (int32 rows), got {P}")
+    _checks.check_same_device(token_idx=routing.token_idx, expert_idx=routing.expert_idx, scores=routing.scores)
+    return routing
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int32).contiguous()
+
+
+# --8<-- [start:build_metadata]
+def build_metadata(routing: Routing, *, check_ids: bool = True) -> RoutingMetadata:
+    """Group the pairs of ``routing`` by expert (CuTe-DSL kernels): counts, offsets, permutations.
+
+    Same result as ``sonic_learn.reference.routing.build_metadata``, bit for bit. ``check_ids``
+    range-checks the token and expert ids like the reference (one device-to-host sync); callers
+    whose routing comes from a router (the MoE layer, benchmarks) pass ``check_ids=False`` and the
+    call never synchronizes. Unchecked out-of-range expert ids are skipped by the kernels (no
+    out-of-bounds write), but the result is then outside the contract.
+    """
+    routing = _check_routing_structure(routing)
+    if not isinstance(check_ids, bool):
+        raise TypeError(f"check_ids must be a bool, got {type(check_ids).__name__}")
+    if check_ids:
+        _ref._check_routing_fields(routing)  # the reference's value checks (reads the device)
+    counts, offsets, gather_idx, pair_of_row, row_of_pair = _launch_metadata(
+        _int32(routing.expert_idx), _int32(routing.token_idx), routing.num_experts, scatter=True
+    )
+    return RoutingMetadata(
+        expert_counts=counts,
+        expert_offsets=offsets,
+        gather_idx=gather_idx,
+        pair_of_row=pair_of_row,
+        row_of_pair=row_of_pair,
+        num_tokens=routing.num_tokens,
+        num_experts=routing.num_experts,
+    )
+# --8<-- [end:build_metadata]
+
+
+# ---------------------------------------------------------------------------------------------
+# Routers
+# ---------------------------------------------------------------------------------------------
+def _check_router_args(logits: object, k: object, scoring: object, normalize: object, check_finite: object):
+    logits = _checks.check_tensor("logits", logits)
+    _checks.check_ndim("logits", logits, 2, "(T tokens, E experts)")
+    _checks.check_dtype("logits", logits, _checks.FLOAT_DTYPES)
+    E = logits.shape[1]
+    if E < 1:
+        raise ValueError(f"logits must have at least one expert column (E >= 1), got shape {tuple(logits.shape)}")
+    _checks.check_int_range("k", k, 1, E, "E, the number of experts = logits.shape[1]")
+    _checks.check_choice("scoring", scoring, SCORINGS)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    _checks.check_cuda("logits", logits)
+    if check_finite:
+        _checks.check_finite("logits", logits)
+    return logits
+
+
+def _bitonic_supported(logits: torch.Tensor, k: int) -> bool:
+    E = logits.shape[1]
+    return (
+        logits.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and _fast_topk.MIN_N <= E <= _fast_topk.MAX_N
+        and E % _fast_topk.N_MULTIPLE == 0
+        and k <= _fast_topk.MAX_K_BITONIC
+    )
+
+
+def _token_choice_experts(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(T, K) int64: every token's K best experts, descending, ties to the lower expert.
+
+    The CuTe bitonic kernel where it applies (E a multiple of 8 in [8, 4096], K <= 16, 16/32-bit
+    floats), else the reference's radix select (torch ops). Both give identical indices.
+    """
+    if logits.shape[0] == 0:
+        return torch.empty(0, k, dtype=torch.int64, device=logits.device)
+    x = logits.detach()
+    if _bitonic_supported(x, k):
+        return _fast_topk.bitonic_topk(x, k, check_finite=False)[1]  # (T, K)
+    return _ref_topk.radix_topk(x, k)[1]  # (T, K)
+
+
+def _scores_from_experts(logits: torch.Tensor, experts: torch.Tensor, scoring: str, normalize: bool) -> torch.Tensor:
+    """(T, K) router weights of the chosen experts, with the reference's formulas (so bit-identical
+    to ``sonic_learn.reference.topk.softmax_topk`` / ``topk_softmax`` and differentiable)."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if scoring == "softmax_topk":
+        return torch.softmax(logits.gather(-1, experts).to(dtype), dim=-1)  # (T, K)
+    scores = torch.softmax(logits.to(dtype), dim=-1).gather(-1, experts)  # (T, K)
+    if normalize:
+        scores = scores / scores.sum(-1, keepdim=True)
+    return scores
+
+
+def _flat_topk(logits: torch.Tensor, k: int, scoring: str, normalize: bool) -> tuple[Routing, torch.Tensor]:
+    T, E = logits.shape
+    experts = _token_choice_experts(logits, k)  # (T, K)
+    scores = _scores_from_experts(logits, experts, scoring, normalize)  # (T, K)
+    token_idx = torch.arange(T, device=logits.device, dtype=torch.int32).repeat_interleave(k)  # (T*K,)
+    routing = Routing(
+        token_idx=token_idx,
+        expert_idx=experts.reshape(-1).to(torch.int32),  # (T*K,)
+        scores=scores.reshape(-1),  # (T*K,)
+        num_tokens=T,
+        num_experts=E,
+    )
+    return routing, experts
+
+
+# --8<-- [start:topk_routing]
+def topk_routing(
+    logits: torch.Tensor, k: int, *, scoring: str = "softmax_topk", normalize: bool = False, check_finite: bool = True
+) -> Routing:
+    """Token-choice top-k routing: the CuTe bitonic top-k for the expert choice, then flatten.
+
+    Same contract and result as ``sonic_learn.reference.routing.topk_routing`` (indices exactly,
+    scores bit for bit: they are computed from the chosen experts with the reference's formula, so
+    they stay differentiable w.r.t. ``logits``). ``check_finite`` rejects NaN/inf like the
+    reference (one device-to-host sync); with ``check_finite=False`` the call never synchronizes.
+    """
+    logits = _check_router_args(logits, k, scoring, normalize, check_finite)
+    return _flat_topk(logits, k, scoring, normalize)[0]
+# --8<-- [end:topk_routing]
+
+
+def _round_counts_on_device(
+    counts: torch.Tensor, tile_m: int, mode: str, generator: torch.Generator | None, num_tokens: int
+) -> torch.Tensor:
+    """The reference's ``round_counts`` rule without its value checks (which read the device).
+
+    Kept formula for formula equal to the reference (the tests compare the two for every mode,
+    the stochastic one with the same seeded generator: it draws exactly E float64 uniforms).
+    """
+    f = counts.long()  # (E,)
+    floor_f = (f // tile_m) * tile_m  # (E,)
+    remainder = f - floor_f  # (E,) in [0, tile_m)
+    ceil_f = floor_f + tile_m * (remainder > 0)  # (E,)
+    if mode == "down":
+        go_up = torch.zeros_like(f, dtype=torch.bool)
+    elif mode == "up":
+        go_up = remainder > 0
+    elif mode == "nearest":
+        go_up = 2 * remainder > tile_m  # exact halves round down
+    else:  # stochastic
+        u = torch.rand(f.shape, generator=generator, dtype=torch.float64, device=f.device)  # (E,)
+        go_up = u * tile_m < remainder
+    return torch.where(go_up, ceil_f, floor_f).clamp(max=num_tokens)  # (E,)
+
+
+def round_counts(
+    counts: torch.Tensor,
+    tile_m: int,
+    mode: str = "nearest",
+    generator: torch.Generator | None = None,
+    *,
+    num_tokens: int | None = None,
+) -> torch.Tensor:
+    """Round every f_e to a multiple of ``tile_m``: exactly ``sonic_learn.reference.routing.round_counts``.
+
+    An O(E) elementwise rule needs no kernel; this is the reference function itself (it validates
+    ``counts``, which reads the device). ``token_rounding`` uses the same rule without the checks.
+    """
+    return _ref.round_counts(counts, tile_m, mode, generator, num_tokens=num_tokens)
+
+
+def _boundary_selection(keys: torch.Tensor, r: torch.Tensor, max_r: int, prefer_low_token: torch.Tensor) -> torch.Tensor:
+    """(T, E) bool: per column e, the r_e largest keys (0 <= r_e <= max_r), without sorting.
+
+    Ties at the threshold: ``prefer_low_token[e]`` takes the lowest token indices among equal keys,
+    else the highest. Requires r_e <= the number of finite keys in column e.
+    """
+    T = keys.shape[0]
+    top = torch.topk(keys, max_r, dim=0, sorted=True).values  # (max_r, E) best keys per column
+    threshold = top.gather(0, (r - 1).clamp(min=0)[None, :])  # (1, E) the r_e-th best key
+    above = keys > threshold  # (T, E) certainly selected
+    at = keys == threshold  # (T, E) the tie group at the threshold
+    need = r[None, :] - above.sum(0, keepdim=True)  # (1, E) how many of the tie group to take
+    from_low = torch.cumsum(at, dim=0)  # (T, E) tie members up to this token (inclusive)
+    from_high = at.sum(0, keepdim=True) - from_low + at  # (T, E) tie members from this token on
+    order_in_ties = torch.where(prefer_low_token[None, :], from_low, from_high)  # (T, E)
+    chosen = above | (at & (order_in_ties <= need))  # (T, E)
+    return chosen & (r[None, :] > 0) & (T > 0)
+
+
+# --8<-- [start:token_rounding]
+def token_rounding(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    tile_m: int = 128,
+    mode: str = "nearest",
+    generator: torch.Generator | None = None,
+    scoring: str = "softmax_topk",
+    normalize: bool = False,
+    check_finite: bool = True,
+) -> Routing:
+    """Token rounding (paper Algorithm 4) with the reference's exact semantics, without a full sort.
+
+    Same arguments, result and tie rules as ``sonic_learn.reference.routing.token_rounding`` (see
+    there); the module docstring explains the boundary-only selection. One device-to-host sync
+    (the number of output pairs), plus one for ``check_finite``.
+    """
+    logits = _check_router_args(logits, k, scoring, normalize, check_finite)
+    _checks.check_int_range("tile_m", tile_m, 1)
+    _checks.check_choice("mode", mode, ROUNDING_MODES)
+    _ref._check_generator(generator, logits.device)
+    T, E = logits.shape
+    if E > MAX_EXPERTS:
+        raise ValueError(f"logits.shape[1] (E) must be <= {MAX_EXPERTS} for the fast routing kernels, got {E}")
+    device = logits.device
+
+    # Step 1: token-choice top-k (CuTe bitonic) and f_e (CuTe histogram).
+    tc, tc_experts = _flat_topk(logits, k, scoring, normalize)  # tc_experts: (T, K) int64
+    tc_scores = tc.scores.view(T, k)  # (T, K)
+    counts = _launch_metadata(tc.expert_idx, None, E, scatter=False)[0]  # (E,) f_e
+
+    # Step 2: round every f_e (the reference's rule and random draw).
+    rounded = _round_counts_on_device(counts, tile_m, mode, generator, T)  # (E,)
+    delta = rounded - counts.long()  # (E,) in (-tile_m, tile_m)
+
+    # Step 3: the scores every token's router gives every expert (the reference's formula), and
+    # which (token, expert) pairs are token-choice picks.
+    scores = _ref._scores_for_all_experts(logits, tc_experts, tc_scores, scoring, normalize)  # (T, E)
+    picked = torch.zeros(T, E, dtype=torch.bool, device=device).scatter_(1, tc_experts, True)  # (T, E)
+
+    # Step 4: only the boundary tile moves. Column e selects |delta_e| < tile_m tokens:
+    #   up   (delta_e > 0): the best non-picked tokens (key = score; picks excluded with -inf),
+    #                       ties -> lower token first;
+    #   down (delta_e < 0): the worst picks (key = -score; non-picks excluded), ties -> the
+    #                       higher token is dropped first (it ranks lower in the reference).
+    max_r = min(tile_m - 1, T)
+    keep = picked
+    if max_r > 0:
+        s = scores.detach()
+        excluded = torch.tensor(float("-inf"), dtype=s.dtype, device=device)
+        going_up = delta > 0  # (E,)
+        keys = torch.where(going_up[None, :], torch.where(picked, excluded, s), torch.where(picked, -s, excluded))
+        flip = _boundary_selection(keys, delta.abs(), max_r, prefer_low_token=going_up)  # (T, E)
+        keep = picked ^ flip  # up adds non-picks, down removes picks
+
+    # Step 5: token-sorted triples (by token, then expert), as the reference's nonzero.
+    token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)  <- the one host sync
+    return Routing(
+        token_idx=token_idx.to(torch.int32),
+        expert_idx=expert_idx.to(torch.int32),
+        scores=scores[token_idx, expert_idx],  # (P,)
+        num_tokens=T,
+        num_experts=E,
+    )
+# --8<-- [end:token_rounding]
