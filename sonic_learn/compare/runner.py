@@ -157,6 +157,7 @@ class Settings:
 
     reps: int | None = None  # None: 5 on CPU, 20 on CUDA
     warmup: int | None = None  # None: 1 on CPU, 3 on CUDA
+    min_time_s: float | None = None  # keep repeating until this much time is measured (None: 0.02 s on CPU, 0 on CUDA)
     seed: int = 0
     fault: str | None = None  # testing only: corrupt the output of rows whose name contains this
     on_step: Callable[[str], None] | None = None  # progress callback (one call per check / timing)
@@ -166,6 +167,12 @@ class Settings:
         reps = self.reps if self.reps is not None else (20 if cuda else 5)
         warmup = self.warmup if self.warmup is not None else (3 if cuda else 1)
         return reps, warmup
+
+    def min_time(self, device: torch.device) -> float:
+        # perf_counter timings of sub-millisecond CPU calls are noisy: take more of them.
+        if self.min_time_s is not None:
+            return self.min_time_s
+        return 0.0 if device.type == "cuda" else 0.02
 
 
 @dataclass
@@ -183,6 +190,7 @@ class PairResult:
     warmup: int
     timer: str
     rows: list[Row]
+    min_time_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -381,7 +389,7 @@ def run_pair(
             continue
         fn = fns[impl.name]
         step(f"{spec.key}: time {impl.name}")
-        t = measure(fn, device=setup.device, warmup=warmup, reps=reps)
+        t = measure(fn, device=setup.device, warmup=warmup, reps=reps, min_time_s=settings.min_time(setup.device))
         row.timing = t.as_dict()
         timer = t.timer
         row.peak_memory_bytes = peak_memory_bytes(fn, setup.device)
@@ -408,5 +416,6 @@ def run_pair(
         warmup=warmup,
         timer=timer,
         rows=rows,
+        min_time_s=settings.min_time(setup.device),
         notes=list(getattr(case, "notes", [])),
     )

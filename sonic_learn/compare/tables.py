@@ -126,7 +126,9 @@ def pair_table(result: PairResult, env: dict | None = None, *, ascii_box: bool =
 def caption(result: PairResult, env: dict | None) -> str:
     lines = [
         f"oracle: {result.oracle}; pass rule: {TOLERANCE_RULE}",
-        f"time: {result.timed}; timer {result.timer}, median of {result.reps} runs after {result.warmup} warm-up"
+        f"time: {result.timed}; timer {result.timer}, median of >= {result.reps} runs"
+        + (f" (and >= {result.min_time_s * 1e3:.0f} ms measured)" if result.min_time_s else "")
+        + f" after {result.warmup} warm-up"
         + ("; L2 flushed before each run" if result.timer == "cuda-events" else "")
         + "; FAIL rows are not timed",
     ]
