@@ -21,7 +21,7 @@ from sonic_learn.fast import grouped_gemm as fast
 
 from grouped_gemm import CONFIGS, uniform_routing  # noqa: E402  (same folder)
 
-DEFAULT_CONFIGS = "sm90:128x256x64:4,ws:128x256x64:3,ws:128x256x32:6,ws:128x128x64:5"
+DEFAULT_CONFIGS = "sm90:128x256x64:4,ws:128x256x64:3,ws:128x256x32:6"
 
 
 def parse(cfg: str):

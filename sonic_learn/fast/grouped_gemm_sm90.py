@@ -29,7 +29,7 @@ import cutlass.cute as cute  # noqa: E402
 import cutlass.pipeline as pipeline  # noqa: E402
 import cutlass.utils.hopper_helpers as sm90_utils  # noqa: E402
 from cutlass import Int32, const_expr  # noqa: E402
-from cutlass.cute.nvgpu import warpgroup  # noqa: E402
+from cutlass.cute.nvgpu import cpasync, warpgroup  # noqa: E402
 from cutlass.tensor_utils import LayoutEnum  # noqa: E402
 
 CHUNK_BYTES = 16  # one vectorized global store
@@ -128,7 +128,26 @@ class GroupedGemmWS(GroupedGemmSm90):
             sC: cute.struct.Align[cute.struct.MemRange[self.out_dtype, epi_elems], 128]
 
         self.storage = Storage
-        self.kernel(a, b, out, gather_idx, expert_offsets, tile_offsets, tiled_mma, sA_layout,
+        # B of varlen-M = the weights. Seen as a 3-D (N, K, E) tensor with N contiguous, one TMA
+        # descriptor covers every expert: the tile of expert e is at coordinates (n0, k0, e), and
+        # TMA zero-fills whatever lies past N or K. (varlen-K's B rows are ragged per expert: cp.async.)
+        tma_atom_b = None
+        tma_b = None
+        if const_expr(not self.varlen_k):
+            n_dim, k_dim = b.shape[1], a.shape[1]
+            num_experts = expert_offsets.shape[0] - 1
+            b_nke = cute.make_tensor(b.iterator, cute.make_layout((n_dim, k_dim, num_experts),
+                                                                  stride=(1, n_dim, k_dim * n_dim)))
+            tma_atom_b, tma_b = cpasync.make_tiled_tma_atom(
+                cpasync.CopyBulkTensorTileG2SOp(), b_nke, cute.slice_(sB_layout, (None, None, 0)), (bn, bk))
+        # Contiguous A (varlen-M without gather): TMA as well. A tile starts at an arbitrary row
+        # (the expert's first row + m_start), so the kernel offsets the coordinate tensor by that row.
+        tma_atom_a = None
+        tma_a = None
+        if const_expr(not self.varlen_k and not self.gather):
+            tma_atom_a, tma_a = cpasync.make_tiled_tma_atom(
+                cpasync.CopyBulkTensorTileG2SOp(), a, cute.slice_(sA_layout, (None, None, 0)), (bm, bk))
+        self.kernel(a, b, tma_atom_a, tma_a, tma_atom_b, tma_b, out, gather_idx, expert_offsets, tile_offsets, tiled_mma, sA_layout,
                     sB_layout).launch(grid=(num_ctas, 1, 1), block=[PRODUCER_THREADS + CONSUMER_THREADS, 1, 1],
                                       stream=stream)
 
@@ -150,10 +169,13 @@ class GroupedGemmWS(GroupedGemmSm90):
         return expert, m_tile * bm, n_tile * bn
 
     @cute.kernel
-    def kernel(self, a: cute.Tensor, b: cute.Tensor, out: cute.Tensor, gather_idx: cute.Tensor,
+    def kernel(self, a: cute.Tensor, b: cute.Tensor, tma_atom_a, tma_a, tma_atom_b, tma_b, out: cute.Tensor,
+               gather_idx: cute.Tensor,
                expert_offsets: cute.Tensor, tile_offsets: cute.Tensor, tiled_mma: cute.TiledMma,
                sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout):
         bm, bn, bk = self.tile
+        use_tma_b = not self.varlen_k
+        use_tma_a = not self.varlen_k and not self.gather
         tidx, _, _ = cute.arch.thread_idx()
         cta, _, _ = cute.arch.block_idx()
         num_ctas, _, _ = cute.arch.grid_dim()
@@ -167,7 +189,8 @@ class GroupedGemmWS(GroupedGemmSm90):
         pipe = pipeline.PipelineCpAsync.create(
             barrier_storage=storage.barriers.data_ptr(),
             num_stages=self.stages,
-            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, PRODUCER_THREADS),
+            # full barrier: 128 cp.async arrivals (+1 arrive-with-byte-count from the TMA thread)
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, PRODUCER_THREADS + int(use_tma_b)),
             consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, CONSUMER_THREADS),
         )
 
@@ -198,10 +221,33 @@ class GroupedGemmWS(GroupedGemmSm90):
                 if const_expr(self.varlen_k):
                     m_dim = a.shape[1]
                     k_len = count
+                if const_expr(use_tma_b):
+                    # (bn, bk, k-tiles) view of w[expert], partitioned for the TMA unit
+                    gB = cute.local_tile(tma_b[None, None, expert], (bn, bk), (n_start // bn, None))
+                    tBsB, tBgB = cpasync.tma_partition(tma_atom_b, 0, cute.make_layout(1),
+                                                       cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
+                if const_expr(use_tma_a):
+                    # (bm, bk, k-tiles) view of a's rows row0 + m_start ... (rows past the expert only
+                    # feed output rows the epilogue masks; rows past M are zero-filled by TMA)
+                    gA = cute.local_tile(cute.domain_offset((row0 + m_start, 0), tma_a), (bm, bk), (0, None))
+                    tAsA, tAgA = cpasync.tma_partition(tma_atom_a, 0, cute.make_layout(1),
+                                                       cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
                 for kt in cutlass.range((k_len + bk - 1) // bk, unroll=1):
                     pipe.producer_acquire(state)
-                    self.load_stage(copy_a, copy_b, a, b, sA[None, None, state.index], sB[None, None, state.index],
-                                    gather_idx, kt, expert, row0, count, m_start, n_start, m_dim, n_dim, k_len)
+                    if const_expr(use_tma_b):
+                        if tidx == 0:  # one thread: announce the TMA bytes, then issue the TMA copies
+                            bar = pipe.producer_get_barrier(state)
+                            tx_rows = bn + (bm if const_expr(use_tma_a) else 0)
+                            cute.arch.mbarrier_arrive_and_expect_tx(bar, tx_rows * bk * self.dtype.width // 8)
+                            cute.copy(tma_atom_b, tBgB[None, kt], tBsB[None, state.index], tma_bar_ptr=bar)
+                            if const_expr(use_tma_a):
+                                cute.copy(tma_atom_a, tAgA[None, kt], tAsA[None, state.index], tma_bar_ptr=bar)
+                        if const_expr(not use_tma_a):  # gathered rows: cp.async with per-row addresses
+                            self.load_tile(copy_a, a, sA[None, None, state.index], True, gather_idx, row0 + m_start,
+                                           count - m_start, self.gather, kt * bk, k_len)
+                    else:
+                        self.load_stage(copy_a, copy_b, a, b, sA[None, None, state.index], sB[None, None, state.index],
+                                        gather_idx, kt, expert, row0, count, m_start, n_start, m_dim, n_dim, k_len)
                     # zero-filled slots are ordinary st.shared: publish them to the async proxy
                     cute.arch.fence_proxy("async.shared", space="cta")
                     pipe.producer_commit(state)  # arrives when this thread's cp.async have landed
