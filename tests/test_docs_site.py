@@ -196,3 +196,23 @@ def test_grouped_gemm_diagram_renders(browser, server) -> None:
     WebDriverWait(browser, 30).until(_mermaid_svgs)
     assert _count(browser, "pre.mermaid") == 0
     assert _errors(browser) == []
+
+
+def test_every_page_renders_without_errors(browser, server, site: Path) -> None:
+    """Each page of the site: no console error, no formula KaTeX could not typeset, no undrawn diagram."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pages = sorted(p.parent.relative_to(site).as_posix() for p in site.rglob("index.html")
+                   if not p.parent.name.startswith(("assets", "search")))
+    assert len(pages) >= 12, pages
+    for page in pages:
+        url = server + "/" + ("" if page == "." else page + "/")
+        browser.get_log("browser")
+        browser.get(url)
+        WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+        WebDriverWait(browser, 30).until(lambda d: d.execute_script(
+            "return document.querySelectorAll('.arithmatex:not([data-katex-done])').length === 0"))
+        if _count(browser, ".mermaid"):
+            WebDriverWait(browser, 30).until(lambda d: _count(d, "pre.mermaid") == 0 and _mermaid_svgs(d))
+        assert _count(browser, ".katex-error") == 0, f"{page}: a formula failed to typeset"
+        assert _errors(browser) == [], f"{page}: console errors"
