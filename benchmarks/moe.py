@@ -118,7 +118,9 @@ def main(argv=None) -> int:
         P = T * K
         flops_fwd, flops_all = 6 * P * n * d, 18 * P * n * d
         expected = fast_moe.expected_saved_bytes(T, d, n, E, P)["total"]
+        router = T * E * 4 + P * 8  # what the router's autograd keeps: fp32 logits and int64 top-k ids
         cfg = {"T": T, "d": d, "n": n, "E": E, "K": K, "expected_reduced_memory_bytes": expected,
+               "expected_reduced_memory_plus_router_bytes": expected + router,
                "two_Td_plus_4TKn_bytes": 2 * T * d + 4 * P * n, "results": {},
                "upstream_sonicmoe_h200_notes": UPSTREAM_H200[name]}
         print(f"{name}: T={T} d={d} n={n} E={E} K={K}", flush=True)

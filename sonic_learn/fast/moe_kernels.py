@@ -111,7 +111,7 @@ class SwiGLUForward:
             for j in cutlass.range_constexpr(PAIRS):
                 g = rh[0, 2 * j].to(Float32)
                 u = rh[0, 2 * j + 1].to(Float32)
-                ra[0, j] = (u * g * _sigmoid(g)).to(a.element_type)
+                ra[0, j] = (u * (g * _sigmoid(g))).to(a.element_type)  # same rounding as the backward's A
             _store_vec(ra, a, row, c, PAIRS)
 
 
