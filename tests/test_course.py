@@ -252,3 +252,21 @@ def test_cli_list_start_grade_and_exit_codes(tmp_path, capsys):
     assert "NAME must be one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["grade", "topk"])  # neither DIR nor --reference
+
+
+# ----------------------------------------------------------------------------------------------
+# The same property definitions, used the way the library's own tests can use them
+# ----------------------------------------------------------------------------------------------
+
+from hypothesis import given  # noqa: E402
+
+from sonic_learn.properties import topk as topk_props  # noqa: E402
+from sonic_learn.reference.topk import bitonic_topk, radix_topk  # noqa: E402
+
+
+@given(case=topk_props.topk_cases(max_n=64))
+def test_properties_drive_plain_hypothesis_tests(case):
+    """A library test reuses a course property directly: @given(its strategy), then its check."""
+    for fn in (radix_topk, bitonic_topk):
+        topk_props.check_tie_rule(fn, case)
+        topk_props.check_agrees_with_oracle(fn, case)
