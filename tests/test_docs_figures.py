@@ -42,7 +42,10 @@ def test_every_figure_regenerates(gen, tmp_path: Path) -> None:
         assert w > 300 and h > 200, (p.name, w, h)
         committed = COMMITTED / p.name
         assert committed.is_file(), f"{p.name} is not committed under docs/assets/figures/"
-        assert _png_size(committed) == (w, h), f"{p.name}: committed PNG differs in size; rerun docs/gen_figures.py"
+        cw, ch = _png_size(committed)
+        # Same figure, same layout (a few pixels of slack for font metrics across matplotlib versions).
+        assert abs(cw - w) <= 0.05 * w and abs(ch - h) <= 0.05 * h, (
+            f"{p.name}: committed PNG is {cw}x{ch}, regenerated {w}x{h}; rerun python docs/gen_figures.py")
 
 
 @pytest.mark.parametrize("n", [2, 4, 8, 16, 32])
