@@ -170,6 +170,17 @@ def test_broken_variant_fails_the_matching_task(tmp_path, broken):
     assert "case:" in result.message  # ... on a concrete (shrunk) example
 
 
+def test_naive_gemm_fails_the_fusion_property():
+    """no_gathered_copy can fail: the naive GEMM (which builds the gathered copy) breaks it."""
+    from sonic_learn.properties import run_property
+    from sonic_learn.properties.grouped_gemm import gemm_properties
+    from sonic_learn.reference.grouped_gemm import naive_grouped_gemm
+
+    prop = next(p for p in gemm_properties(fused=True) if p.name == "no_gathered_copy")
+    result = run_property(prop, naive_grouped_gemm, max_examples=1)
+    assert result.status == "failed" and "gathered copy of x" in result.message
+
+
 def test_feedback_is_reproducible_by_default_and_seed_changes_examples(tmp_path):
     key = next(b for b in BROKEN if b[0] == "topk")
     _write(tmp_path, "topk", KEY_IMPORTS["topk"] + textwrap.dedent(BROKEN[key]))

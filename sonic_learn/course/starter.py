@@ -47,6 +47,8 @@ def readme_text(name: str, directory: str = "DIR") -> str:
         "error handling) and prints a score per task. The examples are derandomized: every run shows the same",
         "(shrunk, minimal) counterexample, so fix it and rerun. Your instructor may grade with `--seed N`,",
         "which draws examples you have not seen: pass the properties, not the examples.",
+        "`grade` exits with 0 only at full marks (1 otherwise), so it can gate a CI job; `--junit FILE`",
+        "writes one JUnit test case per property for autograding systems.",
         "",
         "Import what the starter imports; do not import the function you are writing from `sonic_learn`",
         "(the grader warns when a graded function comes from the library).",

@@ -77,7 +77,8 @@ def _check_shapes(x: torch.Tensor, k: int, out: object, prop: str) -> tuple[torc
     return values, indices
 
 
-def _check_against_oracle(x: torch.Tensor, k: int, out: object, prop: str, tie_hint: bool) -> None:
+def check_topk_result(x: torch.Tensor, k: int, out: object, prop: str = "agrees_with_oracle", tie_hint: bool = True) -> None:
+    """``out = (values, indices)`` is exactly the oracle's top-k of ``x`` (any x, any implementation)."""
     values, indices = _check_shapes(x, k, out, prop)
     expected = oracle_indices(x, k)
     if not torch.equal(indices, expected):
@@ -107,13 +108,13 @@ def _check_against_oracle(x: torch.Tensor, k: int, out: object, prop: str, tie_h
 def check_agrees_with_oracle(fn, case: TopkCase) -> None:
     """Distinct values: the same indices as the float64 oracle, values gathered exactly."""
     x = distinct_values(case)
-    _check_against_oracle(x, case.k, fn(x, case.k), "agrees_with_oracle", tie_hint=False)
+    check_topk_result(x, case.k, fn(x, case.k), "agrees_with_oracle", tie_hint=False)
 
 
 def check_tie_rule(fn, case: TopkCase) -> None:
     """Values from a tiny set with +-inf and +-0.0: ties go to the lower column first."""
     x = tie_values(case)
-    _check_against_oracle(x, case.k, fn(x, case.k), "tie_rule", tie_hint=True)
+    check_topk_result(x, case.k, fn(x, case.k), "tie_rule", tie_hint=True)
 
 
 def bad_topk_inputs() -> list[BadInput]:
