@@ -384,7 +384,6 @@ def _check_routing_structure(routing: object) -> Routing:
     for name in ("token_idx", "expert_idx", "scores"):
         t = _checks.check_tensor(f"routing.{name}", getattr(routing, name))
         _checks.check_ndim(f"routing.{name}", t, 1, "(P,) one entry per pair")
-        _checks.check_cuda(f"routing.{name}", t)
     for name in ("token_idx", "expert_idx"):
         _checks.check_dtype(f"routing.{name}", getattr(routing, name), (torch.int32, torch.int64))
     P = routing.token_idx.numel()
@@ -396,6 +395,8 @@ def _check_routing_structure(routing: object) -> Routing:
             )
     if P > MAX_PAIRS:
         raise ValueError(f"routing must have at most {MAX_PAIRS} pairs (int32 rows), got {P}")
+    for name in ("token_idx", "expert_idx", "scores"):
+        _checks.check_cuda(f"routing.{name}", getattr(routing, name))
     _checks.check_same_device(token_idx=routing.token_idx, expert_idx=routing.expert_idx, scores=routing.scores)
     return routing
 

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One GPU session for issue 8: a quick agreement smoke check, the benchmark, then the property
+# tests (logs and JSON under $OUT). SKIP_TESTS=1 / SKIP_BENCH=1 skip a step.
+set -u
+export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu}
+OUT=${OUT:-/tmp/routing-out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name --format=csv,noheader
+set -o pipefail
+python3 - <<'PY' 2>&1 | tee "$OUT/smoke.log"
+import sys, time, torch
+from sonic_learn.fast import routing as fast
+from sonic_learn.reference import routing as ref
+fails = 0
+def cmp(name, got, want, fields):
+    global fails
+    for f in fields:
+        g, w = getattr(got, f), getattr(want, f)
+        if g.shape != w.shape or not torch.equal(g, w):
+            fails += 1
+            idx = (g != w).nonzero()[:3].flatten().tolist() if g.shape == w.shape else "shape"
+            print(f"  {name}.{f} MISMATCH shapes {tuple(g.shape)} {tuple(w.shape)} first {idx}")
+            if g.shape == w.shape and g.numel() < 50: print("   got", g.tolist(), "\n   want", w.tolist())
+META = ("expert_counts", "expert_offsets", "gather_idx", "pair_of_row", "row_of_pair")
+ROUT = ("token_idx", "expert_idx", "scores")
+for T, E, K in ((5, 3, 2), (100, 8, 2), (3000, 64, 8), (24576, 128, 8), (70000, 512, 4)):
+    x = torch.randn(T, E, device="cuda").bfloat16()
+    t0 = time.time()
+    try:
+        tc_ref = ref.topk_routing(x, K); tc = fast.topk_routing(x, K)
+        cmp(f"T{T}E{E}K{K} topk", tc, tc_ref, ROUT)
+        cmp(f"T{T}E{E}K{K} meta", fast.build_metadata(tc_ref), ref.build_metadata(tc_ref), META)
+        for mode in ("nearest", "up", "down", "stochastic"):
+            g1 = torch.Generator(device="cuda").manual_seed(1); g2 = torch.Generator(device="cuda").manual_seed(1)
+            cmp(f"T{T}E{E}K{K} tr-{mode}", fast.token_rounding(x, K, tile_m=16, mode=mode, generator=g1),
+                ref.token_rounding(x, K, tile_m=16, mode=mode, generator=g2), ROUT)
+        torch.cuda.synchronize()
+    except Exception as e:
+        fails += 1; print(f"T{T} E{E} K{K} ERROR {e!r}"[:3000]); continue
+    print(f"T={T} E={E} K={K} checked in {time.time() - t0:.1f}s, failures so far {fails}")
+sys.exit(1 if fails else 0)
+PY
+smoke=$?
+if [ $smoke = 0 ] && [ "${SKIP_BENCH:-0}" != 1 ]; then
+  timeout 150 python3 benchmarks/routing.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tail -40 | tee "$OUT/bench.log"
+fi
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  X=""; [ $smoke = 0 ] || X="-x"
+  timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider $X tests/test_fast_routing.py ${PYTEST_ARGS:-} 2>&1 | tail -60 | tee "$OUT/pytest.log"
+fi
