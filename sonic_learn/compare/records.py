@@ -34,13 +34,21 @@ def _clean(x):
 
 def document(results: list[PairResult], env: dict, *, command: str, settings: dict, memory: dict | None = None) -> dict:
     ok = all(r.ok for r in results) and (memory is None or memory["ok"])
+    versions = {k: v for k, v in env.items() if k != "device"}
+    pair_dicts = []
+    for r in results:
+        d = r.as_dict()
+        for row in d["rows"]:  # every record names its machine, so records can be merged across runs
+            row["device_name"] = env.get("device")
+            row["versions"] = versions
+        pair_dicts.append(d)
     doc = {
         "tool": "sonic_learn.compare",
         "command": command,
         "ok": ok,
         "environment": env,
         "settings": settings,
-        "pairs": [r.as_dict() for r in results],
+        "pairs": pair_dicts,
     }
     if memory is not None:
         doc["memory"] = memory
