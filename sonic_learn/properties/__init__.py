@@ -24,9 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from hypothesis import HealthCheck, Verbosity, example, given, settings
-from hypothesis import seed as hypothesis_seed
-from hypothesis import strategies as st
+
+try:
+    from hypothesis import HealthCheck, Verbosity, example, given, settings
+    from hypothesis import seed as hypothesis_seed
+    from hypothesis import strategies as st
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ModuleNotFoundError("the property checks and the course grader need Hypothesis: pip install 'sonic_learn[course]'") from exc
 
 __all__ = [
     "BadInput",
