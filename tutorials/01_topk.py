@@ -139,8 +139,8 @@ SonicMoE's router kernel reads a row once and keeps it in registers. Two ideas m
 2. **Sort with a network.** A bitonic network is a fixed schedule of compare-exchange steps: pair
    wire $i$ with wire $i \oplus s$, keep the max on one side and the min on the other. For $N$
    wires it has $\log_2 N \,(\log_2 N + 1)/2$ stages of $N/2$ compare-exchanges each, and the
-   schedule never depends on the data, so there is no branching: on a GPU each stage is a warp
-   shuffle. For top-k only chunks of $k$ are sorted and then merged, keeping the larger half.
+   schedule never depends on the data, so there is no branching: on a GPU each stage is a
+   compare of two registers, or a warp shuffle when the pair sits in different lanes. For top-k only chunks of $k$ are sorted and then merged, keeping the larger half.
 <!-- --8<-- [end:bitonic_md] -->
 """
 

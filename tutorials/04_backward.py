@@ -211,7 +211,7 @@ r"""
 3. **The iso-FLOP table.** Extend Step 3 to $K = 32$. At what granularity does the standard
    backward's cache exceed 20 GiB per layer?
 4. **gradcheck.** Run `torch.autograd.gradcheck` on `moe_forward` with `backward="reduced_memory"`
-   on a tiny float64 problem. Which inputs can it check, and why are the routing's integer
-   choices not a problem for it?
+   on a tiny float64 problem. Which inputs can it check? What would go wrong if two logits of a
+   token were almost equal, so that gradcheck's small perturbations changed the chosen experts?
 <!-- --8<-- [end:exercises] -->
 """
