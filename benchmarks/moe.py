@@ -80,6 +80,42 @@ def bench_impl(fn, leaves, gout, k, reps, warmup):
             "peak_bytes_fwd": peak_fwd, "peak_bytes_fwd_bwd": peak_all}
 
 
+def breakdown(leaves, gout, k, reps):
+    """Median time of each step of the reduced-memory layer, run one by one (where the time goes)."""
+    from sonic_learn.fast import grouped_gemm as gg
+    from sonic_learn.fast import moe as fast_moe
+    from sonic_learn.fast import moe_kernels as mk
+
+    x, router_w, w1, w2 = (t.detach() for t in leaves)
+    r = fast_moe.route(x, router_w, k)
+    meta, scores, toff = r.meta, r.scores.detach(), r.token_offsets
+    h = gg.gather_fused_grouped_gemm(x, w1, meta)
+    a = mk.swiglu(h)
+    y = gg.contiguous_grouped_gemm(a, w2, meta)
+    dout = gout.detach()
+    dap = gg.gather_fused_grouped_gemm(dout, w2.transpose(1, 2), meta)
+    dh, a_s, _ = mk.swiglu_backward_scaled(h, dap, scores, meta.pair_of_row)
+    steps = {
+        "fwd: router + top-k + metadata": lambda: fast_moe.route(x, router_w, k),
+        "fwd: up-proj GEMM (gathered X)": lambda: gg.gather_fused_grouped_gemm(x, w1, meta),
+        "fwd: SwiGLU kernel": lambda: mk.swiglu(h),
+        "fwd: down-proj GEMM": lambda: gg.contiguous_grouped_gemm(a, w2, meta),
+        "fwd: gather-and-sum (weighted)": lambda: mk.gather_sum(y, scores, meta.row_of_pair, toff),
+        "bwd: W2^T copy": lambda: w2.transpose(1, 2).contiguous(),
+        "bwd: dA' GEMM (dO gathered, incl. W2^T copy)": lambda: gg.gather_fused_grouped_gemm(dout, w2.transpose(1, 2), meta),
+        "bwd: dSwiGLU + dS + A' kernel": lambda: mk.swiglu_backward_scaled(h, dap, scores, meta.pair_of_row),
+        "bwd: dW2 varlen-K GEMM (dO gathered)": lambda: gg.grouped_gemm_varlen_k(dout, a_s, meta, gather_a=True),
+        "bwd: dX~ GEMM (incl. W1^T copy)": lambda: gg.contiguous_grouped_gemm(dh, w1.transpose(1, 2), meta),
+        "bwd: gather-and-sum (dX)": lambda: mk.gather_sum(y, None, meta.row_of_pair, toff),
+        "bwd: dW1 varlen-K GEMM (X gathered)": lambda: gg.grouped_gemm_varlen_k(x, dh, meta, gather_a=True),
+    }
+    out = {}
+    for name, fn in steps.items():
+        out[name] = bench.measure(fn, device="cuda", warmup=2, reps=reps).median_ms
+        print(f"    {name:46s} {out[name]:7.3f} ms", flush=True)
+    return out
+
+
 def max_rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
@@ -91,6 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--naive-reps", type=int, default=3)
     p.add_argument("--no-naive", action="store_true")
+    p.add_argument("--no-breakdown", action="store_true")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -141,6 +178,8 @@ def main(argv=None) -> int:
                   f"{r['activation_bytes_after_fwd'] / 1e9:.3f} GB (expected reduced {expected / 1e9:.3f}) | "
                   f"peak fwd+bwd {r['peak_bytes_fwd_bwd'] / 1e9:.2f} GB", flush=True)
             torch.cuda.empty_cache()
+        if not args.no_breakdown:
+            cfg["reduced_memory_breakdown_ms"] = breakdown(leaves, gout, K, args.reps)
         res = cfg["results"]
         ratios = {}
         if "naive_loop" in res:
