@@ -192,6 +192,15 @@ def test_feedback_is_reproducible_by_default_and_seed_changes_examples(tmp_path)
     assert {r.name: r.status for r in seeded.results}["tie_rule"] == "failed"  # still caught on unseen examples
 
 
+def test_cli_prints_messages_verbatim(tmp_path, capsys):
+    """Messages hold brackets ("[tie_rule]", "offsets[e]"); the rich table must not eat them as markup."""
+    key = next(b for b in BROKEN if b[0] == "topk")
+    _write(tmp_path, "topk", KEY_IMPORTS["topk"] + textwrap.dedent(BROKEN[key]))
+    assert main(["grade", "topk", str(tmp_path), "--max-examples", "1"]) == 1
+    out = " ".join(capsys.readouterr().out.split())  # undo rich's line wrapping
+    assert "[tie_rule] row" in out and "LOWER column" in out
+
+
 def test_library_function_in_a_submission_is_flagged(tmp_path):
     _write(tmp_path, "topk", "from sonic_learn.reference.topk import ordered_int_keys, radix_topk, bitonic_topk\n")
     report = grade(get_assignment("topk"), tmp_path, max_examples=1)

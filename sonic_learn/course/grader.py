@@ -184,6 +184,7 @@ _STATUS_STYLE = {"passed": "green", "failed": "red", "not_implemented": "yellow"
 
 def print_report(report: GradeReport, console=None, verbose: bool = False) -> None:
     from rich.console import Console
+    from rich.markup import escape  # messages hold brackets ("[tie_rule]", "offsets[e]"): never markup
     from rich.table import Table
 
     console = console or Console()
@@ -210,15 +211,15 @@ def print_report(report: GradeReport, console=None, verbose: bool = False) -> No
     table.add_row("[bold]total", "", "", f"[bold]{report.score:.2f} / {report.max_score}  ({report.percent:.0f}%)")
     console.print(table)
     if report.import_error:
-        console.print(f"[red]The module failed to import:[/] {report.import_error}")
+        console.print(f"[red]The module failed to import:[/] {escape(report.import_error)}")
     for t in report.tasks:
         if t.warning:
-            console.print(f"[yellow]warning:[/] {t.warning}")
+            console.print(f"[yellow]warning:[/] {escape(t.warning)}")
         for r in t.results:
             if r.status in ("failed", "not_implemented") and (verbose or r is _first_problem(t)):
-                console.print(f"[{_STATUS_STYLE[r.status]}]{t.task.function} / {r.name}:[/] {r.message}", highlight=False)
+                console.print(f"[{_STATUS_STYLE[r.status]}]{t.task.function} / {r.name}:[/] {escape(r.message)}", highlight=False)
             elif r.status == "skipped" and verbose:
-                console.print(f"[dim]{t.task.function} / {r.name}: skipped ({r.message})[/]")
+                console.print(f"[dim]{t.task.function} / {r.name}: skipped ({escape(r.message)})[/]")
     if not verbose and any(not r.passed and r.status != "skipped" for t in report.tasks for r in t.results):
         console.print("[dim](first failure per task shown; --verbose shows all)[/]")
 
