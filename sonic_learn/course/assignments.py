@@ -33,6 +33,8 @@ class Assignment:
     key: str  # dotted module whose functions score 100% (the library's implementation)
     page: str  # the docs page, relative to docs/
     gpu: bool = False  # the exercise needs nvidia-cutlass-dsl (compiles on CPU, runs on a GPU)
+    show: Callable[[object], str] | None = None  # after grading: a line computed with the student's module ...
+    show_needs: tuple[str, ...] = ()  # ... printed once these tasks pass every property
 
     @property
     def filename(self) -> str:
@@ -103,8 +105,18 @@ def _backward() -> Assignment:
                  p.reduced_memory_backward_properties),
             Task("saved_bytes", 1, "activation bytes cached by each backward", p.saved_bytes_properties),
         ),
-        key="sonic_learn.course.keys.backward", page="course/backward.md",
+        key="sonic_learn.course.keys.backward", page="course/backward.md", show=_show_saved_bytes,
+        show_needs=("saved_bytes",),
     )
+
+
+def _show_saved_bytes(module) -> str:
+    """The student's saved_bytes for one fine-grained MoE layer size (bf16): how much Y and gathered X cost."""
+    T, d, n, E, K = 16384, 1536, 256, 128, 8
+    red = module.saved_bytes(T, d, n, E, T * K, dtype_bytes=2, backward="reduced_memory")
+    std = module.saved_bytes(T, d, n, E, T * K, dtype_bytes=2, backward="standard")
+    return (f"Your saved_bytes at T={T}, d={d}, n={n}, E={E}, K={K} (bf16): reduced_memory {red / 2**20:.1f} MiB, "
+            f"standard {std / 2**20:.1f} MiB ({std / red:.2f}x)")
 
 
 def _cute_swiglu() -> Assignment:

@@ -55,6 +55,7 @@ class GradeReport:
     tasks: list[TaskResult] = field(default_factory=list)
     import_error: str = ""
     seconds: float = 0.0
+    shown: str = ""  # the assignment's "show" line, computed with the graded module
 
     @property
     def score(self) -> float:
@@ -141,6 +142,9 @@ def grade_module(
             warning = f"{task.function} is the library's own function ({fn_module}), not one written in {source}"
         report.tasks.append(TaskResult(task, results, warning))
     report.seconds = time.perf_counter() - start
+    needed = [t for t in report.tasks if t.task.function in assignment.show_needs]
+    if assignment.show is not None and needed and all(r.passed for t in needed for r in t.ran):
+        report.shown = assignment.show(module)
     return report
 
 
@@ -220,6 +224,8 @@ def print_report(report: GradeReport, console=None, verbose: bool = False) -> No
                 console.print(f"[{_STATUS_STYLE[r.status]}]{t.task.function} / {r.name}:[/] {escape(r.message)}", highlight=False)
             elif r.status == "skipped" and verbose:
                 console.print(f"[dim]{t.task.function} / {r.name}: skipped ({escape(r.message)})[/]")
+    if report.shown:
+        console.print(escape(report.shown), highlight=False)
     if not verbose and any(not r.passed and r.status != "skipped" for t in report.tasks for r in t.results):
         console.print("[dim](first failure per task shown; --verbose shows all)[/]")
 
