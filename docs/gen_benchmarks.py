@@ -11,8 +11,8 @@ The files do not share one schema, so the renderer is generic and shows every va
 - an object whose values are all flat objects (e.g. implementation -> {median_ms, p20_ms, ...})
   becomes one table, a row per key;
 - a list of flat objects (e.g. one record per table row) becomes one table, a row per item;
-- any other object becomes a small key/value table for its plain values, followed by a sub-section
-  for each nested value.
+- an object of plain values becomes one line, ``key value · key value``;
+- any other object shows its plain values on one line, then a sub-section for each nested value.
 """
 
 from __future__ import annotations
@@ -97,10 +97,14 @@ def _render(title: str | None, obj: object, depth: int) -> list[str]:
     if obj and all(_is_flat(v) for v in obj.values()):
         return out + _table(list(obj.items()), "")
     plain = {k: v for k, v in obj.items() if not isinstance(v, (dict, list)) or _is_flat_list(v)}
-    if plain:
-        out += ["| key | value |", "|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in plain.items()] + [""]
+    if plain:  # the plain values on one line: "key value · key value"
+        out += [" · ".join(f"{k} **{_cell(v)}**" for k, v in plain.items()), ""]
     for k, v in obj.items():
-        if k not in plain:
+        if k in plain:
+            continue
+        if isinstance(v, dict) and v and all(isinstance(x, _SCALARS) for x in v.values()):
+            out += [f"*{k}*: " + " · ".join(f"{kk} **{_cell(vv)}**" for kk, vv in v.items()), ""]
+        else:
             out += _render(str(k), v, depth + 1)
     return out
 
