@@ -58,7 +58,7 @@ def test_build_has_every_page(site: Path) -> None:
     for page in ("index.html", "getting-started/index.html", "tutorials/topk/index.html",
                  "tutorials/routing/index.html", "tutorials/grouped-gemm/index.html",
                  "tutorials/backward/index.html", "tutorials/moe-layer/index.html",
-                 "reading-cute-dsl/index.html", "benchmarks/index.html", "cli/index.html",
+                 "reading-cute-dsl/index.html", "benchmarks/index.html", "cli/index.html", "course/topk/index.html",
                  "api/index.html", "course/index.html"):
         assert (site / page).is_file(), page
     # Snippet section markers must never leak into a page (the API page shows whole source files,
