@@ -180,6 +180,7 @@ class GroupedGemmWS(GroupedGemmSm90):
         cta, _, _ = cute.arch.block_idx()
         num_ctas, _, _ = cute.arch.grid_dim()
         wg = cute.arch.make_warp_uniform(tidx // 128)
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
 
         # ---- Shared memory and the load pipeline ----------------------------------------------
         smem = cutlass.memory.SmemAllocator()
@@ -235,10 +236,14 @@ class GroupedGemmWS(GroupedGemmSm90):
                 for kt in cutlass.range((k_len + bk - 1) // bk, unroll=1):
                     pipe.producer_acquire(state)
                     if const_expr(use_tma_b):
-                        if tidx == 0:  # one thread: announce the TMA bytes, then issue the TMA copies
+                        if warp == 0:
+                            # One thread announces the TMA bytes (the +1 arrival of the full barrier);
+                            # the copies are issued by the whole warp (cute.copy elects one lane
+                            # with elect.sync, which needs the full warp converged).
                             bar = pipe.producer_get_barrier(state)
-                            tx_rows = bn + (bm if const_expr(use_tma_a) else 0)
-                            cute.arch.mbarrier_arrive_and_expect_tx(bar, tx_rows * bk * self.dtype.width // 8)
+                            if tidx == 0:
+                                tx_rows = bn + (bm if const_expr(use_tma_a) else 0)
+                                cute.arch.mbarrier_arrive_and_expect_tx(bar, tx_rows * bk * self.dtype.width // 8)
                             cute.copy(tma_atom_b, tBgB[None, kt], tBsB[None, state.index], tma_bar_ptr=bar)
                             if const_expr(use_tma_a):
                                 cute.copy(tma_atom_a, tAgA[None, kt], tAsA[None, state.index], tma_bar_ptr=bar)
