@@ -44,7 +44,8 @@ the contract.
 
 Every kernel is compiled once per (kernel, dtype, N, k, epilogue), with the row count dynamic,
 cached, and called through TVM-FFI (torch tensors go straight in; the current torch stream is
-used), so a call costs a few microseconds of host time.
+used). Measured on an H200 (``benchmarks/topk.py``): about 25 us of host time per call, argument
+checks and the two output allocations included (``torch.topk``: 24 us); not yet broken down.
 """
 
 from __future__ import annotations
