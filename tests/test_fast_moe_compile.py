@@ -97,6 +97,7 @@ TORCH_OPS = fast_moe.ExpertOps(
     swiglu_backward=_swiglu_bwd,
     gather_scale_dot=_gather_scale_dot,
     gather_sum=_gather_sum,
+    transpose=lambda w: w.transpose(1, 2).contiguous(),
 )
 
 

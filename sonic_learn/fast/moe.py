@@ -21,8 +21,9 @@ Two autograd Functions mirror the reference:
 
 What is *not* fused yet (and what it costs) is documented in ``moe_kernels``: SwiGLU and the
 dSwiGLU/dS pass run as standalone kernels, not in the GEMM epilogues. The GEMM reads its B operand
-N-major only, so the backward's ``W1^T`` and ``W2^T`` are materialized as transposed copies (one
-per backward call, E*d*2n + E*n*d elements).
+N-major only, so the backward materializes ``W1^T`` and ``W2^T`` (E*d*2n + E*n*d elements per
+backward call) with the shared-memory transpose kernel of ``moe_kernels``; it also returns dW2 as
+(E, n, d) through that kernel. A K-major B mode in the GEMM would remove all three copies.
 
 Synchronization and CUDA graphs: with ``routing="topk"`` the forward and backward issue no
 device-to-host synchronization (no ``.item()``, no ``bincount``/``nonzero``; every size is known on
@@ -67,6 +68,7 @@ class ExpertOps:
     swiglu_backward: object  # (H, dA) -> (dH, A)
     gather_scale_dot: object  # (dO, Y, scores, gather_idx, pair_of_row) -> (dY, dscores)
     gather_sum: object  # (rows, weights | None, row_of_pair, token_offsets) -> (T, d)
+    transpose: object  # (B, R, C) -> contiguous (B, C, R)
 
 
 def _fast_ops() -> ExpertOps:
@@ -82,6 +84,7 @@ def _fast_ops() -> ExpertOps:
         swiglu_backward=mk.swiglu_backward,
         gather_scale_dot=mk.gather_scale_dot,
         gather_sum=mk.gather_sum,
+        transpose=mk.transpose_last2,
     )
 
 
@@ -204,13 +207,13 @@ class ReducedMemoryExperts(torch.autograd.Function):
         meta = _meta_from_saved(offsets, gather_idx, pair_of_row, row_of_pair, x.shape[0])
         dout = dout.contiguous()  # (T, d)
         # Step 1: dA' = dO[token of row] @ W2^T, dO gathered inside the GEMM.
-        da_prime = ops.gather_gemm(dout, w2.transpose(1, 2), meta)  # (P, n)
+        da_prime = ops.gather_gemm(dout, ops.transpose(w2), meta)  # (P, n)
         # Step 2: the dSwiGLU pass: dS = <dA', A> (in pair order), A' = s*A, dH = dSwiGLU(H, s*dA').
         dh, a_scaled, dscores = ops.swiglu_backward_scaled(h, da_prime, scores, pair_of_row)
         # Step 3: dW2[e] = A'_e^T dO_e, computed as (dO_e^T A'_e)^T with dO gathered on K.
-        dw2 = ops.varlen_k_gemm(dout, a_scaled, meta, True).transpose(1, 2)  # (E, n, d)
+        dw2 = ops.transpose(ops.varlen_k_gemm(dout, a_scaled, meta, True))  # (E, n, d)
         # Step 4: dX~ = dH @ W1^T, then dX = unweighted gather-and-sum over each token's rows.
-        dx_rows = ops.grouped_gemm(dh, w1.transpose(1, 2), meta)  # (P, d)
+        dx_rows = ops.grouped_gemm(dh, ops.transpose(w1), meta)  # (P, d)
         dx = ops.gather_sum(dx_rows, None, row_of_pair, token_offsets)  # (T, d)
         # Step 5: dW1[e] = X_e^T dH_e with X gathered on K.
         dw1 = ops.varlen_k_gemm(x, dh, meta, True)  # (E, d, 2n)
@@ -243,13 +246,13 @@ class StandardExperts(torch.autograd.Function):
         # Step 1: a separate pass over the cached Y: dS = <dO[token], Y>, dY = s * dO[token].
         dy, dscores = ops.gather_scale_dot(dout, y, scores, gather_idx, pair_of_row)  # (P, d), (P,)
         # Step 2: dA = dY @ W2^T, then dSwiGLU as a separate pass (it also recomputes A for dW2).
-        da = ops.grouped_gemm(dy, w2.transpose(1, 2), meta)  # (P, n)
+        da = ops.grouped_gemm(dy, ops.transpose(w2), meta)  # (P, n)
         dh, a = ops.swiglu_backward(h, da)  # (P, 2n), (P, n)
         # Step 3: weight gradients on the cached, already gathered operands.
         dw2 = ops.varlen_k_gemm(a, dy, meta, False)  # (E, n, d)
         dw1 = ops.varlen_k_gemm(x_gathered, dh, meta, False)  # (E, d, 2n)
         # Step 4: dX~ = dH @ W1^T, dX = unweighted gather-and-sum.
-        dx_rows = ops.grouped_gemm(dh, w1.transpose(1, 2), meta)  # (P, d)
+        dx_rows = ops.grouped_gemm(dh, ops.transpose(w1), meta)  # (P, d)
         dx = ops.gather_sum(dx_rows, None, row_of_pair, token_offsets)  # (T, d)
         return dx, dw1, dw2, dscores.to(scores.dtype), None, None, None
 
