@@ -125,7 +125,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     p.add_argument("--shapes", default="7b-up,7b-down,30b-up,30b-down")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--config", default=None, help="kernel:tile_m x tile_n x tile_k[:stages], e.g. ws:128x256x64")
     args = p.parse_args(argv)
+    if args.config:
+        kernel, tile, *stages = args.config.split(":")
+        fast.set_kernel_config(kernel=kernel, tile=tuple(int(v) for v in tile.split("x")),
+                               stages=int(stages[0]) if stages else None)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -136,7 +141,7 @@ def main(argv=None) -> int:
         env["nvidia_cutlass_dsl"] = cutlass.__version__
     except ImportError:
         pass
-    record = {"benchmark": "grouped_gemm", "environment": env, "kernel": "grouped_gemm_v1 (cp.async + WGMMA, one CTA per tile)",
+    record = {"benchmark": "grouped_gemm", "environment": env, "kernel_config": dict(fast._CONFIG),
               "targets": TARGETS, "shapes": {}}
     for shape in args.shapes.split(","):
         cfg, proj = shape.split("-")

@@ -2,9 +2,10 @@
 
 No GPU is needed: CuTe-DSL builds the kernel ahead of time from symbolic shapes. The PTX must
 target sm_90a, use Hopper's ``wgmma.mma_async`` tensor-core instructions and load the operands with
-non-bulk ``cp.async`` (16-byte copies with per-row addresses, which is what makes the gather fusable).
-The v1 kernel uses no TMA (``cp.async.bulk``); when the production kernel lands, its TMA loads get
-checked here too.
+non-bulk ``cp.async`` (16-byte copies with per-row addresses, which is what makes the gather fusable)
+wherever rows are gathered or ragged. The production kernel ("ws") loads the weights (and contiguous
+A) with TMA (``cp.async.bulk.tensor``) and reallocates registers with ``setmaxnreg``; the teaching
+kernel ("v1") uses cp.async only.
 """
 
 from __future__ import annotations
@@ -23,26 +24,47 @@ OK, WHY = cutlass_available()
 VARIANTS = ["varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"]
 
 
+def _ptx(variant, dtype, out_dtype, kernel):
+    from sonic_learn.fast.grouped_gemm import TILE, WS_TILE, compile_grouped_gemm
+
+    tile = WS_TILE if kernel == "ws" else TILE
+    return compile_grouped_gemm(variant, dtype, out_dtype, tile, keep_ptx=True, kernel=kernel).__ptx__
+
+
 @pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_variant_compiles_for_sm90a(variant, dtype):
-    from sonic_learn.fast.grouped_gemm import compile_grouped_gemm
-
-    fn = compile_grouped_gemm(variant, dtype, dtype, keep_ptx=True)
-    ptx = fn.__ptx__
+def test_production_variant_compiles_for_sm90a(variant, dtype):
+    ptx = _ptx(variant, dtype, dtype, "ws")
     assert isinstance(ptx, str) and ".target sm_90a" in ptx
     assert "wgmma.mma_async" in ptx
-    assert re.search(r"cp\.async\.c[ga]\.shared\.global", ptx), "operands must be loaded with non-bulk cp.async"
-    # bf16 vs fp16 really changes the MMA instruction.
+    assert "setmaxnreg" in ptx, "warp-specialized kernel reallocates registers"
+    n_tma = ptx.count("cp.async.bulk.tensor")
+    n_cpasync = len(re.findall(r"cp\.async\.c[ga]\.shared\.global", ptx))
+    if variant == "varlen_m":  # A and B by TMA
+        assert n_tma > 0 and n_cpasync == 0
+    elif variant == "varlen_m_gather":  # B by TMA, gathered A rows by cp.async
+        assert n_tma > 0 and n_cpasync > 0
+    else:  # varlen-K: ragged rows of both operands by cp.async
+        assert n_cpasync > 0
     assert (".bf16" in ptx) == (dtype == torch.bfloat16)
+
+
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+@pytest.mark.parametrize("variant", ["varlen_m_gather", "varlen_k_gather"])
+def test_teaching_kernel_compiles_for_sm90a(variant):
+    ptx = _ptx(variant, torch.bfloat16, torch.bfloat16, "v1")
+    assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx
+    assert re.search(r"cp\.async\.c[ga]\.shared\.global", ptx)
+    assert "cp.async.bulk.tensor" not in ptx
 
 
 @pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
 def test_fp32_output_compiles():
     from sonic_learn.fast.grouped_gemm import compile_grouped_gemm
 
-    ptx = compile_grouped_gemm("varlen_m_gather", torch.bfloat16, torch.float32, keep_ptx=True).__ptx__
+    ptx = compile_grouped_gemm("varlen_m_gather", torch.bfloat16, torch.float32, (128, 128, 64), keep_ptx=True,
+                               kernel="ws").__ptx__
     assert "wgmma.mma_async" in ptx and ".target sm_90a" in ptx
 
 

@@ -41,15 +41,16 @@ from sonic_learn.reference.routing import RoutingMetadata
 IN_DTYPES = (torch.bfloat16, torch.float16)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_ELEMENTS = 2**31 - 1  # 32-bit index arithmetic inside the kernel
-TILE = (128, 128, 64)  # default (tile_m, tile_n, tile_k)
+TILE = (128, 128, 64)  # (tile_m, tile_n, tile_k) of the teaching kernels v1 / sm90
+WS_TILE = (128, 256, 64)  # of the production warp-specialized kernel
 
 # Kernel choice used by the public functions. ``set_kernel_config`` changes it (the tile sweep in
 # benchmarks/grouped_gemm_tiles.py uses it); every config is compiled once and cached.
 KERNELS = ("v1", "sm90", "ws")  # the ladder: teaching step, + smem epilogue, + warp specialization
-_CONFIG = {"kernel": "sm90", "tile": TILE, "stages": None}
+_CONFIG = {"kernel": "ws", "tile": WS_TILE, "stages": None}
 
 
-def set_kernel_config(*, kernel: str = "sm90", tile: tuple[int, int, int] = TILE, stages: int | None = None) -> None:
+def set_kernel_config(*, kernel: str = "ws", tile: tuple[int, int, int] = WS_TILE, stages: int | None = None) -> None:
     """Select the kernel ("v1" = teaching step, "sm90" = production) and its tile / stage count."""
     _checks.check_choice("kernel", kernel, KERNELS)
     if not (isinstance(tile, tuple) and len(tile) == 3 and tile[0] == 128 and tile[1] in (64, 128, 256)
@@ -135,7 +136,7 @@ def _cutlass_dtype(dtype: torch.dtype):
 
 @functools.lru_cache(maxsize=None)
 def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, tile: tuple = TILE,
-                         stages: int | None = None, keep_ptx: bool = False, kernel: str = "sm90"):
+                         stages: int | None = None, keep_ptx: bool = False, kernel: str = "ws"):
     """Compile one grouped-GEMM variant for sm_90a from fake tensors (no GPU needed).
 
     ``variant`` is one of "varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather". Sizes (rows,
