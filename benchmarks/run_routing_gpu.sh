@@ -47,3 +47,21 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   X=""; [ $smoke = 0 ] || X="-x"
   timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider $X tests/test_fast_routing.py ${PYTEST_ARGS:-} 2>&1 | tail -60 | tee "$OUT/pytest.log"
 fi
+if [ "${PROFILE:-0}" = 1 ]; then
+python3 - <<'PY' 2>&1 | tee "$OUT/profile.log"
+# Where the time of fast token_rounding + build_metadata goes (7B configuration, bf16 logits).
+import torch
+from torch.profiler import ProfilerActivity, profile
+from sonic_learn.fast import routing as fast
+x = torch.randn(24576, 128, device="cuda").bfloat16()
+def run():
+    r = fast.token_rounding(x, 8, tile_m=128, mode="nearest", check_finite=False)
+    return fast.build_metadata(r, check_ids=False)
+for _ in range(3): run()
+torch.cuda.synchronize()
+with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(5): run()
+    torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+PY
+fi

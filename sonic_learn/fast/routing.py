@@ -35,8 +35,9 @@ an expert's *last tile* changes: with f_e token-choice picks and the rounded cou
   best non-picked tokens (r_e < tile_m): a top-r_e selection over the column's other scores.
 
 Both are "the r best of a column" for some r < tile_m (for ``down`` the keys are the negated pick
-scores). One batched ``torch.topk`` with k = min(tile_m - 1, T) over the T rows gives, per column,
-the r-th best key (a *threshold*); a key above the threshold is selected, and among keys equal to
+scores). The keys are laid out (E, T), one row per expert, so every pass runs along contiguous
+memory. One batched ``torch.topk`` with k = min(tile_m - 1, T) gives, per expert, the r-th best key
+(a *threshold*); a key above the threshold is selected, and among keys equal to
 it the tie rule of the reference decides (the lower token ranks higher, so ``up`` takes the lowest
 tokens among equals and ``down`` drops the highest). Nothing is sorted; the work is one partial
 selection with k < tile_m plus elementwise passes over (T, E). **Honest note:** this selection
@@ -355,8 +356,9 @@ def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, n
     device = expert_idx.device
     P, E = expert_idx.numel(), num_experts
     i32 = torch.int32
-    counts = torch.zeros(E, dtype=i32, device=device)
-    offsets = torch.zeros(E + 1, dtype=i32, device=device)
+    alloc = torch.empty if P > 0 else torch.zeros  # the kernels write every count and offset
+    counts = alloc(E, dtype=i32, device=device)
+    offsets = alloc(E + 1, dtype=i32, device=device)
     if scatter:
         rows = [torch.empty(P, dtype=i32, device=device) for _ in range(3)]  # gather, pair_of_row, row_of_pair
     else:
@@ -366,8 +368,11 @@ def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, n
         tile_counts = torch.empty(E, num_tiles, dtype=i32, device=device)  # (E, tiles) scratch
         tokens = token_idx if token_idx is not None else expert_idx  # read only when scattering
         kernel = _compiled(_expert_bucket(E), scatter)
-        with torch.cuda.device(device):
-            kernel(expert_idx, tokens, tile_counts, counts, offsets, *rows, chunks_per_tile)
+        if device.index == torch.cuda.current_device():
+            kernel(expert_idx, tokens, tile_counts, counts, offsets, *rows, chunks_per_tile)  # current stream
+        else:
+            with torch.cuda.device(device):
+                kernel(expert_idx, tokens, tile_counts, counts, offsets, *rows, chunks_per_tile)
     return (counts, offsets, *rows) if scatter else (counts, offsets, None, None, None)
 
 
@@ -565,22 +570,22 @@ def round_counts(
 
 
 def _boundary_selection(keys: torch.Tensor, r: torch.Tensor, max_r: int, prefer_low_token: torch.Tensor) -> torch.Tensor:
-    """(T, E) bool: per column e, the r_e largest keys (0 <= r_e <= max_r), without sorting.
+    """(E, T) bool: per expert row e, the r_e largest keys (0 <= r_e <= max_r), without sorting.
 
-    Ties at the threshold: ``prefer_low_token[e]`` takes the lowest token indices among equal keys,
-    else the highest. Requires r_e <= the number of finite keys in column e.
+    ``keys`` is (E, T), contiguous: every reduction below runs along the contiguous last dim (a
+    scan along a strided dim is a slow serial loop in torch). Ties at the threshold:
+    ``prefer_low_token[e]`` takes the lowest token indices among equal keys, else the highest.
+    Requires r_e <= the number of finite keys in row e.
     """
-    T = keys.shape[0]
-    top = torch.topk(keys, max_r, dim=0, sorted=True).values  # (max_r, E) best keys per column
-    threshold = top.gather(0, (r - 1).clamp(min=0)[None, :])  # (1, E) the r_e-th best key
-    above = keys > threshold  # (T, E) certainly selected
-    at = keys == threshold  # (T, E) the tie group at the threshold
-    need = r[None, :] - above.sum(0, keepdim=True)  # (1, E) how many of the tie group to take
-    from_low = torch.cumsum(at, dim=0)  # (T, E) tie members up to this token (inclusive)
-    from_high = at.sum(0, keepdim=True) - from_low + at  # (T, E) tie members from this token on
-    order_in_ties = torch.where(prefer_low_token[None, :], from_low, from_high)  # (T, E)
-    chosen = above | (at & (order_in_ties <= need))  # (T, E)
-    return chosen & (r[None, :] > 0) & (T > 0)
+    top = torch.topk(keys, max_r, dim=1, sorted=True).values  # (E, max_r) best keys per expert
+    threshold = top.gather(1, (r - 1).clamp(min=0)[:, None])  # (E, 1) the r_e-th best key
+    above = keys > threshold  # (E, T) certainly selected
+    at = keys == threshold  # (E, T) the tie group at the threshold
+    need = r[:, None] - above.sum(1, keepdim=True)  # (E, 1) how many of the tie group to take
+    from_low = torch.cumsum(at, dim=1, dtype=torch.int32)  # (E, T) tie members up to this token
+    from_high = at.sum(1, keepdim=True, dtype=torch.int32) - from_low + at.int()  # (E, T) from this token on
+    order_in_ties = torch.where(prefer_low_token[:, None], from_low, from_high)  # (E, T)
+    return (above | (at & (order_in_ties <= need))) & (r[:, None] > 0)  # (E, T)
 
 
 # --8<-- [start:token_rounding]
@@ -632,12 +637,15 @@ def token_rounding(
     max_r = min(tile_m - 1, T)
     keep = picked
     if max_r > 0:
-        s = scores.detach()
-        excluded = torch.tensor(float("-inf"), dtype=s.dtype, device=device)
+        s_et = scores.detach().t().contiguous()  # (E, T): one row per expert
+        picked_et = picked.t().contiguous()  # (E, T)
+        excluded = torch.tensor(float("-inf"), dtype=s_et.dtype, device=device)
         going_up = delta > 0  # (E,)
-        keys = torch.where(going_up[None, :], torch.where(picked, excluded, s), torch.where(picked, -s, excluded))
-        flip = _boundary_selection(keys, delta.abs(), max_r, prefer_low_token=going_up)  # (T, E)
-        keep = picked ^ flip  # up adds non-picks, down removes picks
+        up_keys = torch.where(picked_et, excluded, s_et)  # (E, T) non-picks by score
+        down_keys = torch.where(picked_et, -s_et, excluded)  # (E, T) picks, worst first
+        keys = torch.where(going_up[:, None], up_keys, down_keys)  # (E, T)
+        flip = _boundary_selection(keys, delta.abs(), max_r, prefer_low_token=going_up)  # (E, T)
+        keep = picked ^ flip.t()  # (T, E) up adds non-picks, down removes picks
 
     # Step 5: token-sorted triples (by token, then expert), as the reference's nonzero.
     token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)  <- the one host sync
