@@ -308,12 +308,11 @@ def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadat
     _check_multiple_of_8("b.shape[1]", N, "N")
     if E * d * N > MAX_ELEMENTS:
         raise ValueError(f"the output (E, d, N) = ({E}, {d}, {N}) exceeds 2^31 - 1 elements")
+    if M == 0:  # no rows at all: every expert's gradient is zero (and TMA cannot describe an empty b)
+        return torch.zeros(E, d, N, dtype=out_dtype, device=a.device)
     out = torch.empty(E, d, N, dtype=out_dtype, device=a.device)  # (E, d, N)
     fn = _compiled("varlen_k_gather" if gather_a else "varlen_k", a.dtype, out_dtype)
-    gidx = meta.gather_idx
-    if gidx.numel() == 0:  # the kernel still runs (it writes the zeros); give it a valid pointer
-        gidx = torch.zeros(1, dtype=torch.int32, device=a.device)
-    fn(_aligned(a), _aligned(b), out.view(E * d, N), gidx, meta.expert_offsets, meta.expert_offsets,
+    fn(_aligned(a), _aligned(b), out.view(E * d, N), meta.gather_idx, meta.expert_offsets, meta.expert_offsets,
        _grid_size(0, a.device))
     return out
 

@@ -128,18 +128,24 @@ class GroupedGemmWS(GroupedGemmSm90):
             sC: cute.struct.Align[cute.struct.MemRange[self.out_dtype, epi_elems], 128]
 
         self.storage = Storage
-        # B of varlen-M = the weights. Seen as a 3-D (N, K, E) tensor with N contiguous, one TMA
-        # descriptor covers every expert: the tile of expert e is at coordinates (n0, k0, e), and
-        # TMA zero-fills whatever lies past N or K. (varlen-K's B rows are ragged per expert: cp.async.)
-        tma_atom_b = None
-        tma_b = None
-        if const_expr(not self.varlen_k):
-            n_dim, k_dim = b.shape[1], a.shape[1]
+        # B through TMA, one descriptor for all experts.
+        # * varlen-M: B = the weights, seen as a 3-D (N, K, E) tensor with N contiguous; the tile of
+        #   expert e sits at (n0, k0, e) and TMA zero-fills whatever lies past N or K.
+        # * varlen-K: B = b (M, N), seen as (N, M); expert e's k-tiles start at row offsets[e]. Its
+        #   last k-tile reads up to tile_k - 1 rows of the NEXT expert (TMA cannot stop at a
+        #   per-expert row); those rows meet A rows that the producer zero-fills, so they add
+        #   0 * b = 0 (for finite b; a NaN/Inf in one expert's rows of b can leak into the previous
+        #   expert's gradient).
+        n_dim = b.shape[1]
+        if const_expr(self.varlen_k):
+            b_view = cute.make_tensor(b.iterator, cute.make_layout((n_dim, b.shape[0]), stride=(1, n_dim)))
+        else:
+            k_dim = a.shape[1]
             num_experts = expert_offsets.shape[0] - 1
-            b_nke = cute.make_tensor(b.iterator, cute.make_layout((n_dim, k_dim, num_experts),
-                                                                  stride=(1, n_dim, k_dim * n_dim)))
-            tma_atom_b, tma_b = cpasync.make_tiled_tma_atom(
-                cpasync.CopyBulkTensorTileG2SOp(), b_nke, cute.slice_(sB_layout, (None, None, 0)), (bn, bk))
+            b_view = cute.make_tensor(b.iterator, cute.make_layout((n_dim, k_dim, num_experts),
+                                                                   stride=(1, n_dim, k_dim * n_dim)))
+        tma_atom_b, tma_b = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileG2SOp(), b_view, cute.slice_(sB_layout, (None, None, 0)), (bn, bk))
         # Contiguous A (varlen-M without gather): TMA as well. A tile starts at an arbitrary row
         # (the expert's first row + m_start), so the kernel offsets the coordinate tensor by that row.
         tma_atom_a = None
@@ -174,7 +180,6 @@ class GroupedGemmWS(GroupedGemmSm90):
                expert_offsets: cute.Tensor, tile_offsets: cute.Tensor, tiled_mma: cute.TiledMma,
                sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout):
         bm, bn, bk = self.tile
-        use_tma_b = not self.varlen_k
         use_tma_a = not self.varlen_k and not self.gather
         tidx, _, _ = cute.arch.thread_idx()
         cta, _, _ = cute.arch.block_idx()
@@ -190,8 +195,8 @@ class GroupedGemmWS(GroupedGemmSm90):
         pipe = pipeline.PipelineCpAsync.create(
             barrier_storage=storage.barriers.data_ptr(),
             num_stages=self.stages,
-            # full barrier: 128 cp.async arrivals (+1 arrive-with-byte-count from the TMA thread)
-            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, PRODUCER_THREADS + int(use_tma_b)),
+            # full barrier: 128 cp.async arrivals + 1 arrive-with-byte-count from the TMA thread
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, PRODUCER_THREADS + 1),
             consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, CONSUMER_THREADS),
         )
 
@@ -211,7 +216,6 @@ class GroupedGemmWS(GroupedGemmSm90):
             # ================= producer warpgroup: loads only =================================
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
             copy_a = self.make_tiled_copy(not self.varlen_k, bm, PRODUCER_THREADS)
-            copy_b = self.make_tiled_copy(False, bn, PRODUCER_THREADS)
             state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
             for t in cutlass.range(cta, num_tiles, num_ctas, unroll=1):
                 expert, m_start, n_start = self.tile_coords(t, n_tiles, m_tiles, tile_offsets, num_experts)
@@ -222,11 +226,13 @@ class GroupedGemmWS(GroupedGemmSm90):
                 if const_expr(self.varlen_k):
                     m_dim = a.shape[1]
                     k_len = count
-                if const_expr(use_tma_b):
-                    # (bn, bk, k-tiles) view of w[expert], partitioned for the TMA unit
+                # (bn, bk, k-tiles) view of this tile's B, partitioned for the TMA unit
+                if const_expr(self.varlen_k):
+                    gB = cute.local_tile(cute.domain_offset((0, row0), tma_b), (bn, bk), (n_start // bn, None))
+                else:
                     gB = cute.local_tile(tma_b[None, None, expert], (bn, bk), (n_start // bn, None))
-                    tBsB, tBgB = cpasync.tma_partition(tma_atom_b, 0, cute.make_layout(1),
-                                                       cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
+                tBsB, tBgB = cpasync.tma_partition(tma_atom_b, 0, cute.make_layout(1),
+                                                   cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
                 if const_expr(use_tma_a):
                     # (bm, bk, k-tiles) view of a's rows row0 + m_start ... (rows past the expert only
                     # feed output rows the epilogue masks; rows past M are zero-filled by TMA)
@@ -234,25 +240,24 @@ class GroupedGemmWS(GroupedGemmSm90):
                     tAsA, tAgA = cpasync.tma_partition(tma_atom_a, 0, cute.make_layout(1),
                                                        cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
                 for kt in cutlass.range((k_len + bk - 1) // bk, unroll=1):
-                    pipe.producer_acquire(state)
-                    if const_expr(use_tma_b):
-                        if warp == 0:
-                            # One thread announces the TMA bytes (the +1 arrival of the full barrier);
-                            # the copies are issued by the whole warp (cute.copy elects one lane
-                            # with elect.sync, which needs the full warp converged).
-                            bar = pipe.producer_get_barrier(state)
-                            if tidx == 0:
-                                tx_rows = bn + (bm if const_expr(use_tma_a) else 0)
-                                cute.arch.mbarrier_arrive_and_expect_tx(bar, tx_rows * bk * self.dtype.width // 8)
-                            cute.copy(tma_atom_b, tBgB[None, kt], tBsB[None, state.index], tma_bar_ptr=bar)
-                            if const_expr(use_tma_a):
-                                cute.copy(tma_atom_a, tAgA[None, kt], tAsA[None, state.index], tma_bar_ptr=bar)
-                        if const_expr(not use_tma_a):  # gathered rows: cp.async with per-row addresses
-                            self.load_tile(copy_a, a, sA[None, None, state.index], True, gather_idx, row0 + m_start,
-                                           count - m_start, self.gather, kt * bk, k_len)
-                    else:
-                        self.load_stage(copy_a, copy_b, a, b, sA[None, None, state.index], sB[None, None, state.index],
-                                        gather_idx, kt, expert, row0, count, m_start, n_start, m_dim, n_dim, k_len)
+                    pipe.producer_acquire(state)  # wait until the MMA warps freed this slot
+                    if warp == 0:
+                        # One thread announces the TMA bytes (the +1 arrival of the full barrier);
+                        # the copies are issued by the whole warp (cute.copy elects one lane
+                        # with elect.sync, which needs the full warp converged).
+                        bar = pipe.producer_get_barrier(state)
+                        if tidx == 0:
+                            tx_rows = bn + (bm if const_expr(use_tma_a) else 0)
+                            cute.arch.mbarrier_arrive_and_expect_tx(bar, tx_rows * bk * self.dtype.width // 8)
+                        cute.copy(tma_atom_b, tBgB[None, kt], tBsB[None, state.index], tma_bar_ptr=bar)
+                        if const_expr(use_tma_a):
+                            cute.copy(tma_atom_a, tAgA[None, kt], tAsA[None, state.index], tma_bar_ptr=bar)
+                    if const_expr(self.varlen_k):  # A^T tile: the expert's rows (maybe gathered), zero past f_e
+                        self.load_tile(copy_a, a, sA[None, None, state.index], False, gather_idx, row0 + kt * bk,
+                                       count - kt * bk, self.gather, m_start, m_dim)
+                    elif const_expr(not use_tma_a):  # gathered rows: cp.async with per-row addresses
+                        self.load_tile(copy_a, a, sA[None, None, state.index], True, gather_idx, row0 + m_start,
+                                       count - m_start, self.gather, kt * bk, k_len)
                     # zero-filled slots are ordinary st.shared: publish them to the async proxy
                     cute.arch.fence_proxy("async.shared", space="cta")
                     pipe.producer_commit(state)  # arrives when this thread's cp.async have landed
