@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from hypothesis import strategies as st
 
-from sonic_learn.properties import BadInput, Property, expect, expect_raises, seeded, short
+from sonic_learn.properties import BadInput, Property, expect, expect_raises, seeded
 from sonic_learn.reference import grouped_gemm as ref
 from sonic_learn.reference.routing import Routing, build_metadata
 
