@@ -63,5 +63,20 @@ with profile(activities=[ProfilerActivity.CUDA]) as prof:
     for _ in range(5): run()
     torch.cuda.synchronize()
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+# Kernel time alone (sum of CUDA kernel time per call) vs wall time, for both pipelines.
+import time
+def topk_meta():
+    return fast.build_metadata(fast.topk_routing(x, 8, check_finite=False), check_ids=False)
+for name, fn in (("topk_routing+build_metadata", topk_meta), ("token_rounding+build_metadata", run)):
+    for _ in range(3): fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as p2:
+        for _ in range(10): fn()
+        torch.cuda.synchronize()
+    kern = sum(e.self_device_time_total for e in p2.key_averages()) / 10
+    t0 = time.perf_counter()
+    for _ in range(50): fn()
+    torch.cuda.synchronize()
+    print(f"{name}: GPU kernel time {kern:.1f} us per call, wall {(time.perf_counter() - t0) / 50 * 1e6:.1f} us per call")
 PY
 fi

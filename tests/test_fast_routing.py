@@ -330,6 +330,12 @@ def test_bad_token_rounding_input(kwargs, exc, match):
 
 
 @pytest.mark.gpu
+def test_too_many_experts_for_the_fast_kernels_is_rejected():
+    with pytest.raises(ValueError, match=r"logits.shape\[1\] \(E\) must be <= 2048"):
+        fast.token_rounding(torch.zeros(4, fast.MAX_EXPERTS + 8, device="cuda"), 2)
+
+
+@pytest.mark.gpu
 def test_non_finite_logits_are_rejected():
     x = torch.zeros(4, 8, device="cuda")
     x[1, 2] = float("nan")

@@ -604,7 +604,8 @@ def token_rounding(
 
     Same arguments, result and tie rules as ``sonic_learn.reference.routing.token_rounding`` (see
     there); the module docstring explains the boundary-only selection. One device-to-host sync
-    (the number of output pairs), plus one for ``check_finite``.
+    (the number of output pairs), plus one for ``check_finite``. Needs E <= ``MAX_EXPERTS`` (the
+    counts come from the CuTe histogram kernel).
     """
     logits = _check_router_args(logits, k, scoring, normalize, check_finite)
     _checks.check_int_range("tile_m", tile_m, 1)
