@@ -22,7 +22,7 @@ scheduler, and a TMA-store epilogue.
 from __future__ import annotations
 
 from sonic_learn.fast._cute import import_cutlass
-from sonic_learn.fast.grouped_gemm_v1 import THREADS, GroupedGemmV1
+from sonic_learn.fast.grouped_gemm_v1 import CHUNK, THREADS, GroupedGemmV1
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402
@@ -217,6 +217,8 @@ class GroupedGemmWS(GroupedGemmSm90):
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
             copy_a = self.make_tiled_copy(not self.varlen_k, bm, PRODUCER_THREADS)
             state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+            a_coord = copy_a.get_slice(tidx).partition_S(cute.make_identity_tensor((bm, bk)))  # (CPY, M, K)
+            a_rows = cute.make_rmem_tensor(cute.size(a_coord, mode=[1]), Int32)  # token of each of my rows
             for t in cutlass.range(cta, num_tiles, num_ctas, unroll=1):
                 expert, m_start, n_start = self.tile_coords(t, n_tiles, m_tiles, tile_offsets, num_experts)
                 row0 = expert_offsets[expert]
@@ -233,6 +235,14 @@ class GroupedGemmWS(GroupedGemmSm90):
                     gB = cute.local_tile(tma_b[None, None, expert], (bn, bk), (n_start // bn, None))
                 tBsB, tBgB = cpasync.tma_partition(tma_atom_b, 0, cute.make_layout(1),
                                                    cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
+                if const_expr(not self.varlen_k and not use_tma_a):
+                    # Gathered A: the tile's rows are the same for every k-tile, so each thread reads
+                    # its rows' token indices once per tile into registers (-1 = past the expert).
+                    for i in cutlass.range_constexpr(cute.size(a_rows)):
+                        mn = a_coord[0, i, 0][0]
+                        a_rows[i] = -1
+                        if mn < count - m_start:
+                            a_rows[i] = gather_idx[row0 + m_start + mn]
                 if const_expr(use_tma_a):
                     # (bm, bk, k-tiles) view of a's rows row0 + m_start ... (rows past the expert only
                     # feed output rows the epilogue masks; rows past M are zero-filled by TMA)
@@ -256,8 +266,7 @@ class GroupedGemmWS(GroupedGemmSm90):
                         self.load_tile(copy_a, a, sA[None, None, state.index], False, gather_idx, row0 + kt * bk,
                                        count - kt * bk, self.gather, m_start, m_dim)
                     elif const_expr(not use_tma_a):  # gathered rows: cp.async with per-row addresses
-                        self.load_tile(copy_a, a, sA[None, None, state.index], True, gather_idx, row0 + m_start,
-                                       count - m_start, self.gather, kt * bk, k_len)
+                        self.load_gathered_rows(copy_a, a, sA[None, None, state.index], a_rows, kt * bk, k_len)
                     # zero-filled slots are ordinary st.shared: publish them to the async proxy
                     cute.arch.fence_proxy("async.shared", space="cta")
                     pipe.producer_commit(state)  # arrives when this thread's cp.async have landed
@@ -309,6 +318,27 @@ class GroupedGemmWS(GroupedGemmSm90):
                     pipe.consumer_release(release)
                     release.advance()
                 self.epilogue_wg(acc, tCcC, out, sC, wg, ctid, out_row0, m_dim - m_start, n_start, n_dim - n_start)
+
+    @cute.jit
+    def load_gathered_rows(self, tiled_copy: cute.TiledCopy, g2d: cute.Tensor, s_stage: cute.Tensor,
+                           rows: cute.Tensor, col0: Int32, col_limit: Int32):
+        """K-major A tile from pre-resolved rows: 16-byte cp.async per (row, chunk), zeros where the
+        row is past the expert (rows[i] < 0) or the chunk is past K."""
+        tidx, _, _ = cute.arch.thread_idx()
+        thr_copy = tiled_copy.get_slice(tidx)
+        t_smem = thr_copy.partition_D(s_stage)  # (CPY, CPY_M, CPY_K)
+        t_coord = thr_copy.partition_S(cute.make_identity_tensor((cute.size(s_stage, mode=[0]),
+                                                                  cute.size(s_stage, mode=[1]))))
+        g_chunks = cute.logical_divide(g2d, (None, CHUNK))  # (rows, (8, cols/8))
+        for i in cutlass.range_constexpr(cute.size(t_smem, mode=[1])):
+            for j in cutlass.range_constexpr(cute.size(t_smem, mode=[2])):
+                col = col0 + t_coord[0, i, j][1]
+                dst = t_smem[None, i, j]
+                if rows[i] >= 0 and col < col_limit:
+                    src = g_chunks[rows[i], (None, col // CHUNK)]
+                    cute.copy(tiled_copy, cute.make_tensor(src.iterator, cute.make_layout(dst.shape)), dst)
+                else:
+                    dst.fill(0)
 
     @cute.jit
     def epilogue_wg(self, acc: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, sC: cute.Tensor, wg: Int32,
