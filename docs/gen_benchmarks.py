@@ -12,11 +12,15 @@ The files do not share one schema, so the renderer is generic and shows every va
   becomes one table, a row per key;
 - a list of flat objects (e.g. one record per table row) becomes one table, a row per item;
 - an object of plain values becomes one line, ``key value · key value``;
+- a table whose rows have a ``median_ms`` also gets a bar chart of it (with the p20-p80 range),
+  drawn with matplotlib and embedded in the page;
 - any other object shows its plain values on one line, then a sub-section for each nested value.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 
@@ -71,31 +75,67 @@ def _table(rows: list[tuple[str | None, dict]], first: str | None) -> list[str]:
     return out + [""]
 
 
+def _time_plot(rows: list[tuple[str | None, dict]], title: str) -> list[str]:
+    """A bar chart of the rows' ``median_ms`` (whiskers from ``p20_ms`` to ``p80_ms`` when present),
+    embedded in the page as a PNG data URI; nothing when matplotlib is missing or fewer than 2 rows
+    have a median."""
+    timed = [(str(key if key is not None else rec.get("impl", rec.get("name", i))), rec)
+             for i, (key, rec) in enumerate(rows) if isinstance(rec.get("median_ms"), (int, float))]
+    if len(timed) < 2:
+        return []
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return []
+    labels = [k for k, _ in timed]
+    med = [float(r["median_ms"]) for _, r in timed]
+    lo = [m - float(r.get("p20_ms", m)) for m, (_, r) in zip(med, timed)]
+    hi = [float(r.get("p80_ms", m)) - m for m, (_, r) in zip(med, timed)]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(timed) + 0.9))
+    ax.barh(range(len(timed)), med, xerr=[lo, hi], color="tab:blue", ecolor="0.3", capsize=3)
+    ax.set_yticks(range(len(timed)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("median time (ms), whiskers p20-p80")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return [f"![median time per row: {title}](data:image/png;base64,{data})", ""]
+
+
 def _heading(title: str, depth: int) -> list[str]:
     if depth <= 3:
         return ["#" * (depth + 2) + " " + title, ""]
     return [f"**{title}**", ""]
 
 
-def _render(title: str | None, obj: object, depth: int) -> list[str]:
+def _render(title: str | None, obj: object, depth: int, trail: str = "") -> list[str]:
     if isinstance(obj, (dict, list)) and not obj:
         return []  # nothing measured under this key
     out = _heading(title, depth) if title else []
+    trail = f"{trail} / {title}" if trail and title else (title or trail)
     if isinstance(obj, list):
         if obj and all(_is_flat(x) for x in obj):
-            return out + _table([(None, x) for x in obj], None)
+            rows = [(None, x) for x in obj]
+            return out + _table(rows, None) + _time_plot(rows, trail)
         if all(isinstance(x, _SCALARS) for x in obj):
             return out + [", ".join(_cell(x) for x in obj), ""]
         for i, item in enumerate(obj):
             name = None
             if isinstance(item, dict):
                 name = next((str(item[k]) for k in ("pair", "name", "impl", "label") if k in item), None)
-            out += _render(name or f"{title or 'item'} {i}", item, depth + 1)
+            out += _render(name or f"{title or 'item'} {i}", item, depth + 1, trail)
         return out
     if not isinstance(obj, dict):
         return out + [_cell(obj), ""]
     if obj and all(_is_flat(v) for v in obj.values()):
-        return out + _table(list(obj.items()), "")
+        rows = list(obj.items())
+        return out + _table(rows, "") + _time_plot(rows, trail)
     plain = {k: v for k, v in obj.items() if not isinstance(v, (dict, list)) or _is_flat_list(v)}
     if plain:  # the plain values on one line: "key value · key value"
         out += [" · ".join(f"{k} **{_cell(v)}**" for k, v in plain.items()), ""]
@@ -105,7 +145,7 @@ def _render(title: str | None, obj: object, depth: int) -> list[str]:
         if isinstance(v, dict) and v and all(isinstance(x, _SCALARS) for x in v.values()):
             out += [f"*{k}*: " + " · ".join(f"{kk} **{_cell(vv)}**" for kk, vv in v.items()), ""]
         else:
-            out += _render(str(k), v, depth + 1)
+            out += _render(str(k), v, depth + 1, trail)
     return out
 
 
@@ -121,7 +161,7 @@ def render_file(path: Path) -> str:
         env = data["environment"]
         out += ["Measured on: " + "; ".join(f"**{k}** {_cell(v)}" for k, v in env.items()) + ".", ""]
         data = {k: v for k, v in data.items() if k != "environment"}
-    body = _render(None, data, 1)
+    body = _render(None, data, 1, Path(path).stem)
     return "\n".join(out + body) + "\n"
 
 

@@ -110,3 +110,19 @@ def test_fast_path_tables_come_from_the_source(hooks) -> None:
     assert "| `sonic_learn.reference.grouped_gemm.io_cost` | — |" in twins  # a cost model has no kernel
     phases = hooks.fast_phases_markdown()
     assert "BitonicTopK.kernel" in phases and "<" not in phases.replace("&lt;", "")
+
+
+def test_timed_tables_get_a_plot(gen_benchmarks, tmp_path: Path) -> None:
+    import base64
+
+    pytest.importorskip("matplotlib")
+    doc = {"environment": {"device": "H200"},
+           "results": {"fused": {"median_ms": 1.25, "p20_ms": 1.2, "p80_ms": 1.3},
+                       "naive": {"median_ms": 1.5, "p20_ms": 1.4, "p80_ms": 1.6}},
+           "untimed": {"a": {"bytes": 1}, "b": {"bytes": 2}}}
+    path = tmp_path / "gemm.json"
+    path.write_text(json.dumps(doc))
+    text = gen_benchmarks.render_file(path)
+    plots = re.findall(r"!\[median time per row: ([^\]]*)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", text)
+    assert [title for title, _ in plots] == ["gemm / results"]  # the untimed table gets none
+    assert base64.b64decode(plots[0][1])[:8] == b"\x89PNG\r\n\x1a\n"
