@@ -12,7 +12,11 @@ K = 8, tile_m = 128) and the router shapes of the paper's token-rounding experim
 * routing + metadata, top-k: fast ``topk_routing`` + ``build_metadata`` (no sync) vs the
   reference pair and a torch-op baseline (``torch.topk``, softmax, flatten, the lean metadata);
 * routing + metadata, token rounding (nearest; up and down at 7B): fast vs reference;
-* the host time of one fast ``build_metadata`` call (no sync per call).
+* the host time of one fast ``build_metadata`` call (no sync per call);
+* the GPU kernel time per call (torch profiler: the sum of kernel times), for fast and reference.
+  The wall times above include host launch gaps (the GPU idles while Python issues ~50 small torch
+  ops); inside a layer the host runs ahead, so the kernel time is the cost to compare with the
+  layer's forward time.
 
 Every fast result is checked equal to the reference on the same input before it is timed. Times
 are medians of ``sonic_learn.bench.measure`` (L2 flushed before each rep). The fraction of a layer's
@@ -41,6 +45,21 @@ TILE_M = 128
 
 def timed(fn, reps: int) -> dict:
     return bench.measure(fn, device="cuda", warmup=3, reps=reps).as_dict()
+
+
+def kernel_us(fn, calls: int = 10) -> float:
+    """GPU kernel time of one call (sum of all CUDA kernel time, from the torch profiler): what
+    the routing costs on the GPU when the host runs ahead, as it does inside a layer."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / calls
 
 
 def torch_ops_metadata(r: ref.Routing):
@@ -125,6 +144,17 @@ def bench_shape(T: int, E: int, K: int, reps: int, modes: tuple[str, ...]) -> di
             "reference": timed(ref_tr, max(3, reps // 3)),
         }
 
+    row["gpu_kernel_us_per_call"] = {
+        "metadata_fast": kernel_us(lambda: fast.build_metadata(tc, check_ids=False)),
+        "metadata_reference": kernel_us(lambda: ref.build_metadata(tc)),
+        "topk_routing_plus_metadata_fast": kernel_us(fast_topk),
+        "topk_routing_plus_metadata_reference": kernel_us(lambda: ref.build_metadata(ref.topk_routing(logits, K))),
+        "token_rounding_nearest_plus_metadata_fast": kernel_us(lambda: fast.build_metadata(
+            fast.token_rounding(logits, K, tile_m=TILE_M, check_finite=False), check_ids=False)),
+        "token_rounding_nearest_plus_metadata_reference": kernel_us(lambda: ref.build_metadata(
+            ref.token_rounding(logits, K, tile_m=TILE_M))),
+    }
+
     def ratio(d: dict) -> dict:
         return {n: d[n]["median_ms"] / d["fast"]["median_ms"] for n in d if n != "fast" and "median_ms" in d[n]}
 
@@ -171,6 +201,8 @@ def main() -> None:
             print(f"  {what:28s} " + " | ".join(f"{n} {_ms(v)}" for n, v in row[what].items()), flush=True)
         for mode, d in row["token_rounding_plus_metadata"].items():
             print(f"  token_rounding[{mode:7s}]+meta  " + " | ".join(f"{n} {_ms(v)}" for n, v in d.items()), flush=True)
+        print("  GPU kernel time per call (us): " + ", ".join(
+            f"{n} {v:.1f}" for n, v in row["gpu_kernel_us_per_call"].items()), flush=True)
     host = host_overhead_us()
     print(f"host time of one fast build_metadata call: {host:.1f} us", flush=True)
     record = {
@@ -184,7 +216,8 @@ def main() -> None:
             "fast = CuTe-DSL metadata kernels (+ CuTe bitonic top-k); token rounding's boundary "
             "selection uses torch ops (torch.topk with k < tile_m, cumsum, nonzero). Reference = "
             "sonic_learn.reference.routing (validates ids: one sync). Fraction of the layer "
-            "forward: divide these absolute times by the fast layer's forward time."
+            "forward: divide these absolute times (gpu_kernel_us_per_call when the host runs ahead) by "
+            "the fast layer's forward time."
         ),
     }
     os.makedirs(args.out, exist_ok=True)
