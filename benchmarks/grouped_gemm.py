@@ -95,7 +95,7 @@ def bench_shape(name: str, T: int, Kg: int, Ng: int, E: int, topk: int, reps: in
 
     results = {}
     for key, fn in impls.items():
-        t = bench.measure(fn, device="cuda", warmup=3, reps=reps)
+        t = bench.measure(fn, device="cuda", warmup=10, reps=reps)
         results[key] = {**t.as_dict(), "tflops": flops / (t.median_ms * 1e-3) / 1e12}
         print(f"  {name:10s} {key:18s} {t.median_ms:8.3f} ms  {results[key]['tflops']:7.1f} TFLOP/s", flush=True)
 
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     p.add_argument("--shapes", default="7b-up,7b-down,30b-up,30b-down")
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--reps", type=int, default=30)
     p.add_argument("--config", default=None, help="kernel:tile_m x tile_n x tile_k[:stages], e.g. ws:128x256x64")
     args = p.parse_args(argv)
     if args.config:

@@ -16,12 +16,22 @@ Shapes (paper notation): x (T, K), w (E, K, N) row-major (N contiguous), out (M,
 (token, expert) pairs = ``meta.gather_idx.numel()``, rows in expert-grouped order
 (``meta.expert_offsets``). Inputs bf16 or fp16, fp32 accumulation, ``out_dtype`` bf16/fp16/fp32.
 
-Which kernel runs: today every entry point runs the ladder's first step,
-``grouped_gemm_v1.GroupedGemmV1`` (one CTA per output tile, cp.async loads into swizzled shared
-memory, WGMMA with fp32 accumulators, masked epilogue). The weights are used as stored: WGMMA reads
-B in its "MN-major" mode, so no transposed copy of w is ever made. The warp-specialized TMA
-producer/consumer kernel described in issue 6 is NOT implemented yet (see the module's tests and
-the issue for the measured gap).
+Which kernel runs (the ladder, llm.c style; ``set_kernel_config`` picks one):
+
+1. ``"v1"`` (``grouped_gemm_v1.GroupedGemmV1``, teaching step): one CTA per output tile, every
+   thread loads with cp.async and multiplies with WGMMA, masked scalar epilogue.
+2. ``"sm90"`` (``grouped_gemm_sm90.GroupedGemmSm90``): v1 + shared-memory-staged, coalesced epilogue
+   with the ``tile_value`` hook.
+3. ``"ws"`` (``grouped_gemm_sm90.GroupedGemmWS``, the default / production kernel): warp-specialized
+   (one producer warpgroup, two WGMMA warpgroups, setmaxnreg), mbarrier pipeline, persistent
+   static tile scheduler over (expert, m-tile, n-tile), TMA for the weights (and for contiguous A),
+   cp.async per row for gathered A, tile 128 x 256 x 64 (128 x 128 x 64 for fp32 output).
+
+The weights ``w (E, K, N)`` are used as stored (N contiguous): WGMMA reads B in its "MN-major"
+shared-memory mode and the TMA descriptor views w as (N, K, E), so no transposed copy is made.
+Not checked on the device (it would need a device-to-host sync): that ``gather_idx`` holds valid
+token indices and that ``expert_offsets`` is a non-decreasing cumsum ending at M; use the
+reference's checks when in doubt.
 
 Launch path: each (variant, dtype, out dtype, tile config) is compiled once, ahead of any data,
 from fake tensors with symbolic sizes (so one compile serves every T, M, E, K, N), with TVM-FFI

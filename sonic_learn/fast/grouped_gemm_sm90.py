@@ -14,9 +14,10 @@ What changes from ``grouped_gemm_v1`` (and why, paper Section 3 / Appendix B "IO
   without touching the mainloop.
 * **Tile shape is a parameter** (128 x 128 or 128 x 256, with as many stages as fit).
 
-Still missing relative to issue 6's production design (measured gap in benchmarks/results/):
-TMA for B, warp-specialized producer/consumer with mbarriers and setmaxnreg, a persistent tile
-scheduler, and a TMA-store epilogue.
+Step 3 (``GroupedGemmWS`` below, the production kernel) adds warp specialization, an mbarrier
+pipeline, TMA loads and a persistent tile scheduler. Not done (see benchmarks/results/ for the
+measured gap): TMA-store epilogue, epilogue/MMA overlap between the two MMA warpgroups
+(ping-pong), clusters with TMA multicast, per-shape tile heuristics beyond fp32 vs 16-bit output.
 """
 
 from __future__ import annotations
