@@ -356,3 +356,17 @@ def test_activation_memory():
     expected = fast_moe.expected_saved_bytes(T, d, n, E, P)["total"] + T * E * 4 + T * k * 8
     assert abs(red - expected) <= 0.05 * expected, (red, expected)
     assert std - red >= 2 * P * d, (std, red)  # standard holds at least Y (P, d) bf16 on top
+
+
+@needs_hopper
+def test_module_backend_fast_matches_reference_backend():
+    import sonic_learn
+
+    torch.manual_seed(0)
+    fast = sonic_learn.MoE(128, 64, 16, 4, backend="fast", device="cuda", dtype=torch.bfloat16)
+    ref = sonic_learn.MoE(128, 64, 16, 4, backend="reference", device="cuda", dtype=torch.bfloat16)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 100, 128, device="cuda", dtype=torch.bfloat16)
+    a, b = fast(x), ref(x)
+    assert a.shape == x.shape
+    assert (a.float() - b.float()).abs().max().item() <= 2e-2 * b.float().abs().max().item()
