@@ -39,8 +39,8 @@ scores). The keys are laid out (E, T), one row per expert, so every pass runs al
 memory. One batched ``torch.topk`` with k = min(tile_m - 1, T) gives, per expert, the r-th best key
 (a *threshold*); a key above the threshold is selected, and among keys equal to
 it the tie rule of the reference decides (the lower token ranks higher, so ``up`` takes the lowest
-tokens among equals and ``down`` drops the highest). Nothing is sorted; the work is one partial
-selection with k < tile_m plus elementwise passes over (T, E). **Honest note:** this selection
+tokens among equals and ``down`` drops the highest). No column is sorted: the work is one partial
+selection with k < tile_m (topk orders only those k winners) plus elementwise passes over (T, E). **Honest note:** this selection
 step uses torch ops (``torch.topk``, ``cumsum``, ``nonzero``), not a CuTe kernel; the token-choice
 top-k uses the CuTe bitonic kernel (``sonic_learn.fast.topk``) and the counts use the CuTe
 histogram above. ``nonzero`` (sizing the output: P is data dependent) is the one host sync.
