@@ -289,6 +289,9 @@ class GroupedGemmWS(GroupedGemmSm90):
             sC_both = cute.make_tensor(storage.sC.data_ptr(), cute.make_layout(
                 (2, bm // 2, bn), stride=((bm // 2) * epi_pitch, epi_pitch, 1)))  # (WG, rows, cols)
             sC = sC_both[wg - 1, None, None]  # this warpgroup's 64 rows
+            # the same buffer seen as the whole (bm, bn) tile, partitioned like the accumulators
+            tCsC = tiled_mma.get_slice(ctid).partition_C(cute.make_tensor(
+                storage.sC.data_ptr(), cute.make_layout((bm, bn), stride=(epi_pitch, 1))))
             for t in cutlass.range(cta, num_tiles, num_ctas, unroll=1):
                 expert, m_start, n_start = self.tile_coords(t, n_tiles, m_tiles, tile_offsets, num_experts)
                 row0 = expert_offsets[expert]
@@ -318,7 +321,7 @@ class GroupedGemmWS(GroupedGemmSm90):
                 if k_tiles > 0:
                     pipe.consumer_release(release)
                     release.advance()
-                self.epilogue_wg(acc, tCcC, out, sC, wg, ctid, out_row0, m_dim - m_start, n_start, n_dim - n_start)
+                self.epilogue_wg(acc, tCsC, out, sC, wg, ctid, out_row0, m_dim - m_start, n_start, n_dim - n_start)
 
     @cute.jit
     def load_gathered_rows(self, tiled_copy: cute.TiledCopy, g2d: cute.Tensor, s_stage: cute.Tensor,
@@ -342,7 +345,7 @@ class GroupedGemmWS(GroupedGemmSm90):
                     dst.fill(0)
 
     @cute.jit
-    def epilogue_wg(self, acc: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, sC: cute.Tensor, wg: Int32,
+    def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, out: cute.Tensor, sC: cute.Tensor, wg: Int32,
                     ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32, cols_left: Int32):
         """One MMA warpgroup stores its 64 rows: registers -> padded smem -> 16-byte masked global stores."""
         bm, bn, _ = self.tile
@@ -351,9 +354,12 @@ class GroupedGemmWS(GroupedGemmSm90):
         row_off = (wg - 1) * half  # first tile row owned by this warpgroup
         elems = CHUNK_BYTES * 8 // self.out_dtype.width
         cute.arch.barrier(barrier_id=wg, number_of_threads=128)  # previous tile's copy-out is done
+        # Convert in registers through the hook, then one vectorized copy into this thread's slots
+        # of the padded tile (pairs of adjacent columns -> 32-bit shared stores for 16-bit outputs).
+        r_out = cute.make_rmem_tensor_like(acc, self.out_dtype)
         for i in cutlass.range_constexpr(cute.size(acc)):
-            m, n = tCcC[i]
-            sC[m - row_off, n] = self.tile_value(acc[i])
+            r_out[i] = self.tile_value(acc[i])
+        cute.autovec_copy(r_out, tCsC)
         cute.arch.barrier(barrier_id=wg, number_of_threads=128)
         chunks_per_row = bn // elems
         for it in cutlass.range_constexpr(half * chunks_per_row // 128):
