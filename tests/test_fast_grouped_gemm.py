@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sonic_learn.fast._cute import fast_available
+from sonic_learn.reference import grouped_gemm as ref
 from sonic_learn.reference.routing import RoutingMetadata
 
 pytestmark = pytest.mark.gpu
@@ -129,6 +130,8 @@ def test_varlen_m_matches_oracle(kernel_config, problem):
     fused = fast.gather_fused_grouped_gemm(x, w, meta, out_dtype=out_dtype)
     assert fused.shape == (M, N) and fused.dtype == odt
     check_close("gather_fused", fused, oracle, same)
+    # ... and within the same rule of the reference implementation (fp32 accumulate, rounded store).
+    check_close("gather_fused vs reference", fused, oracle, ref.gather_fused_grouped_gemm(x, w, meta, out_dtype=out_dtype))
 
     poison((M, N), odt)
     naive = fast.naive_grouped_gemm(x, w, meta, out_dtype=out_dtype)
@@ -174,6 +177,8 @@ def test_varlen_k_matches_oracle(kernel_config, problem, gather_a):
     got = fast.grouped_gemm_varlen_k(a, b, meta, gather_a=gather_a, out_dtype=out_dtype)
     assert got.shape == (E, K, N) and got.dtype == odt
     check_close("varlen_k", got, oracle, same, atol=1e-3 * max(1, M) ** 0.5)
+    reference = ref.grouped_gemm_varlen_k(a, b, meta, gather_a=gather_a, out_dtype=out_dtype)
+    check_close("varlen_k vs reference", got, oracle, reference, atol=1e-3 * max(1, M) ** 0.5)
     for e in range(E):
         if counts[e] == 0:
             assert torch.count_nonzero(got[e]) == 0, "an expert with no rows must get a zero gradient"
