@@ -12,7 +12,8 @@ training:
 * **varlen-K** (weight gradients): expert e computes ``dW[e] = A[rows of e]^T @ B[rows of e]``; the
   *reduction* length varies per expert (and A's rows may again be gathered).
 
-This first kernel favours clarity over speed (``grouped_gemm.py`` holds the production path):
+This first kernel favours clarity over speed (``grouped_gemm_sm90.py`` holds the production path,
+``grouped_gemm.py`` the public functions):
 
 1. **Tile map.** varlen-M: the host launches ``ceil(M / tile_m) + E`` row-tiles (an upper bound on
    ``sum_e ceil(f_e / tile_m)`` that needs no device-to-host copy of the counts). A tiny device
@@ -36,8 +37,6 @@ This first kernel favours clarity over speed (``grouped_gemm.py`` holds the prod
 """
 
 from __future__ import annotations
-
-import math
 
 from sonic_learn.fast._cute import import_cutlass
 
@@ -315,4 +314,4 @@ def default_stages(tile: tuple[int, int, int], smem_bytes: int = 227 * 1024) -> 
     return max(3, min(8, (smem_bytes - 1024) // per_stage))
 
 
-__all__ = ["GroupedGemmV1", "default_stages", "MAX_EXPERTS", "math"]
+__all__ = ["GroupedGemmV1", "default_stages", "MAX_EXPERTS"]
