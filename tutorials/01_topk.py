@@ -230,10 +230,23 @@ for name, fn in [("torch.topk", torch.topk), ("radix_topk", radix_topk), ("biton
     print(f"cpu  {name:>13}: median {t.median_ms:8.3f} ms  (p20 {t.p20_ms:.3f}, p80 {t.p80_ms:.3f})")
 
 if torch.cuda.is_available():  # GPU only: skipped on a CPU machine
+    from sonic_learn.fast._cute import fast_available
+
     xg = x.cuda()
-    for name, fn in [("torch.topk", torch.topk), ("radix_topk", radix_topk), ("bitonic_topk", bitonic_topk)]:
+    impls = [("torch.topk", torch.topk), ("radix_topk", radix_topk), ("bitonic_topk", bitonic_topk)]
+    ok, why = fast_available()
+    if ok:  # the CuTe-DSL kernels need a Hopper GPU
+        from sonic_learn.fast import topk as fast_topk
+
+        impls += [("fast radix_topk", fast_topk.radix_topk), ("fast bitonic_topk", fast_topk.bitonic_topk)]
+    else:
+        print("CuTe-DSL kernels not run:", why)
+    expected = radix_topk(xg, 8)[1]  # the contract: exactly these indices, ties to the lower column
+    for name, fn in impls:
+        if name != "torch.topk":  # check before timing
+            assert torch.equal(fn(xg, 8)[1], expected), name
         t = measure(lambda: fn(xg, 8), device="cuda")
-        print(f"cuda {name:>13}: median {t.median_ms:8.3f} ms  (p20 {t.p20_ms:.3f}, p80 {t.p80_ms:.3f})")
+        print(f"cuda {name:>17}: median {t.median_ms:8.3f} ms  (p20 {t.p20_ms:.3f}, p80 {t.p80_ms:.3f})")
 # --8<-- [end:measure]
 
 # %% [markdown]

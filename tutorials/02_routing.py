@@ -205,11 +205,24 @@ for name, fn in [("topk_routing", lambda lg: topk_routing(lg, K)),
     print(f"cpu  {name:>14}: median {t.median_ms:8.3f} ms  (p20 {t.p20_ms:.3f}, p80 {t.p80_ms:.3f})")
 
 if torch.cuda.is_available():  # GPU only: skipped on a CPU machine
+    from sonic_learn.fast._cute import fast_available
+
     lg = small.cuda()
-    for name, fn in [("topk_routing", lambda lg: topk_routing(lg, K)),
-                     ("token_rounding", lambda lg: token_rounding(lg, K, tile_m=tile_m))]:
+    impls = [("topk_routing", lambda lg: topk_routing(lg, K)),
+             ("token_rounding", lambda lg: token_rounding(lg, K, tile_m=tile_m))]
+    ok, why = fast_available()
+    if ok:  # the CuTe-DSL routing needs a Hopper GPU
+        from sonic_learn.fast import routing as fast_routing
+
+        impls += [("fast topk_routing", lambda lg: fast_routing.topk_routing(lg, K)),
+                  ("fast token_rounding", lambda lg: fast_routing.token_rounding(lg, K, tile_m=tile_m))]
+    else:
+        print("CuTe-DSL kernels not run:", why)
+    for name, fn in impls:
+        reference = topk_routing(lg, K) if "topk" in name else token_rounding(lg, K, tile_m=tile_m)
+        assert pair_set(fn(lg)) == pair_set(reference), name  # check before timing
         t = measure(lambda: fn(lg), device="cuda")
-        print(f"cuda {name:>14}: median {t.median_ms:8.3f} ms  (p20 {t.p20_ms:.3f}, p80 {t.p80_ms:.3f})")
+        print(f"cuda {name:>19}: median {t.median_ms:8.3f} ms  (p20 {t.p20_ms:.3f}, p80 {t.p80_ms:.3f})")
 # --8<-- [end:measure]
 
 # %% [markdown]

@@ -223,11 +223,24 @@ for name, fn in [("naive", naive_grouped_gemm), ("gather-fused", gather_fused_gr
     print(f"cpu  {name:>12}: median {t.median_ms:8.3f} ms  (p20 {t.p20_ms:.3f}, p80 {t.p80_ms:.3f})")
 
 if torch.cuda.is_available():  # GPU only: skipped on a CPU machine
-    xg, wg = xm.cuda(), wm.cuda()
+    from sonic_learn.fast._cute import fast_available
+
+    xg, wg = xm.cuda().bfloat16(), wm.cuda().bfloat16()  # bf16, as in training
     mg = build_metadata(topk_routing(torch.randn(Tm, Em, generator=gen).cuda(), Km))
-    for name, fn in [("naive", naive_grouped_gemm), ("gather-fused", gather_fused_grouped_gemm)]:
-        t = measure(lambda: fn(xg, wg, mg, tile_m=64), device="cuda")
-        print(f"cuda {name:>12}: median {t.median_ms:8.3f} ms  (p20 {t.p20_ms:.3f}, p80 {t.p80_ms:.3f})")
+    impls = [("naive", naive_grouped_gemm), ("gather-fused", gather_fused_grouped_gemm)]
+    ok, why = fast_available()
+    if ok:  # the CuTe-DSL kernels need a Hopper GPU
+        from sonic_learn.fast import grouped_gemm as fast_gemm
+
+        impls += [("fast naive", fast_gemm.naive_grouped_gemm), ("fast gather-fused", fast_gemm.gather_fused_grouped_gemm)]
+    else:
+        print("CuTe-DSL kernels not run:", why)
+    ref = gather_fused_grouped_gemm(xg.float(), wg.float(), mg)  # fp32 on the same bf16 inputs
+    for name, fn in impls:
+        rel = ((fn(xg, wg, mg).float() - ref).abs().max() / ref.abs().max()).item()
+        assert rel < 1e-2, (name, rel)  # bf16 output rounding: about 2**-8 relative
+        t = measure(lambda: fn(xg, wg, mg), device="cuda")
+        print(f"cuda {name:>17}: median {t.median_ms:8.3f} ms  (p20 {t.p20_ms:.3f}, p80 {t.p80_ms:.3f})")
 # --8<-- [end:measure]
 
 # %% [markdown]

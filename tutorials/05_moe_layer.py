@@ -193,11 +193,27 @@ for mode in ("standard", "reduced_memory"):
     print(f"cpu  {mode:>15}: median {t_.median_ms:8.3f} ms  (p20 {t_.p20_ms:.3f}, p80 {t_.p80_ms:.3f})")
 
 if torch.cuda.is_available():  # GPU only: skipped on a CPU machine
-    xg = xs.cuda()
+    from sonic_learn.fast._cute import fast_available
+
+    xg = xs.cuda().bfloat16()  # bf16, as in training
+    backends = ["reference"]
+    ok, why = fast_available()
+    if ok:  # the CuTe-DSL layer needs a Hopper GPU
+        backends.append("fast")
+    else:
+        print("CuTe-DSL kernels not run:", why)
     for mode in ("standard", "reduced_memory"):
-        m = sonic_learn.MoE(64, 32, 8, 2, backward=mode, device="cuda")
-        t_ = measure(lambda: train_step(m, xg), device="cuda")
-        print(f"cuda {mode:>15}: median {t_.median_ms:8.3f} ms  (p20 {t_.p20_ms:.3f}, p80 {t_.p80_ms:.3f})")
+        ref = sonic_learn.MoE(64, 32, 8, 2, backward=mode, device="cuda", dtype=torch.bfloat16)
+        for backend in backends:
+            m = sonic_learn.MoE(64, 32, 8, 2, backward=mode, backend=backend, device="cuda", dtype=torch.bfloat16)
+            m.load_state_dict(ref.state_dict())
+            if backend == "fast":  # check against the reference (same bf16 logits) before timing
+                with torch.no_grad():
+                    expect = ref(xg).float()
+                    rel = ((m(xg).float() - expect).abs().max() / expect.abs().max()).item()
+                assert rel < 5e-2, (mode, rel)
+            t_ = measure(lambda: train_step(m, xg), device="cuda")
+            print(f"cuda {backend:>9} {mode:>15}: median {t_.median_ms:8.3f} ms  (p20 {t_.p20_ms:.3f}, p80 {t_.p80_ms:.3f})")
 # --8<-- [end:measure]
 
 # %% [markdown]
