@@ -44,7 +44,7 @@ import torch
 
 from sonic_learn import _checks
 from sonic_learn.reference.moe import BACKWARD_MODES, ROUTINGS, _check_layer_inputs
-from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, RoutingMetadata
+from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata
 
 FAST_DTYPES = (torch.bfloat16, torch.float16)
 MAX_ELEMENTS = 2**31 - 1  # the kernels index with 32-bit integers
@@ -165,14 +165,35 @@ def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk",
         else:
             scores = torch.softmax(logits, dim=1).gather(1, experts)  # (T, K) picks of the softmax
         token_idx = torch.arange(T, device=x.device).repeat_interleave(k)  # (T*K,) pair p = t*K + j
-        meta, token_offsets = device_metadata(token_idx, experts.reshape(-1), T, E, pairs_per_token=k)
+        meta, token_offsets = _metadata(token_idx, experts.reshape(-1), T, E, pairs_per_token=k)
         return DeviceRouting(meta, scores.reshape(-1), token_offsets)
-    # Token rounding: the reference router on the GPU (data-dependent pair count: synchronizes).
-    from sonic_learn.reference.routing import token_rounding
+    # Token rounding: the fast router ranks only each expert's boundary tile, but its pair count
+    # depends on the data, so it synchronizes once (no CUDA-graph capture in this mode).
+    from sonic_learn.fast.routing import token_rounding
 
-    r = token_rounding(logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator, scoring=scoring)
-    meta, token_offsets = device_metadata(r.token_idx, r.expert_idx, T, E)
+    r = token_rounding(logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator, scoring=scoring,
+                       check_finite=False)
+    meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E)
     return DeviceRouting(meta, r.scores.contiguous(), token_offsets)
+
+
+def _metadata(token_idx, expert_idx, T: int, E: int, pairs_per_token: int | None = None):
+    """Routing metadata with the CuTe-DSL kernels of ``sonic_learn.fast.routing`` (no sync) when E
+    fits them, else ``device_metadata``'s torch ops; plus the per-token pair offsets."""
+    from sonic_learn.fast import routing as fast_routing
+
+    if E > fast_routing.MAX_EXPERTS:
+        return device_metadata(token_idx, expert_idx, T, E, pairs_per_token=pairs_per_token)
+    scores = torch.empty(expert_idx.numel(), dtype=torch.float32, device=expert_idx.device)  # unused
+    meta = fast_routing.build_metadata(
+        Routing(token_idx.to(torch.int32), expert_idx.to(torch.int32), scores, T, E), check_ids=False)
+    if pairs_per_token is not None:
+        token_offsets = torch.arange(T + 1, dtype=torch.int32, device=expert_idx.device) * pairs_per_token
+    else:  # token_idx is ascending: token t owns pairs [first pair of t, first pair of t+1)
+        token_offsets = torch.searchsorted(
+            token_idx.to(torch.int32), torch.arange(T + 1, dtype=torch.int32, device=expert_idx.device)
+        ).to(torch.int32)
+    return meta, token_offsets
 
 
 # ----------------------------------------------------------------------------------------------
