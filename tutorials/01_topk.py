@@ -219,6 +219,11 @@ r"""
 `sonic_learn.bench.measure` warms up, synchronizes, and reports the median with the 20th and 80th
 percentiles. On a CPU this times the *references*, which are written to be read: expect them to be
 slower than `torch.topk`. The GPU cell below runs only when CUDA is available.
+
+On a Hopper GPU with CuTe-DSL installed, the GPU cell also runs the CuTe-DSL kernels, each checked
+against the reference before it is timed. These are small problems, where fixed per-call
+costs (launches, host work) weigh heavily: the [Benchmarks](../benchmarks.md) page has the
+measured results at realistic sizes.
 <!-- --8<-- [end:measure_md] -->
 """
 

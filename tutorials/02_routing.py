@@ -193,6 +193,11 @@ r"""
 Token rounding costs a little more routing work than top-k (a rank per expert); what it buys is
 GEMM work. Times of the references on this device, on the first 1024 tokens (the GPU cell runs
 only with CUDA):
+
+On a Hopper GPU with CuTe-DSL installed, the GPU cell also runs the CuTe-DSL kernels, each checked
+against the reference before it is timed. These are small problems, where fixed per-call
+costs (launches, host work) weigh heavily: the [Benchmarks](../benchmarks.md) page has the
+measured results at realistic sizes.
 <!-- --8<-- [end:measure_md] -->
 """
 

@@ -209,6 +209,11 @@ r"""
 
 The references are Python loops over tiles, so on a CPU they show that the code runs, not the
 speed of the idea; the bytes in Step 4 carry the argument. On a GPU the cell below times them too.
+
+On a Hopper GPU with CuTe-DSL installed, the GPU cell also runs the CuTe-DSL kernels, each checked
+against the reference before it is timed. These are small problems, where fixed per-call
+costs (launches, host work) weigh heavily: the [Benchmarks](../benchmarks.md) page has the
+measured results at realistic sizes.
 <!-- --8<-- [end:measure_md] -->
 """
 

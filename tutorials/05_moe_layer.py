@@ -174,8 +174,13 @@ r"""
 <!-- --8<-- [start:measure_md] -->
 ## Measure on this device
 
-One training step (forward and backward) of a small float32 layer, for each backward mode. The GPU
-cell runs only with CUDA.
+One training step (forward and backward) of a small layer, for each backward mode: float32 on the
+CPU, bf16 in the GPU cell, which runs only with CUDA.
+
+On a Hopper GPU with CuTe-DSL installed, the GPU cell also runs the CuTe-DSL kernels, each checked
+against the reference before it is timed. These are small problems, where fixed per-call
+costs (launches, host work) weigh heavily: the [Benchmarks](../benchmarks.md) page has the
+measured results at realistic sizes.
 <!-- --8<-- [end:measure_md] -->
 """
 
