@@ -94,9 +94,16 @@ def bench_bandwidth(reps: int) -> dict:
 def host_overhead_us(calls: int = 2000) -> dict:
     """Host time per call (no sync per call): validation, allocation, TVM-FFI launch."""
     x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+    values = torch.empty(64, 8, device="cuda", dtype=torch.bfloat16)
+    indices = torch.empty(64, 8, device="cuda", dtype=torch.int64)
+    kernel = fast._compiled("bitonic", torch.bfloat16, 128, 8, "values")
     out = {}
     for name, fn in {
         "bitonic_topk(check_finite=False)": lambda: fast.bitonic_topk(x, 8, check_finite=False),
+        "compiled kernel call only (TVM-FFI)": lambda: kernel(x, values, indices),
+        "argument checks only": lambda: fast._check_inputs("x", x, 8, 16, "bitonic"),
+        "two torch.empty outputs only": lambda: (torch.empty(64, 8, device="cuda", dtype=torch.bfloat16),
+                                                 torch.empty(64, 8, device="cuda", dtype=torch.int64)),
         "torch.topk": lambda: torch.topk(x, 8),
     }.items():
         for _ in range(50):

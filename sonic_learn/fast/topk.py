@@ -83,9 +83,8 @@ MAX_K_BITONIC = 16  # each lane keeps a sorted top-k list in registers
 MAX_K_RADIX = 128  # the winners are staged in shared memory, k slots per row
 
 THREADS_PER_CTA = 128
-IDX_BITS = 16  # the low 16 bits of a key: 15 for the column, 1 for "this was -0.0"
+IDX_BITS = 16  # the low 16 bits of a key hold the inverted column, 0xFFFF - col
 IDX_MASK = (1 << IDX_BITS) - 1
-COL_MAX = (1 << (IDX_BITS - 1)) - 1  # columns are stored inverted: COL_MAX - col
 
 _TORCH_TO_CUTE = {}  # filled lazily (torch dtype -> cutlass numeric type)
 
@@ -111,60 +110,72 @@ def _raw_int_type(dtype):
 # Keys: float bits <-> order-preserving integers (device helpers, inlined into the kernels)
 # ---------------------------------------------------------------------------------------------
 @cute.jit
-def _ordered_from_bits(bits: Int32, width: cutlass.Constexpr[int]) -> Int32:
-    """Map a float's bits (sign-extended to int32) to a signed int with the same order.
+def _value_word(words: cute.Tensor, i: cutlass.Constexpr[int], width: cutlass.Constexpr[int]) -> Int32:
+    """Element i's bits placed in the top ``width`` bits of an int32 (the low bits are zero).
 
-    Non-negative floats already compare correctly as integers. For negative floats a larger
-    magnitude must mean a *smaller* number, so we flip the magnitude bits (the sign stays):
-    -0.0 -> -1, -1.0 -> -(bits of 1.0) - 1, -inf -> -(bits of inf) - 1. Applying it twice gives
-    the bits back, so the same function also decodes.
+    ``words`` is the lane's registers read as int32. A 32-bit word holds two 16-bit values, the
+    even element in its low half. Moving a bf16's bits to the top half gives exactly its float32
+    bit pattern, so "the low 16 bits of the key" are the low mantissa bits of a float32.
     """
-    magnitude_mask = (1 << (width - 1)) - 1
-    sign = bits >> 31  # 0 for non-negative, -1 (all ones) for negative
-    return bits ^ (sign & magnitude_mask)
+    if const_expr(width == 32):
+        return words[i]
+    elif const_expr(i % 2 == 0):
+        return words[i // 2] << 16
+    else:
+        return words[i // 2] & Int32(-65536)  # 0xFFFF0000
 
 
 @cute.jit
-def _is_negative_zero(bits: Int32, width: cutlass.Constexpr[int]):
-    """-0.0 is the sign bit alone (sign-extended: the most negative ``width``-bit integer)."""
-    return bits == -(1 << (width - 1))
+def _ordered(word: Int32, width: cutlass.Constexpr[int]) -> Int32:
+    """Signed integer with the float order, -0.0 and +0.0 both 0 (they tie, as torch compares them).
+
+    A non-negative float's bits already grow with its value. A negative float's bits grow with
+    its *magnitude*; flipping the magnitude bits and adding one unit turns them into -magnitude.
+    """
+    unit = 1 << (32 - width)  # the lowest bit of the value field
+    magnitude = 0x7FFFFFFF & ~(unit - 1)
+    sign = word >> 31  # 0 for a non-negative value, -1 (all ones) for a negative one
+    return (word ^ (sign & magnitude)) + (sign & unit)
 
 
 @cute.jit
-def _pack_key(bits: Int32, col: Int32, key_type: cutlass.Constexpr, width: cutlass.Constexpr[int]):
-    """Build the top-k key (see the module docstring)::
+def _unordered(ordered: Int32, width: cutlass.Constexpr[int]) -> Int32:
+    """Inverse of ``_ordered`` (a -0.0 comes back as +0.0: the caller re-reads zeros from x)."""
+    unit = 1 << (32 - width)
+    magnitude = 0x7FFFFFFF & ~(unit - 1)
+    sign = ordered >> 31
+    return (ordered - (sign & unit)) ^ (sign & magnitude)
 
-        key = ordered(value) << 16 | (COL_MAX - col) << 1 | is_negative_zero
 
-    -0.0 gets the key of +0.0 (they tie, as torch compares them); the last bit only remembers the
-    sign so that the value unpacks bit-exactly. Columns are unique, so that bit never decides.
+@cute.jit
+def _pack_key(word: Int32, col: Int32, key_type: cutlass.Constexpr, width: cutlass.Constexpr[int]):
+    """The bitonic key: ordered value on top, ``0xFFFF - col`` in the low 16 bits.
+
+    For bf16/fp16 the ordered value fills the top 16 bits of an int32 and the low 16 are free;
+    float32 values need all 32 bits, so their keys are int64 (value shifted up by 16).
     """
-    neg_zero = Int32(_is_negative_zero(bits, width))  # 1 for -0.0, else 0
-    ordered = _ordered_from_bits(bits & (neg_zero - 1), width)  # -0.0 -> +0.0 (bits & 0)
-    low = ((COL_MAX - col) << 1) | neg_zero
-    return (key_type(ordered) << IDX_BITS) | key_type(low)
+    ordered = _ordered(word, width)
+    if const_expr(width == 16):
+        return ordered | (IDX_MASK - col)
+    else:
+        return (Int64(ordered) << IDX_BITS) | Int64(IDX_MASK - col)
 
 
 @cute.jit
 def _unpack_key(key, width: cutlass.Constexpr[int]):
-    """Inverse of ``_pack_key``: return (the value's bits sign-extended to int32, column)."""
-    low = Int32(key & IDX_MASK)
-    col = COL_MAX - (low >> 1)
-    bits = _ordered_from_bits(Int32(key >> IDX_BITS), width)  # arithmetic shift keeps the sign
-    if (low & 1) != 0:
-        bits = Int32(-(1 << (width - 1)))  # -0.0
-    return bits, col
+    """Inverse of ``_pack_key``: return (the value's word, column)."""
+    col = IDX_MASK - Int32(key & IDX_MASK)
+    if const_expr(width == 16):
+        ordered = key & Int32(-65536)
+    else:
+        ordered = Int32(key >> IDX_BITS)
+    return _unordered(ordered, width), col
 
 
 @cute.jit
-def _radix_key(bits: Int32, width: cutlass.Constexpr[int]) -> Uint32:
-    """Unsigned order-preserving key of the value alone (radix select works on unsigned digits)."""
-    neg_zero = Int32(_is_negative_zero(bits, width))
-    ordered = _ordered_from_bits(bits & (neg_zero - 1), width)  # -0.0 ties with +0.0
-    if const_expr(width == 16):
-        return Uint32(ordered + 32768)  # [-32768, 32767] -> [0, 65535]
-    else:
-        return Uint32(ordered) ^ Uint32(0x80000000)  # flip the sign bit: signed order -> unsigned
+def _radix_key(word: Int32, width: cutlass.Constexpr[int]) -> Uint32:
+    """Unsigned order-preserving key of the value alone, top-aligned (radix select reads digits)."""
+    return Uint32(_ordered(word, width)) ^ Uint32(0x80000000)  # flip the sign: signed -> unsigned order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,24 +203,32 @@ def _bitonic_merge(a: cute.Tensor, n: cutlass.Constexpr[int], descending: cutlas
         half = half // 2
 
 
-@cute.jit
-def _bitonic_sort(a: cute.Tensor, n: cutlass.Constexpr[int], descending: cutlass.Constexpr[bool]):
-    """Classic bitonic sorting network on a[0:n] (n a power of two), fully unrolled.
+def _odd_even_merge_sort_pairs(n: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sort network on n wires (n a power of two), as (lower, upper) pairs.
 
-    Stage ``size`` (2, 4, ..., n) merges runs of ``size``; runs alternate direction so that each
-    pair of neighbouring runs forms a bitonic sequence for the next stage.
+    Plain Python, run at trace time. Sorted runs of length p are merged pairwise (p = 1, 2, 4, ...);
+    each merge compares wires k apart (k = p, p/2, ..., 1) within one pair of runs. It needs fewer
+    compare-exchanges than a bitonic sort: 19 instead of 24 for 8 wires, 63 instead of 80 for 16.
     """
-    size = 2
-    while const_expr(size <= n):
-        stride = size // 2
-        while const_expr(stride >= 1):
-            for i in cutlass.range_constexpr(n):
-                partner = i ^ stride
-                if const_expr(partner > i):
-                    run_descending = ((i & size) == 0) == descending
-                    _compare_exchange(a, i, partner, run_descending)
-            stride = stride // 2
-        size = size * 2
+    pairs = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):  # same pair of runs
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return pairs
+
+
+@cute.jit
+def _sort_descending(a: cute.Tensor, n: cutlass.Constexpr[int]):
+    """Sort a[0:n] descending in registers with the odd-even merge sort network (fully unrolled)."""
+    for lower, upper in _odd_even_merge_sort_pairs(n):
+        _compare_exchange(a, lower, upper, True)
 
 
 @cute.jit
@@ -339,11 +358,11 @@ class BitonicTopK:
         )
 
     @cute.jit
-    def pack_keys(self, dst: cute.Tensor, raw_bits: cute.Tensor, coords: cute.Tensor, g: cutlass.Constexpr[int]):
-        """dst[j] = key of the lane's element g * kp + j (value bits and column)."""
+    def pack_keys(self, dst: cute.Tensor, words: cute.Tensor, coords: cute.Tensor, g: cutlass.Constexpr[int]):
+        """dst[j] = key of the lane's element g * kp + j (its value and its column)."""
         for j in cutlass.range_constexpr(self.kp):
             i = g * self.kp + j
-            dst[j] = _pack_key(Int32(raw_bits[i]), coords[i][1], self.key_type, self.width)
+            dst[j] = _pack_key(_value_word(words, i, self.width), coords[i][1], self.key_type, self.width)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mOut: cute.Tensor, mIdx: cute.Tensor, tiled_copy: cute.TiledCopy):
@@ -351,27 +370,26 @@ class BitonicTopK:
         bidx, _, _ = cute.arch.block_idx()
         lanes = self.loader.lanes_per_row
         kp = self.kp
-        lane_in_row = tidx % lanes
 
         # Step 1 (reference: "pad the row to a power of two"): read this lane's slice of the row.
         tXrX, tXcX, row = self.loader.load(mX, tiled_copy, tidx, bidx)
-        raw_bits = cute.recast_tensor(tXrX, _raw_int_type(self.dtype))
+        words = cute.recast_tensor(tXrX, Int32)
 
-        # Step 2 (reference: "pack the column into the key, sort, keep the top k"): per lane,
-        # sort chunks of kp keys with a bitonic network and fold each chunk into a running top-k.
+        # Step 2 (reference: "pack the column into the key, sort chunks, fold them"): per lane,
+        # sort chunks of kp keys with a sorting network and fold each into a running top-kp.
         best = cute.make_rmem_tensor(kp, self.key_type)
         chunk = cute.make_rmem_tensor(kp, self.key_type)
         for g in cutlass.range_constexpr(self.loader.per_thread // kp):
             if const_expr(g == 0):
-                self.pack_keys(best, raw_bits, tXcX, g)
-                _bitonic_sort(best, kp, True)
+                self.pack_keys(best, words, tXcX, g)
+                _sort_descending(best, kp)
             else:
-                self.pack_keys(chunk, raw_bits, tXcX, g)
-                _bitonic_sort(chunk, kp, True)
+                self.pack_keys(chunk, words, tXcX, g)
+                _sort_descending(chunk, kp)
                 _merge_topk(best, chunk, kp)
 
-        # Step 3 (reference: "merge across the row"): butterfly over the lanes of the row. After
-        # log2(lanes) rounds every lane of the row holds the row's sorted top-kp keys.
+        # Step 3 (reference: the last folds, across lanes): butterfly over the lanes of the row.
+        # After log2(lanes) rounds every lane of the row holds the row's sorted top-kp keys.
         offset = 1
         while const_expr(offset < lanes):
             for j in cutlass.range_constexpr(kp):
@@ -381,52 +399,125 @@ class BitonicTopK:
             _bitonic_merge(best, kp, True)
             offset = offset * 2
 
-        # Step 4: unpack the k winners (lossless) and apply the epilogue.
-        raw_int = _raw_int_type(self.dtype)
-        win_bits = cute.make_rmem_tensor(kp, raw_int)
+        # Step 4 (reference: "unpack"): the k winners' value words and columns.
+        win_word = cute.make_rmem_tensor(kp, Int32)
         win_col = cute.make_rmem_tensor(kp, Int32)
         for j in cutlass.range_constexpr(kp):
-            bits, col = _unpack_key(best[j], self.width)
-            win_bits[j] = raw_int(bits)
-            win_col[j] = col
-        win_vals = cute.recast_tensor(win_bits, self.dtype)
+            win_word[j], win_col[j] = _unpack_key(best[j], self.width)
 
-        scores = cute.make_rmem_tensor(kp, Float32)
-        if const_expr(self.epilogue != "values"):
-            log2_e = math.log2(math.e)
-            top1 = Float32(win_vals[0])  # the row maximum
-            if const_expr(self.epilogue == "softmax_topk"):
-                # Mixtral: softmax over the k selected logits.
-                denom = Float32(0.0)
-                for j in cutlass.range_constexpr(self.k):
-                    scores[j] = cute.math.exp2((Float32(win_vals[j]) - top1) * log2_e, fastmath=True)
-                    denom = denom + scores[j]
+        # Step 5: the epilogue, then the stores.
+        if const_expr(self.epilogue == "values"):
+            self.store_values(mX, mOut, mIdx, row, tidx % lanes, win_word, win_col)
+        else:
+            scores = self.softmax_scores(tXrX, win_word)
+            self.store_scores(mX, mOut, mIdx, row, tidx % lanes, scores, win_col)
+
+    def store_plan(self):
+        """Split the k output slots into groups of `width` contiguous slots, one vector store each.
+
+        Lane l of the row stores the groups l, l + lanes, ... so every store instruction does
+        useful work on all lanes (instead of k scalar stores each done by one lane).
+        """
+        lanes = self.loader.lanes_per_row
+        per_lane = -(-self.k // lanes)
+        width = 1
+        while self.k % (width * 2) == 0 and width < per_lane:
+            width *= 2
+        groups = self.k // width
+        return width, groups, -(-groups // lanes)
+
+    @cute.jit
+    def gather_group(self, frag: cute.Tensor, src: cute.Tensor, lane: Int32, r: cutlass.Constexpr[int]):
+        """frag[v] = src[q * width + v] for this lane's group q = r * lanes + lane (a select chain:
+        registers cannot be indexed by a runtime value)."""
+        width, groups, _ = self.store_plan()
+        lanes = self.loader.lanes_per_row
+        for v in cutlass.range_constexpr(width):
+            frag[v] = src[r * lanes * width + v]
+        for l in cutlass.range_constexpr(1, lanes):
+            q = r * lanes + l
+            if const_expr(q < groups):
+                if lane == l:
+                    for v in cutlass.range_constexpr(width):
+                        frag[v] = src[q * width + v]
+
+    @cute.jit
+    def store_values(self, mX, mOut, mIdx, row, lane, win_word, win_col):
+        width, groups, rounds = self.store_plan()
+        lanes = self.loader.lanes_per_row
+        raw_type = _raw_int_type(self.dtype)
+        out_groups = cute.zipped_divide(mOut, (1, width))  # ((1, width), (rows, groups))
+        idx_groups = cute.zipped_divide(mIdx, (1, width))
+        for r in cutlass.range_constexpr(rounds):
+            q = r * lanes + lane
+            if row < mX.shape[0] and q < groups:
+                word = cute.make_rmem_tensor(width, Int32)
+                col = cute.make_rmem_tensor(width, Int32)
+                self.gather_group(word, win_word, lane, r)
+                self.gather_group(col, win_col, lane, r)
+                bits = cute.make_rmem_tensor(width, raw_type)
+                cols = cute.make_rmem_tensor(width, Int64)
+                for v in cutlass.range_constexpr(width):
+                    bits[v] = raw_type(word[v] >> (32 - self.width))
+                    cols[v] = Int64(col[v])
+                values = cute.recast_tensor(bits, self.dtype)
+                for v in cutlass.range_constexpr(width):
+                    if word[v] == 0:  # +0.0 or -0.0 (the key made them tie): take the sign from x
+                        values[v] = mX[row, col[v]]
+                cute.autovec_copy(values, out_groups[(0, None), (row, q)])
+                cute.autovec_copy(cols, idx_groups[(0, None), (row, q)])
+
+    @cute.jit
+    def softmax_scores(self, tXrX: cute.Tensor, win_word: cute.Tensor) -> cute.Tensor:
+        """float32 router scores of the k winners, computed in registers."""
+        lanes = self.loader.lanes_per_row
+        log2_e = math.log2(math.e)
+        win = cute.recast_tensor(win_word, Float32)  # for bf16 the top-aligned word IS the float32
+        values = cute.make_rmem_tensor(self.kp, Float32)
+        for j in cutlass.range_constexpr(self.kp):
+            if const_expr(self.width == 16 and self.dtype != cutlass.BFloat16):
+                half = cute.make_rmem_tensor(1, cutlass.Int16)
+                half[0] = cutlass.Int16(win_word[j] >> 16)
+                values[j] = Float32(cute.recast_tensor(half, self.dtype)[0])
             else:
-                # Qwen: softmax over all N logits (sum of exp over this lane's slice, then over
-                # the lanes of the row), then take the k winners' probabilities.
-                partial = Float32(0.0)
-                for i in cutlass.range_constexpr(cute.size(tXrX)):
-                    partial = partial + cute.math.exp2((Float32(tXrX[i]) - top1) * log2_e, fastmath=True)
-                denom = cute.arch.warp_reduction_sum(partial, threads_in_group=lanes)
-                topk_mass = Float32(0.0)
-                for j in cutlass.range_constexpr(self.k):
-                    scores[j] = cute.math.exp2((Float32(win_vals[j]) - top1) * log2_e, fastmath=True)
-                    topk_mass = topk_mass + scores[j]
-                if const_expr(self.epilogue == "topk_softmax_normalized"):
-                    denom = topk_mass  # p_j / sum_k p_k == e_j / sum_k e_j
-            inv = Float32(1.0) / denom
-            for j in cutlass.range_constexpr(self.k):
-                scores[j] = scores[j] * inv
+                values[j] = win[j]
+        top1 = values[0]  # the row maximum
+        scores = cute.make_rmem_tensor(self.kp, Float32)
+        denom = Float32(0.0)
+        for j in cutlass.range_constexpr(self.k):
+            scores[j] = cute.math.exp2((values[j] - top1) * log2_e, fastmath=True)
+            denom = denom + scores[j]  # Mixtral: softmax over the k selected logits
+        if const_expr(self.epilogue == "topk_softmax"):
+            # Qwen: softmax over all N logits; the sum of exp runs over this lane's slice, then
+            # over the lanes of the row. Padding holds -inf, which adds exp(-inf) = 0.
+            partial = Float32(0.0)
+            for i in cutlass.range_constexpr(cute.size(tXrX)):
+                partial = partial + cute.math.exp2((Float32(tXrX[i]) - top1) * log2_e, fastmath=True)
+            denom = cute.arch.warp_reduction_sum(partial, threads_in_group=lanes)
+        # ("topk_softmax_normalized": p_j / sum_k p_k == e_j / sum_k e_j, the sum over the k winners.)
+        inv = Float32(1.0) / denom
+        for j in cutlass.range_constexpr(self.k):
+            scores[j] = scores[j] * inv
+        return scores
 
-        # Step 5: write. All lanes of the row hold the answer; lane l writes slots l, l+lanes, ...
-        if row < mX.shape[0]:
-            for j in cutlass.range_constexpr(self.k):
-                if lane_in_row == j % lanes:
-                    if const_expr(self.epilogue == "values"):
-                        mOut[row, j] = win_vals[j]
-                    else:
-                        mOut[row, j] = scores[j]
-                    mIdx[row, j] = Int64(win_col[j])
+    @cute.jit
+    def store_scores(self, mX, mOut, mIdx, row, lane, scores, win_col):
+        width, groups, rounds = self.store_plan()
+        lanes = self.loader.lanes_per_row
+        out_groups = cute.zipped_divide(mOut, (1, width))
+        idx_groups = cute.zipped_divide(mIdx, (1, width))
+        for r in cutlass.range_constexpr(rounds):
+            q = r * lanes + lane
+            if row < mX.shape[0] and q < groups:
+                vals = cute.make_rmem_tensor(width, Float32)
+                col = cute.make_rmem_tensor(width, Int32)
+                self.gather_group(vals, scores, lane, r)
+                self.gather_group(col, win_col, lane, r)
+                cols = cute.make_rmem_tensor(width, Int64)
+                for v in cutlass.range_constexpr(width):
+                    cols[v] = Int64(col[v])
+                cute.autovec_copy(vals, out_groups[(0, None), (row, q)])
+                cute.autovec_copy(cols, idx_groups[(0, None), (row, q)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,21 +575,21 @@ class RadixTopK:
 
         # Step 1: read the row (one warp) and note which register slots are real columns.
         tXrX, tXcX, row = self.loader.load(mX, tiled_copy, tidx, bidx)
-        raw_bits = cute.recast_tensor(tXrX, _raw_int_type(self.dtype))
+        words = cute.recast_tensor(tXrX, Int32)
 
         # Step 2: narrow to the k-th largest key, one 8-bit digit per pass (MSB first).
         prefix = Uint32(0)  # digits decided so far
         decided = Uint32(0)  # mask of the decided bits
         k_left = Int32(self.k)  # how many winners are still to be found below `prefix`
         for p in cutlass.range_constexpr(self.num_passes):
-            shift = self.width - RADIX_BITS * (p + 1)
+            shift = 32 - RADIX_BITS * (p + 1)  # keys are top-aligned: 16-bit values use the top two digits
             # 2a. clear this warp's histogram
             for b in cutlass.range_constexpr(RADIX_BINS // 32):
                 hist[b * 32 + lane] = Int32(0)
             cute.arch.sync_warp()
             # 2b. count the keys that still match the prefix, by their next digit
             for i in cutlass.range_constexpr(per_thread):
-                key = _radix_key(Int32(raw_bits[i]), self.width)
+                key = _radix_key(_value_word(words, i, self.width), self.width)
                 if tXcX[i][1] < self.N and (key & decided) == prefix:
                     digit = Int32((key >> shift) & Uint32(RADIX_BINS - 1))
                     cute.arch.atomic_add((hist.iterator + digit).llvm_ptr, Int32(1))
@@ -538,7 +629,7 @@ class RadixTopK:
             n_equal = Int32(0)
             for v in cutlass.range_constexpr(vec):
                 i = c * vec + v
-                if tXcX[i][1] < self.N and _radix_key(Int32(raw_bits[i]), self.width) == kth:
+                if tXcX[i][1] < self.N and _radix_key(_value_word(words, i, self.width), self.width) == kth:
                     n_equal = n_equal + 1
             equal_excl, equal_total = _warp_exclusive_sum(n_equal, lane)
             equal_rank = equal_before + equal_excl
@@ -546,7 +637,7 @@ class RadixTopK:
             n_taken = Int32(0)
             for v in cutlass.range_constexpr(vec):
                 i = c * vec + v
-                key = _radix_key(Int32(raw_bits[i]), self.width)
+                key = _radix_key(_value_word(words, i, self.width), self.width)
                 take = Int32(0)
                 if tXcX[i][1] < self.N:
                     if key > kth:
@@ -562,7 +653,7 @@ class RadixTopK:
             for v in cutlass.range_constexpr(vec):
                 i = c * vec + v
                 if taken[v] != 0:
-                    stage_key[slot] = _radix_key(Int32(raw_bits[i]), self.width)
+                    stage_key[slot] = _radix_key(_value_word(words, i, self.width), self.width)
                     stage_col[slot] = tXcX[i][1]
                     slot = slot + 1
             equal_before = equal_before + equal_total
@@ -604,8 +695,8 @@ def compile_kernel(kind: str, dtype: torch.dtype, N: int, k: int, epilogue: str 
     out_dtype = cdtype if epilogue == "values" else Float32
     rows = cute.sym_int()
     x = make_fake_compact_tensor(cdtype, (rows, N), stride_order=(1, 0), assumed_align=16)
-    out = make_fake_compact_tensor(out_dtype, (rows, k), stride_order=(1, 0))
-    idx = make_fake_compact_tensor(Int64, (rows, k), stride_order=(1, 0))
+    out = make_fake_compact_tensor(out_dtype, (rows, k), stride_order=(1, 0), assumed_align=16)
+    idx = make_fake_compact_tensor(Int64, (rows, k), stride_order=(1, 0), assumed_align=16)
     stream = make_fake_stream(use_tvm_ffi_env_stream=True)
     options = ("--enable-tvm-ffi " + extra_options).strip()
     return cute.compile(op, x, out, idx, stream, options=options)
