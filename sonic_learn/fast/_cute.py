@@ -59,3 +59,15 @@ def fast_available() -> tuple[bool, str]:
     if not ok:
         return False, why
     return hopper_available()
+
+
+def compile_options(keep_ptx: bool = False, extra: str = "") -> str:
+    """Options for ``cute.compile``: TVM-FFI launch (microseconds of host time per call) and, with
+    ``keep_ptx``, the PTX kept for inspection (``compiled.__ptx__``), its files written to a
+    temporary folder rather than the working directory."""
+    opts = "--enable-tvm-ffi"
+    if keep_ptx:
+        import tempfile
+
+        opts += f" --keep-ptx --dump-dir={tempfile.mkdtemp(prefix='sonic_learn_ptx_')}"
+    return f"{opts} {extra}".strip()

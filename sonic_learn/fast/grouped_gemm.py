@@ -154,7 +154,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     TVM-FFI callable ``f(a, b, out, gather_idx, expert_offsets, tile_offsets, num_row_tiles)``.
     """
     _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
-    from sonic_learn.fast._cute import import_cutlass
+    from sonic_learn.fast._cute import compile_options, import_cutlass
 
     cutlass = import_cutlass()
     import cutlass.cute as cute
@@ -196,7 +196,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
         if epilogue_smem_bytes(tile, out_dtype.itemsize) > ab_bytes:
             raise ValueError(f"tile {tile} with {stages} stages leaves too little shared memory for the epilogue")
     kernel_obj = cls(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2], stages=stages)
-    opts = "--enable-tvm-ffi" + (" --keep-ptx" if keep_ptx else "")
+    opts = compile_options(keep_ptx)
     return cute.compile(kernel_obj, a, b, out, gidx, offs, toffs, cutlass.Int32(1),
                         make_fake_stream(use_tvm_ffi_env_stream=True), options=opts)
 

@@ -46,7 +46,7 @@ import functools
 
 import torch
 
-from sonic_learn.fast._cute import import_cutlass
+from sonic_learn.fast._cute import compile_options, import_cutlass
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
@@ -345,7 +345,7 @@ def compile_kernel(name: str, dtype: torch.dtype, *, keep_ptx: bool = False):
         return make_fake_compact_tensor(elem, (cute.sym_int(),), assumed_align=4)
 
     stream = make_fake_stream(use_tvm_ffi_env_stream=True)
-    opts = "--enable-tvm-ffi" + (" --keep-ptx" if keep_ptx else "")
+    opts = compile_options(keep_ptx)
     if name == "swiglu_fwd":
         return cute.compile(SwiGLUForward(), mat(dt), mat(dt), stream, options=opts)
     if name.startswith("swiglu_bwd"):
