@@ -444,18 +444,11 @@ def build_metadata(routing: Routing, *, check_ids: bool = True) -> RoutingMetada
 # Routers
 # ---------------------------------------------------------------------------------------------
 def _check_router_args(logits: object, k: object, scoring: object, normalize: object, check_finite: object):
-    logits = _checks.check_tensor("logits", logits)
-    _checks.check_ndim("logits", logits, 2, "(T tokens, E experts)")
-    _checks.check_dtype("logits", logits, _checks.FLOAT_DTYPES)
-    E = logits.shape[1]
-    if E < 1:
-        raise ValueError(f"logits must have at least one expert column (E >= 1), got shape {tuple(logits.shape)}")
-    _checks.check_int_range("k", k, 1, E, "E, the number of experts = logits.shape[1]")
-    _checks.check_choice("scoring", scoring, SCORINGS)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    """The reference's router checks, then the fast path's: a CUDA tensor, and the (syncing)
+    finite check only when ``check_finite``."""
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    logits = _ref._check_router_args(logits, k, scoring, normalize, check_finite=False)
     _checks.check_cuda("logits", logits)
     if check_finite:
         _checks.check_finite("logits", logits)

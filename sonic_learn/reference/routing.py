@@ -75,7 +75,9 @@ class RoutingMetadata:
 # ---------------------------------------------------------------------------------------------
 # Argument checks shared by both routers (every public function validates before any work).
 # ---------------------------------------------------------------------------------------------
-def _check_router_args(logits: object, k: object, scoring: object, normalize: object) -> torch.Tensor:
+def _check_router_args(logits: object, k: object, scoring: object, normalize: object,
+                       check_finite: bool = True) -> torch.Tensor:
+    """Validate the router arguments (the fast routers reuse this, then add their device checks)."""
     logits = _checks.check_tensor("logits", logits)
     _checks.check_ndim("logits", logits, 2, "(T tokens, E experts)")
     _checks.check_dtype("logits", logits, _checks.FLOAT_DTYPES)
@@ -86,7 +88,8 @@ def _check_router_args(logits: object, k: object, scoring: object, normalize: ob
     _checks.check_choice("scoring", scoring, SCORINGS)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    _checks.check_finite("logits", logits)
+    if check_finite:
+        _checks.check_finite("logits", logits)
     return logits
 
 
