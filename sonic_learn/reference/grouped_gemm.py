@@ -381,6 +381,27 @@ class GemmCost:
 _VARIANTS = ("naive", "gather_fused")
 
 
+def _rows_and_padded_rows(f: list[int], tile: int) -> tuple[int, int]:
+    """M = sum of the counts, and M_pad = each count rounded up to a multiple of ``tile``."""
+    return sum(f), sum(-(-f_e // tile) * tile for f_e in f)
+
+
+def _cost_from_kernels(variant: str, kernels: tuple[KernelIO, ...], *, T: int, K: int, N: int,
+                       M: int, M_pad: int, b: int) -> GemmCost:
+    """Sum the kernels' bytes; FLOPs are 2*M*K*N useful and 2*(M_pad - M)*K*N on padding."""
+    return GemmCost(
+        variant=variant,
+        bytes_read=sum(k.bytes_read for k in kernels),
+        bytes_written=sum(k.bytes_written for k in kernels),
+        flops_useful=2 * M * K * N,
+        flops_padded=2 * (M_pad - M) * K * N,
+        kernels=kernels,
+        source_bytes=T * K * b,
+        rows=M,
+        padded_rows=M_pad,
+    )
+
+
 def _check_counts(counts: object, T: int) -> list[int]:
     """Accept a 1-D integer tensor or a list/tuple of ints; return the counts as Python ints."""
     if isinstance(counts, torch.Tensor):
@@ -469,8 +490,7 @@ def io_cost(
     f = _check_counts(counts, T)
     # --8<-- [start:io_cost]
     b = dtype_bytes
-    M = sum(f)
-    M_pad = sum(-(-f_e // tile_m) * tile_m for f_e in f)
+    M, M_pad = _rows_and_padded_rows(f, tile_m)
     E_act = sum(1 for f_e in f if f_e > 0)
     weight_bytes = E_act * K * N * b
 
@@ -482,17 +502,7 @@ def io_cost(
     else:
         kernels = (KernelIO("gather-fused grouped GEMM", bytes_read=M * K * b + weight_bytes, bytes_written=M * N * b),)
 
-    return GemmCost(
-        variant=variant,
-        bytes_read=sum(k.bytes_read for k in kernels),
-        bytes_written=sum(k.bytes_written for k in kernels),
-        flops_useful=2 * M * K * N,
-        flops_padded=2 * (M_pad - M) * K * N,
-        kernels=kernels,
-        source_bytes=T * K * b,
-        rows=M,
-        padded_rows=M_pad,
-    )
+    return _cost_from_kernels(variant, kernels, T=T, K=K, N=N, M=M, M_pad=M_pad, b=b)
     # --8<-- [end:io_cost]
 
 
@@ -525,8 +535,7 @@ def varlen_k_cost(
     # --8<-- [start:varlen_k_cost]
     b = dtype_bytes
     E = len(f)
-    M = sum(f)
-    M_pad = sum(-(-f_e // tile_k) * tile_k for f_e in f)
+    M, M_pad = _rows_and_padded_rows(f, tile_k)
     gemm_read = M * K * b + M * N * b  # a (gathered or contiguous) + b
     out_bytes = E * K * N * b  # every expert's (K, N) block, zeros for empty experts
 
@@ -538,15 +547,5 @@ def varlen_k_cost(
     else:
         kernels = (KernelIO("gather-fused varlen-K GEMM", bytes_read=gemm_read, bytes_written=out_bytes),)
 
-    return GemmCost(
-        variant=variant,
-        bytes_read=sum(k.bytes_read for k in kernels),
-        bytes_written=sum(k.bytes_written for k in kernels),
-        flops_useful=2 * M * K * N,
-        flops_padded=2 * (M_pad - M) * K * N,
-        kernels=kernels,
-        source_bytes=T * K * b,
-        rows=M,
-        padded_rows=M_pad,
-    )
+    return _cost_from_kernels(variant, kernels, T=T, K=K, N=N, M=M, M_pad=M_pad, b=b)
     # --8<-- [end:varlen_k_cost]
