@@ -1,0 +1,72 @@
+"""Run ``python -m sonic_learn.compare`` at the shapes the issues name, in ONE process (one device
+run), and keep the CLI's own JSON: ``benchmarks/results/cli_<command>_<device>.json``.
+
+Every ratio quoted from these files comes from rows measured in the same run (the CLI times the
+baseline row next to the others). For top-k it also measures the device-to-device copy rate in the
+same run, so the bitonic kernel's bandwidth can be put against it.
+
+    python benchmarks/cli_suite.py --out benchmarks/results [--only topk,moe]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+import torch
+
+from sonic_learn import bench
+from sonic_learn.compare.__main__ import main as compare_main
+
+SUITE = {
+    "topk": [["-T", "32768", "-E", str(e), "-K", str(k)] for e, k in ((64, 8), (128, 8), (256, 16), (512, 10))]
+    + [["-T", "262144", "-E", "128", "-K", "8"]],
+    "routing": [["--config", "7B"]],
+    "grouped-gemm": [["--config", "7B"], ["--config", "30B"]],
+    "moe": [["--config", "7B", "--reps", "10"], ["--config", "30B", "--reps", "5"],
+            ["-T", "16384", "-d", "4096", "-n", "512", "-E", "256", "-K", "16", "--reps", "5"]],
+}
+
+
+def run_command(command: str, shapes: list[list[str]], dtype: str) -> tuple[list[dict], int]:
+    runs, worst = [], 0
+    for shape in shapes:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "out.json")
+            rc = compare_main([command, *shape, "--dtype", dtype, "--json", path])
+            worst = max(worst, rc)
+            with open(path) as f:
+                record = json.load(f)
+        record["argv"] = [command, *shape, "--dtype", dtype]
+        record["exit_code"] = rc
+        runs.append(record)
+    return runs, worst
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--only", default=",".join(SUITE), help="comma-separated subset of " + ",".join(SUITE))
+    p.add_argument("--dtype", default="bf16")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    env = bench.environment()
+    device_tag = env["device"].replace(" ", "_").replace(":", "")
+    worst = 0
+    for command in args.only.split(","):
+        runs, rc = run_command(command, SUITE[command], args.dtype)
+        worst = max(worst, rc)
+        doc = {"suite": "benchmarks/cli_suite.py", "command": command, "environment": env, "runs": runs}
+        if command == "topk" and torch.cuda.is_available():
+            doc["copy_bandwidth_gbs"] = bench.copy_bandwidth_gbs("cuda")
+        path = os.path.join(args.out, f"cli_{command.replace('-', '_')}_{device_tag}.json")
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {path} (worst exit code {rc})", flush=True)
+    return worst
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
