@@ -334,21 +334,14 @@ class SavedTensor:
     nbytes: int
 
 
-def saved_tensors(x, router_w, w1, w2, k, **kwargs) -> list[SavedTensor]:
-    """Run the experts' forward and list every *activation* it saves for backward.
+def record_saved_tensors(run, exclude: tuple[torch.Tensor, ...] = ()) -> list[SavedTensor]:
+    """Call ``run()`` and list every tensor autograd saves for backward meanwhile.
 
-    Measured with ``torch.autograd.graph.saved_tensors_hooks``. Weights (w1, w2) are parameters,
-    not activations, and are left out; each storage is counted once.
+    Measured with ``torch.autograd.graph.saved_tensors_hooks``. Tensors sharing storage with one in
+    ``exclude`` (the weights: parameters, not activations) are left out; each storage is counted
+    once (an input saved by two ops costs its bytes once); empty tensors are listed with 0 bytes.
     """
-    backward = kwargs.pop("backward", "reduced_memory")
-    _check_layer_inputs(x, router_w, w1, w2, k, kwargs.get("tile_m", 128), kwargs.get("routing", "topk"), backward)
-    tile_m = kwargs.pop("tile_m", 128)
-    with torch.no_grad():
-        r = route(x, router_w, k, tile_m=tile_m, **kwargs)
-    meta = build_metadata(r)
-    scores = r.scores.detach().requires_grad_(True)
-    xr = x.detach().requires_grad_(True)
-    weights = {w1.data_ptr(), w2.data_ptr()}
+    excluded = {t.data_ptr() for t in exclude}
     seen: set[tuple] = set()
     found: list[SavedTensor] = []
 
@@ -356,15 +349,30 @@ def saved_tensors(x, router_w, w1, w2, k, **kwargs) -> list[SavedTensor]:
         key = (t.data_ptr(), tuple(t.shape), t.dtype)
         if t.numel() == 0:  # empty tensors share data_ptr 0: count each one (they hold 0 bytes)
             found.append(SavedTensor(tuple(t.shape), t.dtype, 0))
-        elif t.data_ptr() not in weights and key not in seen:
+        elif t.data_ptr() not in excluded and key not in seen:
             seen.add(key)
             found.append(SavedTensor(tuple(t.shape), t.dtype, t.numel() * t.element_size()))
         return t
 
-    experts = ReducedMemoryExperts if backward == "reduced_memory" else StandardExperts
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        experts.apply(xr, w1, w2, scores, meta, tile_m)
+        run()
     return found
+
+
+def saved_tensors(x, router_w, w1, w2, k, *, backward: str = "reduced_memory", routing: str = "topk",
+                  tile_m: int = 128, scoring: str = "softmax_topk", rounding_mode: str = "nearest",
+                  generator: torch.Generator | None = None) -> list[SavedTensor]:
+    """Run the experts' forward once and list every *activation* it saves for backward (weights
+    excluded, see ``record_saved_tensors``). Arguments as ``moe_forward``."""
+    _check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
+    with torch.no_grad():
+        r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
+                  rounding_mode=rounding_mode, generator=generator)
+    meta = build_metadata(r)
+    scores = r.scores.detach().requires_grad_(True)  # (P,) a leaf, as the router's output would be
+    xr = x.detach().requires_grad_(True)  # (T, d)
+    experts = ReducedMemoryExperts if backward == "reduced_memory" else StandardExperts
+    return record_saved_tensors(lambda: experts.apply(xr, w1, w2, scores, meta, tile_m), exclude=(w1, w2))
 
 
 def saved_activation_bytes(x, router_w, w1, w2, k, **kwargs) -> int:
