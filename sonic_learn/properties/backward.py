@@ -207,7 +207,10 @@ def check_saved_bytes_order(fn, case: BytesCase) -> None:
 def check_saved_bytes_rejects(fn, case) -> None:
     for bad in (BadInput("an unknown backward mode", (4, 8, 8, 2, 8), {"backward": "fast"}, match="backward"),
                 BadInput("a negative T", (-1, 8, 8, 2, 8), match="T"),
-                BadInput("dtype_bytes = 0", (4, 8, 8, 2, 8), {"dtype_bytes": 0}, match="dtype_bytes")):
+                BadInput("dtype_bytes = 0", (4, 8, 8, 2, 8), {"dtype_bytes": 0}, match="dtype_bytes"),
+                BadInput("dtype_bytes = 3 (no such dtype)", (4, 8, 8, 2, 8), {"dtype_bytes": 3}, match="dtype_bytes"),
+                BadInput("dtype_bytes given as a float", (4, 8, 8, 2, 8), {"dtype_bytes": 2.0}, error=TypeError,
+                         match="dtype_bytes")):
         expect_raises(fn, bad)
 
 

@@ -1,8 +1,8 @@
 """Key for assignment 4: the reduced-memory backward pieces of ``sonic_learn.reference.moe``, by name.
 
-Every function here delegates to the reference layer (no second implementation of the math):
-``dh_epilogue`` is the epilogue of ``ReducedMemoryExperts.backward`` (step 1), and
-``reduced_memory_backward`` runs that backward on the tensors its forward caches.
+``reduced_memory_backward`` runs ``ReducedMemoryExperts.backward`` on the tensors its forward caches,
+``saved_bytes`` sums ``expected_saved_bytes`` and ``swiglu_backward`` is the reference's. ``dh_epilogue``
+repeats the five epilogue lines of that backward's step 1 (the reference inlines them in the backward).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def saved_bytes(T: int, d: int, n: int, E: int, P: int, *, dtype_bytes: int = 2,
     """Total of ``expected_saved_bytes`` (activations in a ``dtype_bytes``-byte dtype)."""
     for name, value, lo in (("T", T, 0), ("d", d, 1), ("n", n, 1), ("E", E, 1), ("P", P, 0)):
         _checks.check_int_range(name, value, lo)
-    _checks.check_choice("dtype_bytes", dtype_bytes, tuple(_DTYPE_OF_BYTES)) if dtype_bytes in _DTYPE_OF_BYTES else \
-        _checks.check_int_range("dtype_bytes", dtype_bytes, 1, 8, what="1, 2, 4 or 8 bytes per element")
+    _checks.check_int_range("dtype_bytes", dtype_bytes, 1, 8, what="bytes per element")
+    _checks.check_choice("dtype_bytes", dtype_bytes, tuple(_DTYPE_OF_BYTES))
     _checks.check_choice("backward", backward, BACKWARD_MODES)
     return expected_saved_bytes(T, d, n, E, P, dtype=_DTYPE_OF_BYTES[dtype_bytes], backward=backward)["total"]
