@@ -34,10 +34,9 @@ pytestmark = pytest.mark.compile
 # 1. Kernels compile for Hopper
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_kernels_compile_for_sm90a(dtype, tmp_path, monkeypatch):
+def test_kernels_compile_for_sm90a(dtype):
     from sonic_learn.fast import moe_kernels as mk
 
-    monkeypatch.chdir(tmp_path)  # --keep-ptx writes its files into the working directory
     for name in mk.KERNELS:
         ptx = mk.compile_kernel(name, dtype, keep_ptx=True).__ptx__
         assert ".target sm_90a" in ptx, name
@@ -45,6 +44,15 @@ def test_kernels_compile_for_sm90a(dtype, tmp_path, monkeypatch):
         if name in ("swiglu_bwd_scaled", "gather_scale_dot"):
             assert ptx.count("shfl.sync.bfly") >= 5, f"{name}: the dS warp reduction is missing"
         assert "atom." not in ptx and "red.global" not in ptx, f"{name}: uses atomics (must be deterministic)"
+
+
+def test_compile_kernel_rejects_unknown_kernel_and_dtype():
+    from sonic_learn.fast import moe_kernels as mk
+
+    with pytest.raises(ValueError, match="name must be one of"):
+        mk.compile_kernel("swiglu_forward", torch.bfloat16)
+    with pytest.raises(ValueError, match=r"dtype must be torch.bfloat16 or torch.float16.*float32"):
+        mk.compile_kernel("swiglu_fwd", torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------

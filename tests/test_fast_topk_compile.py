@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from sonic_learn.fast._cute import cutlass_available  # noqa: E402  (pins sm_90a before cutlass loads)
+from sonic_learn.fast._cute import cutlass_available, cutlass_dtype  # noqa: E402  (pins sm_90a before cutlass loads)
 
 _ok, _why = cutlass_available()
 if not _ok:
@@ -54,7 +54,7 @@ def test_kernel_compiles_for_sm90a(case, tmp_path):
     assert re.search(r"ld\.global[.\w]*\.v4", ptx), "rows must be read with 16-byte vector loads"
     assert ".local" not in ptx, "the kernel spills registers to local memory"
     if kind == "bitonic":
-        lanes = topk.BitonicTopK(topk._cute_dtype(dtype), n, k, epilogue).loader.lanes_per_row
+        lanes = topk.BitonicTopK(cutlass_dtype(dtype), n, k, epilogue).loader.lanes_per_row
         if lanes > 1:
             assert "shfl.sync.bfly" in ptx, "the cross-lane merge must use butterfly shuffles"
         assert "atom." not in ptx and ".shared" not in ptx, "bitonic top-k must not touch shared memory"
@@ -69,8 +69,15 @@ def test_lane_split_covers_the_row():
             if k > n:
                 continue
             for dtype in (torch.bfloat16, torch.float32):
-                op = topk.BitonicTopK(topk._cute_dtype(dtype), n, k)
+                op = topk.BitonicTopK(cutlass_dtype(dtype), n, k)
                 loader = op.loader
                 assert loader.lanes_per_row * loader.per_thread == loader.n_padded >= n
                 assert 1 <= loader.lanes_per_row <= 32 and 32 % loader.lanes_per_row == 0
                 assert loader.per_thread % op.kp == 0 and loader.per_thread % loader.vec == 0
+
+
+def test_unsupported_dtype_is_rejected_by_name():
+    with pytest.raises(ValueError, match=r"dtype must be one of .*float64"):
+        cutlass_dtype(torch.float64)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        topk.compile_kernel("bitonic", torch.int32, 64, 8)

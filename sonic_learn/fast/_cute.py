@@ -61,6 +61,15 @@ def fast_available() -> tuple[bool, str]:
     return hopper_available()
 
 
+def cutlass_dtype(dtype: torch.dtype):
+    """The CuTe-DSL numeric type of a torch float dtype (bfloat16, float16 or float32)."""
+    cutlass = import_cutlass()
+    types = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16, torch.float32: cutlass.Float32}
+    if dtype not in types:
+        raise ValueError(f"dtype must be one of {tuple(types)} for the CuTe-DSL kernels, got {dtype}")
+    return types[dtype]
+
+
 def compile_options(keep_ptx: bool = False, extra: str = "") -> str:
     """Options for ``cute.compile``: TVM-FFI launch (microseconds of host time per call) and, with
     ``keep_ptx``, the PTX kept for inspection (``compiled.__ptx__``), its files written to a

@@ -137,13 +137,6 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Compile cache
 # ----------------------------------------------------------------------------------------------
-def _cutlass_dtype(dtype: torch.dtype):
-    from sonic_learn.fast._cute import import_cutlass
-
-    cutlass = import_cutlass()
-    return {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16, torch.float32: cutlass.Float32}[dtype]
-
-
 @functools.lru_cache(maxsize=None)
 def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, tile: tuple = TILE,
                          stages: int | None = None, keep_ptx: bool = False, kernel: str = "ws"):
@@ -154,7 +147,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     TVM-FFI callable ``f(a, b, out, gather_idx, expert_offsets, tile_offsets, num_row_tiles)``.
     """
     _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
-    from sonic_learn.fast._cute import compile_options, import_cutlass
+    from sonic_learn.fast._cute import compile_options, cutlass_dtype, import_cutlass
 
     cutlass = import_cutlass()
     import cutlass.cute as cute
@@ -167,7 +160,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
 
     varlen_k = variant.startswith("varlen_k")
     gather = variant.endswith("gather")
-    dt, odt = _cutlass_dtype(dtype), _cutlass_dtype(out_dtype)
+    dt, odt = cutlass_dtype(dtype), cutlass_dtype(out_dtype)
 
     def mat(elem, rows, cols):
         return make_fake_compact_tensor(elem, (rows, cols), stride_order=(1, 0), assumed_align=16)

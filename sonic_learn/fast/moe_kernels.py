@@ -46,7 +46,7 @@ import functools
 
 import torch
 
-from sonic_learn.fast._cute import compile_options, import_cutlass
+from sonic_learn.fast._cute import compile_options, cutlass_dtype, import_cutlass
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
@@ -327,15 +327,13 @@ KERNELS = ("swiglu_fwd", "swiglu_bwd_scaled", "swiglu_bwd", "gather_scale_dot", 
            "gather_sum", "transpose")
 
 
-def _cute_dtype(dtype: torch.dtype):
-    return {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16}[dtype]
-
-
 def compile_kernel(name: str, dtype: torch.dtype, *, keep_ptx: bool = False):
     """Compile one kernel for sm_90a from fake tensors (no GPU needed); returns the TVM-FFI callable."""
     if name not in KERNELS:
         raise ValueError(f"name must be one of {KERNELS}, got {name!r}")
-    dt = _cute_dtype(dtype)
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.bfloat16 or torch.float16 (16-byte vectors of 8 elements), got {dtype}")
+    dt = cutlass_dtype(dtype)
 
     def mat(elem):  # (rows, cols) row-major, cols a multiple of 8, 16-byte aligned base
         return make_fake_compact_tensor(elem, (cute.sym_int(), cute.sym_int(divisibility=8)),

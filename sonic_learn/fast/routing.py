@@ -60,7 +60,7 @@ import functools
 import torch
 
 from sonic_learn import _checks
-from sonic_learn.fast._cute import import_cutlass
+from sonic_learn.fast._cute import compile_options, import_cutlass
 from sonic_learn.reference import routing as _ref
 from sonic_learn.reference import topk as _ref_topk
 from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata
@@ -336,9 +336,9 @@ def compile_metadata_kernel(bucket: int, scatter: bool = True, *, extra_options:
 
     tile_counts = make_fake_compact_tensor(Int32, (cute.sym_int(), cute.sym_int()), stride_order=(1, 0), assumed_align=4)
     stream = make_fake_stream(use_tvm_ffi_env_stream=True)
-    options = ("--enable-tvm-ffi " + extra_options).strip()
     return cute.compile(
-        op, vec(), vec(), tile_counts, vec(), vec(), vec(), vec(), vec(), Int32(1), stream, options=options
+        op, vec(), vec(), tile_counts, vec(), vec(), vec(), vec(), vec(), Int32(1), stream,
+        options=compile_options(extra=extra_options),
     )
 
 

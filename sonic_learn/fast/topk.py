@@ -56,7 +56,7 @@ import math
 import torch
 
 from sonic_learn import _checks
-from sonic_learn.fast._cute import import_cutlass
+from sonic_learn.fast._cute import compile_options, cutlass_dtype, import_cutlass
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
@@ -85,17 +85,6 @@ MAX_K_RADIX = 128  # the winners are staged in shared memory, k slots per row
 THREADS_PER_CTA = 128
 IDX_BITS = 16  # the low 16 bits of a key hold the inverted column, 0xFFFF - col
 IDX_MASK = (1 << IDX_BITS) - 1
-
-_TORCH_TO_CUTE = {}  # filled lazily (torch dtype -> cutlass numeric type)
-
-
-def _cute_dtype(dtype: torch.dtype):
-    if not _TORCH_TO_CUTE:
-        _TORCH_TO_CUTE.update(
-            {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16, torch.float32: Float32}
-        )
-    return _TORCH_TO_CUTE[dtype]
-
 
 def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
@@ -684,7 +673,7 @@ def compile_kernel(kind: str, dtype: torch.dtype, N: int, k: int, epilogue: str 
     ``kind`` is "bitonic" or "radix". The row count is a symbolic integer, so the compiled function
     serves every number of rows. Returns the TVM-FFI callable ``f(x, out, idx)``.
     """
-    cdtype = _cute_dtype(dtype)
+    cdtype = cutlass_dtype(dtype)
     if kind == "bitonic":
         op = BitonicTopK(cdtype, N, k, epilogue)
     elif kind == "radix":
@@ -698,8 +687,7 @@ def compile_kernel(kind: str, dtype: torch.dtype, N: int, k: int, epilogue: str 
     out = make_fake_compact_tensor(out_dtype, (rows, k), stride_order=(1, 0), assumed_align=16)
     idx = make_fake_compact_tensor(Int64, (rows, k), stride_order=(1, 0), assumed_align=16)
     stream = make_fake_stream(use_tvm_ffi_env_stream=True)
-    options = ("--enable-tvm-ffi " + extra_options).strip()
-    return cute.compile(op, x, out, idx, stream, options=options)
+    return cute.compile(op, x, out, idx, stream, options=compile_options(extra=extra_options))
 
 
 @functools.lru_cache(maxsize=None)
