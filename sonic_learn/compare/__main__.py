@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 
 import torch
@@ -23,7 +22,7 @@ from sonic_learn.compare import configs as cfg
 from sonic_learn.compare import pairs as pairs_mod
 from sonic_learn.compare import records, tables
 from sonic_learn.compare.registry import REGISTRY, Setup
-from sonic_learn.compare.runner import FAULT_ENV, Settings, run_pair
+from sonic_learn.compare.runner import FAULT_ENV, Settings, fault_target, run_pair
 
 try:  # nicer help when rich-argparse happens to be installed; plain argparse otherwise
     from rich_argparse import RawDescriptionRichHelpFormatter as _Formatter
@@ -229,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
 def _settings_dict(problem, setup, settings) -> dict:
     reps, warmup = settings.resolved(setup.device)
     return {"problem": problem.as_dict(), "device": str(setup.device),
-            "dtype": str(setup.dtype).replace("torch.", ""), "reps": reps, "warmup": warmup, "seed": settings.seed,
-            "inject_fault": settings.fault or os.environ.get(FAULT_ENV) or None}
+            "dtype": str(setup.dtype).replace("torch.", ""), "reps": reps, "warmup": warmup,
+            "min_time_s": settings.min_time(setup.device), "seed": settings.seed,
+            "inject_fault": fault_target(settings)}
 
 
 if __name__ == "__main__":

@@ -209,6 +209,7 @@ class PairResult:
             "dtype": self.dtype,
             "reps": self.reps,
             "warmup": self.warmup,
+            "min_time_s": self.min_time_s,
             "timer": self.timer,
             "ok": self.ok,
             "notes": list(self.notes),
@@ -291,7 +292,8 @@ def _has_tensor(x: Any) -> bool:
     return False
 
 
-def _fault_target(settings: Settings) -> str | None:
+def fault_target(settings: Settings) -> str | None:
+    """The row-name fragment to corrupt: ``settings.fault``, else the environment variable ``FAULT_ENV``."""
     return settings.fault or os.environ.get(FAULT_ENV) or None
 
 
@@ -341,7 +343,7 @@ def run_pair(
     settings = settings or Settings()
     reps, warmup = settings.resolved(setup.device)
     step = settings.on_step or (lambda _msg: None)
-    fault = _fault_target(settings)
+    fault = fault_target(settings)
     torch.manual_seed(settings.seed)
     case = spec.make_case(problem, setup, settings.seed)
 
