@@ -29,6 +29,7 @@ if not _ok:
     pytest.skip(_why, allow_module_level=True)
 
 from sonic_learn.fast import routing as fast  # noqa: E402
+from sonic_learn.properties.routing import pair_mask  # noqa: E402
 from sonic_learn.reference import routing as ref  # noqa: E402
 
 E_CHOICES = [1, 3, 8, 64, 128, 200, 512]  # non-multiples of 8 take the reference top-k inside
@@ -193,13 +194,6 @@ def test_topk_routing_matches_reference(c: Case):
     assert_same_routing(again, got)
 
 
-def _per_expert_sets(r: ref.Routing) -> torch.Tensor:
-    """(T, E) bool: which (token, expert) pairs the routing holds."""
-    m = torch.zeros(r.num_tokens, r.num_experts, dtype=torch.bool, device=r.token_idx.device)
-    m[r.token_idx.long(), r.expert_idx.long()] = True
-    return m
-
-
 @pytest.mark.gpu
 @given(c=cases(), mode=st.sampled_from(ref.ROUNDING_MODES))
 @example(c=REALISTIC[0], mode="nearest")
@@ -227,7 +221,7 @@ def test_token_rounding_matches_reference_and_invariants(c: Case, mode: str):
     rounded = torch.bincount(got.expert_idx.long(), minlength=c.E)  # (E,)
     assert bool(((rounded % c.tile_m == 0) | (rounded == c.T)).all()), "counts must be multiples of tile_m (or T)"
     assert bool(((rounded - f).abs() < c.tile_m).all()), "|rounded - token-choice| < tile_m"
-    keep, picks = _per_expert_sets(got), _per_expert_sets(tc)
+    keep, picks = pair_mask(got), pair_mask(tc)
     if mode == "down":
         assert not bool((keep & ~picks).any()), "down must be a subset of token-choice"
     if mode == "up":

@@ -25,6 +25,7 @@ import torch
 from hypothesis import example, given, note
 from hypothesis import strategies as st
 
+from sonic_learn.properties.routing import check_metadata, expected_rounding
 from sonic_learn.reference.routing import (
     ROUNDING_MODES,
     Routing,
@@ -117,21 +118,6 @@ def oracle_scores_all(logits: torch.Tensor, picks: torch.Tensor, scoring: str, n
     return torch.exp(x - log_z)  # (T, E)
 
 
-def py_round(f: int, m: int, mode: str, T: int | None, u: float | None = None) -> int:
-    """Plain-integer rounding rule, written independently of round_counts."""
-    lo, r = f - f % m, f % m
-    hi = lo + (m if r else 0)
-    if mode == "down":
-        out = lo
-    elif mode == "up":
-        out = hi
-    elif mode == "nearest":
-        out = hi if (hi - f) < (f - lo) else lo  # strict: exact halves go down
-    else:
-        out = hi if u * m < r else lo
-    return out if T is None else min(out, T)
-
-
 def pairs_by_expert(routing: Routing) -> dict[int, dict[int, float]]:
     """expert -> {token: score}."""
     out: dict[int, dict[int, float]] = {e: {} for e in range(routing.num_experts)}
@@ -142,24 +128,8 @@ def pairs_by_expert(routing: Routing) -> dict[int, dict[int, float]]:
 
 
 def assert_valid_metadata(routing: Routing) -> None:
-    meta = build_metadata(routing)
-    P, E = routing.num_pairs, routing.num_experts
-    for name in ("expert_counts", "expert_offsets", "gather_idx", "pair_of_row", "row_of_pair"):
-        assert getattr(meta, name).dtype == torch.int32, name
-    counts = torch.bincount(routing.expert_idx.long(), minlength=E)  # (E,)
-    assert torch.equal(meta.expert_counts.long(), counts)
-    assert meta.expert_offsets.shape == (E + 1,) and int(meta.expert_offsets[0]) == 0
-    assert torch.equal(meta.expert_offsets[1:].long(), torch.cumsum(counts, 0))
-    assert int(meta.expert_offsets[-1]) == P
-    arange = torch.arange(P)
-    pair_of_row, row_of_pair = meta.pair_of_row.long(), meta.row_of_pair.long()
-    assert torch.equal(pair_of_row[row_of_pair], arange)  # inverse permutations
-    assert torch.equal(row_of_pair[pair_of_row], arange)
-    assert torch.equal(meta.gather_idx[row_of_pair], routing.token_idx)  # the row of pair p loads token_idx[p]
-    row_expert = routing.expert_idx[pair_of_row]  # (P,) expert of each grouped row
-    for e in range(E):
-        lo, hi = int(meta.expert_offsets[e]), int(meta.expert_offsets[e + 1])
-        assert bool((row_expert[lo:hi] == e).all()), f"rows of expert {e} hold another expert"
+    """build_metadata's result is the metadata of ``routing`` (counts, offsets, stable grouping, inverses)."""
+    check_metadata(build_metadata(routing), routing)
 
 
 def assert_token_sorted_unique(routing: Routing) -> None:
@@ -220,7 +190,7 @@ def test_round_counts_matches_integer_oracle(counts, tile_m, mode, cap, seed) ->
 
     # The documented stochastic draw: exactly E float64 uniforms from the generator.
     u = torch.rand(len(counts), generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
-    want = [py_round(fe, tile_m, mode, T, u[i]) for i, fe in enumerate(counts)]
+    want = [expected_rounding(fe, tile_m, mode, T, u[i]) for i, fe in enumerate(counts)]
     assert out.tolist() == want
     for fe, r in zip(counts, out.tolist()):
         assert abs(r - fe) < tile_m
@@ -271,7 +241,7 @@ def test_token_rounding_invariants(c: Case, mode: str) -> None:
     u = torch.rand(E, generator=torch.Generator().manual_seed(c.seed), dtype=torch.float64).tolist()
     for e in range(E):
         r = len(tr_by_e[e])
-        assert r == py_round(f[e], m, mode, T, u[e]), f"expert {e}: f_e={f[e]} rounded to {r}"
+        assert r == expected_rounding(f[e], m, mode, T, u[e]), f"expert {e}: f_e={f[e]} rounded to {r}"
         assert r % m == 0 or r == T  # a multiple of tile_m, or every token (the cap)
         assert abs(r - f[e]) < m
 

@@ -189,12 +189,18 @@ def counts_cases(draw, modes=("nearest", "up", "down")) -> CountsCase:
     return CountsCase(tuple(counts), tile, draw(st.sampled_from(modes)), T, draw(st.sampled_from((torch.int32, torch.int64))))
 
 
-def expected_rounding(f: int, tile: int, mode: str, T: int | None) -> int:
-    """The definition, on one count, in plain integers."""
+def expected_rounding(f: int, tile: int, mode: str, T: int | None, u: float | None = None) -> int:
+    """The definition, on one count, in plain integers (written independently of ``round_counts``).
+
+    ``mode="stochastic"`` needs the expert's uniform draw ``u``: round up iff ``u * tile < r``.
+    """
     lo = (f // tile) * tile
     hi = lo + (tile if f > lo else 0)
     r = f - lo
-    up = {"down": False, "up": r > 0, "nearest": 2 * r > tile}[mode]
+    if mode == "stochastic":
+        up = u * tile < r
+    else:
+        up = {"down": False, "up": r > 0, "nearest": 2 * r > tile}[mode]
     out = hi if up else lo
     return min(out, T) if T is not None else out
 
@@ -295,8 +301,9 @@ def _token_rounding(fn, case: RouterCase, logits: torch.Tensor | None = None) ->
     return logits, r
 
 
-def _keep_mask(r: Routing) -> torch.Tensor:
-    keep = torch.zeros(r.num_tokens, r.num_experts, dtype=torch.bool)
+def pair_mask(r: Routing) -> torch.Tensor:
+    """(T, E) bool on the routing's device: which (token, expert) pairs the routing holds."""
+    keep = torch.zeros(r.num_tokens, r.num_experts, dtype=torch.bool, device=r.token_idx.device)
     keep[r.token_idx.long(), r.expert_idx.long()] = True
     return keep  # (T, E)
 
@@ -329,8 +336,8 @@ def check_tr_picks_first(fn, case: RouterCase) -> None:
     """An expert that grows keeps all its token-choice picks; one that shrinks keeps only picks."""
     logits, r = _token_rounding(fn, case)
     tc = ref.topk_routing(logits, case.k, scoring=case.scoring, normalize=case.normalize)
-    picked = _keep_mask(tc)
-    keep = _keep_mask(r)
+    picked = pair_mask(tc)
+    keep = pair_mask(r)
     for e in range(case.E):
         f, load = int(picked[:, e].sum()), int(keep[:, e].sum())
         if load >= f and not bool((keep[:, e] | ~picked[:, e]).all()):
@@ -360,7 +367,7 @@ def check_tr_agrees(fn, case: RouterCase) -> None:
     want = ref.token_rounding(logits, case.k, tile_m=case.tile_m, mode=case.mode, scoring=case.scoring, normalize=case.normalize)
     same_pairs = torch.equal(r.token_idx.long(), want.token_idx.long()) and torch.equal(r.expert_idx.long(), want.expert_idx.long())
     if not same_pairs:
-        kr, kw = _keep_mask(r), _keep_mask(want)
+        kr, kw = pair_mask(r), pair_mask(want)
         t, e = (int(v) for v in (kr != kw).nonzero()[0])
         raise AssertionError(f"[agrees_with_reference] pair (token {t}, expert {e}) must be {'kept' if kw[t, e] else 'dropped'}: "
                              "each expert ranks its token-choice picks first, then the other tokens by the score the "
@@ -432,29 +439,35 @@ def random_routing(case: MetaCase) -> Routing:
                    num_tokens=case.T, num_experts=case.E)
 
 
+def check_metadata(m, r: Routing, prop: str = "invariants") -> None:
+    """``m`` is the metadata of routing ``r`` (any routing, any implementation of build_metadata)."""
+    E, P = r.num_experts, r.num_pairs
+    expert = r.expert_idx.long().cpu()  # (P,)
+    for name in ("expert_counts", "expert_offsets", "gather_idx", "pair_of_row", "row_of_pair"):
+        expect(getattr(m, name).dtype == torch.int32, f"[{prop}] {name} must be int32, got {getattr(m, name).dtype}")
+    counts = torch.bincount(expert, minlength=E)  # (E,)
+    expect(torch.equal(m.expert_counts.long().cpu(), counts), f"[{prop}] expert_counts must be the histogram {short(counts)}, "
+           f"got {short(m.expert_counts)}")
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # (E + 1,)
+    expect(torch.equal(m.expert_offsets.long().cpu(), offsets), f"[{prop}] expert_offsets must be the exclusive prefix sum "
+           f"{short(offsets)} (E + 1 entries, starting at 0), got {short(m.expert_offsets)}")
+    por = m.pair_of_row.long().cpu()  # (P,)
+    expect(torch.equal(por.sort().values, torch.arange(P)), f"[{prop}] pair_of_row must be a permutation of the {P} pairs")
+    row_expert = expert[por]  # (P,) expert of each grouped row
+    expect(torch.equal(row_expert, expert.sort(stable=True).values), f"[{prop}] rows must be grouped by expert (ascending)")
+    same_expert = row_expert[1:] == row_expert[:-1]  # (P - 1,) neighbouring rows of one expert
+    expect(bool((por.diff()[same_expert] > 0).all()),
+           f"[{prop}] inside an expert the rows must keep pair order (a STABLE grouping)")
+    rop = m.row_of_pair.long().cpu()
+    expect(rop.shape == (P,) and torch.equal(rop[por], torch.arange(P)), f"[{prop}] row_of_pair must invert pair_of_row")
+    expect(torch.equal(m.gather_idx.long().cpu(), r.token_idx.long().cpu()[por]),
+           f"[{prop}] gather_idx[r] must be the token of pair pair_of_row[r]")
+    expect(m.num_tokens == r.num_tokens and m.num_experts == E, f"[{prop}] num_tokens and num_experts must be copied from the routing")
+
+
 def check_metadata_invariants(fn, case: MetaCase) -> None:
     r = random_routing(case)
-    m = fn(r)
-    E, P = case.E, r.num_pairs
-    expert = r.expert_idx.long()
-    counts = torch.bincount(expert, minlength=E)
-    expect(torch.equal(m.expert_counts.long(), counts), f"[invariants] expert_counts must be the histogram {short(counts)}, "
-           f"got {short(m.expert_counts)}")
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-    expect(torch.equal(m.expert_offsets.long(), offsets), f"[invariants] expert_offsets must be the exclusive prefix sum "
-           f"{short(offsets)} (E + 1 entries, starting at 0), got {short(m.expert_offsets)}")
-    por = m.pair_of_row.long()
-    expect(torch.equal(por.sort().values, torch.arange(P)), "[invariants] pair_of_row must be a permutation of the pairs")
-    expect(torch.equal(expert[por], expert.sort(stable=True).values), "[invariants] rows must be grouped by expert (ascending)")
-    for e in range(E):
-        rows = por[offsets[e]:offsets[e + 1]]
-        expect(bool((rows.diff() > 0).all()) if rows.numel() > 1 else True,
-               f"[invariants] inside expert {e} the rows must keep pair order (a STABLE grouping)")
-    expect(torch.equal(m.row_of_pair.long()[por], torch.arange(P)), "[invariants] row_of_pair must invert pair_of_row")
-    expect(torch.equal(m.gather_idx.long(), r.token_idx.long()[por]), "[invariants] gather_idx[r] must be the token of pair pair_of_row[r]")
-    for name in ("expert_counts", "expert_offsets", "gather_idx", "pair_of_row", "row_of_pair"):
-        expect(getattr(m, name).dtype == torch.int32, f"[invariants] {name} must be int32, got {getattr(m, name).dtype}")
-    expect(m.num_tokens == case.T and m.num_experts == E, "[invariants] num_tokens and num_experts must be copied from the routing")
+    check_metadata(fn(r), r)
 
 
 def check_metadata_rejects(fn, case) -> None:
