@@ -16,6 +16,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from sonic_learn.properties.topk import TIE_VALUES, check_topk_result, oracle_indices
 from sonic_learn.reference.topk import (
     bitonic_topk,
     ordered_int_keys,
@@ -25,7 +26,6 @@ from sonic_learn.reference.topk import (
 )
 
 INF = float("inf")
-TIE_VALUES = [-INF, -1.0, -0.0, 0.0, 0.5, INF]
 FINITE_TIE_VALUES = [-1.0, -0.0, 0.0, 0.5, 2.0]
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -56,11 +56,6 @@ def make_values(shape: tuple, dtype: torch.dtype, mode: str, seed: int) -> torch
     return x.to(dtype)
 
 
-def oracle_topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k columns by a stable ascending sort of -x in float64 (ties: lower column first)."""
-    return torch.sort(-x.double(), dim=-1, stable=True).indices[..., :k]
-
-
 @st.composite
 def topk_cases(draw, dtypes=ALL_DTYPES, modes=("normal", "ties", "bf16_grid")):
     rows = draw(st.integers(0, 64))
@@ -73,12 +68,8 @@ def topk_cases(draw, dtypes=ALL_DTYPES, modes=("normal", "ties", "bf16_grid")):
 
 
 def assert_exact_topk(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> None:
-    """(values, indices) is exactly the oracle's answer."""
-    assert indices.dtype == torch.int64 and values.dtype == x.dtype
-    assert values.shape == indices.shape == (*x.shape[:-1], k)
-    assert torch.equal(indices, oracle_topk_indices(x, k))
-    assert torch.equal(values, x.gather(-1, indices))  # bitwise: torch.equal sees -0.0 == 0.0,
-    assert torch.equal(values.signbit(), x.gather(-1, indices).signbit())  # so check signs too
+    """(values, indices) is exactly the oracle's answer: shapes, dtypes, indices, value bits (also -0.0)."""
+    check_topk_result(x, k, (values, indices))
 
 
 def assert_bitonic_float32_contract(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> None:
@@ -100,7 +91,7 @@ def assert_bitonic_float32_contract(x: torch.Tensor, k: int, values: torch.Tenso
         return (a == b) | ((a - b).abs() <= slack)
 
     ours_sorted = values.double().sort(-1, descending=True).values
-    oracle_values = x.double().gather(-1, oracle_topk_indices(x, k))
+    oracle_values = x.double().gather(-1, oracle_indices(x, k))
     assert close(ours_sorted, oracle_values).all()  # the same multiset, up to the slack
     previous, following = values[..., :-1], values[..., 1:]
     assert ((following <= previous) | close(following, previous)).all()  # descending, up to the slack
@@ -113,7 +104,7 @@ def assert_bitonic_float32_contract(x: torch.Tensor, k: int, values: torch.Tenso
 
     # Exactness where the packing is lossless: bfloat16 values (low 16 mantissa bits zero).
     if torch.equal(x.to(torch.bfloat16).double(), x.double()):
-        assert torch.equal(indices, oracle_topk_indices(x, k))
+        assert torch.equal(indices, oracle_indices(x, k))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +168,7 @@ def test_k1_is_argmax_with_lowest_index(case):
 def test_oracle_stable_descending_sort_keeps_lower_index_first():
     # The oracle (stable ascending sort of -x) and torch's stable descending sort agree on ties.
     x = make_values((16, 64), torch.float32, "ties", 7)
-    assert torch.equal(oracle_topk_indices(x, 64), torch.sort(x.double(), dim=-1, descending=True, stable=True).indices)
+    assert torch.equal(oracle_indices(x, 64), torch.sort(x.double(), dim=-1, descending=True, stable=True).indices)
 
 
 def test_handpicked_ties_inf_and_signed_zero():
@@ -227,7 +218,7 @@ def test_softmax_topk_matches_float64_oracle(case):
     assert scores.dtype == score_dtype and indices.dtype == torch.int64
     assert torch.equal(indices, radix_topk(logits, k)[1])
 
-    oracle = torch.softmax(logits.double().gather(-1, oracle_topk_indices(logits, k)), dim=-1)  # (T, K)
+    oracle = torch.softmax(logits.double().gather(-1, oracle_indices(logits, k)), dim=-1)  # (T, K)
     torch.testing.assert_close(scores.double(), oracle, **score_tolerance(score_dtype))
     torch.testing.assert_close(scores.double().sum(-1), torch.ones(rows, dtype=torch.float64), rtol=0, atol=1e-5)
 
@@ -243,7 +234,7 @@ def test_topk_softmax_matches_float64_oracle(case, normalize):
     assert scores.dtype == score_dtype and indices.dtype == torch.int64
     assert torch.equal(indices, radix_topk(logits, k)[1])
 
-    oracle = torch.softmax(logits.double(), dim=-1).gather(-1, oracle_topk_indices(logits, k))  # (T, K)
+    oracle = torch.softmax(logits.double(), dim=-1).gather(-1, oracle_indices(logits, k))  # (T, K)
     if normalize:
         oracle = oracle / oracle.sum(-1, keepdim=True)
         torch.testing.assert_close(scores.double().sum(-1), torch.ones(rows, dtype=torch.float64), rtol=0, atol=1e-5)
