@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 
 from sonic_learn.compare import pairs
 from sonic_learn.compare.configs import Problem
@@ -48,7 +47,7 @@ def memory_report(problem: Problem, setup: Setup, *, routing: str = "topk", seed
     P = pairs._routed_pairs(case, routing)
     p = problem
     sizes = {"T": p.T, "d": p.d, "n": p.n, "E": p.E, "P": P, "K": p.K}
-    score_dtype = torch.float64 if setup.dtype == torch.float64 else torch.float32
+    score_dtype = pairs._score_dtype(setup.dtype)
     modes = []
     for mode in MODES:
         measured = list(saved_tensors(case.x, case.router_w, case.w1, case.w2, p.K, backward=mode,

@@ -89,6 +89,11 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def padded_rows(counts: torch.Tensor, tile_m: int) -> int:
+    """Rows of a tiled grouped GEMM: every expert's f_e rows padded up to a multiple of ``tile_m``."""
+    return int((-(-counts.long() // tile_m) * tile_m).sum())  # sum_e ceil(f_e / tile_m) * tile_m
+
+
 @dataclass
 class Case:
     """Inputs and oracle outputs of one pair on one problem (a plain bag of tensors)."""
@@ -243,7 +248,7 @@ def _routing_cost(case: Case, impl: Impl, out: dict) -> Cost:
     p = case.problem
     counts = out["counts"].long()
     P = int(counts.sum())
-    m_pad = int((-(-counts // p.tile_m) * p.tile_m).sum())
+    m_pad = padded_rows(counts, p.tile_m)
     per_row = 6 * p.n * p.d  # forward FLOPs of one routed row: up-proj 2*d*2n + down-proj 2*n*d
     logit_bytes = case.logits.element_size()
     nbytes = p.T * p.E * logit_bytes + P * (4 + 4 + 4) + P * 2 * 4 + (p.E + 1) * 4
@@ -502,8 +507,7 @@ def _layer_cost(flops_per_pair_nd: int):
         p = case.problem
         spec = LAYER_IMPLS[impl.name]
         P = _routed_pairs(case, spec.routing)
-        counts = _counts(case, spec.routing)
-        m_pad = int((-(-counts // p.tile_m) * p.tile_m).sum())
+        m_pad = padded_rows(_counts(case, spec.routing), p.tile_m)
         wasted = 0 if impl.kind == "baseline" else (m_pad - P) * flops_per_pair_nd * p.n * p.d
         return Cost(flops=flops_per_pair_nd * P * p.n * p.d, wasted_flops=wasted,
                     extra={"pairs": P, "padded_rows": m_pad})

@@ -45,16 +45,21 @@ def _topk_sweep(ax, result: PairResult, setup: Setup) -> None:
     ax.legend(fontsize=7)
 
 
+def _topk_counts(T: int, E: int, K: int, seed: int) -> torch.Tensor:
+    """(E,) f_e of token-choice top-K routing of T tokens with tie-free random logits."""
+    logits = pairs.spread_logits(T, E, torch.float32, torch.Generator().manual_seed(seed))  # (T, E)
+    return torch.bincount(torch.topk(logits, K, dim=-1).indices.reshape(-1), minlength=E)  # (E,)
+
+
 def _routing_waste(ax, result: PairResult) -> None:
     p = result.problem
     tiles = [16, 32, 64, 128, 256]
     for scale in (0.25, 1, 4):
         T = max(int(p.T * scale), 1)
-        logits = pairs.spread_logits(T, p.E, torch.float32, torch.Generator().manual_seed(0))
-        counts = torch.bincount(torch.topk(logits, p.K, dim=-1).indices.reshape(-1), minlength=p.E)
+        counts = _topk_counts(T, p.E, p.K, seed=0)
         waste = []
         for tm in tiles:
-            padded = int((-(-counts // tm) * tm).sum())
+            padded = pairs.padded_rows(counts, tm)
             waste.append(100.0 * (padded - T * p.K) / padded)
         ax.plot(tiles, waste, marker="o", label=f"top-k, T/E*K = {T * p.K / p.E:.0f} tokens/expert")
     ax.axhline(0.0, color="k", linestyle="--", label="token rounding (multiples of the tile)")
@@ -68,8 +73,7 @@ def _routing_waste(ax, result: PairResult) -> None:
 def _gemm_bytes(ax, result: PairResult) -> None:
     p = result.problem
     io_cost = resolve(pairs.REF_GEMM, "io_cost")
-    logits = pairs.spread_logits(p.T, p.E, torch.float32, torch.Generator().manual_seed(result.problem.T))
-    counts = torch.bincount(torch.topk(logits, p.K, dim=-1).indices.reshape(-1), minlength=p.E)
+    counts = _topk_counts(p.T, p.E, p.K, seed=p.T)
     b = torch.empty((), dtype=getattr(torch, result.dtype)).element_size()
     for i, variant in enumerate(("naive", "gather_fused")):
         c = io_cost(p.T, p.d, 2 * p.n, counts, tile_m=p.tile_m, dtype_bytes=b, variant=variant)
