@@ -18,6 +18,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
+from sonic_learn.properties.grouped_gemm import metadata_for_counts, oracle
 from sonic_learn.reference.grouped_gemm import (
     GemmCost,
     gather_fused_grouped_gemm,
@@ -26,7 +27,7 @@ from sonic_learn.reference.grouped_gemm import (
     naive_grouped_gemm,
     varlen_k_cost,
 )
-from sonic_learn.reference.routing import Routing, RoutingMetadata, build_metadata
+from sonic_learn.reference.routing import RoutingMetadata
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 GEMMS = (naive_grouped_gemm, gather_fused_grouped_gemm)
@@ -73,22 +74,9 @@ def problems(draw, max_count: int = 300) -> Problem:
     )
 
 
-def make_metadata(counts: tuple[int, ...], T: int, gen: torch.Generator) -> RoutingMetadata:
-    """A routing where expert e receives counts[e] distinct random tokens, through build_metadata."""
-    pairs = []
-    for e, c in enumerate(counts):
-        tokens = torch.randperm(T, generator=gen)[:c].tolist()
-        pairs += [(t, e) for t in tokens]
-    pairs.sort()  # Routing wants the triples sorted by token
-    token_idx = torch.tensor([t for t, _ in pairs], dtype=torch.int32)
-    expert_idx = torch.tensor([e for _, e in pairs], dtype=torch.int32)
-    routing = Routing(token_idx, expert_idx, torch.ones(len(pairs)), num_tokens=T, num_experts=len(counts))
-    return build_metadata(routing)
-
-
 def build(p: Problem):
     gen = torch.Generator().manual_seed(p.seed)
-    meta = make_metadata(p.counts, p.T, gen)
+    meta = metadata_for_counts(p.counts, p.T, gen)  # expert e takes counts[e] distinct random tokens
     x = torch.randn(p.T, p.K, generator=gen).to(p.dtype)  # (T, K)
     w = torch.randn(len(p.counts), p.K, p.N, generator=gen).to(p.dtype)  # (E, K, N)
     return x, w, meta
@@ -104,14 +92,9 @@ def acc_eps(dtype: torch.dtype) -> float:
 
 
 def oracle_varlen_m(x, w, meta):
-    """Per-expert float64 einsum, plus the magnitude scale max(|x_e| @ |w_e|)."""
-    x64, w64, idx = x.double(), w.double(), meta.gather_idx.long()
-    out = torch.zeros(meta.num_rows, w.shape[2], dtype=torch.float64)
-    mag = torch.zeros_like(out)
-    for e, rows in enumerate(expert_rows(meta)):
-        out[rows] = torch.einsum("mk,kn->mn", x64[idx[rows]], w64[e])
-        mag[rows] = torch.einsum("mk,kn->mn", x64[idx[rows]].abs(), w64[e].abs())
-    return out, (mag.max().item() if mag.numel() else 0.0)
+    """The shared float64 oracle, plus the magnitude scale max(|x_e| @ |w_e|)."""
+    mag = oracle(x.abs(), w.abs(), meta)  # (M, N) bounds every partial sum of its row
+    return oracle(x, w, meta), (mag.max().item() if mag.numel() else 0.0)
 
 
 def torch_same_dtype_varlen_m(x, w, meta):
@@ -237,7 +220,7 @@ def test_fused_gathers_tile_by_tile_and_naive_pads():
 @example(Problem(counts=(0, 0), extra_tokens=0, tile_m=1, K=3, N=2, dtype=torch.float32, seed=6), False)
 def test_varlen_k_matches_float64_oracle(p: Problem, gather_a: bool):
     gen = torch.Generator().manual_seed(p.seed)
-    meta = make_metadata(p.counts, p.T, gen)
+    meta = metadata_for_counts(p.counts, p.T, gen)
     a = torch.randn(p.T, p.K, generator=gen).to(p.dtype)  # (T, K), e.g. X
     b = torch.randn(meta.num_rows, p.N, generator=gen).to(p.dtype)  # (M, N), e.g. dH, grouped rows
     idx = meta.gather_idx.long()

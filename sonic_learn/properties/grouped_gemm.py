@@ -49,18 +49,24 @@ def gemm_cases(draw, edge_only: bool = False) -> GemmCase:
                     draw(st.sampled_from(DTYPES)), draw(st.booleans()), draw(st.integers(0, 2**31 - 1)))
 
 
+def metadata_for_counts(counts, T: int, g: torch.Generator):
+    """The metadata of a routing of T tokens where expert e takes counts[e] distinct random tokens."""
+    E = len(counts)
+    chosen = torch.zeros(T, E, dtype=torch.bool)  # (T, E)
+    for e, f in enumerate(counts):
+        chosen[torch.randperm(T, generator=g)[:f], e] = True
+    tokens, experts = chosen.nonzero(as_tuple=True)  # token-sorted pairs
+    routing = Routing(tokens.int(), experts.int(), torch.ones(tokens.numel()), num_tokens=T, num_experts=E)
+    return build_metadata(routing)
+
+
 def make_problem(case: GemmCase):
     """x (T, K), w (E, K, N) and the metadata of a routing where expert e takes counts[e] distinct tokens."""
     g = seeded(case.seed)
     E = len(case.counts)
     x = torch.randn(case.T, case.K, generator=g, dtype=torch.float64).to(case.dtype)  # (T, K)
     w = (torch.randn(E, case.K, case.N, generator=g, dtype=torch.float64) / case.K**0.5).to(case.dtype)  # (E, K, N)
-    chosen = torch.zeros(case.T, E, dtype=torch.bool)
-    for e, f in enumerate(case.counts):
-        chosen[torch.randperm(case.T, generator=g)[:f], e] = True
-    tokens, experts = chosen.nonzero(as_tuple=True)  # token-sorted pairs
-    routing = Routing(tokens.int(), experts.int(), torch.ones(tokens.numel()), num_tokens=case.T, num_experts=E)
-    return x, w, build_metadata(routing)
+    return x, w, metadata_for_counts(case.counts, case.T, g)
 
 
 def oracle(x: torch.Tensor, w: torch.Tensor, meta) -> torch.Tensor:
