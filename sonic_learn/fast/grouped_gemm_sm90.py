@@ -28,10 +28,8 @@ from sonic_learn.fast.grouped_gemm_v1 import CHUNK, THREADS, GroupedGemmV1
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402
 import cutlass.pipeline as pipeline  # noqa: E402
-import cutlass.utils.hopper_helpers as sm90_utils  # noqa: E402
 from cutlass import Int32, const_expr  # noqa: E402
 from cutlass.cute.nvgpu import cpasync, warpgroup  # noqa: E402
-from cutlass.tensor_utils import LayoutEnum  # noqa: E402
 
 CHUNK_BYTES = 16  # one vectorized global store
 
@@ -108,17 +106,8 @@ class GroupedGemmWS(GroupedGemmSm90):
     def __call__(self, a: cute.Tensor, b: cute.Tensor, out: cute.Tensor, gather_idx: cute.Tensor,
                  expert_offsets: cute.Tensor, tile_offsets: cute.Tensor, num_ctas: Int32, stream):
         bm, bn, bk = self.tile
-        dtype = a.element_type
-        self.dtype = dtype
-        self.out_dtype = out.element_type
-        self.a_layout = LayoutEnum.COL_MAJOR if const_expr(self.varlen_k) else LayoutEnum.ROW_MAJOR
-        self.b_layout = LayoutEnum.COL_MAJOR
-        tiled_mma = sm90_utils.make_trivial_tiled_mma(
-            dtype, dtype, self.a_layout.sm90_mma_major_mode(), self.b_layout.sm90_mma_major_mode(),
-            cutlass.Float32, (2, 1, 1), tiler_mn=(64, bn),
-        )
-        sA_layout = sm90_utils.make_smem_layout_a(self.a_layout, self.tile, dtype, self.stages)
-        sB_layout = sm90_utils.make_smem_layout_b(self.b_layout, self.tile, dtype, self.stages)
+        tiled_mma, sA_layout, sB_layout = self.make_mma_and_smem_layouts(a, out)  # as GroupedGemmV1
+        dtype = self.dtype
         epi_elems = 2 * (bm // 2) * (bn + CHUNK_BYTES * 8 // self.out_dtype.width)
 
         @cute.struct
@@ -375,6 +364,5 @@ class GroupedGemmWS(GroupedGemmSm90):
 def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = 227 * 1024) -> int:
     """Stages that fit next to the two warpgroups' epilogue buffers (16-bit operands)."""
     bm, bn, bk = tile
-    epi = bm * (bn + CHUNK_BYTES // out_bytes) * out_bytes
     per_stage = (bm + bn) * bk * 2
-    return (smem_bytes - 2048 - epi) // per_stage
+    return (smem_bytes - 2048 - epilogue_smem_bytes(tile, out_bytes)) // per_stage

@@ -83,18 +83,8 @@ class GroupedGemmV1:
                  expert_offsets: cute.Tensor, tile_offsets: cute.Tensor, num_row_tiles: Int32,
                  stream):
         bm, bn, bk = self.tile
-        dtype = a.element_type
-        self.dtype = dtype
-        self.out_dtype = out.element_type
-        # Operand majorness: (mn, k) tile views; ROW_MAJOR = K contiguous, COL_MAJOR = MN contiguous.
-        self.a_layout = LayoutEnum.COL_MAJOR if const_expr(self.varlen_k) else LayoutEnum.ROW_MAJOR
-        self.b_layout = LayoutEnum.COL_MAJOR
-        tiled_mma = sm90_utils.make_trivial_tiled_mma(
-            dtype, dtype, self.a_layout.sm90_mma_major_mode(), self.b_layout.sm90_mma_major_mode(),
-            cutlass.Float32, (2, 1, 1), tiler_mn=(64, bn),
-        )
-        sA_layout = sm90_utils.make_smem_layout_a(self.a_layout, self.tile, dtype, self.stages)
-        sB_layout = sm90_utils.make_smem_layout_b(self.b_layout, self.tile, dtype, self.stages)
+        tiled_mma, sA_layout, sB_layout = self.make_mma_and_smem_layouts(a, out)
+        dtype = self.dtype
 
         @cute.struct
         class Storage:
@@ -113,6 +103,25 @@ class GroupedGemmV1:
             grid = (grid_n, num_row_tiles, 1)
         self.kernel(a, b, out, gather_idx, expert_offsets, tile_offsets, tiled_mma,
                     sA_layout, sB_layout).launch(grid=grid, block=[THREADS, 1, 1], stream=stream)
+
+    def make_mma_and_smem_layouts(self, a: cute.Tensor, out: cute.Tensor):
+        """The WGMMA (two warpgroups x 64 rows, fp32 accumulators) and the swizzled, staged shared-memory
+        layouts of the A and B tiles; records the operand dtypes and majorness on ``self``.
+        Traced inside ``__call__`` (the production kernels of ``grouped_gemm_sm90`` reuse it)."""
+        bn = self.tile[1]
+        dtype = a.element_type
+        self.dtype = dtype
+        self.out_dtype = out.element_type
+        # Operand majorness: (mn, k) tile views; ROW_MAJOR = K contiguous, COL_MAJOR = MN contiguous.
+        self.a_layout = LayoutEnum.COL_MAJOR if self.varlen_k else LayoutEnum.ROW_MAJOR
+        self.b_layout = LayoutEnum.COL_MAJOR
+        tiled_mma = sm90_utils.make_trivial_tiled_mma(
+            dtype, dtype, self.a_layout.sm90_mma_major_mode(), self.b_layout.sm90_mma_major_mode(),
+            cutlass.Float32, (2, 1, 1), tiler_mn=(64, bn),
+        )
+        sA_layout = sm90_utils.make_smem_layout_a(self.a_layout, self.tile, dtype, self.stages)
+        sB_layout = sm90_utils.make_smem_layout_b(self.b_layout, self.tile, dtype, self.stages)
+        return tiled_mma, sA_layout, sB_layout
 
     # ------------------------------------------------------------------------------------------
     # Loader: one (mn, k) operand tile of one stage, from a row-major global matrix.
