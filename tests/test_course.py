@@ -214,6 +214,10 @@ def test_import_error_and_missing_function_score_zero_with_the_reason(tmp_path):
     _write(tmp_path / "a", "topk", "import not_a_module_at_all\n")
     report = grade(get_assignment("topk"), tmp_path / "a", max_examples=1)
     assert report.score == 0 and "ModuleNotFoundError" in report.import_error
+    # The module's own FileNotFoundError or SystemExit is a failed import (score 0), not a missing submission.
+    for sub, source, error in (("c", "open('/no/such/file.txt')\n", "FileNotFoundError"), ("d", "raise SystemExit(3)\n", "SystemExit")):
+        report = grade(get_assignment("topk"), _write(tmp_path / sub, "topk", source), max_examples=1)
+        assert report.score == 0 and report.import_error.startswith(error), report.import_error
     _write(tmp_path / "b", "topk", "from sonic_learn.reference.topk import ordered_int_keys\n")
     report = grade(get_assignment("topk"), tmp_path / "b", max_examples=1)
     assert "missing" in _task(report, "radix_topk").results[0].message

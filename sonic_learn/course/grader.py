@@ -83,15 +83,21 @@ def student_path(assignment: Assignment, directory: str | Path) -> Path:
     return Path(directory) / assignment.filename
 
 
+def require_student_file(assignment: Assignment, directory: str | Path) -> Path:
+    """The resolved path of ``DIR/<name>.py``; FileNotFoundError (a usage error) if it is missing."""
+    path = student_path(assignment, directory).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run `python -m sonic_learn.course start {assignment.name} {directory}` first")
+    return path
+
+
 def load_student_module(assignment: Assignment, directory: str | Path) -> ModuleType:
     """Import ``DIR/<name>.py`` under a private module name; DIR is on sys.path while it runs.
 
     Raises FileNotFoundError when the file is missing; any exception of the module's own code
     (a syntax error, a failing import) propagates.
     """
-    path = student_path(assignment, directory).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run `python -m sonic_learn.course start {assignment.name} {directory}` first")
+    path = require_student_file(assignment, directory)
     module_name = f"sonic_learn_course_submission_{assignment.name}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
@@ -160,13 +166,10 @@ def grade(
     if reference:
         module = importlib.import_module(assignment.key)
         return grade_module(assignment, module, source=assignment.key, seed=seed, max_examples=max_examples, reference=True)
+    require_student_file(assignment, directory)  # a missing file is a usage error, not a score of 0
     try:
         module = load_student_module(assignment, directory)
-    except FileNotFoundError:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - the student's module failed to import: score 0 with the reason
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+    except (Exception, SystemExit) as exc:  # the student's module failed to import: score 0 with the reason
         report = GradeReport(assignment, str(student_path(assignment, directory)), seed, max_examples)
         report.import_error = f"{type(exc).__name__}: {exc}"
         report.tasks = [
