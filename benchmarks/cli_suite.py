@@ -51,9 +51,7 @@ def main() -> int:
     p.add_argument("--only", default=",".join(SUITE), help="comma-separated subset of " + ",".join(SUITE))
     p.add_argument("--dtype", default="bf16")
     args = p.parse_args()
-    os.makedirs(args.out, exist_ok=True)
     env = bench.environment()
-    device_tag = env["device"].replace(" ", "_").replace(":", "")
     worst = 0
     for command in args.only.split(","):
         runs, rc = run_command(command, SUITE[command], args.dtype)
@@ -61,9 +59,7 @@ def main() -> int:
         doc = {"suite": "benchmarks/cli_suite.py", "command": command, "environment": env, "runs": runs}
         if command == "topk" and torch.cuda.is_available():
             doc["copy_bandwidth_gbs"] = bench.copy_bandwidth_gbs("cuda")
-        path = os.path.join(args.out, f"cli_{command.replace('-', '_')}_{device_tag}.json")
-        with open(path, "w") as f:
-            json.dump(doc, f, indent=1)
+        path = bench.write_record(doc, args.out, f"cli_{command.replace('-', '_')}")
         print(f"wrote {path} (worst exit code {rc})", flush=True)
     return worst
 

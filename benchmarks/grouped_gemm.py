@@ -20,9 +20,7 @@ useful FLOPs 2*M*K*N. The JSON goes to benchmarks/results/grouped_gemm_<device>.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 
 import torch
@@ -134,14 +132,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    env = bench.environment()
-    try:
-        import cutlass
-
-        env["nvidia_cutlass_dsl"] = cutlass.__version__
-    except ImportError:
-        pass
-    record = {"benchmark": "grouped_gemm", "environment": env, "kernel_config": dict(fast._CONFIG),
+    record = {"benchmark": "grouped_gemm", "environment": bench.environment(), "kernel_config": dict(fast._CONFIG),
               "targets": TARGETS, "shapes": {}}
     for shape in args.shapes.split(","):
         cfg, proj = shape.split("-")
@@ -150,12 +141,7 @@ def main(argv=None) -> int:
         print(f"{shape}: T={T} E={E} K={K} GEMM K={Kg} N={Ng}", flush=True)
         record["shapes"][shape] = bench_shape(shape, T, Kg, Ng, E, K, args.reps)
         torch.cuda.empty_cache()
-    dev = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"grouped_gemm_{dev}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-    print("wrote", path)
+    print("wrote", bench.write_record(record, args.out, "grouped_gemm"))
     return 0
 
 

@@ -10,9 +10,7 @@ table and writes JSON to $OUT (or benchmarks/results/) as grouped_gemm_tiles_<de
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 
 import torch
 
@@ -74,10 +72,7 @@ def main() -> int:
         del x, w, a, b, ref
         torch.cuda.empty_cache()
     fast.set_kernel_config()
-    dev = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"grouped_gemm_tiles_{dev}.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    print("wrote", bench.write_record(out, args.out, "grouped_gemm_tiles"))
     return 0
 
 

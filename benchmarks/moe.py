@@ -22,9 +22,7 @@ JSON: benchmarks/results/moe_<device>.json (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 
 import torch
@@ -196,12 +194,7 @@ def main(argv=None) -> int:
         record["configs"][name] = cfg
         del leaves, gout
         torch.cuda.empty_cache()
-    dev = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"moe_{dev}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-    print("wrote", path)
+    print("wrote", bench.write_record(record, args.out, "moe"))
     return 0
 
 

@@ -27,10 +27,6 @@ forward time needs the fast layer; the absolute times here are what to divide. J
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
-import time
 
 import torch
 
@@ -170,15 +166,7 @@ def host_overhead_us(calls: int = 500) -> float:
     """Host time of one fast build_metadata call (validation, allocation, TVM-FFI launch), no sync."""
     logits = torch.randn(4096, 128, device="cuda", dtype=torch.bfloat16)
     r = fast.topk_routing(logits, 8)
-    for _ in range(20):
-        fast.build_metadata(r, check_ids=False)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fast.build_metadata(r, check_ids=False)
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
+    return bench.host_time_us(lambda: fast.build_metadata(r, check_ids=False), calls=calls, warmup=20)
 
 
 def _ms(d: dict) -> str:
@@ -220,12 +208,7 @@ def main() -> None:
             "the fast layer's forward time."
         ),
     }
-    os.makedirs(args.out, exist_ok=True)
-    device = re.sub(r"[^A-Za-z0-9]+", "_", env["device"]).strip("_")
-    path = os.path.join(args.out, f"routing_{device}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {path}", flush=True)
+    print(f"wrote {bench.write_record(record, args.out, 'routing')}", flush=True)
 
 
 if __name__ == "__main__":

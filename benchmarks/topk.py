@@ -20,10 +20,6 @@ before each rep). The JSON goes to ``benchmarks/results/topk_<device>.json`` (or
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
-import time
 
 import torch
 
@@ -97,25 +93,14 @@ def host_overhead_us(calls: int = 2000) -> dict:
     values = torch.empty(64, 8, device="cuda", dtype=torch.bfloat16)
     indices = torch.empty(64, 8, device="cuda", dtype=torch.int64)
     kernel = fast._compiled("bitonic", torch.bfloat16, 128, 8, "values")
-    out = {}
-    for name, fn in {
+    return {name: bench.host_time_us(fn, calls=calls, warmup=50) for name, fn in {
         "bitonic_topk(check_finite=False)": lambda: fast.bitonic_topk(x, 8, check_finite=False),
         "compiled kernel call only (TVM-FFI)": lambda: kernel(x, values, indices),
         "argument checks only": lambda: fast._check_inputs("x", x, 8, 16, "bitonic"),
         "two torch.empty outputs only": lambda: (torch.empty(64, 8, device="cuda", dtype=torch.bfloat16),
                                                  torch.empty(64, 8, device="cuda", dtype=torch.int64)),
         "torch.topk": lambda: torch.topk(x, 8),
-    }.items():
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        out[name] = (t1 - t0) / calls * 1e6
-    return out
+    }.items()}
 
 
 def main() -> None:
@@ -166,12 +151,7 @@ def main() -> None:
             "bitonic_fraction_of_copy_bandwidth": bw["bitonic_fraction_of_copy"] >= 0.60,
         },
     }
-    os.makedirs(args.out, exist_ok=True)
-    device = re.sub(r"[^A-Za-z0-9]+", "_", env["device"]).strip("_")
-    path = os.path.join(args.out, f"topk_{device}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-    print(f"wrote {path}")
+    print(f"wrote {bench.write_record(record, args.out, 'topk')}")
 
 
 if __name__ == "__main__":

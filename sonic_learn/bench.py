@@ -6,17 +6,26 @@ Rules this module enforces (see docs "Benchmarks"):
 - synchronize the device around every timed region (CUDA events on a GPU);
 - on a GPU, rotate among several input sets or flush L2 so short kernels are not timed hot in cache;
 - report the median with the 20th and 80th percentiles, never a single run.
+
+Benchmark scripts also share ``host_time_us`` (the host cost of issuing one call, no sync per
+call), ``environment()`` (stamped on every record) and ``write_record`` (the JSON file, named by
+benchmark and device).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+
+from sonic_learn import _checks
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,11 @@ def _quantile(sorted_xs: list[float], q: float) -> float:
 _L2_FLUSH: dict[torch.device, torch.Tensor] = {}
 
 
+def _check_callable(name: str, fn: object) -> None:
+    if not callable(fn):
+        raise TypeError(f"{name} must be a callable taking no arguments, got {type(fn).__name__}")
+
+
 def _flush_l2(device: torch.device) -> None:
     """Overwrite a buffer larger than the L2 cache (50 MB on H100/H200) so the next call starts cold."""
     buf = _L2_FLUSH.get(device)
@@ -69,6 +83,13 @@ def measure(
     on the CPU by ``time.perf_counter``. ``min_time_s`` keeps repeating past ``reps`` until that much
     time has been measured (useful for very short CPU functions).
     """
+    _check_callable("fn", fn)
+    _checks.check_int_range("warmup", warmup, 0)
+    _checks.check_int_range("reps", reps, 1)
+    if isinstance(min_time_s, bool) or not isinstance(min_time_s, (int, float)):
+        raise TypeError(f"min_time_s must be a number of seconds, got {type(min_time_s).__name__}")
+    if not min_time_s >= 0:  # also rejects NaN
+        raise ValueError(f"min_time_s must be >= 0 seconds, got {min_time_s!r}")
     device = torch.device(device)
     for _ in range(warmup):
         fn()
@@ -104,6 +125,29 @@ def measure(
         reps=len(times),
         timer=timer,
     )
+
+
+def host_time_us(fn: Callable[[], object], *, calls: int = 1000, warmup: int = 20) -> float:
+    """Host time of one ``fn()`` call in microseconds, with no device sync between calls.
+
+    What the CPU spends issuing the call (argument checks, allocation, kernel launch); the device
+    is synchronized before and after the timed loop, outside it. Not the kernel time: use
+    ``measure`` for that.
+    """
+    _check_callable("fn", fn)
+    _checks.check_int_range("calls", calls, 1)
+    _checks.check_int_range("warmup", warmup, 0)
+    for _ in range(warmup):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str) -> int | None:
@@ -148,3 +192,18 @@ def environment() -> dict:
     except Exception:  # noqa: BLE001 - not installed
         info["nvidia-cutlass-dsl"] = None
     return info
+
+
+def write_record(record: dict, out_dir: str, name: str) -> str:
+    """Write a benchmark record as ``out_dir/<name>_<device>.json`` and return the path.
+
+    ``<device>`` is the record's ``environment["device"]`` (else ``environment()``'s), with every
+    run of characters other than letters and digits turned into ``_`` (``NVIDIA_H200``).
+    """
+    device = (record.get("environment") or environment())["device"]
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}_{slug}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    return path
