@@ -164,6 +164,24 @@ class GroupedGemmWS(GroupedGemmSm90):
             m_tile = rest - tile_offsets[expert]
         return expert, m_tile * bm, n_tile * bn
 
+    @cute.jit
+    def tile_problem(self, t: Int32, n_tiles: Int32, m_tiles: Int32, tile_offsets: cute.Tensor,
+                     expert_offsets: cute.Tensor, a_cols: Int32):
+        """Everything about tile t that both roles need (loaders and MMA warps decode the same tile
+        sequence independently, so they must decode it identically): ``tile_coords``, the expert's
+        grouped rows ``row0 : row0 + count``, and the tile's GEMM sizes (m_dim output rows, k_len
+        reduction length): (count, K = a_cols) for varlen-M, (d = a_cols, count) for varlen-K."""
+        num_experts = expert_offsets.shape[0] - 1
+        expert, m_start, n_start = self.tile_coords(t, n_tiles, m_tiles, tile_offsets, num_experts)
+        row0 = expert_offsets[expert]
+        count = expert_offsets[expert + 1] - row0
+        m_dim = count
+        k_len = a_cols
+        if const_expr(self.varlen_k):
+            m_dim = a_cols
+            k_len = count
+        return expert, m_start, n_start, row0, count, m_dim, k_len
+
     @cute.kernel
     def kernel(self, a: cute.Tensor, b: cute.Tensor, tma_atom_a, tma_a, tma_atom_b, tma_b, out: cute.Tensor,
                gather_idx: cute.Tensor,
@@ -210,14 +228,8 @@ class GroupedGemmWS(GroupedGemmSm90):
             a_coord = copy_a.get_slice(tidx).partition_S(cute.make_identity_tensor((bm, bk)))  # (CPY, M, K)
             a_rows = cute.make_rmem_tensor(cute.size(a_coord, mode=[1]), Int32)  # token of each of my rows
             for t in cutlass.range(cta, num_tiles, num_ctas, unroll=1):
-                expert, m_start, n_start = self.tile_coords(t, n_tiles, m_tiles, tile_offsets, num_experts)
-                row0 = expert_offsets[expert]
-                count = expert_offsets[expert + 1] - row0
-                m_dim = count
-                k_len = a.shape[1]
-                if const_expr(self.varlen_k):
-                    m_dim = a.shape[1]
-                    k_len = count
+                expert, m_start, n_start, row0, count, m_dim, k_len = self.tile_problem(
+                    t, n_tiles, m_tiles, tile_offsets, expert_offsets, a.shape[1])
                 # (bn, bk, k-tiles) view of this tile's B, partitioned for the TMA unit
                 if const_expr(self.varlen_k):
                     gB = cute.local_tile(cute.domain_offset((0, row0), tma_b), (bn, bk), (n_start // bn, None))
@@ -282,16 +294,11 @@ class GroupedGemmWS(GroupedGemmSm90):
             tCsC = tiled_mma.get_slice(ctid).partition_C(cute.make_tensor(
                 storage.sC.data_ptr(), cute.make_layout((bm, bn), stride=(epi_pitch, 1))))
             for t in cutlass.range(cta, num_tiles, num_ctas, unroll=1):
-                expert, m_start, n_start = self.tile_coords(t, n_tiles, m_tiles, tile_offsets, num_experts)
-                row0 = expert_offsets[expert]
-                count = expert_offsets[expert + 1] - row0
-                m_dim = count
-                k_len = a.shape[1]
-                out_row0 = row0 + m_start
+                expert, m_start, n_start, row0, count, m_dim, k_len = self.tile_problem(
+                    t, n_tiles, m_tiles, tile_offsets, expert_offsets, a.shape[1])
+                out_row0 = row0 + m_start  # varlen-M: the expert's rows of out
                 if const_expr(self.varlen_k):
-                    m_dim = a.shape[1]
-                    k_len = count
-                    out_row0 = expert * m_dim + m_start
+                    out_row0 = expert * m_dim + m_start  # varlen-K: expert e's (d, N) block of out
                 k_tiles = (k_len + bk - 1) // bk
                 acc.fill(0.0)
                 for kt in cutlass.range(k_tiles, unroll=1):
