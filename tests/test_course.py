@@ -280,6 +280,15 @@ def test_cli_list_start_grade_and_exit_codes(tmp_path, capsys):
         main(["grade", "topk"])  # neither DIR nor --reference
 
 
+def test_grade_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"directory must be the folder holding topk.py"):
+        grade(get_assignment("topk"))
+    with pytest.raises(TypeError, match=r"assignment must be an Assignment \(get_assignment\(name\)\), got str"):
+        grade("topk", ".")
+    with pytest.raises(ValueError, match="NAME must be one of"):
+        get_assignment("nonsense")
+
+
 # ----------------------------------------------------------------------------------------------
 # The same property definitions, used the way the library's own tests can use them
 # ----------------------------------------------------------------------------------------------

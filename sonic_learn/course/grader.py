@@ -118,9 +118,9 @@ def load_student_module(assignment: Assignment, directory: str | Path) -> Module
 # ----------------------------------------------------------------------------------------------
 
 
-def _missing(task: Task, source: str) -> TaskResult:
-    msg = f"function {task.function!r} is missing from {source}"
-    return TaskResult(task, [PropertyResult(p.name, p.summary, "failed", f"[{p.name}] {msg}") for p in task.properties()])
+def _all_failed(task: Task, why: str) -> TaskResult:
+    """Every property of ``task`` failed for one reason (the function is missing, the module did not import)."""
+    return TaskResult(task, [PropertyResult(p.name, p.summary, "failed", f"[{p.name}] {why}") for p in task.properties()])
 
 
 def grade_module(
@@ -139,7 +139,7 @@ def grade_module(
     for task in assignment.tasks:
         fn = getattr(module, task.function, None)
         if not callable(fn):
-            report.tasks.append(_missing(task, source))
+            report.tasks.append(_all_failed(task, f"function {task.function!r} is missing from {source}"))
             continue
         results = [run_property(p, fn, max_examples=max_examples, seed=seed) for p in task.properties()]
         warning = ""
@@ -163,6 +163,10 @@ def grade(
     reference: bool = False,
 ) -> GradeReport:
     """Grade ``DIR/<name>.py`` (or, with ``reference=True``, the library's own key module)."""
+    if not isinstance(assignment, Assignment):
+        raise TypeError(f"assignment must be an Assignment (get_assignment(name)), got {type(assignment).__name__}")
+    if directory is None and not reference:
+        raise ValueError(f"directory must be the folder holding {assignment.filename} (or pass reference=True), got None")
     if reference:
         module = importlib.import_module(assignment.key)
         return grade_module(assignment, module, source=assignment.key, seed=seed, max_examples=max_examples, reference=True)
@@ -172,11 +176,7 @@ def grade(
     except (Exception, SystemExit) as exc:  # the student's module failed to import: score 0 with the reason
         report = GradeReport(assignment, str(student_path(assignment, directory)), seed, max_examples)
         report.import_error = f"{type(exc).__name__}: {exc}"
-        report.tasks = [
-            TaskResult(t, [PropertyResult(p.name, p.summary, "failed", f"[{p.name}] the module failed to import: "
-                                          f"{report.import_error}") for p in t.properties()])
-            for t in assignment.tasks
-        ]
+        report.tasks = [_all_failed(t, f"the module failed to import: {report.import_error}") for t in assignment.tasks]
         return report
     return grade_module(assignment, module, source=str(student_path(assignment, directory)), seed=seed,
                         max_examples=max_examples)
