@@ -4,10 +4,7 @@
 #   STEP=bench  the MoE layer benchmark and the compare CLI's JSON for the tour
 # Usage on the GPU machine (after the CuTe-DSL wheels are staged):
 #   STEP=tests bash benchmarks/run_all_gpu.sh ; STEP=bench bash benchmarks/run_all_gpu.sh
-set -u
-export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu}
-OUT=${OUT:-/tmp/sonic-learn-gpu}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+source "$(dirname "$0")/gpu_common.sh" sonic-learn-gpu
 python3 -c "import torch, cutlass; print('torch', torch.__version__, 'cutlass-dsl', cutlass.__version__)" | tee -a "$OUT/device.txt"
 case "${STEP:-tests}" in
   tests)

@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session for issue 8: a quick agreement smoke check, the benchmark, then the property
 # tests (logs and JSON under $OUT). SKIP_TESTS=1 / SKIP_BENCH=1 skip a step.
-set -u
-export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu}
-OUT=${OUT:-/tmp/routing-out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name --format=csv,noheader
-set -o pipefail
+source "$(dirname "$0")/gpu_common.sh" routing-out
 python3 - <<'PY' 2>&1 | tee "$OUT/smoke.log"
 import sys, time, torch
 from sonic_learn.fast import routing as fast
