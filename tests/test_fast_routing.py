@@ -218,6 +218,8 @@ def test_token_rounding_matches_reference_and_invariants(c: Case, mode: str):
     # The reference's invariants, on the fast result.
     tc = fast.topk_routing(logits, c.K, scoring=c.scoring, normalize=c.normalize)
     f = torch.bincount(tc.expert_idx.long(), minlength=c.E)  # (E,)
+    if c.forced is not None:
+        assert int(f[0]) == c.forced, "make_logits must give expert 0 exactly `forced` token-choice picks"
     rounded = torch.bincount(got.expert_idx.long(), minlength=c.E)  # (E,)
     assert bool(((rounded % c.tile_m == 0) | (rounded == c.T)).all()), "counts must be multiples of tile_m (or T)"
     assert bool(((rounded - f).abs() < c.tile_m).all()), "|rounded - token-choice| < tile_m"
