@@ -39,26 +39,45 @@ TARGETS = {  # issue 6
 
 
 def uniform_routing(T: int, E: int, K: int, gen: torch.Generator):
-    experts = torch.rand(T, E, generator=gen, device="cuda").topk(K, dim=1).indices  # (T, K)
+    device = gen.device
+    experts = torch.rand(T, E, generator=gen, device=device).topk(K, dim=1).indices  # (T, K)
     routing = Routing(
-        token_idx=torch.arange(T, device="cuda", dtype=torch.int32).repeat_interleave(K),
+        token_idx=torch.arange(T, device=device, dtype=torch.int32).repeat_interleave(K),
         expert_idx=experts.flatten().to(torch.int32),
-        scores=torch.full((T * K,), 1.0 / K, device="cuda"),
+        scores=torch.full((T * K,), 1.0 / K, device=device),
         num_tokens=T,
         num_experts=E,
     )
     return build_metadata(routing)
 
 
-def bench_shape(name: str, T: int, Kg: int, Ng: int, E: int, topk: int, reps: int) -> dict:
-    gen = torch.Generator(device="cuda").manual_seed(0)
+def make_inputs(T: int, Kg: int, Ng: int, E: int, topk: int, device: str = "cuda"):
+    """One GEMM shape in bf16, seed 0: (meta, x (T, K), w (E, K, N), a = x gathered (M, K), b (M, N))."""
+    gen = torch.Generator(device=device).manual_seed(0)
     meta = uniform_routing(T, E, topk, gen)
     M = meta.gather_idx.numel()
     dt = torch.bfloat16
-    x = torch.randn(T, Kg, device="cuda", dtype=dt, generator=gen)
-    w = torch.randn(E, Kg, Ng, device="cuda", dtype=dt, generator=gen) / Kg**0.5
+    x = torch.randn(T, Kg, device=device, dtype=dt, generator=gen)  # (T, K)
+    w = torch.randn(E, Kg, Ng, device=device, dtype=dt, generator=gen) / Kg**0.5  # (E, K, N)
     a = torch.index_select(x, 0, meta.gather_idx)  # (M, K) grouped copy for the contiguous variant
-    b = torch.randn(M, Ng, device="cuda", dtype=dt, generator=gen)
+    b = torch.randn(M, Ng, device=device, dtype=dt, generator=gen)  # (M, N)
+    return meta, x, w, a, b
+
+
+def fp32_reference(a: torch.Tensor, w: torch.Tensor, meta) -> torch.Tensor:
+    """(M, N) fp32 per-expert matmul of the grouped rows a: the spot check's oracle."""
+    ref = torch.empty(a.shape[0], w.shape[2], device=a.device, dtype=torch.float32)
+    offs = meta.expert_offsets.tolist()
+    for e in range(w.shape[0]):
+        rows = slice(offs[e], offs[e + 1])
+        ref[rows] = a[rows].float() @ w[e].float()
+    return ref
+
+
+def bench_shape(name: str, T: int, Kg: int, Ng: int, E: int, topk: int, reps: int) -> dict:
+    meta, x, w, a, b = make_inputs(T, Kg, Ng, E, topk)
+    M = a.shape[0]
+    dt = torch.bfloat16
     flops = 2 * M * Kg * Ng
     impls = {
         "contiguous": lambda: fast.contiguous_grouped_gemm(a, w, meta),
@@ -83,11 +102,7 @@ def bench_shape(name: str, T: int, Kg: int, Ng: int, E: int, topk: int, reps: in
         notes["torch_grouped_mm"] = "torch._grouped_mm not in this torch build"
 
     # Correctness spot check of the fast paths against torch on the same inputs, before timing.
-    ref = torch.empty(M, Ng, device="cuda", dtype=torch.float32)
-    offs_l = meta.expert_offsets.tolist()
-    for e in range(E):
-        r = slice(offs_l[e], offs_l[e + 1])
-        ref[r] = a[r].float() @ w[e].float()
+    ref = fp32_reference(a, w, meta)
     scale = ref.abs().max().item()
     check = {k: (impls[k]().float() - ref).abs().max().item() / scale for k in ("contiguous", "gather_fused", "naive")}
 

@@ -17,7 +17,7 @@ import torch
 from sonic_learn import bench
 from sonic_learn.fast import grouped_gemm as fast
 
-from grouped_gemm import CONFIGS, uniform_routing  # noqa: E402  (same folder)
+from grouped_gemm import CONFIGS, fp32_reference, make_inputs  # noqa: E402  (same folder)
 
 DEFAULT_CONFIGS = "sm90:128x256x64:4,ws:128x256x64:3,ws:128x256x32:6"
 
@@ -39,18 +39,9 @@ def main() -> int:
         cfg, proj = shape.split("-")
         T, d, n, E, K = CONFIGS[cfg]
         Kg, Ng = (d, 2 * n) if proj == "up" else (n, d)
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        meta = uniform_routing(T, E, K, gen)
-        M = meta.gather_idx.numel()
-        x = torch.randn(T, Kg, device="cuda", dtype=torch.bfloat16, generator=gen)
-        w = torch.randn(E, Kg, Ng, device="cuda", dtype=torch.bfloat16, generator=gen) / Kg**0.5
-        a = torch.index_select(x, 0, meta.gather_idx)
-        b = torch.randn(M, Ng, device="cuda", dtype=torch.bfloat16, generator=gen)
-        offs = meta.expert_offsets.tolist()
-        ref = torch.empty(M, Ng, device="cuda")
-        for e in range(E):
-            ref[offs[e]:offs[e + 1]] = a[offs[e]:offs[e + 1]].float() @ w[e].float()
-        flops = 2 * M * Kg * Ng
+        meta, x, w, a, b = make_inputs(T, Kg, Ng, E, K)
+        ref = fp32_reference(a, w, meta)
+        flops = 2 * a.shape[0] * Kg * Ng
         t_mm = bench.measure(lambda: torch.matmul(a, w[0]), device="cuda", reps=args.reps).median_ms
         print(f"{shape}: torch.matmul {flops / t_mm / 1e9:.0f} TFLOP/s", flush=True)
         for c in args.configs.split(","):
