@@ -328,10 +328,8 @@ def _gemm_case(p: Problem, s: Setup, seed: int) -> Case:
     g = _gen(seed)
     routing = resolve(REF_ROUTING, "topk_routing")
     build_metadata = resolve(REF_ROUTING, "build_metadata")
-    logits = spread_logits(p.T, p.E, torch.float32, g)
-    meta = build_metadata(routing(logits, p.K))
-    meta = type(meta)(**{f: (getattr(meta, f).to(s.device) if isinstance(getattr(meta, f), torch.Tensor)
-                             else getattr(meta, f)) for f in meta.__dataclass_fields__})
+    logits = spread_logits(p.T, p.E, torch.float32, g).to(s.device)  # (T, E)
+    meta = build_metadata(routing(logits, p.K))  # top-k routing's metadata, on the device
     N = 2 * p.n
     x = torch.randn(p.T, p.d, generator=g).to(s.dtype).to(s.device)  # (T, d)
     w = (torch.randn(p.E, p.d, N, generator=g) / math.sqrt(p.d)).to(s.dtype).to(s.device)  # (E, d, 2n)
