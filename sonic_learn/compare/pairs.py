@@ -485,15 +485,10 @@ def _layer_compare(case: Case, impl: Impl, out) -> Agreement:
 
 
 def _routed_pairs(case: Case, routing: str) -> int:
+    """P, the (token, expert) pairs the layer computes: T*K for top-k, sum of f_e after rounding."""
     if routing == "topk":
         return case.problem.T * case.problem.K
-    key = f"pairs:{routing}"
-    if key not in case.data:
-        route = resolve(REF_MOE, "route")
-        with torch.no_grad():
-            case.data[key] = route(case.x, case.router_w, case.problem.K, routing=routing,
-                                   tile_m=case.problem.tile_m).num_pairs
-    return case.data[key]
+    return int(_counts(case, routing).sum())
 
 
 def _layer_cost(flops_per_pair_nd: int):
@@ -514,6 +509,7 @@ def _layer_cost(flops_per_pair_nd: int):
 
 
 def _counts(case: Case, routing: str) -> torch.Tensor:
+    """(E,) f_e of the layer's routing (the reference router on this case's x, cached)."""
     key = f"counts:{routing}"
     if key not in case.data:
         route = resolve(REF_MOE, "route")
