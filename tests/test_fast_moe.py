@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from sonic_learn.fast._cute import fast_available
 from sonic_learn.reference import moe as ref_moe
-from sonic_learn.reference.routing import Routing, token_rounding, topk_routing
+from sonic_learn.reference.routing import Routing, build_metadata, token_rounding, topk_routing
 
 pytestmark = pytest.mark.gpu
 
@@ -152,14 +152,22 @@ def test_backward_modes_agree_and_forward_is_deterministic():
 
 
 @needs_hopper
-def test_fast_router_picks_the_reference_experts():
+def test_fast_router_gives_the_reference_routing_and_metadata():
+    """route(): the pairs, scores and metadata of the reference topk_routing + build_metadata, exactly
+    (bf16 logits have many exact ties: both break them toward the lower expert)."""
     from sonic_learn.fast import moe as fast_moe
 
-    for E, k in ((16, 4), (128, 8), (40, 3), (6, 2)):  # fast bitonic kernel and the torch.topk fallback
-        logits = torch.randn(333, E, device="cuda")
-        got = fast_moe._topk_indices(logits, k)
-        want = topk_routing(logits, k).expert_idx.view(333, k).long()
-        assert torch.equal(got, want), (E, k)
+    g = torch.Generator().manual_seed(0)
+    for E, k in ((16, 4), (128, 8), (40, 3), (6, 2)):  # fast bitonic kernel and the stable-sort fallback
+        x = torch.randn(333, 64, generator=g).to("cuda", torch.bfloat16)
+        router_w = torch.randn(64, E, generator=g).to("cuda", torch.bfloat16)
+        got = fast_moe.route(x, router_w, k)
+        want = topk_routing((x @ router_w).float(), k)
+        want_meta = build_metadata(want)
+        assert torch.equal(got.scores, want.scores), (E, k)
+        for field in ("expert_counts", "expert_offsets", "gather_idx", "pair_of_row", "row_of_pair"):
+            assert torch.equal(getattr(got.meta, field).long(), getattr(want_meta, field).long()), (E, k, field)
+        assert torch.equal(got.token_offsets.long(), torch.arange(334, device="cuda") * k), (E, k)
 
 
 @needs_hopper

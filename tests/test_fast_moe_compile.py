@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from sonic_learn.fast import moe as fast_moe
 from sonic_learn.reference import grouped_gemm as ref_gg
 from sonic_learn.reference import moe as ref_moe
-from sonic_learn.reference.routing import token_rounding, topk_routing
+from sonic_learn.reference.routing import build_metadata, token_rounding, topk_routing
 
 pytestmark = pytest.mark.compile
 
@@ -214,3 +214,39 @@ def test_rejects_bad_inputs():
         fast_moe.moe_forward(x, rw, w1, w2[:, :8], 2)
     with pytest.raises(TypeError, match="w1 must have the dtype of x"):
         fast_moe.moe_forward(x, rw, w1.half(), w2, 2)
+
+
+def test_token_rounding_with_more_experts_than_the_fast_router_is_rejected():
+    from sonic_learn.fast.routing import MAX_EXPERTS
+
+    x, rw, w1, w2 = _bf16(d=8, n=8, E=MAX_EXPERTS + 1)
+    with pytest.raises(ValueError, match=rf"router_w.shape\[1\] \(E\) must be <= {MAX_EXPERTS}"):
+        fast_moe.moe_forward(x, rw, w1, w2, 2, routing="token_rounding")
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):  # top-k routing takes any E
+        fast_moe.moe_forward(x, rw, w1, w2, 2, routing="topk")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. device_metadata (the torch-ops metadata for E > the CuTe routing kernels' MAX_EXPERTS) is the
+#    reference build_metadata, exactly; its token offsets give every token its pairs
+# ----------------------------------------------------------------------------------------------
+@settings(max_examples=20, deadline=None)
+@given(T=st.integers(0, 40), E=st.integers(1, 9), k_frac=st.floats(0, 1), tile_m=st.sampled_from([1, 2, 4, 16]),
+       routing=st.sampled_from(["topk", "token_rounding"]), seed=st.integers(0, 2**31 - 1))
+@example(T=17, E=5, k_frac=0.5, tile_m=4, routing="token_rounding", seed=0)  # tokens with 0 or > K pairs
+@example(T=0, E=3, k_frac=1.0, tile_m=1, routing="topk", seed=0)
+def test_device_metadata_equals_reference_build_metadata(T, E, k_frac, tile_m, routing, seed):
+    k = 1 + int(k_frac * (E - 1))
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(seed))
+    if routing == "topk":
+        r = topk_routing(logits, k)
+        meta, token_offsets = fast_moe.device_metadata(r.token_idx, r.expert_idx, T, E, pairs_per_token=k)
+    else:
+        r = token_rounding(logits, k, tile_m=tile_m)
+        meta, token_offsets = fast_moe.device_metadata(r.token_idx, r.expert_idx, T, E)
+    want = build_metadata(r)
+    for field in ("expert_counts", "expert_offsets", "gather_idx", "pair_of_row", "row_of_pair"):
+        assert torch.equal(getattr(meta, field).long(), getattr(want, field).long()), field
+    per_token = torch.bincount(r.token_idx.long(), minlength=T)  # (T,)
+    assert token_offsets.dtype == torch.int32
+    assert torch.equal(token_offsets.long(), torch.cat([torch.zeros(1, dtype=torch.long), per_token.cumsum(0)]))

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from hypothesis import example, given, note
+from hypothesis import assume, example, given, note
 from hypothesis import strategies as st
 
 from sonic_learn.fast._cute import cutlass_available  # pins sm_90a before cutlass loads
@@ -247,6 +247,28 @@ def test_sync_free_rounding_rule_equals_reference(counts, tile_m, mode, cap, see
     got = fast._round_counts_on_device(c, tile_m, mode, torch.Generator().manual_seed(seed), cap)
     assert torch.equal(got, want.long())
     assert torch.equal(fast.round_counts(c, tile_m, mode, torch.Generator().manual_seed(seed), num_tokens=cap), want)
+
+
+@given(T=st.integers(0, 64), E=st.sampled_from([1, 3, 6, 13, 64, 201, 4100]), K=st.sampled_from(K_CHOICES),
+       dtype=st.sampled_from(DTYPES), ties=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@example(T=33, E=201, K=8, dtype=torch.bfloat16, ties=True, seed=0)
+@example(T=5, E=64, K=8, dtype=torch.float64, ties=True, seed=1)
+def test_fallback_token_choice_equals_reference_radix_select(T, E, K, dtype, ties, seed):
+    """Where the bitonic kernel does not apply, the router's stable-sort fallback (torch ops, so it
+    runs on the CPU) picks exactly the reference's experts: ties, -0.0 vs 0.0 included, to the lower."""
+    from sonic_learn.reference import topk as ref_topk
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g, dtype=torch.float64)  # (T, E)
+    if ties:  # few distinct values (many exact ties), zeros of both signs
+        logits = (logits * 2).round() / 2
+        logits = torch.where(torch.rand(T, E, generator=g) < 0.5, logits, -logits)
+    logits = logits.to(dtype)
+    k = min(K, E)
+    if E % 8 == 0:
+        assume(dtype == torch.float64)  # keep the CPU test on the fallback
+    assert not fast._bitonic_supported(logits, k)
+    assert torch.equal(fast._token_choice_experts(logits, k), ref_topk.radix_topk(logits, k)[1])
 
 
 def _routing(device="cpu", **over):

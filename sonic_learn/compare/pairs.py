@@ -150,7 +150,7 @@ TOPK = PairSpec(
     make_case=_topk_case,
     compare=_topk_compare,
     cost=_topk_cost,
-    timed="top-k of the (T, E) logits",
+    timed="top-k of the (T, E) logits (fast rows: the kernel path, without the NaN-check sync)",
 )
 
 register("topk", Impl("torch.topk", "baseline", "radix", always,
@@ -305,7 +305,7 @@ ROUTING = PairSpec(
     make_case=_routing_case,
     compare=_routing_compare,
     cost=_routing_cost,
-    timed="router scores + routing metadata from the (T, E) logits",
+    timed="router scores + routing metadata from the (T, E) logits (fast rows: without the NaN/id-check syncs)",
 )
 
 register("routing", Impl("torch.topk + argsort", "baseline", "token-choice", always, _torch_routing))

@@ -3,10 +3,12 @@
 Same signature and semantics as ``sonic_learn.reference.moe.moe_forward`` (paper Section 2,
 Algorithm 1; Section 3.2 and Appendix C for the backward), built from:
 
-* the router GEMM (cuBLAS) and the top-k of ``sonic_learn.fast.topk`` (bitonic kernel, when E and k
-  are in its range; otherwise ``torch.topk``, see ``_topk_indices``); the scores are then recomputed
-  from the logits by torch ops so that dS flows back into the router (a few (T, K) elementwise ops);
-* routing metadata built on the device without host synchronization (``device_metadata``);
+* the router GEMM (cuBLAS) and the token-choice router of ``sonic_learn.fast.routing`` (the bitonic
+  top-k kernel of ``sonic_learn.fast.topk`` when E and k are in its range, else a stable sort; ties
+  to the lower expert like the reference); the scores are recomputed from the logits by torch ops
+  so that dS flows back into the router (a few (T, K) elementwise ops);
+* routing metadata built on the device without host synchronization (the CuTe-DSL kernels of
+  ``sonic_learn.fast.routing``; ``device_metadata``'s torch ops for more than their MAX_EXPERTS);
 * the CuTe-DSL grouped GEMMs of ``sonic_learn.fast.grouped_gemm`` (varlen-M with gathered or
   contiguous A, varlen-K for the weight gradients);
 * the memory-bound kernels of ``sonic_learn.fast.moe_kernels`` (SwiGLU, dSwiGLU + dS + A',
@@ -122,58 +124,41 @@ def device_metadata(token_idx: torch.Tensor, expert_idx: torch.Tensor, num_token
     row_of_pair = torch.empty_like(pair_of_row).scatter_(0, pair_of_row, torch.arange(P, device=device))  # (P,)
     # Step 4: the token each grouped row loads.
     gather_idx = token_idx.long().gather(0, pair_of_row)  # (P,)
-    # Step 5: the pairs of each token (for the gather-and-sum).
-    if pairs_per_token is not None:
-        token_offsets = torch.arange(T + 1, dtype=torch.int32, device=device) * pairs_per_token  # (T+1,)
-    else:
-        per_token = torch.zeros(T, dtype=torch.int64, device=device).scatter_add_(
-            0, token_idx.long(), torch.ones_like(token_idx, dtype=torch.int64))  # (T,)
-        token_offsets = torch.zeros(T + 1, dtype=torch.int32, device=device)
-        token_offsets[1:] = torch.cumsum(per_token, 0)
     i32 = torch.int32
     meta = RoutingMetadata(
         expert_counts=counts.to(i32), expert_offsets=offsets, gather_idx=gather_idx.to(i32),
         pair_of_row=pair_of_row.to(i32), row_of_pair=row_of_pair.to(i32), num_tokens=T, num_experts=E,
     )
-    return meta, token_offsets
+    # Step 5: the pairs of each token (for the gather-and-sum).
+    return meta, _token_offsets(token_idx, T, pairs_per_token)
 
 
-def _topk_indices(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """(T, K) int64 expert ids, best first: the fast bitonic kernel when (E, k) fit it, else torch.topk.
-
-    The fast kernel breaks ties toward the lower expert like the reference; ``torch.topk`` (the
-    fallback, for E outside [8, 4096] or not a multiple of 8, or k > 16) does not promise an order
-    among exactly tied logits.
-    """
-    from sonic_learn.fast import topk as fast_topk
-
-    E = logits.shape[1]
-    if fast_topk.MIN_N <= E <= fast_topk.MAX_N and E % fast_topk.N_MULTIPLE == 0 and k <= fast_topk.MAX_K_BITONIC:
-        return fast_topk.bitonic_topk(logits, k, check_finite=False)[1]
-    return torch.topk(logits, k, dim=1, sorted=True).indices
+def _token_offsets(token_idx: torch.Tensor, num_tokens: int, pairs_per_token: int | None) -> torch.Tensor:
+    """(T+1,) int32: token t owns pairs token_offsets[t] : token_offsets[t+1] (``token_idx`` ascending).
+    With ``pairs_per_token=K`` (top-k) that is simply t*K; otherwise a binary search (no host sync)."""
+    tokens = torch.arange(num_tokens + 1, dtype=torch.int32, device=token_idx.device)  # (T+1,)
+    if pairs_per_token is not None:
+        return tokens * pairs_per_token
+    return torch.searchsorted(token_idx.to(torch.int32), tokens).to(torch.int32)  # first pair of each token
 
 
 def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk", rounding_mode="nearest",
           generator=None) -> DeviceRouting:
     """Router + metadata. Scores are float32 and differentiable w.r.t. x and router_w."""
+    from sonic_learn.fast import routing as fast_routing
+
     T, E = x.shape[0], router_w.shape[1]
     logits = (x @ router_w).float()  # (T, E), as the reference: GEMM in x's dtype, then float32
     if routing == "topk":
-        experts = _topk_indices(logits.detach(), k)  # (T, K)
-        if scoring == "softmax_topk":
-            scores = torch.softmax(logits.gather(1, experts), dim=1)  # (T, K) softmax over the picks
-        else:
-            scores = torch.softmax(logits, dim=1).gather(1, experts)  # (T, K) picks of the softmax
-        token_idx = torch.arange(T, device=x.device).repeat_interleave(k)  # (T*K,) pair p = t*K + j
-        meta, token_offsets = _metadata(token_idx, experts.reshape(-1), T, E, pairs_per_token=k)
-        return DeviceRouting(meta, scores.reshape(-1), token_offsets)
-    # Token rounding: the fast router ranks only each expert's boundary tile, but its pair count
-    # depends on the data, so it synchronizes once (no CUDA-graph capture in this mode).
-    from sonic_learn.fast.routing import token_rounding
-
-    r = token_rounding(logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator, scoring=scoring,
-                       check_finite=False)
-    meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E)
+        # Token choice: pair p = t*K + j (no host synchronization).
+        r = fast_routing.topk_routing(logits, k, scoring=scoring, check_finite=False)
+        meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E, pairs_per_token=k)
+    else:
+        # Token rounding: the fast router ranks only each expert's boundary tile, but its pair count
+        # depends on the data, so it synchronizes once (no CUDA-graph capture in this mode).
+        r = fast_routing.token_rounding(logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator,
+                                        scoring=scoring, check_finite=False)
+        meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E)
     return DeviceRouting(meta, r.scores.contiguous(), token_offsets)
 
 
@@ -187,13 +172,7 @@ def _metadata(token_idx, expert_idx, T: int, E: int, pairs_per_token: int | None
     scores = torch.empty(expert_idx.numel(), dtype=torch.float32, device=expert_idx.device)  # unused
     meta = fast_routing.build_metadata(
         Routing(token_idx.to(torch.int32), expert_idx.to(torch.int32), scores, T, E), check_ids=False)
-    if pairs_per_token is not None:
-        token_offsets = torch.arange(T + 1, dtype=torch.int32, device=expert_idx.device) * pairs_per_token
-    else:  # token_idx is ascending: token t owns pairs [first pair of t, first pair of t+1)
-        token_offsets = torch.searchsorted(
-            token_idx.to(torch.int32), torch.arange(T + 1, dtype=torch.int32, device=expert_idx.device)
-        ).to(torch.int32)
-    return meta, token_offsets
+    return meta, _token_offsets(token_idx, T, pairs_per_token)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +278,12 @@ def check_inputs(x, router_w, w1, w2, k, *, routing="topk", tile_m=128, backward
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     T, d = x.shape
     E, _, two_n = w1.shape
+    if routing == "token_rounding":
+        from sonic_learn.fast.routing import MAX_EXPERTS as max_rounding_experts
+
+        if E > max_rounding_experts:
+            raise ValueError(f"router_w.shape[1] (E) must be <= {max_rounding_experts} for the fast token rounding "
+                             f"(its counts come from the CuTe histogram kernel), got {E}")
     n = two_n // 2
     if d % 8:
         raise ValueError(f"x.shape[1] (d) must be a multiple of 8 for the fast kernels' 16-byte vectors, got {d}")

@@ -62,7 +62,6 @@ import torch
 from sonic_learn import _checks
 from sonic_learn.fast._cute import compile_options, import_cutlass
 from sonic_learn.reference import routing as _ref
-from sonic_learn.reference import topk as _ref_topk
 from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata
 
 cutlass = import_cutlass()
@@ -469,14 +468,16 @@ def _token_choice_experts(logits: torch.Tensor, k: int) -> torch.Tensor:
     """(T, K) int64: every token's K best experts, descending, ties to the lower expert.
 
     The CuTe bitonic kernel where it applies (E a multiple of 8 in [8, 4096], K <= 16, 16/32-bit
-    floats), else the reference's radix select (torch ops). Both give identical indices.
+    floats), else a stable descending sort of each row (torch; a stable sort keeps equal logits,
+    -0.0 and 0.0 included, in column order). Both give the reference's radix-select indices exactly,
+    and neither reads the device on the host (the radix select's ``nonzero`` would).
     """
     if logits.shape[0] == 0:
         return torch.empty(0, k, dtype=torch.int64, device=logits.device)
     x = logits.detach()
     if _bitonic_supported(x, k):
         return _fast_topk.bitonic_topk(x, k, check_finite=False)[1]  # (T, K)
-    return _ref_topk.radix_topk(x, k)[1]  # (T, K)
+    return torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]  # (T, K)
 
 
 def _scores_from_experts(logits: torch.Tensor, experts: torch.Tensor, scoring: str, normalize: bool) -> torch.Tensor:
