@@ -26,6 +26,7 @@ from hypothesis import example, given, note
 from hypothesis import strategies as st
 
 from sonic_learn.properties.routing import check_metadata, expected_rounding
+from sonic_learn.properties.topk import oracle_indices
 from sonic_learn.reference.routing import (
     ROUNDING_MODES,
     Routing,
@@ -160,7 +161,7 @@ def test_topk_routing_matches_float64_oracle(c: Case) -> None:
     assert r.scores.dtype == want_dtype and r.num_tokens == c.T and r.num_experts == c.E
     assert torch.equal(r.token_idx, torch.arange(c.T, dtype=torch.int32).repeat_interleave(c.K))
     # Experts: descending logit, the lower expert first on ties (a stable descending sort).
-    picks = torch.sort(logits.double(), dim=1, descending=True, stable=True).indices[:, : c.K]  # (T, K)
+    picks = oracle_indices(logits, c.K)  # (T, K) the shared top-k oracle (float64 stable sort)
     assert torch.equal(r.expert_idx.long(), picks.reshape(-1))
     want = oracle_scores_all(logits, picks, c.scoring, c.normalize).gather(1, picks)  # (T, K)
     if c.scoring == "topk_softmax" and c.normalize:

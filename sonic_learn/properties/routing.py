@@ -21,6 +21,7 @@ import torch
 from hypothesis import strategies as st
 
 from sonic_learn.properties import BadInput, Property, expect, expect_raises, seeded, short
+from sonic_learn.properties.topk import oracle_indices
 from sonic_learn.reference import routing as ref
 from sonic_learn.reference.routing import Routing
 
@@ -95,7 +96,7 @@ def check_topk_routing_agrees(fn, case: RouterCase) -> None:
     r = fn(logits, case.k, scoring=case.scoring, normalize=case.normalize)
     _check_routing_object(r, case.T, case.E, case.dtype, "agrees_with_oracle")
     T, k = case.T, case.k
-    experts = torch.sort(-logits.double(), dim=1, stable=True).indices[:, :k]  # (T, K) oracle, ties to lower
+    experts = oracle_indices(logits, k)  # (T, K) the top-k oracle: descending, ties to the lower expert
     tokens = torch.arange(T).repeat_interleave(k)
     expect(torch.equal(r.token_idx.long(), tokens), f"[agrees_with_oracle] token_idx must be t repeated K times in order "
            f"(pair p = t*K + j): expected {short(tokens)}, got {short(r.token_idx)}")
