@@ -250,3 +250,7 @@ def test_bad_inputs_raise_clear_errors():
         fast.grouped_gemm_varlen_k(x, b, meta, gather_a=False)
     with pytest.raises(ValueError, match="multiple of 8"):
         fast.grouped_gemm_varlen_k(x[:, :12], b, meta)
+    with pytest.raises(ValueError, match="x must have T = meta.num_tokens = 6 rows"):
+        fast.gather_fused_grouped_gemm(x[:5], w, meta)
+    with pytest.raises(ValueError, match="a must have T = meta.num_tokens = 6 rows"):
+        fast.grouped_gemm_varlen_k(x[:5], b, meta)

@@ -77,3 +77,17 @@ def test_cpu_tensor_rejected_before_launch():
         fast.gather_fused_grouped_gemm(x, w, None)
     with pytest.raises(ValueError, match="a must be a CUDA tensor"):
         fast.grouped_gemm_varlen_k(x, x, None)
+
+
+def test_set_kernel_config_rejects_bad_values():
+    from sonic_learn.fast import grouped_gemm as fast
+
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        fast.set_kernel_config(kernel="v2")
+    with pytest.raises(ValueError, match="tile must be"):
+        fast.set_kernel_config(tile=(64, 128, 64))
+    with pytest.raises(ValueError, match="3 <= stages"):
+        fast.set_kernel_config(kernel="v1", tile=fast.TILE, stages=2)
+    with pytest.raises(TypeError, match="stages must be an int"):
+        fast.set_kernel_config(stages="4")
+    assert fast._CONFIG == {"kernel": "ws", "tile": fast.WS_TILE, "stages": None}  # nothing was changed

@@ -61,11 +61,14 @@ _CONFIG = {"kernel": "ws", "tile": WS_TILE, "stages": None}
 
 
 def set_kernel_config(*, kernel: str = "ws", tile: tuple[int, int, int] = WS_TILE, stages: int | None = None) -> None:
-    """Select the kernel ("v1" = teaching step, "sm90" = production) and its tile / stage count."""
+    """Select the kernel ("v1" = teaching step, "sm90" = + shared-memory epilogue, "ws" = production)
+    and its tile / stage count (``stages=None``: as many as fit)."""
     _checks.check_choice("kernel", kernel, KERNELS)
     if not (isinstance(tile, tuple) and len(tile) == 3 and tile[0] == 128 and tile[1] in (64, 128, 256)
             and tile[2] in (32, 64)):
         raise ValueError(f"tile must be (128, tile_n in 64/128/256, tile_k in 32/64), got {tile!r}")
+    if stages is not None:  # the WS pipeline needs 2 slots; v1/sm90 prefetch stages - 2 k-tiles ahead
+        _checks.check_int_range("stages", stages, 2 if kernel == "ws" else 3, what=f"pipeline stages of '{kernel}'")
     _CONFIG.update(kernel=kernel, tile=tile, stages=stages)
 
 
@@ -241,6 +244,9 @@ def _check_varlen_m(x, w, meta, tile_m, out_dtype, x_name: str, rows_expected: i
         raise TypeError(f"w must have the same dtype as {x_name} ({x.dtype}), got {w.dtype}")
     _checks.check_same_device(**{x_name: x, "w": w})
     meta = _check_meta(meta, x.device)
+    if rows_expected is None and x.shape[0] != meta.num_tokens:  # gathered: gather_idx indexes x's rows
+        raise ValueError(f"{x_name} must have T = meta.num_tokens = {meta.num_tokens} rows (the rows "
+                         f"meta.gather_idx indexes), got {x.shape[0]}")
     _check_tile_m(tile_m)
     E, K, N = w.shape
     if E != meta.num_experts:
@@ -307,6 +313,9 @@ def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadat
         raise ValueError(f"b must have M = {M} rows (meta.gather_idx.numel()), got shape {tuple(b.shape)}")
     if not gather_a and a.shape[0] != M:
         raise ValueError(f"a must have M = {M} rows when gather_a=False, got shape {tuple(a.shape)}")
+    if gather_a and a.shape[0] != meta.num_tokens:
+        raise ValueError(f"a must have T = meta.num_tokens = {meta.num_tokens} rows when gather_a=True (the rows "
+                         f"meta.gather_idx indexes), got {a.shape[0]}")
     _check_multiple_of_8("a.shape[1]", d, "d")
     _check_multiple_of_8("b.shape[1]", N, "N")
     if E * d * N > MAX_ELEMENTS:
