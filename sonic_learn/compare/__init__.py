@@ -34,7 +34,9 @@ def run(pair: str, problem: Problem, *, device: str | torch.device = "cpu", dtyp
         raise ValueError(f"pair must be one of {PAIRS}, got {pair!r}")
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be a sonic_learn.compare.Problem, got {type(problem).__name__}")
-    setup = Setup(device=torch.device(device), dtype=dtype)
+    if settings is not None and not isinstance(settings, Settings):
+        raise TypeError(f"settings must be a sonic_learn.compare.Settings or None, got {type(settings).__name__}")
+    setup = Setup(device=device, dtype=dtype)  # checks device and dtype
     return run_pair(SPECS[pair], REGISTRY[pair], problem, setup, settings)
 
 

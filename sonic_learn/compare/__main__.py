@@ -93,17 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """Turn the parsed options into (problem, setup, settings); argument errors exit with status 2."""
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = getattr(args, "dtype", None) or ("bfloat16" if device.startswith("cuda") else "float32")
     try:
-        device = torch.device(args.device) if getattr(args, "device", None) else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-    except RuntimeError as exc:
-        parser.error(f"--device: {exc}")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda was asked for, but torch sees no CUDA device (torch.cuda.is_available() is False)")
-    dtype_name = getattr(args, "dtype", None) or ("bfloat16" if device.type == "cuda" else "float32")
-    try:
+        setup = Setup(device=device, dtype=DTYPES[dtype_name])
         problem = cfg.get_config(getattr(args, "config", None) or cfg.DEFAULT_CONFIG)
         problem = problem.with_overrides(T=getattr(args, "tokens", None), d=getattr(args, "d_model", None),
                                          n=getattr(args, "d_expert", None), E=getattr(args, "experts", None),
@@ -122,7 +115,7 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
             parser.error("--plot needs matplotlib: pip install 'sonic_learn[plot]'")
     settings = Settings(reps=getattr(args, "reps", None), warmup=getattr(args, "warmup", None),
                         seed=getattr(args, "seed", None) or 0, fault=getattr(args, "inject_fault", None))
-    return problem, Setup(device=device, dtype=DTYPES[dtype_name]), settings
+    return problem, setup, settings
 
 
 def _write(path: str, text: str) -> None:

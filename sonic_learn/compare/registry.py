@@ -21,14 +21,32 @@ from typing import Any
 import torch
 
 KINDS = ("baseline", "reference", "fast", "upstream")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @dataclass(frozen=True)
 class Setup:
-    """Where and in which dtype a comparison runs."""
+    """Where and in which dtype a comparison runs (``device`` may be given as a string)."""
 
     device: torch.device
     dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        device = self.device
+        if not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device (--device) must be a str or torch.device, got {type(device).__name__}")
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device (--device) must be cpu, cuda or cuda:N, got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device (--device) is cuda, but torch sees no CUDA device "
+                             "(torch.cuda.is_available() is False)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype (--dtype) must be one of {DTYPES}, got {self.dtype!r}")
+        object.__setattr__(self, "device", device)
 
 
 @dataclass(frozen=True)

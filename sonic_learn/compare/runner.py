@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from sonic_learn import _checks
 from sonic_learn.bench import measure, peak_memory_bytes
 from sonic_learn.compare.configs import Problem
 from sonic_learn.compare.registry import Impl, Setup
@@ -161,6 +162,22 @@ class Settings:
     seed: int = 0
     fault: str | None = None  # testing only: corrupt the output of rows whose name contains this
     on_step: Callable[[str], None] | None = None  # progress callback (one call per check / timing)
+
+    def __post_init__(self) -> None:
+        if self.reps is not None:
+            _checks.check_int_range("reps (--reps)", self.reps, 1)
+        if self.warmup is not None:
+            _checks.check_int_range("warmup (--warmup)", self.warmup, 0)
+        if self.min_time_s is not None and (isinstance(self.min_time_s, bool)
+                                            or not isinstance(self.min_time_s, (int, float))
+                                            or not self.min_time_s >= 0):
+            raise ValueError(f"min_time_s must be a number of seconds >= 0, got {self.min_time_s!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed (--seed) must be an int, got {type(self.seed).__name__}")
+        if self.fault is not None and not isinstance(self.fault, str):
+            raise TypeError(f"fault (--inject-fault) must be a str or None, got {type(self.fault).__name__}")
+        if self.on_step is not None and not callable(self.on_step):
+            raise TypeError(f"on_step must be a callable or None, got {type(self.on_step).__name__}")
 
     def resolved(self, device: torch.device) -> tuple[int, int]:
         cuda = device.type == "cuda"
