@@ -116,6 +116,23 @@ def aggregate(rows: torch.Tensor, weights: torch.Tensor | None, meta: RoutingMet
 # --8<-- [end:aggregate]
 
 
+# --8<-- [start:dh_epilogue]
+def dh_epilogue(h: torch.Tensor, dA_prime: torch.Tensor, row_scores: torch.Tensor):
+    """The epilogue of SonicMoE's dH kernel, row by row: (dH, dS, A') from H and dA' = dO @ W2^T.
+
+    A is recomputed from H (never cached); dS = <dA', A> is the score gradient; dA = s * dA' feeds
+    dSwiGLU; A' = s * A is what the dW2 GEMM needs. Reductions in float32 (float64 for float64).
+    """
+    acc = _acc_dtype(h)
+    a = swiglu(h)  # (P, n)  recomputed, never cached
+    dS = (dA_prime.to(acc) * a.to(acc)).sum(dim=1)  # (P,)  dS = <dA', A>
+    dA = (dA_prime.to(acc) * row_scores.to(acc)[:, None]).to(h.dtype)  # (P, n)  dA = s * dA'
+    dH = swiglu_backward(h, dA)  # (P, 2n)
+    a_scaled = (a.to(acc) * row_scores.to(acc)[:, None]).to(h.dtype)  # (P, n)  A' = s * A
+    return dH, dS, a_scaled
+# --8<-- [end:dh_epilogue]
+
+
 # ----------------------------------------------------------------------------------------------
 # Reduced-memory experts (SonicMoE)
 # ----------------------------------------------------------------------------------------------
@@ -146,13 +163,8 @@ class ReducedMemoryExperts(torch.autograd.Function):
         # Step 1 (the "dH kernel"): dA' = dO[token of row] @ W2^T, dO gathered inside the GEMM.
         w2_t = w2.transpose(1, 2)  # (E, d, n)
         dA_prime = gather_fused_grouped_gemm(dout, w2_t, meta, tile_m=tile_m)  # (P, n)
-        #   ... its epilogue recomputes A from H, reduces dS and applies the score:
-        a = swiglu(h)  # (P, n)  recomputed, never cached
-        acc = _acc_dtype(h)
-        dS_rows = (dA_prime.to(acc) * a.to(acc)).sum(dim=1)  # (P,)  dS = <dA', A>
-        dA = (dA_prime.to(acc) * row_scores.to(acc)[:, None]).to(h.dtype)  # (P, n)  dA = s * dA'
-        dH = swiglu_backward(h, dA)  # (P, 2n)
-        a_scaled = (a.to(acc) * row_scores.to(acc)[:, None]).to(h.dtype)  # (P, n)  A' = s * A
+        #   ... and its epilogue gives dH, dS and A' from H (see dh_epilogue).
+        dH, dS_rows, a_scaled = dh_epilogue(h, dA_prime, row_scores)  # (P, 2n), (P,), (P, n)
 
         # Step 2: dW2[e] = A'_e^T @ dO_e, computed as (dO_e^T @ A'_e)^T with dO gathered on K.
         dw2 = grouped_gemm_varlen_k(dout, a_scaled, meta, gather_a=True).transpose(1, 2)  # (E, n, d)

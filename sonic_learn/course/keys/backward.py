@@ -1,8 +1,7 @@
 """Key for assignment 4: the reduced-memory backward pieces of ``sonic_learn.reference.moe``, by name.
 
 ``reduced_memory_backward`` runs ``ReducedMemoryExperts.backward`` on the tensors its forward caches,
-``saved_bytes`` sums ``expected_saved_bytes`` and ``swiglu_backward`` is the reference's. ``dh_epilogue``
-repeats the five epilogue lines of that backward's step 1 (the reference inlines them in the backward).
+``saved_bytes`` sums ``expected_saved_bytes``; ``dh_epilogue`` and ``swiglu_backward`` are the reference's.
 """
 
 from __future__ import annotations
@@ -12,21 +11,17 @@ from types import SimpleNamespace
 import torch
 
 from sonic_learn import _checks
-from sonic_learn.reference.moe import BACKWARD_MODES, ReducedMemoryExperts, expected_saved_bytes, swiglu, swiglu_backward
+from sonic_learn.reference.moe import (
+    BACKWARD_MODES,
+    ReducedMemoryExperts,
+    dh_epilogue,
+    expected_saved_bytes,
+    swiglu_backward,
+)
 
 __all__ = ["dh_epilogue", "reduced_memory_backward", "saved_bytes", "swiglu_backward"]
 
 _DTYPE_OF_BYTES = {1: torch.int8, 2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
-
-
-def dh_epilogue(h: torch.Tensor, dA_prime: torch.Tensor, row_scores: torch.Tensor):
-    """(dH, dS, A') from H, dA' = dO @ W2^T and the scores, as in the reference's dH kernel."""
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    a = swiglu(h)  # (P, n) recomputed from H
-    dS = (dA_prime.to(acc) * a.to(acc)).sum(dim=1)  # (P,)  dS = <dA', A>
-    dA = (dA_prime.to(acc) * row_scores.to(acc)[:, None]).to(h.dtype)  # (P, n)
-    a_scaled = (a.to(acc) * row_scores.to(acc)[:, None]).to(h.dtype)  # (P, n)
-    return swiglu_backward(h, dA), dS, a_scaled
 
 
 def reduced_memory_backward(dout, x, w1, w2, h, scores, meta, tile_m):
