@@ -236,3 +236,35 @@ def test_default_tour_subprocess():
     assert "all checked rows agree" in res.stdout
     assert "\x1b[" not in res.stdout  # no ANSI escapes when not a terminal
     assert res.stderr.strip() == ""  # no progress bar when stderr is not a terminal
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(device="tpu"), ValueError, r"device \(--device\) must be cpu, cuda or cuda:N"),
+        (dict(device=3.5), TypeError, r"device \(--device\) must be a str or torch.device"),
+        (dict(dtype=torch.int8), ValueError, r"dtype \(--dtype\) must be one of"),
+        (dict(settings="fast"), TypeError, "settings must be a sonic_learn.compare.Settings"),
+    ],
+)
+def test_run_rejects_bad_arguments_before_any_work(kwargs, exc, match):
+    from sonic_learn import compare
+
+    with pytest.raises(exc, match=match):
+        compare.run("topk", compare.get_config("tiny"), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(reps=0), ValueError, r"reps \(--reps\) must satisfy 1 <= reps"),
+        (dict(warmup=-1), ValueError, r"warmup \(--warmup\) must satisfy 0 <= warmup"),
+        (dict(seed=1.5), TypeError, r"seed \(--seed\) must be an int"),
+        (dict(min_time_s=-1.0), ValueError, "min_time_s must be a number of seconds >= 0"),
+    ],
+)
+def test_settings_reject_bad_values(kwargs, exc, match):
+    from sonic_learn.compare import Settings
+
+    with pytest.raises(exc, match=match):
+        Settings(**kwargs)
