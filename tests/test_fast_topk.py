@@ -240,6 +240,8 @@ def test_bad_inputs_raise_before_launch(fn, no_launch):
         fn(torch.randn(4, 10), 2)
     with pytest.raises(ValueError, match=r"multiple of 8 in \[8, 4096\].*got 8192"):
         fn(torch.randn(2, 8192), 2)
+    with pytest.raises(TypeError, match="check_finite must be a bool, got str"):
+        fn(x, 8, check_finite="no")
 
 
 @pytest.mark.parametrize("fn", [fast.bitonic_topk, fast.softmax_topk, fast.topk_softmax], ids=lambda f: f.__name__)

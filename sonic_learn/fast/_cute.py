@@ -61,6 +61,17 @@ def fast_available() -> tuple[bool, str]:
     return hopper_available()
 
 
+def launch(compiled, device: torch.device, *args) -> None:
+    """Call a TVM-FFI compiled kernel on ``device``. TVM-FFI launches on the current torch stream of
+    the *current* CUDA device, so inputs living on another GPU need that device made current for the
+    call (skipped in the usual case, where it would only cost host time)."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        compiled(*args)
+    else:
+        with torch.cuda.device(device):
+            compiled(*args)
+
+
 def cutlass_dtype(dtype: torch.dtype):
     """The CuTe-DSL numeric type of a torch float dtype (bfloat16, float16 or float32)."""
     cutlass = import_cutlass()

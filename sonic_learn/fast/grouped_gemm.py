@@ -46,6 +46,7 @@ import functools
 import torch
 
 from sonic_learn import _checks
+from sonic_learn.fast._cute import launch
 from sonic_learn.reference.routing import RoutingMetadata
 
 IN_DTYPES = (torch.bfloat16, torch.float16)
@@ -229,8 +230,8 @@ def _launch_varlen_m(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, ga
         return out
     fn = _compiled("varlen_m_gather" if gather else "varlen_m", a.dtype, out_dtype)
     tile_offsets = _tile_offsets(meta.expert_offsets, TILE[0])
-    fn(_aligned(a), _aligned(w).view(E * K, N), out, meta.gather_idx, meta.expert_offsets, tile_offsets,
-       _grid_size(-(-M // TILE[0]) + E, a.device))
+    launch(fn, a.device, _aligned(a), _aligned(w).view(E * K, N), out, meta.gather_idx, meta.expert_offsets,
+           tile_offsets, _grid_size(-(-M // TILE[0]) + E, a.device))
     return out
 
 
@@ -324,8 +325,8 @@ def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadat
         return torch.zeros(E, d, N, dtype=out_dtype, device=a.device)
     out = torch.empty(E, d, N, dtype=out_dtype, device=a.device)  # (E, d, N)
     fn = _compiled("varlen_k_gather" if gather_a else "varlen_k", a.dtype, out_dtype)
-    fn(_aligned(a), _aligned(b), out.view(E * d, N), meta.gather_idx, meta.expert_offsets, meta.expert_offsets,
-       _grid_size(0, a.device))
+    launch(fn, a.device, _aligned(a), _aligned(b), out.view(E * d, N), meta.gather_idx, meta.expert_offsets,
+           meta.expert_offsets, _grid_size(0, a.device))
     return out
 
 

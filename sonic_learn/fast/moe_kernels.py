@@ -46,7 +46,7 @@ import functools
 
 import torch
 
-from sonic_learn.fast._cute import compile_options, cutlass_dtype, import_cutlass
+from sonic_learn.fast._cute import compile_options, cutlass_dtype, import_cutlass, launch
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
@@ -375,7 +375,7 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     M, two_n = h.shape
     a = torch.empty(M, two_n // 2, dtype=h.dtype, device=h.device)  # (M, n)
     if M > 0 and two_n > 0:
-        _compiled("swiglu_fwd", h.dtype)(h, a)
+        launch(_compiled("swiglu_fwd", h.dtype), h.device, h, a)
     return a
 
 
@@ -387,7 +387,8 @@ def swiglu_backward_scaled(h: torch.Tensor, da_prime: torch.Tensor, scores: torc
     a_scaled = torch.empty_like(da_prime)  # (M, n)
     dscores = torch.zeros(scores.shape[0], dtype=torch.float32, device=h.device)  # (P,)
     if M > 0:
-        _compiled("swiglu_bwd_scaled", h.dtype)(h, da_prime, scores, pair_of_row, dh, a_scaled, dscores)
+        launch(_compiled("swiglu_bwd_scaled", h.dtype), h.device, h, da_prime, scores, pair_of_row, dh, a_scaled,
+               dscores)
     return dh, a_scaled, dscores
 
 
@@ -398,7 +399,7 @@ def swiglu_backward(h: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, to
     a = torch.empty_like(da)
     if M > 0:
         f32, i32 = _dummy(h, torch.float32), _dummy(h, torch.int32)
-        _compiled("swiglu_bwd", h.dtype)(h, da, f32, i32, dh, a, f32)
+        launch(_compiled("swiglu_bwd", h.dtype), h.device, h, da, f32, i32, dh, a, f32)
     return dh, a
 
 
@@ -408,7 +409,7 @@ def gather_scale_dot(dout: torch.Tensor, y: torch.Tensor, scores: torch.Tensor, 
     dy = torch.empty_like(y)
     dscores = torch.zeros(scores.shape[0], dtype=torch.float32, device=y.device)
     if y.shape[0] > 0:
-        _compiled("gather_scale_dot", y.dtype)(dout, y, scores, gather_idx, pair_of_row, dy, dscores)
+        launch(_compiled("gather_scale_dot", y.dtype), y.device, dout, y, scores, gather_idx, pair_of_row, dy, dscores)
     return dy, dscores
 
 
@@ -422,7 +423,7 @@ def gather_sum(rows: torch.Tensor, weights: torch.Tensor | None, row_of_pair: to
             return out.zero_()
         name = "gather_sum" if weights is None else "gather_sum_weighted"
         w = _dummy(rows, torch.float32) if weights is None else weights
-        _compiled(name, rows.dtype)(rows, w, row_of_pair, token_offsets, out)
+        launch(_compiled(name, rows.dtype), rows.device, rows, w, row_of_pair, token_offsets, out)
     return out
 
 
@@ -432,7 +433,7 @@ def transpose_last2(w: torch.Tensor) -> torch.Tensor:
     B, R, C = w.shape
     out = torch.empty(B, C, R, dtype=w.dtype, device=w.device)
     if w.numel() > 0:
-        _compiled("transpose", w.dtype)(w.view(B * R, C), out.view(B * C, R))
+        launch(_compiled("transpose", w.dtype), w.device, w.view(B * R, C), out.view(B * C, R))
     return out
 
 

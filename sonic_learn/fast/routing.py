@@ -60,7 +60,7 @@ import functools
 import torch
 
 from sonic_learn import _checks
-from sonic_learn.fast._cute import compile_options, import_cutlass
+from sonic_learn.fast._cute import compile_options, import_cutlass, launch
 from sonic_learn.reference import routing as _ref
 from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata
 
@@ -366,12 +366,8 @@ def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, n
         chunks_per_tile, num_tiles = _tiling(P)
         tile_counts = torch.empty(E, num_tiles, dtype=i32, device=device)  # (E, tiles) scratch
         tokens = token_idx if token_idx is not None else expert_idx  # read only when scattering
-        kernel = _compiled(_expert_bucket(E), scatter)
-        if device.index == torch.cuda.current_device():
-            kernel(expert_idx, tokens, tile_counts, counts, offsets, *rows, chunks_per_tile)  # current stream
-        else:
-            with torch.cuda.device(device):
-                kernel(expert_idx, tokens, tile_counts, counts, offsets, *rows, chunks_per_tile)
+        launch(_compiled(_expert_bucket(E), scatter), device,
+               expert_idx, tokens, tile_counts, counts, offsets, *rows, chunks_per_tile)  # current stream
     return (counts, offsets, *rows) if scatter else (counts, offsets, None, None, None)
 
 

@@ -56,7 +56,7 @@ import math
 import torch
 
 from sonic_learn import _checks
-from sonic_learn.fast._cute import compile_options, cutlass_dtype, import_cutlass
+from sonic_learn.fast._cute import compile_options, cutlass_dtype, import_cutlass, launch
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
@@ -701,8 +701,12 @@ def _compiled(kind: str, dtype: torch.dtype, N: int, k: int, epilogue: str):
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _check_inputs(name: str, x: object, k: object, max_k: int, kernel: str) -> torch.Tensor:
-    """Validate before any launch; return x as a row-major, 16-byte-aligned tensor."""
+def _check_inputs(name: str, x: object, k: object, max_k: int, kernel: str, check_finite: object,
+                  allow_inf: bool) -> torch.Tensor:
+    """Validate before any launch; return x as a row-major, 16-byte-aligned tensor. ``check_finite``
+    rejects NaN (and inf unless ``allow_inf``) like the reference: an extra read and a host sync."""
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
     x = _checks.check_tensor(name, x)
     _checks.check_ndim(name, x, 2, "(rows, N)")
     _checks.check_dtype(name, x, _DTYPES)
@@ -714,6 +718,8 @@ def _check_inputs(name: str, x: object, k: object, max_k: int, kernel: str) -> t
         )
     _checks.check_int_range("k", k, 1, min(max_k, n), f"the fast {kernel} kernel supports k <= {max_k} and k <= N = {n}")
     _checks.check_cuda(name, x)
+    if check_finite:
+        _checks.check_finite(name, x, allow_inf=allow_inf)
     # The kernels read rows in 16-byte chunks: copy strided or misaligned inputs first.
     if not x.is_contiguous() or x.data_ptr() % 16 != 0:
         x = x.contiguous() if not x.is_contiguous() else x.clone()
@@ -726,12 +732,7 @@ def _run(kind: str, x: torch.Tensor, k: int, epilogue: str):
     out = torch.empty((rows, k), dtype=out_dtype, device=x.device)
     idx = torch.empty((rows, k), dtype=torch.int64, device=x.device)
     if rows > 0:
-        kernel = _compiled(kind, x.dtype, n, k, epilogue)
-        if x.device.index == torch.cuda.current_device():
-            kernel(x, out, idx)  # TVM-FFI launches on the current torch stream
-        else:
-            with torch.cuda.device(x.device):
-                kernel(x, out, idx)
+        launch(_compiled(kind, x.dtype, n, k, epilogue), x.device, x, out, idx)  # on the current torch stream
     return out, idx
 
 
@@ -742,18 +743,14 @@ def bitonic_topk(x: torch.Tensor, k: int, *, check_finite: bool = True) -> tuple
     ``x.gather(-1, indices)``; indices (rows, k) int64; ties go to the lower column.
     ``check_finite`` rejects NaN like the reference (an extra read and a device-to-host sync).
     """
-    x = _check_inputs("x", x, k, MAX_K_BITONIC, "bitonic")
-    if check_finite:
-        _checks.check_finite("x", x, allow_inf=True)
+    x = _check_inputs("x", x, k, MAX_K_BITONIC, "bitonic", check_finite, allow_inf=True)
     return _run("bitonic", x, k, "values")
 
 
 def radix_topk(x: torch.Tensor, k: int, *, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of ``x`` (rows, N) by radix select (one warp per row). Same contract as
     :func:`bitonic_topk`, with k up to ``MAX_K_RADIX``."""
-    x = _check_inputs("x", x, k, MAX_K_RADIX, "radix")
-    if check_finite:
-        _checks.check_finite("x", x, allow_inf=True)
+    x = _check_inputs("x", x, k, MAX_K_RADIX, "radix", check_finite, allow_inf=True)
     return _run("radix", x, k, "values")
 
 
@@ -763,9 +760,7 @@ def softmax_topk(logits: torch.Tensor, k: int, *, check_finite: bool = True) -> 
     Returns ``(scores, indices)``: scores (rows, k) float32 summing to 1 per row, in the order of
     the top-k logits; indices (rows, k) int64. Fused into the bitonic kernel's epilogue.
     """
-    logits = _check_inputs("logits", logits, k, MAX_K_BITONIC, "bitonic")
-    if check_finite:
-        _checks.check_finite("logits", logits, allow_inf=False)
+    logits = _check_inputs("logits", logits, k, MAX_K_BITONIC, "bitonic", check_finite, allow_inf=False)
     return _run("bitonic", logits, k, "softmax_topk")
 
 
@@ -776,7 +771,5 @@ def topk_softmax(
     (renormalized to sum to 1 when ``normalize``). Returns ``(scores fp32, indices int64)``."""
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    logits = _check_inputs("logits", logits, k, MAX_K_BITONIC, "bitonic")
-    if check_finite:
-        _checks.check_finite("logits", logits, allow_inf=False)
+    logits = _check_inputs("logits", logits, k, MAX_K_BITONIC, "bitonic", check_finite, allow_inf=False)
     return _run("bitonic", logits, k, "topk_softmax_normalized" if normalize else "topk_softmax")
