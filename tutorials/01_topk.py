@@ -243,7 +243,10 @@ if torch.cuda.is_available():  # GPU only: skipped on a CPU machine
     if ok:  # the CuTe-DSL kernels need a Hopper GPU
         from sonic_learn.fast import topk as fast_topk
 
-        impls += [("fast radix_topk", fast_topk.radix_topk), ("fast bitonic_topk", fast_topk.bitonic_topk)]
+        # check_finite=False: the NaN check costs a device-to-host sync; x is finite by construction,
+        # and each output is checked against the reference before it is timed.
+        impls += [("fast radix_topk", lambda t, k: fast_topk.radix_topk(t, k, check_finite=False)),
+                  ("fast bitonic_topk", lambda t, k: fast_topk.bitonic_topk(t, k, check_finite=False))]
     else:
         print("CuTe-DSL kernels not run:", why)
     expected = radix_topk(xg, 8)[1]  # the contract: exactly these indices, ties to the lower column
