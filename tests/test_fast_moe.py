@@ -170,6 +170,15 @@ def test_fast_router_gives_the_reference_routing_and_metadata():
         assert torch.equal(got.token_offsets.long(), torch.arange(334, device="cuda") * k), (E, k)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_generator_of_another_device_is_rejected_before_any_work():
+    from sonic_learn.fast import moe as fast_moe
+
+    x, router_w, w1, w2 = params(16, 16, 16, 4, 0, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"generator must live on the device of the logits \(cuda\)"):
+        fast_moe.check_inputs(x, router_w, w1, w2, 2, routing="token_rounding", generator=torch.Generator())
+
+
 @needs_hopper
 def test_empty_batch():
     from sonic_learn.fast import moe as fast_moe

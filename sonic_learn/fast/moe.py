@@ -46,7 +46,7 @@ import torch
 
 from sonic_learn import _checks
 from sonic_learn.reference.moe import BACKWARD_MODES, ROUTINGS, _check_layer_inputs
-from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata
+from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata, _check_generator
 
 FAST_DTYPES = (torch.bfloat16, torch.float16)
 MAX_ELEMENTS = 2**31 - 1  # the kernels index with 32-bit integers
@@ -274,8 +274,7 @@ def check_inputs(x, router_w, w1, w2, k, *, routing="topk", tile_m=128, backward
         _checks.check_dtype(name, t, FAST_DTYPES)
     _checks.check_choice("scoring", scoring, SCORINGS)
     _checks.check_choice("rounding_mode", rounding_mode, ROUNDING_MODES)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    _check_generator(generator, x.device)  # the router's check: a torch.Generator on x's device type
     T, d = x.shape
     E, _, two_n = w1.shape
     if routing == "token_rounding":
