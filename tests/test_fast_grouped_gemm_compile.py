@@ -51,9 +51,10 @@ def test_production_variant_compiles_for_sm90a(variant, dtype):
 
 
 @pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+@pytest.mark.parametrize("kernel", ["v1", "sm90"])  # the ladder's teaching steps
 @pytest.mark.parametrize("variant", ["varlen_m_gather", "varlen_k_gather"])
-def test_teaching_kernel_compiles_for_sm90a(variant):
-    ptx = _ptx(variant, torch.bfloat16, torch.bfloat16, "v1")
+def test_teaching_kernel_compiles_for_sm90a(variant, kernel):
+    ptx = _ptx(variant, torch.bfloat16, torch.bfloat16, kernel)
     assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx
     assert re.search(r"cp\.async\.c[ga]\.shared\.global", ptx)
     assert "cp.async.bulk.tensor" not in ptx
