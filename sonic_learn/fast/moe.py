@@ -330,27 +330,13 @@ def moe_forward(
 def saved_tensors(x, w1, w2, r: DeviceRouting, backward: str = "reduced_memory", ops: ExpertOps | None = None):
     """Every activation the experts' Function saves for backward, as reference ``SavedTensor`` records
     (weights excluded, each storage once). ``r`` is a routing from ``route`` (or built by hand)."""
-    from sonic_learn.reference.moe import SavedTensor
+    from sonic_learn.reference.moe import record_saved_tensors
 
     _checks.check_choice("backward", backward, BACKWARD_MODES)
-    weights = {w1.data_ptr(), w2.data_ptr()}
-    seen: set[tuple] = set()
-    found: list = []
-
-    def pack(t: torch.Tensor):
-        key = (t.data_ptr(), tuple(t.shape), t.dtype)
-        if t.numel() == 0:
-            found.append(SavedTensor(tuple(t.shape), t.dtype, 0))
-        elif t.data_ptr() not in weights and key not in seen:
-            seen.add(key)
-            found.append(SavedTensor(tuple(t.shape), t.dtype, t.numel() * t.element_size()))
-        return t
-
     scores = r.scores.detach().requires_grad_(True)
     xr = x.detach().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run_experts(xr, w1, w2, dataclasses.replace(r, scores=scores), backward, ops)
-    return found
+    return record_saved_tensors(
+        lambda: run_experts(xr, w1, w2, dataclasses.replace(r, scores=scores), backward, ops), exclude=(w1, w2))
 
 
 def expected_saved_bytes(T: int, d: int, n: int, E: int, P: int, *, dtype=torch.bfloat16,
