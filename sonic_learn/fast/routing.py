@@ -375,29 +375,15 @@ def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, n
 # Argument checks (host only; value checks that read the device are opt-out)
 # ---------------------------------------------------------------------------------------------
 def _check_routing_structure(routing: object) -> Routing:
-    """Everything about a Routing that the host knows without reading the device."""
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a sonic_learn.reference.routing.Routing, got {type(routing).__name__}")
-    _checks.check_int_range("routing.num_tokens", routing.num_tokens, 0)
+    """The reference's host-side checks of a Routing, then the fast kernels' own limits (E, P, CUDA)."""
+    routing = _ref._check_routing_structure(routing)
     _checks.check_int_range("routing.num_experts", routing.num_experts, 1, MAX_EXPERTS,
                             "the fast metadata kernel; use sonic_learn.reference.routing for more experts")
-    for name in ("token_idx", "expert_idx", "scores"):
-        t = _checks.check_tensor(f"routing.{name}", getattr(routing, name))
-        _checks.check_ndim(f"routing.{name}", t, 1, "(P,) one entry per pair")
-    for name in ("token_idx", "expert_idx"):
-        _checks.check_dtype(f"routing.{name}", getattr(routing, name), (torch.int32, torch.int64))
     P = routing.token_idx.numel()
-    for name in ("expert_idx", "scores"):
-        if getattr(routing, name).numel() != P:
-            raise ValueError(
-                f"routing.{name} must have P = {P} entries (one per pair, like routing.token_idx), "
-                f"got {getattr(routing, name).numel()}"
-            )
     if P > MAX_PAIRS:
         raise ValueError(f"routing must have at most {MAX_PAIRS} pairs (int32 rows), got {P}")
     for name in ("token_idx", "expert_idx", "scores"):
         _checks.check_cuda(f"routing.{name}", getattr(routing, name))
-    _checks.check_same_device(token_idx=routing.token_idx, expert_idx=routing.expert_idx, scores=routing.scores)
     return routing
 
 
@@ -419,7 +405,7 @@ def build_metadata(routing: Routing, *, check_ids: bool = True) -> RoutingMetada
     if not isinstance(check_ids, bool):
         raise TypeError(f"check_ids must be a bool, got {type(check_ids).__name__}")
     if check_ids:
-        _ref._check_routing_fields(routing)  # the reference's value checks (reads the device)
+        _ref._check_routing_ids(routing)  # the reference's id range checks (read the device)
     counts, offsets, gather_idx, pair_of_row, row_of_pair = _launch_metadata(
         _int32(routing.expert_idx), _int32(routing.token_idx), routing.num_experts, scatter=True
     )
@@ -519,30 +505,6 @@ def topk_routing(
 # --8<-- [end:topk_routing]
 
 
-def _round_counts_on_device(
-    counts: torch.Tensor, tile_m: int, mode: str, generator: torch.Generator | None, num_tokens: int
-) -> torch.Tensor:
-    """The reference's ``round_counts`` rule without its value checks (which read the device).
-
-    Kept formula for formula equal to the reference (the tests compare the two for every mode,
-    the stochastic one with the same seeded generator: it draws exactly E float64 uniforms).
-    """
-    f = counts.long()  # (E,)
-    floor_f = (f // tile_m) * tile_m  # (E,)
-    remainder = f - floor_f  # (E,) in [0, tile_m)
-    ceil_f = floor_f + tile_m * (remainder > 0)  # (E,)
-    if mode == "down":
-        go_up = torch.zeros_like(f, dtype=torch.bool)
-    elif mode == "up":
-        go_up = remainder > 0
-    elif mode == "nearest":
-        go_up = 2 * remainder > tile_m  # exact halves round down
-    else:  # stochastic
-        u = torch.rand(f.shape, generator=generator, dtype=torch.float64, device=f.device)  # (E,)
-        go_up = u * tile_m < remainder
-    return torch.where(go_up, ceil_f, floor_f).clamp(max=num_tokens)  # (E,)
-
-
 def round_counts(
     counts: torch.Tensor,
     tile_m: int,
@@ -612,7 +574,7 @@ def token_rounding(
     counts = _launch_metadata(tc.expert_idx, None, E, scatter=False)[0]  # (E,) f_e
 
     # Step 2: round every f_e (the reference's rule and random draw).
-    rounded = _round_counts_on_device(counts, tile_m, mode, generator, T)  # (E,)
+    rounded = _ref._round_counts_rule(counts, tile_m, mode, generator, T)  # (E,) no checks: no sync
     delta = rounded - counts.long()  # (E,) in (-tile_m, tile_m)
 
     # Step 3: the scores every token's router gives every expert (the reference's formula), and

@@ -183,6 +183,13 @@ def round_counts(
         if num_tokens is not None and int(counts.max()) > num_tokens:
             raise ValueError(f"counts must be <= num_tokens = {num_tokens}, got a maximum of {int(counts.max())}")
 
+    return _round_counts_rule(counts, tile_m, mode, generator, num_tokens)
+
+
+def _round_counts_rule(counts: torch.Tensor, tile_m: int, mode: str, generator: torch.Generator | None,
+                       num_tokens: int | None) -> torch.Tensor:
+    """The rounding rule of ``round_counts`` without its checks (the fast path calls it directly:
+    the checks read the device)."""
     f = counts.long()  # (E,)
     floor_f = (f // tile_m) * tile_m  # (E,) ⌊f_e⌋
     remainder = f - floor_f  # (E,) r_e in [0, tile_m)
@@ -313,12 +320,13 @@ def token_rounding(
 # --8<-- [end:token_rounding]
 
 
-def _check_routing_fields(routing: Routing) -> None:
-    """A Routing built by hand must still be well formed: a wrong expert id would silently grow
-    the histogram, so ids are range-checked before any work."""
-    T, E = routing.num_tokens, routing.num_experts
-    _checks.check_int_range("routing.num_tokens", T, 0)
-    _checks.check_int_range("routing.num_experts", E, 1)
+def _check_routing_structure(routing: object) -> Routing:
+    """What the host knows about a Routing without reading the device: types, dims, dtypes,
+    lengths, one device. (The fast path runs only this part, to stay free of syncs.)"""
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a sonic_learn.reference.routing.Routing, got {type(routing).__name__}")
+    _checks.check_int_range("routing.num_tokens", routing.num_tokens, 0)
+    _checks.check_int_range("routing.num_experts", routing.num_experts, 1)
     for name in ("token_idx", "expert_idx", "scores"):
         _checks.check_tensor(f"routing.{name}", getattr(routing, name))
         _checks.check_ndim(f"routing.{name}", getattr(routing, name), 1, "(P,) one entry per pair")
@@ -334,20 +342,27 @@ def _check_routing_fields(routing: Routing) -> None:
     _checks.check_same_device(
         token_idx=routing.token_idx, expert_idx=routing.expert_idx, scores=routing.scores
     )
-    if P > 0:
-        for name, hi in (("token_idx", T), ("expert_idx", E)):
-            t = getattr(routing, name)
-            lo_v, hi_v = int(t.min()), int(t.max())
-            if lo_v < 0 or hi_v >= hi:
-                raise ValueError(f"routing.{name} must lie in [0, {hi}), got values in [{lo_v}, {hi_v}]")
+    return routing
+
+
+def _check_routing_ids(routing: Routing) -> None:
+    """Token and expert ids in range: a wrong expert id would silently grow the histogram. Reads
+    the device (min/max), so the fast path makes this check optional."""
+    T, E = routing.num_tokens, routing.num_experts
+    if routing.token_idx.numel() == 0:
+        return
+    for name, hi in (("token_idx", T), ("expert_idx", E)):
+        t = getattr(routing, name)
+        lo_v, hi_v = int(t.min()), int(t.max())
+        if lo_v < 0 or hi_v >= hi:
+            raise ValueError(f"routing.{name} must lie in [0, {hi}), got values in [{lo_v}, {hi_v}]")
 
 
 # --8<-- [start:build_metadata]
 def build_metadata(routing: Routing) -> RoutingMetadata:
     """Group the pairs of ``routing`` by expert: counts, offsets and the two permutations."""
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a sonic_learn.reference.routing.Routing, got {type(routing).__name__}")
-    _check_routing_fields(routing)
+    _check_routing_structure(routing)
+    _check_routing_ids(routing)
     E = routing.num_experts
     expert_idx = routing.expert_idx.long()  # (P,)
 
