@@ -91,8 +91,7 @@ def breakdown(leaves, gout, k, reps):
     a = mk.swiglu(h)
     y = gg.contiguous_grouped_gemm(a, w2, meta)
     dout = gout.detach()
-    w1t, w2t = mk.transpose_last2(w1), mk.transpose_last2(w2)
-    dap = gg.gather_fused_grouped_gemm(dout, w2t, meta)
+    dap = gg.gather_fused_grouped_gemm(dout, w2, meta, transpose_w=True)
     dh, a_s, _ = mk.swiglu_backward_scaled(h, dap, scores, meta.pair_of_row)
     steps = {
         "fwd: router + top-k + metadata": lambda: fast_moe.route(x, router_w, k),
@@ -100,14 +99,12 @@ def breakdown(leaves, gout, k, reps):
         "fwd: SwiGLU kernel": lambda: mk.swiglu(h),
         "fwd: down-proj GEMM": lambda: gg.contiguous_grouped_gemm(a, w2, meta),
         "fwd: gather-and-sum (weighted)": lambda: mk.gather_sum(y, scores, meta.row_of_pair, toff),
-        "bwd: W2^T as a torch strided copy (not used)": lambda: w2.transpose(1, 2).contiguous(),
-        "bwd: W2^T transpose kernel": lambda: mk.transpose_last2(w2),
-        "bwd: W1^T transpose kernel": lambda: mk.transpose_last2(w1),
-        "bwd: dA' GEMM (dO gathered)": lambda: gg.gather_fused_grouped_gemm(dout, w2t, meta),
+        "bwd: dA' GEMM (dO gathered, W2 K-major)": lambda: gg.gather_fused_grouped_gemm(dout, w2, meta,
+                                                                                       transpose_w=True),
         "bwd: dSwiGLU + dS + A' kernel": lambda: mk.swiglu_backward_scaled(h, dap, scores, meta.pair_of_row),
-        "bwd: dW2 varlen-K GEMM (dO gathered)": lambda: gg.grouped_gemm_varlen_k(dout, a_s, meta, gather_a=True),
-        "bwd: dW2 (E, d, n) -> (E, n, d) transpose kernel": lambda: mk.transpose_last2(w2t),
-        "bwd: dX~ GEMM": lambda: gg.contiguous_grouped_gemm(dh, w1t, meta),
+        "bwd: dW2 varlen-K GEMM (dO gathered, stored (E, n, d))": lambda: gg.grouped_gemm_varlen_k(
+            dout, a_s, meta, gather_a=True, transpose_out=True),
+        "bwd: dX~ GEMM (W1 K-major)": lambda: gg.contiguous_grouped_gemm(dh, w1, meta, transpose_w=True),
         "bwd: gather-and-sum (dX)": lambda: mk.gather_sum(y, None, meta.row_of_pair, toff),
         "bwd: dW1 varlen-K GEMM (X gathered)": lambda: gg.grouped_gemm_varlen_k(x, dh, meta, gather_a=True),
     }

@@ -147,6 +147,16 @@ def test_varlen_m_matches_oracle(kernel_config, problem):
     again = fast.gather_fused_grouped_gemm(x, w, meta, out_dtype=out_dtype)
     assert torch.equal(again, fused), "two runs on the same inputs must be bitwise identical"
 
+    # The same products with the weights stored transposed, (E, N, K), read K-major (transpose_w).
+    w_t = w.transpose(1, 2).contiguous()  # (E, N, K)
+    poison((M, N), odt)
+    fused_t = fast.gather_fused_grouped_gemm(x, w_t, meta, out_dtype=out_dtype, transpose_w=True)
+    assert fused_t.shape == (M, N) and fused_t.dtype == odt
+    check_close("gather_fused transpose_w", fused_t, oracle, same)
+    poison((M, N), odt)
+    check_close("contiguous transpose_w", fast.contiguous_grouped_gemm(a, w_t, meta, out_dtype=out_dtype,
+                                                                       transpose_w=True), oracle, same)
+
 
 @needs_hopper
 @settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -184,6 +194,11 @@ def test_varlen_k_matches_oracle(kernel_config, problem, gather_a):
             assert torch.count_nonzero(got[e]) == 0, "an expert with no rows must get a zero gradient"
     again = fast.grouped_gemm_varlen_k(a, b, meta, gather_a=gather_a, out_dtype=out_dtype)
     assert torch.equal(again, got)
+    # transpose_out: the same tiles stored as out[e]^T (E, N, K) by the epilogue: bit for bit.
+    poison((E, N, K), odt)
+    got_t = fast.grouped_gemm_varlen_k(a, b, meta, gather_a=gather_a, out_dtype=out_dtype, transpose_out=True)
+    assert got_t.shape == (E, N, K) and got_t.is_contiguous()
+    assert torch.equal(got_t, got.transpose(1, 2))
 
 
 @needs_hopper
@@ -254,3 +269,10 @@ def test_bad_inputs_raise_clear_errors():
         fast.gather_fused_grouped_gemm(x[:5], w, meta)
     with pytest.raises(ValueError, match="a must have T = meta.num_tokens = 6 rows"):
         fast.grouped_gemm_varlen_k(x[:5], b, meta)
+    # transpose_w: w is (E, N, K); the K check reads w.shape[2] and names the layout
+    with pytest.raises(ValueError, match=r"K = w.shape\[2\] = 8 \(w is \(E, N, K\)"):
+        fast.gather_fused_grouped_gemm(x, w.transpose(1, 2)[..., :8].contiguous(), meta, transpose_w=True)
+    with pytest.raises(TypeError, match="transpose_w must be a bool"):
+        fast.gather_fused_grouped_gemm(x, w, meta, transpose_w=1)
+    with pytest.raises(TypeError, match="transpose_out must be a bool"):
+        fast.grouped_gemm_varlen_k(x, b, meta, transpose_out="yes")

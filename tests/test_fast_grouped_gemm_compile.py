@@ -61,6 +61,31 @@ def test_teaching_kernel_compiles_for_sm90a(variant, kernel):
 
 
 @pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_transposed_layouts_compile_for_sm90a(variant):
+    """K-major weights (varlen-M, w stored (E, N, K)) and the transposed store (varlen-K, (E, N, d)):
+    the weights still come through TMA, and the K-major B mode changes the WGMMA instruction's
+    B-transpose flag (the last immediate of wgmma.mma_async: 1 = MN-major, 0 = K-major)."""
+    from sonic_learn.fast.grouped_gemm import WS_TILE, compile_grouped_gemm
+
+    ptx = compile_grouped_gemm(variant, torch.bfloat16, torch.bfloat16, WS_TILE, keep_ptx=True, kernel="ws",
+                               transposed=True).__ptx__
+    plain = _ptx(variant, torch.bfloat16, torch.bfloat16, "ws")
+    assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+    assert ptx != plain
+    if variant.startswith("varlen_m"):
+        b_flags = lambda text: set(re.findall(r"wgmma\.mma_async[^;]*,\s*(\d)\s*;", text))  # noqa: E731
+        assert b_flags(ptx) != b_flags(plain), (b_flags(ptx), b_flags(plain))
+
+
+def test_transposed_needs_production_kernel():
+    from sonic_learn.fast.grouped_gemm import compile_grouped_gemm
+
+    with pytest.raises(ValueError, match="transposed=True needs the production kernel"):
+        compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, kernel="v1", transposed=True)
+
+
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
 def test_fp32_output_compiles():
     from sonic_learn.fast.grouped_gemm import compile_grouped_gemm
 

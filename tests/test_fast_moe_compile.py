@@ -96,16 +96,17 @@ def _gather_sum(rows, weights, row_of_pair, token_offsets):
 
 
 TORCH_OPS = fast_moe.ExpertOps(
-    gather_gemm=lambda x, w, meta: ref_gg.gather_fused_grouped_gemm(x, w, meta),
-    grouped_gemm=lambda a, w, meta: ref_gg.gather_fused_grouped_gemm(a, w, ref_moe._contiguous_meta(meta)),
-    varlen_k_gemm=lambda a, b, meta, gather_a: ref_gg.grouped_gemm_varlen_k(
-        a, b, meta if gather_a else ref_moe._contiguous_meta(meta), gather_a=gather_a),
+    gather_gemm=lambda x, w, meta, transpose_w=False: ref_gg.gather_fused_grouped_gemm(
+        x, w, meta, transpose_w=transpose_w),
+    grouped_gemm=lambda a, w, meta, transpose_w=False: ref_gg.gather_fused_grouped_gemm(
+        a, w, ref_moe._contiguous_meta(meta), transpose_w=transpose_w),
+    varlen_k_gemm=lambda a, b, meta, gather_a, transpose_out=False: ref_gg.grouped_gemm_varlen_k(
+        a, b, meta if gather_a else ref_moe._contiguous_meta(meta), gather_a=gather_a, transpose_out=transpose_out),
     swiglu=ref_moe.swiglu,
     swiglu_backward_scaled=_swiglu_bwd_scaled,
     swiglu_backward=_swiglu_bwd,
     gather_scale_dot=_gather_scale_dot,
     gather_sum=_gather_sum,
-    transpose=lambda w: w.transpose(1, 2).contiguous(),
 )
 
 

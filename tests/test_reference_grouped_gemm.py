@@ -245,6 +245,23 @@ def test_varlen_k_matches_float64_oracle(p: Problem, gather_a: bool):
     for e, c in enumerate(p.counts):
         if c == 0:
             assert torch.count_nonzero(out[e]) == 0
+    # transpose_out: dW2 in W2's orientation, (E, N, K), the same numbers
+    out_t = grouped_gemm_varlen_k(a_in, b, meta, gather_a=gather_a, transpose_out=True)
+    assert out_t.shape == (E, p.N, p.K) and out_t.is_contiguous()
+    assert torch.equal(out_t, out.transpose(1, 2))
+
+
+@given(problems(max_count=60))
+def test_transpose_w_reads_weights_stored_n_by_k(p: Problem):
+    """transpose_w=True takes w stored (E, N, K) and multiplies by w[e]^T: held to the same oracle."""
+    x, w, meta = build(p)
+    ref, scale = oracle_varlen_m(x, w, meta)
+    tol = 2 * max_err(torch_same_dtype_varlen_m(x, w, meta), ref) + p.K * acc_eps(p.dtype) * scale
+    w_nk = w.transpose(1, 2).contiguous()  # (E, N, K)
+    for gemm in GEMMS:
+        y = gemm(x, w_nk, meta, tile_m=p.tile_m, transpose_w=True)
+        assert y.shape == (meta.num_rows, p.N)
+        assert max_err(y, ref) <= tol
 
 
 # --------------------------------------------------------------------------------------------------

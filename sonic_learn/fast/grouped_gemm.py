@@ -29,6 +29,10 @@ Which kernel runs (the ladder, llm.c style; ``set_kernel_config`` picks one):
 
 The weights ``w (E, K, N)`` are used as stored (N contiguous): WGMMA reads B in its "MN-major"
 shared-memory mode and the TMA descriptor views w as (N, K, E), so no transposed copy is made.
+The backward needs ``W^T`` (dA = dY W2^T, dX = dH W1^T) and dW2 in (E, n, d): ``transpose_w=True``
+takes w stored (E, N, K) and reads it K-major (WGMMA's other B mode, same TMA unit), and
+``grouped_gemm_varlen_k(..., transpose_out=True)`` writes ``out[e]^T`` from its epilogue; with the
+teaching kernels (v1, sm90) these two options fall back to a torch transposed copy.
 Not checked on the device (it would need a device-to-host sync): that ``gather_idx`` holds valid
 token indices and that ``expert_offsets`` is a non-decreasing cumsum ending at M; use the
 reference's checks when in doubt.
@@ -73,11 +77,18 @@ def set_kernel_config(*, kernel: str = "ws", tile: tuple[int, int, int] = WS_TIL
     _CONFIG.update(kernel=kernel, tile=tile, stages=stages)
 
 
-def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype):
+def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transposed: bool = False):
     tile = _CONFIG["tile"]
     if _CONFIG["kernel"] == "ws" and out_dtype == torch.float32 and tile[1] == 256 and _CONFIG["stages"] is None:
         tile = (tile[0], 128, tile[2])  # fp32 epilogue buffers of a 128 x 256 tile leave no room for stages
-    return compile_grouped_gemm(variant, dtype, out_dtype, tile, _CONFIG["stages"], kernel=_CONFIG["kernel"])
+    return compile_grouped_gemm(variant, dtype, out_dtype, tile, _CONFIG["stages"], kernel=_CONFIG["kernel"],
+                                transposed=transposed)
+
+
+def _native_transposes() -> bool:
+    """Whether the selected kernel reads w^T / writes out^T itself (the teaching kernels v1 and
+    sm90 do not: with them the public functions make the transposed copy with torch)."""
+    return _CONFIG["kernel"] == "ws"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,14 +154,19 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, tile: tuple = TILE,
-                         stages: int | None = None, keep_ptx: bool = False, kernel: str = "ws"):
+                         stages: int | None = None, keep_ptx: bool = False, kernel: str = "ws",
+                         transposed: bool = False):
     """Compile one grouped-GEMM variant for sm_90a from fake tensors (no GPU needed).
 
     ``variant`` is one of "varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather". Sizes (rows,
     K, N, E) are symbolic, so the result serves every problem with these dtypes. Returns the
     TVM-FFI callable ``f(a, b, out, gather_idx, expert_offsets, tile_offsets, num_row_tiles)``.
+    ``transposed`` (kernel "ws" only): varlen-M takes the weights as (E*N, K) and uses ``w[e]^T``
+    (K-major B); varlen-K writes its result as (E*N, d), i.e. ``out[e]^T``.
     """
     _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
+    if transposed and kernel != "ws":
+        raise ValueError(f"transposed=True needs the production kernel 'ws', got kernel={kernel!r}")
     from sonic_learn.fast._cute import compile_options, cutlass_dtype, import_cutlass
 
     cutlass = import_cutlass()
@@ -176,9 +192,9 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     a = mat(dt, sym(), cols_a)
     if varlen_k:
         b = mat(dt, sym(), n_dim)  # (M, N) rows in grouped order
-        out = mat(odt, sym(), n_dim)  # (E * d, N)
+        out = mat(odt, sym(), cols_a if transposed else n_dim)  # (E * N, d) if transposed else (E * d, N)
     else:
-        b = mat(dt, sym(), n_dim)  # (E * K, N): w reshaped
+        b = mat(dt, sym(), cols_a if transposed else n_dim)  # (E * N, K) if transposed else (E * K, N)
         out = mat(odt, sym(), n_dim)  # (M, N)
     vec = lambda: make_fake_compact_tensor(cutlass.Int32, (sym(),), assumed_align=4)  # noqa: E731
     gidx, offs, toffs = vec(), vec(), vec()
@@ -192,7 +208,9 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
         ab_bytes = stages * (tile[0] + tile[1]) * tile[2] * 2
         if epilogue_smem_bytes(tile, out_dtype.itemsize) > ab_bytes:
             raise ValueError(f"tile {tile} with {stages} stages leaves too little shared memory for the epilogue")
-    kernel_obj = cls(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2], stages=stages)
+    layout = {"transpose_out": transposed} if varlen_k else {"b_k_major": transposed}
+    kernel_obj = cls(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2], stages=stages,
+                     **layout)
     opts = compile_options(keep_ptx)
     return cute.compile(kernel_obj, a, b, out, gidx, offs, toffs, cutlass.Int32(1),
                         make_fake_stream(use_tvm_ffi_env_stream=True), options=opts)
@@ -222,15 +240,18 @@ def _sm_count(index: int) -> int:
 
 
 def _launch_varlen_m(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, gather: bool,
-                     out_dtype: torch.dtype) -> torch.Tensor:
+                     out_dtype: torch.dtype, transpose_w: bool) -> torch.Tensor:
     M = meta.gather_idx.numel()
-    E, K, N = w.shape
+    if transpose_w and not _native_transposes():
+        w, transpose_w = w.transpose(1, 2), False  # teaching kernels: an explicit (E, K, N) copy below
+    E, R, C = w.shape  # (E, K, N), or (E, N, K) with transpose_w
+    N = R if transpose_w else C
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)  # (M, N)
     if M == 0:
         return out
-    fn = _compiled("varlen_m_gather" if gather else "varlen_m", a.dtype, out_dtype)
+    fn = _compiled("varlen_m_gather" if gather else "varlen_m", a.dtype, out_dtype, transpose_w)
     tile_offsets = _tile_offsets(meta.expert_offsets, TILE[0])
-    launch(fn, a.device, _aligned(a), _aligned(w).view(E * K, N), out, meta.gather_idx, meta.expert_offsets,
+    launch(fn, a.device, _aligned(a), _aligned(w).view(E * R, C), out, meta.gather_idx, meta.expert_offsets,
            tile_offsets, _grid_size(-(-M // TILE[0]) + E, a.device))
     return out
 
@@ -238,9 +259,12 @@ def _launch_varlen_m(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, ga
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
-def _check_varlen_m(x, w, meta, tile_m, out_dtype, x_name: str, rows_expected: int | None):
+def _check_varlen_m(x, w, meta, tile_m, out_dtype, x_name: str, rows_expected: int | None, transpose_w: object):
     x = _check_operand(x_name, x, 2)
     w = _check_operand("w", w, 3)
+    if not isinstance(transpose_w, bool):
+        raise TypeError(f"transpose_w must be a bool, got {type(transpose_w).__name__}")
+    shape_name = "(E, N, K) (transpose_w=True)" if transpose_w else "(E, K, N)"
     if w.dtype != x.dtype:
         raise TypeError(f"w must have the same dtype as {x_name} ({x.dtype}), got {w.dtype}")
     _checks.check_same_device(**{x_name: x, "w": w})
@@ -249,13 +273,17 @@ def _check_varlen_m(x, w, meta, tile_m, out_dtype, x_name: str, rows_expected: i
         raise ValueError(f"{x_name} must have T = meta.num_tokens = {meta.num_tokens} rows (the rows "
                          f"meta.gather_idx indexes), got {x.shape[0]}")
     _check_tile_m(tile_m)
-    E, K, N = w.shape
+    E = w.shape[0]
+    K, N = (w.shape[2], w.shape[1]) if transpose_w else (w.shape[1], w.shape[2])
+    k_axis, n_axis = (2, 1) if transpose_w else (1, 2)
     if E != meta.num_experts:
-        raise ValueError(f"w must have shape (E, K, N) with E = meta.num_experts = {meta.num_experts}, got {tuple(w.shape)}")
+        raise ValueError(f"w must have shape {shape_name} with E = meta.num_experts = {meta.num_experts}, "
+                         f"got {tuple(w.shape)}")
     if x.shape[1] != K:
-        raise ValueError(f"{x_name} must have shape (*, K) with K = w.shape[1] = {K}, got {tuple(x.shape)}")
+        raise ValueError(f"{x_name} must have shape (*, K) with K = w.shape[{k_axis}] = {K} (w is {shape_name}), "
+                         f"got {tuple(x.shape)}")
     _check_multiple_of_8(f"{x_name}.shape[1]", K, "K")
-    _check_multiple_of_8("w.shape[2]", N, "N")
+    _check_multiple_of_8(f"w.shape[{n_axis}]", N, "N")
     M = meta.gather_idx.numel()
     if rows_expected is not None and x.shape[0] != M:
         raise ValueError(f"{x_name} must have M = {M} rows (meta.gather_idx.numel()), got {x.shape[0]}")
@@ -267,36 +295,41 @@ def _check_varlen_m(x, w, meta, tile_m, out_dtype, x_name: str, rows_expected: i
 
 
 def gather_fused_grouped_gemm(x: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, *, tile_m: int = 128,
-                              out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """out[r] = x[gather_idx[r]] @ w[e(r)], rows of x gathered inside the GEMM's loads. Returns (M, N)."""
-    x, w, meta, out_dtype = _check_varlen_m(x, w, meta, tile_m, out_dtype, "x", None)
-    return _launch_varlen_m(x, w, meta, True, out_dtype)
+                              out_dtype: torch.dtype | None = None, transpose_w: bool = False) -> torch.Tensor:
+    """out[r] = x[gather_idx[r]] @ w[e(r)], rows of x gathered inside the GEMM's loads. Returns (M, N).
+
+    ``transpose_w=True``: w is stored (E, N, K) and row r is multiplied by ``w[e]^T`` (read K-major
+    by the production kernel, no transposed copy)."""
+    x, w, meta, out_dtype = _check_varlen_m(x, w, meta, tile_m, out_dtype, "x", None, transpose_w)
+    return _launch_varlen_m(x, w, meta, True, out_dtype, transpose_w)
 
 
 def contiguous_grouped_gemm(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, *, tile_m: int = 128,
-                            out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """out[r] = a[r] @ w[e(r)] for A already in expert-grouped row order (M, K). Returns (M, N)."""
+                            out_dtype: torch.dtype | None = None, transpose_w: bool = False) -> torch.Tensor:
+    """out[r] = a[r] @ w[e(r)] for A already in expert-grouped row order (M, K). Returns (M, N).
+    ``transpose_w`` as in ``gather_fused_grouped_gemm``."""
     a, w, meta, out_dtype = _check_varlen_m(a, w, meta, tile_m, out_dtype, "a", meta.gather_idx.numel()
-                                            if isinstance(meta, RoutingMetadata) else None)
-    return _launch_varlen_m(a, w, meta, False, out_dtype)
+                                            if isinstance(meta, RoutingMetadata) else None, transpose_w)
+    return _launch_varlen_m(a, w, meta, False, out_dtype, transpose_w)
 
 
 def naive_grouped_gemm(x: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, *, tile_m: int = 128,
-                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                       out_dtype: torch.dtype | None = None, transpose_w: bool = False) -> torch.Tensor:
     """The classic two-pass path: gather ``x[gather_idx]`` into an (M, K) buffer (torch.index_select),
     then the contiguous grouped GEMM. Same result as ``gather_fused_grouped_gemm``."""
-    x, w, meta, out_dtype = _check_varlen_m(x, w, meta, tile_m, out_dtype, "x", None)
+    x, w, meta, out_dtype = _check_varlen_m(x, w, meta, tile_m, out_dtype, "x", None, transpose_w)
     x_grouped = torch.index_select(x, 0, meta.gather_idx)  # (M, K): the gather kernel
-    return _launch_varlen_m(x_grouped, w, meta, False, out_dtype)
+    return _launch_varlen_m(x_grouped, w, meta, False, out_dtype, transpose_w)
 
 
 def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadata, *, gather_a: bool = True,
-                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                          out_dtype: torch.dtype | None = None, transpose_out: bool = False) -> torch.Tensor:
     """Weight gradients: out[e] = A_e^T @ b[rows of e], reduced over the f_e rows of expert e.
 
     A_e = ``a[gather_idx[rows of e]]`` when ``gather_a`` (a is (T, d), e.g. x), else ``a[rows of e]``
     (a is (M, d), already grouped). b is (M, N) in grouped row order. Returns (E, d, N); experts
-    with no rows get zeros.
+    with no rows get zeros. ``transpose_out=True`` returns ``out[e]^T``, i.e. (E, N, d), written in
+    that orientation by the production kernel's epilogue (no transposed copy).
     """
     a = _check_operand("a", a, 2)
     b = _check_operand("b", b, 2)
@@ -304,8 +337,9 @@ def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadat
         raise TypeError(f"b must have the same dtype as a ({a.dtype}), got {b.dtype}")
     _checks.check_same_device(a=a, b=b)
     meta = _check_meta(meta, a.device)
-    if not isinstance(gather_a, bool):
-        raise TypeError(f"gather_a must be a bool, got {type(gather_a).__name__}")
+    for name, flag in (("gather_a", gather_a), ("transpose_out", transpose_out)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     out_dtype = _out_dtype(out_dtype, a.dtype)
     M = meta.gather_idx.numel()
     E = meta.num_experts
@@ -321,12 +355,16 @@ def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadat
     _check_multiple_of_8("b.shape[1]", N, "N")
     if E * d * N > MAX_ELEMENTS:
         raise ValueError(f"the output (E, d, N) = ({E}, {d}, {N}) exceeds 2^31 - 1 elements")
+    out_shape = (E, N, d) if transpose_out else (E, d, N)
     if M == 0:  # no rows at all: every expert's gradient is zero (and TMA cannot describe an empty b)
-        return torch.zeros(E, d, N, dtype=out_dtype, device=a.device)
-    out = torch.empty(E, d, N, dtype=out_dtype, device=a.device)  # (E, d, N)
-    fn = _compiled("varlen_k_gather" if gather_a else "varlen_k", a.dtype, out_dtype)
-    launch(fn, a.device, _aligned(a), _aligned(b), out.view(E * d, N), meta.gather_idx, meta.expert_offsets,
-           meta.expert_offsets, _grid_size(0, a.device))
+        return torch.zeros(out_shape, dtype=out_dtype, device=a.device)
+    native = transpose_out and _native_transposes()
+    out = torch.empty((E, N, d) if native else (E, d, N), dtype=out_dtype, device=a.device)
+    fn = _compiled("varlen_k_gather" if gather_a else "varlen_k", a.dtype, out_dtype, native)
+    launch(fn, a.device, _aligned(a), _aligned(b), out.view(E * out.shape[1], out.shape[2]), meta.gather_idx,
+           meta.expert_offsets, meta.expert_offsets, _grid_size(0, a.device))
+    if transpose_out and not native:  # teaching kernels: the transposed copy with torch
+        out = out.transpose(1, 2).contiguous()
     return out
 
 

@@ -100,7 +100,13 @@ class GroupedGemmWS(GroupedGemmSm90):
       While the MMA warps run an epilogue, the loaders already fill the next tile's slots.
     * **Epilogue** per MMA warpgroup through its own shared-memory buffer (64 rows), synchronized
       with a named barrier of 128 threads; the same ``tile_value`` hook as GroupedGemmSm90.
+    * **Layout options** (so the MoE backward never copies a transposed weight or gradient):
+      ``b_k_major`` (varlen-M) takes the weights stored (E, N, K) and multiplies by ``w[e]^T``
+      (WGMMA reads B K-major; only the TMA view's strides change); ``transpose_out`` (varlen-K)
+      stores ``out[e]^T``, i.e. an (E, N, d) result, from the shared-memory staged tile.
     """
+
+    LAYOUT_OPTIONS = True
 
     @cute.jit
     def __call__(self, a: cute.Tensor, b: cute.Tensor, out: cute.Tensor, gather_idx: cute.Tensor,
@@ -126,14 +132,17 @@ class GroupedGemmWS(GroupedGemmSm90):
         #   per-expert row); those rows meet A rows that the producer zero-fills, so they add
         #   0 * b = 0 (for finite b; a NaN/Inf in one expert's rows of b can leak into the previous
         #   expert's gradient).
-        n_dim = b.shape[1]
+        # * varlen-M with ``b_k_major``: the weights are stored (E, N, K) (e.g. W2 (E, n, d) for
+        #   dA = dY W2^T); the same (N, K, E) view with K contiguous, and WGMMA reads B K-major.
         if const_expr(self.varlen_k):
+            n_dim = b.shape[1]
             b_view = cute.make_tensor(b.iterator, cute.make_layout((n_dim, b.shape[0]), stride=(1, n_dim)))
         else:
+            n_dim = out.shape[1]
             k_dim = a.shape[1]
             num_experts = expert_offsets.shape[0] - 1
-            b_view = cute.make_tensor(b.iterator, cute.make_layout((n_dim, k_dim, num_experts),
-                                                                   stride=(1, n_dim, k_dim * n_dim)))
+            b_stride = (k_dim, 1, n_dim * k_dim) if const_expr(self.b_k_major) else (1, n_dim, k_dim * n_dim)
+            b_view = cute.make_tensor(b.iterator, cute.make_layout((n_dim, k_dim, num_experts), stride=b_stride))
         tma_atom_b, tma_b = cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileG2SOp(), b_view, cute.slice_(sB_layout, (None, None, 0)), (bn, bk))
         # Contiguous A (varlen-M without gather): TMA as well. A tile starts at an arbitrary row
@@ -210,7 +219,7 @@ class GroupedGemmWS(GroupedGemmSm90):
 
         # ---- The tile space (identical for both roles) -----------------------------------------
         num_experts = expert_offsets.shape[0] - 1
-        n_dim = out.shape[1]
+        n_dim = b.shape[1] if const_expr(self.varlen_k) else out.shape[1]  # the GEMM's N
         n_tiles = (n_dim + bn - 1) // bn
         m_tiles = Int32(1)
         num_tiles = Int32(0)
@@ -317,7 +326,12 @@ class GroupedGemmWS(GroupedGemmSm90):
                 if k_tiles > 0:
                     pipe.consumer_release(release)
                     release.advance()
-                self.epilogue_wg(acc, tCsC, out, sC, wg, ctid, out_row0, m_dim - m_start, n_start, n_dim - n_start)
+                if const_expr(self.transpose_out):  # varlen-K into (E, N, d): expert e's rows e*N ...
+                    self.epilogue_wg_transposed(acc, tCsC, out, sC, wg, ctid, expert * n_dim + n_start, m_start,
+                                                m_dim - m_start, n_dim - n_start)
+                else:
+                    self.epilogue_wg(acc, tCsC, out, sC, wg, ctid, out_row0, m_dim - m_start, n_start,
+                                     n_dim - n_start)
 
     @cute.jit
     def load_gathered_rows(self, tiled_copy: cute.TiledCopy, g2d: cute.Tensor, s_stage: cute.Tensor,
@@ -349,14 +363,7 @@ class GroupedGemmWS(GroupedGemmSm90):
         lt = ctid % 128  # thread index inside the warpgroup
         row_off = (wg - 1) * half  # first tile row owned by this warpgroup
         elems = CHUNK_BYTES * 8 // self.out_dtype.width
-        cute.arch.barrier(barrier_id=wg, number_of_threads=128)  # previous tile's copy-out is done
-        # Convert in registers through the hook, then one vectorized copy into this thread's slots
-        # of the padded tile (pairs of adjacent columns -> 32-bit shared stores for 16-bit outputs).
-        r_out = cute.make_rmem_tensor_like(acc, self.out_dtype)
-        for i in cutlass.range_constexpr(cute.size(acc)):
-            r_out[i] = self.tile_value(acc[i])
-        cute.autovec_copy(r_out, tCsC)
-        cute.arch.barrier(barrier_id=wg, number_of_threads=128)
+        self.stage_tile(acc, tCsC, wg)
         chunks_per_row = bn // elems
         for it in cutlass.range_constexpr(half * chunks_per_row // 128):
             c = it * 128 + lt
@@ -366,6 +373,48 @@ class GroupedGemmWS(GroupedGemmSm90):
                 src = cute.local_tile(sC, (1, elems), (m, q // elems))
                 dst = cute.local_tile(out, (1, elems), (out_row0 + row_off + m, (n_start + q) // elems))
                 cute.autovec_copy(src, dst)
+
+
+    @cute.jit
+    def stage_tile(self, acc: cute.Tensor, tCsC: cute.Tensor, wg: Int32):
+        """Registers -> this warpgroup's padded shared-memory rows, through the ``tile_value`` hook."""
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)  # previous tile's copy-out is done
+        # Convert in registers, then one vectorized copy into this thread's slots of the padded tile
+        # (pairs of adjacent columns -> 32-bit shared stores for 16-bit outputs).
+        r_out = cute.make_rmem_tensor_like(acc, self.out_dtype)
+        for i in cutlass.range_constexpr(cute.size(acc)):
+            r_out[i] = self.tile_value(acc[i])
+        cute.autovec_copy(r_out, tCsC)
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)
+
+    @cute.jit
+    def epilogue_wg_transposed(self, acc: cute.Tensor, tCsC: cute.Tensor, out: cute.Tensor, sC: cute.Tensor,
+                               wg: Int32, ctid: Int32, out_row0: Int32, m_start: Int32, rows_left: Int32,
+                               cols_left: Int32):
+        """varlen-K stored transposed: tile element (m, n) goes to ``out[out_row0 + n, m_start + m]``.
+
+        Used for dW2 = (dO_e^T A'_e)^T: the kernel reduces with the gathered dO as its A operand
+        (only A can be gathered), and this store writes the (n, d) orientation the layer wants, so
+        no separate transpose pass over E*n*d elements is needed. The tile is staged in shared
+        memory as usual; each thread then reads 8 consecutive m of one column n (a warp reads 32
+        neighbouring columns: no bank conflicts) and writes them as one 16-byte row chunk of out.
+        """
+        bm, bn, _ = self.tile
+        half = bm // 2
+        lt = ctid % 128
+        row_off = (wg - 1) * half
+        elems = CHUNK_BYTES * 8 // self.out_dtype.width  # consecutive m per 16-byte store
+        self.stage_tile(acc, tCsC, wg)
+        r_chunk = cute.make_rmem_tensor((1, elems), self.out_dtype)
+        for it in cutlass.range_constexpr(half * bn // elems // 128):
+            c = it * 128 + lt
+            n = c % bn
+            m = (c // bn) * elems  # first of this chunk's rows, inside the warpgroup's half
+            if row_off + m < rows_left and n < cols_left:  # d is a multiple of 8: whole chunks
+                for i in cutlass.range_constexpr(elems):
+                    r_chunk[0, i] = sC[m + i, n]
+                dst = cute.local_tile(out, (1, elems), (out_row0 + n, (m_start + row_off + m) // elems))
+                cute.autovec_copy(r_chunk, dst)
 
 
 def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = 227 * 1024) -> int:

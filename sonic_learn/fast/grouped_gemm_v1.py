@@ -65,13 +65,18 @@ class GroupedGemmV1:
       C = ``out[g]``. Tensors: a (rows_a, d), b (M, N), out2d (E*d, N) [out reshaped].
     """
 
+    LAYOUT_OPTIONS = False  # b_k_major / transpose_out: implemented by the production kernel only
+
     def __init__(self, *, varlen_k: bool, gather: bool, tile_m: int = 128, tile_n: int = 128,
-                 tile_k: int = 64, stages: int = 5):
+                 tile_k: int = 64, stages: int = 5, b_k_major: bool = False, transpose_out: bool = False):
         assert tile_m == 128, "two warpgroups x 64 rows"
         assert tile_n in (64, 128, 256) and tile_k in (32, 64)
         assert stages >= 3
+        assert self.LAYOUT_OPTIONS or not (b_k_major or transpose_out), "K-major B / transposed out: 'ws' only"
         self.varlen_k = varlen_k
         self.gather = gather
+        self.b_k_major = b_k_major  # varlen-M: w stored (E, N, K), the product uses w[e]^T
+        self.transpose_out = transpose_out  # varlen-K: out stored (E, N, d) instead of (E, d, N)
         self.tile = (tile_m, tile_n, tile_k)
         self.stages = stages
 
@@ -114,7 +119,7 @@ class GroupedGemmV1:
         self.out_dtype = out.element_type
         # Operand majorness: (mn, k) tile views; ROW_MAJOR = K contiguous, COL_MAJOR = MN contiguous.
         self.a_layout = LayoutEnum.COL_MAJOR if self.varlen_k else LayoutEnum.ROW_MAJOR
-        self.b_layout = LayoutEnum.COL_MAJOR
+        self.b_layout = LayoutEnum.ROW_MAJOR if self.b_k_major else LayoutEnum.COL_MAJOR
         tiled_mma = sm90_utils.make_trivial_tiled_mma(
             dtype, dtype, self.a_layout.sm90_mma_major_mode(), self.b_layout.sm90_mma_major_mode(),
             cutlass.Float32, (2, 1, 1), tiler_mn=(64, bn),

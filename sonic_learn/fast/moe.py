@@ -22,10 +22,10 @@ Two autograd Functions mirror the reference:
   separate pass over Y.
 
 What is *not* fused yet (and what it costs) is documented in ``moe_kernels``: SwiGLU and the
-dSwiGLU/dS pass run as standalone kernels, not in the GEMM epilogues. The GEMM reads its B operand
-N-major only, so the backward materializes ``W1^T`` and ``W2^T`` (E*d*2n + E*n*d elements per
-backward call) with the shared-memory transpose kernel of ``moe_kernels``; it also returns dW2 as
-(E, n, d) through that kernel. A K-major B mode in the GEMM would remove all three copies.
+dSwiGLU/dS pass run as standalone kernels, not in the GEMM epilogues. No weight is ever copied
+transposed: the backward's ``dY @ W2^T`` and ``dH @ W1^T`` read the stored weights K-major
+(``transpose_w=True``), and dW2 is written in W2's (E, n, d) orientation by the varlen-K GEMM's
+epilogue (``transpose_out=True``).
 
 Synchronization and CUDA graphs: with ``routing="topk"`` the forward and backward issue no
 device-to-host synchronization (no ``.item()``, no ``bincount``/``nonzero``; every size is known on
@@ -62,15 +62,14 @@ class ExpertOps:
     """The eight operations of the experts' forward and backward (contracts as in moe_kernels /
     fast.grouped_gemm)."""
 
-    gather_gemm: object  # (x (T, K), w (E, K, N), meta) -> (P, N), rows x[gather_idx] @ w[e]
-    grouped_gemm: object  # (a (P, K), w (E, K, N), meta) -> (P, N), rows a[r] @ w[e]
-    varlen_k_gemm: object  # (a, b (P, N), meta, gather_a) -> (E, K, N)
+    gather_gemm: object  # (x (T, K), w, meta, transpose_w) -> (P, N), rows x[gather_idx] @ w[e] (or w[e]^T)
+    grouped_gemm: object  # (a (P, K), w, meta, transpose_w) -> (P, N), rows a[r] @ w[e] (or w[e]^T)
+    varlen_k_gemm: object  # (a, b (P, N), meta, gather_a, transpose_out) -> (E, K, N) (or (E, N, K))
     swiglu: object  # H (P, 2n) -> A (P, n)
     swiglu_backward_scaled: object  # (H, dA', scores, pair_of_row) -> (dH, A', dscores)
     swiglu_backward: object  # (H, dA) -> (dH, A)
     gather_scale_dot: object  # (dO, Y, scores, gather_idx, pair_of_row) -> (dY, dscores)
     gather_sum: object  # (rows, weights | None, row_of_pair, token_offsets) -> (T, d)
-    transpose: object  # (B, R, C) -> contiguous (B, C, R)
 
 
 def _fast_ops() -> ExpertOps:
@@ -78,15 +77,17 @@ def _fast_ops() -> ExpertOps:
     from sonic_learn.fast import moe_kernels as mk
 
     return ExpertOps(
-        gather_gemm=lambda x, w, meta: gg.gather_fused_grouped_gemm(x, w, meta, tile_m=GEMM_TILE_M),
-        grouped_gemm=lambda a, w, meta: gg.contiguous_grouped_gemm(a, w, meta, tile_m=GEMM_TILE_M),
-        varlen_k_gemm=lambda a, b, meta, gather_a: gg.grouped_gemm_varlen_k(a, b, meta, gather_a=gather_a),
+        gather_gemm=lambda x, w, meta, transpose_w=False: gg.gather_fused_grouped_gemm(
+            x, w, meta, tile_m=GEMM_TILE_M, transpose_w=transpose_w),
+        grouped_gemm=lambda a, w, meta, transpose_w=False: gg.contiguous_grouped_gemm(
+            a, w, meta, tile_m=GEMM_TILE_M, transpose_w=transpose_w),
+        varlen_k_gemm=lambda a, b, meta, gather_a, transpose_out=False: gg.grouped_gemm_varlen_k(
+            a, b, meta, gather_a=gather_a, transpose_out=transpose_out),
         swiglu=mk.swiglu,
         swiglu_backward_scaled=mk.swiglu_backward_scaled,
         swiglu_backward=mk.swiglu_backward,
         gather_scale_dot=mk.gather_scale_dot,
         gather_sum=mk.gather_sum,
-        transpose=mk.transpose_last2,
     )
 
 
@@ -206,14 +207,14 @@ class ReducedMemoryExperts(torch.autograd.Function):
         ops = ctx.ops
         meta = _meta_from_saved(offsets, gather_idx, pair_of_row, row_of_pair, x.shape[0])
         dout = dout.contiguous()  # (T, d)
-        # Step 1: dA' = dO[token of row] @ W2^T, dO gathered inside the GEMM.
-        da_prime = ops.gather_gemm(dout, ops.transpose(w2), meta)  # (P, n)
+        # Step 1: dA' = dO[token of row] @ W2^T, dO gathered inside the GEMM, W2 (E, n, d) read K-major.
+        da_prime = ops.gather_gemm(dout, w2, meta, True)  # (P, n)
         # Step 2: the dSwiGLU pass: dS = <dA', A> (in pair order), A' = s*A, dH = dSwiGLU(H, s*dA').
         dh, a_scaled, dscores = ops.swiglu_backward_scaled(h, da_prime, scores, pair_of_row)
         # Step 3: dW2[e] = A'_e^T dO_e, computed as (dO_e^T A'_e)^T with dO gathered on K.
-        dw2 = ops.transpose(ops.varlen_k_gemm(dout, a_scaled, meta, True))  # (E, n, d)
+        dw2 = ops.varlen_k_gemm(dout, a_scaled, meta, True, True)  # (E, n, d), stored transposed
         # Step 4: dX~ = dH @ W1^T, then dX = unweighted gather-and-sum over each token's rows.
-        dx_rows = ops.grouped_gemm(dh, ops.transpose(w1), meta)  # (P, d)
+        dx_rows = ops.grouped_gemm(dh, w1, meta, True)  # (P, d), W1 (E, d, 2n) read K-major
         dx = ops.gather_sum(dx_rows, None, row_of_pair, token_offsets)  # (T, d)
         # Step 5: dW1[e] = X_e^T dH_e with X gathered on K.
         dw1 = ops.varlen_k_gemm(x, dh, meta, True)  # (E, d, 2n)
@@ -246,13 +247,13 @@ class StandardExperts(torch.autograd.Function):
         # Step 1: a separate pass over the cached Y: dS = <dO[token], Y>, dY = s * dO[token].
         dy, dscores = ops.gather_scale_dot(dout, y, scores, gather_idx, pair_of_row)  # (P, d), (P,)
         # Step 2: dA = dY @ W2^T, then dSwiGLU as a separate pass (it also recomputes A for dW2).
-        da = ops.grouped_gemm(dy, ops.transpose(w2), meta)  # (P, n)
+        da = ops.grouped_gemm(dy, w2, meta, True)  # (P, n), W2 read K-major
         dh, a = ops.swiglu_backward(h, da)  # (P, 2n), (P, n)
         # Step 3: weight gradients on the cached, already gathered operands.
         dw2 = ops.varlen_k_gemm(a, dy, meta, False)  # (E, n, d)
         dw1 = ops.varlen_k_gemm(x_gathered, dh, meta, False)  # (E, d, 2n)
         # Step 4: dX~ = dH @ W1^T, dX = unweighted gather-and-sum.
-        dx_rows = ops.grouped_gemm(dh, ops.transpose(w1), meta)  # (P, d)
+        dx_rows = ops.grouped_gemm(dh, w1, meta, True)  # (P, d), W1 read K-major
         dx = ops.gather_sum(dx_rows, None, row_of_pair, token_offsets)  # (T, d)
         return dx, dw1, dw2, dscores.to(scores.dtype), None, None, None
 

@@ -3,7 +3,7 @@
 What this teaches (paper Section 3 and Appendix C; reference: ``sonic_learn.reference.moe``):
 the two grouped GEMMs do the FLOPs, but a MoE layer also has *elementwise and reduction* work
 between them. Every such pass reads and writes (P, n) or (P, d) activations (P = routed pairs),
-so its cost is bytes, not FLOPs. Five kernels here, one per job:
+so its cost is bytes, not FLOPs. Four kernels here, one per job:
 
 * ``SwiGLUForward``: A = up * silu(gate) from H on the interleaved layout (gate = H[:, 0::2],
   up = H[:, 1::2]), fp32 math. One thread turns one 16-byte chunk of H (4 gate/up pairs) into
@@ -18,10 +18,10 @@ so its cost is bytes, not FLOPs. Five kernels here, one per job:
 * ``GatherSum``: ``out[t] = sum over the pairs p of token t of w[p] * rows[row_of_pair[p]]``, fp32
   accumulation, used weighted (the forward output O) and unweighted (dX). Each token *pulls* its
   rows, so there are no atomics and the sum order is fixed: the result is deterministic.
-* ``BatchedTranspose``: (B, R, C) -> (B, C, R) through a swizzled shared-memory tile, for the
-  backward's W1^T, W2^T and dW2 (the grouped GEMM reads its B operand N-major only). On the H200
-  it moves W2 of the 30B config (1 GB) in 0.53 ms where a strided torch copy takes 3.7 ms
-  (benchmarks/results/moe_NVIDIA_H200.json, breakdown).
+
+(An earlier version also had a batched transpose kernel for the backward's W1^T, W2^T and dW2;
+the grouped GEMM now reads K-major weights and stores dW2 transposed itself, so no transposed
+copy is made anywhere.)
 
 **Unfused for now.** SonicMoE runs SwiGLU inside the up-projection's epilogue and the dSwiGLU/dS
 pass inside the dH GEMM's epilogue, on the fp32 accumulator tile still in registers. Here they are
@@ -268,63 +268,10 @@ class GatherSum:
 
 
 # ----------------------------------------------------------------------------------------------
-# Batched transpose: (B, R, C) -> (B, C, R), through a swizzled shared-memory tile
-# ----------------------------------------------------------------------------------------------
-TT = 64  # transpose tile (TT x TT elements, 8 KB of bf16)
-
-
-class BatchedTranspose:
-    """dst[b, c, r] = src[b, r, c], one 64 x 64 tile per CTA, 16-byte loads *and* stores.
-
-    The backward needs W1^T and W2^T per expert (the grouped GEMM reads B N-major only) and returns
-    dW2 as (E, n, d). A strided torch copy moves those at a fraction of HBM bandwidth; here each CTA
-    reads 64 rows x 128 bytes, parks them in shared memory, and writes 64 rows x 128 bytes of the
-    transposed tile. Shared memory is swizzled (16-byte chunk q of tile row r sits at chunk
-    q ^ ((r / 8) % 8)) so the column-wise reads of phase 2 hit 16 different banks.
-    Views: src2d (B*R, C), dst2d (B*C, R); R, C multiples of 8.
-    """
-
-    @cute.jit
-    def __call__(self, src: cute.Tensor, dst: cute.Tensor, stream):
-        R, C = dst.shape[1], src.shape[1]
-        B = src.shape[0] // R
-        self.kernel(src, dst).launch(grid=((C + TT - 1) // TT, (R + TT - 1) // TT, B), block=(THREADS, 1, 1),
-                                     stream=stream)
-
-    @cute.kernel
-    def kernel(self, src: cute.Tensor, dst: cute.Tensor):
-        tidx, _, _ = cute.arch.thread_idx()
-        cb, rb, b = cute.arch.block_idx()
-        R, C = dst.shape[1], src.shape[1]
-        chunks = TT // VEC  # 16-byte chunks per tile row
-        smem = cutlass.utils.SmemAllocator()
-        tile = smem.allocate_tensor(src.element_type, cute.make_layout((TT, TT), stride=(TT, 1)), 16)
-        # Phase 1: global -> shared; 8 neighbouring threads read one 128-byte row segment.
-        for it in cutlass.range_constexpr(TT * chunks // THREADS):
-            q = it * THREADS + tidx
-            r = q // chunks
-            j = q % chunks
-            if rb * TT + r < R and cb * TT + j * VEC < C:
-                frag = _load_vec(src, b * R + rb * TT + r, cb * chunks + j, VEC)
-                cute.autovec_copy(frag, cute.local_tile(tile, (1, VEC), (r, j ^ ((r // VEC) % chunks))))
-        cute.arch.sync_threads()
-        # Phase 2: shared -> global transposed; 8 neighbouring threads write one 128-byte row segment.
-        for it in cutlass.range_constexpr(TT * chunks // THREADS):
-            q = it * THREADS + tidx
-            c = q // chunks  # tile column = output row
-            j = q % chunks  # which 8 tile rows = which output chunk
-            if cb * TT + c < C and rb * TT + j * VEC < R:
-                frag = cute.make_rmem_tensor((1, VEC), src.element_type)
-                for i in cutlass.range_constexpr(VEC):
-                    frag[0, i] = tile[j * VEC + i, ((c // VEC) ^ j) * VEC + c % VEC]
-                _store_vec(frag, dst, b * C + cb * TT + c, rb * chunks + j, VEC)
-
-
-# ----------------------------------------------------------------------------------------------
 # Compile (fake tensors, symbolic sizes: one compile per dtype and variant) and launch helpers
 # ----------------------------------------------------------------------------------------------
 KERNELS = ("swiglu_fwd", "swiglu_bwd_scaled", "swiglu_bwd", "gather_scale_dot", "gather_sum_weighted",
-           "gather_sum", "transpose")
+           "gather_sum")
 
 
 def compile_kernel(name: str, dtype: torch.dtype, *, keep_ptx: bool = False):
@@ -350,8 +297,6 @@ def compile_kernel(name: str, dtype: torch.dtype, *, keep_ptx: bool = False):
         op = SwiGLUBackward(scaled=name.endswith("scaled"))
         return cute.compile(op, mat(dt), mat(dt), vec(Float32), vec(Int32), mat(dt), mat(dt), vec(Float32),
                             stream, options=opts)
-    if name == "transpose":
-        return cute.compile(BatchedTranspose(), mat(dt), mat(dt), stream, options=opts)
     if name == "gather_scale_dot":
         return cute.compile(GatherScaleDot(), mat(dt), mat(dt), vec(Float32), vec(Int32), vec(Int32), mat(dt),
                             vec(Float32), stream, options=opts)
@@ -427,18 +372,7 @@ def gather_sum(rows: torch.Tensor, weights: torch.Tensor | None, row_of_pair: to
     return out
 
 
-def transpose_last2(w: torch.Tensor) -> torch.Tensor:
-    """(B, R, C) -> contiguous (B, C, R), R and C multiples of 8 (e.g. W1^T, W2^T, dW2)."""
-    w = w.contiguous()
-    B, R, C = w.shape
-    out = torch.empty(B, C, R, dtype=w.dtype, device=w.device)
-    if w.numel() > 0:
-        launch(_compiled("transpose", w.dtype), w.device, w.view(B * R, C), out.view(B * C, R))
-    return out
-
-
 __all__ = [
     "SwiGLUForward", "SwiGLUBackward", "GatherScaleDot", "GatherSum", "KERNELS", "compile_kernel",
-    "swiglu", "swiglu_backward_scaled", "swiglu_backward", "gather_scale_dot", "gather_sum", "BatchedTranspose",
-    "transpose_last2",
+    "swiglu", "swiglu_backward_scaled", "swiglu_backward", "gather_scale_dot", "gather_sum",
 ]

@@ -121,12 +121,21 @@ def _check_metadata(
             )
 
 
+def _oriented_weights(w: object, transpose_w: object) -> object:
+    """``w`` as (E, K, N): with ``transpose_w`` it is stored (E, N, K) and used as ``w[e]^T`` (a view)."""
+    if not isinstance(transpose_w, bool):
+        raise TypeError(f"transpose_w must be a bool, got {type(transpose_w).__name__}")
+    if transpose_w and isinstance(w, torch.Tensor) and w.ndim == 3:
+        return w.transpose(1, 2)  # (E, K, N) view, no copy
+    return w
+
+
 def _check_gemm_args(x: object, w: object, meta: object, tile_m: object, out_dtype: object) -> torch.dtype:
     """Validate the arguments of the two varlen-M grouped GEMMs; return the output dtype."""
     _checks.check_tensor("x", x)
     _checks.check_tensor("w", w)
     _checks.check_ndim("x", x, 2, "(T, K): one row per token")
-    _checks.check_ndim("w", w, 3, "(E, K, N): one (K, N) matrix per expert")
+    _checks.check_ndim("w", w, 3, "(E, K, N): one (K, N) matrix per expert ((E, N, K) with transpose_w)")
     _checks.check_dtype("x", x, _checks.FLOAT_DTYPES)
     _checks.check_dtype("w", w, _checks.FLOAT_DTYPES)
     if x.dtype != w.dtype:
@@ -134,6 +143,7 @@ def _check_gemm_args(x: object, w: object, meta: object, tile_m: object, out_dty
     if w.shape[1] != x.shape[1]:
         raise ValueError(
             f"w must have shape (E, K, N) with K = {x.shape[1]} (x.shape[1]), got {tuple(w.shape)}"
+            " (seen as (E, K, N), i.e. after the transpose when transpose_w=True)"
         )
     _checks.check_same_device(x=x, w=w)
     _checks.check_int_range("tile_m", tile_m, 1, what="rows per GEMM tile")
@@ -153,6 +163,7 @@ def naive_grouped_gemm(
     *,
     tile_m: int = 128,
     out_dtype: torch.dtype | None = None,
+    transpose_w: bool = False,
 ) -> torch.Tensor:
     """Grouped GEMM the classic way: gather + pad (a copy), one GEMM per expert, drop the padding.
 
@@ -163,11 +174,14 @@ def naive_grouped_gemm(
         tile_m: rows per GEMM tile; every expert's block is padded to a multiple of it.
         out_dtype: dtype of the result (default ``x.dtype``). Products are accumulated in float32
             (float64 for float64 inputs), as a tensor-core GEMM does.
+        transpose_w: ``w`` is stored (E, N, K) and row r is multiplied by ``w[e]^T`` (the backward's
+            dY @ W2^T and dH @ W1^T, with no transposed copy of the weights).
 
     Returns:
         (M, N) with M = ``meta.num_rows``: row r is ``x[gather_idx[r]] @ w[e]`` for the expert e
         that owns row r, in expert-grouped row order.
     """
+    w = _oriented_weights(w, transpose_w)  # (E, K, N)
     out_dtype = _check_gemm_args(x, w, meta, tile_m, out_dtype)
     # --8<-- [start:naive_grouped_gemm]
     E, K, N = w.shape
@@ -221,6 +235,7 @@ def gather_fused_grouped_gemm(
     *,
     tile_m: int = 128,
     out_dtype: torch.dtype | None = None,
+    transpose_w: bool = False,
 ) -> torch.Tensor:
     """Grouped GEMM with the gather fused into the tile loads (SonicMoE, paper Section 4.1).
 
@@ -230,6 +245,7 @@ def gather_fused_grouped_gemm(
 
     Same arguments, result and accumulation rule as ``naive_grouped_gemm``.
     """
+    w = _oriented_weights(w, transpose_w)  # (E, K, N)
     out_dtype = _check_gemm_args(x, w, meta, tile_m, out_dtype)
     # --8<-- [start:gather_fused_grouped_gemm]
     E, K, N = w.shape
@@ -270,6 +286,7 @@ def grouped_gemm_varlen_k(
     *,
     gather_a: bool = True,
     out_dtype: torch.dtype | None = None,
+    transpose_out: bool = False,
 ) -> torch.Tensor:
     """Per-expert ``a_e^T @ b_e``: the weight-gradient GEMMs dW1 = X_e^T dH_e and dW2 = dO_e^T A'_e.
 
@@ -280,6 +297,7 @@ def grouped_gemm_varlen_k(
         meta: routing metadata from ``build_metadata``.
         gather_a: whether ``a`` is gathered through ``gather_idx`` (fused gather on the K dim).
         out_dtype: dtype of the result (default ``a.dtype``); fp32 (fp64) accumulation.
+        transpose_out: return ``out[e]^T`` instead, (E, N, K) (dW2 in W2's (E, n, d) orientation).
 
     Returns:
         (E, K, N): ``out[e] = a[rows of e]^T @ b[rows of e]``; an expert with no rows gets zeros.
@@ -293,8 +311,9 @@ def grouped_gemm_varlen_k(
     if a.dtype != b.dtype:
         raise TypeError(f"a and b must have the same dtype, got a {a.dtype} and b {b.dtype}")
     _checks.check_same_device(a=a, b=b)
-    if not isinstance(gather_a, bool):
-        raise TypeError(f"gather_a must be a bool, got {type(gather_a).__name__}")
+    for name, flag in (("gather_a", gather_a), ("transpose_out", transpose_out)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     _check_metadata(meta, "a", a, num_tokens=a.shape[0] if gather_a else None, num_experts=None)
     M = meta.num_rows
     if b.shape[0] != M:
@@ -322,6 +341,8 @@ def grouped_gemm_varlen_k(
         a_e = a[gather_idx[rows]] if gather_a else a[rows]  # (f_e, K)
         b_e = b[rows]  # (f_e, N), contiguous: already grouped
         out[e] = (a_e.to(acc_dtype).T @ b_e.to(acc_dtype)).to(out_dtype)  # (K, N)
+    if transpose_out:  # the kernel writes each (K, N) tile transposed in its epilogue; here: a copy
+        return out.transpose(1, 2).contiguous()  # (E, N, K)
     return out
     # --8<-- [end:grouped_gemm_varlen_k]
 
