@@ -1,6 +1,6 @@
 """Benchmark: token rounding vs top-k routing in the fast MoE layer, and the router's share (issue 8).
 
-Run on the GPU machine:  python benchmarks/token_rounding.py [--out DIR] [--reps 20] [--big-reps 8]
+Run on the GPU machine:  python benchmarks/token_rounding.py [--out DIR] [--reps 30] [--big-reps 12]
 
 **Part 1, the paper's token-rounding experiment** (Section 6.3.3, Fig. 16): for (T, d, n, K) =
 (16384, 1536, 1024, 2) with E in {32, 64, 128} and (16384, 4096, 512, 8) with E in {128, 256, 512},
@@ -20,12 +20,16 @@ both routings), reduced-memory backward:
   beforehand, the paper's measurement: "router excluded") and (b) the whole layer
   (``fast.moe.moe_forward``: router GEMM, routing, metadata and experts; token rounding synchronizes
   once for its data-dependent P). The forward runs with autograd recording, as in training;
+* the six grouped GEMMs alone (up-proj, down-proj, dA', dX~, dW2, dW1; median of each, run one by
+  one on each routing), their sums, and their speed-up next to the cost model's ratio of executed
+  FLOPs (top-k / token rounding): the part of the layer where the padded tiles are spent;
 * TFLOP/s with each routing's own useful FLOPs, 6*P*n*d forward and 18*P*n*d forward+backward (the
   paper's "model TFLOPS" with P = sum_e f_e), and the speed-up of token rounding over top-k: the
   ratio of times and the ratio of TFLOP/s (the paper's +16.5% forward / +9.4% forward+backward at
   E = 128 of the first shape are TFLOP/s gains measured on an H100 with SonicMoE's own kernels).
 
-A shape the fast layer rejects (its kernels index with 32-bit integers: E*d*2n must be < 2^31, so
+Each shape first runs both routings' experts for about a second (compilation, GPU clocks) so
+that the first timed routing does not pay for it. A shape the fast layer rejects (its kernels index with 32-bit integers: E*d*2n must be < 2^31, so
 E = 512 at d = 4096, n = 512 does not fit) keeps its routing and cost-model numbers and records the
 error instead of times.
 
@@ -113,6 +117,51 @@ def time_fwd_and_fwd_bwd(fn, leaves: list[torch.Tensor], gout: torch.Tensor, rep
     for leaf in leaves:
         leaf.grad = None
     return {"fwd": t_fwd.as_dict(), "fwd_bwd": t_all.as_dict()}
+
+
+def warm_up_gpu(routes: dict, x, w1, w2, gout, seconds: float = 1.0) -> None:
+    """Run the experts' forward+backward of every routing for about ``seconds`` (compiles the kernels,
+    brings the GPU clocks up) so that the first timed routing is not the one paying for it."""
+    import time
+
+    from sonic_learn.fast import moe as fast_moe
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for r in routes.values():
+            scores = r.scores.detach().clone().requires_grad_(True)
+            fast_moe.run_experts(x, w1, w2, fast_moe.DeviceRouting(r.meta, scores, r.token_offsets),
+                                 "reduced_memory").backward(gout)
+        torch.cuda.synchronize()
+    for t in (x, w1, w2):
+        t.grad = None
+
+
+def gemm_times(x, w1, w2, gout, r, reps: int) -> dict:
+    """Median time of each of the six grouped GEMMs of the reduced-memory layer on routing ``r``, run
+    one by one (the same calls as ``fast.moe.ReducedMemoryExperts``): where the padded tiles cost."""
+    from sonic_learn.fast import grouped_gemm as gg
+    from sonic_learn.fast import moe_kernels as mk
+
+    meta, scores = r.meta, r.scores.detach()
+    h = gg.gather_fused_grouped_gemm(x, w1, meta)  # (P, 2n)
+    a = mk.swiglu(h)  # (P, n)
+    w1t, w2t = mk.transpose_last2(w1), mk.transpose_last2(w2)  # (E, 2n, d), (E, d, n)
+    da_prime = gg.gather_fused_grouped_gemm(gout, w2t, meta)  # (P, n)
+    dh, a_scaled, _ = mk.swiglu_backward_scaled(h, da_prime, scores, meta.pair_of_row)
+    steps = {
+        "fwd_up_proj": lambda: gg.gather_fused_grouped_gemm(x, w1, meta),
+        "fwd_down_proj": lambda: gg.contiguous_grouped_gemm(a, w2, meta),
+        "bwd_dA_prime": lambda: gg.gather_fused_grouped_gemm(gout, w2t, meta),
+        "bwd_dX_tilde": lambda: gg.contiguous_grouped_gemm(dh, w1t, meta),
+        "bwd_dW2": lambda: gg.grouped_gemm_varlen_k(gout, a_scaled, meta, gather_a=True),
+        "bwd_dW1": lambda: gg.grouped_gemm_varlen_k(x, dh, meta, gather_a=True),
+    }
+    out = {name: bench.measure(fn, device="cuda", warmup=3, reps=reps).median_ms for name, fn in steps.items()}
+    out["gemm_sum_fwd"] = sum(v for k, v in out.items() if k.startswith("fwd_"))
+    out["gemm_sum_bwd"] = sum(v for k, v in out.items() if k.startswith("bwd_"))
+    out["gemm_sum_fwd_bwd"] = out["gemm_sum_fwd"] + out["gemm_sum_bwd"]
+    return out
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -209,7 +258,9 @@ def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int) -> dict:
         print(f"  not timed: {row['not_timed_because']}", flush=True)
         return row
 
+    warm_up_gpu(routes, x, w1, w2, gout)
     times: dict = {"experts_only": {}, "layer": {}}
+    gemms: dict = {}
     for routing, r in routes.items():
         # Experts alone on the precomputed routing: scores become a leaf (its dS is computed too).
         scores = r.scores.detach().clone().requires_grad_(True)
@@ -224,9 +275,23 @@ def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int) -> dict:
         t = time_fwd_and_fwd_bwd(lambda routing=routing: fast_moe.moe_forward(*leaves, K, routing=routing,
                                                                              tile_m=TILE_M), leaves, gout, reps)
         times["layer"][f"{routing}_fwd"], times["layer"][f"{routing}_fwd_bwd"] = t["fwd"], t["fwd_bwd"]
+        gemms[routing] = gemm_times(x.detach(), w1.detach(), w2.detach(), gout, r, reps)
         torch.cuda.empty_cache()
     row["ran"] = True
     row["times_ms"] = times
+    row["gemm_times_ms"] = gemms
+    row["gemm_speedup_token_rounding_over_topk"] = {
+        f"{key}_time": gemms["topk"][f"gemm_sum_{key}"] / gemms["token_rounding"][f"gemm_sum_{key}"]
+        for key in ("fwd", "bwd", "fwd_bwd")}
+    # What the cost model predicts for the GEMMs if they ran at the same FLOP rate: executed FLOPs ratio.
+    for key in ("fwd", "fwd_bwd"):
+        executed = {rt: cost[rt][f"{key}_flops_useful"] + cost[rt][f"{key}_flops_padded"] for rt in ROUTINGS}
+        row["gemm_speedup_token_rounding_over_topk"][f"{key}_cost_model_executed_flops_ratio"] = (
+            executed["topk"] / executed["token_rounding"])
+    print("  GEMMs only   " + " | ".join(
+        f"{rt} fwd {g['gemm_sum_fwd']:.3f} bwd {g['gemm_sum_bwd']:.3f} ms" for rt, g in gemms.items())
+        + "; speed-up " + ", ".join(f"{k} {v:.3f}" for k, v in row["gemm_speedup_token_rounding_over_topk"].items()),
+        flush=True)
 
     tflops, speedup = {}, {}
     for part, tt in times.items():
@@ -302,8 +367,8 @@ def router_fraction(reps: int) -> dict:
                       "fraction_of_fwd_wall_by_kernel_time": kern * 1e-3 / fwd_ms,
                       "fraction_of_fwd_kernel_time_by_kernel_time": kern / fwd_kernel_us}
         print(f"  {name:70s} wall {wall['median_ms'] * 1e3:8.1f} us, kernels {kern:8.1f} us, "
-              f"{rows[name]['fraction_of_fwd_wall_by_kernel_time']:.2%} of the forward (kernel) / "
-              f"{rows[name]['fraction_of_fwd_wall_by_wall']:.2%} (wall)", flush=True)
+              f"of the forward's wall time: {rows[name]['fraction_of_fwd_wall_by_kernel_time']:.2%} (kernel time) / "
+              f"{rows[name]['fraction_of_fwd_wall_by_wall']:.2%} (wall time)", flush=True)
     ratios = {}
     for what in ("route_topk (router GEMM + top-k + metadata)", "topk_plus_metadata (from logits)"):
         f, rf = rows[f"fast_{what}"], rows[f"reference_{what}"]
@@ -329,8 +394,8 @@ def router_fraction(reps: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
-    p.add_argument("--reps", type=int, default=20, help="reps for the first shape and the 7B part")
-    p.add_argument("--big-reps", type=int, default=8, help="reps for the d = 4096 shapes")
+    p.add_argument("--reps", type=int, default=30, help="reps for the first shape and the 7B part")
+    p.add_argument("--big-reps", type=int, default=12, help="reps for the d = 4096 shapes")
     p.add_argument("--shapes", default="all", help="'all' or comma-separated indices into SHAPES")
     p.add_argument("--no-router-fraction", action="store_true")
     args = p.parse_args(argv)
