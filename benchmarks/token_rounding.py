@@ -20,8 +20,8 @@ both routings), reduced-memory backward:
   beforehand, the paper's measurement: "router excluded") and (b) the whole layer
   (``fast.moe.moe_forward``: router GEMM, routing, metadata and experts; token rounding synchronizes
   once for its data-dependent P). The forward runs with autograd recording, as in training;
-* the six grouped GEMMs alone (up-proj, down-proj, dA', dX~, dW2, dW1; median of each, run one by
-  one on each routing), their sums, and their speed-up next to the cost model's ratio of executed
+* the grouped GEMMs alone (up-proj, down-proj, dA', dX~, dW2, dW1: each GEMM call of one experts
+  forward+backward, recorded and then timed alone with the same arguments, on each routing), their sums, and their speed-up next to the cost model's ratio of executed
   FLOPs (top-k / token rounding): the part of the layer where the padded tiles are spent;
 * TFLOP/s with each routing's own useful FLOPs, 6*P*n*d forward and 18*P*n*d forward+backward (the
   paper's "model TFLOPS" with P = sum_e f_e), and the speed-up of token rounding over top-k: the
@@ -137,31 +137,47 @@ def warm_up_gpu(routes: dict, x, w1, w2, gout, seconds: float = 1.0) -> None:
         t.grad = None
 
 
-def gemm_times(x, w1, w2, gout, r, reps: int) -> dict:
-    """Median time of each of the six grouped GEMMs of the reduced-memory layer on routing ``r``, run
-    one by one (the same calls as ``fast.moe.ReducedMemoryExperts``): where the padded tiles cost."""
-    from sonic_learn.fast import grouped_gemm as gg
-    from sonic_learn.fast import moe_kernels as mk
+def gemm_times(leaves: list[torch.Tensor], gout: torch.Tensor, r, reps: int) -> dict:
+    """Median time of each grouped-GEMM call of one experts forward+backward on routing ``r``.
 
-    meta, scores = r.meta, r.scores.detach()
-    h = gg.gather_fused_grouped_gemm(x, w1, meta)  # (P, 2n)
-    a = mk.swiglu(h)  # (P, n)
-    w1t, w2t = mk.transpose_last2(w1), mk.transpose_last2(w2)  # (E, 2n, d), (E, d, n)
-    da_prime = gg.gather_fused_grouped_gemm(gout, w2t, meta)  # (P, n)
-    dh, a_scaled, _ = mk.swiglu_backward_scaled(h, da_prime, scores, meta.pair_of_row)
-    steps = {
-        "fwd_up_proj": lambda: gg.gather_fused_grouped_gemm(x, w1, meta),
-        "fwd_down_proj": lambda: gg.contiguous_grouped_gemm(a, w2, meta),
-        "bwd_dA_prime": lambda: gg.gather_fused_grouped_gemm(gout, w2t, meta),
-        "bwd_dX_tilde": lambda: gg.contiguous_grouped_gemm(dh, w1t, meta),
-        "bwd_dW2": lambda: gg.grouped_gemm_varlen_k(gout, a_scaled, meta, gather_a=True),
-        "bwd_dW1": lambda: gg.grouped_gemm_varlen_k(x, dh, meta, gather_a=True),
-    }
-    out = {name: bench.measure(fn, device="cuda", warmup=3, reps=reps).median_ms for name, fn in steps.items()}
-    out["gemm_sum_fwd"] = sum(v for k, v in out.items() if k.startswith("fwd_"))
-    out["gemm_sum_bwd"] = sum(v for k, v in out.items() if k.startswith("bwd_"))
-    out["gemm_sum_fwd_bwd"] = out["gemm_sum_fwd"] + out["gemm_sum_bwd"]
-    return out
+    The calls are recorded, not re-typed: the layer runs once through ``fast.moe.run_experts`` with
+    every GEMM of its kernel set (the ``ExpertOps`` fields whose name contains "gemm") wrapped to note
+    its arguments, and each noted call is then timed alone with the same arguments. So the list
+    follows the layer as it is (fused epilogues, K-major weights...), whatever its current steps."""
+    import dataclasses
+
+    from sonic_learn.fast import moe as fast_moe
+
+    x, w1, w2 = leaves[0], leaves[2], leaves[3]
+    base = fast_moe._fast_ops()
+    calls: list[tuple[str, str, object, tuple, dict]] = []  # (phase, op name, fn, args, kwargs)
+    phase = ["fwd"]
+
+    def recorder(name: str, fn):
+        def record(*args, **kwargs):
+            calls.append((phase[0], name, fn, args, kwargs))
+            return fn(*args, **kwargs)
+        return record
+
+    ops = dataclasses.replace(base, **{f.name: recorder(f.name, getattr(base, f.name))
+                                       for f in dataclasses.fields(base) if "gemm" in f.name})
+    scores = r.scores.detach().clone().requires_grad_(True)
+    out = fast_moe.run_experts(x, w1, w2, fast_moe.DeviceRouting(r.meta, scores, r.token_offsets),
+                               "reduced_memory", ops=ops)
+    phase[0] = "bwd"
+    out.backward(gout)
+    del out
+    for t in (x, w1, w2):
+        t.grad = None
+    times = {}
+    for i, (ph, name, fn, args, kwargs) in enumerate(calls):
+        times[f"{ph}_{i}_{name}"] = bench.measure(lambda fn=fn, a=args, k=kwargs: fn(*a, **k), device="cuda",
+                                                  warmup=3, reps=reps).median_ms
+    calls.clear()
+    times["gemm_sum_fwd"] = sum(v for k, v in times.items() if k.startswith("fwd_"))
+    times["gemm_sum_bwd"] = sum(v for k, v in times.items() if k.startswith("bwd_"))
+    times["gemm_sum_fwd_bwd"] = times["gemm_sum_fwd"] + times["gemm_sum_bwd"]
+    return times
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -275,7 +291,7 @@ def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int) -> dict:
         t = time_fwd_and_fwd_bwd(lambda routing=routing: fast_moe.moe_forward(*leaves, K, routing=routing,
                                                                              tile_m=TILE_M), leaves, gout, reps)
         times["layer"][f"{routing}_fwd"], times["layer"][f"{routing}_fwd_bwd"] = t["fwd"], t["fwd_bwd"]
-        gemms[routing] = gemm_times(x.detach(), w1.detach(), w2.detach(), gout, r, reps)
+        gemms[routing] = gemm_times(leaves, gout, r, reps)
         torch.cuda.empty_cache()
     row["ran"] = True
     row["times_ms"] = times
