@@ -78,10 +78,33 @@ def test_transposed_layouts_compile_for_sm90a(variant):
         assert b_flags(ptx) != b_flags(plain), (b_flags(ptx), b_flags(plain))
 
 
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+def test_swiglu_epilogue_compiles_for_sm90a():
+    """The up-projection with SwiGLU fused in its epilogue: same mainloop, an exp (ex2) in the epilogue."""
+    from sonic_learn.fast.grouped_gemm import WS_TILE, compile_grouped_gemm
+
+    ptx = compile_grouped_gemm("varlen_m_gather", torch.bfloat16, torch.bfloat16, WS_TILE, keep_ptx=True,
+                               kernel="ws", epilogue="swiglu").__ptx__
+    plain = _ptx("varlen_m_gather", torch.bfloat16, torch.bfloat16, "ws")
+    assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+    assert "ex2.approx" in ptx and "ex2.approx" not in plain
+
+
+def test_fused_epilogue_bad_config():
+    from sonic_learn.fast.grouped_gemm import compile_grouped_gemm
+
+    with pytest.raises(ValueError, match="epilogue must be one of"):
+        compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, kernel="ws", epilogue="gelu")
+    with pytest.raises(ValueError, match="needs a varlen-M variant with a 16-bit output"):
+        compile_grouped_gemm("varlen_k", torch.bfloat16, torch.bfloat16, kernel="ws", epilogue="swiglu")
+    with pytest.raises(ValueError, match="need the production kernel"):
+        compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, kernel="sm90", epilogue="swiglu")
+
+
 def test_transposed_needs_production_kernel():
     from sonic_learn.fast.grouped_gemm import compile_grouped_gemm
 
-    with pytest.raises(ValueError, match="transposed=True needs the production kernel"):
+    with pytest.raises(ValueError, match="need the production kernel"):
         compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, kernel="v1", transposed=True)
 
 

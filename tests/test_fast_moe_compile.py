@@ -98,6 +98,7 @@ def _gather_sum(rows, weights, row_of_pair, token_offsets):
 TORCH_OPS = fast_moe.ExpertOps(
     gather_gemm=lambda x, w, meta, transpose_w=False: ref_gg.gather_fused_grouped_gemm(
         x, w, meta, transpose_w=transpose_w),
+    gather_gemm_swiglu=lambda x, w, meta: (lambda h: (h, ref_moe.swiglu(h)))(ref_gg.gather_fused_grouped_gemm(x, w, meta)),
     grouped_gemm=lambda a, w, meta, transpose_w=False: ref_gg.gather_fused_grouped_gemm(
         a, w, ref_moe._contiguous_meta(meta), transpose_w=transpose_w),
     varlen_k_gemm=lambda a, b, meta, gather_a, transpose_out=False: ref_gg.grouped_gemm_varlen_k(

@@ -62,6 +62,7 @@ WS_TILE = (128, 256, 64)  # of the production warp-specialized kernel
 # Kernel choice used by the public functions. ``set_kernel_config`` changes it (the tile sweep in
 # benchmarks/grouped_gemm_tiles.py uses it); every config is compiled once and cached.
 KERNELS = ("v1", "sm90", "ws")  # the ladder: teaching step, + smem epilogue, + warp specialization
+EPILOGUES = ("store", "swiglu")  # the production kernel's epilogues (grouped_gemm_sm90)
 _CONFIG = {"kernel": "ws", "tile": WS_TILE, "stages": None}
 
 
@@ -77,12 +78,26 @@ def set_kernel_config(*, kernel: str = "ws", tile: tuple[int, int, int] = WS_TIL
     _CONFIG.update(kernel=kernel, tile=tile, stages=stages)
 
 
-def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transposed: bool = False):
+def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transposed: bool = False,
+              epilogue: str = "store"):
     tile = _CONFIG["tile"]
     if _CONFIG["kernel"] == "ws" and out_dtype == torch.float32 and tile[1] == 256 and _CONFIG["stages"] is None:
         tile = (tile[0], 128, tile[2])  # fp32 epilogue buffers of a 128 x 256 tile leave no room for stages
     return compile_grouped_gemm(variant, dtype, out_dtype, tile, _CONFIG["stages"], kernel=_CONFIG["kernel"],
-                                transposed=transposed)
+                                transposed=transposed, epilogue=epilogue)
+
+
+def _aux_arg(aux: torch.Tensor | None, out: torch.Tensor) -> tuple:
+    """The production kernel's extra epilogue tensor (a 1 x 8 placeholder when unused); none for the
+    teaching kernels."""
+    if _CONFIG["kernel"] != "ws":
+        return ()
+    return (aux if aux is not None else _placeholder(out.dtype, out.device),)
+
+
+@functools.lru_cache(maxsize=None)
+def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, 8, dtype=dtype, device=device)
 
 
 def _native_transposes() -> bool:
@@ -155,25 +170,33 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, tile: tuple = TILE,
                          stages: int | None = None, keep_ptx: bool = False, kernel: str = "ws",
-                         transposed: bool = False):
+                         transposed: bool = False, epilogue: str = "store"):
     """Compile one grouped-GEMM variant for sm_90a from fake tensors (no GPU needed).
 
     ``variant`` is one of "varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather". Sizes (rows,
     K, N, E) are symbolic, so the result serves every problem with these dtypes. Returns the
-    TVM-FFI callable ``f(a, b, out, gather_idx, expert_offsets, tile_offsets, num_row_tiles)``.
+    TVM-FFI callable ``f(a, b, out, gather_idx, expert_offsets, tile_offsets, num_row_tiles)``; the
+    production kernel "ws" takes one more tensor after ``out``, ``aux`` (the epilogue's second
+    output: A for ``epilogue="swiglu"``, else a placeholder).
     ``transposed`` (kernel "ws" only): varlen-M takes the weights as (E*N, K) and uses ``w[e]^T``
     (K-major B); varlen-K writes its result as (E*N, d), i.e. ``out[e]^T``.
+    ``epilogue`` (kernel "ws", varlen-M only): "store" (out = the product) or "swiglu" (out = H and
+    aux = SwiGLU(H), ``grouped_gemm_sm90.SwiGLUEpilogue``).
     """
     _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
-    if transposed and kernel != "ws":
-        raise ValueError(f"transposed=True needs the production kernel 'ws', got kernel={kernel!r}")
+    _checks.check_choice("epilogue", epilogue, EPILOGUES)
+    if (transposed or epilogue != "store") and kernel != "ws":
+        raise ValueError(f"transposed=True and fused epilogues need the production kernel 'ws', got kernel={kernel!r}")
+    if epilogue != "store" and (variant.startswith("varlen_k") or out_dtype == torch.float32):
+        raise ValueError(f"epilogue={epilogue!r} needs a varlen-M variant with a 16-bit output")
     from sonic_learn.fast._cute import compile_options, cutlass_dtype, import_cutlass
 
     cutlass = import_cutlass()
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
-    from sonic_learn.fast.grouped_gemm_sm90 import GroupedGemmSm90, GroupedGemmWS, epilogue_smem_bytes, ws_stages
+    from sonic_learn.fast.grouped_gemm_sm90 import (GroupedGemmSm90, GroupedGemmWS, SwiGLUEpilogue,
+                                                    epilogue_smem_bytes, ws_stages)
     from sonic_learn.fast.grouped_gemm_v1 import GroupedGemmV1, default_stages
 
     _checks.check_choice("kernel", kernel, KERNELS)
@@ -204,6 +227,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
             raise ValueError(f"tile {tile} leaves room for {stages} pipeline stages next to the epilogue buffers")
     stages = stages or default_stages(tile)
     cls = {"v1": GroupedGemmV1, "sm90": GroupedGemmSm90, "ws": GroupedGemmWS}[kernel]
+    if epilogue == "swiglu":
+        cls = SwiGLUEpilogue
     if kernel == "sm90":  # the epilogue reuses the A/B stage buffers for the output tile
         ab_bytes = stages * (tile[0] + tile[1]) * tile[2] * 2
         if epilogue_smem_bytes(tile, out_dtype.itemsize) > ab_bytes:
@@ -212,7 +237,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     kernel_obj = cls(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2], stages=stages,
                      **layout)
     opts = compile_options(keep_ptx)
-    return cute.compile(kernel_obj, a, b, out, gidx, offs, toffs, cutlass.Int32(1),
+    aux = (mat(odt, sym(), sym(8)),) if kernel == "ws" else ()  # the epilogue's second tensor
+    return cute.compile(kernel_obj, a, b, out, *aux, gidx, offs, toffs, cutlass.Int32(1),
                         make_fake_stream(use_tvm_ffi_env_stream=True), options=opts)
 
 
@@ -240,7 +266,8 @@ def _sm_count(index: int) -> int:
 
 
 def _launch_varlen_m(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, gather: bool,
-                     out_dtype: torch.dtype, transpose_w: bool) -> torch.Tensor:
+                     out_dtype: torch.dtype, transpose_w: bool, swiglu_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch a varlen-M GEMM; with ``swiglu_out`` (M, N/2) the SwiGLU epilogue also writes A there."""
     M = meta.gather_idx.numel()
     if transpose_w and not _native_transposes():
         w, transpose_w = w.transpose(1, 2), False  # teaching kernels: an explicit (E, K, N) copy below
@@ -249,10 +276,11 @@ def _launch_varlen_m(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, ga
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)  # (M, N)
     if M == 0:
         return out
-    fn = _compiled("varlen_m_gather" if gather else "varlen_m", a.dtype, out_dtype, transpose_w)
+    fn = _compiled("varlen_m_gather" if gather else "varlen_m", a.dtype, out_dtype, transpose_w,
+                   "store" if swiglu_out is None else "swiglu")
     tile_offsets = _tile_offsets(meta.expert_offsets, TILE[0])
-    launch(fn, a.device, _aligned(a), _aligned(w).view(E * R, C), out, meta.gather_idx, meta.expert_offsets,
-           tile_offsets, _grid_size(-(-M // TILE[0]) + E, a.device))
+    launch(fn, a.device, _aligned(a), _aligned(w).view(E * R, C), out, *_aux_arg(swiglu_out, out), meta.gather_idx,
+           meta.expert_offsets, tile_offsets, _grid_size(-(-M // TILE[0]) + E, a.device))
     return out
 
 
@@ -322,6 +350,29 @@ def naive_grouped_gemm(x: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, 
     return _launch_varlen_m(x_grouped, w, meta, False, out_dtype, transpose_w)
 
 
+def gather_fused_grouped_gemm_swiglu(x: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, *,
+                                     tile_m: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE up-projection with SwiGLU in the GEMM's epilogue: returns (H, A).
+
+    H = ``gather_fused_grouped_gemm(x, w, meta)`` (M, 2n) with w's columns interleaved (gate = even,
+    up = odd, as ``sonic_learn.reference.moe.swiglu``), and A = up * silu(gate) (M, n), computed
+    from the rounded H in the same epilogue (so A equals ``moe_kernels.swiglu(H)`` bit for bit).
+    16-bit output only; with the teaching kernels (v1, sm90) A is computed by the separate kernel.
+    """
+    x, w, meta, out_dtype = _check_varlen_m(x, w, meta, tile_m, None, "x", None, False)
+    if w.shape[2] % 16:
+        raise ValueError(f"w.shape[2] (2n) must be a multiple of 16 for the SwiGLU epilogue (n a multiple of 8), "
+                         f"got {w.shape[2]}")
+    if _CONFIG["kernel"] != "ws":
+        from sonic_learn.fast import moe_kernels
+
+        h = _launch_varlen_m(x, w, meta, True, out_dtype, False)
+        return h, moe_kernels.swiglu(h)
+    a = torch.empty(meta.gather_idx.numel(), w.shape[2] // 2, dtype=out_dtype, device=x.device)  # (M, n)
+    h = _launch_varlen_m(x, w, meta, True, out_dtype, False, swiglu_out=a)  # (M, 2n)
+    return h, a
+
+
 def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadata, *, gather_a: bool = True,
                           out_dtype: torch.dtype | None = None, transpose_out: bool = False) -> torch.Tensor:
     """Weight gradients: out[e] = A_e^T @ b[rows of e], reduced over the f_e rows of expert e.
@@ -361,7 +412,8 @@ def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadat
     native = transpose_out and _native_transposes()
     out = torch.empty((E, N, d) if native else (E, d, N), dtype=out_dtype, device=a.device)
     fn = _compiled("varlen_k_gather" if gather_a else "varlen_k", a.dtype, out_dtype, native)
-    launch(fn, a.device, _aligned(a), _aligned(b), out.view(E * out.shape[1], out.shape[2]), meta.gather_idx,
+    out2d = out.view(E * out.shape[1], out.shape[2])
+    launch(fn, a.device, _aligned(a), _aligned(b), out2d, *_aux_arg(None, out2d), meta.gather_idx,
            meta.expert_offsets, meta.expert_offsets, _grid_size(0, a.device))
     if transpose_out and not native:  # teaching kernels: the transposed copy with torch
         out = out.transpose(1, 2).contiguous()
@@ -373,6 +425,7 @@ __all__ = [
     "gather_fused_grouped_gemm",
     "contiguous_grouped_gemm",
     "grouped_gemm_varlen_k",
+    "gather_fused_grouped_gemm_swiglu",
     "compile_grouped_gemm",
     "set_kernel_config",
 ]

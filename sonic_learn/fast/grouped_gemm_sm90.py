@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from sonic_learn.fast._cute import import_cutlass
 from sonic_learn.fast.grouped_gemm_v1 import CHUNK, THREADS, GroupedGemmV1
+from sonic_learn.fast.moe_kernels import _sigmoid
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402
@@ -109,7 +110,7 @@ class GroupedGemmWS(GroupedGemmSm90):
     LAYOUT_OPTIONS = True
 
     @cute.jit
-    def __call__(self, a: cute.Tensor, b: cute.Tensor, out: cute.Tensor, gather_idx: cute.Tensor,
+    def __call__(self, a: cute.Tensor, b: cute.Tensor, out: cute.Tensor, aux: cute.Tensor, gather_idx: cute.Tensor,
                  expert_offsets: cute.Tensor, tile_offsets: cute.Tensor, num_ctas: Int32, stream):
         bm, bn, bk = self.tile
         tiled_mma, sA_layout, sB_layout = self.make_mma_and_smem_layouts(a, out)  # as GroupedGemmV1
@@ -152,8 +153,8 @@ class GroupedGemmWS(GroupedGemmSm90):
         if const_expr(not self.varlen_k and not self.gather):
             tma_atom_a, tma_a = cpasync.make_tiled_tma_atom(
                 cpasync.CopyBulkTensorTileG2SOp(), a, cute.slice_(sA_layout, (None, None, 0)), (bm, bk))
-        self.kernel(a, b, tma_atom_a, tma_a, tma_atom_b, tma_b, out, gather_idx, expert_offsets, tile_offsets, tiled_mma, sA_layout,
-                    sB_layout).launch(grid=(num_ctas, 1, 1), block=[PRODUCER_THREADS + CONSUMER_THREADS, 1, 1],
+        self.kernel(a, b, tma_atom_a, tma_a, tma_atom_b, tma_b, out, aux, gather_idx, expert_offsets, tile_offsets,
+                    tiled_mma, sA_layout, sB_layout).launch(grid=(num_ctas, 1, 1), block=[PRODUCER_THREADS + CONSUMER_THREADS, 1, 1],
                                       stream=stream)
 
     @cute.jit
@@ -193,6 +194,7 @@ class GroupedGemmWS(GroupedGemmSm90):
 
     @cute.kernel
     def kernel(self, a: cute.Tensor, b: cute.Tensor, tma_atom_a, tma_a, tma_atom_b, tma_b, out: cute.Tensor,
+               aux: cute.Tensor,
                gather_idx: cute.Tensor,
                expert_offsets: cute.Tensor, tile_offsets: cute.Tensor, tiled_mma: cute.TiledMma,
                sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout):
@@ -330,7 +332,7 @@ class GroupedGemmWS(GroupedGemmSm90):
                     self.epilogue_wg_transposed(acc, tCsC, out, sC, wg, ctid, expert * n_dim + n_start, m_start,
                                                 m_dim - m_start, n_dim - n_start)
                 else:
-                    self.epilogue_wg(acc, tCsC, out, sC, wg, ctid, out_row0, m_dim - m_start, n_start,
+                    self.epilogue_wg(acc, tCsC, tCcC, out, aux, sC, wg, ctid, out_row0, m_dim - m_start, n_start,
                                      n_dim - n_start)
 
     @cute.jit
@@ -355,25 +357,35 @@ class GroupedGemmWS(GroupedGemmSm90):
                     dst.fill(0)
 
     @cute.jit
-    def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, out: cute.Tensor, sC: cute.Tensor, wg: Int32,
-                    ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32, cols_left: Int32):
-        """One MMA warpgroup stores its 64 rows: registers -> padded smem -> 16-byte masked global stores."""
+    def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, aux: cute.Tensor,
+                    sC: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32,
+                    cols_left: Int32):
+        """One MMA warpgroup stores its 64 rows: registers -> padded smem -> 16-byte masked global stores.
+
+        The epilogue *hook* of the production kernel: ``tCcC`` gives each accumulator's (row, col) in
+        the tile and ``aux`` is a second tensor an epilogue may write or read (unused here; see
+        ``SwiGLUEpilogue`` below). A fused epilogue is a subclass that overrides this method only."""
         bm, bn, _ = self.tile
-        half = bm // 2
+        self.stage_tile(acc, tCsC, wg)
+        self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
+
+    @cute.jit
+    def copy_out_rows(self, sC: cute.Tensor, cols: cutlass.Constexpr[int], dst: cute.Tensor, dst_row0: Int32,
+                      dst_col0: Int32, rows_left: Int32, cols_left: Int32, wg: Int32, ctid: Int32):
+        """This warpgroup's staged (64, cols) rows -> ``dst[dst_row0 + row_off + m, dst_col0 + c]``, one
+        16-byte chunk per thread per step, masked to the expert's rows and the matrix's columns."""
+        half = self.tile[0] // 2
         lt = ctid % 128  # thread index inside the warpgroup
         row_off = (wg - 1) * half  # first tile row owned by this warpgroup
         elems = CHUNK_BYTES * 8 // self.out_dtype.width
-        self.stage_tile(acc, tCsC, wg)
-        chunks_per_row = bn // elems
+        chunks_per_row = cols // elems
         for it in cutlass.range_constexpr(half * chunks_per_row // 128):
             c = it * 128 + lt
             m = c // chunks_per_row
             q = (c % chunks_per_row) * elems
             if row_off + m < rows_left and q < cols_left:
                 src = cute.local_tile(sC, (1, elems), (m, q // elems))
-                dst = cute.local_tile(out, (1, elems), (out_row0 + row_off + m, (n_start + q) // elems))
-                cute.autovec_copy(src, dst)
-
+                cute.autovec_copy(src, cute.local_tile(dst, (1, elems), (dst_row0 + row_off + m, (dst_col0 + q) // elems)))
 
     @cute.jit
     def stage_tile(self, acc: cute.Tensor, tCsC: cute.Tensor, wg: Int32):
@@ -415,6 +427,46 @@ class GroupedGemmWS(GroupedGemmSm90):
                     r_chunk[0, i] = sC[m + i, n]
                 dst = cute.local_tile(out, (1, elems), (out_row0 + n, (m_start + row_off + m) // elems))
                 cute.autovec_copy(r_chunk, dst)
+
+
+
+class SwiGLUEpilogue(GroupedGemmWS):
+    """The up-projection with SwiGLU fused into its epilogue (paper Section 3, forward).
+
+    The GEMM computes H = X_gathered @ W1 with W1's columns interleaved (gate = even column,
+    up = odd column). A WGMMA accumulator fragment holds pairs of *adjacent* columns of one row in
+    neighbouring registers, so every thread owns whole (gate, up) pairs: it can form
+    A[r, j] = up * silu(gate) without talking to any other thread. The epilogue therefore
+    (1) stores H as usual (it is cached for the backward) and (2) writes A (P, n) -- the ``aux``
+    tensor -- from the same registers, staged through the same shared-memory buffer. A is computed
+    from the *rounded* H values, exactly like ``moe_kernels.SwiGLUForward`` on the stored H, so the
+    fused and unfused forwards agree bit for bit and the backward (which recomputes A from H)
+    sees the same A. The separate SwiGLU pass, its re-read of H and its launch disappear.
+    """
+
+    @cute.jit
+    def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, aux: cute.Tensor,
+                    sC: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32,
+                    cols_left: Int32):
+        bm, bn, _ = self.tile
+        half = bm // 2
+        row_off = (wg - 1) * half
+        # Phase 1: H, exactly as the plain epilogue.
+        self.stage_tile(acc, tCsC, wg)
+        self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
+        # Phase 2: A = up * silu(gate) for this thread's column pairs, into the same buffer
+        # (re-laid out as (64, bn/2) rows) once every thread has finished copying H out.
+        a_cols = bn // 2
+        a_pitch = a_cols + CHUNK_BYTES * 8 // self.out_dtype.width
+        sA = cute.make_tensor(sC.iterator, cute.make_layout((half, a_cols), stride=(a_pitch, 1)))
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)
+        for i in cutlass.range_constexpr(cute.size(acc) // 2):
+            m, n = tCcC[2 * i]  # the gate column (even); 2 * i + 1 is its up column
+            g = acc[2 * i].to(self.out_dtype).to(cutlass.Float32)  # the rounded H values
+            u = acc[2 * i + 1].to(self.out_dtype).to(cutlass.Float32)
+            sA[m - row_off, n // 2] = (u * (g * _sigmoid(g))).to(self.out_dtype)  # as SwiGLUForward
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)
+        self.copy_out_rows(sA, a_cols, aux, out_row0, n_start // 2, rows_left, cols_left // 2, wg, ctid)
 
 
 def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = 227 * 1024) -> int:

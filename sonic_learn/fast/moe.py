@@ -21,8 +21,11 @@ Two autograd Functions mirror the reference:
 * ``StandardExperts`` (the classic baseline): caches the gathered X, H and Y; dS = <dO, Y> in a
   separate pass over Y.
 
-What is *not* fused yet (and what it costs) is documented in ``moe_kernels``: SwiGLU and the
-dSwiGLU/dS pass run as standalone kernels, not in the GEMM epilogues. No weight is ever copied
+Fusion: the reduced-memory forward runs SwiGLU in the up-projection GEMM's epilogue
+(``grouped_gemm.gather_fused_grouped_gemm_swiglu``: H and A stored from the same registers). Not
+fused yet (and what it costs is documented in ``moe_kernels``): the backward's dSwiGLU/dS pass is a
+standalone kernel after the dA' GEMM. The standard baseline keeps every pass separate, as the
+issue's "same GEMM kernel without fused epilogues" asks. No weight is ever copied
 transposed: the backward's ``dY @ W2^T`` and ``dH @ W1^T`` read the stored weights K-major
 (``transpose_w=True``), and dW2 is written in W2's (E, n, d) orientation by the varlen-K GEMM's
 epilogue (``transpose_out=True``).
@@ -63,6 +66,7 @@ class ExpertOps:
     fast.grouped_gemm)."""
 
     gather_gemm: object  # (x (T, K), w, meta, transpose_w) -> (P, N), rows x[gather_idx] @ w[e] (or w[e]^T)
+    gather_gemm_swiglu: object  # (x (T, d), w1 (E, d, 2n), meta) -> (H (P, 2n), A = SwiGLU(H) (P, n))
     grouped_gemm: object  # (a (P, K), w, meta, transpose_w) -> (P, N), rows a[r] @ w[e] (or w[e]^T)
     varlen_k_gemm: object  # (a, b (P, N), meta, gather_a, transpose_out) -> (E, K, N) (or (E, N, K))
     swiglu: object  # H (P, 2n) -> A (P, n)
@@ -79,6 +83,7 @@ def _fast_ops() -> ExpertOps:
     return ExpertOps(
         gather_gemm=lambda x, w, meta, transpose_w=False: gg.gather_fused_grouped_gemm(
             x, w, meta, tile_m=GEMM_TILE_M, transpose_w=transpose_w),
+        gather_gemm_swiglu=lambda x, w, meta: gg.gather_fused_grouped_gemm_swiglu(x, w, meta, tile_m=GEMM_TILE_M),
         grouped_gemm=lambda a, w, meta, transpose_w=False: gg.contiguous_grouped_gemm(
             a, w, meta, tile_m=GEMM_TILE_M, transpose_w=transpose_w),
         varlen_k_gemm=lambda a, b, meta, gather_a, transpose_out=False: gg.grouped_gemm_varlen_k(
@@ -192,8 +197,8 @@ class ReducedMemoryExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, w2, scores, meta: RoutingMetadata, token_offsets, ops: ExpertOps):
-        h = ops.gather_gemm(x, w1, meta)  # (P, 2n) up-projection, X gathered inside the GEMM
-        a = ops.swiglu(h)  # (P, n)
+        # up-projection, X gathered inside the GEMM, SwiGLU in its epilogue: H (P, 2n) and A (P, n)
+        h, a = ops.gather_gemm_swiglu(x, w1, meta)
         y = ops.grouped_gemm(a, w2, meta)  # (P, d) down-projection
         out = ops.gather_sum(y, scores, meta.row_of_pair, token_offsets)  # (T, d); y, a freed on return
         ctx.save_for_backward(x, w1, w2, h, scores, meta.expert_offsets, meta.gather_idx, meta.pair_of_row,
