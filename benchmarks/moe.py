@@ -93,15 +93,19 @@ def breakdown(leaves, gout, k, reps):
     dout = gout.detach()
     dap = gg.gather_fused_grouped_gemm(dout, w2, meta, transpose_w=True)
     dh, a_s, _ = mk.swiglu_backward_scaled(h, dap, scores, meta.pair_of_row)
-    steps = {
+    row_scores = scores.float()[meta.pair_of_row.long()]
+    steps = {  # the layer's kernels in order; "(unfused)" rows are what the fused kernel replaces
         "fwd: router + top-k + metadata": lambda: fast_moe.route(x, router_w, k),
-        "fwd: up-proj GEMM (gathered X)": lambda: gg.gather_fused_grouped_gemm(x, w1, meta),
-        "fwd: SwiGLU kernel": lambda: mk.swiglu(h),
+        "fwd: up-proj GEMM + SwiGLU epilogue": lambda: gg.gather_fused_grouped_gemm_swiglu(x, w1, meta),
+        "fwd: (unfused) up-proj GEMM": lambda: gg.gather_fused_grouped_gemm(x, w1, meta),
+        "fwd: (unfused) SwiGLU kernel": lambda: mk.swiglu(h),
         "fwd: down-proj GEMM": lambda: gg.contiguous_grouped_gemm(a, w2, meta),
         "fwd: gather-and-sum (weighted)": lambda: mk.gather_sum(y, scores, meta.row_of_pair, toff),
-        "bwd: dA' GEMM (dO gathered, W2 K-major)": lambda: gg.gather_fused_grouped_gemm(dout, w2, meta,
-                                                                                       transpose_w=True),
-        "bwd: dSwiGLU + dS + A' kernel": lambda: mk.swiglu_backward_scaled(h, dap, scores, meta.pair_of_row),
+        "bwd: dH kernel (dA' GEMM + dSwiGLU/dS/A' epilogue)": lambda: gg.gather_fused_grouped_gemm_dswiglu(
+            dout, w2, meta, h, row_scores),
+        "bwd: (unfused) dA' GEMM": lambda: gg.gather_fused_grouped_gemm(dout, w2, meta, transpose_w=True),
+        "bwd: (unfused) dSwiGLU + dS + A' kernel": lambda: mk.swiglu_backward_scaled(h, dap, scores,
+                                                                                   meta.pair_of_row),
         "bwd: dW2 varlen-K GEMM (dO gathered, stored (E, n, d))": lambda: gg.grouped_gemm_varlen_k(
             dout, a_s, meta, gather_a=True, transpose_out=True),
         "bwd: dX~ GEMM (W1 K-major)": lambda: gg.contiguous_grouped_gemm(dh, w1, meta, transpose_w=True),
@@ -111,7 +115,7 @@ def breakdown(leaves, gout, k, reps):
     out = {}
     for name, fn in steps.items():
         out[name] = bench.measure(fn, device="cuda", warmup=2, reps=reps).median_ms
-        print(f"    {name:46s} {out[name]:7.3f} ms", flush=True)
+        print(f"    {name:56s} {out[name]:7.3f} ms", flush=True)
     return out
 
 

@@ -227,6 +227,52 @@ def test_swiglu_epilogue_matches_unfused(kernel_config, problem):
     assert torch.equal(a, mk.swiglu(h))
 
 
+def _ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units of the last place between two same-sign 16-bit float tensors."""
+    ia, ib = a.view(torch.int16).int(), b.view(torch.int16).int()
+    return int((ia - ib).abs().max().item()) if a.numel() else 0
+
+
+@needs_hopper
+@settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=problems())
+@example(problem=([129, 0, 128, 1, 127], 200, 64, 272, "bf16", None, 0))  # n = 272: a partial N tile
+@example(problem=([300, 5], 50, 128, 520, "bf16", None, 1))  # n = 520: 3 n-tiles of 256 -> 3 dS partials
+def test_dswiglu_epilogue_matches_unfused(kernel_config, problem):
+    """The backward's dH kernel (dA' GEMM + dSwiGLU + dS + A' in the epilogue) against the unfused pair:
+    the dA' GEMM, then moe_kernels.swiglu_backward_scaled. dH and A' are the same arithmetic on the
+    same rounded inputs (at most 1 ulp apart, where the compiler contracts differently, and almost
+    all equal); dS differs only in the order of its fp32 sum."""
+    from sonic_learn.fast import grouped_gemm as fast
+    from sonic_learn.fast import moe_kernels as mk
+
+    counts, T, d, n, dtype_name, _, seed = problem
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(seed)
+    meta = make_meta(counts, T, gen)
+    M, E = sum(counts), len(counts)
+    dout = torch.randn(T, d, generator=gen).to("cuda", dtype)
+    w2 = (torch.randn(E, n, d, generator=gen) / d**0.5).to("cuda", dtype)  # (E, n, d)
+    h = (2 * torch.randn(M, 2 * n, generator=gen)).to("cuda", dtype)
+    row_scores = torch.rand(M, generator=gen).to("cuda")
+    poison((M, 2 * n), dtype)
+    dh, a_scaled, ds = fast.gather_fused_grouped_gemm_dswiglu(dout, w2, meta, h, row_scores)
+    assert dh.shape == (M, 2 * n) and a_scaled.shape == (M, n) and ds.shape == (M,) and ds.dtype == torch.float32
+    assert not torch.isnan(dh).any() and not torch.isnan(a_scaled).any(), "unwritten element"
+
+    da_prime = fast.gather_fused_grouped_gemm(dout, w2, meta, transpose_w=True)  # (M, n)
+    rows = torch.arange(M, dtype=torch.int32, device="cuda")
+    dh_u, a_u, ds_u = mk.swiglu_backward_scaled(h, da_prime, row_scores, rows)
+    for name, got, want in (("dH", dh, dh_u), ("A'", a_scaled, a_u)):
+        assert _ulp_diff(got, want) <= 1, name
+        assert (got == want).float().mean().item() >= 0.99 if got.numel() else True, name
+    # dS against a float64 oracle from the same rounded dA' and H (fp32 sums: relative 1e-4 of the scale)
+    g, u = h[:, 0::2].double(), h[:, 1::2].double()
+    ds64 = (da_prime.double() * u * g * torch.sigmoid(g)).sum(1)
+    scale = (da_prime.double() * u * g * torch.sigmoid(g)).abs().sum(1).max().item() if M else 0.0
+    assert (ds.double() - ds64).abs().max().item() <= 1e-4 * scale + 1e-6 if M else True
+
+
 @needs_hopper
 def test_realistic_shape_7b_up_proj_slice(kernel_config):
     """A slice of the 7B up-projection (d = 1536, 2n = 512) with uniform routing over 16 experts."""

@@ -90,6 +90,17 @@ def test_swiglu_epilogue_compiles_for_sm90a():
     assert "ex2.approx" in ptx and "ex2.approx" not in plain
 
 
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+def test_dswiglu_epilogue_compiles_for_sm90a():
+    """The backward's dH kernel: gathered dO, K-major W2 (TMA), dSwiGLU + the quad shuffle for dS."""
+    from sonic_learn.fast.grouped_gemm import WS_TILE, compile_grouped_gemm
+
+    ptx = compile_grouped_gemm("varlen_m_gather", torch.bfloat16, torch.bfloat16, WS_TILE, keep_ptx=True,
+                               kernel="ws", transposed=True, epilogue="dswiglu").__ptx__
+    assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+    assert "ex2.approx" in ptx and "shfl.sync.bfly" in ptx
+
+
 def test_fused_epilogue_bad_config():
     from sonic_learn.fast.grouped_gemm import compile_grouped_gemm
 

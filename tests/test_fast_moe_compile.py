@@ -95,16 +95,22 @@ def _gather_sum(rows, weights, row_of_pair, token_offsets):
     return out.to(rows.dtype)
 
 
+def _dh_gemm(dout, w2, meta, h, row_scores):
+    """The fused dH kernel's contract: (dH, A', dS in grouped row order)."""
+    da_prime = ref_gg.gather_fused_grouped_gemm(dout, w2, meta, transpose_w=True)  # (P, n)
+    return _swiglu_bwd_scaled(h, da_prime, row_scores, torch.arange(h.shape[0]))
+
+
 TORCH_OPS = fast_moe.ExpertOps(
     gather_gemm=lambda x, w, meta, transpose_w=False: ref_gg.gather_fused_grouped_gemm(
         x, w, meta, transpose_w=transpose_w),
     gather_gemm_swiglu=lambda x, w, meta: (lambda h: (h, ref_moe.swiglu(h)))(ref_gg.gather_fused_grouped_gemm(x, w, meta)),
+    dh_gemm=lambda dout, w2, meta, h, row_scores: _dh_gemm(dout, w2, meta, h, row_scores),
     grouped_gemm=lambda a, w, meta, transpose_w=False: ref_gg.gather_fused_grouped_gemm(
         a, w, ref_moe._contiguous_meta(meta), transpose_w=transpose_w),
     varlen_k_gemm=lambda a, b, meta, gather_a, transpose_out=False: ref_gg.grouped_gemm_varlen_k(
         a, b, meta if gather_a else ref_moe._contiguous_meta(meta), gather_a=gather_a, transpose_out=transpose_out),
     swiglu=ref_moe.swiglu,
-    swiglu_backward_scaled=_swiglu_bwd_scaled,
     swiglu_backward=_swiglu_bwd,
     gather_scale_dot=_gather_scale_dot,
     gather_sum=_gather_sum,

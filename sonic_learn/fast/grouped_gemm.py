@@ -62,7 +62,7 @@ WS_TILE = (128, 256, 64)  # of the production warp-specialized kernel
 # Kernel choice used by the public functions. ``set_kernel_config`` changes it (the tile sweep in
 # benchmarks/grouped_gemm_tiles.py uses it); every config is compiled once and cached.
 KERNELS = ("v1", "sm90", "ws")  # the ladder: teaching step, + smem epilogue, + warp specialization
-EPILOGUES = ("store", "swiglu")  # the production kernel's epilogues (grouped_gemm_sm90)
+EPILOGUES = ("store", "swiglu", "dswiglu")  # the production kernel's epilogues (grouped_gemm_sm90)
 _CONFIG = {"kernel": "ws", "tile": WS_TILE, "stages": None}
 
 
@@ -87,17 +87,21 @@ def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transpos
                                 transposed=transposed, epilogue=epilogue)
 
 
-def _aux_arg(aux: torch.Tensor | None, out: torch.Tensor) -> tuple:
-    """The production kernel's extra epilogue tensor (a 1 x 8 placeholder when unused); none for the
+def _epi_args(out: torch.Tensor, epi_out=None, epi_in=None, row_in=None, row_out=None) -> tuple:
+    """The production kernel's four epilogue tensors (small placeholders where unused); none for the
     teaching kernels."""
     if _CONFIG["kernel"] != "ws":
         return ()
-    return (aux if aux is not None else _placeholder(out.dtype, out.device),)
+    dev = out.device
+    return (epi_out if epi_out is not None else _placeholder(out.dtype, dev, 2),
+            epi_in if epi_in is not None else _placeholder(out.dtype, dev, 2),
+            row_in if row_in is not None else _placeholder(torch.float32, dev, 1),
+            row_out if row_out is not None else _placeholder(torch.float32, dev, 2))
 
 
 @functools.lru_cache(maxsize=None)
-def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.zeros(1, 8, dtype=dtype, device=device)
+def _placeholder(dtype: torch.dtype, device: torch.device, ndim: int) -> torch.Tensor:
+    return torch.zeros((1, 8) if ndim == 2 else (8,), dtype=dtype, device=device)
 
 
 def _native_transposes() -> bool:
@@ -176,12 +180,13 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     ``variant`` is one of "varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather". Sizes (rows,
     K, N, E) are symbolic, so the result serves every problem with these dtypes. Returns the
     TVM-FFI callable ``f(a, b, out, gather_idx, expert_offsets, tile_offsets, num_row_tiles)``; the
-    production kernel "ws" takes one more tensor after ``out``, ``aux`` (the epilogue's second
-    output: A for ``epilogue="swiglu"``, else a placeholder).
+    production kernel "ws" takes four more tensors after ``out``, the epilogue's
+    ``(epi_out, epi_in, row_in, row_out)`` (placeholders when the epilogue does not use them).
     ``transposed`` (kernel "ws" only): varlen-M takes the weights as (E*N, K) and uses ``w[e]^T``
     (K-major B); varlen-K writes its result as (E*N, d), i.e. ``out[e]^T``.
-    ``epilogue`` (kernel "ws", varlen-M only): "store" (out = the product) or "swiglu" (out = H and
-    aux = SwiGLU(H), ``grouped_gemm_sm90.SwiGLUEpilogue``).
+    ``epilogue`` (kernel "ws", varlen-M only): "store" (out = the product), "swiglu" (out = H,
+    epi_out = SwiGLU(H): ``grouped_gemm_sm90.SwiGLUEpilogue``) or "dswiglu" (the backward's dH
+    kernel: ``grouped_gemm_sm90.DSwiGLUEpilogue``).
     """
     _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
     _checks.check_choice("epilogue", epilogue, EPILOGUES)
@@ -195,8 +200,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
-    from sonic_learn.fast.grouped_gemm_sm90 import (GroupedGemmSm90, GroupedGemmWS, SwiGLUEpilogue,
-                                                    epilogue_smem_bytes, ws_stages)
+    from sonic_learn.fast.grouped_gemm_sm90 import (DSwiGLUEpilogue, GroupedGemmSm90, GroupedGemmWS,
+                                                    SwiGLUEpilogue, epilogue_smem_bytes, ws_stages)
     from sonic_learn.fast.grouped_gemm_v1 import GroupedGemmV1, default_stages
 
     _checks.check_choice("kernel", kernel, KERNELS)
@@ -227,8 +232,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
             raise ValueError(f"tile {tile} leaves room for {stages} pipeline stages next to the epilogue buffers")
     stages = stages or default_stages(tile)
     cls = {"v1": GroupedGemmV1, "sm90": GroupedGemmSm90, "ws": GroupedGemmWS}[kernel]
-    if epilogue == "swiglu":
-        cls = SwiGLUEpilogue
+    cls = {"swiglu": SwiGLUEpilogue, "dswiglu": DSwiGLUEpilogue}.get(epilogue, cls)
     if kernel == "sm90":  # the epilogue reuses the A/B stage buffers for the output tile
         ab_bytes = stages * (tile[0] + tile[1]) * tile[2] * 2
         if epilogue_smem_bytes(tile, out_dtype.itemsize) > ab_bytes:
@@ -237,8 +241,13 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     kernel_obj = cls(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2], stages=stages,
                      **layout)
     opts = compile_options(keep_ptx)
-    aux = (mat(odt, sym(), sym(8)),) if kernel == "ws" else ()  # the epilogue's second tensor
-    return cute.compile(kernel_obj, a, b, out, *aux, gidx, offs, toffs, cutlass.Int32(1),
+    epi = ()
+    if kernel == "ws":  # the epilogue's tensors: epi_out, epi_in (16-bit), row_in (P,), row_out (P, n-tiles)
+        f32 = cutlass.Float32
+        epi = (mat(odt, sym(), sym(8)), mat(odt, sym(), sym(8)),
+               make_fake_compact_tensor(f32, (sym(),), assumed_align=4),
+               make_fake_compact_tensor(f32, (sym(), sym()), stride_order=(1, 0), assumed_align=4))
+    return cute.compile(kernel_obj, a, b, out, *epi, gidx, offs, toffs, cutlass.Int32(1),
                         make_fake_stream(use_tvm_ffi_env_stream=True), options=opts)
 
 
@@ -266,8 +275,9 @@ def _sm_count(index: int) -> int:
 
 
 def _launch_varlen_m(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, gather: bool,
-                     out_dtype: torch.dtype, transpose_w: bool, swiglu_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch a varlen-M GEMM; with ``swiglu_out`` (M, N/2) the SwiGLU epilogue also writes A there."""
+                     out_dtype: torch.dtype, transpose_w: bool, epilogue: str = "store", epi: tuple = ()) -> torch.Tensor:
+    """Launch a varlen-M GEMM into a new (M, N) ``out``; a fused ``epilogue`` gets its tensors ``epi``
+    (in ``_epi_args`` order) and the kernel must be "ws"."""
     M = meta.gather_idx.numel()
     if transpose_w and not _native_transposes():
         w, transpose_w = w.transpose(1, 2), False  # teaching kernels: an explicit (E, K, N) copy below
@@ -276,10 +286,9 @@ def _launch_varlen_m(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, ga
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)  # (M, N)
     if M == 0:
         return out
-    fn = _compiled("varlen_m_gather" if gather else "varlen_m", a.dtype, out_dtype, transpose_w,
-                   "store" if swiglu_out is None else "swiglu")
+    fn = _compiled("varlen_m_gather" if gather else "varlen_m", a.dtype, out_dtype, transpose_w, epilogue)
     tile_offsets = _tile_offsets(meta.expert_offsets, TILE[0])
-    launch(fn, a.device, _aligned(a), _aligned(w).view(E * R, C), out, *_aux_arg(swiglu_out, out), meta.gather_idx,
+    launch(fn, a.device, _aligned(a), _aligned(w).view(E * R, C), out, *_epi_args(out, *epi), meta.gather_idx,
            meta.expert_offsets, tile_offsets, _grid_size(-(-M // TILE[0]) + E, a.device))
     return out
 
@@ -369,8 +378,40 @@ def gather_fused_grouped_gemm_swiglu(x: torch.Tensor, w: torch.Tensor, meta: Rou
         h = _launch_varlen_m(x, w, meta, True, out_dtype, False)
         return h, moe_kernels.swiglu(h)
     a = torch.empty(meta.gather_idx.numel(), w.shape[2] // 2, dtype=out_dtype, device=x.device)  # (M, n)
-    h = _launch_varlen_m(x, w, meta, True, out_dtype, False, swiglu_out=a)  # (M, 2n)
+    h = _launch_varlen_m(x, w, meta, True, out_dtype, False, "swiglu", (a,))  # (M, 2n)
     return h, a
+
+
+def gather_fused_grouped_gemm_dswiglu(dout: torch.Tensor, w2: torch.Tensor, meta: RoutingMetadata, h: torch.Tensor,
+                                      row_scores: torch.Tensor, *, tile_m: int = 128):
+    """The reduced-memory backward's dH kernel (paper Appendix C): returns (dH, A', dS).
+
+    One GEMM dA' = dout[gather_idx] @ w2[e]^T (dout (T, d), w2 (E, n, d) read K-major) whose
+    epilogue, with H (M, 2n) and the score of each grouped row ``row_scores`` (M,) fp32, computes
+    dH = dSwiGLU(H, s * dA') (M, 2n), A' = s * SwiGLU(H) (M, n) and dS = <dA', SwiGLU(H)> (M,) fp32,
+    in grouped row order; dA' itself is never stored. Same values as ``moe_kernels.swiglu_backward_scaled``
+    on the stored dA' (dS up to the order of its fp32 sum). With the teaching kernels (v1, sm90)
+    it runs exactly that unfused pair.
+    """
+    dout, w2, meta, out_dtype = _check_varlen_m(dout, w2, meta, tile_m, None, "dout", None, True)
+    M, n = meta.gather_idx.numel(), w2.shape[1]
+    h = _check_operand("h", h, 2)
+    _checks.check_shape("h", h, (M, 2 * n))
+    if h.dtype != dout.dtype or h.device != dout.device:
+        raise ValueError(f"h must be a {dout.dtype} tensor on {dout.device} like dout, got {h.dtype} on {h.device}")
+    row_scores = _check_operand("row_scores", row_scores, 1, (torch.float32,))
+    _checks.check_shape("row_scores", row_scores, (M,))
+    h, row_scores = _aligned(h), row_scores.contiguous()
+    if _CONFIG["kernel"] != "ws":
+        from sonic_learn.fast import moe_kernels
+
+        da_prime = _launch_varlen_m(dout, w2, meta, True, out_dtype, True)  # (M, n)
+        rows = torch.arange(M, dtype=torch.int32, device=dout.device)  # scores already in row order
+        return moe_kernels.swiglu_backward_scaled(h, da_prime, row_scores, rows)
+    dh = torch.empty_like(h)  # (M, 2n)
+    ds_part = torch.empty(M, -(-n // _CONFIG["tile"][1]), dtype=torch.float32, device=dout.device)  # (M, n-tiles)
+    a_scaled = _launch_varlen_m(dout, w2, meta, True, out_dtype, True, "dswiglu", (dh, h, row_scores, ds_part))
+    return dh, a_scaled, ds_part.sum(dim=1)
 
 
 def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadata, *, gather_a: bool = True,
@@ -413,7 +454,7 @@ def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadat
     out = torch.empty((E, N, d) if native else (E, d, N), dtype=out_dtype, device=a.device)
     fn = _compiled("varlen_k_gather" if gather_a else "varlen_k", a.dtype, out_dtype, native)
     out2d = out.view(E * out.shape[1], out.shape[2])
-    launch(fn, a.device, _aligned(a), _aligned(b), out2d, *_aux_arg(None, out2d), meta.gather_idx,
+    launch(fn, a.device, _aligned(a), _aligned(b), out2d, *_epi_args(out2d), meta.gather_idx,
            meta.expert_offsets, meta.expert_offsets, _grid_size(0, a.device))
     if transpose_out and not native:  # teaching kernels: the transposed copy with torch
         out = out.transpose(1, 2).contiguous()
@@ -426,6 +467,7 @@ __all__ = [
     "contiguous_grouped_gemm",
     "grouped_gemm_varlen_k",
     "gather_fused_grouped_gemm_swiglu",
+    "gather_fused_grouped_gemm_dswiglu",
     "compile_grouped_gemm",
     "set_kernel_config",
 ]

@@ -110,8 +110,9 @@ class GroupedGemmWS(GroupedGemmSm90):
     LAYOUT_OPTIONS = True
 
     @cute.jit
-    def __call__(self, a: cute.Tensor, b: cute.Tensor, out: cute.Tensor, aux: cute.Tensor, gather_idx: cute.Tensor,
-                 expert_offsets: cute.Tensor, tile_offsets: cute.Tensor, num_ctas: Int32, stream):
+    def __call__(self, a: cute.Tensor, b: cute.Tensor, out: cute.Tensor, epi_out: cute.Tensor, epi_in: cute.Tensor,
+                 row_in: cute.Tensor, row_out: cute.Tensor, gather_idx: cute.Tensor, expert_offsets: cute.Tensor,
+                 tile_offsets: cute.Tensor, num_ctas: Int32, stream):
         bm, bn, bk = self.tile
         tiled_mma, sA_layout, sB_layout = self.make_mma_and_smem_layouts(a, out)  # as GroupedGemmV1
         dtype = self.dtype
@@ -153,8 +154,8 @@ class GroupedGemmWS(GroupedGemmSm90):
         if const_expr(not self.varlen_k and not self.gather):
             tma_atom_a, tma_a = cpasync.make_tiled_tma_atom(
                 cpasync.CopyBulkTensorTileG2SOp(), a, cute.slice_(sA_layout, (None, None, 0)), (bm, bk))
-        self.kernel(a, b, tma_atom_a, tma_a, tma_atom_b, tma_b, out, aux, gather_idx, expert_offsets, tile_offsets,
-                    tiled_mma, sA_layout, sB_layout).launch(grid=(num_ctas, 1, 1), block=[PRODUCER_THREADS + CONSUMER_THREADS, 1, 1],
+        self.kernel(a, b, tma_atom_a, tma_a, tma_atom_b, tma_b, out, epi_out, epi_in, row_in, row_out, gather_idx,
+                    expert_offsets, tile_offsets, tiled_mma, sA_layout, sB_layout).launch(grid=(num_ctas, 1, 1), block=[PRODUCER_THREADS + CONSUMER_THREADS, 1, 1],
                                       stream=stream)
 
     @cute.jit
@@ -194,7 +195,7 @@ class GroupedGemmWS(GroupedGemmSm90):
 
     @cute.kernel
     def kernel(self, a: cute.Tensor, b: cute.Tensor, tma_atom_a, tma_a, tma_atom_b, tma_b, out: cute.Tensor,
-               aux: cute.Tensor,
+               epi_out: cute.Tensor, epi_in: cute.Tensor, row_in: cute.Tensor, row_out: cute.Tensor,
                gather_idx: cute.Tensor,
                expert_offsets: cute.Tensor, tile_offsets: cute.Tensor, tiled_mma: cute.TiledMma,
                sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout):
@@ -332,7 +333,8 @@ class GroupedGemmWS(GroupedGemmSm90):
                     self.epilogue_wg_transposed(acc, tCsC, out, sC, wg, ctid, expert * n_dim + n_start, m_start,
                                                 m_dim - m_start, n_dim - n_start)
                 else:
-                    self.epilogue_wg(acc, tCsC, tCcC, out, aux, sC, wg, ctid, out_row0, m_dim - m_start, n_start,
+                    epi = (epi_out, epi_in, row_in, row_out)
+                    self.epilogue_wg(acc, tCsC, tCcC, out, epi, sC, wg, ctid, out_row0, m_dim - m_start, n_start,
                                      n_dim - n_start)
 
     @cute.jit
@@ -357,14 +359,16 @@ class GroupedGemmWS(GroupedGemmSm90):
                     dst.fill(0)
 
     @cute.jit
-    def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, aux: cute.Tensor,
+    def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
                     sC: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32,
                     cols_left: Int32):
         """One MMA warpgroup stores its 64 rows: registers -> padded smem -> 16-byte masked global stores.
 
-        The epilogue *hook* of the production kernel: ``tCcC`` gives each accumulator's (row, col) in
-        the tile and ``aux`` is a second tensor an epilogue may write or read (unused here; see
-        ``SwiGLUEpilogue`` below). A fused epilogue is a subclass that overrides this method only."""
+        The epilogue *hook* of the production kernel. A fused epilogue is a subclass that overrides
+        this method only; it gets ``tCcC`` (each accumulator's (row, col) in the tile) and the
+        tensors ``epi = (epi_out, epi_in, row_in, row_out)``: a second 16-bit output, a 16-bit input
+        with the output's rows, an fp32 value per output row and an fp32 (rows, n-tiles) output
+        (placeholders when unused, as here; see ``SwiGLUEpilogue`` and ``DSwiGLUEpilogue``)."""
         bm, bn, _ = self.tile
         self.stage_tile(acc, tCsC, wg)
         self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
@@ -437,15 +441,15 @@ class SwiGLUEpilogue(GroupedGemmWS):
     up = odd column). A WGMMA accumulator fragment holds pairs of *adjacent* columns of one row in
     neighbouring registers, so every thread owns whole (gate, up) pairs: it can form
     A[r, j] = up * silu(gate) without talking to any other thread. The epilogue therefore
-    (1) stores H as usual (it is cached for the backward) and (2) writes A (P, n) -- the ``aux``
-    tensor -- from the same registers, staged through the same shared-memory buffer. A is computed
+    (1) stores H as usual (it is cached for the backward) and (2) writes A (P, n) -- ``epi_out``
+    -- from the same registers, staged through the same shared-memory buffer. A is computed
     from the *rounded* H values, exactly like ``moe_kernels.SwiGLUForward`` on the stored H, so the
     fused and unfused forwards agree bit for bit and the backward (which recomputes A from H)
     sees the same A. The separate SwiGLU pass, its re-read of H and its launch disappear.
     """
 
     @cute.jit
-    def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, aux: cute.Tensor,
+    def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
                     sC: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32,
                     cols_left: Int32):
         bm, bn, _ = self.tile
@@ -466,7 +470,96 @@ class SwiGLUEpilogue(GroupedGemmWS):
             u = acc[2 * i + 1].to(self.out_dtype).to(cutlass.Float32)
             sA[m - row_off, n // 2] = (u * (g * _sigmoid(g))).to(self.out_dtype)  # as SwiGLUForward
         cute.arch.barrier(barrier_id=wg, number_of_threads=128)
-        self.copy_out_rows(sA, a_cols, aux, out_row0, n_start // 2, rows_left, cols_left // 2, wg, ctid)
+        self.copy_out_rows(sA, a_cols, epi[0], out_row0, n_start // 2, rows_left, cols_left // 2, wg, ctid)
+
+
+
+PREFETCH = 16  # H loads in flight per thread in the dSwiGLU epilogue (16 x 8 bytes = 32 registers)
+
+
+class DSwiGLUEpilogue(GroupedGemmWS):
+    """The reduced-memory backward's dH kernel (paper Appendix C): one GEMM, everything else in its epilogue.
+
+    The GEMM is dA' = dO[token of row] @ W2^T (gathered dO, W2 read K-major, N = n). Instead of
+    storing dA', the epilogue takes each thread's accumulators (rounded to the 16-bit dtype, as the
+    unfused path stores dA') and, with H loaded for the same rows and the row's score s:
+
+    * recomputes A = up * silu(gate) from H (never cached), per (gate, up) pair;
+    * dS partial = sum over the tile's columns of dA' * A: the 4 lanes of a quad hold one row's
+      columns, so a 2-step shuffle finishes the tile's part; lane 0 writes it to
+      ``row_out[row, n_tile]`` (deterministic: the host sums the n-tiles in a fixed order);
+    * A' = s * A, the dW2 operand, is staged in shared memory and stored like any output (``out``);
+    * dH = dSwiGLU(H, s * dA') goes straight from registers to ``epi_out`` (P, 2n): a thread's two
+      neighbouring accumulator columns j, j+1 are H columns 2j .. 2j+3, one 8-byte load of H and
+      one 8-byte store of dH, and a quad covers a whole 32-byte sector.
+
+    The arithmetic is ``moe_kernels.SwiGLUBackward``'s, operation for operation, so dH and A'
+    equal the unfused pass's. Tensors: ``epi_in`` = H (P, 2n), ``row_in`` = the score of each
+    grouped row (P,) fp32, ``row_out`` = (P, ceil(n / tile_n)) fp32.
+    """
+
+    @cute.jit
+    def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
+                    sC: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32,
+                    cols_left: Int32):
+        dh, h, row_scores, ds_part = epi
+        bm, bn, _ = self.tile
+        row_off = (wg - 1) * (bm // 2)
+        dtype = self.out_dtype
+        one = cutlass.Float32(1.0)
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)  # previous tile's copy-out is done
+        # The accumulator fragment of a WGMMA (PTX layout): index i = v0 + 2 * v1 + 4 * q holds row
+        # r0 + 8 * v1 and column 8 * q + 2 * (lane % 4) + v0. So (i, i + 1) for even i are two
+        # neighbouring columns of one row, and v1 = (i // 2) % 2 tells which of the thread's 2 rows.
+        dots = cute.make_rmem_tensor((2,), cutlass.Float32)
+        dots.fill(0.0)
+        scores = cute.make_rmem_tensor((2,), cutlass.Float32)  # s of the thread's two rows
+        for v1 in cutlass.range_constexpr(2):
+            m, _ = tCcC[2 * v1]
+            scores[v1] = row_scores[out_row0 + m] if m < rows_left else cutlass.Float32(0.0)
+        # H is read in groups of PREFETCH pairs: all loads of a group are issued before any is used,
+        # so PREFETCH loads are in flight at once instead of one load latency per pair.
+        pairs = cute.size(acc) // 2
+        rh = cute.make_rmem_tensor(cute.make_layout((PREFETCH, 1, 4), stride=(4, 4, 1)), dtype)  # pairs contiguous  # gate_j, up_j, gate_j+1, up_j+1 per pair
+        for grp in cutlass.range_constexpr(pairs // PREFETCH):
+            for k in cutlass.range_constexpr(PREFETCH):  # phase 1: issue the group's loads
+                m, j = tCcC[2 * (grp * PREFETCH + k)]  # tile row, first of two tile columns (even)
+                if m < rows_left and j < cols_left:
+                    cute.autovec_copy(cute.local_tile(h, (1, 4), (out_row0 + m, (n_start + j) // 2)),
+                                      rh[k, None, None])
+            for k in cutlass.range_constexpr(PREFETCH):  # phase 2: the math, dH store, A' staging
+                p = grp * PREFETCH + k
+                i = 2 * p
+                m, j = tCcC[i]
+                if m < rows_left and j < cols_left:
+                    s = scores[p % 2]
+                    rdh = cute.make_rmem_tensor((1, 4), dtype)
+                    for v in cutlass.range_constexpr(2):
+                        g = rh[k, 0, 2 * v].to(cutlass.Float32)
+                        u = rh[k, 0, 2 * v + 1].to(cutlass.Float32)
+                        sig = _sigmoid(g)
+                        silu = g * sig
+                        act = u * silu  # A, recomputed from H
+                        grad = acc[i + v].to(dtype).to(cutlass.Float32)  # dA', rounded as when stored
+                        dots[p % 2] = dots[p % 2] + grad * act  # dS partial: <dA', A>
+                        grad = grad * s  # dA = s * dA'
+                        act = act * s  # A' = s * A
+                        rdh[0, 2 * v] = (grad * u * sig * (one + g * (one - sig))).to(dtype)
+                        rdh[0, 2 * v + 1] = (grad * silu).to(dtype)
+                        sC[m - row_off, j + v] = act.to(dtype)
+                    cute.autovec_copy(rdh, cute.local_tile(dh, (1, 4), (out_row0 + m, (n_start + j) // 2)))
+        # dS: finish each row's tile sum across its quad, one write per (row, n-tile).
+        lane = cute.arch.lane_idx()
+        for v1 in cutlass.range_constexpr(2):
+            d = dots[v1]
+            d = d + cute.arch.shuffle_sync_bfly(d, offset=1)
+            d = d + cute.arch.shuffle_sync_bfly(d, offset=2)
+            m, _ = tCcC[2 * v1]
+            if lane % 4 == 0 and m < rows_left:
+                ds_part[out_row0 + m, n_start // bn] = d
+        # A' = s * A: the staged tile goes out like any output tile.
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)
+        self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
 
 
 def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = 227 * 1024) -> int:

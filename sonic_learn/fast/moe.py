@@ -21,11 +21,12 @@ Two autograd Functions mirror the reference:
 * ``StandardExperts`` (the classic baseline): caches the gathered X, H and Y; dS = <dO, Y> in a
   separate pass over Y.
 
-Fusion: the reduced-memory forward runs SwiGLU in the up-projection GEMM's epilogue
-(``grouped_gemm.gather_fused_grouped_gemm_swiglu``: H and A stored from the same registers). Not
-fused yet (and what it costs is documented in ``moe_kernels``): the backward's dSwiGLU/dS pass is a
-standalone kernel after the dA' GEMM. The standard baseline keeps every pass separate, as the
-issue's "same GEMM kernel without fused epilogues" asks. No weight is ever copied
+Fusion (reduced-memory mode): the forward runs SwiGLU in the up-projection GEMM's epilogue
+(``grouped_gemm.gather_fused_grouped_gemm_swiglu``: H and A stored from the same registers), and
+the backward's dH kernel is one GEMM, dA' = dO W2^T, whose epilogue loads H and the row's score and
+produces dH, A' = s*A and dS = <dA', A> (``grouped_gemm.gather_fused_grouped_gemm_dswiglu``); dA'
+never reaches memory. The standard baseline keeps every pass separate (the standalone kernels of
+``moe_kernels``), as the issue's "same GEMM kernel without fused epilogues" asks. No weight is ever copied
 transposed: the backward's ``dY @ W2^T`` and ``dH @ W1^T`` read the stored weights K-major
 (``transpose_w=True``), and dW2 is written in W2's (E, n, d) orientation by the varlen-K GEMM's
 epilogue (``transpose_out=True``).
@@ -68,9 +69,9 @@ class ExpertOps:
     gather_gemm: object  # (x (T, K), w, meta, transpose_w) -> (P, N), rows x[gather_idx] @ w[e] (or w[e]^T)
     gather_gemm_swiglu: object  # (x (T, d), w1 (E, d, 2n), meta) -> (H (P, 2n), A = SwiGLU(H) (P, n))
     grouped_gemm: object  # (a (P, K), w, meta, transpose_w) -> (P, N), rows a[r] @ w[e] (or w[e]^T)
+    dh_gemm: object  # (dout (T, d), w2 (E, n, d), meta, H, row scores) -> (dH, A', dS in row order)
     varlen_k_gemm: object  # (a, b (P, N), meta, gather_a, transpose_out) -> (E, K, N) (or (E, N, K))
     swiglu: object  # H (P, 2n) -> A (P, n)
-    swiglu_backward_scaled: object  # (H, dA', scores, pair_of_row) -> (dH, A', dscores)
     swiglu_backward: object  # (H, dA) -> (dH, A)
     gather_scale_dot: object  # (dO, Y, scores, gather_idx, pair_of_row) -> (dY, dscores)
     gather_sum: object  # (rows, weights | None, row_of_pair, token_offsets) -> (T, d)
@@ -86,10 +87,11 @@ def _fast_ops() -> ExpertOps:
         gather_gemm_swiglu=lambda x, w, meta: gg.gather_fused_grouped_gemm_swiglu(x, w, meta, tile_m=GEMM_TILE_M),
         grouped_gemm=lambda a, w, meta, transpose_w=False: gg.contiguous_grouped_gemm(
             a, w, meta, tile_m=GEMM_TILE_M, transpose_w=transpose_w),
+        dh_gemm=lambda dout, w2, meta, h, row_scores: gg.gather_fused_grouped_gemm_dswiglu(
+            dout, w2, meta, h, row_scores, tile_m=GEMM_TILE_M),
         varlen_k_gemm=lambda a, b, meta, gather_a, transpose_out=False: gg.grouped_gemm_varlen_k(
             a, b, meta, gather_a=gather_a, transpose_out=transpose_out),
         swiglu=mk.swiglu,
-        swiglu_backward_scaled=mk.swiglu_backward_scaled,
         swiglu_backward=mk.swiglu_backward,
         gather_scale_dot=mk.gather_scale_dot,
         gather_sum=mk.gather_sum,
@@ -212,10 +214,12 @@ class ReducedMemoryExperts(torch.autograd.Function):
         ops = ctx.ops
         meta = _meta_from_saved(offsets, gather_idx, pair_of_row, row_of_pair, x.shape[0])
         dout = dout.contiguous()  # (T, d)
-        # Step 1: dA' = dO[token of row] @ W2^T, dO gathered inside the GEMM, W2 (E, n, d) read K-major.
-        da_prime = ops.gather_gemm(dout, w2, meta, True)  # (P, n)
-        # Step 2: the dSwiGLU pass: dS = <dA', A> (in pair order), A' = s*A, dH = dSwiGLU(H, s*dA').
-        dh, a_scaled, dscores = ops.swiglu_backward_scaled(h, da_prime, scores, pair_of_row)
+        # Steps 1+2, one kernel: dA' = dO[token of row] @ W2^T (dO gathered inside the GEMM, W2 (E, n, d)
+        # read K-major), and in its epilogue dS = <dA', A>, A' = s*A, dH = dSwiGLU(H, s*dA'); dA' is
+        # never stored.
+        row_scores = scores[pair_of_row.long()]  # (P,) the score of each grouped row
+        dh, a_scaled, ds_rows = ops.dh_gemm(dout, w2, meta, h, row_scores)  # (P, 2n), (P, n), (P,)
+        dscores = ds_rows[row_of_pair.long()]  # (P,) back to pair order
         # Step 3: dW2[e] = A'_e^T dO_e, computed as (dO_e^T A'_e)^T with dO gathered on K.
         dw2 = ops.varlen_k_gemm(dout, a_scaled, meta, True, True)  # (E, n, d), stored transposed
         # Step 4: dX~ = dH @ W1^T, then dX = unweighted gather-and-sum over each token's rows.
