@@ -1,4 +1,4 @@
-"""Benchmark: fast routing (CuTe-DSL metadata, boundary-only token rounding) vs the reference (issue 8).
+"""Benchmark: fast routing (CuTe-DSL metadata, boundary-only token rounding kernels) vs the reference (issue 8).
 
 Run on the GPU machine:  python benchmarks/routing.py [--out DIR] [--reps 30]
 
@@ -11,9 +11,13 @@ K = 8, tile_m = 128) and the router shapes of the paper's token-rounding experim
   inverse scatter, gather; no checks);
 * routing + metadata, top-k: fast ``topk_routing`` + ``build_metadata`` (no sync) vs the
   reference pair and a torch-op baseline (``torch.topk``, softmax, flatten, the lean metadata);
-* routing + metadata, token rounding (nearest; up and down at 7B): fast vs reference;
+* routing + metadata, token rounding (nearest; up and down at 7B): fast (the two CuTe
+  token-rounding kernels) vs the previous fast design timed in the same run (steps 2-4 as torch
+  ops: ``torch.topk`` with k < tile_m over (E, T) keys, cumsum, where; ``selection="torch"``) vs
+  the reference;
 * the host time of one fast ``build_metadata`` call (no sync per call);
-* the GPU kernel time per call (torch profiler: the sum of kernel times), for fast and reference.
+* the GPU kernel time per call (torch profiler: the sum of kernel times), for fast and reference,
+  and at the 7B shape the per-kernel breakdown of one fast token-rounding call.
   The wall times above include host launch gaps (the GPU idles while Python issues ~50 small torch
   ops); inside a layer the host runs ahead, so the kernel time is the cost to compare with the
   layer's forward time.
@@ -43,9 +47,7 @@ def timed(fn, reps: int) -> dict:
     return bench.measure(fn, device="cuda", warmup=3, reps=reps).as_dict()
 
 
-def kernel_us(fn, calls: int = 10) -> float:
-    """GPU kernel time of one call (sum of all CUDA kernel time, from the torch profiler): what
-    the routing costs on the GPU when the host runs ahead, as it does inside a layer."""
+def _profile(fn, calls: int):
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):
@@ -55,7 +57,21 @@ def kernel_us(fn, calls: int = 10) -> float:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / calls
+    return prof.key_averages()
+
+
+def kernel_us(fn, calls: int = 10) -> float:
+    """GPU kernel time of one call (sum of all CUDA kernel time, from the torch profiler): what
+    the routing costs on the GPU when the host runs ahead, as it does inside a layer."""
+    return sum(e.self_device_time_total for e in _profile(fn, calls)) / calls
+
+
+def kernel_breakdown(fn, calls: int = 10, top: int = 14) -> list[dict]:
+    """The largest GPU kernels of one call: name (shortened), microseconds and launches per call."""
+    rows = [e for e in _profile(fn, calls) if e.self_device_time_total > 0]
+    rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return [{"kernel": e.key[:90], "us_per_call": e.self_device_time_total / calls, "launches_per_call": e.count / calls}
+            for e in rows[:top]]
 
 
 def torch_ops_metadata(r: ref.Routing):
@@ -132,12 +148,21 @@ def bench_shape(T: int, E: int, K: int, reps: int, modes: tuple[str, ...]) -> di
             r = fast.token_rounding(logits, K, tile_m=TILE_M, mode=mode, check_finite=False)
             return fast.build_metadata(r, check_ids=False)
 
+        def torch_selection_tr(mode=mode):
+            r = fast._token_rounding(logits, K, TILE_M, mode, None, "softmax_topk", False, False, selection="torch")
+            return fast.build_metadata(r, check_ids=False)
+
         def ref_tr(mode=mode):
             return ref.build_metadata(ref.token_rounding(logits, K, tile_m=TILE_M, mode=mode))
 
+        row["agree"][f"token_rounding_{mode}_torch_selection"] = same_routing(
+            fast._token_rounding(logits, K, TILE_M, mode, None, "softmax_topk", False, False, selection="torch"), want)
         row["token_rounding_plus_metadata"][mode] = {
             "fast": timed(fast_tr, reps),
+            "fast_torch_selection": timed(torch_selection_tr, reps),
             "reference": timed(ref_tr, max(3, reps // 3)),
+            "fast_routing_only": timed(
+                lambda mode=mode: fast.token_rounding(logits, K, tile_m=TILE_M, mode=mode, check_finite=False), reps),
         }
 
     row["gpu_kernel_us_per_call"] = {
@@ -147,9 +172,15 @@ def bench_shape(T: int, E: int, K: int, reps: int, modes: tuple[str, ...]) -> di
         "topk_routing_plus_metadata_reference": kernel_us(lambda: ref.build_metadata(ref.topk_routing(logits, K))),
         "token_rounding_nearest_plus_metadata_fast": kernel_us(lambda: fast.build_metadata(
             fast.token_rounding(logits, K, tile_m=TILE_M, check_finite=False), check_ids=False)),
+        "token_rounding_nearest_plus_metadata_fast_torch_selection": kernel_us(lambda: fast.build_metadata(
+            fast._token_rounding(logits, K, TILE_M, "nearest", None, "softmax_topk", False, False, selection="torch"),
+            check_ids=False)),
         "token_rounding_nearest_plus_metadata_reference": kernel_us(lambda: ref.build_metadata(
             ref.token_rounding(logits, K, tile_m=TILE_M))),
     }
+    if (T, E, K) == SEVEN_B:
+        row["fast_token_rounding_nearest_kernels"] = kernel_breakdown(
+            lambda: fast.token_rounding(logits, K, tile_m=TILE_M, check_finite=False))
 
     def ratio(d: dict) -> dict:
         return {n: d[n]["median_ms"] / d["fast"]["median_ms"] for n in d if n != "fast" and "median_ms" in d[n]}
@@ -191,6 +222,8 @@ def main() -> None:
             print(f"  token_rounding[{mode:7s}]+meta  " + " | ".join(f"{n} {_ms(v)}" for n, v in d.items()), flush=True)
         print("  GPU kernel time per call (us): " + ", ".join(
             f"{n} {v:.1f}" for n, v in row["gpu_kernel_us_per_call"].items()), flush=True)
+        for k in row.get("fast_token_rounding_nearest_kernels", []):
+            print(f"    {k['us_per_call']:7.1f} us x{k['launches_per_call']:.0f}  {k['kernel']}", flush=True)
     host = host_overhead_us()
     print(f"host time of one fast build_metadata call: {host:.1f} us", flush=True)
     record = {
@@ -201,8 +234,13 @@ def main() -> None:
         "shapes": rows,
         "host_us_per_build_metadata_call": host,
         "notes": (
-            "fast = CuTe-DSL metadata kernels (+ CuTe bitonic top-k); token rounding's boundary "
-            "selection uses torch ops (torch.topk with k < tile_m, cumsum, nonzero). Reference = "
+            "fast = CuTe-DSL metadata kernels (+ CuTe bitonic top-k); token rounding: CuTe histogram "
+            "for f_e, then two CuTe kernels (BoundaryKeysKernel: (E, T) key rows with the pick bit and "
+            "the (T, E) pick mask; BoundarySelectKernel: rounding rule + per-expert radix select of "
+            "the |delta_e| boundary tokens + tie rule), the scores by the reference's torch formula, "
+            "torch nonzero (the one host sync) and gathers. fast_torch_selection = the previous "
+            "design (steps 2-4 as torch ops: torch.topk with k < tile_m over (E, T) keys, cumsum), "
+            "timed in the same run. Reference = "
             "sonic_learn.reference.routing (validates ids: one sync). Fraction of the layer "
             "forward: divide these absolute times (gpu_kernel_us_per_call when the host runs ahead) by "
             "the fast layer's forward time."

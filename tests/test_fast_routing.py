@@ -5,9 +5,13 @@
   edge counts (expert 0's token-choice count forced to 0, 1, tile-1, tile, tile+1 or an exact
   half). Every integer output must equal ``sonic_learn.reference.routing`` exactly, scores bit
   for bit (same formulas on the same indices), the kernels must be deterministic run to run, and
-  the reference's invariants of token rounding must hold.
+  the reference's invariants of token rounding must hold. Token rounding is checked both with its
+  two CuTe kernels and with the torch-op selection (the float64 path and the benchmark baseline).
 * CPU tests: the sync-free rounding rule equals the reference's ``round_counts`` (all modes, the
-  stochastic draw with the same seed), and bad input of every class is rejected before any launch.
+  stochastic draw with the same seed); a step-by-step CPU model of the token-rounding kernels
+  (key words with the pick bit, int64 rounding rule, four radix passes, the tie rule by rank)
+  and the float64 torch path give the reference's routing; bad input of every class is rejected
+  before any launch.
 
 Run on a Hopper GPU with ``HYPOTHESIS_PROFILE=gpu pytest -q tests/test_fast_routing.py``. Kernels are
 compiled once per expert bucket (a power of two >= E), so the drawn E come from a small set.
@@ -92,6 +96,8 @@ REALISTIC = [
     Case(T=100_000, E=64, K=8, tile_m=128, seed=2, dtype=torch.bfloat16, ties=True),
     Case(T=0, E=8, K=2, tile_m=128, seed=3),
     Case(T=5, E=1, K=1, tile_m=4, seed=4, dtype=torch.float64),
+    Case(T=4096, E=2048, K=8, tile_m=128, seed=5, dtype=torch.bfloat16, ties=True),  # E = MAX_EXPERTS, ties
+    Case(T=70_000, E=3, K=1, tile_m=64, seed=6, dtype=torch.float16, ties=True),  # long rows, many sub-blocks
 ]
 
 
@@ -202,6 +208,9 @@ def test_topk_routing_matches_reference(c: Case):
 @example(c=REALISTIC[2], mode="stochastic")
 @example(c=REALISTIC[3], mode="up")
 @example(c=REALISTIC[4], mode="up")
+@example(c=REALISTIC[5], mode="down")
+@example(c=REALISTIC[6], mode="up")
+@example(c=REALISTIC[6], mode="stochastic")
 def test_token_rounding_matches_reference_and_invariants(c: Case, mode: str):
     logits = make_logits(c)
     kw = dict(tile_m=c.tile_m, mode=mode, scoring=c.scoring, normalize=c.normalize)
@@ -214,6 +223,9 @@ def test_token_rounding_matches_reference_and_invariants(c: Case, mode: str):
     assert_same_routing(got, want)
     again = fast.token_rounding(logits, c.K, generator=gen(), check_finite=False, **kw)
     assert_same_routing(again, got)  # deterministic; stochastic: the same seed gives the same routing
+    torch_selection = fast._token_rounding(logits, c.K, c.tile_m, mode, gen(), c.scoring, c.normalize, False,
+                                           selection="torch")  # the benchmark's in-run baseline
+    assert_same_routing(torch_selection, want)
 
     # The reference's invariants, on the fast result.
     tc = fast.topk_routing(logits, c.K, scoring=c.scoring, normalize=c.normalize)
@@ -270,6 +282,117 @@ def test_fallback_token_choice_equals_reference_radix_select(T, E, K, dtype, tie
         assume(dtype == torch.float64)  # keep the CPU test on the fallback
     assert not fast._bitonic_supported(logits, k)
     assert torch.equal(fast._token_choice_experts(logits, k), ref_topk.radix_topk(logits, k)[1])
+
+
+def select_kernel_model(scores: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, uniform, mode: str,
+                        tile_m: int) -> torch.Tensor:
+    """Step by step what BoundaryKeysKernel + BoundarySelectKernel compute, in plain torch/Python:
+    the key words with the pick bit, the int64 rounding rule, four 8-bit radix passes finding the
+    need-th largest key and the tie rule by rank in token order. Returns the (T, E) bool keep mask.
+    (A model of the kernels' algorithm, checked against the reference on the CPU; the GPU tests
+    check the kernels themselves.)"""
+    T, E = scores.shape
+    picked = torch.zeros(T, E, dtype=torch.bool).scatter_(1, experts.long(), True)  # (T, E)
+    bits = scores.contiguous().view(torch.int32)  # (T, E) float32 bits
+    words = torch.where(picked, bits | fast.PICK_BIT, bits).t().long()  # (E, T) the keys kernel's output
+    keep = picked.clone()
+    for e in range(E):
+        f = int(counts[e])
+        floor_f = f // tile_m * tile_m
+        rem = f - floor_f
+        ceil_f = floor_f + (tile_m if rem > 0 else 0)
+        go_up = {"down": False, "up": rem > 0, "nearest": 2 * rem > tile_m}.get(mode)
+        if go_up is None:
+            go_up = float(uniform[e]) * float(tile_m) < float(rem)
+        delta = min(ceil_f if go_up else floor_f, T) - f
+        if delta == 0:
+            continue
+        up, need = delta > 0, abs(delta)
+        w = words[e] & 0xFFFFFFFF  # unsigned view of the int32 word
+        is_pick = w >= 2**31
+        if up:
+            key = torch.where(is_pick, -1, w)
+        else:
+            key = torch.where(is_pick, 0x7FFFFFFF - (w & 0x7FFFFFFF), -1)
+        prefix = decided = ties = 0
+        for p in range(4):
+            shift = 24 - 8 * p
+            match = (key >= 0) & ((key & decided) == prefix)
+            hist = torch.bincount((key[match] >> shift) & 255, minlength=256).tolist()
+            above, found = 0, None
+            for b in range(255, -1, -1):
+                if above < need <= above + hist[b]:
+                    found = (b, above, hist[b])
+                    break
+                above += hist[b]
+            assert found is not None, "the need-th key must exist"
+            prefix |= found[0] << shift
+            decided |= 255 << shift
+            need -= found[1]
+            ties = found[2]
+        thr = prefix
+        tied = key == thr
+        rank = torch.cumsum(tied.long(), 0) - tied.long()  # tied keys at lower tokens
+        first = 0 if up else ties - need
+        take = (key > thr) | (tied & (rank >= first) & (rank < first + need))
+        assert int(take.sum()) == abs(delta)
+        keep[take, e] = up
+    return keep
+
+
+@given(T=st.integers(0, 300), E=st.sampled_from([1, 2, 3, 8, 13, 64]), K=st.sampled_from(K_CHOICES),
+       tile_m=st.sampled_from([1, 2, 3, 16, 64, 128]), mode=st.sampled_from(ref.ROUNDING_MODES),
+       scoring=st.sampled_from(SCORING_CONFIGS), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       ties=st.booleans(), forced=st.none() | st.integers(0, 300), seed=st.integers(0, 2**31 - 1))
+@example(T=200, E=8, K=2, tile_m=16, mode="down", scoring=("softmax_topk", False), dtype=torch.float32, ties=True,
+         forced=None, seed=0)
+@example(T=200, E=8, K=2, tile_m=16, mode="up", scoring=("topk_softmax", False), dtype=torch.bfloat16, ties=True,
+         forced=None, seed=1)
+@example(T=150, E=8, K=2, tile_m=64, mode="up", scoring=("softmax_topk", False), dtype=torch.float32, ties=False,
+         forced=3, seed=2)  # scores that underflow to 0.0: a large tie group
+def test_select_kernel_algorithm_equals_reference_on_cpu(T, E, K, tile_m, mode, scoring, dtype, ties, forced, seed):
+    """The two token-rounding kernels' algorithm (as a CPU model) gives the reference's routing."""
+    K = min(K, E)
+    g = torch.Generator().manual_seed(seed)
+    if ties:
+        logits = torch.randint(-2, 3, (T, E), generator=g).float()  # (T, E) many exact ties
+    else:
+        logits = torch.randn(T, E, generator=g) * 2  # (T, E)
+    if forced is not None and E > K:
+        logits[:, 0] = -100.0
+        logits[: min(forced, T), 0] = 100.0
+    logits = logits.to(dtype)
+    scoring, normalize = scoring
+    want = ref.token_rounding(logits, K, tile_m=tile_m, mode=mode, scoring=scoring, normalize=normalize,
+                              generator=torch.Generator().manual_seed(seed + 1))
+    tc = ref.topk_routing(logits, K, scoring=scoring, normalize=normalize)
+    experts, tc_scores = tc.expert_idx.long().view(T, K), tc.scores.view(T, K)
+    counts = torch.bincount(experts.reshape(-1), minlength=E)
+    uniform = torch.rand(E, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    scores = ref._scores_for_all_experts(logits, experts, tc_scores, scoring, normalize)  # (T, E) float32
+    assert bool((scores >= 0).all()) and not bool(torch.signbit(scores).any()), "bit 31 is free for the pick flag"
+    keep = select_kernel_model(scores, experts, counts, uniform, mode, tile_m)
+    token_idx, expert_idx = keep.nonzero(as_tuple=True)
+    assert torch.equal(token_idx.int(), want.token_idx) and torch.equal(expert_idx.int(), want.expert_idx)
+
+
+@given(T=st.integers(0, 200), E=st.sampled_from([1, 3, 8, 64]), K=st.sampled_from(K_CHOICES),
+       tile_m=st.sampled_from([1, 2, 16, 128]), mode=st.sampled_from(ref.ROUNDING_MODES), ties=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_float64_torch_path_equals_reference_on_cpu(T, E, K, tile_m, mode, ties, seed):
+    """Float64 scores skip the kernels: the torch-op selection (runs on the CPU) is the reference's."""
+    K = min(K, E)
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randint(-2, 3, (T, E), generator=g) if ties else torch.randn(T, E, generator=g)).double()
+    want = ref.token_rounding(logits, K, tile_m=tile_m, mode=mode, generator=torch.Generator().manual_seed(seed))
+    tc = ref.topk_routing(logits, K)
+    experts, tc_scores = tc.expert_idx.long().view(T, K), tc.scores.view(T, K)
+    counts = torch.bincount(experts.reshape(-1), minlength=E)
+    uniform = torch.rand(E, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    scores = ref._scores_for_all_experts(logits, experts, tc_scores, "softmax_topk", False)  # (T, E) float64
+    keep = fast._boundary_keep_torch(scores, experts, counts, uniform, mode, tile_m)
+    token_idx, expert_idx = keep.nonzero(as_tuple=True)
+    assert torch.equal(token_idx.int(), want.token_idx) and torch.equal(expert_idx.int(), want.expert_idx)
 
 
 def _routing(device="cpu", **over):

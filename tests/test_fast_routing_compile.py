@@ -4,7 +4,11 @@ CI has no GPU, so this is where a kernel that stops compiling is caught. Each ca
 kernels from fake tensors (all lengths symbolic) exactly as ``sonic_learn.fast.routing`` does at
 run time and checks the PTX: the target is sm_90a, nothing spills to local memory, the histogram
 uses shared-memory atomics, the scans use warp shuffles, and the stable scatter is built on
-``match.any.sync`` (the counts-only variant used by token rounding has no scatter kernel).
+``match.any.sync`` (the counts-only variant used by token rounding has no scatter kernel). The
+two token-rounding kernels (key rows, boundary select) compile with all of T, E, K symbolic: the
+keys kernel stages its tile in shared memory between two barriers, the select kernel builds its
+radix histograms with shared-memory atomics, ranks ties with warp ballots and does the rounding
+rule's integer division in 64 bits.
 """
 
 from __future__ import annotations
@@ -63,3 +67,22 @@ def test_tiling_covers_every_pair_with_bounded_tiles():
 
 def test_expert_bucket():
     assert [routing._expert_bucket(e) for e in (1, 32, 33, 128, 129, 2048)] == [32, 32, 64, 128, 256, 2048]
+
+
+def test_token_rounding_kernels_compile_for_sm90a(tmp_path):
+    keys, select = routing.compile_token_rounding_kernels(extra_options=f"--keep-ptx --dump-dir={tmp_path}")
+    for compiled, name in ((keys, "BoundaryKeysKernel"), (select, "BoundarySelectKernel")):
+        ptx = compiled.__ptx__
+        assert re.search(r"^\.target sm_90a\b", ptx, re.MULTILINE), "PTX must target sm_90a"
+        assert ".local" not in ptx, f"{name} spills registers to local memory"
+        entries = _entries(ptx)
+        assert len(entries) == 1 and name in entries[0], entries
+        assert re.search(r"\bbar(rier)?\.sync", ptx), f"{name} synchronizes the CTA"
+    keys_ptx, select_ptx = keys.__ptx__, select.__ptx__
+    assert "ld.shared" in keys_ptx and "st.shared" in keys_ptx, "the keys kernel transposes through shared memory"
+    assert re.search(r"st\.global(\.\w+)*\.[bu]8", keys_ptx), "the keys kernel writes the uint8 pick mask"
+    assert re.search(r"atom\.shared[.\w]*\.add", select_ptx), "the radix histograms use shared-memory atomics"
+    assert "vote.sync.ballot" in select_ptx, "tie ranks come from warp ballots"
+    assert re.search(r"div\.s64", select_ptx), "the rounding rule divides in int64"
+    assert re.search(r"st\.global(\.\w+)*\.[bu]8", select_ptx), "the select kernel flips uint8 keep entries"
+    assert "f64" in select_ptx, "the stochastic rule compares u_e * tile_m in float64"

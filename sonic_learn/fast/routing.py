@@ -25,25 +25,44 @@ E and P are known on the host from the shapes, so every buffer is allocated with
 device. The kernels are compiled once per *expert bucket* (the next power of two >= E, at least
 32; it only sizes the shared-memory counters) with all lengths dynamic.
 
-**Token rounding (Algorithm 4) without sorting the (T, E) score matrix.**
+**Token rounding (Algorithm 4) without sorting the (T, E) score matrix: two CuTe kernels.**
 The reference ranks all T tokens of every expert (two stable sorts of a (T, E) matrix). But only
 an expert's *last tile* changes: with f_e token-choice picks and the rounded count ``rounded_e``,
 
 * ``rounded_e < f_e`` (rounded down): expert e keeps all but its ``d_e = f_e - rounded_e`` worst
-  picks (d_e < tile_m): a selection of the d_e lowest-ranked picks of column e;
+  picks (d_e < tile_m);
 * ``rounded_e > f_e`` (rounded up): expert e keeps all its picks plus the ``r_e = rounded_e - f_e``
-  best non-picked tokens (r_e < tile_m): a top-r_e selection over the column's other scores.
+  best non-picked tokens (r_e < tile_m).
 
-Both are "the r best of a column" for some r < tile_m (for ``down`` the keys are the negated pick
-scores). The keys are laid out (E, T), one row per expert, so every pass runs along contiguous
-memory. One batched ``torch.topk`` with k = min(tile_m - 1, T) gives, per expert, the r-th best key
-(a *threshold*); a key above the threshold is selected, and among keys equal to
-it the tie rule of the reference decides (the lower token ranks higher, so ``up`` takes the lowest
-tokens among equals and ``down`` drops the highest). No column is sorted: the work is one partial
-selection with k < tile_m (topk orders only those k winners) plus elementwise passes over (T, E). **Honest note:** this selection
-step uses torch ops (``torch.topk``, ``cumsum``, ``nonzero``), not a CuTe kernel; the token-choice
-top-k uses the CuTe bitonic kernel (``sonic_learn.fast.topk``) and the counts use the CuTe
-histogram above. ``nonzero`` (sizing the output: P is data dependent) is the one host sync.
+Both are "the r best of one expert's candidates" for some r < tile_m, with the key = the score
+(up, candidates = non-picks) or the negated score (down, candidates = picks). So per expert we
+only need the r-th best key (a *threshold*) and the tie rule at it, never a sorted column:
+
+1. ``BoundaryKeysKernel`` turns the (T, E) scores into one contiguous row of *key words* per
+   expert, ``keys[e, t]`` (E, T) int32: the float32 bits of ``scores[t, e]`` with bit 31 set at the
+   token-choice picks (scores are >= +0.0, so bit 31 is free and the other bits order like the
+   scores). It moves 32 x 32 tiles through shared memory, so reads and writes stay coalesced, and
+   also writes the (T, E) uint8 pick mask ``keep``.
+2. ``BoundarySelectKernel``, one CTA per expert: the rounding rule (``round_counts``'s integer
+   math; the stochastic uniforms are drawn by torch exactly as the reference draws them) gives
+   delta_e; then a **radix select** over the row finds the |delta_e|-th largest selection key,
+   8 bits per pass (4 passes of a shared-memory histogram over the row, each keeping only the
+   keys that match the digits fixed so far), and a final pass in token order flips ``keep`` for
+   every key above the threshold and for the right tokens among those equal to it: the lowest
+   tokens for up (a lower token ranks higher in the reference), the highest for down (the
+   highest token ranks lowest). Tie ranks come from warp ballots plus per-warp totals; the scan is
+   skipped when every tied key is taken (the usual case with distinct scores). An expert with
+   delta_e = 0 exits at once; the others store at most tile_m - 1 bytes.
+
+Cost: every pass reads one row of T keys (L2-resident), so the selection is O(T) per expert with
+no sort and no (T, E)-wide temporaries besides the keys and the mask. What stays torch: the
+scores themselves (the reference's formula, so the compared floats are bit-identical and the
+output stays differentiable: a cast, ``logsumexp``, ``exp``, ``scatter``), the stochastic draw,
+and ``nonzero`` on the (T, E) mask for the token-sorted triples (it also sizes the output: P is
+data dependent, so this is the one host sync that remains) plus two int32 casts and the score
+gather. Float64 logits give float64 scores, which do not fit the 32-bit key words: they take a
+torch-op selection (``torch.topk`` with k = min(tile_m - 1, T) over (E, T) keys for the
+threshold, ``cumsum`` for the tie ranks), the design this module used before the kernels.
 
 **Exact agreement with the reference.** The expert indices are integers (the bitonic kernel and the
 reference's radix select agree exactly, ties to the lower expert). The scores are computed from
@@ -66,11 +85,11 @@ from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, Routing, Rou
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
-from cutlass import Int32, Uint32, const_expr  # noqa: E402
+from cutlass import Float64, Int32, Int64, Uint8, Uint32, const_expr  # noqa: E402
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
 
 from sonic_learn.fast import topk as _fast_topk  # noqa: E402
-from sonic_learn.fast.topk import _warp_exclusive_sum  # noqa: E402  (shared warp-scan helper)
+from sonic_learn.fast.topk import _warp_exclusive_sum, _warp_suffix_sum  # noqa: E402  (shared warp scans)
 
 __all__ = [
     "Routing",
@@ -80,6 +99,7 @@ __all__ = [
     "round_counts",
     "token_rounding",
     "compile_metadata_kernel",
+    "compile_token_rounding_kernels",
     "MAX_EXPERTS",
 ]
 
@@ -372,6 +392,335 @@ def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, n
 
 
 # ---------------------------------------------------------------------------------------------
+# Token rounding kernels (Algorithm 4, steps 2-4): keys per expert row, then a boundary select
+# ---------------------------------------------------------------------------------------------
+PACK_TILE = 32  # the pack kernel moves 32 tokens x 32 experts per CTA through shared memory
+PACK_WARPS = 8
+SELECT_WARPS = 16
+SELECT_THREADS = 32 * SELECT_WARPS
+SELECT_UNROLL = 8  # keys a thread loads before using them (hides the load latency)
+RADIX_BITS = 8
+RADIX_BINS = 1 << RADIX_BITS
+ROUNDING_CODES = {"down": 0, "up": 1, "nearest": 2, "stochastic": 3}  # the select kernel's `mode`
+PICK_BIT = -(2**31)  # bit 31 of a key word (as int32): set = a token-choice pick
+
+
+class BoundaryKeysKernel:
+    """Step 3 of the fast token rounding: per-expert rows of keys, and the token-choice mask.
+
+    Reads the (T, E) score matrix (float32 bits) and the (T, K) token-choice experts; writes
+
+    * ``keys`` (E, T) int32: ``keys[e, t]`` = the bits of ``scores[t, e]`` with bit 31 set when
+      (t, e) is a token-choice pick. Scores are >= +0.0, so bit 31 is free and the other 31 bits
+      order like the scores;
+    * ``keep`` (T, E) uint8: 1 at the picks (the select kernel then flips the boundary pairs).
+
+    One CTA moves a 32 x 32 tile through shared memory (padded rows: no bank conflicts), so both
+    the (T, E) read and the (E, T) write touch whole 128-byte lines.
+    """
+
+    @cute.jit
+    def __call__(self, mScores: cute.Tensor, mExperts: cute.Tensor, mKeys: cute.Tensor, mKeep: cute.Tensor, stream):
+        grid = [cute.ceil_div(mScores.shape[0], PACK_TILE), cute.ceil_div(mScores.shape[1], PACK_TILE), 1]
+        self.kernel(mScores, mExperts, mKeys, mKeep).launch(grid=grid, block=[32 * PACK_WARPS, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(
+        self,
+        mScores: cute.Tensor,  # (T, E) int32: float32 bits of the scores
+        mExperts: cute.Tensor,  # (T, K) int32: token-choice experts
+        mKeys: cute.Tensor,  # (E, T) int32 out
+        mKeep: cute.Tensor,  # (T, E) uint8 out
+    ):
+        tidx, _, _ = cute.arch.thread_idx()
+        bx, by, _ = cute.arch.block_idx()
+        lane = cute.arch.lane_idx()
+        warp = tidx // 32
+        T, E = mScores.shape[0], mScores.shape[1]
+        K = mExperts.shape[1]
+        t0 = bx * PACK_TILE
+        e0 = by * PACK_TILE
+
+        smem = cutlass.memory.SmemAllocator()
+        # tile[i, j] = word of (token t0 + i, expert e0 + j); rows padded to 33 words
+        tile = smem.allocate_tensor(Int32, cute.make_layout((PACK_TILE, PACK_TILE), stride=(PACK_TILE + 1, 1)),
+                                    byte_alignment=16)
+
+        # (a) scores in, row by row: lane j reads expert e0 + j (coalesced along E).
+        for m in cutlass.range_constexpr(PACK_TILE // PACK_WARPS):
+            i = warp + m * PACK_WARPS
+            t = t0 + i
+            e = e0 + lane
+            word = Int32(0)
+            if t < T and e < E:
+                word = mScores[t, e]
+            tile[i, lane] = word
+        cute.arch.sync_threads()
+
+        # (b) mark the picks of these 32 tokens that fall into these 32 experts (distinct per token).
+        for idx in cutlass.range(tidx, PACK_TILE * K, 32 * PACK_WARPS):
+            i = idx // K
+            t = t0 + i
+            if t < T:
+                j = mExperts[t, idx - i * K] - e0
+                if j >= 0 and j < PACK_TILE:
+                    tile[i, j] = tile[i, j] | Int32(PICK_BIT)
+        cute.arch.sync_threads()
+
+        # (c) keys out, one expert row at a time: lane i writes token t0 + i (coalesced along T).
+        for m in cutlass.range_constexpr(PACK_TILE // PACK_WARPS):
+            j = warp + m * PACK_WARPS
+            t = t0 + lane
+            e = e0 + j
+            if t < T and e < E:
+                mKeys[e, t] = tile[lane, j]
+        # (d) the pick mask, in the (T, E) layout of (a).
+        for m in cutlass.range_constexpr(PACK_TILE // PACK_WARPS):
+            i = warp + m * PACK_WARPS
+            t = t0 + i
+            e = e0 + lane
+            if t < T and e < E:
+                mKeep[t, e] = Uint8((tile[i, lane] >> 31) & 1)
+
+
+class BoundarySelectKernel:
+    """Steps 2 and 4 of the fast token rounding: one CTA per expert e.
+
+    1. The rounding rule of ``reference.routing.round_counts`` (integer math; the stochastic
+       draw ``u_e`` comes in from torch) gives ``rounded_e`` and ``delta_e = rounded_e - f_e``.
+       ``delta_e == 0``: the CTA is done.
+    2. Candidates and selection keys (larger = taken first), from the key row ``keys[e, :]``:
+       up (delta_e > 0): the non-picks, key = score bits; down (delta_e < 0): the picks,
+       key = 0x7FFFFFFF - score bits (the worst pick is dropped first). Keys are 31-bit, >= 0.
+    3. Radix select of the r = |delta_e|-th largest key: four 8-bit digit passes over the row,
+       each a shared-memory histogram of the keys matching the digits fixed so far (lanes with
+       the same digit add their count with one atomic, found with ``match.any``); warp 0
+       finds the bin holding the r-th key. After the passes ``thr`` is that key exactly,
+       ``need`` of the keys equal to it are taken and ``ties`` is how many equal it.
+    4. Collect, in token order: every key > thr, and among keys == thr the reference's tie rule:
+       the ``need`` lowest tokens (up: a lower token ranks higher) or the ``need`` highest
+       (down: the highest token ranks lowest). Ranks among ties come from a block scan
+       (warp ballots + per-warp totals); when every tie is taken (ties == need, the usual
+       case) the scan is skipped. Each taken token flips ``keep[t, e]`` (up: 0 -> 1, down:
+       1 -> 0): at most |delta_e| < tile_m byte stores per expert.
+    """
+
+    @cute.jit
+    def __call__(self, mKeys: cute.Tensor, mCounts: cute.Tensor, mUniform: cute.Tensor, mKeep: cute.Tensor,
+                 mode: Int32, tile_m: Int64, stream):
+        self.kernel(mKeys, mCounts, mUniform, mKeep, mode, tile_m).launch(
+            grid=[mKeys.shape[0], 1, 1], block=[SELECT_THREADS, 1, 1], stream=stream
+        )
+
+    @cute.jit
+    def _load_keys(self, mKeys: cute.Tensor, e: Int32, base: Int32, tidx: Int32, up: Int32):
+        """Selection keys of tokens base + u * SELECT_THREADS + tidx (u < SELECT_UNROLL); -1 for a
+        non-candidate or past the end."""
+        T = mKeys.shape[1]
+        keys = cute.make_rmem_tensor(SELECT_UNROLL, Int32)
+        for u in cutlass.range_constexpr(SELECT_UNROLL):
+            t = base + u * SELECT_THREADS + tidx
+            key = Int32(-1)
+            if t < T:
+                word = mKeys[e, t]
+                if up != 0:
+                    if word >= 0:  # not a pick
+                        key = word
+                else:
+                    if word < 0:  # a pick: invert its score so the worst ranks first
+                        key = Int32(0x7FFFFFFF) - (word & Int32(0x7FFFFFFF))
+            keys[u] = key
+        return keys
+
+    @cute.kernel
+    def kernel(
+        self,
+        mKeys: cute.Tensor,  # (E, T) int32 key words (BoundaryKeysKernel)
+        mCounts: cute.Tensor,  # (E,) int32 f_e
+        mUniform: cute.Tensor,  # (E,) float64 u_e (read only when mode is stochastic)
+        mKeep: cute.Tensor,  # (T, E) uint8 in/out: the picks, then the kept pairs
+        mode: Int32,
+        tile_m: Int64,
+    ):
+        tidx, _, _ = cute.arch.thread_idx()
+        e, _, _ = cute.arch.block_idx()
+        lane = cute.arch.lane_idx()
+        warp = tidx // 32
+        T = mKeys.shape[1]
+
+        smem = cutlass.memory.SmemAllocator()
+        hist = smem.allocate_tensor(Int32, cute.make_layout(RADIX_BINS), byte_alignment=16)
+        warp_ties = smem.allocate_tensor(Int32, cute.make_layout(SELECT_WARPS), byte_alignment=16)
+        found = smem.allocate_tensor(Int32, cute.make_layout(4), byte_alignment=16)  # digit, above, in bin
+
+        # 1. The rounding rule (reference _round_counts_rule), in int64 like the reference.
+        f = Int64(mCounts[e])
+        floor_f = (f // tile_m) * tile_m
+        rem = f - floor_f
+        ceil_f = floor_f
+        if rem > Int64(0):
+            ceil_f = floor_f + tile_m
+        go_up = Int32(0)
+        if mode == ROUNDING_CODES["up"]:
+            if rem > Int64(0):
+                go_up = Int32(1)
+        if mode == ROUNDING_CODES["nearest"]:
+            if rem * Int64(2) > tile_m:  # strict: exact halves round down
+                go_up = Int32(1)
+        if mode == ROUNDING_CODES["stochastic"]:
+            if mUniform[e] * Float64(tile_m) < Float64(rem):
+                go_up = Int32(1)
+        rounded = floor_f
+        if go_up != 0:
+            rounded = ceil_f
+        if rounded > Int64(T):
+            rounded = Int64(T)  # an expert cannot take more than T tokens
+        delta = Int32(rounded - f)  # |delta| < tile_m
+
+        if delta != 0:  # uniform over the CTA
+            up = Int32(0)
+            need = -delta
+            if delta > 0:
+                up = Int32(1)
+                need = delta
+            step = SELECT_THREADS * SELECT_UNROLL
+            below = cute.arch.lanemask_lt()
+
+            # 3. Radix select: fix the key of the need-th largest, 8 bits per pass.
+            prefix = Int32(0)
+            decided = Int32(0)
+            ties = Int32(0)
+            for p in cutlass.range_constexpr(32 // RADIX_BITS):
+                shift = 32 - RADIX_BITS * (p + 1)
+                if tidx < RADIX_BINS:
+                    hist[tidx] = Int32(0)
+                cute.arch.sync_threads()
+                for base in cutlass.range(0, T, step):
+                    keys = self._load_keys(mKeys, e, base, tidx, up)
+                    for u in cutlass.range_constexpr(SELECT_UNROLL):
+                        key = keys[u]
+                        digit = Int32(-1)  # -1: not counted in this pass
+                        if key >= 0 and (key & decided) == prefix:
+                            digit = (key >> shift) & Int32(RADIX_BINS - 1)
+                        # Scores crowd into few bins (the top digit is mostly the exponent): one
+                        # atomic per distinct digit of the warp, by its lowest lane, adding the
+                        # group's size (match.any), instead of up to 32 colliding atomics.
+                        peers = cute.arch.match_sync(FULL_MASK, digit)
+                        if digit >= 0 and (peers & below) == Uint32(0):
+                            cute.arch.atomic_add((hist.iterator + digit).llvm_ptr, Int32(cute.arch.popc(peers)))
+                cute.arch.sync_threads()
+                if warp == 0:
+                    # lane l owns bins 8l..8l+7; keys in higher bins = higher lanes, then higher bins
+                    per_lane = RADIX_BINS // 32
+                    counts = cute.make_rmem_tensor(per_lane, Int32)
+                    lane_total = Int32(0)
+                    for b in cutlass.range_constexpr(per_lane):
+                        counts[b] = hist[lane * per_lane + b]
+                        lane_total = lane_total + counts[b]
+                    above = _warp_suffix_sum(lane_total, lane) - lane_total
+                    for b in cutlass.range_constexpr(per_lane - 1, -1, -1):
+                        if above < need and above + counts[b] >= need:  # exactly one (lane, bin)
+                            found[0] = lane * per_lane + b
+                            found[1] = above
+                            found[2] = counts[b]
+                        above = above + counts[b]
+                cute.arch.sync_threads()
+                prefix = prefix | (found[0] << shift)
+                decided = decided | (Int32(RADIX_BINS - 1) << shift)
+                need = need - found[1]
+                ties = found[2]
+            thr = prefix  # need (>= 1) of the `ties` keys equal to thr are taken
+            keep_value = Uint8(up)  # up adds a pair (0 -> 1), down removes one (1 -> 0)
+
+            # 4. Collect in token order.
+            if ties == need:  # every key >= thr is taken: no ranks needed
+                for base in cutlass.range(0, T, step):
+                    keys = self._load_keys(mKeys, e, base, tidx, up)
+                    for u in cutlass.range_constexpr(SELECT_UNROLL):
+                        if keys[u] >= thr:
+                            mKeep[base + u * SELECT_THREADS + tidx, e] = keep_value
+            else:
+                first = Int32(0)  # up: the lowest `need` tied tokens; down: the highest `need`
+                if up == 0:
+                    first = ties - need
+                seen = Int32(0)  # tied keys in earlier sub-blocks
+                for base in cutlass.range(0, T, step):
+                    keys = self._load_keys(mKeys, e, base, tidx, up)
+                    for u in cutlass.range_constexpr(SELECT_UNROLL):
+                        key = keys[u]
+                        tied = cute.arch.vote_ballot_sync(key == thr)
+                        if lane == 0:
+                            warp_ties[warp] = Int32(cute.arch.popc(tied))
+                        cute.arch.sync_threads()
+                        rank = seen + Int32(cute.arch.popc(Uint32(tied) & below))
+                        for w in cutlass.range_constexpr(SELECT_WARPS):
+                            n_w = warp_ties[w]
+                            if w < warp:
+                                rank = rank + n_w
+                            seen = seen + n_w
+                        take = Int32(0)
+                        if key > thr:
+                            take = Int32(1)
+                        if key == thr:
+                            if rank >= first and rank < first + need:
+                                take = Int32(1)
+                        if take != 0:
+                            mKeep[base + u * SELECT_THREADS + tidx, e] = keep_value
+                        cute.arch.sync_threads()  # warp_ties is rewritten by the next sub-block
+
+
+def compile_token_rounding_kernels(*, extra_options: str = ""):
+    """Compile the two token-rounding kernels for sm_90a from fake tensors (no GPU needed); not cached.
+
+    T, E, K (and the length of the uniform draws) are symbolic: one compile serves every shape.
+    Returns the TVM-FFI callables ``(keys(scores_bits, experts, keys, keep),
+    select(keys, counts, uniform, keep, mode, tile_m))``.
+    """
+    T, E, K, U = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
+
+    def mat(dtype, rows, cols, align):
+        return make_fake_compact_tensor(dtype, (rows, cols), stride_order=(1, 0), assumed_align=align)
+
+    opts = compile_options(extra=extra_options)
+    stream = make_fake_stream(use_tvm_ffi_env_stream=True)
+    keys = cute.compile(BoundaryKeysKernel(), mat(Int32, T, E, 4), mat(Int32, T, K, 4), mat(Int32, E, T, 4),
+                        mat(Uint8, T, E, 1), stream, options=opts)
+    select = cute.compile(
+        BoundarySelectKernel(), mat(Int32, E, T, 4), make_fake_compact_tensor(Int32, (E,), assumed_align=4),
+        make_fake_compact_tensor(Float64, (U,), assumed_align=8), mat(Uint8, T, E, 1), Int32(0), Int64(1), stream,
+        options=opts,
+    )
+    return keys, select
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_token_rounding():
+    return compile_token_rounding_kernels()
+
+
+@functools.lru_cache(maxsize=None)
+def _no_uniform(device: torch.device) -> torch.Tensor:
+    """A placeholder for the select kernel's u_e when the mode is not stochastic (never read)."""
+    return torch.zeros(1, dtype=torch.float64, device=device)
+
+
+def _launch_boundary_kernels(scores: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor,
+                             uniform: torch.Tensor | None, mode: str, tile_m: int) -> torch.Tensor:
+    """(T, E) uint8 keep mask of token rounding from the float32 (T, E) scores, the (T, K) int32
+    token-choice experts and the (E,) int32 counts; no host sync. T must be > 0."""
+    T, E = scores.shape
+    device = scores.device
+    keys = torch.empty(E, T, dtype=torch.int32, device=device)  # (E, T) one row per expert
+    keep = torch.empty(T, E, dtype=torch.uint8, device=device)  # (T, E) written whole by the keys kernel
+    pack, select = _compiled_token_rounding()
+    launch(pack, device, scores.view(torch.int32), experts, keys, keep)
+    if uniform is None:
+        uniform = _no_uniform(device)
+    launch(select, device, keys, counts, uniform, keep, ROUNDING_CODES[mode], tile_m)
+    return keep
+
+
+# ---------------------------------------------------------------------------------------------
 # Argument checks (host only; value checks that read the device are opt-out)
 # ---------------------------------------------------------------------------------------------
 def _check_routing_structure(routing: object) -> Routing:
@@ -524,8 +873,8 @@ def round_counts(
 def _boundary_selection(keys: torch.Tensor, r: torch.Tensor, max_r: int, prefer_low_token: torch.Tensor) -> torch.Tensor:
     """(E, T) bool: per expert row e, the r_e largest keys (0 <= r_e <= max_r), without sorting.
 
-    ``keys`` is (E, T), contiguous: every reduction below runs along the contiguous last dim (a
-    scan along a strided dim is a slow serial loop in torch). Ties at the threshold:
+    The float64 path (torch ops; the kernels take float32 scores). ``keys`` is (E, T),
+    contiguous: every reduction runs along the contiguous last dim. Ties at the threshold:
     ``prefer_low_token[e]`` takes the lowest token indices among equal keys, else the highest.
     Requires r_e <= the number of finite keys in row e.
     """
@@ -538,6 +887,34 @@ def _boundary_selection(keys: torch.Tensor, r: torch.Tensor, max_r: int, prefer_
     from_high = at.sum(1, keepdim=True, dtype=torch.int32) - from_low + at.int()  # (E, T) from this token on
     order_in_ties = torch.where(prefer_low_token[:, None], from_low, from_high)  # (E, T)
     return (above | (at & (order_in_ties <= need))) & (r[:, None] > 0)  # (E, T)
+
+
+def _boundary_keep_torch(scores: torch.Tensor, tc_experts: torch.Tensor, counts: torch.Tensor,
+                         uniform: torch.Tensor | None, mode: str, tile_m: int) -> torch.Tensor:
+    """The float64 path of steps 2-4 with torch ops (same result as the kernels): (T, E) bool keep."""
+    T, E = scores.shape
+    f = counts.long()  # (E,) the reference's rounding rule, with the uniforms already drawn
+    floor_f = (f // tile_m) * tile_m
+    remainder = f - floor_f
+    ceil_f = floor_f + tile_m * (remainder > 0)
+    go_up = {"down": torch.zeros_like(f, dtype=torch.bool), "up": remainder > 0,
+             "nearest": 2 * remainder > tile_m}.get(mode)
+    if go_up is None:  # stochastic
+        go_up = uniform * tile_m < remainder
+    delta = torch.where(go_up, ceil_f, floor_f).clamp(max=T) - f  # (E,) in (-tile_m, tile_m)
+    picked = torch.zeros(T, E, dtype=torch.bool, device=scores.device).scatter_(1, tc_experts, True)  # (T, E)
+    max_r = min(tile_m - 1, T)
+    if max_r == 0:
+        return picked
+    s_et = scores.detach().t().contiguous()  # (E, T): one row per expert
+    picked_et = picked.t().contiguous()  # (E, T)
+    excluded = torch.tensor(float("-inf"), dtype=s_et.dtype, device=scores.device)
+    going_up = delta > 0  # (E,)
+    up_keys = torch.where(picked_et, excluded, s_et)  # (E, T) non-picks by score
+    down_keys = torch.where(picked_et, -s_et, excluded)  # (E, T) picks, worst first
+    keys = torch.where(going_up[:, None], up_keys, down_keys)  # (E, T)
+    flip = _boundary_selection(keys, delta.abs(), max_r, prefer_low_token=going_up)  # (E, T)
+    return picked ^ flip.t()  # (T, E) up adds non-picks, down removes picks
 
 
 # --8<-- [start:token_rounding]
@@ -555,12 +932,25 @@ def token_rounding(
     """Token rounding (paper Algorithm 4) with the reference's exact semantics, without a full sort.
 
     Same arguments, result and tie rules as ``sonic_learn.reference.routing.token_rounding`` (see
-    there); the module docstring explains the boundary-only selection. One device-to-host sync
-    (the number of output pairs), plus one for ``check_finite``. Needs E <= ``MAX_EXPERTS`` (the
-    counts come from the CuTe histogram kernel).
+    there); the module docstring explains the boundary-only selection kernels. One device-to-host
+    sync (sizing the output: the number of pairs P is data dependent), plus one for
+    ``check_finite``. Needs E <= ``MAX_EXPERTS`` (the counts come from the CuTe histogram kernel)
+    and tile_m <= 2**62 (the rounding rule runs in int64 inside the select kernel).
+
+    Which steps are CuTe and which are torch: token-choice top-k (bitonic kernel), f_e
+    (histogram kernel), the rounding rule, the key rows and the boundary selection (the two
+    token-rounding kernels) are CuTe; the scores (the reference's formula, so bit-identical and
+    differentiable), the stochastic draw and the final ``nonzero`` are torch. Float64 logits
+    (float64 scores) take a torch-op selection instead of the two kernels (same result).
     """
+    return _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection="kernels")
+
+
+def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection: str) -> Routing:
+    """``token_rounding``; ``selection="torch"`` runs steps 2-4 with torch ops for every dtype (the
+    previous design, kept as the benchmark's in-run baseline and as the float64 path)."""
     logits = _check_router_args(logits, k, scoring, normalize, check_finite)
-    _checks.check_int_range("tile_m", tile_m, 1)
+    _checks.check_int_range("tile_m", tile_m, 1, 2**62)
     _checks.check_choice("mode", mode, ROUNDING_MODES)
     _ref._check_generator(generator, logits.device)
     T, E = logits.shape
@@ -573,32 +963,23 @@ def token_rounding(
     tc_scores = tc.scores.view(T, k)  # (T, K)
     counts = _launch_metadata(tc.expert_idx, None, E, scatter=False)[0]  # (E,) f_e
 
-    # Step 2: round every f_e (the reference's rule and random draw).
-    rounded = _ref._round_counts_rule(counts, tile_m, mode, generator, T)  # (E,) no checks: no sync
-    delta = rounded - counts.long()  # (E,) in (-tile_m, tile_m)
+    # Step 2's random draw, exactly the reference's (the rule itself runs inside the select kernel).
+    uniform = None
+    if mode == "stochastic":
+        uniform = torch.rand(E, generator=generator, dtype=torch.float64, device=device)  # (E,) u_e
 
-    # Step 3: the scores every token's router gives every expert (the reference's formula), and
-    # which (token, expert) pairs are token-choice picks.
+    # The score every token's router gives every expert (the reference's formula: picks keep
+    # their token-choice scores bit for bit).
     scores = _ref._scores_for_all_experts(logits, tc_experts, tc_scores, scoring, normalize)  # (T, E)
-    picked = torch.zeros(T, E, dtype=torch.bool, device=device).scatter_(1, tc_experts, True)  # (T, E)
 
-    # Step 4: only the boundary tile moves. Column e selects |delta_e| < tile_m tokens:
-    #   up   (delta_e > 0): the best non-picked tokens (key = score; picks excluded with -inf),
-    #                       ties -> lower token first;
-    #   down (delta_e < 0): the worst picks (key = -score; non-picks excluded), ties -> the
-    #                       higher token is dropped first (it ranks lower in the reference).
-    max_r = min(tile_m - 1, T)
-    keep = picked
-    if max_r > 0:
-        s_et = scores.detach().t().contiguous()  # (E, T): one row per expert
-        picked_et = picked.t().contiguous()  # (E, T)
-        excluded = torch.tensor(float("-inf"), dtype=s_et.dtype, device=device)
-        going_up = delta > 0  # (E,)
-        up_keys = torch.where(picked_et, excluded, s_et)  # (E, T) non-picks by score
-        down_keys = torch.where(picked_et, -s_et, excluded)  # (E, T) picks, worst first
-        keys = torch.where(going_up[:, None], up_keys, down_keys)  # (E, T)
-        flip = _boundary_selection(keys, delta.abs(), max_r, prefer_low_token=going_up)  # (E, T)
-        keep = picked ^ flip.t()  # (T, E) up adds non-picks, down removes picks
+    # Steps 2-4: round f_e, then flip only the boundary pairs of each expert (see the module docstring).
+    if T == 0:
+        keep = torch.zeros(0, E, dtype=torch.bool, device=device)
+    elif scores.dtype == torch.float32 and selection == "kernels":
+        s = scores.detach().contiguous()
+        keep = _launch_boundary_kernels(s, tc.expert_idx.view(T, k), counts, uniform, mode, tile_m)  # (T, E) uint8
+    else:  # float64 scores (or the torch baseline)
+        keep = _boundary_keep_torch(scores, tc_experts, counts, uniform, mode, tile_m)  # (T, E) bool
 
     # Step 5: token-sorted triples (by token, then expert), as the reference's nonzero.
     token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)  <- the one host sync
