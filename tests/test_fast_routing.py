@@ -246,6 +246,24 @@ def test_token_rounding_matches_reference_and_invariants(c: Case, mode: str):
     assert bool((pair_key[1:] > pair_key[:-1]).all()), "triples sorted by token, then expert, unique"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("scoring, normalize", SCORING_CONFIGS)
+def test_token_rounding_scores_are_differentiable_like_the_reference(scoring, normalize):
+    """With autograd on, the scores (and their gradient w.r.t. the logits) are the reference's."""
+    c = Case(T=3000, E=64, K=4, tile_m=64, seed=7, dtype=torch.bfloat16)
+    weights = torch.rand(4 * c.T * 2, device="cuda")
+    grads = []
+    for impl in (ref.token_rounding, fast.token_rounding):
+        logits = make_logits(c).requires_grad_()
+        r = impl(logits, c.K, tile_m=c.tile_m, mode="up", scoring=scoring, normalize=normalize)
+        (r.scores * weights[: r.num_pairs]).sum().backward()
+        grads.append((r, logits.grad))
+    (want, want_grad), (got, got_grad) = grads
+    assert_same_routing(got, want)
+    # same formulas on the same floats; tight tolerance only for the order of gradient accumulation
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU: the rounding rule and bad input
 # ---------------------------------------------------------------------------------------------

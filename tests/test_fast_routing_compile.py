@@ -83,6 +83,7 @@ def test_token_rounding_kernels_compile_for_sm90a(tmp_path):
     assert re.search(r"st\.global(\.\w+)*\.[bu]8", keys_ptx), "the keys kernel writes the uint8 pick mask"
     assert re.search(r"atom\.shared[.\w]*\.add", select_ptx), "the radix histograms use shared-memory atomics"
     assert "vote.sync.ballot" in select_ptx, "tie ranks come from warp ballots"
+    assert "match.any.sync" in select_ptx, "lanes with the same digit share one histogram atomic"
     assert re.search(r"div\.s64", select_ptx), "the rounding rule divides in int64"
     assert re.search(r"st\.global(\.\w+)*\.[bu]8", select_ptx), "the select kernel flips uint8 keep entries"
     assert "f64" in select_ptx, "the stochastic rule compares u_e * tile_m in float64"

@@ -144,6 +144,16 @@ and moves each $f_e$ to a neighbouring multiple of $M_\text{tile}$:
 
 So rounding **down** drops an expert's lowest-ranked picks and rounding **up** adds the best tokens
 that did not pick it. Only the last tile of each expert changes: $|f^\text{TR}_e - f_e| < M_\text{tile}$.
+
+The reference ranks all $T$ tokens of every expert (a full sort of each column), which is simple
+to read and slow on a GPU. A kernel needs much less: expert $e$ moves only
+$|\delta_e| = |f^\text{TR}_e - f_e| < M_\text{tile}$ tokens, the best non-picks (up) or the worst
+picks (down). So it is enough to find the $|\delta_e|$-th best candidate score, a *threshold*:
+everything better is in, and among candidates exactly equal to it the reference's tie rule decides
+(the lower token ranks higher). The fast path (`sonic_learn.fast.routing`) does this with two
+CuTe-DSL kernels: one lays the scores out as one row per expert, the other (one thread block per
+expert) finds the threshold with a radix select, four 8-bit histogram passes over the row, and
+flips only those boundary pairs. No column is ever sorted.
 <!-- --8<-- [end:rounding_md] -->
 """
 
