@@ -125,6 +125,23 @@ def test_topk_matches_reference(problem, kind):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, k, kind", [(128, 8, "bitonic"), (64, 16, "bitonic"), (200, 3, "bitonic"), (128, 8, "radix")])
+def test_every_16bit_value(dtype, n, k, kind):
+    """Every non-NaN 16-bit pattern (subnormals, +-0.0, +-inf, the largest magnitudes), each twice,
+    shuffled into rows: the kernels' key arithmetic must rank all of them as the oracle does."""
+    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)  # all 65536
+    values = values[~torch.isnan(values)]
+    values = torch.cat([values, values])  # every value twice: ties
+    values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(n + k))]
+    rows = values.numel() // n
+    x = values[: rows * n].reshape(rows, n).cuda()  # (rows, n)
+    fn = fast.bitonic_topk if kind == "bitonic" else fast.radix_topk
+    got_values, got_indices = fn(x, k)
+    assert_same_topk(got_values, got_indices, x, k)
+
+
+@pytest.mark.gpu
 @given(problem=problems(max_k=fast.MAX_K_RADIX), k_big=st.sampled_from([17, 32, 64, 128]))
 def test_radix_topk_large_k(problem, k_big):
     rows, n, _, dtype, seed, style = problem

@@ -7,22 +7,48 @@ What this teaches (paper Section 4, "the router's top-K"; reference: ``sonic_lea
   column, so a single integer max/min compares values and breaks ties at once. Every thread sorts
   its registers in chunks with a bitonic network, keeps a running top-k, and the lanes of a row
   then merge their top-k lists with warp shuffles. Nothing goes through shared memory: the row is
-  read once from HBM and the k winners are written once. That is why it runs at memory speed.
+  read once from HBM and the k winners are written once.
 * **Radix select (the classic algorithm, as in ``torch.topk``).** One warp per row builds 8-bit
   digit histograms in shared memory, narrows digit by digit to the exact k-th largest key, and
   a final collect pass gathers the winners. Same answer, more passes and synchronisation.
+
+Where the bitonic kernel's time goes (the design that follows from it). Memory traffic is small
+(2 bytes per score read), so at large T the kernel is also bounded by the *integer ALU pipe* (16
+lanes per SM sub-partition, half the rate of the FP32 pipes), which runs every compare-exchange
+(``VIMNMX``) and most of the key arithmetic. So it is built to issue few ALU instructions per score:
+
+* the lane split: each lane reads ``LANE_BYTES`` (128 bytes = 64 bf16) of the row. Per row, the
+  min/max count grows with the lanes, since each lane sorts its own chunks and every lane repeats
+  each butterfly merge: at N = 128, k = 8 it is 1248 with 4 lanes and 1120 with 2;
+* the key: ``_pack_key16`` builds a 16-bit value's key with 3 ALU instructions (mask, PRMT, or)
+  and one multiply-add on the FMA pipe, instead of ~6 ALU instructions for the textbook formula;
+* the column in the key is counted from the lane's first column, a compile-time constant folded
+  into that multiply-add; each lane adds its offset once, to its k winners.
+
+Counted in the SASS for bf16, N = 128, k = 8 (``nvdisasm``): ~790 ALU instructions per lane, 2
+lanes per row (was ~535 per lane with 4 lanes: 2140 per row, now 1582).
+
+Measured on an H200 at T = 262144, E = 128, K = 8 (``benchmarks/topk.py``, 88 MB read + written;
+copy rate 4125 GB/s in the same run): 37.9 us = 56% of the copy rate with ``bench.measure``, whose
+L2 flush *writes* 256 MB, so the timed call also writes ~50 MB of it back as it evicts it (a plain
+copy of the same 88 MB takes 25.0 us, 85%, under that timer); 34.8 us = 61% with the L2 emptied
+by a read, 34.4 us = 62% back to back over 8 inputs (the regime the copy rate is measured in).
+The design before this one took 40.6 us under the first timer. The 26% fewer ALU instructions
+bought 7-11%, and 4 lanes per row time the same as 2: the ALU is no longer the only limit. What
+is left is overlap: the compiler issues only 3 of a lane's 8 16-byte loads up front and sinks
+the rest into the sorting (to save registers), so few bytes are in flight per warp.
 
 The key (both kernels) — the reference's "pack the column into the low mantissa bits":
 for bf16/fp16 a value's 16 bits, moved to the top of an int32, are exactly its float32 bits. We
 map them to an *order-preserving signed integer* first (negative floats get their magnitude bits
 flipped, -0.0 becomes +0.0), then put the inverted column in the low bits::
 
-    key = ordered(bits) << 16 | (32767 - col) << 1 | is_negative_zero    # int32 for bf16/fp16
+    key = ordered(bits) << 16 | (0xFFFF - col)    # int32 for bf16/fp16
 
 Comparing keys as integers (not as floats) keeps +-inf and subnormals exact and can never make a
 NaN out of an infinity; the larger key always means "larger value, or equal value at a lower
-column". The last bit only remembers a -0.0 (it never decides: columns are unique), so unpacking
-is lossless and the returned values are bit-for-bit the inputs. float32 needs all 32 bits for the
+column". Unpacking gives back the value's bits, except that -0.0 and +0.0 share a key (they tie):
+the kernel re-reads a zero winner from ``x``, so the returned values are bit-for-bit the inputs. float32 needs all 32 bits for the
 value, so its keys are int64 (the same formula, shifted 16 more bits): exact too, where the
 reference's float32 packing is a documented approximation, so for float32 the fast bitonic
 kernel agrees with the reference's (exact) ``radix_topk``.
@@ -44,8 +70,9 @@ the contract.
 
 Every kernel is compiled once per (kernel, dtype, N, k, epilogue), with the row count dynamic,
 cached, and called through TVM-FFI (torch tensors go straight in; the current torch stream is
-used). Measured on an H200 (``benchmarks/topk.py``): about 25 us of host time per call, argument
-checks and the two output allocations included (``torch.topk``: 24 us); not yet broken down.
+used). Measured on an H200 (``benchmarks/topk.py``): 15-20 us of host time per call, argument
+checks (~2 us), the two output allocations (~5 us) and the TVM-FFI call (~5 us) included
+(``torch.topk``: 16-20 us).
 """
 
 from __future__ import annotations
@@ -62,6 +89,8 @@ cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
 from cutlass import Float32, Int32, Int64, Uint32, const_expr  # noqa: E402
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
+from cutlass._mlir.dialects import llvm  # noqa: E402
+from cutlass.cutlass_dsl import T, dsl_user_op  # noqa: E402
 
 __all__ = [
     "bitonic_topk",
@@ -83,6 +112,9 @@ MAX_K_BITONIC = 16  # each lane keeps a sorted top-k list in registers
 MAX_K_RADIX = 128  # the winners are staged in shared memory, k slots per row
 
 THREADS_PER_CTA = 128
+# Bitonic: bytes of a row each lane reads, by element width in bits (fewer lanes per row = fewer
+# compare-exchanges per row; see BitonicTopK and benchmarks/topk.py's lane-split sweep).
+LANE_BYTES = {16: 128, 32: 64}
 IDX_BITS = 16  # the low 16 bits of a key hold the inverted column, 0xFFFF - col
 IDX_MASK = (1 << IDX_BITS) - 1
 
@@ -138,16 +170,45 @@ def _unordered(ordered: Int32, width: cutlass.Constexpr[int]) -> Int32:
 
 @cute.jit
 def _pack_key(word: Int32, col: Int32, key_type: cutlass.Constexpr, width: cutlass.Constexpr[int]):
-    """The bitonic key: ordered value on top, ``0xFFFF - col`` in the low 16 bits.
+    """The bitonic key (its definition): ordered value on top, ``0xFFFF - col`` in the low 16 bits.
 
     For bf16/fp16 the ordered value fills the top 16 bits of an int32 and the low 16 are free;
-    float32 values need all 32 bits, so their keys are int64 (value shifted up by 16).
+    float32 values need all 32 bits, so their keys are int64 (value shifted up by 16). The kernel
+    builds 16-bit keys with ``_pack_key16`` instead: the same int32, in fewer ALU instructions.
     """
     ordered = _ordered(word, width)
     if const_expr(width == 16):
         return ordered | (IDX_MASK - col)
     else:
         return (Int64(ordered) << IDX_BITS) | Int64(IDX_MASK - col)
+
+
+@dsl_user_op
+def _sign_mask(word: Int32, byte: int, *, loc=None, ip=None) -> Int32:
+    """-1 if the top bit of byte ``byte`` (0..3) of ``word`` is set, else 0: one PRMT (byte
+    permute) whose selector copies that byte's sign bit into all four bytes."""
+    selector = (8 | byte) * 0x1111  # 4 nibbles: "byte `byte`, sign-replicated"
+    asm = f"prmt.b32 $0, $1, 0, {selector:#x};"
+    return Int32(llvm.inline_asm(T.i32(), [Int32(word).ir_value(loc=loc, ip=ip)], asm, "=r,r",
+                                 has_side_effects=False, is_align_stack=False,
+                                 asm_dialect=llvm.AsmDialect.AD_ATT))
+
+
+@cute.jit
+def _pack_key16(word: Int32, half: cutlass.Constexpr[int], tag: Int32) -> Int32:
+    """``_pack_key`` for the 16-bit value in half ``half`` of ``word`` (0: the low half, the even
+    element), with ``tag = 0xFFFF - col``: the same int32, in fewer integer-ALU instructions.
+
+    The ordered form of a value is +magnitude or -magnitude (two's complement), so the key is
+    ``magnitude << 16`` times +1 or -1, plus the tag; -0.0 (magnitude 0) gets the key of +0.0.
+    Why not the definition: the integer ALU is this kernel's bottleneck (it also runs every
+    compare-exchange), and the definition costs ~6 ALU instructions per element. Here the ALU does
+    three (mask the magnitude, one PRMT for the sign, ``| 1``); the multiply-add runs on the FMA pipe.
+    """
+    if const_expr(half == 0):  # move the low half up by 16 inside the multiply
+        return (word & Int32(0x7FFF)) * ((_sign_mask(word, 1) | 1) << 16) + tag
+    else:
+        return (word & Int32(0x7FFF0000)) * (_sign_mask(word, 3) | 1) + tag
 
 
 @cute.jit
@@ -316,13 +377,15 @@ EPILOGUES = ("values", "softmax_topk", "topk_softmax", "topk_softmax_normalized"
 class BitonicTopK:
     """Register-only bitonic top-k of each row; optional fused softmax epilogue.
 
-    Compile-time parameters: dtype, N, k, epilogue. Runtime: the number of rows.
+    Compile-time parameters: dtype, N, k, epilogue (and ``lane_bytes``, the bytes of a row per
+    lane, default ``LANE_BYTES``). Runtime: the number of rows.
     Outputs: ``out`` (rows, k) in the input dtype ("values") or float32 (softmax epilogues),
     ``idx`` (rows, k) int64.
     """
 
-    def __init__(self, dtype, N: int, k: int, epilogue: str = "values"):
+    def __init__(self, dtype, N: int, k: int, epilogue: str = "values", lane_bytes: int | None = None):
         assert epilogue in EPILOGUES
+        lane_bytes = LANE_BYTES[dtype.width] if lane_bytes is None else lane_bytes
         self.dtype = dtype
         self.width = dtype.width
         self.N = N
@@ -332,9 +395,11 @@ class BitonicTopK:
         self.key_type = Int32 if dtype.width == 16 else Int64
         n_pow2 = max(_next_pow2(N), 8)
         vec = 128 // dtype.width
-        # Work per lane: at least kp keys and one 16-byte vector; aim for 64 bytes of loads per
-        # lane (memory-level parallelism), but never more than 32 lanes per row.
-        per_thread = max(self.kp, vec, min(n_pow2, 64 // (dtype.width // 8)))
+        # Work per lane: at least kp keys and one 16-byte vector; aim for `lane_bytes` of the row
+        # per lane, but never more than 32 lanes per row. Per row, the compare-exchanges grow with
+        # the lanes (each lane sorts its chunks, then every lane repeats each butterfly merge):
+        # for bf16, N = 128, k = 8 it is 4 lanes x 312 min/max = 1248, 2 lanes x 560 = 1120.
+        per_thread = max(self.kp, vec, min(n_pow2, lane_bytes // (dtype.width // 8)))
         per_thread = min(max(per_thread, n_pow2 // 32), n_pow2)
         self.loader = _RowTileLoader(dtype, N, n_pow2, n_pow2 // per_thread)
 
@@ -348,10 +413,17 @@ class BitonicTopK:
 
     @cute.jit
     def pack_keys(self, dst: cute.Tensor, words: cute.Tensor, coords: cute.Tensor, g: cutlass.Constexpr[int]):
-        """dst[j] = key of the lane's element g * kp + j (its value and its column)."""
+        """dst[j] = key of the lane's element g * kp + j, its column counted from the lane's first
+        column: a compile-time constant (an immediate in the multiply-add). A lane's row columns
+        grow with these local ones, so ties among its own keys already go to the lower column; the
+        lane's offset is applied once, to its kp winners, in step 3."""
         for j in cutlass.range_constexpr(self.kp):
             i = g * self.kp + j
-            dst[j] = _pack_key(_value_word(words, i, self.width), coords[i][1], self.key_type, self.width)
+            local_col = coords[i][1] - coords[0][1]
+            if const_expr(self.width == 16):
+                dst[j] = _pack_key16(words[i // 2], i % 2, IDX_MASK - local_col)
+            else:
+                dst[j] = _pack_key(_value_word(words, i, self.width), local_col, self.key_type, self.width)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mOut: cute.Tensor, mIdx: cute.Tensor, tiled_copy: cute.TiledCopy):
@@ -366,6 +438,8 @@ class BitonicTopK:
 
         # Step 2 (reference: "pack the column into the key, sort chunks, fold them"): per lane,
         # sort chunks of kp keys with a sorting network and fold each into a running top-kp.
+        # (Cost per new chunk of 8 keys: 19 compare-exchanges to sort it, 8 max + 12 compare-
+        # exchanges to fold it: ~9 integer min/max per element, plus 3 ALU instructions per key.)
         best = cute.make_rmem_tensor(kp, self.key_type)
         chunk = cute.make_rmem_tensor(kp, self.key_type)
         for g in cutlass.range_constexpr(self.loader.per_thread // kp):
@@ -378,7 +452,13 @@ class BitonicTopK:
                 _merge_topk(best, chunk, kp)
 
         # Step 3 (reference: the last folds, across lanes): butterfly over the lanes of the row.
+        # The keys so far hold the column relative to the lane's first column; subtracting that
+        # offset from the kp winners makes them row columns (0xFFFF - col), comparable across lanes.
         # After log2(lanes) rounds every lane of the row holds the row's sorted top-kp keys.
+        if const_expr(lanes > 1):
+            lane_col = self.key_type(tXcX[0][1])
+            for j in cutlass.range_constexpr(kp):
+                best[j] = best[j] - lane_col
         offset = 1
         while const_expr(offset < lanes):
             for j in cutlass.range_constexpr(kp):
@@ -667,15 +747,17 @@ class RadixTopK:
 # ---------------------------------------------------------------------------------------------
 # Compile (once per variant) and launch
 # ---------------------------------------------------------------------------------------------
-def compile_kernel(kind: str, dtype: torch.dtype, N: int, k: int, epilogue: str = "values", *, extra_options: str = ""):
+def compile_kernel(kind: str, dtype: torch.dtype, N: int, k: int, epilogue: str = "values", *,
+                   extra_options: str = "", lane_bytes: int | None = None):
     """Compile one kernel variant for sm_90a with fake tensors (no GPU needed); not cached.
 
     ``kind`` is "bitonic" or "radix". The row count is a symbolic integer, so the compiled function
-    serves every number of rows. Returns the TVM-FFI callable ``f(x, out, idx)``.
+    serves every number of rows. Returns the TVM-FFI callable ``f(x, out, idx)``. ``lane_bytes``
+    (bitonic only) overrides the lane split, ``LANE_BYTES``: the benchmark sweeps it.
     """
     cdtype = cutlass_dtype(dtype)
     if kind == "bitonic":
-        op = BitonicTopK(cdtype, N, k, epilogue)
+        op = BitonicTopK(cdtype, N, k, epilogue, lane_bytes)
     elif kind == "radix":
         assert epilogue == "values"
         op = RadixTopK(cdtype, N, k)
