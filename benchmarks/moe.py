@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--naive-reps", type=int, default=3)
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--gemm", default=None, help="grouped-GEMM kernel:tile, e.g. pingpong:128x128x64 (default: the library's)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -138,12 +139,22 @@ def main(argv=None) -> int:
     from sonic_learn.fast import moe as fast_moe
     from sonic_learn.reference import moe as ref_moe
 
+    if args.gemm:
+        from sonic_learn.fast import grouped_gemm as gg
+
+        kernel, tile = args.gemm.split(":")
+        gg.set_kernel_config(kernel=kernel, tile=tuple(int(v) for v in tile.split("x")))
+
     env = bench.environment()
+    from sonic_learn.fast import grouped_gemm as gg_config
+
     record = {
         "benchmark": "moe", "environment": env,
         "notes": ("fast = sonic_learn.fast.moe (grouped GEMMs of sonic_learn.fast.grouped_gemm as of this run; "
-                  "SwiGLU and dSwiGLU/dS as standalone kernels, not GEMM epilogues; W^T copies in backward). "
+                  "reduced-memory mode: SwiGLU fused into the up-projection epilogue, the dH kernel = dA' GEMM with "
+                  "the dSwiGLU/dS/A' epilogue; standard mode: unfused kernels; weights read K-major, no W^T copies). "
                   "naive_loop = reference naive_moe_forward in bf16. upstream_sonicmoe = notes, not re-measured."),
+        "grouped_gemm_kernel": dict(gg_config._CONFIG),
         "flops": "fwd 6*T*K*n*d, fwd+bwd 18*T*K*n*d", "configs": {},
     }
     impls = {

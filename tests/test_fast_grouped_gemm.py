@@ -95,7 +95,8 @@ def varlen_m_oracle(x, w, meta):
     return oracle, same
 
 
-KERNELS = [("v1", (128, 128, 64)), ("sm90", (128, 128, 64)), ("ws", (128, 256, 64))]  # the ladder: 2 teaching steps, production
+KERNELS = [("v1", (128, 128, 64)), ("sm90", (128, 128, 64)), ("ws", (128, 256, 64)),
+           ("pingpong", (128, 128, 64))]  # the ladder: 2 teaching steps, production cooperative and ping-pong
 
 
 @pytest.fixture(params=KERNELS, ids=[k for k, _ in KERNELS])

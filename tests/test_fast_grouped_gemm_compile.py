@@ -51,6 +51,23 @@ def test_production_variant_compiles_for_sm90a(variant, dtype):
 
 
 @pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+@pytest.mark.parametrize("variant,transposed,epilogue", [
+    ("varlen_m", False, "store"), ("varlen_m_gather", False, "swiglu"), ("varlen_m_gather", True, "dswiglu"),
+    ("varlen_k_gather", True, "store")])
+def test_pingpong_kernel_compiles_for_sm90a(variant, transposed, epilogue):
+    """Step 4 of the ladder: one MMA warpgroup per 128 x 128 tile, two 64-row WGMMAs per k-block."""
+    from sonic_learn.fast.grouped_gemm import PINGPONG_TILE, compile_grouped_gemm
+
+    ptx = compile_grouped_gemm(variant, torch.bfloat16, torch.bfloat16, PINGPONG_TILE, keep_ptx=True,
+                               kernel="pingpong", transposed=transposed, epilogue=epilogue).__ptx__
+    assert ".target sm_90a" in ptx and "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx
+    assert ptx.count("wgmma.mma_async") == 2 * (PINGPONG_TILE[2] // 16)  # MMA_M = 2 blocks x 4 k-blocks
+    with pytest.raises(ValueError, match="tile_n <= 128"):
+        compile_grouped_gemm(variant, torch.bfloat16, torch.bfloat16, (128, 256, 64), kernel="pingpong",
+                             transposed=transposed, epilogue=epilogue)
+
+
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
 @pytest.mark.parametrize("kernel", ["v1", "sm90"])  # the ladder's teaching steps
 @pytest.mark.parametrize("variant", ["varlen_m_gather", "varlen_k_gather"])
 def test_teaching_kernel_compiles_for_sm90a(variant, kernel):

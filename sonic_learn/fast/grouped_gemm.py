@@ -61,28 +61,39 @@ WS_TILE = (128, 256, 64)  # of the production warp-specialized kernel
 
 # Kernel choice used by the public functions. ``set_kernel_config`` changes it (the tile sweep in
 # benchmarks/grouped_gemm_tiles.py uses it); every config is compiled once and cached.
-KERNELS = ("v1", "sm90", "ws")  # the ladder: teaching step, + smem epilogue, + warp specialization
+KERNELS = ("v1", "sm90", "ws", "pingpong")  # the ladder: teaching step, + smem epilogue, + warp specialization,
+# + ping-pong MMA warpgroups
+PERSISTENT = ("ws", "pingpong")  # the warp-specialized persistent kernels (fused epilogues, layout options)
+PINGPONG_TILE = (128, 128, 64)  # a whole tile's accumulators in one warpgroup
 EPILOGUES = ("store", "swiglu", "dswiglu")  # the production kernel's epilogues (grouped_gemm_sm90)
 _CONFIG = {"kernel": "ws", "tile": WS_TILE, "stages": None}
 
 
-def set_kernel_config(*, kernel: str = "ws", tile: tuple[int, int, int] = WS_TILE, stages: int | None = None) -> None:
-    """Select the kernel ("v1" = teaching step, "sm90" = + shared-memory epilogue, "ws" = production)
-    and its tile / stage count (``stages=None``: as many as fit)."""
+def set_kernel_config(*, kernel: str = "ws", tile: tuple[int, int, int] | None = None,
+                      stages: int | None = None) -> None:
+    """Select the kernel ("v1" = teaching step, "sm90" = + shared-memory epilogue, "ws" = production,
+    cooperative; "pingpong" = production, ping-pong) and its tile (default: the kernel's own) and
+    stage count (``stages=None``: as many as fit)."""
     _checks.check_choice("kernel", kernel, KERNELS)
+    if tile is None:
+        tile = {"ws": WS_TILE, "pingpong": PINGPONG_TILE}.get(kernel, TILE)
+    if kernel == "pingpong" and isinstance(tile, tuple) and len(tile) == 3 and tile[1] > 128:
+        raise ValueError(f"the ping-pong kernel keeps a whole tile in one warpgroup: tile_n <= 128, got {tile}")
     if not (isinstance(tile, tuple) and len(tile) == 3 and tile[0] == 128 and tile[1] in (64, 128, 256)
             and tile[2] in (32, 64)):
         raise ValueError(f"tile must be (128, tile_n in 64/128/256, tile_k in 32/64), got {tile!r}")
     if stages is not None:  # the WS pipeline needs 2 slots; v1/sm90 prefetch stages - 2 k-tiles ahead
-        _checks.check_int_range("stages", stages, 2 if kernel == "ws" else 3, what=f"pipeline stages of '{kernel}'")
+        _checks.check_int_range("stages", stages, 2 if kernel in PERSISTENT else 3, what=f"pipeline stages of '{kernel}'")
     _CONFIG.update(kernel=kernel, tile=tile, stages=stages)
 
 
 def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transposed: bool = False,
               epilogue: str = "store"):
     tile = _CONFIG["tile"]
-    if _CONFIG["kernel"] == "ws" and out_dtype == torch.float32 and tile[1] == 256 and _CONFIG["stages"] is None:
-        tile = (tile[0], 128, tile[2])  # fp32 epilogue buffers of a 128 x 256 tile leave no room for stages
+    if _CONFIG["kernel"] in PERSISTENT and out_dtype == torch.float32 and _CONFIG["stages"] is None:
+        # fp32 epilogue buffers are twice as large: halve tile_n (128 x 256 -> 128 x 128 cooperative,
+        # 128 x 128 -> 128 x 64 ping-pong, whose buffers hold whole tiles) to keep 4+ pipeline stages
+        tile = (tile[0], min(tile[1], 128 if _CONFIG["kernel"] == "ws" else 64), tile[2])
     return compile_grouped_gemm(variant, dtype, out_dtype, tile, _CONFIG["stages"], kernel=_CONFIG["kernel"],
                                 transposed=transposed, epilogue=epilogue)
 
@@ -90,7 +101,7 @@ def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transpos
 def _epi_args(out: torch.Tensor, epi_out=None, epi_in=None, row_in=None, row_out=None) -> tuple:
     """The production kernel's four epilogue tensors (small placeholders where unused); none for the
     teaching kernels."""
-    if _CONFIG["kernel"] != "ws":
+    if _CONFIG["kernel"] not in PERSISTENT:
         return ()
     dev = out.device
     return (epi_out if epi_out is not None else _placeholder(out.dtype, dev, 2),
@@ -107,7 +118,7 @@ def _placeholder(dtype: torch.dtype, device: torch.device, ndim: int) -> torch.T
 def _native_transposes() -> bool:
     """Whether the selected kernel reads w^T / writes out^T itself (the teaching kernels v1 and
     sm90 do not: with them the public functions make the transposed copy with torch)."""
-    return _CONFIG["kernel"] == "ws"
+    return _CONFIG["kernel"] in PERSISTENT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,8 +201,10 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     """
     _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
     _checks.check_choice("epilogue", epilogue, EPILOGUES)
-    if (transposed or epilogue != "store") and kernel != "ws":
+    if (transposed or epilogue != "store") and kernel not in PERSISTENT:
         raise ValueError(f"transposed=True and fused epilogues need the production kernel 'ws', got kernel={kernel!r}")
+    if kernel == "pingpong" and tile[1] > 128:
+        raise ValueError(f"the ping-pong kernel keeps a whole tile in one warpgroup: tile_n <= 128, got {tile}")
     if epilogue != "store" and (variant.startswith("varlen_k") or out_dtype == torch.float32):
         raise ValueError(f"epilogue={epilogue!r} needs a varlen-M variant with a 16-bit output")
     from sonic_learn.fast._cute import compile_options, cutlass_dtype, import_cutlass
@@ -201,7 +214,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
     from sonic_learn.fast.grouped_gemm_sm90 import (DSwiGLUEpilogue, GroupedGemmSm90, GroupedGemmWS,
-                                                    SwiGLUEpilogue, epilogue_smem_bytes, ws_stages)
+                                                    SwiGLUEpilogue, epilogue_smem_bytes, ping_pong, ws_stages)
     from sonic_learn.fast.grouped_gemm_v1 import GroupedGemmV1, default_stages
 
     _checks.check_choice("kernel", kernel, KERNELS)
@@ -226,13 +239,15 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
         out = mat(odt, sym(), n_dim)  # (M, N)
     vec = lambda: make_fake_compact_tensor(cutlass.Int32, (sym(),), assumed_align=4)  # noqa: E731
     gidx, offs, toffs = vec(), vec(), vec()
-    if kernel == "ws":
-        stages = stages or ws_stages(tile, out_dtype.itemsize)
+    if kernel in PERSISTENT:
+        stages = stages or ws_stages(tile, out_dtype.itemsize, pingpong=kernel == "pingpong")
         if stages < 2:
             raise ValueError(f"tile {tile} leaves room for {stages} pipeline stages next to the epilogue buffers")
     stages = stages or default_stages(tile)
-    cls = {"v1": GroupedGemmV1, "sm90": GroupedGemmSm90, "ws": GroupedGemmWS}[kernel]
+    cls = {"v1": GroupedGemmV1, "sm90": GroupedGemmSm90, "ws": GroupedGemmWS, "pingpong": GroupedGemmWS}[kernel]
     cls = {"swiglu": SwiGLUEpilogue, "dswiglu": DSwiGLUEpilogue}.get(epilogue, cls)
+    if kernel == "pingpong":
+        cls = ping_pong(cls)
     if kernel == "sm90":  # the epilogue reuses the A/B stage buffers for the output tile
         ab_bytes = stages * (tile[0] + tile[1]) * tile[2] * 2
         if epilogue_smem_bytes(tile, out_dtype.itemsize) > ab_bytes:
@@ -242,7 +257,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
                      **layout)
     opts = compile_options(keep_ptx)
     epi = ()
-    if kernel == "ws":  # the epilogue's tensors: epi_out, epi_in (16-bit), row_in (P,), row_out (P, n-tiles)
+    if kernel in PERSISTENT:  # the epilogue's tensors: epi_out, epi_in (16-bit), row_in (P,), row_out (P, n-tiles)
         f32 = cutlass.Float32
         epi = (mat(odt, sym(), sym(8)), mat(odt, sym(), sym(8)),
                make_fake_compact_tensor(f32, (sym(),), assumed_align=4),
@@ -264,7 +279,7 @@ def _grid_size(row_tile_bound: int, device: torch.device) -> int:
     """Last launch argument: the row-tile bound (v1/sm90: one CTA per tile, grid.y; surplus CTAs exit
     at once; it is >= sum_e ceil(f_e / tile_m), so no device-to-host copy of the counts is needed)
     or, for the persistent "ws" kernel, one CTA per SM."""
-    if _CONFIG["kernel"] == "ws":
+    if _CONFIG["kernel"] in PERSISTENT:
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return row_tile_bound
 
@@ -372,7 +387,7 @@ def gather_fused_grouped_gemm_swiglu(x: torch.Tensor, w: torch.Tensor, meta: Rou
     if w.shape[2] % 16:
         raise ValueError(f"w.shape[2] (2n) must be a multiple of 16 for the SwiGLU epilogue (n a multiple of 8), "
                          f"got {w.shape[2]}")
-    if _CONFIG["kernel"] != "ws":
+    if _CONFIG["kernel"] not in PERSISTENT:
         from sonic_learn.fast import moe_kernels
 
         h = _launch_varlen_m(x, w, meta, True, out_dtype, False)
@@ -402,7 +417,7 @@ def gather_fused_grouped_gemm_dswiglu(dout: torch.Tensor, w2: torch.Tensor, meta
     row_scores = _check_operand("row_scores", row_scores, 1, (torch.float32,))
     _checks.check_shape("row_scores", row_scores, (M,))
     h, row_scores = _aligned(h), row_scores.contiguous()
-    if _CONFIG["kernel"] != "ws":
+    if _CONFIG["kernel"] not in PERSISTENT:
         from sonic_learn.fast import moe_kernels
 
         da_prime = _launch_varlen_m(dout, w2, meta, True, out_dtype, True)  # (M, n)

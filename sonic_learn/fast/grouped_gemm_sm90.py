@@ -80,6 +80,7 @@ def epilogue_smem_bytes(tile: tuple[int, int, int], out_bytes: int) -> int:
 # ================================================================================================
 PRODUCER_THREADS = 128  # warpgroup 0: the load warps
 CONSUMER_THREADS = 256  # warpgroups 1 and 2: the MMA warps, 64 rows of the tile each
+ORDER_BARRIER = 3  # named barriers 3 and 4: the ping-pong mainloop turns (1 and 2: the epilogues)
 PRODUCER_REGS = 56  # setmaxnreg budgets: 56 * 128 + 224 * 256 <= 65536 registers per SM
 CONSUMER_REGS = 224
 
@@ -108,6 +109,15 @@ class GroupedGemmWS(GroupedGemmSm90):
     """
 
     LAYOUT_OPTIONS = True
+    PINGPONG = False
+
+    def wg_rows(self) -> int:
+        """Output rows one MMA warpgroup owns (and stages in its epilogue buffer)."""
+        return self.tile[0] if self.PINGPONG else self.tile[0] // 2
+
+    def wg_row_offset(self, wg):
+        """The first tile row of MMA warpgroup ``wg`` (1 or 2)."""
+        return 0 if self.PINGPONG else (wg - 1) * (self.tile[0] // 2)
 
     @cute.jit
     def __call__(self, a: cute.Tensor, b: cute.Tensor, out: cute.Tensor, epi_out: cute.Tensor, epi_in: cute.Tensor,
@@ -116,7 +126,7 @@ class GroupedGemmWS(GroupedGemmSm90):
         bm, bn, bk = self.tile
         tiled_mma, sA_layout, sB_layout = self.make_mma_and_smem_layouts(a, out)  # as GroupedGemmV1
         dtype = self.dtype
-        epi_elems = 2 * (bm // 2) * (bn + CHUNK_BYTES * 8 // self.out_dtype.width)
+        epi_elems = 2 * self.wg_rows() * (bn + CHUNK_BYTES * 8 // self.out_dtype.width)  # one buffer per MMA WG
 
         @cute.struct
         class Storage:
@@ -217,7 +227,9 @@ class GroupedGemmWS(GroupedGemmSm90):
             num_stages=self.stages,
             # full barrier: 128 cp.async arrivals + 1 arrive-with-byte-count from the TMA thread
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, PRODUCER_THREADS + 1),
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, CONSUMER_THREADS),
+            # empty barrier: every MMA thread that read the slot (one warpgroup when ping-ponging)
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread,
+                                                     CONSUMER_THREADS // 2 if const_expr(self.PINGPONG) else CONSUMER_THREADS),
         )
 
         # ---- The tile space (identical for both roles) -----------------------------------------
@@ -289,23 +301,47 @@ class GroupedGemmWS(GroupedGemmSm90):
             # ================= consumer warpgroups: WGMMA + epilogue ===========================
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             ctid = tidx - PRODUCER_THREADS  # 0..255 among the MMA threads
-            thr_mma = tiled_mma.get_slice(cute.make_layout(2, stride=128)(wg - 1))
+            mma_tid = ctid % 128 if const_expr(self.PINGPONG) else ctid  # my index inside the tiled MMA
+            thr_mma = tiled_mma.get_slice(mma_tid - mma_tid % 128)  # my warpgroup's slice for A and B
             tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
             tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
-            tCcC = tiled_mma.get_slice(ctid).partition_C(cute.make_identity_tensor((bm, bn)))
+            tCcC = tiled_mma.get_slice(mma_tid).partition_C(cute.make_identity_tensor((bm, bn)))
             acc = cute.make_rmem_tensor(tCcC.shape, cutlass.Float32)
             tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
             num_k_blocks = cute.size(tCrA, mode=[2])
             read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
             release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
             epi_pitch = bn + CHUNK_BYTES * 8 // self.out_dtype.width
+            rows = self.wg_rows()
             sC_both = cute.make_tensor(storage.sC.data_ptr(), cute.make_layout(
-                (2, bm // 2, bn), stride=((bm // 2) * epi_pitch, epi_pitch, 1)))  # (WG, rows, cols)
-            sC = sC_both[wg - 1, None, None]  # this warpgroup's 64 rows
-            # the same buffer seen as the whole (bm, bn) tile, partitioned like the accumulators
-            tCsC = tiled_mma.get_slice(ctid).partition_C(cute.make_tensor(
-                storage.sC.data_ptr(), cute.make_layout((bm, bn), stride=(epi_pitch, 1))))
-            for t in cutlass.range(cta, num_tiles, num_ctas, unroll=1):
+                (2, rows, bn), stride=(rows * epi_pitch, epi_pitch, 1)))  # (WG, rows, cols)
+            sC = sC_both[wg - 1, None, None]  # this warpgroup's rows
+            # the tile's buffer (both warpgroups' rows, or mine when ping-ponging) seen as a (bm, bn)
+            # tile, partitioned like the accumulators
+            tCsC = tiled_mma.get_slice(mma_tid).partition_C(cute.make_tensor(
+                sC_both[wg - 1 if const_expr(self.PINGPONG) else 0, None, None].iterator,
+                cute.make_layout((bm, bn), stride=(epi_pitch, 1))))
+            first = cta
+            step = num_ctas
+            if const_expr(self.PINGPONG):  # the CTA's tiles alternate between the two warpgroups
+                first = cta + (wg - 1) * num_ctas
+                step = 2 * num_ctas
+            cta_tiles = (num_tiles - cta + num_ctas - 1) // num_ctas  # this CTA's tiles (ping-pong order)
+            for t in cutlass.range(first, num_tiles, step, unroll=1):
+                if const_expr(self.PINGPONG):
+                    # Mainloops take turns in the CTA's tile order: wait until the other warpgroup has
+                    # waited on every slot of the previous tile. (An mbarrier wait only tells two
+                    # phases apart, so a warpgroup must not wait on a slot more than one fill ahead.)
+                    if t > cta:
+                        cute.arch.barrier(barrier_id=ORDER_BARRIER + wg - 1, number_of_threads=CONSUMER_THREADS)
+                    # The other warpgroup consumes the slots of the CTA's previous tile: step over them
+                    # (the producer fills the slots in the CTA's tile order).
+                    if t - num_ctas >= cta:
+                        k_other = self.tile_problem(t - num_ctas, n_tiles, m_tiles, tile_offsets, expert_offsets,
+                                                    a.shape[1])[6]
+                        for _ in cutlass.range((k_other + bk - 1) // bk, unroll=1):
+                            read.advance()
+                            release.advance()
                 expert, m_start, n_start, row0, count, m_dim, k_len = self.tile_problem(
                     t, n_tiles, m_tiles, tile_offsets, expert_offsets, a.shape[1])
                 out_row0 = row0 + m_start  # varlen-M: the expert's rows of out
@@ -325,6 +361,9 @@ class GroupedGemmWS(GroupedGemmSm90):
                         pipe.consumer_release(release)
                         release.advance()
                     read.advance()
+                if const_expr(self.PINGPONG):  # my mainloop has waited on all its slots: the other's turn
+                    if (t - cta) // num_ctas < cta_tiles - 1:
+                        cute.arch.barrier_arrive(barrier_id=ORDER_BARRIER + 2 - wg, number_of_threads=CONSUMER_THREADS)
                 warpgroup.wait_group(0)
                 if k_tiles > 0:
                     pipe.consumer_release(release)
@@ -376,11 +415,11 @@ class GroupedGemmWS(GroupedGemmSm90):
     @cute.jit
     def copy_out_rows(self, sC: cute.Tensor, cols: cutlass.Constexpr[int], dst: cute.Tensor, dst_row0: Int32,
                       dst_col0: Int32, rows_left: Int32, cols_left: Int32, wg: Int32, ctid: Int32):
-        """This warpgroup's staged (64, cols) rows -> ``dst[dst_row0 + row_off + m, dst_col0 + c]``, one
+        """This warpgroup's staged (rows, cols) tile -> ``dst[dst_row0 + row_off + m, dst_col0 + c]``, one
         16-byte chunk per thread per step, masked to the expert's rows and the matrix's columns."""
-        half = self.tile[0] // 2
+        half = self.wg_rows()
         lt = ctid % 128  # thread index inside the warpgroup
-        row_off = (wg - 1) * half  # first tile row owned by this warpgroup
+        row_off = self.wg_row_offset(wg)  # first tile row owned by this warpgroup
         elems = CHUNK_BYTES * 8 // self.out_dtype.width
         chunks_per_row = cols // elems
         for it in cutlass.range_constexpr(half * chunks_per_row // 128):
@@ -416,9 +455,9 @@ class GroupedGemmWS(GroupedGemmSm90):
         neighbouring columns: no bank conflicts) and writes them as one 16-byte row chunk of out.
         """
         bm, bn, _ = self.tile
-        half = bm // 2
+        half = self.wg_rows()
         lt = ctid % 128
-        row_off = (wg - 1) * half
+        row_off = self.wg_row_offset(wg)
         elems = CHUNK_BYTES * 8 // self.out_dtype.width  # consecutive m per 16-byte store
         self.stage_tile(acc, tCsC, wg)
         r_chunk = cute.make_rmem_tensor((1, elems), self.out_dtype)
@@ -453,8 +492,8 @@ class SwiGLUEpilogue(GroupedGemmWS):
                     sC: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32,
                     cols_left: Int32):
         bm, bn, _ = self.tile
-        half = bm // 2
-        row_off = (wg - 1) * half
+        half = self.wg_rows()
+        row_off = self.wg_row_offset(wg)
         # Phase 1: H, exactly as the plain epilogue.
         self.stage_tile(acc, tCsC, wg)
         self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
@@ -504,19 +543,23 @@ class DSwiGLUEpilogue(GroupedGemmWS):
                     cols_left: Int32):
         dh, h, row_scores, ds_part = epi
         bm, bn, _ = self.tile
-        row_off = (wg - 1) * (bm // 2)
+        row_off = self.wg_row_offset(wg)
         dtype = self.out_dtype
         one = cutlass.Float32(1.0)
         cute.arch.barrier(barrier_id=wg, number_of_threads=128)  # previous tile's copy-out is done
-        # The accumulator fragment of a WGMMA (PTX layout): index i = v0 + 2 * v1 + 4 * q holds row
-        # r0 + 8 * v1 and column 8 * q + 2 * (lane % 4) + v0. So (i, i + 1) for even i are two
-        # neighbouring columns of one row, and v1 = (i // 2) % 2 tells which of the thread's 2 rows.
-        dots = cute.make_rmem_tensor((2,), cutlass.Float32)
+        # The accumulator fragment of a WGMMA (PTX layout): index i = v0 + 2 * v1 + 4 * q (+ bn / 2
+        # per further 64-row block) holds row r0 + 8 * v1 and column 8 * q + 2 * (lane % 4) + v0. So
+        # (i, i + 1) for even i are two neighbouring columns of one row.
+        # A thread holds 2 rows per 64-row MMA block (2 blocks when one warpgroup owns the whole tile):
+        # row slot r of pair p is p % 2 + 2 * (p // (bn / 4)), and slot r's first accumulator is
+        # index 2 * (r % 2) + (bn / 2) * (r // 2).
+        slots = 2 * (cute.size(acc) // (bn // 2))
+        dots = cute.make_rmem_tensor((slots,), cutlass.Float32)
         dots.fill(0.0)
-        scores = cute.make_rmem_tensor((2,), cutlass.Float32)  # s of the thread's two rows
-        for v1 in cutlass.range_constexpr(2):
-            m, _ = tCcC[2 * v1]
-            scores[v1] = row_scores[out_row0 + m] if m < rows_left else cutlass.Float32(0.0)
+        scores = cute.make_rmem_tensor((slots,), cutlass.Float32)  # s of each of the thread's rows
+        for r in cutlass.range_constexpr(slots):
+            m, _ = tCcC[2 * (r % 2) + (bn // 2) * (r // 2)]
+            scores[r] = row_scores[out_row0 + m] if m < rows_left else cutlass.Float32(0.0)
         # H is read in groups of PREFETCH pairs: all loads of a group are issued before any is used,
         # so PREFETCH loads are in flight at once instead of one load latency per pair.
         pairs = cute.size(acc) // 2
@@ -531,8 +574,9 @@ class DSwiGLUEpilogue(GroupedGemmWS):
                 p = grp * PREFETCH + k
                 i = 2 * p
                 m, j = tCcC[i]
+                slot = p % 2 + 2 * (p // (bn // 4))
                 if m < rows_left and j < cols_left:
-                    s = scores[p % 2]
+                    s = scores[slot]
                     rdh = cute.make_rmem_tensor((1, 4), dtype)
                     for v in cutlass.range_constexpr(2):
                         g = rh[k, 0, 2 * v].to(cutlass.Float32)
@@ -541,7 +585,7 @@ class DSwiGLUEpilogue(GroupedGemmWS):
                         silu = g * sig
                         act = u * silu  # A, recomputed from H
                         grad = acc[i + v].to(dtype).to(cutlass.Float32)  # dA', rounded as when stored
-                        dots[p % 2] = dots[p % 2] + grad * act  # dS partial: <dA', A>
+                        dots[slot] = dots[slot] + grad * act  # dS partial: <dA', A>
                         grad = grad * s  # dA = s * dA'
                         act = act * s  # A' = s * A
                         rdh[0, 2 * v] = (grad * u * sig * (one + g * (one - sig))).to(dtype)
@@ -550,11 +594,11 @@ class DSwiGLUEpilogue(GroupedGemmWS):
                     cute.autovec_copy(rdh, cute.local_tile(dh, (1, 4), (out_row0 + m, (n_start + j) // 2)))
         # dS: finish each row's tile sum across its quad, one write per (row, n-tile).
         lane = cute.arch.lane_idx()
-        for v1 in cutlass.range_constexpr(2):
-            d = dots[v1]
+        for r in cutlass.range_constexpr(slots):
+            d = dots[r]
             d = d + cute.arch.shuffle_sync_bfly(d, offset=1)
             d = d + cute.arch.shuffle_sync_bfly(d, offset=2)
-            m, _ = tCcC[2 * v1]
+            m, _ = tCcC[2 * (r % 2) + (bn // 2) * (r // 2)]
             if lane % 4 == 0 and m < rows_left:
                 ds_part[out_row0 + m, n_start // bn] = d
         # A' = s * A: the staged tile goes out like any output tile.
@@ -562,8 +606,25 @@ class DSwiGLUEpilogue(GroupedGemmWS):
         self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
 
 
-def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = 227 * 1024) -> int:
-    """Stages that fit next to the two warpgroups' epilogue buffers (16-bit operands)."""
+def ping_pong(cls: type) -> type:
+    """The ping-pong form of a warp-specialized kernel class (its epilogue included), step 4 of the ladder.
+
+    Cooperative (``GroupedGemmWS``): both MMA warpgroups work on the same 128-row tile, 64 rows
+    each, so while they run the epilogue the tensor cores idle. Ping-pong: each MMA warpgroup owns
+    whole tiles -- the CTA's tiles alternate between them -- and one warpgroup's epilogue runs
+    while the other one's mainloop keeps the tensor cores busy. The producer is unchanged (it
+    fills the slots in the CTA's tile order); each MMA warpgroup steps its pipeline state over the
+    slots of the other one's tiles; a slot is released by the 128 threads that read it; the two
+    mainloops take turns through a pair of named barriers (ORDER_BARRIER). The
+    accumulators of a whole 128 x tile_n tile live in one warpgroup's registers, so tile_n is 128.
+    """
+    return type(f"{cls.__name__}PingPong", (cls,), {"PINGPONG": True, "MMA_WARPGROUPS": (1, 1, 1),
+                                                      "__doc__": f"{cls.__name__}, ping-pong (see ping_pong)."})
+
+
+def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = 227 * 1024, pingpong: bool = False) -> int:
+    """Stages that fit next to the two warpgroups' epilogue buffers (16-bit operands; each buffer is
+    a whole tile when ping-ponging)."""
     bm, bn, bk = tile
     per_stage = (bm + bn) * bk * 2
-    return (smem_bytes - 2048 - epilogue_smem_bytes(tile, out_bytes)) // per_stage
+    return (smem_bytes - 2048 - epilogue_smem_bytes(tile, out_bytes) * (2 if pingpong else 1)) // per_stage

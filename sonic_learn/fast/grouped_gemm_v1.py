@@ -66,12 +66,13 @@ class GroupedGemmV1:
     """
 
     LAYOUT_OPTIONS = False  # b_k_major / transpose_out: implemented by the production kernel only
+    MMA_WARPGROUPS = (2, 1, 1)  # two warpgroups share every tile, 64 rows each
 
     def __init__(self, *, varlen_k: bool, gather: bool, tile_m: int = 128, tile_n: int = 128,
                  tile_k: int = 64, stages: int = 5, b_k_major: bool = False, transpose_out: bool = False):
         assert tile_m == 128, "two warpgroups x 64 rows"
         assert tile_n in (64, 128, 256) and tile_k in (32, 64)
-        assert stages >= 3
+        assert stages >= (2 if self.LAYOUT_OPTIONS else 3)  # the persistent kernels' pipeline needs 2 slots
         assert self.LAYOUT_OPTIONS or not (b_k_major or transpose_out), "K-major B / transposed out: 'ws' only"
         self.varlen_k = varlen_k
         self.gather = gather
@@ -122,7 +123,7 @@ class GroupedGemmV1:
         self.b_layout = LayoutEnum.ROW_MAJOR if self.b_k_major else LayoutEnum.COL_MAJOR
         tiled_mma = sm90_utils.make_trivial_tiled_mma(
             dtype, dtype, self.a_layout.sm90_mma_major_mode(), self.b_layout.sm90_mma_major_mode(),
-            cutlass.Float32, (2, 1, 1), tiler_mn=(64, bn),
+            cutlass.Float32, self.MMA_WARPGROUPS, tiler_mn=(64, bn),
         )
         sA_layout = sm90_utils.make_smem_layout_a(self.a_layout, self.tile, dtype, self.stages)
         sB_layout = sm90_utils.make_smem_layout_b(self.b_layout, self.tile, dtype, self.stages)
