@@ -54,10 +54,12 @@ only need the r-th best key (a *threshold*) and the tie rule at it, never a sort
    skipped when every tied key is taken (the usual case with distinct scores). An expert with
    delta_e = 0 exits at once; the others store at most tile_m - 1 bytes.
 
+Both kernels run from one compiled call (``TokenRoundingKernels``: one host launch, no sync).
 Cost: every pass reads one row of T keys (L2-resident), so the selection is O(T) per expert with
 no sort and no (T, E)-wide temporaries besides the keys and the mask. What stays torch: the
 scores themselves (the reference's formula, so the compared floats are bit-identical and the
-output stays differentiable: a cast, ``logsumexp``, ``exp``, ``scatter``), the stochastic draw,
+output stays differentiable: ``logsumexp``, a subtraction, ``exp``, ``scatter``, in place when
+autograd is off), the stochastic draw,
 and ``nonzero`` on the (T, E) mask for the token-sorted triples (it also sizes the output: P is
 data dependent, so this is the one host sync that remains) plus two int32 casts and the score
 gather. Float64 logits give float64 scores, which do not fit the 32-bit key words: they take a
@@ -100,6 +102,7 @@ __all__ = [
     "token_rounding",
     "compile_metadata_kernel",
     "compile_token_rounding_kernels",
+    "TokenRoundingKernels",
     "MAX_EXPERTS",
 ]
 
@@ -366,6 +369,12 @@ def _compiled(bucket: int, scatter: bool):
     return compile_metadata_kernel(bucket, scatter)
 
 
+@functools.lru_cache(maxsize=None)
+def _unused_rows(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Placeholders for the three row arrays of the counts-only variant (saves three allocations)."""
+    return tuple(torch.empty(1, dtype=torch.int32, device=device) for _ in range(3))
+
+
 def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, num_experts: int, scatter: bool):
     """Run the kernels on validated, int32, contiguous CUDA inputs; no host sync.
 
@@ -381,7 +390,7 @@ def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, n
     if scatter:
         rows = [torch.empty(P, dtype=i32, device=device) for _ in range(3)]  # gather, pair_of_row, row_of_pair
     else:
-        rows = [torch.empty(1, dtype=i32, device=device) for _ in range(3)]  # never touched
+        rows = _unused_rows(device)  # never touched by the counts-only variant
     if P > 0:
         chunks_per_tile, num_tiles = _tiling(P)
         tile_counts = torch.empty(E, num_tiles, dtype=i32, device=device)  # (E, tiles) scratch
@@ -398,7 +407,7 @@ PACK_TILE = 32  # the pack kernel moves 32 tokens x 32 experts per CTA through s
 PACK_WARPS = 8
 SELECT_WARPS = 16
 SELECT_THREADS = 32 * SELECT_WARPS
-SELECT_UNROLL = 8  # keys a thread loads before using them (hides the load latency)
+SELECT_UNROLL = 16  # keys a thread loads before using them (hides the load latency)
 RADIX_BITS = 8
 RADIX_BINS = 1 << RADIX_BITS
 ROUNDING_CODES = {"down": 0, "up": 1, "nearest": 2, "stochastic": 3}  # the select kernel's `mode`
@@ -669,28 +678,39 @@ class BoundarySelectKernel:
                         cute.arch.sync_threads()  # warp_ties is rewritten by the next sub-block
 
 
+class TokenRoundingKernels:
+    """Both token-rounding kernels behind one compiled call (one host launch, two kernels in order
+    on the stream): ``BoundaryKeysKernel`` then ``BoundarySelectKernel``."""
+
+    def __init__(self):
+        self.keys_op = BoundaryKeysKernel()
+        self.select_op = BoundarySelectKernel()
+
+    @cute.jit
+    def __call__(self, mScores: cute.Tensor, mExperts: cute.Tensor, mKeys: cute.Tensor, mKeep: cute.Tensor,
+                 mCounts: cute.Tensor, mUniform: cute.Tensor, mode: Int32, tile_m: Int64, stream):
+        self.keys_op(mScores, mExperts, mKeys, mKeep, stream)
+        self.select_op(mKeys, mCounts, mUniform, mKeep, mode, tile_m, stream)
+
+
 def compile_token_rounding_kernels(*, extra_options: str = ""):
-    """Compile the two token-rounding kernels for sm_90a from fake tensors (no GPU needed); not cached.
+    """Compile ``TokenRoundingKernels`` for sm_90a from fake tensors (no GPU needed); not cached.
 
     T, E, K (and the length of the uniform draws) are symbolic: one compile serves every shape.
-    Returns the TVM-FFI callables ``(keys(scores_bits, experts, keys, keep),
-    select(keys, counts, uniform, keep, mode, tile_m))``.
+    Returns the TVM-FFI callable ``f(scores_bits, experts, keys, keep, counts, uniform, mode, tile_m)``
+    with scores_bits (T, E) int32, experts (T, K) int32, keys (E, T) int32, keep (T, E) uint8,
+    counts (E,) int32, uniform (E,) float64 (or any length when mode is not stochastic).
     """
     T, E, K, U = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
 
     def mat(dtype, rows, cols, align):
         return make_fake_compact_tensor(dtype, (rows, cols), stride_order=(1, 0), assumed_align=align)
 
-    opts = compile_options(extra=extra_options)
-    stream = make_fake_stream(use_tvm_ffi_env_stream=True)
-    keys = cute.compile(BoundaryKeysKernel(), mat(Int32, T, E, 4), mat(Int32, T, K, 4), mat(Int32, E, T, 4),
-                        mat(Uint8, T, E, 1), stream, options=opts)
-    select = cute.compile(
-        BoundarySelectKernel(), mat(Int32, E, T, 4), make_fake_compact_tensor(Int32, (E,), assumed_align=4),
-        make_fake_compact_tensor(Float64, (U,), assumed_align=8), mat(Uint8, T, E, 1), Int32(0), Int64(1), stream,
-        options=opts,
+    return cute.compile(
+        TokenRoundingKernels(), mat(Int32, T, E, 4), mat(Int32, T, K, 4), mat(Int32, E, T, 4), mat(Uint8, T, E, 1),
+        make_fake_compact_tensor(Int32, (E,), assumed_align=4), make_fake_compact_tensor(Float64, (U,), assumed_align=8),
+        Int32(0), Int64(1), make_fake_stream(use_tvm_ffi_env_stream=True), options=compile_options(extra=extra_options),
     )
-    return keys, select
 
 
 @functools.lru_cache(maxsize=None)
@@ -712,11 +732,10 @@ def _launch_boundary_kernels(scores: torch.Tensor, experts: torch.Tensor, counts
     device = scores.device
     keys = torch.empty(E, T, dtype=torch.int32, device=device)  # (E, T) one row per expert
     keep = torch.empty(T, E, dtype=torch.uint8, device=device)  # (T, E) written whole by the keys kernel
-    pack, select = _compiled_token_rounding()
-    launch(pack, device, scores.view(torch.int32), experts, keys, keep)
     if uniform is None:
         uniform = _no_uniform(device)
-    launch(select, device, keys, counts, uniform, keep, ROUNDING_CODES[mode], tile_m)
+    launch(_compiled_token_rounding(), device, scores.view(torch.int32), experts, keys, keep, counts, uniform,
+           ROUNDING_CODES[mode], tile_m)  # keys kernel, then select kernel, on the current stream
     return keep
 
 
@@ -870,6 +889,26 @@ def round_counts(
     return _ref.round_counts(counts, tile_m, mode, generator, num_tokens=num_tokens)
 
 
+def _all_expert_scores(logits: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor, scoring: str,
+                       normalize: bool) -> torch.Tensor:
+    """(T, E): ``reference.routing._scores_for_all_experts``, bit for bit.
+
+    With autograd recording for ``logits`` it *is* the reference function. Without, it saves two
+    (T, E) passes: no float32 copy of the logits (``logits - log_z`` promotes bf16/fp16 to float32
+    exactly, then subtracts in float32, as the reference's subtraction does) and no clone before
+    the scatter (``exp_`` and ``scatter_`` run in place).
+    """
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _ref._scores_for_all_experts(logits, tc_experts, tc_scores, scoring, normalize)
+    dtype = tc_scores.dtype
+    if scoring == "topk_softmax" and not normalize:
+        log_z = torch.logsumexp(logits.to(dtype), dim=1, keepdim=True)  # (T, 1) over all E experts
+    else:
+        log_z = torch.logsumexp(logits.gather(1, tc_experts).to(dtype), dim=1, keepdim=True)  # (T, 1) over the picks
+    scores = torch.sub(logits, log_z)  # (T, E) in float32 (float64 for float64 logits)
+    return scores.exp_().scatter_(1, tc_experts, tc_scores)  # (T, E) the picks: the token-choice scores
+
+
 def _boundary_selection(keys: torch.Tensor, r: torch.Tensor, max_r: int, prefer_low_token: torch.Tensor) -> torch.Tensor:
     """(E, T) bool: per expert row e, the r_e largest keys (0 <= r_e <= max_r), without sorting.
 
@@ -940,7 +979,8 @@ def token_rounding(
     Which steps are CuTe and which are torch: token-choice top-k (bitonic kernel), f_e
     (histogram kernel), the rounding rule, the key rows and the boundary selection (the two
     token-rounding kernels) are CuTe; the scores (the reference's formula, so bit-identical and
-    differentiable), the stochastic draw and the final ``nonzero`` are torch. Float64 logits
+    differentiable; in place when autograd is off), the stochastic draw and the final
+    ``nonzero`` are torch. Float64 logits
     (float64 scores) take a torch-op selection instead of the two kernels (same result).
     """
     return _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection="kernels")
@@ -959,9 +999,10 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
     device = logits.device
 
     # Step 1: token-choice top-k (CuTe bitonic) and f_e (CuTe histogram).
-    tc, tc_experts = _flat_topk(logits, k, scoring, normalize)  # tc_experts: (T, K) int64
-    tc_scores = tc.scores.view(T, k)  # (T, K)
-    counts = _launch_metadata(tc.expert_idx, None, E, scatter=False)[0]  # (E,) f_e
+    tc_experts = _token_choice_experts(logits, k)  # (T, K) int64
+    tc_scores = _scores_from_experts(logits, tc_experts, scoring, normalize)  # (T, K)
+    tc_experts32 = tc_experts.to(torch.int32)  # (T, K)
+    counts = _launch_metadata(tc_experts32.view(-1), None, E, scatter=False)[0]  # (E,) f_e
 
     # Step 2's random draw, exactly the reference's (the rule itself runs inside the select kernel).
     uniform = None
@@ -970,14 +1011,14 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
 
     # The score every token's router gives every expert (the reference's formula: picks keep
     # their token-choice scores bit for bit).
-    scores = _ref._scores_for_all_experts(logits, tc_experts, tc_scores, scoring, normalize)  # (T, E)
+    scores = _all_expert_scores(logits, tc_experts, tc_scores, scoring, normalize)  # (T, E)
 
     # Steps 2-4: round f_e, then flip only the boundary pairs of each expert (see the module docstring).
     if T == 0:
         keep = torch.zeros(0, E, dtype=torch.bool, device=device)
     elif scores.dtype == torch.float32 and selection == "kernels":
         s = scores.detach().contiguous()
-        keep = _launch_boundary_kernels(s, tc.expert_idx.view(T, k), counts, uniform, mode, tile_m)  # (T, E) uint8
+        keep = _launch_boundary_kernels(s, tc_experts32, counts, uniform, mode, tile_m)  # (T, E) uint8
     else:  # float64 scores (or the torch baseline)
         keep = _boundary_keep_torch(scores, tc_experts, counts, uniform, mode, tile_m)  # (T, E) bool
 
