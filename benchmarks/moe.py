@@ -157,8 +157,16 @@ def main(argv=None) -> int:
         "grouped_gemm_kernel": dict(gg_config._CONFIG),
         "flops": "fwd 6*T*K*n*d, fwd+bwd 18*T*K*n*d", "configs": {},
     }
+    def unfused(*a):
+        fast_moe.set_epilogue_fusion(swiglu=False, dh=False)
+        try:
+            return fast_moe.moe_forward(*a, backward="reduced_memory")
+        finally:
+            fast_moe.set_epilogue_fusion()
+
     impls = {
         "fast_reduced_memory": lambda *a: fast_moe.moe_forward(*a, backward="reduced_memory"),
+        "fast_reduced_memory_unfused": unfused,  # same layer, SwiGLU and dH epilogues as separate kernels
         "fast_standard": lambda *a: fast_moe.moe_forward(*a, backward="standard"),
     }
     if not args.no_naive:

@@ -375,19 +375,20 @@ def naive_grouped_gemm(x: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, 
 
 
 def gather_fused_grouped_gemm_swiglu(x: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, *,
-                                     tile_m: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                                     tile_m: int = 128, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE up-projection with SwiGLU in the GEMM's epilogue: returns (H, A).
 
     H = ``gather_fused_grouped_gemm(x, w, meta)`` (M, 2n) with w's columns interleaved (gate = even,
     up = odd, as ``sonic_learn.reference.moe.swiglu``), and A = up * silu(gate) (M, n), computed
     from the rounded H in the same epilogue (so A equals ``moe_kernels.swiglu(H)`` bit for bit).
-    16-bit output only; with the teaching kernels (v1, sm90) A is computed by the separate kernel.
+    16-bit output only; with ``fused=False`` or the teaching kernels (v1, sm90) A is computed by
+    the separate kernel (same values).
     """
     x, w, meta, out_dtype = _check_varlen_m(x, w, meta, tile_m, None, "x", None, False)
     if w.shape[2] % 16:
         raise ValueError(f"w.shape[2] (2n) must be a multiple of 16 for the SwiGLU epilogue (n a multiple of 8), "
                          f"got {w.shape[2]}")
-    if _CONFIG["kernel"] not in PERSISTENT:
+    if not fused or _CONFIG["kernel"] not in PERSISTENT:
         from sonic_learn.fast import moe_kernels
 
         h = _launch_varlen_m(x, w, meta, True, out_dtype, False)
@@ -398,15 +399,15 @@ def gather_fused_grouped_gemm_swiglu(x: torch.Tensor, w: torch.Tensor, meta: Rou
 
 
 def gather_fused_grouped_gemm_dswiglu(dout: torch.Tensor, w2: torch.Tensor, meta: RoutingMetadata, h: torch.Tensor,
-                                      row_scores: torch.Tensor, *, tile_m: int = 128):
+                                      row_scores: torch.Tensor, *, tile_m: int = 128, fused: bool = True):
     """The reduced-memory backward's dH kernel (paper Appendix C): returns (dH, A', dS).
 
     One GEMM dA' = dout[gather_idx] @ w2[e]^T (dout (T, d), w2 (E, n, d) read K-major) whose
     epilogue, with H (M, 2n) and the score of each grouped row ``row_scores`` (M,) fp32, computes
     dH = dSwiGLU(H, s * dA') (M, 2n), A' = s * SwiGLU(H) (M, n) and dS = <dA', SwiGLU(H)> (M,) fp32,
     in grouped row order; dA' itself is never stored. Same values as ``moe_kernels.swiglu_backward_scaled``
-    on the stored dA' (dS up to the order of its fp32 sum). With the teaching kernels (v1, sm90)
-    it runs exactly that unfused pair.
+    on the stored dA' (dS up to the order of its fp32 sum). With ``fused=False`` or the teaching
+    kernels (v1, sm90) it runs exactly that unfused pair.
     """
     dout, w2, meta, out_dtype = _check_varlen_m(dout, w2, meta, tile_m, None, "dout", None, True)
     M, n = meta.gather_idx.numel(), w2.shape[1]
@@ -417,7 +418,7 @@ def gather_fused_grouped_gemm_dswiglu(dout: torch.Tensor, w2: torch.Tensor, meta
     row_scores = _check_operand("row_scores", row_scores, 1, (torch.float32,))
     _checks.check_shape("row_scores", row_scores, (M,))
     h, row_scores = _aligned(h), row_scores.contiguous()
-    if _CONFIG["kernel"] not in PERSISTENT:
+    if not fused or _CONFIG["kernel"] not in PERSISTENT:
         from sonic_learn.fast import moe_kernels
 
         da_prime = _launch_varlen_m(dout, w2, meta, True, out_dtype, True)  # (M, n)

@@ -77,18 +77,34 @@ class ExpertOps:
     gather_sum: object  # (rows, weights | None, row_of_pair, token_offsets) -> (T, d)
 
 
+# Which epilogue fusions the reduced-memory experts use (``set_epilogue_fusion``). Unfused, the
+# same values come from the plain GEMM + the standalone kernel of moe_kernels.
+EPILOGUE_FUSION = {"swiglu": True, "dh": True}
+
+
+def set_epilogue_fusion(*, swiglu: bool = True, dh: bool = True) -> None:
+    """Fuse SwiGLU into the up-projection GEMM and/or dSwiGLU + dS + A' into the dH GEMM (default: both)."""
+    for name, flag in (("swiglu", swiglu), ("dh", dh)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    EPILOGUE_FUSION.update(swiglu=swiglu, dh=dh)
+
+
 def _fast_ops() -> ExpertOps:
     from sonic_learn.fast import grouped_gemm as gg
     from sonic_learn.fast import moe_kernels as mk
 
+    fuse = dict(EPILOGUE_FUSION)
+
     return ExpertOps(
         gather_gemm=lambda x, w, meta, transpose_w=False: gg.gather_fused_grouped_gemm(
             x, w, meta, tile_m=GEMM_TILE_M, transpose_w=transpose_w),
-        gather_gemm_swiglu=lambda x, w, meta: gg.gather_fused_grouped_gemm_swiglu(x, w, meta, tile_m=GEMM_TILE_M),
+        gather_gemm_swiglu=lambda x, w, meta: gg.gather_fused_grouped_gemm_swiglu(x, w, meta, tile_m=GEMM_TILE_M,
+                                                                                 fused=fuse["swiglu"]),
         grouped_gemm=lambda a, w, meta, transpose_w=False: gg.contiguous_grouped_gemm(
             a, w, meta, tile_m=GEMM_TILE_M, transpose_w=transpose_w),
         dh_gemm=lambda dout, w2, meta, h, row_scores: gg.gather_fused_grouped_gemm_dswiglu(
-            dout, w2, meta, h, row_scores, tile_m=GEMM_TILE_M),
+            dout, w2, meta, h, row_scores, tile_m=GEMM_TILE_M, fused=fuse["dh"]),
         varlen_k_gemm=lambda a, b, meta, gather_a, transpose_out=False: gg.grouped_gemm_varlen_k(
             a, b, meta, gather_a=gather_a, transpose_out=transpose_out),
         swiglu=mk.swiglu,
