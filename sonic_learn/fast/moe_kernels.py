@@ -23,16 +23,21 @@ so its cost is bytes, not FLOPs. Four kernels here, one per job:
 the grouped GEMM now reads K-major weights and stores dW2 transposed itself, so no transposed
 copy is made anywhere.)
 
-**Unfused for now.** SonicMoE runs SwiGLU inside the up-projection's epilogue and the dSwiGLU/dS
-pass inside the dH GEMM's epilogue, on the fp32 accumulator tile still in registers. Here they are
-standalone kernels (the GEMM epilogue hook belongs to the grouped-GEMM work, issue 6), which costs
-extra HBM traffic per layer call, in bytes for 16-bit activations:
+**Fused and unfused.** SonicMoE runs SwiGLU inside the up-projection's epilogue and the
+dSwiGLU/dS pass inside the dH GEMM's epilogue, on the accumulator tile still in registers; so does
+the reduced-memory fast layer (``grouped_gemm_sm90.SwiGLUEpilogue`` / ``DSwiGLUEpilogue``, the same
+arithmetic as the two kernels here). Fusion saves, in bytes for 16-bit activations:
 
-* forward: SwiGLU re-reads H (4Pn) and the GEMM wrote it (4Pn) -- fused, the epilogue writes H and
-  A from registers, so the re-read of H (4Pn) disappears;
-* reduced-memory backward: the dH GEMM writes dA' (2Pn), this pass re-reads it (2Pn) plus H (4Pn);
-  fused, dA' never exists in memory and only H is read: 4Pn bytes and one launch saved;
-* the standard backward pays its extra pass over (P, d) tensors by design (it is the baseline).
+* forward: the separate SwiGLU pass re-reads H (4Pn) after the GEMM wrote it; fused, H and A are
+  written from the same registers;
+* reduced-memory backward: unfused, the dA' GEMM writes dA' (2Pn) and this pass re-reads it plus
+  H (4Pn); fused, dA' never exists in memory: 4Pn bytes and one launch saved.
+
+Measured on an H200 (``benchmarks/moe.py``), the fused layer is within noise of the unfused one:
+the epilogue runs while the tensor cores of its SM idle (the cooperative kernel does not overlap
+epilogue and mainloop), which eats what the saved bytes gain. These kernels stay for the standard
+backward (the baseline, unfused by design: its extra pass over (P, d) tensors is the point) and
+for ``sonic_learn.fast.moe.set_epilogue_fusion(swiglu=False, dh=False)``.
 
 Every kernel is compiled once per (dtype, variant) from fake tensors with symbolic sizes and is
 called through TVM-FFI on the current torch stream (no host synchronization; CUDA-graph safe).
