@@ -90,6 +90,12 @@ def test_cost_columns_follow_the_cost_model(tmp_path):
     assert naive["flops"] == fused["flops"] == 2 * p.T * p.K * p.d * 2 * p.n
     assert fused["bytes_moved"] < naive["bytes_moved"]
     assert naive["throughput_unit"] == "TFLOP/s" and naive["throughput"] > 0
+    # issue 6's yardsticks: a dense GEMM and the weight-gradient loop, each checked on its own oracle
+    dense, dw_loop = rows["torch.matmul dense (same M x K x N)"], rows["torch.matmul per-expert dW loop"]
+    assert dense["kind"] == dw_loop["kind"] == "torch"
+    assert dense["status"] == dw_loop["status"] == "PASS"
+    assert dense["flops"] == dw_loop["flops"] == naive["flops"]
+    assert set(dense["agreement"]["max_rel_err"]) == {"dense out"} and set(dw_loop["agreement"]["max_rel_err"]) == {"dW"}
 
 
 def test_token_rounding_removes_padding(tmp_path):

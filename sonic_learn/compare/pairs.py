@@ -338,21 +338,45 @@ def _gemm_case(p: Problem, s: Setup, seed: int) -> Case:
     off = meta.expert_offsets.tolist()
     gather = meta.gather_idx.long()
     y = torch.empty(meta.num_rows, N, dtype=torch.float64, device=s.device)  # (P, 2n)
+    # The weight-gradient (varlen-K) rows: dW[e] = X_e^T B_e with B (P, 2n) in grouped row order.
+    b = torch.randn(meta.num_rows, N, generator=g).to(s.dtype).to(s.device)  # (P, 2n), e.g. dH
+    b64 = b.double()
+    dw = torch.zeros(p.E, p.d, N, dtype=torch.float64, device=s.device)  # (E, d, 2n)
     for e in range(p.E):
         rows = slice(off[e], off[e + 1])
         y[rows] = x64[gather[rows]] @ w64[e]
-    return Case(p, s, {"x": x, "w": w, "meta": meta, "y": y, "offsets": off, "gather": gather},
-                ["up-projection shape: x (T, d) gathered through the top-k routing, w (E, d, 2n)"])
+        dw[e] = x64[gather[rows]].T @ b64[rows]
+    x_grouped = x[gather].contiguous()  # (P, d): the gathered copy, for the contiguous-A rows
+    # Speed-of-light reference: ONE dense GEMM with the same M x K x N (weights of expert 0).
+    y_dense = x_grouped.double() @ w64[0]  # (P, 2n)
+    return Case(p, s, {"x": x, "w": w, "meta": meta, "y": y, "offsets": off, "gather": gather,
+                       "x_grouped": x_grouped, "b": b, "dw": dw, "y_dense": y_dense},
+                ["up-projection shape: x (T, d) gathered through the top-k routing, w (E, d, 2n)",
+                 "contiguous rows: A = x already gathered into expert order (the gather is not timed)",
+                 "dense row: one (P, d) @ (d, 2n) GEMM, the same FLOPs without experts (speed of light)",
+                 "varlen-K rows: dW_e = x_e^T b_e for every expert e, (E, d, 2n), x gathered on K"])
+
+
+GEMM_ORACLE = {"dense": ("dense out", "y_dense"), "varlen-K": ("dW", "dw")}  # algorithm -> (error name, oracle)
 
 
 def _gemm_compare(case: Case, impl: Impl, out) -> Agreement:
-    return Agreement(errors={"out": rel_err(out, case.y)})
+    name, oracle = GEMM_ORACLE.get(impl.algorithm, ("out", "y"))
+    return Agreement(errors={name: rel_err(out, getattr(case, oracle))})
 
 
 def _gemm_cost(case: Case, impl: Impl, out) -> Cost:
     p = case.problem
     io_cost = resolve(REF_GEMM, "io_cost")
     counts = case.meta.expert_counts.cpu()
+    nbytes = case.x.element_size()
+    P, N = case.meta.num_rows, 2 * p.n
+    if impl.algorithm == "varlen-K":
+        c = resolve(REF_GEMM, "varlen_k_cost")(p.T, p.d, N, counts, dtype_bytes=nbytes)
+        return Cost(flops=c.flops_useful, bytes_moved=c.bytes_moved, wasted_flops=c.flops_padded)
+    if impl.algorithm in ("dense", "contiguous"):  # A read once in place, B once (dense: one matrix), C written
+        b_elems = p.d * N * (1 if impl.algorithm == "dense" else p.E)
+        return Cost(flops=2 * P * p.d * N, bytes_moved=(P * p.d + b_elems + P * N) * nbytes)
     if impl.algorithm == "per-expert loop":  # gathers a copy per expert, no tile padding
         c = io_cost(p.T, p.d, 2 * p.n, counts, tile_m=1, dtype_bytes=case.x.element_size(), variant="naive")
     else:
@@ -377,6 +401,44 @@ def _gemm_impl(module: str, fname: str):
     return lambda case: (lambda: resolve(module, fname)(case.x, case.w, case.meta, tile_m=case.problem.tile_m))
 
 
+def _torch_dense(case: Case):
+    return lambda: case.x_grouped @ case.w[0]  # (P, 2n)
+
+
+def _torch_grouped_mm(case: Case):
+    offs = case.meta.expert_offsets[1:].to(torch.int32)  # (E,) end row of each expert
+    return lambda: torch._grouped_mm(case.x_grouped, case.w, offs=offs)
+
+
+def _grouped_mm_available(setup: Setup) -> tuple[bool, str]:
+    if not hasattr(torch, "_grouped_mm"):
+        return False, f"torch {torch.__version__} has no torch._grouped_mm"
+    if setup.device.type != "cuda" or setup.dtype != torch.bfloat16:
+        return False, "torch._grouped_mm runs bf16 on CUDA (Hopper) only"
+    return True, ""
+
+
+def _fast_contiguous(case: Case):
+    fn = resolve(FAST_GEMM, "contiguous_grouped_gemm")
+    return lambda: fn(case.x_grouped, case.w, case.meta, tile_m=case.problem.tile_m)
+
+
+def _torch_varlen_k_loop(case: Case):
+    def run():
+        dw = torch.empty(case.problem.E, case.x.shape[1], case.b.shape[1], dtype=case.x.dtype, device=case.x.device)
+        for e in range(case.problem.E):
+            rows = slice(case.offsets[e], case.offsets[e + 1])
+            dw[e] = case.x[case.gather[rows]].T @ case.b[rows]  # (d, 2n)
+        return dw
+
+    return run
+
+
+def _fast_varlen_k(case: Case):
+    fn = resolve(FAST_GEMM, "grouped_gemm_varlen_k")
+    return lambda: fn(case.x, case.b, case.meta, gather_a=True)
+
+
 GEMM = PairSpec(
     key="grouped-gemm",
     title="grouped GEMM: gather + pad + GEMM vs gather-fused (up-projection)",
@@ -398,6 +460,17 @@ register("grouped-gemm", Impl("fast naive", "fast", "naive", fast_has(FAST_GEMM,
 register("grouped-gemm", Impl("fast gather-fused", "fast", "gather-fused",
                               fast_has(FAST_GEMM, "gather_fused_grouped_gemm"),
                               _gemm_impl(FAST_GEMM, "gather_fused_grouped_gemm")))
+# Issue 6's yardsticks, each timed in the same run: one dense GEMM of the same size, torch's own
+# grouped GEMM on the same contiguous problem, and the weight-gradient (varlen-K) form.
+register("grouped-gemm", Impl("torch.matmul dense (same M x K x N)", "torch", "dense", always, _torch_dense,
+                              note="speed of light: no experts, checked against its own float64 oracle"))
+register("grouped-gemm", Impl("torch._grouped_mm (contiguous A)", "torch", "contiguous", _grouped_mm_available,
+                              _torch_grouped_mm))
+register("grouped-gemm", Impl("fast contiguous", "fast", "contiguous", fast_has(FAST_GEMM, "contiguous_grouped_gemm"),
+                              _fast_contiguous))
+register("grouped-gemm", Impl("torch.matmul per-expert dW loop", "torch", "varlen-K", always, _torch_varlen_k_loop))
+register("grouped-gemm", Impl("fast varlen-K (dW, x gathered)", "fast", "varlen-K",
+                              fast_has(FAST_GEMM, "grouped_gemm_varlen_k"), _fast_varlen_k))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
-KINDS = ("baseline", "reference", "fast", "upstream")
+KINDS = ("baseline", "torch", "reference", "fast", "upstream")
+# "baseline": THE row every speed-up is relative to (one per pair); "torch": further torch rows timed
+# as yardsticks (their same-dtype error also sets the tolerance of the oracle they are checked on)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 

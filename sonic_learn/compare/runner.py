@@ -322,7 +322,7 @@ def _decide(rows: list[Row], dtype: torch.dtype) -> None:
     floor = ERROR_FLOOR.get(dtype, 1e-5)
     base_err: dict[str, float] = {}
     for r in rows:
-        if r.kind == "baseline" and r.agreement is not None and r.status != "ERROR":
+        if r.kind in ("baseline", "torch") and r.agreement is not None and r.status != "ERROR":
             for k, v in r.agreement.errors.items():
                 if math.isfinite(v):
                     base_err[k] = max(base_err.get(k, 0.0), v)

@@ -19,7 +19,7 @@ from rich.text import Text
 from sonic_learn.compare.runner import TOLERANCE_RULE, PairResult, Row
 
 STATUS_STYLE = {"PASS": "bold green", "FAIL": "bold red", "ERROR": "bold red", "n/a": "dim"}
-KIND_STYLE = {"baseline": "cyan", "reference": "", "fast": "magenta", "upstream": "yellow"}
+KIND_STYLE = {"baseline": "cyan", "torch": "cyan", "reference": "", "fast": "magenta", "upstream": "yellow"}
 
 
 def make_console(file=None, *, stderr: bool = False) -> Console:
