@@ -290,6 +290,38 @@ def test_realistic_shape_7b_up_proj_slice(kernel_config):
     check_close("7b-slice", fast.gather_fused_grouped_gemm(x, w, meta), oracle, same)
 
 
+@needs_hopper
+def test_weights_of_exactly_2_31_elements():
+    """The largest weights the kernels take: E * d * 2n = 2^31 (the paper's E = 512, d = 4096, n = 512
+    shape). Its last index, 2^31 - 1, still fits the kernels' int32 arithmetic; the last expert's
+    rows and weight gradient are checked against torch, where an overflow would show."""
+    from sonic_learn.fast import grouped_gemm as fast
+
+    E, d, N = 512, 4096, 1024
+    assert E * d * N == 2**31
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    w = torch.randn(E, d, N, device="cuda", dtype=torch.bfloat16, generator=gen)  # 4 GiB
+    counts = [0] * E
+    counts[0], counts[E - 1] = 64, 200
+    meta = make_meta(counts, 256, torch.Generator().manual_seed(3))
+    x = torch.randn(256, d, device="cuda", dtype=torch.bfloat16, generator=gen) / d**0.5
+    last = slice(64, 264)  # the last expert's grouped rows
+    xg = x[meta.gather_idx.long()]
+    y = fast.gather_fused_grouped_gemm(x, w, meta)  # (264, N)
+    check_close("last expert, varlen-M", y[last], xg[last].double() @ w[E - 1].double(), xg[last] @ w[E - 1])
+    # the same storage seen as (E, N, K) = (512, 1024, 4096) by the K-major path: out = a @ w[e]^T
+    w_nk = w.view(E, N, d)
+    z = fast.contiguous_grouped_gemm(xg.contiguous(), w_nk, meta, transpose_w=True)  # (264, N)
+    check_close("last expert, K-major", z[last], xg[last].double() @ w_nk[E - 1].double().T, xg[last] @ w_nk[E - 1].T)
+    del w, w_nk, y, z
+    b = torch.randn(264, N, device="cuda", dtype=torch.bfloat16, generator=gen) / N**0.5
+    # the weight gradient of that size: (E, d, N) = 2^31 elements
+    dw = fast.grouped_gemm_varlen_k(x, b, meta, gather_a=True)
+    check_close("last expert, varlen-K", dw[E - 1], xg[last].double().T @ b[last].double(), xg[last].T @ b[last],
+                atol=1e-2)
+    assert torch.count_nonzero(dw[1:E - 1]) == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad inputs: clear errors before any launch
 # ------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from sonic_learn.reference.routing import RoutingMetadata
 
 IN_DTYPES = (torch.bfloat16, torch.float16)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-MAX_ELEMENTS = 2**31 - 1  # 32-bit index arithmetic inside the kernel
+MAX_ELEMENTS = 2**31  # 32-bit index arithmetic inside the kernels: the largest index, 2^31 - 1, fits in int32
 TILE = (128, 128, 64)  # (tile_m, tile_n, tile_k) of the teaching kernels v1 / sm90
 WS_TILE = (128, 256, 64)  # of the production warp-specialized kernel
 
@@ -130,7 +130,7 @@ def _check_operand(name: str, t: object, ndim: int, dtypes=IN_DTYPES) -> torch.T
     _checks.check_ndim(name, t, ndim)
     _checks.check_dtype(name, t, dtypes)
     if t.numel() > MAX_ELEMENTS:
-        raise ValueError(f"{name} has {t.numel()} elements; the fast kernels take at most 2^31 - 1 (32-bit indexing)")
+        raise ValueError(f"{name} has {t.numel()} elements; the fast kernels take at most 2^31 (32-bit indexing)")
     return t
 
 
@@ -340,9 +340,9 @@ def _check_varlen_m(x, w, meta, tile_m, out_dtype, x_name: str, rows_expected: i
     if rows_expected is not None and x.shape[0] != M:
         raise ValueError(f"{x_name} must have M = {M} rows (meta.gather_idx.numel()), got {x.shape[0]}")
     if M * N > MAX_ELEMENTS:
-        raise ValueError(f"the output (M, N) = ({M}, {N}) exceeds 2^31 - 1 elements")
+        raise ValueError(f"the output (M, N) = ({M}, {N}) exceeds 2^31 elements")
     if E * K * N > MAX_ELEMENTS:
-        raise ValueError(f"w has more than 2^31 - 1 elements: {tuple(w.shape)}")
+        raise ValueError(f"w has more than 2^31 elements: {tuple(w.shape)}")
     return x, w, meta, _out_dtype(out_dtype, x.dtype)
 
 
@@ -462,7 +462,7 @@ def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadat
     _check_multiple_of_8("a.shape[1]", d, "d")
     _check_multiple_of_8("b.shape[1]", N, "N")
     if E * d * N > MAX_ELEMENTS:
-        raise ValueError(f"the output (E, d, N) = ({E}, {d}, {N}) exceeds 2^31 - 1 elements")
+        raise ValueError(f"the output (E, d, N) = ({E}, {d}, {N}) exceeds 2^31 elements")
     out_shape = (E, N, d) if transpose_out else (E, d, N)
     if M == 0:  # no rows at all: every expert's gradient is zero (and TMA cannot describe an empty b)
         return torch.zeros(out_shape, dtype=out_dtype, device=a.device)

@@ -53,7 +53,7 @@ from sonic_learn.reference.moe import BACKWARD_MODES, ROUTINGS, _check_layer_inp
 from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata, _check_generator
 
 FAST_DTYPES = (torch.bfloat16, torch.float16)
-MAX_ELEMENTS = 2**31 - 1  # the kernels index with 32-bit integers
+MAX_ELEMENTS = 2**31  # the kernels index with 32-bit integers (largest index 2^31 - 1)
 GEMM_TILE_M = 128  # the fast grouped GEMM's M tile
 
 
@@ -316,7 +316,7 @@ def check_inputs(x, router_w, w1, w2, k, *, routing="topk", tile_m=128, backward
         raise ValueError(f"w2.shape[1] (n) must be a multiple of 8 for the fast kernels' 16-byte vectors, got {n}")
     P = T * k
     if P * max(d, two_n) > MAX_ELEMENTS or E * d * two_n > MAX_ELEMENTS:
-        raise ValueError(f"(T*K, max(d, 2n)) = ({P}, {max(d, two_n)}) or w1 {tuple(w1.shape)} exceeds 2^31 - 1 "
+        raise ValueError(f"(T*K, max(d, 2n)) = ({P}, {max(d, two_n)}) or w1 {tuple(w1.shape)} exceeds 2^31 "
                          "elements (the fast kernels index with 32-bit integers)")
     for name, t in (("x", x), ("router_w", router_w), ("w1", w1), ("w2", w2)):
         _checks.check_cuda(name, t)
