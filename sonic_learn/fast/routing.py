@@ -91,7 +91,8 @@ from cutlass import Float64, Int32, Int64, Uint8, Uint32, const_expr  # noqa: E4
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
 
 from sonic_learn.fast import topk as _fast_topk  # noqa: E402
-from sonic_learn.fast.topk import _warp_exclusive_sum, _warp_suffix_sum  # noqa: E402  (shared warp scans)
+from sonic_learn.fast.topk import (  # noqa: E402  (shared warp scans)
+    _lane_bins_and_keys_above, _warp_exclusive_sum)
 
 __all__ = [
     "Routing",
@@ -621,12 +622,7 @@ class BoundarySelectKernel:
                 if warp == 0:
                     # lane l owns bins 8l..8l+7; keys in higher bins = higher lanes, then higher bins
                     per_lane = RADIX_BINS // 32
-                    counts = cute.make_rmem_tensor(per_lane, Int32)
-                    lane_total = Int32(0)
-                    for b in cutlass.range_constexpr(per_lane):
-                        counts[b] = hist[lane * per_lane + b]
-                        lane_total = lane_total + counts[b]
-                    above = _warp_suffix_sum(lane_total, lane) - lane_total
+                    counts, above = _lane_bins_and_keys_above(hist, lane, RADIX_BINS)
                     for b in cutlass.range_constexpr(per_lane - 1, -1, -1):
                         if above < need and above + counts[b] >= need:  # exactly one (lane, bin)
                             found[0] = lane * per_lane + b

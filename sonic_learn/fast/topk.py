@@ -310,6 +310,20 @@ def _warp_exclusive_sum(x: Int32, lane: Int32):
 
 
 @cute.jit
+def _lane_bins_and_keys_above(hist: cute.Tensor, lane: Int32, bins: cutlass.Constexpr[int]):
+    """A radix pass's shared-memory histogram read by one warp: lane l owns bins
+    (bins/32)*l ... (bins/32)*(l+1) - 1. Returns the lane's bin counts (registers) and how many keys
+    lie in the bins above all of them (the higher lanes' bins), i.e. the start of a descending scan."""
+    per_lane = bins // 32
+    counts = cute.make_rmem_tensor(per_lane, Int32)
+    lane_total = Int32(0)
+    for b in cutlass.range_constexpr(per_lane):
+        counts[b] = hist[lane * per_lane + b]
+        lane_total = lane_total + counts[b]
+    return counts, _warp_suffix_sum(lane_total, lane) - lane_total
+
+
+@cute.jit
 def _warp_suffix_sum(x: Int32, lane: Int32) -> Int32:
     """Inclusive suffix sum: sum of x over lanes >= this lane."""
     inclusive = x
@@ -666,12 +680,7 @@ class RadixTopK:
             # 2c. find the bin holding the k-th largest: lane l owns bins 8l..8l+7; count the keys
             #     in higher bins (higher lanes first, then higher bins of this lane).
             per_lane = RADIX_BINS // 32
-            counts = cute.make_rmem_tensor(per_lane, Int32)
-            lane_total = Int32(0)
-            for b in cutlass.range_constexpr(per_lane):
-                counts[b] = hist[lane * per_lane + b]
-                lane_total = lane_total + counts[b]
-            above = _warp_suffix_sum(lane_total, lane) - lane_total
+            counts, above = _lane_bins_and_keys_above(hist, lane, RADIX_BINS)
             found = Int32(0)
             digit_here = Int32(0)
             above_here = Int32(0)
