@@ -15,9 +15,13 @@ What changes from ``grouped_gemm_v1`` (and why, paper Section 3 / Appendix B "IO
 * **Tile shape is a parameter** (128 x 128 or 128 x 256, with as many stages as fit).
 
 Step 3 (``GroupedGemmWS`` below, the production kernel) adds warp specialization, an mbarrier
-pipeline, TMA loads and a persistent tile scheduler. Not done (see benchmarks/results/ for the
-measured gap): TMA-store epilogue, epilogue/MMA overlap between the two MMA warpgroups
-(ping-pong), clusters with TMA multicast, per-shape tile heuristics beyond fp32 vs 16-bit output.
+pipeline, TMA loads and a persistent tile scheduler, K-major weights, a transposed varlen-K store
+and the fused MoE epilogues (``SwiGLUEpilogue``, ``DSwiGLUEpilogue``). Step 4 (``ping_pong``) lets
+one MMA warpgroup's epilogue overlap the other's mainloop; at the 128 x 128 tile it needs, it was
+measured slower than step 3 except on the 7B down-projection, so step 3 stays the default
+(benchmarks/results/grouped_gemm_tiles_pingpong_NVIDIA_H200.json). Not done: a TMA-store epilogue
+(per-expert output descriptors), clusters with TMA multicast, per-shape tile heuristics beyond fp32
+vs 16-bit output.
 """
 
 from __future__ import annotations
