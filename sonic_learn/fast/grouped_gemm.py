@@ -25,7 +25,11 @@ Which kernel runs (the ladder, llm.c style; ``set_kernel_config`` picks one):
 3. ``"ws"`` (``grouped_gemm_sm90.GroupedGemmWS``, the default / production kernel): warp-specialized
    (one producer warpgroup, two WGMMA warpgroups, setmaxnreg), mbarrier pipeline, persistent
    static tile scheduler over (expert, m-tile, n-tile), TMA for the weights (and for contiguous A),
-   cp.async per row for gathered A, tile 128 x 256 x 64 (128 x 128 x 64 for fp32 output).
+   cp.async per row for gathered A, tile 128 x 256 x 64 (128 x 128 x 64 for fp32 output); the
+   epilogue hook of the fused MoE epilogues (``gather_fused_grouped_gemm_swiglu`` / ``_dswiglu``).
+4. ``"pingpong"`` (``grouped_gemm_sm90.ping_pong``): step 3 with each MMA warpgroup owning whole
+   128 x 128 tiles, so one warpgroup's epilogue overlaps the other's mainloop (opt-in: measured
+   slower than step 3 on most shapes).
 
 The weights ``w (E, K, N)`` are used as stored (N contiguous): WGMMA reads B in its "MN-major"
 shared-memory mode and the TMA descriptor views w as (N, K, E), so no transposed copy is made.
