@@ -62,6 +62,13 @@ def check_cuda(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a CUDA tensor for the fast (CuTe-DSL) path, got device {t.device}")
 
 
+def check_bool(name: str, value: object) -> bool:
+    """Raise TypeError unless ``value`` is a bool (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_int_range(name: str, value: object, lo: int, hi: int | None = None, what: str = "") -> int:
     """Raise TypeError/ValueError unless ``value`` is an int with ``lo <= value <= hi``."""
     if isinstance(value, bool) or not isinstance(value, int):

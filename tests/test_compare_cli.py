@@ -110,7 +110,9 @@ def test_token_rounding_removes_padding(tmp_path):
 
 
 @pytest.mark.parametrize(("pair", "target"), [("topk", "reference bitonic"), ("grouped-gemm", "reference naive"),
-                                              ("backward", "reference reduced-memory")])
+                                              ("backward", "reference reduced-memory"),
+                                              ("grouped-gemm", "torch.matmul per-expert dW loop"),
+                                              ("grouped-gemm", "torch.matmul dense (same M x K x N)")])
 def test_forced_disagreement_fails_and_is_not_timed(tmp_path, pair, target):
     code, doc = _run_json(tmp_path, pair, "--inject-fault", target)
     assert code == 1

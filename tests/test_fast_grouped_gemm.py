@@ -95,16 +95,19 @@ def varlen_m_oracle(x, w, meta):
     return oracle, same
 
 
-KERNELS = [("v1", (128, 128, 64)), ("sm90", (128, 128, 64)), ("ws", (128, 256, 64)),
-           ("pingpong", (128, 128, 64))]  # the ladder: 2 teaching steps, production cooperative and ping-pong
+# The ladder: 2 teaching steps, the production kernel cooperative and ping-pong; the persistent
+# kernels also with their grid capped at 2-3 CTAs, so that every CTA walks many tiles (the
+# pipeline across tiles, and ping-pong's turn taking between its two MMA warpgroups).
+KERNELS = [("v1", (128, 128, 64), None), ("sm90", (128, 128, 64), None), ("ws", (128, 256, 64), None),
+           ("pingpong", (128, 128, 64), None), ("ws", (128, 256, 64), 3), ("pingpong", (128, 128, 64), 2)]
 
 
-@pytest.fixture(params=KERNELS, ids=[k for k, _ in KERNELS])
+@pytest.fixture(params=KERNELS, ids=[k + (f"-{c}ctas" if c else "") for k, _, c in KERNELS])
 def kernel_config(request):
     from sonic_learn.fast import grouped_gemm as fast
 
-    kernel, tile = request.param
-    fast.set_kernel_config(kernel=kernel, tile=tile)
+    kernel, tile, max_ctas = request.param
+    fast.set_kernel_config(kernel=kernel, tile=tile, max_ctas=max_ctas)
     yield request.param
     fast.set_kernel_config()
 
@@ -221,10 +224,11 @@ def test_swiglu_epilogue_matches_unfused(kernel_config, problem):
     w = (torch.randn(len(counts), K, N, generator=gen) / K**0.5).to("cuda", dtype)
     M = sum(counts)
     poison((M, N // 2), dtype)
+    poison((M, N), dtype)
     h, a = fast.gather_fused_grouped_gemm_swiglu(x, w, meta)
     assert h.shape == (M, N) and a.shape == (M, N // 2) and a.dtype == dtype
+    assert not torch.isnan(h).any() and not torch.isnan(a).any(), "an element of H or A was not written"
     assert torch.equal(h, fast.gather_fused_grouped_gemm(x, w, meta))
-    assert not torch.isnan(a).any(), "an element of A was not written"
     assert torch.equal(a, mk.swiglu(h))
 
 
@@ -257,9 +261,12 @@ def test_dswiglu_epilogue_matches_unfused(kernel_config, problem):
     h = (2 * torch.randn(M, 2 * n, generator=gen)).to("cuda", dtype)
     row_scores = torch.rand(M, generator=gen).to("cuda")
     poison((M, 2 * n), dtype)
+    poison((M, n), dtype)
+    poison((M, -(-n // fast._CONFIG["tile"][1])), torch.float32)  # the dS partials, one per n-tile
     dh, a_scaled, ds = fast.gather_fused_grouped_gemm_dswiglu(dout, w2, meta, h, row_scores)
     assert dh.shape == (M, 2 * n) and a_scaled.shape == (M, n) and ds.shape == (M,) and ds.dtype == torch.float32
     assert not torch.isnan(dh).any() and not torch.isnan(a_scaled).any(), "unwritten element"
+    assert not torch.isnan(ds).any(), "an unwritten dS partial"
 
     da_prime = fast.gather_fused_grouped_gemm(dout, w2, meta, transpose_w=True)  # (M, n)
     rows = torch.arange(M, dtype=torch.int32, device="cuda")
@@ -379,5 +386,20 @@ def test_bad_inputs_raise_clear_errors():
         fast.gather_fused_grouped_gemm(x, w.transpose(1, 2)[..., :8].contiguous(), meta, transpose_w=True)
     with pytest.raises(TypeError, match="transpose_w must be a bool"):
         fast.gather_fused_grouped_gemm(x, w, meta, transpose_w=1)
+    # one expert's (K, N) block of 2^31 elements: its TMA stride would not fit 32 bits
+    one = make_meta([6], 6, torch.Generator().manual_seed(1))
+    wide_w = torch.empty(1, 1, 1, dtype=torch.bfloat16, device="cuda").expand(1, 32768, 65536)
+    wide_x = torch.empty(1, 1, dtype=torch.bfloat16, device="cuda").expand(6, 32768)
+    with pytest.raises(ValueError, match="fewer than 2\\^31 elements"):
+        fast.gather_fused_grouped_gemm(wide_x, wide_w, one)
+    h = torch.randn(8, 48, dtype=torch.bfloat16, device="cuda")
+    w2 = torch.randn(2, 24, 16, dtype=torch.bfloat16, device="cuda")  # (E, n, d)
+    scores = torch.rand(8, device="cuda")
+    with pytest.raises(TypeError, match="fused must be a bool"):
+        fast.gather_fused_grouped_gemm_dswiglu(x, w2, meta, h, scores, fused="no")
+    with pytest.raises(ValueError, match="row_scores must have shape"):
+        fast.gather_fused_grouped_gemm_dswiglu(x, w2, meta, h, scores[:7])
+    with pytest.raises(TypeError, match="h must have dout's dtype"):
+        fast.gather_fused_grouped_gemm_dswiglu(x, w2, meta, h.half(), scores)
     with pytest.raises(TypeError, match="transpose_out must be a bool"):
         fast.grouped_gemm_varlen_k(x, b, meta, transpose_out="yes")

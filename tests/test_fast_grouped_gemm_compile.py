@@ -125,14 +125,14 @@ def test_fused_epilogue_bad_config():
         compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, kernel="ws", epilogue="gelu")
     with pytest.raises(ValueError, match="needs a varlen-M variant with a 16-bit output"):
         compile_grouped_gemm("varlen_k", torch.bfloat16, torch.bfloat16, kernel="ws", epilogue="swiglu")
-    with pytest.raises(ValueError, match="need the production kernel"):
+    with pytest.raises(ValueError, match="need a persistent kernel"):
         compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, kernel="sm90", epilogue="swiglu")
 
 
 def test_transposed_needs_production_kernel():
     from sonic_learn.fast.grouped_gemm import compile_grouped_gemm
 
-    with pytest.raises(ValueError, match="need the production kernel"):
+    with pytest.raises(ValueError, match="need a persistent kernel"):
         compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, kernel="v1", transposed=True)
 
 
@@ -167,4 +167,8 @@ def test_set_kernel_config_rejects_bad_values():
         fast.set_kernel_config(kernel="v1", tile=fast.TILE, stages=2)
     with pytest.raises(TypeError, match="stages must be an int"):
         fast.set_kernel_config(stages="4")
-    assert fast._CONFIG == {"kernel": "ws", "tile": fast.WS_TILE, "stages": None}  # nothing was changed
+    with pytest.raises(ValueError, match="max_ctas"):
+        fast.set_kernel_config(max_ctas=0)
+    with pytest.raises(ValueError, match="tile_n <= 128"):
+        fast.set_kernel_config(kernel="pingpong", tile=fast.WS_TILE)
+    assert fast._CONFIG == {"kernel": "ws", "tile": fast.WS_TILE, "stages": None, "max_ctas": None}  # unchanged

@@ -70,25 +70,32 @@ KERNELS = ("v1", "sm90", "ws", "pingpong")  # the ladder: teaching step, + smem 
 PERSISTENT = ("ws", "pingpong")  # the warp-specialized persistent kernels (fused epilogues, layout options)
 PINGPONG_TILE = (128, 128, 64)  # a whole tile's accumulators in one warpgroup
 EPILOGUES = ("store", "swiglu", "dswiglu")  # the production kernel's epilogues (grouped_gemm_sm90)
-_CONFIG = {"kernel": "ws", "tile": WS_TILE, "stages": None}
+_CONFIG = {"kernel": "ws", "tile": WS_TILE, "stages": None, "max_ctas": None}
+
+
+def _check_pingpong_tile(kernel: str, tile: object) -> None:
+    if kernel == "pingpong" and isinstance(tile, tuple) and len(tile) == 3 and tile[1] > 128:
+        raise ValueError(f"the ping-pong kernel keeps a whole tile in one warpgroup: tile_n <= 128, got {tile}")
 
 
 def set_kernel_config(*, kernel: str = "ws", tile: tuple[int, int, int] | None = None,
-                      stages: int | None = None) -> None:
+                      stages: int | None = None, max_ctas: int | None = None) -> None:
     """Select the kernel ("v1" = teaching step, "sm90" = + shared-memory epilogue, "ws" = production,
     cooperative; "pingpong" = production, ping-pong) and its tile (default: the kernel's own) and
-    stage count (``stages=None``: as many as fit)."""
+    stage count (``stages=None``: as many as fit). ``max_ctas`` caps the persistent kernels' grid
+    (default: one CTA per SM); tests use a small cap so that every CTA walks many tiles."""
     _checks.check_choice("kernel", kernel, KERNELS)
     if tile is None:
         tile = {"ws": WS_TILE, "pingpong": PINGPONG_TILE}.get(kernel, TILE)
-    if kernel == "pingpong" and isinstance(tile, tuple) and len(tile) == 3 and tile[1] > 128:
-        raise ValueError(f"the ping-pong kernel keeps a whole tile in one warpgroup: tile_n <= 128, got {tile}")
+    _check_pingpong_tile(kernel, tile)
     if not (isinstance(tile, tuple) and len(tile) == 3 and tile[0] == 128 and tile[1] in (64, 128, 256)
             and tile[2] in (32, 64)):
         raise ValueError(f"tile must be (128, tile_n in 64/128/256, tile_k in 32/64), got {tile!r}")
     if stages is not None:  # the WS pipeline needs 2 slots; v1/sm90 prefetch stages - 2 k-tiles ahead
         _checks.check_int_range("stages", stages, 2 if kernel in PERSISTENT else 3, what=f"pipeline stages of '{kernel}'")
-    _CONFIG.update(kernel=kernel, tile=tile, stages=stages)
+    if max_ctas is not None:
+        _checks.check_int_range("max_ctas", max_ctas, 1, what="CTAs of the persistent kernels")
+    _CONFIG.update(kernel=kernel, tile=tile, stages=stages, max_ctas=max_ctas)
 
 
 def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transposed: bool = False,
@@ -206,9 +213,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
     _checks.check_choice("epilogue", epilogue, EPILOGUES)
     if (transposed or epilogue != "store") and kernel not in PERSISTENT:
-        raise ValueError(f"transposed=True and fused epilogues need the production kernel 'ws', got kernel={kernel!r}")
-    if kernel == "pingpong" and tile[1] > 128:
-        raise ValueError(f"the ping-pong kernel keeps a whole tile in one warpgroup: tile_n <= 128, got {tile}")
+        raise ValueError(f"transposed=True and fused epilogues need a persistent kernel {PERSISTENT}, got kernel={kernel!r}")
+    _check_pingpong_tile(kernel, tile)
     if epilogue != "store" and (variant.startswith("varlen_k") or out_dtype == torch.float32):
         raise ValueError(f"epilogue={epilogue!r} needs a varlen-M variant with a 16-bit output")
     from sonic_learn.fast._cute import compile_options, cutlass_dtype, import_cutlass
@@ -284,7 +290,8 @@ def _grid_size(row_tile_bound: int, device: torch.device) -> int:
     at once; it is >= sum_e ceil(f_e / tile_m), so no device-to-host copy of the counts is needed)
     or, for the persistent "ws" kernel, one CTA per SM."""
     if _CONFIG["kernel"] in PERSISTENT:
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return min(sms, _CONFIG["max_ctas"] or sms)
     return row_tile_bound
 
 
@@ -318,8 +325,7 @@ def _launch_varlen_m(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, ga
 def _check_varlen_m(x, w, meta, tile_m, out_dtype, x_name: str, rows_expected: int | None, transpose_w: object):
     x = _check_operand(x_name, x, 2)
     w = _check_operand("w", w, 3)
-    if not isinstance(transpose_w, bool):
-        raise TypeError(f"transpose_w must be a bool, got {type(transpose_w).__name__}")
+    _checks.check_bool("transpose_w", transpose_w)
     shape_name = "(E, N, K) (transpose_w=True)" if transpose_w else "(E, K, N)"
     if w.dtype != x.dtype:
         raise TypeError(f"w must have the same dtype as {x_name} ({x.dtype}), got {w.dtype}")
@@ -347,6 +353,8 @@ def _check_varlen_m(x, w, meta, tile_m, out_dtype, x_name: str, rows_expected: i
         raise ValueError(f"the output (M, N) = ({M}, {N}) exceeds 2^31 elements")
     if E * K * N > MAX_ELEMENTS:
         raise ValueError(f"w has more than 2^31 elements: {tuple(w.shape)}")
+    if K * N >= MAX_ELEMENTS:  # the TMA view's expert stride K*N is a 32-bit value
+        raise ValueError(f"one expert's weights w[e] must have fewer than 2^31 elements, got K x N = {K} x {N}")
     return x, w, meta, _out_dtype(out_dtype, x.dtype)
 
 
@@ -388,6 +396,7 @@ def gather_fused_grouped_gemm_swiglu(x: torch.Tensor, w: torch.Tensor, meta: Rou
     16-bit output only; with ``fused=False`` or the teaching kernels (v1, sm90) A is computed by
     the separate kernel (same values).
     """
+    _checks.check_bool("fused", fused)
     x, w, meta, out_dtype = _check_varlen_m(x, w, meta, tile_m, None, "x", None, False)
     if w.shape[2] % 16:
         raise ValueError(f"w.shape[2] (2n) must be a multiple of 16 for the SwiGLU epilogue (n a multiple of 8), "
@@ -413,14 +422,16 @@ def gather_fused_grouped_gemm_dswiglu(dout: torch.Tensor, w2: torch.Tensor, meta
     on the stored dA' (dS up to the order of its fp32 sum). With ``fused=False`` or the teaching
     kernels (v1, sm90) it runs exactly that unfused pair.
     """
+    _checks.check_bool("fused", fused)
     dout, w2, meta, out_dtype = _check_varlen_m(dout, w2, meta, tile_m, None, "dout", None, True)
     M, n = meta.gather_idx.numel(), w2.shape[1]
     h = _check_operand("h", h, 2)
     _checks.check_shape("h", h, (M, 2 * n))
-    if h.dtype != dout.dtype or h.device != dout.device:
-        raise ValueError(f"h must be a {dout.dtype} tensor on {dout.device} like dout, got {h.dtype} on {h.device}")
+    if h.dtype != dout.dtype:
+        raise TypeError(f"h must have dout's dtype {dout.dtype}, got {h.dtype}")
     row_scores = _check_operand("row_scores", row_scores, 1, (torch.float32,))
     _checks.check_shape("row_scores", row_scores, (M,))
+    _checks.check_same_device(dout=dout, h=h, row_scores=row_scores)
     h, row_scores = _aligned(h), row_scores.contiguous()
     if not fused or _CONFIG["kernel"] not in PERSISTENT:
         from sonic_learn.fast import moe_kernels
@@ -449,9 +460,8 @@ def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadat
         raise TypeError(f"b must have the same dtype as a ({a.dtype}), got {b.dtype}")
     _checks.check_same_device(a=a, b=b)
     meta = _check_meta(meta, a.device)
-    for name, flag in (("gather_a", gather_a), ("transpose_out", transpose_out)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    _checks.check_bool("gather_a", gather_a)
+    _checks.check_bool("transpose_out", transpose_out)
     out_dtype = _out_dtype(out_dtype, a.dtype)
     M = meta.gather_idx.numel()
     E = meta.num_experts

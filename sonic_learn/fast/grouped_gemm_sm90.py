@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from sonic_learn.fast._cute import import_cutlass
 from sonic_learn.fast.grouped_gemm_v1 import CHUNK, THREADS, GroupedGemmV1
-from sonic_learn.fast.moe_kernels import _sigmoid
+from sonic_learn.fast.moe_kernels import _dswiglu, _swiglu_parts
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402
@@ -83,7 +83,7 @@ def epilogue_smem_bytes(tile: tuple[int, int, int], out_bytes: int) -> int:
 # Step 3: warp specialization + a persistent tile scheduler
 # ================================================================================================
 PRODUCER_THREADS = 128  # warpgroup 0: the load warps
-CONSUMER_THREADS = 256  # warpgroups 1 and 2: the MMA warps, 64 rows of the tile each
+CONSUMER_THREADS = 256  # warpgroups 1 and 2: the MMA warps (64 rows of each tile, or whole tiles in ping-pong)
 ORDER_BARRIER = 3  # named barriers 3 and 4: the ping-pong mainloop turns (1 and 2: the epilogues)
 PRODUCER_REGS = 56  # setmaxnreg budgets: 56 * 128 + 224 * 256 <= 65536 registers per SM
 CONSUMER_REGS = 224
@@ -405,7 +405,8 @@ class GroupedGemmWS(GroupedGemmSm90):
     def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
                     sC: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32,
                     cols_left: Int32):
-        """One MMA warpgroup stores its 64 rows: registers -> padded smem -> 16-byte masked global stores.
+        """One MMA warpgroup stores its rows (64, or the whole tile when ping-ponging): registers ->
+        padded smem -> 16-byte masked global stores.
 
         The epilogue *hook* of the production kernel. A fused epilogue is a subclass that overrides
         this method only; it gets ``tCcC`` (each accumulator's (row, col) in the tile) and the
@@ -511,7 +512,7 @@ class SwiGLUEpilogue(GroupedGemmWS):
             m, n = tCcC[2 * i]  # the gate column (even); 2 * i + 1 is its up column
             g = acc[2 * i].to(self.out_dtype).to(cutlass.Float32)  # the rounded H values
             u = acc[2 * i + 1].to(self.out_dtype).to(cutlass.Float32)
-            sA[m - row_off, n // 2] = (u * (g * _sigmoid(g))).to(self.out_dtype)  # as SwiGLUForward
+            sA[m - row_off, n // 2] = _swiglu_parts(g, u)[2].to(self.out_dtype)  # as SwiGLUForward
         cute.arch.barrier(barrier_id=wg, number_of_threads=128)
         self.copy_out_rows(sA, a_cols, epi[0], out_row0, n_start // 2, rows_left, cols_left // 2, wg, ctid)
 
@@ -529,15 +530,16 @@ class DSwiGLUEpilogue(GroupedGemmWS):
 
     * recomputes A = up * silu(gate) from H (never cached), per (gate, up) pair;
     * dS partial = sum over the tile's columns of dA' * A: the 4 lanes of a quad hold one row's
-      columns, so a 2-step shuffle finishes the tile's part; lane 0 writes it to
+      columns, so a 2-step shuffle finishes the tile's part; the quad's first lane writes it to
       ``row_out[row, n_tile]`` (deterministic: the host sums the n-tiles in a fixed order);
     * A' = s * A, the dW2 operand, is staged in shared memory and stored like any output (``out``);
     * dH = dSwiGLU(H, s * dA') goes straight from registers to ``epi_out`` (P, 2n): a thread's two
       neighbouring accumulator columns j, j+1 are H columns 2j .. 2j+3, one 8-byte load of H and
       one 8-byte store of dH, and a quad covers a whole 32-byte sector.
 
-    The arithmetic is ``moe_kernels.SwiGLUBackward``'s, operation for operation, so dH and A'
-    equal the unfused pass's. Tensors: ``epi_in`` = H (P, 2n), ``row_in`` = the score of each
+    The arithmetic is ``moe_kernels.SwiGLUBackward``'s (the same helpers, ``_swiglu_parts`` and
+    ``_dswiglu``), so dH and A' match the unfused pass's (tested: within 1 ulp, almost all
+    bit-equal; the compiler may contract a multiply-add differently in the two kernels). Tensors: ``epi_in`` = H (P, 2n), ``row_in`` = the score of each
     grouped row (P,) fp32, ``row_out`` = (P, ceil(n / tile_n)) fp32.
     """
 
@@ -549,7 +551,6 @@ class DSwiGLUEpilogue(GroupedGemmWS):
         bm, bn, _ = self.tile
         row_off = self.wg_row_offset(wg)
         dtype = self.out_dtype
-        one = cutlass.Float32(1.0)
         cute.arch.barrier(barrier_id=wg, number_of_threads=128)  # previous tile's copy-out is done
         # The accumulator fragment of a WGMMA (PTX layout): index i = v0 + 2 * v1 + 4 * q (+ bn / 2
         # per further 64-row block) holds row r0 + 8 * v1 and column 8 * q + 2 * (lane % 4) + v0. So
@@ -585,15 +586,14 @@ class DSwiGLUEpilogue(GroupedGemmWS):
                     for v in cutlass.range_constexpr(2):
                         g = rh[k, 0, 2 * v].to(cutlass.Float32)
                         u = rh[k, 0, 2 * v + 1].to(cutlass.Float32)
-                        sig = _sigmoid(g)
-                        silu = g * sig
-                        act = u * silu  # A, recomputed from H
+                        sig, silu, act = _swiglu_parts(g, u)  # A, recomputed from H
                         grad = acc[i + v].to(dtype).to(cutlass.Float32)  # dA', rounded as when stored
                         dots[slot] = dots[slot] + grad * act  # dS partial: <dA', A>
                         grad = grad * s  # dA = s * dA'
                         act = act * s  # A' = s * A
-                        rdh[0, 2 * v] = (grad * u * sig * (one + g * (one - sig))).to(dtype)
-                        rdh[0, 2 * v + 1] = (grad * silu).to(dtype)
+                        dgate, dup = _dswiglu(g, u, sig, silu, grad)
+                        rdh[0, 2 * v] = dgate.to(dtype)
+                        rdh[0, 2 * v + 1] = dup.to(dtype)
                         sC[m - row_off, j + v] = act.to(dtype)
                     cute.autovec_copy(rdh, cute.local_tile(dh, (1, 4), (out_row0 + m, (n_start + j) // 2)))
         # dS: finish each row's tile sum across its quad, one write per (row, n-tile).

@@ -74,6 +74,22 @@ def _sigmoid(g: Float32) -> Float32:
 
 
 @cute.jit
+def _swiglu_parts(g: Float32, u: Float32):
+    """One (gate, up) pair in fp32: (sigmoid(g), silu(g) = g * sigmoid(g), A = u * silu(g)). The one
+    SwiGLU formula of the library's kernels (standalone passes and fused GEMM epilogues alike)."""
+    sig = _sigmoid(g)
+    silu = g * sig
+    return sig, silu, u * silu
+
+
+@cute.jit
+def _dswiglu(g: Float32, u: Float32, sig: Float32, silu: Float32, grad: Float32):
+    """(d gate, d up) of A = u * silu(g) for the output gradient ``grad`` (parts from ``_swiglu_parts``):
+    d gate = grad * u * sig * (1 + g * (1 - sig)), d up = grad * silu."""
+    return grad * u * sig * (Float32(1.0) + g * (Float32(1.0) - sig)), grad * silu
+
+
+@cute.jit
 def _warp_sum(x: Float32) -> Float32:
     """Butterfly reduction: after 5 steps every lane holds the sum over the warp's 32 lanes."""
     for step in cutlass.range_constexpr(5):
@@ -120,7 +136,7 @@ class SwiGLUForward:
             for j in cutlass.range_constexpr(PAIRS):
                 g = rh[0, 2 * j].to(Float32)
                 u = rh[0, 2 * j + 1].to(Float32)
-                ra[0, j] = (u * (g * _sigmoid(g))).to(a.element_type)  # same rounding as the backward's A
+                ra[0, j] = _swiglu_parts(g, u)[2].to(a.element_type)  # same rounding as the backward's A
             _store_vec(ra, a, row, c, PAIRS)
 
 
@@ -171,16 +187,15 @@ class SwiGLUBackward:
                 for j in cutlass.range_constexpr(PAIRS):
                     g = rh[0, 2 * j].to(Float32)
                     u = rh[0, 2 * j + 1].to(Float32)
-                    sig = _sigmoid(g)
-                    silu = g * sig
-                    act = u * silu  # A, recomputed from H
+                    sig, silu, act = _swiglu_parts(g, u)  # A, recomputed from H
                     grad = rda[0, j].to(Float32)  # dA' (scaled) or dA
                     if const_expr(self.scaled):
                         dot = dot + grad * act  # dS partial: <dA', A>
                         grad = grad * s  # dA = s * dA'
                         act = act * s  # A' = s * A
-                    rdh[0, 2 * j] = (grad * u * sig * (Float32(1.0) + g * (Float32(1.0) - sig))).to(dtype)
-                    rdh[0, 2 * j + 1] = (grad * silu).to(dtype)
+                    dgate, dup = _dswiglu(g, u, sig, silu, grad)
+                    rdh[0, 2 * j] = dgate.to(dtype)
+                    rdh[0, 2 * j + 1] = dup.to(dtype)
                     ra[0, j] = act.to(dtype)
                 _store_vec(rdh, dh, row, c, VEC)
                 _store_vec(ra, a_out, row, c, PAIRS)

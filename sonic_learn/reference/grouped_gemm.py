@@ -123,8 +123,7 @@ def _check_metadata(
 
 def _oriented_weights(w: object, transpose_w: object) -> object:
     """``w`` as (E, K, N): with ``transpose_w`` it is stored (E, N, K) and used as ``w[e]^T`` (a view)."""
-    if not isinstance(transpose_w, bool):
-        raise TypeError(f"transpose_w must be a bool, got {type(transpose_w).__name__}")
+    _checks.check_bool("transpose_w", transpose_w)
     if transpose_w and isinstance(w, torch.Tensor) and w.ndim == 3:
         return w.transpose(1, 2)  # (E, K, N) view, no copy
     return w
@@ -311,9 +310,8 @@ def grouped_gemm_varlen_k(
     if a.dtype != b.dtype:
         raise TypeError(f"a and b must have the same dtype, got a {a.dtype} and b {b.dtype}")
     _checks.check_same_device(a=a, b=b)
-    for name, flag in (("gather_a", gather_a), ("transpose_out", transpose_out)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    _checks.check_bool("gather_a", gather_a)
+    _checks.check_bool("transpose_out", transpose_out)
     _check_metadata(meta, "a", a, num_tokens=a.shape[0] if gather_a else None, num_experts=None)
     M = meta.num_rows
     if b.shape[0] != M:
