@@ -38,8 +38,8 @@ ERROR_FLOOR = {
     torch.float16: 2e-3,
     torch.bfloat16: 1.6e-2,
 }
-TOLERANCE_RULE = ("max|err|/max|oracle| <= max(2 x the other torch rows' error on the same oracle, dtype floor); "
-                  "integers exact")
+TOLERANCE_RULE = ("max|err|/max|oracle| <= max(2 x the other torch rows' error on the same oracle (the baseline's "
+                  "own where no other torch row checks it), dtype floor); integers exact")
 
 FAULT_ENV = "SONIC_LEARN_COMPARE_FAULT"
 
@@ -323,8 +323,9 @@ def _decide(rows: list[Row], dtype: torch.dtype) -> None:
     floor = ERROR_FLOOR.get(dtype, 1e-5)
     is_torch = lambda r: r.kind in ("baseline", "torch")  # noqa: E731
     checked = [r for r in rows if r.agreement is not None and r.status != "ERROR"]
-    # Torch rows first, each judged by the OTHER torch rows (never by its own error) or the floor;
-    # then every other row, judged by the torch rows that passed.
+    # Torch rows first, each judged by the OTHER torch rows on the same oracle, or the dtype floor
+    # (only the pair's one baseline row may define the yardstick of an oracle that no other torch
+    # row checks); then every other row, judged by the torch rows that passed.
     for phase in (True, False):
         for r in (q for q in checked if is_torch(q) == phase):
             a = r.agreement
@@ -334,6 +335,10 @@ def _decide(rows: list[Row], dtype: torch.dtype) -> None:
                 for k, v in q.agreement.errors.items():
                     if math.isfinite(v):
                         base_err[k] = max(base_err.get(k, 0.0), v)
+            if r.kind == "baseline":  # THE baseline defines the yardstick of an oracle no other torch row checks
+                for k, v in a.errors.items():
+                    if k not in base_err and math.isfinite(v):
+                        base_err[k] = v
             a.tolerances = {k: max(2.0 * base_err.get(k, 0.0), floor) for k in a.errors}
             _judge(r)
 
