@@ -334,6 +334,10 @@ def _small():
         (lambda x, w, m: (x[0], w, m, {}), ValueError, r"x must be 2-D"),
         (lambda x, w, m: (x, w[0], m, {}), ValueError, r"w must be 3-D"),
         (lambda x, w, m: (x, w[:, :4], m, {}), ValueError, r"w must have shape \(E, K, N\) with K = 5"),
+        # transpose_w=True: w is stored (E, N, K); the stored shape is checked and named
+        (lambda x, w, m: (x, w, m, {"transpose_w": True}), ValueError,
+         r"w must have shape \(E, N, K\) with K = 5 \(x.shape\[1\]\) in dim 2 \(transpose_w=True\), got \(3, 5, 3\)"),
+        (lambda x, w, m: (x, w, m, {"transpose_w": 1}), TypeError, r"transpose_w must be a bool"),
         (lambda x, w, m: (x, w[:2], m, {}), ValueError, r"meta.num_experts must equal .* E = 2"),
         (lambda x, w, m: (x[:3], w, m, {}), ValueError, r"meta.num_tokens must equal .* T = 3 \(x.shape\[0\]\)"),
         (lambda x, w, m: (x.int(), w.int(), m, {}), TypeError, r"x must have dtype in"),

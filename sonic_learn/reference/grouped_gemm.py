@@ -121,28 +121,25 @@ def _check_metadata(
             )
 
 
-def _oriented_weights(w: object, transpose_w: object) -> object:
-    """``w`` as (E, K, N): with ``transpose_w`` it is stored (E, N, K) and used as ``w[e]^T`` (a view)."""
+def _check_gemm_args(x: object, w: object, meta: object, tile_m: object, out_dtype: object,
+                     transpose_w: object) -> torch.dtype:
+    """Validate the arguments of the two varlen-M grouped GEMMs (``w`` as the caller stored it);
+    return the output dtype."""
     _checks.check_bool("transpose_w", transpose_w)
-    if transpose_w and isinstance(w, torch.Tensor) and w.ndim == 3:
-        return w.transpose(1, 2)  # (E, K, N) view, no copy
-    return w
-
-
-def _check_gemm_args(x: object, w: object, meta: object, tile_m: object, out_dtype: object) -> torch.dtype:
-    """Validate the arguments of the two varlen-M grouped GEMMs; return the output dtype."""
+    layout = "(E, N, K)" if transpose_w else "(E, K, N)"
     _checks.check_tensor("x", x)
     _checks.check_tensor("w", w)
     _checks.check_ndim("x", x, 2, "(T, K): one row per token")
-    _checks.check_ndim("w", w, 3, "(E, K, N): one (K, N) matrix per expert ((E, N, K) with transpose_w)")
+    _checks.check_ndim("w", w, 3, f"{layout}: one matrix per expert")
     _checks.check_dtype("x", x, _checks.FLOAT_DTYPES)
     _checks.check_dtype("w", w, _checks.FLOAT_DTYPES)
     if x.dtype != w.dtype:
         raise TypeError(f"x and w must have the same dtype, got x {x.dtype} and w {w.dtype}")
-    if w.shape[1] != x.shape[1]:
+    k_axis = 2 if transpose_w else 1
+    if w.shape[k_axis] != x.shape[1]:
         raise ValueError(
-            f"w must have shape (E, K, N) with K = {x.shape[1]} (x.shape[1]), got {tuple(w.shape)}"
-            " (seen as (E, K, N), i.e. after the transpose when transpose_w=True)"
+            f"w must have shape {layout} with K = {x.shape[1]} (x.shape[1]) in dim {k_axis}"
+            f"{' (transpose_w=True)' if transpose_w else ''}, got {tuple(w.shape)}"
         )
     _checks.check_same_device(x=x, w=w)
     _checks.check_int_range("tile_m", tile_m, 1, what="rows per GEMM tile")
@@ -180,8 +177,9 @@ def naive_grouped_gemm(
         (M, N) with M = ``meta.num_rows``: row r is ``x[gather_idx[r]] @ w[e]`` for the expert e
         that owns row r, in expert-grouped row order.
     """
-    w = _oriented_weights(w, transpose_w)  # (E, K, N)
-    out_dtype = _check_gemm_args(x, w, meta, tile_m, out_dtype)
+    out_dtype = _check_gemm_args(x, w, meta, tile_m, out_dtype, transpose_w)
+    if transpose_w:
+        w = w.transpose(1, 2)  # stored (E, N, K): used as w[e]^T, an (E, K, N) view, no copy
     # --8<-- [start:naive_grouped_gemm]
     E, K, N = w.shape
     acc_dtype = _accumulation_dtype(x.dtype)
@@ -244,8 +242,9 @@ def gather_fused_grouped_gemm(
 
     Same arguments, result and accumulation rule as ``naive_grouped_gemm``.
     """
-    w = _oriented_weights(w, transpose_w)  # (E, K, N)
-    out_dtype = _check_gemm_args(x, w, meta, tile_m, out_dtype)
+    out_dtype = _check_gemm_args(x, w, meta, tile_m, out_dtype, transpose_w)
+    if transpose_w:
+        w = w.transpose(1, 2)  # stored (E, N, K): used as w[e]^T, an (E, K, N) view, no copy
     # --8<-- [start:gather_fused_grouped_gemm]
     E, K, N = w.shape
     acc_dtype = _accumulation_dtype(x.dtype)
