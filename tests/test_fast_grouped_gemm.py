@@ -97,17 +97,21 @@ def varlen_m_oracle(x, w, meta):
 
 # The ladder: 2 teaching steps, the production kernel cooperative and ping-pong; the persistent
 # kernels also with their grid capped at 2-3 CTAs, so that every CTA walks many tiles (the
-# pipeline across tiles, and ping-pong's turn taking between its two MMA warpgroups).
-KERNELS = [("v1", (128, 128, 64), None), ("sm90", (128, 128, 64), None), ("ws", (128, 256, 64), None),
-           ("pingpong", (128, 128, 64), None), ("ws", (128, 256, 64), 3), ("pingpong", (128, 128, 64), 2)]
+# pipeline across tiles, ping-pong's turn taking between its two MMA warpgroups, and a TMA store
+# buffer refilled while its previous bulk store may still be reading it), and the cooperative
+# kernel with its plain store done by the shared-memory copy-out instead of TMA (tma_store=False).
+KERNELS = [("v1", (128, 128, 64), None, True), ("sm90", (128, 128, 64), None, True),
+           ("ws", (128, 256, 64), None, True), ("pingpong", (128, 128, 64), None, True),
+           ("ws", (128, 256, 64), 3, True), ("pingpong", (128, 128, 64), 2, True), ("ws", (128, 256, 64), None, False)]
 
 
-@pytest.fixture(params=KERNELS, ids=[k + (f"-{c}ctas" if c else "") for k, _, c in KERNELS])
+@pytest.fixture(params=KERNELS, ids=[k + (f"-{c}ctas" if c else "") + ("" if tma else "-notma")
+                                     for k, _, c, tma in KERNELS])
 def kernel_config(request):
     from sonic_learn.fast import grouped_gemm as fast
 
-    kernel, tile, max_ctas = request.param
-    fast.set_kernel_config(kernel=kernel, tile=tile, max_ctas=max_ctas)
+    kernel, tile, max_ctas, tma_store = request.param
+    fast.set_kernel_config(kernel=kernel, tile=tile, max_ctas=max_ctas, tma_store=tma_store)
     yield request.param
     fast.set_kernel_config()
 

@@ -48,6 +48,9 @@ def test_production_variant_compiles_for_sm90a(variant, dtype):
     else:  # varlen-K: ragged rows of both operands by cp.async
         assert n_cpasync > 0
     assert (".bf16" in ptx) == (dtype == torch.bfloat16)
+    # the plain store: full tiles through TMA bulk stores (shared -> global), ragged ones by st.global
+    assert re.search(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)
+    assert "cp.async.bulk.wait_group.read" in ptx and "st.global.v4" in ptx
 
 
 @pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
@@ -171,4 +174,7 @@ def test_set_kernel_config_rejects_bad_values():
         fast.set_kernel_config(max_ctas=0)
     with pytest.raises(ValueError, match="tile_n <= 128"):
         fast.set_kernel_config(kernel="pingpong", tile=fast.WS_TILE)
-    assert fast._CONFIG == {"kernel": "ws", "tile": fast.WS_TILE, "stages": None, "max_ctas": None}  # unchanged
+    with pytest.raises(TypeError, match="tma_store"):
+        fast.set_kernel_config(tma_store=0)
+    assert fast._CONFIG == {"kernel": "ws", "tile": fast.WS_TILE, "stages": None, "max_ctas": None,
+                            "tma_store": True}  # unchanged

@@ -70,7 +70,7 @@ KERNELS = ("v1", "sm90", "ws", "pingpong")  # the ladder: teaching step, + smem 
 PERSISTENT = ("ws", "pingpong")  # the warp-specialized persistent kernels (fused epilogues, layout options)
 PINGPONG_TILE = (128, 128, 64)  # a whole tile's accumulators in one warpgroup
 EPILOGUES = ("store", "swiglu", "dswiglu")  # the production kernel's epilogues (grouped_gemm_sm90)
-_CONFIG = {"kernel": "ws", "tile": WS_TILE, "stages": None, "max_ctas": None}
+_CONFIG = {"kernel": "ws", "tile": WS_TILE, "stages": None, "max_ctas": None, "tma_store": True}
 
 
 def _check_pingpong_tile(kernel: str, tile: object) -> None:
@@ -79,11 +79,13 @@ def _check_pingpong_tile(kernel: str, tile: object) -> None:
 
 
 def set_kernel_config(*, kernel: str = "ws", tile: tuple[int, int, int] | None = None,
-                      stages: int | None = None, max_ctas: int | None = None) -> None:
+                      stages: int | None = None, max_ctas: int | None = None, tma_store: bool = True) -> None:
     """Select the kernel ("v1" = teaching step, "sm90" = + shared-memory epilogue, "ws" = production,
     cooperative; "pingpong" = production, ping-pong) and its tile (default: the kernel's own) and
     stage count (``stages=None``: as many as fit). ``max_ctas`` caps the persistent kernels' grid
-    (default: one CTA per SM); tests use a small cap so that every CTA walks many tiles."""
+    (default: one CTA per SM); tests use a small cap so that every CTA walks many tiles.
+    ``tma_store=False`` gives the persistent kernels' plain store the synchronous shared-memory
+    copy-out instead of the TMA bulk store (for the ladder's before/after benchmark)."""
     _checks.check_choice("kernel", kernel, KERNELS)
     if tile is None:
         tile = {"ws": WS_TILE, "pingpong": PINGPONG_TILE}.get(kernel, TILE)
@@ -95,7 +97,8 @@ def set_kernel_config(*, kernel: str = "ws", tile: tuple[int, int, int] | None =
         _checks.check_int_range("stages", stages, 2 if kernel in PERSISTENT else 3, what=f"pipeline stages of '{kernel}'")
     if max_ctas is not None:
         _checks.check_int_range("max_ctas", max_ctas, 1, what="CTAs of the persistent kernels")
-    _CONFIG.update(kernel=kernel, tile=tile, stages=stages, max_ctas=max_ctas)
+    _checks.check_bool("tma_store", tma_store)
+    _CONFIG.update(kernel=kernel, tile=tile, stages=stages, max_ctas=max_ctas, tma_store=tma_store)
 
 
 def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transposed: bool = False,
@@ -106,7 +109,7 @@ def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transpos
         # 128 x 128 -> 128 x 64 ping-pong, whose buffers hold whole tiles) to keep 4+ pipeline stages
         tile = (tile[0], min(tile[1], 128 if _CONFIG["kernel"] == "ws" else 64), tile[2])
     return compile_grouped_gemm(variant, dtype, out_dtype, tile, _CONFIG["stages"], kernel=_CONFIG["kernel"],
-                                transposed=transposed, epilogue=epilogue)
+                                transposed=transposed, epilogue=epilogue, tma_store=_CONFIG["tma_store"])
 
 
 def _epi_args(out: torch.Tensor, epi_out=None, epi_in=None, row_in=None, row_out=None) -> tuple:
@@ -196,7 +199,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, tile: tuple = TILE,
                          stages: int | None = None, keep_ptx: bool = False, kernel: str = "ws",
-                         transposed: bool = False, epilogue: str = "store"):
+                         transposed: bool = False, epilogue: str = "store", tma_store: bool = True):
     """Compile one grouped-GEMM variant for sm_90a from fake tensors (no GPU needed).
 
     ``variant`` is one of "varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather". Sizes (rows,
@@ -209,6 +212,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     ``epilogue`` (kernel "ws", varlen-M only): "store" (out = the product), "swiglu" (out = H,
     epi_out = SwiGLU(H): ``grouped_gemm_sm90.SwiGLUEpilogue``) or "dswiglu" (the backward's dH
     kernel: ``grouped_gemm_sm90.DSwiGLUEpilogue``).
+    ``tma_store`` (persistent kernels, plain store): full tiles leave through a TMA bulk store
+    (``GroupedGemmWS.epilogue_wg_tma``); False keeps the synchronous shared-memory copy-out.
     """
     _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
     _checks.check_choice("epilogue", epilogue, EPILOGUES)
@@ -265,6 +270,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     layout = {"transpose_out": transposed} if varlen_k else {"b_k_major": transposed}
     kernel_obj = cls(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2], stages=stages,
                      **layout)
+    if not tma_store:
+        kernel_obj.TMA_STORE = False
     opts = compile_options(keep_ptx)
     epi = ()
     if kernel in PERSISTENT:  # the epilogue's tensors: epi_out, epi_in (16-bit), row_in (P,), row_out (P, n-tiles)

@@ -33,8 +33,10 @@ from sonic_learn.fast.moe_kernels import _dswiglu, _swiglu_parts
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402
 import cutlass.pipeline as pipeline  # noqa: E402
+import cutlass.utils.hopper_helpers as sm90_utils  # noqa: E402
 from cutlass import Int32, const_expr  # noqa: E402
 from cutlass.cute.nvgpu import cpasync, warpgroup  # noqa: E402
+from cutlass.tensor_utils import LayoutEnum  # noqa: E402
 
 CHUNK_BYTES = 16  # one vectorized global store
 
@@ -114,6 +116,12 @@ class GroupedGemmWS(GroupedGemmSm90):
 
     LAYOUT_OPTIONS = True
     PINGPONG = False
+    TMA_STORE = True  # the plain store epilogue; the fused epilogues (subclasses) store with st.global
+
+    def uses_tma_store(self) -> bool:
+        """Full tiles leave through a TMA bulk store (row-major ``out`` only; the transposed
+        varlen-K store and the fused epilogues keep the padded buffer and 16-byte stores)."""
+        return self.TMA_STORE and not self.transpose_out
 
     def wg_rows(self) -> int:
         """Output rows one MMA warpgroup owns (and stages in its epilogue buffer)."""
@@ -137,9 +145,23 @@ class GroupedGemmWS(GroupedGemmSm90):
             barriers: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
             sA: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sA_layout)], 1024]
             sB: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sB_layout)], 1024]
-            sC: cute.struct.Align[cute.struct.MemRange[self.out_dtype, epi_elems], 128]
+            sC: cute.struct.Align[cute.struct.MemRange[self.out_dtype, epi_elems], 1024]
 
         self.storage = Storage
+        # The TMA-store epilogue: each MMA warpgroup stages its (rows, bn) part of the tile in a
+        # swizzled buffer (slot wg - 1 of a 2-slot layout; it fits in the padded buffers' space)
+        # and one thread sends it to ``out`` with a bulk tensor store. TMA clips columns past N;
+        # rows are never clipped per expert (the descriptor is the whole (M, N) matrix), so only a
+        # warpgroup whose rows all belong to the expert uses it -- the expert's ragged last tile
+        # takes the masked 16-byte stores instead.
+        epi_layout = None
+        tma_atom_c = None
+        tma_c = None
+        if const_expr(self.uses_tma_store()):
+            epi_layout = sm90_utils.make_smem_layout_epi(self.out_dtype, LayoutEnum.ROW_MAJOR,
+                                                         (self.wg_rows(), bn), 2)  # (rows, bn, WG)
+            tma_atom_c, tma_c = cpasync.make_tiled_tma_atom(
+                cpasync.CopyBulkTensorTileS2GOp(), out, cute.slice_(epi_layout, (None, None, 0)), (self.wg_rows(), bn))
         # B through TMA, one descriptor for all experts.
         # * varlen-M: B = the weights, seen as a 3-D (N, K, E) tensor with N contiguous; the tile of
         #   expert e sits at (n0, k0, e) and TMA zero-fills whatever lies past N or K.
@@ -168,8 +190,9 @@ class GroupedGemmWS(GroupedGemmSm90):
         if const_expr(not self.varlen_k and not self.gather):
             tma_atom_a, tma_a = cpasync.make_tiled_tma_atom(
                 cpasync.CopyBulkTensorTileG2SOp(), a, cute.slice_(sA_layout, (None, None, 0)), (bm, bk))
-        self.kernel(a, b, tma_atom_a, tma_a, tma_atom_b, tma_b, out, epi_out, epi_in, row_in, row_out, gather_idx,
-                    expert_offsets, tile_offsets, tiled_mma, sA_layout, sB_layout).launch(grid=(num_ctas, 1, 1), block=[PRODUCER_THREADS + CONSUMER_THREADS, 1, 1],
+        self.kernel(a, b, tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_c, tma_c, out, epi_out, epi_in, row_in,
+                    row_out, gather_idx, expert_offsets, tile_offsets, tiled_mma, sA_layout, sB_layout,
+                    epi_layout).launch(grid=(num_ctas, 1, 1), block=[PRODUCER_THREADS + CONSUMER_THREADS, 1, 1],
                                       stream=stream)
 
     @cute.jit
@@ -208,11 +231,11 @@ class GroupedGemmWS(GroupedGemmSm90):
         return expert, m_start, n_start, row0, count, m_dim, k_len
 
     @cute.kernel
-    def kernel(self, a: cute.Tensor, b: cute.Tensor, tma_atom_a, tma_a, tma_atom_b, tma_b, out: cute.Tensor,
-               epi_out: cute.Tensor, epi_in: cute.Tensor, row_in: cute.Tensor, row_out: cute.Tensor,
-               gather_idx: cute.Tensor,
+    def kernel(self, a: cute.Tensor, b: cute.Tensor, tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_c, tma_c,
+               out: cute.Tensor, epi_out: cute.Tensor, epi_in: cute.Tensor, row_in: cute.Tensor,
+               row_out: cute.Tensor, gather_idx: cute.Tensor,
                expert_offsets: cute.Tensor, tile_offsets: cute.Tensor, tiled_mma: cute.TiledMma,
-               sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout):
+               sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout, epi_layout):
         bm, bn, bk = self.tile
         use_tma_a = not self.varlen_k and not self.gather
         tidx, _, _ = cute.arch.thread_idx()
@@ -325,6 +348,17 @@ class GroupedGemmWS(GroupedGemmSm90):
             tCsC = tiled_mma.get_slice(mma_tid).partition_C(cute.make_tensor(
                 sC_both[wg - 1 if const_expr(self.PINGPONG) else 0, None, None].iterator,
                 cute.make_layout((bm, bn), stride=(epi_pitch, 1))))
+            if const_expr(self.uses_tma_store()):
+                # The swizzled buffers instead: slot wg - 1 holds this warpgroup's rows. Cooperative:
+                # the tile's row r lives in slot r // 64, row r % 64 (the (rows, WG) modes grouped
+                # as one row mode); ping-pong: my slot is my whole tile.
+                sC_slots = storage.sC.get_tensor(epi_layout.outer, swizzle=epi_layout.inner)  # (rows, bn, WG)
+                sC = sC_slots[None, None, wg - 1]
+                tile_view = sC
+                if const_expr(not self.PINGPONG):
+                    tile_view = cute.make_tensor(sC_slots.iterator, cute.group_modes(
+                        cute.select(sC_slots.layout, mode=[0, 2, 1]), 0, 2))  # ((rows, WG), bn) = (bm, bn)
+                tCsC = tiled_mma.get_slice(mma_tid).partition_C(tile_view)
             first = cta
             step = num_ctas
             if const_expr(self.PINGPONG):  # the CTA's tiles alternate between the two warpgroups
@@ -375,10 +409,16 @@ class GroupedGemmWS(GroupedGemmSm90):
                 if const_expr(self.transpose_out):  # varlen-K into (E, N, d): expert e's rows e*N ...
                     self.epilogue_wg_transposed(acc, tCsC, out, sC, wg, ctid, expert * n_dim + n_start, m_start,
                                                 m_dim - m_start, n_dim - n_start)
+                elif const_expr(self.uses_tma_store()):
+                    self.epilogue_wg_tma(acc, tCsC, (tma_atom_c, tma_c), out, sC, wg, ctid, out_row0,
+                                         m_dim - m_start, n_start, n_dim - n_start)
                 else:
                     epi = (epi_out, epi_in, row_in, row_out)
                     self.epilogue_wg(acc, tCsC, tCcC, out, epi, sC, wg, ctid, out_row0, m_dim - m_start, n_start,
                                      n_dim - n_start)
+            if const_expr(self.uses_tma_store()):
+                if ctid % 128 < 32:  # the shared memory must outlive the last bulk store's reads
+                    cute.arch.cp_async_bulk_wait_group(0, read=True)
 
     @cute.jit
     def load_gathered_rows(self, tiled_copy: cute.TiledCopy, g2d: cute.Tensor, s_stage: cute.Tensor,
@@ -416,6 +456,46 @@ class GroupedGemmWS(GroupedGemmSm90):
         bm, bn, _ = self.tile
         self.stage_tile(acc, tCsC, wg)
         self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
+
+    @cute.jit
+    def epilogue_wg_tma(self, acc: cute.Tensor, tCsC: cute.Tensor, tma_store: tuple, out: cute.Tensor,
+                        sC: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32,
+                        cols_left: Int32):
+        """The plain store, asynchronous: registers -> swizzled smem -> one TMA bulk store per warpgroup.
+
+        The MMA warps only write shared memory and go straight back to the next tile's mainloop;
+        the TMA unit drains the buffer to global memory while they multiply (the stores of the
+        shared-memory copy-out in ``epilogue_wg`` keep the warps busy until the data have left the
+        SM, which on short-K problems costs as long as the multiply). Before a buffer is refilled,
+        the thread that issued its last bulk store waits until that store has *read* it."""
+        tma_atom_c, tma_c = tma_store
+        bm, bn, _ = self.tile
+        rows = self.wg_rows()
+        row_off = self.wg_row_offset(wg)
+        first_warp = ctid % 128 < 32  # the warp that issues (and so must wait for) the bulk stores
+        # Phase 1: my buffer is free once my previous bulk store has read it.
+        if first_warp:
+            cute.arch.cp_async_bulk_wait_group(0, read=True)
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)
+        # Phase 2: registers -> shared memory through the tile_value hook; the generic-proxy writes
+        # are then made visible to the TMA unit (async proxy).
+        r_out = cute.make_rmem_tensor_like(acc, self.out_dtype)
+        for i in cutlass.range_constexpr(cute.size(acc)):
+            r_out[i] = self.tile_value(acc[i])
+        cute.autovec_copy(r_out, tCsC)
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)
+        # Phase 3: a full warpgroup tile -> one bulk store (columns past N clipped by TMA); the
+        # expert's ragged last rows -> masked 16-byte stores from the same buffer.
+        if row_off + rows <= rows_left:
+            if first_warp:
+                gC = cute.local_tile(cute.domain_offset((out_row0 + row_off, n_start), tma_c), (rows, bn), (0, 0))
+                tCs, tCg = cpasync.tma_partition(tma_atom_c, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2),
+                                                 cute.group_modes(gC, 0, 2))
+                cute.copy(tma_atom_c, tCs, tCg)
+                cute.arch.cp_async_bulk_commit_group()
+        else:
+            self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
 
     @cute.jit
     def copy_out_rows(self, sC: cute.Tensor, cols: cutlass.Constexpr[int], dst: cute.Tensor, dst_row0: Int32,
@@ -492,6 +572,8 @@ class SwiGLUEpilogue(GroupedGemmWS):
     sees the same A. The separate SwiGLU pass, its re-read of H and its launch disappear.
     """
 
+    TMA_STORE = False  # its own stores (two outputs / direct dH stores) from the padded buffer
+
     @cute.jit
     def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
                     sC: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32,
@@ -542,6 +624,8 @@ class DSwiGLUEpilogue(GroupedGemmWS):
     bit-equal; the compiler may contract a multiply-add differently in the two kernels). Tensors: ``epi_in`` = H (P, 2n), ``row_in`` = the score of each
     grouped row (P,) fp32, ``row_out`` = (P, ceil(n / tile_n)) fp32.
     """
+
+    TMA_STORE = False  # its own stores (two outputs / direct dH stores) from the padded buffer
 
     @cute.jit
     def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
