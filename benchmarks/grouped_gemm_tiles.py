@@ -23,9 +23,10 @@ DEFAULT_CONFIGS = "sm90:128x256x64:4,ws:128x256x64:3,ws:128x256x32:6"
 
 
 def parse(cfg: str):
-    """kernel:MxNxK:stages[:notma] (notma: the persistent kernels' copy-out store instead of TMA)."""
+    """kernel:MxNxK:stages[:notma][:c2] (notma: the persistent kernels' copy-out store instead of TMA;
+    c2: clusters of 2 CTAs sharing B by TMA multicast)."""
     kernel, tile, stages, *flags = cfg.split(":")
-    return kernel, tuple(int(v) for v in tile.split("x")), int(stages), "notma" not in flags
+    return kernel, tuple(int(v) for v in tile.split("x")), int(stages), "notma" not in flags, 2 if "c2" in flags else 1
 
 
 def main() -> int:
@@ -46,9 +47,10 @@ def main() -> int:
         t_mm = bench.measure(lambda: torch.matmul(a, w[0]), device="cuda", reps=args.reps).median_ms
         print(f"{shape}: torch.matmul {flops / t_mm / 1e9:.0f} TFLOP/s", flush=True)
         for c in args.configs.split(","):
-            kernel, tile, stages, tma_store = parse(c)
+            kernel, tile, stages, tma_store, cluster_m = parse(c)
             try:
-                fast.set_kernel_config(kernel=kernel, tile=tile, stages=stages, tma_store=tma_store)
+                fast.set_kernel_config(kernel=kernel, tile=tile, stages=stages, tma_store=tma_store,
+                                       cluster_m=cluster_m)
                 err = ((fast.contiguous_grouped_gemm(a, w, meta).float() - ref).abs().max() / ref.abs().max()).item()
                 row = {"shape": shape, "config": c, "rel_err": err, "torch_matmul_tflops": flops / t_mm / 1e9}
                 for name, fn in {

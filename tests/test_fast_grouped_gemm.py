@@ -98,20 +98,28 @@ def varlen_m_oracle(x, w, meta):
 # The ladder: 2 teaching steps, the production kernel cooperative and ping-pong; the persistent
 # kernels also with their grid capped at 2-3 CTAs, so that every CTA walks many tiles (the
 # pipeline across tiles, ping-pong's turn taking between its two MMA warpgroups, and a TMA store
-# buffer refilled while its previous bulk store may still be reading it), and the cooperative
-# kernel with its plain store done by the shared-memory copy-out instead of TMA (tma_store=False).
-KERNELS = [("v1", (128, 128, 64), None, True), ("sm90", (128, 128, 64), None, True),
-           ("ws", (128, 256, 64), None, True), ("pingpong", (128, 128, 64), None, True),
-           ("ws", (128, 256, 64), 3, True), ("pingpong", (128, 128, 64), 2, True), ("ws", (128, 256, 64), None, False)]
+# buffer refilled while its previous bulk store may still be reading it); the cooperative kernel
+# with its plain store done by the shared-memory copy-out instead of TMA (tma_store=False); and in
+# clusters of 2 CTAs sharing B by multicast (one cluster only: many units per cluster).
+# (kernel, tile, max_ctas, tma_store, cluster_m)
+KERNELS = [("v1", (128, 128, 64), None, True, 1), ("sm90", (128, 128, 64), None, True, 1),
+           ("ws", (128, 256, 64), None, True, 1), ("pingpong", (128, 128, 64), None, True, 1),
+           ("ws", (128, 256, 64), 3, True, 1), ("pingpong", (128, 128, 64), 2, True, 1),
+           ("ws", (128, 256, 64), None, False, 1), ("ws", (128, 256, 64), None, True, 2),
+           ("ws", (128, 256, 64), 3, True, 2)]
 
 
-@pytest.fixture(params=KERNELS, ids=[k + (f"-{c}ctas" if c else "") + ("" if tma else "-notma")
-                                     for k, _, c, tma in KERNELS])
+def _kernel_id(kernel, tile, max_ctas, tma_store, cluster_m):
+    return (kernel + (f"-{max_ctas}ctas" if max_ctas else "") + ("" if tma_store else "-notma")
+            + (f"-cluster{cluster_m}" if cluster_m > 1 else ""))
+
+
+@pytest.fixture(params=KERNELS, ids=[_kernel_id(*k) for k in KERNELS])
 def kernel_config(request):
     from sonic_learn.fast import grouped_gemm as fast
 
-    kernel, tile, max_ctas, tma_store = request.param
-    fast.set_kernel_config(kernel=kernel, tile=tile, max_ctas=max_ctas, tma_store=tma_store)
+    kernel, tile, max_ctas, tma_store, cluster_m = request.param
+    fast.set_kernel_config(kernel=kernel, tile=tile, max_ctas=max_ctas, tma_store=tma_store, cluster_m=cluster_m)
     yield request.param
     fast.set_kernel_config()
 

@@ -71,6 +71,26 @@ def test_pingpong_kernel_compiles_for_sm90a(variant, transposed, epilogue):
 
 
 @pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+@pytest.mark.parametrize("variant,transposed,epilogue", [
+    ("varlen_m", False, "store"), ("varlen_m", True, "store"), ("varlen_m_gather", False, "swiglu"),
+    ("varlen_m_gather", True, "dswiglu"), ("varlen_k", False, "store"), ("varlen_k_gather", True, "store")])
+def test_cluster_kernel_compiles_for_sm90a(variant, transposed, epilogue):
+    """Clusters of 2 CTAs along M: B arrives by TMA multicast (each CTA fetches half of it for both),
+    a slot is freed by remote mbarrier arrivals from both CTAs' MMA warps, and the CTAs meet at a
+    cluster barrier after initializing their barriers and before exiting."""
+    from sonic_learn.fast.grouped_gemm import WS_TILE, compile_grouped_gemm
+
+    ptx = compile_grouped_gemm(variant, torch.bfloat16, torch.bfloat16, WS_TILE, keep_ptx=True, transposed=transposed,
+                               epilogue=epilogue, cluster_m=2).__ptx__
+    assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx and "setmaxnreg" in ptx
+    assert re.search(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global[^;]*multicast::cluster", ptx)
+    assert "mapa" in ptx and "barrier.cluster.arrive" in ptx and "barrier.cluster.wait" in ptx
+    with pytest.raises(ValueError, match="cluster_m=2 needs kernel='ws'"):
+        compile_grouped_gemm(variant, torch.bfloat16, torch.bfloat16, (128, 128, 64), kernel="pingpong",
+                             transposed=transposed, epilogue=epilogue, cluster_m=2)
+
+
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
 @pytest.mark.parametrize("kernel", ["v1", "sm90"])  # the ladder's teaching steps
 @pytest.mark.parametrize("variant", ["varlen_m_gather", "varlen_k_gather"])
 def test_teaching_kernel_compiles_for_sm90a(variant, kernel):
@@ -176,5 +196,9 @@ def test_set_kernel_config_rejects_bad_values():
         fast.set_kernel_config(kernel="pingpong", tile=fast.WS_TILE)
     with pytest.raises(TypeError, match="tma_store"):
         fast.set_kernel_config(tma_store=0)
+    with pytest.raises(ValueError, match="cluster_m must be one of"):
+        fast.set_kernel_config(cluster_m=4)
+    with pytest.raises(ValueError, match="needs kernel='ws'"):
+        fast.set_kernel_config(kernel="pingpong", cluster_m=2)
     assert fast._CONFIG == {"kernel": "ws", "tile": fast.WS_TILE, "stages": None, "max_ctas": None,
-                            "tma_store": True}  # unchanged
+                            "tma_store": True, "cluster_m": 1}  # unchanged

@@ -70,7 +70,8 @@ KERNELS = ("v1", "sm90", "ws", "pingpong")  # the ladder: teaching step, + smem 
 PERSISTENT = ("ws", "pingpong")  # the warp-specialized persistent kernels (fused epilogues, layout options)
 PINGPONG_TILE = (128, 128, 64)  # a whole tile's accumulators in one warpgroup
 EPILOGUES = ("store", "swiglu", "dswiglu")  # the production kernel's epilogues (grouped_gemm_sm90)
-_CONFIG = {"kernel": "ws", "tile": WS_TILE, "stages": None, "max_ctas": None, "tma_store": True}
+_CONFIG = {"kernel": "ws", "tile": WS_TILE, "stages": None, "max_ctas": None, "tma_store": True,
+           "cluster_m": 1}
 
 
 def _check_pingpong_tile(kernel: str, tile: object) -> None:
@@ -79,13 +80,16 @@ def _check_pingpong_tile(kernel: str, tile: object) -> None:
 
 
 def set_kernel_config(*, kernel: str = "ws", tile: tuple[int, int, int] | None = None,
-                      stages: int | None = None, max_ctas: int | None = None, tma_store: bool = True) -> None:
+                      stages: int | None = None, max_ctas: int | None = None, tma_store: bool = True,
+                      cluster_m: int = 1) -> None:
     """Select the kernel ("v1" = teaching step, "sm90" = + shared-memory epilogue, "ws" = production,
     cooperative; "pingpong" = production, ping-pong) and its tile (default: the kernel's own) and
     stage count (``stages=None``: as many as fit). ``max_ctas`` caps the persistent kernels' grid
     (default: one CTA per SM); tests use a small cap so that every CTA walks many tiles.
     ``tma_store=False`` gives the persistent kernels' plain store the synchronous shared-memory
-    copy-out instead of the TMA bulk store (for the ladder's before/after benchmark)."""
+    copy-out instead of the TMA bulk store (for the ladder's before/after benchmark).
+    ``cluster_m=2`` ("ws" only) runs the cooperative kernel in clusters of 2 CTAs along M that share
+    each tile's B through TMA multicast (half the B traffic from L2 per tile)."""
     _checks.check_choice("kernel", kernel, KERNELS)
     if tile is None:
         tile = {"ws": WS_TILE, "pingpong": PINGPONG_TILE}.get(kernel, TILE)
@@ -98,7 +102,11 @@ def set_kernel_config(*, kernel: str = "ws", tile: tuple[int, int, int] | None =
     if max_ctas is not None:
         _checks.check_int_range("max_ctas", max_ctas, 1, what="CTAs of the persistent kernels")
     _checks.check_bool("tma_store", tma_store)
-    _CONFIG.update(kernel=kernel, tile=tile, stages=stages, max_ctas=max_ctas, tma_store=tma_store)
+    _checks.check_choice("cluster_m", cluster_m, (1, 2))
+    if cluster_m > 1 and kernel != "ws":
+        raise ValueError(f"cluster_m={cluster_m} needs kernel='ws' (the cooperative production kernel), got {kernel!r}")
+    _CONFIG.update(kernel=kernel, tile=tile, stages=stages, max_ctas=max_ctas, tma_store=tma_store,
+                   cluster_m=cluster_m)
 
 
 def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transposed: bool = False,
@@ -109,7 +117,8 @@ def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transpos
         # 128 x 128 -> 128 x 64 ping-pong, whose buffers hold whole tiles) to keep 4+ pipeline stages
         tile = (tile[0], min(tile[1], 128 if _CONFIG["kernel"] == "ws" else 64), tile[2])
     return compile_grouped_gemm(variant, dtype, out_dtype, tile, _CONFIG["stages"], kernel=_CONFIG["kernel"],
-                                transposed=transposed, epilogue=epilogue, tma_store=_CONFIG["tma_store"])
+                                transposed=transposed, epilogue=epilogue, tma_store=_CONFIG["tma_store"],
+                                cluster_m=_CONFIG["cluster_m"])
 
 
 def _epi_args(out: torch.Tensor, epi_out=None, epi_in=None, row_in=None, row_out=None) -> tuple:
@@ -199,7 +208,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, tile: tuple = TILE,
                          stages: int | None = None, keep_ptx: bool = False, kernel: str = "ws",
-                         transposed: bool = False, epilogue: str = "store", tma_store: bool = True):
+                         transposed: bool = False, epilogue: str = "store", tma_store: bool = True,
+                         cluster_m: int = 1):
     """Compile one grouped-GEMM variant for sm_90a from fake tensors (no GPU needed).
 
     ``variant`` is one of "varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather". Sizes (rows,
@@ -214,6 +224,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     kernel: ``grouped_gemm_sm90.DSwiGLUEpilogue``).
     ``tma_store`` (persistent kernels, plain store): full tiles leave through a TMA bulk store
     (``GroupedGemmWS.epilogue_wg_tma``); False keeps the synchronous shared-memory copy-out.
+    ``cluster_m`` (kernel "ws"): CTAs per cluster sharing B by TMA multicast (``GroupedGemmWS.CLUSTER_M``).
     """
     _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
     _checks.check_choice("epilogue", epilogue, EPILOGUES)
@@ -272,6 +283,10 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
                      **layout)
     if not tma_store:
         kernel_obj.TMA_STORE = False
+    if cluster_m != 1:
+        if kernel != "ws":
+            raise ValueError(f"cluster_m={cluster_m} needs kernel='ws', got {kernel!r}")
+        kernel_obj.CLUSTER_M = cluster_m
     opts = compile_options(keep_ptx)
     epi = ()
     if kernel in PERSISTENT:  # the epilogue's tensors: epi_out, epi_in (16-bit), row_in (P,), row_out (P, n-tiles)
@@ -298,7 +313,9 @@ def _grid_size(row_tile_bound: int, device: torch.device) -> int:
     or, for the persistent "ws" kernel, one CTA per SM."""
     if _CONFIG["kernel"] in PERSISTENT:
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        return min(sms, _CONFIG["max_ctas"] or sms)
+        ctas = min(sms, _CONFIG["max_ctas"] or sms)
+        cm = _CONFIG["cluster_m"]
+        return max(cm, ctas - ctas % cm)  # whole clusters
     return row_tile_bound
 
 
@@ -320,7 +337,7 @@ def _launch_varlen_m(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, ga
     if M == 0:
         return out
     fn = _compiled("varlen_m_gather" if gather else "varlen_m", a.dtype, out_dtype, transpose_w, epilogue)
-    tile_offsets = _tile_offsets(meta.expert_offsets, TILE[0])
+    tile_offsets = _tile_offsets(meta.expert_offsets, TILE[0] * _CONFIG["cluster_m"])  # units of cluster_m tiles
     launch(fn, a.device, _aligned(a), _aligned(w).view(E * R, C), out, *_epi_args(out, *epi), meta.gather_idx,
            meta.expert_offsets, tile_offsets, _grid_size(-(-M // TILE[0]) + E, a.device))
     return out

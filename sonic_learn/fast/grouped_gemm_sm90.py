@@ -117,6 +117,7 @@ class GroupedGemmWS(GroupedGemmSm90):
     LAYOUT_OPTIONS = True
     PINGPONG = False
     TMA_STORE = True  # the plain store epilogue; the fused epilogues (subclasses) store with st.global
+    CLUSTER_M = 1  # CTAs per cluster along M that share each tile's B through TMA multicast (1 or 2)
 
     def uses_tma_store(self) -> bool:
         """Full tiles leave through a TMA bulk store (row-major ``out`` only; the transposed
@@ -181,8 +182,13 @@ class GroupedGemmWS(GroupedGemmSm90):
             num_experts = expert_offsets.shape[0] - 1
             b_stride = (k_dim, 1, n_dim * k_dim) if const_expr(self.b_k_major) else (1, n_dim, k_dim * n_dim)
             b_view = cute.make_tensor(b.iterator, cute.make_layout((n_dim, k_dim, num_experts), stride=b_stride))
+        # With a cluster of CLUSTER_M CTAs (neighbouring m-tiles of one expert, same n-tile, so the
+        # same B tile), each CTA fetches 1/CLUSTER_M of B and the TMA unit multicasts it into every
+        # CTA of the cluster: B's traffic from L2 per tile drops by that factor.
+        b_op = cpasync.CopyBulkTensorTileG2SMulticastOp() if const_expr(self.CLUSTER_M > 1) else \
+            cpasync.CopyBulkTensorTileG2SOp()
         tma_atom_b, tma_b = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(), b_view, cute.slice_(sB_layout, (None, None, 0)), (bn, bk))
+            b_op, b_view, cute.slice_(sB_layout, (None, None, 0)), (bn, bk), num_multicast=self.CLUSTER_M)
         # Contiguous A (varlen-M without gather): TMA as well. A tile starts at an arbitrary row
         # (the expert's first row + m_start), so the kernel offsets the coordinate tensor by that row.
         tma_atom_a = None
@@ -193,34 +199,41 @@ class GroupedGemmWS(GroupedGemmSm90):
         self.kernel(a, b, tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_c, tma_c, out, epi_out, epi_in, row_in,
                     row_out, gather_idx, expert_offsets, tile_offsets, tiled_mma, sA_layout, sB_layout,
                     epi_layout).launch(grid=(num_ctas, 1, 1), block=[PRODUCER_THREADS + CONSUMER_THREADS, 1, 1],
+                                      cluster=[self.CLUSTER_M, 1, 1],
                                       stream=stream)
 
     @cute.jit
     def tile_coords(self, t: Int32, n_tiles: Int32, m_tiles: Int32, tile_offsets: cute.Tensor,
-                    num_experts: Int32):
-        """Linear tile index -> (expert, m_start inside the expert's rows or d, n_start)."""
+                    num_experts: Int32, rank: Int32):
+        """Linear tile index -> (expert, m_start inside the expert's rows or d, n_start).
+
+        A tile index names a *unit* of CLUSTER_M neighbouring m-tiles of one expert (one m-tile
+        without clusters); the CTA of rank ``rank`` in its cluster takes the unit's m-tile ``rank``.
+        ``tile_offsets`` (varlen-M) and ``m_tiles`` (varlen-K) count units, so a unit never
+        straddles two experts; a CTA whose m-tile lies past the expert's rows still runs (it must
+        fetch its share of B for its partner) and its epilogue stores nothing."""
         bm, bn, _ = self.tile
         n_tile = t % n_tiles
         rest = t // n_tiles
         expert = Int32(0)
-        m_tile = Int32(0)
+        unit = Int32(0)
         if const_expr(self.varlen_k):
-            m_tile = rest % m_tiles
+            unit = rest % m_tiles
             expert = rest // m_tiles
         else:
             expert = self.find_expert(tile_offsets, num_experts, rest)
-            m_tile = rest - tile_offsets[expert]
-        return expert, m_tile * bm, n_tile * bn
+            unit = rest - tile_offsets[expert]
+        return expert, (unit * self.CLUSTER_M + rank) * bm, n_tile * bn
 
     @cute.jit
     def tile_problem(self, t: Int32, n_tiles: Int32, m_tiles: Int32, tile_offsets: cute.Tensor,
-                     expert_offsets: cute.Tensor, a_cols: Int32):
+                     expert_offsets: cute.Tensor, a_cols: Int32, rank: Int32):
         """Everything about tile t that both roles need (loaders and MMA warps decode the same tile
         sequence independently, so they must decode it identically): ``tile_coords``, the expert's
         grouped rows ``row0 : row0 + count``, and the tile's GEMM sizes (m_dim output rows, k_len
         reduction length): (count, K = a_cols) for varlen-M, (d = a_cols, count) for varlen-K."""
         num_experts = expert_offsets.shape[0] - 1
-        expert, m_start, n_start = self.tile_coords(t, n_tiles, m_tiles, tile_offsets, num_experts)
+        expert, m_start, n_start = self.tile_coords(t, n_tiles, m_tiles, tile_offsets, num_experts, rank)
         row0 = expert_offsets[expert]
         count = expert_offsets[expert + 1] - row0
         m_dim = count
@@ -241,6 +254,13 @@ class GroupedGemmWS(GroupedGemmSm90):
         tidx, _, _ = cute.arch.thread_idx()
         cta, _, _ = cute.arch.block_idx()
         num_ctas, _, _ = cute.arch.grid_dim()
+        cm = self.CLUSTER_M
+        rank = Int32(0)  # my rank in the cluster: which m-tile of each unit is mine
+        if const_expr(cm > 1):
+            rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+            # From here on the scheduler walks units: "cta" = my cluster, "num_ctas" = clusters.
+            cta = cta // cm
+            num_ctas = num_ctas // cm
         wg = cute.arch.make_warp_uniform(tidx // 128)
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
 
@@ -254,10 +274,16 @@ class GroupedGemmWS(GroupedGemmSm90):
             num_stages=self.stages,
             # full barrier: 128 cp.async arrivals + 1 arrive-with-byte-count from the TMA thread
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, PRODUCER_THREADS + 1),
-            # empty barrier: every MMA thread that read the slot (one warpgroup when ping-ponging)
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread,
-                                                     CONSUMER_THREADS // 2 if const_expr(self.PINGPONG) else CONSUMER_THREADS),
+            # empty barrier: every MMA thread that read the slot (one warpgroup when ping-ponging);
+            # in a cluster, one lane per MMA warp of *every* CTA of the cluster (a slot is refilled
+            # by the partners' multicasts too, so all of them must have read it)
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.empty_arrivals()),
+            defer_sync=cm > 1,
         )
+        if const_expr(cm > 1):  # the partners' barriers must be initialized before any remote arrive
+            cute.arch.mbarrier_init_fence()
+            cute.arch.cluster_arrive_relaxed()
+            cute.arch.cluster_wait()
 
         # ---- The tile space (identical for both roles) -----------------------------------------
         num_experts = expert_offsets.shape[0] - 1
@@ -266,7 +292,7 @@ class GroupedGemmWS(GroupedGemmSm90):
         m_tiles = Int32(1)
         num_tiles = Int32(0)
         if const_expr(self.varlen_k):
-            m_tiles = (a.shape[1] + bm - 1) // bm
+            m_tiles = (a.shape[1] + bm * cm - 1) // (bm * cm)  # units of cm m-tiles over d
             num_tiles = num_experts * m_tiles * n_tiles
         else:
             num_tiles = tile_offsets[num_experts] * n_tiles
@@ -280,13 +306,13 @@ class GroupedGemmWS(GroupedGemmSm90):
             a_rows = cute.make_rmem_tensor(cute.size(a_coord, mode=[1]), Int32)  # token of each of my rows
             for t in cutlass.range(cta, num_tiles, num_ctas, unroll=1):
                 expert, m_start, n_start, row0, count, m_dim, k_len = self.tile_problem(
-                    t, n_tiles, m_tiles, tile_offsets, expert_offsets, a.shape[1])
+                    t, n_tiles, m_tiles, tile_offsets, expert_offsets, a.shape[1], rank)
                 # (bn, bk, k-tiles) view of this tile's B, partitioned for the TMA unit
                 if const_expr(self.varlen_k):
                     gB = cute.local_tile(cute.domain_offset((0, row0), tma_b), (bn, bk), (n_start // bn, None))
                 else:
                     gB = cute.local_tile(tma_b[None, None, expert], (bn, bk), (n_start // bn, None))
-                tBsB, tBgB = cpasync.tma_partition(tma_atom_b, 0, cute.make_layout(1),
+                tBsB, tBgB = cpasync.tma_partition(tma_atom_b, rank, cute.make_layout(cm),
                                                    cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
                 if const_expr(not self.varlen_k and not use_tma_a):
                     # Gathered A: the tile's rows are the same for every k-tile, so each thread reads
@@ -312,7 +338,11 @@ class GroupedGemmWS(GroupedGemmSm90):
                         if tidx == 0:
                             tx_rows = bn + (bm if const_expr(use_tma_a) else 0)
                             cute.arch.mbarrier_arrive_and_expect_tx(bar, tx_rows * bk * self.dtype.width // 8)
-                        cute.copy(tma_atom_b, tBgB[None, kt], tBsB[None, state.index], tma_bar_ptr=bar)
+                        if const_expr(cm > 1):  # my share of B, into every CTA of the cluster
+                            cute.copy(tma_atom_b, tBgB[None, kt], tBsB[None, state.index], tma_bar_ptr=bar,
+                                      mcast_mask=cutlass.Int16((1 << cm) - 1))
+                        else:
+                            cute.copy(tma_atom_b, tBgB[None, kt], tBsB[None, state.index], tma_bar_ptr=bar)
                         if const_expr(use_tma_a):
                             cute.copy(tma_atom_a, tAgA[None, kt], tAsA[None, state.index], tma_bar_ptr=bar)
                     if const_expr(self.varlen_k):  # A^T tile: the expert's rows (maybe gathered), zero past f_e
@@ -376,12 +406,12 @@ class GroupedGemmWS(GroupedGemmSm90):
                     # (the producer fills the slots in the CTA's tile order).
                     if t - num_ctas >= cta:
                         k_other = self.tile_problem(t - num_ctas, n_tiles, m_tiles, tile_offsets, expert_offsets,
-                                                    a.shape[1])[6]
+                                                    a.shape[1], rank)[6]
                         for _ in cutlass.range((k_other + bk - 1) // bk, unroll=1):
                             read.advance()
                             release.advance()
                 expert, m_start, n_start, row0, count, m_dim, k_len = self.tile_problem(
-                    t, n_tiles, m_tiles, tile_offsets, expert_offsets, a.shape[1])
+                    t, n_tiles, m_tiles, tile_offsets, expert_offsets, a.shape[1], rank)
                 out_row0 = row0 + m_start  # varlen-M: the expert's rows of out
                 if const_expr(self.varlen_k):
                     out_row0 = expert * m_dim + m_start  # varlen-K: expert e's (d, N) block of out
@@ -396,7 +426,7 @@ class GroupedGemmWS(GroupedGemmSm90):
                     warpgroup.commit_group()
                     warpgroup.wait_group(1)  # the previous k-tile's WGMMAs are done: free its slot
                     if kt > 0:
-                        pipe.consumer_release(release)
+                        self.release_slot(pipe, release)
                         release.advance()
                     read.advance()
                 if const_expr(self.PINGPONG):  # my mainloop has waited on all its slots: the other's turn
@@ -404,7 +434,7 @@ class GroupedGemmWS(GroupedGemmSm90):
                         cute.arch.barrier_arrive(barrier_id=ORDER_BARRIER + 2 - wg, number_of_threads=CONSUMER_THREADS)
                 warpgroup.wait_group(0)
                 if k_tiles > 0:
-                    pipe.consumer_release(release)
+                    self.release_slot(pipe, release)
                     release.advance()
                 if const_expr(self.transpose_out):  # varlen-K into (E, N, d): expert e's rows e*N ...
                     self.epilogue_wg_transposed(acc, tCsC, out, sC, wg, ctid, expert * n_dim + n_start, m_start,
@@ -419,6 +449,27 @@ class GroupedGemmWS(GroupedGemmSm90):
             if const_expr(self.uses_tma_store()):
                 if ctid % 128 < 32:  # the shared memory must outlive the last bulk store's reads
                     cute.arch.cp_async_bulk_wait_group(0, read=True)
+        if const_expr(cm > 1):
+            # No CTA may exit while a partner can still arrive on its barriers or multicast into it.
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
+
+    def empty_arrivals(self) -> int:
+        """Arrivals that free a pipeline slot: every MMA thread that read it (one warpgroup when
+        ping-ponging), or with a cluster one lane per MMA warp per CTA of the cluster."""
+        if self.CLUSTER_M > 1:
+            return CONSUMER_THREADS // 32 * self.CLUSTER_M
+        return CONSUMER_THREADS // 2 if self.PINGPONG else CONSUMER_THREADS
+
+    @cute.jit
+    def release_slot(self, pipe, state):
+        """The MMA warps are done reading a slot: tell the producer(s) that may refill it."""
+        if const_expr(self.CLUSTER_M == 1):
+            pipe.consumer_release(state)
+        else:  # lane r of each MMA warp arrives on the slot's empty barrier in the CTA of rank r
+            lane = cute.arch.lane_idx()
+            if lane < self.CLUSTER_M:
+                pipe.sync_object_empty.arrive(state.index, lane)
 
     @cute.jit
     def load_gathered_rows(self, tiled_copy: cute.TiledCopy, g2d: cute.Tensor, s_stage: cute.Tensor,
