@@ -3,14 +3,17 @@
     python benchmarks/grouped_gemm_tiles.py [--shapes 7b-up,...] [--configs v1:128x128x64:5,sm90:128x256x64:4]
 
 For each shape (same definitions as benchmarks/grouped_gemm.py) and kernel config it checks the
-result against torch (fp32 per expert) and times contiguous, gather-fused and varlen-K; prints a
-table and writes JSON to $OUT (or benchmarks/results/) as grouped_gemm_tiles_<device>.json.
+result against torch (fp32 per expert) and times contiguous, gather-fused and varlen-K in
+``--rounds`` interleaved rounds (configs and the dense torch.matmul yardstick take turns, so clock
+drift hits all alike; medians of the rounds); prints a table and writes JSON to $OUT (or
+benchmarks/results/) as grouped_gemm_tiles_<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 
 import torch
 
@@ -34,9 +37,11 @@ def main() -> int:
     p.add_argument("--shapes", default="7b-up,7b-down,30b-up,30b-down")
     p.add_argument("--configs", default=DEFAULT_CONFIGS)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the configs (median taken)")
     p.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     args = p.parse_args()
-    out = {"environment": bench.environment(), "rows": []}
+    out = {"environment": bench.environment(), "rounds": args.rounds, "reps": args.reps, "rows": []}
+    configs = args.configs.split(",")
     for shape in args.shapes.split(","):
         cfg, proj = shape.split("-")
         T, d, n, E, K = CONFIGS[cfg]
@@ -44,25 +49,48 @@ def main() -> int:
         meta, x, w, a, b = make_inputs(T, Kg, Ng, E, K)
         ref = fp32_reference(a, w, meta)
         flops = 2 * a.shape[0] * Kg * Ng
-        t_mm = bench.measure(lambda: torch.matmul(a, w[0]), device="cuda", reps=args.reps).median_ms
-        print(f"{shape}: torch.matmul {flops / t_mm / 1e9:.0f} TFLOP/s", flush=True)
-        for c in args.configs.split(","):
+        fns = {
+            "contiguous": lambda: fast.contiguous_grouped_gemm(a, w, meta),
+            "gather_fused": lambda: fast.gather_fused_grouped_gemm(x, w, meta),
+            "varlen_k": lambda: fast.grouped_gemm_varlen_k(x, b, meta),
+        }
+        rows, usable = {}, []
+        for c in configs:  # check every config once (and compile it) before any timing
             kernel, tile, stages, tma_store, cluster_m = parse(c)
             try:
                 fast.set_kernel_config(kernel=kernel, tile=tile, stages=stages, tma_store=tma_store,
                                        cluster_m=cluster_m)
                 err = ((fast.contiguous_grouped_gemm(a, w, meta).float() - ref).abs().max() / ref.abs().max()).item()
-                row = {"shape": shape, "config": c, "rel_err": err, "torch_matmul_tflops": flops / t_mm / 1e9}
-                for name, fn in {
-                    "contiguous": lambda: fast.contiguous_grouped_gemm(a, w, meta),
-                    "gather_fused": lambda: fast.gather_fused_grouped_gemm(x, w, meta),
-                    "varlen_k": lambda: fast.grouped_gemm_varlen_k(x, b, meta),
-                }.items():
-                    row[name + "_tflops"] = flops / bench.measure(fn, device="cuda", reps=args.reps).median_ms / 1e9
+                for fn in fns.values():
+                    fn()
+                rows[c] = {"shape": shape, "config": c, "rel_err": err, "samples_ms": {k: [] for k in fns}}
+                usable.append(c)
             except Exception as exc:  # a config that does not compile or fit is reported, not fatal
-                row = {"shape": shape, "config": c, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                rows[c] = {"shape": shape, "config": c, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        # Rounds interleave the configs (and the dense yardstick), so that a clock or power drift
+        # during the run shifts every contender alike; each number is the median of the rounds'
+        # medians.
+        mm = []
+        for _ in range(args.rounds):
+            mm.append(bench.measure(lambda: torch.matmul(a, w[0]), device="cuda", reps=args.reps).median_ms)
+            for c in usable:
+                kernel, tile, stages, tma_store, cluster_m = parse(c)
+                fast.set_kernel_config(kernel=kernel, tile=tile, stages=stages, tma_store=tma_store,
+                                       cluster_m=cluster_m)
+                for name, fn in fns.items():
+                    rows[c]["samples_ms"][name].append(bench.measure(fn, device="cuda", reps=args.reps).median_ms)
+        t_mm = statistics.median(mm)
+        print(f"{shape}: torch.matmul {flops / t_mm / 1e9:.0f} TFLOP/s (rounds: "
+              f"{', '.join(f'{flops / t / 1e9:.0f}' for t in mm)})", flush=True)
+        for c in configs:
+            row = rows[c]
+            if "samples_ms" in row:
+                row["torch_matmul_tflops"] = flops / t_mm / 1e9
+                for name, ts in row["samples_ms"].items():
+                    row[name + "_tflops"] = flops / statistics.median(ts) / 1e9
             out["rows"].append(row)
-            print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "shape"}, flush=True)
+            print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                         if k not in ("shape", "samples_ms")}, flush=True)
         del x, w, a, b, ref
         torch.cuda.empty_cache()
     fast.set_kernel_config()
