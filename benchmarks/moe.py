@@ -131,6 +131,9 @@ def main(argv=None) -> int:
     p.add_argument("--naive-reps", type=int, default=3)
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--cluster-ab", action="store_true",
+                   help="also time the reduced-memory layer with clusters of 2 CTAs in the grouped GEMMs, then the "
+                        "default again (A-B-A: the repeat shows the drift between rows)")
     p.add_argument("--gemm", default=None, help="grouped-GEMM kernel:tile, e.g. pingpong:128x128x64 (default: the library's)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -169,6 +172,19 @@ def main(argv=None) -> int:
         "fast_reduced_memory_unfused": unfused,  # same layer, SwiGLU and dH epilogues as separate kernels
         "fast_standard": lambda *a: fast_moe.moe_forward(*a, backward="standard"),
     }
+    if args.cluster_ab:
+        from sonic_learn.fast import grouped_gemm as gg_ab
+
+        def clustered(*a):
+            before = dict(gg_ab._CONFIG)
+            gg_ab.set_kernel_config(**{**before, "cluster_m": 2})
+            try:
+                return fast_moe.moe_forward(*a, backward="reduced_memory")
+            finally:
+                gg_ab.set_kernel_config(**before)
+
+        impls["fast_reduced_memory_cluster2"] = clustered
+        impls["fast_reduced_memory_repeat"] = impls["fast_reduced_memory"]
     if not args.no_naive:
         impls["naive_loop"] = ref_moe.naive_moe_forward
     for name in args.configs.split(","):
