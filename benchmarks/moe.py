@@ -172,18 +172,10 @@ def main(argv=None) -> int:
         "fast_reduced_memory_unfused": unfused,  # same layer, SwiGLU and dH epilogues as separate kernels
         "fast_standard": lambda *a: fast_moe.moe_forward(*a, backward="standard"),
     }
+    gemm_overrides = {}  # impl -> grouped-GEMM config for its forward AND backward
     if args.cluster_ab:
-        from sonic_learn.fast import grouped_gemm as gg_ab
-
-        def clustered(*a):
-            before = dict(gg_ab._CONFIG)
-            gg_ab.set_kernel_config(**{**before, "cluster_m": 2})
-            try:
-                return fast_moe.moe_forward(*a, backward="reduced_memory")
-            finally:
-                gg_ab.set_kernel_config(**before)
-
-        impls["fast_reduced_memory_cluster2"] = clustered
+        impls["fast_reduced_memory_cluster2"] = impls["fast_reduced_memory"]
+        gemm_overrides["fast_reduced_memory_cluster2"] = {"cluster_m": 2}
         impls["fast_reduced_memory_repeat"] = impls["fast_reduced_memory"]
     if not args.no_naive:
         impls["naive_loop"] = ref_moe.naive_moe_forward
@@ -207,7 +199,12 @@ def main(argv=None) -> int:
         del fast_out, ref_out
         for impl, fn in impls.items():
             naive = impl == "naive_loop"
-            r = bench_impl(fn, leaves, gout, K, args.naive_reps if naive else args.reps, 1 if naive else 3)
+            before = dict(gg_config._CONFIG)
+            gg_config.set_kernel_config(**{**before, **gemm_overrides.get(impl, {})})
+            try:
+                r = bench_impl(fn, leaves, gout, K, args.naive_reps if naive else args.reps, 1 if naive else 3)
+            finally:
+                gg_config.set_kernel_config(**before)
             r["fwd_tflops"] = flops_fwd / (r["fwd"]["median_ms"] * 1e-3) / 1e12
             r["fwd_bwd_tflops"] = flops_all / (r["fwd_bwd"]["median_ms"] * 1e-3) / 1e12
             cfg["results"][impl] = r
