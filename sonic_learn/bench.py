@@ -5,6 +5,10 @@ Rules this module enforces (see docs "Benchmarks"):
 - warm up before timing (JIT compilation, caches, allocator);
 - synchronize the device around every timed region (CUDA events on a GPU);
 - on a GPU, rotate among several input sets or flush L2 so short kernels are not timed hot in cache;
+- on a GPU, time the device work, not the host's issue of it: before each timed call the GPU is
+  kept busy (a sleep kernel longer than the call's host time), so every kernel of the call is
+  queued before the start event is reached -- as in training, where the host runs ahead. The
+  host cost of a call is reported separately (``host_time_us``);
 - report the median with the 20th and 80th percentiles, never a single run.
 
 Benchmark scripts also share ``host_time_us`` (the host cost of issuing one call, no sync per
@@ -60,12 +64,42 @@ def _check_callable(name: str, fn: object) -> None:
 
 
 def _flush_l2(device: torch.device) -> None:
-    """Overwrite a buffer larger than the L2 cache (50 MB on H100/H200) so the next call starts cold."""
+    """Read a buffer larger than the L2 cache (50 MB on H100/H200) so the next call starts cold.
+
+    A read, not a write: writing the buffer would leave the L2 full of dirty lines that the timed
+    call then has to write back to DRAM (measured on H200: a plain 88 MB copy reached only 85% of
+    its bandwidth after a write flush)."""
     buf = _L2_FLUSH.get(device)
     if buf is None:
-        buf = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+        buf = torch.zeros(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
         _L2_FLUSH[device] = buf
-    buf.zero_()
+    torch.amax(buf)
+
+
+_SLEEP_CYCLES_PER_US: dict[torch.device, float] = {}
+
+
+def _sleep_cycles_per_us(device: torch.device) -> float:
+    """Clock cycles of ``torch.cuda._sleep`` per microsecond on ``device`` (measured once)."""
+    if device not in _SLEEP_CYCLES_PER_US:
+        with torch.cuda.device(device):
+            cycles = 2_000_000
+            torch.cuda._sleep(cycles)  # warm up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+            end.synchronize()
+            _SLEEP_CYCLES_PER_US[device] = cycles / max(start.elapsed_time(end) * 1e3, 1.0)
+    return _SLEEP_CYCLES_PER_US[device]
+
+
+def _hold_device(device: torch.device, host_us: float) -> None:
+    """Queue a sleep kernel that outlasts ``host_us`` of host work (capped at 50 ms), so that the
+    GPU reaches the next start event only after the host has issued the whole timed call."""
+    us = min(1.5 * host_us + 30.0, 50_000.0)
+    with torch.cuda.device(device):
+        torch.cuda._sleep(int(us * _sleep_cycles_per_us(device)))
 
 
 def measure(
@@ -76,12 +110,17 @@ def measure(
     reps: int = 20,
     min_time_s: float = 0.0,
     flush_l2: bool = True,
+    host_ahead: bool = True,
 ) -> Timing:
     """Time ``fn()`` (no arguments) and return median / p20 / p80 in milliseconds.
 
-    On CUDA every repetition is bracketed by CUDA events (L2 flushed before each when ``flush_l2``);
-    on the CPU by ``time.perf_counter``. ``min_time_s`` keeps repeating past ``reps`` until that much
-    time has been measured (useful for very short CPU functions).
+    On CUDA every repetition is bracketed by CUDA events (L2 flushed by a read before each when
+    ``flush_l2``); with ``host_ahead`` the device is held by a sleep kernel longer than ``fn``'s
+    host time (measured in the warm-up) before the start event, so the events time the device work
+    only, however long the host takes to issue it (``host_ahead=False``: a call whose host issue
+    outlasts the flush is timed with its host gaps). On the CPU ``time.perf_counter``.
+    ``min_time_s`` keeps repeating past ``reps`` until that much time has been measured (useful for
+    very short CPU functions).
     """
     _check_callable("fn", fn)
     _checks.check_int_range("warmup", warmup, 0)
@@ -91,15 +130,27 @@ def measure(
     if not min_time_s >= 0:  # also rejects NaN
         raise ValueError(f"min_time_s must be >= 0 seconds, got {min_time_s!r}")
     device = torch.device(device)
+    _checks.check_bool("host_ahead", host_ahead)
+    host_us = []
     for _ in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        host_us.append((time.perf_counter() - t0) * 1e6)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     times: list[float] = []
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.synchronize(device)
+        # the host time of one call: the fastest warm-up after the first (which may compile)
+        issue_us = min(host_us[1:] or host_us or [1000.0])
         total = 0.0
         while len(times) < reps or total < min_time_s * 1e3:
             if flush_l2:
                 _flush_l2(device)
+            if host_ahead:
+                _hold_device(device, issue_us)
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -182,6 +233,9 @@ def environment() -> dict:
     from sonic_learn import __version__
 
     info["sonic_learn"] = __version__
+    # how bench.measure times (see its docstring); records without this key used the older
+    # harness: a 256 MB *write* flush and no sleep kernel holding the GPU before the start event
+    info["timer"] = "cuda-events around the device work (host held ahead by a sleep kernel), L2 read-flushed"
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda

@@ -310,6 +310,31 @@ def test_realistic_shape_7b_up_proj_slice(kernel_config):
 
 
 @needs_hopper
+@pytest.mark.parametrize("cluster_m", [1, 2])
+@pytest.mark.parametrize("E", [31, 33, 100, 2048])
+def test_many_experts_tile_table(E, cluster_m):
+    """The production kernel builds its expert table in shared memory with one warp (a chunk of
+    experts per lane, then a warp scan): E around 32 (one or two experts per lane) and the 2048 cap
+    (64 per lane), with empty experts and ragged counts, against the float64 oracle."""
+    from sonic_learn.fast import grouped_gemm as fast
+
+    gen = torch.Generator().manual_seed(E + cluster_m)
+    pick = torch.randint(0, len(EDGE_COUNTS) + 1, (E,), generator=gen).tolist()
+    counts = [EDGE_COUNTS[i] if i < len(EDGE_COUNTS) else 300 for i in pick]
+    T, K, N = 64, 64, 136
+    meta = make_meta(counts, T, gen)
+    x = torch.randn(T, K, generator=gen).to("cuda", torch.bfloat16)
+    w = (torch.randn(E, K, N, generator=gen) / K**0.5).to("cuda", torch.bfloat16)
+    oracle, same = varlen_m_oracle(x, w, meta)
+    fast.set_kernel_config(cluster_m=cluster_m)
+    try:
+        poison((sum(counts), N), torch.bfloat16)
+        check_close(f"E={E}", fast.gather_fused_grouped_gemm(x, w, meta), oracle, same)
+    finally:
+        fast.set_kernel_config()
+
+
+@needs_hopper
 def test_weights_of_exactly_2_31_elements():
     """The largest weights the kernels take: E * d * 2n = 2^31 (the paper's E = 512, d = 4096, n = 512
     shape). Its last index, 2^31 - 1, still fits the kernels' int32 arithmetic; the last expert's
@@ -373,6 +398,9 @@ def test_bad_inputs_raise_clear_errors():
         fast.gather_fused_grouped_gemm(x, w[:1], meta)
     with pytest.raises(TypeError, match="meta must be"):
         fast.gather_fused_grouped_gemm(x, w, {"offsets": 0})
+    big = make_meta([0] * 2049, 4, torch.Generator().manual_seed(0))  # one expert past the table
+    with pytest.raises(ValueError, match=r"1 <= E <= 2048 \(the production kernel's expert table"):
+        fast.gather_fused_grouped_gemm(x, w[:1].expand(2049, -1, -1), big)
     with pytest.raises(ValueError, match="tile_m must be 128"):
         fast.gather_fused_grouped_gemm(x, w, meta, tile_m=64)
     with pytest.raises(TypeError, match="out_dtype"):

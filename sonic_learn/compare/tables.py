@@ -129,7 +129,7 @@ def caption(result: PairResult, env: dict | None) -> str:
         f"time: {result.timed}; timer {result.timer}, median of >= {result.reps} runs"
         + (f" (and >= {result.min_time_s * 1e3:.0f} ms measured)" if result.min_time_s else "")
         + f" after {result.warmup} warm-up"
-        + ("; L2 flushed before each run" if result.timer == "cuda-events" else "")
+        + ("; L2 flushed before each run, device work timed (host held ahead)" if result.timer == "cuda-events" else "")
         + "; FAIL rows are not timed",
     ]
     if result.pair in ("backward", "moe"):

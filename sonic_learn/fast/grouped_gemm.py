@@ -168,8 +168,13 @@ def _check_meta(meta: object, device: torch.device) -> RoutingMetadata:
     from sonic_learn.fast.grouped_gemm_v1 import MAX_EXPERTS
 
     E = meta.num_experts
-    if not 1 <= E <= MAX_EXPERTS:
-        raise ValueError(f"meta.num_experts must satisfy 1 <= E <= {MAX_EXPERTS}, got {E}")
+    limit, why = MAX_EXPERTS, "the teaching kernels' tile search"
+    if _CONFIG["kernel"] in PERSISTENT:
+        from sonic_learn.fast.grouped_gemm_sm90 import TABLE_EXPERTS
+
+        limit, why = TABLE_EXPERTS, "the production kernel's expert table in shared memory"
+    if not 1 <= E <= limit:
+        raise ValueError(f"meta.num_experts must satisfy 1 <= E <= {limit} ({why}), got {E}")
     for field, shape in (("expert_offsets", (E + 1,)), ("gather_idx", (None,))):
         t = _checks.check_tensor(f"meta.{field}", getattr(meta, field))
         _checks.check_shape(f"meta.{field}", t, shape)
@@ -337,7 +342,9 @@ def _launch_varlen_m(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, ga
     if M == 0:
         return out
     fn = _compiled("varlen_m_gather" if gather else "varlen_m", a.dtype, out_dtype, transpose_w, epilogue)
-    tile_offsets = _tile_offsets(meta.expert_offsets, TILE[0] * _CONFIG["cluster_m"])  # units of cluster_m tiles
+    # the teaching kernels take the tile offsets computed here; the persistent ones build their
+    # table from expert_offsets in shared memory (no extra kernels or host time per call)
+    tile_offsets = meta.expert_offsets if _CONFIG["kernel"] in PERSISTENT else _tile_offsets(meta.expert_offsets, TILE[0])
     launch(fn, a.device, _aligned(a), _aligned(w).view(E * R, C), out, *_epi_args(out, *epi), meta.gather_idx,
            meta.expert_offsets, tile_offsets, _grid_size(-(-M // TILE[0]) + E, a.device))
     return out

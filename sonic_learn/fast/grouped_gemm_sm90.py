@@ -86,6 +86,7 @@ def epilogue_smem_bytes(tile: tuple[int, int, int], out_bytes: int) -> int:
 # ================================================================================================
 PRODUCER_THREADS = 128  # warpgroup 0: the load warps
 CONSUMER_THREADS = 256  # warpgroups 1 and 2: the MMA warps (64 rows of each tile, or whole tiles in ping-pong)
+TABLE_EXPERTS = 2048  # the in-kernel expert tile table's capacity (E <= 2048, as the fast routing)
 ORDER_BARRIER = 3  # named barriers 3 and 4: the ping-pong mainloop turns (1 and 2: the epilogues)
 PRODUCER_REGS = 56  # setmaxnreg budgets: 56 * 128 + 224 * 256 <= 65536 registers per SM
 CONSUMER_REGS = 224
@@ -147,6 +148,7 @@ class GroupedGemmWS(GroupedGemmSm90):
             sA: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sA_layout)], 1024]
             sB: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sB_layout)], 1024]
             sC: cute.struct.Align[cute.struct.MemRange[self.out_dtype, epi_elems], 1024]
+            tiles: cute.struct.MemRange[Int32, TABLE_EXPERTS + 1]  # varlen-M: first unit of each expert
 
         self.storage = Storage
         # The TMA-store epilogue: each MMA warpgroup stages its (rows, bn) part of the tile in a
@@ -267,6 +269,14 @@ class GroupedGemmWS(GroupedGemmSm90):
         # ---- Shared memory and the load pipeline ----------------------------------------------
         smem = cutlass.memory.SmemAllocator()
         storage = smem.allocate(self.storage)
+        if const_expr(not self.varlen_k):
+            # The scheduler's expert table, built here from expert_offsets (no host-side pass): from
+            # now on ``tile_offsets`` is this shared-memory copy; the argument is not read.
+            table = storage.tiles.get_tensor(cute.make_layout(TABLE_EXPERTS + 1))
+            if warp == 0:
+                self.build_tile_table(expert_offsets, table)
+            cute.arch.sync_threads()
+            tile_offsets = table
         sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)  # (bm, bk, S)
         sB = storage.sB.get_tensor(sB_layout.outer, swizzle=sB_layout.inner)  # (bn, bk, S)
         pipe = pipeline.PipelineCpAsync.create(
@@ -453,6 +463,33 @@ class GroupedGemmWS(GroupedGemmSm90):
             # No CTA may exit while a partner can still arrive on its barriers or multicast into it.
             cute.arch.cluster_arrive()
             cute.arch.cluster_wait()
+
+    @cute.jit
+    def build_tile_table(self, expert_offsets: cute.Tensor, table: cute.Tensor):
+        """``table[e]`` = sum over j < e of ceil(f_j / unit rows), for e = 0 .. E: the first scheduler
+        unit (CLUSTER_M m-tiles) of each expert, and ``table[E]`` = all units. One warp: lane l sums
+        the units of a contiguous chunk of experts, an inclusive warp scan (5 shuffles) turns the
+        chunk sums into chunk starts, and each lane writes its chunk's running sums."""
+        unit_rows = self.tile[0] * self.CLUSTER_M
+        num_experts = expert_offsets.shape[0] - 1
+        lane = cute.arch.lane_idx()
+        per_lane = (num_experts + 31) // 32
+        lo = cutlass.min(lane * per_lane, num_experts)
+        hi = cutlass.min(lo + per_lane, num_experts)
+        chunk = Int32(0)
+        for e in cutlass.range(lo, hi, unroll=1):
+            chunk += (expert_offsets[e + 1] - expert_offsets[e] + unit_rows - 1) // unit_rows
+        upto = chunk  # inclusive scan over the lanes
+        for i in cutlass.range_constexpr(5):
+            other = cute.arch.shuffle_sync_up(upto, offset=1 << i)
+            if lane >= (1 << i):
+                upto = upto + other
+        run = upto - chunk
+        for e in cutlass.range(lo, hi, unroll=1):
+            table[e] = run
+            run += (expert_offsets[e + 1] - expert_offsets[e] + unit_rows - 1) // unit_rows
+        if lane == 31:
+            table[num_experts] = upto
 
     def empty_arrivals(self) -> int:
         """Arrivals that free a pipeline slot: every MMA thread that read it (one warpgroup when
@@ -766,4 +803,5 @@ def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = 227 
     a whole tile when ping-ponging)."""
     bm, bn, bk = tile
     per_stage = (bm + bn) * bk * 2
-    return (smem_bytes - 2048 - epilogue_smem_bytes(tile, out_bytes) * (2 if pingpong else 1)) // per_stage
+    reserved = 2048 + 4 * (TABLE_EXPERTS + 1)  # barriers and alignment, the expert tile table
+    return (smem_bytes - reserved - epilogue_smem_bytes(tile, out_bytes) * (2 if pingpong else 1)) // per_stage

@@ -1,0 +1,44 @@
+"""The timing harness (sonic_learn.bench): what it reports, what it rejects, and (GPU) that it times
+the device work, not the host's issue of it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from sonic_learn import bench
+
+
+def test_cpu_measure_reports_ordered_quantiles():
+    t = bench.measure(lambda: time.sleep(0.001), reps=5, warmup=1)
+    assert t.timer == "perf_counter" and t.reps == 5
+    assert 1.0 <= t.p20_ms <= t.median_ms <= t.p80_ms  # each call sleeps >= 1 ms
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    ({"reps": 0}, ValueError, "reps"),
+    ({"warmup": -1}, ValueError, "warmup"),
+    ({"min_time_s": float("nan")}, ValueError, "min_time_s"),
+    ({"host_ahead": 1}, TypeError, "host_ahead"),
+])
+def test_measure_rejects_bad_arguments(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        bench.measure(lambda: None, **kwargs)
+
+
+@pytest.mark.gpu
+def test_host_ahead_times_device_work_only():
+    """A call that spends 3 ms on the host before launching a ~20 us kernel: with the host held
+    ahead the events see the kernel only; without, they see the host's 3 ms."""
+    x = torch.randn(1 << 20, device="cuda")
+
+    def slow_host_call():
+        time.sleep(0.003)
+        x.mul_(1.0)
+
+    ahead = bench.measure(slow_host_call, device="cuda", reps=5, host_ahead=True)
+    behind = bench.measure(slow_host_call, device="cuda", reps=5, host_ahead=False)
+    assert ahead.median_ms < 1.0, ahead
+    assert behind.median_ms >= 2.5, behind
