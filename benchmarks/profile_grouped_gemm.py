@@ -34,10 +34,11 @@ def main() -> int:
         T, d, n, E, K = CONFIGS[cfg]
         Kg, Ng = (d, 2 * n) if proj == "up" else (n, d)
         meta, x, w, a, b = make_inputs(T, Kg, Ng, E, K)
-        fn = {"contiguous": lambda: fast.contiguous_grouped_gemm(a, w, meta),
-              "gather_fused": lambda: fast.gather_fused_grouped_gemm(x, w, meta),
-              "varlen_k": lambda: fast.grouped_gemm_varlen_k(x, b, meta)}[args.variant]
-        dense = lambda: torch.matmul(a, w[0])  # noqa: E731
+        # (default arguments bind this shape's tensors: the calls run after the loop)
+        fn = {"contiguous": lambda a=a, w=w, meta=meta: fast.contiguous_grouped_gemm(a, w, meta),
+              "gather_fused": lambda x=x, w=w, meta=meta: fast.gather_fused_grouped_gemm(x, w, meta),
+              "varlen_k": lambda x=x, b=b, meta=meta: fast.grouped_gemm_varlen_k(x, b, meta)}[args.variant]
+        dense = lambda a=a, w=w: torch.matmul(a, w[0])  # noqa: E731
         for _ in range(3):  # compile + warm up
             fn()
             dense()
