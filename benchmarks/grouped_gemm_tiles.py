@@ -26,10 +26,11 @@ DEFAULT_CONFIGS = "sm90:128x256x64:4,ws:128x256x64:3,ws:128x256x32:6"
 
 
 def parse(cfg: str):
-    """kernel:MxNxK:stages[:notma][:c2] (notma: the persistent kernels' copy-out store instead of TMA;
-    c2: clusters of 2 CTAs sharing B by TMA multicast)."""
+    """kernel:MxNxK:stages[:notma][:c1|:c2] (notma: the persistent kernels' copy-out store instead of
+    TMA; c1 / c2: clusters of 1 / 2 CTAs sharing B by TMA multicast; default: the library's choice)."""
     kernel, tile, stages, *flags = cfg.split(":")
-    return kernel, tuple(int(v) for v in tile.split("x")), int(stages), "notma" not in flags, 2 if "c2" in flags else 1
+    cluster_m = 2 if "c2" in flags else 1 if "c1" in flags else None
+    return kernel, tuple(int(v) for v in tile.split("x")), int(stages), "notma" not in flags, cluster_m
 
 
 def main() -> int:

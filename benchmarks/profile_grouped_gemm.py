@@ -25,7 +25,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="7b-up,7b-down")
     p.add_argument("--variant", default="contiguous", choices=("contiguous", "gather_fused", "varlen_k"))
-    p.add_argument("--cluster-m", type=int, default=1)
+    p.add_argument("--cluster-m", type=int, default=None, help="1 or 2 (default: the library's choice)")
     args = p.parse_args()
     fast.set_kernel_config(cluster_m=args.cluster_m)
     runs = []

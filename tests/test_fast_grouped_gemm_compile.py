@@ -201,4 +201,4 @@ def test_set_kernel_config_rejects_bad_values():
     with pytest.raises(ValueError, match="needs kernel='ws'"):
         fast.set_kernel_config(kernel="pingpong", cluster_m=2)
     assert fast._CONFIG == {"kernel": "ws", "tile": fast.WS_TILE, "stages": None, "max_ctas": None,
-                            "tma_store": True, "cluster_m": 1}  # unchanged
+                            "tma_store": True, "cluster_m": None}  # unchanged

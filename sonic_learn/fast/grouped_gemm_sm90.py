@@ -314,6 +314,11 @@ class GroupedGemmWS(GroupedGemmSm90):
             state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
             a_coord = copy_a.get_slice(tidx).partition_S(cute.make_identity_tensor((bm, bk)))  # (CPY, M, K)
             a_rows = cute.make_rmem_tensor(cute.size(a_coord, mode=[1]), Int32)  # token of each of my rows
+            # varlen-K: the rows of A^T change with every k-tile; each thread resolves the global rows
+            # of its k positions one k-tile ahead, so the gather_idx loads' latency hides behind the
+            # current k-tile's copies and the wait for the next slot instead of stalling the producer.
+            k_rows = cute.make_rmem_tensor(cute.size(a_coord, mode=[2]), Int32)  # this k-tile
+            k_rows_next = cute.make_rmem_tensor(cute.size(a_coord, mode=[2]), Int32)
             for t in cutlass.range(cta, num_tiles, num_ctas, unroll=1):
                 expert, m_start, n_start, row0, count, m_dim, k_len = self.tile_problem(
                     t, n_tiles, m_tiles, tile_offsets, expert_offsets, a.shape[1], rank)
@@ -338,7 +343,13 @@ class GroupedGemmWS(GroupedGemmSm90):
                     gA = cute.local_tile(cute.domain_offset((row0 + m_start, 0), tma_a), (bm, bk), (0, None))
                     tAsA, tAgA = cpasync.tma_partition(tma_atom_a, 0, cute.make_layout(1),
                                                        cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
+                if const_expr(self.varlen_k):
+                    self.resolve_k_rows(a_coord, gather_idx, k_rows_next, row0, 0, count)
                 for kt in cutlass.range((k_len + bk - 1) // bk, unroll=1):
+                    if const_expr(self.varlen_k):
+                        k_rows.store(k_rows_next.load())
+                        if (kt + 1) * bk < k_len:  # prefetch the next k-tile's rows
+                            self.resolve_k_rows(a_coord, gather_idx, k_rows_next, row0, kt + 1, count)
                     pipe.producer_acquire(state)  # wait until the MMA warps freed this slot
                     if warp == 0:
                         # One thread announces the TMA bytes (the +1 arrival of the full barrier);
@@ -356,10 +367,11 @@ class GroupedGemmWS(GroupedGemmSm90):
                         if const_expr(use_tma_a):
                             cute.copy(tma_atom_a, tAgA[None, kt], tAsA[None, state.index], tma_bar_ptr=bar)
                     if const_expr(self.varlen_k):  # A^T tile: the expert's rows (maybe gathered), zero past f_e
-                        self.load_tile(copy_a, a, sA[None, None, state.index], False, gather_idx, row0 + kt * bk,
-                                       count - kt * bk, self.gather, m_start, m_dim)
+                        self.load_gathered_rows(copy_a, a, sA[None, None, state.index], k_rows, m_start, m_dim,
+                                                rows_along_k=True)
                     elif const_expr(not use_tma_a):  # gathered rows: cp.async with per-row addresses
-                        self.load_gathered_rows(copy_a, a, sA[None, None, state.index], a_rows, kt * bk, k_len)
+                        self.load_gathered_rows(copy_a, a, sA[None, None, state.index], a_rows, kt * bk, k_len,
+                                                rows_along_k=False)
                     # zero-filled slots are ordinary st.shared: publish them to the async proxy
                     cute.arch.fence_proxy("async.shared", space="cta")
                     pipe.producer_commit(state)  # arrives when this thread's cp.async have landed
@@ -509,10 +521,26 @@ class GroupedGemmWS(GroupedGemmSm90):
                 pipe.sync_object_empty.arrive(state.index, lane)
 
     @cute.jit
+    def resolve_k_rows(self, a_coord: cute.Tensor, gather_idx: cute.Tensor, rows: cute.Tensor, row0: Int32,
+                       kt: Int32, count: Int32):
+        """varlen-K: ``rows[j]`` = the global row of A for this thread's k position j of k-tile ``kt``
+        (the expert's row ``row0 + k``, through ``gather_idx`` when gathered), -1 past its f_e rows."""
+        bk = self.tile[2]
+        for j in cutlass.range_constexpr(cute.size(rows)):
+            k = kt * bk + a_coord[0, 0, j][1]
+            rows[j] = -1
+            if k < count:
+                rows[j] = gather_idx[row0 + k] if const_expr(self.gather) else row0 + k
+
+    @cute.jit
     def load_gathered_rows(self, tiled_copy: cute.TiledCopy, g2d: cute.Tensor, s_stage: cute.Tensor,
-                           rows: cute.Tensor, col0: Int32, col_limit: Int32):
-        """K-major A tile from pre-resolved rows: 16-byte cp.async per (row, chunk), zeros where the
-        row is past the expert (rows[i] < 0) or the chunk is past K."""
+                           rows: cute.Tensor, col0: Int32, col_limit: Int32, rows_along_k: cutlass.Constexpr):
+        """One A tile from pre-resolved global rows: 16-byte cp.async per (row, chunk), zeros where
+        the row is past the expert (``rows[.] < 0``) or the chunk is past ``col_limit``.
+
+        varlen-M (K-major tile): my copies' mn positions are the rows (``rows[i]``), k the columns.
+        varlen-K (``rows_along_k``, M-major A^T tile): my copies' k positions are the rows
+        (``rows[j]``), mn (a slice of d) the columns."""
         tidx, _, _ = cute.arch.thread_idx()
         thr_copy = tiled_copy.get_slice(tidx)
         t_smem = thr_copy.partition_D(s_stage)  # (CPY, CPY_M, CPY_K)
@@ -521,10 +549,11 @@ class GroupedGemmWS(GroupedGemmSm90):
         g_chunks = cute.logical_divide(g2d, (None, CHUNK))  # (rows, (8, cols/8))
         for i in cutlass.range_constexpr(cute.size(t_smem, mode=[1])):
             for j in cutlass.range_constexpr(cute.size(t_smem, mode=[2])):
-                col = col0 + t_coord[0, i, j][1]
+                row = rows[j] if const_expr(rows_along_k) else rows[i]
+                col = col0 + t_coord[0, i, j][0 if const_expr(rows_along_k) else 1]
                 dst = t_smem[None, i, j]
-                if rows[i] >= 0 and col < col_limit:
-                    src = g_chunks[rows[i], (None, col // CHUNK)]
+                if row >= 0 and col < col_limit:
+                    src = g_chunks[row, (None, col // CHUNK)]
                     cute.copy(tiled_copy, cute.make_tensor(src.iterator, cute.make_layout(dst.shape)), dst)
                 else:
                     dst.fill(0)
