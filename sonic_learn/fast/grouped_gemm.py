@@ -24,9 +24,13 @@ Which kernel runs (the ladder, llm.c style; ``set_kernel_config`` picks one):
    with the ``tile_value`` hook.
 3. ``"ws"`` (``grouped_gemm_sm90.GroupedGemmWS``, the default / production kernel): warp-specialized
    (one producer warpgroup, two WGMMA warpgroups, setmaxnreg), mbarrier pipeline, persistent
-   static tile scheduler over (expert, m-tile, n-tile), TMA for the weights (and for contiguous A),
-   cp.async per row for gathered A, tile 128 x 256 x 64 (128 x 128 x 64 for fp32 output); the
-   epilogue hook of the fused MoE epilogues (``gather_fused_grouped_gemm_swiglu`` / ``_dswiglu``).
+   static tile scheduler over (expert, m-tile, n-tile) whose expert table it builds in shared
+   memory from ``expert_offsets`` (one launch per call, no host-side pass), TMA for the weights
+   (and for contiguous A), cp.async per row for gathered A (varlen-K: rows resolved one k-tile
+   ahead), a TMA bulk-store epilogue for full tiles (masked 16-byte stores for the expert's ragged
+   rows), clusters of 2 CTAs sharing B by TMA multicast where that pays (``cluster_size``: the
+   weight-gradient GEMMs), tile 128 x 256 x 64 (128 x 128 x 64 for fp32 output); the epilogue hook
+   of the fused MoE epilogues (``gather_fused_grouped_gemm_swiglu`` / ``_dswiglu``).
 4. ``"pingpong"`` (``grouped_gemm_sm90.ping_pong``): step 3 with each MMA warpgroup owning whole
    128 x 128 tiles, so one warpgroup's epilogue overlaps the other's mainloop (opt-in: measured
    slower than step 3 on most shapes).

@@ -15,13 +15,20 @@ What changes from ``grouped_gemm_v1`` (and why, paper Section 3 / Appendix B "IO
 * **Tile shape is a parameter** (128 x 128 or 128 x 256, with as many stages as fit).
 
 Step 3 (``GroupedGemmWS`` below, the production kernel) adds warp specialization, an mbarrier
-pipeline, TMA loads and a persistent tile scheduler, K-major weights, a transposed varlen-K store
-and the fused MoE epilogues (``SwiGLUEpilogue``, ``DSwiGLUEpilogue``). Step 4 (``ping_pong``) lets
-one MMA warpgroup's epilogue overlap the other's mainloop; at the 128 x 128 tile it needs, it was
-measured slower than step 3 except on the 7B down-projection, so step 3 stays the default
-(benchmarks/results/grouped_gemm_tiles_pingpong_NVIDIA_H200.json). Not done: a TMA-store epilogue
-(per-expert output descriptors), clusters with TMA multicast, per-shape tile heuristics beyond fp32
-vs 16-bit output.
+pipeline, TMA loads and a persistent tile scheduler (its expert table built in shared memory), a
+TMA bulk-store epilogue, clusters of 2 CTAs with the B tile multicast, K-major weights, a
+transposed varlen-K store and the fused MoE epilogues (``SwiGLUEpilogue``, ``DSwiGLUEpilogue``).
+Step 4 (``ping_pong``) lets one MMA warpgroup's epilogue overlap the other's mainloop; at the
+128 x 128 tile it needs, it was measured slower than step 3 except on the 7B down-projection, so
+step 3 stays the default (benchmarks/results/grouped_gemm_tiles_pingpong_NVIDIA_H200.json).
+
+The TMA store uses one descriptor for the whole (M, N) output rather than one per expert: a
+warpgroup's 64 rows that all belong to the expert (every tile but the expert's last) go out as one
+bulk store, and the ragged rows of the expert's last tile take masked 16-byte stores from the same
+shared-memory buffer -- a bulk store cannot stop at an expert's last row, and rewriting a
+descriptor on the device would cost a rewrite and a fence each time a CTA moves to another
+expert. Not done: the fused epilogues still store with st.global (no TMA); tile shapes are fixed
+per output dtype.
 """
 
 from __future__ import annotations
