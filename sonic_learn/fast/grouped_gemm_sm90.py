@@ -27,9 +27,8 @@ warpgroup's 64 rows that all belong to the expert (every tile but the expert's l
 bulk store, and the ragged rows of the expert's last tile take masked 16-byte stores from the same
 shared-memory buffer -- a bulk store cannot stop at an expert's last row, and rewriting a
 descriptor on the device would cost a rewrite and a fence each time a CTA moves to another
-expert. The fused epilogues store their main output (H, A') the same way; their second outputs (A of
-the SwiGLU forward, dH of the backward) still leave by st.global. Tile shapes are fixed per output
-dtype.
+expert. Not done: the fused epilogues still store with st.global (no TMA); tile shapes are fixed
+per output dtype.
 """
 
 from __future__ import annotations
@@ -125,12 +124,12 @@ class GroupedGemmWS(GroupedGemmSm90):
 
     LAYOUT_OPTIONS = True
     PINGPONG = False
-    TMA_STORE = True  # full tiles of ``out`` leave by TMA bulk stores (``finish_store``), fused epilogues too
+    TMA_STORE = True  # the plain store epilogue; the fused epilogues (subclasses) store with st.global
     CLUSTER_M = 1  # CTAs per cluster along M that share each tile's B through TMA multicast (1 or 2)
 
     def uses_tma_store(self) -> bool:
-        """Full tiles of ``out`` leave through a TMA bulk store (row-major ``out`` only: the transposed
-        varlen-K store keeps the padded buffer and 16-byte stores)."""
+        """Full tiles leave through a TMA bulk store (row-major ``out`` only; the transposed
+        varlen-K store and the fused epilogues keep the padded buffer and 16-byte stores)."""
         return self.TMA_STORE and not self.transpose_out
 
     def wg_rows(self) -> int:
@@ -469,10 +468,13 @@ class GroupedGemmWS(GroupedGemmSm90):
                 if const_expr(self.transpose_out):  # varlen-K into (E, N, d): expert e's rows e*N ...
                     self.epilogue_wg_transposed(acc, tCsC, out, sC, wg, ctid, expert * n_dim + n_start, m_start,
                                                 m_dim - m_start, n_dim - n_start)
+                elif const_expr(self.uses_tma_store()):
+                    self.epilogue_wg_tma(acc, tCsC, (tma_atom_c, tma_c), out, sC, wg, ctid, out_row0,
+                                         m_dim - m_start, n_start, n_dim - n_start)
                 else:
                     epi = (epi_out, epi_in, row_in, row_out)
                     self.epilogue_wg(acc, tCsC, tCcC, out, epi, sC, wg, ctid, out_row0, m_dim - m_start, n_start,
-                                     n_dim - n_start, (tma_atom_c, tma_c))
+                                     n_dim - n_start)
             if const_expr(self.uses_tma_store()):
                 if ctid % 128 < 32:  # the shared memory must outlive the last bulk store's reads
                     cute.arch.cp_async_bulk_wait_group(0, read=True)
@@ -566,69 +568,56 @@ class GroupedGemmWS(GroupedGemmSm90):
     @cute.jit
     def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
                     sC: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32,
-                    cols_left: Int32, tma_store: tuple):
+                    cols_left: Int32):
         """One MMA warpgroup stores its rows (64, or the whole tile when ping-ponging): registers ->
-        shared memory -> global memory (``begin_staging`` / ``write_tile`` / ``finish_store``).
+        padded smem -> 16-byte masked global stores.
 
         The epilogue *hook* of the production kernel. A fused epilogue is a subclass that overrides
-        this method only; it gets ``tCcC`` (each accumulator's (row, col) in the tile), the tensors
-        ``epi = (epi_out, epi_in, row_in, row_out)``: a second 16-bit output, a 16-bit input with
-        the output's rows, an fp32 value per output row and an fp32 (rows, n-tiles) output
-        (placeholders when unused, as here; see ``SwiGLUEpilogue`` and ``DSwiGLUEpilogue``), and
-        ``tma_store`` = (TMA atom, TMA tensor) of ``out`` for ``finish_store``."""
-        self.begin_staging(wg, ctid)
-        self.write_tile(acc, tCsC)
-        self.finish_store(sC, tma_store, out, out_row0, rows_left, n_start, cols_left, wg, ctid)
+        this method only; it gets ``tCcC`` (each accumulator's (row, col) in the tile) and the
+        tensors ``epi = (epi_out, epi_in, row_in, row_out)``: a second 16-bit output, a 16-bit input
+        with the output's rows, an fp32 value per output row and an fp32 (rows, n-tiles) output
+        (placeholders when unused, as here; see ``SwiGLUEpilogue`` and ``DSwiGLUEpilogue``)."""
+        bm, bn, _ = self.tile
+        self.stage_tile(acc, tCsC, wg)
+        self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
 
     @cute.jit
-    def begin_staging(self, wg: Int32, ctid: Int32):
-        """Wait until this warpgroup's shared-memory buffer may be overwritten: every thread is done
-        with the previous tile's copy-out and, with TMA stores, the last bulk store has *read* it
-        (only the thread that issued it can wait on it: the warpgroup's first warp)."""
-        if const_expr(self.uses_tma_store()):
-            if ctid % 128 < 32:
-                cute.arch.cp_async_bulk_wait_group(0, read=True)
+    def epilogue_wg_tma(self, acc: cute.Tensor, tCsC: cute.Tensor, tma_store: tuple, out: cute.Tensor,
+                        sC: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32,
+                        cols_left: Int32):
+        """The plain store, asynchronous: registers -> swizzled smem -> one TMA bulk store per warpgroup.
+
+        The MMA warps only write shared memory and go straight back to the next tile's mainloop;
+        the TMA unit drains the buffer to global memory while they multiply (the stores of the
+        shared-memory copy-out in ``epilogue_wg`` keep the warps busy until the data have left the
+        SM, which on short-K problems costs as long as the multiply). Before a buffer is refilled,
+        the thread that issued its last bulk store waits until that store has *read* it."""
+        tma_atom_c, tma_c = tma_store
+        bm, bn, _ = self.tile
+        rows = self.wg_rows()
+        row_off = self.wg_row_offset(wg)
+        first_warp = ctid % 128 < 32  # the warp that issues (and so must wait for) the bulk stores
+        # Phase 1: my buffer is free once my previous bulk store has read it.
+        if first_warp:
+            cute.arch.cp_async_bulk_wait_group(0, read=True)
         cute.arch.barrier(barrier_id=wg, number_of_threads=128)
-
-    @cute.jit
-    def write_tile(self, acc: cute.Tensor, tCsC: cute.Tensor):
-        """Registers -> this thread's slots of the staged tile, through the ``tile_value`` hook
-        (converted in registers first, so pairs of adjacent 16-bit columns go as 32-bit stores)."""
+        # Phase 2: registers -> shared memory through the tile_value hook; the generic-proxy writes
+        # are then made visible to the TMA unit (async proxy).
         r_out = cute.make_rmem_tensor_like(acc, self.out_dtype)
         for i in cutlass.range_constexpr(cute.size(acc)):
             r_out[i] = self.tile_value(acc[i])
         cute.autovec_copy(r_out, tCsC)
-
-    @cute.jit
-    def finish_store(self, sC: cute.Tensor, tma_store: tuple, out: cute.Tensor, out_row0: Int32,
-                     rows_left: Int32, n_start: Int32, cols_left: Int32, wg: Int32, ctid: Int32):
-        """The staged (rows, tile_n) buffer -> ``out``.
-
-        With TMA stores (the production default) the store is asynchronous: the shared-memory
-        writes are made visible to the TMA unit (async proxy), and if all of the warpgroup's rows
-        belong to the expert, one thread issues a single bulk store (columns past N are clipped by
-        TMA) and the MMA warps go straight back to the mainloop while the TMA unit drains the
-        buffer. The expert's ragged last rows -- and every tile without TMA stores -- leave by the
-        masked 16-byte copy-out, which keeps the warps busy until the data have left the SM (on
-        short-K problems as long as the multiply)."""
-        bm, bn, _ = self.tile
-        if const_expr(self.uses_tma_store()):
-            cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.fence_proxy("async.shared", space="cta")
         cute.arch.barrier(barrier_id=wg, number_of_threads=128)
-        if const_expr(self.uses_tma_store()):
-            tma_atom_c, tma_c = tma_store
-            rows = self.wg_rows()
-            row_off = self.wg_row_offset(wg)
-            if row_off + rows <= rows_left:
-                if ctid % 128 < 32:
-                    gC = cute.local_tile(cute.domain_offset((out_row0 + row_off, n_start), tma_c), (rows, bn),
-                                         (0, 0))
-                    tCs, tCg = cpasync.tma_partition(tma_atom_c, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2),
-                                                     cute.group_modes(gC, 0, 2))
-                    cute.copy(tma_atom_c, tCs, tCg)
-                    cute.arch.cp_async_bulk_commit_group()
-            else:
-                self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
+        # Phase 3: a full warpgroup tile -> one bulk store (columns past N clipped by TMA); the
+        # expert's ragged last rows -> masked 16-byte stores from the same buffer.
+        if row_off + rows <= rows_left:
+            if first_warp:
+                gC = cute.local_tile(cute.domain_offset((out_row0 + row_off, n_start), tma_c), (rows, bn), (0, 0))
+                tCs, tCg = cpasync.tma_partition(tma_atom_c, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2),
+                                                 cute.group_modes(gC, 0, 2))
+                cute.copy(tma_atom_c, tCs, tCg)
+                cute.arch.cp_async_bulk_commit_group()
         else:
             self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
 
@@ -651,10 +640,15 @@ class GroupedGemmWS(GroupedGemmSm90):
                 cute.autovec_copy(src, cute.local_tile(dst, (1, elems), (dst_row0 + row_off + m, (dst_col0 + q) // elems)))
 
     @cute.jit
-    def stage_tile(self, acc: cute.Tensor, tCsC: cute.Tensor, wg: Int32, ctid: Int32):
-        """Registers -> this warpgroup's shared-memory rows, ready to be read back by its threads."""
-        self.begin_staging(wg, ctid)
-        self.write_tile(acc, tCsC)
+    def stage_tile(self, acc: cute.Tensor, tCsC: cute.Tensor, wg: Int32):
+        """Registers -> this warpgroup's padded shared-memory rows, through the ``tile_value`` hook."""
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)  # previous tile's copy-out is done
+        # Convert in registers, then one vectorized copy into this thread's slots of the padded tile
+        # (pairs of adjacent columns -> 32-bit shared stores for 16-bit outputs).
+        r_out = cute.make_rmem_tensor_like(acc, self.out_dtype)
+        for i in cutlass.range_constexpr(cute.size(acc)):
+            r_out[i] = self.tile_value(acc[i])
+        cute.autovec_copy(r_out, tCsC)
         cute.arch.barrier(barrier_id=wg, number_of_threads=128)
 
     @cute.jit
@@ -674,7 +668,7 @@ class GroupedGemmWS(GroupedGemmSm90):
         lt = ctid % 128
         row_off = self.wg_row_offset(wg)
         elems = CHUNK_BYTES * 8 // self.out_dtype.width  # consecutive m per 16-byte store
-        self.stage_tile(acc, tCsC, wg, ctid)
+        self.stage_tile(acc, tCsC, wg)
         r_chunk = cute.make_rmem_tensor((1, elems), self.out_dtype)
         for it in cutlass.range_constexpr(half * bn // elems // 128):
             c = it * 128 + lt
@@ -702,24 +696,24 @@ class SwiGLUEpilogue(GroupedGemmWS):
     sees the same A. The separate SwiGLU pass, its re-read of H and its launch disappear.
     """
 
+    TMA_STORE = False  # its own stores (two outputs / direct dH stores) from the padded buffer
+
     @cute.jit
     def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
                     sC: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32,
-                    cols_left: Int32, tma_store: tuple):
+                    cols_left: Int32):
         bm, bn, _ = self.tile
         half = self.wg_rows()
         row_off = self.wg_row_offset(wg)
-        # Phase 1: H, exactly as the plain epilogue (a TMA bulk store for full rows).
-        self.begin_staging(wg, ctid)
-        self.write_tile(acc, tCsC)
-        self.finish_store(sC, tma_store, out, out_row0, rows_left, n_start, cols_left, wg, ctid)
+        # Phase 1: H, exactly as the plain epilogue.
+        self.stage_tile(acc, tCsC, wg)
+        self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
         # Phase 2: A = up * silu(gate) for this thread's column pairs, into the same buffer
-        # (re-laid out as (rows, bn/2)) once H's copy-out or bulk store has read it, then copied
-        # out with 16-byte stores.
+        # (re-laid out as (64, bn/2) rows) once every thread has finished copying H out.
         a_cols = bn // 2
         a_pitch = a_cols + CHUNK_BYTES * 8 // self.out_dtype.width
         sA = cute.make_tensor(sC.iterator, cute.make_layout((half, a_cols), stride=(a_pitch, 1)))
-        self.begin_staging(wg, ctid)
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)
         for i in cutlass.range_constexpr(cute.size(acc) // 2):
             m, n = tCcC[2 * i]  # the gate column (even); 2 * i + 1 is its up column
             g = acc[2 * i].to(self.out_dtype).to(cutlass.Float32)  # the rounded H values
@@ -755,15 +749,17 @@ class DSwiGLUEpilogue(GroupedGemmWS):
     grouped row (P,) fp32, ``row_out`` = (P, ceil(n / tile_n)) fp32.
     """
 
+    TMA_STORE = False  # its own stores (two outputs / direct dH stores) from the padded buffer
+
     @cute.jit
     def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
                     sC: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32,
-                    cols_left: Int32, tma_store: tuple):
+                    cols_left: Int32):
         dh, h, row_scores, ds_part = epi
         bm, bn, _ = self.tile
         row_off = self.wg_row_offset(wg)
         dtype = self.out_dtype
-        self.begin_staging(wg, ctid)  # the buffer that will stage A' is free
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)  # previous tile's copy-out is done
         # The accumulator fragment of a WGMMA (PTX layout): index i = v0 + 2 * v1 + 4 * q (+ bn / 2
         # per further 64-row block) holds row r0 + 8 * v1 and column 8 * q + 2 * (lane % 4) + v0. So
         # (i, i + 1) for even i are two neighbouring columns of one row.
@@ -817,8 +813,9 @@ class DSwiGLUEpilogue(GroupedGemmWS):
             m, _ = tCcC[2 * (r % 2) + (bn // 2) * (r // 2)]
             if lane % 4 == 0 and m < rows_left:
                 ds_part[out_row0 + m, n_start // bn] = d
-        # A' = s * A: the staged tile goes out like any output tile (a TMA bulk store for full rows).
-        self.finish_store(sC, tma_store, out, out_row0, rows_left, n_start, cols_left, wg, ctid)
+        # A' = s * A: the staged tile goes out like any output tile.
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)
+        self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
 
 
 def ping_pong(cls: type) -> type:
