@@ -211,9 +211,10 @@ The references are Python loops over tiles, so on a CPU they show that the code 
 speed of the idea; the bytes in Step 4 carry the argument. On a GPU the cell below times them too.
 
 On a Hopper GPU with CuTe-DSL installed, the GPU cell also runs the CuTe-DSL kernels, each checked
-against the reference before it is timed. These are small problems, where fixed per-call
-costs (launches, host work) weigh heavily: the [Benchmarks](../benchmarks.md) page has the
-measured results at realistic sizes.
+against the reference before it is timed. `measure` times the device's work (the host's time to
+issue a call is hidden, as in training, where the host runs ahead), but these are small problems,
+where fixed per-kernel costs (launch latency, a tile schedule for a few tiles) weigh heavily: the
+[Benchmarks](../benchmarks.md) page has the measured results at realistic sizes.
 <!-- --8<-- [end:measure_md] -->
 """
 
