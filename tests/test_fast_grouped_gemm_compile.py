@@ -198,6 +198,10 @@ def test_set_kernel_config_rejects_bad_values():
         fast.set_kernel_config(tma_store=0)
     with pytest.raises(ValueError, match="cluster_m must be one of"):
         fast.set_kernel_config(cluster_m=4)
+    with pytest.raises(ValueError, match="cluster_m must be one of"):
+        fast.set_kernel_config(cluster_m=True)
+    with pytest.raises(ValueError, match="cluster_m must be one of"):
+        fast.compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, fast.WS_TILE, cluster_m=3)
     with pytest.raises(ValueError, match="needs kernel='ws'"):
         fast.set_kernel_config(kernel="pingpong", cluster_m=2)
     assert fast._CONFIG == {"kernel": "ws", "tile": fast.WS_TILE, "stages": None, "max_ctas": None,

@@ -78,6 +78,12 @@ _CONFIG = {"kernel": "ws", "tile": WS_TILE, "stages": None, "max_ctas": None, "t
            "cluster_m": None}
 
 
+def _check_cluster_m(cluster_m: object, allow_none: bool) -> None:
+    choices = (None, 1, 2) if allow_none else (1, 2)
+    if isinstance(cluster_m, bool) or cluster_m not in choices:
+        raise ValueError(f"cluster_m must be one of {choices}, got {cluster_m!r}")
+
+
 def _check_pingpong_tile(kernel: str, tile: object) -> None:
     if kernel == "pingpong" and isinstance(tile, tuple) and len(tile) == 3 and tile[1] > 128:
         raise ValueError(f"the ping-pong kernel keeps a whole tile in one warpgroup: tile_n <= 128, got {tile}")
@@ -107,7 +113,7 @@ def set_kernel_config(*, kernel: str = "ws", tile: tuple[int, int, int] | None =
     if max_ctas is not None:
         _checks.check_int_range("max_ctas", max_ctas, 1, what="CTAs of the persistent kernels")
     _checks.check_bool("tma_store", tma_store)
-    _checks.check_choice("cluster_m", cluster_m, (None, 1, 2))
+    _check_cluster_m(cluster_m, allow_none=True)
     if cluster_m == 2 and kernel != "ws":
         raise ValueError(f"cluster_m={cluster_m} needs kernel='ws' (the cooperative production kernel), got {kernel!r}")
     _CONFIG.update(kernel=kernel, tile=tile, stages=stages, max_ctas=max_ctas, tma_store=tma_store,
@@ -307,6 +313,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
                      **layout)
     if not tma_store:
         kernel_obj.TMA_STORE = False
+    _check_cluster_m(cluster_m, allow_none=False)
     if cluster_m != 1:
         if kernel != "ws":
             raise ValueError(f"cluster_m={cluster_m} needs kernel='ws', got {kernel!r}")
