@@ -117,9 +117,8 @@ TORCH_OPS = fast_moe.ExpertOps(
 )
 
 
-def _cpu_layer(x, router_w, w1, w2, k, routing, backward, tile_m=4):
-    """The fast layer's routing + autograd Functions on the CPU (reference router, TORCH_OPS kernels)."""
-    logits = x @ router_w  # (T, E)
+def _route(logits, k, routing, tile_m):
+    """Reference routing of (T, E) logits + the fast layer's torch-ops metadata: (routing, meta, token_offsets)."""
     T, E = logits.shape
     if routing == "topk":
         r = topk_routing(logits, k)
@@ -127,6 +126,12 @@ def _cpu_layer(x, router_w, w1, w2, k, routing, backward, tile_m=4):
     else:
         r = token_rounding(logits, k, tile_m=tile_m)
         meta, token_offsets = fast_moe.device_metadata(r.token_idx, r.expert_idx, T, E)
+    return r, meta, token_offsets
+
+
+def _cpu_layer(x, router_w, w1, w2, k, routing, backward, tile_m=4):
+    """The fast layer's routing + autograd Functions on the CPU (reference router, TORCH_OPS kernels)."""
+    r, meta, token_offsets = _route(x @ router_w, k, routing, tile_m)
     dr = fast_moe.DeviceRouting(meta, r.scores, token_offsets)
     return fast_moe.run_experts(x, w1, w2, dr, backward, TORCH_OPS), dr
 
@@ -246,12 +251,7 @@ def test_token_rounding_with_more_experts_than_the_fast_router_is_rejected():
 def test_device_metadata_equals_reference_build_metadata(T, E, k_frac, tile_m, routing, seed):
     k = 1 + int(k_frac * (E - 1))
     logits = torch.randn(T, E, generator=torch.Generator().manual_seed(seed))
-    if routing == "topk":
-        r = topk_routing(logits, k)
-        meta, token_offsets = fast_moe.device_metadata(r.token_idx, r.expert_idx, T, E, pairs_per_token=k)
-    else:
-        r = token_rounding(logits, k, tile_m=tile_m)
-        meta, token_offsets = fast_moe.device_metadata(r.token_idx, r.expert_idx, T, E)
+    r, meta, token_offsets = _route(logits, k, routing, tile_m)
     want = build_metadata(r)
     for field in ("expert_counts", "expert_offsets", "gather_idx", "pair_of_row", "row_of_pair"):
         assert torch.equal(getattr(meta, field).long(), getattr(want, field).long()), field
