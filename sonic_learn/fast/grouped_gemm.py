@@ -134,11 +134,11 @@ def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transpos
 
 def cluster_size(varlen_k: bool) -> int:
     """CTAs per cluster for the selected kernel: ``set_kernel_config(cluster_m=...)``, or by default
-    the measured rule (H200, benchmarks/results/grouped_gemm_tiles_cluster*.json): 2 for varlen-K
-    (both CTAs of a pair reduce over the same expert rows, so the multicast B is free of padding;
-    +0% to +21% on the 7B/30B weight-gradient shapes), 1 for varlen-M (a pair of m-tiles must stay
-    inside one expert, which adds about half a tile of padding per expert and ate the multicast's
-    gain on the 7B shapes: -3% to +5%, and -1% to -8% gathered)."""
+    the measured rule (H200, benchmarks/results/grouped_gemm_tiles_NVIDIA_H200.json, configs c1 vs
+    c2): 2 for varlen-K (both CTAs of a pair reduce over the same expert rows, so the multicast B
+    costs no padding; -2% to +4% on the 7B/30B weight-gradient shapes, +21% on 30B down before the
+    row prefetch), 1 for varlen-M (a pair of m-tiles must stay inside one expert, which adds about
+    half a tile of padding per expert: -7% to 0% contiguous, -8% to -1% gathered)."""
     if _CONFIG["kernel"] != "ws":
         return 1
     if _CONFIG["cluster_m"] is not None:

@@ -110,12 +110,18 @@ class GroupedGemmWS(GroupedGemmSm90):
       an "empty" mbarrier (the 256 MMA threads arrive once the WGMMAs reading the slot are done).
       No CTA-wide barrier in the mainloop: the loaders run up to ``stages`` k-tiles ahead, across
       tile boundaries.
-    * **Persistent scheduler.** One CTA per SM walks the linear tile index
-      ``t = blockIdx.x, blockIdx.x + gridDim.x, ...`` over (row-tile, n-tile) pairs (n fastest).
-      Loaders and MMA warps decode the same sequence independently, so they need no extra queue.
-      While the MMA warps run an epilogue, the loaders already fill the next tile's slots.
+    * **Persistent scheduler.** One CTA per SM (or one cluster of CLUSTER_M CTAs per CLUSTER_M
+      SMs) walks the linear tile index ``t = cluster, cluster + clusters, ...`` over (row unit,
+      n-tile) pairs (n fastest), a row unit being CLUSTER_M m-tiles of one expert; the per-expert
+      unit table is built in shared memory at start (``build_tile_table``). Loaders and MMA warps
+      decode the same sequence independently, so they need no extra queue. While the MMA warps run
+      an epilogue, the loaders already fill the next tile's slots.
+    * **Clusters** (CLUSTER_M = 2): the two CTAs of a unit need the same B tile; each fetches half
+      and TMA multicasts it into both, and a slot is freed only when both CTAs' MMA warps are done
+      with it (remote mbarrier arrivals, ``release_slot``).
     * **Epilogue** per MMA warpgroup through its own shared-memory buffer (64 rows), synchronized
-      with a named barrier of 128 threads; the same ``tile_value`` hook as GroupedGemmSm90.
+      with a named barrier of 128 threads; the same ``tile_value`` hook as GroupedGemmSm90. The
+      plain store sends full rows by TMA bulk store (``epilogue_wg_tma``).
     * **Layout options** (so the MoE backward never copies a transposed weight or gradient):
       ``b_k_major`` (varlen-M) takes the weights stored (E, N, K) and multiplies by ``w[e]^T``
       (WGMMA reads B K-major; only the TMA view's strides change); ``transpose_out`` (varlen-K)
@@ -397,27 +403,29 @@ class GroupedGemmWS(GroupedGemmSm90):
             num_k_blocks = cute.size(tCrA, mode=[2])
             read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
             release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-            epi_pitch = bn + CHUNK_BYTES * 8 // self.out_dtype.width
+            # The epilogue buffers: sC = this warpgroup's rows; tile_view = the tile's buffer (both
+            # warpgroups' rows, or mine when ping-ponging) seen as (bm, bn), to be partitioned like
+            # the accumulators.
             rows = self.wg_rows()
-            sC_both = cute.make_tensor(storage.sC.data_ptr(), cute.make_layout(
-                (2, rows, bn), stride=(rows * epi_pitch, epi_pitch, 1)))  # (WG, rows, cols)
-            sC = sC_both[wg - 1, None, None]  # this warpgroup's rows
-            # the tile's buffer (both warpgroups' rows, or mine when ping-ponging) seen as a (bm, bn)
-            # tile, partitioned like the accumulators
-            tCsC = tiled_mma.get_slice(mma_tid).partition_C(cute.make_tensor(
-                sC_both[wg - 1 if const_expr(self.PINGPONG) else 0, None, None].iterator,
-                cute.make_layout((bm, bn), stride=(epi_pitch, 1))))
             if const_expr(self.uses_tma_store()):
-                # The swizzled buffers instead: slot wg - 1 holds this warpgroup's rows. Cooperative:
-                # the tile's row r lives in slot r // 64, row r % 64 (the (rows, WG) modes grouped
-                # as one row mode); ping-pong: my slot is my whole tile.
+                # Swizzled slots in the TMA's layout: slot wg - 1 holds this warpgroup's rows.
+                # Cooperative: tile row r lives in slot r // 64, row r % 64 (the (rows, WG) modes
+                # grouped as one row mode); ping-pong: my slot is my whole tile.
                 sC_slots = storage.sC.get_tensor(epi_layout.outer, swizzle=epi_layout.inner)  # (rows, bn, WG)
                 sC = sC_slots[None, None, wg - 1]
                 tile_view = sC
                 if const_expr(not self.PINGPONG):
                     tile_view = cute.make_tensor(sC_slots.iterator, cute.group_modes(
                         cute.select(sC_slots.layout, mode=[0, 2, 1]), 0, 2))  # ((rows, WG), bn) = (bm, bn)
-                tCsC = tiled_mma.get_slice(mma_tid).partition_C(tile_view)
+            else:
+                # Padded row-major buffers (one extra 16-byte chunk per row: conflict-free writes).
+                epi_pitch = bn + CHUNK_BYTES * 8 // self.out_dtype.width
+                sC_both = cute.make_tensor(storage.sC.data_ptr(), cute.make_layout(
+                    (2, rows, bn), stride=(rows * epi_pitch, epi_pitch, 1)))  # (WG, rows, cols)
+                sC = sC_both[wg - 1, None, None]
+                tile_view = cute.make_tensor(sC_both[wg - 1 if const_expr(self.PINGPONG) else 0, None, None].iterator,
+                                             cute.make_layout((bm, bn), stride=(epi_pitch, 1)))
+            tCsC = tiled_mma.get_slice(mma_tid).partition_C(tile_view)
             first = cta
             step = num_ctas
             if const_expr(self.PINGPONG):  # the CTA's tiles alternate between the two warpgroups
