@@ -8,6 +8,7 @@ recorded, never asserted.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -276,3 +277,67 @@ def test_settings_reject_bad_values(kwargs, exc, match):
 
     with pytest.raises(exc, match=match):
         Settings(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows: unsupported problems are n/a, anything else a row raises is a failure
+# ----------------------------------------------------------------------------------------------
+def _topk_rows_with(extra):
+    from sonic_learn.compare.pairs import topk
+
+    return [topk.ROWS[0], extra]  # the baseline (torch.topk) and the row under test
+
+
+def test_a_row_that_raises_valueerror_fails_and_unsupported_is_na():
+    """A kernel that rejects a problem it covers (ValueError) is a failing row, never a silent n/a;
+    only UnsupportedProblem (outside the row's stated limits) makes a row n/a."""
+    from sonic_learn.compare import Impl, Setup, UnsupportedProblem
+    from sonic_learn.compare.pairs import topk
+    from sonic_learn.compare.runner import run_pair
+
+    def rejects(case):
+        def run():
+            raise ValueError("E must be a multiple of 8")
+        return run
+
+    def unsupported(case):
+        raise UnsupportedProblem("takes E <= 4")
+
+    setup, problem = Setup("cpu", torch.float32), get_config("tiny")
+    for kind in ("fast", "reference", "upstream"):
+        bad = Impl("rejects", kind, "bitonic", topk.TopkRow(select=None), rejects)
+        res = run_pair(topk.SPEC, _topk_rows_with(bad), problem, setup)
+        row = res.rows[1]
+        assert row.status == "ERROR" and row.failed and "ValueError: E must be a multiple of 8" in row.why
+        assert not res.ok
+    skipped = Impl("unsupported", "fast", "bitonic", topk.TopkRow(select=None), unsupported)
+    res = run_pair(topk.SPEC, _topk_rows_with(skipped), problem, setup)
+    assert res.rows[1].status == "n/a" and "takes E <= 4" in res.rows[1].why and res.ok
+
+
+def test_fast_rows_state_their_limits_as_unsupported_problem():
+    from sonic_learn.compare import UnsupportedProblem, fast_kernels
+    from sonic_learn.compare.pairs import grouped_gemm, layer, topk
+
+    if fast_kernels.MISSING:
+        pytest.skip(fast_kernels.MISSING)
+    p = get_config("tiny")
+    topk.fast_limits(p, torch.bfloat16, 16)  # E=8, K=2: inside the range
+    with pytest.raises(UnsupportedProblem, match="E a multiple of 8"):
+        topk.fast_limits(p.with_overrides(E=12), torch.bfloat16, 16)
+    with pytest.raises(UnsupportedProblem, match="K <= 1"):
+        topk.fast_limits(p, torch.bfloat16, 1)
+    with pytest.raises(UnsupportedProblem, match="M tile"):
+        grouped_gemm.fast_limits(p.with_overrides(tile_m=64), torch.bfloat16, "naive")
+    with pytest.raises(UnsupportedProblem, match="bf16/fp16"):
+        layer.fast_limits(p, torch.float32, "topk")
+    assert not issubclass(UnsupportedProblem, ValueError)
+
+
+def test_rows_are_keyed_by_typed_specs():
+    from sonic_learn.compare import SPECS
+
+    for key, spec in SPECS.items():
+        assert spec.rows, key
+        for impl in spec.rows:
+            assert dataclasses.is_dataclass(impl.spec) and impl.spec.__dataclass_params__.frozen, (key, impl.name)

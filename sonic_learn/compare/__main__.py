@@ -19,9 +19,9 @@ import sys
 import torch
 
 from sonic_learn.compare import configs as cfg
-from sonic_learn.compare import pairs as pairs_mod
+from sonic_learn.compare.pairs import SPECS, TOUR
 from sonic_learn.compare import records, tables
-from sonic_learn.compare.registry import REGISTRY, Setup
+from sonic_learn.compare.registry import Setup
 from sonic_learn.compare.runner import FAULT_ENV, Settings, fault_target, run_pair
 
 try:  # nicer help when rich-argparse happens to be installed; plain argparse otherwise
@@ -144,8 +144,8 @@ def _progress(total: int):
 
 def _list(setup: Setup, out, as_json: str | None, env: dict) -> int:
     entries = []
-    for pair, impls in REGISTRY.items():
-        for impl in impls:
+    for pair, spec in SPECS.items():
+        for impl in spec.rows:
             ok, why = impl.available(setup)
             entries.append({"pair": pair, "impl": impl.name, "kind": impl.kind, "algorithm": impl.algorithm,
                             "available": ok, "why": why})
@@ -189,13 +189,13 @@ def main(argv: list[str] | None = None) -> int:
             plot_results([], problem, setup, plot, memory=report)
         return 0 if report["ok"] else 1
 
-    keys = pairs_mod.TOUR if command == "tour" else (command,)
-    total = sum(2 * len(REGISTRY[k]) for k in keys)
+    keys = TOUR if command == "tour" else (command,)
+    total = sum(2 * len(SPECS[k].rows) for k in keys)
     results = []
     with _progress(total) as step:
         settings.on_step = step
         for key in keys:
-            result = run_pair(pairs_mod.SPECS[key], REGISTRY[key], problem, setup, settings)
+            result = run_pair(SPECS[key], SPECS[key].rows, problem, setup, settings)
             results.append(result)
             if not quiet:
                 tables.print_pair(out, result, env)

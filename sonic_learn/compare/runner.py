@@ -29,7 +29,7 @@ import torch
 from sonic_learn import _checks
 from sonic_learn.bench import measure, peak_memory_bytes
 from sonic_learn.compare.configs import Problem
-from sonic_learn.compare.registry import Impl, Setup
+from sonic_learn.compare.registry import Impl, Setup, UnsupportedProblem
 
 # Smallest tolerance per dtype (used when the baseline itself is (nearly) exact).
 ERROR_FLOOR = {
@@ -151,6 +151,7 @@ class PairSpec:
     cost: Callable[[Any, Impl, Any], Cost]
     timed: str = "the call"  # what the time column measures, in words
     saved: Callable[[Any, Impl], tuple[int | None, int | None]] | None = None  # (measured, closed form)
+    rows: tuple[Impl, ...] = ()  # every implementation of the pair, in table order
 
 
 @dataclass
@@ -391,22 +392,21 @@ def run_pair(
             row.why = why
             continue
         try:
-            fn = impl.build(case)
+            fn = impl.build(case)  # raises UnsupportedProblem outside the row's documented limits
+        except UnsupportedProblem as exc:
+            row.why = f"does not cover this problem: {exc}"
+            continue
+        except Exception as exc:  # noqa: BLE001 - a row that cannot even be set up is a failing row
+            row.status, row.why = "ERROR", f"{type(exc).__name__}: {exc}"
+            continue
+        try:
             out = fn()
             if fault and fault in impl.name:
                 out = corrupt(out)
             row.agreement = spec.compare(case, impl, out)
             row.status = "checked"
             fns[impl.name] = fn
-        except (ValueError, TypeError) as exc:
-            if impl.kind not in ("fast", "upstream"):
-                row.status, row.why = "ERROR", f"{type(exc).__name__}: {exc}"
-                continue
-            # A kernel validates its inputs before launching and rejects shapes/dtypes outside its
-            # contract (e.g. E not a multiple of 8): that is "not applicable here", not a wrong answer.
-            row.why = f"rejects this problem: {exc}"
-            continue
-        except Exception as exc:  # noqa: BLE001 - an implementation that crashes is a failing row
+        except Exception as exc:  # noqa: BLE001 - an implementation that raises on a problem it covers fails
             row.status = "ERROR"
             row.why = f"{type(exc).__name__}: {exc}"
             continue
