@@ -341,3 +341,97 @@ def test_rows_are_keyed_by_typed_specs():
         assert spec.rows, key
         for impl in spec.rows:
             assert dataclasses.is_dataclass(impl.spec) and impl.spec.__dataclass_params__.frozen, (key, impl.name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Before any work: output paths, the size of the problem
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the CLI starts comparing anything."""
+    import sonic_learn.compare.__main__ as cli
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the comparison started")
+
+    monkeypatch.setattr(cli, "run_pair", boom)
+
+
+@pytest.mark.parametrize("opt", ["--json", "--csv", "--plot"])
+def test_unwritable_output_path_exits_2_before_any_work(opt, no_work, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["topk", *FAST, opt, "/nonexistent/dir/out.x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert opt in err and "/nonexistent/dir" in err and "does not exist" in err
+
+
+def test_output_path_that_is_a_directory_exits_2(tmp_path, no_work, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["topk", *FAST, "--json", str(tmp_path)])
+    assert exc.value.code == 2 and "--json" in capsys.readouterr().err
+
+
+def test_paper_sized_problem_on_cpu_is_refused_with_the_estimate(no_work, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["moe", "--config", "7B", "--device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "estimated" in err and "GiB" in err and "TFLOP" in err and "--allow-large" in err
+
+
+def test_estimate_follows_the_cost_model():
+    from sonic_learn.compare import Setup, estimate
+
+    setup = Setup("cpu", torch.float32)
+    small, big = get_config("tiny"), get_config("7B")
+    e_small = estimate.estimate("moe", small, setup, reps=5, warmup=1)
+    e_big = estimate.estimate("moe", big, setup, reps=5, warmup=1)
+    # 4 CPU rows x 7 calls x 18 P n d, plus the float64 oracle (2 routings x 18 P n d)
+    P = big.T * big.K
+    assert e_big.flops == pytest.approx((4 * 7 + 2) * 18 * P * big.n * big.d)
+    assert e_big.memory_bytes > 8 * 2**30 > e_small.memory_bytes  # the 7B layer in float64 is many GiB
+    assert estimate.refusal(e_big, setup) and estimate.refusal(e_small, setup) is None
+    assert estimate.refusal(e_big, Setup("cpu", torch.float32)) is not None
+
+
+def test_long_runs_report_progress_on_stderr_when_not_a_terminal(monkeypatch, capsys):
+    from sonic_learn.compare import estimate
+
+    monkeypatch.setattr(estimate, "LONG_RUN_SECONDS", 0.0)  # every run counts as long
+    assert main(["topk", *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "estimated" in err
+    assert re.search(r"\[1/\d+ +\d+ s\] topk: check torch.topk", err)
+    assert "topk: time reference bitonic" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# What the records say about the machine and the timer
+# ----------------------------------------------------------------------------------------------
+def test_cpu_records_describe_the_cpu_timer(tmp_path, capsys):
+    code, doc = _run_json(tmp_path, "topk", "--device", "cpu")
+    assert code == 0
+    assert "perf_counter" in doc["environment"]["timer"] and "cuda" not in doc["environment"]["timer"]
+    assert main(["topk", *FAST, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "cuda-events" not in out and "timer perf_counter" in out
+    device_line = next(line.rstrip() for line in out.splitlines() if line.startswith("device: "))
+    assert "  " not in device_line and "(cpu)" in device_line
+
+
+def test_cuda_index_is_reported_as_given(monkeypatch):
+    """--device cuda:1 runs and is reported as cuda:1 (CUDA faked: this checks the bookkeeping)."""
+    from sonic_learn import bench
+    from sonic_learn.compare import Setup
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: f"GPU{torch.device(d).index}")
+    assert str(Setup("cuda:1", torch.bfloat16).device) == "cuda:1"
+    assert str(Setup("cuda", torch.bfloat16).device) == "cuda:0"
+    env = bench.environment("cuda:1")
+    assert env["device"] == "GPU1" and "cuda-events" in env["timer"]
+    with pytest.raises(ValueError, match="sees 2 CUDA device"):
+        Setup("cuda:5", torch.bfloat16)

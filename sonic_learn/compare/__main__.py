@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
+import time
 
 import torch
 
 from sonic_learn.compare import configs as cfg
 from sonic_learn.compare.pairs import SPECS, TOUR
+from sonic_learn.compare import estimate as estimate_mod
 from sonic_learn.compare import records, tables
 from sonic_learn.compare.registry import Setup
 from sonic_learn.compare.runner import FAULT_ENV, Settings, fault_target, run_pair
@@ -64,6 +67,10 @@ def _add_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
     r.add_argument("--warmup", type=int, help="untimed warm-up calls per row (default 1 on CPU, 3 on CUDA)", **d)
     r.add_argument("--seed", type=int, help="seed of the inputs (default 0)", **d)
     r.add_argument("--routing", choices=("topk", "token_rounding"), help="routing for `memory` (default topk)", **d)
+    r.add_argument("--allow-large", action="store_true",
+                   help="run on the CPU even when the estimated time or memory is past the safety limits "
+                        f"(more than {estimate_mod.fmt_seconds(estimate_mod.CPU_MAX_SECONDS)} or half the machine's "
+                        "memory)", **d)
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="write every row as JSON ('-' = stdout, instead of tables)", **d)
     o.add_argument("--csv", metavar="PATH", help="write one CSV record per row ('-' = stdout)", **d)
@@ -107,6 +114,7 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
         v = getattr(args, opt, None)
         if v is not None and v < (1 if opt == "reps" else 0):
             parser.error(f"--{opt} must be >= {1 if opt == 'reps' else 0}, got {v}")
+    _check_output_paths(args, parser)
     plot = getattr(args, "plot", None)
     if plot:
         try:
@@ -118,6 +126,38 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
     return problem, setup, settings
 
 
+def _check_output_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every output path is writable before any work starts (exit 2 otherwise)."""
+    for opt in ("json", "csv", "plot"):
+        path = getattr(args, opt, None)
+        if path is None:
+            continue
+        if path == "-":
+            if opt == "plot":
+                parser.error("--plot needs a file name (PATH.png), not '-'")
+            continue
+        if not path or os.path.isdir(path):
+            parser.error(f"--{opt} {path!r} is a directory or empty; expected a file path")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            parser.error(f"--{opt} {path}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            parser.error(f"--{opt} {path}: not writable")
+
+
+def _check_size(command: str, problem, setup: Setup, settings: Settings, allow_large: bool,
+                parser: argparse.ArgumentParser):
+    """Estimate the run from the cost model; refuse one too large for this CPU (exit 2) unless allowed."""
+    reps, warmup = settings.resolved(setup.device)
+    est = estimate_mod.estimate(command, problem, setup, reps, warmup)
+    too_large = estimate_mod.refusal(est, setup)
+    if too_large and not allow_large:
+        parser.error(f"{command} on {problem.name} ({problem.shape_str()}) on the CPU is estimated at "
+                     f"{est.describe()}: {too_large}. Pass --allow-large to run it anyway, or choose a smaller "
+                     f"problem (e.g. --config tour, or fewer tokens with -T).")
+    return est
+
+
 def _write(path: str, text: str) -> None:
     if path == "-":
         sys.stdout.write(text)
@@ -127,11 +167,23 @@ def _write(path: str, text: str) -> None:
 
 
 @contextlib.contextmanager
-def _progress(total: int):
-    """A rich progress bar on stderr (only when stderr is a terminal); yields the step callback."""
+def _progress(total: int, est: estimate_mod.Estimate):
+    """Progress on stderr; yields the step callback. A rich bar when stderr is a terminal; otherwise
+    nothing for a short run, and one plain line per step for a long one (so logs show it is alive)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
 
     console = tables.make_console(stderr=True)
+    if est.seconds > estimate_mod.LONG_RUN_SECONDS:
+        print(f"sonic_learn.compare: estimated {est.describe()}", file=sys.stderr, flush=True)
+    if not console.is_terminal and est.seconds > estimate_mod.LONG_RUN_SECONDS:
+        start, done = time.perf_counter(), [0]
+
+        def line(msg: str) -> None:
+            done[0] += 1
+            print(f"[{done[0]}/{total} {time.perf_counter() - start:5.0f} s] {msg}", file=sys.stderr, flush=True)
+
+        yield line
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=True, disable=not console.is_terminal) as prog:
         task = prog.add_task("compare", total=total)
@@ -166,17 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     problem, setup, settings = _resolve(args, parser)
     from sonic_learn.bench import environment  # noqa: PLC0415
 
-    env = environment()
+    env = environment(setup.device)
     as_json, as_csv, plot = getattr(args, "json", None), getattr(args, "csv", None), getattr(args, "plot", None)
     out = tables.make_console()
     quiet = "-" in (as_json, as_csv)  # machine-readable output on stdout replaces the tables
 
     if command == "list":
         return _list(setup, out, as_json, env)
+    est = _check_size(command, problem, setup, settings, getattr(args, "allow_large", False), parser)
 
     if command == "memory":
         from sonic_learn.compare.memory import memory_report  # noqa: PLC0415
 
+        if est.seconds > estimate_mod.LONG_RUN_SECONDS:
+            print(f"sonic_learn.compare: estimated {est.describe()}", file=sys.stderr, flush=True)
         report = memory_report(problem, setup, routing=getattr(args, "routing", None) or "topk", seed=settings.seed)
         if not quiet:
             out.print(tables.memory_table(report, ascii_box=not out.is_terminal))
@@ -192,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = TOUR if command == "tour" else (command,)
     total = sum(2 * len(SPECS[k].rows) for k in keys)
     results = []
-    with _progress(total) as step:
+    with _progress(total, est) as step:
         settings.on_step = step
         for key in keys:
             result = run_pair(SPECS[key], SPECS[key].rows, problem, setup, settings)

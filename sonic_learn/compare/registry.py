@@ -59,6 +59,8 @@ class Setup:
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device (--device) is {device}, but torch sees {torch.cuda.device_count()} CUDA "
                              "device(s)")
+        if device.type == "cuda" and device.index is None:  # report the device that runs: cuda:N
+            device = torch.device("cuda", torch.cuda.current_device())
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype (--dtype) must be one of {DTYPES}, got {self.dtype!r}")
         object.__setattr__(self, "device", device)
