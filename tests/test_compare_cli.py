@@ -435,3 +435,129 @@ def test_cuda_index_is_reported_as_given(monkeypatch):
     assert env["device"] == "GPU1" and "cuda-events" in env["timer"]
     with pytest.raises(ValueError, match="sees 2 CUDA device"):
         Setup("cuda:5", torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fault injection: small faults in every output must be caught
+# ----------------------------------------------------------------------------------------------
+def _cpu_rows():
+    from sonic_learn.compare import SPECS, Setup
+
+    setup = Setup("cpu", torch.float32)
+    return [(key, impl.name) for key, spec in SPECS.items() for impl in spec.rows if impl.available(setup)[0]]
+
+
+def _faulted(pair: str, target: str, spec=None):
+    from sonic_learn.compare import SPECS, Settings, Setup
+    from sonic_learn.compare.runner import run_pair
+
+    spec = spec or SPECS[pair]
+    res = run_pair(spec, spec.rows, get_config("tiny"), Setup("cpu", torch.float32),
+                   Settings(reps=1, warmup=0, min_time_s=0.0, fault=target))
+    return {r.impl: r for r in res.rows}[target], res
+
+
+@pytest.mark.parametrize(("pair", "target"), _cpu_rows())
+def test_a_small_fault_in_any_output_of_any_row_is_caught(pair, target):
+    """Every output tensor of the row is corrupted in turn, floats by 2.5x the tolerance, integers by
+    one; the check must catch each (else the row is an ERROR naming the missed output)."""
+    row, res = _faulted(pair, target)
+    assert row.status == "FAIL", (row.status, row.why)
+    assert row.timing is None and not res.ok
+
+
+def test_fault_is_just_above_the_tolerance():
+    from sonic_learn.compare.runner import FAULT_MARGIN, corrupt_tensor, rel_err
+
+    x = torch.randn(50, 7, dtype=torch.float64)
+    for tol in (1e-10, 1e-5, 1.6e-2):
+        err = rel_err(corrupt_tensor(x, tol), x)
+        assert err == pytest.approx(FAULT_MARGIN * tol, rel=1e-6)
+    idx = torch.arange(10)
+    assert (corrupt_tensor(idx, 1e-5) != idx).sum() == 1
+
+
+def test_planted_loose_judgement_lets_the_fault_through(monkeypatch):
+    """The planted bug: errors judged against 20x their tolerance. The injected fault must then go
+    unnoticed (ERROR, 'NOT caught'), where the real judgement reports FAIL."""
+    from sonic_learn.compare import runner
+
+    assert _faulted("grouped-gemm", "reference gather-fused")[0].status == "FAIL"
+
+    def loose(a):
+        a.passed = all(a.errors[k] <= 20 * a.tolerances[k] for k in a.errors) and not a.violations \
+            and all(w == 0 for w, _ in a.mismatches.values())
+
+    monkeypatch.setattr(runner, "_judge_agreement", loose)
+    row, _ = _faulted("grouped-gemm", "reference gather-fused")
+    assert row.status == "ERROR" and "NOT caught" in row.why
+
+
+# the documented floors (README / TOLERANCE_RULE), written here independently of the runner
+FLOORS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("pair", ["topk", "grouped-gemm", "backward"])
+def test_tolerances_are_twice_torchs_error_or_the_floor(pair):
+    """Recompute every non-torch row's tolerance from the torch rows' errors: a rule made 20x too
+    loose (the planted bug TOLERANCE_FACTOR = 40) fails here."""
+    from sonic_learn.compare import Settings, run
+
+    res = run(pair, get_config("tiny"), device="cpu", dtype=torch.float32, settings=Settings(reps=1, warmup=0))
+    torch_rows = [r for r in res.rows if r.kind in ("baseline", "torch") and r.status == "PASS"]
+    for r in res.rows:
+        if r.kind in ("baseline", "torch") or r.agreement is None:
+            continue
+        for k, tol in r.agreement.tolerances.items():
+            yard = max((q.agreement.errors[k] for q in torch_rows if k in q.agreement.errors), default=0.0)
+            assert tol == pytest.approx(max(2 * yard, FLOORS[torch.float32])), (r.impl, k)
+
+
+def test_planted_topk_check_that_ignores_indices_is_caught():
+    from sonic_learn.compare.pairs import topk
+    from sonic_learn.compare.runner import Agreement, rel_err
+
+    def values_only(case, impl, out):  # the planted bug: the indices are never looked at
+        return Agreement(errors={"values": rel_err(out[0], case.values)})
+
+    row, _ = _faulted("topk", "reference bitonic", dataclasses.replace(topk.SPEC, compare=values_only))
+    assert row.status == "ERROR" and "NOT caught" in row.why and "output[1] (int64)" in row.why
+    assert _faulted("topk", "reference bitonic")[0].status == "FAIL"
+
+
+def test_speedup_arithmetic_from_known_times(monkeypatch):
+    """Times injected for the baseline and the rows: the speed-up and the rate follow exactly."""
+    from sonic_learn.bench import Timing
+    from sonic_learn.compare import Settings, Setup
+    from sonic_learn.compare import runner
+    from sonic_learn.compare.pairs import grouped_gemm
+
+    known = {"torch.matmul per-expert loop": 6.0, "reference naive": 2.0, "reference gather-fused": 1.5}
+    calls = []
+
+    def fake_measure(fn, **kwargs):
+        name = next(n for n, f in fns_by_id.items() if f is fn)
+        calls.append(name)
+        ms = known.get(name, 3.0)
+        return Timing(median_ms=ms, p20_ms=ms, p80_ms=ms, reps=1, timer="fake")
+
+    fns_by_id = {}
+    real_build = {impl.name: impl.build for impl in grouped_gemm.ROWS}
+
+    def recording(name):
+        def build(case):
+            fn = real_build[name](case)
+            fns_by_id[name] = fn
+            return fn
+        return build
+
+    rows = [dataclasses.replace(impl, build=recording(impl.name)) for impl in grouped_gemm.ROWS]
+    monkeypatch.setattr(runner, "measure", fake_measure)
+    res = runner.run_pair(grouped_gemm.SPEC, rows, get_config("tiny"), Setup("cpu", torch.float32),
+                          Settings(reps=1, warmup=0))
+    by = {r.impl: r for r in res.rows}
+    assert by["torch.matmul per-expert loop"].speedup == 1.0
+    assert by["reference naive"].speedup == 3.0 and by["reference gather-fused"].speedup == 4.0
+    naive = by["reference naive"]
+    assert naive.throughput == pytest.approx(naive.cost.flops / 2e-3 / 1e12)
+    assert runner.speedup(6.0, 0.0) is None

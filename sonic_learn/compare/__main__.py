@@ -25,6 +25,7 @@ from sonic_learn.compare.pairs import SPECS, TOUR
 from sonic_learn.compare import estimate as estimate_mod
 from sonic_learn.compare import records, tables
 from sonic_learn.compare.registry import Setup
+from sonic_learn.compare import runner
 from sonic_learn.compare.runner import FAULT_ENV, Settings, fault_target, run_pair
 
 try:  # nicer help when rich-argparse happens to be installed; plain argparse otherwise
@@ -76,8 +77,10 @@ def _add_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
     o.add_argument("--csv", metavar="PATH", help="write one CSV record per row ('-' = stdout)", **d)
     o.add_argument("--plot", metavar="PATH.png", help="draw each pair's picture with matplotlib", **d)
     o.add_argument("--inject-fault", metavar="NAME",
-                   help=f"TESTING ONLY: corrupt the output of every row whose name contains NAME, to check that a "
-                        f"disagreement is reported as FAIL and exits 1 (same as env {FAULT_ENV}=NAME)", **d)
+                   help=f"TESTING ONLY: for every row whose name contains NAME, corrupt each output tensor in turn "
+                        f"(floats by {runner.FAULT_MARGIN}x the tolerance, integers by one) and check that the "
+                        f"row is reported as FAIL and the command exits 1; a fault the check misses makes the row "
+                        f"an ERROR (same as env {FAULT_ENV}=NAME)", **d)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,6 +93,9 @@ def compare(case: Case, impl: Impl, out: dict) -> Agreement:
         return a
     if tok.numel():
         kept[tok, exp_] = True
+    # the pairs agree with the counts and the metadata: f_e pairs per expert, gathered expert-major
+    a.mismatches["pairs per expert"] = mismatch(torch.bincount(exp_, minlength=p.E), want)
+    a.mismatches["gather_idx"] = mismatch(out["gather_idx"], tok[torch.sort(exp_, stable=True).indices])
     if int(kept.sum()) != tok.numel():
         a.violations.append("a (token, expert) pair appears twice")
     grew = (want >= case.counts)[None, :]  # (1, E)
