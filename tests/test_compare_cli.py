@@ -230,8 +230,11 @@ def test_help_subprocess():
                          env=_env(), timeout=120)
     assert res.returncode == 0
     for word in ("topk", "routing", "grouped-gemm", "backward", "moe", "memory", "list", "--inject-fault",
-                 "--tokens", "--config"):
+                 "--tokens", "--config", "--allow-large"):
         assert word in res.stdout
+    assert res.stdout.count("pair 1: radix select vs bitonic top-k") == 1  # each subcommand listed once
+    examples = res.stdout[res.stdout.index("examples:"):]
+    assert "python -m sonic_learn.compare topk -T 4096 -E 128 -K 8" in examples
 
 
 def test_default_tour_subprocess():

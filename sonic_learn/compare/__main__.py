@@ -48,6 +48,16 @@ SUBCOMMANDS = {
 }
 
 
+EXAMPLES = (
+    ("python -m sonic_learn.compare", "the tour: the four pairs on a small problem"),
+    ("python -m sonic_learn.compare topk -T 4096 -E 128 -K 8", "one pair, shapes in the paper's notation"),
+    ("python -m sonic_learn.compare moe --config 7B --device cuda", "the whole layer on the paper's 7B config"),
+    ("python -m sonic_learn.compare memory -K 8", "which tensors each backward mode saves"),
+    ("python -m sonic_learn.compare list", "what runs here, and why the rest does not"),
+    ("python -m sonic_learn.compare routing --json out.json", "every row as JSON (also --csv, --plot)"),
+)
+
+
 def _add_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
     """Shape and run options; on subparsers their defaults are SUPPRESSed so that options given
     before the subcommand are not overwritten."""
@@ -89,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="SonicMoE's ideas side by side: for each pair (classic vs SonicMoE), every implementation "
                     "on the same input -- do they agree, how long do they take, how much memory, how many "
                     "bytes and FLOPs.",
-        epilog="subcommands:\n" + "\n".join(f"  {k:<13} {v}" for k, v in SUBCOMMANDS.items())
-               + "\n\nexit status: 0 all rows agree, 1 a row FAILed, 2 bad arguments",
+        epilog="examples:\n" + "\n".join(f"  {cmd:<{max(len(c) for c, _ in EXAMPLES)}}  # {what}"
+                                          for cmd, what in EXAMPLES)
+               + "\n\nexit status: 0 all rows agree, 1 a row FAILed (or raised), 2 bad arguments or a problem too "
+                 "large for this CPU (see --allow-large)",
         formatter_class=_Formatter,
     )
     _add_options(parser, sub=False)
