@@ -145,20 +145,21 @@ def measure(
         torch.cuda.synchronize(device)
         # the host time of one call: the fastest warm-up after the first (which may compile)
         issue_us = min(host_us[1:] or host_us or [1000.0])
-        total = 0.0
-        while len(times) < reps or total < min_time_s * 1e3:
-            if flush_l2:
-                _flush_l2(device)
-            if host_ahead:
-                _hold_device(device, issue_us)
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-            total += times[-1]
+        with torch.cuda.device(device):  # events and work on the timed device's current stream, not cuda:0's
+            total = 0.0
+            while len(times) < reps or total < min_time_s * 1e3:
+                if flush_l2:
+                    _flush_l2(device)
+                if host_ahead:
+                    _hold_device(device, issue_us)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+                total += times[-1]
         timer = "cuda-events"
     else:  # TIMER_CPU
         total = 0.0

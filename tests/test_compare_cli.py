@@ -564,3 +564,29 @@ def test_speedup_arithmetic_from_known_times(monkeypatch):
     naive = by["reference naive"]
     assert naive.throughput == pytest.approx(naive.cost.flops / 2e-3 / 1e12)
     assert runner.speedup(6.0, 0.0) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# On a GPU
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("pair", ["topk", "routing", "grouped-gemm", "backward", "moe"])
+def test_gpu_fast_rows_pass_on_problems_they_cover(tmp_path, pair):
+    """No fast row may fail or raise on the tiny and tour problems (both inside every kernel's limits)."""
+    for config in ("tiny", "tour"):
+        path = tmp_path / f"{config}.json"
+        code = main([pair, "--config", config, "--device", "cuda", "--reps", "2", "--json", str(path)])
+        rows = _rows(json.loads(path.read_text()), pair)
+        assert code == 0, {k: (r["status"], r["why"]) for k, r in rows.items() if r["status"] != "PASS"}
+        fast = {k: r for k, r in rows.items() if r["kind"] == "fast"}
+        assert fast and all(r["status"] == "PASS" for r in fast.values()), fast
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_second_device_is_used_and_reported(tmp_path):
+    code, doc = _run_json(tmp_path, "topk", "--device", "cuda:1")
+    assert code == 0
+    assert doc["settings"]["device"] == "cuda:1" and doc["pairs"][0]["device"] == "cuda:1"
+    assert doc["environment"]["device"] == torch.cuda.get_device_name(1)
+    assert "cuda-events" in doc["environment"]["timer"]

@@ -413,7 +413,16 @@ def run_pair(
     setup: Setup,
     settings: Settings | None = None,
 ) -> PairResult:
-    """Check every implementation against the oracle, then time the ones that agree."""
+    """Check every implementation against the oracle, then time the ones that agree (on a CUDA
+    device, with that device current, so cuda:1 runs and is timed on cuda:1)."""
+    if setup.device.type == "cuda":
+        with torch.cuda.device(setup.device):
+            return _run_pair(spec, impls, problem, setup, settings)
+    return _run_pair(spec, impls, problem, setup, settings)
+
+
+def _run_pair(spec: PairSpec, impls: Sequence[Impl], problem: Problem, setup: Setup,
+              settings: Settings | None) -> PairResult:
     settings = settings or Settings()
     reps, warmup = settings.resolved(setup.device)
     step = settings.on_step or (lambda _msg: None)
