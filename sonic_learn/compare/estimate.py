@@ -6,8 +6,8 @@ times the calls a run makes (the float64 oracle once, then every row that can ru
 check it, ``warmup`` times and ``reps`` times), and the bytes it keeps alive at its peak (inputs,
 the float64 oracle with its autograd activations, the rows' outputs and graphs). Here the FLOPs
 are divided by a matmul rate measured in a few milliseconds (float32 and float64 separately) and
-the bytes by a measured copy rate. Both are rough: right in order of magnitude for large problems, low by a
-few times for small ones, where Python overheads dominate. They exist to stop a paper-sized problem
+the bytes by a measured copy rate. Both are rough, and the time is a lower bound: the references do not run
+at the rate of one well-shaped matmul, and on a busy machine everything is slower. They exist to stop a paper-sized problem
 from running for a quarter of an hour on a laptop CPU without a word.
 """
 

@@ -200,9 +200,12 @@ def layer_work(oracle_routings: int, backward_only: bool):
             rows, held = n_rows * (fwd + calls * 2 * fwd), held + n_rows * (acts + weights) * b
         else:
             rows, held = n_rows * calls * 3 * fwd, held + (acts + 2 * weights) * b
+        # the weights' traffic of every call (copied leaves, read forward and backward, gradients
+        # written; about 6 passes), which dominates when T is small next to the weights
+        moved = 6 * weights * (n_rows * calls * b + oracle_routings * F64)
         if dtype == torch.float64:
-            return Work(flops_f64=oracle + rows, held_bytes=held)
-        return Work(flops=rows, flops_f64=oracle, held_bytes=held)
+            return Work(flops_f64=oracle + rows, bytes_moved=moved, held_bytes=held)
+        return Work(flops=rows, flops_f64=oracle, bytes_moved=moved, held_bytes=held)
 
     return work
 
