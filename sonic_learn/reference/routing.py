@@ -1,6 +1,6 @@
 """Routing: which token goes to which expert, and the index arrays the expert GEMMs consume.
 
-Pair 4 of SonicMoE (paper Section 5, Algorithm 4):
+Pair 2 of SonicMoE (paper Section 5, Algorithm 4):
 
 1. **token-choice top-k** (``topk_routing``): every token picks its K best experts. Expert e then
    receives f_e tokens, an arbitrary number, so a tile-based GEMM pads e's last M-tile.
