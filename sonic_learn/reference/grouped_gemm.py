@@ -604,9 +604,12 @@ def gather_fusion_savings(
     varlen-M pipeline writes and reads (the varlen-K gather needs no padding).
 
     Args:
-        T, d, n: tokens, model width, expert width (W1 is (E, d, 2n), W2 (E, n, d)).
+        T: tokens.
+        d: model width (W1 is (E, d, 2n), W2 is (E, n, d)).
+        n: expert width.
         counts: (E,) rows per expert, f_e.
-        tile_m: rows per tile of the varlen-M GEMMs; tile_k: reduction chunk of the varlen-K GEMMs.
+        tile_m: rows per tile of the varlen-M GEMMs.
+        tile_k: reduction chunk of the varlen-K GEMMs.
         dtype_bytes: b, bytes per element (2 for bf16).
 
     Returns:

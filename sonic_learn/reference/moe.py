@@ -1,6 +1,6 @@
 """The whole MoE layer, and pair 4 of SonicMoE: the standard vs the reduced-memory backward.
 
-Forward (paper Section 2, Algorithm 1; notation T tokens, d model dim, n expert dim, E experts,
+Forward (paper Algorithm 1; notation T tokens, d model dim, n expert dim, E experts,
 K experts per token, P routed (token, expert) pairs, P = T*K for token-choice top-k)::
 
     logits = X @ W_r                          (T, E)     router

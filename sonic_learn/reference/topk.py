@@ -1,6 +1,6 @@
 """Top-k over the last dim: the classic radix select vs SonicMoE's bitonic top-k (the router).
 
-Pair 1 of SonicMoE (paper Section 4.3 and Appendix D, "top-K kernel"): every token keeps its K
+Pair 1 of SonicMoE (paper v1 Section 4.3, v2 Appendix D, "top-K kernel"): every token keeps its K
 largest router logits out of E.
 
 1. **radix select** (``radix_topk``): the classic selection algorithm. Turn every value into an
