@@ -293,5 +293,7 @@ r"""
    docstring of `bitonic_topk`.
 4. **The network.** Write the list of (stride, block size) pairs that `_bitonic_sort_descending`
    visits for $N = 16$, and count the compare-exchanges.
+
+Answer key: `tutorials/answers/01_topk.py` (run it; every answer is checked by an assert).
 <!-- --8<-- [end:exercises] -->
 """

@@ -269,5 +269,12 @@ r"""
 3. **The down-projection.** Which arguments of `io_cost` describe the down-projection
    $Y = A W_2$? Is there a gather there?
 4. **Invariance.** Shuffle the token order inside one expert's rows: which outputs change, and how?
+   To build the shuffled metadata, permute `meta.pair_of_row` inside the expert's row range
+   (`expert_offsets[e]` to `expert_offsets[e+1]`), recompute `gather_idx` as
+   `routing.token_idx[pair_of_row]` and `row_of_pair` as its inverse, and make the new metadata
+   with `dataclasses.replace(meta, pair_of_row=..., gather_idx=..., row_of_pair=...)`. Compare the
+   GEMM outputs row by row, and the layer output after `sonic_learn.reference.moe.aggregate`.
+
+Answer key: `tutorials/answers/03_grouped_gemm.py` (run it; every answer is checked by an assert).
 <!-- --8<-- [end:exercises] -->
 """
