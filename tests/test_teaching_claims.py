@@ -146,3 +146,21 @@ def test_readme_pair_table_uses_the_project_numbering() -> None:
     rows = re.findall(r"^\| (\d) \| ([^|]+) \|", (REPO / "README.md").read_text(), re.MULTILINE)
     assert [(int(k), v.strip()) for k, v in rows] == [
         (1, "router top-k"), (2, "routing"), (3, "expert GEMMs"), (4, "backward")]
+
+
+# ----------------------------------------------------------------------------------------------
+# One notation: every chapter links the notation table, and the pages use f_e (not T_e)
+# ----------------------------------------------------------------------------------------------
+
+CHAPTERS = sorted((REPO / "docs" / "tutorials").glob("*.md")) + sorted((REPO / "docs" / "course").glob("*.md"))
+
+
+@pytest.mark.parametrize("page", CHAPTERS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_chapter_links_the_notation_table(page: Path) -> None:
+    assert "(../notation.md)" in page.read_text(), f"{page.name} does not link the notation table"
+
+
+def test_pages_write_the_expert_count_as_f_e() -> None:
+    offenders = [str(p.relative_to(REPO)) for p in [*(REPO / "docs").rglob("*.md"), *(REPO / "tutorials").glob("*.py")]
+                 if p.name != "notation.md" and re.search(r"\bT_e\b", p.read_text())]
+    assert not offenders, f"T_e used instead of f_e in {offenders}"
