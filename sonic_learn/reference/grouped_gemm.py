@@ -498,6 +498,7 @@ def io_cost(
     up-projection (K = d) with M = TK rows, no padding and bf16 (b = 2), that is one write and one
     read of the gathered (TK, d) copy, 2TKd bytes each. (The paper's Appendix B counts a separate
     gather plus a separate scatter, read and write each, as 8TKd bytes, the same per-pass sizes.)
+    ``gather_fusion_savings`` applies this model to all six GEMMs of a layer.
 
     **FLOPs.** Useful: 2*M*K*N. Wasted on padding: 2*(M_pad - M)*K*N for *both* variants. The fused
     kernel masks the rows past an expert's end out of its loads and stores, but the tensor cores
