@@ -163,8 +163,9 @@ and the naive pipeline writes it once and reads it back once: **each GEMM that g
 $2 \times 2TKd = 4TKd$ bytes**.
 
 Which GEMMs gather? Of the layer's six grouped GEMMs, four load token rows through `gather_idx`:
-the up-projection ($X$), and in the backward $dA' = dO\,W_2^\top$ (the dH kernel), $dW_2$ and
-$dW_1$ ($dO$ and $X$, the last two along the reduction dimension). The down-projection and
+the up-projection (gathers $X$) and, in the backward, the dH kernel's $dA' = dO\,W_2^\top$
+(gathers $dO$) and the weight gradients $dW_2$ (gathers $dO$) and $dW_1$ (gathers $X$), these two
+along their reduction dimension. The down-projection and
 $d\tilde X = dH\,W_1^\top$ read an operand the previous GEMM already wrote in grouped order, so
 fusion saves them nothing. `gather_fusion_savings` derives all six from the cost model. On the
 paper's 7B configuration ($T = 24576$, $d = 1536$, $n = 256$, $E = 128$, $K = 8$) with balanced
