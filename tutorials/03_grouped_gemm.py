@@ -56,8 +56,9 @@ $$
 H[r] = X[\texttt{gather\_idx}[r]]\; W_{1,e}, \qquad X \in \mathbb{R}^{T \times d},\ W_1 \in \mathbb{R}^{E \times d \times 2n},\ H \in \mathbb{R}^{TK \times 2n}.
 $$
 
-The GEMM convention in this file is $(M, K) \cdot (K, N)$: here $K$ is the GEMM's reduction
-dimension ($d$), not the number of experts per token.
+A GEMM's shape is written $(M, K) \cdot (K, N)$, and `io_cost`'s arguments follow it: there $K$
+is the GEMM's reduction dimension ($d$ here), not the number of experts per token. In the code
+below, the variable `K` is the top-$K$ of the routing.
 <!-- --8<-- [end:math_md] -->
 """
 
