@@ -115,12 +115,13 @@ takes $\lceil B/r \rceil$ passes (`radix_select_passes`), plus the collect pass.
 
 - **This library's radix select** (`radix_topk` and its CuTe-DSL kernel) uses 8-bit digits and
   256-bucket histograms: 2 passes for bf16, 4 for float32, then the collect pass.
-- **`torch.topk` on a GPU** is a radix select too. For router-sized rows it runs one thread block
-  per row with **2-bit digits** (`RADIX_BITS = 2` in PyTorch's
+- **`torch.topk` on a GPU** is a radix select too. For rows of a few hundred columns (a router
+  with up to 256 experts) it runs one thread block per row with **2-bit digits** (`RADIX_BITS = 2` in PyTorch's
   `aten/src/ATen/native/cuda/SortingRadixSelect.cuh`): up to 8 counting passes for bf16 and 16
   for float32, then its `gatherTopK` kernel (`aten/src/ATen/native/cuda/TensorTopK.cu`) reads the
-  row again to collect the winners. It uses 8-bit digits only in a multi-block path for wide rows
-  (`mbtopk` in the same file, picked by `should_use_multiblock`).
+  row again to collect the winners. It uses 8-bit digits only in a multi-block path for rows that
+  are wide for their number (`mbtopk` in the same file, picked by `should_use_multiblock`: for
+  example more than 4000 rows of at least 400 columns, so a 512-expert router takes it).
 
 Here is the first pass of our 8-bit design on a bf16 row, by hand:
 <!-- --8<-- [end:radix_md] -->

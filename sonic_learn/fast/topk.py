@@ -8,8 +8,8 @@ What this teaches (paper Section 4, "the router's top-K"; reference: ``sonic_lea
   its registers in chunks with a bitonic network, keeps a running top-k, and the lanes of a row
   then merge their top-k lists with warp shuffles. Nothing goes through shared memory: the row is
   read once from HBM and the k winners are written once.
-* **Radix select (the classic algorithm; ``torch.topk`` is one, with 2-bit digits for rows this
-  short, see ``sonic_learn.reference.topk``).** One warp per row builds 8-bit
+* **Radix select (the classic algorithm; ``torch.topk`` is one too, with other digit widths: see
+  ``sonic_learn.reference.topk``).** One warp per row builds 8-bit
   digit histograms in shared memory, narrows digit by digit to the exact k-th largest key, and
   a final collect pass gathers the winners. Same answer, more passes and synchronisation.
 

@@ -9,13 +9,14 @@ largest router logits out of E.
    row in memory, plus one pass to collect, so the digit width sets the number of passes
    (``radix_select_passes``). This file uses 8-bit digits (``RADIX_BITS``): 2 passes for 16-bit
    keys, 4 for float32, then the collect pass. ``torch.topk`` on a GPU is also a radix select, but
-   for router-sized rows (one thread block per row) it uses 2-bit digits
+   for rows of a few hundred columns (one thread block per row) it uses 2-bit digits
    (``TORCH_SINGLE_BLOCK_RADIX_BITS``, from ``RADIX_BITS`` in PyTorch's
    ``aten/src/ATen/native/cuda/SortingRadixSelect.cuh``): up to 8 counting passes for bf16/fp16
    and 16 for float32, then its ``gatherTopK`` kernel (``aten/src/ATen/native/cuda/TensorTopK.cu``)
    reads the row again to collect. 8-bit digits appear there only in the multi-block path
-   (``mbtopk`` in ``TensorTopK.cu``), which ``should_use_multiblock`` picks for wide rows (for
-   example more than 4000 rows of at least 400 columns; fewer rows must be wider).
+   (``mbtopk`` in ``TensorTopK.cu``), which ``should_use_multiblock`` picks for rows that are wide
+   for their number (for example more than 4000 rows of at least 400 columns, as a 512-expert
+   router's logits; fewer rows must be wider).
 2. **bitonic top-k** (``bitonic_topk``): what SonicMoE does. Pack each element's column index into
    the low mantissa bits of its float32 key so that every key in a row is unique, then run a
    bitonic sorting network / top-k merge made only of compare-exchanges. On a GPU the whole row
