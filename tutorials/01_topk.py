@@ -277,6 +277,8 @@ if torch.cuda.is_available():  # GPU only: skipped on a CPU machine
             assert torch.equal(fn(xg, 8)[1], expected), name
         t = measure(lambda: fn(xg, 8), device="cuda")
         print(f"cuda {name:>17}: median {t.median_ms:8.3f} ms  (p20 {t.p20_ms:.3f}, p80 {t.p80_ms:.3f})")
+else:
+    print("no CUDA device here: the GPU timings (torch.topk on CUDA and the CuTe-DSL kernels) are skipped")
 # --8<-- [end:measure]
 
 # %% [markdown]
