@@ -45,6 +45,7 @@ def load_layer(path: str | None):
         return moe.moe_forward
     spec = importlib.util.spec_from_file_location("fast_moe_before", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module.moe_forward
 

@@ -224,6 +224,7 @@ class UpProjection(torch.autograd.Function):
         # up-projection, X gathered inside the GEMM, SwiGLU in its epilogue: H (P, 2n) and A (P, n)
         h, a = ops.gather_gemm_swiglu(x, w1, meta)
         ctx.mark_non_differentiable(a)  # A's gradient reaches H through DownProjection's dSwiGLU epilogue
+        ctx.set_materialize_grads(False)  # so the backward gets None for A, not a (P, n) tensor of zeros
         ctx.save_for_backward(x, w1, meta.expert_offsets, meta.gather_idx, meta.pair_of_row, meta.row_of_pair,
                               token_offsets)
         ctx.ops = ops
@@ -231,6 +232,8 @@ class UpProjection(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, _da):
+        if dh is None:  # H did not reach the loss
+            return None, None, None, None, None
         x, w1, offsets, gather_idx, pair_of_row, row_of_pair, token_offsets = ctx.saved_tensors
         ops = ctx.ops
         meta = _meta_from_saved(offsets, gather_idx, pair_of_row, row_of_pair, x.shape[0])
