@@ -187,3 +187,37 @@ def test_worker_error_and_missing_runs_are_reported(vs, tmp_path):
     assert "ModuleNotFoundError" in row["error"]
     assert "did not reach" in vs.upstream_row(None, {}, "")["error"]
     assert vs.upstream_row(None, {}, "stopped after 5 s")["error"] == "stopped after 5 s"
+
+
+# ----------------------------------------------------------------------------------------------
+# The compare CLI's hook: available(setup) / build(case)
+# ----------------------------------------------------------------------------------------------
+def test_cli_hook_available_reasons(monkeypatch, fake_site):
+    from types import SimpleNamespace
+
+    cpu = SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert up.available(cpu) == (False, "upstream sonic-moe runs on CUDA (Hopper/Blackwell) only")
+    fp32 = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    assert up.available(fp32)[1] == "upstream sonic-moe supports bf16/fp16 only"
+    bf16 = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    monkeypatch.delenv(up.SITE_ENV, raising=False)
+    ok, why = up.available(bf16)
+    assert not ok and up.SITE_ENV in why  # this test environment has no sonicmoe installed
+    monkeypatch.setenv(up.SITE_ENV, fake_site)
+    assert up.available(bf16) == (True, "")
+
+
+def test_cli_hook_build_returns_upstream_outputs_and_its_own_timing(vs, monkeypatch, fake_site):
+    from types import SimpleNamespace
+
+    monkeypatch.setenv(up.SITE_ENV, fake_site)
+    case = _case(vs)
+    cli_case = SimpleNamespace(problem=SimpleNamespace(K=case["k"]), **{n: case[n] for n in ("x", "router_w", "w1", "w2", "dout")})
+    run = up.build(cli_case, warmup=1, reps=2)
+    out = run()
+    assert len(out) == 5
+    ref = vs.oracle(case)
+    for name, got in zip(("out", *up.GRAD_NAMES), out):
+        assert vs.rel_err(got, ref[name]) < 1e-5, name
+    assert run.measured.timing.median_ms > 0 and run.measured.timing.reps == 2
+    assert "upstream's process" in run.measured.timing.timer

@@ -17,9 +17,17 @@ The protocol is files in a temporary folder:
 3. it appends one JSON line per problem (timings, memory, versions, or the error) to a results
    file, so a run stopped by a time limit still returns the problems it finished.
 
+The compare CLI's ``upstream sonic-moe`` row goes through ``available(setup)`` and ``build(case)``
+below: ``build`` runs the worker once on the row's inputs and returns a ``MeasuredRun``, a callable
+that gives back upstream's outputs (for the CLI's own oracle check) and carries the timing and peak
+memory the worker measured with the same ``bench.measure``; the CLI's runner uses those instead
+of timing the callable in this process.
+
 ``SONIC_UPSTREAM_SITE`` is a ``PYTHONPATH``-style list (``os.pathsep``-separated) of the folders
-that hold upstream's packages: ``sonicmoe``, ``quack`` and its CuTe-DSL. Upstream's first call
-JIT-compiles its kernels for minutes; later shapes take seconds to a minute.
+that hold upstream's packages: ``sonicmoe``, ``quack`` and its CuTe-DSL. Without it, a ``sonicmoe``
+installed in this Python environment is used (its own folder on ``PYTHONPATH``, still in its own
+process). Upstream's first call JIT-compiles its kernels for minutes; later shapes take seconds to a
+minute.
 """
 
 from __future__ import annotations
@@ -177,10 +185,17 @@ def outputs_path(inputs_path: str) -> str:
 # The parent's side
 # ----------------------------------------------------------------------------------------------
 def upstream_site(site: str | None = None) -> tuple[str | None, str]:
-    """Upstream's site: ``site`` if given, else ``$SONIC_UPSTREAM_SITE``; (None, reason) when absent."""
+    """Upstream's site: ``site`` if given, else ``$SONIC_UPSTREAM_SITE``, else the folder of a
+    ``sonicmoe`` installed in this environment; (None, reason) when there is none."""
     site = site if site is not None else os.environ.get(SITE_ENV)
     if not site:
-        return None, f"upstream sonic-moe is not staged: set {SITE_ENV} to the folder(s) holding sonicmoe and its CuTe-DSL"
+        import importlib.util
+
+        spec = importlib.util.find_spec("sonicmoe")
+        if spec is None or not spec.submodule_search_locations:
+            return None, (f"upstream sonic-moe is not installed here and {SITE_ENV} names no site "
+                          "(set it to the folder(s) holding sonicmoe and its CuTe-DSL)")
+        site = os.path.dirname(list(spec.submodule_search_locations)[0])
     folders = [p for p in site.split(os.pathsep) if p]
     if not any(os.path.isdir(os.path.join(p, "sonicmoe")) for p in folders):
         return None, f"{SITE_ENV}={site!r} holds no 'sonicmoe' package folder"
@@ -271,6 +286,61 @@ def collect(paths: Sequence[str], results: str) -> list[UpstreamRun | None]:
         outputs = torch.load(out_path) if os.path.exists(out_path) and "error" not in rec else None
         runs.append(UpstreamRun(rec, outputs))
     return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# The compare CLI's upstream row
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Measured:
+    """Timing and peak memory measured in the worker's process (what the CLI reports for the row)."""
+
+    timing: object  # sonic_learn.bench.Timing of one forward + backward
+    peak_memory_bytes: int | None
+
+
+class MeasuredRun:
+    """The CLI row's callable: returns upstream's (out, dx, drouter_w, dw1, dw2) as computed in the
+    worker, and carries ``measured`` so that the runner reports the worker's numbers instead of
+    timing this call."""
+
+    def __init__(self, outputs: tuple, measured: Measured):
+        self._outputs = outputs
+        self.measured = measured
+
+    def __call__(self) -> tuple:
+        return self._outputs
+
+
+def available(setup) -> tuple[bool, str]:
+    """Whether the upstream row can run on ``setup`` (a compare ``Setup``), and why not."""
+    if setup.device.type != "cuda":
+        return False, "upstream sonic-moe runs on CUDA (Hopper/Blackwell) only"
+    if setup.dtype not in (torch.bfloat16, torch.float16):
+        return False, "upstream sonic-moe supports bf16/fp16 only"
+    site, why = upstream_site()
+    return (site is not None), why
+
+
+def build(case, *, warmup: int = 3, reps: int = 20) -> MeasuredRun:
+    """Run upstream's layer on a compare ``Case`` of the moe pair (x, router_w, w1, w2, dout and
+    ``problem.K``) in the worker: one checked forward + backward, then the timing of forward + backward."""
+    from sonic_learn import bench
+
+    inputs = {"x": case.x, "router_w": case.router_w, "w1": case.w1, "w2": case.w2, "dout": case.dout,
+              "k": case.problem.K}
+    runs, note = run_upstream([inputs], warmup=warmup, reps=reps)
+    run = runs[0]
+    if run is None:
+        raise RuntimeError(note or "the upstream worker returned nothing")
+    if run.error:
+        raise RuntimeError(f"upstream sonic-moe failed in its process: {run.error}")
+    rec = run.record
+    device = case.x.device
+    outputs = tuple(run.outputs[n].to(device) for n in ("out", *GRAD_NAMES))
+    timing = bench.Timing(median_ms=rec["fwdbwd_ms"], p20_ms=rec["fwdbwd_p20_ms"], p80_ms=rec["fwdbwd_p80_ms"],
+                          reps=rec["reps"], timer=rec["timer"] + " (in upstream's process)")
+    return MeasuredRun(outputs, Measured(timing, rec.get("fwdbwd_peak_bytes")))
 
 
 def _main(argv: Sequence[str]) -> int:
