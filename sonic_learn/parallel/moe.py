@@ -59,7 +59,7 @@ from sonic_learn.parallel.comm import AllToAll, all_to_all_rows, exchange_counts
 from sonic_learn.reference import moe as reference_moe
 from sonic_learn.reference.routing import build_metadata
 
-__all__ = ["ExpertParallelMoE", "expert_parallel_forward", "StepTimes", "alltoall_bytes"]
+__all__ = ["ExpertParallelMoE", "expert_parallel_forward", "StepTimes", "alltoall_bytes", "time_steps"]
 
 BACKENDS = ("reference", "fast")
 
@@ -332,3 +332,22 @@ class ExpertParallelMoE(nn.Module):
         return (f"d_model={self.d_model}, d_expert={self.d_expert}, num_experts={self.num_experts} "
                 f"({self.experts_per_rank} on rank {self.rank} of {self.world_size}), top_k={self.top_k}, "
                 f"routing={self.routing!r}, backward={self.backward!r}, backend={self.backend!r}")
+
+
+def time_steps(layer: ExpertParallelMoE, x: torch.Tensor, *, reps: int = 5, warmup: int = 2) -> dict:
+    """Median seconds of each forward step and of forward+backward over ``reps`` runs (after
+    ``warmup``), on this rank. Steps are separated by device synchronisation, so the sum is a little
+    slower than an unsynchronised forward: use it to see where the time goes, not as the layer's time."""
+    runs = []
+    for i in range(warmup + reps):
+        xi = x.detach().requires_grad_(True)
+        t0 = time.perf_counter()
+        out = layer(xi, time_steps=True)
+        out.float().square().mean().backward()
+        _sync(x.device)
+        total = time.perf_counter() - t0
+        if i >= warmup:
+            s = layer.last_times
+            runs.append({"route": s.route, "dispatch": s.dispatch, "experts": s.experts, "combine": s.combine,
+                         "fwd_bwd": total, "rows_sent": s.rows_sent, "rows_received": s.rows_received})
+    return {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in runs[0]}
