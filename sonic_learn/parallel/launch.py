@@ -7,7 +7,9 @@ a temporary folder (no port to pick), and a time limit so that a hang fails inst
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
 import time
 
@@ -26,13 +28,32 @@ def _entry(rank: int, fn, world_size: int, init_file: str, backend: str, args: t
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _caller_script_not_rerun():
+    """Spawned processes re-run the caller's script (``__main__``) before they start, so a script or
+    a tutorial that calls ``launch`` at top level would launch again in every rank. The ranks need only
+    ``fn``'s own module: hide ``__main__``'s path while they start."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    spec = getattr(main, "__spec__", None)
+    if main is None or path is None or spec is not None:
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
 def launch(fn, world_size: int, *args, backend: str = "gloo", timeout_s: float = 300.0) -> list:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes of one gloo group and
     return their results in rank order. ``fn`` must be importable (a module-level function) and its
-    result picklable. Raises the first rank's exception, or TimeoutError after ``timeout_s``."""
+    result picklable (a function of the caller's script cannot be: see ``_caller_script_not_rerun``).
+    Raises the first rank's exception, or TimeoutError after ``timeout_s``."""
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _caller_script_not_rerun():
         manager = mp.get_context("spawn").Manager()
         try:
             results = manager.dict()
