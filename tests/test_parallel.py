@@ -276,3 +276,15 @@ def test_fast_backend_several_gpus_nccl() -> None:
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     errs = launch(_fast_agreement, min(torch.cuda.device_count(), 8), backend="nccl", timeout_s=300)
     assert max(errs) < 2e-2, errs
+
+
+def test_demo_cli_rejects_bad_arguments_before_launching(capsys) -> None:
+    from sonic_learn.parallel.demo import main
+
+    for argv, message in ((["-E", "3", "-W", "2"], "must be a multiple of --world-size"),
+                          (["-K", "9", "-E", "8"], "--top-k (9) must be <= --experts (8)"),
+                          (["-T", "0"], "--tokens must be >= 1")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
