@@ -81,6 +81,7 @@ import functools
 import torch
 
 from sonic_learn import _checks, contracts
+from sonic_learn._deprecated import renamed
 from sonic_learn.contracts import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata  # noqa: F401
 from sonic_learn.fast._cute import compile_options, compiled, import_cutlass, launch
 from sonic_learn.reference import routing as _ref
@@ -105,6 +106,7 @@ __all__ = [
     "TokenRoundingKernels",
     "MAX_EXPERTS",
 ]
+__getattr__ = renamed(__name__, globals(), {"CHUNK": "CHUNK_PAIRS"})  # one name, one meaning
 
 # ---------------------------------------------------------------------------------------------
 # Kernel geometry
@@ -112,7 +114,7 @@ __all__ = [
 WARPS_PER_CTA = 4
 THREADS_PER_CTA = 32 * WARPS_PER_CTA
 UNROLL = 8  # 32-pair groups a lane loads before using them (hides global-load latency)
-CHUNK = 32 * UNROLL  # pairs per chunk; a warp's tile is chunks_per_tile chunks
+CHUNK_PAIRS = 32 * UNROLL  # pairs per chunk; a warp's tile is chunks_per_tile chunks
 TARGET_TILES = 1024  # keep the tile_counts buffer (E x tiles) and the tile scan small
 MIN_BUCKET = 32
 MAX_EXPERTS = 2048  # shared memory: WARPS_PER_CTA x bucket int32 counters (32 KiB at the max)
@@ -127,7 +129,7 @@ def _expert_bucket(num_experts: int) -> int:
 
 def _tiling(num_pairs: int) -> tuple[int, int]:
     """(chunks_per_tile, num_tiles) for P pairs: ~TARGET_TILES warps, at least one chunk each."""
-    chunks = -(-num_pairs // CHUNK)
+    chunks = -(-num_pairs // CHUNK_PAIRS)
     chunks_per_tile = max(1, -(-chunks // TARGET_TILES))
     return chunks_per_tile, -(-chunks // chunks_per_tile)
 
@@ -210,9 +212,9 @@ class RoutingMetadataKernel:
             hist[e] = Int32(0)
         cute.arch.sync_warp()
 
-        tile_start = tile * chunks_per_tile * CHUNK
+        tile_start = tile * chunks_per_tile * CHUNK_PAIRS
         for c in cutlass.range(chunks_per_tile):
-            ids = self._load_chunk(mExpert, tile_start + c * CHUNK, lane, num_experts)
+            ids = self._load_chunk(mExpert, tile_start + c * CHUNK_PAIRS, lane, num_experts)
             for u in cutlass.range_constexpr(UNROLL):
                 if ids[u] >= 0:
                     cute.arch.atomic_add((hist.iterator + ids[u]).llvm_ptr, Int32(1))
@@ -274,10 +276,10 @@ class RoutingMetadataKernel:
 
         below = cute.arch.lanemask_lt()
         above = cute.arch.lanemask_gt()
-        tile_start = tile * chunks_per_tile * CHUNK
+        tile_start = tile * chunks_per_tile * CHUNK_PAIRS
         num_pairs = mExpert.shape[0]
         for c in cutlass.range(chunks_per_tile):
-            chunk_start = tile_start + c * CHUNK
+            chunk_start = tile_start + c * CHUNK_PAIRS
             ids = self._load_chunk(mExpert, chunk_start, lane, num_experts)
             tokens = cute.make_rmem_tensor(UNROLL, Int32)
             for u in cutlass.range_constexpr(UNROLL):
@@ -717,7 +719,8 @@ def build_metadata(routing: Routing, *, check_ids: bool = True) -> RoutingMetada
     """Group the pairs of ``routing`` by expert (CuTe-DSL kernels): counts, offsets, permutations.
 
     Same result as ``sonic_learn.reference.routing.build_metadata``, bit for bit. ``check_ids``
-    range-checks the token and expert ids like the reference (one device-to-host sync); callers
+    runs the reference's value checks (``contracts.check_routing_values``: ids in range, tokens
+    ascending, no pair twice; device-to-host syncs); callers
     whose routing comes from a router (the MoE layer, benchmarks) pass ``check_ids=False`` and the
     call never synchronizes. Unchecked out-of-range expert ids are skipped by the kernels (no
     out-of-bounds write), but the result is then outside the contract.
@@ -726,7 +729,7 @@ def build_metadata(routing: Routing, *, check_ids: bool = True) -> RoutingMetada
     if not isinstance(check_ids, bool):
         raise TypeError(f"check_ids must be a bool, got {type(check_ids).__name__}")
     if check_ids:
-        contracts.check_routing_ids(routing)  # the id range checks (read the device)
+        contracts.check_routing_values(routing)  # ids, order, duplicates (reads the device)
     counts, offsets, gather_idx, pair_of_row, row_of_pair = _launch_metadata(
         _int32(routing.expert_idx), _int32(routing.token_idx), routing.num_experts, scatter=True
     )
@@ -826,20 +829,9 @@ def topk_routing(
 # --8<-- [end:topk_routing]
 
 
-def round_counts(
-    counts: torch.Tensor,
-    tile_m: int,
-    mode: str = "nearest",
-    generator: torch.Generator | None = None,
-    *,
-    num_tokens: int | None = None,
-) -> torch.Tensor:
-    """Round every f_e to a multiple of ``tile_m``: exactly ``sonic_learn.reference.routing.round_counts``.
-
-    An O(E) elementwise rule needs no kernel; this is the reference function itself (it validates
-    ``counts``, which reads the device). ``token_rounding`` uses the same rule without the checks.
-    """
-    return _ref.round_counts(counts, tile_m, mode, generator, num_tokens=num_tokens)
+# Rounding E counts is an O(E) elementwise rule that needs no kernel: the fast path's round_counts is
+# the reference's own function (token_rounding runs the same rule inside its select kernel).
+round_counts = _ref.round_counts
 
 
 def _all_expert_scores(logits: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor, scoring: str,

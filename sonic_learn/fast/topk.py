@@ -25,18 +25,9 @@ lanes per SM sub-partition, half the rate of the FP32 pipes), which runs every c
 * the column in the key is counted from the lane's first column, a compile-time constant folded
   into that multiply-add; each lane adds its offset once, to its k winners.
 
-Counted in the SASS for bf16, N = 128, k = 8 (``nvdisasm``): ~790 ALU instructions per lane, 2
-lanes per row (was ~535 per lane with 4 lanes: 2140 per row, now 1582).
-
-Measured on an H200 at T = 262144, E = 128, K = 8 (``benchmarks/topk.py``, 88 MB read + written;
-copy rate 4125 GB/s in the same run): 37.9 us = 56% of the copy rate with ``bench.measure``, whose
-L2 flush *writes* 256 MB, so the timed call also writes ~50 MB of it back as it evicts it (a plain
-copy of the same 88 MB takes 25.0 us, 85%, under that timer); 34.8 us = 61% with the L2 emptied
-by a read, 34.4 us = 62% back to back over 8 inputs (the regime the copy rate is measured in).
-The design before this one took 40.6 us under the first timer. The 26% fewer ALU instructions
-bought 7-11%, and 4 lanes per row time the same as 2: the ALU is no longer the only limit. What
-is left is overlap: the compiler issues only 3 of a lane's 8 16-byte loads up front and sinks
-the rest into the sorting (to save registers), so few bytes are in flight per warp.
+What the design bought, and what limits it now (the overlap of loads with the sorting, not the
+ALU alone), is measured by ``benchmarks/topk.py`` against ``torch.topk`` and a plain copy of the
+same bytes; the numbers live in ``benchmarks/results/topk_<GPU>.json`` and the docs' Benchmarks page.
 
 The key (both kernels; its device functions are in ``sonic_learn.fast.primitives``) — the
 reference's "pack the column into the low mantissa bits":
@@ -71,9 +62,8 @@ the contract.
 
 Every kernel is compiled once per (kernel, dtype, N, k, epilogue), with the row count dynamic,
 cached, and called through TVM-FFI (torch tensors go straight in; the current torch stream is
-used). Measured on an H200 (``benchmarks/topk.py``): 15-20 us of host time per call, argument
-checks (~2 us), the two output allocations (~5 us) and the TVM-FFI call (~5 us) included
-(``torch.topk``: 16-20 us).
+used). ``benchmarks/topk.py`` also measures the host time per call, split into the argument
+checks, the two output allocations and the TVM-FFI call.
 """
 
 from __future__ import annotations
@@ -83,6 +73,7 @@ import math
 import torch
 
 from sonic_learn import _checks, contracts
+from sonic_learn._deprecated import renamed
 from sonic_learn.fast._cute import compile_options, compiled, cutlass_dtype, import_cutlass, launch
 
 cutlass = import_cutlass()
@@ -103,6 +94,7 @@ __all__ = [
     "MAX_K_BITONIC",
     "MAX_K_RADIX",
 ]
+__getattr__ = renamed(__name__, globals(), {"EPILOGUES": "BITONIC_EPILOGUES"})  # one name, one meaning
 
 # ---------------------------------------------------------------------------------------------
 # Supported range (checked on the host before any launch)
@@ -242,7 +234,7 @@ class _RowTileLoader:
 # ---------------------------------------------------------------------------------------------
 # Bitonic top-k kernel (SonicMoE's algorithm)
 # ---------------------------------------------------------------------------------------------
-EPILOGUES = ("values", "softmax_topk", "topk_softmax", "topk_softmax_normalized")
+BITONIC_EPILOGUES = ("values", "softmax_topk", "topk_softmax", "topk_softmax_normalized")
 
 
 class BitonicTopK:
@@ -255,7 +247,7 @@ class BitonicTopK:
     """
 
     def __init__(self, dtype, N: int, k: int, epilogue: str = "values", lane_bytes: int | None = None):
-        assert epilogue in EPILOGUES
+        assert epilogue in BITONIC_EPILOGUES
         lane_bytes = LANE_BYTES[dtype.width] if lane_bytes is None else lane_bytes
         self.dtype = dtype
         self.width = dtype.width
@@ -294,7 +286,7 @@ class BitonicTopK:
             if const_expr(self.width == 16):
                 dst[j] = pack_key16(words[i // 2], i % 2, IDX_MASK - local_col)
             else:
-                dst[j] = pack_key(value_word(words, i, self.width), local_col, self.key_type, self.width)
+                dst[j] = pack_key(value_word(words, i, self.width), local_col)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mOut: cute.Tensor, mIdx: cute.Tensor, tiled_copy: cute.TiledCopy):
