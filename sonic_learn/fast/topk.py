@@ -8,7 +8,8 @@ What this teaches (paper Section 4, "the router's top-K"; reference: ``sonic_lea
   its registers in chunks with a bitonic network, keeps a running top-k, and the lanes of a row
   then merge their top-k lists with warp shuffles. Nothing goes through shared memory: the row is
   read once from HBM and the k winners are written once.
-* **Radix select (the classic algorithm, as in ``torch.topk``).** One warp per row builds 8-bit
+* **Radix select (the classic algorithm; ``torch.topk`` is one too, with other digit widths: see
+  ``sonic_learn.reference.topk``).** One warp per row builds 8-bit
   digit histograms in shared memory, narrows digit by digit to the exact k-th largest key, and
   a final collect pass gathers the winners. Same answer, more passes and synchronisation.
 
@@ -26,8 +27,10 @@ lanes per SM sub-partition, half the rate of the FP32 pipes), which runs every c
   into that multiply-add; each lane adds its offset once, to its k winners.
 
 What the design bought, and what limits it now (the overlap of loads with the sorting, not the
-ALU alone), is measured by ``benchmarks/topk.py`` against ``torch.topk`` and a plain copy of the
-same bytes; the numbers live in ``benchmarks/results/topk_<GPU>.json`` and the docs' Benchmarks page.
+ALU alone: the compiler issues only a few of a lane's 16-byte loads up front and sinks the rest
+into the sorting, to save registers), is measured by ``benchmarks/topk.py`` against ``torch.topk``
+and a plain copy of the same bytes; the numbers live in ``benchmarks/results/topk_<GPU>.json`` and
+the docs' Benchmarks page.
 
 The key (both kernels; its device functions are in ``sonic_learn.fast.primitives``) — the
 reference's "pack the column into the low mantissa bits":
