@@ -105,6 +105,7 @@ __all__ = [
     "compile_token_rounding_kernels",
     "TokenRoundingKernels",
     "MAX_EXPERTS",
+    "SELECTIONS",
 ]
 __getattr__ = renamed(__name__, globals(), {"CHUNK": "CHUNK_PAIRS"})  # one name, one meaning
 
@@ -912,6 +913,7 @@ def token_rounding(
     scoring: str = "softmax_topk",
     normalize: bool = False,
     check_finite: bool = True,
+    selection: str = "kernels",
 ) -> Routing:
     """Token rounding (paper Algorithm 4) with the reference's exact semantics, without a full sort.
 
@@ -927,13 +929,24 @@ def token_rounding(
     differentiable; in place when autograd is off), the stochastic draw and the final
     ``nonzero`` are torch. Float64 logits
     (float64 scores) take a torch-op selection instead of the two kernels (same result).
+
+    ``selection`` picks the step of the ladder (``SELECTIONS``; ``python -m sonic_learn.fast.routing``
+    validates and times each): ``"torch"`` (step 1) or ``"kernels"`` (step 2, the default).
     """
-    return _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection="kernels")
+    _checks.check_choice("selection", selection, tuple(SELECTIONS))
+    return _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection=selection)
+
+
+# The token-rounding ladder: how the boundary pairs of every expert are found (steps 2-4).
+SELECTIONS = {
+    "torch": "torch ops: torch.topk over each expert's (E, T) key row finds the boundary, cumsum ranks ties",
+    "kernels": "+ two CuTe kernels: per-expert key rows, then a radix select of the boundary, one CTA per expert",
+}
 
 
 def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection: str) -> Routing:
-    """``token_rounding``; ``selection="torch"`` runs steps 2-4 with torch ops for every dtype (the
-    previous design, kept as the benchmark's in-run baseline and as the float64 path)."""
+    """``token_rounding``; ``selection="torch"`` runs steps 2-4 with torch ops for every dtype (step 1
+    of the ladder, also the float64 path)."""
     logits = _check_router_args(logits, k, scoring, normalize, check_finite)
     _checks.check_int_range("tile_m", tile_m, 1, 2**62)
     _checks.check_choice("mode", mode, ROUNDING_MODES)
@@ -977,3 +990,33 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
         num_experts=E,
     )
 # --8<-- [end:token_rounding]
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m sonic_learn.fast.routing: validate every step of the ladder, then time it
+# ---------------------------------------------------------------------------------------------
+def _ladder_problems():
+    from sonic_learn.fast.ladder import Problem
+
+    def logits(T, E, seed):  # built only when the problem runs (on the GPU)
+        return lambda: (torch.randn(T, E, generator=torch.Generator().manual_seed(seed)).cuda(),)
+
+    return [Problem(f"token rounding, nearest, tile_m=128: T={T}, E={E}, K=8", logits(T, E, i))
+            for i, (T, E) in enumerate([(4096, 64), (32768, 128), (32768, 256)])]
+
+
+def _same_routing(got: Routing, want: Routing) -> None:
+    for name in ("token_idx", "expert_idx", "scores"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.shape == b.shape and torch.equal(a.to(b.dtype), b), f"{name} differs from the reference"
+
+
+if __name__ == "__main__":
+    from sonic_learn.fast.ladder import Step, climb
+    from sonic_learn.reference import routing as reference
+
+    raise SystemExit(climb(
+        "fast token rounding",
+        [Step(name, adds, lambda x, name=name: token_rounding(x, 8, check_finite=False, selection=name))
+         for name, adds in SELECTIONS.items()],
+        reference=lambda x: reference.token_rounding(x, 8), agree=_same_routing, problems=_ladder_problems()))
