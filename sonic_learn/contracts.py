@@ -55,6 +55,8 @@ BACKWARD_MODES = ("reduced_memory", "standard")  # SonicMoE's backward / the cla
 
 # ``tile_m`` is one idea everywhere: the M tile, the rows of one grouped-GEMM tile. Token rounding
 # rounds every expert's count to a multiple of it, so that expert's tiles are full (paper Section 5).
+# The fast grouped GEMM is built for one M tile, 128 (its functions accept only tile_m=128); in the
+# fast layer tile_m is token rounding's multiple, and the GEMM's own tile changes no result.
 # Hopper kernels use 64-256 rows; the bound only stops a typo from padding to billions of rows.
 MAX_TILE_M = 2**16
 
@@ -218,6 +220,8 @@ def check_routing_values(routing: Routing) -> None:
         raise ValueError(f"routing must not hold a (token, expert) pair twice, got token {twice // E} -> "
                          f"expert {twice % E} more than once")
 
+
+check_routing_ids = check_routing_values  # its first name (it checked only the ids), for code written meanwhile
 
 
 # ---------------------------------------------------------------------------------------------
