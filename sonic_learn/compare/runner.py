@@ -489,10 +489,12 @@ def _run_pair(spec: PairSpec, impls: Sequence[Impl], problem: Problem, setup: Se
             continue
         fn = fns[impl.name]
         step(f"{spec.key}: time {impl.name}")
-        t = measure(fn, device=setup.device, warmup=warmup, reps=reps, min_time_s=settings.min_time(setup.device))
+        measured = getattr(fn, "measured", None)  # a row timed in its own process (compare.upstream)
+        t = measured.timing if measured else measure(fn, device=setup.device, warmup=warmup, reps=reps,
+                                                     min_time_s=settings.min_time(setup.device))
         row.timing = t.as_dict()
         timer = t.timer
-        row.peak_memory_bytes = peak_memory_bytes(fn, setup.device)
+        row.peak_memory_bytes = measured.peak_memory_bytes if measured else peak_memory_bytes(fn, setup.device)
         if spec.saved is not None:
             row.saved_bytes, row.expected_saved_bytes = spec.saved(case, impl)
         row.throughput, row.throughput_unit = _throughput(row.cost, t.median_ms)
