@@ -9,7 +9,10 @@ can drift from it:
   from the tool's own argument parser;
 - the Course page: the table of assignments defined in ``sonic_learn.course``;
 - "Reading a CuTe-DSL kernel": the files of ``sonic_learn/fast`` with their docstrings' summaries,
-  and which reference functions have a fast twin, read from the source with ``ast``.
+  and which reference functions have a fast twin, read from the source with ``ast``;
+- every page that shows cells of a tutorial (``tutorials/NN_*.py``): the output of each cell,
+  executed on the CPU while the site builds (``docs/gen_tutorial_outputs.py``), and for GPU cells
+  the committed GPU run, labelled with its device.
 """
 
 from __future__ import annotations
@@ -29,12 +32,29 @@ FAST_PHASES_MARKER = "<!-- fast-path-phases -->"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _gen_benchmarks():
-    path = Path(__file__).with_name("gen_benchmarks.py")
-    spec = importlib.util.spec_from_file_location("sonic_learn_docs_gen_benchmarks", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_GENERATORS: dict[str, object] = {}
+
+
+def _generator(name: str):
+    """A generator script of docs/ (``gen_benchmarks``, ``gen_tutorial_outputs``), loaded once."""
+    if name not in _GENERATORS:
+        path = Path(__file__).with_name(f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"sonic_learn_docs_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _GENERATORS[name] = module
+    return _GENERATORS[name]
+
+
+def tutorial_outputs_markdown(markdown: str) -> str:
+    """The page with each included tutorial cell followed by its output (nothing to do on a page
+    that shows no tutorial cell)."""
+    gen = _generator("gen_tutorial_outputs")
+    files = sorted({m["file"] for m in gen.CELL_FENCE.finditer(markdown)})
+    if not files:
+        return markdown
+    outputs = gen.tutorial_outputs([gen.TUTORIALS_DIR / f for f in files])
+    return gen.insert_outputs(markdown, outputs, gen.gpu_runs())
 
 
 def cli_help_markdown() -> str:
@@ -180,9 +200,14 @@ def fast_phases_markdown() -> str:
     return "\n".join(out) + "\n" if out else "(no named phases found)\n"
 
 
+def on_pre_build(config) -> None:
+    """Run the tutorials not cached yet, two at a time, before the pages ask for them one by one."""
+    _generator("gen_tutorial_outputs").tutorial_outputs()
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     if BENCHMARK_MARKER in markdown:
-        markdown = markdown.replace(BENCHMARK_MARKER, _gen_benchmarks().render_results())
+        markdown = markdown.replace(BENCHMARK_MARKER, _generator("gen_benchmarks").render_results())
     if CLI_MARKER in markdown:
         markdown = markdown.replace(CLI_MARKER, cli_help_markdown())
     if FAST_FILES_MARKER in markdown:
@@ -193,4 +218,4 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         markdown = markdown.replace(FAST_PHASES_MARKER, fast_phases_markdown())
     if COURSE_MARKER in markdown:
         markdown = markdown.replace(COURSE_MARKER, course_markdown(Path(config["docs_dir"])))
-    return markdown
+    return tutorial_outputs_markdown(markdown)
