@@ -3,8 +3,9 @@
 ``on_page_markdown`` fills two pages with text generated from the code at build time, so neither
 can drift from it:
 
-- the Benchmarks page: tables rendered from the measured JSON files in ``benchmarks/results/``
-  (``docs/gen_benchmarks.py``), never a hand-typed number;
+- the Benchmarks page: figures and tables drawn from the measured JSON files in
+  ``benchmarks/results/`` (``docs/gen_benchmarks.py``), never a hand-typed number; the JSON files
+  themselves are published next to it (``on_files``);
 - the CLI reference: the ``--help`` of ``python -m sonic_learn.compare`` and of each subcommand,
   from the tool's own argument parser;
 - the Course page: the table of assignments defined in ``sonic_learn.course``;
@@ -198,6 +199,16 @@ def fast_phases_markdown() -> str:
             out.append(f"- **`{name}`** (`sonic_learn/fast/{path.name}`)")
             out += [f"    - {step}" for step in steps]
     return "\n".join(out) + "\n" if out else "(no named phases found)\n"
+
+
+def on_files(files, config):
+    """Publish every results file under ``benchmarks/raw/``, so the Benchmarks page links its raw JSON."""
+    from mkdocs.structure.files import File  # noqa: PLC0415
+
+    gen = _generator("gen_benchmarks")
+    for path in sorted(gen.RESULTS_DIR.glob("*.json")):
+        files.append(File.generated(config, f"{gen.RAW_URI}/{path.name}", abs_src_path=str(path)))
+    return files
 
 
 def on_pre_build(config) -> None:

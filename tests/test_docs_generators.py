@@ -35,38 +35,111 @@ def hooks():
 
 def test_no_results_means_not_yet_measured(gen_benchmarks, tmp_path: Path) -> None:
     text = gen_benchmarks.render_results(tmp_path)
-    assert "Not yet measured" in text and "--json" in text
+    assert "Not yet measured" in text
     assert not re.search(r"\d+\.\d+ ms", text)
 
 
-def test_records_become_a_table_with_the_environment(gen_benchmarks, tmp_path: Path) -> None:
-    doc = {
-        "environment": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"},
-        "pairs": [
-            {"pair": "topk", "rows": [{"impl": "torch.topk", "median_ms": 0.125, "status": "PASS"},
-                                      {"impl": "fast bitonic", "median_ms": 0.0625, "status": "PASS"}]},
-        ],
-    }
-    (tmp_path / "compare_topk.json").write_text(json.dumps(doc))
+def _moe_row(impl: str, kind: str, tflops: float, speedup: float, saved: int, peak: int, status: str = "PASS") -> dict:
+    return {"pair": "moe", "impl": impl, "kind": kind, "status": status, "speedup": speedup, "throughput": tflops,
+            "throughput_unit": "TFLOP/s", "saved_bytes": saved, "peak_memory_bytes": peak}
+
+
+def _suite(command: str, runs: list[tuple[dict, list[dict]]], **extra) -> dict:
+    return {"suite": "benchmarks/cli_suite.py", "command": command, "environment": {"device": "NVIDIA H100 80GB HBM3"},
+            **extra, "runs": [{"settings": {"problem": p}, "pairs": [{"pair": command, "problem": p, "rows": rows}]}
+                              for p, rows in runs]}
+
+
+SHAPE_A = {"T": 64, "d": 32, "n": 16, "E": 8, "K": 2}
+SHAPE_B = {"T": 128, "d": 32, "n": 16, "E": 8, "K": 2}
+
+
+@pytest.fixture()
+def results(tmp_path: Path) -> Path:
+    """A tiny results folder: the compare tool's moe and topk suites, dated, without upstream."""
+    moe = _suite("moe", [
+        (SHAPE_A, [_moe_row("naive PyTorch loop", "baseline", 2.5, 1.0, 3 * 2**30, 4 * 2**30),
+                   _moe_row("fast reduced-memory", "fast", 250.0, 100.0, 2**30, 2 * 2**30),
+                   _moe_row("upstream sonic-moe", "upstream", None, None, None, None, status="n/a")]),
+        (SHAPE_B, [_moe_row("naive PyTorch loop", "baseline", 5.0, 1.0, 6 * 2**30, 8 * 2**30),
+                   _moe_row("fast reduced-memory", "fast", 400.0, 80.0, 2**31, 2**32)])], date="2031-01-02")
+    topk = _suite("topk", [({**SHAPE_A, "E": e}, [
+        {"impl": "torch.topk", "kind": "baseline", "status": "PASS", "speedup": 1.0},
+        {"impl": "fast bitonic", "kind": "fast", "status": "PASS", "speedup": s}]) for e, s in ((64, 12.5), (128, 17.25))])
+    (tmp_path / "cli_moe_NVIDIA_H100.json").write_text(json.dumps(moe))
+    (tmp_path / "cli_topk_NVIDIA_H100.json").write_text(json.dumps(topk))
+    return tmp_path
+
+
+def _without_images(text: str) -> str:
+    return re.sub(r"\(data:image/png;base64,[A-Za-z0-9+/=]+\)", "(png)", text)
+
+
+def test_layer_figure_and_table_come_from_the_run(gen_benchmarks, results: Path) -> None:
+    pytest.importorskip("matplotlib")
+    text = _without_images(gen_benchmarks.render_results(results))
+    assert "| T=64, d=32, n=16, E=8, K=2 | 2.5 (1.0x) | 250.0 (100.0x) | n/a |" in text
+    assert "| T=128, d=32, n=16, E=8, K=2 | 5.0 (1.0x) | 400.0 (80.0x) | — |" in text
+    # Device and date (the file's own date field) under every section that reads the file.
+    assert text.count("*Measured on **NVIDIA H100 80GB HBM3**, 2031-01-02.") == 2  # layer + memory
+    assert "[`cli_moe_NVIDIA_H100.json`](benchmarks/raw/cli_moe_NVIDIA_H100.json)" in text
+    assert {"layer_tflops_cli_moe_NVIDIA_H100.png", "memory_saved_bytes_cli_moe_NVIDIA_H100.png",
+            "memory_peak_memory_bytes_cli_moe_NVIDIA_H100.png", "topk_speedup_cli_topk_NVIDIA_H100.png"} <= set(gen_benchmarks.FIGURES)
+    for png in gen_benchmarks.FIGURES.values():
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_topk_speedups_are_the_runs_own(gen_benchmarks, results: Path) -> None:
+    pytest.importorskip("matplotlib")
+    text = gen_benchmarks.render_results(results)
+    assert "| 64 | 64 | 2 | 12.50 |" in text and "| 64 | 128 | 2 | 17.25 |" in text
+    assert "time of `torch.topk` / time of the row" in text
+
+
+def test_missing_files_say_what_writes_them(gen_benchmarks, results: Path) -> None:
+    pytest.importorskip("matplotlib")
+    text = gen_benchmarks.render_results(results)
+    for section, command in (("### Against upstream SonicMoE", "benchmarks/vs_upstream.py"),
+                             ("### Grouped GEMM against dense cuBLAS", "benchmarks/grouped_gemm.py"),
+                             ("### Token rounding against top-k routing", "benchmarks/token_rounding.py")):
+        body = text.split(section, 1)[1].split("\n### ", 1)[0]
+        assert "Not measured yet" in body and command in body, section
+
+
+def test_upstream_file_is_picked_up(gen_benchmarks, results: Path) -> None:
+    pytest.importorskip("matplotlib")
+    shape = {"T": 1000, "d": 100, "n": 10, "E": 8, "K": 2}
+    doc = {"environment": {"device": "NVIDIA H100 80GB HBM3"}, "date": "2031-01-03",
+           "rows": [{"config": "tiny", "shape": shape,
+                     "sonic_learn": {"fwd_ms": 0.5, "fwdbwd_ms": 2.0, "fwdbwd_peak_bytes": 2**30},
+                     "upstream": {"fwd_ms": 0.6, "fwdbwd_ms": 3.0, "fwdbwd_peak_bytes": 2**31}}]}
+    (results / "vs_upstream_NVIDIA_H100.json").write_text(json.dumps(doc))
+    text = gen_benchmarks.render_results(results)
+    body = text.split("### Against upstream SonicMoE", 1)[1].split("\n### ", 1)[0]
+    assert "Not measured yet" not in body
+    assert "| tiny | T=1000, d=100, n=10, E=8, K=2 | 0.500 / 0.600 | 2.000 / 3.000 | 1.50 | 1.00 / 2.00 |" in body
+    assert "vs_upstream_vs_upstream_NVIDIA_H100.png" in gen_benchmarks.FIGURES
+    assert "2031-01-03" in body
+
+
+def test_token_rounding_table_reads_the_speedups(gen_benchmarks, tmp_path: Path) -> None:
+    sp = {"experts_only": {"fwd_time": 1.25, "fwd_bwd_time": 1.125}, "layer": {"fwd_time": 0.75, "fwd_bwd_time": 1.0}}
+    doc = {"environment": {"device": "H200"}, "shapes": [
+        {"T": 1024, "d": 64, "n": 32, "E": 4, "K": 2, "tile_m": 128, "ran": True, "speedup_token_rounding_over_topk": sp,
+         "cost_model": {"topk": {"fwd_bwd_padded_flop_fraction": 0.25}}},
+        {"T": 1024, "d": 64, "n": 32, "E": 8, "K": 2, "ran": False, "reason": "too big for int32"}]}
+    (tmp_path / "token_rounding_H200.json").write_text(json.dumps(doc))
+    r = gen_benchmarks.load_results(tmp_path)[0]
+    table = gen_benchmarks.token_rounding_table(r)
+    assert "| T=1024, d=64, n=32, E=4, K=2 | 4.0 | 25.0 % | 1.25x | 1.12x | 0.75x | 1.00x |" in table
+    assert "not run: too big for int32" in table
+
+
+def test_a_file_of_another_layout_is_reported_not_hidden(gen_benchmarks, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    (tmp_path / "grouped_gemm_H200.json").write_text(json.dumps({"environment": {"device": "H200"}, "shapes": [1, 2]}))
     text = gen_benchmarks.render_results(tmp_path)
-    assert "compare_topk.json" in text
-    assert "**device** NVIDIA H100 80GB HBM3" in text and "**torch** 2.11.0" in text
-    assert "| impl | median_ms | status |" in text
-    assert "| torch.topk | 0.125 | PASS |" in text and "| fast bitonic | 0.0625 | PASS |" in text
-
-
-def test_nested_results_keep_every_number_and_invent_none(gen_benchmarks, tmp_path: Path) -> None:
-    doc = {"benchmark": "gemm", "environment": {"device": "H200"},
-           "shapes": {"a": {"results": {"fused": {"median_ms": 1.25, "tflops": 301.5},
-                                        "naive": {"median_ms": 1.5, "tflops": 251.25}}, "notes": {}}}}
-    path = tmp_path / "gemm.json"
-    path.write_text(json.dumps(doc))
-    text = gen_benchmarks.render_file(path)
-    assert "| **fused** | 1.25 | 301.5 |" in text and "| **naive** | 1.5 | 251.2 |" in text
-    numbers_in = {1.25, 301.5, 1.5, 251.25}
-    for cell in re.findall(r"\| ([0-9.]+) ", text):
-        assert any(abs(float(cell) - x) <= 1e-3 * x for x in numbers_in), cell
-    assert "notes" not in text  # empty objects are left out
+    assert "Could not read this file" in text and "`grouped_gemm_H200.json`" in text
 
 
 def test_bad_file_fails_loudly(gen_benchmarks, tmp_path: Path) -> None:
@@ -81,7 +154,8 @@ def test_committed_results_render(gen_benchmarks) -> None:
     if not files:
         assert "Not yet measured" in text
     for f in files:
-        assert f"`{f.name}`" in text
+        assert f"[`{f.name}`]({gen_benchmarks.RAW_URI}/{f.name})" in text
+    assert "Could not read this file" not in text
 
 
 def test_cli_help_lists_every_subcommand(hooks) -> None:
@@ -108,19 +182,3 @@ def test_fast_path_tables_come_from_the_source(hooks) -> None:
     assert "| `sonic_learn.reference.grouped_gemm.io_cost` | — |" in twins  # a cost model has no kernel
     phases = hooks.fast_phases_markdown()
     assert "BitonicTopK.kernel" in phases and "<" not in phases.replace("&lt;", "")
-
-
-def test_timed_tables_get_a_plot(gen_benchmarks, tmp_path: Path) -> None:
-    import base64
-
-    pytest.importorskip("matplotlib")
-    doc = {"environment": {"device": "H200"},
-           "results": {"fused": {"median_ms": 1.25, "p20_ms": 1.2, "p80_ms": 1.3},
-                       "naive": {"median_ms": 1.5, "p20_ms": 1.4, "p80_ms": 1.6}},
-           "untimed": {"a": {"bytes": 1}, "b": {"bytes": 2}}}
-    path = tmp_path / "gemm.json"
-    path.write_text(json.dumps(doc))
-    text = gen_benchmarks.render_file(path)
-    plots = re.findall(r"!\[median time per row: ([^\]]*)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", text)
-    assert [title for title, _ in plots] == ["gemm / results"]  # the untimed table gets none
-    assert base64.b64decode(plots[0][1])[:8] == b"\x89PNG\r\n\x1a\n"
