@@ -156,8 +156,10 @@ def _gib(b: float | None) -> float | None:
     return None if b is None else b / 2**30
 
 
-def _source(r: Result) -> str:
-    return f"*Measured on **{r.device}**, {r.date}. Raw data: [`{r.name}`]({RAW_URI}/{r.name}).*"
+def _source(r: Result, docs_root: str = "") -> str:
+    """The line under a figure or table: device, date, raw data (``docs_root``: the way from the
+    page's folder to docs/, e.g. ``"../"`` for a page in docs/tutorials/)."""
+    return f"*Measured on **{r.device}**, {r.date}. Raw data: [`{r.name}`]({docs_root}{RAW_URI}/{r.name}).*"
 
 
 def _missing(what: str, command: str) -> list[str]:
@@ -336,7 +338,10 @@ def token_rounding_rows(r: Result) -> list[dict]:
                      "tokens_per_expert_per_tile": s["T"] * s["K"] / s["E"] / s.get("tile_m", 128),
                      "padded_fraction_topk": cm.get("fwd_bwd_padded_flop_fraction"),
                      "experts_fwd": sp["experts_only"]["fwd_time"], "experts_fwd_bwd": sp["experts_only"]["fwd_bwd_time"],
-                     "layer_fwd": sp["layer"]["fwd_time"], "layer_fwd_bwd": sp["layer"]["fwd_bwd_time"]})
+                     "layer_fwd": sp["layer"]["fwd_time"], "layer_fwd_bwd": sp["layer"]["fwd_bwd_time"],
+                     "experts_fwd_tflops": sp["experts_only"].get("fwd_tflops"),
+                     "experts_fwd_bwd_tflops": sp["experts_only"].get("fwd_bwd_tflops"),
+                     "key": (s["T"], s["d"], s["n"], s["E"], s["K"])})
     return rows
 
 
@@ -375,6 +380,60 @@ def token_rounding_table(r: Result) -> str:
         lines.append(f"| {x['shape']} | {x['tokens_per_expert_per_tile']:.1f} | {pad} | {x['experts_fwd']:.2f}x | "
                      f"{x['experts_fwd_bwd']:.2f}x | {x['layer_fwd']:.2f}x | {x['layer_fwd_bwd']:.2f}x |")
     return "\n".join(lines)
+
+
+# The paper's token-rounding throughput results (SonicMoE, arXiv 2512.14080, Section 6.3.3; H100,
+# SonicMoE's kernels, router excluded; gains in "model TFLOPS" over token-choice top-k, tile 128).
+PAPER_TOKEN_ROUNDING = [
+    {"config": "T=16384, d=1536, n=1024, E=128, K=2", "key": (16384, 1536, 1024, 128, 2),
+     "fwd": 0.165, "bwd": 0.061, "fwd_bwd": 0.094},
+    {"config": "the paper's \"256 experts\" case (Fig. 16, bottom row; its exact shape is not stated consistently)",
+     "key": None, "fwd": 0.257, "bwd": 0.118, "fwd_bwd": 0.159},
+    {"config": "Qwen3-Next-80B-A3B layer (K/E = 10/512)", "key": None, "fwd": 0.196, "bwd": 0.079, "fwd_bwd": None},
+]
+
+
+def _gain(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:+.1f} %"
+
+
+def token_rounding_comparison(results_dir: Path = RESULTS_DIR, docs_root: str = "") -> str:
+    """The paper's token-rounding speed-ups next to ours (``token_rounding_<device>.json``), as
+    TFLOP/s gains of the expert computation over top-k routing (router excluded, as in the paper)."""
+    files = _pick(load_results(results_dir), "token_rounding")
+    lines = ["| Shape | Paper (H100): forward | backward | fwd + bwd |"]
+    ours = []
+    for r in files:
+        try:
+            ours.append((r, {x["key"]: x for x in token_rounding_rows(r) if x["ran"]}))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+    for r, _ in ours:
+        lines[0] += f" Ours ({r.device}): forward | fwd + bwd |"
+    lines.append("|---|---:|---:|---:|" + "---:|---:|" * len(ours))
+    keys_shown = set()
+    for p in PAPER_TOKEN_ROUNDING:
+        cells = [_gain(p["fwd"]), _gain(p["bwd"]), _gain(p["fwd_bwd"])]
+        for _, rows in ours:
+            x = rows.get(p["key"]) if p["key"] else None
+            cells += [_gain(x["experts_fwd_tflops"] - 1 if x and x["experts_fwd_tflops"] else None),
+                      _gain(x["experts_fwd_bwd_tflops"] - 1 if x and x["experts_fwd_bwd_tflops"] else None)]
+        keys_shown.add(p["key"])
+        lines.append(f"| {p['config']} | " + " | ".join(cells) + " |")
+    extra = sorted({k for _, rows in ours for k in rows} - keys_shown)
+    for k in extra:  # our other shapes: no paper number to put next to them
+        cells = ["—", "—", "—"]
+        for _, rows in ours:
+            x = rows.get(k)
+            cells += [_gain(x["experts_fwd_tflops"] - 1 if x and x["experts_fwd_tflops"] else None),
+                      _gain(x["experts_fwd_bwd_tflops"] - 1 if x and x["experts_fwd_bwd_tflops"] else None)]
+        lines.append(f"| T={k[0]}, d={k[1]}, n={k[2]}, E={k[3]}, K={k[4]} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    if not ours:
+        text += "\n*No measurement of ours is committed yet: `python benchmarks/token_rounding.py` on a Hopper GPU writes one.*\n"
+    for r, _ in ours:
+        text += f"\n*Ours: {_source(r, docs_root)[1:-1]} Gains are TFLOP/s of the expert computation (router excluded), each routing counting its own pairs, both routings timed in the same run.*\n"
+    return text
 
 
 def upstream_section(results: list[Result]) -> list[str]:

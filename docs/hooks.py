@@ -5,7 +5,8 @@ can drift from it:
 
 - the Benchmarks page: figures and tables drawn from the measured JSON files in
   ``benchmarks/results/`` (``docs/gen_benchmarks.py``), never a hand-typed number; the JSON files
-  themselves are published next to it (``on_files``);
+  themselves are published next to it (``on_files``); and the token-rounding speed-ups, ours next
+  to the paper's, wherever a page says ``<!-- token-rounding-speedups -->``;
 - the CLI reference: the ``--help`` of ``python -m sonic_learn.compare`` and of each subcommand,
   from the tool's own argument parser;
 - the Course page: the table of assignments defined in ``sonic_learn.course``;
@@ -25,6 +26,7 @@ import os
 from pathlib import Path
 
 BENCHMARK_MARKER = "<!-- benchmark-tables -->"
+TOKEN_ROUNDING_MARKER = "<!-- token-rounding-speedups -->"
 CLI_MARKER = "<!-- cli-help -->"
 COURSE_MARKER = "<!-- course-assignments -->"
 FAST_FILES_MARKER = "<!-- fast-path-files -->"
@@ -219,6 +221,10 @@ def on_pre_build(config) -> None:
 def on_page_markdown(markdown: str, page, config, files) -> str:
     if BENCHMARK_MARKER in markdown:
         markdown = markdown.replace(BENCHMARK_MARKER, _generator("gen_benchmarks").render_results())
+    if TOKEN_ROUNDING_MARKER in markdown:
+        docs_root = "../" * page.file.src_uri.count("/")
+        markdown = markdown.replace(TOKEN_ROUNDING_MARKER,
+                                    _generator("gen_benchmarks").token_rounding_comparison(docs_root=docs_root))
     if CLI_MARKER in markdown:
         markdown = markdown.replace(CLI_MARKER, cli_help_markdown())
     if FAST_FILES_MARKER in markdown:
