@@ -182,3 +182,139 @@ def test_fast_path_tables_come_from_the_source(hooks) -> None:
     assert "| `sonic_learn.reference.grouped_gemm.io_cost` | — |" in twins  # a cost model has no kernel
     phases = hooks.fast_phases_markdown()
     assert "BitonicTopK.kernel" in phases and "<" not in phases.replace("&lt;", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Executed tutorials (docs/gen_tutorial_outputs.py)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gen_outputs():
+    return _load("gen_tutorial_outputs")
+
+
+TINY_TUTORIAL = '''# %% [markdown]
+# A text cell.
+
+# %%
+# --8<-- [start:first]
+x = 6 * 7
+print("x is", x)
+# --8<-- [end:first]
+
+# %%
+# --8<-- [start:quiet]
+y = x + 1
+# --8<-- [end:quiet]
+
+# %%
+# --8<-- [start:split_a]
+print("part a")
+# --8<-- [end:split_a]
+# --8<-- [start:split_b]
+print("part b, y =", y)
+# --8<-- [end:split_b]
+
+# %%
+# --8<-- [start:gpu]
+print("on the cpu")
+if torch_cuda_is_available := False:  # GPU only: skipped on a CPU machine (torch.cuda.is_available())
+    print("on the gpu")
+# --8<-- [end:gpu]
+
+# %%
+# --8<-- [start:plot]
+import matplotlib.pyplot as plt
+plt.plot([0, 1], [1, 0])
+# --8<-- [end:plot]
+'''
+
+
+def _page(*sections: str, indent: str = "") -> str:
+    return "\n\n".join(f'{indent}```python\n{indent}--8<-- "tutorials/09_tiny.py:{s}"\n{indent}```' for s in sections) + "\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_records(gen_outputs, tmp_path_factory):
+    pytest.importorskip("jupytext")
+    pytest.importorskip("matplotlib")
+    path = tmp_path_factory.mktemp("tut") / "09_tiny.py"
+    path.write_text(TINY_TUTORIAL)
+    return gen_outputs.run_cells(path)
+
+
+def test_cells_run_in_order_with_their_own_output(tiny_records) -> None:
+    assert [r["sections"] for r in tiny_records] == [["first"], ["quiet"], ["split_a", "split_b"], ["gpu"], ["plot"]]
+    assert tiny_records[0]["stdout"] == "x is 42\n"
+    assert tiny_records[1]["stdout"] == ""
+    assert tiny_records[2]["stdout"] == "part a\npart b, y = 43\n"  # the namespace carries over
+    assert [r["gpu"] for r in tiny_records] == [False, False, False, True, False]
+    assert len(tiny_records[4]["figures"]) == 1 and tiny_records[0]["figures"] == []
+
+
+def test_outputs_go_under_their_cells(gen_outputs, tiny_records) -> None:
+    page = _page("first", "quiet", "split_a", "split_b", "plot")
+    text = gen_outputs.insert_outputs(page, {"09_tiny.py": tiny_records})
+    first = text.index(':first"')
+    assert text.index("x is 42") > first and text.index("x is 42") < text.index(':quiet"')
+    # A cell that prints nothing gets no block; a split cell's output goes under its last part.
+    between = text[text.index(':quiet"'):text.index(':split_a"')]
+    assert "cell-output" not in between
+    assert text.index("part a") > text.index(':split_b"')
+    assert text.count('<div class="cell-output" markdown>') == 3  # first, split, plot
+    assert "data:image/png;base64," in text[text.index(':plot"'):]
+
+
+def test_output_follows_the_indentation_of_its_cell(gen_outputs, tiny_records) -> None:
+    text = gen_outputs.insert_outputs(_page("first", indent="    "), {"09_tiny.py": tiny_records})
+    assert '    <div class="cell-output" markdown>' in text and "    x is 42" in text
+
+
+def test_a_backtick_fence_in_the_output_cannot_close_the_block(gen_outputs) -> None:
+    lines = gen_outputs._fenced("```\nnot code\n")
+    assert lines[0].startswith("````") and lines[-1] == "````"
+
+
+def test_gpu_cells_show_the_committed_run_with_its_device(gen_outputs, tiny_records, tmp_path: Path) -> None:
+    page = _page("gpu")
+    without = gen_outputs.insert_outputs(page, {"09_tiny.py": tiny_records}, [])
+    assert "on the cpu" in without and "no GPU run of the tutorials is committed yet" in without
+    gpu_records = [dict(r) for r in tiny_records]
+    gpu_records[3] = {**gpu_records[3], "stdout": "on the cpu\non the gpu\n"}
+    run = {"environment": {"device": "NVIDIA H100 80GB HBM3"}, "date": "2031-02-03",
+           "tutorials": {"09_tiny.py": gpu_records}}
+    (tmp_path / "tutorials_NVIDIA_H100.json").write_text(json.dumps(run))
+    runs = gen_outputs.gpu_runs(tmp_path)
+    text = gen_outputs.insert_outputs(page, {"09_tiny.py": tiny_records}, runs)
+    assert '=== "NVIDIA H100 80GB HBM3, run of 2031-02-03"' in text and "on the gpu" in text
+    assert '=== "CPU, this build (GPU part skipped)"' in text
+    assert "earlier version" not in text
+    # The cell changed since the GPU run: say so.
+    gpu_records[3]["source_sha"] = "0" * 16
+    stale = gen_outputs.insert_outputs(page, {"09_tiny.py": tiny_records}, [{**run, "file": "x.json"}])
+    assert "Recorded with an earlier version of this cell" in stale
+
+
+def test_a_failing_cell_fails_with_its_name(gen_outputs, tmp_path: Path) -> None:
+    pytest.importorskip("jupytext")
+    path = tmp_path / "09_broken.py"
+    path.write_text("# %%\nprint('fine')\n\n# %%\nraise ValueError('planted')\n")
+    with pytest.raises(RuntimeError, match=r"09_broken.py: code cell 2 failed(.|\n)*planted"):
+        gen_outputs.run_cells(path)
+
+
+def test_every_tutorial_is_found_by_the_glob(gen_outputs) -> None:
+    found = [p.name for p in gen_outputs.tutorials()]
+    assert found == sorted(p.name for p in (REPO / "tutorials").glob("[0-9][0-9]_*.py"))
+    assert found[:5] == ["01_topk.py", "02_routing.py", "03_grouped_gemm.py", "04_backward.py", "05_moe_layer.py"]
+
+
+def test_every_tutorial_cell_shown_on_a_page_has_its_output(gen_outputs) -> None:
+    """The real thing, on the CPU: each tutorial page gets output blocks (cached between runs)."""
+    pytest.importorskip("jupytext")
+    outputs = gen_outputs.tutorial_outputs()
+    for page in sorted((REPO / "docs").rglob("*.md")):
+        md = page.read_text()
+        files = {m["file"] for m in gen_outputs.CELL_FENCE.finditer(md)}
+        if files:
+            text = gen_outputs.insert_outputs(md, outputs, gen_outputs.gpu_runs())
+            assert text.count('<div class="cell-output" markdown>') >= 3, page
