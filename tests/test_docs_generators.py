@@ -135,6 +135,22 @@ def test_token_rounding_table_reads_the_speedups(gen_benchmarks, tmp_path: Path)
     assert "not run: too big for int32" in table
 
 
+def test_token_rounding_comparison_puts_ours_next_to_the_paper(gen_benchmarks, tmp_path: Path) -> None:
+    text = gen_benchmarks.token_rounding_comparison(tmp_path)
+    assert "+16.5 %" in text and "+9.4 %" in text  # the paper's numbers are always there
+    assert "No measurement of ours is committed yet" in text
+    sp = {"experts_only": {"fwd_time": 1.0, "fwd_bwd_time": 1.0, "fwd_tflops": 1.25, "fwd_bwd_tflops": 1.05},
+          "layer": {"fwd_time": 0.5, "fwd_bwd_time": 0.5}}
+    shapes = [{"T": 16384, "d": 1536, "n": 1024, "E": 128, "K": 2, "tile_m": 128, "speedup_token_rounding_over_topk": sp},
+              {"T": 16384, "d": 1536, "n": 1024, "E": 32, "K": 2, "tile_m": 128, "speedup_token_rounding_over_topk": sp}]
+    (tmp_path / "token_rounding_H200.json").write_text(json.dumps({"environment": {"device": "H200"}, "shapes": shapes}))
+    text = gen_benchmarks.token_rounding_comparison(tmp_path, docs_root="../")
+    row = next(line for line in text.splitlines() if line.startswith("| T=16384, d=1536, n=1024, E=128, K=2"))
+    assert row.split("|")[2:7] == [" +16.5 % ", " +6.1 % ", " +9.4 % ", " +25.0 % ", " +5.0 % "]
+    assert "| T=16384, d=1536, n=1024, E=32, K=2 | — | — | — | +25.0 % | +5.0 % |" in text
+    assert "Ours (H200)" in text and "(../benchmarks/raw/token_rounding_H200.json)" in text
+
+
 def test_a_file_of_another_layout_is_reported_not_hidden(gen_benchmarks, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     (tmp_path / "grouped_gemm_H200.json").write_text(json.dumps({"environment": {"device": "H200"}, "shapes": [1, 2]}))
