@@ -172,6 +172,24 @@ def _unreadable(r: Result, exc: Exception) -> list[str]:
             f"    Its numbers are in the [raw JSON]({RAW_URI}/{r.name}).", ""]
 
 
+_LAYOUT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, StopIteration, IndexError)
+
+
+def _section(results: list[Result], title: str, prefix: str, what: str, command: str, body) -> list[str]:
+    """A section: ``body(result)`` for each ``<prefix>_<device>.json``, or a note naming ``command``
+    when there is none; a file ``body`` cannot read is reported on the page."""
+    out = [f"### {title}", ""]
+    files = _pick(results, prefix)
+    if not files:
+        return out + _missing(what, command)
+    for r in files:
+        try:
+            out += body(r)
+        except _LAYOUT_ERRORS as exc:
+            out += _unreadable(r, exc)
+    return out
+
+
 def _shape(p: dict) -> str:
     return ", ".join(f"{k}={p[k]}" for k in ("T", "d", "n", "E", "K") if k in p)
 
@@ -194,89 +212,84 @@ def _measured(row: dict, key: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) and row.get("status", "PASS") == "PASS" else None
 
 
+def _impls(runs: list[tuple[dict, list[dict]]], keep=lambda row: True) -> list[str]:
+    """The implementations of the runs' rows, in first-seen order."""
+    names = [row["impl"] for _, rows in runs for row in rows if keep(row)]
+    return [name for i, name in enumerate(names) if name not in names[:i]]
+
+
+def _column(runs: list[tuple[dict, list[dict]]], impl: str, key: str) -> list[float | None]:
+    """One implementation's measured ``key`` in each run (None where it has none)."""
+    return [next((_measured(row, key) for row in rows if row["impl"] == impl), None) for _, rows in runs]
+
+
+def _groups(runs: list[tuple[dict, list[dict]]]) -> list[str]:
+    return [_shape(p).replace(", E", "\nE") for p, _ in runs]
+
+
 def layer_section(results: list[Result]) -> list[str]:
-    out = ["### The MoE layer: forward + backward throughput", ""]
-    files = _pick(results, "cli_moe")
-    if not files:
-        return out + _missing("compare-tool run of the `moe` pair", "python benchmarks/cli_suite.py --only moe")
-    for r in files:
-        try:
-            runs = suite_runs(r, "moe")
-            impls = [row["impl"] for _, rows in runs for row in rows]
-            impls = [i for n, i in enumerate(impls) if i not in impls[:n]]
-            groups = [_shape(p).replace(", E", "\nE") for p, _ in runs]
-            series = {i: [next((_measured(row, "throughput") for row in rows if row["impl"] == i), None)
-                          for _, rows in runs] for i in impls}
-            series = {i: v for i, v in series.items() if any(x is not None for x in v)}
-            out += _figure(_bars(groups, series, ylabel="TFLOP/s (18·T·K·n·d / time), log scale", log=True,
-                                 title=f"MoE layer forward + backward, bf16 — {r.label}"),
-                           f"layer_tflops_{r.path.stem}.png", f"MoE layer TFLOP/s per implementation, {r.label}")
-            head = "| Problem | " + " | ".join(impls) + " |"
-            rows_md = [head, "|---|" + "---:|" * len(impls)]
-            for (p, rows), g in zip(runs, groups):
-                cells = []
-                for i in impls:
-                    row = next((x for x in rows if x["impl"] == i), None)
-                    if row is None or _measured(row, "throughput") is None:
-                        cells.append("—" if row is None else f"{row.get('status', '')}")
-                    else:
-                        cells.append(f"{row['throughput']:.1f} ({row['speedup']:.1f}x)")
-                rows_md.append(f"| {_shape(p)} | " + " | ".join(cells) + " |")
-            out += ["TFLOP/s, and in brackets the speed-up over the naive PyTorch loop of the same run:", "",
-                    *rows_md, "", _source(r), ""]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            out += _unreadable(r, exc)
-    return out
+    def body(r: Result) -> list[str]:
+        runs = suite_runs(r, "moe")
+        impls = _impls(runs)
+        series = {i: _column(runs, i, "throughput") for i in impls}
+        series = {i: v for i, v in series.items() if any(x is not None for x in v)}
+        out = _figure(_bars(_groups(runs), series, ylabel="TFLOP/s (18·T·K·n·d / time), log scale", log=True,
+                            title=f"MoE layer forward + backward, bf16 — {r.label}"),
+                      f"layer_tflops_{r.path.stem}.png", f"MoE layer TFLOP/s per implementation, {r.label}")
+        out += ["TFLOP/s, and in brackets the speed-up over the naive PyTorch loop of the same run:", "",
+                "| Problem | " + " | ".join(impls) + " |", "|---|" + "---:|" * len(impls)]
+        for p, rows in runs:
+            cells = []
+            for i in impls:
+                row = next((x for x in rows if x["impl"] == i), None)
+                if row is None or _measured(row, "throughput") is None:
+                    cells.append("—" if row is None else str(row.get("status", "")))
+                else:
+                    cells.append(f"{row['throughput']:.1f} ({row['speedup']:.1f}x)")
+            out.append(f"| {_shape(p)} | " + " | ".join(cells) + " |")
+        return out + ["", _source(r), ""]
+
+    return _section(results, "The MoE layer: forward + backward throughput", "cli_moe",
+                    "compare-tool run of the `moe` pair", "python benchmarks/cli_suite.py --only moe", body)
 
 
 def memory_section(results: list[Result]) -> list[str]:
-    out = ["### Activation and peak memory per backward mode", ""]
-    files = _pick(results, "cli_moe")
-    if not files:
-        return out + _missing("compare-tool run of the `moe` pair", "python benchmarks/cli_suite.py --only moe")
-    for r in files:
-        try:
-            runs = suite_runs(r, "moe")
-            impls = [row["impl"] for _, rows in runs for row in rows if _measured(row, "saved_bytes") is not None]
-            impls = [i for n, i in enumerate(impls) if i not in impls[:n]]
-            groups = [_shape(p).replace(", E", "\nE") for p, _ in runs]
-            for key, what in (("saved_bytes", "activations cached for backward"), ("peak_memory_bytes", "peak memory of forward + backward")):
-                series = {i: [_gib(next((_measured(row, key) for row in rows if row["impl"] == i), None)) for _, rows in runs]
-                          for i in impls}
-                out += _figure(_bars(groups, series, ylabel="GiB", fmt="{:.2f}", title=f"{what}, bf16 — {r.label}"),
-                               f"memory_{key}_{r.path.stem}.png", f"{what} per implementation, {r.label}")
-            out += [_source(r), ""]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            out += _unreadable(r, exc)
-    return out
+    def body(r: Result) -> list[str]:
+        runs = suite_runs(r, "moe")
+        impls = _impls(runs, lambda row: _measured(row, "saved_bytes") is not None)
+        out = []
+        for key, what in (("saved_bytes", "activations cached for backward"),
+                          ("peak_memory_bytes", "peak memory of forward + backward")):
+            series = {i: [_gib(v) for v in _column(runs, i, key)] for i in impls}
+            out += _figure(_bars(_groups(runs), series, ylabel="GiB", fmt="{:.2f}", title=f"{what}, bf16 — {r.label}"),
+                           f"memory_{key}_{r.path.stem}.png", f"{what} per implementation, {r.label}")
+        return out + [_source(r), ""]
+
+    return _section(results, "Activation and peak memory per backward mode", "cli_moe",
+                    "compare-tool run of the `moe` pair", "python benchmarks/cli_suite.py --only moe", body)
 
 
 def topk_section(results: list[Result]) -> list[str]:
-    out = ["### Top-k: speed-up over `torch.topk` across E and T", ""]
-    files = _pick(results, "cli_topk")
-    if not files:
-        return out + _missing("compare-tool run of the `topk` pair", "python benchmarks/cli_suite.py --only topk")
-    for r in files:
-        try:
-            runs = suite_runs(r, "topk")
-            base = [next(row["impl"] for row in rows if row.get("kind") == "baseline" or row.get("speedup") == 1.0)
-                    for _, rows in runs]
-            impls = [row["impl"] for _, rows in runs for row in rows if row["impl"] not in base]
-            impls = [i for n, i in enumerate(impls) if i not in impls[:n]]
-            groups = [f"T={p['T']}\nE={p['E']}, K={p['K']}" for p, _ in runs]
-            series = {i: [next((_measured(row, "speedup") for row in rows if row["impl"] == i), None) for _, rows in runs]
-                      for i in impls}
-            out += _figure(_bars(groups, series, ylabel=f"speed-up over {base[0]} (same run), log scale", log=True,
-                                 hline=1.0, fmt="{:.1f}", title=f"Top-k of the (T, E) router logits, bf16 — {r.label}"),
-                           f"topk_speedup_{r.path.stem}.png", f"top-k speed-up over torch.topk, {r.label}")
-            out += ["| T | E | K | " + " | ".join(impls) + " |", "|---:|---:|---:|" + "---:|" * len(impls)]
-            for (p, rows), _ in zip(runs, base):
-                cells = [_fmt(next((_measured(row, "speedup") for row in rows if row["impl"] == i), None), ".2f") for i in impls]
-                out.append(f"| {p['T']} | {p['E']} | {p['K']} | " + " | ".join(cells) + " |")
-            out += ["", f"Speed-up = time of `{base[0]}` / time of the row, both from the same run.", "", _source(r), ""]
-        except (KeyError, TypeError, ValueError, AttributeError, StopIteration) as exc:
-            out += _unreadable(r, exc)
-    return out
+    def body(r: Result) -> list[str]:
+        runs = suite_runs(r, "topk")
+        base = {next(row["impl"] for row in rows if row.get("kind") == "baseline" or row.get("speedup") == 1.0)
+                for _, rows in runs}
+        if len(base) != 1:
+            raise ValueError(f"the runs do not share one baseline row: {sorted(base)}")
+        (base_name,) = base
+        impls = _impls(runs, lambda row: row["impl"] != base_name)
+        groups = [f"T={p['T']}\nE={p['E']}, K={p['K']}" for p, _ in runs]
+        series = {i: _column(runs, i, "speedup") for i in impls}
+        out = _figure(_bars(groups, series, ylabel=f"speed-up over {base_name} (same run), log scale", log=True,
+                            hline=1.0, fmt="{:.1f}", title=f"Top-k of the (T, E) router logits, bf16 — {r.label}"),
+                      f"topk_speedup_{r.path.stem}.png", f"top-k speed-up over torch.topk, {r.label}")
+        out += ["| T | E | K | " + " | ".join(impls) + " |", "|---:|---:|---:|" + "---:|" * len(impls)]
+        for n, (p, _) in enumerate(runs):
+            out.append(f"| {p['T']} | {p['E']} | {p['K']} | " + " | ".join(_fmt(series[i][n], ".2f") for i in impls) + " |")
+        return out + ["", f"Speed-up = time of `{base_name}` / time of the row, both from the same run.", "", _source(r), ""]
+
+    return _section(results, "Top-k: speed-up over `torch.topk` across E and T", "cli_topk",
+                    "compare-tool run of the `topk` pair", "python benchmarks/cli_suite.py --only topk", body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,35 +306,32 @@ GEMM_IMPLS = {  # key in grouped_gemm_<device>.json -> label
 
 
 def grouped_gemm_section(results: list[Result]) -> list[str]:
-    out = ["### Grouped GEMM against dense cuBLAS", ""]
-    files = _pick(results, "grouped_gemm")
-    if not files:
-        return out + _missing("grouped-GEMM benchmark", "python benchmarks/grouped_gemm.py")
-    for r in files:
-        try:
-            shapes = r.data["shapes"]
-            names = list(shapes)
-            impls = [k for k in GEMM_IMPLS if any(k in s["results"] for s in shapes.values())]
-            series = {GEMM_IMPLS[k]: [s["results"].get(k, {}).get("tflops") for s in shapes.values()] for k in impls}
-            out += _figure(_bars(names, series, ylabel="TFLOP/s", title=f"Grouped GEMMs of the MoE layer, bf16 — {r.label}"),
-                           f"grouped_gemm_{r.path.stem}.png", f"grouped GEMM TFLOP/s against dense cuBLAS, {r.label}")
-            others = [k for k in impls if k != "torch_matmul"]
-            out += ["Fraction of dense cuBLAS (`torch.matmul` on one GEMM of the same M×K×N, same shape, same run):", "",
-                    "| GEMM | M | K | N | E | " + " | ".join(GEMM_IMPLS[k] for k in others) + " |",
-                    "|---|---:|---:|---:|---:|" + "---:|" * len(others)]
-            for name, s in shapes.items():
-                dense = s["results"].get("torch_matmul", {}).get("median_ms")
-                cells = []
-                for k in others:
-                    ms = s["results"].get(k, {}).get("median_ms")
-                    cells.append(_fmt(dense / ms if dense and ms else None, ".2f"))
-                sh = s["shape"]
-                out.append(f"| {name} | {sh.get('M', '—')} | {sh.get('K_gemm', '—')} | {sh.get('N_gemm', '—')} | "
-                           f"{sh.get('E', '—')} | " + " | ".join(cells) + " |")
-            out += ["", _source(r), ""]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            out += _unreadable(r, exc)
-    return out
+    def body(r: Result) -> list[str]:
+        out: list[str] = []
+        shapes = r.data["shapes"]
+        names = list(shapes)
+        impls = [k for k in GEMM_IMPLS if any(k in s["results"] for s in shapes.values())]
+        series = {GEMM_IMPLS[k]: [s["results"].get(k, {}).get("tflops") for s in shapes.values()] for k in impls}
+        out += _figure(_bars(names, series, ylabel="TFLOP/s", title=f"Grouped GEMMs of the MoE layer, bf16 — {r.label}"),
+                       f"grouped_gemm_{r.path.stem}.png", f"grouped GEMM TFLOP/s against dense cuBLAS, {r.label}")
+        others = [k for k in impls if k != "torch_matmul"]
+        out += ["Fraction of dense cuBLAS (`torch.matmul` on one GEMM of the same M×K×N, same shape, same run):", "",
+                "| GEMM | M | K | N | E | " + " | ".join(GEMM_IMPLS[k] for k in others) + " |",
+                "|---|---:|---:|---:|---:|" + "---:|" * len(others)]
+        for name, s in shapes.items():
+            dense = s["results"].get("torch_matmul", {}).get("median_ms")
+            cells = []
+            for k in others:
+                ms = s["results"].get(k, {}).get("median_ms")
+                cells.append(_fmt(dense / ms if dense and ms else None, ".2f"))
+            sh = s["shape"]
+            out.append(f"| {name} | {sh.get('M', '—')} | {sh.get('K_gemm', '—')} | {sh.get('N_gemm', '—')} | "
+                       f"{sh.get('E', '—')} | " + " | ".join(cells) + " |")
+        out += ["", _source(r), ""]
+        return out
+
+    return _section(results, 'Grouped GEMM against dense cuBLAS', 'grouped_gemm',
+                    'grouped-GEMM benchmark', 'python benchmarks/grouped_gemm.py', body)
 
 
 def token_rounding_rows(r: Result) -> list[dict]:
@@ -346,26 +356,23 @@ def token_rounding_rows(r: Result) -> list[dict]:
 
 
 def token_rounding_section(results: list[Result]) -> list[str]:
-    out = ["### Token rounding against top-k routing", ""]
-    files = _pick(results, "token_rounding")
-    if not files:
-        return out + _missing("token-rounding benchmark", "python benchmarks/token_rounding.py")
-    for r in files:
-        try:
-            rows = token_rounding_rows(r)
-            ran = [x for x in rows if x["ran"]]
-            groups = [x["shape"].replace(", E", "\nE") for x in ran]
-            series = {"experts only, forward": [x["experts_fwd"] for x in ran],
-                      "experts only, fwd + bwd": [x["experts_fwd_bwd"] for x in ran],
-                      "whole layer, forward": [x["layer_fwd"] for x in ran],
-                      "whole layer, fwd + bwd": [x["layer_fwd_bwd"] for x in ran]}
-            out += _figure(_bars(groups, series, ylabel="speed-up of token rounding over top-k", hline=1.0, fmt="{:.2f}",
-                                 title=f"Token rounding vs top-k routing (tile_m = 128), bf16 — {r.label}"),
-                           f"token_rounding_{r.path.stem}.png", f"token rounding speed-up over top-k, {r.label}")
-            out += [token_rounding_table(r), "", _source(r), ""]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            out += _unreadable(r, exc)
-    return out
+    def body(r: Result) -> list[str]:
+        out: list[str] = []
+        rows = token_rounding_rows(r)
+        ran = [x for x in rows if x["ran"]]
+        groups = [x["shape"].replace(", E", "\nE") for x in ran]
+        series = {"experts only, forward": [x["experts_fwd"] for x in ran],
+                  "experts only, fwd + bwd": [x["experts_fwd_bwd"] for x in ran],
+                  "whole layer, forward": [x["layer_fwd"] for x in ran],
+                  "whole layer, fwd + bwd": [x["layer_fwd_bwd"] for x in ran]}
+        out += _figure(_bars(groups, series, ylabel="speed-up of token rounding over top-k", hline=1.0, fmt="{:.2f}",
+                             title=f"Token rounding vs top-k routing (tile_m = 128), bf16 — {r.label}"),
+                       f"token_rounding_{r.path.stem}.png", f"token rounding speed-up over top-k, {r.label}")
+        out += [token_rounding_table(r), "", _source(r), ""]
+        return out
+
+    return _section(results, 'Token rounding against top-k routing', 'token_rounding',
+                    'token-rounding benchmark', 'python benchmarks/token_rounding.py', body)
 
 
 def token_rounding_table(r: Result) -> str:
@@ -440,42 +447,39 @@ def upstream_section(results: list[Result]) -> list[str]:
     """sonic_learn's fast layer against upstream SonicMoE, from ``vs_upstream_<device>.json``: rows
     with ``config``, ``shape`` and, for ``sonic_learn`` and ``upstream``, ``fwd_ms``, ``fwdbwd_ms``
     and ``fwdbwd_peak_bytes``, all measured in the same run."""
-    out = ["### Against upstream SonicMoE", ""]
-    files = _pick(results, "vs_upstream")
-    if not files:
-        return out + _missing("side-by-side run against upstream SonicMoE (`vs_upstream_<device>.json`)",
-                              "python benchmarks/vs_upstream.py")
-    for r in files:
-        try:
-            rows = r.data["rows"]
-            sides = ("sonic_learn", "upstream")
 
-            def tflops(row: dict, side: str, key: str, mult: int) -> float | None:
-                sh, ms = row.get("shape"), row[side].get(key)
-                if not isinstance(sh, dict) or not all(k in sh for k in "TKnd") or not ms:
-                    return None
-                return mult * sh["T"] * sh["K"] * sh["n"] * sh["d"] / (ms * 1e-3) / 1e12
+    def body(r: Result) -> list[str]:
+        out: list[str] = []
+        rows = r.data["rows"]
+        sides = ("sonic_learn", "upstream")
 
-            groups = [str(row["config"]) for row in rows]
-            series = {f"{side}, {what}": [tflops(row, side, key, mult) for row in rows]
-                      for side in sides for what, key, mult in (("forward", "fwd_ms", 6), ("fwd + bwd", "fwdbwd_ms", 18))}
-            if any(v is not None for vs in series.values() for v in vs):
-                out += _figure(_bars(groups, series, ylabel="TFLOP/s", title=f"sonic_learn vs upstream SonicMoE, bf16 — {r.label}"),
-                               f"vs_upstream_{r.path.stem}.png", f"sonic_learn against upstream SonicMoE, {r.label}")
-            out += ["| Config | Shape | fwd ms (ours / upstream) | fwd+bwd ms (ours / upstream) | upstream time / ours, fwd+bwd | "
-                    "peak GiB fwd+bwd (ours / upstream) |", "|---|---|---:|---:|---:|---:|"]
-            for row in rows:
-                a, b = row["sonic_learn"], row["upstream"]
-                sh = row.get("shape")
-                ratio = b["fwdbwd_ms"] / a["fwdbwd_ms"] if a.get("fwdbwd_ms") and b.get("fwdbwd_ms") else None
-                out.append(f"| {row['config']} | {_shape(sh) if isinstance(sh, dict) else sh} | "
-                           f"{_fmt(a.get('fwd_ms'), '.3f')} / {_fmt(b.get('fwd_ms'), '.3f')} | "
-                           f"{_fmt(a.get('fwdbwd_ms'), '.3f')} / {_fmt(b.get('fwdbwd_ms'), '.3f')} | {_fmt(ratio, '.2f')} | "
-                           f"{_fmt(_gib(a.get('fwdbwd_peak_bytes')), '.2f')} / {_fmt(_gib(b.get('fwdbwd_peak_bytes')), '.2f')} |")
-            out += ["", _source(r), ""]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            out += _unreadable(r, exc)
-    return out
+        def tflops(row: dict, side: str, key: str, mult: int) -> float | None:
+            sh, ms = row.get("shape"), row[side].get(key)
+            if not isinstance(sh, dict) or not all(k in sh for k in "TKnd") or not ms:
+                return None
+            return mult * sh["T"] * sh["K"] * sh["n"] * sh["d"] / (ms * 1e-3) / 1e12
+
+        groups = [str(row["config"]) for row in rows]
+        series = {f"{side}, {what}": [tflops(row, side, key, mult) for row in rows]
+                  for side in sides for what, key, mult in (("forward", "fwd_ms", 6), ("fwd + bwd", "fwdbwd_ms", 18))}
+        if any(v is not None for vs in series.values() for v in vs):
+            out += _figure(_bars(groups, series, ylabel="TFLOP/s", title=f"sonic_learn vs upstream SonicMoE, bf16 — {r.label}"),
+                           f"vs_upstream_{r.path.stem}.png", f"sonic_learn against upstream SonicMoE, {r.label}")
+        out += ["| Config | Shape | fwd ms (ours / upstream) | fwd+bwd ms (ours / upstream) | upstream time / ours, fwd+bwd | "
+                "peak GiB fwd+bwd (ours / upstream) |", "|---|---|---:|---:|---:|---:|"]
+        for row in rows:
+            a, b = row["sonic_learn"], row["upstream"]
+            sh = row.get("shape")
+            ratio = b["fwdbwd_ms"] / a["fwdbwd_ms"] if a.get("fwdbwd_ms") and b.get("fwdbwd_ms") else None
+            out.append(f"| {row['config']} | {_shape(sh) if isinstance(sh, dict) else sh} | "
+                       f"{_fmt(a.get('fwd_ms'), '.3f')} / {_fmt(b.get('fwd_ms'), '.3f')} | "
+                       f"{_fmt(a.get('fwdbwd_ms'), '.3f')} / {_fmt(b.get('fwdbwd_ms'), '.3f')} | {_fmt(ratio, '.2f')} | "
+                       f"{_fmt(_gib(a.get('fwdbwd_peak_bytes')), '.2f')} / {_fmt(_gib(b.get('fwdbwd_peak_bytes')), '.2f')} |")
+        out += ["", _source(r), ""]
+        return out
+
+    return _section(results, 'Against upstream SonicMoE', 'vs_upstream',
+                    'side-by-side run against upstream SonicMoE (`vs_upstream_<device>.json`)', 'python benchmarks/vs_upstream.py', body)
 
 
 def raw_section(results: list[Result]) -> list[str]:
