@@ -72,6 +72,24 @@ def _open_figures_as_png() -> list[str]:
     return pngs
 
 
+CELL_MARKER = re.compile(r"^# %%(.*)$")
+
+
+def code_cells(text: str) -> list[str]:
+    """The code cells of a jupytext "percent" script, in order: the lines after each ``# %%``
+    marker up to the next, for markers not tagged ``[markdown]`` (what ``jupytext.read`` gives as
+    code cells; ``tests/test_docs_generators.py`` checks that they agree on every tutorial, and
+    this way the GPU machine needs no jupytext)."""
+    cells: list[tuple[bool, list[str]]] = []
+    for line in text.splitlines():
+        m = CELL_MARKER.match(line)
+        if m:
+            cells.append(("[markdown]" in m.group(1), []))
+        elif cells:
+            cells[-1][1].append(line)
+    return ["\n".join(lines).strip("\n") for markdown, lines in cells if not markdown]
+
+
 def run_cells(path: Path) -> list[dict]:
     """Execute the code cells of one tutorial in order, in one namespace.
 
@@ -79,27 +97,23 @@ def run_cells(path: Path) -> list[dict]:
     ``source_sha`` (a hash of its source), ``gpu`` (whether it has a ``torch.cuda.is_available()`` guard), ``stdout`` and ``figures``
     (base64 PNGs). Raises ``RuntimeError`` naming the cell if one fails.
     """
-    import jupytext  # noqa: PLC0415
-
     os.environ.setdefault("MPLBACKEND", "Agg")
     path = Path(path).resolve()
-    notebook = jupytext.read(path)
     namespace = {"__name__": "__main__", "__file__": str(path)}
     records = []
-    code_cells = [c for c in notebook.cells if c.cell_type == "code"]
-    for number, cell in enumerate(code_cells, start=1):
+    for number, source in enumerate(code_cells(path.read_text()), start=1):
         out = io.StringIO()
         try:
             with contextlib.redirect_stdout(out):
-                exec(compile(cell.source, f"{path.name} (code cell {number})", "exec"), namespace)  # noqa: S102
+                exec(compile(source, f"{path.name} (code cell {number})", "exec"), namespace)  # noqa: S102
         except BaseException as exc:  # report which cell, with what it printed so far
             raise RuntimeError(
                 f"{path.name}: code cell {number} failed:\n{out.getvalue()[-2000:]}\n{traceback.format_exc()}"
             ) from exc
         records.append({
-            "sections": SECTION_START.findall(cell.source),
-            "source_sha": hashlib.sha256(cell.source.encode()).hexdigest()[:16],
-            "gpu": GPU_GUARD in cell.source,
+            "sections": SECTION_START.findall(source),
+            "source_sha": hashlib.sha256(source.encode()).hexdigest()[:16],
+            "gpu": GPU_GUARD in source,
             "stdout": out.getvalue(),
             "figures": _open_figures_as_png(),
         })

@@ -251,7 +251,6 @@ def _page(*sections: str, indent: str = "") -> str:
 
 @pytest.fixture(scope="module")
 def tiny_records(gen_outputs, tmp_path_factory):
-    pytest.importorskip("jupytext")
     pytest.importorskip("matplotlib")
     path = tmp_path_factory.mktemp("tut") / "09_tiny.py"
     path.write_text(TINY_TUTORIAL)
@@ -311,7 +310,6 @@ def test_gpu_cells_show_the_committed_run_with_its_device(gen_outputs, tiny_reco
 
 
 def test_a_failing_cell_fails_with_its_name(gen_outputs, tmp_path: Path) -> None:
-    pytest.importorskip("jupytext")
     path = tmp_path / "09_broken.py"
     path.write_text("# %%\nprint('fine')\n\n# %%\nraise ValueError('planted')\n")
     with pytest.raises(RuntimeError, match=r"09_broken.py: code cell 2 failed(.|\n)*planted"):
@@ -324,9 +322,15 @@ def test_every_tutorial_is_found_by_the_glob(gen_outputs) -> None:
     assert found[:5] == ["01_topk.py", "02_routing.py", "03_grouped_gemm.py", "04_backward.py", "05_moe_layer.py"]
 
 
+@pytest.mark.parametrize("script", sorted((REPO / "tutorials").glob("[0-9][0-9]_*.py")), ids=lambda p: p.stem)
+def test_code_cells_are_jupytexts(gen_outputs, script: Path) -> None:
+    jupytext = pytest.importorskip("jupytext")
+    expected = [c.source for c in jupytext.read(script).cells if c.cell_type == "code"]
+    assert gen_outputs.code_cells(script.read_text()) == expected
+
+
 def test_every_tutorial_cell_shown_on_a_page_has_its_output(gen_outputs) -> None:
     """The real thing, on the CPU: each tutorial page gets output blocks (cached between runs)."""
-    pytest.importorskip("jupytext")
     outputs = gen_outputs.tutorial_outputs()
     for page in sorted((REPO / "docs").rglob("*.md")):
         md = page.read_text()
