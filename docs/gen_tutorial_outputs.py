@@ -240,20 +240,19 @@ def _output_block(record: dict, gpu_records: list[tuple[dict, dict | None]]) -> 
     """The Markdown shown under one cell: its CPU output, and for a GPU cell the committed GPU runs."""
     body: list[str] = []
     cpu_text = record["stdout"]
-    if record["gpu"] and gpu_records:
-        label = "CPU, this build (GPU part skipped)"
-        body += [f'=== "{label}"', ""]
-        body += ["    " + line if line else "" for line in _fenced(cpu_text or "(nothing printed)\n")]
+    if record["gpu"] and gpu_records:  # the committed GPU runs first: the cell is about the GPU
         for run, rec in gpu_records:
             device, date = run["environment"]["device"], run.get("date", "date not recorded")
-            body += ["", f'=== "{device}, run of {date}"', ""]
+            body += [f'=== "{device}, run of {date}"', ""]
             if rec is None:
                 text = "(this cell is not in the committed GPU run)\n"
             else:
                 text = rec["stdout"] or "(nothing printed)\n"
                 if rec.get("source_sha") != record.get("source_sha"):
                     body += [f"    *Recorded with an earlier version of this cell ({run['file']}).*", ""]
-            body += ["    " + line if line else "" for line in _fenced(text)]
+            body += ["    " + line if line else "" for line in _fenced(text)] + [""]
+        body += ['=== "CPU, this build (GPU part skipped)"', ""]
+        body += ["    " + line if line else "" for line in _fenced(cpu_text or "(nothing printed)\n")]
     else:
         if cpu_text:
             title = "Output (CPU, this build; the GPU part of this cell was skipped)" if record["gpu"] else "Output"

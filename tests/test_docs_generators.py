@@ -302,6 +302,7 @@ def test_gpu_cells_show_the_committed_run_with_its_device(gen_outputs, tiny_reco
     text = gen_outputs.insert_outputs(page, {"09_tiny.py": tiny_records}, runs)
     assert '=== "NVIDIA H100 80GB HBM3, run of 2031-02-03"' in text and "on the gpu" in text
     assert '=== "CPU, this build (GPU part skipped)"' in text
+    assert text.index("NVIDIA H100 80GB HBM3, run of") < text.index("CPU, this build")  # the GPU tab opens first
     assert "earlier version" not in text
     # The cell changed since the GPU run: say so.
     gpu_records[3]["source_sha"] = "0" * 16
