@@ -126,7 +126,7 @@ def _bars(groups: list[str], series: dict[str, list[float | None]], *, ylabel: s
           log: bool = False, hline: float | None = None, fmt: str = "{:.0f}"):
     """Grouped bars: one group per entry of ``groups``, one bar per series (None: no bar)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.2 + 0.55 * len(groups) * len(series)), 3.9))
+    fig, ax = plt.subplots(figsize=(min(9.5, max(6.5, 1.2 + 0.55 * len(groups) * len(series))), 3.9))
     width = 0.8 / max(1, len(series))
     for j, (label, values) in enumerate(series.items()):
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
