@@ -1,7 +1,7 @@
 """MkDocs hooks of the sonic_learn site.
 
-``on_page_markdown`` fills two pages with text generated from the code at build time, so neither
-can drift from it:
+``on_page_markdown`` fills pages with text generated from the code and the measured results at
+build time, so none can drift from them:
 
 - the Benchmarks page: figures and tables drawn from the measured JSON files in
   ``benchmarks/results/`` (``docs/gen_benchmarks.py``), never a hand-typed number; the JSON files
