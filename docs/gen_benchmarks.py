@@ -460,11 +460,16 @@ def upstream_section(results: list[Result]) -> list[str]:
             return mult * sh["T"] * sh["K"] * sh["n"] * sh["d"] / (ms * 1e-3) / 1e12
 
         groups = [str(row["config"]) for row in rows]
-        series = {f"{side}, {what}": [tflops(row, side, key, mult) for row in rows]
-                  for side in sides for what, key, mult in (("forward", "fwd_ms", 6), ("fwd + bwd", "fwdbwd_ms", 18))}
+        series = {f"{what}, {side}": [tflops(row, side, key, mult) for row in rows]
+                  for what, key, mult in (("forward", "fwd_ms", 6), ("fwd + bwd", "fwdbwd_ms", 18)) for side in sides}
         if any(v is not None for vs in series.values() for v in vs):
             out += _figure(_bars(groups, series, ylabel="TFLOP/s", title=f"sonic_learn vs upstream SonicMoE, bf16 — {r.label}"),
                            f"vs_upstream_{r.path.stem}.png", f"sonic_learn against upstream SonicMoE, {r.label}")
+        peaks = {side: [_gib(row[side].get("fwdbwd_peak_bytes")) for row in rows] for side in sides}
+        if any(v is not None for vs in peaks.values() for v in vs):
+            out += _figure(_bars(groups, peaks, ylabel="GiB", fmt="{:.2f}",
+                                 title=f"peak memory of forward + backward, ours vs upstream, bf16 — {r.label}"),
+                           f"vs_upstream_memory_{r.path.stem}.png", f"peak memory against upstream SonicMoE, {r.label}")
         out += ["| Config | Shape | fwd ms (ours / upstream) | fwd+bwd ms (ours / upstream) | upstream time / ours, fwd+bwd | "
                 "peak GiB fwd+bwd (ours / upstream) |", "|---|---|---:|---:|---:|---:|"]
         for row in rows:
