@@ -444,47 +444,60 @@ def token_rounding_comparison(results_dir: Path = RESULTS_DIR, docs_root: str = 
 
 
 def upstream_section(results: list[Result]) -> list[str]:
-    """sonic_learn's fast layer against upstream SonicMoE, from ``vs_upstream_<device>.json``: rows
-    with ``config``, ``shape`` and, for ``sonic_learn`` and ``upstream``, ``fwd_ms``, ``fwdbwd_ms``
-    and ``fwdbwd_peak_bytes``, all measured in the same run."""
+    """sonic_learn's fast layer against upstream SonicMoE (and any other baseline of the file), from
+    ``vs_upstream_<device>.json``: ``rows`` with ``config``, ``shape`` and, per implementation
+    (``sonic_learn``, ``upstream``, ...), ``fwd_ms``, ``fwdbwd_ms``, ``fwdbwd_peak_bytes`` (or an
+    ``error``), all measured in the same run."""
+
+    def sides_of(row: dict) -> list[str]:
+        found = [k for k, v in row.items() if isinstance(v, dict) and ("fwd_ms" in v or "error" in v)]
+        return sorted(found, key=lambda k: (k != "sonic_learn", k != "upstream", found.index(k)))
+
+    def tflops(row: dict, side: str, key: str, mult: int) -> float | None:
+        sh, ms = row.get("shape"), row.get(side, {}).get(key)
+        if not isinstance(sh, dict) or not all(k in sh for k in "TKnd") or not ms:
+            return None
+        return mult * sh["T"] * sh["K"] * sh["n"] * sh["d"] / (ms * 1e-3) / 1e12
 
     def body(r: Result) -> list[str]:
-        out: list[str] = []
         rows = r.data["rows"]
-        sides = ("sonic_learn", "upstream")
-
-        def tflops(row: dict, side: str, key: str, mult: int) -> float | None:
-            sh, ms = row.get("shape"), row[side].get(key)
-            if not isinstance(sh, dict) or not all(k in sh for k in "TKnd") or not ms:
-                return None
-            return mult * sh["T"] * sh["K"] * sh["n"] * sh["d"] / (ms * 1e-3) / 1e12
-
+        sides: list[str] = []
+        for row in rows:
+            sides += [side for side in sides_of(row) if side not in sides]
         groups = [str(row["config"]) for row in rows]
+        out: list[str] = []
         series = {f"{what}, {side}": [tflops(row, side, key, mult) for row in rows]
                   for what, key, mult in (("forward", "fwd_ms", 6), ("fwd + bwd", "fwdbwd_ms", 18)) for side in sides}
-        if any(v is not None for vs in series.values() for v in vs):
+        series = {k: v for k, v in series.items() if any(x is not None for x in v)}
+        if series:
             out += _figure(_bars(groups, series, ylabel="TFLOP/s", title=f"sonic_learn vs upstream SonicMoE, bf16 — {r.label}"),
                            f"vs_upstream_{r.path.stem}.png", f"sonic_learn against upstream SonicMoE, {r.label}")
-        peaks = {side: [_gib(row[side].get("fwdbwd_peak_bytes")) for row in rows] for side in sides}
-        if any(v is not None for vs in peaks.values() for v in vs):
+        peaks = {side: [_gib(row.get(side, {}).get("fwdbwd_peak_bytes")) for row in rows] for side in sides}
+        peaks = {k: v for k, v in peaks.items() if any(x is not None for x in v)}
+        if peaks:
             out += _figure(_bars(groups, peaks, ylabel="GiB", fmt="{:.2f}",
-                                 title=f"peak memory of forward + backward, ours vs upstream, bf16 — {r.label}"),
+                                 title=f"peak memory of forward + backward, bf16 — {r.label}"),
                            f"vs_upstream_memory_{r.path.stem}.png", f"peak memory against upstream SonicMoE, {r.label}")
-        out += ["| Config | Shape | fwd ms (ours / upstream) | fwd+bwd ms (ours / upstream) | upstream time / ours, fwd+bwd | "
-                "peak GiB fwd+bwd (ours / upstream) |", "|---|---|---:|---:|---:|---:|"]
+        out += ["| Config | Shape | Implementation | fwd ms | fwd+bwd ms | fwd+bwd time / sonic_learn's | "
+                "peak GiB, fwd+bwd |", "|---|---|---|---:|---:|---:|---:|"]
         for row in rows:
-            a, b = row["sonic_learn"], row["upstream"]
             sh = row.get("shape")
-            ratio = b["fwdbwd_ms"] / a["fwdbwd_ms"] if a.get("fwdbwd_ms") and b.get("fwdbwd_ms") else None
-            out.append(f"| {row['config']} | {_shape(sh) if isinstance(sh, dict) else sh} | "
-                       f"{_fmt(a.get('fwd_ms'), '.3f')} / {_fmt(b.get('fwd_ms'), '.3f')} | "
-                       f"{_fmt(a.get('fwdbwd_ms'), '.3f')} / {_fmt(b.get('fwdbwd_ms'), '.3f')} | {_fmt(ratio, '.2f')} | "
-                       f"{_fmt(_gib(a.get('fwdbwd_peak_bytes')), '.2f')} / {_fmt(_gib(b.get('fwdbwd_peak_bytes')), '.2f')} |")
-        out += ["", _source(r), ""]
-        return out
+            ours = row.get("sonic_learn", {}).get("fwdbwd_ms")
+            for side in sides_of(row):
+                v = row[side]
+                if "error" in v and "fwd_ms" not in v:
+                    out.append(f"| {row['config']} | {_shape(sh) if isinstance(sh, dict) else sh} | {side} | "
+                               f"not measured: {str(v['error']).replace('|', '/')} |||| ")
+                    continue
+                rel = v["fwdbwd_ms"] / ours if ours and v.get("fwdbwd_ms") else None
+                out.append(f"| {row['config']} | {_shape(sh) if isinstance(sh, dict) else sh} | {side} | "
+                           f"{_fmt(v.get('fwd_ms'), '.3f')} | {_fmt(v.get('fwdbwd_ms'), '.3f')} | {_fmt(rel, '.2f')} | "
+                           f"{_fmt(_gib(v.get('fwdbwd_peak_bytes')), '.2f')} |")
+        return out + ["", _source(r), ""]
 
-    return _section(results, 'Against upstream SonicMoE', 'vs_upstream',
-                    'side-by-side run against upstream SonicMoE (`vs_upstream_<device>.json`)', 'python benchmarks/vs_upstream.py', body)
+    return _section(results, "Against upstream SonicMoE", "vs_upstream",
+                    "side-by-side run against upstream SonicMoE (`vs_upstream_<device>.json`)",
+                    "python benchmarks/vs_upstream.py", body)
 
 
 def raw_section(results: list[Result]) -> list[str]:

@@ -117,9 +117,29 @@ def test_upstream_file_is_picked_up(gen_benchmarks, results: Path) -> None:
     text = gen_benchmarks.render_results(results)
     body = text.split("### Against upstream SonicMoE", 1)[1].split("\n### ", 1)[0]
     assert "Not measured yet" not in body
-    assert "| tiny | T=1000, d=100, n=10, E=8, K=2 | 0.500 / 0.600 | 2.000 / 3.000 | 1.50 | 1.00 / 2.00 |" in body
+    assert "| tiny | T=1000, d=100, n=10, E=8, K=2 | sonic_learn | 0.500 | 2.000 | 1.00 | 1.00 |" in body
+    assert "| tiny | T=1000, d=100, n=10, E=8, K=2 | upstream | 0.600 | 3.000 | 1.50 | 2.00 |" in body
     assert {"vs_upstream_vs_upstream_NVIDIA_H100.png", "vs_upstream_memory_vs_upstream_NVIDIA_H100.png"} <= set(gen_benchmarks.FIGURES)
     assert "2031-01-03" in body
+
+
+def test_upstream_errors_and_other_baselines_are_shown(gen_benchmarks, results: Path) -> None:
+    """The layout benchmarks/vs_upstream.py writes: a side may be an error, and other baselines
+    (torch's grouped_mm) sit next to ours."""
+    pytest.importorskip("matplotlib")
+    shape = {"T": 1000, "d": 100, "n": 10, "E": 8, "K": 2}
+    doc = {"environment": {"device": "NVIDIA H100 80GB HBM3"}, "rows": [{
+        "config": "7b", "shape": shape, "ratios": {},
+        "sonic_learn": {"check": {"ok": True}, "fwd_ms": 1.0, "fwdbwd_ms": 4.0, "fwdbwd_peak_bytes": 2**30},
+        "grouped_mm": {"check": {"ok": True}, "fwd_ms": 3.0, "fwdbwd_ms": 10.0, "fwdbwd_peak_bytes": 3 * 2**30},
+        "upstream": {"error": "upstream worker stopped after 210.0 s"}}]}
+    (results / "vs_upstream_NVIDIA_H100_80GB_HBM3.json").write_text(json.dumps(doc))
+    body = gen_benchmarks.render_results(results).split("### Against upstream SonicMoE", 1)[1].split("\n### ", 1)[0]
+    lines = [line for line in body.splitlines() if line.startswith("| 7b |")]
+    assert [line.split("|")[3].strip() for line in lines] == ["sonic_learn", "upstream", "grouped_mm"]
+    assert "not measured: upstream worker stopped after 210.0 s" in lines[1]
+    assert lines[2].endswith("| 3.000 | 10.000 | 2.50 | 3.00 |")
+    assert "Could not read" not in body
 
 
 def test_token_rounding_table_reads_the_speedups(gen_benchmarks, tmp_path: Path) -> None:
