@@ -1,4 +1,5 @@
-"""Properties of the reference MoE layer: both backward modes == autograd on the naive loop,
+"""Properties of the reference MoE layer: both backward modes == autograd on the naive loop and
+on an independent float64 oracle (its own routing, every scoring, rounding mode and a generator),
 the dS identity, and the activation memory each mode holds."""
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import sonic_learn
+from sonic_learn.properties.moe import oracle_moe_forward
 from sonic_learn.reference import moe
-from sonic_learn.reference.routing import build_metadata
+from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, build_metadata
 
 
 def make_problem(T, d, n, E, dtype=torch.float64, seed=0, requires_grad=True):
@@ -63,6 +65,70 @@ def test_both_backwards_match_autograd_on_naive_loop_float64(problem, backward, 
     torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
     for name, a, b in zip(("x", "router_w", "w1", "w2"), g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
+def _routing_kwargs(routing, scoring, rounding_mode, tile_m, seed):
+    """Router options for moe_forward and the oracle; each call gets a fresh generator with ``seed``."""
+    return dict(routing=routing, scoring=scoring, rounding_mode=rounding_mode, tile_m=tile_m,
+                generator=torch.Generator().manual_seed(seed))
+
+
+@settings(max_examples=30)
+@given(
+    problem=problems,
+    backward=st.sampled_from(moe.BACKWARD_MODES),
+    routing=st.sampled_from(moe.ROUTINGS),
+    scoring=st.sampled_from(SCORINGS),
+    rounding_mode=st.sampled_from(ROUNDING_MODES),
+    tile_m=st.sampled_from([1, 2, 3, 8]),
+    seed=st.integers(0, 2**31 - 1),
+)
+@example(problem=(48, 8, 4, 6, 2), backward="reduced_memory", routing="token_rounding", scoring="topk_softmax",
+         rounding_mode="stochastic", tile_m=8, seed=0)
+@example(problem=(48, 8, 4, 6, 2), backward="standard", routing="topk", scoring="topk_softmax",
+         rounding_mode="up", tile_m=8, seed=1)
+def test_forward_and_grads_match_independent_oracle_float64(problem, backward, routing, scoring, rounding_mode,
+                                                            tile_m, seed):
+    """moe_forward == oracle_moe_forward (routing of its own) for every router option, values and grads."""
+    T, d, n, E, K = problem
+    inputs = make_problem(T, d, n, E, seed=seed)
+    out, g = grads(lambda *a: moe.moe_forward(*a, K, backward=backward,
+                                              **_routing_kwargs(routing, scoring, rounding_mode, tile_m, seed)), inputs)
+    out_ref, g_ref = grads(lambda *a: oracle_moe_forward(*a, K, **_routing_kwargs(routing, scoring, rounding_mode,
+                                                                                  tile_m, seed)), inputs)
+    # float64 on O(1) values: both sum the same few products in a different order (~1e-15 apart).
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip(("x", "router_w", "w1", "w2"), g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("routing, scoring, rounding_mode", [
+    ("topk", "softmax_topk", "nearest"), ("topk", "topk_softmax", "nearest"),
+    *[("token_rounding", s, m) for s in SCORINGS for m in ROUNDING_MODES]])
+def test_every_router_option_reaches_the_layer(routing, scoring, rounding_mode):
+    """Each option changes the layer's output, and moe_forward follows the oracle on every one of them
+    (so a route() that drops scoring, rounding_mode or the generator cannot pass)."""
+    T, d, n, E, K, tile_m = 96, 8, 4, 6, 2, 8  # loads ~32 +- a few: every rounding mode moves some expert
+    x, router_w, w1, w2 = [t.detach() for t in make_problem(T, d, n, E, seed=21)]
+
+    def layer(fn, **over):
+        kw = {**_routing_kwargs(routing, scoring, rounding_mode, tile_m, seed=5), **over}
+        return fn(x, router_w, w1, w2, K, **kw)
+
+    out = layer(moe.moe_forward)
+    torch.testing.assert_close(out, layer(oracle_moe_forward), rtol=1e-10, atol=1e-10)
+    # The option under test matters here: flipping it changes the oracle's output.
+    other_scoring = [s for s in SCORINGS if s != scoring][0]
+    assert not torch.allclose(out, layer(oracle_moe_forward, scoring=other_scoring))
+    if routing == "token_rounding":
+        for other_mode in ROUNDING_MODES:
+            if other_mode != rounding_mode:
+                assert not torch.allclose(out, layer(oracle_moe_forward, rounding_mode=other_mode)), other_mode
+    if rounding_mode == "stochastic" and routing == "token_rounding":  # the generator decides the draw
+        other_seed = layer(moe.moe_forward, generator=torch.Generator().manual_seed(6))
+        torch.testing.assert_close(other_seed, layer(oracle_moe_forward, generator=torch.Generator().manual_seed(6)),
+                                   rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(out, other_seed)
 
 
 @pytest.mark.parametrize("backward", moe.BACKWARD_MODES)
