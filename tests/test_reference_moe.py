@@ -12,6 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import sonic_learn
+from sonic_learn.properties.backward import tensors_alive_after
 from sonic_learn.properties.moe import oracle_moe_forward
 from sonic_learn.reference import moe
 from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, build_metadata
@@ -217,6 +218,27 @@ def test_saved_bytes_match_closed_form(problem, routing, seed):
     if P > 0:
         assert measured["standard"] > measured["reduced_memory"]
         assert measured["standard"] - measured["reduced_memory"] >= 2 * P * d * 2 - T * d * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("routing", moe.ROUTINGS)
+def test_forward_frees_y_and_gathered_x(dtype, routing):
+    """After the reduced-memory forward only H (saved) and the output are alive: Y and the gathered
+    X are freed, also where saved-tensor hooks cannot see (a tensor kept as ctx.y). The standard
+    forward keeps both (P, d) tensors, which shows the weak references do see such tensors."""
+    T, d, n, E, K = 16, 12, 4, 4, 3  # d != 2n and P = T*K != T, so every shape below is distinct
+    x, router_w, w1, w2 = make_problem(T, d, n, E, dtype=dtype, seed=2)
+    r = moe.route(x.detach(), router_w.detach(), K, routing=routing, tile_m=4)
+    meta, P = build_metadata(r), r.num_pairs
+    for backward, experts in (("reduced_memory", moe.ReducedMemoryExperts), ("standard", moe.StandardExperts)):
+        out, alive = tensors_alive_after(lambda: experts.apply(x, w1, w2, r.scores, meta, 4))
+        assert out.requires_grad  # the autograd graph (and with it ctx) is alive while we look
+        shapes = sorted(shape for shape, _ in alive)
+        if backward == "reduced_memory":
+            assert shapes == sorted([(P, 2 * n), (T, d)]), alive  # H and the output, nothing (P, d)
+        else:
+            assert shapes == sorted([(P, d), (P, 2 * n), (P, d), (T, d)]), alive  # + gathered X and Y
+        del out
 
 
 def test_saved_bytes_paper_formula_7b_shape_scaled():
