@@ -250,8 +250,10 @@ def oracle_routing(
         routed = kept
 
     pairs = sorted(routed)
-    scores = [torch.exp(L[t, e] - log_z[t]) for t, e in pairs]
-    return pairs, torch.stack(scores) if scores else L.new_zeros(0)
+    tokens = torch.tensor([t for t, _ in pairs], dtype=torch.long)
+    experts = torch.tensor([e for _, e in pairs], dtype=torch.long)
+    log_z_of_pair = torch.stack(log_z)[tokens] if T else L.new_zeros(0)  # (P,)
+    return pairs, torch.exp(L[tokens, experts] - log_z_of_pair)  # (P,) float64 scores
 
 
 def check_round_counts_definition(fn, case: CountsCase) -> None:
