@@ -58,8 +58,8 @@ import functools
 import torch
 
 from sonic_learn import _checks
-from sonic_learn.fast._cute import launch
-from sonic_learn.reference.routing import RoutingMetadata
+from sonic_learn.fast._cute import compiled, launch
+from sonic_learn.contracts import RoutingMetadata
 
 IN_DTYPES = (torch.bfloat16, torch.float16)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -127,18 +127,17 @@ def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transpos
         # fp32 epilogue buffers are twice as large: halve tile_n (128 x 256 -> 128 x 128 cooperative,
         # 128 x 128 -> 128 x 64 ping-pong, whose buffers hold whole tiles) to keep 4+ pipeline stages
         tile = (tile[0], min(tile[1], 128 if _CONFIG["kernel"] == "ws" else 64), tile[2])
-    return compile_grouped_gemm(variant, dtype, out_dtype, tile, _CONFIG["stages"], kernel=_CONFIG["kernel"],
-                                transposed=transposed, epilogue=epilogue, tma_store=_CONFIG["tma_store"],
-                                cluster_m=cluster_size(variant.startswith("varlen_k")))
+    return compiled(compile_grouped_gemm, variant, dtype, out_dtype, tile, _CONFIG["stages"],
+                    kernel=_CONFIG["kernel"], transposed=transposed, epilogue=epilogue,
+                    tma_store=_CONFIG["tma_store"], cluster_m=cluster_size(variant.startswith("varlen_k")))
 
 
 def cluster_size(varlen_k: bool) -> int:
     """CTAs per cluster for the selected kernel: ``set_kernel_config(cluster_m=...)``, or by default
-    the measured rule (H200, benchmarks/results/grouped_gemm_tiles_NVIDIA_H200.json, configs c1 vs
+    the rule the tile sweep supports (benchmarks/results/grouped_gemm_tiles_*.json, configs c1 vs
     c2): 2 for varlen-K (both CTAs of a pair reduce over the same expert rows, so the multicast B
-    costs no padding; -2% to +4% on the 7B/30B weight-gradient shapes, +21% on 30B down before the
-    row prefetch), 1 for varlen-M (a pair of m-tiles must stay inside one expert, which adds about
-    half a tile of padding per expert: -7% to 0% contiguous, -8% to -1% gathered)."""
+    costs no padding), 1 for varlen-M (a pair of m-tiles must stay inside one expert, which adds
+    about half a tile of padding per expert and costs more than the shared B saves)."""
     if _CONFIG["kernel"] != "ws":
         return 1
     if _CONFIG["cluster_m"] is not None:
@@ -190,10 +189,10 @@ def _check_multiple_of_8(name: str, value: int, what: str) -> None:
 def _check_meta(meta: object, device: torch.device) -> RoutingMetadata:
     if not isinstance(meta, RoutingMetadata):
         raise TypeError(f"meta must be a sonic_learn.reference.routing.RoutingMetadata, got {type(meta).__name__}")
-    from sonic_learn.fast.grouped_gemm_v1 import MAX_EXPERTS
+    from sonic_learn.fast.grouped_gemm_v1 import SEARCH_EXPERTS
 
     E = meta.num_experts
-    limit, why = MAX_EXPERTS, "the teaching kernels' tile search"
+    limit, why = SEARCH_EXPERTS, "the teaching kernels' tile search"
     if _CONFIG["kernel"] in PERSISTENT:
         from sonic_learn.fast.grouped_gemm_sm90 import TABLE_EXPERTS
 
@@ -233,9 +232,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile cache
+# Compile (not cached here: the launch path caches through _cute.compiled)
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
 def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, tile: tuple = TILE,
                          stages: int | None = None, keep_ptx: bool = False, kernel: str = "ws",
                          transposed: bool = False, epilogue: str = "store", tma_store: bool = True,

@@ -1,8 +1,8 @@
 """Fast routing on Hopper: routing metadata in CuTe-DSL, and token rounding without a full sort.
 
-Same names and contracts as ``sonic_learn.reference.routing`` (paper Section 3 "routing metadata",
-Section 5 / Algorithm 4 "token rounding"); the ``Routing`` and ``RoutingMetadata`` types are the
-reference's own.
+Same names and contracts as ``sonic_learn.reference.routing`` (the "routing metadata" SonicMoE's
+kernels consume; paper Section 5 / Algorithm 4 "token rounding"); the ``Routing`` and
+``RoutingMetadata`` types are the reference's own.
 
 **Metadata (CuTe-DSL, four small kernels launched by one compiled call, no host sync).**
 The pairs are cut into *tiles*: one warp owns ``chunks_per_tile * 256`` consecutive pairs.
@@ -80,10 +80,11 @@ import functools
 
 import torch
 
-from sonic_learn import _checks
-from sonic_learn.fast._cute import compile_options, import_cutlass, launch
+from sonic_learn import _checks, contracts
+from sonic_learn._deprecated import renamed
+from sonic_learn.contracts import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata  # noqa: F401
+from sonic_learn.fast._cute import compile_options, compiled, import_cutlass, launch
 from sonic_learn.reference import routing as _ref
-from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
@@ -91,8 +92,7 @@ from cutlass import Float64, Int32, Int64, Uint8, Uint32, const_expr  # noqa: E4
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
 
 from sonic_learn.fast import topk as _fast_topk  # noqa: E402
-from sonic_learn.fast.topk import (  # noqa: E402  (shared warp scans)
-    _lane_bins_and_keys_above, _warp_exclusive_sum)
+from sonic_learn.fast.primitives import lane_bins_and_keys_above, warp_exclusive_scan  # noqa: E402
 
 __all__ = [
     "Routing",
@@ -105,7 +105,9 @@ __all__ = [
     "compile_token_rounding_kernels",
     "TokenRoundingKernels",
     "MAX_EXPERTS",
+    "SELECTIONS",
 ]
+__getattr__ = renamed(__name__, globals(), {"CHUNK": "CHUNK_PAIRS"})  # one name, one meaning
 
 # ---------------------------------------------------------------------------------------------
 # Kernel geometry
@@ -113,7 +115,7 @@ __all__ = [
 WARPS_PER_CTA = 4
 THREADS_PER_CTA = 32 * WARPS_PER_CTA
 UNROLL = 8  # 32-pair groups a lane loads before using them (hides global-load latency)
-CHUNK = 32 * UNROLL  # pairs per chunk; a warp's tile is chunks_per_tile chunks
+CHUNK_PAIRS = 32 * UNROLL  # pairs per chunk; a warp's tile is chunks_per_tile chunks
 TARGET_TILES = 1024  # keep the tile_counts buffer (E x tiles) and the tile scan small
 MIN_BUCKET = 32
 MAX_EXPERTS = 2048  # shared memory: WARPS_PER_CTA x bucket int32 counters (32 KiB at the max)
@@ -128,41 +130,9 @@ def _expert_bucket(num_experts: int) -> int:
 
 def _tiling(num_pairs: int) -> tuple[int, int]:
     """(chunks_per_tile, num_tiles) for P pairs: ~TARGET_TILES warps, at least one chunk each."""
-    chunks = -(-num_pairs // CHUNK)
+    chunks = -(-num_pairs // CHUNK_PAIRS)
     chunks_per_tile = max(1, -(-chunks // TARGET_TILES))
     return chunks_per_tile, -(-chunks // chunks_per_tile)
-
-
-# ---------------------------------------------------------------------------------------------
-# Device helper: a warp scans a 1-D int32 array in chunks (exclusive prefix, returns the total)
-# ---------------------------------------------------------------------------------------------
-@cute.jit
-def _warp_exclusive_scan(src: cute.Tensor, dst: cute.Tensor, n: Int32, lane: Int32) -> Int32:
-    """dst[i] = src[0] + ... + src[i-1] for i < n (dst may alias src); returns the total.
-
-    Lane l handles UNROLL consecutive entries of each 32 * UNROLL chunk: it loads them all first,
-    the warp scans the 32 lane sums, then each lane writes its running prefixes.
-    """
-    carry = Int32(0)
-    for start in cutlass.range(0, n, 32 * UNROLL):
-        vals = cute.make_rmem_tensor(UNROLL, Int32)
-        lane_sum = Int32(0)
-        for u in cutlass.range_constexpr(UNROLL):
-            i = start + lane * UNROLL + u
-            v = Int32(0)
-            if i < n:
-                v = src[i]
-            vals[u] = v
-            lane_sum = lane_sum + v
-        before, chunk_total = _warp_exclusive_sum(lane_sum, lane)
-        running = carry + before
-        for u in cutlass.range_constexpr(UNROLL):
-            i = start + lane * UNROLL + u
-            if i < n:
-                dst[i] = running
-            running = running + vals[u]
-        carry = carry + chunk_total
-    return carry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,9 +213,9 @@ class RoutingMetadataKernel:
             hist[e] = Int32(0)
         cute.arch.sync_warp()
 
-        tile_start = tile * chunks_per_tile * CHUNK
+        tile_start = tile * chunks_per_tile * CHUNK_PAIRS
         for c in cutlass.range(chunks_per_tile):
-            ids = self._load_chunk(mExpert, tile_start + c * CHUNK, lane, num_experts)
+            ids = self._load_chunk(mExpert, tile_start + c * CHUNK_PAIRS, lane, num_experts)
             for u in cutlass.range_constexpr(UNROLL):
                 if ids[u] >= 0:
                     cute.arch.atomic_add((hist.iterator + ids[u]).llvm_ptr, Int32(1))
@@ -264,7 +234,7 @@ class RoutingMetadataKernel:
         e = bidx * WARPS_PER_CTA + tidx // 32
         if e < mCounts.shape[0]:
             row = mTileCounts[e, None]  # (num_tiles,) counts of expert e, tile by tile
-            total = _warp_exclusive_scan(row, row, mTileCounts.shape[1], lane)
+            total = warp_exclusive_scan(row, row, mTileCounts.shape[1], lane, UNROLL)
             if lane == 0:
                 mCounts[e] = total
 
@@ -273,7 +243,7 @@ class RoutingMetadataKernel:
     def offsets_kernel(self, mCounts: cute.Tensor, mOffsets: cute.Tensor):
         lane = cute.arch.lane_idx()
         num_experts = mCounts.shape[0]
-        total = _warp_exclusive_scan(mCounts, mOffsets, num_experts, lane)
+        total = warp_exclusive_scan(mCounts, mOffsets, num_experts, lane, UNROLL)
         if lane == 0:
             mOffsets[num_experts] = total
 
@@ -307,10 +277,10 @@ class RoutingMetadataKernel:
 
         below = cute.arch.lanemask_lt()
         above = cute.arch.lanemask_gt()
-        tile_start = tile * chunks_per_tile * CHUNK
+        tile_start = tile * chunks_per_tile * CHUNK_PAIRS
         num_pairs = mExpert.shape[0]
         for c in cutlass.range(chunks_per_tile):
-            chunk_start = tile_start + c * CHUNK
+            chunk_start = tile_start + c * CHUNK_PAIRS
             ids = self._load_chunk(mExpert, chunk_start, lane, num_experts)
             tokens = cute.make_rmem_tensor(UNROLL, Int32)
             for u in cutlass.range_constexpr(UNROLL):
@@ -366,11 +336,6 @@ def compile_metadata_kernel(bucket: int, scatter: bool = True, *, extra_options:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(bucket: int, scatter: bool):
-    return compile_metadata_kernel(bucket, scatter)
-
-
-@functools.lru_cache(maxsize=None)
 def _unused_rows(device: torch.device) -> tuple[torch.Tensor, ...]:
     """Placeholders for the three row arrays of the counts-only variant (saves three allocations)."""
     return tuple(torch.empty(1, dtype=torch.int32, device=device) for _ in range(3))
@@ -396,7 +361,7 @@ def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, n
         chunks_per_tile, num_tiles = _tiling(P)
         tile_counts = torch.empty(E, num_tiles, dtype=i32, device=device)  # (E, tiles) scratch
         tokens = token_idx if token_idx is not None else expert_idx  # read only when scattering
-        launch(_compiled(_expert_bucket(E), scatter), device,
+        launch(compiled(compile_metadata_kernel, _expert_bucket(E), scatter), device,
                expert_idx, tokens, tile_counts, counts, offsets, *rows, chunks_per_tile)  # current stream
     return (counts, offsets, *rows) if scatter else (counts, offsets, None, None, None)
 
@@ -622,7 +587,7 @@ class BoundarySelectKernel:
                 if warp == 0:
                     # lane l owns bins 8l..8l+7; keys in higher bins = higher lanes, then higher bins
                     per_lane = RADIX_BINS // 32
-                    counts, above = _lane_bins_and_keys_above(hist, lane, RADIX_BINS)
+                    counts, above = lane_bins_and_keys_above(hist, lane, RADIX_BINS)
                     for b in cutlass.range_constexpr(per_lane - 1, -1, -1):
                         if above < need and above + counts[b] >= need:  # exactly one (lane, bin)
                             found[0] = lane * per_lane + b
@@ -710,11 +675,6 @@ def compile_token_rounding_kernels(*, extra_options: str = ""):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_token_rounding():
-    return compile_token_rounding_kernels()
-
-
-@functools.lru_cache(maxsize=None)
 def _no_uniform(device: torch.device) -> torch.Tensor:
     """A placeholder for the select kernel's u_e when the mode is not stochastic (never read)."""
     return torch.zeros(1, dtype=torch.float64, device=device)
@@ -730,7 +690,7 @@ def _launch_boundary_kernels(scores: torch.Tensor, experts: torch.Tensor, counts
     keep = torch.empty(T, E, dtype=torch.uint8, device=device)  # (T, E) written whole by the keys kernel
     if uniform is None:
         uniform = _no_uniform(device)
-    launch(_compiled_token_rounding(), device, scores.view(torch.int32), experts, keys, keep, counts, uniform,
+    launch(compiled(compile_token_rounding_kernels), device, scores.view(torch.int32), experts, keys, keep, counts, uniform,
            ROUNDING_CODES[mode], tile_m)  # keys kernel, then select kernel, on the current stream
     return keep
 
@@ -740,7 +700,7 @@ def _launch_boundary_kernels(scores: torch.Tensor, experts: torch.Tensor, counts
 # ---------------------------------------------------------------------------------------------
 def _check_routing_structure(routing: object) -> Routing:
     """The reference's host-side checks of a Routing, then the fast kernels' own limits (E, P, CUDA)."""
-    routing = _ref._check_routing_structure(routing)
+    routing = contracts.check_routing_structure(routing)
     _checks.check_int_range("routing.num_experts", routing.num_experts, 1, MAX_EXPERTS,
                             "the fast metadata kernel; use sonic_learn.reference.routing for more experts")
     P = routing.token_idx.numel()
@@ -760,7 +720,8 @@ def build_metadata(routing: Routing, *, check_ids: bool = True) -> RoutingMetada
     """Group the pairs of ``routing`` by expert (CuTe-DSL kernels): counts, offsets, permutations.
 
     Same result as ``sonic_learn.reference.routing.build_metadata``, bit for bit. ``check_ids``
-    range-checks the token and expert ids like the reference (one device-to-host sync); callers
+    runs the reference's value checks (``contracts.check_routing_values``: ids in range, tokens
+    ascending, no pair twice; device-to-host syncs); callers
     whose routing comes from a router (the MoE layer, benchmarks) pass ``check_ids=False`` and the
     call never synchronizes. Unchecked out-of-range expert ids are skipped by the kernels (no
     out-of-bounds write), but the result is then outside the contract.
@@ -769,7 +730,7 @@ def build_metadata(routing: Routing, *, check_ids: bool = True) -> RoutingMetada
     if not isinstance(check_ids, bool):
         raise TypeError(f"check_ids must be a bool, got {type(check_ids).__name__}")
     if check_ids:
-        _ref._check_routing_ids(routing)  # the reference's id range checks (read the device)
+        contracts.check_routing_values(routing)  # ids, order, duplicates (reads the device)
     counts, offsets, gather_idx, pair_of_row, row_of_pair = _launch_metadata(
         _int32(routing.expert_idx), _int32(routing.token_idx), routing.num_experts, scatter=True
     )
@@ -793,10 +754,10 @@ def _check_router_args(logits: object, k: object, scoring: object, normalize: ob
     finite check only when ``check_finite``."""
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
-    logits = _ref._check_router_args(logits, k, scoring, normalize, check_finite=False)
+    logits = contracts.check_router_args(logits, k, scoring, normalize, check_finite=False)
     _checks.check_cuda("logits", logits)
     if check_finite:
-        _checks.check_finite("logits", logits)
+        contracts.check_finite_values("logits", logits)
     return logits
 
 
@@ -869,25 +830,14 @@ def topk_routing(
 # --8<-- [end:topk_routing]
 
 
-def round_counts(
-    counts: torch.Tensor,
-    tile_m: int,
-    mode: str = "nearest",
-    generator: torch.Generator | None = None,
-    *,
-    num_tokens: int | None = None,
-) -> torch.Tensor:
-    """Round every f_e to a multiple of ``tile_m``: exactly ``sonic_learn.reference.routing.round_counts``.
-
-    An O(E) elementwise rule needs no kernel; this is the reference function itself (it validates
-    ``counts``, which reads the device). ``token_rounding`` uses the same rule without the checks.
-    """
-    return _ref.round_counts(counts, tile_m, mode, generator, num_tokens=num_tokens)
+# Rounding E counts is an O(E) elementwise rule that needs no kernel: the fast path's round_counts is
+# the reference's own function (token_rounding runs the same rule inside its select kernel).
+round_counts = _ref.round_counts
 
 
 def _all_expert_scores(logits: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor, scoring: str,
                        normalize: bool) -> torch.Tensor:
-    """(T, E): ``reference.routing._scores_for_all_experts``, bit for bit.
+    """(T, E): ``reference.routing.scores_for_all_experts``, bit for bit.
 
     With autograd recording for ``logits`` it *is* the reference function. Without, it saves two
     (T, E) passes: no float32 copy of the logits (``logits - log_z`` promotes bf16/fp16 to float32
@@ -895,7 +845,7 @@ def _all_expert_scores(logits: torch.Tensor, tc_experts: torch.Tensor, tc_scores
     the scatter (``exp_`` and ``scatter_`` run in place).
     """
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _ref._scores_for_all_experts(logits, tc_experts, tc_scores, scoring, normalize)
+        return _ref.scores_for_all_experts(logits, tc_experts, tc_scores, scoring, normalize)
     dtype = tc_scores.dtype
     if scoring == "topk_softmax" and not normalize:
         log_z = torch.logsumexp(logits.to(dtype), dim=1, keepdim=True)  # (T, 1) over all E experts
@@ -963,6 +913,7 @@ def token_rounding(
     scoring: str = "softmax_topk",
     normalize: bool = False,
     check_finite: bool = True,
+    selection: str = "kernels",
 ) -> Routing:
     """Token rounding (paper Algorithm 4) with the reference's exact semantics, without a full sort.
 
@@ -978,17 +929,28 @@ def token_rounding(
     differentiable; in place when autograd is off), the stochastic draw and the final
     ``nonzero`` are torch. Float64 logits
     (float64 scores) take a torch-op selection instead of the two kernels (same result).
+
+    ``selection`` picks the step of the ladder (``SELECTIONS``; ``python -m sonic_learn.fast.routing``
+    validates and times each): ``"torch"`` (step 1) or ``"kernels"`` (step 2, the default).
     """
-    return _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection="kernels")
+    _checks.check_choice("selection", selection, tuple(SELECTIONS))
+    return _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection=selection)
+
+
+# The token-rounding ladder: how the boundary pairs of every expert are found (steps 2-4).
+SELECTIONS = {
+    "torch": "torch ops: torch.topk over each expert's (E, T) key row finds the boundary, cumsum ranks ties",
+    "kernels": "+ two CuTe kernels: per-expert key rows, then a radix select of the boundary, one CTA per expert",
+}
 
 
 def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection: str) -> Routing:
-    """``token_rounding``; ``selection="torch"`` runs steps 2-4 with torch ops for every dtype (the
-    previous design, kept as the benchmark's in-run baseline and as the float64 path)."""
+    """``token_rounding``; ``selection="torch"`` runs steps 2-4 with torch ops for every dtype (step 1
+    of the ladder, also the float64 path)."""
     logits = _check_router_args(logits, k, scoring, normalize, check_finite)
     _checks.check_int_range("tile_m", tile_m, 1, 2**62)
     _checks.check_choice("mode", mode, ROUNDING_MODES)
-    _ref._check_generator(generator, logits.device)
+    contracts.check_generator(generator, logits.device)
     T, E = logits.shape
     if E > MAX_EXPERTS:
         raise ValueError(f"logits.shape[1] (E) must be <= {MAX_EXPERTS} for the fast routing kernels, got {E}")
@@ -1028,3 +990,33 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
         num_experts=E,
     )
 # --8<-- [end:token_rounding]
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m sonic_learn.fast.routing: validate every step of the ladder, then time it
+# ---------------------------------------------------------------------------------------------
+def _ladder_problems():
+    from sonic_learn.fast.ladder import Problem
+
+    def logits(T, E, seed):  # built only when the problem runs (on the GPU)
+        return lambda: (torch.randn(T, E, generator=torch.Generator().manual_seed(seed)).cuda(),)
+
+    return [Problem(f"token rounding, nearest, tile_m=128: T={T}, E={E}, K=8", logits(T, E, i))
+            for i, (T, E) in enumerate([(4096, 64), (32768, 128), (32768, 256)])]
+
+
+def _same_routing(got: Routing, want: Routing) -> None:
+    for name in ("token_idx", "expert_idx", "scores"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.shape == b.shape and torch.equal(a.to(b.dtype), b), f"{name} differs from the reference"
+
+
+if __name__ == "__main__":
+    from sonic_learn.fast.ladder import Step, climb
+    from sonic_learn.reference import routing as reference
+
+    raise SystemExit(climb(
+        "fast token rounding",
+        [Step(name, adds, lambda x, name=name: token_rounding(x, 8, check_finite=False, selection=name))
+         for name, adds in SELECTIONS.items()],
+        reference=lambda x: reference.token_rounding(x, 8), agree=_same_routing, problems=_ladder_problems()))
