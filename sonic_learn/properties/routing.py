@@ -244,7 +244,7 @@ def oracle_routing(
         kept = set()
         for e in range(E):
             load = expected_rounding(sum(e in p for p in picks), tile_m, mode, T, u[e])
-            log_score = {t: rows[t][e] - float(log_z[t]) for t in range(T)}
+            log_score = {t: rows[t][e] - float(log_z[t].detach()) for t in range(T)}
             ranked = sorted(range(T), key=lambda t: ((t, e) not in routed, -log_score[t], t))
             kept.update((t, e) for t in ranked[:load])
         routed = kept
