@@ -33,7 +33,7 @@ and a plain copy of the same bytes; the numbers live in ``benchmarks/results/top
 the docs' Benchmarks page.
 
 The key (both kernels; its device functions are in ``sonic_learn.fast.primitives``) — the
-reference's "pack the column into the low mantissa bits":
+reference's ``bitonic_keys``, with a fixed 16-bit column field:
 for bf16/fp16 a value's 16 bits, moved to the top of an int32, are exactly its float32 bits. We
 map them to an *order-preserving signed integer* first (negative floats get their magnitude bits
 flipped, -0.0 becomes +0.0), then put the inverted column in the low bits::
@@ -44,9 +44,10 @@ Comparing keys as integers (not as floats) keeps +-inf and subnormals exact and 
 NaN out of an infinity; the larger key always means "larger value, or equal value at a lower
 column". Unpacking gives back the value's bits, except that -0.0 and +0.0 share a key (they tie):
 the kernel re-reads a zero winner from ``x``, so the returned values are bit-for-bit the inputs. float32 needs all 32 bits for the
-value, so its keys are int64 (the same formula, shifted 16 more bits): exact too, where the
-reference's float32 packing is a documented approximation, so for float32 the fast bitonic
-kernel agrees with the reference's (exact) ``radix_topk``.
+value, so its keys are int64 (the same formula, shifted 16 more bits): exact too, like the
+reference's ``bitonic_keys`` (SonicMoE's kernel packs into a float32 instead and loses the low
+mantissa bits of float32 values). So for every dtype both fast kernels return exactly the
+reference's indices.
 
 Contract (same as the reference): ``x`` is a 2-D CUDA tensor (rows, N) of bf16/fp16/fp32, values
 come out sorted descending with ``values == x.gather(-1, indices)``, ties go to the lower index
