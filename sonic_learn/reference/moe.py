@@ -260,6 +260,30 @@ def _check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward):
     _checks.check_choice("backward", backward, BACKWARD_MODES)
 
 
+def router_logits(x: torch.Tensor, router_w: torch.Tensor) -> torch.Tensor:
+    """The router GEMM: logits = x @ router_w, (T, E), in float32 (float64 for float64 x)."""
+    score_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x @ router_w).to(score_dtype)  # (T, E)
+
+
+def route_logits(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    routing: str = "topk",
+    tile_m: int = 128,
+    scoring: str = "softmax_topk",
+    normalize: bool = False,
+    rounding_mode: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> Routing:
+    """Top-k or token-rounding triples from the router logits (scores in float32)."""
+    if routing == "topk":
+        return topk_routing(logits, k, scoring=scoring, normalize=normalize)
+    return token_rounding(logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator, scoring=scoring,
+                          normalize=normalize)
+
+
 def route(
     x: torch.Tensor,
     router_w: torch.Tensor,
@@ -268,15 +292,13 @@ def route(
     routing: str = "topk",
     tile_m: int = 128,
     scoring: str = "softmax_topk",
+    normalize: bool = False,
     rounding_mode: str = "nearest",
     generator: torch.Generator | None = None,
 ) -> Routing:
     """Router: logits = x @ router_w, then top-k or token-rounding triples (scores in float32)."""
-    score_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    logits = (x @ router_w).to(score_dtype)  # (T, E)
-    if routing == "topk":
-        return topk_routing(logits, k, scoring=scoring)
-    return token_rounding(logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator, scoring=scoring)
+    return route_logits(router_logits(x, router_w), k, routing=routing, tile_m=tile_m, scoring=scoring,
+                        normalize=normalize, rounding_mode=rounding_mode, generator=generator)
 
 
 # --8<-- [start:moe_forward]
@@ -291,6 +313,7 @@ def moe_forward(
     tile_m: int = 128,
     backward: str = "reduced_memory",
     scoring: str = "softmax_topk",
+    normalize: bool = False,
     rounding_mode: str = "nearest",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -298,28 +321,41 @@ def moe_forward(
 
     Weights in the paper's orientation: ``router_w`` (d, E), ``w1`` (E, d, 2n) with gate/up
     interleaved (gate = columns 0::2, up = 1::2), ``w2`` (E, n, d). ``routing`` is token-choice
-    ``"topk"`` or ``"token_rounding"`` (to multiples of ``tile_m``); ``backward`` picks
-    ``"reduced_memory"`` (SonicMoE) or ``"standard"``. Gradients flow to x, router_w, w1 and w2.
+    ``"topk"`` or ``"token_rounding"`` (to multiples of ``tile_m``); ``scoring``/``normalize`` pick
+    the router's weights (see ``topk_routing``); ``backward`` picks ``"reduced_memory"`` (SonicMoE)
+    or ``"standard"``. Gradients flow to x, router_w, w1 and w2.
     """
+    return moe_forward_with_router(x, router_w, w1, w2, k, routing=routing, tile_m=tile_m, backward=backward,
+                                   scoring=scoring, normalize=normalize, rounding_mode=rounding_mode,
+                                   generator=generator)[0]
+
+
+def moe_forward_with_router(x, router_w, w1, w2, k, *, routing: str = "topk", tile_m: int = 128,
+                            backward: str = "reduced_memory", scoring: str = "softmax_topk",
+                            normalize: bool = False, rounding_mode: str = "nearest",
+                            generator: torch.Generator | None = None):
+    """``moe_forward``, also returning what the router losses need: ``(out (T, d), logits (T, E)
+    float32 and differentiable, expert_counts (E,) int32 routed pairs per expert)``."""
     _check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
     # Step 1: route. Scores stay differentiable: dS flows back into the router.
-    r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
-              rounding_mode=rounding_mode, generator=generator)
+    logits = router_logits(x, router_w)  # (T, E)
+    r = route_logits(logits, k, routing=routing, tile_m=tile_m, scoring=scoring, normalize=normalize,
+                     rounding_mode=rounding_mode, generator=generator)
     # Step 2: routing metadata (integer index arrays, no gradient).
     meta = build_metadata(r)
     # Step 3: the experts, with the chosen backward.
     experts = ReducedMemoryExperts if backward == "reduced_memory" else StandardExperts
-    return experts.apply(x, w1, w2, r.scores, meta, tile_m)
+    return experts.apply(x, w1, w2, r.scores, meta, tile_m), logits, meta.expert_counts
 # --8<-- [end:moe_forward]
 
 
 # --8<-- [start:naive]
 def naive_moe_forward(x, router_w, w1, w2, k, *, routing: str = "topk", tile_m: int = 128,
-                      scoring: str = "softmax_topk", rounding_mode: str = "nearest",
+                      scoring: str = "softmax_topk", normalize: bool = False, rounding_mode: str = "nearest",
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """The oracle: a plain per-expert Python loop, differentiated by autograd (no custom backward)."""
     _check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, "standard")
-    r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
+    r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring, normalize=normalize,
               rounding_mode=rounding_mode, generator=generator)
     acc = _acc_dtype(x)
     out = torch.zeros(x.shape, dtype=acc, device=x.device)  # (T, d)
