@@ -88,9 +88,21 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     return value  # type: ignore[return-value]
 
 
+def values_checkable() -> bool:
+    """Whether checks that READ tensor values (a NaN scan, the min/max of an index array) run now.
+
+    They do in eager mode. While ``torch.compile`` traces (``torch.compiler.is_compiling()``) they
+    are skipped: reading a value would be a data-dependent branch (a graph break, or an error under
+    ``fullgraph=True``) and a host synchronization in every call. Checks of types, shapes, dtypes
+    and devices always run. Every value-reading check asks this one function.
+    """
+    return not torch.compiler.is_compiling()
+
+
 def check_finite(name: str, t: torch.Tensor, allow_inf: bool = False) -> None:
-    """Raise ValueError if ``t`` holds NaN (and, unless ``allow_inf``, +-inf)."""
-    if t.numel() == 0:
+    """Raise ValueError if ``t`` holds NaN (and, unless ``allow_inf``, +-inf). Skipped while
+    compiling (see ``values_checkable``)."""
+    if t.numel() == 0 or not values_checkable():
         return
     if torch.isnan(t).any():
         raise ValueError(f"{name} must not contain NaN")
