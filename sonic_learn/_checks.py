@@ -4,6 +4,9 @@ Every public function validates its inputs *before* doing any work (and, on the 
 any kernel launch). A failed check raises ``TypeError`` (wrong kind of object or dtype) or
 ``ValueError`` (wrong shape, device or value) whose message names the argument and says what was
 expected, e.g. ``ValueError: k must satisfy 1 <= k <= 8 (the size of the last dim of x), got 9``.
+
+These checks read only what the host knows (types, shapes, dtypes, devices, Python values). Checks
+that read tensor *values* live in ``sonic_learn.contracts`` (see ``value_checks_enabled``).
 """
 
 from __future__ import annotations
@@ -86,25 +89,3 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value  # type: ignore[return-value]
-
-
-def values_checkable() -> bool:
-    """Whether checks that READ tensor values (a NaN scan, the min/max of an index array) run now.
-
-    They do in eager mode. While ``torch.compile`` traces (``torch.compiler.is_compiling()``) they
-    are skipped: reading a value would be a data-dependent branch (a graph break, or an error under
-    ``fullgraph=True``) and a host synchronization in every call. Checks of types, shapes, dtypes
-    and devices always run. Every value-reading check asks this one function.
-    """
-    return not torch.compiler.is_compiling()
-
-
-def check_finite(name: str, t: torch.Tensor, allow_inf: bool = False) -> None:
-    """Raise ValueError if ``t`` holds NaN (and, unless ``allow_inf``, +-inf). Skipped while
-    compiling (see ``values_checkable``)."""
-    if t.numel() == 0 or not values_checkable():
-        return
-    if torch.isnan(t).any():
-        raise ValueError(f"{name} must not contain NaN")
-    if not allow_inf and torch.isinf(t).any():
-        raise ValueError(f"{name} must be finite, got +-inf values")

@@ -1,8 +1,8 @@
 """Fast routing on Hopper: routing metadata in CuTe-DSL, and token rounding without a full sort.
 
-Same names and contracts as ``sonic_learn.reference.routing`` (paper Section 3 "routing metadata",
-Section 5 / Algorithm 4 "token rounding"); the ``Routing`` and ``RoutingMetadata`` types are the
-reference's own.
+Same names and contracts as ``sonic_learn.reference.routing`` (the "routing metadata" SonicMoE's
+kernels consume; paper Section 5 / Algorithm 4 "token rounding"); the ``Routing`` and
+``RoutingMetadata`` types are the reference's own.
 
 **Metadata (CuTe-DSL, four small kernels launched by one compiled call, no host sync).**
 The pairs are cut into *tiles*: one warp owns ``chunks_per_tile * 256`` consecutive pairs.
@@ -80,10 +80,10 @@ import functools
 
 import torch
 
-from sonic_learn import _checks
-from sonic_learn.fast._cute import compile_options, import_cutlass, launch
+from sonic_learn import _checks, contracts
+from sonic_learn.contracts import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata  # noqa: F401
+from sonic_learn.fast._cute import compile_options, compiled, import_cutlass, launch
 from sonic_learn.reference import routing as _ref
-from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
@@ -91,8 +91,7 @@ from cutlass import Float64, Int32, Int64, Uint8, Uint32, const_expr  # noqa: E4
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
 
 from sonic_learn.fast import topk as _fast_topk  # noqa: E402
-from sonic_learn.fast.topk import (  # noqa: E402  (shared warp scans)
-    _lane_bins_and_keys_above, _warp_exclusive_sum)
+from sonic_learn.fast.primitives import lane_bins_and_keys_above, warp_exclusive_scan  # noqa: E402
 
 __all__ = [
     "Routing",
@@ -131,38 +130,6 @@ def _tiling(num_pairs: int) -> tuple[int, int]:
     chunks = -(-num_pairs // CHUNK)
     chunks_per_tile = max(1, -(-chunks // TARGET_TILES))
     return chunks_per_tile, -(-chunks // chunks_per_tile)
-
-
-# ---------------------------------------------------------------------------------------------
-# Device helper: a warp scans a 1-D int32 array in chunks (exclusive prefix, returns the total)
-# ---------------------------------------------------------------------------------------------
-@cute.jit
-def _warp_exclusive_scan(src: cute.Tensor, dst: cute.Tensor, n: Int32, lane: Int32) -> Int32:
-    """dst[i] = src[0] + ... + src[i-1] for i < n (dst may alias src); returns the total.
-
-    Lane l handles UNROLL consecutive entries of each 32 * UNROLL chunk: it loads them all first,
-    the warp scans the 32 lane sums, then each lane writes its running prefixes.
-    """
-    carry = Int32(0)
-    for start in cutlass.range(0, n, 32 * UNROLL):
-        vals = cute.make_rmem_tensor(UNROLL, Int32)
-        lane_sum = Int32(0)
-        for u in cutlass.range_constexpr(UNROLL):
-            i = start + lane * UNROLL + u
-            v = Int32(0)
-            if i < n:
-                v = src[i]
-            vals[u] = v
-            lane_sum = lane_sum + v
-        before, chunk_total = _warp_exclusive_sum(lane_sum, lane)
-        running = carry + before
-        for u in cutlass.range_constexpr(UNROLL):
-            i = start + lane * UNROLL + u
-            if i < n:
-                dst[i] = running
-            running = running + vals[u]
-        carry = carry + chunk_total
-    return carry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +231,7 @@ class RoutingMetadataKernel:
         e = bidx * WARPS_PER_CTA + tidx // 32
         if e < mCounts.shape[0]:
             row = mTileCounts[e, None]  # (num_tiles,) counts of expert e, tile by tile
-            total = _warp_exclusive_scan(row, row, mTileCounts.shape[1], lane)
+            total = warp_exclusive_scan(row, row, mTileCounts.shape[1], lane, UNROLL)
             if lane == 0:
                 mCounts[e] = total
 
@@ -273,7 +240,7 @@ class RoutingMetadataKernel:
     def offsets_kernel(self, mCounts: cute.Tensor, mOffsets: cute.Tensor):
         lane = cute.arch.lane_idx()
         num_experts = mCounts.shape[0]
-        total = _warp_exclusive_scan(mCounts, mOffsets, num_experts, lane)
+        total = warp_exclusive_scan(mCounts, mOffsets, num_experts, lane, UNROLL)
         if lane == 0:
             mOffsets[num_experts] = total
 
@@ -366,11 +333,6 @@ def compile_metadata_kernel(bucket: int, scatter: bool = True, *, extra_options:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(bucket: int, scatter: bool):
-    return compile_metadata_kernel(bucket, scatter)
-
-
-@functools.lru_cache(maxsize=None)
 def _unused_rows(device: torch.device) -> tuple[torch.Tensor, ...]:
     """Placeholders for the three row arrays of the counts-only variant (saves three allocations)."""
     return tuple(torch.empty(1, dtype=torch.int32, device=device) for _ in range(3))
@@ -396,7 +358,7 @@ def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, n
         chunks_per_tile, num_tiles = _tiling(P)
         tile_counts = torch.empty(E, num_tiles, dtype=i32, device=device)  # (E, tiles) scratch
         tokens = token_idx if token_idx is not None else expert_idx  # read only when scattering
-        launch(_compiled(_expert_bucket(E), scatter), device,
+        launch(compiled(compile_metadata_kernel, _expert_bucket(E), scatter), device,
                expert_idx, tokens, tile_counts, counts, offsets, *rows, chunks_per_tile)  # current stream
     return (counts, offsets, *rows) if scatter else (counts, offsets, None, None, None)
 
@@ -622,7 +584,7 @@ class BoundarySelectKernel:
                 if warp == 0:
                     # lane l owns bins 8l..8l+7; keys in higher bins = higher lanes, then higher bins
                     per_lane = RADIX_BINS // 32
-                    counts, above = _lane_bins_and_keys_above(hist, lane, RADIX_BINS)
+                    counts, above = lane_bins_and_keys_above(hist, lane, RADIX_BINS)
                     for b in cutlass.range_constexpr(per_lane - 1, -1, -1):
                         if above < need and above + counts[b] >= need:  # exactly one (lane, bin)
                             found[0] = lane * per_lane + b
@@ -710,11 +672,6 @@ def compile_token_rounding_kernels(*, extra_options: str = ""):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_token_rounding():
-    return compile_token_rounding_kernels()
-
-
-@functools.lru_cache(maxsize=None)
 def _no_uniform(device: torch.device) -> torch.Tensor:
     """A placeholder for the select kernel's u_e when the mode is not stochastic (never read)."""
     return torch.zeros(1, dtype=torch.float64, device=device)
@@ -730,7 +687,7 @@ def _launch_boundary_kernels(scores: torch.Tensor, experts: torch.Tensor, counts
     keep = torch.empty(T, E, dtype=torch.uint8, device=device)  # (T, E) written whole by the keys kernel
     if uniform is None:
         uniform = _no_uniform(device)
-    launch(_compiled_token_rounding(), device, scores.view(torch.int32), experts, keys, keep, counts, uniform,
+    launch(compiled(compile_token_rounding_kernels), device, scores.view(torch.int32), experts, keys, keep, counts, uniform,
            ROUNDING_CODES[mode], tile_m)  # keys kernel, then select kernel, on the current stream
     return keep
 
@@ -740,7 +697,7 @@ def _launch_boundary_kernels(scores: torch.Tensor, experts: torch.Tensor, counts
 # ---------------------------------------------------------------------------------------------
 def _check_routing_structure(routing: object) -> Routing:
     """The reference's host-side checks of a Routing, then the fast kernels' own limits (E, P, CUDA)."""
-    routing = _ref._check_routing_structure(routing)
+    routing = contracts.check_routing_structure(routing)
     _checks.check_int_range("routing.num_experts", routing.num_experts, 1, MAX_EXPERTS,
                             "the fast metadata kernel; use sonic_learn.reference.routing for more experts")
     P = routing.token_idx.numel()
@@ -769,7 +726,7 @@ def build_metadata(routing: Routing, *, check_ids: bool = True) -> RoutingMetada
     if not isinstance(check_ids, bool):
         raise TypeError(f"check_ids must be a bool, got {type(check_ids).__name__}")
     if check_ids:
-        _ref._check_routing_ids(routing)  # the reference's id range checks (read the device)
+        contracts.check_routing_ids(routing)  # the id range checks (read the device)
     counts, offsets, gather_idx, pair_of_row, row_of_pair = _launch_metadata(
         _int32(routing.expert_idx), _int32(routing.token_idx), routing.num_experts, scatter=True
     )
@@ -793,10 +750,10 @@ def _check_router_args(logits: object, k: object, scoring: object, normalize: ob
     finite check only when ``check_finite``."""
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
-    logits = _ref._check_router_args(logits, k, scoring, normalize, check_finite=False)
+    logits = contracts.check_router_args(logits, k, scoring, normalize, check_finite=False)
     _checks.check_cuda("logits", logits)
     if check_finite:
-        _checks.check_finite("logits", logits)
+        contracts.check_finite_values("logits", logits)
     return logits
 
 
@@ -887,7 +844,7 @@ def round_counts(
 
 def _all_expert_scores(logits: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor, scoring: str,
                        normalize: bool) -> torch.Tensor:
-    """(T, E): ``reference.routing._scores_for_all_experts``, bit for bit.
+    """(T, E): ``reference.routing.scores_for_all_experts``, bit for bit.
 
     With autograd recording for ``logits`` it *is* the reference function. Without, it saves two
     (T, E) passes: no float32 copy of the logits (``logits - log_z`` promotes bf16/fp16 to float32
@@ -895,7 +852,7 @@ def _all_expert_scores(logits: torch.Tensor, tc_experts: torch.Tensor, tc_scores
     the scatter (``exp_`` and ``scatter_`` run in place).
     """
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _ref._scores_for_all_experts(logits, tc_experts, tc_scores, scoring, normalize)
+        return _ref.scores_for_all_experts(logits, tc_experts, tc_scores, scoring, normalize)
     dtype = tc_scores.dtype
     if scoring == "topk_softmax" and not normalize:
         log_z = torch.logsumexp(logits.to(dtype), dim=1, keepdim=True)  # (T, 1) over all E experts
@@ -988,7 +945,7 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
     logits = _check_router_args(logits, k, scoring, normalize, check_finite)
     _checks.check_int_range("tile_m", tile_m, 1, 2**62)
     _checks.check_choice("mode", mode, ROUNDING_MODES)
-    _ref._check_generator(generator, logits.device)
+    contracts.check_generator(generator, logits.device)
     T, E = logits.shape
     if E > MAX_EXPERTS:
         raise ValueError(f"logits.shape[1] (E) must be <= {MAX_EXPERTS} for the fast routing kernels, got {E}")

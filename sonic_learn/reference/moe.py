@@ -1,13 +1,13 @@
-"""The whole MoE layer, and pair 3 of SonicMoE: the standard vs the reduced-memory backward.
+"""The whole MoE layer, and pair 4 of SonicMoE: the standard vs the reduced-memory backward.
 
-Forward (paper Section 2, Algorithm 1; notation T tokens, d model dim, n expert dim, E experts,
+Forward (paper Algorithm 1; notation T tokens, d model dim, n expert dim, E experts,
 K experts per token, P routed (token, expert) pairs, P = T*K for token-choice top-k)::
 
     logits = X @ W_r                          (T, E)     router
     (t, e, s) triples = route(logits)         (P,)       top-k or token rounding, scores s in fp32
-    H_e = X[tokens of e] @ W1_e               (T_e, 2n)  up-projection, gather fused
-    A_e = SwiGLU(H_e)                         (T_e, n)   gate = H[:, 0::2], up = H[:, 1::2]
-    Y_e = A_e @ W2_e                          (T_e, d)   down-projection
+    H_e = X[tokens of e] @ W1_e               (f_e, 2n)  up-projection, gather fused
+    A_e = SwiGLU(H_e)                         (f_e, n)   gate = H[:, 0::2], up = H[:, 1::2]
+    Y_e = A_e @ W2_e                          (f_e, d)   down-projection
     O_t = sum over pairs (t, e, s) of s * Y_e[t]   (T, d)  aggregation (gather-and-sum)
 
 Backward. Both modes give the same gradients; they differ in what they cache and how they get dS,
@@ -26,17 +26,16 @@ the gradient of the routing score s of a pair (token t, expert e):
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from sonic_learn import _checks
+from sonic_learn.contracts import (  # noqa: F401  (the shared contract, re-exported under its old names here)
+    BACKWARD_MODES, ROUTINGS, Routing, RoutingMetadata, SavedTensor, check_layer_inputs, expected_saved_bytes,
+    record_saved_tensors)
 from sonic_learn.reference.grouped_gemm import gather_fused_grouped_gemm, grouped_gemm_varlen_k
-from sonic_learn.reference.routing import Routing, RoutingMetadata, build_metadata, token_rounding, topk_routing
-
-BACKWARD_MODES = ("reduced_memory", "standard")
-ROUTINGS = ("topk", "token_rounding")
+from sonic_learn.reference.routing import build_metadata, token_rounding, topk_routing
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,32 +273,6 @@ class StandardExperts(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # The layer's forward
 # ----------------------------------------------------------------------------------------------
-def _check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward):
-    for name, t in (("x", x), ("router_w", router_w), ("w1", w1), ("w2", w2)):
-        _checks.check_tensor(name, t)
-        _checks.check_dtype(name, t, _checks.FLOAT_DTYPES)
-    _checks.check_ndim("x", x, 2, "(T, d)")
-    _checks.check_ndim("router_w", router_w, 2, "(d, E)")
-    _checks.check_ndim("w1", w1, 3, "(E, d, 2n)")
-    _checks.check_ndim("w2", w2, 3, "(E, n, d)")
-    T, d = x.shape
-    E = router_w.shape[1]
-    _checks.check_shape("router_w", router_w, (d, E), "(d, E) with d = x.shape[1]")
-    if w1.shape[2] % 2:
-        raise ValueError(f"w1 must have an even last dim 2n (gate and up interleaved), got shape {tuple(w1.shape)}")
-    n = w1.shape[2] // 2
-    _checks.check_shape("w1", w1, (E, d, 2 * n), "(E, d, 2n) with E = router_w.shape[1], d = x.shape[1]")
-    _checks.check_shape("w2", w2, (E, n, d), "(E, n, d) with n = w1.shape[2] // 2")
-    for name, t in (("router_w", router_w), ("w1", w1), ("w2", w2)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
-    _checks.check_same_device(x=x, router_w=router_w, w1=w1, w2=w2)
-    _checks.check_int_range("k", k, 1, E, "the number of experts E = router_w.shape[1]")
-    _checks.check_int_range("tile_m", tile_m, 1)
-    _checks.check_choice("routing", routing, ROUTINGS)
-    _checks.check_choice("backward", backward, BACKWARD_MODES)
-
-
 def router_logits(x: torch.Tensor, router_w: torch.Tensor) -> torch.Tensor:
     """The router GEMM: logits = x @ router_w, (T, E), in float32 (float64 for float64 x)."""
     score_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -376,7 +349,7 @@ def moe_forward_with_router(x, router_w, w1, w2, k, *, routing: str = "topk", ti
                             generator: torch.Generator | None = None):
     """``moe_forward``, also returning what the router losses need: ``(out (T, d), logits (T, E)
     float32 and differentiable, expert_counts (E,) int32 routed pairs per expert)``."""
-    _check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
+    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
     # Step 1: route. Scores stay differentiable: dS flows back into the router.
     logits = router_logits(x, router_w)  # (T, E)
     r = route_logits(logits, k, routing=routing, tile_m=tile_m, scoring=scoring, normalize=normalize,
@@ -394,65 +367,31 @@ def naive_moe_forward(x, router_w, w1, w2, k, *, routing: str = "topk", tile_m: 
                       scoring: str = "softmax_topk", normalize: bool = False, rounding_mode: str = "nearest",
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """The oracle: a plain per-expert Python loop, differentiated by autograd (no custom backward)."""
-    _check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, "standard")
+    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, "standard")
     r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring, normalize=normalize,
               rounding_mode=rounding_mode, generator=generator)
     acc = _acc_dtype(x)
     out = torch.zeros(x.shape, dtype=acc, device=x.device)  # (T, d)
     for e in range(router_w.shape[1]):
         mine = (r.expert_idx == e).nonzero().squeeze(1)  # pairs routed to expert e
-        tokens = r.token_idx[mine].long()  # (T_e,)
-        h = x[tokens] @ w1[e]  # (T_e, 2n)
-        a = swiglu(h)  # (T_e, n)
-        y = a @ w2[e]  # (T_e, d)
+        tokens = r.token_idx[mine].long()  # (f_e,)
+        h = x[tokens] @ w1[e]  # (f_e, 2n)
+        a = swiglu(h)  # (f_e, n)
+        y = a @ w2[e]  # (f_e, d)
         out = out.index_add(0, tokens, y.to(acc) * r.scores[mine].to(acc)[:, None])
     return out.to(x.dtype)
 # --8<-- [end:naive]
 
 
 # ----------------------------------------------------------------------------------------------
-# Activation memory: measured with saved-tensor hooks, and the closed form
+# Activation memory, measured (the hooks and the closed form are in sonic_learn.contracts)
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SavedTensor:
-    """One tensor that autograd keeps for the backward pass."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    nbytes: int
-
-
-def record_saved_tensors(run, exclude: tuple[torch.Tensor, ...] = ()) -> list[SavedTensor]:
-    """Call ``run()`` and list every tensor autograd saves for backward meanwhile.
-
-    Measured with ``torch.autograd.graph.saved_tensors_hooks``. Tensors sharing storage with one in
-    ``exclude`` (the weights: parameters, not activations) are left out; each storage is counted
-    once (an input saved by two ops costs its bytes once); empty tensors are listed with 0 bytes.
-    """
-    excluded = {t.data_ptr() for t in exclude}
-    seen: set[tuple] = set()
-    found: list[SavedTensor] = []
-
-    def pack(t: torch.Tensor):
-        key = (t.data_ptr(), tuple(t.shape), t.dtype)
-        if t.numel() == 0:  # empty tensors share data_ptr 0: count each one (they hold 0 bytes)
-            found.append(SavedTensor(tuple(t.shape), t.dtype, 0))
-        elif t.data_ptr() not in excluded and key not in seen:
-            seen.add(key)
-            found.append(SavedTensor(tuple(t.shape), t.dtype, t.numel() * t.element_size()))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return found
-
-
 def saved_tensors(x, router_w, w1, w2, k, *, backward: str = "reduced_memory", routing: str = "topk",
                   tile_m: int = 128, scoring: str = "softmax_topk", rounding_mode: str = "nearest",
                   generator: torch.Generator | None = None) -> list[SavedTensor]:
     """Run the experts' forward once and list every *activation* it saves for backward (weights
     excluded, see ``record_saved_tensors``). Arguments as ``moe_forward``."""
-    _check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
+    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
     with torch.no_grad():
         r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
                   rounding_mode=rounding_mode, generator=generator)
@@ -466,32 +405,6 @@ def saved_tensors(x, router_w, w1, w2, k, *, backward: str = "reduced_memory", r
 def saved_activation_bytes(x, router_w, w1, w2, k, **kwargs) -> int:
     """Bytes of activations the experts cache for backward (measured, see ``saved_tensors``)."""
     return sum(s.nbytes for s in saved_tensors(x, router_w, w1, w2, k, **kwargs))
-
-
-def expected_saved_bytes(T: int, d: int, n: int, E: int, P: int, *, dtype=torch.bfloat16,
-                         backward: str = "reduced_memory", score_dtype=torch.float32) -> dict[str, int]:
-    """The closed form of what each backward mode caches, term by term (P = routed pairs, T*K for top-k).
-
-    reduced_memory: X (T*d) + H (P*2n) elements -> 2Td + 4Pn bytes in bf16, plus the routing:
-    scores (P, fp32) and three int32 index arrays (expert_offsets (E+1), gather_idx (P), pair_of_row (P)).
-    standard: gathered X (P*d) + H (P*2n) + Y (P*d) + the same routing.
-    """
-    _checks.check_choice("backward", backward, BACKWARD_MODES)
-    b = torch.empty((), dtype=dtype).element_size()
-    sb = torch.empty((), dtype=score_dtype).element_size()
-    terms = {
-        "H (P, 2n)": P * 2 * n * b,
-        "scores (P,)": P * sb,
-        "expert_offsets (E+1,)": (E + 1) * 4,
-        "gather_idx (P,)": P * 4,
-        "pair_of_row (P,)": P * 4,
-    }
-    if backward == "reduced_memory":
-        terms = {"X (T, d)": T * d * b, **terms}
-    else:
-        terms = {"gathered X (P, d)": P * d * b, **terms, "Y (P, d)": P * d * b}
-    terms["total"] = sum(terms.values())
-    return terms
 
 
 # ----------------------------------------------------------------------------------------------

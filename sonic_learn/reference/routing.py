@@ -1,6 +1,6 @@
 """Routing: which token goes to which expert, and the index arrays the expert GEMMs consume.
 
-Pair 4 of SonicMoE (paper Section 5, Algorithm 4):
+Pair 2 of SonicMoE (paper Section 5, Algorithm 4):
 
 1. **token-choice top-k** (``topk_routing``): every token picks its K best experts. Expert e then
    receives f_e tokens, an arbitrary number, so a tile-based GEMM pads e's last M-tile.
@@ -9,97 +9,20 @@ Pair 4 of SonicMoE (paper Section 5, Algorithm 4):
    shares) and let expert e keep its best-ranked tokens (its token-choice picks first), so no
    tile is partly empty (unless an expert takes all T tokens, see ``round_counts``).
 
-``build_metadata`` turns either routing into the arrays a grouped GEMM needs (paper Section 3,
-"routing metadata"): per-expert counts and offsets, and the two permutations between *pair order*
+``build_metadata`` turns either routing into the arrays a grouped GEMM needs (the "routing
+metadata" SonicMoE's kernels consume): per-expert counts and offsets, and the two permutations between *pair order*
 (the flat, token-sorted list of (token, expert, score) triples) and *row order* (pairs grouped by
 expert, the order of rows in the grouped GEMM).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from sonic_learn import _checks
+from sonic_learn import _checks, contracts
+# The routing types, the option names and the router checks are the contract both paths share.
+from sonic_learn.contracts import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata  # noqa: F401
 from sonic_learn.reference import topk as _topk
-
-SCORINGS = ("softmax_topk", "topk_softmax")
-ROUNDING_MODES = ("nearest", "up", "down", "stochastic")
-
-
-# --8<-- [start:routing_types]
-@dataclass(frozen=True)
-class Routing:
-    """A routing as flat triples, sorted by token: pair p sends token ``token_idx[p]`` to expert
-    ``expert_idx[p]`` with weight ``scores[p]``.
-
-    With token-choice top-k every token has exactly K pairs (pair p = t*K + k). With token rounding
-    a token may have fewer or more than K pairs, so the triples carry the token explicitly.
-    """
-
-    token_idx: torch.Tensor  # (P,) int32, ascending
-    expert_idx: torch.Tensor  # (P,) int32, in [0, E)
-    scores: torch.Tensor  # (P,) float32 (float64 for float64 logits), differentiable
-    num_tokens: int  # T
-    num_experts: int  # E
-
-    @property
-    def num_pairs(self) -> int:
-        return int(self.token_idx.numel())
-
-
-@dataclass(frozen=True)
-class RoutingMetadata:
-    """The index arrays of a routing, grouped by expert (the order of rows in the grouped GEMM).
-
-    Row r of the grouped GEMM holds pair ``pair_of_row[r]``, i.e. token ``gather_idx[r]``; the rows
-    of expert e are ``expert_offsets[e] : expert_offsets[e + 1]``; ``row_of_pair`` inverts
-    ``pair_of_row``. Inside one expert, rows keep pair order (a stable grouping).
-    """
-
-    expert_counts: torch.Tensor  # (E,) int32, f_e
-    expert_offsets: torch.Tensor  # (E+1,) int32, exclusive cumsum of f_e, offsets[0] = 0
-    gather_idx: torch.Tensor  # (P,) int32, token of each grouped row
-    pair_of_row: torch.Tensor  # (P,) int32, grouped row -> pair
-    row_of_pair: torch.Tensor  # (P,) int32, pair -> grouped row
-    num_tokens: int  # T
-    num_experts: int  # E
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.gather_idx.numel())
-# --8<-- [end:routing_types]
-
-
-# ---------------------------------------------------------------------------------------------
-# Argument checks shared by both routers (every public function validates before any work).
-# ---------------------------------------------------------------------------------------------
-def _check_router_args(logits: object, k: object, scoring: object, normalize: object,
-                       check_finite: bool = True) -> torch.Tensor:
-    """Validate the router arguments (the fast routers reuse this, then add their device checks)."""
-    logits = _checks.check_tensor("logits", logits)
-    _checks.check_ndim("logits", logits, 2, "(T tokens, E experts)")
-    _checks.check_dtype("logits", logits, _checks.FLOAT_DTYPES)
-    E = logits.shape[1]
-    if E < 1:
-        raise ValueError(f"logits must have at least one expert column (E >= 1), got shape {tuple(logits.shape)}")
-    _checks.check_int_range("k", k, 1, E, "E, the number of experts = logits.shape[1]")
-    _checks.check_choice("scoring", scoring, SCORINGS)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    if check_finite:
-        _checks.check_finite("logits", logits)
-    return logits
-
-
-def _check_generator(generator: object, device: torch.device) -> None:
-    if generator is None:
-        return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator.device.type != device.type:
-        raise ValueError(f"generator must live on the device of the logits ({device.type}), got {generator.device}")
 
 
 # --8<-- [start:topk_routing]
@@ -119,7 +42,7 @@ def topk_routing(
     = the token's j-th best expert (descending score, the lower expert index first on ties) and
     ``scores[p]`` its weight: float32 (float64 for float64 logits), differentiable w.r.t. ``logits``.
     """
-    logits = _check_router_args(logits, k, scoring, normalize)
+    logits = contracts.check_router_args(logits, k, scoring, normalize)
     T, E = logits.shape
 
     # Step 1: every token picks its K best experts and weighs them (scores float32/float64).
@@ -174,10 +97,10 @@ def round_counts(
     _checks.check_dtype("counts", counts, (torch.int32, torch.int64))
     _checks.check_int_range("tile_m", tile_m, 1)
     _checks.check_choice("mode", mode, ROUNDING_MODES)
-    _check_generator(generator, counts.device)
+    contracts.check_generator(generator, counts.device)
     if num_tokens is not None:
         _checks.check_int_range("num_tokens", num_tokens, 0)
-    if counts.numel() > 0 and _checks.values_checkable():
+    if counts.numel() > 0 and contracts.value_checks_enabled():
         if int(counts.min()) < 0:
             raise ValueError(f"counts must be >= 0, got a minimum of {int(counts.min())}")
         if num_tokens is not None and int(counts.max()) > num_tokens:
@@ -213,7 +136,7 @@ def _round_counts_rule(counts: torch.Tensor, tile_m: int, mode: str, generator: 
 
 
 # --8<-- [start:token_rounding]
-def _scores_for_all_experts(
+def scores_for_all_experts(
     logits: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor, scoring: str, normalize: bool
 ) -> torch.Tensor:
     """The router's score for EVERY (token, expert) pair, not only the token-choice picks.
@@ -283,10 +206,10 @@ def token_rounding(
     may get fewer or more than K experts. ``tile_m=1`` gives exactly the pairs and scores of
     ``topk_routing``, in this (token, expert) order. T = 0 returns an empty routing.
     """
-    logits = _check_router_args(logits, k, scoring, normalize)
+    logits = contracts.check_router_args(logits, k, scoring, normalize)
     _checks.check_int_range("tile_m", tile_m, 1)
     _checks.check_choice("mode", mode, ROUNDING_MODES)
-    _check_generator(generator, logits.device)
+    contracts.check_generator(generator, logits.device)
     T, E = logits.shape
     device = logits.device
 
@@ -302,7 +225,7 @@ def token_rounding(
     rounded = round_counts(counts, tile_m, mode, generator, num_tokens=T)  # (E,)
 
     # Step 3: every expert ranks all tokens, token-choice picks first.
-    scores = _scores_for_all_experts(logits, tc_experts, tc_scores, scoring, normalize)  # (T, E)
+    scores = scores_for_all_experts(logits, tc_experts, tc_scores, scoring, normalize)  # (T, E)
     picked = torch.zeros(T, E, dtype=torch.bool, device=device).scatter_(1, tc_experts, True)  # (T, E)
     ranking = _rank_tokens_per_expert(scores.detach(), picked)  # (T, E) token of rank r for expert e
 
@@ -324,50 +247,11 @@ def token_rounding(
 # --8<-- [end:token_rounding]
 
 
-def _check_routing_structure(routing: object) -> Routing:
-    """What the host knows about a Routing without reading the device: types, dims, dtypes,
-    lengths, one device. (The fast path runs only this part, to stay free of syncs.)"""
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a sonic_learn.reference.routing.Routing, got {type(routing).__name__}")
-    _checks.check_int_range("routing.num_tokens", routing.num_tokens, 0)
-    _checks.check_int_range("routing.num_experts", routing.num_experts, 1)
-    for name in ("token_idx", "expert_idx", "scores"):
-        _checks.check_tensor(f"routing.{name}", getattr(routing, name))
-        _checks.check_ndim(f"routing.{name}", getattr(routing, name), 1, "(P,) one entry per pair")
-    for name in ("token_idx", "expert_idx"):
-        _checks.check_dtype(f"routing.{name}", getattr(routing, name), (torch.int32, torch.int64))
-    P = routing.token_idx.numel()
-    for name in ("expert_idx", "scores"):
-        if getattr(routing, name).numel() != P:
-            raise ValueError(
-                f"routing.{name} must have P = {P} entries (one per pair, like routing.token_idx), "
-                f"got {getattr(routing, name).numel()}"
-            )
-    _checks.check_same_device(
-        token_idx=routing.token_idx, expert_idx=routing.expert_idx, scores=routing.scores
-    )
-    return routing
-
-
-def _check_routing_ids(routing: Routing) -> None:
-    """Token and expert ids in range: a wrong expert id would silently corrupt the histogram. Reads
-    the device (min/max), so the fast path makes this check optional, and it is skipped while
-    compiling (``_checks.values_checkable``)."""
-    T, E = routing.num_tokens, routing.num_experts
-    if routing.token_idx.numel() == 0 or not _checks.values_checkable():
-        return
-    for name, hi in (("token_idx", T), ("expert_idx", E)):
-        t = getattr(routing, name)
-        lo_v, hi_v = int(t.min()), int(t.max())
-        if lo_v < 0 or hi_v >= hi:
-            raise ValueError(f"routing.{name} must lie in [0, {hi}), got values in [{lo_v}, {hi_v}]")
-
-
 # --8<-- [start:build_metadata]
 def build_metadata(routing: Routing) -> RoutingMetadata:
     """Group the pairs of ``routing`` by expert: counts, offsets and the two permutations."""
-    _check_routing_structure(routing)
-    _check_routing_ids(routing)
+    contracts.check_routing_structure(routing)
+    contracts.check_routing_ids(routing)
     E = routing.num_experts
     expert_idx = routing.expert_idx.long()  # (P,)
 
