@@ -52,7 +52,8 @@ from dataclasses import dataclass
 import torch
 
 from sonic_learn import _checks, contracts
-from sonic_learn.contracts import BACKWARD_MODES, ROUNDING_MODES, ROUTINGS, SCORINGS, Routing, RoutingMetadata
+from sonic_learn.fast import ops as fast_ops
+from sonic_learn.contracts import BACKWARD_MODES, ROUNDING_MODES, ROUTINGS, SCORINGS, RoutingMetadata
 
 FAST_DTYPES = (torch.bfloat16, torch.float16)
 MAX_ELEMENTS = 2**31  # the kernels index with 32-bit integers (largest index 2^31 - 1)
@@ -93,27 +94,9 @@ def set_epilogue_fusion(*, swiglu: bool = True, dh: bool = True) -> None:
 
 
 def _fast_ops() -> ExpertOps:
-    from sonic_learn.fast import grouped_gemm as gg
-    from sonic_learn.fast import moe_kernels as mk
-
-    fuse = dict(EPILOGUE_FUSION)
-
-    return ExpertOps(
-        gather_gemm=lambda x, w, meta, transpose_w=False: gg.gather_fused_grouped_gemm(
-            x, w, meta, tile_m=GEMM_TILE_M, transpose_w=transpose_w),
-        gather_gemm_swiglu=lambda x, w, meta: gg.gather_fused_grouped_gemm_swiglu(x, w, meta, tile_m=GEMM_TILE_M,
-                                                                                 fused=fuse["swiglu"]),
-        grouped_gemm=lambda a, w, meta, transpose_w=False: gg.contiguous_grouped_gemm(
-            a, w, meta, tile_m=GEMM_TILE_M, transpose_w=transpose_w),
-        dh_gemm=lambda dout, w2, meta, h, row_scores: gg.gather_fused_grouped_gemm_dswiglu(
-            dout, w2, meta, h, row_scores, tile_m=GEMM_TILE_M, fused=fuse["dh"]),
-        varlen_k_gemm=lambda a, b, meta, gather_a, transpose_out=False: gg.grouped_gemm_varlen_k(
-            a, b, meta, gather_a=gather_a, transpose_out=transpose_out),
-        swiglu=mk.swiglu,
-        swiglu_backward=mk.swiglu_backward,
-        gather_scale_dot=mk.gather_scale_dot,
-        gather_sum=mk.gather_sum,
-    )
+    """The CuTe-DSL kernels, each behind a ``torch.library`` custom op (``sonic_learn.fast.ops``), so
+    that ``torch.compile`` traces the layer through them."""
+    return fast_ops.expert_ops()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +161,7 @@ def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk",
     logits = (x @ router_w).float()  # (T, E), as the reference: GEMM in x's dtype, then float32
     if routing == "topk":
         # Token choice: pair p = t*K + j (no host synchronization).
-        r = fast_routing.topk_routing(logits, k, scoring=scoring, normalize=normalize, check_finite=False)
+        r = fast_ops.topk_routing(logits, k, scoring, normalize)  # the top-k kernel as a custom op
         meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E, pairs_per_token=k)
     else:
         # Token rounding: the fast router ranks only each expert's boundary tile, but its pair count
@@ -196,9 +179,7 @@ def _metadata(token_idx, expert_idx, T: int, E: int, pairs_per_token: int | None
 
     if E > fast_routing.MAX_EXPERTS:
         return device_metadata(token_idx, expert_idx, T, E, pairs_per_token=pairs_per_token)
-    scores = torch.empty(expert_idx.numel(), dtype=torch.float32, device=expert_idx.device)  # unused
-    meta = fast_routing.build_metadata(
-        Routing(token_idx.to(torch.int32), expert_idx.to(torch.int32), scores, T, E), check_ids=False)
+    meta = fast_ops.metadata(token_idx, expert_idx, T, E)  # the metadata kernels as a custom op
     return meta, _token_offsets(token_idx, T, pairs_per_token)
 
 
