@@ -39,16 +39,14 @@ def _fast_moe_forward():
 class MoE(nn.Module):
     """A SonicMoE-style MoE layer with SwiGLU experts.
 
-    Quickstart (build, forward, backward with the router losses, an optimizer step, the router stats)::
+    Quickstart (build, forward and backward with the router losses, an optimizer step, the stats)::
 
         import torch, sonic_learn
         moe = sonic_learn.MoE(d_model=64, d_expert=32, num_experts=8, top_k=2)
         opt = torch.optim.AdamW(moe.parameters(), lr=1e-3)
-        out = moe(torch.randn(4, 16, 64))  # (batch, seq, d_model) -> same shape
-        stats = moe.router_stats  # tokens per expert, load-balancing loss, z-loss
+        out = moe(torch.randn(4, 16, 64)); stats = moe.router_stats  # tokens per expert, losses
         loss = out.square().mean() + 0.01 * stats.load_balancing_loss + 0.001 * stats.z_loss
-        loss.backward(); opt.step(); opt.zero_grad()
-        print(stats.tokens_per_expert.tolist())
+        loss.backward(); opt.step(); opt.zero_grad(); print(stats.tokens_per_expert.tolist())
 
     Args:
         d_model: d, the model (hidden) dimension.
@@ -86,6 +84,8 @@ class MoE(nn.Module):
                  tile_m: int = 128, backward: str = "reduced_memory", backend: str = "reference",
                  scoring: str = "softmax_topk", normalize: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """Create the parameters on ``device`` (default: torch's default device) in ``dtype`` (default:
+        torch's default dtype); inputs must then match both. Every argument: see the class docstring."""
         super().__init__()
         _checks.check_int_range("d_model", d_model, 1)
         _checks.check_int_range("d_expert", d_expert, 1)
