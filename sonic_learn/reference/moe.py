@@ -349,7 +349,8 @@ def moe_forward_with_router(x, router_w, w1, w2, k, *, routing: str = "topk", ti
                             generator: torch.Generator | None = None):
     """``moe_forward``, also returning what the router losses need: ``(out (T, d), logits (T, E)
     float32 and differentiable, expert_counts (E,) int32 routed pairs per expert)``."""
-    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
+    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward, scoring, rounding_mode, generator,
+                       normalize=normalize)
     # Step 1: route. Scores stay differentiable: dS flows back into the router.
     logits = router_logits(x, router_w)  # (T, E)
     r = route_logits(logits, k, routing=routing, tile_m=tile_m, scoring=scoring, normalize=normalize,
@@ -367,7 +368,7 @@ def naive_moe_forward(x, router_w, w1, w2, k, *, routing: str = "topk", tile_m: 
                       scoring: str = "softmax_topk", normalize: bool = False, rounding_mode: str = "nearest",
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """The oracle: a plain per-expert Python loop, differentiated by autograd (no custom backward)."""
-    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, "standard")
+    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, "standard", scoring, rounding_mode, generator)
     r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring, normalize=normalize,
               rounding_mode=rounding_mode, generator=generator)
     acc = _acc_dtype(x)
@@ -391,7 +392,7 @@ def saved_tensors(x, router_w, w1, w2, k, *, backward: str = "reduced_memory", r
                   generator: torch.Generator | None = None) -> list[SavedTensor]:
     """Run the experts' forward once and list every *activation* it saves for backward (weights
     excluded, see ``record_saved_tensors``). Arguments as ``moe_forward``."""
-    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
+    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward, scoring, rounding_mode, generator)
     with torch.no_grad():
         r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
                   rounding_mode=rounding_mode, generator=generator)
