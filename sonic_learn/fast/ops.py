@@ -225,7 +225,7 @@ def topk_experts(logits: torch.Tensor, k: int) -> torch.Tensor:
     """(T, K) int64: each token's K best experts, descending, ties to the lower expert (bitonic kernel)."""
     from sonic_learn.fast import routing as fast_routing
 
-    return fast_routing._token_choice_experts(logits, k).contiguous()  # (the sort fallback returns a slice)
+    return fast_routing.token_choice_experts(logits, k).contiguous()  # (the sort fallback returns a slice)
 
 
 @topk_experts.register_fake
@@ -295,7 +295,7 @@ def topk_routing(logits: torch.Tensor, k: int, scoring: str, normalize: bool):
 
     T, E = logits.shape
     experts = topk_experts(logits.detach(), k)  # (T, K)
-    scores = fast_routing._scores_from_experts(logits, experts, scoring, normalize)  # (T, K)
+    scores = fast_routing.scores_from_experts(logits, experts, scoring, normalize)  # (T, K)
     token_idx = torch.arange(T, device=logits.device, dtype=torch.int32).repeat_interleave(k)  # (T*K,)
     return Routing(token_idx=token_idx, expert_idx=experts.reshape(-1).to(torch.int32), scores=scores.reshape(-1),
                    num_tokens=T, num_experts=E)
