@@ -19,6 +19,14 @@ token-choice top-k).
 * ``router_z_loss``: the ST-MoE z-loss (Zoph et al. 2022, eq. 5)
   ``(1/T) * sum_t (logsumexp_e logits[t, e])^2``, which keeps the logits small.
 
+In a training loop, with your own router (``logits`` (T, E), ``topk_idx`` (T, K)) or with
+``sonic_learn.MoE``, whose ``router_stats`` carries the same two losses after every forward::
+
+    out = moe(x)
+    aux = moe.router_stats  # or: load_balancing_loss(logits, topk_idx), router_z_loss(logits)
+    loss = task_loss(out) + 0.01 * aux.load_balancing_loss + 0.001 * aux.z_loss
+    loss.backward(); opt.step(); opt.zero_grad()
+
 All three run on the device with static shapes (no ``.item()``, no ``bincount``): they add no host
 synchronization and can be captured in a CUDA graph or compiled with ``torch.compile(fullgraph=True)``.
 With no tokens (T = 0) or no pairs, both losses are 0.
