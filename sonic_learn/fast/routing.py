@@ -771,7 +771,7 @@ def _bitonic_supported(logits: torch.Tensor, k: int) -> bool:
     )
 
 
-def _token_choice_experts(logits: torch.Tensor, k: int) -> torch.Tensor:
+def token_choice_experts(logits: torch.Tensor, k: int) -> torch.Tensor:
     """(T, K) int64: every token's K best experts, descending, ties to the lower expert.
 
     The CuTe bitonic kernel where it applies (E a multiple of 8 in [8, 4096], K <= 16, 16/32-bit
@@ -787,7 +787,7 @@ def _token_choice_experts(logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]  # (T, K)
 
 
-def _scores_from_experts(logits: torch.Tensor, experts: torch.Tensor, scoring: str, normalize: bool) -> torch.Tensor:
+def scores_from_experts(logits: torch.Tensor, experts: torch.Tensor, scoring: str, normalize: bool) -> torch.Tensor:
     """(T, K) router weights of the chosen experts, with the reference's formulas (so bit-identical
     to ``sonic_learn.reference.topk.softmax_topk`` / ``topk_softmax`` and differentiable)."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -801,8 +801,8 @@ def _scores_from_experts(logits: torch.Tensor, experts: torch.Tensor, scoring: s
 
 def _flat_topk(logits: torch.Tensor, k: int, scoring: str, normalize: bool) -> tuple[Routing, torch.Tensor]:
     T, E = logits.shape
-    experts = _token_choice_experts(logits, k)  # (T, K)
-    scores = _scores_from_experts(logits, experts, scoring, normalize)  # (T, K)
+    experts = token_choice_experts(logits, k)  # (T, K)
+    scores = scores_from_experts(logits, experts, scoring, normalize)  # (T, K)
     token_idx = torch.arange(T, device=logits.device, dtype=torch.int32).repeat_interleave(k)  # (T*K,)
     routing = Routing(
         token_idx=token_idx,
@@ -957,8 +957,8 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
     device = logits.device
 
     # Step 1: token-choice top-k (CuTe bitonic) and f_e (CuTe histogram).
-    tc_experts = _token_choice_experts(logits, k)  # (T, K) int64
-    tc_scores = _scores_from_experts(logits, tc_experts, scoring, normalize)  # (T, K)
+    tc_experts = token_choice_experts(logits, k)  # (T, K) int64
+    tc_scores = scores_from_experts(logits, tc_experts, scoring, normalize)  # (T, K)
     tc_experts32 = tc_experts.to(torch.int32)  # (T, K)
     counts = _launch_metadata(tc_experts32.view(-1), None, E, scatter=False)[0]  # (E,) f_e
 

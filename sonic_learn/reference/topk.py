@@ -164,7 +164,9 @@ def _radix_select_columns(keys: torch.Tensor, bits: int, k: int) -> torch.Tensor
     # Step 2 (collect pass): every key > kth_key, then the ties in increasing column order.
     tie_rank = candidate.to(torch.int64).cumsum(-1)  # (R, N): 1, 2, ... along each row's ties
     take = (keys > kth_key) | (candidate & (tie_rank <= k_left))  # (R, N), exactly k per row
-    return take.nonzero()[:, 1].reshape(R, k)  # (R, k), nonzero walks rows in column order
+    # The k taken columns of each row in column order: a stable sort puts the taken ones (key 0)
+    # first (static shape, unlike nonzero, so torch.compile sees no data-dependent size).
+    return torch.sort((~take).to(torch.uint8), dim=-1, stable=True).indices[:, :k]  # (R, k)
 
 
 # --8<-- [start:radix_topk]
