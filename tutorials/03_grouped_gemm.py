@@ -138,11 +138,12 @@ def oracle(x, w, meta):
 from sonic_learn.reference.routing import Routing  # noqa: E402  (a hand-made routing)
 
 counts = [0, tile_m - 1, tile_m, tile_m + 1]  # expert 0 gets nothing
-# each expert takes c distinct tokens (a token picks an expert at most once); pairs sorted by token
-pairs = sorted((t, e) for e, c in enumerate(counts) for t in torch.randperm(T, generator=gen)[:c].tolist())
-token_idx = torch.tensor([t for t, _ in pairs], dtype=torch.int32)
-expert_idx = torch.tensor([e for _, e in pairs], dtype=torch.int32)
-edge = build_metadata(Routing(token_idx, expert_idx, torch.ones(len(pairs)), T, E))
+# expert e takes counts[e] distinct tokens; a Routing lists its pairs by token, as a router does
+token_idx = torch.cat([torch.randperm(T, generator=gen)[:c] for c in counts])
+expert_idx = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
+by_token = torch.sort(token_idx, stable=True).indices
+edge = build_metadata(Routing(token_idx[by_token].to(torch.int32), expert_idx[by_token].to(torch.int32),
+                              torch.ones(len(by_token)), T, E))
 for m in (meta, edge):
     ref = oracle(x, w, m)
     for name, fn in [("naive", naive_grouped_gemm), ("gather-fused", gather_fused_grouped_gemm)]:
