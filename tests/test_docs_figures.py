@@ -60,8 +60,8 @@ def test_bitonic_schedule_sorts_like_the_reference(gen, n: int) -> None:
         values = rng.sample(range(10 * n), n)  # unique keys, as after packing
         drawn = gen.apply_schedule(values, stages)
         assert drawn == sorted(values, reverse=True)
-        ref = topk._bitonic_sort_descending(torch.tensor(values, dtype=torch.int64)[:, None])  # (n wires, 1 word)
-        assert drawn == ref[:, 0].tolist()
+        ref = topk._bitonic_sort_descending(torch.tensor([values], dtype=torch.int64)[..., None])  # (1, n, 1 word)
+        assert drawn == ref[0, :, 0].tolist()
 
 
 def test_bitonic_schedule_rejects_bad_width(gen) -> None:
