@@ -38,10 +38,10 @@ Both are "the r best of one expert's candidates" for some r < tile_m, with the k
 (up, candidates = non-picks) or the negated score (down, candidates = picks). So per expert we
 only need the r-th best key (a *threshold*) and the tie rule at it, never a sorted column:
 
-1. ``BoundaryKeysKernel`` turns the (T, E) scores into one contiguous row of *key words* per
-   expert, ``keys[e, t]`` (E, T) int32: the float32 bits of ``scores[t, e]`` with bit 31 set at the
-   token-choice picks (scores are >= +0.0, so bit 31 is free and the other bits order like the
-   scores). It moves 32 x 32 tiles through shared memory, so reads and writes stay coalesced, and
+1. ``BoundaryKeysKernel`` turns the (T, E) ranking scores (the router probabilities p[t, e],
+   softmax over all E, see the reference) into one contiguous row of *key words* per
+   expert, ``keys[e, t]`` (E, T) int32: the float32 bits of ``p[t, e]`` with bit 31 set at the
+   token-choice picks (p is >= +0.0, so bit 31 is free and the other bits order like p). It moves 32 x 32 tiles through shared memory, so reads and writes stay coalesced, and
    also writes the (T, E) uint8 pick mask ``keep``.
 2. ``BoundarySelectKernel``, one CTA per expert: the rounding rule (``round_counts``'s integer
    math; the stochastic uniforms are drawn by torch exactly as the reference draws them) gives
@@ -57,9 +57,9 @@ only need the r-th best key (a *threshold*) and the tie rule at it, never a sort
 Both kernels run from one compiled call (``TokenRoundingKernels``: one host launch, no sync).
 Cost: every pass reads one row of T keys (L2-resident), so the selection is O(T) per expert with
 no sort and no (T, E)-wide temporaries besides the keys and the mask. What stays torch: the
-scores themselves (the reference's formula, so the compared floats are bit-identical and the
-output stays differentiable: ``logsumexp``, a subtraction, ``exp``, ``scatter``, in place when
-autograd is off), the stochastic draw,
+probabilities p and the weights (the reference's formulas, so the compared floats are bit-identical and the
+output stays differentiable: a ``softmax`` and a ``scatter``, in place when autograd is off),
+the stochastic draw,
 and ``nonzero`` on the (T, E) mask for the token-sorted triples (it also sizes the output: P is
 data dependent, so this is the one host sync that remains) plus two int32 casts and the score
 gather. Float64 logits give float64 scores, which do not fit the 32-bit key words: they take a
@@ -885,24 +885,13 @@ def round_counts(
     return _ref.round_counts(counts, tile_m, mode, generator, num_tokens=num_tokens)
 
 
-def _all_expert_scores(logits: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor, scoring: str,
-                       normalize: bool) -> torch.Tensor:
-    """(T, E): ``reference.routing._scores_for_all_experts``, bit for bit.
-
-    With autograd recording for ``logits`` it *is* the reference function. Without, it saves two
-    (T, E) passes: no float32 copy of the logits (``logits - log_z`` promotes bf16/fp16 to float32
-    exactly, then subtracts in float32, as the reference's subtraction does) and no clone before
-    the scatter (``exp_`` and ``scatter_`` run in place).
-    """
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _ref._scores_for_all_experts(logits, tc_experts, tc_scores, scoring, normalize)
-    dtype = tc_scores.dtype
-    if scoring == "topk_softmax" and not normalize:
-        log_z = torch.logsumexp(logits.to(dtype), dim=1, keepdim=True)  # (T, 1) over all E experts
-    else:
-        log_z = torch.logsumexp(logits.gather(1, tc_experts).to(dtype), dim=1, keepdim=True)  # (T, 1) over the picks
-    scores = torch.sub(logits, log_z)  # (T, E) in float32 (float64 for float64 logits)
-    return scores.exp_().scatter_(1, tc_experts, tc_scores)  # (T, E) the picks: the token-choice scores
+def _pair_weights(probs: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor) -> torch.Tensor:
+    """(T, E): ``reference.routing._pair_weights``, bit for bit. Call it after the selection has
+    read ``probs``: without autograd recording it overwrites ``probs`` in place (no (T, E) copy;
+    the stream runs the selection kernels first)."""
+    if torch.is_grad_enabled() and probs.requires_grad:
+        return _ref._pair_weights(probs, tc_experts, tc_scores)
+    return probs.scatter_(1, tc_experts, tc_scores)  # (T, E) the picks: the token-choice scores
 
 
 def _boundary_selection(keys: torch.Tensor, r: torch.Tensor, max_r: int, prefer_low_token: torch.Tensor) -> torch.Tensor:
@@ -1005,18 +994,19 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
     if mode == "stochastic":
         uniform = torch.rand(E, generator=generator, dtype=torch.float64, device=device)  # (E,) u_e
 
-    # The score every token's router gives every expert (the reference's formula: picks keep
-    # their token-choice scores bit for bit).
-    scores = _all_expert_scores(logits, tc_experts, tc_scores, scoring, normalize)  # (T, E)
+    # The ranking key of Algorithm 4: p[t, e], the softmax over all E experts (the reference's call).
+    probs = _ref._router_probabilities(logits)  # (T, E)
 
     # Steps 2-4: round f_e, then flip only the boundary pairs of each expert (see the module docstring).
     if T == 0:
         keep = torch.zeros(0, E, dtype=torch.bool, device=device)
-    elif scores.dtype == torch.float32 and selection == "kernels":
-        s = scores.detach().contiguous()
-        keep = _launch_boundary_kernels(s, tc_experts32, counts, uniform, mode, tile_m)  # (T, E) uint8
-    else:  # float64 scores (or the torch baseline)
-        keep = _boundary_keep_torch(scores, tc_experts, counts, uniform, mode, tile_m)  # (T, E) bool
+    elif probs.dtype == torch.float32 and selection == "kernels":
+        keep = _launch_boundary_kernels(probs.detach(), tc_experts32, counts, uniform, mode, tile_m)  # (T, E) uint8
+    else:  # float64 probabilities (or the torch baseline)
+        keep = _boundary_keep_torch(probs, tc_experts, counts, uniform, mode, tile_m)  # (T, E) bool
+
+    # The weights: picks keep their token-choice scores bit for bit, added tokens get p[t, e].
+    scores = _pair_weights(probs, tc_experts, tc_scores)  # (T, E)
 
     # Step 5: token-sorted triples (by token, then expert), as the reference's nonzero.
     token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)  <- the one host sync

@@ -213,38 +213,33 @@ def _round_counts_rule(counts: torch.Tensor, tile_m: int, mode: str, generator: 
 
 
 # --8<-- [start:token_rounding]
-def _scores_for_all_experts(
-    logits: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor, scoring: str, normalize: bool
-) -> torch.Tensor:
-    """The router's score for EVERY (token, expert) pair, not only the token-choice picks.
-
-    Each scoring rule is s[t, e] = exp(logit[t, e]) / Z_t with a per-token normalizer Z_t: the sum
-    of exp over the token's K picks (``softmax_topk``, or ``topk_softmax`` with ``normalize``) or
-    over all E experts (``topk_softmax``). We keep Z_t and evaluate the same formula at every expert,
-    so a token added to an expert by rounding up gets the weight its own router would have given
-    that expert. The picks keep their token-choice scores bit for bit.
-    """
-    x = logits.to(tc_scores.dtype)  # (T, E)
-    if scoring == "topk_softmax" and not normalize:
-        log_z = torch.logsumexp(x, dim=1, keepdim=True)  # (T, 1) normalizer over all E experts
-    else:
-        log_z = torch.logsumexp(x.gather(1, tc_experts), dim=1, keepdim=True)  # (T, 1) over the K picks
-    scores = torch.exp(x - log_z)  # (T, E)
-    return scores.scatter(1, tc_experts, tc_scores)  # (T, E) the picks: exactly the token-choice scores
+def _router_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """p[t, e]: the softmax of token t's logits over ALL E experts (float32, float64 for float64
+    logits). Algorithm 4 ranks every expert's tokens by this matrix (its S), whatever the scoring
+    rule of the token-choice weights."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return torch.softmax(logits.to(dtype), dim=1)  # (T, E)
 
 
-def _rank_tokens_per_expert(scores: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+def _pair_weights(probs: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor) -> torch.Tensor:
+    """The weight of every (token, expert) pair token rounding may keep: a token-choice pick keeps
+    its token-choice score bit for bit; any other pair (a token added by rounding up) gets its
+    router probability p[t, e], as in the paper's Algorithm 4."""
+    return probs.scatter(1, tc_experts, tc_scores)  # (T, E)
+
+
+def _rank_tokens_per_expert(probs: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
     """For every expert (column), all T tokens from best to worst: ``ranking[r, e]`` is the token of
-    rank r for expert e. Order: token-choice picks first, then by score (descending), then the lower
-    token index first on exact ties.
+    rank r for expert e. Order: token-choice picks first, then by router probability p[t, e]
+    (descending), then the lower token index first on exact ties.
 
     The reference sorts every whole column of the (T, E) matrix. A fast kernel does not need to:
     only the tokens inside each expert's last (boundary) tile can change, so it ranks only those.
     """
-    # (a) by score, best first; a stable sort keeps the lower token index first on ties.
-    by_score = torch.sort(scores, dim=0, descending=True, stable=True).indices  # (T, E)
+    # (a) by probability, best first; a stable sort keeps the lower token index first on ties.
+    by_score = torch.sort(probs, dim=0, descending=True, stable=True).indices  # (T, E)
     # (b) then the token-choice picks ahead of everyone else; stable, so (a)'s order survives inside
-    #     each group. (The paper gets the same order by subtracting 1 from every non-picked score.)
+    #     each group. (The paper gets the same order by subtracting 1 from every non-picked p.)
     not_picked = (~picked).gather(0, by_score).to(torch.int32)  # (T, E) 0 = picked, 1 = not
     picks_first = torch.sort(not_picked, dim=0, stable=True).indices  # (T, E)
     return by_score.gather(0, picks_first)  # (T, E)
@@ -266,17 +261,18 @@ def token_rounding(
        token count f_e.
     2. ``round_counts`` rounds every f_e to a multiple of ``tile_m`` (``mode``: nearest with exact
        halves down, up, down, or stochastic with ``generator``), capped at T.
-    3. Every expert ranks ALL T tokens: its token-choice picks first (by their token-choice score),
-       then the other tokens by the score the token's router gives that expert (see below), the
-       lower token index first on exact ties. Expert e keeps its first ``rounded_e`` tokens. So
-       ``down`` drops e's lowest-ranked picks and ``up`` adds the best non-picked tokens; only e's
-       last tile changes, and |rounded_e - f_e| < tile_m.
+    3. Every expert ranks ALL T tokens by the router probability p[t, e] = softmax over all E
+       experts of the token's logits (the paper's S, whatever ``scoring`` is): its token-choice
+       picks first, then the other tokens, each group by p descending, the lower token index first
+       on exact ties. Expert e keeps its first ``rounded_e`` tokens. So ``down`` drops e's picks
+       of lowest p and ``up`` adds the non-picked tokens of highest p; only e's last tile
+       changes, and |rounded_e - f_e| < tile_m.
 
     Scores: a token-choice pick keeps its token-choice score exactly. A token added by rounding up
-    gets exp(logit[t, e]) / Z_t, the same scoring formula with the token's own normalizer Z_t (the
-    sum of exp over its K picks for ``softmax_topk`` or ``normalize=True``, over all E experts for
-    plain ``topk_softmax``): the weight its router would give e. With ``softmax_topk`` an added
-    expert therefore makes the token's weights sum to more than 1, as in the paper's TR.
+    gets p[t, e], its probability over all E experts (the paper's Algorithm 4 and its code do the
+    same). With ``softmax_topk`` an added expert therefore makes the token's weights sum to more
+    than 1, as in the paper's TR. (Ranking by the softmax over the token's K picks instead would
+    favour tokens whose picks are weak: their normalizer is small. The paper ranks by S.)
     Scores are float32 (float64 for float64 logits) and differentiable w.r.t. ``logits``.
 
     Returns triples sorted by token, then by expert index within a token (NOT top-k order); a token
@@ -299,10 +295,11 @@ def token_rounding(
     # Step 2: round every f_e to a multiple of tile_m (capped at T).
     rounded = round_counts(counts, tile_m, mode, generator, num_tokens=T)  # (E,)
 
-    # Step 3: every expert ranks all tokens, token-choice picks first.
-    scores = _scores_for_all_experts(logits, tc_experts, tc_scores, scoring, normalize)  # (T, E)
+    # Step 3: every expert ranks all tokens by p (softmax over all E), token-choice picks first.
+    probs = _router_probabilities(logits)  # (T, E) p[t, e]
     picked = torch.zeros(T, E, dtype=torch.bool, device=device).scatter_(1, tc_experts, True)  # (T, E)
-    ranking = _rank_tokens_per_expert(scores.detach(), picked)  # (T, E) token of rank r for expert e
+    ranking = _rank_tokens_per_expert(probs.detach(), picked)  # (T, E) token of rank r for expert e
+    scores = _pair_weights(probs, tc_experts, tc_scores)  # (T, E) picks: token-choice score; others: p
 
     # Step 4: expert e keeps the tokens of rank < rounded_e; scatter that back to a (token, expert) mask.
     keep_by_rank = torch.arange(T, device=device)[:, None] < rounded[None, :]  # (T, E)
