@@ -376,11 +376,16 @@ def _unused_rows(device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(torch.empty(1, dtype=torch.int32, device=device) for _ in range(3))
 
 
-def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, num_experts: int, scatter: bool):
+def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, num_experts: int, scatter: bool,
+                     padded: bool = False):
     """Run the kernels on validated, int32, contiguous CUDA inputs; no host sync.
 
     Returns (counts, offsets, gather_idx, pair_of_row, row_of_pair); the last three are None when
-    ``scatter`` is False.
+    ``scatter`` is False. ``padded``: the pairs past the true P have the out-of-range expert E
+    (padding, skipped by the kernels), so the row arrays are initialized first: a row r past
+    expert_offsets[E] gets gather_idx 0 and pair_of_row r, a padding pair p gets row_of_pair p.
+    Padding rows and padding pairs map to each other, never to a real pair or row (a kernel that
+    walks every row, like the standard backward's gather-scale-dot, then writes padding entries only).
     """
     device = expert_idx.device
     P, E = expert_idx.numel(), num_experts
@@ -389,7 +394,11 @@ def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, n
     counts = alloc(E, dtype=i32, device=device)
     offsets = alloc(E + 1, dtype=i32, device=device)
     if scatter:
-        rows = [torch.empty(P, dtype=i32, device=device) for _ in range(3)]  # gather, pair_of_row, row_of_pair
+        if padded:
+            ids = torch.arange(P, dtype=i32, device=device)  # (P,) padding rows <-> padding pairs
+            rows = [torch.zeros(P, dtype=i32, device=device), ids, ids.clone()]  # gather, pair_of_row, row_of_pair
+        else:
+            rows = [torch.empty(P, dtype=i32, device=device) for _ in range(3)]  # gather, pair_of_row, row_of_pair
     else:
         rows = _unused_rows(device)  # never touched by the counts-only variant
     if P > 0:
@@ -756,7 +765,7 @@ def _int32(t: torch.Tensor) -> torch.Tensor:
 
 
 # --8<-- [start:build_metadata]
-def build_metadata(routing: Routing, *, check_ids: bool = True) -> RoutingMetadata:
+def build_metadata(routing: Routing, *, check_ids: bool = True, padded: bool = False) -> RoutingMetadata:
     """Group the pairs of ``routing`` by expert (CuTe-DSL kernels): counts, offsets, permutations.
 
     Same result as ``sonic_learn.reference.routing.build_metadata``, bit for bit. ``check_ids``
@@ -764,14 +773,22 @@ def build_metadata(routing: Routing, *, check_ids: bool = True) -> RoutingMetada
     whose routing comes from a router (the MoE layer, benchmarks) pass ``check_ids=False`` and the
     call never synchronizes. Unchecked out-of-range expert ids are skipped by the kernels (no
     out-of-bounds write), but the result is then outside the contract.
+
+    ``padded=True`` (with ``check_ids=False``) takes a routing padded to a bound, e.g. from
+    ``token_rounding(..., pad_to_bound=True)``: padding pairs carry expert E and are skipped, so
+    ``expert_offsets[E]`` is the true P on the device; the arrays keep the padded length, and past
+    the true P a row r has gather_idx 0 and pair_of_row r, a padding pair p has row_of_pair p.
     """
     routing = _check_routing_structure(routing)
     if not isinstance(check_ids, bool):
         raise TypeError(f"check_ids must be a bool, got {type(check_ids).__name__}")
+    _checks.check_bool("padded", padded)
+    if check_ids and padded:
+        raise ValueError("padded=True needs check_ids=False (padding pairs carry the out-of-range expert E)")
     if check_ids:
         _ref._check_routing_ids(routing)  # the reference's id range checks (read the device)
     counts, offsets, gather_idx, pair_of_row, row_of_pair = _launch_metadata(
-        _int32(routing.expert_idx), _int32(routing.token_idx), routing.num_experts, scatter=True
+        _int32(routing.expert_idx), _int32(routing.token_idx), routing.num_experts, scatter=True, padded=padded
     )
     return RoutingMetadata(
         expert_counts=counts,
@@ -952,26 +969,38 @@ def token_rounding(
     scoring: str = "softmax_topk",
     normalize: bool = False,
     check_finite: bool = True,
+    pad_to_bound: bool = False,
 ) -> Routing:
     """Token rounding (paper Algorithm 4) with the reference's exact semantics, without a full sort.
 
-    Same arguments, result and tie rules as ``sonic_learn.reference.routing.token_rounding`` (see
-    there); the module docstring explains the boundary-only selection kernels. One device-to-host
-    sync (sizing the output: the number of pairs P is data dependent), plus one for
-    ``check_finite``. Needs E <= ``MAX_EXPERTS`` (the counts come from the CuTe histogram kernel)
-    and tile_m <= 2**62 (the rounding rule runs in int64 inside the select kernel).
+    Same arguments, result, tie rules, warning and ``routing.rounding`` counts as
+    ``sonic_learn.reference.routing.token_rounding`` (see there); the module docstring explains
+    the boundary-only selection kernels. Needs E <= ``MAX_EXPERTS`` (the counts come from the CuTe
+    histogram kernel) and tile_m <= 2**62 (the rounding rule runs in int64 inside the select kernel).
+
+    Synchronization: the number of pairs P is data dependent. By default the triples are exactly
+    the reference's, so sizing them reads P on the host (one sync, plus one for ``check_finite``).
+    With ``pad_to_bound=True`` (and ``check_finite=False``) the call never synchronizes and can be
+    captured in a CUDA graph: the triples have ``reference.routing.max_pairs(T, E, K, tile_m)``
+    entries, the kept pairs first (the reference's triples, in its order), then padding pairs with
+    token ``T``, expert ``E`` (both out of range: the metadata kernels skip them) and score 0;
+    the true P stays on the device as ``routing.rounding.kept_pairs``.
 
     Which steps are CuTe and which are torch: token-choice top-k (bitonic kernel), f_e
     (histogram kernel), the rounding rule, the key rows and the boundary selection (the two
-    token-rounding kernels) are CuTe; the scores (the reference's formula, so bit-identical and
-    differentiable; in place when autograd is off), the stochastic draw and the final
-    ``nonzero`` are torch. Float64 logits
+    token-rounding kernels) are CuTe; the probabilities p and the weights (the reference's
+    formulas, so bit-identical and differentiable; in place when autograd is off), the stochastic
+    draw (``torch.rand`` on the device, from ``generator``), the counts of ``routing.rounding``
+    and the final ``nonzero`` (``nonzero_static`` when padded) are torch. Float64 logits
     (float64 scores) take a torch-op selection instead of the two kernels (same result).
     """
-    return _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection="kernels")
+    _checks.check_bool("pad_to_bound", pad_to_bound)
+    return _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection="kernels",
+                           pad_to_bound=pad_to_bound)
 
 
-def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection: str) -> Routing:
+def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection: str,
+                    pad_to_bound: bool = False) -> Routing:
     """``token_rounding``; ``selection="torch"`` runs steps 2-4 with torch ops for every dtype (the
     previous design, kept as the benchmark's in-run baseline and as the float64 path)."""
     logits = _check_router_args(logits, k, scoring, normalize, check_finite)
@@ -982,6 +1011,7 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
     if E > MAX_EXPERTS:
         raise ValueError(f"logits.shape[1] (E) must be <= {MAX_EXPERTS} for the fast routing kernels, got {E}")
     device = logits.device
+    ratio = _ref.warn_below_paper_condition(T, E, k, tile_m)  # the paper's T_e / tile >= 2, host only
 
     # Step 1: token-choice top-k (CuTe bitonic) and f_e (CuTe histogram).
     tc_experts = _token_choice_experts(logits, k)  # (T, K) int64
@@ -1007,14 +1037,36 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
 
     # The weights: picks keep their token-choice scores bit for bit, added tokens get p[t, e].
     scores = _pair_weights(probs, tc_experts, tc_scores)  # (T, E)
+    stats = _rounding_stats(keep, counts, ratio)
 
     # Step 5: token-sorted triples (by token, then expert), as the reference's nonzero.
-    token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)  <- the one host sync
+    if not pad_to_bound:
+        token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)  <- the one host sync
+        return Routing(token_idx=token_idx.to(torch.int32), expert_idx=expert_idx.to(torch.int32),
+                       scores=scores[token_idx, expert_idx], num_tokens=T, num_experts=E, rounding=stats)
+    bound = _ref.max_pairs(T, E, k, tile_m)
+    found = torch.nonzero_static(keep, size=bound, fill_value=-1)  # (bound, 2): kept pairs, then -1 rows
+    token_idx, expert_idx = found[:, 0], found[:, 1]  # (bound,), (bound,)
+    is_pair = token_idx >= 0  # (bound,) the first kept_pairs entries
+    weight = scores[token_idx.clamp(min=0), expert_idx.clamp(min=0)]  # (bound,) padding reads (0, 0)
     return Routing(
-        token_idx=token_idx.to(torch.int32),
-        expert_idx=expert_idx.to(torch.int32),
-        scores=scores[token_idx, expert_idx],  # (P,)
-        num_tokens=T,
-        num_experts=E,
+        token_idx=torch.where(is_pair, token_idx, T).to(torch.int32),  # padding: T, keeps the order ascending
+        expert_idx=torch.where(is_pair, expert_idx, E).to(torch.int32),  # padding: E, skipped by the kernels
+        scores=torch.where(is_pair, weight, torch.zeros((), dtype=weight.dtype, device=device)),  # padding: 0
+        num_tokens=T, num_experts=E, rounding=stats)
+
+
+def _rounding_stats(keep: torch.Tensor, counts: torch.Tensor, ratio: float) -> _ref.RoundingStats:
+    """``routing.rounding`` from the (T, E) keep mask and the token-choice counts f_e, on the device:
+    per expert, rounded_e - f_e > 0 pairs were added and < 0 dropped (rounding only ever moves one
+    side of an expert's boundary)."""
+    kept_per_expert = keep.sum(dim=0, dtype=torch.int64)  # (E,)
+    delta = kept_per_expert - counts.long()  # (E,)
+    return _ref.RoundingStats(
+        kept_pairs=kept_per_expert.sum(),  # ()
+        dropped_pairs=(-delta).clamp(min=0).sum(),  # ()
+        added_pairs=delta.clamp(min=0).sum(),  # ()
+        dropped_tokens=(keep.sum(dim=1, dtype=torch.int32) == 0).sum(),  # () tokens with no expert left
+        tokens_per_tile=ratio,
     )
 # --8<-- [end:token_rounding]

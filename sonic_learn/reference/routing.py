@@ -17,6 +17,7 @@ expert, the order of rows in the grouped GEMM).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,18 @@ ROUNDING_MODES = ("nearest", "up", "down", "stochastic")
 
 
 # --8<-- [start:routing_types]
+@dataclass(frozen=True)
+class RoundingStats:
+    """What token rounding changed compared with token-choice top-k. The counts are 0-d int64
+    tensors on the routing's device (reading one, e.g. ``int(stats.dropped_tokens)``, syncs)."""
+
+    kept_pairs: torch.Tensor  # () P, the pairs token rounding kept (a padded routing has more entries)
+    dropped_pairs: torch.Tensor  # () token-choice pairs removed by rounding down
+    added_pairs: torch.Tensor  # () pairs added by rounding up (tokens an expert did not pick)
+    dropped_tokens: torch.Tensor  # () tokens left with no expert at all (their output is 0)
+    tokens_per_tile: float  # T*K / (E*tile_m): the paper's condition asks for >= 2
+
+
 @dataclass(frozen=True)
 class Routing:
     """A routing as flat triples, sorted by token: pair p sends token ``token_idx[p]`` to expert
@@ -43,6 +56,7 @@ class Routing:
     scores: torch.Tensor  # (P,) float32 (float64 for float64 logits), differentiable
     num_tokens: int  # T
     num_experts: int  # E
+    rounding: RoundingStats | None = None  # token rounding only: pairs/tokens dropped and added
 
     @property
     def num_pairs(self) -> int:
@@ -212,6 +226,62 @@ def _round_counts_rule(counts: torch.Tensor, tile_m: int, mode: str, generator: 
 # --8<-- [end:round_counts]
 
 
+# The paper's quality result for token rounding holds while the average number of tokens per expert
+# is at least this many GEMM tiles (SonicMoE, Tables 7 and 8: no loss at T_e / M_tile >= 2; at 1 the
+# validation perplexity of the 1.8B model rises from 13.12 to 13.55).
+PAPER_MIN_TOKENS_PER_TILE = 2.0
+_warned_shapes: set[tuple[int, int, int, int]] = set()  # (T, E, K, tile_m) already warned about
+
+
+def tokens_per_tile(num_tokens: int, num_experts: int, k: int, tile_m: int) -> float:
+    """The average token-choice load of an expert in GEMM tiles, T*K / (E*tile_m) (host only)."""
+    return num_tokens * k / (num_experts * tile_m)
+
+
+def warn_below_paper_condition(num_tokens: int, num_experts: int, k: int, tile_m: int) -> float:
+    """Token rounding's guard: a ``UserWarning``, once per (T, E, K, tile_m), when the average
+    tokens per expert / tile is below the paper's 2 (then rounding down drops a large share of
+    the pairs, and with ``nearest`` an expert with fewer than tile_m/2 tokens gets none).
+    Host-only arithmetic: no device read. Returns the ratio."""
+    ratio = tokens_per_tile(num_tokens, num_experts, k, tile_m)
+    shape = (num_tokens, num_experts, k, tile_m)
+    if tile_m > 1 and num_tokens > 0 and ratio < PAPER_MIN_TOKENS_PER_TILE and shape not in _warned_shapes:
+        _warned_shapes.add(shape)
+        warnings.warn(
+            f"token rounding below the paper's condition: average tokens per expert / tile = "
+            f"T*K/(E*tile_m) = {num_tokens}*{k}/({num_experts}*{tile_m}) = {ratio:.3g} < "
+            f"{PAPER_MIN_TOKENS_PER_TILE:g}. SonicMoE reports no quality loss only while this ratio is >= 2; "
+            f"here rounding down drops many token-choice pairs (an expert with fewer than tile_m/2 tokens "
+            f"keeps none with mode='nearest', so tokens can lose every expert and get a zero output). "
+            f"Use routing='topk', a smaller tile_m or more tokens per batch; Routing.rounding counts the "
+            f"dropped pairs and tokens. (Warned once per shape.)",
+            UserWarning, stacklevel=3)
+    return ratio
+
+
+def max_pairs(num_tokens: int, num_experts: int, k: int, tile_m: int) -> int:
+    """A host-side bound on token rounding's pair count P, for every mode and every routing.
+
+    Every mode's rounded count is at most f_e rounded up, capped at T: min(ceil_tile(f_e), T) <=
+    f_e + (tile_m - 1) for the at most min(E, T*K) experts with a partial tile, and <= T. Summing,
+    P <= min(T*K + min(E, T*K) * (tile_m - 1), E*T). Buffers sized by this bound need no device
+    read (the fast path's sync-free token rounding pads its triples to it).
+    """
+    tk = num_tokens * k
+    return min(tk + min(num_experts, tk) * (tile_m - 1), num_experts * num_tokens)
+
+
+def _rounding_stats(keep: torch.Tensor, picked: torch.Tensor, ratio: float) -> RoundingStats:
+    """Device-side counts of what rounding changed; ``keep`` and ``picked`` are (T, E) bool."""
+    return RoundingStats(
+        kept_pairs=keep.sum(),  # ()
+        dropped_pairs=(picked & ~keep).sum(),  # ()
+        added_pairs=(keep & ~picked).sum(),  # ()
+        dropped_tokens=(~keep.any(dim=1)).sum(),  # () tokens with no expert left
+        tokens_per_tile=ratio,
+    )
+
+
 # --8<-- [start:token_rounding]
 def _router_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """p[t, e]: the softmax of token t's logits over ALL E experts (float32, float64 for float64
@@ -278,6 +348,10 @@ def token_rounding(
     Returns triples sorted by token, then by expert index within a token (NOT top-k order); a token
     may get fewer or more than K experts. ``tile_m=1`` gives exactly the pairs and scores of
     ``topk_routing``, in this (token, expert) order. T = 0 returns an empty routing.
+
+    ``routing.rounding`` (a ``RoundingStats``) counts, on the device, the pairs dropped and added
+    and the tokens left with no expert. Below the paper's condition, T*K / (E*tile_m) < 2, the
+    call warns (``UserWarning``, once per shape; see ``warn_below_paper_condition``).
     """
     logits = _check_router_args(logits, k, scoring, normalize)
     _checks.check_int_range("tile_m", tile_m, 1)
@@ -285,6 +359,7 @@ def token_rounding(
     _check_generator(generator, logits.device)
     T, E = logits.shape
     device = logits.device
+    ratio = warn_below_paper_condition(T, E, k, tile_m)  # the paper's T_e / tile >= 2, host only
 
     # Step 1: token-choice top-k; f_e = how many tokens picked expert e.
     tc = topk_routing(logits, k, scoring=scoring, normalize=normalize)
@@ -313,6 +388,7 @@ def token_rounding(
         scores=scores[token_idx, expert_idx],  # (P,)
         num_tokens=T,
         num_experts=E,
+        rounding=_rounding_stats(keep, picked, ratio),
     )
 # --8<-- [end:token_rounding]
 
