@@ -273,6 +273,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "results"))
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", type=int, default=Config.steps)
+    p.add_argument("--eval-every", type=int, default=Config.eval_every)
     p.add_argument("--batch", type=int, default=Config.batch, help="sequences per step (T = batch * seq)")
     p.add_argument("--low-batch", type=int, default=4, help="sequences per step of the below-condition run")
     p.add_argument("--max-bytes", type=int, default=8 << 20, help="training bytes read from the stdlib")
@@ -292,7 +293,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("train_tiny_moe: the full run needs a CUDA GPU (use --smoke on the CPU)", file=sys.stderr)
         return 2
-    cfg = replace(Config(), steps=args.steps, batch=args.batch)
+    cfg = replace(Config(), steps=args.steps, batch=args.batch, eval_every=args.eval_every)
     result = run_all(cfg, seeds, args.low_batch, args.max_bytes, "fast", torch.device("cuda"), torch.bfloat16)
     name = torch.cuda.get_device_name().replace(" ", "_")
     out = Path(args.out) / f"train_tiny_moe_{name}.json"
