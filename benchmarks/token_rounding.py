@@ -469,6 +469,7 @@ def main(argv=None) -> int:
         T, d, n, E, K = SHAPES[i]
         record["shapes"].append(bench_shape(T, d, n, E, K, args.reps if d == 1536 else args.big_reps,
                                             layer_only=args.layer_only))
+        bench.write_record(record, args.out, "token_rounding")  # partial results survive a time limit
         torch.cuda.empty_cache()
     if not args.no_router_fraction:
         print("router fraction, 7B configuration:", flush=True)

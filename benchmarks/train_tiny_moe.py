@@ -238,28 +238,31 @@ def plot(result: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
-def run_all(cfg: Config, seeds: list[int], low_batch: int, max_bytes: int, backend: str, device, dtype) -> dict:
+def run_all(cfg: Config, seeds: list[int], low_batch: int, max_bytes: int, backend: str, device, dtype,
+            save=None) -> dict:
+    """Every run (top-k and token rounding per seed, then one seed of both below the condition);
+    ``save(result)`` is called after each run, so a time limit keeps the finished runs."""
     train_data, val_data, data_info = stdlib_bytes(max_bytes, 0.1)
-    runs = []
-    for seed in seeds:
-        for routing in ("topk", "token_rounding"):
-            runs.append(train(cfg, routing, seed, train_data, val_data, backend, device, dtype))
-            print(f"{routing:>14} seed {seed} T_e/tile {runs[-1]['tokens_per_expert_per_tile']:g}: "
-                  f"val {runs[-1]['final_val_loss']:.4f} ({runs[-1]['seconds']:.1f} s)", flush=True)
-    low = replace(cfg, batch=low_batch)
-    for routing in ("topk", "token_rounding"):  # one seed below the paper's condition
-        runs.append(train(low, routing, seeds[0], train_data, val_data, backend, device, dtype))
-        print(f"{routing:>14} seed {seeds[0]} T_e/tile {runs[-1]['tokens_per_expert_per_tile']:g}: "
-              f"val {runs[-1]['final_val_loss']:.4f} ({runs[-1]['seconds']:.1f} s)", flush=True)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    return {
+    result = {
         "benchmark": "train_tiny_moe",
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "device": device_name,
                         "backend": backend, "dtype": str(dtype).replace("torch.", "")},
         "config": asdict(cfg), "low_tokens_batch": low_batch, "seeds": seeds, "data": data_info,
-        "rounding_mode": "nearest", "eval_routing": "topk",
-        "runs": runs, "summary": summarize(runs),
+        "rounding_mode": "nearest", "eval_routing": "topk", "runs": [], "summary": [],
     }
+    low = replace(cfg, batch=low_batch)
+    plan = [(cfg, routing, seed) for seed in seeds for routing in ("topk", "token_rounding")]
+    plan += [(low, routing, seeds[0]) for routing in ("topk", "token_rounding")]  # below the condition
+    for run_cfg, routing, seed in plan:
+        run = train(run_cfg, routing, seed, train_data, val_data, backend, device, dtype)
+        result["runs"].append(run)
+        result["summary"] = summarize(result["runs"])
+        print(f"{routing:>14} seed {seed} T_e/tile {run['tokens_per_expert_per_tile']:g}: "
+              f"val {run['final_val_loss']:.4f} ({run['seconds']:.1f} s)", flush=True)
+        if save is not None:
+            save(result)
+    return result
 
 
 def smoke_config() -> Config:
@@ -294,11 +297,10 @@ def main(argv=None) -> int:
         print("train_tiny_moe: the full run needs a CUDA GPU (use --smoke on the CPU)", file=sys.stderr)
         return 2
     cfg = replace(Config(), steps=args.steps, batch=args.batch, eval_every=args.eval_every)
-    result = run_all(cfg, seeds, args.low_batch, args.max_bytes, "fast", torch.device("cuda"), torch.bfloat16)
-    name = torch.cuda.get_device_name().replace(" ", "_")
-    out = Path(args.out) / f"train_tiny_moe_{name}.json"
+    out = Path(args.out) / f"train_tiny_moe_{torch.cuda.get_device_name().replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    result = run_all(cfg, seeds, args.low_batch, args.max_bytes, "fast", torch.device("cuda"), torch.bfloat16,
+                     save=lambda res: out.write_text(json.dumps(res, indent=1)))
     print(f"wrote {out}")
     print(json.dumps(result["summary"], indent=1))
     return 0

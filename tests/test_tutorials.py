@@ -24,7 +24,8 @@ DOC_PAGES = sorted((REPO / "docs").rglob("*.md"))
 
 def test_the_five_tutorials_exist() -> None:
     names = [p.name for p in TUTORIALS]
-    assert names == ["01_topk.py", "02_routing.py", "03_grouped_gemm.py", "04_backward.py", "05_moe_layer.py"]
+    assert names == ["01_topk.py", "02_routing.py", "03_grouped_gemm.py", "04_backward.py", "05_moe_layer.py",
+                     "06_token_rounding_quality.py"]
 
 
 @pytest.mark.parametrize("script", TUTORIALS, ids=lambda p: p.stem)
