@@ -173,3 +173,107 @@ def test_fast_padded_token_rounding_equals_the_reference(T, E, K, tile_m, mode):
     tail = torch.arange(P, bound, device="cuda", dtype=torch.int32)
     assert torch.equal(meta.pair_of_row[P:], tail) and torch.equal(meta.row_of_pair[P:], tail)
     assert bool((meta.gather_idx[P:] == 0).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# The padded (sync-free) layout, on the CPU: the reference's pad_to_bound and the fast layer's
+# autograd Functions on padded metadata, with every row past the true P poisoned
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T,E,K,tile_m,mode", [(37, 4, 2, 8, "nearest"), (20, 6, 3, 4, "up"), (50, 5, 1, 16, "down"),
+                                               (9, 4, 2, 128, "nearest"), (0, 3, 1, 4, "up")])
+def test_reference_pad_to_bound_is_the_routing_plus_padding(T, E, K, tile_m, mode):
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(T + E), dtype=torch.float64)
+    want = ref.token_rounding(logits, K, tile_m=tile_m, mode=mode)
+    got = ref.token_rounding(logits, K, tile_m=tile_m, mode=mode, pad_to_bound=True)
+    bound, P = ref.max_pairs(T, E, K, tile_m), want.num_pairs
+    assert got.num_pairs == bound and int(got.rounding.kept_pairs) == P
+    assert torch.equal(got.token_idx[:P], want.token_idx) and torch.equal(got.expert_idx[:P], want.expert_idx)
+    assert torch.equal(got.scores[:P], want.scores)
+    assert got.token_idx[P:].eq(T).all() and got.expert_idx[P:].eq(E).all() and got.scores[P:].eq(0).all()
+    meta, exact = ref.build_padded_metadata(got), ref.build_metadata(want)
+    assert torch.equal(meta.expert_offsets, exact.expert_offsets)
+    tail = torch.arange(P, bound, dtype=torch.int32)
+    assert torch.equal(meta.pair_of_row, torch.cat([exact.pair_of_row, tail]))
+    assert torch.equal(meta.row_of_pair, torch.cat([exact.row_of_pair, tail]))
+    assert torch.equal(meta.gather_idx, torch.cat([exact.gather_idx, torch.zeros_like(tail)]))
+
+
+def _poisoned(ops, P: int):
+    """Torch stand-ins of the fast kernels that behave like them on a padded routing: a GEMM reads
+    the true P from expert_offsets and computes rows < P only; every row it does not compute (and
+    every row past P of an elementwise kernel's output) is NaN, like uninitialized memory."""
+    import dataclasses
+
+    def pad(t):
+        if not torch.is_tensor(t) or t.shape[0] != P:
+            return t
+        rest = torch.full((bound - P, *t.shape[1:]), float("nan"), dtype=t.dtype)
+        return torch.cat([t, rest])
+
+    def cut(meta):
+        return dataclasses.replace(meta, gather_idx=meta.gather_idx[:P], pair_of_row=meta.pair_of_row[:P],
+                                   row_of_pair=meta.row_of_pair[:P])
+
+    def poison(t):
+        if torch.is_tensor(t) and t.shape[0] == bound and t.is_floating_point():
+            t = t.clone()
+            t[P:] = float("nan")
+        return t
+
+    def each(out, f):
+        return tuple(f(o) for o in out) if isinstance(out, tuple) else f(out)
+
+    bound = None
+
+    def rows_gemm(fn, cut_a):
+        def run(a, w, meta, *rest):
+            nonlocal bound
+            bound = meta.gather_idx.numel()
+            return each(fn(a[:P] if cut_a else a, w, cut(meta), *rest), pad)
+        return run
+
+    def dh(dout, w2, meta, h, row_scores):
+        return each(ops.dh_gemm(dout, w2, cut(meta), h[:P], row_scores[:P]), pad)
+
+    def varlen_k(a, b, meta, gather_a, *rest):
+        return ops.varlen_k_gemm(a if gather_a else a[:P], b[:P], cut(meta), gather_a, *rest)
+
+    return dataclasses.replace(
+        ops, gather_gemm=rows_gemm(ops.gather_gemm, False), gather_gemm_swiglu=rows_gemm(ops.gather_gemm_swiglu, False),
+        grouped_gemm=rows_gemm(ops.grouped_gemm, True), dh_gemm=dh, varlen_k_gemm=varlen_k,
+        swiglu=lambda h: poison(ops.swiglu(h)), swiglu_backward=lambda h, da: each(ops.swiglu_backward(h, da), poison),
+        # the gather-and-sum reads the pairs token_offsets[t] : token_offsets[t + 1] of each token only
+        gather_sum=lambda rows, w, row_of_pair, offs: ops.gather_sum(
+            rows, None if w is None else w[: int(offs[-1])], row_of_pair[: int(offs[-1])], offs))
+
+
+@pytest.mark.parametrize("backward", ["reduced_memory", "standard"])
+@pytest.mark.parametrize("T,E,K,tile_m", [(37, 4, 2, 8), (23, 6, 3, 16), (5, 4, 2, 128)])
+def test_fast_experts_never_read_past_the_true_pair_count(backward, T, E, K, tile_m):
+    """The fast layer's autograd Functions (kernels replaced by torch stand-ins) on the padded routing
+    and metadata, with the rows past P poisoned, give the reference layer's output and gradients."""
+    fast_moe = pytest.importorskip("sonic_learn.fast.moe")
+    compile_tests = pytest.importorskip("tests.test_fast_moe_compile")
+    from sonic_learn.reference import moe as ref_moe
+
+    g = torch.Generator().manual_seed(T * E)
+    d, n = 8, 8
+    x, router_w = torch.randn(T, d, generator=g, dtype=torch.float64), torch.randn(d, E, generator=g, dtype=torch.float64)
+    w1 = torch.randn(E, d, 2 * n, generator=g, dtype=torch.float64) / d**0.5
+    w2 = torch.randn(E, n, d, generator=g, dtype=torch.float64) / n**0.5
+    leaves = [t.requires_grad_(True) for t in (x, router_w, w1, w2)]
+    r = ref.token_rounding(leaves[0] @ leaves[1], K, tile_m=tile_m, pad_to_bound=True)
+    meta = ref.build_padded_metadata(r)
+    assert meta.num_rows > int(meta.expert_offsets[-1]) or T * K == 0  # there is padding to poison
+    token_offsets = fast_moe._token_offsets(r.token_idx, T, None)
+    dr = fast_moe.DeviceRouting(meta, r.scores, token_offsets, r.rounding)
+    ops = _poisoned(compile_tests.TORCH_OPS, int(meta.expert_offsets[-1]))
+    out = fast_moe.run_experts(leaves[0], leaves[2], leaves[3], dr, backward, ops)
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    want = ref_moe.moe_forward(*ref_leaves, K, routing="token_rounding", tile_m=tile_m, backward=backward)
+    gout = torch.randn(T, d, generator=g, dtype=torch.float64)
+    (out * gout).sum().backward()
+    (want * gout).sum().backward()
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip(("x", "router_w", "w1", "w2"), leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"d{name}: {m}")

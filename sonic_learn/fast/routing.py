@@ -1044,16 +1044,9 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
         token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)  <- the one host sync
         return Routing(token_idx=token_idx.to(torch.int32), expert_idx=expert_idx.to(torch.int32),
                        scores=scores[token_idx, expert_idx], num_tokens=T, num_experts=E, rounding=stats)
-    bound = _ref.max_pairs(T, E, k, tile_m)
-    found = torch.nonzero_static(keep, size=bound, fill_value=-1)  # (bound, 2): kept pairs, then -1 rows
-    token_idx, expert_idx = found[:, 0], found[:, 1]  # (bound,), (bound,)
-    is_pair = token_idx >= 0  # (bound,) the first kept_pairs entries
-    weight = scores[token_idx.clamp(min=0), expert_idx.clamp(min=0)]  # (bound,) padding reads (0, 0)
-    return Routing(
-        token_idx=torch.where(is_pair, token_idx, T).to(torch.int32),  # padding: T, keeps the order ascending
-        expert_idx=torch.where(is_pair, expert_idx, E).to(torch.int32),  # padding: E, skipped by the kernels
-        scores=torch.where(is_pair, weight, torch.zeros((), dtype=weight.dtype, device=device)),  # padding: 0
-        num_tokens=T, num_experts=E, rounding=stats)
+    # Padded to the host bound (the reference's own helper, pad_to_bound=True there): no sync.
+    token_idx, expert_idx, pair_scores = _ref._padded_triples(keep, scores, _ref.max_pairs(T, E, k, tile_m))
+    return Routing(token_idx, expert_idx, pair_scores, num_tokens=T, num_experts=E, rounding=stats)
 
 
 def _rounding_stats(keep: torch.Tensor, counts: torch.Tensor, ratio: float) -> _ref.RoundingStats:

@@ -324,6 +324,7 @@ def token_rounding(
     generator: torch.Generator | None = None,
     scoring: str = "softmax_topk",
     normalize: bool = False,
+    pad_to_bound: bool = False,
 ) -> Routing:
     """Token rounding (TR), SonicMoE's router (paper Section 5, Algorithm 4).
 
@@ -352,8 +353,14 @@ def token_rounding(
     ``routing.rounding`` (a ``RoundingStats``) counts, on the device, the pairs dropped and added
     and the tokens left with no expert. Below the paper's condition, T*K / (E*tile_m) < 2, the
     call warns (``UserWarning``, once per shape; see ``warn_below_paper_condition``).
+
+    ``pad_to_bound=True`` returns the layout of the fast path's sync-free router: ``max_pairs(T, E,
+    K, tile_m)`` triples, the P kept ones first (exactly the ones above), then padding pairs with
+    token T, expert E and score 0; P is ``routing.rounding.kept_pairs``. Its metadata is
+    ``build_padded_metadata``.
     """
     logits = _check_router_args(logits, k, scoring, normalize)
+    _checks.check_bool("pad_to_bound", pad_to_bound)
     _checks.check_int_range("tile_m", tile_m, 1)
     _checks.check_choice("mode", mode, ROUNDING_MODES)
     _check_generator(generator, logits.device)
@@ -381,6 +388,10 @@ def token_rounding(
     keep = torch.zeros(T, E, dtype=torch.bool, device=device).scatter_(0, ranking, keep_by_rank)  # (T, E)
 
     # Step 5: token-sorted triples. nonzero walks the mask row by row: by token, then by expert.
+    stats = _rounding_stats(keep, picked, ratio)
+    if pad_to_bound:  # the fast path's sync-free layout: max_pairs entries, padding last
+        token_idx, expert_idx, pair_scores = _padded_triples(keep, scores, max_pairs(T, E, k, tile_m))
+        return Routing(token_idx, expert_idx, pair_scores, T, E, rounding=stats)
     token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)
     return Routing(
         token_idx=token_idx.to(torch.int32),
@@ -388,9 +399,44 @@ def token_rounding(
         scores=scores[token_idx, expert_idx],  # (P,)
         num_tokens=T,
         num_experts=E,
-        rounding=_rounding_stats(keep, picked, ratio),
+        rounding=stats,
     )
 # --8<-- [end:token_rounding]
+
+
+def _padded_triples(keep: torch.Tensor, scores: torch.Tensor, bound: int):
+    """The kept pairs of the (T, E) mask ``keep`` as token-sorted triples padded to ``bound``
+    entries, without reading the device: the kept pairs first (nonzero's order), then padding
+    pairs with token T, expert E (both out of range) and score 0. (int32, int32, scores' dtype)."""
+    T, E = keep.shape
+    found = torch.nonzero_static(keep, size=bound, fill_value=-1)  # (bound, 2): kept pairs, then -1 rows
+    token_idx, expert_idx = found[:, 0], found[:, 1]  # (bound,), (bound,)
+    is_pair = token_idx >= 0  # (bound,) the first P entries
+    weight = scores[token_idx.clamp(min=0), expert_idx.clamp(min=0)]  # (bound,) padding reads (0, 0)
+    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    return (torch.where(is_pair, token_idx, T).to(torch.int32),  # padding: T keeps the order ascending
+            torch.where(is_pair, expert_idx, E).to(torch.int32),  # padding: E, skipped by the metadata
+            torch.where(is_pair, weight, zero))  # padding: 0, and no gradient
+
+
+def build_padded_metadata(routing: Routing) -> RoutingMetadata:
+    """The metadata of a routing padded to a bound (``token_rounding(..., pad_to_bound=True)``):
+    ``build_metadata`` of its P kept pairs, with the arrays extended to the padded length: a row r
+    past P gets gather_idx 0 and pair_of_row r, a padding pair p gets row_of_pair p, so padding rows
+    and padding pairs map to each other and never to a real pair. The layout the fast path's
+    sync-free metadata kernels produce (this reference reads P on the host)."""
+    _check_routing_structure(routing)
+    if routing.rounding is None:
+        raise ValueError("routing must come from token_rounding(..., pad_to_bound=True) (routing.rounding is None)")
+    P, bound = int(routing.rounding.kept_pairs), routing.num_pairs
+    exact = build_metadata(Routing(routing.token_idx[:P], routing.expert_idx[:P], routing.scores[:P],
+                                   routing.num_tokens, routing.num_experts))
+    tail = torch.arange(P, bound, dtype=torch.int32, device=routing.token_idx.device)  # (bound - P,)
+    return RoutingMetadata(
+        expert_counts=exact.expert_counts, expert_offsets=exact.expert_offsets,
+        gather_idx=torch.cat([exact.gather_idx, torch.zeros_like(tail)]),
+        pair_of_row=torch.cat([exact.pair_of_row, tail]), row_of_pair=torch.cat([exact.row_of_pair, tail]),
+        num_tokens=routing.num_tokens, num_experts=routing.num_experts)
 
 
 def _check_routing_structure(routing: object) -> Routing:
