@@ -28,6 +28,7 @@ import torch
 
 from sonic_learn import bench
 from sonic_learn.fast import topk as fast
+from sonic_learn.fast._cute import compiled
 from sonic_learn.reference import topk as ref
 
 SHAPES = [(64, 8), (128, 8), (256, 16), (512, 10)]  # (E, K) at T = 32768
@@ -127,7 +128,7 @@ def bench_bandwidth(reps: int) -> dict:
     # The same kernel timed two more ways (see timed_clean_l2 and steady_state_ms), and a plain
     # copy of the same number of bytes under bench.measure, for scale.
     t_clean = timed_clean_l2(lambda: fast.bitonic_topk(x, K, check_finite=False), reps)
-    kernel = fast._compiled("bitonic", torch.bfloat16, E, K, "values")
+    kernel = compiled(fast.compile_kernel, "bitonic", torch.bfloat16, E, K, "values")
     inputs = [x] + [torch.randn(T, E, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(7)]
     outputs = (torch.empty(T, K, device="cuda", dtype=torch.bfloat16), torch.empty(T, K, device="cuda", dtype=torch.int64))
     steady_ms = steady_state_ms(kernel, inputs, outputs, rounds=max(1, reps // 3))
@@ -187,7 +188,7 @@ def host_overhead_us(calls: int = 2000) -> dict:
     x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
     values = torch.empty(64, 8, device="cuda", dtype=torch.bfloat16)
     indices = torch.empty(64, 8, device="cuda", dtype=torch.int64)
-    kernel = fast._compiled("bitonic", torch.bfloat16, 128, 8, "values")
+    kernel = compiled(fast.compile_kernel, "bitonic", torch.bfloat16, 128, 8, "values")
     return {name: bench.host_time_us(fn, calls=calls, warmup=50) for name, fn in {
         "bitonic_topk(check_finite=False)": lambda: fast.bitonic_topk(x, 8, check_finite=False),
         "compiled kernel call only (TVM-FFI)": lambda: kernel(x, values, indices),

@@ -4,6 +4,9 @@ Every public function validates its inputs *before* doing any work (and, on the 
 any kernel launch). A failed check raises ``TypeError`` (wrong kind of object or dtype) or
 ``ValueError`` (wrong shape, device or value) whose message names the argument and says what was
 expected, e.g. ``ValueError: k must satisfy 1 <= k <= 8 (the size of the last dim of x), got 9``.
+
+These checks read only what the host knows (types, shapes, dtypes, devices, Python values). Checks
+that read tensor *values* live in ``sonic_learn.contracts`` (see ``value_checks_enabled``).
 """
 
 from __future__ import annotations
@@ -86,13 +89,3 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value  # type: ignore[return-value]
-
-
-def check_finite(name: str, t: torch.Tensor, allow_inf: bool = False) -> None:
-    """Raise ValueError if ``t`` holds NaN (and, unless ``allow_inf``, +-inf)."""
-    if t.numel() == 0:
-        return
-    if torch.isnan(t).any():
-        raise ValueError(f"{name} must not contain NaN")
-    if not allow_inf and torch.isinf(t).any():
-        raise ValueError(f"{name} must be finite, got +-inf values")

@@ -55,7 +55,7 @@ def test_fast_float64_selection_follows_the_same_ranking():
     fast = pytest.importorskip("sonic_learn.fast.routing")
     logits = torch.tensor(THREE_TOKENS, dtype=torch.float64)
     experts = torch.tensor([[0], [0], [1]])
-    keep = fast._boundary_keep_torch(ref._router_probabilities(logits), experts, torch.tensor([2, 1, 0]),
+    keep = fast._boundary_keep_torch(ref.router_probabilities(logits), experts, torch.tensor([2, 1, 0]),
                                      None, "up", 2)
     assert keep.nonzero().tolist() == [[0, 0], [1, 0], [1, 1], [2, 1]]
 

@@ -81,6 +81,31 @@ def cutlass_dtype(dtype: torch.dtype):
     return types[dtype]
 
 
+_COMPILED: dict[tuple, object] = {}
+
+
+def compiled(compile_fn, *args, **kwargs):
+    """``compile_fn(*args, **kwargs)``, compiled once per process and then reused: the one compile
+    cache of the fast path.
+
+    Every kernel module has a ``compile_*`` function that builds its kernel from fake tensors (no
+    GPU needed, never cached: tests and benchmarks call it for PTX or variants) and launches through
+    ``launch(compiled(compile_fn, *variant), ...)``, so the first call of a variant compiles (seconds)
+    and every later one is a dictionary lookup. The arguments must be hashable: the variant's
+    compile-time parameters (dtypes, sizes, flags), never tensors.
+    """
+    key = (compile_fn, args, tuple(sorted(kwargs.items())))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = _COMPILED[key] = compile_fn(*args, **kwargs)
+    return fn
+
+
+def compiled_variants() -> list[tuple]:
+    """The (compile function name, args, kwargs) of every variant compiled so far in this process."""
+    return [(f.__qualname__, args, dict(kwargs)) for f, args, kwargs in _COMPILED]
+
+
 def compile_options(keep_ptx: bool = False, extra: str = "") -> str:
     """Options for ``cute.compile``: TVM-FFI launch (microseconds of host time per call) and, with
     ``keep_ptx``, the PTX kept for inspection (``compiled.__ptx__``), its files written to a

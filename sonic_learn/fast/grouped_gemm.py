@@ -58,8 +58,8 @@ import functools
 import torch
 
 from sonic_learn import _checks
-from sonic_learn.fast._cute import launch
-from sonic_learn.reference.routing import RoutingMetadata
+from sonic_learn.fast._cute import compiled, launch
+from sonic_learn.contracts import RoutingMetadata
 
 IN_DTYPES = (torch.bfloat16, torch.float16)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -127,9 +127,9 @@ def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transpos
         # fp32 epilogue buffers are twice as large: halve tile_n (128 x 256 -> 128 x 128 cooperative,
         # 128 x 128 -> 128 x 64 ping-pong, whose buffers hold whole tiles) to keep 4+ pipeline stages
         tile = (tile[0], min(tile[1], 128 if _CONFIG["kernel"] == "ws" else 64), tile[2])
-    return compile_grouped_gemm(variant, dtype, out_dtype, tile, _CONFIG["stages"], kernel=_CONFIG["kernel"],
-                                transposed=transposed, epilogue=epilogue, tma_store=_CONFIG["tma_store"],
-                                cluster_m=cluster_size(variant.startswith("varlen_k")))
+    return compiled(compile_grouped_gemm, variant, dtype, out_dtype, tile, _CONFIG["stages"],
+                    kernel=_CONFIG["kernel"], transposed=transposed, epilogue=epilogue,
+                    tma_store=_CONFIG["tma_store"], cluster_m=cluster_size(variant.startswith("varlen_k")))
 
 
 def cluster_size(varlen_k: bool) -> int:
@@ -233,9 +233,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile cache
+# Compile (not cached here: the launch path caches through _cute.compiled)
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
 def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, tile: tuple = TILE,
                          stages: int | None = None, keep_ptx: bool = False, kernel: str = "ws",
                          transposed: bool = False, epilogue: str = "store", tma_store: bool = True,

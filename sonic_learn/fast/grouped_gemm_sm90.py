@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from sonic_learn.fast._cute import import_cutlass
 from sonic_learn.fast.grouped_gemm_v1 import CHUNK, THREADS, GroupedGemmV1
-from sonic_learn.fast.moe_kernels import _dswiglu, _swiglu_parts
+from sonic_learn.fast.primitives import dswiglu, swiglu_parts
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402
@@ -726,7 +726,7 @@ class SwiGLUEpilogue(GroupedGemmWS):
             m, n = tCcC[2 * i]  # the gate column (even); 2 * i + 1 is its up column
             g = acc[2 * i].to(self.out_dtype).to(cutlass.Float32)  # the rounded H values
             u = acc[2 * i + 1].to(self.out_dtype).to(cutlass.Float32)
-            sA[m - row_off, n // 2] = _swiglu_parts(g, u)[2].to(self.out_dtype)  # as SwiGLUForward
+            sA[m - row_off, n // 2] = swiglu_parts(g, u)[2].to(self.out_dtype)  # as SwiGLUForward
         cute.arch.barrier(barrier_id=wg, number_of_threads=128)
         self.copy_out_rows(sA, a_cols, epi[0], out_row0, n_start // 2, rows_left, cols_left // 2, wg, ctid)
 
@@ -751,8 +751,8 @@ class DSwiGLUEpilogue(GroupedGemmWS):
       neighbouring accumulator columns j, j+1 are H columns 2j .. 2j+3, one 8-byte load of H and
       one 8-byte store of dH, and a quad covers a whole 32-byte sector.
 
-    The arithmetic is ``moe_kernels.SwiGLUBackward``'s (the same helpers, ``_swiglu_parts`` and
-    ``_dswiglu``), so dH and A' match the unfused pass's (tested: within 1 ulp, almost all
+    The arithmetic is ``moe_kernels.SwiGLUBackward``'s (the same helpers, ``swiglu_parts`` and
+    ``dswiglu``), so dH and A' match the unfused pass's (tested: within 1 ulp, almost all
     bit-equal; the compiler may contract a multiply-add differently in the two kernels). Tensors: ``epi_in`` = H (P, 2n), ``row_in`` = the score of each
     grouped row (P,) fp32, ``row_out`` = (P, ceil(n / tile_n)) fp32.
     """
@@ -802,12 +802,12 @@ class DSwiGLUEpilogue(GroupedGemmWS):
                     for v in cutlass.range_constexpr(2):
                         g = rh[k, 0, 2 * v].to(cutlass.Float32)
                         u = rh[k, 0, 2 * v + 1].to(cutlass.Float32)
-                        sig, silu, act = _swiglu_parts(g, u)  # A, recomputed from H
+                        sig, silu, act = swiglu_parts(g, u)  # A, recomputed from H
                         grad = acc[i + v].to(dtype).to(cutlass.Float32)  # dA', rounded as when stored
                         dots[slot] = dots[slot] + grad * act  # dS partial: <dA', A>
                         grad = grad * s  # dA = s * dA'
                         act = act * s  # A' = s * A
-                        dgate, dup = _dswiglu(g, u, sig, silu, grad)
+                        dgate, dup = dswiglu(g, u, sig, silu, grad)
                         rdh[0, 2 * v] = dgate.to(dtype)
                         rdh[0, 2 * v + 1] = dup.to(dtype)
                         sC[m - row_off, j + v] = act.to(dtype)

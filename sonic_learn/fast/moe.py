@@ -56,10 +56,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sonic_learn import _checks
-from sonic_learn.reference.moe import BACKWARD_MODES, ROUTINGS, _check_layer_inputs
-from sonic_learn.reference.routing import (ROUNDING_MODES, SCORINGS, RoundingStats, Routing, RoutingMetadata,
-                                           _check_generator)
+from sonic_learn import _checks, contracts
+from sonic_learn.contracts import (BACKWARD_MODES, ROUNDING_MODES, ROUTINGS, SCORINGS, RoundingStats, Routing,
+                                   RoutingMetadata)
 
 FAST_DTYPES = (torch.bfloat16, torch.float16)
 MAX_ELEMENTS = 2**31  # the kernels index with 32-bit integers (largest index 2^31 - 1)
@@ -308,12 +307,12 @@ def run_experts(x, w1, w2, r: DeviceRouting, backward: str, ops: ExpertOps | Non
 def check_inputs(x, router_w, w1, w2, k, *, routing="topk", tile_m=128, backward="reduced_memory",
                  scoring="softmax_topk", rounding_mode="nearest", generator=None) -> None:
     """Every check of the fast layer, before any work or launch (raises TypeError / ValueError)."""
-    _check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
+    contracts.check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
     for name, t in (("x", x), ("router_w", router_w), ("w1", w1), ("w2", w2)):
         _checks.check_dtype(name, t, FAST_DTYPES)
     _checks.check_choice("scoring", scoring, SCORINGS)
     _checks.check_choice("rounding_mode", rounding_mode, ROUNDING_MODES)
-    _check_generator(generator, x.device)  # the router's check: a torch.Generator on x's device type
+    contracts.check_generator(generator, x.device)  # the router's check: a torch.Generator on x's device type
     T, d = x.shape
     E, _, two_n = w1.shape
     if routing == "token_rounding":
@@ -368,17 +367,15 @@ def moe_forward(
 
 
 # ----------------------------------------------------------------------------------------------
-# Activation memory (same accounting as the reference: saved-tensor hooks)
+# Activation memory (the contract's accounting, as the reference: saved-tensor hooks)
 # ----------------------------------------------------------------------------------------------
 def saved_tensors(x, w1, w2, r: DeviceRouting, backward: str = "reduced_memory", ops: ExpertOps | None = None):
-    """Every activation the experts' Function saves for backward, as reference ``SavedTensor`` records
+    """Every activation the experts' Function saves for backward, as ``contracts.SavedTensor`` records
     (weights excluded, each storage once). ``r`` is a routing from ``route`` (or built by hand)."""
-    from sonic_learn.reference.moe import record_saved_tensors
-
     _checks.check_choice("backward", backward, BACKWARD_MODES)
     scores = r.scores.detach().requires_grad_(True)
     xr = x.detach().requires_grad_(True)
-    return record_saved_tensors(
+    return contracts.record_saved_tensors(
         lambda: run_experts(xr, w1, w2, dataclasses.replace(r, scores=scores), backward, ops), exclude=(w1, w2))
 
 
@@ -386,9 +383,7 @@ def expected_saved_bytes(T: int, d: int, n: int, E: int, P: int, *, dtype=torch.
                          backward: str = "reduced_memory") -> dict[str, int]:
     """Closed form of what the fast experts cache: the reference's terms plus the two extra int32
     index arrays the gather-and-sum kernel reads (row_of_pair (P,), token_offsets (T+1,))."""
-    from sonic_learn.reference.moe import expected_saved_bytes as reference_terms
-
-    terms = reference_terms(T, d, n, E, P, dtype=dtype, backward=backward)
+    terms = contracts.expected_saved_bytes(T, d, n, E, P, dtype=dtype, backward=backward)
     total = terms.pop("total")
     terms["row_of_pair (P,)"] = P * 4
     terms["token_offsets (T+1,)"] = (T + 1) * 4

@@ -47,16 +47,16 @@ Sizes: column counts (d, n) must be multiples of 8 (16-byte vectors of bf16/fp16
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from sonic_learn.fast._cute import compile_options, cutlass_dtype, import_cutlass, launch
+from sonic_learn.fast._cute import compile_options, compiled, cutlass_dtype, import_cutlass, launch
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
 from cutlass import Float32, Int32, const_expr  # noqa: E402
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
+
+from sonic_learn.fast.primitives import dswiglu, swiglu_parts, warp_sum  # noqa: E402
 
 THREADS = 128  # threads per CTA for every kernel here
 WARP = 32
@@ -68,35 +68,6 @@ PAIRS = VEC // 2  # gate/up pairs in one 16-byte chunk of H
 # ----------------------------------------------------------------------------------------------
 # Device helpers
 # ----------------------------------------------------------------------------------------------
-@cute.jit
-def _sigmoid(g: Float32) -> Float32:
-    return Float32(1.0) / (Float32(1.0) + cute.math.exp(-g, fastmath=True))
-
-
-@cute.jit
-def _swiglu_parts(g: Float32, u: Float32):
-    """One (gate, up) pair in fp32: (sigmoid(g), silu(g) = g * sigmoid(g), A = u * silu(g)). The one
-    SwiGLU formula of the library's kernels (standalone passes and fused GEMM epilogues alike)."""
-    sig = _sigmoid(g)
-    silu = g * sig
-    return sig, silu, u * silu
-
-
-@cute.jit
-def _dswiglu(g: Float32, u: Float32, sig: Float32, silu: Float32, grad: Float32):
-    """(d gate, d up) of A = u * silu(g) for the output gradient ``grad`` (parts from ``_swiglu_parts``):
-    d gate = grad * u * sig * (1 + g * (1 - sig)), d up = grad * silu."""
-    return grad * u * sig * (Float32(1.0) + g * (Float32(1.0) - sig)), grad * silu
-
-
-@cute.jit
-def _warp_sum(x: Float32) -> Float32:
-    """Butterfly reduction: after 5 steps every lane holds the sum over the warp's 32 lanes."""
-    for step in cutlass.range_constexpr(5):
-        x = x + cute.arch.shuffle_sync_bfly(x, offset=1 << (4 - step))
-    return x
-
-
 @cute.jit
 def _load_vec(m: cute.Tensor, row: Int32, chunk: Int32, width: cutlass.Constexpr[int]) -> cute.Tensor:
     """Registers holding m[row, chunk*width : (chunk+1)*width], read with one vector load."""
@@ -136,7 +107,7 @@ class SwiGLUForward:
             for j in cutlass.range_constexpr(PAIRS):
                 g = rh[0, 2 * j].to(Float32)
                 u = rh[0, 2 * j + 1].to(Float32)
-                ra[0, j] = _swiglu_parts(g, u)[2].to(a.element_type)  # same rounding as the backward's A
+                ra[0, j] = swiglu_parts(g, u)[2].to(a.element_type)  # same rounding as the backward's A
             _store_vec(ra, a, row, c, PAIRS)
 
 
@@ -187,13 +158,13 @@ class SwiGLUBackward:
                 for j in cutlass.range_constexpr(PAIRS):
                     g = rh[0, 2 * j].to(Float32)
                     u = rh[0, 2 * j + 1].to(Float32)
-                    sig, silu, act = _swiglu_parts(g, u)  # A, recomputed from H
+                    sig, silu, act = swiglu_parts(g, u)  # A, recomputed from H
                     grad = rda[0, j].to(Float32)  # dA' (scaled) or dA
                     if const_expr(self.scaled):
                         dot = dot + grad * act  # dS partial: <dA', A>
                         grad = grad * s  # dA = s * dA'
                         act = act * s  # A' = s * A
-                    dgate, dup = _dswiglu(g, u, sig, silu, grad)
+                    dgate, dup = dswiglu(g, u, sig, silu, grad)
                     rdh[0, 2 * j] = dgate.to(dtype)
                     rdh[0, 2 * j + 1] = dup.to(dtype)
                     ra[0, j] = act.to(dtype)
@@ -201,7 +172,7 @@ class SwiGLUBackward:
                 _store_vec(ra, a_out, row, c, PAIRS)
             # Phase 3: reduce dS over the warp; lane 0 writes it in pair order.
             if const_expr(self.scaled):
-                dot = _warp_sum(dot)
+                dot = warp_sum(dot)
                 if lane == 0:
                     dscores[pair] = dot
 
@@ -241,7 +212,7 @@ class GatherScaleDot:
                     dot = dot + g * ry[0, j].to(Float32)
                     rdy[0, j] = (g * s).to(dtype)
                 _store_vec(rdy, dy, row, c, VEC)
-            dot = _warp_sum(dot)
+            dot = warp_sum(dot)
             if lane == 0:
                 dscores[pair] = dot
 
@@ -324,11 +295,6 @@ def compile_kernel(name: str, dtype: torch.dtype, *, keep_ptx: bool = False):
     return cute.compile(op, mat(dt), vec(Float32), vec(Int32), vec(Int32), mat(dt), stream, options=opts)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(name: str, dtype: torch.dtype):
-    return compile_kernel(name, dtype)
-
-
 # The launchers below assume validated inputs (``sonic_learn.fast.moe`` checks dtypes, devices,
 # contiguity and multiples of 8 before any launch) and never synchronize with the host.
 def _dummy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -340,7 +306,7 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     M, two_n = h.shape
     a = torch.empty(M, two_n // 2, dtype=h.dtype, device=h.device)  # (M, n)
     if M > 0 and two_n > 0:
-        launch(_compiled("swiglu_fwd", h.dtype), h.device, h, a)
+        launch(compiled(compile_kernel, "swiglu_fwd", h.dtype), h.device, h, a)
     return a
 
 
@@ -352,8 +318,8 @@ def swiglu_backward_scaled(h: torch.Tensor, da_prime: torch.Tensor, scores: torc
     a_scaled = torch.empty_like(da_prime)  # (M, n)
     dscores = torch.zeros(scores.shape[0], dtype=torch.float32, device=h.device)  # (P,)
     if M > 0:
-        launch(_compiled("swiglu_bwd_scaled", h.dtype), h.device, h, da_prime, scores, pair_of_row, dh, a_scaled,
-               dscores)
+        launch(compiled(compile_kernel, "swiglu_bwd_scaled", h.dtype), h.device, h, da_prime, scores, pair_of_row, dh,
+               a_scaled, dscores)
     return dh, a_scaled, dscores
 
 
@@ -364,7 +330,7 @@ def swiglu_backward(h: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, to
     a = torch.empty_like(da)
     if M > 0:
         f32, i32 = _dummy(h, torch.float32), _dummy(h, torch.int32)
-        launch(_compiled("swiglu_bwd", h.dtype), h.device, h, da, f32, i32, dh, a, f32)
+        launch(compiled(compile_kernel, "swiglu_bwd", h.dtype), h.device, h, da, f32, i32, dh, a, f32)
     return dh, a
 
 
@@ -374,7 +340,8 @@ def gather_scale_dot(dout: torch.Tensor, y: torch.Tensor, scores: torch.Tensor, 
     dy = torch.empty_like(y)
     dscores = torch.zeros(scores.shape[0], dtype=torch.float32, device=y.device)
     if y.shape[0] > 0:
-        launch(_compiled("gather_scale_dot", y.dtype), y.device, dout, y, scores, gather_idx, pair_of_row, dy, dscores)
+        launch(compiled(compile_kernel, "gather_scale_dot", y.dtype), y.device, dout, y, scores, gather_idx, pair_of_row,
+               dy, dscores)
     return dy, dscores
 
 
@@ -388,7 +355,7 @@ def gather_sum(rows: torch.Tensor, weights: torch.Tensor | None, row_of_pair: to
             return out.zero_()
         name = "gather_sum" if weights is None else "gather_sum_weighted"
         w = _dummy(rows, torch.float32) if weights is None else weights
-        launch(_compiled(name, rows.dtype), rows.device, rows, w, row_of_pair, token_offsets, out)
+        launch(compiled(compile_kernel, name, rows.dtype), rows.device, rows, w, row_of_pair, token_offsets, out)
     return out
 
 

@@ -80,10 +80,10 @@ import functools
 
 import torch
 
-from sonic_learn import _checks
-from sonic_learn.fast._cute import compile_options, import_cutlass, launch
+from sonic_learn import _checks, contracts
+from sonic_learn.contracts import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata  # noqa: F401
+from sonic_learn.fast._cute import compile_options, compiled, import_cutlass, launch
 from sonic_learn.reference import routing as _ref
-from sonic_learn.reference.routing import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
@@ -91,8 +91,7 @@ from cutlass import Float64, Int32, Int64, Uint8, Uint32, const_expr  # noqa: E4
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
 
 from sonic_learn.fast import topk as _fast_topk  # noqa: E402
-from sonic_learn.fast.topk import (  # noqa: E402  (shared warp scans)
-    _lane_bins_and_keys_above, _warp_exclusive_sum)
+from sonic_learn.fast.primitives import lane_bins_and_keys_above, warp_exclusive_scan  # noqa: E402
 
 __all__ = [
     "Routing",
@@ -131,38 +130,6 @@ def _tiling(num_pairs: int) -> tuple[int, int]:
     chunks = -(-num_pairs // CHUNK)
     chunks_per_tile = max(1, -(-chunks // TARGET_TILES))
     return chunks_per_tile, -(-chunks // chunks_per_tile)
-
-
-# ---------------------------------------------------------------------------------------------
-# Device helper: a warp scans a 1-D int32 array in chunks (exclusive prefix, returns the total)
-# ---------------------------------------------------------------------------------------------
-@cute.jit
-def _warp_exclusive_scan(src: cute.Tensor, dst: cute.Tensor, n: Int32, lane: Int32) -> Int32:
-    """dst[i] = src[0] + ... + src[i-1] for i < n (dst may alias src); returns the total.
-
-    Lane l handles UNROLL consecutive entries of each 32 * UNROLL chunk: it loads them all first,
-    the warp scans the 32 lane sums, then each lane writes its running prefixes.
-    """
-    carry = Int32(0)
-    for start in cutlass.range(0, n, 32 * UNROLL):
-        vals = cute.make_rmem_tensor(UNROLL, Int32)
-        lane_sum = Int32(0)
-        for u in cutlass.range_constexpr(UNROLL):
-            i = start + lane * UNROLL + u
-            v = Int32(0)
-            if i < n:
-                v = src[i]
-            vals[u] = v
-            lane_sum = lane_sum + v
-        before, chunk_total = _warp_exclusive_sum(lane_sum, lane)
-        running = carry + before
-        for u in cutlass.range_constexpr(UNROLL):
-            i = start + lane * UNROLL + u
-            if i < n:
-                dst[i] = running
-            running = running + vals[u]
-        carry = carry + chunk_total
-    return carry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +231,7 @@ class RoutingMetadataKernel:
         e = bidx * WARPS_PER_CTA + tidx // 32
         if e < mCounts.shape[0]:
             row = mTileCounts[e, None]  # (num_tiles,) counts of expert e, tile by tile
-            total = _warp_exclusive_scan(row, row, mTileCounts.shape[1], lane)
+            total = warp_exclusive_scan(row, row, mTileCounts.shape[1], lane, UNROLL)
             if lane == 0:
                 mCounts[e] = total
 
@@ -273,7 +240,7 @@ class RoutingMetadataKernel:
     def offsets_kernel(self, mCounts: cute.Tensor, mOffsets: cute.Tensor):
         lane = cute.arch.lane_idx()
         num_experts = mCounts.shape[0]
-        total = _warp_exclusive_scan(mCounts, mOffsets, num_experts, lane)
+        total = warp_exclusive_scan(mCounts, mOffsets, num_experts, lane, UNROLL)
         if lane == 0:
             mOffsets[num_experts] = total
 
@@ -366,11 +333,6 @@ def compile_metadata_kernel(bucket: int, scatter: bool = True, *, extra_options:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(bucket: int, scatter: bool):
-    return compile_metadata_kernel(bucket, scatter)
-
-
-@functools.lru_cache(maxsize=None)
 def _unused_rows(device: torch.device) -> tuple[torch.Tensor, ...]:
     """Placeholders for the three row arrays of the counts-only variant (saves three allocations)."""
     return tuple(torch.empty(1, dtype=torch.int32, device=device) for _ in range(3))
@@ -405,7 +367,7 @@ def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, n
         chunks_per_tile, num_tiles = _tiling(P)
         tile_counts = torch.empty(E, num_tiles, dtype=i32, device=device)  # (E, tiles) scratch
         tokens = token_idx if token_idx is not None else expert_idx  # read only when scattering
-        launch(_compiled(_expert_bucket(E), scatter), device,
+        launch(compiled(compile_metadata_kernel, _expert_bucket(E), scatter), device,
                expert_idx, tokens, tile_counts, counts, offsets, *rows, chunks_per_tile)  # current stream
     return (counts, offsets, *rows) if scatter else (counts, offsets, None, None, None)
 
@@ -631,7 +593,7 @@ class BoundarySelectKernel:
                 if warp == 0:
                     # lane l owns bins 8l..8l+7; keys in higher bins = higher lanes, then higher bins
                     per_lane = RADIX_BINS // 32
-                    counts, above = _lane_bins_and_keys_above(hist, lane, RADIX_BINS)
+                    counts, above = lane_bins_and_keys_above(hist, lane, RADIX_BINS)
                     for b in cutlass.range_constexpr(per_lane - 1, -1, -1):
                         if above < need and above + counts[b] >= need:  # exactly one (lane, bin)
                             found[0] = lane * per_lane + b
@@ -719,11 +681,6 @@ def compile_token_rounding_kernels(*, extra_options: str = ""):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_token_rounding():
-    return compile_token_rounding_kernels()
-
-
-@functools.lru_cache(maxsize=None)
 def _no_uniform(device: torch.device) -> torch.Tensor:
     """A placeholder for the select kernel's u_e when the mode is not stochastic (never read)."""
     return torch.zeros(1, dtype=torch.float64, device=device)
@@ -739,7 +696,7 @@ def _launch_boundary_kernels(scores: torch.Tensor, experts: torch.Tensor, counts
     keep = torch.empty(T, E, dtype=torch.uint8, device=device)  # (T, E) written whole by the keys kernel
     if uniform is None:
         uniform = _no_uniform(device)
-    launch(_compiled_token_rounding(), device, scores.view(torch.int32), experts, keys, keep, counts, uniform,
+    launch(compiled(compile_token_rounding_kernels), device, scores.view(torch.int32), experts, keys, keep, counts, uniform,
            ROUNDING_CODES[mode], tile_m)  # keys kernel, then select kernel, on the current stream
     return keep
 
@@ -749,7 +706,7 @@ def _launch_boundary_kernels(scores: torch.Tensor, experts: torch.Tensor, counts
 # ---------------------------------------------------------------------------------------------
 def _check_routing_structure(routing: object) -> Routing:
     """The reference's host-side checks of a Routing, then the fast kernels' own limits (E, P, CUDA)."""
-    routing = _ref._check_routing_structure(routing)
+    routing = contracts.check_routing_structure(routing)
     _checks.check_int_range("routing.num_experts", routing.num_experts, 1, MAX_EXPERTS,
                             "the fast metadata kernel; use sonic_learn.reference.routing for more experts")
     P = routing.token_idx.numel()
@@ -786,7 +743,7 @@ def build_metadata(routing: Routing, *, check_ids: bool = True, padded: bool = F
     if check_ids and padded:
         raise ValueError("padded=True needs check_ids=False (padding pairs carry the out-of-range expert E)")
     if check_ids:
-        _ref._check_routing_ids(routing)  # the reference's id range checks (read the device)
+        contracts.check_routing_ids(routing)  # the id range checks (read the device)
     counts, offsets, gather_idx, pair_of_row, row_of_pair = _launch_metadata(
         _int32(routing.expert_idx), _int32(routing.token_idx), routing.num_experts, scatter=True, padded=padded
     )
@@ -810,10 +767,10 @@ def _check_router_args(logits: object, k: object, scoring: object, normalize: ob
     finite check only when ``check_finite``."""
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
-    logits = _ref._check_router_args(logits, k, scoring, normalize, check_finite=False)
+    logits = contracts.check_router_args(logits, k, scoring, normalize, check_finite=False)
     _checks.check_cuda("logits", logits)
     if check_finite:
-        _checks.check_finite("logits", logits)
+        contracts.check_finite_values("logits", logits)
     return logits
 
 
@@ -903,11 +860,11 @@ def round_counts(
 
 
 def _pair_weights(probs: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor) -> torch.Tensor:
-    """(T, E): ``reference.routing._pair_weights``, bit for bit. Call it after the selection has
+    """(T, E): ``reference.routing.pair_weights``, bit for bit. Call it after the selection has
     read ``probs``: without autograd recording it overwrites ``probs`` in place (no (T, E) copy;
     the stream runs the selection kernels first)."""
     if torch.is_grad_enabled() and probs.requires_grad:
-        return _ref._pair_weights(probs, tc_experts, tc_scores)
+        return _ref.pair_weights(probs, tc_experts, tc_scores)
     return probs.scatter_(1, tc_experts, tc_scores)  # (T, E) the picks: the token-choice scores
 
 
@@ -1006,7 +963,7 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
     logits = _check_router_args(logits, k, scoring, normalize, check_finite)
     _checks.check_int_range("tile_m", tile_m, 1, 2**62)
     _checks.check_choice("mode", mode, ROUNDING_MODES)
-    _ref._check_generator(generator, logits.device)
+    contracts.check_generator(generator, logits.device)
     T, E = logits.shape
     if E > MAX_EXPERTS:
         raise ValueError(f"logits.shape[1] (E) must be <= {MAX_EXPERTS} for the fast routing kernels, got {E}")
@@ -1025,7 +982,7 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
         uniform = torch.rand(E, generator=generator, dtype=torch.float64, device=device)  # (E,) u_e
 
     # The ranking key of Algorithm 4: p[t, e], the softmax over all E experts (the reference's call).
-    probs = _ref._router_probabilities(logits)  # (T, E)
+    probs = _ref.router_probabilities(logits)  # (T, E)
 
     # Steps 2-4: round f_e, then flip only the boundary pairs of each expert (see the module docstring).
     if T == 0:
@@ -1045,17 +1002,17 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
         return Routing(token_idx=token_idx.to(torch.int32), expert_idx=expert_idx.to(torch.int32),
                        scores=scores[token_idx, expert_idx], num_tokens=T, num_experts=E, rounding=stats)
     # Padded to the host bound (the reference's own helper, pad_to_bound=True there): no sync.
-    token_idx, expert_idx, pair_scores = _ref._padded_triples(keep, scores, _ref.max_pairs(T, E, k, tile_m))
+    token_idx, expert_idx, pair_scores = _ref.padded_triples(keep, scores, _ref.max_pairs(T, E, k, tile_m))
     return Routing(token_idx, expert_idx, pair_scores, num_tokens=T, num_experts=E, rounding=stats)
 
 
-def _rounding_stats(keep: torch.Tensor, counts: torch.Tensor, ratio: float) -> _ref.RoundingStats:
+def _rounding_stats(keep: torch.Tensor, counts: torch.Tensor, ratio: float) -> contracts.RoundingStats:
     """``routing.rounding`` from the (T, E) keep mask and the token-choice counts f_e, on the device:
     per expert, rounded_e - f_e > 0 pairs were added and < 0 dropped (rounding only ever moves one
     side of an expert's boundary)."""
     kept_per_expert = keep.sum(dim=0, dtype=torch.int64)  # (E,)
     delta = kept_per_expert - counts.long()  # (E,)
-    return _ref.RoundingStats(
+    return contracts.RoundingStats(
         kept_pairs=kept_per_expert.sum(),  # ()
         dropped_pairs=(-delta).clamp(min=0).sum(),  # ()
         added_pairs=delta.clamp(min=0).sum(),  # ()

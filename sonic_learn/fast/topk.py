@@ -20,7 +20,7 @@ lanes per SM sub-partition, half the rate of the FP32 pipes), which runs every c
 * the lane split: each lane reads ``LANE_BYTES`` (128 bytes = 64 bf16) of the row. Per row, the
   min/max count grows with the lanes, since each lane sorts its own chunks and every lane repeats
   each butterfly merge: at N = 128, k = 8 it is 1248 with 4 lanes and 1120 with 2;
-* the key: ``_pack_key16`` builds a 16-bit value's key with 3 ALU instructions (mask, PRMT, or)
+* the key: ``primitives.pack_key16`` builds a 16-bit value's key with 3 ALU instructions (mask, PRMT, or)
   and one multiply-add on the FMA pipe, instead of ~6 ALU instructions for the textbook formula;
 * the column in the key is counted from the lane's first column, a compile-time constant folded
   into that multiply-add; each lane adds its offset once, to its k winners.
@@ -38,7 +38,8 @@ bought 7-11%, and 4 lanes per row time the same as 2: the ALU is no longer the o
 is left is overlap: the compiler issues only 3 of a lane's 8 16-byte loads up front and sinks
 the rest into the sorting (to save registers), so few bytes are in flight per warp.
 
-The key (both kernels) — the reference's "pack the column into the low mantissa bits":
+The key (both kernels; its device functions are in ``sonic_learn.fast.primitives``) — the
+reference's "pack the column into the low mantissa bits":
 for bf16/fp16 a value's 16 bits, moved to the top of an int32, are exactly its float32 bits. We
 map them to an *order-preserving signed integer* first (negative floats get their magnitude bits
 flipped, -0.0 becomes +0.0), then put the inverted column in the low bits::
@@ -77,20 +78,21 @@ checks (~2 us), the two output allocations (~5 us) and the TVM-FFI call (~5 us) 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
-from sonic_learn import _checks
-from sonic_learn.fast._cute import compile_options, cutlass_dtype, import_cutlass, launch
+from sonic_learn import _checks, contracts
+from sonic_learn.fast._cute import compile_options, compiled, cutlass_dtype, import_cutlass, launch
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
 from cutlass import Float32, Int32, Int64, Uint32, const_expr  # noqa: E402
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
-from cutlass._mlir.dialects import llvm  # noqa: E402
-from cutlass.cutlass_dsl import T, dsl_user_op  # noqa: E402
+
+from sonic_learn.fast.primitives import (  # noqa: E402  (the keys and warp scans, shared with fast.routing)
+    IDX_MASK, lane_bins_and_keys_above, pack_key, pack_key16, radix_key, unpack_key, value_word,
+    warp_exclusive_sum)
 
 __all__ = [
     "bitonic_topk",
@@ -115,8 +117,6 @@ THREADS_PER_CTA = 128
 # Bitonic: bytes of a row each lane reads, by element width in bits (fewer lanes per row = fewer
 # compare-exchanges per row; see BitonicTopK and benchmarks/topk.py's lane-split sweep).
 LANE_BYTES = {16: 128, 32: 64}
-IDX_BITS = 16  # the low 16 bits of a key hold the inverted column, 0xFFFF - col
-IDX_MASK = (1 << IDX_BITS) - 1
 
 def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
@@ -125,107 +125,6 @@ def _next_pow2(n: int) -> int:
 def _raw_int_type(dtype):
     """The signed integer type with the same width as ``dtype`` (to read a float's bits)."""
     return cutlass.Int16 if dtype.width == 16 else Int32
-
-
-# ---------------------------------------------------------------------------------------------
-# Keys: float bits <-> order-preserving integers (device helpers, inlined into the kernels)
-# ---------------------------------------------------------------------------------------------
-@cute.jit
-def _value_word(words: cute.Tensor, i: cutlass.Constexpr[int], width: cutlass.Constexpr[int]) -> Int32:
-    """Element i's bits placed in the top ``width`` bits of an int32 (the low bits are zero).
-
-    ``words`` is the lane's registers read as int32. A 32-bit word holds two 16-bit values, the
-    even element in its low half. Moving a bf16's bits to the top half gives exactly its float32
-    bit pattern, so "the low 16 bits of the key" are the low mantissa bits of a float32.
-    """
-    if const_expr(width == 32):
-        return words[i]
-    elif const_expr(i % 2 == 0):
-        return words[i // 2] << 16
-    else:
-        return words[i // 2] & Int32(-65536)  # 0xFFFF0000
-
-
-@cute.jit
-def _ordered(word: Int32, width: cutlass.Constexpr[int]) -> Int32:
-    """Signed integer with the float order, -0.0 and +0.0 both 0 (they tie, as torch compares them).
-
-    A non-negative float's bits already grow with its value. A negative float's bits grow with
-    its *magnitude*; flipping the magnitude bits and adding one unit turns them into -magnitude.
-    """
-    unit = 1 << (32 - width)  # the lowest bit of the value field
-    magnitude = 0x7FFFFFFF & ~(unit - 1)
-    sign = word >> 31  # 0 for a non-negative value, -1 (all ones) for a negative one
-    return (word ^ (sign & magnitude)) + (sign & unit)
-
-
-@cute.jit
-def _unordered(ordered: Int32, width: cutlass.Constexpr[int]) -> Int32:
-    """Inverse of ``_ordered`` (a -0.0 comes back as +0.0: the caller re-reads zeros from x)."""
-    unit = 1 << (32 - width)
-    magnitude = 0x7FFFFFFF & ~(unit - 1)
-    sign = ordered >> 31
-    return (ordered - (sign & unit)) ^ (sign & magnitude)
-
-
-@cute.jit
-def _pack_key(word: Int32, col: Int32, key_type: cutlass.Constexpr, width: cutlass.Constexpr[int]):
-    """The bitonic key (its definition): ordered value on top, ``0xFFFF - col`` in the low 16 bits.
-
-    For bf16/fp16 the ordered value fills the top 16 bits of an int32 and the low 16 are free;
-    float32 values need all 32 bits, so their keys are int64 (value shifted up by 16). The kernel
-    builds 16-bit keys with ``_pack_key16`` instead: the same int32, in fewer ALU instructions.
-    """
-    ordered = _ordered(word, width)
-    if const_expr(width == 16):
-        return ordered | (IDX_MASK - col)
-    else:
-        return (Int64(ordered) << IDX_BITS) | Int64(IDX_MASK - col)
-
-
-@dsl_user_op
-def _sign_mask(word: Int32, byte: int, *, loc=None, ip=None) -> Int32:
-    """-1 if the top bit of byte ``byte`` (0..3) of ``word`` is set, else 0: one PRMT (byte
-    permute) whose selector copies that byte's sign bit into all four bytes."""
-    selector = (8 | byte) * 0x1111  # 4 nibbles: "byte `byte`, sign-replicated"
-    asm = f"prmt.b32 $0, $1, 0, {selector:#x};"
-    return Int32(llvm.inline_asm(T.i32(), [Int32(word).ir_value(loc=loc, ip=ip)], asm, "=r,r",
-                                 has_side_effects=False, is_align_stack=False,
-                                 asm_dialect=llvm.AsmDialect.AD_ATT))
-
-
-@cute.jit
-def _pack_key16(word: Int32, half: cutlass.Constexpr[int], tag: Int32) -> Int32:
-    """``_pack_key`` for the 16-bit value in half ``half`` of ``word`` (0: the low half, the even
-    element), with ``tag = 0xFFFF - col``: the same int32, in fewer integer-ALU instructions.
-
-    The ordered form of a value is +magnitude or -magnitude (two's complement), so the key is
-    ``magnitude << 16`` times +1 or -1, plus the tag; -0.0 (magnitude 0) gets the key of +0.0.
-    Why not the definition: the integer ALU is this kernel's bottleneck (it also runs every
-    compare-exchange), and the definition costs ~6 ALU instructions per element. Here the ALU does
-    three (mask the magnitude, one PRMT for the sign, ``| 1``); the multiply-add runs on the FMA pipe.
-    """
-    if const_expr(half == 0):  # move the low half up by 16 inside the multiply
-        return (word & Int32(0x7FFF)) * ((_sign_mask(word, 1) | 1) << 16) + tag
-    else:
-        return (word & Int32(0x7FFF0000)) * (_sign_mask(word, 3) | 1) + tag
-
-
-@cute.jit
-def _unpack_key(key, width: cutlass.Constexpr[int]):
-    """Inverse of ``_pack_key``: return (the value's word, column)."""
-    col = IDX_MASK - Int32(key & IDX_MASK)
-    if const_expr(width == 16):
-        ordered = key & Int32(-65536)
-    else:
-        ordered = Int32(key >> IDX_BITS)
-    return _unordered(ordered, width), col
-
-
-@cute.jit
-def _radix_key(word: Int32, width: cutlass.Constexpr[int]) -> Uint32:
-    """Unsigned order-preserving key of the value alone, top-aligned (radix select reads digits)."""
-    return Uint32(_ordered(word, width)) ^ Uint32(0x80000000)  # flip the sign: signed -> unsigned order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,48 +190,6 @@ def _merge_topk(best: cute.Tensor, other: cute.Tensor, k: cutlass.Constexpr[int]
     for i in cutlass.range_constexpr(k):
         best[i] = cutlass.max(best[i], other[k - 1 - i])
     _bitonic_merge(best, k, True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Warp helpers
-# ---------------------------------------------------------------------------------------------
-@cute.jit
-def _warp_exclusive_sum(x: Int32, lane: Int32):
-    """Exclusive prefix sum over the 32 lanes of a warp, and the warp total (Hillis-Steele)."""
-    inclusive = x
-    for step in cutlass.range_constexpr(5):
-        offset = 1 << step
-        from_below = cute.arch.shuffle_sync_up(inclusive, offset)
-        if lane >= offset:
-            inclusive = inclusive + from_below
-    total = cute.arch.shuffle_sync(inclusive, 31)
-    return inclusive - x, total
-
-
-@cute.jit
-def _lane_bins_and_keys_above(hist: cute.Tensor, lane: Int32, bins: cutlass.Constexpr[int]):
-    """A radix pass's shared-memory histogram read by one warp: lane l owns bins
-    (bins/32)*l ... (bins/32)*(l+1) - 1. Returns the lane's bin counts (registers) and how many keys
-    lie in the bins above all of them (the higher lanes' bins), i.e. the start of a descending scan."""
-    per_lane = bins // 32
-    counts = cute.make_rmem_tensor(per_lane, Int32)
-    lane_total = Int32(0)
-    for b in cutlass.range_constexpr(per_lane):
-        counts[b] = hist[lane * per_lane + b]
-        lane_total = lane_total + counts[b]
-    return counts, _warp_suffix_sum(lane_total, lane) - lane_total
-
-
-@cute.jit
-def _warp_suffix_sum(x: Int32, lane: Int32) -> Int32:
-    """Inclusive suffix sum: sum of x over lanes >= this lane."""
-    inclusive = x
-    for step in cutlass.range_constexpr(5):
-        offset = 1 << step
-        from_above = cute.arch.shuffle_sync_down(inclusive, offset)
-        if lane + offset < 32:
-            inclusive = inclusive + from_above
-    return inclusive
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,9 +292,9 @@ class BitonicTopK:
             i = g * self.kp + j
             local_col = coords[i][1] - coords[0][1]
             if const_expr(self.width == 16):
-                dst[j] = _pack_key16(words[i // 2], i % 2, IDX_MASK - local_col)
+                dst[j] = pack_key16(words[i // 2], i % 2, IDX_MASK - local_col)
             else:
-                dst[j] = _pack_key(_value_word(words, i, self.width), local_col, self.key_type, self.width)
+                dst[j] = pack_key(value_word(words, i, self.width), local_col, self.key_type, self.width)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mOut: cute.Tensor, mIdx: cute.Tensor, tiled_copy: cute.TiledCopy):
@@ -486,7 +343,7 @@ class BitonicTopK:
         win_word = cute.make_rmem_tensor(kp, Int32)
         win_col = cute.make_rmem_tensor(kp, Int32)
         for j in cutlass.range_constexpr(kp):
-            win_word[j], win_col[j] = _unpack_key(best[j], self.width)
+            win_word[j], win_col[j] = unpack_key(best[j], self.width)
 
         # Step 5: the epilogue, then the stores.
         if const_expr(self.epilogue == "values"):
@@ -672,7 +529,7 @@ class RadixTopK:
             cute.arch.sync_warp()
             # 2b. count the keys that still match the prefix, by their next digit
             for i in cutlass.range_constexpr(per_thread):
-                key = _radix_key(_value_word(words, i, self.width), self.width)
+                key = radix_key(value_word(words, i, self.width), self.width)
                 if tXcX[i][1] < self.N and (key & decided) == prefix:
                     digit = Int32((key >> shift) & Uint32(RADIX_BINS - 1))
                     cute.arch.atomic_add((hist.iterator + digit).llvm_ptr, Int32(1))
@@ -680,7 +537,7 @@ class RadixTopK:
             # 2c. find the bin holding the k-th largest: lane l owns bins 8l..8l+7; count the keys
             #     in higher bins (higher lanes first, then higher bins of this lane).
             per_lane = RADIX_BINS // 32
-            counts, above = _lane_bins_and_keys_above(hist, lane, RADIX_BINS)
+            counts, above = lane_bins_and_keys_above(hist, lane, RADIX_BINS)
             found = Int32(0)
             digit_here = Int32(0)
             above_here = Int32(0)
@@ -707,15 +564,15 @@ class RadixTopK:
             n_equal = Int32(0)
             for v in cutlass.range_constexpr(vec):
                 i = c * vec + v
-                if tXcX[i][1] < self.N and _radix_key(_value_word(words, i, self.width), self.width) == kth:
+                if tXcX[i][1] < self.N and radix_key(value_word(words, i, self.width), self.width) == kth:
                     n_equal = n_equal + 1
-            equal_excl, equal_total = _warp_exclusive_sum(n_equal, lane)
+            equal_excl, equal_total = warp_exclusive_sum(n_equal, lane)
             equal_rank = equal_before + equal_excl
             taken = cute.make_rmem_tensor(vec, Int32)
             n_taken = Int32(0)
             for v in cutlass.range_constexpr(vec):
                 i = c * vec + v
-                key = _radix_key(_value_word(words, i, self.width), self.width)
+                key = radix_key(value_word(words, i, self.width), self.width)
                 take = Int32(0)
                 if tXcX[i][1] < self.N:
                     if key > kth:
@@ -726,12 +583,12 @@ class RadixTopK:
                         equal_rank = equal_rank + 1
                 taken[v] = take
                 n_taken = n_taken + take
-            taken_excl, taken_total = _warp_exclusive_sum(n_taken, lane)
+            taken_excl, taken_total = warp_exclusive_sum(n_taken, lane)
             slot = taken_before + taken_excl
             for v in cutlass.range_constexpr(vec):
                 i = c * vec + v
                 if taken[v] != 0:
-                    stage_key[slot] = _radix_key(_value_word(words, i, self.width), self.width)
+                    stage_key[slot] = radix_key(value_word(words, i, self.width), self.width)
                     stage_col[slot] = tXcX[i][1]
                     slot = slot + 1
             equal_before = equal_before + equal_total
@@ -781,11 +638,6 @@ def compile_kernel(kind: str, dtype: torch.dtype, N: int, k: int, epilogue: str 
     return cute.compile(op, x, out, idx, stream, options=compile_options(extra=extra_options))
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(kind: str, dtype: torch.dtype, N: int, k: int, epilogue: str):
-    return compile_kernel(kind, dtype, N, k, epilogue)
-
-
 # ---------------------------------------------------------------------------------------------
 # Public API (same names and contract as sonic_learn.reference.topk)
 # ---------------------------------------------------------------------------------------------
@@ -810,7 +662,7 @@ def _check_inputs(name: str, x: object, k: object, max_k: int, kernel: str, chec
     _checks.check_int_range("k", k, 1, min(max_k, n), f"the fast {kernel} kernel supports k <= {max_k} and k <= N = {n}")
     _checks.check_cuda(name, x)
     if check_finite:
-        _checks.check_finite(name, x, allow_inf=allow_inf)
+        contracts.check_finite_values(name, x, allow_inf=allow_inf)
     # The kernels read rows in 16-byte chunks: copy strided or misaligned inputs first.
     if not x.is_contiguous() or x.data_ptr() % 16 != 0:
         x = x.contiguous() if not x.is_contiguous() else x.clone()
@@ -823,7 +675,7 @@ def _run(kind: str, x: torch.Tensor, k: int, epilogue: str):
     out = torch.empty((rows, k), dtype=out_dtype, device=x.device)
     idx = torch.empty((rows, k), dtype=torch.int64, device=x.device)
     if rows > 0:
-        launch(_compiled(kind, x.dtype, n, k, epilogue), x.device, x, out, idx)  # on the current torch stream
+        launch(compiled(compile_kernel, kind, x.dtype, n, k, epilogue), x.device, x, out, idx)  # on the current torch stream
     return out, idx
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from sonic_learn import _checks
-from sonic_learn.reference.routing import RoutingMetadata
+from sonic_learn.contracts import RoutingMetadata
 
 __all__ = [
     "GemmCost",

@@ -26,17 +26,16 @@ the gradient of the routing score s of a pair (token t, expert e):
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from sonic_learn import _checks
+from sonic_learn.contracts import (  # noqa: F401  (the shared contract, re-exported under its old names here)
+    BACKWARD_MODES, ROUTINGS, Routing, RoutingMetadata, SavedTensor, check_layer_inputs, expected_saved_bytes,
+    record_saved_tensors)
 from sonic_learn.reference.grouped_gemm import gather_fused_grouped_gemm, grouped_gemm_varlen_k
-from sonic_learn.reference.routing import Routing, RoutingMetadata, build_metadata, token_rounding, topk_routing
-
-BACKWARD_MODES = ("reduced_memory", "standard")
-ROUTINGS = ("topk", "token_rounding")
+from sonic_learn.reference.routing import build_metadata, token_rounding, topk_routing
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,32 +233,6 @@ class StandardExperts(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # The layer's forward
 # ----------------------------------------------------------------------------------------------
-def _check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward):
-    for name, t in (("x", x), ("router_w", router_w), ("w1", w1), ("w2", w2)):
-        _checks.check_tensor(name, t)
-        _checks.check_dtype(name, t, _checks.FLOAT_DTYPES)
-    _checks.check_ndim("x", x, 2, "(T, d)")
-    _checks.check_ndim("router_w", router_w, 2, "(d, E)")
-    _checks.check_ndim("w1", w1, 3, "(E, d, 2n)")
-    _checks.check_ndim("w2", w2, 3, "(E, n, d)")
-    T, d = x.shape
-    E = router_w.shape[1]
-    _checks.check_shape("router_w", router_w, (d, E), "(d, E) with d = x.shape[1]")
-    if w1.shape[2] % 2:
-        raise ValueError(f"w1 must have an even last dim 2n (gate and up interleaved), got shape {tuple(w1.shape)}")
-    n = w1.shape[2] // 2
-    _checks.check_shape("w1", w1, (E, d, 2 * n), "(E, d, 2n) with E = router_w.shape[1], d = x.shape[1]")
-    _checks.check_shape("w2", w2, (E, n, d), "(E, n, d) with n = w1.shape[2] // 2")
-    for name, t in (("router_w", router_w), ("w1", w1), ("w2", w2)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
-    _checks.check_same_device(x=x, router_w=router_w, w1=w1, w2=w2)
-    _checks.check_int_range("k", k, 1, E, "the number of experts E = router_w.shape[1]")
-    _checks.check_int_range("tile_m", tile_m, 1)
-    _checks.check_choice("routing", routing, ROUTINGS)
-    _checks.check_choice("backward", backward, BACKWARD_MODES)
-
-
 def route(
     x: torch.Tensor,
     router_w: torch.Tensor,
@@ -301,7 +274,7 @@ def moe_forward(
     ``"topk"`` or ``"token_rounding"`` (to multiples of ``tile_m``); ``backward`` picks
     ``"reduced_memory"`` (SonicMoE) or ``"standard"``. Gradients flow to x, router_w, w1 and w2.
     """
-    _check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
+    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
     # Step 1: route. Scores stay differentiable: dS flows back into the router.
     r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
               rounding_mode=rounding_mode, generator=generator)
@@ -318,7 +291,7 @@ def naive_moe_forward(x, router_w, w1, w2, k, *, routing: str = "topk", tile_m: 
                       scoring: str = "softmax_topk", rounding_mode: str = "nearest",
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """The oracle: a plain per-expert Python loop, differentiated by autograd (no custom backward)."""
-    _check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, "standard")
+    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, "standard")
     r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
               rounding_mode=rounding_mode, generator=generator)
     acc = _acc_dtype(x)
@@ -335,48 +308,14 @@ def naive_moe_forward(x, router_w, w1, w2, k, *, routing: str = "topk", tile_m: 
 
 
 # ----------------------------------------------------------------------------------------------
-# Activation memory: measured with saved-tensor hooks, and the closed form
+# Activation memory, measured (the hooks and the closed form are in sonic_learn.contracts)
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SavedTensor:
-    """One tensor that autograd keeps for the backward pass."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    nbytes: int
-
-
-def record_saved_tensors(run, exclude: tuple[torch.Tensor, ...] = ()) -> list[SavedTensor]:
-    """Call ``run()`` and list every tensor autograd saves for backward meanwhile.
-
-    Measured with ``torch.autograd.graph.saved_tensors_hooks``. Tensors sharing storage with one in
-    ``exclude`` (the weights: parameters, not activations) are left out; each storage is counted
-    once (an input saved by two ops costs its bytes once); empty tensors are listed with 0 bytes.
-    """
-    excluded = {t.data_ptr() for t in exclude}
-    seen: set[tuple] = set()
-    found: list[SavedTensor] = []
-
-    def pack(t: torch.Tensor):
-        key = (t.data_ptr(), tuple(t.shape), t.dtype)
-        if t.numel() == 0:  # empty tensors share data_ptr 0: count each one (they hold 0 bytes)
-            found.append(SavedTensor(tuple(t.shape), t.dtype, 0))
-        elif t.data_ptr() not in excluded and key not in seen:
-            seen.add(key)
-            found.append(SavedTensor(tuple(t.shape), t.dtype, t.numel() * t.element_size()))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return found
-
-
 def saved_tensors(x, router_w, w1, w2, k, *, backward: str = "reduced_memory", routing: str = "topk",
                   tile_m: int = 128, scoring: str = "softmax_topk", rounding_mode: str = "nearest",
                   generator: torch.Generator | None = None) -> list[SavedTensor]:
     """Run the experts' forward once and list every *activation* it saves for backward (weights
     excluded, see ``record_saved_tensors``). Arguments as ``moe_forward``."""
-    _check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
+    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
     with torch.no_grad():
         r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
                   rounding_mode=rounding_mode, generator=generator)
@@ -390,32 +329,6 @@ def saved_tensors(x, router_w, w1, w2, k, *, backward: str = "reduced_memory", r
 def saved_activation_bytes(x, router_w, w1, w2, k, **kwargs) -> int:
     """Bytes of activations the experts cache for backward (measured, see ``saved_tensors``)."""
     return sum(s.nbytes for s in saved_tensors(x, router_w, w1, w2, k, **kwargs))
-
-
-def expected_saved_bytes(T: int, d: int, n: int, E: int, P: int, *, dtype=torch.bfloat16,
-                         backward: str = "reduced_memory", score_dtype=torch.float32) -> dict[str, int]:
-    """The closed form of what each backward mode caches, term by term (P = routed pairs, T*K for top-k).
-
-    reduced_memory: X (T*d) + H (P*2n) elements -> 2Td + 4Pn bytes in bf16, plus the routing:
-    scores (P, fp32) and three int32 index arrays (expert_offsets (E+1), gather_idx (P), pair_of_row (P)).
-    standard: gathered X (P*d) + H (P*2n) + Y (P*d) + the same routing.
-    """
-    _checks.check_choice("backward", backward, BACKWARD_MODES)
-    b = torch.empty((), dtype=dtype).element_size()
-    sb = torch.empty((), dtype=score_dtype).element_size()
-    terms = {
-        "H (P, 2n)": P * 2 * n * b,
-        "scores (P,)": P * sb,
-        "expert_offsets (E+1,)": (E + 1) * 4,
-        "gather_idx (P,)": P * 4,
-        "pair_of_row (P,)": P * 4,
-    }
-    if backward == "reduced_memory":
-        terms = {"X (T, d)": T * d * b, **terms}
-    else:
-        terms = {"gathered X (P, d)": P * d * b, **terms, "Y (P, d)": P * d * b}
-    terms["total"] = sum(terms.values())
-    return terms
 
 
 # ----------------------------------------------------------------------------------------------

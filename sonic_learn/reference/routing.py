@@ -18,102 +18,14 @@ expert, the order of rows in the grouped GEMM).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 
-from sonic_learn import _checks
+from sonic_learn import _checks, contracts
+# The routing types, the option names and the router checks are the contract both paths share.
+from sonic_learn.contracts import (ROUNDING_MODES, SCORINGS, RoundingStats, Routing,  # noqa: F401
+                                   RoutingMetadata)
 from sonic_learn.reference import topk as _topk
-
-SCORINGS = ("softmax_topk", "topk_softmax")
-ROUNDING_MODES = ("nearest", "up", "down", "stochastic")
-
-
-# --8<-- [start:routing_types]
-@dataclass(frozen=True)
-class RoundingStats:
-    """What token rounding changed compared with token-choice top-k. The counts are 0-d int64
-    tensors on the routing's device (reading one, e.g. ``int(stats.dropped_tokens)``, syncs)."""
-
-    kept_pairs: torch.Tensor  # () P, the pairs token rounding kept (a padded routing has more entries)
-    dropped_pairs: torch.Tensor  # () token-choice pairs removed by rounding down
-    added_pairs: torch.Tensor  # () pairs added by rounding up (tokens an expert did not pick)
-    dropped_tokens: torch.Tensor  # () tokens left with no expert at all (their output is 0)
-    tokens_per_tile: float  # T*K / (E*tile_m): the paper's condition asks for >= 2
-
-
-@dataclass(frozen=True)
-class Routing:
-    """A routing as flat triples, sorted by token: pair p sends token ``token_idx[p]`` to expert
-    ``expert_idx[p]`` with weight ``scores[p]``.
-
-    With token-choice top-k every token has exactly K pairs (pair p = t*K + k). With token rounding
-    a token may have fewer or more than K pairs, so the triples carry the token explicitly.
-    """
-
-    token_idx: torch.Tensor  # (P,) int32, ascending
-    expert_idx: torch.Tensor  # (P,) int32, in [0, E)
-    scores: torch.Tensor  # (P,) float32 (float64 for float64 logits), differentiable
-    num_tokens: int  # T
-    num_experts: int  # E
-    rounding: RoundingStats | None = None  # token rounding only: pairs/tokens dropped and added
-
-    @property
-    def num_pairs(self) -> int:
-        return int(self.token_idx.numel())
-
-
-@dataclass(frozen=True)
-class RoutingMetadata:
-    """The index arrays of a routing, grouped by expert (the order of rows in the grouped GEMM).
-
-    Row r of the grouped GEMM holds pair ``pair_of_row[r]``, i.e. token ``gather_idx[r]``; the rows
-    of expert e are ``expert_offsets[e] : expert_offsets[e + 1]``; ``row_of_pair`` inverts
-    ``pair_of_row``. Inside one expert, rows keep pair order (a stable grouping).
-    """
-
-    expert_counts: torch.Tensor  # (E,) int32, f_e
-    expert_offsets: torch.Tensor  # (E+1,) int32, exclusive cumsum of f_e, offsets[0] = 0
-    gather_idx: torch.Tensor  # (P,) int32, token of each grouped row
-    pair_of_row: torch.Tensor  # (P,) int32, grouped row -> pair
-    row_of_pair: torch.Tensor  # (P,) int32, pair -> grouped row
-    num_tokens: int  # T
-    num_experts: int  # E
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.gather_idx.numel())
-# --8<-- [end:routing_types]
-
-
-# ---------------------------------------------------------------------------------------------
-# Argument checks shared by both routers (every public function validates before any work).
-# ---------------------------------------------------------------------------------------------
-def _check_router_args(logits: object, k: object, scoring: object, normalize: object,
-                       check_finite: bool = True) -> torch.Tensor:
-    """Validate the router arguments (the fast routers reuse this, then add their device checks)."""
-    logits = _checks.check_tensor("logits", logits)
-    _checks.check_ndim("logits", logits, 2, "(T tokens, E experts)")
-    _checks.check_dtype("logits", logits, _checks.FLOAT_DTYPES)
-    E = logits.shape[1]
-    if E < 1:
-        raise ValueError(f"logits must have at least one expert column (E >= 1), got shape {tuple(logits.shape)}")
-    _checks.check_int_range("k", k, 1, E, "E, the number of experts = logits.shape[1]")
-    _checks.check_choice("scoring", scoring, SCORINGS)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    if check_finite:
-        _checks.check_finite("logits", logits)
-    return logits
-
-
-def _check_generator(generator: object, device: torch.device) -> None:
-    if generator is None:
-        return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator.device.type != device.type:
-        raise ValueError(f"generator must live on the device of the logits ({device.type}), got {generator.device}")
 
 
 # --8<-- [start:topk_routing]
@@ -133,7 +45,7 @@ def topk_routing(
     = the token's j-th best expert (descending score, the lower expert index first on ties) and
     ``scores[p]`` its weight: float32 (float64 for float64 logits), differentiable w.r.t. ``logits``.
     """
-    logits = _check_router_args(logits, k, scoring, normalize)
+    logits = contracts.check_router_args(logits, k, scoring, normalize)
     T, E = logits.shape
 
     # Step 1: every token picks its K best experts and weighs them (scores float32/float64).
@@ -188,7 +100,7 @@ def round_counts(
     _checks.check_dtype("counts", counts, (torch.int32, torch.int64))
     _checks.check_int_range("tile_m", tile_m, 1)
     _checks.check_choice("mode", mode, ROUNDING_MODES)
-    _check_generator(generator, counts.device)
+    contracts.check_generator(generator, counts.device)
     if num_tokens is not None:
         _checks.check_int_range("num_tokens", num_tokens, 0)
     if counts.numel() > 0:
@@ -283,7 +195,7 @@ def _rounding_stats(keep: torch.Tensor, picked: torch.Tensor, ratio: float) -> R
 
 
 # --8<-- [start:token_rounding]
-def _router_probabilities(logits: torch.Tensor) -> torch.Tensor:
+def router_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """p[t, e]: the softmax of token t's logits over ALL E experts (float32, float64 for float64
     logits). Algorithm 4 ranks every expert's tokens by this matrix (its S), whatever the scoring
     rule of the token-choice weights."""
@@ -291,7 +203,7 @@ def _router_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.to(dtype), dim=1)  # (T, E)
 
 
-def _pair_weights(probs: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor) -> torch.Tensor:
+def pair_weights(probs: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor) -> torch.Tensor:
     """The weight of every (token, expert) pair token rounding may keep: a token-choice pick keeps
     its token-choice score bit for bit; any other pair (a token added by rounding up) gets its
     router probability p[t, e], as in the paper's Algorithm 4."""
@@ -359,11 +271,11 @@ def token_rounding(
     token T, expert E and score 0; P is ``routing.rounding.kept_pairs``. Its metadata is
     ``build_padded_metadata``.
     """
-    logits = _check_router_args(logits, k, scoring, normalize)
+    logits = contracts.check_router_args(logits, k, scoring, normalize)
     _checks.check_bool("pad_to_bound", pad_to_bound)
     _checks.check_int_range("tile_m", tile_m, 1)
     _checks.check_choice("mode", mode, ROUNDING_MODES)
-    _check_generator(generator, logits.device)
+    contracts.check_generator(generator, logits.device)
     T, E = logits.shape
     device = logits.device
     ratio = warn_below_paper_condition(T, E, k, tile_m)  # the paper's T_e / tile >= 2, host only
@@ -378,10 +290,10 @@ def token_rounding(
     rounded = round_counts(counts, tile_m, mode, generator, num_tokens=T)  # (E,)
 
     # Step 3: every expert ranks all tokens by p (softmax over all E), token-choice picks first.
-    probs = _router_probabilities(logits)  # (T, E) p[t, e]
+    probs = router_probabilities(logits)  # (T, E) p[t, e]
     picked = torch.zeros(T, E, dtype=torch.bool, device=device).scatter_(1, tc_experts, True)  # (T, E)
     ranking = _rank_tokens_per_expert(probs.detach(), picked)  # (T, E) token of rank r for expert e
-    scores = _pair_weights(probs, tc_experts, tc_scores)  # (T, E) picks: token-choice score; others: p
+    scores = pair_weights(probs, tc_experts, tc_scores)  # (T, E) picks: token-choice score; others: p
 
     # Step 4: expert e keeps the tokens of rank < rounded_e; scatter that back to a (token, expert) mask.
     keep_by_rank = torch.arange(T, device=device)[:, None] < rounded[None, :]  # (T, E)
@@ -390,7 +302,7 @@ def token_rounding(
     # Step 5: token-sorted triples. nonzero walks the mask row by row: by token, then by expert.
     stats = _rounding_stats(keep, picked, ratio)
     if pad_to_bound:  # the fast path's sync-free layout: max_pairs entries, padding last
-        token_idx, expert_idx, pair_scores = _padded_triples(keep, scores, max_pairs(T, E, k, tile_m))
+        token_idx, expert_idx, pair_scores = padded_triples(keep, scores, max_pairs(T, E, k, tile_m))
         return Routing(token_idx, expert_idx, pair_scores, T, E, rounding=stats)
     token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)
     return Routing(
@@ -404,7 +316,7 @@ def token_rounding(
 # --8<-- [end:token_rounding]
 
 
-def _padded_triples(keep: torch.Tensor, scores: torch.Tensor, bound: int):
+def padded_triples(keep: torch.Tensor, scores: torch.Tensor, bound: int):
     """The kept pairs of the (T, E) mask ``keep`` as token-sorted triples padded to ``bound``
     entries, without reading the device: the kept pairs first (nonzero's order), then padding
     pairs with token T, expert E (both out of range) and score 0. (int32, int32, scores' dtype)."""
@@ -425,7 +337,7 @@ def build_padded_metadata(routing: Routing) -> RoutingMetadata:
     past P gets gather_idx 0 and pair_of_row r, a padding pair p gets row_of_pair p, so padding rows
     and padding pairs map to each other and never to a real pair. The layout the fast path's
     sync-free metadata kernels produce (this reference reads P on the host)."""
-    _check_routing_structure(routing)
+    contracts.check_routing_structure(routing)
     if routing.rounding is None:
         raise ValueError("routing must come from token_rounding(..., pad_to_bound=True) (routing.rounding is None)")
     P, bound = int(routing.rounding.kept_pairs), routing.num_pairs
@@ -439,49 +351,11 @@ def build_padded_metadata(routing: Routing) -> RoutingMetadata:
         num_tokens=routing.num_tokens, num_experts=routing.num_experts)
 
 
-def _check_routing_structure(routing: object) -> Routing:
-    """What the host knows about a Routing without reading the device: types, dims, dtypes,
-    lengths, one device. (The fast path runs only this part, to stay free of syncs.)"""
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a sonic_learn.reference.routing.Routing, got {type(routing).__name__}")
-    _checks.check_int_range("routing.num_tokens", routing.num_tokens, 0)
-    _checks.check_int_range("routing.num_experts", routing.num_experts, 1)
-    for name in ("token_idx", "expert_idx", "scores"):
-        _checks.check_tensor(f"routing.{name}", getattr(routing, name))
-        _checks.check_ndim(f"routing.{name}", getattr(routing, name), 1, "(P,) one entry per pair")
-    for name in ("token_idx", "expert_idx"):
-        _checks.check_dtype(f"routing.{name}", getattr(routing, name), (torch.int32, torch.int64))
-    P = routing.token_idx.numel()
-    for name in ("expert_idx", "scores"):
-        if getattr(routing, name).numel() != P:
-            raise ValueError(
-                f"routing.{name} must have P = {P} entries (one per pair, like routing.token_idx), "
-                f"got {getattr(routing, name).numel()}"
-            )
-    _checks.check_same_device(
-        token_idx=routing.token_idx, expert_idx=routing.expert_idx, scores=routing.scores
-    )
-    return routing
-
-
-def _check_routing_ids(routing: Routing) -> None:
-    """Token and expert ids in range: a wrong expert id would silently grow the histogram. Reads
-    the device (min/max), so the fast path makes this check optional."""
-    T, E = routing.num_tokens, routing.num_experts
-    if routing.token_idx.numel() == 0:
-        return
-    for name, hi in (("token_idx", T), ("expert_idx", E)):
-        t = getattr(routing, name)
-        lo_v, hi_v = int(t.min()), int(t.max())
-        if lo_v < 0 or hi_v >= hi:
-            raise ValueError(f"routing.{name} must lie in [0, {hi}), got values in [{lo_v}, {hi_v}]")
-
-
 # --8<-- [start:build_metadata]
 def build_metadata(routing: Routing) -> RoutingMetadata:
     """Group the pairs of ``routing`` by expert: counts, offsets and the two permutations."""
-    _check_routing_structure(routing)
-    _check_routing_ids(routing)
+    contracts.check_routing_structure(routing)
+    contracts.check_routing_ids(routing)
     E = routing.num_experts
     expert_idx = routing.expert_idx.long()  # (P,)
 

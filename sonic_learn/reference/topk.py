@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from sonic_learn import _checks
+from sonic_learn import _checks, contracts
 
 RADIX_BITS = 8  # radix select looks at one 8-bit digit per pass ...
 RADIX_BUCKETS = 1 << RADIX_BITS  # ... so every histogram has 256 buckets
@@ -62,7 +62,7 @@ def _check_topk_input(name: str, x: object, k: object, *, allow_inf: bool = True
         raise ValueError(f"{name} must have at least 1 dim (top-k runs over the last dim), got a 0-d tensor")
     _checks.check_dtype(name, x, _checks.FLOAT_DTYPES)
     _checks.check_int_range("k", k, 1, x.shape[-1], what=f"the size of the last dim of {name}")
-    _checks.check_finite(name, x, allow_inf=allow_inf)
+    contracts.check_finite_values(name, x, allow_inf=allow_inf)
 
 
 # ----------------------------------------------------------------------------------------------
