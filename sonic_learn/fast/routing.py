@@ -59,12 +59,27 @@ Cost: every pass reads one row of T keys (L2-resident), so the selection is O(T)
 no sort and no (T, E)-wide temporaries besides the keys and the mask. What stays torch: the
 probabilities p and the weights (the reference's formulas, so the compared floats are bit-identical and the
 output stays differentiable: a ``softmax`` and a ``scatter``, in place when autograd is off),
-the stochastic draw,
-and ``nonzero`` on the (T, E) mask for the token-sorted triples (it also sizes the output: P is
-data dependent, so this is the one host sync that remains) plus two int32 casts and the score
-gather. Float64 logits give float64 scores, which do not fit the 32-bit key words: they take a
+the stochastic draw (``torch.rand`` on the device, from the given generator),
+the device-side counts of ``routing.rounding`` (a few (T, E) and (E,) reductions), and the
+token-sorted triples from the (T, E) mask: ``nonzero`` by default (it sizes the output by the data
+dependent P: one host sync), or, with ``pad_to_bound=True`` (what the MoE layer uses),
+``nonzero_static`` sized by the host bound ``reference.routing.max_pairs``, with no sync at all,
+plus the int32 casts and the score gather. Float64 logits give float64 scores, which do not fit the 32-bit key words: they take a
 torch-op selection (``torch.topk`` with k = min(tile_m - 1, T) over (E, T) keys for the
 threshold, ``cumsum`` for the tie ranks), the design this module used before the kernels.
+
+**Launches of the router step, and why there are several.** The layer's token-rounding router is
+the router GEMM (cuBLAS), the bitonic top-k kernel, two (T, K) torch ops for the token-choice
+scores, the counts-only histogram (one compiled call), a (T, E) ``softmax``, the two token-rounding
+kernels (one compiled call), the weights' ``scatter_``, the counts of ``routing.rounding``,
+``nonzero_static`` and a few (P,) elementwise ops, then the metadata kernels (one compiled call)
+and a ``searchsorted``. The kernels are separate because each step needs a grid-wide result of
+the one before: the counts f_e need every token's top-k, the boundary select needs every f_e and
+the whole key row of its expert, the token-sorted triples need the final mask of every expert,
+and the metadata needs every pair's expert. Fusing them would take grid-wide barriers
+(cooperative launches) or one CTA doing all the work. The torch ops that remain between them keep
+the scores bit-identical to the reference's and differentiable through autograd; none of them
+reads the device on the host, so the host issues the whole step ahead of the GPU.
 
 **Exact agreement with the reference.** The expert indices are integers (the bitonic kernel and the
 reference's radix select agree exactly, ties to the lower expert). The scores are computed from
