@@ -192,6 +192,61 @@ def test_reduced_memory_caches_no_pd_tensor(routing):
     assert expected_std["total"] - expected["total"] == 2 * P * d * 2 - T * d * 2  # + Xg + Y - X
 
 
+def test_reduced_memory_backward_frees_h_and_a_scaled_before_the_dx_rows(monkeypatch):
+    """The backward's peak (what the GPU's memory history showed): the (P, d) rows dX~ must not
+    meet H or A' (freed by autograd once DownProjection's backward returns), and dW1 must not meet
+    dX~ (freed right after the gather-and-sum); no zeros are made for the non-differentiable A.
+    Checked by weak references to the storages."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    alive: dict[str, StorageWeakRef] = {}
+    seen: dict[str, list[str]] = {}
+
+    def still_alive() -> list[str]:
+        return sorted(name for name, ref in alive.items() if not ref.expired())
+
+    def swiglu_gemm(x, w, meta):
+        h, a = TORCH_OPS.gather_gemm_swiglu(x, w, meta)
+        alive["H"] = StorageWeakRef(h.untyped_storage())
+        return h, a
+
+    def dh_gemm(*args):
+        dh, a_scaled, ds = TORCH_OPS.dh_gemm(*args)
+        alive["A'"] = StorageWeakRef(a_scaled.untyped_storage())
+        return dh, a_scaled, ds
+
+    def grouped_gemm(a, w, meta, transpose_w=False):
+        if transpose_w:  # the dX~ GEMM
+            seen["at dX~"] = still_alive()
+        out = TORCH_OPS.grouped_gemm(a, w, meta, transpose_w)
+        if transpose_w:
+            alive["dX~"] = StorageWeakRef(out.untyped_storage())
+        return out
+
+    def varlen_k_gemm(a, b, meta, gather_a, transpose_out=False):
+        if not transpose_out:  # dW1
+            seen["at dW1"] = still_alive()
+        return TORCH_OPS.varlen_k_gemm(a, b, meta, gather_a, transpose_out)
+
+    import dataclasses
+
+    ops = dataclasses.replace(TORCH_OPS, gather_gemm_swiglu=swiglu_gemm, dh_gemm=dh_gemm, grouped_gemm=grouped_gemm,
+                              varlen_k_gemm=varlen_k_gemm)
+    up_backward = fast_moe.UpProjection.backward
+
+    def spy(ctx, dh, da):  # A is not differentiable: its gradient must not be materialized as (P, n) zeros
+        seen["dA"] = da
+        return up_backward(ctx, dh, da)
+
+    monkeypatch.setattr(fast_moe.UpProjection, "backward", staticmethod(spy))
+    x, router_w, w1, w2 = _params(32, 16, 8, 4, seed=5)
+    r, meta, token_offsets = _route(x.detach() @ router_w.detach(), 2, "topk", 4)
+    out = fast_moe.run_experts(x, w1, w2, fast_moe.DeviceRouting(meta, r.scores, token_offsets), "reduced_memory", ops)
+    out.backward(torch.ones_like(out))
+    assert seen == {"at dX~": [], "at dW1": [], "dA": None}, seen
+    assert w1.grad is not None and x.grad is not None
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Bad inputs (checked before any work; these checks need no GPU)
 # ----------------------------------------------------------------------------------------------

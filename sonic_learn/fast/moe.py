@@ -1,6 +1,6 @@
 """The whole MoE layer on the fast path (Hopper): router, routing metadata, grouped GEMMs, kernels.
 
-Same signature and semantics as ``sonic_learn.reference.moe.moe_forward`` (paper Section 2,
+Same signature and semantics as ``sonic_learn.reference.moe.moe_forward`` (paper
 Algorithm 1; Section 3.2 and Appendix C for the backward), built from:
 
 * the router GEMM (cuBLAS) and the token-choice router of ``sonic_learn.fast.routing`` (the bitonic
@@ -17,7 +17,9 @@ Algorithm 1; Section 3.2 and Appendix C for the backward), built from:
 Two autograd Functions mirror the reference:
 
 * ``ReducedMemoryExperts`` (SonicMoE): caches X, H, the scores and the int32 index arrays only;
-  dS = <dA', A> comes out of the dSwiGLU pass. No (P, d) tensor is ever cached.
+  dS = <dA', A> comes out of the dSwiGLU pass. No (P, d) tensor is ever cached. It is two
+  Functions, ``UpProjection`` and ``DownProjection``, so that autograd frees H and A' between
+  their backwards, before the (P, d) rows of dX~ are allocated.
 * ``StandardExperts`` (the classic baseline): caches the gathered X, H and Y; dS = <dO, Y> in a
   separate pass over Y.
 
@@ -222,25 +224,63 @@ def _meta_from_saved(offsets, gather_idx, pair_of_row, row_of_pair, num_tokens) 
     )
 
 
-class ReducedMemoryExperts(torch.autograd.Function):
-    """SonicMoE's experts: caches X, H, the scores and the index arrays; dS = <dA', A>."""
+class UpProjection(torch.autograd.Function):
+    """Reduced-memory experts, first half: H = X[gather] @ W1 with A = SwiGLU(H) from its epilogue.
+
+    Caches X (not gathered) and the index arrays. Its backward receives dH from
+    ``DownProjection``'s backward and computes dX and dW1."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, scores, meta: RoutingMetadata, token_offsets, ops: ExpertOps):
+    def forward(ctx, x, w1, meta: RoutingMetadata, token_offsets, ops: ExpertOps):
         # up-projection, X gathered inside the GEMM, SwiGLU in its epilogue: H (P, 2n) and A (P, n)
         h, a = ops.gather_gemm_swiglu(x, w1, meta)
+        ctx.mark_non_differentiable(a)  # A's gradient reaches H through DownProjection's dSwiGLU epilogue
+        ctx.set_materialize_grads(False)  # so the backward gets None for A, not a (P, n) tensor of zeros
+        ctx.save_for_backward(x, w1, meta.expert_offsets, meta.gather_idx, meta.pair_of_row, meta.row_of_pair,
+                              token_offsets)
+        ctx.ops = ops
+        return h, a
+
+    @staticmethod
+    def backward(ctx, dh, _da):
+        if dh is None:  # H did not reach the loss
+            return None, None, None, None, None
+        x, w1, offsets, gather_idx, pair_of_row, row_of_pair, token_offsets = ctx.saved_tensors
+        ops = ctx.ops
+        meta = _meta_from_saved(offsets, gather_idx, pair_of_row, row_of_pair, x.shape[0])
+        # Step 4: dX~ = dH @ W1^T, then dX = unweighted gather-and-sum over each token's rows. dX
+        # first, so that the (P, d) rows dX~ -- the largest buffer of the backward -- are freed
+        # before dW1 is allocated.
+        dx_rows = ops.grouped_gemm(dh, w1, meta, True)  # (P, d), W1 (E, d, 2n) read K-major
+        dx = ops.gather_sum(dx_rows, None, row_of_pair, token_offsets)  # (T, d)
+        del dx_rows
+        # Step 5: dW1[e] = X_e^T dH_e with X gathered on K.
+        dw1 = ops.varlen_k_gemm(x, dh, meta, True)  # (E, d, 2n)
+        return dx, dw1, None, None, None
+
+
+class DownProjection(torch.autograd.Function):
+    """Reduced-memory experts, second half: Y = A @ W2, out = weighted gather-and-sum of Y.
+
+    Caches H (not A, not Y), the scores and the index arrays. Its backward is the paper's dH kernel
+    plus dW2; it returns dH to ``UpProjection``, and autograd frees what this half cached (H) and
+    computed (A') before the up-projection's backward allocates the (P, d) dX~ rows."""
+
+    @staticmethod
+    def forward(ctx, h, a, w2, scores, meta: RoutingMetadata, token_offsets, ops: ExpertOps):
         y = ops.grouped_gemm(a, w2, meta)  # (P, d) down-projection
         out = ops.gather_sum(y, scores, meta.row_of_pair, token_offsets)  # (T, d); y, a freed on return
-        ctx.save_for_backward(x, w1, w2, h, scores, meta.expert_offsets, meta.gather_idx, meta.pair_of_row,
-                              meta.row_of_pair, token_offsets)
+        ctx.save_for_backward(h, w2, scores, meta.expert_offsets, meta.gather_idx, meta.pair_of_row,
+                              meta.row_of_pair)
         ctx.ops = ops
+        ctx.num_tokens = out.shape[0]
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, w1, w2, h, scores, offsets, gather_idx, pair_of_row, row_of_pair, token_offsets = ctx.saved_tensors
+        h, w2, scores, offsets, gather_idx, pair_of_row, row_of_pair = ctx.saved_tensors
         ops = ctx.ops
-        meta = _meta_from_saved(offsets, gather_idx, pair_of_row, row_of_pair, x.shape[0])
+        meta = _meta_from_saved(offsets, gather_idx, pair_of_row, row_of_pair, ctx.num_tokens)
         dout = dout.contiguous()  # (T, d)
         # Steps 1+2, one kernel: dA' = dO[token of row] @ W2^T (dO gathered inside the GEMM, W2 (E, n, d)
         # read K-major), and in its epilogue dS = <dA', A>, A' = s*A, dH = dSwiGLU(H, s*dA'); dA' is
@@ -250,12 +290,21 @@ class ReducedMemoryExperts(torch.autograd.Function):
         dscores = ds_rows[row_of_pair.long()]  # (P,) back to pair order
         # Step 3: dW2[e] = A'_e^T dO_e, computed as (dO_e^T A'_e)^T with dO gathered on K.
         dw2 = ops.varlen_k_gemm(dout, a_scaled, meta, True, True)  # (E, n, d), stored transposed
-        # Step 4: dX~ = dH @ W1^T, then dX = unweighted gather-and-sum over each token's rows.
-        dx_rows = ops.grouped_gemm(dh, w1, meta, True)  # (P, d), W1 (E, d, 2n) read K-major
-        dx = ops.gather_sum(dx_rows, None, row_of_pair, token_offsets)  # (T, d)
-        # Step 5: dW1[e] = X_e^T dH_e with X gathered on K.
-        dw1 = ops.varlen_k_gemm(x, dh, meta, True)  # (E, d, 2n)
-        return dx, dw1, dw2, dscores.to(scores.dtype), None, None, None
+        return dh, None, dw2, dscores.to(scores.dtype), None, None, None
+
+
+class ReducedMemoryExperts:
+    """SonicMoE's experts: caches X, H, the scores and the index arrays; dS = <dA', A>.
+
+    Two autograd Functions, as the paper's up- and down-projection: ``DownProjection``'s backward
+    (the dH kernel, then dW2) hands dH to ``UpProjection``'s backward (dX, then dW1). Between the
+    two, autograd frees H and A', so the backward's peak holds dH, dW2 and the (P, d) rows of dX~,
+    never H or A' beside them."""
+
+    @staticmethod
+    def apply(x, w1, w2, scores, meta: RoutingMetadata, token_offsets, ops: ExpertOps) -> torch.Tensor:
+        h, a = UpProjection.apply(x, w1, meta, token_offsets, ops)  # (P, 2n), (P, n)
+        return DownProjection.apply(h, a, w2, scores, meta, token_offsets, ops)  # (T, d)
 
 
 class StandardExperts(torch.autograd.Function):
@@ -393,6 +442,6 @@ def expected_saved_bytes(T: int, d: int, n: int, E: int, P: int, *, dtype=torch.
 
 __all__ = [
     "moe_forward", "route", "run_experts", "device_metadata", "check_inputs", "ReducedMemoryExperts",
-    "StandardExperts", "ExpertOps", "DeviceRouting", "saved_tensors", "expected_saved_bytes", "ROUTINGS",
-    "BACKWARD_MODES",
+    "UpProjection", "DownProjection", "StandardExperts", "ExpertOps", "DeviceRouting", "saved_tensors",
+    "expected_saved_bytes", "ROUTINGS", "BACKWARD_MODES",
 ]
