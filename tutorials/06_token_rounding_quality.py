@@ -192,14 +192,12 @@ r"""
 ## Exercises
 
 1. **Where the condition bites.** For $E = 64$, $K = 8$ and $M_\text{tile} = 128$, find the
-   smallest $T$ for which `token_rounding` no longer warns. (Answer: $TK/(E M_\text{tile}) \ge 2$
-   gives $T \ge 2048$.)
+   smallest $T$ for which `token_rounding` no longer warns.
 2. **Dropped tokens.** At a ratio of 0.5, how many tokens lose every expert with `nearest`, and
-   with `up`? Use `Routing.rounding.dropped_tokens`. (Answer: with `up` none, since rounding up
-   only adds pairs; with `nearest` every token whose experts all hold fewer than
-   $M_\text{tile}/2$ tokens.)
+   with `up`? Use `Routing.rounding.dropped_tokens`.
 3. **A smaller tile.** Rerun the below-condition cell with `tile_m=16`: what is the ratio, and how
-   many tokens are dropped now? (Answer: 1.0; far fewer pairs move, since each expert moves by
-   less than 16.)
+   many pairs and tokens are dropped now?
+
+Answer key: `tutorials/answers/06_token_rounding_quality.py` (run it; every answer is checked by an assert).
 <!-- --8<-- [end:exercises] -->
 """
