@@ -222,7 +222,7 @@ def plot(result: dict, path: Path) -> None:
     for r in result["runs"]:
         steps, losses = zip(*r["val_loss"])
         low = r["tokens_per_expert_per_tile"] < 2
-        label = f"{r['routing']} seed {r['seed']} (T_e/tile = {r['tokens_per_expert_per_tile']:g})"
+        label = f"{r['routing']} seed {r['seed']} (f_e/tile = {r['tokens_per_expert_per_tile']:g})"
         ax.plot(steps, losses, color=colors[r["routing"]], linestyle=":" if low else "-", alpha=0.85, label=label)
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (nats/byte, top-k eval)")
@@ -258,7 +258,7 @@ def run_all(cfg: Config, seeds: list[int], low_batch: int, max_bytes: int, backe
         run = train(run_cfg, routing, seed, train_data, val_data, backend, device, dtype)
         result["runs"].append(run)
         result["summary"] = summarize(result["runs"])
-        print(f"{routing:>14} seed {seed} T_e/tile {run['tokens_per_expert_per_tile']:g}: "
+        print(f"{routing:>14} seed {seed} f_e/tile {run['tokens_per_expert_per_tile']:g}: "
               f"val {run['final_val_loss']:.4f} ({run['seconds']:.1f} s)", flush=True)
         if save is not None:
             save(result)

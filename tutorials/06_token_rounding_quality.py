@@ -16,7 +16,7 @@ r"""
 After this tutorial you can
 
 - state the paper's quality claim for token rounding and the condition it comes with: the average
-  number of tokens per expert, divided by the tile, $\bar T_e / M_\text{tile} = TK / (E M_\text{tile})$,
+  number of tokens per expert, divided by the tile, $\bar f_e / M_\text{tile} = TK / (E M_\text{tile})$,
   must be at least 2;
 - see what happens below it: which pairs and tokens rounding drops, and how the library tells you
   (a `UserWarning` once per shape, and the device-side counts in `Routing.rounding`);
@@ -58,12 +58,12 @@ picks (rounding down) or takes the best tokens that did not pick it (rounding up
 top-k: the validation perplexity matches top-k training (e.g. 13.10 vs 13.12 at 1.8B) **while**
 
 $$
-\frac{\bar T_e}{M_\text{tile}} = \frac{T K}{E\, M_\text{tile}} \;\ge\; 2,
+\frac{\bar f_e}{M_\text{tile}} = \frac{T K}{E\, M_\text{tile}} \;\ge\; 2,
 $$
 
 and it degrades at a ratio of 1 (13.55 vs 13.12). The reason is visible in the rounding rule:
 an expert can move by up to $M_\text{tile} - 1$ tokens, so the change is small only when
-$\bar T_e$ is several tiles. Below the condition a large share of all pairs moves, and with
+$\bar f_e$ is several tiles. Below the condition a large share of all pairs moves, and with
 `nearest` every expert holding fewer than $M_\text{tile}/2$ tokens loses all of them.
 <!-- --8<-- [end:claim_md] -->
 """
@@ -180,7 +180,7 @@ for path in results:
     res = json.loads(path.read_text())
     print(f"{path.name}: {res['environment']['device']}, {res['config']['steps']} steps, seeds {res['seeds']}")
     for row in res["summary"]:
-        print(f"  {row['routing']:>14} at T_e/tile = {row['tokens_per_expert_per_tile']:g}: final val loss "
+        print(f"  {row['routing']:>14} at f_e/tile = {row['tokens_per_expert_per_tile']:g}: final val loss "
               f"{row['final_val_loss_mean']:.4f} (min {row['final_val_loss_min']:.4f}, max "
               f"{row['final_val_loss_max']:.4f}, {row['seeds']} seeds)")
     assert tiny.summarize(res["runs"]) == res["summary"]  # the summary is the runs' own numbers
