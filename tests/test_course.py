@@ -11,9 +11,14 @@ import textwrap
 from xml.etree import ElementTree as ET
 
 import pytest
+import torch
+from hypothesis import strategies as st
 
 from sonic_learn.course import all_assignments, get_assignment, grade, start, write_junit
 from sonic_learn.course.__main__ import main
+from sonic_learn.course.assignments import Assignment, Task
+from sonic_learn.course.grader import junit_xml, print_report
+from sonic_learn.properties import Property, expect
 
 CPU_ASSIGNMENTS = ["topk", "routing", "grouped_gemm", "backward"]
 FEW = 3  # drawn examples per property (plus the pinned ones)
@@ -222,6 +227,66 @@ def test_import_error_and_missing_function_score_zero_with_the_reason(tmp_path):
     report = grade(get_assignment("topk"), tmp_path / "b", max_examples=1)
     assert "missing" in _task(report, "radix_topk").results[0].message
     assert _task(report, "ordered_int_keys").score == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring of skipped properties, and the instructor's seed (on a synthetic one-function assignment)
+# ----------------------------------------------------------------------------------------------
+
+
+def _synthetic(*task_properties, points=(4, 3, 2)) -> Assignment:
+    """An assignment ``synthetic.py`` whose tasks f0, f1, ... are graded by the given property lists."""
+    tasks = tuple(Task(f"f{i}", points[i], f"task {i}", lambda props=props: list(props))
+                  for i, props in enumerate(task_properties))
+    return Assignment(0, "synthetic", "synthetic", "a test double", tasks, key="", page="")
+
+
+def _passes(name, needs_cuda=False):
+    return Property(name, "always holds", st.just(0), lambda fn, case: None, needs_cuda=needs_cuda)
+
+
+def test_skipped_properties_are_left_out_of_the_score(tmp_path, monkeypatch, capsys):
+    """A property that needs CUDA is skipped on a CPU machine: it counts neither for nor against."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fails = Property("fails", "never holds", st.just(0), lambda fn, case: expect(False, "[fails] by design"))
+    gpu = _passes("gpu", needs_cuda=True)
+    a = _synthetic([_passes("cpu"), gpu],  # f0: 1 of 1 ran, passed -> 4 / 4
+                   [gpu],  # f1: nothing ran -> 0 / 0, left out of the total
+                   [_passes("cpu"), fails, gpu])  # f2: 1 of 2 ran -> 1 / 2
+    _write(tmp_path, "synthetic", "def f0(): pass\ndef f1(): pass\ndef f2(): pass\n")
+    report = grade(a, tmp_path, max_examples=1)
+    assert [r.status for t in report.tasks for r in t.results] == ["passed", "skipped", "skipped", "passed", "failed",
+                                                                    "skipped"]
+    assert [(t.score, t.max_score) for t in report.tasks] == [(4, 4), (0, 0), (1, 2)]
+    assert (report.score, report.max_score) == (5, 6) and not report.full_marks
+    suite = junit_xml([report]).getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("6", "1", "3")
+
+    only_cpu_work = _synthetic([_passes("cpu"), gpu], [gpu])  # every property that ran passed
+    report = grade(only_cpu_work, tmp_path, max_examples=1)
+    assert report.full_marks and report.percent == pytest.approx(100.0) and report.max_score == 4
+    print_report(report, verbose=True)
+    assert "skipped (needs a CUDA GPU)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_instructor_seed_changes_the_examples(tmp_path):
+    """seed=None: the same examples on every run; an instructor's seed: other examples, reproducibly."""
+    seen = []
+    record = Property("record", "records its examples", st.integers(0, 2**62), lambda fn, case: seen.append(case))
+    a = _synthetic([record])
+    _write(tmp_path, "synthetic", "def f0(): pass\n")
+
+    def examples(seed):
+        seen.clear()
+        report = grade(a, tmp_path, seed=seed, max_examples=20)
+        assert report.full_marks and report.seed == seed
+        return list(seen)
+
+    derandomized = examples(None)
+    assert len(set(derandomized)) > 1 and examples(None) == derandomized
+    seeded_1 = examples(1)
+    assert examples(1) == seeded_1  # an instructor can reproduce a student's grade
+    assert seeded_1 != derandomized and examples(2) != seeded_1  # ... with examples the students have not seen
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sonic_learn.fast import moe as fast_moe
+from sonic_learn.properties.backward import tensors_alive_after
 from sonic_learn.reference import grouped_gemm as ref_gg
 from sonic_learn.reference import moe as ref_moe
 from sonic_learn.reference.routing import build_metadata, token_rounding, topk_routing
@@ -190,6 +191,21 @@ def test_reduced_memory_caches_no_pd_tensor(routing):
     expected_std = fast_moe.expected_saved_bytes(T, d, n, E, P, backward="standard")
     assert sum(s.nbytes for s in standard) == expected_std["total"]
     assert expected_std["total"] - expected["total"] == 2 * P * d * 2 - T * d * 2  # + Xg + Y - X
+
+
+@pytest.mark.parametrize("routing", ["topk", "token_rounding"])
+def test_forward_frees_y_and_gathered_x(routing):
+    """Weak references: after the reduced-memory forward only H and the output are alive, also where
+    saved-tensor hooks cannot look (a tensor kept on ctx); standard keeps gathered X and Y."""
+    T, d, n, E, k = 16, 24, 8, 4, 3
+    x, router_w, w1, w2 = (p.detach().to(torch.bfloat16).requires_grad_(True) for p in _params(T, d, n, E, seed=4))
+    with torch.no_grad():
+        _, dr = _cpu_layer(x, router_w, w1, w2, k, routing, "reduced_memory", tile_m=4)
+    P = dr.meta.gather_idx.numel()
+    for backward, also_alive in (("reduced_memory", []), ("standard", [(P, d), (P, d)])):
+        out, alive = tensors_alive_after(lambda: fast_moe.run_experts(x, w1, w2, dr, backward, TORCH_OPS))
+        assert out.requires_grad  # the graph, and with it ctx, is alive while we look
+        assert sorted(shape for shape, _ in alive) == sorted([(P, 2 * n), (T, d), *also_alive]), alive
 
 
 def test_reduced_memory_backward_frees_h_and_a_scaled_before_the_dx_rows(monkeypatch):

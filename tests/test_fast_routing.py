@@ -118,22 +118,23 @@ def assert_same_metadata(got: ref.RoutingMetadata, want: ref.RoutingMetadata) ->
     assert (got.num_tokens, got.num_experts) == (want.num_tokens, want.num_experts)
 
 
-def random_routing(T: int, E: int, K: int, seed: int, variable: bool) -> ref.Routing:
-    """A routing with skewed expert popularity (some experts empty). ``variable``: tokens carry
-    0..2K pairs (like token rounding), else exactly K (like top-k)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def random_routing(T: int, E: int, K: int, seed: int, variable: bool, device: str = "cuda") -> ref.Routing:
+    """A valid routing (distinct experts per token, pairs sorted by token) with skewed expert
+    popularity (some experts empty). ``variable``: tokens carry 0..2K pairs (like token rounding),
+    else exactly K (like top-k); never more than E."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    per_token = torch.full((T,), min(K, E), device=device)  # (T,)
     if variable:
-        per_token = torch.randint(0, 2 * K + 1, (T,), generator=g, device="cuda")  # (T,)
-        token_idx = torch.repeat_interleave(torch.arange(T, device="cuda"), per_token)  # (P,)
-    else:
-        token_idx = torch.arange(T, device="cuda").repeat_interleave(K)  # (T*K,)
+        per_token = torch.randint(0, 2 * K + 1, (T,), generator=g, device=device).clamp(max=E)  # (T,)
+    popular = torch.zeros(E, dtype=torch.bool, device=device)  # a hot subset of the experts
+    popular[torch.randint(0, E, (max(1, E // 4),), generator=g, device=device)] = True
+    # each token ranks the experts by a random key, the hot ones ahead half of the time
+    key = torch.rand(T, E, generator=g, device=device) + popular * (torch.rand(T, 1, generator=g, device=device) < 0.5)
+    rank = torch.argsort(torch.argsort(key, dim=1, descending=True), dim=1)  # (T, E) rank of each expert
+    token_idx, expert_idx = (rank < per_token[:, None]).nonzero(as_tuple=True)  # token-sorted, distinct
     P = token_idx.numel()
-    popular = torch.randint(0, E, (max(1, E // 4),), generator=g, device="cuda")  # a hot subset
-    hot = torch.rand(P, generator=g, device="cuda") < 0.5
-    expert_idx = torch.where(hot, popular[torch.randint(0, popular.numel(), (P,), generator=g, device="cuda")],
-                             torch.randint(0, E, (P,), generator=g, device="cuda"))  # (P,)
     return ref.Routing(token_idx=token_idx.int(), expert_idx=expert_idx.int(),
-                       scores=torch.rand(P, generator=g, device="cuda"), num_tokens=T, num_experts=E)
+                       scores=torch.rand(P, generator=g, device=device), num_tokens=T, num_experts=E)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def test_fallback_token_choice_equals_reference_radix_select(T, E, K, dtype, tie
     if E % 8 == 0:
         assume(dtype == torch.float64)  # keep the CPU test on the fallback
     assert not fast._bitonic_supported(logits, k)
-    assert torch.equal(fast._token_choice_experts(logits, k), ref_topk.radix_topk(logits, k)[1])
+    assert torch.equal(fast.token_choice_experts(logits, k), ref_topk.radix_topk(logits, k)[1])
 
 
 def select_kernel_model(scores: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, uniform, mode: str,

@@ -2,7 +2,7 @@
 
 * GPU tests (marker ``gpu``): Hypothesis draws the row count (0..100k), N from the supported
   set, k, the dtype and a seed; the data forces ties (a small value set), -0.0 next to +0.0 and
-  +-inf. Indices must match exactly, values bit-for-bit (``x.gather``), softmax scores to float32
+  +-inf, or spans the dtype's whole range (subnormals, the largest values, one-ulp neighbours). Indices must match exactly, values bit-for-bit (``x.gather``), softmax scores to float32
   accuracy against a float64 oracle.
 * Bad-input tests run on the CPU (they must fail before any launch, so they need no GPU).
 
@@ -25,6 +25,7 @@ if not _ok:
     pytest.skip(_why, allow_module_level=True)
 
 from sonic_learn.fast import topk as fast  # noqa: E402
+from sonic_learn.properties.topk import full_range_values  # noqa: E402
 from sonic_learn.reference import topk as ref  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -38,8 +39,11 @@ MAX_ELEMENTS = 1 << 22  # keeps one example under ~16 MB so a run stays quick
 # ---------------------------------------------------------------------------------------------
 def make_rows(rows: int, n: int, dtype: torch.dtype, seed: int, style: str) -> torch.Tensor:
     """(rows, n) CUDA tensor. "ties": values from a 9-value set with -0.0/+0.0 and +-inf mixed in;
-    "normal": Gaussian logits (ties only where the dtype rounds them together)."""
+    "normal": Gaussian logits (ties only where the dtype rounds them together); "full_range": the
+    dtype's whole range (``full_range_values``)."""
     g = torch.Generator().manual_seed(seed)
+    if style == "full_range":
+        return full_range_values((rows, n), dtype, seed).cuda()
     if style == "ties":
         x = torch.randint(-4, 5, (rows, n), generator=g).to(torch.float32) * 0.5  # (rows, n)
         u = torch.rand((rows, n), generator=g)  # (rows, n)
@@ -84,7 +88,7 @@ def problems(draw, max_k=fast.MAX_K_BITONIC):
     rows = draw(st.integers(0, min(100_000, MAX_ELEMENTS // n)))
     dtype = draw(st.sampled_from(DTYPES))
     seed = draw(st.integers(0, 2**31 - 1))
-    style = draw(st.sampled_from(["ties", "normal"]))
+    style = draw(st.sampled_from(["ties", "normal", "full_range"]))
     return rows, n, k, dtype, seed, style
 
 
@@ -99,6 +103,7 @@ def problems(draw, max_k=fast.MAX_K_BITONIC):
 @example(problem=(32768, 256, 16, torch.bfloat16, 3, "normal"), kind="radix")
 @example(problem=(0, 64, 8, torch.float16, 4, "ties"), kind="radix")
 @example(problem=(1, 8, 8, torch.float32, 5, "ties"), kind="bitonic")
+@example(problem=(4096, 128, 8, torch.float32, 6, "full_range"), kind="bitonic")
 def test_topk_matches_stable_sort_oracle(problem, kind):
     rows, n, k, dtype, seed, style = problem
     x = make_rows(rows, n, dtype, seed, style)
@@ -110,8 +115,9 @@ def test_topk_matches_stable_sort_oracle(problem, kind):
 @pytest.mark.gpu
 @given(problem=problems(), kind=st.sampled_from(["bitonic", "radix"]))
 @example(problem=(4096, 128, 8, torch.bfloat16, 7, "ties"), kind="bitonic")
+@example(problem=(4096, 200, 16, torch.float32, 8, "full_range"), kind="bitonic")
 def test_topk_matches_reference(problem, kind):
-    """fast == sonic_learn.reference.topk (radix; and bitonic where its packing is exact)."""
+    """fast == sonic_learn.reference.topk, radix and bitonic (both exact for every dtype)."""
     rows, n, k, dtype, seed, style = problem
     x = make_rows(min(rows, 20_000), n, dtype, seed, style)
     fn = fast.bitonic_topk if kind == "bitonic" else fast.radix_topk
@@ -119,9 +125,8 @@ def test_topk_matches_reference(problem, kind):
     ref_values, ref_indices = ref.radix_topk(x, k)
     assert torch.equal(indices, ref_indices), _first_mismatch(indices, ref_indices, x)
     assert torch.equal(values, ref_values)
-    if dtype != torch.float32:  # the reference's float32 bitonic packing is approximate by design
-        ref_values, ref_indices = ref.bitonic_topk(x, k)
-        assert torch.equal(indices, ref_indices), _first_mismatch(indices, ref_indices, x)
+    ref_values, ref_indices = ref.bitonic_topk(x, k)
+    assert torch.equal(indices, ref_indices), _first_mismatch(indices, ref_indices, x)
 
 
 @pytest.mark.gpu

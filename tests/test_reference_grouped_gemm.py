@@ -210,6 +210,38 @@ def test_fused_gathers_tile_by_tile_and_naive_pads():
     assert fused.gathered_rows == fused.matmul_rows == [4, 1, 4, 4, 1]  # tiles; last ones masked
 
 
+@st.composite
+def counts_with_exact_multiples(draw):
+    """(counts, tile_m): every count is 0, an exact multiple of tile_m, or near one (tile-1, tile+1)."""
+    tile_m = draw(st.sampled_from([1, 2, 4, 16, 128]))
+    multiple = st.integers(1, 3).map(lambda q: q * tile_m)
+    near = st.sampled_from(sorted({0, 1, max(tile_m - 1, 0), tile_m + 1, 2 * tile_m + 1}))
+    counts = draw(st.lists(multiple | near | st.integers(0, 3 * tile_m), min_size=1, max_size=8))
+    return tuple(counts), tile_m
+
+
+@given(case=counts_with_exact_multiples(), seed=st.integers(0, 2**31 - 1))
+@example(case=(EDGE_COUNTS_128, 128), seed=0)
+@example(case=((4, 8, 0, 12), 4), seed=1)
+def test_rows_multiplied_are_the_cost_models_padded_rows(case, seed):
+    """The rows the GEMMs really multiply, observed, are what io_cost charges for: the naive GEMM
+    multiplies padded_rows = sum ceil(f_e / tile_m) * tile_m (an exact multiple gets no extra tile,
+    an empty expert none); the fused GEMM runs padded_rows / tile_m tiles of only the real rows."""
+    counts, tile_m = case
+    p = Problem(counts=counts, extra_tokens=1, tile_m=tile_m, K=3, N=2, dtype=torch.float32, seed=seed)
+    x, w, meta = build(p)
+    cost = io_cost(p.T, p.K, p.N, list(counts), tile_m=tile_m, variant="naive")
+    with _RecordShapes(x) as naive:
+        naive_grouped_gemm(x, w, meta, tile_m=tile_m)
+    assert naive.matmul_rows == [-(-f // tile_m) * tile_m for f in counts if f > 0]
+    assert sum(naive.matmul_rows) == cost.padded_rows
+    assert naive.gathered_rows == [cost.rows]
+    with _RecordShapes(x) as fused:
+        gather_fused_grouped_gemm(x, w, meta, tile_m=tile_m)
+    assert len(fused.matmul_rows) * tile_m == cost.padded_rows  # one matmul per tile
+    assert sum(fused.matmul_rows) == cost.rows and max(fused.matmul_rows, default=0) <= tile_m
+
+
 # --------------------------------------------------------------------------------------------------
 # varlen-K (weight gradient)
 # --------------------------------------------------------------------------------------------------

@@ -266,7 +266,7 @@ def test_fast_experts_never_read_past_the_true_pair_count(backward, T, E, K, til
     meta = ref.build_padded_metadata(r)
     assert meta.num_rows > int(meta.expert_offsets[-1]) or T * K == 0  # there is padding to poison
     token_offsets = fast_moe._token_offsets(r.token_idx, T, None)
-    dr = fast_moe.DeviceRouting(meta, r.scores, token_offsets, r.rounding)
+    dr = fast_moe.DeviceRouting(meta, r.scores, token_offsets, rounding=r.rounding)
     ops = _poisoned(compile_tests.TORCH_OPS, int(meta.expert_offsets[-1]))
     out = fast_moe.run_experts(leaves[0], leaves[2], leaves[3], dr, backward, ops)
     ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]

@@ -289,11 +289,13 @@ r"""
 1. **Passes.** How many digit passes over a row does `radix_topk` make for float32 logits? For
    float64? How many does `torch.topk`'s single-block kernel make for float32, with 2-bit digits?
    Check your answers against the loop in `_radix_select_columns` and `radix_select_passes`.
-2. **Lossless packing.** For float16 inputs the column fits in 13 bits. What is the widest row
-   `bitonic_topk` accepts for float16, and what error does it raise past that? Try it.
+2. **Lossless packing.** SonicMoE's float32 key (Step 3) overwrites the low mantissa bits. How
+   wide can a float16 row be before the column field reaches a bit that a float16 value uses? A
+   bfloat16 row? Why has `bitonic_keys` (an int64 key) no such limit for 16- and 32-bit values, and
+   what does it do for float64? Read its docstring.
 3. **Float32 ties.** Build two float32 values that differ only in their lowest mantissa bit, put
-   them in a row of 8, and compare `bitonic_topk` with `radix_topk`. Explain the result from the
-   docstring of `bitonic_topk`.
+   them in a row of 8, pack them as in Step 3 (float32 keys, the column in the low 3 bits) and see
+   which key is larger. Then compare `bitonic_topk` with `radix_topk`.
 4. **The network.** Write the list of (stride, block size) pairs that `_bitonic_sort_descending`
    visits for $N = 16$, and count the compare-exchanges.
 

@@ -28,7 +28,7 @@ Fusion (reduced-memory mode): the forward runs SwiGLU in the up-projection GEMM'
 the backward's dH kernel is one GEMM, dA' = dO W2^T, whose epilogue loads H and the row's score and
 produces dH, A' = s*A and dS = <dA', A> (``grouped_gemm.gather_fused_grouped_gemm_dswiglu``); dA'
 never reaches memory. The standard baseline keeps every pass separate (the standalone kernels of
-``moe_kernels``), as the issue's "same GEMM kernel without fused epilogues" asks. With the
+``moe_kernels``): the same GEMM kernel without the fused epilogues. With the
 production kernels no weight is ever copied transposed (the teaching kernels v1/sm90 fall back to a
 torch copy): the backward's ``dY @ W2^T`` and ``dH @ W1^T`` read the stored weights K-major
 (``transpose_w=True``), and dW2 is written in W2's (E, n, d) orientation by the varlen-K GEMM's
@@ -59,8 +59,9 @@ from dataclasses import dataclass
 import torch
 
 from sonic_learn import _checks, contracts
-from sonic_learn.contracts import (BACKWARD_MODES, ROUNDING_MODES, ROUTINGS, SCORINGS, RoundingStats, Routing,
-                                   RoutingMetadata)
+from sonic_learn.contracts import (  # noqa: F401  (ROUTINGS, BACKWARD_MODES, ... stay importable from here)
+    BACKWARD_MODES, ROUNDING_MODES, ROUTINGS, SCORINGS, RoundingStats, Routing, RoutingMetadata)
+from sonic_learn.fast import ops as fast_ops
 
 FAST_DTYPES = (torch.bfloat16, torch.float16)
 MAX_ELEMENTS = 2**31  # the kernels index with 32-bit integers (largest index 2^31 - 1)
@@ -101,27 +102,9 @@ def set_epilogue_fusion(*, swiglu: bool = True, dh: bool = True) -> None:
 
 
 def _fast_ops() -> ExpertOps:
-    from sonic_learn.fast import grouped_gemm as gg
-    from sonic_learn.fast import moe_kernels as mk
-
-    fuse = dict(EPILOGUE_FUSION)
-
-    return ExpertOps(
-        gather_gemm=lambda x, w, meta, transpose_w=False: gg.gather_fused_grouped_gemm(
-            x, w, meta, tile_m=GEMM_TILE_M, transpose_w=transpose_w),
-        gather_gemm_swiglu=lambda x, w, meta: gg.gather_fused_grouped_gemm_swiglu(x, w, meta, tile_m=GEMM_TILE_M,
-                                                                                 fused=fuse["swiglu"]),
-        grouped_gemm=lambda a, w, meta, transpose_w=False: gg.contiguous_grouped_gemm(
-            a, w, meta, tile_m=GEMM_TILE_M, transpose_w=transpose_w),
-        dh_gemm=lambda dout, w2, meta, h, row_scores: gg.gather_fused_grouped_gemm_dswiglu(
-            dout, w2, meta, h, row_scores, tile_m=GEMM_TILE_M, fused=fuse["dh"]),
-        varlen_k_gemm=lambda a, b, meta, gather_a, transpose_out=False: gg.grouped_gemm_varlen_k(
-            a, b, meta, gather_a=gather_a, transpose_out=transpose_out),
-        swiglu=mk.swiglu,
-        swiglu_backward=mk.swiglu_backward,
-        gather_scale_dot=mk.gather_scale_dot,
-        gather_sum=mk.gather_sum,
-    )
+    """The CuTe-DSL kernels, each behind a ``torch.library`` custom op (``sonic_learn.fast.ops``), so
+    that ``torch.compile`` traces the layer through them."""
+    return fast_ops.expert_ops()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +118,7 @@ class DeviceRouting:
     meta: RoutingMetadata
     scores: torch.Tensor  # (P,) float32
     token_offsets: torch.Tensor  # (T+1,) int32
+    logits: torch.Tensor | None = None  # (T, E) float32, the router's output (for the router losses)
     rounding: RoundingStats | None = None  # token rounding: kept/dropped/added pairs, dropped tokens (device)
 
 
@@ -177,8 +161,8 @@ def _token_offsets(token_idx: torch.Tensor, num_tokens: int, pairs_per_token: in
     return torch.searchsorted(token_idx.to(torch.int32), tokens).to(torch.int32)  # first pair of each token
 
 
-def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk", rounding_mode="nearest",
-          generator=None) -> DeviceRouting:
+def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk", normalize=False,
+          rounding_mode="nearest", generator=None) -> DeviceRouting:
     """Router + metadata. Scores are float32 and differentiable w.r.t. x and router_w."""
     from sonic_learn.fast import routing as fast_routing
 
@@ -186,16 +170,16 @@ def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk",
     logits = (x @ router_w).float()  # (T, E), as the reference: GEMM in x's dtype, then float32
     if routing == "topk":
         # Token choice: pair p = t*K + j (no host synchronization).
-        r = fast_routing.topk_routing(logits, k, scoring=scoring, check_finite=False)
+        r = fast_ops.topk_routing(logits, k, scoring, normalize)  # the top-k kernel as a custom op
         meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E, pairs_per_token=k)
     else:
         # Token rounding: the fast router ranks only each expert's boundary tile. Its pair count is
         # data dependent, so the triples are padded to the host bound (token T, expert E, score 0)
         # and the true P stays on the device: no synchronization, capturable in a CUDA graph.
         r = fast_routing.token_rounding(logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator,
-                                        scoring=scoring, check_finite=False, pad_to_bound=True)
+                                        scoring=scoring, normalize=normalize, check_finite=False, pad_to_bound=True)
         meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E, padded=True)
-    return DeviceRouting(meta, r.scores.contiguous(), token_offsets, r.rounding)
+    return DeviceRouting(meta, r.scores.contiguous(), token_offsets, logits, r.rounding)
 
 
 def _metadata(token_idx, expert_idx, T: int, E: int, pairs_per_token: int | None = None, padded: bool = False):
@@ -207,9 +191,12 @@ def _metadata(token_idx, expert_idx, T: int, E: int, pairs_per_token: int | None
 
     if E > fast_routing.MAX_EXPERTS:
         return device_metadata(token_idx, expert_idx, T, E, pairs_per_token=pairs_per_token)
-    scores = torch.empty(expert_idx.numel(), dtype=torch.float32, device=expert_idx.device)  # unused
-    meta = fast_routing.build_metadata(
-        Routing(token_idx.to(torch.int32), expert_idx.to(torch.int32), scores, T, E), check_ids=False, padded=padded)
+    if padded:  # padding pairs (expert E): the kernels' padded layout (token rounding, sync-free)
+        scores = torch.empty(expert_idx.numel(), dtype=torch.float32, device=expert_idx.device)  # unused
+        meta = fast_routing.build_metadata(
+            Routing(token_idx.to(torch.int32), expert_idx.to(torch.int32), scores, T, E), check_ids=False, padded=True)
+    else:
+        meta = fast_ops.metadata(token_idx, expert_idx, T, E)  # the metadata kernels as a custom op
     return meta, _token_offsets(token_idx, T, pairs_per_token)
 
 
@@ -356,12 +343,11 @@ def run_experts(x, w1, w2, r: DeviceRouting, backward: str, ops: ExpertOps | Non
 def check_inputs(x, router_w, w1, w2, k, *, routing="topk", tile_m=128, backward="reduced_memory",
                  scoring="softmax_topk", rounding_mode="nearest", generator=None) -> None:
     """Every check of the fast layer, before any work or launch (raises TypeError / ValueError)."""
-    contracts.check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
+    # the reference's checks, every option included; no value check (the fast layer never syncs)
+    contracts.check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward, scoring, rounding_mode,
+                                 generator, check_finite=False)
     for name, t in (("x", x), ("router_w", router_w), ("w1", w1), ("w2", w2)):
         _checks.check_dtype(name, t, FAST_DTYPES)
-    _checks.check_choice("scoring", scoring, SCORINGS)
-    _checks.check_choice("rounding_mode", rounding_mode, ROUNDING_MODES)
-    contracts.check_generator(generator, x.device)  # the router's check: a torch.Generator on x's device type
     T, d = x.shape
     E, _, two_n = w1.shape
     if routing == "token_rounding":
@@ -398,6 +384,7 @@ def moe_forward(
     tile_m: int = 128,
     backward: str = "reduced_memory",
     scoring: str = "softmax_topk",
+    normalize: bool = False,
     rounding_mode: str = "nearest",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -407,12 +394,22 @@ def moe_forward(
     ``w1`` (E, d, 2n) with gate/up interleaved, ``w2`` (E, n, d); gradients flow to x, router_w,
     w1 and w2. CUDA tensors of bf16/fp16 with d and n multiples of 8.
     """
+    return moe_forward_with_router(x, router_w, w1, w2, k, routing=routing, tile_m=tile_m, backward=backward,
+                                   scoring=scoring, normalize=normalize, rounding_mode=rounding_mode,
+                                   generator=generator)[0]
+
+
+def moe_forward_with_router(x, router_w, w1, w2, k, *, routing="topk", tile_m=128, backward="reduced_memory",
+                            scoring="softmax_topk", normalize=False, rounding_mode="nearest", generator=None):
+    """``moe_forward``, also returning ``(logits (T, E) float32, expert_counts (E,) int32)`` as the
+    reference's ``moe_forward_with_router`` does (no host synchronization added)."""
     check_inputs(x, router_w, w1, w2, k, routing=routing, tile_m=tile_m, backward=backward, scoring=scoring,
                  rounding_mode=rounding_mode, generator=generator)
+    _checks.check_bool("normalize", normalize)
     x = x.contiguous()
-    r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring, rounding_mode=rounding_mode,
-              generator=generator)
-    return run_experts(x, w1.contiguous(), w2.contiguous(), r, backward)
+    r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring, normalize=normalize,
+              rounding_mode=rounding_mode, generator=generator)
+    return run_experts(x, w1.contiguous(), w2.contiguous(), r, backward), r.logits, r.meta.expert_counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +438,7 @@ def expected_saved_bytes(T: int, d: int, n: int, E: int, P: int, *, dtype=torch.
 
 
 __all__ = [
-    "moe_forward", "route", "run_experts", "device_metadata", "check_inputs", "ReducedMemoryExperts",
+    "moe_forward", "moe_forward_with_router", "route", "run_experts", "device_metadata", "check_inputs", "ReducedMemoryExperts",
     "UpProjection", "DownProjection", "StandardExperts", "ExpertOps", "DeviceRouting", "saved_tensors",
     "expected_saved_bytes", "ROUTINGS", "BACKWARD_MODES",
 ]

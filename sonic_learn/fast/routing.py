@@ -96,6 +96,7 @@ import functools
 import torch
 
 from sonic_learn import _checks, contracts
+from sonic_learn._deprecated import renamed
 from sonic_learn.contracts import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata  # noqa: F401
 from sonic_learn.fast._cute import compile_options, compiled, import_cutlass, launch
 from sonic_learn.reference import routing as _ref
@@ -119,7 +120,9 @@ __all__ = [
     "compile_token_rounding_kernels",
     "TokenRoundingKernels",
     "MAX_EXPERTS",
+    "SELECTIONS",
 ]
+__getattr__ = renamed(__name__, globals(), {"CHUNK": "CHUNK_PAIRS"})  # one name, one meaning
 
 # ---------------------------------------------------------------------------------------------
 # Kernel geometry
@@ -127,7 +130,7 @@ __all__ = [
 WARPS_PER_CTA = 4
 THREADS_PER_CTA = 32 * WARPS_PER_CTA
 UNROLL = 8  # 32-pair groups a lane loads before using them (hides global-load latency)
-CHUNK = 32 * UNROLL  # pairs per chunk; a warp's tile is chunks_per_tile chunks
+CHUNK_PAIRS = 32 * UNROLL  # pairs per chunk; a warp's tile is chunks_per_tile chunks
 TARGET_TILES = 1024  # keep the tile_counts buffer (E x tiles) and the tile scan small
 MIN_BUCKET = 32
 MAX_EXPERTS = 2048  # shared memory: WARPS_PER_CTA x bucket int32 counters (32 KiB at the max)
@@ -142,7 +145,7 @@ def _expert_bucket(num_experts: int) -> int:
 
 def _tiling(num_pairs: int) -> tuple[int, int]:
     """(chunks_per_tile, num_tiles) for P pairs: ~TARGET_TILES warps, at least one chunk each."""
-    chunks = -(-num_pairs // CHUNK)
+    chunks = -(-num_pairs // CHUNK_PAIRS)
     chunks_per_tile = max(1, -(-chunks // TARGET_TILES))
     return chunks_per_tile, -(-chunks // chunks_per_tile)
 
@@ -225,9 +228,9 @@ class RoutingMetadataKernel:
             hist[e] = Int32(0)
         cute.arch.sync_warp()
 
-        tile_start = tile * chunks_per_tile * CHUNK
+        tile_start = tile * chunks_per_tile * CHUNK_PAIRS
         for c in cutlass.range(chunks_per_tile):
-            ids = self._load_chunk(mExpert, tile_start + c * CHUNK, lane, num_experts)
+            ids = self._load_chunk(mExpert, tile_start + c * CHUNK_PAIRS, lane, num_experts)
             for u in cutlass.range_constexpr(UNROLL):
                 if ids[u] >= 0:
                     cute.arch.atomic_add((hist.iterator + ids[u]).llvm_ptr, Int32(1))
@@ -289,10 +292,10 @@ class RoutingMetadataKernel:
 
         below = cute.arch.lanemask_lt()
         above = cute.arch.lanemask_gt()
-        tile_start = tile * chunks_per_tile * CHUNK
+        tile_start = tile * chunks_per_tile * CHUNK_PAIRS
         num_pairs = mExpert.shape[0]
         for c in cutlass.range(chunks_per_tile):
-            chunk_start = tile_start + c * CHUNK
+            chunk_start = tile_start + c * CHUNK_PAIRS
             ids = self._load_chunk(mExpert, chunk_start, lane, num_experts)
             tokens = cute.make_rmem_tensor(UNROLL, Int32)
             for u in cutlass.range_constexpr(UNROLL):
@@ -741,7 +744,8 @@ def build_metadata(routing: Routing, *, check_ids: bool = True, padded: bool = F
     """Group the pairs of ``routing`` by expert (CuTe-DSL kernels): counts, offsets, permutations.
 
     Same result as ``sonic_learn.reference.routing.build_metadata``, bit for bit. ``check_ids``
-    range-checks the token and expert ids like the reference (one device-to-host sync); callers
+    runs the reference's value checks (``contracts.check_routing_values``: ids in range, tokens
+    ascending, no pair twice; device-to-host syncs); callers
     whose routing comes from a router (the MoE layer, benchmarks) pass ``check_ids=False`` and the
     call never synchronizes. Unchecked out-of-range expert ids are skipped by the kernels (no
     out-of-bounds write), but the result is then outside the contract.
@@ -758,7 +762,7 @@ def build_metadata(routing: Routing, *, check_ids: bool = True, padded: bool = F
     if check_ids and padded:
         raise ValueError("padded=True needs check_ids=False (padding pairs carry the out-of-range expert E)")
     if check_ids:
-        contracts.check_routing_ids(routing)  # the id range checks (read the device)
+        contracts.check_routing_values(routing)  # ids, order, duplicates (reads the device)
     counts, offsets, gather_idx, pair_of_row, row_of_pair = _launch_metadata(
         _int32(routing.expert_idx), _int32(routing.token_idx), routing.num_experts, scatter=True, padded=padded
     )
@@ -799,7 +803,7 @@ def _bitonic_supported(logits: torch.Tensor, k: int) -> bool:
     )
 
 
-def _token_choice_experts(logits: torch.Tensor, k: int) -> torch.Tensor:
+def token_choice_experts(logits: torch.Tensor, k: int) -> torch.Tensor:
     """(T, K) int64: every token's K best experts, descending, ties to the lower expert.
 
     The CuTe bitonic kernel where it applies (E a multiple of 8 in [8, 4096], K <= 16, 16/32-bit
@@ -815,7 +819,7 @@ def _token_choice_experts(logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]  # (T, K)
 
 
-def _scores_from_experts(logits: torch.Tensor, experts: torch.Tensor, scoring: str, normalize: bool) -> torch.Tensor:
+def scores_from_experts(logits: torch.Tensor, experts: torch.Tensor, scoring: str, normalize: bool) -> torch.Tensor:
     """(T, K) router weights of the chosen experts, with the reference's formulas (so bit-identical
     to ``sonic_learn.reference.topk.softmax_topk`` / ``topk_softmax`` and differentiable)."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -829,8 +833,8 @@ def _scores_from_experts(logits: torch.Tensor, experts: torch.Tensor, scoring: s
 
 def _flat_topk(logits: torch.Tensor, k: int, scoring: str, normalize: bool) -> tuple[Routing, torch.Tensor]:
     T, E = logits.shape
-    experts = _token_choice_experts(logits, k)  # (T, K)
-    scores = _scores_from_experts(logits, experts, scoring, normalize)  # (T, K)
+    experts = token_choice_experts(logits, k)  # (T, K)
+    scores = scores_from_experts(logits, experts, scoring, normalize)  # (T, K)
     token_idx = torch.arange(T, device=logits.device, dtype=torch.int32).repeat_interleave(k)  # (T*K,)
     routing = Routing(
         token_idx=token_idx,
@@ -858,20 +862,9 @@ def topk_routing(
 # --8<-- [end:topk_routing]
 
 
-def round_counts(
-    counts: torch.Tensor,
-    tile_m: int,
-    mode: str = "nearest",
-    generator: torch.Generator | None = None,
-    *,
-    num_tokens: int | None = None,
-) -> torch.Tensor:
-    """Round every f_e to a multiple of ``tile_m``: exactly ``sonic_learn.reference.routing.round_counts``.
-
-    An O(E) elementwise rule needs no kernel; this is the reference function itself (it validates
-    ``counts``, which reads the device). ``token_rounding`` uses the same rule without the checks.
-    """
-    return _ref.round_counts(counts, tile_m, mode, generator, num_tokens=num_tokens)
+# Rounding E counts is an O(E) elementwise rule that needs no kernel: the fast path's round_counts is
+# the reference's own function (token_rounding runs the same rule inside its select kernel).
+round_counts = _ref.round_counts
 
 
 def _pair_weights(probs: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor) -> torch.Tensor:
@@ -941,6 +934,7 @@ def token_rounding(
     scoring: str = "softmax_topk",
     normalize: bool = False,
     check_finite: bool = True,
+    selection: str = "kernels",
     pad_to_bound: bool = False,
 ) -> Routing:
     """Token rounding (paper Algorithm 4) with the reference's exact semantics, without a full sort.
@@ -965,16 +959,27 @@ def token_rounding(
     draw (``torch.rand`` on the device, from ``generator``), the counts of ``routing.rounding``
     and the final ``nonzero`` (``nonzero_static`` when padded) are torch. Float64 logits
     (float64 scores) take a torch-op selection instead of the two kernels (same result).
+
+    ``selection`` picks the step of the ladder (``SELECTIONS``; ``python -m sonic_learn.fast.routing``
+    validates and times each): ``"torch"`` (step 1) or ``"kernels"`` (step 2, the default).
     """
+    _checks.check_choice("selection", selection, tuple(SELECTIONS))
     _checks.check_bool("pad_to_bound", pad_to_bound)
-    return _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection="kernels",
+    return _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection=selection,
                            pad_to_bound=pad_to_bound)
+
+
+# The token-rounding ladder: how the boundary pairs of every expert are found (steps 2-4).
+SELECTIONS = {
+    "torch": "torch ops: torch.topk over each expert's (E, T) key row finds the boundary, cumsum ranks ties",
+    "kernels": "+ two CuTe kernels: per-expert key rows, then a radix select of the boundary, one CTA per expert",
+}
 
 
 def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection: str,
                     pad_to_bound: bool = False) -> Routing:
-    """``token_rounding``; ``selection="torch"`` runs steps 2-4 with torch ops for every dtype (the
-    previous design, kept as the benchmark's in-run baseline and as the float64 path)."""
+    """``token_rounding``; ``selection="torch"`` runs steps 2-4 with torch ops for every dtype (step 1
+    of the ladder, also the float64 path)."""
     logits = _check_router_args(logits, k, scoring, normalize, check_finite)
     _checks.check_int_range("tile_m", tile_m, 1, 2**62)
     _checks.check_choice("mode", mode, ROUNDING_MODES)
@@ -986,8 +991,8 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
     ratio = _ref.warn_below_paper_condition(T, E, k, tile_m)  # the paper's T_e / tile >= 2, host only
 
     # Step 1: token-choice top-k (CuTe bitonic) and f_e (CuTe histogram).
-    tc_experts = _token_choice_experts(logits, k)  # (T, K) int64
-    tc_scores = _scores_from_experts(logits, tc_experts, scoring, normalize)  # (T, K)
+    tc_experts = token_choice_experts(logits, k)  # (T, K) int64
+    tc_scores = scores_from_experts(logits, tc_experts, scoring, normalize)  # (T, K)
     tc_experts32 = tc_experts.to(torch.int32)  # (T, K)
     counts = _launch_metadata(tc_experts32.view(-1), None, E, scatter=False)[0]  # (E,) f_e
 
@@ -1035,3 +1040,33 @@ def _rounding_stats(keep: torch.Tensor, counts: torch.Tensor, ratio: float) -> c
         tokens_per_tile=ratio,
     )
 # --8<-- [end:token_rounding]
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m sonic_learn.fast.routing: validate every step of the ladder, then time it
+# ---------------------------------------------------------------------------------------------
+def _ladder_problems():
+    from sonic_learn.fast.ladder import Problem
+
+    def logits(T, E, seed):  # built only when the problem runs (on the GPU)
+        return lambda: (torch.randn(T, E, generator=torch.Generator().manual_seed(seed)).cuda(),)
+
+    return [Problem(f"token rounding, nearest, tile_m=128: T={T}, E={E}, K=8", logits(T, E, i))
+            for i, (T, E) in enumerate([(4096, 64), (32768, 128), (32768, 256)])]
+
+
+def _same_routing(got: Routing, want: Routing) -> None:
+    for name in ("token_idx", "expert_idx", "scores"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.shape == b.shape and torch.equal(a.to(b.dtype), b), f"{name} differs from the reference"
+
+
+if __name__ == "__main__":
+    from sonic_learn.fast.ladder import Step, climb
+    from sonic_learn.reference import routing as reference
+
+    raise SystemExit(climb(
+        "fast token rounding",
+        [Step(name, adds, lambda x, name=name: token_rounding(x, 8, check_finite=False, selection=name))
+         for name, adds in SELECTIONS.items()],
+        reference=lambda x: reference.token_rounding(x, 8), agree=_same_routing, problems=_ladder_problems()))

@@ -13,7 +13,8 @@ Two users call the same definitions:
 * the library's own tests can run them on ``sonic_learn.reference`` and ``sonic_learn.fast``
   (``@given(case=prop.strategy)`` then ``prop.check(fn, case)``, or ``run_property``).
 
-One submodule per pair: ``topk``, ``routing``, ``grouped_gemm``, ``backward``.
+One submodule per pair: ``topk``, ``routing``, ``grouped_gemm``, ``backward``; ``moe`` holds the
+whole layer's float64 oracle, with routing of its own.
 """
 
 from __future__ import annotations

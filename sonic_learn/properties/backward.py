@@ -14,11 +14,15 @@ The oracle is autograd in float64 on a plain per-pair formula, independent of an
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from sonic_learn.properties import BadInput, Property, expect, expect_raises, seeded
 from sonic_learn.reference.routing import build_metadata, topk_routing
@@ -28,6 +32,41 @@ def swiglu64(h: torch.Tensor) -> torch.Tensor:
     """A = up * silu(gate) in float64 (gate = even columns, up = odd columns)."""
     h = h.double()
     return h[..., 1::2] * F.silu(h[..., 0::2])
+
+
+class _CreatedTensors(TorchDispatchMode):
+    """Keeps a weak reference to every tensor an aten op returns while the mode is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: list[weakref.ref] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.refs.extend(weakref.ref(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        return out
+
+
+def tensors_alive_after(run) -> tuple[object, list[tuple[tuple[int, ...], torch.dtype]]]:
+    """Call ``run()``; return its result and the tensors created meanwhile that are still alive.
+
+    Alive means referenced from anywhere once ``run`` has returned: the result, what autograd saved
+    for backward, and anything else a forward kept (an attribute on ``ctx``, a global cache). That
+    last kind is invisible to saved-tensor hooks. Listed as (shape, dtype), one per storage (the
+    largest view of it), so a tensor and its views count once.
+    """
+    recorder = _CreatedTensors()
+    with recorder:
+        result = run()
+    gc.collect()
+    by_storage: dict[int, torch.Tensor] = {}
+    for ref in recorder.refs:
+        t = ref()
+        if t is not None and t.numel() > 0:
+            key = t.untyped_storage().data_ptr()
+            if key not in by_storage or t.numel() > by_storage[key].numel():
+                by_storage[key] = t
+    return result, [(tuple(t.shape), t.dtype) for t in by_storage.values()]
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:

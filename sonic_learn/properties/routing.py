@@ -206,6 +206,56 @@ def expected_rounding(f: int, tile: int, mode: str, T: int | None, u: float | No
     return min(out, T) if T is not None else out
 
 
+def oracle_routing(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    routing: str = "topk",
+    tile_m: int = 1,
+    scoring: str = "softmax_topk",
+    normalize: bool = False,
+    mode: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """Token-choice top-k or token rounding from the definitions, in float64 with Python loops.
+
+    Written independently of ``sonic_learn.reference.routing`` (an oracle for whole-layer tests):
+    sorted() on tuples instead of tensor sorts, one expert at a time. Returns ``(pairs, scores)``:
+    the routed (token, expert) pairs in ascending order and their float64 scores, differentiable
+    w.r.t. ``logits``. ``mode="stochastic"`` draws E float64 uniforms from ``generator``, the
+    documented draw of ``round_counts``.
+    """
+    L = logits.double()  # (T, E)
+    T, E = L.shape
+    rows = L.detach().tolist()
+
+    # 1. Token choice: each token's K largest logits, the lower expert first on ties.
+    picks = [sorted(range(E), key=lambda e: (-row[e], e))[:k] for row in rows]
+    # 2. Each token's normalizer: Z_t = sum of exp over its K picks, or over all E experts
+    #    (plain topk_softmax). Every routed pair (t, e) scores exp(L[t, e]) / Z_t.
+    over_all = scoring == "topk_softmax" and not normalize
+    log_z = [torch.logsumexp(L[t] if over_all else L[t, picks[t]], dim=0) for t in range(T)]
+    routed = {(t, e) for t in range(T) for e in picks[t]}
+
+    if routing == "token_rounding":
+        # 3. Round every expert's load; the expert keeps its best-ranked tokens: its picks first,
+        #    then by score (the log score orders like the score), then the lower token.
+        u = torch.rand(E, generator=generator, dtype=torch.float64).tolist() if mode == "stochastic" else [None] * E
+        kept = set()
+        for e in range(E):
+            load = expected_rounding(sum(e in p for p in picks), tile_m, mode, T, u[e])
+            log_score = {t: rows[t][e] - float(log_z[t].detach()) for t in range(T)}
+            ranked = sorted(range(T), key=lambda t: ((t, e) not in routed, -log_score[t], t))
+            kept.update((t, e) for t in ranked[:load])
+        routed = kept
+
+    pairs = sorted(routed)
+    tokens = torch.tensor([t for t, _ in pairs], dtype=torch.long)
+    experts = torch.tensor([e for _, e in pairs], dtype=torch.long)
+    log_z_of_pair = torch.stack(log_z)[tokens] if T else L.new_zeros(0)  # (P,)
+    return pairs, torch.exp(L[tokens, experts] - log_z_of_pair)  # (P,) float64 scores
+
+
 def check_round_counts_definition(fn, case: CountsCase) -> None:
     counts = torch.tensor(case.counts, dtype=case.dtype)
     out = fn(counts, case.tile_m, case.mode, None, num_tokens=case.num_tokens)

@@ -5,8 +5,11 @@ values descending and equal to ``x.gather(-1, indices)`` bit for bit, in x's dty
 shape ``(..., k)``; ties (also ``-0.0`` vs ``0.0``) go to the LOWER column first. The oracle is a
 stable ascending sort of ``-x`` in float64, which has exactly that tie rule.
 
-Inputs are chosen so that SonicMoE's index-packed bitonic top-k is *exact* on them too: small
-integers times a power of two (their low mantissa bits are zero) and a tiny set of tie values.
+The graded properties draw inputs on which SonicMoE's float32 index packing (what the course's
+``bitonic_topk`` builds) is *exact* too: small integers times a power of two (their low mantissa
+bits are zero) and a tiny set of tie values. ``full_range_values`` draws from a dtype's whole
+range instead (subnormals, the largest finite values, +-inf, +-0.0, ties, values one ulp apart):
+the library's exact implementations are tested on it.
 """
 
 from __future__ import annotations
@@ -50,6 +53,38 @@ def tie_values(case: TopkCase) -> torch.Tensor:
     g = seeded(case.seed)
     pick = torch.randint(len(TIE_VALUES), (*case.lead, case.n), generator=g)
     return torch.tensor(TIE_VALUES, dtype=torch.float64)[pick].to(case.dtype)
+
+
+_SAME_WIDTH_INT = {16: torch.int16, 32: torch.int32, 64: torch.int64}
+
+
+def full_range_values(shape: tuple, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A seeded tensor of ``shape`` (>= 1 dim) and ``dtype`` from the dtype's WHOLE range, no NaN.
+
+    Each element is one of: a random bit pattern (every exponent equally likely: subnormals and
+    the largest finite values are common), a copy of another element of its row (a tie), that
+    element's bit pattern +-1 (a neighbour one ulp away, the pairs a lossy packing confuses), or a
+    special value (+-0.0, +-inf, +-the smallest subnormal, +-the largest finite value). Bit
+    patterns that are NaN become an infinity of the same sign.
+    """
+    g = seeded(seed)
+    B = torch.finfo(dtype).bits
+    raw = torch.randint(-(2 ** (B - 1)), 2 ** (B - 1) - 1, shape, generator=g, dtype=torch.int64)  # the bits
+    other = raw.gather(-1, torch.randint(max(shape[-1], 1), shape, generator=g))  # another element of the row
+    finfo = torch.finfo(dtype)
+    special_values = torch.tensor([0.0, finfo.max, float("inf")], dtype=dtype)
+    special = special_values.view(_SAME_WIDTH_INT[B]).to(torch.int64)  # (3,) bits of +0, max, +inf
+    special = torch.cat([special, torch.tensor([1])])  # + the smallest subnormal
+    special = torch.cat([special, special | -(2 ** (B - 1))])  # and their negatives (sign bit set)
+    pick = torch.randint(len(special), shape, generator=g)
+    kind = torch.randint(8, shape, generator=g)  # 0-3: random bits, 4: tie, 5/6: neighbour, 7: special
+    bits = torch.where(kind == 4, other, raw)
+    bits = torch.where(kind == 5, other + 1, bits)
+    bits = torch.where(kind == 6, other - 1, bits)
+    bits = torch.where(kind == 7, special[pick], bits)
+    bits = bits.clamp(-(2 ** (B - 1)), 2 ** (B - 1) - 1)  # a neighbour of an extreme pattern stays in range
+    x = bits.to(_SAME_WIDTH_INT[B]).view(dtype)
+    return torch.where(x.isnan(), torch.where(x.signbit(), float("-inf"), float("inf")).to(dtype), x)
 
 
 def oracle_indices(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -133,6 +133,46 @@ def dh_epilogue(h: torch.Tensor, dA_prime: torch.Tensor, row_scores: torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------
+# The grouped GEMMs the experts call, and their static-shape twins for torch.compile
+# ----------------------------------------------------------------------------------------------
+# The reference grouped GEMMs walk the (expert, tile) grid with sizes read on the host (``tolist``),
+# as a tile scheduler does; torch.compile cannot trace sizes that depend on the routing. While
+# compiling, the experts use the twins below instead: the same products with static shapes, every
+# row multiplied by EVERY expert's weight and the result of its own expert kept (E times the
+# FLOPs: a compile-friendly oracle for small problems, not a fast path).
+def _expert_of_row(meta: RoutingMetadata) -> torch.Tensor:
+    """(P,) int64: the expert that owns each grouped row (rows of e are offsets[e] : offsets[e+1])."""
+    rows = torch.arange(meta.num_rows, device=meta.expert_offsets.device)  # (P,)
+    return torch.searchsorted(meta.expert_offsets[1:].long(), rows, right=True)  # (P,) #ends <= r
+
+
+def _rows_gemm(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, tile_m: int) -> torch.Tensor:
+    """Row r of the result = a[gather_idx[r]] @ w[e(r)]: ``gather_fused_grouped_gemm`` (the static twin
+    while compiling). ``w`` (E, K, N), may be a transposed view."""
+    if not torch.compiler.is_compiling():
+        return gather_fused_grouped_gemm(a, w, meta, tile_m=tile_m)
+    acc = _acc_dtype(a)
+    a_rows = a[meta.gather_idx.long()].to(acc)  # (P, K)
+    owner = _expert_of_row(meta)[:, None]  # (P, 1)
+    out = torch.zeros(a_rows.shape[0], w.shape[2], dtype=acc, device=a.device)  # (P, N)
+    for e in range(w.shape[0]):
+        out = torch.where(owner == e, a_rows @ w[e].to(acc), out)
+    return out.to(a.dtype)
+
+
+def _varlen_k_gemm(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadata, gather_a: bool) -> torch.Tensor:
+    """out[e] = a[rows of e]^T @ b[rows of e], (E, K, N): ``grouped_gemm_varlen_k`` (the static twin
+    while compiling)."""
+    if not torch.compiler.is_compiling():
+        return grouped_gemm_varlen_k(a, b, meta, gather_a=gather_a)
+    acc = _acc_dtype(a)
+    a_rows = (a[meta.gather_idx.long()] if gather_a else a).to(acc)  # (P, K)
+    owner = _expert_of_row(meta)[:, None]  # (P, 1)
+    mine = [torch.where(owner == e, a_rows, 0).T @ b.to(acc) for e in range(meta.num_experts)]  # E x (K, N)
+    return torch.stack(mine).to(a.dtype)  # (E, K, N)
+
+
+# ----------------------------------------------------------------------------------------------
 # Reduced-memory experts (SonicMoE)
 # ----------------------------------------------------------------------------------------------
 # --8<-- [start:reduced_memory]
@@ -142,9 +182,9 @@ class ReducedMemoryExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w2, scores, meta: RoutingMetadata, tile_m: int):
         row_scores = scores[meta.pair_of_row.long()]  # (P,) score of each grouped row
-        h = gather_fused_grouped_gemm(x, w1, meta, tile_m=tile_m)  # (P, 2n) up-proj, X gathered
+        h = _rows_gemm(x, w1, meta, tile_m)  # (P, 2n) up-proj, X gathered
         a = swiglu(h)  # (P, n)
-        y = gather_fused_grouped_gemm(a, w2, _contiguous_meta(meta), tile_m=tile_m)  # (P, d) down-proj
+        y = _rows_gemm(a, w2, _contiguous_meta(meta), tile_m)  # (P, d) down-proj
         out = aggregate(y, row_scores, meta)  # (T, d); y is freed when forward returns
         # Cache only X, H and the routing: no (P, d) tensor.
         ctx.save_for_backward(x, w1, w2, h, scores, meta.expert_offsets, meta.gather_idx, meta.pair_of_row)
@@ -161,17 +201,17 @@ class ReducedMemoryExperts(torch.autograd.Function):
 
         # Step 1 (the "dH kernel"): dA' = dO[token of row] @ W2^T, dO gathered inside the GEMM.
         w2_t = w2.transpose(1, 2)  # (E, d, n)
-        dA_prime = gather_fused_grouped_gemm(dout, w2_t, meta, tile_m=tile_m)  # (P, n)
+        dA_prime = _rows_gemm(dout, w2_t, meta, tile_m)  # (P, n)
         #   ... and its epilogue gives dH, dS and A' from H (see dh_epilogue).
         dH, dS_rows, a_scaled = dh_epilogue(h, dA_prime, row_scores)  # (P, 2n), (P,), (P, n)
 
         # Step 2: dW2[e] = A'_e^T @ dO_e, computed as (dO_e^T @ A'_e)^T with dO gathered on K.
-        dw2 = grouped_gemm_varlen_k(dout, a_scaled, meta, gather_a=True).transpose(1, 2)  # (E, n, d)
+        dw2 = _varlen_k_gemm(dout, a_scaled, meta, True).transpose(1, 2)  # (E, n, d)
         # Step 3: dX~ = dH @ W1^T (contiguous rows), then dX = unweighted gather-and-sum.
-        dx_rows = gather_fused_grouped_gemm(dH, w1.transpose(1, 2), grouped, tile_m=tile_m)  # (P, d)
+        dx_rows = _rows_gemm(dH, w1.transpose(1, 2), grouped, tile_m)  # (P, d)
         dx = aggregate(dx_rows, None, meta)  # (T, d)
         # Step 4: dW1[e] = X_e^T @ dH_e with X gathered on K.
-        dw1 = grouped_gemm_varlen_k(x, dH, meta, gather_a=True)  # (E, d, 2n)
+        dw1 = _varlen_k_gemm(x, dH, meta, True)  # (E, d, 2n)
         # Step 5: route dS back from grouped-row order to pair order.
         dscores = torch.zeros_like(scores)  # (P,)
         dscores[pair_of_row.long()] = dS_rows.to(scores.dtype)
@@ -191,9 +231,9 @@ class StandardExperts(torch.autograd.Function):
         row_scores = scores[meta.pair_of_row.long()]  # (P,)
         x_gathered = x[meta.gather_idx.long()]  # (P, d)  an explicit copy, cached below
         grouped = _contiguous_meta(meta)
-        h = gather_fused_grouped_gemm(x_gathered, w1, grouped, tile_m=tile_m)  # (P, 2n)
+        h = _rows_gemm(x_gathered, w1, grouped, tile_m)  # (P, 2n)
         a = swiglu(h)  # (P, n)
-        y = gather_fused_grouped_gemm(a, w2, grouped, tile_m=tile_m)  # (P, d)
+        y = _rows_gemm(a, w2, grouped, tile_m)  # (P, d)
         out = aggregate(y, row_scores, meta)  # (T, d)
         ctx.save_for_backward(x_gathered, w1, w2, h, y, scores, meta.expert_offsets, meta.gather_idx, meta.pair_of_row)
         ctx.tile_m = tile_m
@@ -215,14 +255,14 @@ class StandardExperts(torch.autograd.Function):
         dS_rows = (dout_rows.to(acc) * y.to(acc)).sum(dim=1)  # (P,)
         # Step 3: dY = s * dO; dA = dY @ W2^T; dW2 = A^T @ dY.
         dy = (dout_rows.to(acc) * row_scores.to(acc)[:, None]).to(h.dtype)  # (P, d)
-        dA = gather_fused_grouped_gemm(dy, w2.transpose(1, 2), grouped, tile_m=tile_m)  # (P, n)
+        dA = _rows_gemm(dy, w2.transpose(1, 2), grouped, tile_m)  # (P, n)
         a = swiglu(h)  # (P, n)
-        dw2 = grouped_gemm_varlen_k(a, dy, grouped, gather_a=False)  # (E, n, d)
+        dw2 = _varlen_k_gemm(a, dy, grouped, False)  # (E, n, d)
         # Step 4: dSwiGLU as a separate pass.
         dH = swiglu_backward(h, dA)  # (P, 2n)
         # Step 5: dW1 = Xg^T @ dH on the cached gathered X; dX~ = dH @ W1^T; dX = scatter-add.
-        dw1 = grouped_gemm_varlen_k(x_gathered, dH, grouped, gather_a=False)  # (E, d, 2n)
-        dx_rows = gather_fused_grouped_gemm(dH, w1.transpose(1, 2), grouped, tile_m=tile_m)  # (P, d)
+        dw1 = _varlen_k_gemm(x_gathered, dH, grouped, False)  # (E, d, 2n)
+        dx_rows = _rows_gemm(dH, w1.transpose(1, 2), grouped, tile_m)  # (P, d)
         dx = aggregate(dx_rows, None, meta)  # (T, d)
         dscores = torch.zeros_like(scores)  # (P,)
         dscores[pair_of_row.long()] = dS_rows.to(scores.dtype)
@@ -233,6 +273,30 @@ class StandardExperts(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # The layer's forward
 # ----------------------------------------------------------------------------------------------
+def router_logits(x: torch.Tensor, router_w: torch.Tensor) -> torch.Tensor:
+    """The router GEMM: logits = x @ router_w, (T, E), in float32 (float64 for float64 x)."""
+    score_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x @ router_w).to(score_dtype)  # (T, E)
+
+
+def route_logits(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    routing: str = "topk",
+    tile_m: int = 128,
+    scoring: str = "softmax_topk",
+    normalize: bool = False,
+    rounding_mode: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> Routing:
+    """Top-k or token-rounding triples from the router logits (scores in float32)."""
+    if routing == "topk":
+        return topk_routing(logits, k, scoring=scoring, normalize=normalize)
+    return token_rounding(logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator, scoring=scoring,
+                          normalize=normalize)
+
+
 def route(
     x: torch.Tensor,
     router_w: torch.Tensor,
@@ -241,15 +305,13 @@ def route(
     routing: str = "topk",
     tile_m: int = 128,
     scoring: str = "softmax_topk",
+    normalize: bool = False,
     rounding_mode: str = "nearest",
     generator: torch.Generator | None = None,
 ) -> Routing:
     """Router: logits = x @ router_w, then top-k or token-rounding triples (scores in float32)."""
-    score_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    logits = (x @ router_w).to(score_dtype)  # (T, E)
-    if routing == "topk":
-        return topk_routing(logits, k, scoring=scoring)
-    return token_rounding(logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator, scoring=scoring)
+    return route_logits(router_logits(x, router_w), k, routing=routing, tile_m=tile_m, scoring=scoring,
+                        normalize=normalize, rounding_mode=rounding_mode, generator=generator)
 
 
 # --8<-- [start:moe_forward]
@@ -264,6 +326,7 @@ def moe_forward(
     tile_m: int = 128,
     backward: str = "reduced_memory",
     scoring: str = "softmax_topk",
+    normalize: bool = False,
     rounding_mode: str = "nearest",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -271,28 +334,42 @@ def moe_forward(
 
     Weights in the paper's orientation: ``router_w`` (d, E), ``w1`` (E, d, 2n) with gate/up
     interleaved (gate = columns 0::2, up = 1::2), ``w2`` (E, n, d). ``routing`` is token-choice
-    ``"topk"`` or ``"token_rounding"`` (to multiples of ``tile_m``); ``backward`` picks
-    ``"reduced_memory"`` (SonicMoE) or ``"standard"``. Gradients flow to x, router_w, w1 and w2.
+    ``"topk"`` or ``"token_rounding"`` (to multiples of ``tile_m``); ``scoring``/``normalize`` pick
+    the router's weights (see ``topk_routing``); ``backward`` picks ``"reduced_memory"`` (SonicMoE)
+    or ``"standard"``. Gradients flow to x, router_w, w1 and w2.
     """
-    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
+    return moe_forward_with_router(x, router_w, w1, w2, k, routing=routing, tile_m=tile_m, backward=backward,
+                                   scoring=scoring, normalize=normalize, rounding_mode=rounding_mode,
+                                   generator=generator)[0]
+
+
+def moe_forward_with_router(x, router_w, w1, w2, k, *, routing: str = "topk", tile_m: int = 128,
+                            backward: str = "reduced_memory", scoring: str = "softmax_topk",
+                            normalize: bool = False, rounding_mode: str = "nearest",
+                            generator: torch.Generator | None = None):
+    """``moe_forward``, also returning what the router losses need: ``(out (T, d), logits (T, E)
+    float32 and differentiable, expert_counts (E,) int32 routed pairs per expert)``."""
+    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward, scoring, rounding_mode, generator,
+                       normalize=normalize)
     # Step 1: route. Scores stay differentiable: dS flows back into the router.
-    r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
-              rounding_mode=rounding_mode, generator=generator)
+    logits = router_logits(x, router_w)  # (T, E)
+    r = route_logits(logits, k, routing=routing, tile_m=tile_m, scoring=scoring, normalize=normalize,
+                     rounding_mode=rounding_mode, generator=generator)
     # Step 2: routing metadata (integer index arrays, no gradient).
     meta = build_metadata(r)
     # Step 3: the experts, with the chosen backward.
     experts = ReducedMemoryExperts if backward == "reduced_memory" else StandardExperts
-    return experts.apply(x, w1, w2, r.scores, meta, tile_m)
+    return experts.apply(x, w1, w2, r.scores, meta, tile_m), logits, meta.expert_counts
 # --8<-- [end:moe_forward]
 
 
 # --8<-- [start:naive]
 def naive_moe_forward(x, router_w, w1, w2, k, *, routing: str = "topk", tile_m: int = 128,
-                      scoring: str = "softmax_topk", rounding_mode: str = "nearest",
+                      scoring: str = "softmax_topk", normalize: bool = False, rounding_mode: str = "nearest",
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """The oracle: a plain per-expert Python loop, differentiated by autograd (no custom backward)."""
-    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, "standard")
-    r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
+    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, "standard", scoring, rounding_mode, generator)
+    r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring, normalize=normalize,
               rounding_mode=rounding_mode, generator=generator)
     acc = _acc_dtype(x)
     out = torch.zeros(x.shape, dtype=acc, device=x.device)  # (T, d)
@@ -315,7 +392,7 @@ def saved_tensors(x, router_w, w1, w2, k, *, backward: str = "reduced_memory", r
                   generator: torch.Generator | None = None) -> list[SavedTensor]:
     """Run the experts' forward once and list every *activation* it saves for backward (weights
     excluded, see ``record_saved_tensors``). Arguments as ``moe_forward``."""
-    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
+    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward, scoring, rounding_mode, generator)
     with torch.no_grad():
         r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
                   rounding_mode=rounding_mode, generator=generator)

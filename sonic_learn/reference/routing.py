@@ -103,7 +103,7 @@ def round_counts(
     contracts.check_generator(generator, counts.device)
     if num_tokens is not None:
         _checks.check_int_range("num_tokens", num_tokens, 0)
-    if counts.numel() > 0:
+    if counts.numel() > 0 and contracts.value_checks_enabled():  # value checks: they read counts
         if int(counts.min()) < 0:
             raise ValueError(f"counts must be >= 0, got a minimum of {int(counts.min())}")
         if num_tokens is not None and int(counts.max()) > num_tokens:
@@ -284,7 +284,9 @@ def token_rounding(
     tc = topk_routing(logits, k, scoring=scoring, normalize=normalize)
     tc_experts = tc.expert_idx.long().view(T, k)  # (T, K)
     tc_scores = tc.scores.view(T, k)  # (T, K)
-    counts = torch.bincount(tc_experts.reshape(-1), minlength=E)  # (E,) f_e
+    flat_experts = tc_experts.reshape(-1)  # (T*K,)
+    counts = torch.zeros(E, dtype=torch.long, device=device).scatter_add_(
+        0, flat_experts, torch.ones_like(flat_experts))  # (E,) f_e
 
     # Step 2: round every f_e to a multiple of tile_m (capped at T).
     rounded = round_counts(counts, tile_m, mode, generator, num_tokens=T)  # (E,)
@@ -304,6 +306,8 @@ def token_rounding(
     if pad_to_bound:  # the fast path's sync-free layout: max_pairs entries, padding last
         token_idx, expert_idx, pair_scores = padded_triples(keep, scores, max_pairs(T, E, k, tile_m))
         return Routing(token_idx, expert_idx, pair_scores, T, E, rounding=stats)
+    # (The pair count P depends on the data here: under torch.compile this is the one graph break
+    # of the token-rounding layer; everything after it is traced with P as a dynamic size.)
     token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)
     return Routing(
         token_idx=token_idx.to(torch.int32),
@@ -355,12 +359,14 @@ def build_padded_metadata(routing: Routing) -> RoutingMetadata:
 def build_metadata(routing: Routing) -> RoutingMetadata:
     """Group the pairs of ``routing`` by expert: counts, offsets and the two permutations."""
     contracts.check_routing_structure(routing)
-    contracts.check_routing_ids(routing)
+    contracts.check_routing_values(routing)
     E = routing.num_experts
     expert_idx = routing.expert_idx.long()  # (P,)
 
-    # Step 1: histogram. f_e = number of pairs that chose expert e.
-    counts = torch.bincount(expert_idx, minlength=E)  # (E,)
+    # Step 1: histogram. f_e = number of pairs that chose expert e (a scatter-add of ones: its size
+    # is E whatever the data, where bincount's size would depend on the largest id).
+    counts = torch.zeros(E, dtype=torch.long, device=expert_idx.device).scatter_add_(
+        0, expert_idx, torch.ones_like(expert_idx))  # (E,)
 
     # Step 2: exclusive prefix sum. Expert e owns rows offsets[e] : offsets[e+1].
     offsets = torch.zeros(E + 1, dtype=torch.long, device=expert_idx.device)  # (E+1,)

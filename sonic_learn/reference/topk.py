@@ -18,14 +18,16 @@ largest router logits out of E.
    for their number (for example more than 4000 rows of at least 400 columns, as a 512-expert
    router's logits; fewer rows must be wider).
 2. **bitonic top-k** (``bitonic_topk``): what SonicMoE does. Pack each element's column index into
-   the low mantissa bits of its float32 key so that every key in a row is unique, then run a
-   bitonic sorting network / top-k merge made only of compare-exchanges. On a GPU the whole row
-   stays in registers and warp shuffles: one read of the logits, one write of the K winners.
+   the low bits of its key so that every key in a row is unique, then run a bitonic sorting
+   network / top-k merge made only of compare-exchanges. On a GPU the whole row stays in registers
+   and warp shuffles: one read of the logits, one write of the K winners.
 
 Both return ``(values, indices)`` like ``torch.topk(x, k, sorted=True)``: values descending,
 ``values == x.gather(-1, indices)`` exactly, indices int64, and ties broken by the LOWER column
 first. Ordering follows torch's float comparisons: ``-inf < ... < -0.0 == 0.0 < ... < +inf``, so
-``-0.0`` and ``0.0`` are a tie (the lower column comes first); NaN is rejected.
+``-0.0`` and ``0.0`` are a tie (the lower column comes first); NaN is rejected (it has no place in
+that order). Both are exact for every dtype and every value, subnormals and float64's whole range
+included: they return the same indices.
 
 The router scores build on them: ``softmax_topk`` (Mixtral: top-k, then softmax over the k picks)
 and ``topk_softmax`` (Qwen: softmax over all E experts, then top-k, optionally renormalized).
@@ -68,18 +70,6 @@ _SAME_WIDTH_INT = {
     torch.float32: torch.int32,
     torch.float64: torch.int64,
 }
-
-# bitonic_topk packs the column index into the low mantissa bits of a float32 key. A float16 value
-# converted to float32 has its low 23 - 10 = 13 mantissa bits zero, a bfloat16 value its low
-# 23 - 7 = 16; so up to 2**13 (float16) or 2**16 (other dtypes) columns fit without losing any bit
-# of a 16-bit value. We refuse wider rows rather than silently degrade the ordering.
-_BITONIC_MAX_INDEX_BITS = {
-    torch.float16: 13,
-    torch.bfloat16: 16,
-    torch.float32: 16,
-    torch.float64: 16,
-}
-
 
 # ----------------------------------------------------------------------------------------------
 # Input checks (shared by the four public functions)
@@ -174,7 +164,9 @@ def _radix_select_columns(keys: torch.Tensor, bits: int, k: int) -> torch.Tensor
     # Step 2 (collect pass): every key > kth_key, then the ties in increasing column order.
     tie_rank = candidate.to(torch.int64).cumsum(-1)  # (R, N): 1, 2, ... along each row's ties
     take = (keys > kth_key) | (candidate & (tie_rank <= k_left))  # (R, N), exactly k per row
-    return take.nonzero()[:, 1].reshape(R, k)  # (R, k), nonzero walks rows in column order
+    # The k taken columns of each row in column order: a stable sort puts the taken ones (key 0)
+    # first (static shape, unlike nonzero, so torch.compile sees no data-dependent size).
+    return torch.sort((~take).to(torch.uint8), dim=-1, stable=True).indices[:, :k]  # (R, k)
 
 
 # --8<-- [start:radix_topk]
@@ -217,27 +209,46 @@ def radix_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _compare_exchange(keys: torch.Tensor, stride: int, keep_max: torch.Tensor) -> torch.Tensor:
-    """One stage of a sorting network over the last dim.
+def _is_larger(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a > b`` for keys of W int64 words (..., W), compared word by word, the first word first.
 
-    Wire i is paired with wire ``i ^ stride``; wires where ``keep_max`` is True keep the larger of
-    the pair, the others the smaller. All pairs of all rows are exchanged at once.
+    With W = 1 this is the plain integer compare; with W = 2 (a float64 value key, then its
+    column) the second word decides only between equal first words.
     """
-    n = keys.shape[-1]
+    larger = torch.zeros(a.shape[:-1], dtype=torch.bool, device=a.device)  # (...,)
+    for w in reversed(range(a.shape[-1])):  # least significant word first
+        larger = (a[..., w] > b[..., w]) | ((a[..., w] == b[..., w]) & larger)
+    return larger
+
+
+def _key_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The larger key of each pair: ``torch.maximum`` for keys of W words (..., W)."""
+    return torch.where(_is_larger(a, b).unsqueeze(-1), a, b)
+
+
+def _compare_exchange(keys: torch.Tensor, stride: int, keep_max: torch.Tensor) -> torch.Tensor:
+    """One stage of a sorting network over the wires of ``keys`` (..., n, W).
+
+    Wire i is paired with wire ``i ^ stride``; wires where ``keep_max`` (n,) is True keep the
+    larger of the pair, the others the smaller. All pairs of all rows are exchanged at once.
+    """
+    n = keys.shape[-2]
     partner = torch.arange(n, device=keys.device) ^ stride  # (n,)
-    other = keys[..., partner]  # (..., n): the partner's key on every wire
-    return torch.where(keep_max, torch.maximum(keys, other), torch.minimum(keys, other))
+    other = keys[..., partner, :]  # (..., n, W): the partner's key on every wire
+    other_is_larger = _is_larger(other, keys)  # (..., n)
+    take_other = torch.where(keep_max, other_is_larger, ~other_is_larger)  # (..., n)
+    return torch.where(take_other.unsqueeze(-1), other, keys)
 
 
 def _bitonic_sort_descending(keys: torch.Tensor) -> torch.Tensor:
-    """Sort the last dim (a power of two, unique keys) descending with a bitonic sorting network.
+    """Sort the wires of ``keys`` (..., n, W), n a power of two, unique keys, descending.
 
     Blocks of size 2, 4, ..., n are built in turn. Within a level, alternate blocks are sorted
     descending and ascending, so every two neighbours form a *bitonic* sequence (down then up),
     which the strides size/2, ..., 1 then merge into one sorted block. log2(n) levels, and
     1 + 2 + ... + log2(n) compare-exchange stages in all; the wiring never depends on the data.
     """
-    n = keys.shape[-1]
+    n = keys.shape[-2]
     wire = torch.arange(n, device=keys.device)  # (n,)
     size = 2
     while size <= n:
@@ -252,14 +263,33 @@ def _bitonic_sort_descending(keys: torch.Tensor) -> torch.Tensor:
 
 
 def _bitonic_merge_descending(keys: torch.Tensor) -> torch.Tensor:
-    """Sort a bitonic last dim (a power of two) descending: strides n/2, ..., 1, lower wire keeps max."""
-    n = keys.shape[-1]
+    """Sort bitonic wires (..., n, W), n a power of two, descending: strides n/2, ..., 1, lower wire keeps max."""
+    n = keys.shape[-2]
     wire = torch.arange(n, device=keys.device)  # (n,)
     stride = n // 2
     while stride >= 1:
         keys = _compare_exchange(keys, stride, keep_max=wire < (wire ^ stride))
         stride //= 2
     return keys
+
+
+def bitonic_keys(rows: torch.Tensor) -> torch.Tensor:
+    """The unique, order-carrying keys of bitonic top-k: (R, N_pad) floats -> (R, N_pad, W) int64.
+
+    The value's order-preserving key (``ordered_int_keys``, in the value's own width B) comes
+    first, the inverted column ``N_pad - 1 - col`` second, so a larger key means "larger value, or
+    the same value at a LOWER column". For B = 16 or 32 both fit in ONE int64 word,
+    ``value_key << b | inverted_col`` with ``b = log2(N_pad)`` (W = 1): one integer compare decides
+    values and ties at once. A float64 value key needs all 64 bits, so the column is a second word
+    (W = 2), compared only when the first words are equal.
+    """
+    n_pad = rows.shape[-1]
+    b = (n_pad - 1).bit_length()  # index bits: N_pad = 2**b
+    value_keys, bits = ordered_int_keys(rows)  # (R, N_pad) int64, the float order, exact
+    inverted_col = n_pad - 1 - torch.arange(n_pad, device=rows.device)  # (N_pad,)
+    if bits + b <= 63:  # the packed word fits in a signed int64
+        return ((value_keys << b) | inverted_col).unsqueeze(-1)  # (R, N_pad, 1)
+    return torch.stack([value_keys, inverted_col.expand_as(value_keys)], dim=-1)  # (R, N_pad, 2)
 
 
 # --8<-- [start:bitonic_topk]
@@ -270,38 +300,27 @@ def bitonic_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     1. **Pad** each row to ``N_pad`` = the next power of two with ``-inf``, so the network has a
        power-of-two width.
-    2. **Pack** the column into the key. Take the float32 value's order-preserving integer key
-       (``ordered_int_keys``: for non-negative floats these are the float's own bits, for negative
-       floats the magnitude bits flipped) and overwrite its low ``b = log2(N_pad)`` bits, i.e. the
-       float32's low b mantissa bits, with ``N_pad - 1 - col``. Storing the column *inverted*
-       makes the lower column the larger key on equal values, so ties go to the lower column; it
-       also makes a real ``-inf`` beat the ``-inf`` padding (whose columns are >= N). Every key in
-       a row is now unique, so the network needs no tie rule. Packing in the integer domain is
-       the bit trick on the float, with the negative values' bits already flipped, so a larger
-       magnitude stays smaller; it also avoids one hole of packing a float: ``+inf`` with
-       non-zero mantissa bits would be a NaN.
+    2. **Pack** the column into the key (``bitonic_keys``): the value's order-preserving integer
+       key on top, ``N_pad - 1 - col`` in the low ``b = log2(N_pad)`` bits. Storing the column
+       *inverted* makes the lower column the larger key on equal values, so ties go to the lower
+       column; it also makes a real ``-inf`` beat the ``-inf`` padding (whose columns are >= N).
+       Every key in a row is now unique, so the network needs no tie rule.
     3. **Sort and merge**: sort chunks of ``k_pad`` = next power of two >= k with a bitonic network,
        then repeatedly fold two sorted chunks into one: the elementwise max of chunk a and chunk b
        reversed holds the top ``k_pad`` of both and is bitonic, and a bitonic merge sorts it.
     4. **Unpack**: the column is read back from the low b bits of the first k keys, and the values
        are re-read exactly with ``x.gather``.
 
-    When is the packing lossless? A float16 value in float32 has at most 10 mantissa bits (float16
-    subnormals are normal float32 numbers with at most 9), so its low 23 - 10 = 13 bits are zero;
-    a bfloat16 value has 7 mantissa bits, leaving 16 low bits zero. Hence for float16 rows with
-    N <= 2**13 = 8192 and bfloat16 rows with N <= 2**16 = 65536 the packed keys order exactly like
-    the values and the result equals ``radix_topk`` (ties included). Wider rows raise ValueError.
-
-    For float32 (and float64, first rounded to float32, which is monotone) this is a deliberate,
-    documented approximation: the low b mantissa bits of the value are overwritten, so values that
-    differ only in those bits (relative difference below about ``2**(b - 23)``) become a tie,
-    ordered by column. The selected values may then be out of order by that much, but each
-    returned value is exact (re-gathered from ``x``). Float32 values whose low b mantissa bits are
-    zero (e.g. bfloat16 values stored as float32) give the exact answer.
+    Exact for every dtype and value (the same indices as ``radix_topk``, ties included): the key
+    keeps every bit of the value. SonicMoE's kernel packs into a float32 instead, overwriting the
+    value's low b mantissa bits: exact for bf16/fp16 inputs (their low 16/13 float32 mantissa bits
+    are zero), approximate for float32. Here, as in ``sonic_learn.fast.topk``, the key of a 16- or
+    32-bit value is one int64 word with the value key shifted up by b bits; a float64 value key
+    fills 64 bits, so its column is a second word, compared only on equal values (two registers
+    per key on a GPU).
 
     Args:
-        x: (..., N) float16, bfloat16, float32 or float64; any leading dims (also 0 rows), no NaN;
-            N <= 8192 for float16, N <= 65536 otherwise.
+        x: (..., N) float16, bfloat16, float32 or float64; any leading dims (also 0 rows), no NaN.
         k: 1 <= k <= N.
 
     Returns:
@@ -309,39 +328,31 @@ def bitonic_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     _check_topk_input("x", x, k)
     N = x.shape[-1]
-    index_bits = max(N - 1, 0).bit_length()  # b = log2(N_pad)
-    max_bits = _BITONIC_MAX_INDEX_BITS[x.dtype]
-    if index_bits > max_bits:
-        dtype = str(x.dtype).replace("torch.", "")
-        raise ValueError(
-            f"x.shape[-1] must be <= {1 << max_bits} for bitonic_topk on {dtype} (the column index must fit "
-            f"in the {max_bits} low mantissa bits of a float32 key), got {N}"
-        )
-    n_pad = 1 << index_bits
+    n_pad = 1 << max(N - 1, 0).bit_length()  # N_pad = 2**b
     k_pad = 1 << max(k - 1, 0).bit_length()  # chunk width of the top-k merge, k <= k_pad <= n_pad
-    rows = x.detach().reshape(-1, N).to(torch.float32)  # (R, N), exact for float16/bfloat16
+    rows = x.detach().reshape(-1, N)  # (R, N), in x's own dtype: every bit of the value is kept
     R = rows.shape[0]
 
     # Step 1: pad to a power of two with -inf.
     rows = torch.nn.functional.pad(rows, (0, n_pad - N), value=float("-inf"))  # (R, N_pad)
 
-    # Step 2: pack the inverted column into the low b bits of the order-preserving key.
-    keys, _ = ordered_int_keys(rows)  # (R, N_pad) int64, the float32 order
-    inverted_col = n_pad - 1 - torch.arange(n_pad, device=x.device)  # (N_pad,)
-    keys = ((keys >> index_bits) << index_bits) | inverted_col  # (R, N_pad), unique per row
+    # Step 2: pack the inverted column below the order-preserving value key.
+    keys = bitonic_keys(rows)  # (R, N_pad, W) int64, unique per row
+    W = keys.shape[-1]
 
     # Step 3a: sort every chunk of k_pad keys descending (one sorting network per chunk).
-    chunks = _bitonic_sort_descending(keys.reshape(R, n_pad // k_pad, k_pad))  # (R, C, k_pad)
+    chunks = _bitonic_sort_descending(keys.reshape(R, n_pad // k_pad, k_pad, W))  # (R, C, k_pad, W)
     # Step 3b: fold pairs of sorted chunks until one is left (log2(C) rounds). max(a, reversed b)
     # keeps the larger half of the 2*k_pad keys and is bitonic (down, then up); the merge sorts it.
     while chunks.shape[1] > 1:
-        pairs = chunks.reshape(R, chunks.shape[1] // 2, 2, k_pad)  # (R, C/2, 2, k_pad)
-        top = torch.maximum(pairs[:, :, 0], pairs[:, :, 1].flip(-1))  # (R, C/2, k_pad), bitonic
-        chunks = _bitonic_merge_descending(top)  # (R, C/2, k_pad), sorted descending
-    best = chunks[:, 0, :k]  # (R, k), the k largest packed keys, descending
+        pairs = chunks.reshape(R, chunks.shape[1] // 2, 2, k_pad, W)  # (R, C/2, 2, k_pad, W)
+        top = _key_max(pairs[:, :, 0], pairs[:, :, 1].flip(-2))  # (R, C/2, k_pad, W), bitonic
+        chunks = _bitonic_merge_descending(top)  # (R, C/2, k_pad, W), sorted descending
+    best = chunks[:, 0, :k]  # (R, k, W), the k largest keys, descending
 
-    # Step 4: unpack the column; re-read the exact values from x.
-    indices = (n_pad - 1 - (best & (n_pad - 1))).reshape(*x.shape[:-1], k)  # (..., k) int64
+    # Step 4: unpack the column (the low b bits of the last word); re-read the exact values from x.
+    inverted_col = best[..., -1] & (n_pad - 1)  # (R, k)
+    indices = (n_pad - 1 - inverted_col).reshape(*x.shape[:-1], k)  # (..., k) int64
     return x.gather(-1, indices), indices
 
 

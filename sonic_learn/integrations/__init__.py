@@ -1,0 +1,1 @@
+"""Run other libraries' models through sonic_learn layers (``hf``: Hugging Face transformers)."""

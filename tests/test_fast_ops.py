@@ -1,0 +1,222 @@
+"""The fast layer's kernels as torch.library custom ops (``sonic_learn.fast.ops``).
+
+On the CPU the CuTe kernels cannot run, so the ops get CPU kernels here made of the torch
+stand-ins of ``test_fast_moe_compile`` (each the reference formula under the kernel's contract).
+With them we check, without a GPU: every op is registered with a fake implementation whose shapes
+and dtypes match the real outputs (``torch.library.opcheck``), the two ops with an autograd
+formula differentiate correctly, and the fast layer's router + experts, calling only these ops,
+compile as ONE graph (fullgraph=True, dynamic=True) and match eager and the reference layer.
+The GPU tests at the end run the real kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_fast_moe_compile import TORCH_OPS  # the kernels' torch stand-ins
+
+from sonic_learn.fast import moe as fast_moe
+from sonic_learn.fast import ops
+from sonic_learn.reference import moe as ref_moe
+
+OP_NAMES = ("gather_gemm", "gather_gemm_swiglu", "grouped_gemm", "dh_gemm", "varlen_k_gemm", "swiglu",
+            "swiglu_backward", "gather_scale_dot", "gather_sum", "topk_experts", "routing_metadata")
+
+
+def _meta(offsets, gather_idx, num_tokens):
+    """Metadata of the stand-ins from what an op receives (the permutations rebuilt on the host)."""
+    return ops._meta(offsets, gather_idx, gather_idx, gather_idx, num_tokens)
+
+
+def _cpu_metadata(token_idx, expert_idx, num_tokens, num_experts):
+    meta, _ = fast_moe.device_metadata(token_idx, expert_idx, num_tokens, num_experts)
+    return meta.expert_counts, meta.expert_offsets, meta.gather_idx, meta.pair_of_row, meta.row_of_pair
+
+
+CPU_KERNELS = {
+    "gather_gemm": lambda x, w, off, gi, tw: TORCH_OPS.gather_gemm(x, w, _meta(off, gi, x.shape[0]), tw),
+    "gather_gemm_swiglu": lambda x, w, off, gi: TORCH_OPS.gather_gemm_swiglu(x, w, _meta(off, gi, x.shape[0])),
+    "grouped_gemm": lambda a, w, off, gi, tw: TORCH_OPS.grouped_gemm(a, w, _meta(off, gi, a.shape[0]), tw),
+    "dh_gemm": lambda dout, w2, off, gi, h, s: TORCH_OPS.dh_gemm(dout, w2, _meta(off, gi, dout.shape[0]), h, s),
+    "varlen_k_gemm": lambda a, b, off, gi, ga, to: TORCH_OPS.varlen_k_gemm(a, b, _meta(off, gi, a.shape[0]), ga, to),
+    "swiglu": lambda h: TORCH_OPS.swiglu(h),
+    "swiglu_backward": lambda h, da: TORCH_OPS.swiglu_backward(h, da),
+    "gather_scale_dot": lambda *args: TORCH_OPS.gather_scale_dot(*args),
+    "gather_sum": lambda *args: TORCH_OPS.gather_sum(*args),
+    "topk_experts": lambda logits, k: torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k].contiguous(),
+    "routing_metadata": _cpu_metadata,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernels():
+    """CPU kernels for the ops, for this module only (a Library whose registrations end with it)."""
+    lib = torch.library.Library("sonic_learn", "FRAGMENT")
+    for name, fn in CPU_KERNELS.items():
+        torch.library.register_kernel(f"sonic_learn::{name}", "cpu", lambda *a, fn=fn: fn(*a), lib=lib)
+    yield
+    lib._destroy()
+
+
+def _problem(T=6, d=8, n=16, E=4, k=2, seed=0, dtype=torch.float64):  # d != n != 2n: shapes tell apart
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, generator=g, dtype=dtype)
+    router_w = torch.randn(d, E, generator=g, dtype=dtype)
+    w1 = torch.randn(E, d, 2 * n, generator=g, dtype=dtype) / d**0.5
+    w2 = torch.randn(E, n, d, generator=g, dtype=dtype) / n**0.5
+    return x, router_w, w1, w2, k
+
+
+def test_every_kernel_is_a_registered_op():
+    for name in OP_NAMES:
+        assert hasattr(torch.ops.sonic_learn, name), name
+    expert = ops.expert_ops()
+    for field in fast_moe.ExpertOps.__dataclass_fields__:
+        assert callable(getattr(expert, field)), field
+    assert fast_moe._fast_ops().swiglu is torch.ops.sonic_learn.swiglu or fast_moe._fast_ops().swiglu is ops.swiglu
+
+
+def test_ops_pass_opcheck():
+    """Schema, fake implementation vs the real outputs (shapes, dtypes, strides), and AOT dispatch,
+    in bf16 as the kernels run (the stand-ins keep the kernels' output dtypes: dS in float32)."""
+    bf16 = torch.bfloat16
+    x, router_w, w1, w2, k = (t.to(bf16) if torch.is_tensor(t) else t for t in _problem())
+    T, d, E, n = x.shape[0], x.shape[1], w1.shape[0], w2.shape[1]
+    logits = (x @ router_w).float()
+    experts = ops.topk_experts(logits, k)  # (T, K)
+    token_idx = torch.arange(T).repeat_interleave(k).to(torch.int32)
+    counts, offsets, gather_idx, pair_of_row, row_of_pair = ops.routing_metadata(token_idx, experts.reshape(-1), T, E)
+    P = T * k
+    h, a = ops.gather_gemm_swiglu(x, w1, offsets, gather_idx)
+    scores = torch.rand(P)
+    token_offsets = torch.arange(T + 1, dtype=torch.int32) * k
+    dout = torch.randn(T, d, dtype=bf16)
+    cases = {
+        "topk_experts": (logits, k),
+        "routing_metadata": (token_idx, experts.reshape(-1), T, E),
+        "gather_gemm": (x, w1, offsets, gather_idx, False),
+        "gather_gemm_transposed": (dout, w2, offsets, gather_idx, True),
+        "gather_gemm_swiglu": (x, w1, offsets, gather_idx),
+        "grouped_gemm": (a, w2, offsets, gather_idx, False),
+        "grouped_gemm_transposed": (h, w1, offsets, gather_idx, True),
+        "dh_gemm": (dout, w2, offsets, gather_idx, h, scores[pair_of_row.long()]),
+        "varlen_k_gemm": (x, h, offsets, gather_idx, True, False),
+        "varlen_k_gemm_transposed": (dout, a, offsets, gather_idx, True, True),
+        "swiglu_backward": (h, torch.randn(P, n, dtype=bf16)),
+        "gather_scale_dot": (dout, torch.randn(P, d, dtype=bf16), scores, gather_idx, pair_of_row),
+        # the two ops with an autograd formula get inputs that require grad (opcheck then runs backward)
+        "swiglu": (h.clone().requires_grad_(True),),
+        "gather_sum": (torch.randn(P, d, dtype=bf16, requires_grad=True), scores.clone().requires_grad_(True),
+                       row_of_pair, token_offsets),
+    }
+    for name, args in cases.items():
+        op = getattr(torch.ops.sonic_learn, name.removesuffix("_transposed")).default
+        torch.library.opcheck(op, args, atol=1e-2, rtol=1e-2)
+    assert counts.sum().item() == P
+
+
+def test_op_autograd_formulas():
+    x, router_w, w1, w2, k = _problem()
+    T = x.shape[0]
+    h = torch.randn(T * k, 2 * w2.shape[1], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.swiglu, (h,))
+    experts = ops.topk_experts((x @ router_w).float(), k)
+    token_idx = torch.arange(T).repeat_interleave(k).to(torch.int32)
+    _, _, _, _, row_of_pair = ops.routing_metadata(token_idx, experts.reshape(-1), T, w1.shape[0])
+    token_offsets = torch.arange(T + 1, dtype=torch.int32) * k
+    rows = torch.randn(T * k, 8, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(T * k, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda r, w: ops.gather_sum(r, w, row_of_pair, token_offsets), (rows, weights))
+    assert torch.autograd.gradcheck(lambda r: ops.gather_sum(r, None, row_of_pair, token_offsets), (rows,))
+
+
+def _fast_layer(x, router_w, w1, w2, k, backward):
+    """The fast layer past its CUDA checks: fast.moe.route (top-k op + metadata op) and run_experts
+    with the default (custom-op) kernels."""
+    r = fast_moe.route(x, router_w, k)
+    return fast_moe.run_experts(x, w1, w2, r, backward), r.logits
+
+
+@pytest.mark.parametrize("backward", ["reduced_memory", "standard"])
+def test_fast_layer_on_the_ops_is_one_graph(backward):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(_fast_layer, backend=counter, fullgraph=True, dynamic=True)
+    for T in (6, 11):
+        # float32: the ops' fake implementations promise the kernels' dtypes (dS in float32)
+        x, router_w, w1, w2, k = _problem(T=T, seed=T, dtype=torch.float32)
+        params = [t.requires_grad_(True) for t in (x, router_w, w1, w2)]
+        out, logits = compiled(*params, k, backward)
+        grads = torch.autograd.grad(out.square().sum(), params)
+        want = ref_moe.moe_forward(*params, k, backward=backward)
+        want_grads = torch.autograd.grad(want.square().sum(), params)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        for got, ref in zip(grads, want_grads):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits, (x @ router_w).float())
+    assert counter.frame_count == 1
+
+
+def test_fake_shapes_trace_the_whole_step():
+    """With fake tensors only (no kernel runs), the forward + backward of the fast experts traces
+    through the ops' fake implementations and gives every gradient its parameter's shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    T, d, n, E, k = 5, 16, 8, 4, 2
+    with FakeTensorMode():
+        x = torch.empty(T, d, dtype=torch.bfloat16, requires_grad=True)
+        router_w = torch.empty(d, E, dtype=torch.bfloat16, requires_grad=True)
+        w1 = torch.empty(E, d, 2 * n, dtype=torch.bfloat16, requires_grad=True)
+        w2 = torch.empty(E, n, d, dtype=torch.bfloat16, requires_grad=True)
+        for backward in ("reduced_memory", "standard"):
+            out, logits = _fast_layer(x, router_w, w1, w2, k, backward)
+            grads = torch.autograd.grad(out.float().sum(), (x, router_w, w1, w2))
+            assert out.shape == (T, d) and out.dtype == torch.bfloat16 and logits.shape == (T, E)
+            assert [tuple(g.shape) for g in grads] == [(T, d), (d, E), (E, d, 2 * n), (E, n, d)]
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the real kernels under torch.compile and CUDA graphs
+# ----------------------------------------------------------------------------------------------
+def _gpu_layer(backward="reduced_memory"):
+    import sonic_learn
+
+    torch.manual_seed(0)
+    return sonic_learn.MoE(128, 64, 8, 2, backward=backward, backend="fast", device="cuda", dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backward", ["reduced_memory", "standard"])
+def test_gpu_fast_layer_compiles_fullgraph_and_matches_eager(backward):
+    torch._dynamo.reset()
+    moe = _gpu_layer(backward)
+    compiled = torch.compile(moe, fullgraph=True, dynamic=True)
+    for T in (256, 384):
+        x = torch.randn(T, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        out = compiled(x)
+        stats = moe.router_stats
+        g = torch.autograd.grad(out.float().square().sum() + stats.load_balancing_loss, (x, moe.w1, moe.w2))
+        want = moe(x)
+        want_g = torch.autograd.grad(want.float().square().sum() + moe.router_stats.load_balancing_loss,
+                                     (x, moe.w1, moe.w2))
+        torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)  # same kernels; inductor may reorder the router softmax
+        for got, ref in zip(g, want_g):
+            torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_fast_layer_reduce_overhead_topk():
+    """mode="reduce-overhead" captures the top-k layer in a CUDA graph (no host sync inside)."""
+    torch._dynamo.reset()
+    moe = _gpu_layer()
+    compiled = torch.compile(moe, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = moe(x)
+        for _ in range(3):  # warm-up, record, replay
+            out = compiled(x)
+        torch.testing.assert_close(out.clone(), want, rtol=0, atol=0)
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):  # and plain capture of the eager forward works too
+        moe(x)
