@@ -154,8 +154,11 @@ def warn_below_paper_condition(num_tokens: int, num_experts: int, k: int, tile_m
     """Token rounding's guard: a ``UserWarning``, once per (T, E, K, tile_m), when the average
     tokens per expert / tile is below the paper's 2 (then rounding down drops a large share of
     the pairs, and with ``nearest`` an expert with fewer than tile_m/2 tokens gets none).
-    Host-only arithmetic: no device read. Returns the ratio."""
+    Host-only arithmetic: no device read. Returns the ratio. (Silent while torch.compile traces: the
+    eager calls of the same shape warn.)"""
     ratio = tokens_per_tile(num_tokens, num_experts, k, tile_m)
+    if torch.compiler.is_compiling():  # no warning inside a torch.compile trace (it would break the graph)
+        return ratio
     shape = (num_tokens, num_experts, k, tile_m)
     if tile_m > 1 and num_tokens > 0 and ratio < PAPER_MIN_TOKENS_PER_TILE and shape not in _warned_shapes:
         _warned_shapes.add(shape)
