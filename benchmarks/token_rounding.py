@@ -18,8 +18,8 @@ both routings), reduced-memory backward:
 * time (medians of ``sonic_learn.bench.measure``, L2 flushed before each rep), forward and
   forward+backward, of (a) the experts alone (``fast.moe.run_experts`` on a routing computed
   beforehand, the paper's measurement: "router excluded") and (b) the whole layer
-  (``fast.moe.moe_forward``: router GEMM, routing, metadata and experts; token rounding synchronizes
-  once for its data-dependent P). The forward runs with autograd recording, as in training;
+  (``fast.moe.moe_forward``: router GEMM, routing, metadata and experts; token rounding sizes its
+  buffers by the host bound ``max_pairs`` and never synchronizes). ``--layer-only`` times (b) alone. The forward runs with autograd recording, as in training;
 * the grouped GEMMs alone (up-proj, down-proj, dA', dX~, dW2, dW1: each GEMM call of one experts
   forward+backward, recorded and then timed alone with the same arguments, on each routing), their sums, and their speed-up next to the cost model's ratio of executed
   FLOPs (top-k / token rounding): the part of the layer where the padded tiles are spent;
@@ -210,6 +210,14 @@ def check_small() -> dict:
 # ----------------------------------------------------------------------------------------------
 # Part 1: one shape of the token-rounding experiment
 # ----------------------------------------------------------------------------------------------
+def _first_rows(meta, P: int):
+    """The metadata of the first P pairs/rows of a (possibly padded) routing."""
+    import dataclasses
+
+    return dataclasses.replace(meta, gather_idx=meta.gather_idx[:P], pair_of_row=meta.pair_of_row[:P],
+                               row_of_pair=meta.row_of_pair[:P])
+
+
 def routings_of(x, router_w, K: int) -> tuple[dict, dict]:
     """The fast routing of each kind on the layer's logits, and its agreement with the reference."""
     from sonic_learn.fast import moe as fast_moe
@@ -223,16 +231,20 @@ def routings_of(x, router_w, K: int) -> tuple[dict, dict]:
             want = ref_routing.topk_routing(logits, K)
         else:
             want = ref_routing.token_rounding(logits, K, tile_m=TILE_M, mode="nearest")
-        agree[f"{routing}_metadata_equal"] = same_metadata(r.meta, ref_routing.build_metadata(want))
+        # Token rounding's fast route is padded to the host bound max_pairs (sync-free): its first P
+        # entries are the reference's, P = expert_offsets[E] on the device.
+        P = want.num_pairs
+        agree[f"{routing}_metadata_equal"] = (
+            int(r.meta.expert_offsets[-1]) == P and same_metadata(_first_rows(r.meta, P), ref_routing.build_metadata(want)))
         # Scores in pair order (the fast route returns them in the same pair order as the reference).
-        same_len = r.scores.numel() == want.scores.numel()
+        same_len = r.scores.numel() >= P and (routing == "token_rounding" or r.scores.numel() == P)
         agree[f"{routing}_scores_max_abs_diff"] = (
-            (r.scores.detach() - want.scores).abs().max().item() if same_len else None)
+            (r.scores.detach()[:P] - want.scores).abs().max().item() if same_len and P > 0 else (0.0 if same_len else None))
         routes[routing] = r
     return routes, agree
 
 
-def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int) -> dict:
+def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int, layer_only: bool = False) -> dict:
     from sonic_learn.fast import moe as fast_moe
 
     name = f"T{T}_d{d}_n{n}_E{E}_K{K}"
@@ -278,6 +290,11 @@ def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int) -> dict:
     times: dict = {"experts_only": {}, "layer": {}}
     gemms: dict = {}
     for routing, r in routes.items():
+        t = time_fwd_and_fwd_bwd(lambda routing=routing: fast_moe.moe_forward(*leaves, K, routing=routing,
+                                                                             tile_m=TILE_M), leaves, gout, reps)
+        times["layer"][f"{routing}_fwd"], times["layer"][f"{routing}_fwd_bwd"] = t["fwd"], t["fwd_bwd"]
+        if layer_only:
+            continue
         # Experts alone on the precomputed routing: scores become a leaf (its dS is computed too).
         scores = r.scores.detach().clone().requires_grad_(True)
         r_leaf = fast_moe.DeviceRouting(r.meta, scores, r.token_offsets)
@@ -288,13 +305,14 @@ def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int) -> dict:
         t = time_fwd_and_fwd_bwd(lambda: fast_moe.run_experts(x, w1, w2, r_leaf, "reduced_memory"),
                                  [x, w1, w2, scores], gout, reps)
         times["experts_only"][f"{routing}_fwd"], times["experts_only"][f"{routing}_fwd_bwd"] = t["fwd"], t["fwd_bwd"]
-        t = time_fwd_and_fwd_bwd(lambda routing=routing: fast_moe.moe_forward(*leaves, K, routing=routing,
-                                                                             tile_m=TILE_M), leaves, gout, reps)
-        times["layer"][f"{routing}_fwd"], times["layer"][f"{routing}_fwd_bwd"] = t["fwd"], t["fwd_bwd"]
         gemms[routing] = gemm_times(leaves, gout, r, reps)
         torch.cuda.empty_cache()
     row["ran"] = True
+    if layer_only:
+        del times["experts_only"]
     row["times_ms"] = times
+    if layer_only:
+        return _speedups(row, times, cost, n, d)
     row["gemm_times_ms"] = gemms
     row["gemm_speedup_token_rounding_over_topk"] = {
         f"{key}_time": gemms["topk"][f"gemm_sum_{key}"] / gemms["token_rounding"][f"gemm_sum_{key}"]
@@ -309,6 +327,14 @@ def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int) -> dict:
         + "; speed-up " + ", ".join(f"{k} {v:.3f}" for k, v in row["gemm_speedup_token_rounding_over_topk"].items()),
         flush=True)
 
+    _speedups(row, times, cost, n, d)
+    del leaves, gout, routes
+    torch.cuda.empty_cache()
+    return row
+
+
+def _speedups(row: dict, times: dict, cost: dict, n: int, d: int) -> dict:
+    """TFLOP/s with each routing's useful FLOPs, and token rounding's speed-up, for every timed part."""
     tflops, speedup = {}, {}
     for part, tt in times.items():
         tflops[part], speedup[part] = {}, {}
@@ -326,8 +352,6 @@ def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int) -> dict:
             f"{k} {v['median_ms']:.3f} ms {tflops[part][k]:.0f} TF/s" for k, v in times[part].items()), flush=True)
         print(f"  {part:12s} speed-up of token rounding: " + ", ".join(
             f"{k} {v:.3f}x" for k, v in speedup[part].items()), flush=True)
-    del leaves, gout, routes
-    torch.cuda.empty_cache()
     return row
 
 
@@ -403,7 +427,8 @@ def router_fraction(reps: int) -> dict:
             "kernels' time on it. The wall time of a lone call (fraction_of_fwd_wall_by_wall) adds the host's "
             "launch gaps between small kernels, which a layer mostly hides. fraction_of_fwd_kernel_time_by_"
             "kernel_time divides by the forward's own kernel time (the forward without its host gaps). "
-            "Token rounding synchronizes once (its P depends on the data), so its host time is not hidden."),
+            "Token rounding is sync-free too (buffers sized by the host bound max_pairs), so its host time is "
+            "hidden the same way."),
     }
 
 
@@ -414,6 +439,8 @@ def main(argv=None) -> int:
     p.add_argument("--big-reps", type=int, default=12, help="reps for the d = 4096 shapes")
     p.add_argument("--shapes", default="all", help="'all' or comma-separated indices into SHAPES")
     p.add_argument("--no-router-fraction", action="store_true")
+    p.add_argument("--layer-only", action="store_true",
+                   help="time only the whole layer per shape (skip the experts-alone and per-GEMM timings)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -425,7 +452,8 @@ def main(argv=None) -> int:
     record = {
         "benchmark": "token_rounding", "issue": 8, "environment": env,
         "settings": {"tile_m": TILE_M, "varlen_k_tile": VARLEN_K_TILE, "rounding_mode": "nearest",
-                     "backward": "reduced_memory", "dtype": "bfloat16", "reps": args.reps, "big_reps": args.big_reps},
+                     "backward": "reduced_memory", "dtype": "bfloat16", "reps": args.reps, "big_reps": args.big_reps,
+                     "layer_only": args.layer_only},
         "small_shape_check": small,
         "paper_h100": PAPER,
         "targets": {"router_fraction_of_7b_fwd_max": 0.05, "fwd_bwd_speedup_on_sparsest_min": 1.05},
@@ -439,7 +467,9 @@ def main(argv=None) -> int:
     picks = range(len(SHAPES)) if args.shapes == "all" else [int(i) for i in args.shapes.split(",")]
     for i in picks:
         T, d, n, E, K = SHAPES[i]
-        record["shapes"].append(bench_shape(T, d, n, E, K, args.reps if d == 1536 else args.big_reps))
+        record["shapes"].append(bench_shape(T, d, n, E, K, args.reps if d == 1536 else args.big_reps,
+                                            layer_only=args.layer_only))
+        bench.write_record(record, args.out, "token_rounding")  # partial results survive a time limit
         torch.cuda.empty_cache()
     if not args.no_router_fraction:
         print("router fraction, 7B configuration:", flush=True)
@@ -447,7 +477,7 @@ def main(argv=None) -> int:
     record["notes"] = (
         "experts_only = fast.moe.run_experts on a routing computed beforehand (the paper's comparison, router "
         "excluded); layer = fast.moe.moe_forward (router GEMM + routing + metadata + experts; token rounding "
-        "synchronizes once). Both routings see the same inputs. The fast GEMMs run each expert's last partial "
+        "is sync-free: buffers sized by the host bound max_pairs, the true P on the device). Both routings see the same inputs. The fast GEMMs run each expert's last partial "
         "128-row tile as a full tile (masked), which is the waste token rounding removes; cost_model gives it.")
     print("wrote", bench.write_record(record, args.out, "token_rounding"))
     return 0

@@ -38,7 +38,7 @@ from sonic_learn import _checks
 
 __all__ = [
     "SCORINGS", "ROUNDING_MODES", "ROUTINGS", "BACKWARD_MODES",
-    "Routing", "RoutingMetadata",
+    "RoundingStats", "Routing", "RoutingMetadata",
     "value_checks_enabled", "check_finite_values",
     "check_router_args", "check_generator", "check_routing_structure", "check_routing_values", "check_metadata",
     "check_layer_inputs", "MAX_TILE_M",
@@ -66,6 +66,18 @@ MAX_TILE_M = 2**16
 # ---------------------------------------------------------------------------------------------
 # --8<-- [start:routing_types]
 @dataclass(frozen=True)
+class RoundingStats:
+    """What token rounding changed compared with token-choice top-k. The counts are 0-d int64
+    tensors on the routing's device (reading one, e.g. ``int(stats.dropped_tokens)``, syncs)."""
+
+    kept_pairs: torch.Tensor  # () P, the pairs token rounding kept (a padded routing has more entries)
+    dropped_pairs: torch.Tensor  # () token-choice pairs removed by rounding down
+    added_pairs: torch.Tensor  # () pairs added by rounding up (tokens an expert did not pick)
+    dropped_tokens: torch.Tensor  # () tokens left with no expert at all (their output is 0)
+    tokens_per_tile: float  # T*K / (E*tile_m): the paper's condition asks for >= 2
+
+
+@dataclass(frozen=True)
 class Routing:
     """A routing as flat triples, sorted by token: pair p sends token ``token_idx[p]`` to expert
     ``expert_idx[p]`` with weight ``scores[p]``.
@@ -79,6 +91,7 @@ class Routing:
     scores: torch.Tensor  # (P,) float32 (float64 for float64 logits), differentiable
     num_tokens: int  # T
     num_experts: int  # E
+    rounding: RoundingStats | None = None  # token rounding only: pairs/tokens dropped and added
 
     @property
     def num_pairs(self) -> int:

@@ -67,11 +67,15 @@ def _pinned_route(decision_logits: torch.Tensor):
         else:
             pairs = token_rounding(decision_logits, k, tile_m=tile_m, mode=rounding_mode, scoring=scoring)
         t, e = pairs.token_idx.long(), pairs.expert_idx.long()
+        log_z_all = torch.logsumexp(logits, dim=1)  # (T,) softmax over all E
         if scoring == "topk_softmax":
-            log_z = torch.logsumexp(logits, dim=1)  # (T,)
+            log_z = log_z_all  # (T,)
         else:
             log_z = torch.logsumexp(logits.gather(1, tc.expert_idx.long().view(-1, k)), dim=1)  # (T,)
-        scores = torch.exp(logits[t, e] - log_z[t])  # (P,)
+        picked = torch.zeros(decision_logits.shape, dtype=torch.bool, device=logits.device)
+        picked[tc.token_idx.long(), tc.expert_idx.long()] = True  # (T, E) token-choice picks
+        # A pick keeps its token-choice score; a token added by rounding up gets p = softmax over all E.
+        scores = torch.exp(logits[t, e] - torch.where(picked[t, e], log_z[t], log_z_all[t]))  # (P,)
         return Routing(pairs.token_idx, pairs.expert_idx, scores, x.shape[0], router_w.shape[1])
 
     return route
@@ -269,19 +273,25 @@ def test_gather_scale_dot_kernel():
 # ----------------------------------------------------------------------------------------------
 # No host synchronization; CUDA-graph capture
 # ----------------------------------------------------------------------------------------------
+ROUTING_KW = {"topk": {"routing": "topk"},
+              "token_rounding": {"routing": "token_rounding", "tile_m": 16}}  # T*K/(E*16) = 6: a mix of up/down
+
+
 @needs_hopper
+@pytest.mark.parametrize("routing", sorted(ROUTING_KW))
 @pytest.mark.parametrize("backward", ["reduced_memory", "standard"])
-def test_no_host_sync(backward):
+def test_no_host_sync(backward, routing):
     from sonic_learn.fast import moe as fast_moe
 
     inputs = params(384, 128, 64, 16, 2, torch.bfloat16)
     gout = torch.randn(384, 128, device="cuda", dtype=torch.bfloat16)
-    run_layer(fast_moe.moe_forward, inputs, 4, gout, backward=backward)  # warm up (JIT compiles)
+    kw = dict(backward=backward, **ROUTING_KW[routing])
+    run_layer(fast_moe.moe_forward, inputs, 4, gout, **kw)  # warm up (JIT compiles)
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = fast_moe.moe_forward(*leaves, 4, backward=backward)
+        out = fast_moe.moe_forward(*leaves, 4, **kw)
         (out * gout).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -290,18 +300,22 @@ def test_no_host_sync(backward):
 
 
 @needs_hopper
+@pytest.mark.parametrize("routing", sorted(ROUTING_KW))
 @pytest.mark.parametrize("backward", ["reduced_memory", "standard"])
-def test_cuda_graph_capture_and_replay(backward):
+def test_cuda_graph_capture_and_replay(backward, routing):
+    """A training step (forward + backward) captured once and replayed on new inputs; with token
+    rounding the new inputs route differently (another P), which only works sync-free and bound-sized."""
     from sonic_learn.fast import moe as fast_moe
 
     T, d, n, E, k = 256, 128, 64, 16, 4
+    kw = dict(backward=backward, **ROUTING_KW[routing])
     leaves = [t.requires_grad_(True) for t in params(T, d, n, E, 11, torch.bfloat16)]
     gout = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
 
     def step():
         for leaf in leaves:
             leaf.grad = None
-        out = fast_moe.moe_forward(*leaves, k, backward=backward)
+        out = fast_moe.moe_forward(*leaves, k, **kw)
         (out * gout).sum().backward()
         return out
 
@@ -322,9 +336,29 @@ def test_cuda_graph_capture_and_replay(backward):
     graph.replay()
     torch.cuda.synchronize()
     replayed = [static_out.clone()] + [leaf.grad.clone() for leaf in leaves]
-    eager = run_layer(fast_moe.moe_forward, fresh, k, gout, backward=backward)
+    eager = run_layer(fast_moe.moe_forward, fresh, k, gout, **kw)
     for name, a, b in zip(NAMES, replayed, eager):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: graph replay differs from eager: {m}")
+
+
+def _poison_allocator_cache() -> None:
+    """Fill the caching allocator's free blocks with NaN bits (as int32: a huge index), so any kernel
+    that reads an uninitialized row or index entry of a later ``torch.empty`` sees poison."""
+    torch.cuda.synchronize()
+    blocks = [torch.full((1 << 16,), float("nan"), device="cuda") for _ in range(64)]  # small pool
+    blocks += [torch.full((1 << 22,), float("nan"), device="cuda") for _ in range(4)]  # large pool
+    torch.cuda.synchronize()
+    del blocks  # back to the cache, still holding NaN
+
+
+@needs_hopper
+@pytest.mark.parametrize("backward", ["reduced_memory", "standard"])
+def test_token_rounding_padding_rows_are_never_read(backward):
+    """Sync-free token rounding sizes its buffers by max_pairs (far above P here: tile 128, E 16):
+    with the allocator's memory poisoned, output and every gradient still match the oracle."""
+    inputs = params(700, 64, 32, 16, 5, torch.bfloat16)
+    _poison_allocator_cache()
+    compare_layer(inputs, 4, routing="token_rounding", backward=backward, tile_m=128)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -385,10 +385,10 @@ def test_select_kernel_algorithm_equals_reference_on_cpu(T, E, K, tile_m, mode, 
     want = ref.token_rounding(logits, K, tile_m=tile_m, mode=mode, scoring=scoring, normalize=normalize,
                               generator=torch.Generator().manual_seed(seed + 1))
     tc = ref.topk_routing(logits, K, scoring=scoring, normalize=normalize)
-    experts, tc_scores = tc.expert_idx.long().view(T, K), tc.scores.view(T, K)
+    experts = tc.expert_idx.long().view(T, K)
     counts = torch.bincount(experts.reshape(-1), minlength=E)
     uniform = torch.rand(E, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    scores = ref.scores_for_all_experts(logits, experts, tc_scores, scoring, normalize)  # (T, E) float32
+    scores = ref.router_probabilities(logits)  # (T, E) float32: the ranking key p
     assert bool((scores >= 0).all()) and not bool(torch.signbit(scores).any()), "bit 31 is free for the pick flag"
     keep = select_kernel_model(scores, experts, counts, uniform, mode, tile_m)
     token_idx, expert_idx = keep.nonzero(as_tuple=True)
@@ -405,10 +405,10 @@ def test_float64_torch_path_equals_reference_on_cpu(T, E, K, tile_m, mode, ties,
     logits = (torch.randint(-2, 3, (T, E), generator=g) if ties else torch.randn(T, E, generator=g)).double()
     want = ref.token_rounding(logits, K, tile_m=tile_m, mode=mode, generator=torch.Generator().manual_seed(seed))
     tc = ref.topk_routing(logits, K)
-    experts, tc_scores = tc.expert_idx.long().view(T, K), tc.scores.view(T, K)
+    experts = tc.expert_idx.long().view(T, K)
     counts = torch.bincount(experts.reshape(-1), minlength=E)
     uniform = torch.rand(E, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    scores = ref.scores_for_all_experts(logits, experts, tc_scores, "softmax_topk", False)  # (T, E) float64
+    scores = ref.router_probabilities(logits)  # (T, E) float64: the ranking key p
     keep = fast._boundary_keep_torch(scores, experts, counts, uniform, mode, tile_m)
     token_idx, expert_idx = keep.nonzero(as_tuple=True)
     assert torch.equal(token_idx.int(), want.token_idx) and torch.equal(expert_idx.int(), want.expert_idx)

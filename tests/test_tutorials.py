@@ -25,7 +25,7 @@ DOC_PAGES = sorted((REPO / "docs").rglob("*.md"))
 def test_the_tutorials_exist_and_are_numbered_in_order() -> None:
     names = [p.name for p in TUTORIALS]
     for chapter in ["01_topk.py", "02_routing.py", "03_grouped_gemm.py", "04_backward.py", "05_moe_layer.py",
-                    "07_expert_parallelism.py"]:
+                    "06_token_rounding_quality.py", "07_expert_parallelism.py"]:
         assert chapter in names
     # A later chapter only needs a file tutorials/NN_name.py and a docs page; one file per number.
     assert len({n[:2] for n in names}) == len(names), names

@@ -139,8 +139,9 @@ and moves each $f_e$ to a neighbouring multiple of $M_\text{tile}$:
 
 1. round: $\lfloor f_e \rfloor_{M}$ or $\lceil f_e \rceil_{M}$ (`mode` = `nearest`, `up`, `down`, or
    `stochastic`); `round_counts` does this step alone;
-2. each expert ranks all tokens, its own token-choice picks first, then the others by score, and
-   keeps the first (rounded) $f_e$ of them.
+2. each expert ranks all tokens, its own token-choice picks first, then the others, each group by
+   the router probability $p_{t,e}$ (softmax over all $E$ experts, the paper's $S$), and keeps the
+   first (rounded) $f_e$ of them. An added token is weighted by its $p_{t,e}$.
 
 So rounding **down** drops an expert's lowest-ranked picks and rounding **up** adds the best tokens
 that did not pick it. Only the last tile of each expert changes: $|f^\text{TR}_e - f_e| < M_\text{tile}$.

@@ -63,8 +63,8 @@ class Problem:
         return asdict(self)
 
 
-def _p(name, T, d, n, E, K, note=""):
-    return Problem(T=T, d=d, n=n, E=E, K=K, name=name, note=note)
+def _p(name, T, d, n, E, K, note="", tile_m=128):
+    return Problem(T=T, d=d, n=n, E=E, K=K, name=name, note=note, tile_m=tile_m)
 
 
 _TABLE_9B = "paper Table 9b (iso-FLOP granularity sweep)"
@@ -75,7 +75,8 @@ CONFIGS: dict[str, Problem] = {
     for p in [
         # small problems for the quick tour and the tests (not from the paper)
         _p("tour", 1024, 128, 64, 16, 4, "small default for the quick tour (not a paper config)"),
-        _p("tiny", 64, 32, 8, 8, 2, "tiny problem for tests (not a paper config)"),
+        # tile_m = 8 keeps token rounding at the paper's T*K/(E*tile_m) >= 2 (at 128 every expert rounds to 0)
+        _p("tiny", 64, 32, 8, 8, 2, "tiny problem for tests (not a paper config)", tile_m=8),
         # Table 9b: (T, d) fixed per model, (n, E, K) = finest / middle / coarsest granularity
         _p("1.4B-n256", 40960, 768, 256, 128, 8, _TABLE_9B),
         _p("1.4B-n512", 40960, 768, 512, 64, 4, _TABLE_9B),

@@ -34,11 +34,18 @@ torch copy): the backward's ``dY @ W2^T`` and ``dH @ W1^T`` read the stored weig
 (``transpose_w=True``), and dW2 is written in W2's (E, n, d) orientation by the varlen-K GEMM's
 epilogue (``transpose_out=True``).
 
-Synchronization and CUDA graphs: with ``routing="topk"`` the forward and backward issue no
-device-to-host synchronization (no ``.item()``, no ``bincount``/``nonzero``; every size is known on
-the host as T*K), so a training step can be captured in a CUDA graph. ``routing="token_rounding"``
-uses the fast ``token_rounding`` of ``sonic_learn.fast.routing``, whose pair count depends on the
-data: it synchronizes once (``nonzero``, which sizes the output) and cannot be captured.
+Synchronization and CUDA graphs: neither routing issues a device-to-host synchronization in the
+forward or the backward (no ``.item()``, no ``bincount``/``nonzero``), so a training step can be
+captured in a CUDA graph. With ``routing="topk"`` every size is T*K. With
+``routing="token_rounding"`` the pair count P is data dependent but bounded
+(``reference.routing.max_pairs``: every rounded count is at most f_e rounded up, capped at T):
+every buffer is sized by that bound on the host, the router pads its triples to it
+(``fast.routing.token_rounding(pad_to_bound=True)``), and the true P lives on the device only, as
+``expert_offsets[E]`` and ``token_offsets[T]``. The grouped GEMMs read the expert offsets from
+device memory, the gather-and-sum reads each token's pair range from ``token_offsets``, so no
+kernel reads a row past the true P as a real pair's row: padding rows and padding pairs map to
+each other (``fast.routing.build_metadata(padded=True)``), and the padding pairs' scores are 0 and
+take no gradient.
 
 Inputs must be CUDA tensors of bf16 or fp16 with d and n multiples of 8; ``tile_m`` is the token
 rounding tile (the GEMM's own M tile is fixed at 128 and does not change any result).
@@ -53,7 +60,7 @@ import torch
 
 from sonic_learn import _checks, contracts
 from sonic_learn.contracts import (  # noqa: F401  (ROUTINGS, BACKWARD_MODES, ... stay importable from here)
-    BACKWARD_MODES, ROUNDING_MODES, ROUTINGS, SCORINGS, Routing, RoutingMetadata)
+    BACKWARD_MODES, ROUNDING_MODES, ROUTINGS, SCORINGS, RoundingStats, Routing, RoutingMetadata)
 from sonic_learn.fast import ops as fast_ops
 
 FAST_DTYPES = (torch.bfloat16, torch.float16)
@@ -112,6 +119,7 @@ class DeviceRouting:
     scores: torch.Tensor  # (P,) float32
     token_offsets: torch.Tensor  # (T+1,) int32
     logits: torch.Tensor | None = None  # (T, E) float32, the router's output (for the router losses)
+    rounding: RoundingStats | None = None  # token rounding: kept/dropped/added pairs, dropped tokens (device)
 
 
 def device_metadata(token_idx: torch.Tensor, expert_idx: torch.Tensor, num_tokens: int, num_experts: int,
@@ -165,22 +173,30 @@ def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk",
         r = fast_ops.topk_routing(logits, k, scoring, normalize)  # the top-k kernel as a custom op
         meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E, pairs_per_token=k)
     else:
-        # Token rounding: the fast router ranks only each expert's boundary tile, but its pair count
-        # depends on the data, so it synchronizes once (no CUDA-graph capture in this mode).
+        # Token rounding: the fast router ranks only each expert's boundary tile. Its pair count is
+        # data dependent, so the triples are padded to the host bound (token T, expert E, score 0)
+        # and the true P stays on the device: no synchronization, capturable in a CUDA graph.
         r = fast_routing.token_rounding(logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator,
-                                        scoring=scoring, normalize=normalize, check_finite=False)
-        meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E)
-    return DeviceRouting(meta, r.scores.contiguous(), token_offsets, logits)
+                                        scoring=scoring, normalize=normalize, check_finite=False, pad_to_bound=True)
+        meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E, padded=True)
+    return DeviceRouting(meta, r.scores.contiguous(), token_offsets, logits, r.rounding)
 
 
-def _metadata(token_idx, expert_idx, T: int, E: int, pairs_per_token: int | None = None):
+def _metadata(token_idx, expert_idx, T: int, E: int, pairs_per_token: int | None = None, padded: bool = False):
     """Routing metadata with the CuTe-DSL kernels of ``sonic_learn.fast.routing`` (no sync) when E
-    fits them, else ``device_metadata``'s torch ops; plus the per-token pair offsets."""
+    fits them, else ``device_metadata``'s torch ops; plus the per-token pair offsets. ``padded``:
+    the routing is padded to a bound (token T, expert E; token rounding only, E <= MAX_EXPERTS),
+    so ``token_offsets[T]`` (the binary search puts the padding after every token) is the true P."""
     from sonic_learn.fast import routing as fast_routing
 
     if E > fast_routing.MAX_EXPERTS:
         return device_metadata(token_idx, expert_idx, T, E, pairs_per_token=pairs_per_token)
-    meta = fast_ops.metadata(token_idx, expert_idx, T, E)  # the metadata kernels as a custom op
+    if padded:  # padding pairs (expert E): the kernels' padded layout (token rounding, sync-free)
+        scores = torch.empty(expert_idx.numel(), dtype=torch.float32, device=expert_idx.device)  # unused
+        meta = fast_routing.build_metadata(
+            Routing(token_idx.to(torch.int32), expert_idx.to(torch.int32), scores, T, E), check_ids=False, padded=True)
+    else:
+        meta = fast_ops.metadata(token_idx, expert_idx, T, E)  # the metadata kernels as a custom op
     return meta, _token_offsets(token_idx, T, pairs_per_token)
 
 
@@ -345,9 +361,13 @@ def check_inputs(x, router_w, w1, w2, k, *, routing="topk", tile_m=128, backward
         raise ValueError(f"x.shape[1] (d) must be a multiple of 8 for the fast kernels' 16-byte vectors, got {d}")
     if n % 8:
         raise ValueError(f"w2.shape[1] (n) must be a multiple of 8 for the fast kernels' 16-byte vectors, got {n}")
-    P = T * k
+    P = T * k  # token rounding: its buffers are sized by the bound max_pairs(T, E, K, tile_m)
+    if routing == "token_rounding":
+        from sonic_learn.reference.routing import max_pairs
+
+        P = max_pairs(T, E, k, tile_m)
     if P * max(d, two_n) > MAX_ELEMENTS or E * d * two_n > MAX_ELEMENTS:
-        raise ValueError(f"(T*K, max(d, 2n)) = ({P}, {max(d, two_n)}) or w1 {tuple(w1.shape)} exceeds 2^31 "
+        raise ValueError(f"(P, max(d, 2n)) = ({P}, {max(d, two_n)}) or w1 {tuple(w1.shape)} exceeds 2^31 "
                          "elements (the fast kernels index with 32-bit integers)")
     for name, t in (("x", x), ("router_w", router_w), ("w1", w1), ("w2", w2)):
         _checks.check_cuda(name, t)

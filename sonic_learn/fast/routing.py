@@ -38,10 +38,10 @@ Both are "the r best of one expert's candidates" for some r < tile_m, with the k
 (up, candidates = non-picks) or the negated score (down, candidates = picks). So per expert we
 only need the r-th best key (a *threshold*) and the tie rule at it, never a sorted column:
 
-1. ``BoundaryKeysKernel`` turns the (T, E) scores into one contiguous row of *key words* per
-   expert, ``keys[e, t]`` (E, T) int32: the float32 bits of ``scores[t, e]`` with bit 31 set at the
-   token-choice picks (scores are >= +0.0, so bit 31 is free and the other bits order like the
-   scores). It moves 32 x 32 tiles through shared memory, so reads and writes stay coalesced, and
+1. ``BoundaryKeysKernel`` turns the (T, E) ranking scores (the router probabilities p[t, e],
+   softmax over all E, see the reference) into one contiguous row of *key words* per
+   expert, ``keys[e, t]`` (E, T) int32: the float32 bits of ``p[t, e]`` with bit 31 set at the
+   token-choice picks (p is >= +0.0, so bit 31 is free and the other bits order like p). It moves 32 x 32 tiles through shared memory, so reads and writes stay coalesced, and
    also writes the (T, E) uint8 pick mask ``keep``.
 2. ``BoundarySelectKernel``, one CTA per expert: the rounding rule (``round_counts``'s integer
    math; the stochastic uniforms are drawn by torch exactly as the reference draws them) gives
@@ -57,14 +57,29 @@ only need the r-th best key (a *threshold*) and the tie rule at it, never a sort
 Both kernels run from one compiled call (``TokenRoundingKernels``: one host launch, no sync).
 Cost: every pass reads one row of T keys (L2-resident), so the selection is O(T) per expert with
 no sort and no (T, E)-wide temporaries besides the keys and the mask. What stays torch: the
-scores themselves (the reference's formula, so the compared floats are bit-identical and the
-output stays differentiable: ``logsumexp``, a subtraction, ``exp``, ``scatter``, in place when
-autograd is off), the stochastic draw,
-and ``nonzero`` on the (T, E) mask for the token-sorted triples (it also sizes the output: P is
-data dependent, so this is the one host sync that remains) plus two int32 casts and the score
-gather. Float64 logits give float64 scores, which do not fit the 32-bit key words: they take a
+probabilities p and the weights (the reference's formulas, so the compared floats are bit-identical and the
+output stays differentiable: a ``softmax`` and a ``scatter``, in place when autograd is off),
+the stochastic draw (``torch.rand`` on the device, from the given generator),
+the device-side counts of ``routing.rounding`` (a few (T, E) and (E,) reductions), and the
+token-sorted triples from the (T, E) mask: ``nonzero`` by default (it sizes the output by the data
+dependent P: one host sync), or, with ``pad_to_bound=True`` (what the MoE layer uses),
+``nonzero_static`` sized by the host bound ``reference.routing.max_pairs``, with no sync at all,
+plus the int32 casts and the score gather. Float64 logits give float64 scores, which do not fit the 32-bit key words: they take a
 torch-op selection (``torch.topk`` with k = min(tile_m - 1, T) over (E, T) keys for the
 threshold, ``cumsum`` for the tie ranks), the design this module used before the kernels.
+
+**Launches of the router step, and why there are several.** The layer's token-rounding router is
+the router GEMM (cuBLAS), the bitonic top-k kernel, two (T, K) torch ops for the token-choice
+scores, the counts-only histogram (one compiled call), a (T, E) ``softmax``, the two token-rounding
+kernels (one compiled call), the weights' ``scatter_``, the counts of ``routing.rounding``,
+``nonzero_static`` and a few (P,) elementwise ops, then the metadata kernels (one compiled call)
+and a ``searchsorted``. The kernels are separate because each step needs a grid-wide result of
+the one before: the counts f_e need every token's top-k, the boundary select needs every f_e and
+the whole key row of its expert, the token-sorted triples need the final mask of every expert,
+and the metadata needs every pair's expert. Fusing them would take grid-wide barriers
+(cooperative launches) or one CTA doing all the work. The torch ops that remain between them keep
+the scores bit-identical to the reference's and differentiable through autograd; none of them
+reads the device on the host, so the host issues the whole step ahead of the GPU.
 
 **Exact agreement with the reference.** The expert indices are integers (the bitonic kernel and the
 reference's radix select agree exactly, ties to the lower expert). The scores are computed from
@@ -341,11 +356,16 @@ def _unused_rows(device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(torch.empty(1, dtype=torch.int32, device=device) for _ in range(3))
 
 
-def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, num_experts: int, scatter: bool):
+def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, num_experts: int, scatter: bool,
+                     padded: bool = False):
     """Run the kernels on validated, int32, contiguous CUDA inputs; no host sync.
 
     Returns (counts, offsets, gather_idx, pair_of_row, row_of_pair); the last three are None when
-    ``scatter`` is False.
+    ``scatter`` is False. ``padded``: the pairs past the true P have the out-of-range expert E
+    (padding, skipped by the kernels), so the row arrays are initialized first: a row r past
+    expert_offsets[E] gets gather_idx 0 and pair_of_row r, a padding pair p gets row_of_pair p.
+    Padding rows and padding pairs map to each other, never to a real pair or row (a kernel that
+    walks every row, like the standard backward's gather-scale-dot, then writes padding entries only).
     """
     device = expert_idx.device
     P, E = expert_idx.numel(), num_experts
@@ -354,7 +374,11 @@ def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, n
     counts = alloc(E, dtype=i32, device=device)
     offsets = alloc(E + 1, dtype=i32, device=device)
     if scatter:
-        rows = [torch.empty(P, dtype=i32, device=device) for _ in range(3)]  # gather, pair_of_row, row_of_pair
+        if padded:
+            ids = torch.arange(P, dtype=i32, device=device)  # (P,) padding rows <-> padding pairs
+            rows = [torch.zeros(P, dtype=i32, device=device), ids, ids.clone()]  # gather, pair_of_row, row_of_pair
+        else:
+            rows = [torch.empty(P, dtype=i32, device=device) for _ in range(3)]  # gather, pair_of_row, row_of_pair
     else:
         rows = _unused_rows(device)  # never touched by the counts-only variant
     if P > 0:
@@ -716,7 +740,7 @@ def _int32(t: torch.Tensor) -> torch.Tensor:
 
 
 # --8<-- [start:build_metadata]
-def build_metadata(routing: Routing, *, check_ids: bool = True) -> RoutingMetadata:
+def build_metadata(routing: Routing, *, check_ids: bool = True, padded: bool = False) -> RoutingMetadata:
     """Group the pairs of ``routing`` by expert (CuTe-DSL kernels): counts, offsets, permutations.
 
     Same result as ``sonic_learn.reference.routing.build_metadata``, bit for bit. ``check_ids``
@@ -725,14 +749,22 @@ def build_metadata(routing: Routing, *, check_ids: bool = True) -> RoutingMetada
     whose routing comes from a router (the MoE layer, benchmarks) pass ``check_ids=False`` and the
     call never synchronizes. Unchecked out-of-range expert ids are skipped by the kernels (no
     out-of-bounds write), but the result is then outside the contract.
+
+    ``padded=True`` (with ``check_ids=False``) takes a routing padded to a bound, e.g. from
+    ``token_rounding(..., pad_to_bound=True)``: padding pairs carry expert E and are skipped, so
+    ``expert_offsets[E]`` is the true P on the device; the arrays keep the padded length, and past
+    the true P a row r has gather_idx 0 and pair_of_row r, a padding pair p has row_of_pair p.
     """
     routing = _check_routing_structure(routing)
     if not isinstance(check_ids, bool):
         raise TypeError(f"check_ids must be a bool, got {type(check_ids).__name__}")
+    _checks.check_bool("padded", padded)
+    if check_ids and padded:
+        raise ValueError("padded=True needs check_ids=False (padding pairs carry the out-of-range expert E)")
     if check_ids:
         contracts.check_routing_values(routing)  # ids, order, duplicates (reads the device)
     counts, offsets, gather_idx, pair_of_row, row_of_pair = _launch_metadata(
-        _int32(routing.expert_idx), _int32(routing.token_idx), routing.num_experts, scatter=True
+        _int32(routing.expert_idx), _int32(routing.token_idx), routing.num_experts, scatter=True, padded=padded
     )
     return RoutingMetadata(
         expert_counts=counts,
@@ -835,24 +867,13 @@ def topk_routing(
 round_counts = _ref.round_counts
 
 
-def _all_expert_scores(logits: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor, scoring: str,
-                       normalize: bool) -> torch.Tensor:
-    """(T, E): ``reference.routing.scores_for_all_experts``, bit for bit.
-
-    With autograd recording for ``logits`` it *is* the reference function. Without, it saves two
-    (T, E) passes: no float32 copy of the logits (``logits - log_z`` promotes bf16/fp16 to float32
-    exactly, then subtracts in float32, as the reference's subtraction does) and no clone before
-    the scatter (``exp_`` and ``scatter_`` run in place).
-    """
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _ref.scores_for_all_experts(logits, tc_experts, tc_scores, scoring, normalize)
-    dtype = tc_scores.dtype
-    if scoring == "topk_softmax" and not normalize:
-        log_z = torch.logsumexp(logits.to(dtype), dim=1, keepdim=True)  # (T, 1) over all E experts
-    else:
-        log_z = torch.logsumexp(logits.gather(1, tc_experts).to(dtype), dim=1, keepdim=True)  # (T, 1) over the picks
-    scores = torch.sub(logits, log_z)  # (T, E) in float32 (float64 for float64 logits)
-    return scores.exp_().scatter_(1, tc_experts, tc_scores)  # (T, E) the picks: the token-choice scores
+def _pair_weights(probs: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor) -> torch.Tensor:
+    """(T, E): ``reference.routing.pair_weights``, bit for bit. Call it after the selection has
+    read ``probs``: without autograd recording it overwrites ``probs`` in place (no (T, E) copy;
+    the stream runs the selection kernels first)."""
+    if torch.is_grad_enabled() and probs.requires_grad:
+        return _ref.pair_weights(probs, tc_experts, tc_scores)
+    return probs.scatter_(1, tc_experts, tc_scores)  # (T, E) the picks: the token-choice scores
 
 
 def _boundary_selection(keys: torch.Tensor, r: torch.Tensor, max_r: int, prefer_low_token: torch.Tensor) -> torch.Tensor:
@@ -914,27 +935,38 @@ def token_rounding(
     normalize: bool = False,
     check_finite: bool = True,
     selection: str = "kernels",
+    pad_to_bound: bool = False,
 ) -> Routing:
     """Token rounding (paper Algorithm 4) with the reference's exact semantics, without a full sort.
 
-    Same arguments, result and tie rules as ``sonic_learn.reference.routing.token_rounding`` (see
-    there); the module docstring explains the boundary-only selection kernels. One device-to-host
-    sync (sizing the output: the number of pairs P is data dependent), plus one for
-    ``check_finite``. Needs E <= ``MAX_EXPERTS`` (the counts come from the CuTe histogram kernel)
-    and tile_m <= 2**62 (the rounding rule runs in int64 inside the select kernel).
+    Same arguments, result, tie rules, warning and ``routing.rounding`` counts as
+    ``sonic_learn.reference.routing.token_rounding`` (see there); the module docstring explains
+    the boundary-only selection kernels. Needs E <= ``MAX_EXPERTS`` (the counts come from the CuTe
+    histogram kernel) and tile_m <= 2**62 (the rounding rule runs in int64 inside the select kernel).
+
+    Synchronization: the number of pairs P is data dependent. By default the triples are exactly
+    the reference's, so sizing them reads P on the host (one sync, plus one for ``check_finite``).
+    With ``pad_to_bound=True`` (and ``check_finite=False``) the call never synchronizes and can be
+    captured in a CUDA graph: the triples have ``reference.routing.max_pairs(T, E, K, tile_m)``
+    entries, the kept pairs first (the reference's triples, in its order), then padding pairs with
+    token ``T``, expert ``E`` (both out of range: the metadata kernels skip them) and score 0;
+    the true P stays on the device as ``routing.rounding.kept_pairs``.
 
     Which steps are CuTe and which are torch: token-choice top-k (bitonic kernel), f_e
     (histogram kernel), the rounding rule, the key rows and the boundary selection (the two
-    token-rounding kernels) are CuTe; the scores (the reference's formula, so bit-identical and
-    differentiable; in place when autograd is off), the stochastic draw and the final
-    ``nonzero`` are torch. Float64 logits
+    token-rounding kernels) are CuTe; the probabilities p and the weights (the reference's
+    formulas, so bit-identical and differentiable; in place when autograd is off), the stochastic
+    draw (``torch.rand`` on the device, from ``generator``), the counts of ``routing.rounding``
+    and the final ``nonzero`` (``nonzero_static`` when padded) are torch. Float64 logits
     (float64 scores) take a torch-op selection instead of the two kernels (same result).
 
     ``selection`` picks the step of the ladder (``SELECTIONS``; ``python -m sonic_learn.fast.routing``
     validates and times each): ``"torch"`` (step 1) or ``"kernels"`` (step 2, the default).
     """
     _checks.check_choice("selection", selection, tuple(SELECTIONS))
-    return _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection=selection)
+    _checks.check_bool("pad_to_bound", pad_to_bound)
+    return _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection=selection,
+                           pad_to_bound=pad_to_bound)
 
 
 # The token-rounding ladder: how the boundary pairs of every expert are found (steps 2-4).
@@ -944,7 +976,8 @@ SELECTIONS = {
 }
 
 
-def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection: str) -> Routing:
+def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection: str,
+                    pad_to_bound: bool = False) -> Routing:
     """``token_rounding``; ``selection="torch"`` runs steps 2-4 with torch ops for every dtype (step 1
     of the ladder, also the float64 path)."""
     logits = _check_router_args(logits, k, scoring, normalize, check_finite)
@@ -955,6 +988,7 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
     if E > MAX_EXPERTS:
         raise ValueError(f"logits.shape[1] (E) must be <= {MAX_EXPERTS} for the fast routing kernels, got {E}")
     device = logits.device
+    ratio = _ref.warn_below_paper_condition(T, E, k, tile_m)  # the paper's T_e / tile >= 2, host only
 
     # Step 1: token-choice top-k (CuTe bitonic) and f_e (CuTe histogram).
     tc_experts = token_choice_experts(logits, k)  # (T, K) int64
@@ -967,27 +1001,43 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
     if mode == "stochastic":
         uniform = torch.rand(E, generator=generator, dtype=torch.float64, device=device)  # (E,) u_e
 
-    # The score every token's router gives every expert (the reference's formula: picks keep
-    # their token-choice scores bit for bit).
-    scores = _all_expert_scores(logits, tc_experts, tc_scores, scoring, normalize)  # (T, E)
+    # The ranking key of Algorithm 4: p[t, e], the softmax over all E experts (the reference's call).
+    probs = _ref.router_probabilities(logits)  # (T, E)
 
     # Steps 2-4: round f_e, then flip only the boundary pairs of each expert (see the module docstring).
     if T == 0:
         keep = torch.zeros(0, E, dtype=torch.bool, device=device)
-    elif scores.dtype == torch.float32 and selection == "kernels":
-        s = scores.detach().contiguous()
-        keep = _launch_boundary_kernels(s, tc_experts32, counts, uniform, mode, tile_m)  # (T, E) uint8
-    else:  # float64 scores (or the torch baseline)
-        keep = _boundary_keep_torch(scores, tc_experts, counts, uniform, mode, tile_m)  # (T, E) bool
+    elif probs.dtype == torch.float32 and selection == "kernels":
+        keep = _launch_boundary_kernels(probs.detach(), tc_experts32, counts, uniform, mode, tile_m)  # (T, E) uint8
+    else:  # float64 probabilities (or the torch baseline)
+        keep = _boundary_keep_torch(probs, tc_experts, counts, uniform, mode, tile_m)  # (T, E) bool
+
+    # The weights: picks keep their token-choice scores bit for bit, added tokens get p[t, e].
+    scores = _pair_weights(probs, tc_experts, tc_scores)  # (T, E)
+    stats = _rounding_stats(keep, counts, ratio)
 
     # Step 5: token-sorted triples (by token, then expert), as the reference's nonzero.
-    token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)  <- the one host sync
-    return Routing(
-        token_idx=token_idx.to(torch.int32),
-        expert_idx=expert_idx.to(torch.int32),
-        scores=scores[token_idx, expert_idx],  # (P,)
-        num_tokens=T,
-        num_experts=E,
+    if not pad_to_bound:
+        token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)  <- the one host sync
+        return Routing(token_idx=token_idx.to(torch.int32), expert_idx=expert_idx.to(torch.int32),
+                       scores=scores[token_idx, expert_idx], num_tokens=T, num_experts=E, rounding=stats)
+    # Padded to the host bound (the reference's own helper, pad_to_bound=True there): no sync.
+    token_idx, expert_idx, pair_scores = _ref.padded_triples(keep, scores, _ref.max_pairs(T, E, k, tile_m))
+    return Routing(token_idx, expert_idx, pair_scores, num_tokens=T, num_experts=E, rounding=stats)
+
+
+def _rounding_stats(keep: torch.Tensor, counts: torch.Tensor, ratio: float) -> contracts.RoundingStats:
+    """``routing.rounding`` from the (T, E) keep mask and the token-choice counts f_e, on the device:
+    per expert, rounded_e - f_e > 0 pairs were added and < 0 dropped (rounding only ever moves one
+    side of an expert's boundary)."""
+    kept_per_expert = keep.sum(dim=0, dtype=torch.int64)  # (E,)
+    delta = kept_per_expert - counts.long()  # (E,)
+    return contracts.RoundingStats(
+        kept_pairs=kept_per_expert.sum(),  # ()
+        dropped_pairs=(-delta).clamp(min=0).sum(),  # ()
+        added_pairs=delta.clamp(min=0).sum(),  # ()
+        dropped_tokens=(keep.sum(dim=1, dtype=torch.int32) == 0).sum(),  # () tokens with no expert left
+        tokens_per_tile=ratio,
     )
 # --8<-- [end:token_rounding]
 

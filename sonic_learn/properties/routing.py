@@ -421,11 +421,11 @@ def check_tr_agrees(fn, case: RouterCase) -> None:
         kr, kw = pair_mask(r), pair_mask(want)
         t, e = (int(v) for v in (kr != kw).nonzero()[0])
         raise AssertionError(f"[agrees_with_reference] pair (token {t}, expert {e}) must be {'kept' if kw[t, e] else 'dropped'}: "
-                             "each expert ranks its token-choice picks first, then the other tokens by the score the "
-                             "token's router gives it, the lower token first on ties")
+                             "each expert ranks its token-choice picks first, then the other tokens, each group by p[t, e] "
+                             "(softmax over all E experts), the lower token first on ties")
     expect(torch.allclose(r.scores.double(), want.scores.double(), **_score_tol(case.dtype)),
            "[agrees_with_reference] scores differ: a pick keeps its token-choice score, an added token gets "
-           "exp(logit[t, e]) / Z_t with its own normalizer Z_t")
+           "p[t, e], its softmax over all E experts")
 
 
 def check_tr_rejects_bad_input(fn, case) -> None:

@@ -17,11 +17,14 @@ expert, the order of rows in the grouped GEMM).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from sonic_learn import _checks, contracts
 # The routing types, the option names and the router checks are the contract both paths share.
-from sonic_learn.contracts import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata  # noqa: F401
+from sonic_learn.contracts import (ROUNDING_MODES, SCORINGS, RoundingStats, Routing,  # noqa: F401
+                                   RoutingMetadata)
 from sonic_learn.reference import topk as _topk
 
 
@@ -135,39 +138,93 @@ def _round_counts_rule(counts: torch.Tensor, tile_m: int, mode: str, generator: 
 # --8<-- [end:round_counts]
 
 
-# --8<-- [start:token_rounding]
-def scores_for_all_experts(
-    logits: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor, scoring: str, normalize: bool
-) -> torch.Tensor:
-    """The router's score for EVERY (token, expert) pair, not only the token-choice picks.
+# The paper's quality result for token rounding holds while the average number of tokens per expert
+# is at least this many GEMM tiles (SonicMoE, Tables 7 and 8: no loss at T_e / M_tile >= 2; at 1 the
+# validation perplexity of the 1.8B model rises from 13.12 to 13.55).
+PAPER_MIN_TOKENS_PER_TILE = 2.0
+_warned_shapes: set[tuple[int, int, int, int]] = set()  # (T, E, K, tile_m) already warned about
 
-    Each scoring rule is s[t, e] = exp(logit[t, e]) / Z_t with a per-token normalizer Z_t: the sum
-    of exp over the token's K picks (``softmax_topk``, or ``topk_softmax`` with ``normalize``) or
-    over all E experts (``topk_softmax``). We keep Z_t and evaluate the same formula at every expert,
-    so a token added to an expert by rounding up gets the weight its own router would have given
-    that expert. The picks keep their token-choice scores bit for bit.
+
+def tokens_per_tile(num_tokens: int, num_experts: int, k: int, tile_m: int) -> float:
+    """The average token-choice load of an expert in GEMM tiles, T*K / (E*tile_m) (host only)."""
+    return num_tokens * k / (num_experts * tile_m)
+
+
+def warn_below_paper_condition(num_tokens: int, num_experts: int, k: int, tile_m: int) -> float:
+    """Token rounding's guard: a ``UserWarning``, once per (T, E, K, tile_m), when the average
+    tokens per expert / tile is below the paper's 2 (then rounding down drops a large share of
+    the pairs, and with ``nearest`` an expert with fewer than tile_m/2 tokens gets none).
+    Host-only arithmetic: no device read. Returns the ratio. (Silent while torch.compile traces: the
+    eager calls of the same shape warn.)"""
+    ratio = tokens_per_tile(num_tokens, num_experts, k, tile_m)
+    if torch.compiler.is_compiling():  # no warning inside a torch.compile trace (it would break the graph)
+        return ratio
+    shape = (num_tokens, num_experts, k, tile_m)
+    if tile_m > 1 and num_tokens > 0 and ratio < PAPER_MIN_TOKENS_PER_TILE and shape not in _warned_shapes:
+        _warned_shapes.add(shape)
+        warnings.warn(
+            f"token rounding below the paper's condition: average tokens per expert / tile = "
+            f"T*K/(E*tile_m) = {num_tokens}*{k}/({num_experts}*{tile_m}) = {ratio:.3g} < "
+            f"{PAPER_MIN_TOKENS_PER_TILE:g}. SonicMoE reports no quality loss only while this ratio is >= 2; "
+            f"here rounding down drops many token-choice pairs (an expert with fewer than tile_m/2 tokens "
+            f"keeps none with mode='nearest', so tokens can lose every expert and get a zero output). "
+            f"Use routing='topk', a smaller tile_m or more tokens per batch; Routing.rounding counts the "
+            f"dropped pairs and tokens. (Warned once per shape.)",
+            UserWarning, stacklevel=3)
+    return ratio
+
+
+def max_pairs(num_tokens: int, num_experts: int, k: int, tile_m: int) -> int:
+    """A host-side bound on token rounding's pair count P, for every mode and every routing.
+
+    Every mode's rounded count is at most f_e rounded up, capped at T: min(ceil_tile(f_e), T) <=
+    f_e + (tile_m - 1) for the at most min(E, T*K) experts with a partial tile, and <= T. Summing,
+    P <= min(T*K + min(E, T*K) * (tile_m - 1), E*T). Buffers sized by this bound need no device
+    read (the fast path's sync-free token rounding pads its triples to it).
     """
-    x = logits.to(tc_scores.dtype)  # (T, E)
-    if scoring == "topk_softmax" and not normalize:
-        log_z = torch.logsumexp(x, dim=1, keepdim=True)  # (T, 1) normalizer over all E experts
-    else:
-        log_z = torch.logsumexp(x.gather(1, tc_experts), dim=1, keepdim=True)  # (T, 1) over the K picks
-    scores = torch.exp(x - log_z)  # (T, E)
-    return scores.scatter(1, tc_experts, tc_scores)  # (T, E) the picks: exactly the token-choice scores
+    tk = num_tokens * k
+    return min(tk + min(num_experts, tk) * (tile_m - 1), num_experts * num_tokens)
 
 
-def _rank_tokens_per_expert(scores: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+def _rounding_stats(keep: torch.Tensor, picked: torch.Tensor, ratio: float) -> RoundingStats:
+    """Device-side counts of what rounding changed; ``keep`` and ``picked`` are (T, E) bool."""
+    return RoundingStats(
+        kept_pairs=keep.sum(),  # ()
+        dropped_pairs=(picked & ~keep).sum(),  # ()
+        added_pairs=(keep & ~picked).sum(),  # ()
+        dropped_tokens=(~keep.any(dim=1)).sum(),  # () tokens with no expert left
+        tokens_per_tile=ratio,
+    )
+
+
+# --8<-- [start:token_rounding]
+def router_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """p[t, e]: the softmax of token t's logits over ALL E experts (float32, float64 for float64
+    logits). Algorithm 4 ranks every expert's tokens by this matrix (its S), whatever the scoring
+    rule of the token-choice weights."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return torch.softmax(logits.to(dtype), dim=1)  # (T, E)
+
+
+def pair_weights(probs: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor) -> torch.Tensor:
+    """The weight of every (token, expert) pair token rounding may keep: a token-choice pick keeps
+    its token-choice score bit for bit; any other pair (a token added by rounding up) gets its
+    router probability p[t, e], as in the paper's Algorithm 4."""
+    return probs.scatter(1, tc_experts, tc_scores)  # (T, E)
+
+
+def _rank_tokens_per_expert(probs: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
     """For every expert (column), all T tokens from best to worst: ``ranking[r, e]`` is the token of
-    rank r for expert e. Order: token-choice picks first, then by score (descending), then the lower
-    token index first on exact ties.
+    rank r for expert e. Order: token-choice picks first, then by router probability p[t, e]
+    (descending), then the lower token index first on exact ties.
 
     The reference sorts every whole column of the (T, E) matrix. A fast kernel does not need to:
     only the tokens inside each expert's last (boundary) tile can change, so it ranks only those.
     """
-    # (a) by score, best first; a stable sort keeps the lower token index first on ties.
-    by_score = torch.sort(scores, dim=0, descending=True, stable=True).indices  # (T, E)
+    # (a) by probability, best first; a stable sort keeps the lower token index first on ties.
+    by_score = torch.sort(probs, dim=0, descending=True, stable=True).indices  # (T, E)
     # (b) then the token-choice picks ahead of everyone else; stable, so (a)'s order survives inside
-    #     each group. (The paper gets the same order by subtracting 1 from every non-picked score.)
+    #     each group. (The paper gets the same order by subtracting 1 from every non-picked p.)
     not_picked = (~picked).gather(0, by_score).to(torch.int32)  # (T, E) 0 = picked, 1 = not
     picks_first = torch.sort(not_picked, dim=0, stable=True).indices  # (T, E)
     return by_score.gather(0, picks_first)  # (T, E)
@@ -182,6 +239,7 @@ def token_rounding(
     generator: torch.Generator | None = None,
     scoring: str = "softmax_topk",
     normalize: bool = False,
+    pad_to_bound: bool = False,
 ) -> Routing:
     """Token rounding (TR), SonicMoE's router (paper Section 5, Algorithm 4).
 
@@ -189,29 +247,41 @@ def token_rounding(
        token count f_e.
     2. ``round_counts`` rounds every f_e to a multiple of ``tile_m`` (``mode``: nearest with exact
        halves down, up, down, or stochastic with ``generator``), capped at T.
-    3. Every expert ranks ALL T tokens: its token-choice picks first (by their token-choice score),
-       then the other tokens by the score the token's router gives that expert (see below), the
-       lower token index first on exact ties. Expert e keeps its first ``rounded_e`` tokens. So
-       ``down`` drops e's lowest-ranked picks and ``up`` adds the best non-picked tokens; only e's
-       last tile changes, and |rounded_e - f_e| < tile_m.
+    3. Every expert ranks ALL T tokens by the router probability p[t, e] = softmax over all E
+       experts of the token's logits (the paper's S, whatever ``scoring`` is): its token-choice
+       picks first, then the other tokens, each group by p descending, the lower token index first
+       on exact ties. Expert e keeps its first ``rounded_e`` tokens. So ``down`` drops e's picks
+       of lowest p and ``up`` adds the non-picked tokens of highest p; only e's last tile
+       changes, and |rounded_e - f_e| < tile_m.
 
     Scores: a token-choice pick keeps its token-choice score exactly. A token added by rounding up
-    gets exp(logit[t, e]) / Z_t, the same scoring formula with the token's own normalizer Z_t (the
-    sum of exp over its K picks for ``softmax_topk`` or ``normalize=True``, over all E experts for
-    plain ``topk_softmax``): the weight its router would give e. With ``softmax_topk`` an added
-    expert therefore makes the token's weights sum to more than 1, as in the paper's TR.
+    gets p[t, e], its probability over all E experts (the paper's Algorithm 4 and its code do the
+    same). With ``softmax_topk`` an added expert therefore makes the token's weights sum to more
+    than 1, as in the paper's TR. (Ranking by the softmax over the token's K picks instead would
+    favour tokens whose picks are weak: their normalizer is small. The paper ranks by S.)
     Scores are float32 (float64 for float64 logits) and differentiable w.r.t. ``logits``.
 
     Returns triples sorted by token, then by expert index within a token (NOT top-k order); a token
     may get fewer or more than K experts. ``tile_m=1`` gives exactly the pairs and scores of
     ``topk_routing``, in this (token, expert) order. T = 0 returns an empty routing.
+
+    ``routing.rounding`` (a ``RoundingStats``) counts, on the device, the pairs dropped and added
+    and the tokens left with no expert. Below the paper's condition, T*K / (E*tile_m) < 2, the
+    call warns (``UserWarning``, once per shape; see ``warn_below_paper_condition``).
+
+    ``pad_to_bound=True`` returns the layout of the fast path's sync-free router: ``max_pairs(T, E,
+    K, tile_m)`` triples, the P kept ones first (exactly the ones above), then padding pairs with
+    token T, expert E and score 0; P is ``routing.rounding.kept_pairs``. Its metadata is
+    ``build_padded_metadata``.
     """
     logits = contracts.check_router_args(logits, k, scoring, normalize)
+    _checks.check_bool("pad_to_bound", pad_to_bound)
     _checks.check_int_range("tile_m", tile_m, 1)
     _checks.check_choice("mode", mode, ROUNDING_MODES)
     contracts.check_generator(generator, logits.device)
     T, E = logits.shape
     device = logits.device
+    ratio = warn_below_paper_condition(T, E, k, tile_m)  # the paper's T_e / tile >= 2, host only
 
     # Step 1: token-choice top-k; f_e = how many tokens picked expert e.
     tc = topk_routing(logits, k, scoring=scoring, normalize=normalize)
@@ -224,16 +294,21 @@ def token_rounding(
     # Step 2: round every f_e to a multiple of tile_m (capped at T).
     rounded = round_counts(counts, tile_m, mode, generator, num_tokens=T)  # (E,)
 
-    # Step 3: every expert ranks all tokens, token-choice picks first.
-    scores = scores_for_all_experts(logits, tc_experts, tc_scores, scoring, normalize)  # (T, E)
+    # Step 3: every expert ranks all tokens by p (softmax over all E), token-choice picks first.
+    probs = router_probabilities(logits)  # (T, E) p[t, e]
     picked = torch.zeros(T, E, dtype=torch.bool, device=device).scatter_(1, tc_experts, True)  # (T, E)
-    ranking = _rank_tokens_per_expert(scores.detach(), picked)  # (T, E) token of rank r for expert e
+    ranking = _rank_tokens_per_expert(probs.detach(), picked)  # (T, E) token of rank r for expert e
+    scores = pair_weights(probs, tc_experts, tc_scores)  # (T, E) picks: token-choice score; others: p
 
     # Step 4: expert e keeps the tokens of rank < rounded_e; scatter that back to a (token, expert) mask.
     keep_by_rank = torch.arange(T, device=device)[:, None] < rounded[None, :]  # (T, E)
     keep = torch.zeros(T, E, dtype=torch.bool, device=device).scatter_(0, ranking, keep_by_rank)  # (T, E)
 
     # Step 5: token-sorted triples. nonzero walks the mask row by row: by token, then by expert.
+    stats = _rounding_stats(keep, picked, ratio)
+    if pad_to_bound:  # the fast path's sync-free layout: max_pairs entries, padding last
+        token_idx, expert_idx, pair_scores = padded_triples(keep, scores, max_pairs(T, E, k, tile_m))
+        return Routing(token_idx, expert_idx, pair_scores, T, E, rounding=stats)
     # (The pair count P depends on the data here: under torch.compile this is the one graph break
     # of the token-rounding layer; everything after it is traced with P as a dynamic size.)
     token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)
@@ -243,8 +318,44 @@ def token_rounding(
         scores=scores[token_idx, expert_idx],  # (P,)
         num_tokens=T,
         num_experts=E,
+        rounding=stats,
     )
 # --8<-- [end:token_rounding]
+
+
+def padded_triples(keep: torch.Tensor, scores: torch.Tensor, bound: int):
+    """The kept pairs of the (T, E) mask ``keep`` as token-sorted triples padded to ``bound``
+    entries, without reading the device: the kept pairs first (nonzero's order), then padding
+    pairs with token T, expert E (both out of range) and score 0. (int32, int32, scores' dtype)."""
+    T, E = keep.shape
+    found = torch.nonzero_static(keep, size=bound, fill_value=-1)  # (bound, 2): kept pairs, then -1 rows
+    token_idx, expert_idx = found[:, 0], found[:, 1]  # (bound,), (bound,)
+    is_pair = token_idx >= 0  # (bound,) the first P entries
+    weight = scores[token_idx.clamp(min=0), expert_idx.clamp(min=0)]  # (bound,) padding reads (0, 0)
+    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    return (torch.where(is_pair, token_idx, T).to(torch.int32),  # padding: T keeps the order ascending
+            torch.where(is_pair, expert_idx, E).to(torch.int32),  # padding: E, skipped by the metadata
+            torch.where(is_pair, weight, zero))  # padding: 0, and no gradient
+
+
+def build_padded_metadata(routing: Routing) -> RoutingMetadata:
+    """The metadata of a routing padded to a bound (``token_rounding(..., pad_to_bound=True)``):
+    ``build_metadata`` of its P kept pairs, with the arrays extended to the padded length: a row r
+    past P gets gather_idx 0 and pair_of_row r, a padding pair p gets row_of_pair p, so padding rows
+    and padding pairs map to each other and never to a real pair. The layout the fast path's
+    sync-free metadata kernels produce (this reference reads P on the host)."""
+    contracts.check_routing_structure(routing)
+    if routing.rounding is None:
+        raise ValueError("routing must come from token_rounding(..., pad_to_bound=True) (routing.rounding is None)")
+    P, bound = int(routing.rounding.kept_pairs), routing.num_pairs
+    exact = build_metadata(Routing(routing.token_idx[:P], routing.expert_idx[:P], routing.scores[:P],
+                                   routing.num_tokens, routing.num_experts))
+    tail = torch.arange(P, bound, dtype=torch.int32, device=routing.token_idx.device)  # (bound - P,)
+    return RoutingMetadata(
+        expert_counts=exact.expert_counts, expert_offsets=exact.expert_offsets,
+        gather_idx=torch.cat([exact.gather_idx, torch.zeros_like(tail)]),
+        pair_of_row=torch.cat([exact.pair_of_row, tail]), row_of_pair=torch.cat([exact.row_of_pair, tail]),
+        num_tokens=routing.num_tokens, num_experts=routing.num_experts)
 
 
 # --8<-- [start:build_metadata]

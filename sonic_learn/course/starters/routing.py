@@ -83,12 +83,11 @@ def token_rounding(
 
     1. token-choice top-k (``topk_routing``) gives every expert its count f_e;
     2. ``round_counts(f, tile_m, mode, generator, num_tokens=T)`` gives the new load of every expert;
-    3. every expert ranks ALL tokens: its token-choice picks first (by their score), then the other
-       tokens by the score exp(logit[t, e]) / Z_t their router would give e (Z_t: the token's own
-       softmax normalizer, over its K picks for softmax_topk or normalize=True, over all E experts
-       for plain topk_softmax); the lower token first on exact ties; it keeps the first load_e.
+    3. every expert ranks ALL tokens by p[t, e] = softmax of the token's logits over all E experts
+       (whatever ``scoring`` is): its token-choice picks first, then the other tokens, each group
+       by p descending; the lower token first on exact ties; it keeps the first load_e.
 
-    A kept token-choice pick keeps its token-choice score exactly. Returns the kept triples sorted by
+    A kept token-choice pick keeps its token-choice score exactly; an added token gets p[t, e]. Returns the kept triples sorted by
     token, then by expert (a token may now have fewer or more than K experts). tile_m = 1 gives
     exactly the pairs of topk_routing.
 
