@@ -79,36 +79,33 @@ class ExpertOps:
     gather_sum: object  # (rows, weights | None, row_of_pair, token_offsets) -> (T, d)
 
 
-# Which epilogue fusions the reduced-memory experts use (``set_epilogue_fusion``). Unfused, the
-# plain GEMM + the standalone kernel of moe_kernels compute the same values (A bit for bit; dH and
-# A' within 1 ulp; dS up to the order of its fp32 sum).
-EPILOGUE_FUSION = {"swiglu": True, "dh": True}
+def fast_ops(gemm=None, *, fuse_swiglu: bool = True, fuse_dh: bool = True) -> ExpertOps:
+    """The CuTe-DSL kernels behind the experts, configured explicitly (no process-wide switch).
 
-
-def set_epilogue_fusion(*, swiglu: bool = True, dh: bool = True) -> None:
-    """Fuse SwiGLU into the up-projection GEMM and/or dSwiGLU + dS + A' into the dH GEMM (default: both)."""
-    _checks.check_bool("swiglu", swiglu)
-    _checks.check_bool("dh", dh)
-    EPILOGUE_FUSION.update(swiglu=swiglu, dh=dh)
-
-
-def _fast_ops() -> ExpertOps:
+    ``gemm``: the grouped-GEMM step (a ``sonic_learn.fast.grouped_gemm.GemmConfig``; None = the
+    production kernel). ``fuse_swiglu`` / ``fuse_dh``: SwiGLU in the up-projection GEMM's epilogue
+    and dSwiGLU + dS + A' in the dH GEMM's epilogue (default: both). Unfused, the plain GEMM + the
+    standalone kernel of moe_kernels compute the same values (A bit for bit; dH and A' within 1 ulp;
+    dS up to the order of its fp32 sum). Pass the result as ``moe_forward(..., ops=...)``.
+    """
     from sonic_learn.fast import grouped_gemm as gg
     from sonic_learn.fast import moe_kernels as mk
 
-    fuse = dict(EPILOGUE_FUSION)
-
+    _checks.check_bool("fuse_swiglu", fuse_swiglu)
+    _checks.check_bool("fuse_dh", fuse_dh)
+    cfg = gg.checked_config(gemm)  # validated before any launch
+    tile_m = GEMM_TILE_M
     return ExpertOps(
         gather_gemm=lambda x, w, meta, transpose_w=False: gg.gather_fused_grouped_gemm(
-            x, w, meta, tile_m=GEMM_TILE_M, transpose_w=transpose_w),
-        gather_gemm_swiglu=lambda x, w, meta: gg.gather_fused_grouped_gemm_swiglu(x, w, meta, tile_m=GEMM_TILE_M,
-                                                                                 fused=fuse["swiglu"]),
+            x, w, meta, tile_m=tile_m, transpose_w=transpose_w, config=cfg),
+        gather_gemm_swiglu=lambda x, w, meta: gg.gather_fused_grouped_gemm_swiglu(
+            x, w, meta, tile_m=tile_m, fused=fuse_swiglu, config=cfg),
         grouped_gemm=lambda a, w, meta, transpose_w=False: gg.contiguous_grouped_gemm(
-            a, w, meta, tile_m=GEMM_TILE_M, transpose_w=transpose_w),
+            a, w, meta, tile_m=tile_m, transpose_w=transpose_w, config=cfg),
         dh_gemm=lambda dout, w2, meta, h, row_scores: gg.gather_fused_grouped_gemm_dswiglu(
-            dout, w2, meta, h, row_scores, tile_m=GEMM_TILE_M, fused=fuse["dh"]),
+            dout, w2, meta, h, row_scores, tile_m=tile_m, fused=fuse_dh, config=cfg),
         varlen_k_gemm=lambda a, b, meta, gather_a, transpose_out=False: gg.grouped_gemm_varlen_k(
-            a, b, meta, gather_a=gather_a, transpose_out=transpose_out),
+            a, b, meta, gather_a=gather_a, transpose_out=transpose_out, config=cfg),
         swiglu=mk.swiglu,
         swiglu_backward=mk.swiglu_backward,
         gather_scale_dot=mk.gather_scale_dot,
@@ -335,7 +332,7 @@ class StandardExperts(torch.autograd.Function):
 def run_experts(x, w1, w2, r: DeviceRouting, backward: str, ops: ExpertOps | None = None) -> torch.Tensor:
     """The experts' part of the layer on a given routing (``ops`` defaults to the CuTe-DSL kernels)."""
     experts = ReducedMemoryExperts if backward == "reduced_memory" else StandardExperts
-    return experts.apply(x, w1, w2, r.scores, r.meta, r.token_offsets, ops or _fast_ops())
+    return experts.apply(x, w1, w2, r.scores, r.meta, r.token_offsets, ops or fast_ops())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,19 +381,23 @@ def moe_forward(
     scoring: str = "softmax_topk",
     rounding_mode: str = "nearest",
     generator: torch.Generator | None = None,
+    ops: ExpertOps | None = None,
 ) -> torch.Tensor:
     """The MoE layer on the fast path: x (T, d) -> out (T, d) in x's dtype.
 
     Same arguments and result as ``sonic_learn.reference.moe.moe_forward``: ``router_w`` (d, E),
     ``w1`` (E, d, 2n) with gate/up interleaved, ``w2`` (E, n, d); gradients flow to x, router_w,
-    w1 and w2. CUDA tensors of bf16/fp16 with d and n multiples of 8.
+    w1 and w2. CUDA tensors of bf16/fp16 with d and n multiples of 8. ``ops``: the experts' kernels
+    (``fast_ops(...)``: another grouped-GEMM step or unfused epilogues; None = production).
     """
+    if ops is not None and not isinstance(ops, ExpertOps):
+        raise TypeError(f"ops must be an ExpertOps (see fast_ops) or None, got {type(ops).__name__}")
     check_inputs(x, router_w, w1, w2, k, routing=routing, tile_m=tile_m, backward=backward, scoring=scoring,
                  rounding_mode=rounding_mode, generator=generator)
     x = x.contiguous()
     r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring, rounding_mode=rounding_mode,
               generator=generator)
-    return run_experts(x, w1.contiguous(), w2.contiguous(), r, backward)
+    return run_experts(x, w1.contiguous(), w2.contiguous(), r, backward, ops)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,7 +426,7 @@ def expected_saved_bytes(T: int, d: int, n: int, E: int, P: int, *, dtype=torch.
 
 
 __all__ = [
-    "moe_forward", "route", "run_experts", "device_metadata", "check_inputs", "ReducedMemoryExperts",
+    "moe_forward", "fast_ops", "route", "run_experts", "device_metadata", "check_inputs", "ReducedMemoryExperts",
     "UpProjection", "DownProjection", "StandardExperts", "ExpertOps", "DeviceRouting", "saved_tensors",
     "expected_saved_bytes", "ROUTINGS", "BACKWARD_MODES",
 ]

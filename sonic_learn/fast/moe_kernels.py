@@ -37,7 +37,7 @@ Measured on an H200 (``benchmarks/moe.py``), the fused layer is within noise of 
 the epilogue runs while the tensor cores of its SM idle (the cooperative kernel does not overlap
 epilogue and mainloop), which eats what the saved bytes gain. These kernels stay for the standard
 backward (the baseline, unfused by design: its extra pass over (P, d) tensors is the point) and
-for ``sonic_learn.fast.moe.set_epilogue_fusion(swiglu=False, dh=False)``.
+for ``sonic_learn.fast.moe.fast_ops(fuse_swiglu=False, fuse_dh=False)``.
 
 Every kernel is compiled once per (dtype, variant) from fake tensors with symbolic sizes and is
 called through TVM-FFI on the current torch stream (no host synchronization; CUDA-graph safe).
