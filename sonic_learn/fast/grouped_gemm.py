@@ -31,7 +31,7 @@ Which kernel runs (the ladder, llm.c style; a ``GemmConfig`` passed as ``config=
    rows), clusters of 2 CTAs sharing B by TMA multicast where that pays (``cluster_size``: the
    weight-gradient GEMMs), tile 128 x 256 x 64 (128 x 128 x 64 for fp32 output); the epilogue hook
    of the fused MoE epilogues (``gather_fused_grouped_gemm_swiglu`` / ``_dswiglu``).
-4. ``"pingpong"`` (``grouped_gemm_sm90.ping_pong``): step 3 with each MMA warpgroup owning whole
+4. ``"pingpong"`` (``grouped_gemm_sm90.GroupedGemmWS(ping_pong=True)``): step 3 with each MMA warpgroup owning whole
    128 x 128 tiles, so one warpgroup's epilogue overlaps the other's mainloop (opt-in: measured
    slower than step 3 on most shapes).
 
@@ -276,7 +276,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     kernel: ``grouped_gemm_sm90.DSwiGLUEpilogue``).
     ``tma_store`` (persistent kernels, plain store): full tiles leave through a TMA bulk store
     (``GroupedGemmWS.epilogue_wg_tma``); False keeps the synchronous shared-memory copy-out.
-    ``cluster_m`` (kernel "ws"): CTAs per cluster sharing B by TMA multicast (``GroupedGemmWS.CLUSTER_M``).
+    ``cluster_m`` (kernel "ws"): CTAs per cluster sharing B by TMA multicast (``GroupedGemmWS(cluster_m=...)``).
     """
     _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
     _checks.check_choice("epilogue", epilogue, EPILOGUES)
@@ -292,7 +292,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
     from sonic_learn.fast.grouped_gemm_sm90 import (DSwiGLUEpilogue, GroupedGemmSm90, GroupedGemmWS,
-                                                    SwiGLUEpilogue, epilogue_smem_bytes, ping_pong, ws_stages)
+                                                    SwiGLUEpilogue, epilogue_smem_bytes, ws_stages)
     from sonic_learn.fast.grouped_gemm_v1 import GroupedGemmV1, default_stages
 
     _checks.check_choice("kernel", kernel, KERNELS)
@@ -322,24 +322,21 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
         if stages < 2:
             raise ValueError(f"tile {tile} leaves room for {stages} pipeline stages next to the epilogue buffers")
     stages = stages or default_stages(tile)
+    _check_cluster_m(cluster_m, allow_none=False)
+    if cluster_m != 1 and kernel != "ws":
+        raise ValueError(f"cluster_m={cluster_m} needs kernel='ws', got {kernel!r}")
     cls = {"v1": GroupedGemmV1, "sm90": GroupedGemmSm90, "ws": GroupedGemmWS, "pingpong": GroupedGemmWS}[kernel]
     cls = {"swiglu": SwiGLUEpilogue, "dswiglu": DSwiGLUEpilogue}.get(epilogue, cls)
-    if kernel == "pingpong":
-        cls = ping_pong(cls)
     if kernel == "sm90":  # the epilogue reuses the A/B stage buffers for the output tile
         ab_bytes = stages * (tile[0] + tile[1]) * tile[2] * 2
         if epilogue_smem_bytes(tile, out_dtype.itemsize) > ab_bytes:
             raise ValueError(f"tile {tile} with {stages} stages leaves too little shared memory for the epilogue")
     layout = {"transpose_out": transposed} if varlen_k else {"b_k_major": transposed}
+    steps = {}  # the persistent kernels' own options (steps 3 and 4 of the ladder)
+    if kernel in PERSISTENT:
+        steps = {"ping_pong": kernel == "pingpong", "tma_store": tma_store, "cluster_m": cluster_m}
     kernel_obj = cls(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2], stages=stages,
-                     **layout)
-    if not tma_store:
-        kernel_obj.TMA_STORE = False
-    _check_cluster_m(cluster_m, allow_none=False)
-    if cluster_m != 1:
-        if kernel != "ws":
-            raise ValueError(f"cluster_m={cluster_m} needs kernel='ws', got {kernel!r}")
-        kernel_obj.CLUSTER_M = cluster_m
+                     **layout, **steps)
     opts = compile_options(keep_ptx)
     epi = ()
     if kernel in PERSISTENT:  # the epilogue's tensors: epi_out, epi_in (16-bit), row_in (P,), row_out (P, n-tiles)

@@ -18,7 +18,7 @@ Step 3 (``GroupedGemmWS`` below, the production kernel) adds warp specialization
 pipeline, TMA loads and a persistent tile scheduler (its expert table built in shared memory), a
 TMA bulk-store epilogue, clusters of 2 CTAs with the B tile multicast, K-major weights, a
 transposed varlen-K store and the fused MoE epilogues (``SwiGLUEpilogue``, ``DSwiGLUEpilogue``).
-Step 4 (``ping_pong``) lets one MMA warpgroup's epilogue overlap the other's mainloop; at the
+Step 4 (``GroupedGemmWS(ping_pong=True)``) lets one MMA warpgroup's epilogue overlap the other's mainloop; at the
 128 x 128 tile it needs, it was measured slower than step 3 except on the 7B down-projection, so
 step 3 stays the default (benchmarks/results/grouped_gemm_tiles_pingpong_NVIDIA_H200.json).
 
@@ -110,13 +110,13 @@ class GroupedGemmWS(GroupedGemmSm90):
       an "empty" mbarrier (the 256 MMA threads arrive once the WGMMAs reading the slot are done).
       No CTA-wide barrier in the mainloop: the loaders run up to ``stages`` k-tiles ahead, across
       tile boundaries.
-    * **Persistent scheduler.** One CTA per SM (or one cluster of CLUSTER_M CTAs per CLUSTER_M
+    * **Persistent scheduler.** One CTA per SM (or one cluster of ``cluster_m`` CTAs per ``cluster_m``
       SMs) walks the linear tile index ``t = cluster, cluster + clusters, ...`` over (row unit,
-      n-tile) pairs (n fastest), a row unit being CLUSTER_M m-tiles of one expert; the per-expert
+      n-tile) pairs (n fastest), a row unit being ``cluster_m`` m-tiles of one expert; the per-expert
       unit table is built in shared memory at start (``build_tile_table``). Loaders and MMA warps
       decode the same sequence independently, so they need no extra queue. While the MMA warps run
       an epilogue, the loaders already fill the next tile's slots.
-    * **Clusters** (CLUSTER_M = 2): the two CTAs of a unit need the same B tile; each fetches half
+    * **Clusters** (``cluster_m=2``): the two CTAs of a unit need the same B tile; each fetches half
       and TMA multicasts it into both, and a slot is freed only when both CTAs' MMA warps are done
       with it (remote mbarrier arrivals, ``release_slot``).
     * **Epilogue** per MMA warpgroup through its own shared-memory buffer (64 rows), synchronized
@@ -129,22 +129,38 @@ class GroupedGemmWS(GroupedGemmSm90):
     """
 
     LAYOUT_OPTIONS = True
-    PINGPONG = False
-    TMA_STORE = True  # the plain store epilogue; the fused epilogues (subclasses) store with st.global
-    CLUSTER_M = 1  # CTAs per cluster along M that share each tile's B through TMA multicast (1 or 2)
+    TMA_STORE = True  # the plain store epilogue can; the fused epilogues (subclasses) store with st.global
+
+    def __init__(self, *, ping_pong: bool = False, tma_store: bool = True, cluster_m: int = 1, **kernel):
+        """``kernel``: as ``GroupedGemmV1``. ``ping_pong`` (step 4 of the ladder): each MMA
+        warpgroup owns whole tiles -- the CTA's tiles alternate between them -- so one warpgroup's
+        epilogue runs while the other one's mainloop keeps the tensor cores busy; the producer is
+        unchanged, each MMA warpgroup steps its pipeline state over the slots of the other one's
+        tiles, a slot is released by the 128 threads that read it, and the two mainloops take turns
+        through a pair of named barriers (ORDER_BARRIER); a whole 128 x tile_n tile's accumulators
+        live in one warpgroup, so tile_n is 128. ``tma_store=False``: the plain store copies out
+        of shared memory synchronously instead of the TMA bulk store. ``cluster_m``: CTAs per
+        cluster along M that share each tile's B through TMA multicast (1 or 2)."""
+        super().__init__(**kernel)
+        assert cluster_m in (1, 2) and not (ping_pong and cluster_m > 1)
+        self.pingpong = ping_pong
+        self.tma_store = tma_store
+        self.cluster_m = cluster_m
+        if ping_pong:
+            self.MMA_WARPGROUPS = (1, 1, 1)  # one warpgroup's MMA covers a whole tile
 
     def uses_tma_store(self) -> bool:
         """Full tiles leave through a TMA bulk store (row-major ``out`` only; the transposed
         varlen-K store and the fused epilogues keep the padded buffer and 16-byte stores)."""
-        return self.TMA_STORE and not self.transpose_out
+        return self.TMA_STORE and self.tma_store and not self.transpose_out
 
     def wg_rows(self) -> int:
         """Output rows one MMA warpgroup owns (and stages in its epilogue buffer)."""
-        return self.tile[0] if self.PINGPONG else self.tile[0] // 2
+        return self.tile[0] if self.pingpong else self.tile[0] // 2
 
     def wg_row_offset(self, wg):
         """The first tile row of MMA warpgroup ``wg`` (1 or 2)."""
-        return 0 if self.PINGPONG else (wg - 1) * (self.tile[0] // 2)
+        return 0 if self.pingpong else (wg - 1) * (self.tile[0] // 2)
 
     @cute.jit
     def __call__(self, a: cute.Tensor, b: cute.Tensor, out: cute.Tensor, epi_out: cute.Tensor, epi_in: cute.Tensor,
@@ -197,13 +213,13 @@ class GroupedGemmWS(GroupedGemmSm90):
             num_experts = expert_offsets.shape[0] - 1
             b_stride = (k_dim, 1, n_dim * k_dim) if const_expr(self.b_k_major) else (1, n_dim, k_dim * n_dim)
             b_view = cute.make_tensor(b.iterator, cute.make_layout((n_dim, k_dim, num_experts), stride=b_stride))
-        # With a cluster of CLUSTER_M CTAs (neighbouring m-tiles of one expert, same n-tile, so the
-        # same B tile), each CTA fetches 1/CLUSTER_M of B and the TMA unit multicasts it into every
+        # With a cluster of cluster_m CTAs (neighbouring m-tiles of one expert, same n-tile, so the
+        # same B tile), each CTA fetches 1/cluster_m of B and the TMA unit multicasts it into every
         # CTA of the cluster: B's traffic from L2 per tile drops by that factor.
-        b_op = cpasync.CopyBulkTensorTileG2SMulticastOp() if const_expr(self.CLUSTER_M > 1) else \
+        b_op = cpasync.CopyBulkTensorTileG2SMulticastOp() if const_expr(self.cluster_m > 1) else \
             cpasync.CopyBulkTensorTileG2SOp()
         tma_atom_b, tma_b = cpasync.make_tiled_tma_atom(
-            b_op, b_view, cute.slice_(sB_layout, (None, None, 0)), (bn, bk), num_multicast=self.CLUSTER_M)
+            b_op, b_view, cute.slice_(sB_layout, (None, None, 0)), (bn, bk), num_multicast=self.cluster_m)
         # Contiguous A (varlen-M without gather): TMA as well. A tile starts at an arbitrary row
         # (the expert's first row + m_start), so the kernel offsets the coordinate tensor by that row.
         tma_atom_a = None
@@ -214,7 +230,7 @@ class GroupedGemmWS(GroupedGemmSm90):
         self.kernel(a, b, tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_c, tma_c, out, epi_out, epi_in, row_in,
                     row_out, gather_idx, expert_offsets, tile_offsets, tiled_mma, sA_layout, sB_layout,
                     epi_layout).launch(grid=(num_ctas, 1, 1), block=[PRODUCER_THREADS + CONSUMER_THREADS, 1, 1],
-                                      cluster=[self.CLUSTER_M, 1, 1],
+                                      cluster=[self.cluster_m, 1, 1],
                                       stream=stream)
 
     @cute.jit
@@ -222,7 +238,7 @@ class GroupedGemmWS(GroupedGemmSm90):
                     num_experts: Int32, rank: Int32):
         """Linear tile index -> (expert, m_start inside the expert's rows or d, n_start).
 
-        A tile index names a *unit* of CLUSTER_M neighbouring m-tiles of one expert (one m-tile
+        A tile index names a *unit* of ``cluster_m`` neighbouring m-tiles of one expert (one m-tile
         without clusters); the CTA of rank ``rank`` in its cluster takes the unit's m-tile ``rank``.
         ``tile_offsets`` (varlen-M) and ``m_tiles`` (varlen-K) count units, so a unit never
         straddles two experts; a CTA whose m-tile lies past the expert's rows still runs (it must
@@ -238,7 +254,7 @@ class GroupedGemmWS(GroupedGemmSm90):
         else:
             expert = self.find_expert(tile_offsets, num_experts, rest)
             unit = rest - tile_offsets[expert]
-        return expert, (unit * self.CLUSTER_M + rank) * bm, n_tile * bn
+        return expert, (unit * self.cluster_m + rank) * bm, n_tile * bn
 
     @cute.jit
     def tile_problem(self, t: Int32, n_tiles: Int32, m_tiles: Int32, tile_offsets: cute.Tensor,
@@ -264,12 +280,13 @@ class GroupedGemmWS(GroupedGemmSm90):
                row_out: cute.Tensor, gather_idx: cute.Tensor,
                expert_offsets: cute.Tensor, tile_offsets: cute.Tensor, tiled_mma: cute.TiledMma,
                sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout, epi_layout):
-        bm, bn, bk = self.tile
-        use_tma_a = not self.varlen_k and not self.gather
+        """One CTA: its place in the cluster, shared memory and the load pipeline, the tile space
+        (``tile_space``), then one role per warpgroup: ``producer`` (warpgroup 0) or ``consumer``
+        (the MMA warpgroups 1-2, mainloop + epilogue)."""
         tidx, _, _ = cute.arch.thread_idx()
         cta, _, _ = cute.arch.block_idx()
         num_ctas, _, _ = cute.arch.grid_dim()
-        cm = self.CLUSTER_M
+        cm = self.cluster_m
         rank = Int32(0)  # my rank in the cluster: which m-tile of each unit is mine
         if const_expr(cm > 1):
             rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
@@ -308,7 +325,27 @@ class GroupedGemmWS(GroupedGemmSm90):
             cute.arch.cluster_arrive_relaxed()
             cute.arch.cluster_wait()
 
-        # ---- The tile space (identical for both roles) -----------------------------------------
+        # ---- The tile space (identical for both roles), then one role per warpgroup -------------
+        n_dim, n_tiles, m_tiles, num_tiles = self.tile_space(a, b, out, tile_offsets, expert_offsets)
+        sched = (cta, num_ctas, rank, n_tiles, m_tiles, num_tiles, tile_offsets, expert_offsets)
+        if wg == 0:
+            self.producer(a, gather_idx, tma_atom_a, tma_a, tma_atom_b, tma_b, sA, sB, pipe, sched, tidx, warp)
+        else:
+            self.consumer(a, out, (epi_out, epi_in, row_in, row_out), (tma_atom_c, tma_c), tiled_mma, sA, sB,
+                          storage, epi_layout, pipe, sched, n_dim, tidx, wg)
+        if const_expr(cm > 1):
+            # No CTA may exit while a partner can still arrive on its barriers or multicast into it.
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
+
+    # ---- Scheduler ---------------------------------------------------------------------------------
+    @cute.jit
+    def tile_space(self, a: cute.Tensor, b: cute.Tensor, out: cute.Tensor, tile_offsets: cute.Tensor,
+                   expert_offsets: cute.Tensor):
+        """(N, n-tiles, units along M per expert (varlen-K), all tiles): the linear tile space that
+        the producer and the MMA warpgroups walk (``tile_problem`` decodes one index)."""
+        bm, bn, _ = self.tile
+        cm = self.cluster_m
         num_experts = expert_offsets.shape[0] - 1
         n_dim = b.shape[1] if const_expr(self.varlen_k) else out.shape[1]  # the GEMM's N
         n_tiles = (n_dim + bn - 1) // bn
@@ -319,185 +356,214 @@ class GroupedGemmWS(GroupedGemmSm90):
             num_tiles = num_experts * m_tiles * n_tiles
         else:
             num_tiles = tile_offsets[num_experts] * n_tiles
+        return n_dim, n_tiles, m_tiles, num_tiles
 
-        if wg == 0:
-            # ================= producer warpgroup: loads only =================================
-            cute.arch.setmaxregister_decrease(PRODUCER_REGS)
-            copy_a = self.make_tiled_copy(not self.varlen_k, bm, PRODUCER_THREADS)
-            state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
-            a_coord = copy_a.get_slice(tidx).partition_S(cute.make_identity_tensor((bm, bk)))  # (CPY, M, K)
-            a_rows = cute.make_rmem_tensor(cute.size(a_coord, mode=[1]), Int32)  # token of each of my rows
-            # varlen-K: the rows of A^T change with every k-tile; each thread resolves the global rows
-            # of its k positions one k-tile ahead, so the gather_idx loads' latency hides behind the
-            # current k-tile's copies and the wait for the next slot instead of stalling the producer.
-            k_rows = cute.make_rmem_tensor(cute.size(a_coord, mode=[2]), Int32)  # this k-tile
-            k_rows_next = cute.make_rmem_tensor(cute.size(a_coord, mode=[2]), Int32)
-            for t in cutlass.range(cta, num_tiles, num_ctas, unroll=1):
-                expert, m_start, n_start, row0, count, m_dim, k_len = self.tile_problem(
-                    t, n_tiles, m_tiles, tile_offsets, expert_offsets, a.shape[1], rank)
-                # (bn, bk, k-tiles) view of this tile's B, partitioned for the TMA unit
-                if const_expr(self.varlen_k):
-                    gB = cute.local_tile(cute.domain_offset((0, row0), tma_b), (bn, bk), (n_start // bn, None))
-                else:
-                    gB = cute.local_tile(tma_b[None, None, expert], (bn, bk), (n_start // bn, None))
-                tBsB, tBgB = cpasync.tma_partition(tma_atom_b, rank, cute.make_layout(cm),
-                                                   cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
-                if const_expr(not self.varlen_k and not use_tma_a):
-                    # Gathered A: the tile's rows are the same for every k-tile, so each thread reads
-                    # its rows' token indices once per tile into registers (-1 = past the expert).
-                    for i in cutlass.range_constexpr(cute.size(a_rows)):
-                        mn = a_coord[0, i, 0][0]
-                        a_rows[i] = -1
-                        if mn < count - m_start:
-                            a_rows[i] = gather_idx[row0 + m_start + mn]
-                if const_expr(use_tma_a):
-                    # (bm, bk, k-tiles) view of a's rows row0 + m_start ... (rows past the expert only
-                    # feed output rows the epilogue masks; rows past M are zero-filled by TMA)
-                    gA = cute.local_tile(cute.domain_offset((row0 + m_start, 0), tma_a), (bm, bk), (0, None))
-                    tAsA, tAgA = cpasync.tma_partition(tma_atom_a, 0, cute.make_layout(1),
-                                                       cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
-                if const_expr(self.varlen_k):
-                    self.resolve_k_rows(a_coord, gather_idx, k_rows_next, row0, 0, count)
-                for kt in cutlass.range((k_len + bk - 1) // bk, unroll=1):
-                    if const_expr(self.varlen_k):
-                        k_rows.store(k_rows_next.load())
-                        if (kt + 1) * bk < k_len:  # prefetch the next k-tile's rows
-                            self.resolve_k_rows(a_coord, gather_idx, k_rows_next, row0, kt + 1, count)
-                    pipe.producer_acquire(state)  # wait until the MMA warps freed this slot
-                    if warp == 0:
-                        # One thread announces the TMA bytes (the +1 arrival of the full barrier);
-                        # the copies are issued by the whole warp (cute.copy elects one lane
-                        # with elect.sync, which needs the full warp converged).
-                        bar = pipe.producer_get_barrier(state)
-                        if tidx == 0:
-                            tx_rows = bn + (bm if const_expr(use_tma_a) else 0)
-                            cute.arch.mbarrier_arrive_and_expect_tx(bar, tx_rows * bk * self.dtype.width // 8)
-                        if const_expr(cm > 1):  # my share of B, into every CTA of the cluster
-                            cute.copy(tma_atom_b, tBgB[None, kt], tBsB[None, state.index], tma_bar_ptr=bar,
-                                      mcast_mask=cutlass.Int16((1 << cm) - 1))
-                        else:
-                            cute.copy(tma_atom_b, tBgB[None, kt], tBsB[None, state.index], tma_bar_ptr=bar)
-                        if const_expr(use_tma_a):
-                            cute.copy(tma_atom_a, tAgA[None, kt], tAsA[None, state.index], tma_bar_ptr=bar)
-                    if const_expr(self.varlen_k):  # A^T tile: the expert's rows (maybe gathered), zero past f_e
-                        self.load_gathered_rows(copy_a, a, sA[None, None, state.index], k_rows, m_start, m_dim,
-                                                rows_along_k=True)
-                    elif const_expr(not use_tma_a):  # gathered rows: cp.async with per-row addresses
-                        self.load_gathered_rows(copy_a, a, sA[None, None, state.index], a_rows, kt * bk, k_len,
-                                                rows_along_k=False)
-                    # zero-filled slots are ordinary st.shared: publish them to the async proxy
-                    cute.arch.fence_proxy("async.shared", space="cta")
-                    pipe.producer_commit(state)  # arrives when this thread's cp.async have landed
-                    state.advance()
-        else:
-            # ================= consumer warpgroups: WGMMA + epilogue ===========================
-            cute.arch.setmaxregister_increase(CONSUMER_REGS)
-            ctid = tidx - PRODUCER_THREADS  # 0..255 among the MMA threads
-            mma_tid = ctid % 128 if const_expr(self.PINGPONG) else ctid  # my index inside the tiled MMA
-            thr_mma = tiled_mma.get_slice(mma_tid - mma_tid % 128)  # my warpgroup's slice for A and B
-            tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
-            tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
-            tCcC = tiled_mma.get_slice(mma_tid).partition_C(cute.make_identity_tensor((bm, bn)))
-            acc = cute.make_rmem_tensor(tCcC.shape, cutlass.Float32)
-            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-            num_k_blocks = cute.size(tCrA, mode=[2])
-            read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-            release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
-            # The epilogue buffers: sC = this warpgroup's rows; tile_view = the tile's buffer (both
-            # warpgroups' rows, or mine when ping-ponging) seen as (bm, bn), to be partitioned like
-            # the accumulators.
-            rows = self.wg_rows()
-            if const_expr(self.uses_tma_store()):
-                # Swizzled slots in the TMA's layout: slot wg - 1 holds this warpgroup's rows.
-                # Cooperative: tile row r lives in slot r // 64, row r % 64 (the (rows, WG) modes
-                # grouped as one row mode); ping-pong: my slot is my whole tile.
-                sC_slots = storage.sC.get_tensor(epi_layout.outer, swizzle=epi_layout.inner)  # (rows, bn, WG)
-                sC = sC_slots[None, None, wg - 1]
-                tile_view = sC
-                if const_expr(not self.PINGPONG):
-                    tile_view = cute.make_tensor(sC_slots.iterator, cute.group_modes(
-                        cute.select(sC_slots.layout, mode=[0, 2, 1]), 0, 2))  # ((rows, WG), bn) = (bm, bn)
+    # ---- Producer --------------------------------------------------------------------------------
+    @cute.jit
+    def producer(self, a: cute.Tensor, gather_idx: cute.Tensor, tma_atom_a, tma_a, tma_atom_b, tma_b,
+                 sA: cute.Tensor, sB: cute.Tensor, pipe, sched: tuple, tidx: Int32, warp: Int32):
+        """Warpgroup 0: loads only. For every tile of this CTA, fill the pipeline's slots with its
+        k-tiles: B (and contiguous A) by TMA, gathered or ragged A rows by cp.async."""
+        cta, num_ctas, rank, n_tiles, m_tiles, num_tiles, tile_offsets, expert_offsets = sched
+        bm, bn, bk = self.tile
+        cm = self.cluster_m
+        use_tma_a = not self.varlen_k and not self.gather
+        cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+        copy_a = self.make_tiled_copy(not self.varlen_k, bm, PRODUCER_THREADS)
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+        a_coord = copy_a.get_slice(tidx).partition_S(cute.make_identity_tensor((bm, bk)))  # (CPY, M, K)
+        a_rows = cute.make_rmem_tensor(cute.size(a_coord, mode=[1]), Int32)  # token of each of my rows
+        # varlen-K: the rows of A^T change with every k-tile; each thread resolves the global rows
+        # of its k positions one k-tile ahead, so the gather_idx loads' latency hides behind the
+        # current k-tile's copies and the wait for the next slot instead of stalling the producer.
+        k_rows = cute.make_rmem_tensor(cute.size(a_coord, mode=[2]), Int32)  # this k-tile
+        k_rows_next = cute.make_rmem_tensor(cute.size(a_coord, mode=[2]), Int32)
+        for t in cutlass.range(cta, num_tiles, num_ctas, unroll=1):
+            expert, m_start, n_start, row0, count, m_dim, k_len = self.tile_problem(
+                t, n_tiles, m_tiles, tile_offsets, expert_offsets, a.shape[1], rank)
+            # (bn, bk, k-tiles) view of this tile's B, partitioned for the TMA unit
+            if const_expr(self.varlen_k):
+                gB = cute.local_tile(cute.domain_offset((0, row0), tma_b), (bn, bk), (n_start // bn, None))
             else:
-                # Padded row-major buffers (one extra 16-byte chunk per row: conflict-free writes).
-                epi_pitch = bn + CHUNK_BYTES * 8 // self.out_dtype.width
-                sC_both = cute.make_tensor(storage.sC.data_ptr(), cute.make_layout(
-                    (2, rows, bn), stride=(rows * epi_pitch, epi_pitch, 1)))  # (WG, rows, cols)
-                sC = sC_both[wg - 1, None, None]
-                tile_view = cute.make_tensor(sC_both[wg - 1 if const_expr(self.PINGPONG) else 0, None, None].iterator,
-                                             cute.make_layout((bm, bn), stride=(epi_pitch, 1)))
-            tCsC = tiled_mma.get_slice(mma_tid).partition_C(tile_view)
-            first = cta
-            step = num_ctas
-            if const_expr(self.PINGPONG):  # the CTA's tiles alternate between the two warpgroups
-                first = cta + (wg - 1) * num_ctas
-                step = 2 * num_ctas
-            cta_tiles = (num_tiles - cta + num_ctas - 1) // num_ctas  # this CTA's tiles (ping-pong order)
-            for t in cutlass.range(first, num_tiles, step, unroll=1):
-                if const_expr(self.PINGPONG):
-                    # Mainloops take turns in the CTA's tile order: wait until the other warpgroup has
-                    # waited on every slot of the previous tile. (An mbarrier wait only tells two
-                    # phases apart, so a warpgroup must not wait on a slot more than one fill ahead.)
-                    if t > cta:
-                        cute.arch.barrier(barrier_id=ORDER_BARRIER + wg - 1, number_of_threads=CONSUMER_THREADS)
-                    # The other warpgroup consumes the slots of the CTA's previous tile: step over them
-                    # (the producer fills the slots in the CTA's tile order).
-                    if t - num_ctas >= cta:
-                        k_other = self.tile_problem(t - num_ctas, n_tiles, m_tiles, tile_offsets, expert_offsets,
-                                                    a.shape[1], rank)[6]
-                        for _ in cutlass.range((k_other + bk - 1) // bk, unroll=1):
-                            read.advance()
-                            release.advance()
-                expert, m_start, n_start, row0, count, m_dim, k_len = self.tile_problem(
-                    t, n_tiles, m_tiles, tile_offsets, expert_offsets, a.shape[1], rank)
-                out_row0 = row0 + m_start  # varlen-M: the expert's rows of out
+                gB = cute.local_tile(tma_b[None, None, expert], (bn, bk), (n_start // bn, None))
+            tBsB, tBgB = cpasync.tma_partition(tma_atom_b, rank, cute.make_layout(cm),
+                                               cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
+            if const_expr(not self.varlen_k and not use_tma_a):
+                # Gathered A: the tile's rows are the same for every k-tile, so each thread reads
+                # its rows' token indices once per tile into registers (-1 = past the expert).
+                for i in cutlass.range_constexpr(cute.size(a_rows)):
+                    mn = a_coord[0, i, 0][0]
+                    a_rows[i] = -1
+                    if mn < count - m_start:
+                        a_rows[i] = gather_idx[row0 + m_start + mn]
+            if const_expr(use_tma_a):
+                # (bm, bk, k-tiles) view of a's rows row0 + m_start ... (rows past the expert only
+                # feed output rows the epilogue masks; rows past M are zero-filled by TMA)
+                gA = cute.local_tile(cute.domain_offset((row0 + m_start, 0), tma_a), (bm, bk), (0, None))
+                tAsA, tAgA = cpasync.tma_partition(tma_atom_a, 0, cute.make_layout(1),
+                                                   cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
+            if const_expr(self.varlen_k):
+                self.resolve_k_rows(a_coord, gather_idx, k_rows_next, row0, 0, count)
+            for kt in cutlass.range((k_len + bk - 1) // bk, unroll=1):
                 if const_expr(self.varlen_k):
-                    out_row0 = expert * m_dim + m_start  # varlen-K: expert e's (d, N) block of out
-                k_tiles = (k_len + bk - 1) // bk
-                acc.fill(0.0)
-                for kt in cutlass.range(k_tiles, unroll=1):
-                    pipe.consumer_wait(read)
-                    cute.arch.fence_proxy("async.shared", space="cta")  # cp.async data -> async proxy
-                    warpgroup.fence()
-                    for kb in cutlass.range_constexpr(num_k_blocks):
-                        cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read.index], tCrB[None, None, kb, read.index], acc)
-                    warpgroup.commit_group()
-                    warpgroup.wait_group(1)  # the previous k-tile's WGMMAs are done: free its slot
-                    if kt > 0:
-                        self.release_slot(pipe, release)
+                    k_rows.store(k_rows_next.load())
+                    if (kt + 1) * bk < k_len:  # prefetch the next k-tile's rows
+                        self.resolve_k_rows(a_coord, gather_idx, k_rows_next, row0, kt + 1, count)
+                pipe.producer_acquire(state)  # wait until the MMA warps freed this slot
+                if warp == 0:
+                    # One thread announces the TMA bytes (the +1 arrival of the full barrier);
+                    # the copies are issued by the whole warp (cute.copy elects one lane
+                    # with elect.sync, which needs the full warp converged).
+                    bar = pipe.producer_get_barrier(state)
+                    if tidx == 0:
+                        tx_rows = bn + (bm if const_expr(use_tma_a) else 0)
+                        cute.arch.mbarrier_arrive_and_expect_tx(bar, tx_rows * bk * self.dtype.width // 8)
+                    if const_expr(cm > 1):  # my share of B, into every CTA of the cluster
+                        cute.copy(tma_atom_b, tBgB[None, kt], tBsB[None, state.index], tma_bar_ptr=bar,
+                                  mcast_mask=cutlass.Int16((1 << cm) - 1))
+                    else:
+                        cute.copy(tma_atom_b, tBgB[None, kt], tBsB[None, state.index], tma_bar_ptr=bar)
+                    if const_expr(use_tma_a):
+                        cute.copy(tma_atom_a, tAgA[None, kt], tAsA[None, state.index], tma_bar_ptr=bar)
+                if const_expr(self.varlen_k):  # A^T tile: the expert's rows (maybe gathered), zero past f_e
+                    self.load_gathered_rows(copy_a, a, sA[None, None, state.index], k_rows, m_start, m_dim,
+                                            rows_along_k=True)
+                elif const_expr(not use_tma_a):  # gathered rows: cp.async with per-row addresses
+                    self.load_gathered_rows(copy_a, a, sA[None, None, state.index], a_rows, kt * bk, k_len,
+                                            rows_along_k=False)
+                # zero-filled slots are ordinary st.shared: publish them to the async proxy
+                cute.arch.fence_proxy("async.shared", space="cta")
+                pipe.producer_commit(state)  # arrives when this thread's cp.async have landed
+                state.advance()
+
+    # ---- Consumers: mainloop + epilogue ----------------------------------------------------------
+    @cute.jit
+    def consumer(self, a: cute.Tensor, out: cute.Tensor, epi: tuple, tma_store: tuple, tiled_mma: cute.TiledMma,
+                 sA: cute.Tensor, sB: cute.Tensor, storage, epi_layout, pipe, sched: tuple, n_dim: Int32,
+                 tidx: Int32, wg: Int32):
+        """Warpgroups 1-2: for every tile of this CTA (or, ping-ponging, every other one), the WGMMA
+        mainloop over its k-tiles, then the epilogue of this warpgroup's rows."""
+        cta, num_ctas, rank, n_tiles, m_tiles, num_tiles, tile_offsets, expert_offsets = sched
+        bm, bn, bk = self.tile
+        cute.arch.setmaxregister_increase(CONSUMER_REGS)
+        ctid = tidx - PRODUCER_THREADS  # 0..255 among the MMA threads
+        mma_tid = ctid % 128 if const_expr(self.pingpong) else ctid  # my index inside the tiled MMA
+        thr_mma = tiled_mma.get_slice(mma_tid - mma_tid % 128)  # my warpgroup's slice for A and B
+        tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
+        tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
+        tCcC = tiled_mma.get_slice(mma_tid).partition_C(cute.make_identity_tensor((bm, bn)))
+        acc = cute.make_rmem_tensor(tCcC.shape, cutlass.Float32)
+        tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+        read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        # The epilogue buffers: sC = this warpgroup's rows; tile_view = the tile's buffer (both
+        # warpgroups' rows, or mine when ping-ponging) seen as (bm, bn), to be partitioned like
+        # the accumulators.
+        rows = self.wg_rows()
+        if const_expr(self.uses_tma_store()):
+            # Swizzled slots in the TMA's layout: slot wg - 1 holds this warpgroup's rows.
+            # Cooperative: tile row r lives in slot r // 64, row r % 64 (the (rows, WG) modes
+            # grouped as one row mode); ping-pong: my slot is my whole tile.
+            sC_slots = storage.sC.get_tensor(epi_layout.outer, swizzle=epi_layout.inner)  # (rows, bn, WG)
+            sC = sC_slots[None, None, wg - 1]
+            tile_view = sC
+            if const_expr(not self.pingpong):
+                tile_view = cute.make_tensor(sC_slots.iterator, cute.group_modes(
+                    cute.select(sC_slots.layout, mode=[0, 2, 1]), 0, 2))  # ((rows, WG), bn) = (bm, bn)
+        else:
+            # Padded row-major buffers (one extra 16-byte chunk per row: conflict-free writes).
+            epi_pitch = bn + CHUNK_BYTES * 8 // self.out_dtype.width
+            sC_both = cute.make_tensor(storage.sC.data_ptr(), cute.make_layout(
+                (2, rows, bn), stride=(rows * epi_pitch, epi_pitch, 1)))  # (WG, rows, cols)
+            sC = sC_both[wg - 1, None, None]
+            tile_view = cute.make_tensor(sC_both[wg - 1 if const_expr(self.pingpong) else 0, None, None].iterator,
+                                         cute.make_layout((bm, bn), stride=(epi_pitch, 1)))
+        tCsC = tiled_mma.get_slice(mma_tid).partition_C(tile_view)
+        first = cta
+        step = num_ctas
+        if const_expr(self.pingpong):  # the CTA's tiles alternate between the two warpgroups
+            first = cta + (wg - 1) * num_ctas
+            step = 2 * num_ctas
+        cta_tiles = (num_tiles - cta + num_ctas - 1) // num_ctas  # this CTA's tiles (ping-pong order)
+        for t in cutlass.range(first, num_tiles, step, unroll=1):
+            if const_expr(self.pingpong):
+                # Mainloops take turns in the CTA's tile order: wait until the other warpgroup has
+                # waited on every slot of the previous tile. (An mbarrier wait only tells two
+                # phases apart, so a warpgroup must not wait on a slot more than one fill ahead.)
+                if t > cta:
+                    cute.arch.barrier(barrier_id=ORDER_BARRIER + wg - 1, number_of_threads=CONSUMER_THREADS)
+                # The other warpgroup consumes the slots of the CTA's previous tile: step over them
+                # (the producer fills the slots in the CTA's tile order).
+                if t - num_ctas >= cta:
+                    k_other = self.tile_problem(t - num_ctas, n_tiles, m_tiles, tile_offsets, expert_offsets,
+                                                a.shape[1], rank)[6]
+                    for _ in cutlass.range((k_other + bk - 1) // bk, unroll=1):
+                        read.advance()
                         release.advance()
-                    read.advance()
-                if const_expr(self.PINGPONG):  # my mainloop has waited on all its slots: the other's turn
-                    if (t - cta) // num_ctas < cta_tiles - 1:
-                        cute.arch.barrier_arrive(barrier_id=ORDER_BARRIER + 2 - wg, number_of_threads=CONSUMER_THREADS)
-                warpgroup.wait_group(0)
-                if k_tiles > 0:
-                    self.release_slot(pipe, release)
-                    release.advance()
-                if const_expr(self.transpose_out):  # varlen-K into (E, N, d): expert e's rows e*N ...
-                    self.epilogue_wg_transposed(acc, tCsC, out, sC, wg, ctid, expert * n_dim + n_start, m_start,
-                                                m_dim - m_start, n_dim - n_start)
-                elif const_expr(self.uses_tma_store()):
-                    self.epilogue_wg_tma(acc, tCsC, (tma_atom_c, tma_c), out, sC, wg, ctid, out_row0,
-                                         m_dim - m_start, n_start, n_dim - n_start)
-                else:
-                    epi = (epi_out, epi_in, row_in, row_out)
-                    self.epilogue_wg(acc, tCsC, tCcC, out, epi, sC, wg, ctid, out_row0, m_dim - m_start, n_start,
-                                     n_dim - n_start)
-            if const_expr(self.uses_tma_store()):
-                if ctid % 128 < 32:  # the shared memory must outlive the last bulk store's reads
-                    cute.arch.cp_async_bulk_wait_group(0, read=True)
-        if const_expr(cm > 1):
-            # No CTA may exit while a partner can still arrive on its barriers or multicast into it.
-            cute.arch.cluster_arrive()
-            cute.arch.cluster_wait()
+            expert, m_start, n_start, row0, count, m_dim, k_len = self.tile_problem(
+                t, n_tiles, m_tiles, tile_offsets, expert_offsets, a.shape[1], rank)
+            out_row0 = row0 + m_start  # varlen-M: the expert's rows of out
+            if const_expr(self.varlen_k):
+                out_row0 = expert * m_dim + m_start  # varlen-K: expert e's (d, N) block of out
+            k_tiles = (k_len + bk - 1) // bk
+            self.mainloop(tiled_mma, acc, tCrA, tCrB, pipe, read, release, k_tiles)
+            if const_expr(self.pingpong):  # my mainloop has waited on all its slots: the other's turn
+                if (t - cta) // num_ctas < cta_tiles - 1:
+                    cute.arch.barrier_arrive(barrier_id=ORDER_BARRIER + 2 - wg, number_of_threads=CONSUMER_THREADS)
+            warpgroup.wait_group(0)
+            if k_tiles > 0:
+                self.release_slot(pipe, release)
+                release.advance()
+            self.store_tile(acc, tCsC, tCcC, out, epi, tma_store, sC, wg, ctid, expert, m_start, n_start, out_row0,
+                            m_dim, n_dim)
+        if const_expr(self.uses_tma_store()):
+            if ctid % 128 < 32:  # the shared memory must outlive the last bulk store's reads
+                cute.arch.cp_async_bulk_wait_group(0, read=True)
+
+    @cute.jit
+    def mainloop(self, tiled_mma: cute.TiledMma, acc: cute.Tensor, tCrA: cute.Tensor, tCrB: cute.Tensor, pipe,
+                 read, release, k_tiles: Int32):
+        """acc = the tile's product over its ``k_tiles`` k-tiles: wait for each slot, issue its WGMMAs,
+        and free the previous slot once its WGMMAs are done (one k-tile of WGMMAs stays in flight;
+        the caller drains it and frees the last slot)."""
+        acc.fill(0.0)
+        num_k_blocks = cute.size(tCrA, mode=[2])
+        for kt in cutlass.range(k_tiles, unroll=1):
+            pipe.consumer_wait(read)
+            cute.arch.fence_proxy("async.shared", space="cta")  # cp.async data -> async proxy
+            warpgroup.fence()
+            for kb in cutlass.range_constexpr(num_k_blocks):
+                cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read.index], tCrB[None, None, kb, read.index], acc)
+            warpgroup.commit_group()
+            warpgroup.wait_group(1)  # the previous k-tile's WGMMAs are done: free its slot
+            if kt > 0:
+                self.release_slot(pipe, release)
+                release.advance()
+            read.advance()
+
+    @cute.jit
+    def store_tile(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
+                   tma_store: tuple, sC: cute.Tensor, wg: Int32, ctid: Int32, expert: Int32, m_start: Int32,
+                   n_start: Int32, out_row0: Int32, m_dim: Int32, n_dim: Int32):
+        """This warpgroup's rows of the tile, out of the accumulators: the transposed varlen-K store,
+        the TMA bulk store, or the ``epilogue_wg`` hook (plain store / fused SwiGLU / dSwiGLU)."""
+        if const_expr(self.transpose_out):  # varlen-K into (E, N, d): expert e's rows e*N ...
+            self.epilogue_wg_transposed(acc, tCsC, out, sC, wg, ctid, expert * n_dim + n_start, m_start,
+                                        m_dim - m_start, n_dim - n_start)
+        elif const_expr(self.uses_tma_store()):
+            self.epilogue_wg_tma(acc, tCsC, tma_store, out, sC, wg, ctid, out_row0,
+                                 m_dim - m_start, n_start, n_dim - n_start)
+        else:
+            self.epilogue_wg(acc, tCsC, tCcC, out, epi, sC, wg, ctid, out_row0, m_dim - m_start, n_start,
+                             n_dim - n_start)
 
     @cute.jit
     def build_tile_table(self, expert_offsets: cute.Tensor, table: cute.Tensor):
         """``table[e]`` = sum over j < e of ceil(f_j / unit rows), for e = 0 .. E: the first scheduler
-        unit (CLUSTER_M m-tiles) of each expert, and ``table[E]`` = all units. One warp: lane l sums
+        unit (``cluster_m`` m-tiles) of each expert, and ``table[E]`` = all units. One warp: lane l sums
         the units of a contiguous chunk of experts, an inclusive warp scan (5 shuffles) turns the
         chunk sums into chunk starts, and each lane writes its chunk's running sums."""
-        unit_rows = self.tile[0] * self.CLUSTER_M
+        unit_rows = self.tile[0] * self.cluster_m
         num_experts = expert_offsets.shape[0] - 1
         lane = cute.arch.lane_idx()
         per_lane = (num_experts + 31) // 32
@@ -521,18 +587,18 @@ class GroupedGemmWS(GroupedGemmSm90):
     def empty_arrivals(self) -> int:
         """Arrivals that free a pipeline slot: every MMA thread that read it (one warpgroup when
         ping-ponging), or with a cluster one lane per MMA warp per CTA of the cluster."""
-        if self.CLUSTER_M > 1:
-            return CONSUMER_THREADS // 32 * self.CLUSTER_M
-        return CONSUMER_THREADS // 2 if self.PINGPONG else CONSUMER_THREADS
+        if self.cluster_m > 1:
+            return CONSUMER_THREADS // 32 * self.cluster_m
+        return CONSUMER_THREADS // 2 if self.pingpong else CONSUMER_THREADS
 
     @cute.jit
     def release_slot(self, pipe, state):
         """The MMA warps are done reading a slot: tell the producer(s) that may refill it."""
-        if const_expr(self.CLUSTER_M == 1):
+        if const_expr(self.cluster_m == 1):
             pipe.consumer_release(state)
         else:  # lane r of each MMA warp arrives on the slot's empty barrier in the CTA of rank r
             lane = cute.arch.lane_idx()
-            if lane < self.CLUSTER_M:
+            if lane < self.cluster_m:
                 pipe.sync_object_empty.arrive(state.index, lane)
 
     @cute.jit
@@ -824,22 +890,6 @@ class DSwiGLUEpilogue(GroupedGemmWS):
         # A' = s * A: the staged tile goes out like any output tile.
         cute.arch.barrier(barrier_id=wg, number_of_threads=128)
         self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
-
-
-def ping_pong(cls: type) -> type:
-    """The ping-pong form of a warp-specialized kernel class (its epilogue included), step 4 of the ladder.
-
-    Cooperative (``GroupedGemmWS``): both MMA warpgroups work on the same 128-row tile, 64 rows
-    each, so while they run the epilogue the tensor cores idle. Ping-pong: each MMA warpgroup owns
-    whole tiles -- the CTA's tiles alternate between them -- and one warpgroup's epilogue runs
-    while the other one's mainloop keeps the tensor cores busy. The producer is unchanged (it
-    fills the slots in the CTA's tile order); each MMA warpgroup steps its pipeline state over the
-    slots of the other one's tiles; a slot is released by the 128 threads that read it; the two
-    mainloops take turns through a pair of named barriers (ORDER_BARRIER). The
-    accumulators of a whole 128 x tile_n tile live in one warpgroup's registers, so tile_n is 128.
-    """
-    return type(f"{cls.__name__}PingPong", (cls,), {"PINGPONG": True, "MMA_WARPGROUPS": (1, 1, 1),
-                                                      "__doc__": f"{cls.__name__}, ping-pong (see ping_pong)."})
 
 
 def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = 227 * 1024, pingpong: bool = False) -> int:
