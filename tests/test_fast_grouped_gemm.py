@@ -452,3 +452,16 @@ def test_bad_inputs_raise_clear_errors():
         fast.gather_fused_grouped_gemm_dswiglu(x, w2, meta, h.half(), scores)
     with pytest.raises(TypeError, match="transpose_out must be a bool"):
         fast.grouped_gemm_varlen_k(x, b, meta, transpose_out="yes")
+
+
+@needs_hopper
+def test_ladder_main_validates_and_times_every_step(capsys):
+    """``python -m sonic_learn.fast.grouped_gemm``: every step passes its check and gets a time."""
+    from sonic_learn.fast import grouped_gemm as fast
+    from sonic_learn.fast.grouped_gemm.__main__ import main
+
+    assert main(["--T", "512", "--d", "256", "--n", "128", "--E", "8", "--K", "2", "--reps", "3"]) == 0
+    out = capsys.readouterr().out
+    for step in fast.STEPS:
+        line = next(ln for ln in out.splitlines() if ln.startswith(step + " "))
+        assert "FAILED" not in line, line

@@ -217,3 +217,17 @@ def test_gemm_config_rejects_bad_values():
         fast.gather_fused_grouped_gemm(x, x[None], None, config="ws")
     with pytest.raises(TypeError, match="config must be"):
         fast.grouped_gemm_varlen_k(x, x, None, config={"kernel": "ws"})
+
+
+def test_ladder_steps_and_main_without_a_gpu(capsys):
+    """Every kernel of the ladder says in one line what it adds; ``python -m
+    sonic_learn.fast.grouped_gemm`` refuses to run without a Hopper GPU, naming why."""
+    from sonic_learn.fast import grouped_gemm as fast
+    from sonic_learn.fast.grouped_gemm.__main__ import main
+
+    assert tuple(fast.STEPS) == fast.KERNELS == ("v1", "sm90", "ws", "pingpong")
+    assert all(isinstance(v, str) and v for v in fast.STEPS.values())
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the ladder's run is a gpu test")
+    assert main(["--T", "64"]) == 2
+    assert "needs a Hopper GPU" in capsys.readouterr().err

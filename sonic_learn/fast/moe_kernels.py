@@ -25,7 +25,7 @@ copy is made anywhere.)
 
 **Fused and unfused.** SonicMoE runs SwiGLU inside the up-projection's epilogue and the
 dSwiGLU/dS pass inside the dH GEMM's epilogue, on the accumulator tile still in registers; so does
-the reduced-memory fast layer (``grouped_gemm_sm90.SwiGLUEpilogue`` / ``DSwiGLUEpilogue``, the same
+the reduced-memory fast layer (``grouped_gemm.epilogues.SwiGLUEpilogue`` / ``DSwiGLUEpilogue``, the same
 arithmetic as the two kernels here). Fusion saves, in bytes for 16-bit activations:
 
 * forward: the separate SwiGLU pass re-reads H (4Pn) after the GEMM wrote it; fused, H and A are

@@ -18,11 +18,11 @@ Shapes (paper notation): x (T, K), w (E, K, N) row-major (N contiguous), out (M,
 
 Which kernel runs (the ladder, llm.c style; a ``GemmConfig`` passed as ``config=`` picks one):
 
-1. ``"v1"`` (``grouped_gemm_v1.GroupedGemmV1``, teaching step): one CTA per output tile, every
+1. ``"v1"`` (``v1.GroupedGemmV1``, teaching step): one CTA per output tile, every
    thread loads with cp.async and multiplies with WGMMA, masked scalar epilogue.
-2. ``"sm90"`` (``grouped_gemm_sm90.GroupedGemmSm90``): v1 + shared-memory-staged, coalesced epilogue
+2. ``"sm90"`` (``sm90.GroupedGemmSm90``): v1 + shared-memory-staged, coalesced epilogue
    with the ``tile_value`` hook.
-3. ``"ws"`` (``grouped_gemm_sm90.GroupedGemmWS``, the default / production kernel): warp-specialized
+3. ``"ws"`` (``ws.GroupedGemmWS``, the default / production kernel): warp-specialized
    (one producer warpgroup, two WGMMA warpgroups, setmaxnreg), mbarrier pipeline, persistent
    static tile scheduler over (expert, m-tile, n-tile) whose expert table it builds in shared
    memory from ``expert_offsets`` (one launch per call, no host-side pass), TMA for the weights
@@ -31,7 +31,7 @@ Which kernel runs (the ladder, llm.c style; a ``GemmConfig`` passed as ``config=
    rows), clusters of 2 CTAs sharing B by TMA multicast where that pays (``cluster_size``: the
    weight-gradient GEMMs), tile 128 x 256 x 64 (128 x 128 x 64 for fp32 output); the epilogue hook
    of the fused MoE epilogues (``gather_fused_grouped_gemm_swiglu`` / ``_dswiglu``).
-4. ``"pingpong"`` (``grouped_gemm_sm90.GroupedGemmWS(ping_pong=True)``): step 3 with each MMA warpgroup owning whole
+4. ``"pingpong"`` (``ws.GroupedGemmWS(ping_pong=True)``): step 3 with each MMA warpgroup owning whole
    128 x 128 tiles, so one warpgroup's epilogue overlaps the other's mainloop (opt-in: measured
    slower than step 3 on most shapes).
 
@@ -70,11 +70,17 @@ WS_TILE = (128, 256, 64)  # of the production warp-specialized kernel
 
 # The ladder: which kernel runs is part of an immutable ``GemmConfig`` that the caller passes to
 # every public function (``config=``; None = ``DEFAULT_CONFIG``, the production kernel).
-KERNELS = ("v1", "sm90", "ws", "pingpong")  # the ladder: teaching step, + smem epilogue, + warp specialization,
-# + ping-pong MMA warpgroups
+STEPS = {  # the ladder, one line each: what the step adds to the one before (GemmConfig(kernel=...))
+    "v1": "one CTA per output tile: cp.async loads, WGMMA, masked scalar stores from registers (v1.py)",
+    "sm90": "+ the tile staged in shared memory and stored as coalesced 16-byte row chunks (sm90.py)",
+    "ws": "+ warp specialization, mbarrier pipeline, TMA loads, persistent scheduler, TMA-store epilogue, "
+          "clusters (ws.py; production)",
+    "pingpong": "+ each MMA warpgroup owns whole tiles, so one's epilogue overlaps the other's mainloop (ws.py)",
+}
+KERNELS = tuple(STEPS)
 PERSISTENT = ("ws", "pingpong")  # the warp-specialized persistent kernels (fused epilogues, layout options)
 PINGPONG_TILE = (128, 128, 64)  # a whole tile's accumulators in one warpgroup
-EPILOGUES = ("store", "swiglu", "dswiglu")  # the production kernel's epilogues (grouped_gemm_sm90)
+EPILOGUES = ("store", "swiglu", "dswiglu")  # the production kernel's epilogues (epilogues.py)
 
 
 def _check_cluster_m(cluster_m: object, allow_none: bool) -> None:
@@ -213,12 +219,12 @@ def _check_multiple_of_8(name: str, value: int, what: str) -> None:
 def _check_meta(meta: object, device: torch.device, cfg: GemmConfig) -> RoutingMetadata:
     if not isinstance(meta, RoutingMetadata):
         raise TypeError(f"meta must be a sonic_learn.reference.routing.RoutingMetadata, got {type(meta).__name__}")
-    from sonic_learn.fast.grouped_gemm_v1 import MAX_EXPERTS
+    from sonic_learn.fast.grouped_gemm.v1 import MAX_EXPERTS
 
     E = meta.num_experts
     limit, why = MAX_EXPERTS, "the teaching kernels' tile search"
     if cfg.persistent:
-        from sonic_learn.fast.grouped_gemm_sm90 import TABLE_EXPERTS
+        from sonic_learn.fast.grouped_gemm.ws import TABLE_EXPERTS
 
         limit, why = TABLE_EXPERTS, "the production kernel's expert table in shared memory"
     if not 1 <= E <= limit:
@@ -272,8 +278,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     ``transposed`` (kernel "ws" only): varlen-M takes the weights as (E*N, K) and uses ``w[e]^T``
     (K-major B); varlen-K writes its result as (E*N, d), i.e. ``out[e]^T``.
     ``epilogue`` (kernel "ws", varlen-M only): "store" (out = the product), "swiglu" (out = H,
-    epi_out = SwiGLU(H): ``grouped_gemm_sm90.SwiGLUEpilogue``) or "dswiglu" (the backward's dH
-    kernel: ``grouped_gemm_sm90.DSwiGLUEpilogue``).
+    epi_out = SwiGLU(H): ``epilogues.SwiGLUEpilogue``) or "dswiglu" (the backward's dH
+    kernel: ``epilogues.DSwiGLUEpilogue``).
     ``tma_store`` (persistent kernels, plain store): full tiles leave through a TMA bulk store
     (``GroupedGemmWS.epilogue_wg_tma``); False keeps the synchronous shared-memory copy-out.
     ``cluster_m`` (kernel "ws"): CTAs per cluster sharing B by TMA multicast (``GroupedGemmWS(cluster_m=...)``).
@@ -291,9 +297,10 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
-    from sonic_learn.fast.grouped_gemm_sm90 import (DSwiGLUEpilogue, GroupedGemmSm90, GroupedGemmWS,
-                                                    SwiGLUEpilogue, epilogue_smem_bytes, ws_stages)
-    from sonic_learn.fast.grouped_gemm_v1 import GroupedGemmV1, default_stages
+    from sonic_learn.fast.grouped_gemm.epilogues import DSwiGLUEpilogue, SwiGLUEpilogue
+    from sonic_learn.fast.grouped_gemm.sm90 import GroupedGemmSm90, epilogue_smem_bytes
+    from sonic_learn.fast.grouped_gemm.v1 import GroupedGemmV1, default_stages
+    from sonic_learn.fast.grouped_gemm.ws import GroupedGemmWS, ws_stages
 
     _checks.check_choice("kernel", kernel, KERNELS)
 
@@ -590,6 +597,7 @@ __all__ = [
     "compile_grouped_gemm",
     "GemmConfig",
     "DEFAULT_CONFIG",
+    "STEPS",
     "checked_config",
     "cluster_size",
 ]
