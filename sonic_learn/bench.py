@@ -145,22 +145,23 @@ def measure(
         torch.cuda.synchronize(device)
         # the host time of one call: the fastest warm-up after the first (which may compile)
         issue_us = min(host_us[1:] or host_us or [1000.0])
-        total = 0.0
-        while len(times) < reps or total < min_time_s * 1e3:
-            if flush_l2:
-                _flush_l2(device)
-            if host_ahead:
-                _hold_device(device, issue_us)
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-            total += times[-1]
+        with torch.cuda.device(device):  # events and work on the timed device's current stream, not cuda:0's
+            total = 0.0
+            while len(times) < reps or total < min_time_s * 1e3:
+                if flush_l2:
+                    _flush_l2(device)
+                if host_ahead:
+                    _hold_device(device, issue_us)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+                total += times[-1]
         timer = "cuda-events"
-    else:
+    else:  # TIMER_CPU
         total = 0.0
         while len(times) < reps or total < min_time_s * 1e3:
             t0 = time.perf_counter()
@@ -223,8 +224,23 @@ def copy_bandwidth_gbs(device: torch.device | str, nbytes: int = 1 << 30) -> flo
     return 2 * src.numel() / (t.median_ms * 1e-3) / 1e9
 
 
-def environment() -> dict:
-    """Device name and library versions, stamped on every benchmark record."""
+TIMER_CUDA = "cuda-events around the device work (host held ahead by a sleep kernel), L2 read-flushed"
+TIMER_CPU = "time.perf_counter around each call (CPU)"
+
+
+def environment(device: torch.device | str | None = None) -> dict:
+    """Device name, how ``measure`` times on it, and library versions, stamped on every record.
+
+    ``device`` is where the timed work runs (default: the current CUDA device when there is one,
+    else the CPU); a CUDA device is named by its own index (``cuda:1`` is not described as ``cuda:0``).
+    """
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a cpu or cuda device, got {device}")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -233,12 +249,13 @@ def environment() -> dict:
     from sonic_learn import __version__
 
     info["sonic_learn"] = __version__
-    # how bench.measure times (see its docstring); records without this key used the older
-    # harness: a 256 MB *write* flush and no sleep kernel holding the GPU before the start event
-    info["timer"] = "cuda-events around the device work (host held ahead by a sleep kernel), L2 read-flushed"
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name()
+    # how bench.measure times on this device (see its docstring); records without this key used the
+    # older harness: a 256 MB *write* flush and no sleep kernel holding the GPU before the start event
+    info["timer"] = TIMER_CPU
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+        info["timer"] = TIMER_CUDA
     try:
         import importlib.metadata as md
 

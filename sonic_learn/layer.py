@@ -17,6 +17,7 @@ from sonic_learn import _checks
 from sonic_learn.reference import moe as reference_moe
 
 BACKENDS = ("reference", "fast")
+FAST_DTYPES = (torch.bfloat16, torch.float16)  # what backend="fast" runs in
 
 
 def _fast_moe_forward():
@@ -69,6 +70,13 @@ class MoE(nn.Module):
         self.router_w = nn.Parameter(torch.empty(d_model, num_experts, **kw))
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, 2 * d_expert, **kw))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_expert, d_model, **kw))
+        if backend == "fast":  # when the placement is given, check it now: the device first, then the dtype
+            if device is not None and self.w1.device.type != "cuda":
+                raise ValueError(f"backend='fast' runs the CuTe-DSL kernels on a CUDA (Hopper) GPU, got device="
+                                 f"{self.w1.device}; pass device='cuda' or use backend='reference'")
+            if dtype is not None and dtype not in FAST_DTYPES:
+                raise ValueError(f"backend='fast' runs in bfloat16 or float16, got dtype={dtype}; "
+                                 "pass dtype=torch.bfloat16 or use backend='reference'")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -82,6 +90,9 @@ class MoE(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dim d_model={self.d_model}, got shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.d_model)  # (T, d)
+        if self.backend == "fast":  # the device before any dtype complaint of the fast path
+            _checks.check_cuda("x", flat)
+            _checks.check_cuda("MoE parameters (move the module with .cuda())", self.w1)
         forward = reference_moe.moe_forward if self.backend == "reference" else _fast_moe_forward()
         out = forward(flat, self.router_w, self.w1, self.w2, self.top_k, routing=self.routing,
                       tile_m=self.tile_m, backward=self.backward)

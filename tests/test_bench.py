@@ -42,3 +42,13 @@ def test_host_ahead_times_device_work_only():
     behind = bench.measure(slow_host_call, device="cuda", reps=5, host_ahead=False)
     assert ahead.median_ms < 1.0, ahead
     assert behind.median_ms >= 2.5, behind
+
+
+def test_environment_describes_the_timer_of_its_device():
+    env = bench.environment("cpu")
+    assert env["timer"] == bench.TIMER_CPU and "perf_counter" in env["timer"]
+    assert env["device"].startswith("cpu: ") and "  " not in env["device"]
+    with pytest.raises(ValueError, match="device must be a cpu or cuda device"):
+        bench.environment("meta")
+    if torch.cuda.is_available():
+        assert bench.environment("cuda")["timer"] == bench.TIMER_CUDA

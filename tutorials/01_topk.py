@@ -37,6 +37,8 @@ from sonic_learn.bench import measure
 from sonic_learn.reference.topk import (
     bitonic_topk,
     ordered_int_keys,
+    TORCH_SINGLE_BLOCK_RADIX_BITS,
+    radix_select_passes,
     radix_topk,
     softmax_topk,
     topk_softmax,
@@ -62,8 +64,10 @@ $$
 and no column left out is larger: $x_j \le x_{i_K}$ for every $j \notin \{i_1, \dots, i_K\}$.
 
 When two logits are equal (common in bf16, which has only 8 significant bits) the **lower column
-wins**, like `torch.topk`. A tie rule is part of the contract: without one, two implementations
-could route the same token to different experts.
+wins**. A tie rule is part of the contract: without one, two implementations could route the same
+token to different experts. This library fixes that rule in every implementation; `torch.topk`
+documents no order for ties, so even where its output happens to agree (as in the cell below), it
+is not a contract to rely on.
 <!-- --8<-- [end:math] -->
 """
 
@@ -73,7 +77,7 @@ logits = torch.tensor([[0.5, 2.0, -1.0, 2.0, 0.25, 1.0, -3.0, 0.0]], dtype=torch
 for name, fn in [("torch.topk", torch.topk), ("radix_topk", radix_topk), ("bitonic_topk", bitonic_topk)]:
     values, indices = fn(logits, 3)
     print(f"{name:>13}: values {values.tolist()}  indices {indices.tolist()}")
-# the tie between columns 1 and 3 (both 2.0) goes to column 1 first
+# the tie between columns 1 and 3 (both 2.0): our rule puts column 1 first
 # --8<-- [end:first_look]
 
 # %% [markdown]
@@ -103,11 +107,23 @@ r"""
 <!-- --8<-- [start:radix_md] -->
 ## Step 2: radix select, one digit per pass
 
-A radix select finds the $K$-th largest key one 8-bit digit at a time, most significant first.
-Each pass builds a 256-bucket histogram of the current digit over the keys still in the running,
-and keeps the bucket that holds the $K$-th largest. A $B$-bit key takes $B/8$ passes, and a last
-pass collects the winners: 3 passes over the row for bf16, 5 for float32. On a GPU each pass reads
-the row from memory again. Here is the first pass on a bf16 row, by hand:
+A radix select finds the $K$-th largest key one digit at a time, most significant first. Each
+pass builds a histogram of the current digit over the keys still in the running and keeps the
+bucket that holds the $K$-th largest; a last pass collects the winners. On a GPU each pass reads
+the row from memory again, so the digit width sets the cost: a $B$-bit key with $r$-bit digits
+takes $\lceil B/r \rceil$ passes (`radix_select_passes`), plus the collect pass.
+
+- **This library's radix select** (`radix_topk` and its CuTe-DSL kernel) uses 8-bit digits and
+  256-bucket histograms: 2 passes for bf16, 4 for float32, then the collect pass.
+- **`torch.topk` on a GPU** is a radix select too. For rows of a few hundred columns (a router
+  with up to 256 experts) it runs one thread block per row with **2-bit digits** (`RADIX_BITS = 2` in PyTorch's
+  `aten/src/ATen/native/cuda/SortingRadixSelect.cuh`): up to 8 counting passes for bf16 and 16
+  for float32, then its `gatherTopK` kernel (`aten/src/ATen/native/cuda/TensorTopK.cu`) reads the
+  row again to collect the winners. It uses 8-bit digits only in a multi-block path for rows that
+  are wide for their number (`mbtopk` in the same file, picked by `should_use_multiblock`: for
+  example more than 4000 rows of at least 400 columns, so a 512-expert router takes it).
+
+Here is the first pass of our 8-bit design on a bf16 row, by hand:
 <!-- --8<-- [end:radix_md] -->
 """
 
@@ -121,7 +137,9 @@ print("non-empty buckets of the first digit:", {b: int(c) for b, c in enumerate(
 k = 4
 at_or_above = histogram.flip(0).cumsum(0).flip(0)  # how many keys have a top digit >= b
 bucket = int((at_or_above >= k).sum()) - 1
-print(f"the {k}-th largest key has top digit {bucket}; passes for {bits}-bit keys: {bits // 8} + 1 collect")
+print(f"the {k}-th largest key has top digit {bucket}")
+print(f"passes over a {bits}-bit row: ours {radix_select_passes(bits)} + 1 collect, "
+      f"torch.topk single-block up to {radix_select_passes(bits, TORCH_SINGLE_BLOCK_RADIX_BITS)} + collect")
 values, indices = radix_topk(row, k)
 print("radix_topk:", values.tolist(), indices.tolist())
 # --8<-- [end:radix]
@@ -140,7 +158,11 @@ SonicMoE's router kernel reads a row once and keeps it in registers. Two ideas m
    wire $i$ with wire $i \oplus s$, keep the max on one side and the min on the other. For $N$
    wires it has $\log_2 N \,(\log_2 N + 1)/2$ stages of $N/2$ compare-exchanges each, and the
    schedule never depends on the data, so there is no branching: on a GPU each stage is a
-   compare of two registers, or a warp shuffle when the pair sits in different lanes. For top-k only chunks of $k$ are sorted and then merged, keeping the larger half.
+   compare of two registers, or a warp shuffle when the pair sits in different lanes. For top-k
+   only chunks of $k$ are sorted, then sorted chunks are merged, keeping the larger half.
+   SonicMoE's kernel (through QuACK's sorting code) sorts each chunk with an *optimal* sorting
+   network (the fewest compare-exchanges known for that size) and uses bitonic networks for the
+   merges; the reference here uses bitonic networks for both, the simplest schedule to read.
 <!-- --8<-- [end:bitonic_md] -->
 """
 
@@ -255,6 +277,8 @@ if torch.cuda.is_available():  # GPU only: skipped on a CPU machine
             assert torch.equal(fn(xg, 8)[1], expected), name
         t = measure(lambda: fn(xg, 8), device="cuda")
         print(f"cuda {name:>17}: median {t.median_ms:8.3f} ms  (p20 {t.p20_ms:.3f}, p80 {t.p80_ms:.3f})")
+else:
+    print("no CUDA device here: the GPU timings (torch.topk on CUDA and the CuTe-DSL kernels) are skipped")
 # --8<-- [end:measure]
 
 # %% [markdown]
@@ -262,8 +286,9 @@ r"""
 <!-- --8<-- [start:exercises] -->
 ## Exercises
 
-1. **Passes.** How many passes over a row does a radix select make for float32 logits? For
-   float64? Check your answer against the loop in `_radix_select_columns`.
+1. **Passes.** How many digit passes over a row does `radix_topk` make for float32 logits? For
+   float64? How many does `torch.topk`'s single-block kernel make for float32, with 2-bit digits?
+   Check your answers against the loop in `_radix_select_columns` and `radix_select_passes`.
 2. **Lossless packing.** For float16 inputs the column fits in 13 bits. What is the widest row
    `bitonic_topk` accepts for float16, and what error does it raise past that? Try it.
 3. **Float32 ties.** Build two float32 values that differ only in their lowest mantissa bit, put
@@ -271,5 +296,7 @@ r"""
    docstring of `bitonic_topk`.
 4. **The network.** Write the list of (stride, block size) pairs that `_bitonic_sort_descending`
    visits for $N = 16$, and count the compare-exchanges.
+
+Answer key: `tutorials/answers/01_topk.py` (run it; every answer is checked by an assert).
 <!-- --8<-- [end:exercises] -->
 """

@@ -256,5 +256,7 @@ r"""
    sentence in `round_counts`'s docstring that says why.
 4. **Scores of added tokens.** With `mode="up"`, a token can get more than $K$ experts. Find one,
    and check that its token-choice scores are unchanged.
+
+Answer key: `tutorials/answers/02_routing.py` (run it; every answer is checked by an assert).
 <!-- --8<-- [end:exercises] -->
 """

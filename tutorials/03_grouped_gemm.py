@@ -18,8 +18,8 @@ After this tutorial you can
 - state what a **grouped GEMM** computes: every expert multiplies its own rows by its own weights;
 - follow the **naive** pipeline (gather the rows into a padded copy, then GEMM) and SonicMoE's
   **gather-fused** one (each tile loads its rows straight from $X$ through `gather_idx`);
-- count the bytes each moves through GPU memory with the cost model `io_cost`, and see where the
-  $2TKd$ bytes that fusion saves come from;
+- count the bytes each moves through GPU memory with the cost model `io_cost`, and see which of
+  the layer's GEMMs fusion saves bytes in, and how many;
 - check both against a float64 oracle, including empty experts and counts that straddle the tile.
 
 Run it with `python tutorials/03_grouped_gemm.py` (CPU, seconds).
@@ -33,6 +33,7 @@ import torch
 from sonic_learn.bench import measure
 from sonic_learn.reference.grouped_gemm import (
     gather_fused_grouped_gemm,
+    gather_fusion_savings,
     grouped_gemm_varlen_k,
     io_cost,
     naive_grouped_gemm,
@@ -55,8 +56,9 @@ $$
 H[r] = X[\texttt{gather\_idx}[r]]\; W_{1,e}, \qquad X \in \mathbb{R}^{T \times d},\ W_1 \in \mathbb{R}^{E \times d \times 2n},\ H \in \mathbb{R}^{TK \times 2n}.
 $$
 
-The GEMM convention in this file is $(M, K) \cdot (K, N)$: here $K$ is the GEMM's reduction
-dimension ($d$), not the number of experts per token.
+A GEMM's shape is written $(M, K) \cdot (K, N)$, and `io_cost`'s arguments follow it: there $K$
+is the GEMM's reduction dimension ($d$ here), not the number of experts per token. In the code
+below, the variable `K` is the top-$K$ of the routing.
 <!-- --8<-- [end:math_md] -->
 """
 
@@ -154,30 +156,38 @@ r"""
 ## Step 4: count the bytes
 
 `io_cost` is a first-order model of the memory traffic (see its docstring for the assumptions).
-For $M$ routed rows padded to $M_\text{pad}$, reduction width $K$, output width $N$ and $b$ bytes
-per element, the fused kernel saves $M_\text{pad} K b$ bytes of reads and
-$M_\text{pad} K b + (M_\text{pad} - M) N b$ of writes. With $M = TK$ rows, no padding and bf16
-($b = 2$), the gathered copy is $2TKd$ bytes, the amount by which the paper says fusion "reduces
-the IO cost"; the naive pipeline writes that copy once and reads it back once. On the paper's 7B
-configuration ($T = 24576$, $d = 1536$, $n = 256$, $E = 128$, $K = 8$), for the up-projection with
-balanced experts:
-<!-- --8<-- [end:io_md] -->
+For $M$ routed rows padded to $M_\text{pad}$, reduction width $K$ (the GEMM's, not the top-k
+$K$), output width $N$ and $b$ bytes per element, the fused kernel saves $M_\text{pad} K b$ bytes
+of reads and $M_\text{pad} K b + (M_\text{pad} - M) N b$ of writes. With $M = TK$ rows, no padding
+and bf16 ($b = 2$), the gathered copy is $2TKd$ bytes (the copy the paper's IO accounting removes),
+and the naive pipeline writes it once and reads it back once: **each GEMM that gathers saves
+$2 \times 2TKd = 4TKd$ bytes**.
+
+Which GEMMs gather? Of the layer's six grouped GEMMs, four load token rows through `gather_idx`:
+the up-projection (gathers $X$) and, in the backward, the dH kernel's $dA' = dO\,W_2^\top$
+(gathers $dO$) and the weight gradients $dW_2$ (gathers $dO$) and $dW_1$ (gathers $X$), these two
+along their reduction dimension. The down-projection and
+$d\tilde X = dH\,W_1^\top$ read an operand the previous GEMM already wrote in grouped order, so
+fusion saves them nothing. `gather_fusion_savings` derives all six from the cost model. On the
+paper's 7B configuration ($T = 24576$, $d = 1536$, $n = 256$, $E = 128$, $K = 8$) with balanced
+experts:<!-- --8<-- [end:io_md] -->
 """
 
 # %%
 # --8<-- [start:io]
 T7, d7, n7, E7, K7 = 24576, 1536, 256, 128, 8
 balanced = [T7 * K7 // E7] * E7  # every expert gets T*K/E = 1536 rows (a multiple of 128)
-for variant in ("naive", "gather_fused"):
+for variant in ("naive", "gather_fused"):  # the up-projection, kernel by kernel
     c = io_cost(T7, d7, 2 * n7, balanced, tile_m=128, dtype_bytes=2, variant=variant)
     print(f"{variant:>12}: read {c.bytes_read / 2**20:7.0f} MiB, write {c.bytes_written / 2**20:7.0f} MiB, "
           f"kernels {[k.name for k in c.kernels]}")
-naive = io_cost(T7, d7, 2 * n7, balanced, variant="naive")
-fused = io_cost(T7, d7, 2 * n7, balanced, variant="gather_fused")
-saved = naive.bytes_moved - fused.bytes_moved
 copy_bytes = 2 * T7 * K7 * d7  # the gathered (TK, d) bf16 copy: 2TKd bytes
-assert saved == 2 * copy_bytes  # written once by the gather kernel, read once by the GEMM
-print(f"saved: {saved / 2**20:.0f} MiB = the {copy_bytes / 2**20:.0f} MiB gathered copy, written and read back")
+savings = gather_fusion_savings(T7, d7, n7, balanced)  # bytes saved per GEMM of the layer
+for gemm, saved in savings.items():
+    print(f"{gemm:>16}: saves {saved / 2**20:5.0f} MiB = {saved / copy_bytes:.0f} x the gathered copy")
+assert all(savings[g] == 2 * copy_bytes for g in ("up-projection", "dH", "dW2", "dW1"))
+assert savings["down-projection"] == savings["dX~"] == 0
+print(f"per training step: {sum(savings.values()) / 2**20:.0f} MiB = 16TKd bytes")
 # --8<-- [end:io]
 
 # %% [markdown]
@@ -261,5 +271,12 @@ r"""
 3. **The down-projection.** Which arguments of `io_cost` describe the down-projection
    $Y = A W_2$? Is there a gather there?
 4. **Invariance.** Shuffle the token order inside one expert's rows: which outputs change, and how?
+   To build the shuffled metadata, permute `meta.pair_of_row` inside the expert's row range
+   (`expert_offsets[e]` to `expert_offsets[e+1]`), recompute `gather_idx` as
+   `routing.token_idx[pair_of_row]` and `row_of_pair` as its inverse, and make the new metadata
+   with `dataclasses.replace(meta, pair_of_row=..., gather_idx=..., row_of_pair=...)`. Compare the
+   GEMM outputs row by row, and the layer output after `sonic_learn.reference.moe.aggregate`.
+
+Answer key: `tutorials/answers/03_grouped_gemm.py` (run it; every answer is checked by an assert).
 <!-- --8<-- [end:exercises] -->
 """

@@ -153,20 +153,21 @@ r"""
 ## Step 3: memory vs expert granularity
 
 Fine-grained MoEs keep the active expert width $nK$ fixed (so the FLOPs stay fixed) while making
-experts smaller: $n$ shrinks, $K$ and $E$ grow. The closed forms at a 30B-like shape ($T = 32768$,
-$d = 4096$, $nK = 8192$), in bf16, per layer:
+experts smaller: $n$ shrinks, $K$ and $E$ grow. The closed forms on the paper's 120B family
+($T = 32768$, $d = 4096$, $nK = 8192$, $E = 16K$; the paper's rows are $K = 4, 8, 16$), in bf16,
+per layer:
 <!-- --8<-- [end:granularity_md] -->
 """
 
 # %%
 # --8<-- [start:granularity]
-T30, d30, nK = 32768, 4096, 8192
+T120, d120, nK = 32768, 4096, 8192
 print(f"{'n':>5} {'K':>3} {'E':>4} {'standard GiB':>13} {'reduced GiB':>12}")
-for K30 in (2, 4, 8, 16):
-    n30, E30 = nK // K30, 16 * K30
-    std = expected_saved_bytes(T30, d30, n30, E30, T30 * K30, backward="standard")["total"]
-    red = expected_saved_bytes(T30, d30, n30, E30, T30 * K30, backward="reduced_memory")["total"]
-    print(f"{n30:>5} {K30:>3} {E30:>4} {std / 2**30:>13.2f} {red / 2**30:>12.2f}")
+for K120 in (2, 4, 8, 16):
+    n120, E120 = nK // K120, 16 * K120
+    std = expected_saved_bytes(T120, d120, n120, E120, T120 * K120, backward="standard")["total"]
+    red = expected_saved_bytes(T120, d120, n120, E120, T120 * K120, backward="reduced_memory")["total"]
+    print(f"{n120:>5} {K120:>3} {E120:>4} {std / 2**30:>13.2f} {red / 2**30:>12.2f}")
 # --8<-- [end:granularity]
 
 # %% [markdown]
@@ -208,10 +209,12 @@ r"""
    score's reduction read?
 2. **Where does $A'$ go?** In `ReducedMemoryExperts.backward`, find $A' = s \odot A$ and the GEMM
    that consumes it. Why is it cheaper to scale $A$ than $dO$?
-3. **The iso-FLOP table.** Extend Step 3 to $K = 32$. At what granularity does the standard
-   backward's cache exceed 20 GiB per layer?
+3. **The iso-FLOP table.** Extend Step 3 to $K = 32$ and $K = 64$. At which $K$ (and expert
+   width $n$) does the standard backward's cache first exceed 20 GiB per layer?
 4. **gradcheck.** Run `torch.autograd.gradcheck` on `moe_forward` with `backward="reduced_memory"`
    on a tiny float64 problem. Which inputs can it check? What would go wrong if two logits of a
    token were almost equal, so that gradcheck's small perturbations changed the chosen experts?
+
+Answer key: `tutorials/answers/04_backward.py` (run it; every answer is checked by an assert).
 <!-- --8<-- [end:exercises] -->
 """

@@ -229,10 +229,13 @@ r"""
 1. **A token with more experts.** With `routing="token_rounding"` and `tile_m=4`, find a token
    that gets more than $K$ experts, and follow it through the forward pass.
 2. **The router's gradient.** With `softmax_topk` scoring, which columns of `d logits` are zero?
-   Change the scoring to `topk_softmax` (see `sonic_learn.reference.moe.route`) and compare.
+   `sonic_learn.MoE` has no scoring argument: call `sonic_learn.reference.moe.moe_forward` with the
+   layer's weights and `scoring="topk_softmax"` (see `route`) and compare.
 3. **Memory of a real layer.** Use `expected_saved_bytes` to compute the activation memory of
    `sonic_learn.MoE(1536, 256, 128, 8)` on $T = 24576$ tokens in bf16, for both modes.
 4. **From the HF layout.** A Hugging Face checkpoint stores $W_1$ as `[gate | up]`. Load one
    expert that way and convert it with `interleave_gate_up`; check the output does not change.
+
+Answer key: `tutorials/answers/05_moe_layer.py` (run it; every answer is checked by an assert).
 <!-- --8<-- [end:exercises] -->
 """

@@ -4,8 +4,8 @@
 and benchmarks:
 
 - ``configs``: problem sizes in the paper's notation and the paper's named configurations;
-- ``registry``: the implementations (baseline / reference / fast / upstream) and their availability;
-- ``pairs``: inputs, float64 oracle, agreement check and cost model of every pair;
+- ``registry``: what a row is (``Impl``), where it runs (``Setup``), ``UnsupportedProblem``;
+- ``pairs``: one module per pair: inputs, float64 oracle, agreement check, cost model and rows;
 - ``runner``: check first, then time (``run_pair``), using ``sonic_learn.bench``;
 - ``tables`` / ``records`` / ``plots``: rich tables, JSON/CSV records, matplotlib figures;
 - ``memory``: the saved-tensor table of the two backward modes.
@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 
 from sonic_learn.compare.configs import CONFIGS, Problem, get_config
-from sonic_learn.compare.pairs import PAIRS, SPECS, TOUR
-from sonic_learn.compare.registry import REGISTRY, Impl, Setup
+from sonic_learn.compare.pairs import PAIRS, REGISTRY, SPECS, TOUR
+from sonic_learn.compare.registry import Impl, Setup, UnsupportedProblem
 from sonic_learn.compare.runner import PairResult, Row, Settings, run_pair
 
 
@@ -37,10 +37,11 @@ def run(pair: str, problem: Problem, *, device: str | torch.device = "cpu", dtyp
     if settings is not None and not isinstance(settings, Settings):
         raise TypeError(f"settings must be a sonic_learn.compare.Settings or None, got {type(settings).__name__}")
     setup = Setup(device=device, dtype=dtype)  # checks device and dtype
-    return run_pair(SPECS[pair], REGISTRY[pair], problem, setup, settings)
+    return run_pair(SPECS[pair], SPECS[pair].rows, problem, setup, settings)
 
 
 __all__ = [
     "CONFIGS", "PAIRS", "REGISTRY", "SPECS", "TOUR", "Impl", "PairResult", "Problem", "Row", "Settings", "Setup",
+    "UnsupportedProblem",
     "get_config", "run", "run_pair",
 ]

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
+import time
 
 import torch
 
 from sonic_learn.compare import configs as cfg
-from sonic_learn.compare import pairs as pairs_mod
+from sonic_learn.compare.pairs import SPECS, TOUR
+from sonic_learn.compare import estimate as estimate_mod
 from sonic_learn.compare import records, tables
-from sonic_learn.compare.registry import REGISTRY, Setup
+from sonic_learn.compare.registry import Setup
+from sonic_learn.compare import runner
 from sonic_learn.compare.runner import FAULT_ENV, Settings, fault_target, run_pair
 
 try:  # nicer help when rich-argparse happens to be installed; plain argparse otherwise
@@ -44,6 +48,16 @@ SUBCOMMANDS = {
 }
 
 
+EXAMPLES = (
+    ("python -m sonic_learn.compare", "the tour: the four pairs on a small problem"),
+    ("python -m sonic_learn.compare topk -T 4096 -E 128 -K 8", "one pair, shapes in the paper's notation"),
+    ("python -m sonic_learn.compare moe --config 7B --device cuda", "the whole layer on the paper's 7B config"),
+    ("python -m sonic_learn.compare memory -K 8", "which tensors each backward mode saves"),
+    ("python -m sonic_learn.compare list", "what runs here, and why the rest does not"),
+    ("python -m sonic_learn.compare routing --json out.json", "every row as JSON (also --csv, --plot)"),
+)
+
+
 def _add_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
     """Shape and run options; on subparsers their defaults are SUPPRESSed so that options given
     before the subcommand are not overwritten."""
@@ -64,13 +78,19 @@ def _add_options(p: argparse.ArgumentParser, *, sub: bool) -> None:
     r.add_argument("--warmup", type=int, help="untimed warm-up calls per row (default 1 on CPU, 3 on CUDA)", **d)
     r.add_argument("--seed", type=int, help="seed of the inputs (default 0)", **d)
     r.add_argument("--routing", choices=("topk", "token_rounding"), help="routing for `memory` (default topk)", **d)
+    r.add_argument("--allow-large", action="store_true",
+                   help="run on the CPU even when the estimated time or memory is past the safety limits "
+                        f"(more than {estimate_mod.fmt_seconds(estimate_mod.CPU_MAX_SECONDS)} or half the machine's "
+                        "memory)", **d)
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="write every row as JSON ('-' = stdout, instead of tables)", **d)
     o.add_argument("--csv", metavar="PATH", help="write one CSV record per row ('-' = stdout)", **d)
     o.add_argument("--plot", metavar="PATH.png", help="draw each pair's picture with matplotlib", **d)
     o.add_argument("--inject-fault", metavar="NAME",
-                   help=f"TESTING ONLY: corrupt the output of every row whose name contains NAME, to check that a "
-                        f"disagreement is reported as FAIL and exits 1 (same as env {FAULT_ENV}=NAME)", **d)
+                   help=f"TESTING ONLY: for every row whose name contains NAME, corrupt each output tensor in turn "
+                        f"(floats by {runner.FAULT_MARGIN}x the tolerance, integers by one) and check that the "
+                        f"row is reported as FAIL and the command exits 1; a fault the check misses makes the row "
+                        f"an ERROR (same as env {FAULT_ENV}=NAME)", **d)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="SonicMoE's ideas side by side: for each pair (classic vs SonicMoE), every implementation "
                     "on the same input -- do they agree, how long do they take, how much memory, how many "
                     "bytes and FLOPs.",
-        epilog="subcommands:\n" + "\n".join(f"  {k:<13} {v}" for k, v in SUBCOMMANDS.items())
-               + "\n\nexit status: 0 all rows agree, 1 a row FAILed, 2 bad arguments",
+        epilog="examples:\n" + "\n".join(f"  {cmd:<{max(len(c) for c, _ in EXAMPLES)}}  # {what}"
+                                          for cmd, what in EXAMPLES)
+               + "\n\nexit status: 0 all rows agree, 1 a row FAILed (or raised), 2 bad arguments or a problem too "
+                 "large for this CPU (see --allow-large)",
         formatter_class=_Formatter,
     )
     _add_options(parser, sub=False)
@@ -107,6 +129,7 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
         v = getattr(args, opt, None)
         if v is not None and v < (1 if opt == "reps" else 0):
             parser.error(f"--{opt} must be >= {1 if opt == 'reps' else 0}, got {v}")
+    _check_output_paths(args, parser)
     plot = getattr(args, "plot", None)
     if plot:
         try:
@@ -118,6 +141,38 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
     return problem, setup, settings
 
 
+def _check_output_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every output path is writable before any work starts (exit 2 otherwise)."""
+    for opt in ("json", "csv", "plot"):
+        path = getattr(args, opt, None)
+        if path is None:
+            continue
+        if path == "-":
+            if opt == "plot":
+                parser.error("--plot needs a file name (PATH.png), not '-'")
+            continue
+        if not path or os.path.isdir(path):
+            parser.error(f"--{opt} {path!r} is a directory or empty; expected a file path")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            parser.error(f"--{opt} {path}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            parser.error(f"--{opt} {path}: not writable")
+
+
+def _check_size(command: str, problem, setup: Setup, settings: Settings, allow_large: bool,
+                parser: argparse.ArgumentParser):
+    """Estimate the run from the cost model; refuse one too large for this CPU (exit 2) unless allowed."""
+    reps, warmup = settings.resolved(setup.device)
+    est = estimate_mod.estimate(command, problem, setup, reps, warmup)
+    too_large = estimate_mod.refusal(est, setup)
+    if too_large and not allow_large:
+        parser.error(f"{command} on {problem.name} ({problem.shape_str()}) on the CPU is estimated at "
+                     f"{est.describe()}: {too_large}. Pass --allow-large to run it anyway, or choose a smaller "
+                     f"problem (e.g. --config tour, or fewer tokens with -T).")
+    return est
+
+
 def _write(path: str, text: str) -> None:
     if path == "-":
         sys.stdout.write(text)
@@ -127,11 +182,23 @@ def _write(path: str, text: str) -> None:
 
 
 @contextlib.contextmanager
-def _progress(total: int):
-    """A rich progress bar on stderr (only when stderr is a terminal); yields the step callback."""
+def _progress(total: int, est: estimate_mod.Estimate):
+    """Progress on stderr; yields the step callback. A rich bar when stderr is a terminal; otherwise
+    nothing for a short run, and one plain line per step for a long one (so logs show it is alive)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
 
     console = tables.make_console(stderr=True)
+    if est.seconds > estimate_mod.LONG_RUN_SECONDS:
+        print(f"sonic_learn.compare: estimated {est.describe()}", file=sys.stderr, flush=True)
+    if not console.is_terminal and est.seconds > estimate_mod.LONG_RUN_SECONDS:
+        start, done = time.perf_counter(), [0]
+
+        def line(msg: str) -> None:
+            done[0] += 1
+            print(f"[{done[0]}/{total} {time.perf_counter() - start:5.0f} s] {msg}", file=sys.stderr, flush=True)
+
+        yield line
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=True, disable=not console.is_terminal) as prog:
         task = prog.add_task("compare", total=total)
@@ -144,8 +211,8 @@ def _progress(total: int):
 
 def _list(setup: Setup, out, as_json: str | None, env: dict) -> int:
     entries = []
-    for pair, impls in REGISTRY.items():
-        for impl in impls:
+    for pair, spec in SPECS.items():
+        for impl in spec.rows:
             ok, why = impl.available(setup)
             entries.append({"pair": pair, "impl": impl.name, "kind": impl.kind, "algorithm": impl.algorithm,
                             "available": ok, "why": why})
@@ -166,17 +233,20 @@ def main(argv: list[str] | None = None) -> int:
     problem, setup, settings = _resolve(args, parser)
     from sonic_learn.bench import environment  # noqa: PLC0415
 
-    env = environment()
+    env = environment(setup.device)
     as_json, as_csv, plot = getattr(args, "json", None), getattr(args, "csv", None), getattr(args, "plot", None)
     out = tables.make_console()
     quiet = "-" in (as_json, as_csv)  # machine-readable output on stdout replaces the tables
 
     if command == "list":
         return _list(setup, out, as_json, env)
+    est = _check_size(command, problem, setup, settings, getattr(args, "allow_large", False), parser)
 
     if command == "memory":
         from sonic_learn.compare.memory import memory_report  # noqa: PLC0415
 
+        if est.seconds > estimate_mod.LONG_RUN_SECONDS:
+            print(f"sonic_learn.compare: estimated {est.describe()}", file=sys.stderr, flush=True)
         report = memory_report(problem, setup, routing=getattr(args, "routing", None) or "topk", seed=settings.seed)
         if not quiet:
             out.print(tables.memory_table(report, ascii_box=not out.is_terminal))
@@ -189,13 +259,13 @@ def main(argv: list[str] | None = None) -> int:
             plot_results([], problem, setup, plot, memory=report)
         return 0 if report["ok"] else 1
 
-    keys = pairs_mod.TOUR if command == "tour" else (command,)
-    total = sum(2 * len(REGISTRY[k]) for k in keys)
+    keys = TOUR if command == "tour" else (command,)
+    total = sum(2 * len(SPECS[k].rows) for k in keys)
     results = []
-    with _progress(total) as step:
+    with _progress(total, est) as step:
         settings.on_step = step
         for key in keys:
-            result = run_pair(pairs_mod.SPECS[key], REGISTRY[key], problem, setup, settings)
+            result = run_pair(SPECS[key], SPECS[key].rows, problem, setup, settings)
             results.append(result)
             if not quiet:
                 tables.print_pair(out, result, env)

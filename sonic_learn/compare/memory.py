@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import re
 
-
-from sonic_learn.compare import pairs
 from sonic_learn.compare.configs import Problem
-from sonic_learn.compare.registry import Setup, resolve
+from sonic_learn.compare.pairs import layer
+from sonic_learn.compare.pairs.common import score_dtype
+from sonic_learn.compare.registry import Setup
+from sonic_learn.reference.moe import expected_saved_bytes, saved_tensors
 
 MODES = ("standard", "reduced_memory")
 
@@ -41,19 +42,17 @@ def _term_shape(term: str, sizes: dict[str, int]) -> tuple[int, ...] | None:
 
 def memory_report(problem: Problem, setup: Setup, *, routing: str = "topk", seed: int = 0) -> dict:
     """Saved tensors of both backward modes, matched against the closed form; ``ok`` if all totals agree."""
-    saved_tensors = resolve(pairs.REF_MOE, "saved_tensors")
-    expected_saved_bytes = resolve(pairs.REF_MOE, "expected_saved_bytes")
-    case = pairs._layer_case(problem, setup, seed)
-    P = pairs._routed_pairs(case, routing)
+    case = layer.make_case(problem, setup, seed)
+    P = layer.routed_pairs(case, routing)
     p = problem
     sizes = {"T": p.T, "d": p.d, "n": p.n, "E": p.E, "P": P, "K": p.K}
-    score_dtype = pairs._score_dtype(setup.dtype)
+    sd = score_dtype(setup.dtype)
     modes = []
     for mode in MODES:
         measured = list(saved_tensors(case.x, case.router_w, case.w1, case.w2, p.K, backward=mode,
                                       routing=routing, tile_m=p.tile_m))
         terms = dict(expected_saved_bytes(p.T, p.d, p.n, p.E, P, dtype=setup.dtype, backward=mode,
-                                          score_dtype=score_dtype))
+                                          score_dtype=sd))
         expected_total = terms.pop("total")
         rows, left = [], list(measured)
         for term, nbytes in terms.items():

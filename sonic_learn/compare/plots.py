@@ -17,9 +17,12 @@ import dataclasses
 
 import torch
 
-from sonic_learn.compare import pairs
 from sonic_learn.compare.configs import Problem
-from sonic_learn.compare.registry import REGISTRY, Setup, resolve
+from sonic_learn.compare.pairs import topk as topk_pair
+from sonic_learn.compare.pairs.common import padded_rows, spread_logits
+from sonic_learn.compare.registry import Setup
+from sonic_learn.reference.grouped_gemm import io_cost
+from sonic_learn.reference.moe import expected_saved_bytes
 from sonic_learn.compare.runner import PairResult, Settings, run_pair
 
 MIB = 2**20
@@ -28,11 +31,11 @@ MIB = 2**20
 def _topk_sweep(ax, result: PairResult, setup: Setup) -> None:
     p = result.problem
     names = [r.impl for r in result.rows if r.status == "PASS"]
-    impls = [i for i in REGISTRY["topk"] if i.name in names]
+    impls = [i for i in topk_pair.ROWS if i.name in names]
     Es = sorted({e for e in (8, 16, 32, 64, 128, 256) if e >= p.K} | {p.E})
     times: dict[str, list[float]] = {i.name: [] for i in impls}
     for E in Es:
-        sub = run_pair(pairs.TOPK, impls, dataclasses.replace(p, E=E, name=f"E={E}"), setup, Settings(reps=3, warmup=1))
+        sub = run_pair(topk_pair.SPEC, impls, dataclasses.replace(p, E=E, name=f"E={E}"), setup, Settings(reps=3, warmup=1))
         for r in sub.rows:
             times[r.impl].append(r.timing["median_ms"] if r.timing else float("nan"))
     for name, ts in times.items():
@@ -47,7 +50,7 @@ def _topk_sweep(ax, result: PairResult, setup: Setup) -> None:
 
 def _topk_counts(T: int, E: int, K: int, seed: int) -> torch.Tensor:
     """(E,) f_e of token-choice top-K routing of T tokens with tie-free random logits."""
-    logits = pairs.spread_logits(T, E, torch.float32, torch.Generator().manual_seed(seed))  # (T, E)
+    logits = spread_logits(T, E, torch.float32, torch.Generator().manual_seed(seed))  # (T, E)
     return torch.bincount(torch.topk(logits, K, dim=-1).indices.reshape(-1), minlength=E)  # (E,)
 
 
@@ -59,7 +62,7 @@ def _routing_waste(ax, result: PairResult) -> None:
         counts = _topk_counts(T, p.E, p.K, seed=0)
         waste = []
         for tm in tiles:
-            padded = pairs.padded_rows(counts, tm)
+            padded = padded_rows(counts, tm)
             waste.append(100.0 * (padded - T * p.K) / padded)
         ax.plot(tiles, waste, marker="o", label=f"top-k, T/E*K = {T * p.K / p.E:.0f} tokens/expert")
     ax.axhline(0.0, color="k", linestyle="--", label="token rounding (multiples of the tile)")
@@ -72,7 +75,6 @@ def _routing_waste(ax, result: PairResult) -> None:
 
 def _gemm_bytes(ax, result: PairResult) -> None:
     p = result.problem
-    io_cost = resolve(pairs.REF_GEMM, "io_cost")
     counts = _topk_counts(p.T, p.E, p.K, seed=p.T)
     b = torch.empty((), dtype=getattr(torch, result.dtype)).element_size()
     for i, variant in enumerate(("naive", "gather_fused")):
@@ -89,7 +91,6 @@ def _gemm_bytes(ax, result: PairResult) -> None:
 
 
 def _backward_granularity(ax, problem: Problem, dtype: torch.dtype) -> None:
-    expected = resolve(pairs.REF_MOE, "expected_saved_bytes")
     p = problem
     budget = p.K * p.n  # iso-FLOPs: K * n fixed
     ratio = p.K / p.E  # activation ratio fixed
@@ -101,8 +102,8 @@ def _backward_granularity(ax, problem: Problem, dtype: torch.dtype) -> None:
         E = max(K, round(K / ratio))
         P = p.T * K
         Gs.append(p.d / n)
-        std.append(expected(p.T, p.d, n, E, P, dtype=dtype, backward="standard")["total"] / MIB)
-        red.append(expected(p.T, p.d, n, E, P, dtype=dtype, backward="reduced_memory")["total"] / MIB)
+        std.append(expected_saved_bytes(p.T, p.d, n, E, P, dtype=dtype, backward="standard")["total"] / MIB)
+        red.append(expected_saved_bytes(p.T, p.d, n, E, P, dtype=dtype, backward="reduced_memory")["total"] / MIB)
     ax.plot(Gs, std, marker="o", label="standard (caches gathered X and Y)")
     ax.plot(Gs, red, marker="o", label="reduced-memory (SonicMoE)")
     ax.set_xscale("log", base=2)

@@ -29,7 +29,7 @@ import torch
 from sonic_learn import _checks
 from sonic_learn.bench import measure, peak_memory_bytes
 from sonic_learn.compare.configs import Problem
-from sonic_learn.compare.registry import Impl, Setup
+from sonic_learn.compare.registry import Impl, Setup, UnsupportedProblem
 
 # Smallest tolerance per dtype (used when the baseline itself is (nearly) exact).
 ERROR_FLOOR = {
@@ -38,6 +38,7 @@ ERROR_FLOOR = {
     torch.float16: 2e-3,
     torch.bfloat16: 1.6e-2,
 }
+TOLERANCE_FACTOR = 2.0  # a row may be this many times as far from the oracle as torch's own computation
 TOLERANCE_RULE = ("max|err|/max|oracle| <= max(2 x the other torch rows' error on the same oracle (the baseline's "
                   "own where no other torch row checks it), dtype floor); integers exact")
 
@@ -151,6 +152,7 @@ class PairSpec:
     cost: Callable[[Any, Impl, Any], Cost]
     timed: str = "the call"  # what the time column measures, in words
     saved: Callable[[Any, Impl], tuple[int | None, int | None]] | None = None  # (measured, closed form)
+    rows: tuple[Impl, ...] = ()  # every implementation of the pair, in table order
 
 
 @dataclass
@@ -262,57 +264,90 @@ def mismatch(out: torch.Tensor, oracle: torch.Tensor) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Fault injection (testing only): prove that a disagreement is caught and exits non-zero
+# Fault injection (testing only): prove that the check catches a small wrong answer in any output
 # ----------------------------------------------------------------------------------------------
-def corrupt(output: Any) -> Any:
-    """Return ``output`` with its first tensor perturbed (floats: +1 + max|x| on one element; ints: +1)."""
+FAULT_MARGIN = 2.5  # a float fault moves one element by FAULT_MARGIN x the tolerance (relative to max|x|)
+
+
+def output_tensors(output: Any, path: tuple = ()) -> list[tuple[tuple, torch.Tensor]]:
+    """Every non-empty tensor of a row's output with its path (tuple/list index, dict key, field name)."""
     if isinstance(output, torch.Tensor):
-        bad = output.detach().clone()
-        flat = bad.view(-1)
-        if flat.numel() == 0:
-            return bad
-        if bad.is_floating_point():
-            flat[0] += 1.0 + flat.abs().max()
-        else:
-            flat[0] += 1
-        return bad
+        return [(path, output)] if output.numel() else []
     if isinstance(output, (tuple, list)):
-        items = list(output)
-        for i, item in enumerate(items):
-            if _has_tensor(item):
-                items[i] = corrupt(item)
-                break
-        return type(output)(items) if isinstance(output, tuple) and not hasattr(output, "_fields") else items
+        items = enumerate(output)
+    elif isinstance(output, dict):
+        items = output.items()
+    elif dataclasses.is_dataclass(output):
+        items = ((f.name, getattr(output, f.name)) for f in dataclasses.fields(output))
+    else:
+        return []
+    return [found for key, item in items for found in output_tensors(item, (*path, key))]
+
+
+def replace_at(output: Any, path: tuple, new: torch.Tensor) -> Any:
+    """A copy of ``output`` with the tensor at ``path`` replaced (tuples, named or not, become plain tuples)."""
+    if not path:
+        return new
+    key, rest = path[0], path[1:]
     if isinstance(output, dict):
-        out = dict(output)
-        for k, v in out.items():
-            if _has_tensor(v):
-                out[k] = corrupt(v)
-                break
-        return out
+        return {**output, key: replace_at(output[key], rest, new)}
     if dataclasses.is_dataclass(output):
-        for f in dataclasses.fields(output):
-            v = getattr(output, f.name)
-            if _has_tensor(v):
-                return dataclasses.replace(output, **{f.name: corrupt(v)})
-    return output
+        return dataclasses.replace(output, **{key: replace_at(getattr(output, key), rest, new)})
+    items = list(output)
+    items[key] = replace_at(items[key], rest, new)
+    return items if isinstance(output, list) else tuple(items)
 
 
-def _has_tensor(x: Any) -> bool:
-    if isinstance(x, torch.Tensor):
-        return x.numel() > 0
-    if isinstance(x, (tuple, list)):
-        return any(_has_tensor(i) for i in x)
-    if isinstance(x, dict):
-        return any(_has_tensor(v) for v in x.values())
-    if dataclasses.is_dataclass(x):
-        return any(_has_tensor(getattr(x, f.name)) for f in dataclasses.fields(x))
-    return False
+def corrupt_tensor(t: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """A copy of ``t`` with ONE element wrong, by as little as the check should still catch:
+    floats: the largest element moved by FAULT_MARGIN x tolerance x max|t| (its new error is at least
+    (FAULT_MARGIN - 1) x tolerance whatever its old error, as long as that was within tolerance);
+    integers (indices, counts, ids): that element plus one."""
+    bad = t.detach().clone(memory_format=torch.contiguous_format)
+    flat = bad.view(-1)
+    if bad.is_floating_point():
+        mags = flat.abs().double()
+        i = int(torch.argmax(torch.nan_to_num(mags, nan=0.0)))
+        scale = float(mags[i]) or 1.0
+        flat[i] = float(flat[i]) + FAULT_MARGIN * tolerance * scale
+    elif bad.dtype == torch.bool:
+        flat[0] = ~flat[0]
+    else:
+        flat[0] += 1
+    return bad
 
 
 def fault_target(settings: Settings) -> str | None:
     """The row-name fragment to corrupt: ``settings.fault``, else the environment variable ``FAULT_ENV``."""
     return settings.fault or os.environ.get(FAULT_ENV) or None
+
+
+def _inject_faults(spec: PairSpec, case: Any, impl: Impl, row: Row, out: Any) -> None:
+    """Corrupt each output tensor of a row that passed, one at a time, and re-check it with the same
+    tolerances: the row becomes FAIL when every fault is caught, ERROR naming the missed ones if not."""
+    tolerance = max(row.agreement.tolerances.values(), default=0.0) or ERROR_FLOOR[torch.float32]
+    caught, missed = [], []
+    for path, tensor in output_tensors(out):
+        bad = replace_at(out, path, corrupt_tensor(tensor, tolerance))
+        a = spec.compare(case, impl, bad)
+        a.tolerances = {k: row.agreement.tolerances.get(k, tolerance) for k in a.errors}
+        _judge_agreement(a)
+        where = "output" + "".join(f"[{k!r}]" for k in path) + f" ({str(tensor.dtype).replace('torch.', '')})"
+        (missed if a.passed else caught).append((where, a))
+    merged = Agreement(passed=False)
+    for where, a in caught:
+        for k, v in a.errors.items():
+            merged.errors[k] = max(merged.errors.get(k, 0.0), v)
+            merged.tolerances[k] = a.tolerances[k]
+        for k, (w, t) in a.mismatches.items():
+            if w or k not in merged.mismatches:
+                merged.mismatches[k] = (w, t)
+        merged.violations.extend(v for v in a.violations if v not in merged.violations)
+    row.agreement = merged
+    row.status = "FAIL"
+    if missed:
+        row.status = "ERROR"
+        row.why = "injected fault NOT caught by the check in " + ", ".join(w for w, _ in missed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,17 +374,24 @@ def _decide(rows: list[Row], dtype: torch.dtype) -> None:
                 for k, v in a.errors.items():
                     if k not in base_err and math.isfinite(v):
                         base_err[k] = v
-            a.tolerances = {k: max(2.0 * base_err.get(k, 0.0), floor) for k in a.errors}
+            a.tolerances = {k: max(TOLERANCE_FACTOR * base_err.get(k, 0.0), floor) for k in a.errors}
             _judge(r)
 
 
-def _judge(r: Row) -> None:
-    """PASS when every error is within its tolerance, integer outputs match and no invariant broke."""
-    a = r.agreement
+def _judge_agreement(a: Agreement) -> None:
+    """passed when every error is within its tolerance, integer outputs match and no invariant broke."""
     ok = all(a.errors[k] <= a.tolerances[k] for k in a.errors)
-    ok = ok and all(w == 0 for w, _ in a.mismatches.values()) and not a.violations
-    a.passed = ok
-    r.status = "PASS" if ok else "FAIL"
+    a.passed = ok and all(w == 0 for w, _ in a.mismatches.values()) and not a.violations
+
+
+def _judge(r: Row) -> None:
+    _judge_agreement(r.agreement)
+    r.status = "PASS" if r.agreement.passed else "FAIL"
+
+
+def speedup(baseline_ms: float, ms: float) -> float | None:
+    """How many times faster than the baseline: baseline median / this median (None for a zero time)."""
+    return baseline_ms / ms if ms > 0 else None
 
 
 def _throughput(cost: Cost | None, median_ms: float | None) -> tuple[float | None, str]:
@@ -371,7 +413,16 @@ def run_pair(
     setup: Setup,
     settings: Settings | None = None,
 ) -> PairResult:
-    """Check every implementation against the oracle, then time the ones that agree."""
+    """Check every implementation against the oracle, then time the ones that agree (on a CUDA
+    device, with that device current, so cuda:1 runs and is timed on cuda:1)."""
+    if setup.device.type == "cuda":
+        with torch.cuda.device(setup.device):
+            return _run_pair(spec, impls, problem, setup, settings)
+    return _run_pair(spec, impls, problem, setup, settings)
+
+
+def _run_pair(spec: PairSpec, impls: Sequence[Impl], problem: Problem, setup: Setup,
+              settings: Settings | None) -> PairResult:
     settings = settings or Settings()
     reps, warmup = settings.resolved(setup.device)
     step = settings.on_step or (lambda _msg: None)
@@ -381,6 +432,7 @@ def run_pair(
 
     rows: list[Row] = []
     fns: dict[str, Callable[[], Any]] = {}
+    faulty: dict[str, Any] = {}  # row name -> its correct output, to corrupt (testing only)
     # Pass 1: correctness, before anything is timed.
     for impl in impls:
         step(f"{spec.key}: check {impl.name}")
@@ -391,22 +443,21 @@ def run_pair(
             row.why = why
             continue
         try:
-            fn = impl.build(case)
+            fn = impl.build(case)  # raises UnsupportedProblem outside the row's documented limits
+        except UnsupportedProblem as exc:
+            row.why = f"does not cover this problem: {exc}"
+            continue
+        except Exception as exc:  # noqa: BLE001 - a row that cannot even be set up is a failing row
+            row.status, row.why = "ERROR", f"{type(exc).__name__}: {exc}"
+            continue
+        try:
             out = fn()
-            if fault and fault in impl.name:
-                out = corrupt(out)
             row.agreement = spec.compare(case, impl, out)
             row.status = "checked"
             fns[impl.name] = fn
-        except (ValueError, TypeError) as exc:
-            if impl.kind not in ("fast", "upstream"):
-                row.status, row.why = "ERROR", f"{type(exc).__name__}: {exc}"
-                continue
-            # A kernel validates its inputs before launching and rejects shapes/dtypes outside its
-            # contract (e.g. E not a multiple of 8): that is "not applicable here", not a wrong answer.
-            row.why = f"rejects this problem: {exc}"
-            continue
-        except Exception as exc:  # noqa: BLE001 - an implementation that crashes is a failing row
+            if fault and fault in impl.name:
+                faulty[impl.name] = out
+        except Exception as exc:  # noqa: BLE001 - an implementation that raises on a problem it covers fails
             row.status = "ERROR"
             row.why = f"{type(exc).__name__}: {exc}"
             continue
@@ -415,6 +466,9 @@ def run_pair(
         except Exception as exc:  # noqa: BLE001 - a cost model gap must not hide the row
             row.why = f"cost model: {type(exc).__name__}: {exc}"
     _decide(rows, setup.dtype)
+    for row, impl in zip(rows, impls):
+        if impl.name in faulty and row.status == "PASS":
+            _inject_faults(spec, case, impl, row, faulty[impl.name])
 
     # Pass 2: time (and measure memory of) the rows that agree.
     timer = "cuda-events" if setup.device.type == "cuda" else "perf_counter"
@@ -435,8 +489,8 @@ def run_pair(
 
     base = next((r for r in rows if r.kind == "baseline" and r.timing), None)
     for r in rows:
-        if base is not None and r.timing and r.timing["median_ms"] > 0:
-            r.speedup = base.timing["median_ms"] / r.timing["median_ms"]
+        if base is not None and r.timing:
+            r.speedup = speedup(base.timing["median_ms"], r.timing["median_ms"])
         if r.cost is not None and not r.throughput_unit:
             r.throughput_unit = "GB/s" if r.cost.throughput_from == "bytes" else "TFLOP/s"
 

@@ -138,8 +138,8 @@ def caption(result: PairResult, env: dict | None) -> str:
                      "(expected_saved_bytes), see the `memory` command")
     lines.extend(result.notes)
     if env:
-        versions = ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("device",) and v)
-        lines.append(f"device: {env.get('device')}  ({result.device}); {versions}")
+        versions = ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("device", "timer") and v)
+        lines.append(f"device: {env.get('device')} ({result.device}); {versions}")
     return "\n".join(lines)
 
 

@@ -15,8 +15,16 @@ from sonic_learn.course.starter import start
 
 def _parser() -> argparse.ArgumentParser:
     names = ", ".join(all_assignments())
-    p = argparse.ArgumentParser(prog="python -m sonic_learn.course", description="SonicMoE course assignments: starter code and an autograder.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(
+        prog="python -m sonic_learn.course", description="SonicMoE course assignments: starter code and an autograder.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m sonic_learn.course list                    # the assignments and their tasks\n"
+               "  python -m sonic_learn.course start topk hw1          # starter code + README in hw1/\n"
+               "  python -m sonic_learn.course grade topk hw1          # grade hw1/topk.py\n"
+               "  python -m sonic_learn.course grade topk --reference  # the library's own answer (full marks)\n\n"
+               "exit status: 0 success (grade: full marks), 1 grade below full marks, 2 usage error")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("list", help="list the assignments and their tasks")
     s = sub.add_parser("start", help="write the starter module and a README into DIR")
     s.add_argument("name", metavar="NAME", help=f"one of: {names}")
@@ -47,11 +55,24 @@ def _list() -> int:
         tasks = "\n".join(f"{t.function} ({t.points})" for t in a.tasks)
         title = f"{a.title}{' [GPU]' if a.gpu else ''}\n[dim]docs/{a.page}[/]"
         table.add_row(str(a.number), a.name, title, tasks, end_section=True)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: wide enough that no doc path is cut
+        console = Console(width=max(console.width, 160))
+    console.print(table)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as exc:  # an install without the base dependencies (e.g. an old one)
+        if exc.name != "hypothesis":
+            raise
+        print("error: the course needs Hypothesis: pip install hypothesis (or pip install -e .)", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "list":

@@ -7,7 +7,14 @@ from pathlib import Path
 
 from sonic_learn.course.assignments import get_assignment
 
-DOCS_URL = "docs/"  # the pages live in the repository's docs/ folder (and on the docs site)
+DOCS = Path(__file__).resolve().parents[2] / "docs"  # the course pages, in a source checkout of sonic_learn
+PAGE_COPY = "ASSIGNMENT.md"  # the course page, copied next to the starter when the checkout has it
+
+
+def course_page(name: str) -> str | None:
+    """The text of assignment ``name``'s course page, or None when sonic_learn is not a source checkout."""
+    page = DOCS / get_assignment(name).page
+    return page.read_text(encoding="utf-8") if page.is_file() else None
 
 
 def starter_text(name: str) -> str:
@@ -23,7 +30,11 @@ def readme_text(name: str, directory: str = "DIR") -> str:
         "",
         a.summary,
         "",
-        f"The problem statement, the math and the hints are on the course page `{DOCS_URL}{a.page}`.",
+        (f"The problem statement, the math and the hints are in `{PAGE_COPY}`, next to this README (a copy of "
+         f"the docs site's course page)." if course_page(name) is not None else
+         f"The problem statement, the math and the hints are on the docs site's course page "
+         f"`{a.page.removesuffix('.md')}/` (in a sonic_learn checkout: `mkdocs serve`, then open "
+         f"http://127.0.0.1:8000/{a.page.removesuffix('.md')}/)."),
         "",
         f"## What to implement in `{a.filename}`",
         "",
@@ -67,6 +78,9 @@ def start(name: str, directory: str | Path, *, force: bool = False) -> list[Path
     a = get_assignment(name)
     directory = Path(directory)
     targets = {directory / a.filename: starter_text(name), directory / "README.md": readme_text(name, str(directory))}
+    page = course_page(name)
+    if page is not None:
+        targets[directory / PAGE_COPY] = page
     existing = [p for p in targets if p.exists()]
     if existing and not force:
         raise FileExistsError(f"{', '.join(map(str, existing))} already exist: pass --force to overwrite (your work is lost)")

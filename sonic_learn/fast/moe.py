@@ -1,6 +1,6 @@
 """The whole MoE layer on the fast path (Hopper): router, routing metadata, grouped GEMMs, kernels.
 
-Same signature and semantics as ``sonic_learn.reference.moe.moe_forward`` (paper Section 2,
+Same signature and semantics as ``sonic_learn.reference.moe.moe_forward`` (paper
 Algorithm 1; Section 3.2 and Appendix C for the backward), built from:
 
 * the router GEMM (cuBLAS) and the token-choice router of ``sonic_learn.fast.routing`` (the bitonic

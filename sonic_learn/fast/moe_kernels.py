@@ -19,9 +19,8 @@ so its cost is bytes, not FLOPs. Four kernels here, one per job:
   accumulation, used weighted (the forward output O) and unweighted (dX). Each token *pulls* its
   rows, so there are no atomics and the sum order is fixed: the result is deterministic.
 
-(An earlier version also had a batched transpose kernel for the backward's W1^T, W2^T and dW2;
-the grouped GEMM now reads K-major weights and stores dW2 transposed itself, so no transposed
-copy is made anywhere.)
+No transposed copy of a weight is made anywhere: the grouped GEMM reads K-major weights for the
+backward's W1^T and W2^T and stores dW2 transposed itself.
 
 **Fused and unfused.** SonicMoE runs SwiGLU inside the up-projection's epilogue and the
 dSwiGLU/dS pass inside the dH GEMM's epilogue, on the accumulator tile still in registers; so does

@@ -1,8 +1,8 @@
 """Fast routing on Hopper: routing metadata in CuTe-DSL, and token rounding without a full sort.
 
-Same names and contracts as ``sonic_learn.reference.routing`` (paper Section 3 "routing metadata",
-Section 5 / Algorithm 4 "token rounding"); the ``Routing`` and ``RoutingMetadata`` types are the
-reference's own.
+Same names and contracts as ``sonic_learn.reference.routing`` (the "routing metadata" SonicMoE's
+kernels consume; paper Section 5 / Algorithm 4 "token rounding"); the ``Routing`` and
+``RoutingMetadata`` types are the reference's own.
 
 **Metadata (CuTe-DSL, four small kernels launched by one compiled call, no host sync).**
 The pairs are cut into *tiles*: one warp owns ``chunks_per_tile * 256`` consecutive pairs.

@@ -8,7 +8,8 @@ What this teaches (paper Section 4, "the router's top-K"; reference: ``sonic_lea
   its registers in chunks with a bitonic network, keeps a running top-k, and the lanes of a row
   then merge their top-k lists with warp shuffles. Nothing goes through shared memory: the row is
   read once from HBM and the k winners are written once.
-* **Radix select (the classic algorithm, as in ``torch.topk``).** One warp per row builds 8-bit
+* **Radix select (the classic algorithm; ``torch.topk`` is one too, with other digit widths: see
+  ``sonic_learn.reference.topk``).** One warp per row builds 8-bit
   digit histograms in shared memory, narrows digit by digit to the exact k-th largest key, and
   a final collect pass gathers the winners. Same answer, more passes and synchronisation.
 
@@ -26,16 +27,14 @@ lanes per SM sub-partition, half the rate of the FP32 pipes), which runs every c
   into that multiply-add; each lane adds its offset once, to its k winners.
 
 Counted in the SASS for bf16, N = 128, k = 8 (``nvdisasm``): ~790 ALU instructions per lane, 2
-lanes per row (was ~535 per lane with 4 lanes: 2140 per row, now 1582).
+lanes per row (1582 per row).
 
 Measured on an H200 at T = 262144, E = 128, K = 8 (``benchmarks/topk.py``, 88 MB read + written;
 copy rate 4125 GB/s in the same run): 37.9 us = 56% of the copy rate with ``bench.measure``, whose
 L2 flush *writes* 256 MB, so the timed call also writes ~50 MB of it back as it evicts it (a plain
 copy of the same 88 MB takes 25.0 us, 85%, under that timer); 34.8 us = 61% with the L2 emptied
 by a read, 34.4 us = 62% back to back over 8 inputs (the regime the copy rate is measured in).
-The design before this one took 40.6 us under the first timer. The 26% fewer ALU instructions
-bought 7-11%, and 4 lanes per row time the same as 2: the ALU is no longer the only limit. What
-is left is overlap: the compiler issues only 3 of a lane's 8 16-byte loads up front and sinks
+4 lanes per row time the same as 2: the ALU is not the only limit. What is left is overlap: the compiler issues only 3 of a lane's 8 16-byte loads up front and sinks
 the rest into the sorting (to save registers), so few bytes are in flight per warp.
 
 The key (both kernels; its device functions are in ``sonic_learn.fast.primitives``) — the

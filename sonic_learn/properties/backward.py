@@ -1,4 +1,4 @@
-"""Properties of the reduced-memory MoE backward (pair 3: standard vs SonicMoE's backward).
+"""Properties of the reduced-memory MoE backward (pair 4: standard vs SonicMoE's backward).
 
 Functions checked (the course's assignment 4; the key adapts ``sonic_learn.reference.moe``):
 

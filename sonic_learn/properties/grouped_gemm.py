@@ -1,4 +1,4 @@
-"""Properties of the varlen-M grouped GEMMs and their IO cost model (pair 2: naive vs gather-fused).
+"""Properties of the varlen-M grouped GEMMs and their IO cost model (pair 3: naive vs gather-fused).
 
 Functions checked (signatures of ``sonic_learn.reference.grouped_gemm``):
 

@@ -1,4 +1,4 @@
-"""Properties of the routers (pair 4: token-choice top-k vs token rounding) and the routing metadata.
+"""Properties of the routers (pair 2: token-choice top-k vs token rounding) and the routing metadata.
 
 Functions checked (signatures of ``sonic_learn.reference.routing``):
 

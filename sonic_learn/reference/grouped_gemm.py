@@ -1,6 +1,6 @@
 """Grouped GEMM: every expert multiplies its own rows by its own weight matrix.
 
-Pair 2 of SonicMoE (paper v1: the kernel list of Section 3.1 / Algorithms 2, 3 and 5; gather fusion
+Pair 3 of SonicMoE (paper v1: the kernel list of Section 3.1 / Algorithms 2, 3 and 5; gather fusion
 in the IO-aware kernel design of Section 4.1; Appendix B for the IO of other MoE implementations).
 After routing, expert e owns ``f_e`` rows of the grouped GEMM, and row r must load
 token ``gather_idx[r]`` of ``x``. There are two ways to feed those rows to a tile-based GEMM:
@@ -42,6 +42,7 @@ __all__ = [
     "gather_fused_grouped_gemm",
     "grouped_gemm_varlen_k",
     "io_cost",
+    "gather_fusion_savings",
     "naive_grouped_gemm",
     "varlen_k_cost",
 ]
@@ -497,6 +498,7 @@ def io_cost(
     up-projection (K = d) with M = TK rows, no padding and bf16 (b = 2), that is one write and one
     read of the gathered (TK, d) copy, 2TKd bytes each. (The paper's Appendix B counts a separate
     gather plus a separate scatter, read and write each, as 8TKd bytes, the same per-pass sizes.)
+    ``gather_fusion_savings`` applies this model to all six GEMMs of a layer.
 
     **FLOPs.** Useful: 2*M*K*N. Wasted on padding: 2*(M_pad - M)*K*N for *both* variants. The fused
     kernel masks the rows past an expert's end out of its loads and stores, but the tensor cores
@@ -567,3 +569,67 @@ def varlen_k_cost(
 
     return _cost_from_kernels(variant, kernels, T=T, K=K, N=N, M=M, M_pad=M_pad, b=b)
     # --8<-- [end:varlen_k_cost]
+
+
+# --8<-- [start:gather_fusion_savings]
+def gather_fusion_savings(
+    T: int,
+    d: int,
+    n: int,
+    counts: torch.Tensor | list[int] | tuple[int, ...],
+    *,
+    tile_m: int = 128,
+    tile_k: int = 64,
+    dtype_bytes: int = 2,
+) -> dict[str, int]:
+    """Bytes gather fusion saves in each of the six grouped GEMMs of one MoE layer (fwd + bwd).
+
+    One accounting for the whole library, derived from the cost model: for every GEMM, the
+    ``naive`` variant's ``bytes_moved`` minus the ``gather_fused`` one's (``io_cost`` for the
+    varlen-M GEMMs, ``varlen_k_cost`` for the weight gradients). Only a GEMM that *gathers* token
+    rows can save anything:
+
+    - **up-projection** ``H = X[gather_idx] W1`` (varlen-M, gathers X);
+    - **dH** ``dA' = dO[gather_idx] W2^T`` (varlen-M, gathers dO);
+    - **dW2** ``= A'^T dO[gather_idx]`` (varlen-K, gathers dO along the reduction dim);
+    - **dW1** ``= X[gather_idx]^T dH`` (varlen-K, gathers X along the reduction dim).
+
+    The **down-projection** ``Y = A W2`` and **dX~** ``= dH W1^T`` read an operand that the previous
+    GEMM already wrote in grouped row order: there is nothing to gather, both pipelines run the
+    same kernel, and they save 0.
+
+    With M = TK rows and every f_e a multiple of ``tile_m`` (no padding), each gathering GEMM saves
+    one write and one read of the gathered (TK, d) copy, 2 * TK*d*b bytes: 4TKd bytes in bf16
+    (the copy itself is the "2TKd bytes" of the paper). Over the layer that is 4TKd in the forward
+    and 16TKd per training step. Counts that are not tile multiples add the padding rows the naive
+    varlen-M pipeline writes and reads (the varlen-K gather needs no padding).
+
+    Args:
+        T: tokens.
+        d: model width (W1 is (E, d, 2n), W2 is (E, n, d)).
+        n: expert width.
+        counts: (E,) rows per expert, f_e.
+        tile_m: rows per tile of the varlen-M GEMMs.
+        tile_k: reduction chunk of the varlen-K GEMMs.
+        dtype_bytes: b, bytes per element (2 for bf16).
+
+    Returns:
+        ``{"up-projection", "down-projection", "dH", "dW2", "dX~", "dW1"}`` -> bytes saved (ints).
+    """
+    _checks.check_int_range("d", d, 1, what="model width")
+    _checks.check_int_range("n", n, 1, what="expert width")
+
+    def saved(cost, K: int, N: int, **tile) -> int:
+        naive = cost(T, K, N, counts, dtype_bytes=dtype_bytes, variant="naive", **tile)
+        fused = cost(T, K, N, counts, dtype_bytes=dtype_bytes, variant="gather_fused", **tile)
+        return naive.bytes_moved - fused.bytes_moved
+
+    return {
+        "up-projection": saved(io_cost, d, 2 * n, tile_m=tile_m),  # X gathered, (M, d) @ (d, 2n)
+        "down-projection": 0,  # A is already grouped: nothing to gather
+        "dH": saved(io_cost, d, n, tile_m=tile_m),  # dO gathered, (M, d) @ (d, n)
+        "dW2": saved(varlen_k_cost, d, n, tile_k=tile_k),  # dO gathered on the reduction dim
+        "dX~": 0,  # dH is already grouped: nothing to gather
+        "dW1": saved(varlen_k_cost, d, 2 * n, tile_k=tile_k),  # X gathered on the reduction dim
+    }
+    # --8<-- [end:gather_fusion_savings]

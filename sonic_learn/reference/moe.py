@@ -1,13 +1,13 @@
-"""The whole MoE layer, and pair 3 of SonicMoE: the standard vs the reduced-memory backward.
+"""The whole MoE layer, and pair 4 of SonicMoE: the standard vs the reduced-memory backward.
 
-Forward (paper Section 2, Algorithm 1; notation T tokens, d model dim, n expert dim, E experts,
+Forward (paper Algorithm 1; notation T tokens, d model dim, n expert dim, E experts,
 K experts per token, P routed (token, expert) pairs, P = T*K for token-choice top-k)::
 
     logits = X @ W_r                          (T, E)     router
     (t, e, s) triples = route(logits)         (P,)       top-k or token rounding, scores s in fp32
-    H_e = X[tokens of e] @ W1_e               (T_e, 2n)  up-projection, gather fused
-    A_e = SwiGLU(H_e)                         (T_e, n)   gate = H[:, 0::2], up = H[:, 1::2]
-    Y_e = A_e @ W2_e                          (T_e, d)   down-projection
+    H_e = X[tokens of e] @ W1_e               (f_e, 2n)  up-projection, gather fused
+    A_e = SwiGLU(H_e)                         (f_e, n)   gate = H[:, 0::2], up = H[:, 1::2]
+    Y_e = A_e @ W2_e                          (f_e, d)   down-projection
     O_t = sum over pairs (t, e, s) of s * Y_e[t]   (T, d)  aggregation (gather-and-sum)
 
 Backward. Both modes give the same gradients; they differ in what they cache and how they get dS,
@@ -298,10 +298,10 @@ def naive_moe_forward(x, router_w, w1, w2, k, *, routing: str = "topk", tile_m: 
     out = torch.zeros(x.shape, dtype=acc, device=x.device)  # (T, d)
     for e in range(router_w.shape[1]):
         mine = (r.expert_idx == e).nonzero().squeeze(1)  # pairs routed to expert e
-        tokens = r.token_idx[mine].long()  # (T_e,)
-        h = x[tokens] @ w1[e]  # (T_e, 2n)
-        a = swiglu(h)  # (T_e, n)
-        y = a @ w2[e]  # (T_e, d)
+        tokens = r.token_idx[mine].long()  # (f_e,)
+        h = x[tokens] @ w1[e]  # (f_e, 2n)
+        a = swiglu(h)  # (f_e, n)
+        y = a @ w2[e]  # (f_e, d)
         out = out.index_add(0, tokens, y.to(acc) * r.scores[mine].to(acc)[:, None])
     return out.to(x.dtype)
 # --8<-- [end:naive]

@@ -1,6 +1,6 @@
 """Routing: which token goes to which expert, and the index arrays the expert GEMMs consume.
 
-Pair 4 of SonicMoE (paper Section 5, Algorithm 4):
+Pair 2 of SonicMoE (paper Section 5, Algorithm 4):
 
 1. **token-choice top-k** (``topk_routing``): every token picks its K best experts. Expert e then
    receives f_e tokens, an arbitrary number, so a tile-based GEMM pads e's last M-tile.
@@ -9,8 +9,8 @@ Pair 4 of SonicMoE (paper Section 5, Algorithm 4):
    shares) and let expert e keep its best-ranked tokens (its token-choice picks first), so no
    tile is partly empty (unless an expert takes all T tokens, see ``round_counts``).
 
-``build_metadata`` turns either routing into the arrays a grouped GEMM needs (paper Section 3,
-"routing metadata"): per-expert counts and offsets, and the two permutations between *pair order*
+``build_metadata`` turns either routing into the arrays a grouped GEMM needs (the "routing
+metadata" SonicMoE's kernels consume): per-expert counts and offsets, and the two permutations between *pair order*
 (the flat, token-sorted list of (token, expert, score) triples) and *row order* (pairs grouped by
 expert, the order of rows in the grouped GEMM).
 """

@@ -1,12 +1,22 @@
 """Top-k over the last dim: the classic radix select vs SonicMoE's bitonic top-k (the router).
 
-Pair 1 of SonicMoE (paper Section 4.3 and Appendix D, "top-K kernel"): every token keeps its K
+Pair 1 of SonicMoE (paper v1 Section 4.3, v2 Appendix D, "top-K kernel"): every token keeps its K
 largest router logits out of E.
 
-1. **radix select** (``radix_topk``): what ``torch.topk`` does on a GPU. Turn every value into an
-   integer key whose order is the float order, then find the k-th largest key one 8-bit digit at a
-   time (a histogram per digit), then collect the winners. Every digit is one more pass over the
-   row in memory, plus one pass to collect.
+1. **radix select** (``radix_topk``): the classic selection algorithm. Turn every value into an
+   integer key whose order is the float order, find the k-th largest key one digit at a time (a
+   histogram per digit), then collect the winners. On a GPU every digit is one more pass over the
+   row in memory, plus one pass to collect, so the digit width sets the number of passes
+   (``radix_select_passes``). This file uses 8-bit digits (``RADIX_BITS``): 2 passes for 16-bit
+   keys, 4 for float32, then the collect pass. ``torch.topk`` on a GPU is also a radix select, but
+   for rows of a few hundred columns (one thread block per row) it uses 2-bit digits
+   (``TORCH_SINGLE_BLOCK_RADIX_BITS``, from ``RADIX_BITS`` in PyTorch's
+   ``aten/src/ATen/native/cuda/SortingRadixSelect.cuh``): up to 8 counting passes for bf16/fp16
+   and 16 for float32, then its ``gatherTopK`` kernel (``aten/src/ATen/native/cuda/TensorTopK.cu``)
+   reads the row again to collect. 8-bit digits appear there only in the multi-block path
+   (``mbtopk`` in ``TensorTopK.cu``), which ``should_use_multiblock`` picks for rows that are wide
+   for their number (for example more than 4000 rows of at least 400 columns, as a 512-expert
+   router's logits; fewer rows must be wider).
 2. **bitonic top-k** (``bitonic_topk``): what SonicMoE does. Pack each element's column index into
    the low mantissa bits of its float32 key so that every key in a row is unique, then run a
    bitonic sorting network / top-k merge made only of compare-exchanges. On a GPU the whole row
@@ -29,6 +39,27 @@ from sonic_learn import _checks, contracts
 
 RADIX_BITS = 8  # radix select looks at one 8-bit digit per pass ...
 RADIX_BUCKETS = 1 << RADIX_BITS  # ... so every histogram has 256 buckets
+
+# torch.topk's CUDA radix select, for comparison (PyTorch's aten/src/ATen/native/cuda/):
+# the single-block kernel (one thread block per row, what a router's (T, E) logits get) reads
+# 2-bit digits (RADIX_BITS in SortingRadixSelect.cuh); the multi-block path for very wide rows
+# reads 8-bit digits (RADIX_BITS in TensorTopK.cu's mbtopk namespace).
+TORCH_SINGLE_BLOCK_RADIX_BITS = 2
+TORCH_MULTI_BLOCK_RADIX_BITS = 8
+
+
+def radix_select_passes(bits: int, radix_bits: int = RADIX_BITS) -> int:
+    """Digit passes a radix select makes over a row of ``bits``-bit keys, ``radix_bits`` per digit.
+
+    Each pass histograms one digit, most significant first, so a B-bit key needs ceil(B / r)
+    passes; the collect pass that gathers the winners comes on top. This file's design
+    (``RADIX_BITS = 8``): 2 passes for bf16/fp16, 4 for float32. ``torch.topk``'s single-block
+    kernel (``radix_bits=TORCH_SINGLE_BLOCK_RADIX_BITS``): 8 for bf16/fp16, 16 for float32 (an upper
+    bound: it stops early once the k-th value is the only candidate left).
+    """
+    _checks.check_int_range("bits", bits, 1, what="bits per key, e.g. 16 for bf16")
+    _checks.check_int_range("radix_bits", radix_bits, 1, what="bits per digit")
+    return -(-bits // radix_bits)
 
 # The integer type with the same width as each float type (to read a float's bits).
 _SAME_WIDTH_INT = {
@@ -114,9 +145,10 @@ def _radix_select_columns(keys: torch.Tensor, bits: int, k: int) -> torch.Tensor
     k_left = torch.full((R, 1), k, dtype=torch.int64, device=keys.device)  # (R, 1)
 
     # Step 1: narrow down the k-th largest key, most significant digit first.
-    # One iteration = one full pass over the row in memory (B/8 passes: 2 for 16-bit floats, 4 for
-    # float32). A GPU radix select does the same, plus the collect pass below: that is why
-    # torch.topk reads the logits several times while SonicMoE's bitonic kernel reads them once.
+    # One iteration = one full pass over the row in memory (radix_select_passes(B) = B/8: 2 for
+    # 16-bit floats, 4 for float32). A GPU radix select does the same, plus the collect pass below:
+    # that is why a radix select reads the logits several times while SonicMoE's bitonic kernel
+    # reads them once.
     for shift in range(bits - RADIX_BITS, -1, -RADIX_BITS):
         digit = (keys >> shift) & (RADIX_BUCKETS - 1)  # (R, N) in [0, 256)
         if shift == bits - RADIX_BITS:

@@ -34,7 +34,7 @@ def ordered_int_keys(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def radix_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k over the last dim by radix select (what torch.topk does on a GPU).
+    """Top-k over the last dim by radix select (torch.topk on a GPU is one too, with 2-bit digits).
 
     Steps: (0) keys = ordered_int_keys(x); (1) for each 8-bit digit, most significant first:
     histogram the digit over the candidates (256 buckets), find the bucket holding the k-th largest
