@@ -1,8 +1,12 @@
 """Write the sm_90a PTX of the grouped GEMM's kernel variants to a folder (no GPU needed), to prove
 that a restructure of the kernel code changed nothing: snapshot before, snapshot after, compare.
 
-    python benchmarks/ptx_snapshot.py DIR [name,name,...]
+    PYTHONPATH=<checkout> python benchmarks/ptx_snapshot.py DIR [name,name,...]
     cmp -s BEFORE/x.ptx AFTER/x.ptx   # for each file
+
+PYTHONPATH must name the checkout to compile (run as a script, Python would otherwise import
+whichever sonic_learn is installed); the first line printed is the package that was compiled.
+Kernel entry names embed the module path, so compare across a file move after renaming those.
 
 The variants: the production kernel's plain store, SwiGLU and dH epilogues, varlen-K and its
 transposed store, each in clusters of 1 and 2 CTAs; ping-pong; an fp32 output; the two teaching steps.
@@ -43,6 +47,7 @@ def main(argv: list[str]) -> int:
     out_dir = argv[0]
     only = set(argv[1].split(",")) if len(argv) > 1 else None
     os.makedirs(out_dir, exist_ok=True)
+    print(f"compiling {os.path.dirname(gg.__file__)}", flush=True)
     for name, kwargs in variants().items():
         if only and name not in only:
             continue

@@ -10,7 +10,7 @@ What changes from ``v1`` (and why, paper Section 3 / Appendix B "IO"):
   row chunks to global memory, masked by the expert's valid rows and the matrix's columns. The
   expert's ragged last tile is still masked, never padded.
 * **Epilogue hook.** ``Epilogue.tile_value`` is the one place that turns an fp32 accumulator into
-  the stored value; the MoE layer (issue 7) subclasses it for SwiGLU / dSwiGLU / row scaling
+  the stored value; the MoE layer subclasses it for SwiGLU / dSwiGLU / row scaling
   without touching the mainloop.
 * **Tile shape is a parameter** (128 x 128 or 128 x 256, with as many stages as fit).
 """

@@ -382,7 +382,7 @@ class GroupedGemmWS(GroupedGemmSm90):
                  sA: cute.Tensor, sB: cute.Tensor, storage, epi_layout, pipe, sched: tuple, n_dim: Int32,
                  tidx: Int32, wg: Int32):
         """Warpgroups 1-2: for every tile of this CTA (or, ping-ponging, every other one), the WGMMA
-        mainloop over its k-tiles, then the epilogue of this warpgroup's rows."""
+        mainloop over its k-tiles, then the epilogue of this warpgroup's rows (``store_tile``)."""
         cta, num_ctas, rank, n_tiles, m_tiles, num_tiles, tile_offsets, expert_offsets = sched
         bm, bn, bk = self.tile
         cute.arch.setmaxregister_increase(CONSUMER_REGS)
@@ -394,6 +394,7 @@ class GroupedGemmWS(GroupedGemmSm90):
         tCcC = tiled_mma.get_slice(mma_tid).partition_C(cute.make_identity_tensor((bm, bn)))
         acc = cute.make_rmem_tensor(tCcC.shape, cutlass.Float32)
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+        num_k_blocks = cute.size(tCrA, mode=[2])
         read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         # The epilogue buffers: sC = this warpgroup's rows; tile_view = the tile's buffer (both
@@ -446,7 +447,23 @@ class GroupedGemmWS(GroupedGemmSm90):
             if const_expr(self.varlen_k):
                 out_row0 = expert * m_dim + m_start  # varlen-K: expert e's (d, N) block of out
             k_tiles = (k_len + bk - 1) // bk
-            self.mainloop(tiled_mma, acc, tCrA, tCrB, pipe, read, release, k_tiles)
+            # -- mainloop: acc = the tile's product over its k-tiles; one k-tile of WGMMAs stays in
+            # flight and the previous slot is freed once its WGMMAs are done. (Inline on purpose:
+            # ``read`` and ``release`` advance across tiles in this loop; moved into a helper method,
+            # the DSL carried them differently and the generated PTX changed.)
+            acc.fill(0.0)
+            for kt in cutlass.range(k_tiles, unroll=1):
+                pipe.consumer_wait(read)
+                cute.arch.fence_proxy("async.shared", space="cta")  # cp.async data -> async proxy
+                warpgroup.fence()
+                for kb in cutlass.range_constexpr(num_k_blocks):
+                    cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read.index], tCrB[None, None, kb, read.index], acc)
+                warpgroup.commit_group()
+                warpgroup.wait_group(1)  # the previous k-tile's WGMMAs are done: free its slot
+                if kt > 0:
+                    self.release_slot(pipe, release)
+                    release.advance()
+                read.advance()
             if const_expr(self.pingpong):  # my mainloop has waited on all its slots: the other's turn
                 if (t - cta) // num_ctas < cta_tiles - 1:
                     cute.arch.barrier_arrive(barrier_id=ORDER_BARRIER + 2 - wg, number_of_threads=CONSUMER_THREADS)
@@ -459,27 +476,6 @@ class GroupedGemmWS(GroupedGemmSm90):
         if const_expr(self.uses_tma_store()):
             if ctid % 128 < 32:  # the shared memory must outlive the last bulk store's reads
                 cute.arch.cp_async_bulk_wait_group(0, read=True)
-
-    @cute.jit
-    def mainloop(self, tiled_mma: cute.TiledMma, acc: cute.Tensor, tCrA: cute.Tensor, tCrB: cute.Tensor, pipe,
-                 read, release, k_tiles: Int32):
-        """acc = the tile's product over its ``k_tiles`` k-tiles: wait for each slot, issue its WGMMAs,
-        and free the previous slot once its WGMMAs are done (one k-tile of WGMMAs stays in flight;
-        the caller drains it and frees the last slot)."""
-        acc.fill(0.0)
-        num_k_blocks = cute.size(tCrA, mode=[2])
-        for kt in cutlass.range(k_tiles, unroll=1):
-            pipe.consumer_wait(read)
-            cute.arch.fence_proxy("async.shared", space="cta")  # cp.async data -> async proxy
-            warpgroup.fence()
-            for kb in cutlass.range_constexpr(num_k_blocks):
-                cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read.index], tCrB[None, None, kb, read.index], acc)
-            warpgroup.commit_group()
-            warpgroup.wait_group(1)  # the previous k-tile's WGMMAs are done: free its slot
-            if kt > 0:
-                self.release_slot(pipe, release)
-                release.advance()
-            read.advance()
 
     @cute.jit
     def store_tile(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
