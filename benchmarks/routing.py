@@ -149,14 +149,14 @@ def bench_shape(T: int, E: int, K: int, reps: int, modes: tuple[str, ...]) -> di
             return fast.build_metadata(r, check_ids=False)
 
         def torch_selection_tr(mode=mode):
-            r = fast._token_rounding(logits, K, TILE_M, mode, None, "softmax_topk", False, False, selection="torch")
+            r = fast.token_rounding(logits, K, tile_m=TILE_M, mode=mode, check_finite=False, selection="torch")
             return fast.build_metadata(r, check_ids=False)
 
         def ref_tr(mode=mode):
             return ref.build_metadata(ref.token_rounding(logits, K, tile_m=TILE_M, mode=mode))
 
         row["agree"][f"token_rounding_{mode}_torch_selection"] = same_routing(
-            fast._token_rounding(logits, K, TILE_M, mode, None, "softmax_topk", False, False, selection="torch"), want)
+            fast.token_rounding(logits, K, tile_m=TILE_M, mode=mode, check_finite=False, selection="torch"), want)
         row["token_rounding_plus_metadata"][mode] = {
             "fast": timed(fast_tr, reps),
             "fast_torch_selection": timed(torch_selection_tr, reps),
@@ -173,7 +173,7 @@ def bench_shape(T: int, E: int, K: int, reps: int, modes: tuple[str, ...]) -> di
         "token_rounding_nearest_plus_metadata_fast": kernel_us(lambda: fast.build_metadata(
             fast.token_rounding(logits, K, tile_m=TILE_M, check_finite=False), check_ids=False)),
         "token_rounding_nearest_plus_metadata_fast_torch_selection": kernel_us(lambda: fast.build_metadata(
-            fast._token_rounding(logits, K, TILE_M, "nearest", None, "softmax_topk", False, False, selection="torch"),
+            fast.token_rounding(logits, K, tile_m=TILE_M, mode="nearest", check_finite=False, selection="torch"),
             check_ids=False)),
         "token_rounding_nearest_plus_metadata_reference": kernel_us(lambda: ref.build_metadata(
             ref.token_rounding(logits, K, tile_m=TILE_M))),

@@ -1,15 +1,20 @@
 """MkDocs hooks of the sonic_learn site.
 
-``on_page_markdown`` fills two pages with text generated from the code at build time, so neither
-can drift from it:
+``on_page_markdown`` fills pages with text generated from the code and the measured results at
+build time, so none can drift from them:
 
-- the Benchmarks page: tables rendered from the measured JSON files in ``benchmarks/results/``
-  (``docs/gen_benchmarks.py``), never a hand-typed number;
+- the Benchmarks page: figures and tables drawn from the measured JSON files in
+  ``benchmarks/results/`` (``docs/gen_benchmarks.py``), never a hand-typed number; the JSON files
+  themselves are published next to it (``on_files``); and the token-rounding speed-ups, ours next
+  to the paper's, wherever a page says ``<!-- token-rounding-speedups -->``;
 - the CLI reference: the ``--help`` of ``python -m sonic_learn.compare`` and of each subcommand,
   from the tool's own argument parser;
 - the Course page: the table of assignments defined in ``sonic_learn.course``;
 - "Reading a CuTe-DSL kernel": the files of ``sonic_learn/fast`` with their docstrings' summaries,
-  and which reference functions have a fast twin, read from the source with ``ast``.
+  and which reference functions have a fast twin, read from the source with ``ast``;
+- every page that shows cells of a tutorial (``tutorials/NN_*.py``): the output of each cell,
+  executed on the CPU while the site builds (``docs/gen_tutorial_outputs.py``), and for GPU cells
+  the committed GPU run, labelled with its device.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 from pathlib import Path
 
 BENCHMARK_MARKER = "<!-- benchmark-tables -->"
+TOKEN_ROUNDING_MARKER = "<!-- token-rounding-speedups -->"
 CLI_MARKER = "<!-- cli-help -->"
 COURSE_MARKER = "<!-- course-assignments -->"
 FAST_FILES_MARKER = "<!-- fast-path-files -->"
@@ -29,12 +35,29 @@ FAST_PHASES_MARKER = "<!-- fast-path-phases -->"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _gen_benchmarks():
-    path = Path(__file__).with_name("gen_benchmarks.py")
-    spec = importlib.util.spec_from_file_location("sonic_learn_docs_gen_benchmarks", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_GENERATORS: dict[str, object] = {}
+
+
+def _generator(name: str):
+    """A generator script of docs/ (``gen_benchmarks``, ``gen_tutorial_outputs``), loaded once."""
+    if name not in _GENERATORS:
+        path = Path(__file__).with_name(f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"sonic_learn_docs_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _GENERATORS[name] = module
+    return _GENERATORS[name]
+
+
+def tutorial_outputs_markdown(markdown: str) -> str:
+    """The page with each included tutorial cell followed by its output (nothing to do on a page
+    that shows no tutorial cell)."""
+    gen = _generator("gen_tutorial_outputs")
+    files = sorted({m["file"] for m in gen.CELL_FENCE.finditer(markdown)})
+    if not files:
+        return markdown
+    outputs = gen.tutorial_outputs([gen.TUTORIALS_DIR / f for f in files])
+    return gen.insert_outputs(markdown, outputs, gen.gpu_runs())
 
 
 def cli_help_markdown() -> str:
@@ -180,9 +203,28 @@ def fast_phases_markdown() -> str:
     return "\n".join(out) + "\n" if out else "(no named phases found)\n"
 
 
+def on_files(files, config):
+    """Publish every results file under ``benchmarks/raw/``, so the Benchmarks page links its raw JSON."""
+    from mkdocs.structure.files import File  # noqa: PLC0415
+
+    gen = _generator("gen_benchmarks")
+    for path in sorted(gen.RESULTS_DIR.glob("*.json")):
+        files.append(File.generated(config, f"{gen.RAW_URI}/{path.name}", abs_src_path=str(path)))
+    return files
+
+
+def on_pre_build(config) -> None:
+    """Run the tutorials not cached yet, two at a time, before the pages ask for them one by one."""
+    _generator("gen_tutorial_outputs").tutorial_outputs()
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     if BENCHMARK_MARKER in markdown:
-        markdown = markdown.replace(BENCHMARK_MARKER, _gen_benchmarks().render_results())
+        markdown = markdown.replace(BENCHMARK_MARKER, _generator("gen_benchmarks").render_results())
+    if TOKEN_ROUNDING_MARKER in markdown:
+        docs_root = "../" * page.file.src_uri.count("/")
+        markdown = markdown.replace(TOKEN_ROUNDING_MARKER,
+                                    _generator("gen_benchmarks").token_rounding_comparison(docs_root=docs_root))
     if CLI_MARKER in markdown:
         markdown = markdown.replace(CLI_MARKER, cli_help_markdown())
     if FAST_FILES_MARKER in markdown:
@@ -193,4 +235,4 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         markdown = markdown.replace(FAST_PHASES_MARKER, fast_phases_markdown())
     if COURSE_MARKER in markdown:
         markdown = markdown.replace(COURSE_MARKER, course_markdown(Path(config["docs_dir"])))
-    return markdown
+    return tutorial_outputs_markdown(markdown)

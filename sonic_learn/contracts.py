@@ -19,10 +19,11 @@ What is here:
 * **Routing data types**: ``Routing`` (the router's (token, expert, score) triples) and
   ``RoutingMetadata`` (the index arrays a grouped GEMM reads).
 * **Host-side argument checks** shared by both paths: ``check_router_args``, ``check_generator``,
-  ``check_routing_structure``, ``check_routing_ids``, ``check_layer_inputs``. A fast function
-  runs the same check as its reference twin, then adds its own limits (CUDA, sizes, dtypes).
-* **Value checks** (``check_finite_values``, ``check_routing_ids``): they read tensor values on
-  the host. See ``value_checks_enabled`` for when they are skipped.
+  ``check_routing_structure``, ``check_metadata``, ``check_layer_inputs``. A fast function runs
+  the same check as its reference twin, then adds its own limits (CUDA, sizes, dtypes).
+* **Value checks** (``check_finite_values``, ``check_routing_values``, the value part of
+  ``check_metadata``): they read tensor values on the host. ``value_checks_enabled`` is the one
+  switch that skips them (under ``torch.compile``).
 * **Saved-tensor accounting**: ``SavedTensor``, ``record_saved_tensors`` (what autograd really
   keeps for the backward) and ``expected_saved_bytes`` (the closed form it must match).
 """
@@ -39,7 +40,8 @@ __all__ = [
     "SCORINGS", "ROUNDING_MODES", "ROUTINGS", "BACKWARD_MODES",
     "Routing", "RoutingMetadata",
     "value_checks_enabled", "check_finite_values",
-    "check_router_args", "check_generator", "check_routing_structure", "check_routing_ids", "check_layer_inputs",
+    "check_router_args", "check_generator", "check_routing_structure", "check_routing_values", "check_metadata",
+    "check_layer_inputs", "MAX_TILE_M",
     "SavedTensor", "record_saved_tensors", "expected_saved_bytes",
 ]
 
@@ -50,6 +52,13 @@ SCORINGS = ("softmax_topk", "topk_softmax")  # softmax over the K picks (Mixtral
 ROUNDING_MODES = ("nearest", "up", "down", "stochastic")  # token rounding's rule for f_e
 ROUTINGS = ("topk", "token_rounding")  # token-choice top-k / SonicMoE's token rounding
 BACKWARD_MODES = ("reduced_memory", "standard")  # SonicMoE's backward / the classic one
+
+# ``tile_m`` is one idea everywhere: the M tile, the rows of one grouped-GEMM tile. Token rounding
+# rounds every expert's count to a multiple of it, so that expert's tiles are full (paper Section 5).
+# The fast grouped GEMM is built for one M tile, 128 (its functions accept only tile_m=128); in the
+# fast layer tile_m is token rounding's multiple, and the GEMM's own tile changes no result.
+# Hopper kernels use 64-256 rows; the bound only stops a typo from padding to billions of rows.
+MAX_TILE_M = 2**16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,27 +194,115 @@ def check_routing_structure(routing: object) -> Routing:
     return routing
 
 
-def check_routing_ids(routing: Routing) -> None:
-    """Token and expert ids in range: a wrong expert id would silently grow the histogram. A value
-    check (reads min/max), so the fast path makes it optional."""
-    if not value_checks_enabled():
+def check_routing_values(routing: Routing) -> None:
+    """What only the values can tell about a Routing: ids in range (a wrong expert id would silently
+    grow the histogram), ``token_idx`` ascending (pair order is token order), and no (token, expert)
+    pair twice (it would send a token through one expert twice). A value check (reads the device),
+    so the fast path makes it optional."""
+    if not value_checks_enabled() or routing.token_idx.numel() == 0:
         return
     T, E = routing.num_tokens, routing.num_experts
-    if routing.token_idx.numel() == 0:
-        return
     for name, hi in (("token_idx", T), ("expert_idx", E)):
         t = getattr(routing, name)
         lo_v, hi_v = int(t.min()), int(t.max())
         if lo_v < 0 or hi_v >= hi:
             raise ValueError(f"routing.{name} must lie in [0, {hi}), got values in [{lo_v}, {hi_v}]")
+    tokens = routing.token_idx.long()  # (P,)
+    steps = tokens.diff()  # (P-1,)
+    if bool((steps < 0).any()):
+        p = int((steps < 0).nonzero()[0]) + 1
+        raise ValueError(f"routing.token_idx must be ascending (pairs sorted by token), but pair {p} has token "
+                         f"{int(tokens[p])} after token {int(tokens[p - 1])}")
+    pair_keys = tokens * E + routing.expert_idx.long()  # (P,) one key per (token, expert)
+    if torch.unique(pair_keys).numel() != pair_keys.numel():
+        sorted_keys = torch.sort(pair_keys).values
+        twice = int(sorted_keys[1:][sorted_keys[1:] == sorted_keys[:-1]][0])
+        raise ValueError(f"routing must not hold a (token, expert) pair twice, got token {twice // E} -> "
+                         f"expert {twice % E} more than once")
+
+
+check_routing_ids = check_routing_values  # its first name (it checked only the ids), for code written meanwhile
+
+
+# ---------------------------------------------------------------------------------------------
+# RoutingMetadata handed to a grouped GEMM
+# ---------------------------------------------------------------------------------------------
+def check_metadata(meta: object, data_name: str, data: torch.Tensor, num_tokens: int | None,
+                   num_experts: int | None) -> RoutingMetadata:
+    """Check that ``meta`` is a consistent RoutingMetadata for T = num_tokens, E = num_experts, on the
+    device of the data tensor ``data`` (named ``data_name`` in messages). ``None`` skips the
+    corresponding comparison (the caller checks it against a tensor shape itself).
+
+    Structure (always): types, shapes, integer dtypes, one device. Values (``value_checks_enabled``):
+    offsets start at 0, end at M and never decrease (every count f_e >= 0), counts are their
+    differences, gather_idx holds token indices in [0, T).
+    """
+    if not isinstance(meta, RoutingMetadata):
+        raise TypeError(
+            f"meta must be a sonic_learn.reference.routing.RoutingMetadata (from build_metadata), "
+            f"got {type(meta).__name__}"
+        )
+    E = meta.num_experts
+    if num_experts is not None and E != num_experts:
+        raise ValueError(
+            f"meta.num_experts must equal the number of experts E = {num_experts} (w.shape[0]), got {E}"
+        )
+    if num_tokens is not None and meta.num_tokens != num_tokens:
+        raise ValueError(
+            f"meta.num_tokens must equal the number of tokens T = {num_tokens} ({data_name}.shape[0]), "
+            f"got {meta.num_tokens}"
+        )
+    _checks.check_shape("meta.expert_offsets", meta.expert_offsets, (E + 1,), "(E + 1 offsets)")
+    _checks.check_shape("meta.expert_counts", meta.expert_counts, (E,), "(one count per expert)")
+    _checks.check_ndim("meta.gather_idx", meta.gather_idx, 1)
+    for name in ("expert_offsets", "expert_counts", "gather_idx"):
+        t = getattr(meta, name)
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"meta.{name} must be an int32 or int64 tensor, got {t.dtype}")
+    _checks.check_same_device(
+        **{data_name: data, "meta.gather_idx": meta.gather_idx, "meta.expert_offsets": meta.expert_offsets}
+    )
+    if not value_checks_enabled():
+        return meta
+    M = meta.gather_idx.numel()
+    first, last = int(meta.expert_offsets[0]), int(meta.expert_offsets[-1])
+    if first != 0 or last != M:
+        raise ValueError(
+            f"meta.expert_offsets must start at 0 and end at the number of rows M = {M} "
+            f"(len(meta.gather_idx)), got offsets[0] = {first}, offsets[-1] = {last}"
+        )
+    if not torch.equal(meta.expert_offsets.long().diff(), meta.expert_counts.long()):
+        raise ValueError(
+            "meta.expert_counts must equal the differences of meta.expert_offsets "
+            "(counts[e] = offsets[e+1] - offsets[e])"
+        )
+    if E > 0 and int(meta.expert_counts.min()) < 0:
+        e = int((meta.expert_counts < 0).nonzero()[0])
+        raise ValueError(f"meta.expert_counts must be >= 0 (meta.expert_offsets non-decreasing), got "
+                         f"expert_counts[{e}] = {int(meta.expert_counts[e])}")
+    if M > 0 and num_tokens is not None:
+        lo, hi = int(meta.gather_idx.min()), int(meta.gather_idx.max())
+        if lo < 0 or hi >= num_tokens:
+            raise ValueError(
+                f"meta.gather_idx must hold token indices in [0, {num_tokens}), got values in [{lo}, {hi}]"
+            )
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------
 # The layer's arguments
 # ---------------------------------------------------------------------------------------------
-def check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward) -> None:
-    """The tensors and options of ``moe_forward``: x (T, d), router_w (d, E), w1 (E, d, 2n),
-    w2 (E, n, d), one float dtype, one device; 1 <= k <= E; tile_m >= 1; known routing and backward."""
+def check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward, scoring="softmax_topk",
+                       rounding_mode="nearest", generator=None, *, normalize: bool = False,
+                       check_finite: bool = True) -> None:
+    """Every argument of ``moe_forward``, including those the chosen routing does not use (a typo in
+    ``rounding_mode`` is an error even with ``routing="topk"``):
+
+    x (T, d), router_w (d, E), w1 (E, d, 2n), w2 (E, n, d), one float dtype, one device;
+    1 <= k <= E; 1 <= tile_m <= MAX_TILE_M; known routing, backward, scoring and rounding_mode;
+    a bool normalize; generator None or a torch.Generator on x's device type. With ``check_finite`` (a value check),
+    x must hold no NaN or inf: the error names ``x``, not the router logits computed from it.
+    """
     for name, t in (("x", x), ("router_w", router_w), ("w1", w1), ("w2", w2)):
         _checks.check_tensor(name, t)
         _checks.check_dtype(name, t, _checks.FLOAT_DTYPES)
@@ -226,9 +323,16 @@ def check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward) -> Non
             raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
     _checks.check_same_device(x=x, router_w=router_w, w1=w1, w2=w2)
     _checks.check_int_range("k", k, 1, E, "the number of experts E = router_w.shape[1]")
-    _checks.check_int_range("tile_m", tile_m, 1)
+    _checks.check_int_range("tile_m", tile_m, 1, MAX_TILE_M, "rows per GEMM tile, token rounding's multiple")
     _checks.check_choice("routing", routing, ROUTINGS)
     _checks.check_choice("backward", backward, BACKWARD_MODES)
+    _checks.check_choice("scoring", scoring, SCORINGS)
+    _checks.check_choice("rounding_mode", rounding_mode, ROUNDING_MODES)
+    _checks.check_bool("normalize", normalize)
+    check_generator(generator, x.device)  # it draws for the router, on the logits' device = x's
+    _checks.check_bool("check_finite", check_finite)
+    if check_finite:
+        check_finite_values("x", x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +380,11 @@ def expected_saved_bytes(T: int, d: int, n: int, E: int, P: int, *, dtype=torch.
     scores (P, fp32) and three int32 index arrays (expert_offsets (E+1), gather_idx (P), pair_of_row (P)).
     standard: gathered X (P*d) + H (P*2n) + Y (P*d) + the same routing.
     """
+    for name, value, lo in (("T", T, 0), ("d", d, 1), ("n", n, 1), ("E", E, 1), ("P", P, 0)):
+        _checks.check_int_range(name, value, lo)
+    for name, dt in (("dtype", dtype), ("score_dtype", score_dtype)):
+        if not isinstance(dt, torch.dtype):
+            raise TypeError(f"{name} must be a torch.dtype, got {type(dt).__name__}")
     _checks.check_choice("backward", backward, BACKWARD_MODES)
     b = torch.empty((), dtype=dtype).element_size()
     sb = torch.empty((), dtype=score_dtype).element_size()

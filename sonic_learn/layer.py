@@ -21,16 +21,9 @@ FAST_DTYPES = (torch.bfloat16, torch.float16)  # what backend="fast" runs in
 
 
 def _fast_moe_forward():
-    """The fast layer's forward, or a clear error saying why it cannot be used here."""
-    try:
-        fast_moe = importlib.import_module("sonic_learn.fast.moe")
-    except ModuleNotFoundError as exc:
-        if exc.name != "sonic_learn.fast.moe":
-            raise
-        raise NotImplementedError(
-            "backend='fast' needs sonic_learn.fast.moe, which is not part of this version yet; "
-            "use backend='reference'"
-        ) from None
+    """The fast layer's forward (imported on first use; its kernels need CuTe-DSL and a Hopper GPU,
+    and say so when called without them)."""
+    fast_moe = importlib.import_module("sonic_learn.fast.moe")
     return fast_moe.moe_forward
 
 
@@ -56,6 +49,8 @@ class MoE(nn.Module):
                  tile_m: int = 128, backward: str = "reduced_memory", backend: str = "reference",
                  device=None, dtype=None):
         super().__init__()
+        if dtype is not None and dtype not in _checks.FLOAT_DTYPES:  # before torch.empty gives a confusing error
+            raise TypeError(f"dtype must be None or a float dtype {_checks.FLOAT_DTYPES}, got {dtype!r}")
         _checks.check_int_range("d_model", d_model, 1)
         _checks.check_int_range("d_expert", d_expert, 1)
         _checks.check_int_range("num_experts", num_experts, 1)

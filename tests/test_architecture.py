@@ -130,3 +130,50 @@ def test_the_rule_catches_what_it_should(tmp_path):
     assert any("fast.topk._helper" in f for f in found)
     assert sum("reference.routing._check" in f for f in found) == 2
     assert violations(ref_mod, pkg) and "fast._cute" in violations(ref_mod, pkg)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# One compile cache: sonic_learn.fast._cute.compiled
+# ---------------------------------------------------------------------------------------------
+def _cached_compile_functions(path: Path) -> list[str]:
+    """Functions of a module that cache compiled kernels themselves (an lru_cache/cache decorator on
+    a function that compiles) instead of going through ``compiled``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        decorated = any("cache" in ast.unparse(d) for d in node.decorator_list)
+        compiles = any(isinstance(n, ast.Call) and ast.unparse(n.func).endswith(("cute.compile", "compile_kernel"))
+                       for n in ast.walk(node))
+        if decorated and (compiles or node.name.startswith(("compile", "_compiled"))):
+            found.append(f"{path.name}:{node.lineno} {node.name}")
+    return found
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "fast").glob("*.py")), ids=lambda p: p.name)
+def test_kernels_are_cached_only_by_the_shared_helper(path):
+    assert _cached_compile_functions(path) == []
+
+
+def test_the_cache_check_finds_a_private_cache(tmp_path):
+    bad = tmp_path / "mod.py"
+    bad.write_text("import functools\n@functools.lru_cache(maxsize=None)\ndef compile_x(a):\n    return a\n"
+                   "@functools.lru_cache(maxsize=None)\ndef _compiled(a):\n    return compile_kernel(a)\n")
+    assert len(_cached_compile_functions(bad)) == 2
+
+
+def test_compiled_compiles_each_variant_once():
+    from sonic_learn.fast._cute import compiled, compiled_variants
+
+    calls = []
+
+    def compile_fake(kind, n, *, fast=True):
+        calls.append((kind, n, fast))
+        return object()
+
+    first = compiled(compile_fake, "a", 8, fast=False)
+    assert compiled(compile_fake, "a", 8, fast=False) is first  # a dictionary lookup, not a second compile
+    assert compiled(compile_fake, "a", 16, fast=False) is not first
+    assert calls == [("a", 8, False), ("a", 16, False)]
+    assert ("test_compiled_compiles_each_variant_once.<locals>.compile_fake", ("a", 8), {"fast": False}) \
+        in compiled_variants()

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("cutlass")
+from sonic_learn.fast._cute import cutlass_available  # noqa: E402  (never import cutlass unpinned here)
+
+_ok, _why = cutlass_available()
+if not _ok:
+    pytest.skip(_why, allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tutorials" / "cute_control_flow.py"

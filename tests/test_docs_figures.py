@@ -101,3 +101,41 @@ def test_io_rows_come_from_io_cost(gen) -> None:
         assert r["naive"].variant == "naive" and r["gather_fused"].variant == "gather_fused"
         assert r["naive"].rows == r["gather_fused"].rows == 256 * r["K"]
         assert r["naive"].bytes_moved > r["gather_fused"].bytes_moved
+
+
+def test_hopper_numbers_and_ridge_points(gen) -> None:
+    h = gen.HOPPER
+    # The datasheets print BF16 "with sparsity" (1,979 TFLOPS); dense is half. Same chip, so same peak.
+    assert h["H100 SXM"]["bf16_dense_tflops"] == h["H200 SXM"]["bf16_dense_tflops"] == pytest.approx(1979 / 2)
+    assert gen.ridge_point("H100 SXM") == pytest.approx(989.5 / 3.35)
+    assert gen.ridge_point("H200 SXM") == pytest.approx(989.5 / 4.8)
+    assert gen.ridge_point("H200 SXM") < gen.ridge_point("H100 SXM")  # more bandwidth, same FLOPs
+
+
+def test_roofline_points_come_from_io_cost(gen) -> None:
+    from sonic_learn.reference.grouped_gemm import io_cost
+
+    points = {p["name"]: p["intensity"] for p in gen.roofline_points()}
+    T, d, n, E, K = 24576, 1536, 256, 128, 8
+    c = io_cost(T, d, 2 * n, [T * K // E] * E, tile_m=128, variant="gather_fused")
+    assert points["7B up-proj GEMM"] == pytest.approx(c.flops_useful / c.bytes_moved)
+    # A square-ish GEMM reuses each byte many times; the element-wise op cannot.
+    assert points["SwiGLU (element-wise)"] < 1 < points["7B down-proj GEMM"] < points["30B up-proj GEMM"]
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 5])
+def test_pingpong_schedule_is_consistent(gen, tiles: int) -> None:
+    events = gen.pingpong_schedule(tiles, load=1.0, mma=2.0, epilogue=1.0)
+    mmas = sorted((s, s + d) for lane, what, s, d in events if what.startswith("MMA"))
+    assert len(mmas) == tiles
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(mmas, mmas[1:])), "tensor cores shared by two MMAs"
+    loads = {what.split()[1]: s + d for lane, what, s, d in events if what.startswith("load")}
+    for lane, what, s, d in events:
+        if what.startswith("MMA"):
+            t = what.split()[1]
+            assert s >= loads[t], "an MMA started before its tile was loaded"
+            assert lane.endswith(str(int(t) % 2 + 1)), "tiles alternate between the two consumers"
+    if tiles >= 2:  # ping-pong: epilogue 0 runs while MMA 1 does
+        epi0 = next((s, s + d) for _, what, s, d in events if what == "epilogue 0")
+        mma1 = next((s, s + d) for _, what, s, d in events if what == "MMA 1")
+        assert epi0[0] < mma1[1] and mma1[0] < epi0[1]

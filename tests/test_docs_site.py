@@ -59,7 +59,7 @@ def test_build_has_every_page(site: Path) -> None:
                  "tutorials/routing/index.html", "tutorials/grouped-gemm/index.html",
                  "tutorials/backward/index.html", "tutorials/moe-layer/index.html",
                  "reading-cute-dsl/index.html", "benchmarks/index.html", "cli/index.html", "course/topk/index.html",
-                 "api/index.html", "course/index.html"):
+                 "api/index.html", "course/index.html", "hopper-primer/index.html", "notation/index.html"):
         assert (site / page).is_file(), page
     # Snippet section markers must never leak into a page (the API page shows whole source files,
     # markers included, on purpose), and the vendored assets must be there.
@@ -71,6 +71,16 @@ def test_build_has_every_page(site: Path) -> None:
                   "assets/katex/fonts/KaTeX_Main-Regular.woff2", "assets/mermaid/mermaid.min.js"):
         assert (site / asset).is_file(), asset
     assert not list(site.rglob("*.py")), "generator scripts must not be published"
+    # The raw results the Benchmarks page links, byte for byte.
+    for path in sorted((REPO / "benchmarks" / "results").glob("*.json")):
+        assert (site / "benchmarks" / "raw" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_nav_lists_the_primer_before_the_chapters_and_the_notation(site: Path) -> None:
+    home = (site / "index.html").read_text()
+    nav = [home.find(f'href="{href}"') for href in ("notation/", "hopper-primer/", "tutorials/topk/")]
+    assert all(i >= 0 for i in nav), nav
+    assert nav[1] < nav[2], "the Hopper primer must come before the first chapter"
 
 
 def test_pages_pull_code_from_the_sources(site: Path) -> None:
@@ -216,3 +226,74 @@ def test_every_page_renders_without_errors(browser, server, site: Path) -> None:
             WebDriverWait(browser, 30).until(lambda d: _count(d, "pre.mermaid") == 0 and _mermaid_svgs(d))
         assert _count(browser, ".katex-error") == 0, f"{page}: a formula failed to typeset"
         assert _errors(browser) == [], f"{page}: console errors"
+
+
+def test_results_page_renders(browser, server, site: Path) -> None:
+    """The Benchmarks page: figures drawn from benchmarks/results/, each with device and date, and
+    links to the raw JSON that the site serves."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open(browser, server + "/benchmarks/")
+    figures = "img[src^='data:image/png']"
+    if list((REPO / "benchmarks" / "results").glob("*.json")):
+        assert _count(browser, figures) >= 4, "the results figures are missing"
+        WebDriverWait(browser, 30).until(lambda d: d.execute_script(
+            f"return [...document.querySelectorAll({figures!r})].every(i => i.complete && i.naturalWidth > 300)"))
+        assert "Measured on" in browser.find_element(By.TAG_NAME, "article").text
+        links = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "a[href$='.json']")]
+        assert links, "no link to the raw JSON"
+        import json
+        import urllib.request
+
+        for link in links:  # each raw file is one click away, and is the committed JSON
+            with urllib.request.urlopen(link, timeout=30) as resp:
+                json.loads(resp.read())
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "docs-benchmarks.png"))
+    assert _errors(browser) == []
+
+
+def test_executed_tutorial_shows_outputs(browser, server) -> None:
+    """A tutorial page shows each cell's output, executed when the site was built."""
+    from selenium.webdriver.common.by import By
+
+    _open(browser, server + "/tutorials/topk/")
+    blocks = browser.find_elements(By.CSS_SELECTOR, "div.cell-output")
+    assert len(blocks) >= 5, len(blocks)
+    text = "\n".join(b.text for b in blocks)
+    assert "radix_topk: values" in text and "indices" in text  # the first cell's print
+    assert "stable-sort oracle" in text  # the check cell's print
+    # The measurement cell has a GPU part: it is labelled (a committed GPU run, or the note that none is).
+    assert "GPU" in text
+    blocks[0].screenshot(str(ARTIFACTS / "docs-tutorial-output.png")) if ARTIFACTS.is_dir() else None
+    assert _errors(browser) == []
+
+
+def test_primer_renders(browser, server) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open(browser, server + "/hopper-primer/")
+    assert _count(browser, ".katex-display") > 0 and _count(browser, ".katex-error") == 0
+    for name in ("memory_hierarchy.png", "roofline.png", "gemm_tiling.png", "warp_specialization.png"):
+        WebDriverWait(browser, 30).until(lambda d, n=name: d.execute_script(
+            f"const i = document.querySelector(\"img[src*='{n}']\"); return i && i.complete && i.naturalWidth > 0"))
+    WebDriverWait(browser, 30).until(_mermaid_svgs)
+    assert _count(browser, "pre.mermaid") == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "docs-primer.png"))
+    assert _errors(browser) == []
+
+
+def test_notation_page_renders(browser, server) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get_log("browser")
+    browser.get(server + "/notation/")
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script(
+        "return document.querySelectorAll('.arithmatex:not([data-katex-done])').length === 0"))
+    assert browser.find_element(By.CSS_SELECTOR, "article h1").text.startswith("Notation")
+    assert _count(browser, ".katex-error") == 0
+    assert _errors(browser) == []

@@ -57,10 +57,10 @@ def test_bucket_must_be_a_supported_power_of_two(bad):
 
 
 def test_tiling_covers_every_pair_with_bounded_tiles():
-    """Host bookkeeping: tiles * chunks * CHUNK >= P, at most TARGET_TILES tiles, no empty tile."""
+    """Host bookkeeping: tiles * chunks * CHUNK_PAIRS >= P, at most TARGET_TILES tiles, no empty tile."""
     for P in (1, 255, 256, 257, 196_608, 800_000, 10**7):
         chunks_per_tile, num_tiles = routing._tiling(P)
-        span = chunks_per_tile * routing.CHUNK
+        span = chunks_per_tile * routing.CHUNK_PAIRS
         assert num_tiles * span >= P > (num_tiles - 1) * span
         assert 1 <= num_tiles <= routing.TARGET_TILES
 

@@ -138,10 +138,11 @@ def oracle(x, w, meta):
 from sonic_learn.reference.routing import Routing  # noqa: E402  (a hand-made routing)
 
 counts = [0, tile_m - 1, tile_m, tile_m + 1]  # expert 0 gets nothing
-expert_idx = torch.cat([torch.full((c,), e, dtype=torch.int32) for e, c in enumerate(counts)])
-token_idx = torch.randint(0, T, (len(expert_idx),), generator=gen).sort().values.to(torch.int32)
-edge = build_metadata(Routing(token_idx, expert_idx[torch.randperm(len(expert_idx), generator=gen)],
-                              torch.ones(len(expert_idx)), T, E))
+# each expert takes c distinct tokens (a token picks an expert at most once); pairs sorted by token
+pairs = sorted((t, e) for e, c in enumerate(counts) for t in torch.randperm(T, generator=gen)[:c].tolist())
+token_idx = torch.tensor([t for t, _ in pairs], dtype=torch.int32)
+expert_idx = torch.tensor([e for _, e in pairs], dtype=torch.int32)
+edge = build_metadata(Routing(token_idx, expert_idx, torch.ones(len(pairs)), T, E))
 for m in (meta, edge):
     ref = oracle(x, w, m)
     for name, fn in [("naive", naive_grouped_gemm), ("gather-fused", gather_fused_grouped_gemm)]:

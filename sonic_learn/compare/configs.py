@@ -5,8 +5,8 @@ The named configurations are the ones SonicMoE benchmarks (Guo et al., arXiv 251
 - the iso-FLOP sweep of Table 9b (1.4B / 7B / 30B / 120B, each at three expert granularities; the
   paper's headline "7B" is the finest one, n = 256);
 - the "real model" rows of Fig. 15 (v1) / Fig. 12 (v2), whose (d, n, E, K) come from the public
-  model configs and T = 32768 (see /work/shared/notes/sonicmoe.md §6.1; two Kimi-Linear values are
-  unverified there, and marked so here).
+  model configs and T = 32768 (two Kimi-Linear values could not be checked against a public config,
+  and are marked so here).
 
 ``tour`` is the small default problem of ``python -m sonic_learn.compare`` (it must finish in well
 under a minute on a 2-core CPU); ``tiny`` is for tests.

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from sonic_learn.compare.configs import Problem
 from sonic_learn.compare.pairs import layer
 from sonic_learn.compare.pairs.common import score_dtype
 from sonic_learn.compare.registry import Setup
+from sonic_learn.compare.runner import Work
 from sonic_learn.reference.moe import expected_saved_bytes, saved_tensors
 
 MODES = ("standard", "reduced_memory")
@@ -38,6 +41,16 @@ def _term_shape(term: str, sizes: dict[str, int]) -> tuple[int, ...] | None:
         except Exception:  # noqa: BLE001 - an unparsable term is matched by bytes only
             return None
     return tuple(dims)
+
+
+def work(p: Problem, dtype: torch.dtype) -> Work:
+    """The cost model of ``memory_report``: one forward per backward mode, the saved tensors of one
+    mode alive at a time."""
+    b = torch.empty((), dtype=dtype).element_size()
+    weights, acts = layer.sizes(p)
+    flops = 2 * layer.FORWARD_FLOPS * p.T * p.K * p.n * p.d
+    held = (3 * weights + acts) * b
+    return Work(flops_f64=flops, held_bytes=held) if dtype == torch.float64 else Work(flops=flops, held_bytes=held)
 
 
 def memory_report(problem: Problem, setup: Setup, *, routing: str = "topk", seed: int = 0) -> dict:

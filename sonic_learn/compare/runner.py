@@ -140,6 +140,16 @@ class Row:
         return d
 
 
+@dataclass(frozen=True)
+class Work:
+    """What a whole comparison of one pair costs, predicted before it runs (``compare.estimate``)."""
+
+    flops: float = 0.0  # in the run's dtype (every call of every row)
+    flops_f64: float = 0.0  # in float64 (the oracle; the rows too for a float64 run)
+    bytes_moved: float = 0.0  # by the memory-bound rows' calls and the oracle's sort
+    held_bytes: float = 0.0  # peak bytes alive at once: inputs, oracle, the rows' outputs and graphs
+
+
 @dataclass
 class PairSpec:
     """What a pair needs to be compared: inputs + oracle, the agreement check, the cost model."""
@@ -153,6 +163,8 @@ class PairSpec:
     timed: str = "the call"  # what the time column measures, in words
     saved: Callable[[Any, Impl], tuple[int | None, int | None]] | None = None  # (measured, closed form)
     rows: tuple[Impl, ...] = ()  # every implementation of the pair, in table order
+    # (problem, dtype, rows that run, calls per row) -> Work: the cost model of the whole run
+    work: Callable[[Problem, torch.dtype, int, int], Work] | None = None
 
 
 @dataclass

@@ -28,7 +28,7 @@ Fusion (reduced-memory mode): the forward runs SwiGLU in the up-projection GEMM'
 the backward's dH kernel is one GEMM, dA' = dO W2^T, whose epilogue loads H and the row's score and
 produces dH, A' = s*A and dS = <dA', A> (``grouped_gemm.gather_fused_grouped_gemm_dswiglu``); dA'
 never reaches memory. The standard baseline keeps every pass separate (the standalone kernels of
-``moe_kernels``), as the issue's "same GEMM kernel without fused epilogues" asks. With the
+``moe_kernels``): the same GEMM kernel without the fused epilogues. With the
 production kernels no weight is ever copied transposed (the teaching kernels v1/sm90 fall back to a
 torch copy): the backward's ``dY @ W2^T`` and ``dH @ W1^T`` read the stored weights K-major
 (``transpose_w=True``), and dW2 is written in W2's (E, n, d) orientation by the varlen-K GEMM's
@@ -37,8 +37,8 @@ epilogue (``transpose_out=True``).
 Synchronization and CUDA graphs: with ``routing="topk"`` the forward and backward issue no
 device-to-host synchronization (no ``.item()``, no ``bincount``/``nonzero``; every size is known on
 the host as T*K), so a training step can be captured in a CUDA graph. ``routing="token_rounding"``
-uses the reference ``token_rounding`` on the GPU, whose pair count depends on the data: it
-synchronizes (``bincount``, ``nonzero``) and cannot be captured.
+uses the fast ``token_rounding`` of ``sonic_learn.fast.routing``, whose pair count depends on the
+data: it synchronizes once (``nonzero``, which sizes the output) and cannot be captured.
 
 Inputs must be CUDA tensors of bf16 or fp16 with d and n multiples of 8; ``tile_m`` is the token
 rounding tile (the GEMM's own M tile is fixed at 128 and does not change any result).
@@ -52,7 +52,8 @@ from dataclasses import dataclass
 import torch
 
 from sonic_learn import _checks, contracts
-from sonic_learn.contracts import BACKWARD_MODES, ROUNDING_MODES, ROUTINGS, SCORINGS, Routing, RoutingMetadata
+from sonic_learn.contracts import (  # noqa: F401  (ROUTINGS, BACKWARD_MODES, ... stay importable from here)
+    BACKWARD_MODES, ROUNDING_MODES, ROUTINGS, SCORINGS, Routing, RoutingMetadata)
 
 FAST_DTYPES = (torch.bfloat16, torch.float16)
 MAX_ELEMENTS = 2**31  # the kernels index with 32-bit integers (largest index 2^31 - 1)
@@ -341,12 +342,11 @@ def run_experts(x, w1, w2, r: DeviceRouting, backward: str, ops: ExpertOps | Non
 def check_inputs(x, router_w, w1, w2, k, *, routing="topk", tile_m=128, backward="reduced_memory",
                  scoring="softmax_topk", rounding_mode="nearest", generator=None) -> None:
     """Every check of the fast layer, before any work or launch (raises TypeError / ValueError)."""
-    contracts.check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
+    # the reference's checks, every option included; no value check (the fast layer never syncs)
+    contracts.check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward, scoring, rounding_mode,
+                                 generator, check_finite=False)
     for name, t in (("x", x), ("router_w", router_w), ("w1", w1), ("w2", w2)):
         _checks.check_dtype(name, t, FAST_DTYPES)
-    _checks.check_choice("scoring", scoring, SCORINGS)
-    _checks.check_choice("rounding_mode", rounding_mode, ROUNDING_MODES)
-    contracts.check_generator(generator, x.device)  # the router's check: a torch.Generator on x's device type
     T, d = x.shape
     E, _, two_n = w1.shape
     if routing == "token_rounding":

@@ -158,18 +158,14 @@ def from_ordered(ordered: Int32, width: cutlass.Constexpr[int]) -> Int32:
 
 
 @cute.jit
-def pack_key(word: Int32, col: Int32, key_type: cutlass.Constexpr, width: cutlass.Constexpr[int]):
-    """The bitonic key (its definition): ordered value on top, ``0xFFFF - col`` in the low 16 bits.
+def pack_key(word: Int32, col: Int32) -> Int64:
+    """The bitonic key of a float32 value: its ordered bits on top, ``0xFFFF - col`` in the low 16.
 
-    For bf16/fp16 the ordered value fills the top 16 bits of an int32 and the low 16 are free;
-    float32 values need all 32 bits, so their keys are int64 (value shifted up by 16). The kernel
-    builds 16-bit keys with ``pack_key16`` instead: the same int32, in fewer ALU instructions.
+    The definition, for every width: key = ordered(bits) << 16 | (0xFFFF - col). A float32 needs all
+    32 bits, so its key is an int64. A bf16/fp16 value's ordered bits already sit in the top half of
+    an int32 (``value_word``), so its key is an int32: ``pack_key16`` builds it in fewer ALU instructions.
     """
-    ordered = to_ordered(word, width)
-    if const_expr(width == 16):
-        return ordered | (IDX_MASK - col)
-    else:
-        return (Int64(ordered) << IDX_BITS) | Int64(IDX_MASK - col)
+    return (Int64(to_ordered(word, 32)) << IDX_BITS) | Int64(IDX_MASK - col)
 
 
 @dsl_user_op

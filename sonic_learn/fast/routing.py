@@ -81,6 +81,7 @@ import functools
 import torch
 
 from sonic_learn import _checks, contracts
+from sonic_learn._deprecated import renamed
 from sonic_learn.contracts import ROUNDING_MODES, SCORINGS, Routing, RoutingMetadata  # noqa: F401
 from sonic_learn.fast._cute import compile_options, compiled, import_cutlass, launch
 from sonic_learn.reference import routing as _ref
@@ -104,7 +105,9 @@ __all__ = [
     "compile_token_rounding_kernels",
     "TokenRoundingKernels",
     "MAX_EXPERTS",
+    "SELECTIONS",
 ]
+__getattr__ = renamed(__name__, globals(), {"CHUNK": "CHUNK_PAIRS"})  # one name, one meaning
 
 # ---------------------------------------------------------------------------------------------
 # Kernel geometry
@@ -112,7 +115,7 @@ __all__ = [
 WARPS_PER_CTA = 4
 THREADS_PER_CTA = 32 * WARPS_PER_CTA
 UNROLL = 8  # 32-pair groups a lane loads before using them (hides global-load latency)
-CHUNK = 32 * UNROLL  # pairs per chunk; a warp's tile is chunks_per_tile chunks
+CHUNK_PAIRS = 32 * UNROLL  # pairs per chunk; a warp's tile is chunks_per_tile chunks
 TARGET_TILES = 1024  # keep the tile_counts buffer (E x tiles) and the tile scan small
 MIN_BUCKET = 32
 MAX_EXPERTS = 2048  # shared memory: WARPS_PER_CTA x bucket int32 counters (32 KiB at the max)
@@ -127,7 +130,7 @@ def _expert_bucket(num_experts: int) -> int:
 
 def _tiling(num_pairs: int) -> tuple[int, int]:
     """(chunks_per_tile, num_tiles) for P pairs: ~TARGET_TILES warps, at least one chunk each."""
-    chunks = -(-num_pairs // CHUNK)
+    chunks = -(-num_pairs // CHUNK_PAIRS)
     chunks_per_tile = max(1, -(-chunks // TARGET_TILES))
     return chunks_per_tile, -(-chunks // chunks_per_tile)
 
@@ -210,9 +213,9 @@ class RoutingMetadataKernel:
             hist[e] = Int32(0)
         cute.arch.sync_warp()
 
-        tile_start = tile * chunks_per_tile * CHUNK
+        tile_start = tile * chunks_per_tile * CHUNK_PAIRS
         for c in cutlass.range(chunks_per_tile):
-            ids = self._load_chunk(mExpert, tile_start + c * CHUNK, lane, num_experts)
+            ids = self._load_chunk(mExpert, tile_start + c * CHUNK_PAIRS, lane, num_experts)
             for u in cutlass.range_constexpr(UNROLL):
                 if ids[u] >= 0:
                     cute.arch.atomic_add((hist.iterator + ids[u]).llvm_ptr, Int32(1))
@@ -274,10 +277,10 @@ class RoutingMetadataKernel:
 
         below = cute.arch.lanemask_lt()
         above = cute.arch.lanemask_gt()
-        tile_start = tile * chunks_per_tile * CHUNK
+        tile_start = tile * chunks_per_tile * CHUNK_PAIRS
         num_pairs = mExpert.shape[0]
         for c in cutlass.range(chunks_per_tile):
-            chunk_start = tile_start + c * CHUNK
+            chunk_start = tile_start + c * CHUNK_PAIRS
             ids = self._load_chunk(mExpert, chunk_start, lane, num_experts)
             tokens = cute.make_rmem_tensor(UNROLL, Int32)
             for u in cutlass.range_constexpr(UNROLL):
@@ -717,7 +720,8 @@ def build_metadata(routing: Routing, *, check_ids: bool = True) -> RoutingMetada
     """Group the pairs of ``routing`` by expert (CuTe-DSL kernels): counts, offsets, permutations.
 
     Same result as ``sonic_learn.reference.routing.build_metadata``, bit for bit. ``check_ids``
-    range-checks the token and expert ids like the reference (one device-to-host sync); callers
+    runs the reference's value checks (``contracts.check_routing_values``: ids in range, tokens
+    ascending, no pair twice; device-to-host syncs); callers
     whose routing comes from a router (the MoE layer, benchmarks) pass ``check_ids=False`` and the
     call never synchronizes. Unchecked out-of-range expert ids are skipped by the kernels (no
     out-of-bounds write), but the result is then outside the contract.
@@ -726,7 +730,7 @@ def build_metadata(routing: Routing, *, check_ids: bool = True) -> RoutingMetada
     if not isinstance(check_ids, bool):
         raise TypeError(f"check_ids must be a bool, got {type(check_ids).__name__}")
     if check_ids:
-        contracts.check_routing_ids(routing)  # the id range checks (read the device)
+        contracts.check_routing_values(routing)  # ids, order, duplicates (reads the device)
     counts, offsets, gather_idx, pair_of_row, row_of_pair = _launch_metadata(
         _int32(routing.expert_idx), _int32(routing.token_idx), routing.num_experts, scatter=True
     )
@@ -826,20 +830,9 @@ def topk_routing(
 # --8<-- [end:topk_routing]
 
 
-def round_counts(
-    counts: torch.Tensor,
-    tile_m: int,
-    mode: str = "nearest",
-    generator: torch.Generator | None = None,
-    *,
-    num_tokens: int | None = None,
-) -> torch.Tensor:
-    """Round every f_e to a multiple of ``tile_m``: exactly ``sonic_learn.reference.routing.round_counts``.
-
-    An O(E) elementwise rule needs no kernel; this is the reference function itself (it validates
-    ``counts``, which reads the device). ``token_rounding`` uses the same rule without the checks.
-    """
-    return _ref.round_counts(counts, tile_m, mode, generator, num_tokens=num_tokens)
+# Rounding E counts is an O(E) elementwise rule that needs no kernel: the fast path's round_counts is
+# the reference's own function (token_rounding runs the same rule inside its select kernel).
+round_counts = _ref.round_counts
 
 
 def _all_expert_scores(logits: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor, scoring: str,
@@ -920,6 +913,7 @@ def token_rounding(
     scoring: str = "softmax_topk",
     normalize: bool = False,
     check_finite: bool = True,
+    selection: str = "kernels",
 ) -> Routing:
     """Token rounding (paper Algorithm 4) with the reference's exact semantics, without a full sort.
 
@@ -935,13 +929,24 @@ def token_rounding(
     differentiable; in place when autograd is off), the stochastic draw and the final
     ``nonzero`` are torch. Float64 logits
     (float64 scores) take a torch-op selection instead of the two kernels (same result).
+
+    ``selection`` picks the step of the ladder (``SELECTIONS``; ``python -m sonic_learn.fast.routing``
+    validates and times each): ``"torch"`` (step 1) or ``"kernels"`` (step 2, the default).
     """
-    return _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection="kernels")
+    _checks.check_choice("selection", selection, tuple(SELECTIONS))
+    return _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection=selection)
+
+
+# The token-rounding ladder: how the boundary pairs of every expert are found (steps 2-4).
+SELECTIONS = {
+    "torch": "torch ops: torch.topk over each expert's (E, T) key row finds the boundary, cumsum ranks ties",
+    "kernels": "+ two CuTe kernels: per-expert key rows, then a radix select of the boundary, one CTA per expert",
+}
 
 
 def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection: str) -> Routing:
-    """``token_rounding``; ``selection="torch"`` runs steps 2-4 with torch ops for every dtype (the
-    previous design, kept as the benchmark's in-run baseline and as the float64 path)."""
+    """``token_rounding``; ``selection="torch"`` runs steps 2-4 with torch ops for every dtype (step 1
+    of the ladder, also the float64 path)."""
     logits = _check_router_args(logits, k, scoring, normalize, check_finite)
     _checks.check_int_range("tile_m", tile_m, 1, 2**62)
     _checks.check_choice("mode", mode, ROUNDING_MODES)
@@ -985,3 +990,33 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
         num_experts=E,
     )
 # --8<-- [end:token_rounding]
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m sonic_learn.fast.routing: validate every step of the ladder, then time it
+# ---------------------------------------------------------------------------------------------
+def _ladder_problems():
+    from sonic_learn.fast.ladder import Problem
+
+    def logits(T, E, seed):  # built only when the problem runs (on the GPU)
+        return lambda: (torch.randn(T, E, generator=torch.Generator().manual_seed(seed)).cuda(),)
+
+    return [Problem(f"token rounding, nearest, tile_m=128: T={T}, E={E}, K=8", logits(T, E, i))
+            for i, (T, E) in enumerate([(4096, 64), (32768, 128), (32768, 256)])]
+
+
+def _same_routing(got: Routing, want: Routing) -> None:
+    for name in ("token_idx", "expert_idx", "scores"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.shape == b.shape and torch.equal(a.to(b.dtype), b), f"{name} differs from the reference"
+
+
+if __name__ == "__main__":
+    from sonic_learn.fast.ladder import Step, climb
+    from sonic_learn.reference import routing as reference
+
+    raise SystemExit(climb(
+        "fast token rounding",
+        [Step(name, adds, lambda x, name=name: token_rounding(x, 8, check_finite=False, selection=name))
+         for name, adds in SELECTIONS.items()],
+        reference=lambda x: reference.token_rounding(x, 8), agree=_same_routing, problems=_ladder_problems()))

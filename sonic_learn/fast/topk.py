@@ -26,16 +26,11 @@ lanes per SM sub-partition, half the rate of the FP32 pipes), which runs every c
 * the column in the key is counted from the lane's first column, a compile-time constant folded
   into that multiply-add; each lane adds its offset once, to its k winners.
 
-Counted in the SASS for bf16, N = 128, k = 8 (``nvdisasm``): ~790 ALU instructions per lane, 2
-lanes per row (1582 per row).
-
-Measured on an H200 at T = 262144, E = 128, K = 8 (``benchmarks/topk.py``, 88 MB read + written;
-copy rate 4125 GB/s in the same run): 37.9 us = 56% of the copy rate with ``bench.measure``, whose
-L2 flush *writes* 256 MB, so the timed call also writes ~50 MB of it back as it evicts it (a plain
-copy of the same 88 MB takes 25.0 us, 85%, under that timer); 34.8 us = 61% with the L2 emptied
-by a read, 34.4 us = 62% back to back over 8 inputs (the regime the copy rate is measured in).
-4 lanes per row time the same as 2: the ALU is not the only limit. What is left is overlap: the compiler issues only 3 of a lane's 8 16-byte loads up front and sinks
-the rest into the sorting (to save registers), so few bytes are in flight per warp.
+What the design bought, and what limits it now (the overlap of loads with the sorting, not the
+ALU alone: the compiler issues only a few of a lane's 16-byte loads up front and sinks the rest
+into the sorting, to save registers), is measured by ``benchmarks/topk.py`` against ``torch.topk``
+and a plain copy of the same bytes; the numbers live in ``benchmarks/results/topk_<GPU>.json`` and
+the docs' Benchmarks page.
 
 The key (both kernels; its device functions are in ``sonic_learn.fast.primitives``) — the
 reference's "pack the column into the low mantissa bits":
@@ -70,9 +65,8 @@ the contract.
 
 Every kernel is compiled once per (kernel, dtype, N, k, epilogue), with the row count dynamic,
 cached, and called through TVM-FFI (torch tensors go straight in; the current torch stream is
-used). Measured on an H200 (``benchmarks/topk.py``): 15-20 us of host time per call, argument
-checks (~2 us), the two output allocations (~5 us) and the TVM-FFI call (~5 us) included
-(``torch.topk``: 16-20 us).
+used). ``benchmarks/topk.py`` also measures the host time per call, split into the argument
+checks, the two output allocations and the TVM-FFI call.
 """
 
 from __future__ import annotations
@@ -82,6 +76,7 @@ import math
 import torch
 
 from sonic_learn import _checks, contracts
+from sonic_learn._deprecated import renamed
 from sonic_learn.fast._cute import compile_options, compiled, cutlass_dtype, import_cutlass, launch
 
 cutlass = import_cutlass()
@@ -90,8 +85,8 @@ from cutlass import Float32, Int32, Int64, Uint32, const_expr  # noqa: E402
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
 
 from sonic_learn.fast.primitives import (  # noqa: E402  (the keys and warp scans, shared with fast.routing)
-    IDX_MASK, lane_bins_and_keys_above, pack_key, pack_key16, radix_key, unpack_key, value_word,
-    warp_exclusive_sum)
+    IDX_BITS, IDX_MASK, lane_bins_and_keys_above, pack_key, pack_key16, radix_key, to_ordered, unpack_key,
+    value_word, warp_exclusive_sum)
 
 __all__ = [
     "bitonic_topk",
@@ -101,7 +96,9 @@ __all__ = [
     "MAX_N",
     "MAX_K_BITONIC",
     "MAX_K_RADIX",
+    "STEPS",
 ]
+__getattr__ = renamed(__name__, globals(), {"EPILOGUES": "BITONIC_EPILOGUES"})  # one name, one meaning
 
 # ---------------------------------------------------------------------------------------------
 # Supported range (checked on the host before any launch)
@@ -239,9 +236,70 @@ class _RowTileLoader:
 
 
 # ---------------------------------------------------------------------------------------------
-# Bitonic top-k kernel (SonicMoE's algorithm)
+# The bitonic ladder: step 1, the simplest kernel with the same answer
 # ---------------------------------------------------------------------------------------------
-EPILOGUES = ("values", "softmax_topk", "topk_softmax", "topk_softmax_normalized")
+# Each step of the top-k ladder gives the same (values, indices); ``bitonic_topk(..., step=...)``
+# picks one and ``python -m sonic_learn.fast.topk`` validates and times them all.
+STEPS = {
+    "rowwise": "one thread per row: read the row element by element, keep a sorted top-k by insertion",
+    "bitonic": "+ a row over 1-32 lanes with 16-byte loads, sorting networks on packed keys, warp-shuffle merges",
+}
+
+
+class RowwiseTopK:
+    """Step 1 of the ladder: one thread owns one row.
+
+    It reads the row one element at a time and keeps the k best keys seen so far, sorted, in
+    registers: a new key larger than the k-th replaces it and bubbles up (k - 1 compare-exchanges).
+    The keys are the bitonic kernel's (``primitives``: value order, the lower column wins a tie, as
+    int64 for every dtype), so the answer is the same. What it lacks is what makes step 2 fast:
+    neighbouring threads read addresses N elements apart (no coalescing, one element per load), and
+    a row's work is not shared by any other thread.
+    """
+
+    def __init__(self, dtype, N: int, k: int):
+        self.dtype = dtype
+        self.width = dtype.width
+        self.N = N
+        self.k = k
+
+    @cute.jit
+    def __call__(self, mX: cute.Tensor, mOut: cute.Tensor, mIdx: cute.Tensor, stream):
+        num_ctas = cute.ceil_div(mX.shape[0], THREADS_PER_CTA)
+        self.kernel(mX, mOut, mIdx).launch(grid=[num_ctas, 1, 1], block=[THREADS_PER_CTA, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mX: cute.Tensor, mOut: cute.Tensor, mIdx: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        row = bidx * THREADS_PER_CTA + tidx
+        if row < mX.shape[0]:
+            # Step 1: an empty list; the sentinel is below every key (keys are >= -2**47).
+            best = cute.make_rmem_tensor(self.k, Int64)
+            for j in cutlass.range_constexpr(self.k):
+                best[j] = Int64(-(2**62))
+            # Step 2: every element of the row, in column order: its key, and the insertion.
+            raw = cute.make_rmem_tensor(1, self.dtype)
+            for col in cutlass.range(self.N, unroll=1):
+                raw[0] = mX[row, col]
+                bits = cute.recast_tensor(raw, _raw_int_type(self.dtype))[0]
+                word = Int32(bits) << (32 - self.width)  # the value's bits, top-aligned (as value_word)
+                key = (Int64(to_ordered(word, self.width)) << IDX_BITS) | Int64(IDX_MASK - col)
+                if key > best[self.k - 1]:
+                    best[self.k - 1] = key
+                    for j in cutlass.range_constexpr(self.k - 1, 0, -1):
+                        _compare_exchange(best, j - 1, j, True)
+            # Step 3: unpack the columns; the values are re-read from x (exact, -0.0 included).
+            for j in cutlass.range_constexpr(self.k):
+                col = IDX_MASK - Int32(best[j] & Int64(IDX_MASK))
+                mOut[row, j] = mX[row, col]
+                mIdx[row, j] = Int64(col)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bitonic top-k kernel (SonicMoE's algorithm), step 2 of the ladder
+# ---------------------------------------------------------------------------------------------
+BITONIC_EPILOGUES = ("values", "softmax_topk", "topk_softmax", "topk_softmax_normalized")
 
 
 class BitonicTopK:
@@ -254,7 +312,7 @@ class BitonicTopK:
     """
 
     def __init__(self, dtype, N: int, k: int, epilogue: str = "values", lane_bytes: int | None = None):
-        assert epilogue in EPILOGUES
+        assert epilogue in BITONIC_EPILOGUES
         lane_bytes = LANE_BYTES[dtype.width] if lane_bytes is None else lane_bytes
         self.dtype = dtype
         self.width = dtype.width
@@ -293,7 +351,7 @@ class BitonicTopK:
             if const_expr(self.width == 16):
                 dst[j] = pack_key16(words[i // 2], i % 2, IDX_MASK - local_col)
             else:
-                dst[j] = pack_key(value_word(words, i, self.width), local_col, self.key_type, self.width)
+                dst[j] = pack_key(value_word(words, i, self.width), local_col)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mOut: cute.Tensor, mIdx: cute.Tensor, tiled_copy: cute.TiledCopy):
@@ -616,18 +674,21 @@ def compile_kernel(kind: str, dtype: torch.dtype, N: int, k: int, epilogue: str 
                    extra_options: str = "", lane_bytes: int | None = None):
     """Compile one kernel variant for sm_90a with fake tensors (no GPU needed); not cached.
 
-    ``kind`` is "bitonic" or "radix". The row count is a symbolic integer, so the compiled function
+    ``kind`` is "rowwise" (step 1 of the bitonic ladder, values only), "bitonic" or "radix". The row count is a symbolic integer, so the compiled function
     serves every number of rows. Returns the TVM-FFI callable ``f(x, out, idx)``. ``lane_bytes``
     (bitonic only) overrides the lane split, ``LANE_BYTES``: the benchmark sweeps it.
     """
     cdtype = cutlass_dtype(dtype)
     if kind == "bitonic":
         op = BitonicTopK(cdtype, N, k, epilogue, lane_bytes)
+    elif kind == "rowwise":
+        assert epilogue == "values"
+        op = RowwiseTopK(cdtype, N, k)
     elif kind == "radix":
         assert epilogue == "values"
         op = RadixTopK(cdtype, N, k)
     else:
-        raise ValueError(f"kind must be 'bitonic' or 'radix', got {kind!r}")
+        raise ValueError(f"kind must be 'rowwise', 'bitonic' or 'radix', got {kind!r}")
     out_dtype = cdtype if epilogue == "values" else Float32
     rows = cute.sym_int()
     x = make_fake_compact_tensor(cdtype, (rows, N), stride_order=(1, 0), assumed_align=16)
@@ -678,15 +739,19 @@ def _run(kind: str, x: torch.Tensor, k: int, epilogue: str):
     return out, idx
 
 
-def bitonic_topk(x: torch.Tensor, k: int, *, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def bitonic_topk(x: torch.Tensor, k: int, *, check_finite: bool = True,
+                 step: str = "bitonic") -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of ``x`` (rows, N) with the register bitonic kernel.
 
     Returns ``(values, indices)``: values (rows, k) in x's dtype, sorted descending, exactly
     ``x.gather(-1, indices)``; indices (rows, k) int64; ties go to the lower column.
     ``check_finite`` rejects NaN like the reference (an extra read and a device-to-host sync).
+    ``step`` picks the step of the ladder (``STEPS``): ``"rowwise"`` (step 1, one thread per row)
+    or ``"bitonic"`` (step 2, the default); both give the same result.
     """
+    _checks.check_choice("step", step, tuple(STEPS))
     x = _check_inputs("x", x, k, MAX_K_BITONIC, "bitonic", check_finite, allow_inf=True)
-    return _run("bitonic", x, k, "values")
+    return _run(step, x, k, "values")
 
 
 def radix_topk(x: torch.Tensor, k: int, *, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -715,3 +780,33 @@ def topk_softmax(
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     logits = _check_inputs("logits", logits, k, MAX_K_BITONIC, "bitonic", check_finite, allow_inf=False)
     return _run("bitonic", logits, k, "topk_softmax_normalized" if normalize else "topk_softmax")
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m sonic_learn.fast.topk: validate every step of the ladder, then time it
+# ---------------------------------------------------------------------------------------------
+def _ladder_problems():
+    from sonic_learn.fast.ladder import Problem
+
+    def scores(T, E, seed):  # built only when the problem runs (on the GPU); rounding to bf16 makes ties
+        return lambda: (torch.randn(T, E, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).cuda(),)
+
+    return [Problem(f"router top-k, bf16: T={T}, E={E}, K=8", scores(T, E, i))
+            for i, (T, E) in enumerate([(4096, 64), (65536, 128), (65536, 256)])]
+
+
+def _same_topk(got, want) -> None:
+    (values, indices), (want_values, want_indices) = got, want
+    assert torch.equal(indices, want_indices), "indices differ from the reference"
+    assert torch.equal(values, want_values), "values differ from the reference"
+
+
+if __name__ == "__main__":
+    from sonic_learn.fast.ladder import Step, climb
+    from sonic_learn.reference import topk as reference
+
+    raise SystemExit(climb(
+        "fast top-k (the bitonic ladder)",
+        [Step(name, adds, lambda x, name=name: bitonic_topk(x, 8, check_finite=False, step=name))
+         for name, adds in STEPS.items()],
+        reference=lambda x: reference.radix_topk(x, 8), agree=_same_topk, problems=_ladder_problems()))

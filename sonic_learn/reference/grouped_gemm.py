@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sonic_learn import _checks
-from sonic_learn.contracts import RoutingMetadata
+from sonic_learn import _checks, contracts
+from sonic_learn.contracts import MAX_TILE_M, RoutingMetadata
 
 __all__ = [
     "GemmCost",
@@ -69,59 +69,6 @@ def _check_out_dtype(out_dtype: object, default: torch.dtype) -> torch.dtype:
     return out_dtype
 
 
-def _check_metadata(
-    meta: object, data_name: str, data: torch.Tensor, num_tokens: int | None, num_experts: int | None
-) -> None:
-    """Check that ``meta`` is a consistent RoutingMetadata for T = num_tokens, E = num_experts, on the
-    device of the data tensor ``data`` (named ``data_name`` in messages).
-
-    ``None`` skips the corresponding comparison (the caller checks it against a tensor shape itself).
-    """
-    if not isinstance(meta, RoutingMetadata):
-        raise TypeError(
-            f"meta must be a sonic_learn.reference.routing.RoutingMetadata (from build_metadata), "
-            f"got {type(meta).__name__}"
-        )
-    E = meta.num_experts
-    if num_experts is not None and E != num_experts:
-        raise ValueError(
-            f"meta.num_experts must equal the number of experts E = {num_experts} (w.shape[0]), got {E}"
-        )
-    if num_tokens is not None and meta.num_tokens != num_tokens:
-        raise ValueError(
-            f"meta.num_tokens must equal the number of tokens T = {num_tokens} ({data_name}.shape[0]), "
-            f"got {meta.num_tokens}"
-        )
-    _checks.check_shape("meta.expert_offsets", meta.expert_offsets, (E + 1,), "(E + 1 offsets)")
-    _checks.check_shape("meta.expert_counts", meta.expert_counts, (E,), "(one count per expert)")
-    _checks.check_ndim("meta.gather_idx", meta.gather_idx, 1)
-    for name in ("expert_offsets", "expert_counts", "gather_idx"):
-        t = getattr(meta, name)
-        if t.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"meta.{name} must be an int32 or int64 tensor, got {t.dtype}")
-    _checks.check_same_device(
-        **{data_name: data, "meta.gather_idx": meta.gather_idx, "meta.expert_offsets": meta.expert_offsets}
-    )
-    M = meta.gather_idx.numel()
-    first, last = int(meta.expert_offsets[0]), int(meta.expert_offsets[-1])
-    if first != 0 or last != M:
-        raise ValueError(
-            f"meta.expert_offsets must start at 0 and end at the number of rows M = {M} "
-            f"(len(meta.gather_idx)), got offsets[0] = {first}, offsets[-1] = {last}"
-        )
-    if not torch.equal(meta.expert_offsets.long().diff(), meta.expert_counts.long()):
-        raise ValueError(
-            "meta.expert_counts must equal the differences of meta.expert_offsets "
-            "(counts[e] = offsets[e+1] - offsets[e])"
-        )
-    if M > 0 and num_tokens is not None:
-        lo, hi = int(meta.gather_idx.min()), int(meta.gather_idx.max())
-        if lo < 0 or hi >= num_tokens:
-            raise ValueError(
-                f"meta.gather_idx must hold token indices in [0, {num_tokens}), got values in [{lo}, {hi}]"
-            )
-
-
 def _check_gemm_args(x: object, w: object, meta: object, tile_m: object, out_dtype: object,
                      transpose_w: object) -> torch.dtype:
     """Validate the arguments of the two varlen-M grouped GEMMs (``w`` as the caller stored it);
@@ -143,8 +90,8 @@ def _check_gemm_args(x: object, w: object, meta: object, tile_m: object, out_dty
             f"{' (transpose_w=True)' if transpose_w else ''}, got {tuple(w.shape)}"
         )
     _checks.check_same_device(x=x, w=w)
-    _checks.check_int_range("tile_m", tile_m, 1, what="rows per GEMM tile")
-    _check_metadata(meta, "x", x, num_tokens=x.shape[0], num_experts=w.shape[0])
+    _checks.check_int_range("tile_m", tile_m, 1, MAX_TILE_M, "rows per GEMM tile")
+    contracts.check_metadata(meta, "x", x, num_tokens=x.shape[0], num_experts=w.shape[0])
     return _check_out_dtype(out_dtype, x.dtype)
 
 
@@ -312,7 +259,7 @@ def grouped_gemm_varlen_k(
     _checks.check_same_device(a=a, b=b)
     _checks.check_bool("gather_a", gather_a)
     _checks.check_bool("transpose_out", transpose_out)
-    _check_metadata(meta, "a", a, num_tokens=a.shape[0] if gather_a else None, num_experts=None)
+    contracts.check_metadata(meta, "a", a, num_tokens=a.shape[0] if gather_a else None, num_experts=None)
     M = meta.num_rows
     if b.shape[0] != M:
         raise ValueError(f"b must have shape (M, N) with M = {M} (meta.num_rows), got {tuple(b.shape)}")

@@ -274,7 +274,7 @@ def moe_forward(
     ``"topk"`` or ``"token_rounding"`` (to multiples of ``tile_m``); ``backward`` picks
     ``"reduced_memory"`` (SonicMoE) or ``"standard"``. Gradients flow to x, router_w, w1 and w2.
     """
-    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
+    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward, scoring, rounding_mode, generator)
     # Step 1: route. Scores stay differentiable: dS flows back into the router.
     r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
               rounding_mode=rounding_mode, generator=generator)
@@ -291,7 +291,7 @@ def naive_moe_forward(x, router_w, w1, w2, k, *, routing: str = "topk", tile_m: 
                       scoring: str = "softmax_topk", rounding_mode: str = "nearest",
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """The oracle: a plain per-expert Python loop, differentiated by autograd (no custom backward)."""
-    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, "standard")
+    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, "standard", scoring, rounding_mode, generator)
     r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
               rounding_mode=rounding_mode, generator=generator)
     acc = _acc_dtype(x)
@@ -315,7 +315,7 @@ def saved_tensors(x, router_w, w1, w2, k, *, backward: str = "reduced_memory", r
                   generator: torch.Generator | None = None) -> list[SavedTensor]:
     """Run the experts' forward once and list every *activation* it saves for backward (weights
     excluded, see ``record_saved_tensors``). Arguments as ``moe_forward``."""
-    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward)
+    check_layer_inputs(x, router_w, w1, w2, k, tile_m, routing, backward, scoring, rounding_mode, generator)
     with torch.no_grad():
         r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
                   rounding_mode=rounding_mode, generator=generator)

@@ -23,8 +23,9 @@ SPEC = PairSpec(
     oracle="float64 naive per-expert loop differentiated by autograd",
     make_case=layer.make_case,
     compare=layer.compare,
-    cost=layer.layer_cost(12),
+    cost=layer.layer_cost(2 * layer.FORWARD_FLOPS),
     timed="the backward pass only (re-run on one retained graph)",
     saved=layer.saved,
     rows=ROWS,
+    work=layer.layer_work(oracle_routings=1, backward_only=True),
 )

@@ -16,6 +16,9 @@ from sonic_learn.compare.configs import Problem
 from sonic_learn.compare.registry import Setup
 
 
+F64 = 8  # bytes of a float64 (the oracles)
+
+
 def generator(seed: int) -> torch.Generator:
     """A CPU generator seeded with ``seed`` (inputs are drawn on the CPU, then moved)."""
     return torch.Generator().manual_seed(seed)

@@ -15,9 +15,9 @@ import torch
 
 from sonic_learn.compare import fast_kernels
 from sonic_learn.compare.configs import Problem
-from sonic_learn.compare.pairs.common import Case, generator, spread_logits
+from sonic_learn.compare.pairs.common import F64, Case, generator, spread_logits
 from sonic_learn.compare.registry import Impl, Setup, UnsupportedProblem, fast_ready
-from sonic_learn.compare.runner import Agreement, Cost, PairSpec, rel_err
+from sonic_learn.compare.runner import Agreement, Cost, PairSpec, Work, rel_err
 from sonic_learn.reference import grouped_gemm as ref_gemm
 from sonic_learn.reference import routing as ref_routing
 
@@ -91,6 +91,19 @@ def cost(case: Case, impl: Impl, out) -> Cost:
                              variant="naive" if variant == "naive" else "gather_fused")
     return Cost(flops=c.flops_useful, bytes_moved=c.bytes_moved, wasted_flops=c.flops_padded,
                 extra={"padded_rows": c.padded_rows, "rows": c.rows})
+
+
+def work(p: Problem, dtype: torch.dtype, n_rows: int, calls: int) -> Work:
+    """The whole run: the float64 oracle (y and dW) once, then every row's calls of a 2 P d 2n GEMM;
+    held: the inputs, the float64 copies and oracles, one output per row."""
+    b, P, N = torch.empty((), dtype=dtype).element_size(), p.T * p.K, 2 * p.n
+    gemm = 2.0 * P * p.d * N
+    rows = n_rows * calls * gemm
+    held = (p.T * p.d + p.E * p.d * N + 2 * P * N + P * p.d + n_rows * P * N) * b \
+        + (p.T * p.d + 2 * p.E * p.d * N + 3 * P * N) * F64
+    if dtype == torch.float64:
+        return Work(flops_f64=2 * gemm + rows, held_bytes=held)
+    return Work(flops=rows, flops_f64=2 * gemm, held_bytes=held)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,4 +218,5 @@ SPEC = PairSpec(
     cost=cost,
     timed="the grouped GEMM (x, w, routing metadata) -> (P, 2n)",
     rows=ROWS,
+    work=work,
 )

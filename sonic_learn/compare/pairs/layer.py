@@ -17,12 +17,13 @@ import torch
 
 from sonic_learn.compare import fast_kernels
 from sonic_learn.compare.configs import Problem
-from sonic_learn.compare.pairs.common import Case, generator, padded_rows, score_dtype
+from sonic_learn.compare.pairs.common import F64, Case, generator, padded_rows, score_dtype
 from sonic_learn.compare.registry import Impl, Setup, UnsupportedProblem, fast_ready
-from sonic_learn.compare.runner import Agreement, Cost, rel_err
+from sonic_learn.compare.runner import Agreement, Cost, Work, rel_err
 from sonic_learn.reference import moe as ref_moe
 
 GRAD_NAMES = ("dx", "drouter_w", "dw1", "dw2")
+FORWARD_FLOPS = 6  # per routed pair, times n * d: up-projection 2 d 2n + down-projection 2 n d (backward: twice)
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, rw, w1, w2) -> out
 
 
@@ -176,6 +177,34 @@ def layer_cost(flops_per_pair_nd: int):
                     extra={"pairs": P, "padded_rows": m_pad})
 
     return cost
+
+
+def sizes(p: Problem) -> tuple[int, int]:
+    """(weight elements, activation elements of one forward) of the layer: w1 (E, d, 2n) + w2 (E, n, d);
+    gathered x and Y (P, d), H (P, 2n), A (P, n), x and out (T, d), the logits (T, E)."""
+    P = p.T * p.K
+    return p.E * p.d * 3 * p.n, P * (2 * p.d + 3 * p.n) + 2 * p.T * p.d + p.T * p.E
+
+
+def layer_work(oracle_routings: int, backward_only: bool):
+    """The cost model of a whole layer comparison: the float64 oracle (forward + backward, per routing
+    checked), then every row's calls; backward rows keep their graphs alive between calls."""
+
+    def work(p: Problem, dtype: torch.dtype, n_rows: int, calls: int) -> Work:
+        b = torch.empty((), dtype=dtype).element_size()
+        weights, acts = sizes(p)
+        fwd = FORWARD_FLOPS * p.T * p.K * p.n * p.d
+        oracle = oracle_routings * 3 * fwd
+        held = (3 * weights + acts + 2 * p.T * p.d) * F64 + 4 * weights * b
+        if backward_only:  # one forward at build time, then every call a backward (2 x forward FLOPs)
+            rows, held = n_rows * (fwd + calls * 2 * fwd), held + n_rows * (acts + weights) * b
+        else:
+            rows, held = n_rows * calls * 3 * fwd, held + (acts + 2 * weights) * b
+        if dtype == torch.float64:
+            return Work(flops_f64=oracle + rows, held_bytes=held)
+        return Work(flops=rows, flops_f64=oracle, held_bytes=held)
+
+    return work
 
 
 def held_activation_bytes(fwd: Forward, ls, weights) -> int:

@@ -96,8 +96,9 @@ SPEC = PairSpec(
     oracle="float64 naive per-expert loop differentiated by autograd (same routing)",
     make_case=layer.make_case,
     compare=layer.compare,
-    cost=layer.layer_cost(18),
+    cost=layer.layer_cost(3 * layer.FORWARD_FLOPS),
     timed="forward + backward of the whole layer",
     saved=layer.saved,
     rows=ROWS,
+    work=layer.layer_work(oracle_routings=2, backward_only=False),  # top-k and token rounding
 )

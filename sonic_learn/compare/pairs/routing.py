@@ -14,9 +14,9 @@ import torch
 
 from sonic_learn.compare import fast_kernels
 from sonic_learn.compare.configs import Problem
-from sonic_learn.compare.pairs.common import Case, generator, padded_rows, score_dtype, spread_logits
+from sonic_learn.compare.pairs.common import F64, Case, generator, padded_rows, score_dtype, spread_logits
 from sonic_learn.compare.registry import Impl, Setup, UnsupportedProblem, fast_ready
-from sonic_learn.compare.runner import Agreement, Cost, PairSpec, mismatch, rel_err
+from sonic_learn.compare.runner import Agreement, Cost, PairSpec, Work, mismatch, rel_err
 from sonic_learn.reference import routing as ref_routing
 
 ROUNDING_MODES = ("nearest", "up", "down")
@@ -126,6 +126,14 @@ def cost(case: Case, impl: Impl, out: dict) -> Cost:
     )
 
 
+def work(p: Problem, dtype: torch.dtype, n_rows: int, calls: int) -> Work:
+    """The whole run: the float64 top-k once, then every row's calls over the (T, E) logits (several
+    passes: counted as 8), and the (T, E) masks of the check."""
+    b, logits = score_dtype(dtype).itemsize, p.T * p.E
+    return Work(bytes_moved=4 * logits * F64 + n_rows * calls * 8 * logits * b,
+                held_bytes=logits * (b + 3 * F64 + 1) + n_rows * p.T * p.K * 5 * F64)
+
+
 def _torch_routing(case: Case):
     p = case.problem
 
@@ -200,4 +208,5 @@ SPEC = PairSpec(
     cost=cost,
     timed="router scores + routing metadata from the (T, E) logits (fast rows: without the NaN/id-check syncs)",
     rows=ROWS,
+    work=work,
 )

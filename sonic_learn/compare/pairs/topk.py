@@ -13,9 +13,9 @@ import torch
 
 from sonic_learn.compare import fast_kernels
 from sonic_learn.compare.configs import Problem
-from sonic_learn.compare.pairs.common import Case, distinct_logits, generator
+from sonic_learn.compare.pairs.common import F64, Case, distinct_logits, generator
 from sonic_learn.compare.registry import Impl, Setup, UnsupportedProblem, fast_ready
-from sonic_learn.compare.runner import Agreement, Cost, PairSpec, mismatch, rel_err
+from sonic_learn.compare.runner import Agreement, Cost, PairSpec, Work, mismatch, rel_err
 from sonic_learn.reference import topk as ref_topk
 
 
@@ -45,6 +45,14 @@ def cost(case: Case, impl: Impl, out) -> Cost:
     p, b = case.problem, case.logits.element_size()
     # Read the logits once, write K values and K int32 indices per token.
     return Cost(bytes_moved=p.T * p.E * b + p.T * p.K * (b + 4), throughput_from="bytes")
+
+
+def work(p: Problem, dtype: torch.dtype, n_rows: int, calls: int) -> Work:
+    """The whole run: the float64 sort once, then every row's calls over the (T, E) logits (the
+    references make several passes; counted as 8)."""
+    b, logits = torch.empty((), dtype=dtype).element_size(), p.T * p.E
+    return Work(bytes_moved=4 * logits * F64 + n_rows * calls * 8 * logits * b,
+                held_bytes=logits * (b + 4 * F64) + n_rows * p.T * p.K * 3 * F64)
 
 
 def fast_limits(problem: Problem, dtype: torch.dtype, max_k: int) -> None:
@@ -109,4 +117,5 @@ SPEC = PairSpec(
     cost=cost,
     timed="top-k of the (T, E) logits (fast rows: the kernel path, without the NaN-check sync)",
     rows=ROWS,
+    work=work,
 )

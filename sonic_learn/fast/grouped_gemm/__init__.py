@@ -167,12 +167,11 @@ def _compiled(cfg: GemmConfig, variant: str, dtype: torch.dtype, out_dtype: torc
 
 
 def cluster_size(varlen_k: bool, config: GemmConfig | None = None) -> int:
-    """CTAs per cluster for ``config``'s kernel: its ``cluster_m``, or by default
-    the measured rule (H200, benchmarks/results/grouped_gemm_tiles_NVIDIA_H200.json, configs c1 vs
-    c2): 2 for varlen-K (both CTAs of a pair reduce over the same expert rows, so the multicast B
-    costs no padding; -2% to +4% on the 7B/30B weight-gradient shapes, +21% on 30B down before the
-    row prefetch), 1 for varlen-M (a pair of m-tiles must stay inside one expert, which adds about
-    half a tile of padding per expert: -7% to 0% contiguous, -8% to -1% gathered)."""
+    """CTAs per cluster for ``config``'s kernel: its ``cluster_m``, or by default the rule the tile
+    sweep supports (benchmarks/results/grouped_gemm_tiles_*.json, configs c1 vs c2): 2 for varlen-K
+    (both CTAs of a pair reduce over the same expert rows, so the multicast B costs no padding), 1
+    for varlen-M (a pair of m-tiles must stay inside one expert, which adds about half a tile of
+    padding per expert and costs more than the shared B saves)."""
     cfg = checked_config(config)
     if cfg.kernel != "ws":
         return 1
@@ -219,10 +218,10 @@ def _check_multiple_of_8(name: str, value: int, what: str) -> None:
 def _check_meta(meta: object, device: torch.device, cfg: GemmConfig) -> RoutingMetadata:
     if not isinstance(meta, RoutingMetadata):
         raise TypeError(f"meta must be a sonic_learn.reference.routing.RoutingMetadata, got {type(meta).__name__}")
-    from sonic_learn.fast.grouped_gemm.v1 import MAX_EXPERTS
+    from sonic_learn.fast.grouped_gemm.v1 import SEARCH_EXPERTS
 
     E = meta.num_experts
-    limit, why = MAX_EXPERTS, "the teaching kernels' tile search"
+    limit, why = SEARCH_EXPERTS, "the teaching kernels' tile search"
     if cfg.persistent:
         from sonic_learn.fast.grouped_gemm.ws import TABLE_EXPERTS
 

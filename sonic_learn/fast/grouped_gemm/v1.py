@@ -38,6 +38,7 @@ This first kernel favours clarity over speed (``ws.py`` holds the production pat
 
 from __future__ import annotations
 
+from sonic_learn._deprecated import renamed
 from sonic_learn.fast._cute import import_cutlass
 
 cutlass = import_cutlass()
@@ -49,7 +50,7 @@ from cutlass.tensor_utils import LayoutEnum  # noqa: E402
 
 # Binary-search depth for the expert lookup: supports up to 2**16 - 1 experts.
 SEARCH_STEPS = 16
-MAX_EXPERTS = 2**SEARCH_STEPS - 1
+SEARCH_EXPERTS = 2**SEARCH_STEPS - 1  # the most experts the tile search can tell apart
 THREADS = 256  # two consumer warpgroups
 CHUNK = 8  # elements per 16-byte cp.async of a 16-bit dtype
 
@@ -329,4 +330,5 @@ def default_stages(tile: tuple[int, int, int], smem_bytes: int = 227 * 1024) -> 
     return max(3, min(8, (smem_bytes - 1024) // per_stage))
 
 
-__all__ = ["GroupedGemmV1", "default_stages", "MAX_EXPERTS"]
+__all__ = ["GroupedGemmV1", "default_stages", "SEARCH_EXPERTS"]
+__getattr__ = renamed(__name__, globals(), {"MAX_EXPERTS": "SEARCH_EXPERTS"})  # one name, one meaning
