@@ -20,6 +20,7 @@ useful FLOPs 2*M*K*N. The JSON goes to benchmarks/results/grouped_gemm_<device>.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -74,16 +75,17 @@ def fp32_reference(a: torch.Tensor, w: torch.Tensor, meta) -> torch.Tensor:
     return ref
 
 
-def bench_shape(name: str, T: int, Kg: int, Ng: int, E: int, topk: int, reps: int) -> dict:
+def bench_shape(name: str, T: int, Kg: int, Ng: int, E: int, topk: int, reps: int,
+                config: fast.GemmConfig | None = None) -> dict:
     meta, x, w, a, b = make_inputs(T, Kg, Ng, E, topk)
     M = a.shape[0]
     dt = torch.bfloat16
     flops = 2 * M * Kg * Ng
     impls = {
-        "contiguous": lambda: fast.contiguous_grouped_gemm(a, w, meta),
-        "gather_fused": lambda: fast.gather_fused_grouped_gemm(x, w, meta),
-        "naive": lambda: fast.naive_grouped_gemm(x, w, meta),
-        "varlen_k": lambda: fast.grouped_gemm_varlen_k(x, b, meta, gather_a=True),
+        "contiguous": lambda: fast.contiguous_grouped_gemm(a, w, meta, config=config),
+        "gather_fused": lambda: fast.gather_fused_grouped_gemm(x, w, meta, config=config),
+        "naive": lambda: fast.naive_grouped_gemm(x, w, meta, config=config),
+        "varlen_k": lambda: fast.grouped_gemm_varlen_k(x, b, meta, gather_a=True, config=config),
         "torch_matmul": lambda: torch.matmul(a, w[0]),
     }
     notes = {}
@@ -140,21 +142,22 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--config", default=None, help="kernel:tile_m x tile_n x tile_k[:stages], e.g. ws:128x256x64")
     args = p.parse_args(argv)
+    config = fast.DEFAULT_CONFIG
     if args.config:
         kernel, tile, *stages = args.config.split(":")
-        fast.set_kernel_config(kernel=kernel, tile=tuple(int(v) for v in tile.split("x")),
-                               stages=int(stages[0]) if stages else None)
+        config = fast.GemmConfig(kernel=kernel, tile=tuple(int(v) for v in tile.split("x")),
+                                 stages=int(stages[0]) if stages else None)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    record = {"benchmark": "grouped_gemm", "environment": bench.environment(), "kernel_config": dict(fast._CONFIG),
+    record = {"benchmark": "grouped_gemm", "environment": bench.environment(), "kernel_config": dataclasses.asdict(config),
               "targets": TARGETS, "shapes": {}}
     for shape in args.shapes.split(","):
         cfg, proj = shape.split("-")
         T, d, n, E, K = CONFIGS[cfg]
         Kg, Ng = (d, 2 * n) if proj == "up" else (n, d)
         print(f"{shape}: T={T} E={E} K={K} GEMM K={Kg} N={Ng}", flush=True)
-        record["shapes"][shape] = bench_shape(shape, T, Kg, Ng, E, K, args.reps)
+        record["shapes"][shape] = bench_shape(shape, T, Kg, Ng, E, K, args.reps, config)
         torch.cuda.empty_cache()
     print("wrote", bench.write_record(record, args.out, "grouped_gemm"))
     return 0

@@ -50,21 +50,25 @@ def main() -> int:
         meta, x, w, a, b = make_inputs(T, Kg, Ng, E, K)
         ref = fp32_reference(a, w, meta)
         flops = 2 * a.shape[0] * Kg * Ng
-        fns = {
-            "contiguous": lambda: fast.contiguous_grouped_gemm(a, w, meta),
-            "gather_fused": lambda: fast.gather_fused_grouped_gemm(x, w, meta),
-            "varlen_k": lambda: fast.grouped_gemm_varlen_k(x, b, meta),
-        }
+        def calls(config):
+            """The three GEMMs of this shape on ``config``'s kernel."""
+            return {
+                "contiguous": lambda: fast.contiguous_grouped_gemm(a, w, meta, config=config),
+                "gather_fused": lambda: fast.gather_fused_grouped_gemm(x, w, meta, config=config),
+                "varlen_k": lambda: fast.grouped_gemm_varlen_k(x, b, meta, config=config),
+            }
+
         rows, usable = {}, []
         for c in configs:  # check every config once (and compile it) before any timing
             kernel, tile, stages, tma_store, cluster_m = parse(c)
             try:
-                fast.set_kernel_config(kernel=kernel, tile=tile, stages=stages, tma_store=tma_store,
-                                       cluster_m=cluster_m)
-                err = ((fast.contiguous_grouped_gemm(a, w, meta).float() - ref).abs().max() / ref.abs().max()).item()
+                fns = calls(fast.GemmConfig(kernel=kernel, tile=tile, stages=stages, tma_store=tma_store,
+                                            cluster_m=cluster_m))
+                err = ((fns["contiguous"]().float() - ref).abs().max() / ref.abs().max()).item()
                 for fn in fns.values():
                     fn()
-                rows[c] = {"shape": shape, "config": c, "rel_err": err, "samples_ms": {k: [] for k in fns}}
+                rows[c] = {"shape": shape, "config": c, "rel_err": err, "samples_ms": {k: [] for k in fns},
+                           "calls": fns}
                 usable.append(c)
             except Exception as exc:  # a config that does not compile or fit is reported, not fatal
                 rows[c] = {"shape": shape, "config": c, "error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -75,16 +79,14 @@ def main() -> int:
         for _ in range(args.rounds):
             mm.append(bench.measure(lambda: torch.matmul(a, w[0]), device="cuda", reps=args.reps).median_ms)
             for c in usable:
-                kernel, tile, stages, tma_store, cluster_m = parse(c)
-                fast.set_kernel_config(kernel=kernel, tile=tile, stages=stages, tma_store=tma_store,
-                                       cluster_m=cluster_m)
-                for name, fn in fns.items():
+                for name, fn in rows[c]["calls"].items():
                     rows[c]["samples_ms"][name].append(bench.measure(fn, device="cuda", reps=args.reps).median_ms)
         t_mm = statistics.median(mm)
         print(f"{shape}: torch.matmul {flops / t_mm / 1e9:.0f} TFLOP/s (rounds: "
               f"{', '.join(f'{flops / t / 1e9:.0f}' for t in mm)})", flush=True)
         for c in configs:
             row = rows[c]
+            row.pop("calls", None)
             if "samples_ms" in row:
                 row["torch_matmul_tflops"] = flops / t_mm / 1e9
                 for name, ts in row["samples_ms"].items():
@@ -94,7 +96,6 @@ def main() -> int:
                          if k not in ("shape", "samples_ms")}, flush=True)
         del x, w, a, b, ref
         torch.cuda.empty_cache()
-    fast.set_kernel_config()
     print("wrote", bench.write_record(out, args.out, "grouped_gemm_tiles"))
     return 0
 

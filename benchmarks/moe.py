@@ -22,6 +22,7 @@ JSON: benchmarks/results/moe_<device>.json (or --out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -142,14 +143,14 @@ def main(argv=None) -> int:
     from sonic_learn.fast import moe as fast_moe
     from sonic_learn.reference import moe as ref_moe
 
-    if args.gemm:
-        from sonic_learn.fast import grouped_gemm as gg
+    from sonic_learn.fast import grouped_gemm as gg
 
+    gemm = gg.DEFAULT_CONFIG
+    if args.gemm:
         kernel, tile = args.gemm.split(":")
-        gg.set_kernel_config(kernel=kernel, tile=tuple(int(v) for v in tile.split("x")))
+        gemm = gg.GemmConfig(kernel=kernel, tile=tuple(int(v) for v in tile.split("x")))
 
     env = bench.environment()
-    from sonic_learn.fast import grouped_gemm as gg_config
 
     record = {
         "benchmark": "moe", "environment": env,
@@ -157,25 +158,23 @@ def main(argv=None) -> int:
                   "reduced-memory mode: SwiGLU fused into the up-projection epilogue, the dH kernel = dA' GEMM with "
                   "the dSwiGLU/dS/A' epilogue; standard mode: unfused kernels; weights read K-major, no W^T copies). "
                   "naive_loop = reference naive_moe_forward in bf16. upstream_sonicmoe = notes, not re-measured."),
-        "grouped_gemm_kernel": dict(gg_config._CONFIG),
+        "grouped_gemm_kernel": dataclasses.asdict(gemm),
         "flops": "fwd 6*T*K*n*d, fwd+bwd 18*T*K*n*d", "configs": {},
     }
-    def unfused(*a):
-        fast_moe.set_epilogue_fusion(swiglu=False, dh=False)
-        try:
-            return fast_moe.moe_forward(*a, backward="reduced_memory")
-        finally:
-            fast_moe.set_epilogue_fusion()
+    def layer(backward: str, ops):
+        return lambda *a: fast_moe.moe_forward(*a, backward=backward, ops=ops)
 
+    ops = fast_moe.fast_ops(gemm)
     impls = {
-        "fast_reduced_memory": lambda *a: fast_moe.moe_forward(*a, backward="reduced_memory"),
-        "fast_reduced_memory_unfused": unfused,  # same layer, SwiGLU and dH epilogues as separate kernels
-        "fast_standard": lambda *a: fast_moe.moe_forward(*a, backward="standard"),
+        "fast_reduced_memory": layer("reduced_memory", ops),
+        # same layer, SwiGLU and dH epilogues as separate kernels
+        "fast_reduced_memory_unfused": layer("reduced_memory",
+                                             fast_moe.fast_ops(gemm, fuse_swiglu=False, fuse_dh=False)),
+        "fast_standard": layer("standard", ops),
     }
-    gemm_overrides = {}  # impl -> grouped-GEMM config for its forward AND backward
-    if args.cluster_ab:
-        impls["fast_reduced_memory_cluster2"] = impls["fast_reduced_memory"]
-        gemm_overrides["fast_reduced_memory_cluster2"] = {"cluster_m": 2}
+    if args.cluster_ab:  # the grouped GEMMs of the forward AND backward in clusters of 2, then the default again
+        impls["fast_reduced_memory_cluster2"] = layer(
+            "reduced_memory", fast_moe.fast_ops(dataclasses.replace(gemm, cluster_m=2)))
         impls["fast_reduced_memory_repeat"] = impls["fast_reduced_memory"]
     if not args.no_naive:
         impls["naive_loop"] = ref_moe.naive_moe_forward
@@ -199,12 +198,7 @@ def main(argv=None) -> int:
         del fast_out, ref_out
         for impl, fn in impls.items():
             naive = impl == "naive_loop"
-            before = dict(gg_config._CONFIG)
-            gg_config.set_kernel_config(**{**before, **gemm_overrides.get(impl, {})})
-            try:
-                r = bench_impl(fn, leaves, gout, K, args.naive_reps if naive else args.reps, 1 if naive else 3)
-            finally:
-                gg_config.set_kernel_config(**before)
+            r = bench_impl(fn, leaves, gout, K, args.naive_reps if naive else args.reps, 1 if naive else 3)
             r["fwd_tflops"] = flops_fwd / (r["fwd"]["median_ms"] * 1e-3) / 1e12
             r["fwd_bwd_tflops"] = flops_all / (r["fwd_bwd"]["median_ms"] * 1e-3) / 1e12
             cfg["results"][impl] = r

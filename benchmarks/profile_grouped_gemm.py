@@ -27,7 +27,7 @@ def main() -> int:
     p.add_argument("--variant", default="contiguous", choices=("contiguous", "gather_fused", "varlen_k"))
     p.add_argument("--cluster-m", type=int, default=None, help="1 or 2 (default: the library's choice)")
     args = p.parse_args()
-    fast.set_kernel_config(cluster_m=args.cluster_m)
+    config = fast.GemmConfig(cluster_m=args.cluster_m)
     runs = []
     for shape in args.shapes.split(","):
         cfg, proj = shape.split("-")
@@ -35,9 +35,9 @@ def main() -> int:
         Kg, Ng = (d, 2 * n) if proj == "up" else (n, d)
         meta, x, w, a, b = make_inputs(T, Kg, Ng, E, K)
         # (default arguments bind this shape's tensors: the calls run after the loop)
-        fn = {"contiguous": lambda a=a, w=w, meta=meta: fast.contiguous_grouped_gemm(a, w, meta),
-              "gather_fused": lambda x=x, w=w, meta=meta: fast.gather_fused_grouped_gemm(x, w, meta),
-              "varlen_k": lambda x=x, b=b, meta=meta: fast.grouped_gemm_varlen_k(x, b, meta)}[args.variant]
+        fn = {"contiguous": lambda a=a, w=w, meta=meta: fast.contiguous_grouped_gemm(a, w, meta, config=config),
+              "gather_fused": lambda x=x, w=w, meta=meta: fast.gather_fused_grouped_gemm(x, w, meta, config=config),
+              "varlen_k": lambda x=x, b=b, meta=meta: fast.grouped_gemm_varlen_k(x, b, meta, config=config)}[args.variant]
         dense = lambda a=a, w=w: torch.matmul(a, w[0])  # noqa: E731
         for _ in range(3):  # compile + warm up
             fn()

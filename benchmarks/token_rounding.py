@@ -149,7 +149,7 @@ def gemm_times(leaves: list[torch.Tensor], gout: torch.Tensor, r, reps: int) -> 
     from sonic_learn.fast import moe as fast_moe
 
     x, w1, w2 = leaves[0], leaves[2], leaves[3]
-    base = fast_moe._fast_ops()
+    base = fast_moe.fast_ops()
     calls: list[tuple[str, str, object, tuple, dict]] = []  # (phase, op name, fn, args, kwargs)
     phase = ["fwd"]
 

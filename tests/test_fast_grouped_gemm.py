@@ -11,6 +11,9 @@ the NaN-filled block to the kernel; an element the kernel forgets to write stays
 
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
@@ -117,12 +120,20 @@ def _kernel_id(kernel, tile, max_ctas, tma_store, cluster_m):
 
 @pytest.fixture(params=KERNELS, ids=[_kernel_id(*k) for k in KERNELS])
 def kernel_config(request):
+    """The step of the ladder under test, as the immutable config the tests pass explicitly."""
     from sonic_learn.fast import grouped_gemm as fast
 
     kernel, tile, max_ctas, tma_store, cluster_m = request.param
-    fast.set_kernel_config(kernel=kernel, tile=tile, max_ctas=max_ctas, tma_store=tma_store, cluster_m=cluster_m)
-    yield request.param
-    fast.set_kernel_config()
+    return fast.GemmConfig(kernel=kernel, tile=tile, max_ctas=max_ctas, tma_store=tma_store, cluster_m=cluster_m)
+
+
+def configured(cfg):
+    """The public grouped-GEMM functions with ``config=cfg`` passed on every call."""
+    from sonic_learn.fast import grouped_gemm as gg
+
+    names = ("naive_grouped_gemm", "gather_fused_grouped_gemm", "contiguous_grouped_gemm", "grouped_gemm_varlen_k",
+             "gather_fused_grouped_gemm_swiglu", "gather_fused_grouped_gemm_dswiglu")
+    return SimpleNamespace(config=cfg, **{n: functools.partial(getattr(gg, n), config=cfg) for n in names})
 
 
 @needs_hopper
@@ -131,7 +142,7 @@ def kernel_config(request):
 @example(problem=([129, 0, 128, 1, 127], 200, 64, 72, "bf16", None, 0))
 @example(problem=([0, 0, 300], 100, 1536, 512, "bf16", None, 1))  # all rows on one expert, d = 1536
 def test_varlen_m_matches_oracle(kernel_config, problem):
-    from sonic_learn.fast import grouped_gemm as fast
+    fast = configured(kernel_config)  # every call gets config=kernel_config
 
     counts, T, K, N, dtype_name, out_dtype, seed = problem
     dtype = DTYPES[dtype_name]
@@ -180,7 +191,7 @@ def test_varlen_m_matches_oracle(kernel_config, problem):
 @given(problem=problems(), gather_a=st.booleans())
 @example(problem=([129, 0, 128, 1, 127], 200, 64, 72, "bf16", None, 0), gather_a=True)
 def test_varlen_k_matches_oracle(kernel_config, problem, gather_a):
-    from sonic_learn.fast import grouped_gemm as fast
+    fast = configured(kernel_config)  # every call gets config=kernel_config
 
     counts, T, K, N, dtype_name, out_dtype, seed = problem
     dtype = DTYPES[dtype_name]
@@ -225,7 +236,7 @@ def test_varlen_k_matches_oracle(kernel_config, problem, gather_a):
 def test_swiglu_epilogue_matches_unfused(kernel_config, problem):
     """The up-projection with SwiGLU in its epilogue stores the same H as the plain GEMM and the same A
     as the standalone SwiGLU kernel on that H (bit for bit), every element written."""
-    from sonic_learn.fast import grouped_gemm as fast
+    fast = configured(kernel_config)  # every call gets config=kernel_config
     from sonic_learn.fast import moe_kernels as mk
 
     counts, T, K, N, dtype_name, _, seed = problem
@@ -261,7 +272,7 @@ def test_dswiglu_epilogue_matches_unfused(kernel_config, problem):
     the dA' GEMM, then moe_kernels.swiglu_backward_scaled. dH and A' are the same arithmetic on the
     same rounded inputs (at most 1 ulp apart, where the compiler contracts differently, and almost
     all equal); dS differs only in the order of its fp32 sum."""
-    from sonic_learn.fast import grouped_gemm as fast
+    fast = configured(kernel_config)  # every call gets config=kernel_config
     from sonic_learn.fast import moe_kernels as mk
 
     counts, T, d, n, dtype_name, _, seed = problem
@@ -275,7 +286,7 @@ def test_dswiglu_epilogue_matches_unfused(kernel_config, problem):
     row_scores = torch.rand(M, generator=gen).to("cuda")
     poison((M, 2 * n), dtype)
     poison((M, n), dtype)
-    poison((M, -(-n // fast._CONFIG["tile"][1])), torch.float32)  # the dS partials, one per n-tile
+    poison((M, -(-n // fast.config.tile[1])), torch.float32)  # the dS partials, one per n-tile
     dh, a_scaled, ds = fast.gather_fused_grouped_gemm_dswiglu(dout, w2, meta, h, row_scores)
     assert dh.shape == (M, 2 * n) and a_scaled.shape == (M, n) and ds.shape == (M,) and ds.dtype == torch.float32
     assert not torch.isnan(dh).any() and not torch.isnan(a_scaled).any(), "unwritten element"
@@ -297,7 +308,7 @@ def test_dswiglu_epilogue_matches_unfused(kernel_config, problem):
 @needs_hopper
 def test_realistic_shape_7b_up_proj_slice(kernel_config):
     """A slice of the 7B up-projection (d = 1536, 2n = 512) with uniform routing over 16 experts."""
-    from sonic_learn.fast import grouped_gemm as fast
+    fast = configured(kernel_config)  # every call gets config=kernel_config
 
     gen = torch.Generator().manual_seed(7)
     T, K, N, E, topk = 2048, 1536, 512, 16, 4
@@ -327,12 +338,9 @@ def test_many_experts_tile_table(E, cluster_m):
     x = torch.randn(T, K, generator=gen).to("cuda", torch.bfloat16)
     w = (torch.randn(E, K, N, generator=gen) / K**0.5).to("cuda", torch.bfloat16)
     oracle, same = varlen_m_oracle(x, w, meta)
-    fast.set_kernel_config(cluster_m=cluster_m)
-    try:
-        poison((sum(counts), N), torch.bfloat16)
-        check_close(f"E={E}", fast.gather_fused_grouped_gemm(x, w, meta), oracle, same)
-    finally:
-        fast.set_kernel_config()
+    poison((sum(counts), N), torch.bfloat16)
+    got = fast.gather_fused_grouped_gemm(x, w, meta, config=fast.GemmConfig(cluster_m=cluster_m))
+    check_close(f"E={E}", got, oracle, same)
 
 
 @needs_hopper
@@ -444,3 +452,16 @@ def test_bad_inputs_raise_clear_errors():
         fast.gather_fused_grouped_gemm_dswiglu(x, w2, meta, h.half(), scores)
     with pytest.raises(TypeError, match="transpose_out must be a bool"):
         fast.grouped_gemm_varlen_k(x, b, meta, transpose_out="yes")
+
+
+@needs_hopper
+def test_ladder_main_validates_and_times_every_step(capsys):
+    """``python -m sonic_learn.fast.grouped_gemm``: every step passes its check and gets a time."""
+    from sonic_learn.fast import grouped_gemm as fast
+    from sonic_learn.fast.grouped_gemm.__main__ import main
+
+    assert main(["--T", "512", "--d", "256", "--n", "128", "--E", "8", "--K", "2", "--reps", "3"]) == 0
+    out = capsys.readouterr().out
+    for step in fast.STEPS:
+        line = next(ln for ln in out.splitlines() if ln.startswith(step + " "))
+        assert "FAILED" not in line, line

@@ -179,30 +179,55 @@ def test_cpu_tensor_rejected_before_launch():
         fast.grouped_gemm_varlen_k(x, x, None)
 
 
-def test_set_kernel_config_rejects_bad_values():
+def test_gemm_config_rejects_bad_values():
+    import dataclasses
+
     from sonic_learn.fast import grouped_gemm as fast
 
     with pytest.raises(ValueError, match="kernel must be one of"):
-        fast.set_kernel_config(kernel="v2")
+        fast.GemmConfig(kernel="v2")
     with pytest.raises(ValueError, match="tile must be"):
-        fast.set_kernel_config(tile=(64, 128, 64))
+        fast.GemmConfig(tile=(64, 128, 64))
     with pytest.raises(ValueError, match="3 <= stages"):
-        fast.set_kernel_config(kernel="v1", tile=fast.TILE, stages=2)
+        fast.GemmConfig(kernel="v1", tile=fast.TILE, stages=2)
     with pytest.raises(TypeError, match="stages must be an int"):
-        fast.set_kernel_config(stages="4")
+        fast.GemmConfig(stages="4")
     with pytest.raises(ValueError, match="max_ctas"):
-        fast.set_kernel_config(max_ctas=0)
+        fast.GemmConfig(max_ctas=0)
     with pytest.raises(ValueError, match="tile_n <= 128"):
-        fast.set_kernel_config(kernel="pingpong", tile=fast.WS_TILE)
+        fast.GemmConfig(kernel="pingpong", tile=fast.WS_TILE)
     with pytest.raises(TypeError, match="tma_store"):
-        fast.set_kernel_config(tma_store=0)
+        fast.GemmConfig(tma_store=0)
     with pytest.raises(ValueError, match="cluster_m must be one of"):
-        fast.set_kernel_config(cluster_m=4)
+        fast.GemmConfig(cluster_m=4)
     with pytest.raises(ValueError, match="cluster_m must be one of"):
-        fast.set_kernel_config(cluster_m=True)
+        fast.GemmConfig(cluster_m=True)
     with pytest.raises(ValueError, match="cluster_m must be one of"):
         fast.compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, fast.WS_TILE, cluster_m=3)
     with pytest.raises(ValueError, match="needs kernel='ws'"):
-        fast.set_kernel_config(kernel="pingpong", cluster_m=2)
-    assert fast._CONFIG == {"kernel": "ws", "tile": fast.WS_TILE, "stages": None, "max_ctas": None,
-                            "tma_store": True, "cluster_m": None}  # unchanged
+        fast.GemmConfig(kernel="pingpong", cluster_m=2)
+    # immutable, and the default is the production kernel with its own tile
+    assert fast.DEFAULT_CONFIG == fast.GemmConfig(kernel="ws", tile=fast.WS_TILE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.DEFAULT_CONFIG.kernel = "v1"
+    assert fast.GemmConfig(kernel="v1").tile == fast.TILE and fast.GemmConfig(kernel="pingpong").tile == (128, 128, 64)
+    # a config of the wrong type is named before any other check or launch
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="config must be a sonic_learn.fast.grouped_gemm.GemmConfig"):
+        fast.gather_fused_grouped_gemm(x, x[None], None, config="ws")
+    with pytest.raises(TypeError, match="config must be"):
+        fast.grouped_gemm_varlen_k(x, x, None, config={"kernel": "ws"})
+
+
+def test_ladder_steps_and_main_without_a_gpu(capsys):
+    """Every kernel of the ladder says in one line what it adds; ``python -m
+    sonic_learn.fast.grouped_gemm`` refuses to run without a Hopper GPU, naming why."""
+    from sonic_learn.fast import grouped_gemm as fast
+    from sonic_learn.fast.grouped_gemm.__main__ import main
+
+    assert tuple(fast.STEPS) == fast.KERNELS == ("v1", "sm90", "ws", "pingpong")
+    assert all(isinstance(v, str) and v for v in fast.STEPS.values())
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the ladder's run is a gpu test")
+    assert main(["--T", "64"]) == 2
+    assert "needs a Hopper GPU" in capsys.readouterr().err

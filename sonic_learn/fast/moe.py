@@ -61,7 +61,7 @@ import torch
 from sonic_learn import _checks, contracts
 from sonic_learn.contracts import (  # noqa: F401  (ROUTINGS, BACKWARD_MODES, ... stay importable from here)
     BACKWARD_MODES, ROUNDING_MODES, ROUTINGS, SCORINGS, RoundingStats, Routing, RoutingMetadata)
-from sonic_learn.fast import ops as fast_ops
+from sonic_learn.fast import ops as custom_ops
 
 FAST_DTYPES = (torch.bfloat16, torch.float16)
 MAX_ELEMENTS = 2**31  # the kernels index with 32-bit integers (largest index 2^31 - 1)
@@ -88,23 +88,43 @@ class ExpertOps:
     gather_sum: object  # (rows, weights | None, row_of_pair, token_offsets) -> (T, d)
 
 
-# Which epilogue fusions the reduced-memory experts use (``set_epilogue_fusion``). Unfused, the
-# plain GEMM + the standalone kernel of moe_kernels compute the same values (A bit for bit; dH and
-# A' within 1 ulp; dS up to the order of its fp32 sum).
-EPILOGUE_FUSION = {"swiglu": True, "dh": True}
+def fast_ops(gemm=None, *, fuse_swiglu: bool = True, fuse_dh: bool = True) -> ExpertOps:
+    """The CuTe-DSL kernels behind the experts, configured explicitly (no process-wide switch).
 
+    ``gemm``: the grouped-GEMM step (a ``sonic_learn.fast.grouped_gemm.GemmConfig``; None = the
+    production kernel). ``fuse_swiglu`` / ``fuse_dh``: SwiGLU in the up-projection GEMM's epilogue
+    and dSwiGLU + dS + A' in the dH GEMM's epilogue (default: both). Unfused, the plain GEMM + the
+    standalone kernel of moe_kernels compute the same values (A bit for bit; dH and A' within 1 ulp;
+    dS up to the order of its fp32 sum). Pass the result as ``moe_forward(..., ops=...)``.
+    """
+    from sonic_learn.fast import grouped_gemm as gg
+    from sonic_learn.fast import moe_kernels as mk
 
-def set_epilogue_fusion(*, swiglu: bool = True, dh: bool = True) -> None:
-    """Fuse SwiGLU into the up-projection GEMM and/or dSwiGLU + dS + A' into the dH GEMM (default: both)."""
-    _checks.check_bool("swiglu", swiglu)
-    _checks.check_bool("dh", dh)
-    EPILOGUE_FUSION.update(swiglu=swiglu, dh=dh)
-
-
-def _fast_ops() -> ExpertOps:
-    """The CuTe-DSL kernels, each behind a ``torch.library`` custom op (``sonic_learn.fast.ops``), so
-    that ``torch.compile`` traces the layer through them."""
-    return fast_ops.expert_ops()
+    _checks.check_bool("fuse_swiglu", fuse_swiglu)
+    _checks.check_bool("fuse_dh", fuse_dh)
+    cfg = gg.checked_config(gemm)  # validated before any launch
+    if gemm is None and fuse_swiglu and fuse_dh:
+        # Production: the same kernels, each behind a torch.library custom op (sonic_learn.fast.ops),
+        # so that torch.compile traces the layer through them. Other configurations call the kernels
+        # directly (a custom op takes tensors and numbers, not a GemmConfig).
+        return custom_ops.expert_ops()
+    tile_m = GEMM_TILE_M
+    return ExpertOps(
+        gather_gemm=lambda x, w, meta, transpose_w=False: gg.gather_fused_grouped_gemm(
+            x, w, meta, tile_m=tile_m, transpose_w=transpose_w, config=cfg),
+        gather_gemm_swiglu=lambda x, w, meta: gg.gather_fused_grouped_gemm_swiglu(
+            x, w, meta, tile_m=tile_m, fused=fuse_swiglu, config=cfg),
+        grouped_gemm=lambda a, w, meta, transpose_w=False: gg.contiguous_grouped_gemm(
+            a, w, meta, tile_m=tile_m, transpose_w=transpose_w, config=cfg),
+        dh_gemm=lambda dout, w2, meta, h, row_scores: gg.gather_fused_grouped_gemm_dswiglu(
+            dout, w2, meta, h, row_scores, tile_m=tile_m, fused=fuse_dh, config=cfg),
+        varlen_k_gemm=lambda a, b, meta, gather_a, transpose_out=False: gg.grouped_gemm_varlen_k(
+            a, b, meta, gather_a=gather_a, transpose_out=transpose_out, config=cfg),
+        swiglu=mk.swiglu,
+        swiglu_backward=mk.swiglu_backward,
+        gather_scale_dot=mk.gather_scale_dot,
+        gather_sum=mk.gather_sum,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +190,7 @@ def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk",
     logits = (x @ router_w).float()  # (T, E), as the reference: GEMM in x's dtype, then float32
     if routing == "topk":
         # Token choice: pair p = t*K + j (no host synchronization).
-        r = fast_ops.topk_routing(logits, k, scoring, normalize)  # the top-k kernel as a custom op
+        r = custom_ops.topk_routing(logits, k, scoring, normalize)  # the top-k kernel as a custom op
         meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E, pairs_per_token=k)
     else:
         # Token rounding: the fast router ranks only each expert's boundary tile. Its pair count is
@@ -196,7 +216,7 @@ def _metadata(token_idx, expert_idx, T: int, E: int, pairs_per_token: int | None
         meta = fast_routing.build_metadata(
             Routing(token_idx.to(torch.int32), expert_idx.to(torch.int32), scores, T, E), check_ids=False, padded=True)
     else:
-        meta = fast_ops.metadata(token_idx, expert_idx, T, E)  # the metadata kernels as a custom op
+        meta = custom_ops.metadata(token_idx, expert_idx, T, E)  # the metadata kernels as a custom op
     return meta, _token_offsets(token_idx, T, pairs_per_token)
 
 
@@ -334,7 +354,7 @@ class StandardExperts(torch.autograd.Function):
 def run_experts(x, w1, w2, r: DeviceRouting, backward: str, ops: ExpertOps | None = None) -> torch.Tensor:
     """The experts' part of the layer on a given routing (``ops`` defaults to the CuTe-DSL kernels)."""
     experts = ReducedMemoryExperts if backward == "reduced_memory" else StandardExperts
-    return experts.apply(x, w1, w2, r.scores, r.meta, r.token_offsets, ops or _fast_ops())
+    return experts.apply(x, w1, w2, r.scores, r.meta, r.token_offsets, ops or fast_ops())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,29 +407,34 @@ def moe_forward(
     normalize: bool = False,
     rounding_mode: str = "nearest",
     generator: torch.Generator | None = None,
+    ops: ExpertOps | None = None,
 ) -> torch.Tensor:
     """The MoE layer on the fast path: x (T, d) -> out (T, d) in x's dtype.
 
     Same arguments and result as ``sonic_learn.reference.moe.moe_forward``: ``router_w`` (d, E),
     ``w1`` (E, d, 2n) with gate/up interleaved, ``w2`` (E, n, d); gradients flow to x, router_w,
-    w1 and w2. CUDA tensors of bf16/fp16 with d and n multiples of 8.
+    w1 and w2. CUDA tensors of bf16/fp16 with d and n multiples of 8. ``ops``: the experts' kernels
+    (``fast_ops(...)``: another grouped-GEMM step or unfused epilogues; None = production).
     """
     return moe_forward_with_router(x, router_w, w1, w2, k, routing=routing, tile_m=tile_m, backward=backward,
                                    scoring=scoring, normalize=normalize, rounding_mode=rounding_mode,
-                                   generator=generator)[0]
+                                   generator=generator, ops=ops)[0]
 
 
 def moe_forward_with_router(x, router_w, w1, w2, k, *, routing="topk", tile_m=128, backward="reduced_memory",
-                            scoring="softmax_topk", normalize=False, rounding_mode="nearest", generator=None):
+                            scoring="softmax_topk", normalize=False, rounding_mode="nearest", generator=None,
+                            ops: ExpertOps | None = None):
     """``moe_forward``, also returning ``(logits (T, E) float32, expert_counts (E,) int32)`` as the
     reference's ``moe_forward_with_router`` does (no host synchronization added)."""
+    if ops is not None and not isinstance(ops, ExpertOps):
+        raise TypeError(f"ops must be an ExpertOps (see fast_ops) or None, got {type(ops).__name__}")
     check_inputs(x, router_w, w1, w2, k, routing=routing, tile_m=tile_m, backward=backward, scoring=scoring,
                  rounding_mode=rounding_mode, generator=generator)
     _checks.check_bool("normalize", normalize)
     x = x.contiguous()
     r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring, normalize=normalize,
               rounding_mode=rounding_mode, generator=generator)
-    return run_experts(x, w1.contiguous(), w2.contiguous(), r, backward), r.logits, r.meta.expert_counts
+    return run_experts(x, w1.contiguous(), w2.contiguous(), r, backward, ops), r.logits, r.meta.expert_counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +463,8 @@ def expected_saved_bytes(T: int, d: int, n: int, E: int, P: int, *, dtype=torch.
 
 
 __all__ = [
-    "moe_forward", "moe_forward_with_router", "route", "run_experts", "device_metadata", "check_inputs", "ReducedMemoryExperts",
+    "moe_forward", "moe_forward_with_router", "fast_ops", "route", "run_experts", "device_metadata", "check_inputs",
+    "ReducedMemoryExperts",
     "UpProjection", "DownProjection", "StandardExperts", "ExpertOps", "DeviceRouting", "saved_tensors",
     "expected_saved_bytes", "ROUTINGS", "BACKWARD_MODES",
 ]

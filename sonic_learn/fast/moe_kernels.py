@@ -24,7 +24,7 @@ backward's W1^T and W2^T and stores dW2 transposed itself.
 
 **Fused and unfused.** SonicMoE runs SwiGLU inside the up-projection's epilogue and the
 dSwiGLU/dS pass inside the dH GEMM's epilogue, on the accumulator tile still in registers; so does
-the reduced-memory fast layer (``grouped_gemm_sm90.SwiGLUEpilogue`` / ``DSwiGLUEpilogue``, the same
+the reduced-memory fast layer (``grouped_gemm.epilogues.SwiGLUEpilogue`` / ``DSwiGLUEpilogue``, the same
 arithmetic as the two kernels here). Fusion saves, in bytes for 16-bit activations:
 
 * forward: the separate SwiGLU pass re-reads H (4Pn) after the GEMM wrote it; fused, H and A are
@@ -36,7 +36,7 @@ Measured on an H200 (``benchmarks/moe.py``), the fused layer is within noise of 
 the epilogue runs while the tensor cores of its SM idle (the cooperative kernel does not overlap
 epilogue and mainloop), which eats what the saved bytes gain. These kernels stay for the standard
 backward (the baseline, unfused by design: its extra pass over (P, d) tensors is the point) and
-for ``sonic_learn.fast.moe.set_epilogue_fusion(swiglu=False, dh=False)``.
+for ``sonic_learn.fast.moe.fast_ops(fuse_swiglu=False, fuse_dh=False)``.
 
 Every kernel is compiled once per (dtype, variant) from fake tensors with symbolic sizes and is
 called through TVM-FFI on the current torch stream (no host synchronization; CUDA-graph safe).

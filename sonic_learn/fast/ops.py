@@ -4,8 +4,8 @@ A CuTe-DSL launch is an opaque Python call to the compiler: dynamo cannot trace 
 break at every kernel) and does not know the shapes it returns. Each kernel the fast MoE layer
 calls is registered here as ``sonic_learn::<name>`` with
 
-* the real implementation: the kernel of ``fast.grouped_gemm`` / ``fast.moe_kernels`` /
-  ``fast.routing`` / ``fast.topk``, unchanged;
+* the real implementation: the kernel of ``fast.grouped_gemm`` (the production step, fused
+  epilogues) / ``fast.moe_kernels`` / ``fast.routing`` / ``fast.topk``, unchanged;
 * a fake (meta) implementation: empty tensors of the output shapes and dtypes, which is all that
   ``torch.compile`` (and ``torch.library.opcheck``) needs to trace the layer without running it;
 * where the op itself is differentiable on its own (``swiglu``, ``gather_sum``), an autograd
@@ -36,12 +36,6 @@ def _meta(offsets, gather_idx, pair_of_row, row_of_pair, num_tokens: int) -> Rou
     )
 
 
-def _fusion() -> dict:
-    from sonic_learn.fast.moe import EPILOGUE_FUSION
-
-    return dict(EPILOGUE_FUSION)
-
-
 # ----------------------------------------------------------------------------------------------
 # Grouped GEMMs (fast.grouped_gemm)
 # ----------------------------------------------------------------------------------------------
@@ -67,7 +61,7 @@ def gather_gemm_swiglu(x: torch.Tensor, w1: torch.Tensor, offsets: torch.Tensor,
     from sonic_learn.fast import grouped_gemm as gg
 
     meta = _meta(offsets, gather_idx, gather_idx, gather_idx, x.shape[0])
-    return gg.gather_fused_grouped_gemm_swiglu(x, w1, meta, tile_m=GEMM_TILE_M, fused=_fusion()["swiglu"])
+    return gg.gather_fused_grouped_gemm_swiglu(x, w1, meta, tile_m=GEMM_TILE_M, fused=True)
 
 
 @gather_gemm_swiglu.register_fake
@@ -99,7 +93,7 @@ def dh_gemm(dout: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor, gather_
 
     meta = _meta(offsets, gather_idx, gather_idx, gather_idx, dout.shape[0])
     return gg.gather_fused_grouped_gemm_dswiglu(dout, w2, meta, h, row_scores, tile_m=GEMM_TILE_M,
-                                                fused=_fusion()["dh"])
+                                                fused=True)
 
 
 @dh_gemm.register_fake

@@ -11,7 +11,7 @@ One home for the small ``@cute.jit`` helpers more than one kernel needs, so each
   top-k key that also carries the column (``pack_key``, ``pack_key16``, ``unpack_key``; the radix
   select's ``radix_key``). ``sonic_learn.fast.topk``'s docstring explains the design.
 * **SwiGLU in fp32**: ``swiglu_parts`` and ``dswiglu``, the one SwiGLU formula of the kernels, used
-  by the standalone passes (``fast.moe_kernels``) and the fused GEMM epilogues (``fast.grouped_gemm_sm90``)
+  by the standalone passes (``fast.moe_kernels``) and the fused GEMM epilogues (``fast.grouped_gemm.epilogues``)
   alike, so fused and unfused results agree bit for bit.
 """
 

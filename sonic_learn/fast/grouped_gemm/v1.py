@@ -12,7 +12,7 @@ training:
 * **varlen-K** (weight gradients): expert e computes ``dW[e] = A[rows of e]^T @ B[rows of e]``; the
   *reduction* length varies per expert (and A's rows may again be gathered).
 
-This first kernel favours clarity over speed (``grouped_gemm_sm90.py`` holds the production path,
+This first kernel favours clarity over speed (``ws.py`` holds the production path,
 ``grouped_gemm.py`` the public functions):
 
 1. **Tile map.** varlen-M: the host launches ``ceil(M / tile_m) + E`` row-tiles (an upper bound on
@@ -114,7 +114,7 @@ class GroupedGemmV1:
     def make_mma_and_smem_layouts(self, a: cute.Tensor, out: cute.Tensor):
         """The WGMMA (two warpgroups x 64 rows, fp32 accumulators) and the swizzled, staged shared-memory
         layouts of the A and B tiles; records the operand dtypes and majorness on ``self``.
-        Traced inside ``__call__`` (the production kernels of ``grouped_gemm_sm90`` reuse it)."""
+        Traced inside ``__call__`` (the production kernels of ``ws`` reuse it)."""
         bn = self.tile[1]
         dtype = a.element_type
         self.dtype = dtype
@@ -315,7 +315,7 @@ class GroupedGemmV1:
         converted to the output dtype, if (m, n) lies inside the expert's rows and the matrix.
 
         Simple and correct, but each thread stores 2-byte scalars scattered over 16 rows: the
-        production kernel (grouped_gemm_sm90.py) stages the tile in shared memory instead.
+        production kernel (ws.py) stages the tile in shared memory instead.
         """
         for i in cutlass.range_constexpr(cute.size(acc)):
             m, n = tCcC[i]

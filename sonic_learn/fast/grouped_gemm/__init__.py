@@ -16,13 +16,13 @@ Shapes (paper notation): x (T, K), w (E, K, N) row-major (N contiguous), out (M,
 (token, expert) pairs = ``meta.gather_idx.numel()``, rows in expert-grouped order
 (``meta.expert_offsets``). Inputs bf16 or fp16, fp32 accumulation, ``out_dtype`` bf16/fp16/fp32.
 
-Which kernel runs (the ladder, llm.c style; ``set_kernel_config`` picks one):
+Which kernel runs (the ladder, llm.c style; a ``GemmConfig`` passed as ``config=`` picks one):
 
-1. ``"v1"`` (``grouped_gemm_v1.GroupedGemmV1``, teaching step): one CTA per output tile, every
+1. ``"v1"`` (``v1.GroupedGemmV1``, teaching step): one CTA per output tile, every
    thread loads with cp.async and multiplies with WGMMA, masked scalar epilogue.
-2. ``"sm90"`` (``grouped_gemm_sm90.GroupedGemmSm90``): v1 + shared-memory-staged, coalesced epilogue
+2. ``"sm90"`` (``sm90.GroupedGemmSm90``): v1 + shared-memory-staged, coalesced epilogue
    with the ``tile_value`` hook.
-3. ``"ws"`` (``grouped_gemm_sm90.GroupedGemmWS``, the default / production kernel): warp-specialized
+3. ``"ws"`` (``ws.GroupedGemmWS``, the default / production kernel): warp-specialized
    (one producer warpgroup, two WGMMA warpgroups, setmaxnreg), mbarrier pipeline, persistent
    static tile scheduler over (expert, m-tile, n-tile) whose expert table it builds in shared
    memory from ``expert_offsets`` (one launch per call, no host-side pass), TMA for the weights
@@ -31,7 +31,7 @@ Which kernel runs (the ladder, llm.c style; ``set_kernel_config`` picks one):
    rows), clusters of 2 CTAs sharing B by TMA multicast where that pays (``cluster_size``: the
    weight-gradient GEMMs), tile 128 x 256 x 64 (128 x 128 x 64 for fp32 output); the epilogue hook
    of the fused MoE epilogues (``gather_fused_grouped_gemm_swiglu`` / ``_dswiglu``).
-4. ``"pingpong"`` (``grouped_gemm_sm90.ping_pong``): step 3 with each MMA warpgroup owning whole
+4. ``"pingpong"`` (``ws.GroupedGemmWS(ping_pong=True)``): step 3 with each MMA warpgroup owning whole
    128 x 128 tiles, so one warpgroup's epilogue overlaps the other's mainloop (opt-in: measured
    slower than step 3 on most shapes).
 
@@ -54,6 +54,7 @@ current torch stream. No device-to-host synchronization happens on any call.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -67,15 +68,19 @@ MAX_ELEMENTS = 2**31  # 32-bit index arithmetic inside the kernels: the largest 
 TILE = (128, 128, 64)  # (tile_m, tile_n, tile_k) of the teaching kernels v1 / sm90
 WS_TILE = (128, 256, 64)  # of the production warp-specialized kernel
 
-# Kernel choice used by the public functions. ``set_kernel_config`` changes it (the tile sweep in
-# benchmarks/grouped_gemm_tiles.py uses it); every config is compiled once and cached.
-KERNELS = ("v1", "sm90", "ws", "pingpong")  # the ladder: teaching step, + smem epilogue, + warp specialization,
-# + ping-pong MMA warpgroups
+# The ladder: which kernel runs is part of an immutable ``GemmConfig`` that the caller passes to
+# every public function (``config=``; None = ``DEFAULT_CONFIG``, the production kernel).
+STEPS = {  # the ladder, one line each: what the step adds to the one before (GemmConfig(kernel=...))
+    "v1": "one CTA per output tile: cp.async loads, WGMMA, masked scalar stores from registers (v1.py)",
+    "sm90": "+ the tile staged in shared memory and stored as coalesced 16-byte row chunks (sm90.py)",
+    "ws": "+ warp specialization, mbarrier pipeline, TMA loads, persistent scheduler, TMA-store epilogue, "
+          "clusters (ws.py; production)",
+    "pingpong": "+ each MMA warpgroup owns whole tiles, so one's epilogue overlaps the other's mainloop (ws.py)",
+}
+KERNELS = tuple(STEPS)
 PERSISTENT = ("ws", "pingpong")  # the warp-specialized persistent kernels (fused epilogues, layout options)
 PINGPONG_TILE = (128, 128, 64)  # a whole tile's accumulators in one warpgroup
-EPILOGUES = ("store", "swiglu", "dswiglu")  # the production kernel's epilogues (grouped_gemm_sm90)
-_CONFIG = {"kernel": "ws", "tile": WS_TILE, "stages": None, "max_ctas": None, "tma_store": True,
-           "cluster_m": None}
+EPILOGUES = ("store", "swiglu", "dswiglu")  # the production kernel's epilogues (epilogues.py)
 
 
 def _check_cluster_m(cluster_m: object, allow_none: bool) -> None:
@@ -89,66 +94,96 @@ def _check_pingpong_tile(kernel: str, tile: object) -> None:
         raise ValueError(f"the ping-pong kernel keeps a whole tile in one warpgroup: tile_n <= 128, got {tile}")
 
 
-def set_kernel_config(*, kernel: str = "ws", tile: tuple[int, int, int] | None = None,
-                      stages: int | None = None, max_ctas: int | None = None, tma_store: bool = True,
-                      cluster_m: int | None = None) -> None:
-    """Select the kernel ("v1" = teaching step, "sm90" = + shared-memory epilogue, "ws" = production,
-    cooperative; "pingpong" = production, ping-pong) and its tile (default: the kernel's own) and
-    stage count (``stages=None``: as many as fit). ``max_ctas`` caps the persistent kernels' grid
-    (default: one CTA per SM); tests use a small cap so that every CTA walks many tiles.
-    ``tma_store=False`` gives the persistent kernels' plain store the synchronous shared-memory
-    copy-out instead of the TMA bulk store (for the ladder's before/after benchmark).
-    ``cluster_m=2`` ("ws" only) runs the cooperative kernel in clusters of 2 CTAs along M that share
-    each tile's B through TMA multicast (half the B traffic from L2 per tile); ``cluster_m=None``
-    (default) picks per problem (``cluster_size``)."""
-    _checks.check_choice("kernel", kernel, KERNELS)
-    if tile is None:
-        tile = {"ws": WS_TILE, "pingpong": PINGPONG_TILE}.get(kernel, TILE)
-    _check_pingpong_tile(kernel, tile)
-    if not (isinstance(tile, tuple) and len(tile) == 3 and tile[0] == 128 and tile[1] in (64, 128, 256)
-            and tile[2] in (32, 64)):
-        raise ValueError(f"tile must be (128, tile_n in 64/128/256, tile_k in 32/64), got {tile!r}")
-    if stages is not None:  # the WS pipeline needs 2 slots; v1/sm90 prefetch stages - 2 k-tiles ahead
-        _checks.check_int_range("stages", stages, 2 if kernel in PERSISTENT else 3, what=f"pipeline stages of '{kernel}'")
-    if max_ctas is not None:
-        _checks.check_int_range("max_ctas", max_ctas, 1, what="CTAs of the persistent kernels")
-    _checks.check_bool("tma_store", tma_store)
-    _check_cluster_m(cluster_m, allow_none=True)
-    if cluster_m == 2 and kernel != "ws":
-        raise ValueError(f"cluster_m={cluster_m} needs kernel='ws' (the cooperative production kernel), got {kernel!r}")
-    _CONFIG.update(kernel=kernel, tile=tile, stages=stages, max_ctas=max_ctas, tma_store=tma_store,
-                   cluster_m=cluster_m)
+@dataclass(frozen=True)
+class GemmConfig:
+    """Which step of the grouped-GEMM ladder runs, and how. Immutable: pass it down (``config=``).
+
+    ``kernel``: "v1" (teaching step), "sm90" (+ shared-memory epilogue), "ws" (production,
+    cooperative) or "pingpong" (production, ping-pong). ``tile``: (128, tile_n, tile_k), default the
+    kernel's own. ``stages``: pipeline stages (None: as many as fit). ``max_ctas`` caps the
+    persistent kernels' grid (None: one CTA per SM; tests use a small cap so that every CTA walks
+    many tiles). ``tma_store=False`` gives the persistent kernels' plain store the synchronous
+    shared-memory copy-out instead of the TMA bulk store. ``cluster_m=2`` ("ws" only) runs the
+    cooperative kernel in clusters of 2 CTAs along M sharing each tile's B through TMA multicast;
+    None picks per problem (``cluster_size``).
+    """
+
+    kernel: str = "ws"
+    tile: tuple[int, int, int] | None = None
+    stages: int | None = None
+    max_ctas: int | None = None
+    tma_store: bool = True
+    cluster_m: int | None = None
+
+    def __post_init__(self) -> None:
+        kernel, tile, stages = self.kernel, self.tile, self.stages
+        _checks.check_choice("kernel", kernel, KERNELS)
+        if tile is None:
+            tile = {"ws": WS_TILE, "pingpong": PINGPONG_TILE}.get(kernel, TILE)
+            object.__setattr__(self, "tile", tile)
+        _check_pingpong_tile(kernel, tile)
+        if not (isinstance(tile, tuple) and len(tile) == 3 and tile[0] == 128 and tile[1] in (64, 128, 256)
+                and tile[2] in (32, 64)):
+            raise ValueError(f"tile must be (128, tile_n in 64/128/256, tile_k in 32/64), got {tile!r}")
+        if stages is not None:  # the WS pipeline needs 2 slots; v1/sm90 prefetch stages - 2 k-tiles ahead
+            _checks.check_int_range("stages", stages, 2 if kernel in PERSISTENT else 3,
+                                    what=f"pipeline stages of '{kernel}'")
+        if self.max_ctas is not None:
+            _checks.check_int_range("max_ctas", self.max_ctas, 1, what="CTAs of the persistent kernels")
+        _checks.check_bool("tma_store", self.tma_store)
+        _check_cluster_m(self.cluster_m, allow_none=True)
+        if self.cluster_m == 2 and kernel != "ws":
+            raise ValueError(f"cluster_m={self.cluster_m} needs kernel='ws' (the cooperative production kernel), "
+                             f"got {kernel!r}")
+
+    @property
+    def persistent(self) -> bool:
+        """A warp-specialized persistent kernel (fused epilogues, native transposes, in-kernel table)."""
+        return self.kernel in PERSISTENT
 
 
-def _compiled(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transposed: bool = False,
+DEFAULT_CONFIG = GemmConfig()
+
+
+def checked_config(config: object) -> GemmConfig:
+    """``config`` if it is a ``GemmConfig``, ``DEFAULT_CONFIG`` for None; else a TypeError naming it."""
+    if config is None:
+        return DEFAULT_CONFIG
+    if not isinstance(config, GemmConfig):
+        raise TypeError(f"config must be a sonic_learn.fast.grouped_gemm.GemmConfig or None, got {type(config).__name__}")
+    return config
+
+
+def _compiled(cfg: GemmConfig, variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transposed: bool = False,
               epilogue: str = "store"):
-    tile = _CONFIG["tile"]
-    if _CONFIG["kernel"] in PERSISTENT and out_dtype == torch.float32 and _CONFIG["stages"] is None:
+    tile = cfg.tile
+    if cfg.persistent and out_dtype == torch.float32 and cfg.stages is None:
         # fp32 epilogue buffers are twice as large: halve tile_n (128 x 256 -> 128 x 128 cooperative,
         # 128 x 128 -> 128 x 64 ping-pong, whose buffers hold whole tiles) to keep 4+ pipeline stages
-        tile = (tile[0], min(tile[1], 128 if _CONFIG["kernel"] == "ws" else 64), tile[2])
-    return compiled(compile_grouped_gemm, variant, dtype, out_dtype, tile, _CONFIG["stages"],
-                    kernel=_CONFIG["kernel"], transposed=transposed, epilogue=epilogue,
-                    tma_store=_CONFIG["tma_store"], cluster_m=cluster_size(variant.startswith("varlen_k")))
+        tile = (tile[0], min(tile[1], 128 if cfg.kernel == "ws" else 64), tile[2])
+    return compiled(compile_grouped_gemm, variant, dtype, out_dtype, tile, cfg.stages,
+                    kernel=cfg.kernel, transposed=transposed, epilogue=epilogue,
+                    tma_store=cfg.tma_store, cluster_m=cluster_size(variant.startswith("varlen_k"), cfg))
 
 
-def cluster_size(varlen_k: bool) -> int:
-    """CTAs per cluster for the selected kernel: ``set_kernel_config(cluster_m=...)``, or by default
-    the rule the tile sweep supports (benchmarks/results/grouped_gemm_tiles_*.json, configs c1 vs
-    c2): 2 for varlen-K (both CTAs of a pair reduce over the same expert rows, so the multicast B
-    costs no padding), 1 for varlen-M (a pair of m-tiles must stay inside one expert, which adds
-    about half a tile of padding per expert and costs more than the shared B saves)."""
-    if _CONFIG["kernel"] != "ws":
+def cluster_size(varlen_k: bool, config: GemmConfig | None = None) -> int:
+    """CTAs per cluster for ``config``'s kernel: its ``cluster_m``, or by default the rule the tile
+    sweep supports (benchmarks/results/grouped_gemm_tiles_*.json, configs c1 vs c2): 2 for varlen-K
+    (both CTAs of a pair reduce over the same expert rows, so the multicast B costs no padding), 1
+    for varlen-M (a pair of m-tiles must stay inside one expert, which adds about half a tile of
+    padding per expert and costs more than the shared B saves)."""
+    cfg = checked_config(config)
+    if cfg.kernel != "ws":
         return 1
-    if _CONFIG["cluster_m"] is not None:
-        return _CONFIG["cluster_m"]
+    if cfg.cluster_m is not None:
+        return cfg.cluster_m
     return 2 if varlen_k else 1
 
 
-def _epi_args(out: torch.Tensor, epi_out=None, epi_in=None, row_in=None, row_out=None) -> tuple:
+def _epi_args(cfg: GemmConfig, out: torch.Tensor, epi_out=None, epi_in=None, row_in=None, row_out=None) -> tuple:
     """The production kernel's four epilogue tensors (small placeholders where unused); none for the
     teaching kernels."""
-    if _CONFIG["kernel"] not in PERSISTENT:
+    if not cfg.persistent:
         return ()
     dev = out.device
     return (epi_out if epi_out is not None else _placeholder(out.dtype, dev, 2),
@@ -160,12 +195,6 @@ def _epi_args(out: torch.Tensor, epi_out=None, epi_in=None, row_in=None, row_out
 @functools.lru_cache(maxsize=None)
 def _placeholder(dtype: torch.dtype, device: torch.device, ndim: int) -> torch.Tensor:
     return torch.zeros((1, 8) if ndim == 2 else (8,), dtype=dtype, device=device)
-
-
-def _native_transposes() -> bool:
-    """Whether the selected kernel reads w^T / writes out^T itself (the teaching kernels v1 and
-    sm90 do not: with them the public functions make the transposed copy with torch)."""
-    return _CONFIG["kernel"] in PERSISTENT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,15 +215,15 @@ def _check_multiple_of_8(name: str, value: int, what: str) -> None:
         raise ValueError(f"{name} ({what}) must be a positive multiple of 8 for 16-byte loads, got {value}")
 
 
-def _check_meta(meta: object, device: torch.device) -> RoutingMetadata:
+def _check_meta(meta: object, device: torch.device, cfg: GemmConfig) -> RoutingMetadata:
     if not isinstance(meta, RoutingMetadata):
         raise TypeError(f"meta must be a sonic_learn.reference.routing.RoutingMetadata, got {type(meta).__name__}")
-    from sonic_learn.fast.grouped_gemm_v1 import SEARCH_EXPERTS
+    from sonic_learn.fast.grouped_gemm.v1 import SEARCH_EXPERTS
 
     E = meta.num_experts
     limit, why = SEARCH_EXPERTS, "the teaching kernels' tile search"
-    if _CONFIG["kernel"] in PERSISTENT:
-        from sonic_learn.fast.grouped_gemm_sm90 import TABLE_EXPERTS
+    if cfg.persistent:
+        from sonic_learn.fast.grouped_gemm.ws import TABLE_EXPERTS
 
         limit, why = TABLE_EXPERTS, "the production kernel's expert table in shared memory"
     if not 1 <= E <= limit:
@@ -248,11 +277,11 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     ``transposed`` (kernel "ws" only): varlen-M takes the weights as (E*N, K) and uses ``w[e]^T``
     (K-major B); varlen-K writes its result as (E*N, d), i.e. ``out[e]^T``.
     ``epilogue`` (kernel "ws", varlen-M only): "store" (out = the product), "swiglu" (out = H,
-    epi_out = SwiGLU(H): ``grouped_gemm_sm90.SwiGLUEpilogue``) or "dswiglu" (the backward's dH
-    kernel: ``grouped_gemm_sm90.DSwiGLUEpilogue``).
+    epi_out = SwiGLU(H): ``epilogues.SwiGLUEpilogue``) or "dswiglu" (the backward's dH
+    kernel: ``epilogues.DSwiGLUEpilogue``).
     ``tma_store`` (persistent kernels, plain store): full tiles leave through a TMA bulk store
     (``GroupedGemmWS.epilogue_wg_tma``); False keeps the synchronous shared-memory copy-out.
-    ``cluster_m`` (kernel "ws"): CTAs per cluster sharing B by TMA multicast (``GroupedGemmWS.CLUSTER_M``).
+    ``cluster_m`` (kernel "ws"): CTAs per cluster sharing B by TMA multicast (``GroupedGemmWS(cluster_m=...)``).
     """
     _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
     _checks.check_choice("epilogue", epilogue, EPILOGUES)
@@ -267,9 +296,10 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     import cutlass.cute as cute
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
-    from sonic_learn.fast.grouped_gemm_sm90 import (DSwiGLUEpilogue, GroupedGemmSm90, GroupedGemmWS,
-                                                    SwiGLUEpilogue, epilogue_smem_bytes, ping_pong, ws_stages)
-    from sonic_learn.fast.grouped_gemm_v1 import GroupedGemmV1, default_stages
+    from sonic_learn.fast.grouped_gemm.epilogues import DSwiGLUEpilogue, SwiGLUEpilogue
+    from sonic_learn.fast.grouped_gemm.sm90 import GroupedGemmSm90, epilogue_smem_bytes
+    from sonic_learn.fast.grouped_gemm.v1 import GroupedGemmV1, default_stages
+    from sonic_learn.fast.grouped_gemm.ws import GroupedGemmWS, ws_stages
 
     _checks.check_choice("kernel", kernel, KERNELS)
 
@@ -298,24 +328,21 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
         if stages < 2:
             raise ValueError(f"tile {tile} leaves room for {stages} pipeline stages next to the epilogue buffers")
     stages = stages or default_stages(tile)
+    _check_cluster_m(cluster_m, allow_none=False)
+    if cluster_m != 1 and kernel != "ws":
+        raise ValueError(f"cluster_m={cluster_m} needs kernel='ws', got {kernel!r}")
     cls = {"v1": GroupedGemmV1, "sm90": GroupedGemmSm90, "ws": GroupedGemmWS, "pingpong": GroupedGemmWS}[kernel]
     cls = {"swiglu": SwiGLUEpilogue, "dswiglu": DSwiGLUEpilogue}.get(epilogue, cls)
-    if kernel == "pingpong":
-        cls = ping_pong(cls)
     if kernel == "sm90":  # the epilogue reuses the A/B stage buffers for the output tile
         ab_bytes = stages * (tile[0] + tile[1]) * tile[2] * 2
         if epilogue_smem_bytes(tile, out_dtype.itemsize) > ab_bytes:
             raise ValueError(f"tile {tile} with {stages} stages leaves too little shared memory for the epilogue")
     layout = {"transpose_out": transposed} if varlen_k else {"b_k_major": transposed}
+    steps = {}  # the persistent kernels' own options (steps 3 and 4 of the ladder)
+    if kernel in PERSISTENT:
+        steps = {"ping_pong": kernel == "pingpong", "tma_store": tma_store, "cluster_m": cluster_m}
     kernel_obj = cls(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2], stages=stages,
-                     **layout)
-    if not tma_store:
-        kernel_obj.TMA_STORE = False
-    _check_cluster_m(cluster_m, allow_none=False)
-    if cluster_m != 1:
-        if kernel != "ws":
-            raise ValueError(f"cluster_m={cluster_m} needs kernel='ws', got {kernel!r}")
-        kernel_obj.CLUSTER_M = cluster_m
+                     **layout, **steps)
     opts = compile_options(keep_ptx)
     epi = ()
     if kernel in PERSISTENT:  # the epilogue's tensors: epi_out, epi_in (16-bit), row_in (P,), row_out (P, n-tiles)
@@ -336,14 +363,14 @@ def _tile_offsets(expert_offsets: torch.Tensor, tile_m: int) -> torch.Tensor:
     return out
 
 
-def _grid_size(row_tile_bound: int, device: torch.device, varlen_k: bool) -> int:
+def _grid_size(cfg: GemmConfig, row_tile_bound: int, device: torch.device, varlen_k: bool) -> int:
     """Last launch argument: the row-tile bound (v1/sm90: one CTA per tile, grid.y; surplus CTAs exit
     at once; it is >= sum_e ceil(f_e / tile_m), so no device-to-host copy of the counts is needed)
     or, for the persistent "ws" kernel, one CTA per SM."""
-    if _CONFIG["kernel"] in PERSISTENT:
+    if cfg.persistent:
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        ctas = min(sms, _CONFIG["max_ctas"] or sms)
-        cm = cluster_size(varlen_k)
+        ctas = min(sms, cfg.max_ctas or sms)
+        cm = cluster_size(varlen_k, cfg)
         return max(cm, ctas - ctas % cm)  # whole clusters
     return row_tile_bound
 
@@ -353,31 +380,31 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _launch_varlen_m(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, gather: bool,
+def _launch_varlen_m(cfg: GemmConfig, a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, gather: bool,
                      out_dtype: torch.dtype, transpose_w: bool, epilogue: str = "store", epi: tuple = ()) -> torch.Tensor:
     """Launch a varlen-M GEMM into a new (M, N) ``out``; a fused ``epilogue`` gets its tensors ``epi``
     (in ``_epi_args`` order) and the kernel must be "ws"."""
     M = meta.gather_idx.numel()
-    if transpose_w and not _native_transposes():
+    if transpose_w and not cfg.persistent:  # the teaching kernels read w as stored only
         w, transpose_w = w.transpose(1, 2), False  # teaching kernels: an explicit (E, K, N) copy below
     E, R, C = w.shape  # (E, K, N), or (E, N, K) with transpose_w
     N = R if transpose_w else C
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)  # (M, N)
     if M == 0:
         return out
-    fn = _compiled("varlen_m_gather" if gather else "varlen_m", a.dtype, out_dtype, transpose_w, epilogue)
+    fn = _compiled(cfg, "varlen_m_gather" if gather else "varlen_m", a.dtype, out_dtype, transpose_w, epilogue)
     # the teaching kernels take the tile offsets computed here; the persistent ones build their
     # table from expert_offsets in shared memory (no extra kernels or host time per call)
-    tile_offsets = meta.expert_offsets if _CONFIG["kernel"] in PERSISTENT else _tile_offsets(meta.expert_offsets, TILE[0])
-    launch(fn, a.device, _aligned(a), _aligned(w).view(E * R, C), out, *_epi_args(out, *epi), meta.gather_idx,
-           meta.expert_offsets, tile_offsets, _grid_size(-(-M // TILE[0]) + E, a.device, False))
+    tile_offsets = meta.expert_offsets if cfg.persistent else _tile_offsets(meta.expert_offsets, TILE[0])
+    launch(fn, a.device, _aligned(a), _aligned(w).view(E * R, C), out, *_epi_args(cfg, out, *epi), meta.gather_idx,
+           meta.expert_offsets, tile_offsets, _grid_size(cfg, -(-M // TILE[0]) + E, a.device, False))
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
-def _check_varlen_m(x, w, meta, tile_m, out_dtype, x_name: str, rows_expected: int | None, transpose_w: object):
+def _check_varlen_m(cfg, x, w, meta, tile_m, out_dtype, x_name: str, rows_expected: int | None, transpose_w: object):
     x = _check_operand(x_name, x, 2)
     w = _check_operand("w", w, 3)
     _checks.check_bool("transpose_w", transpose_w)
@@ -385,7 +412,7 @@ def _check_varlen_m(x, w, meta, tile_m, out_dtype, x_name: str, rows_expected: i
     if w.dtype != x.dtype:
         raise TypeError(f"w must have the same dtype as {x_name} ({x.dtype}), got {w.dtype}")
     _checks.check_same_device(**{x_name: x, "w": w})
-    meta = _check_meta(meta, x.device)
+    meta = _check_meta(meta, x.device, cfg)
     if rows_expected is None and x.shape[0] != meta.num_tokens:  # gathered: gather_idx indexes x's rows
         raise ValueError(f"{x_name} must have T = meta.num_tokens = {meta.num_tokens} rows (the rows "
                          f"meta.gather_idx indexes), got {x.shape[0]}")
@@ -414,35 +441,42 @@ def _check_varlen_m(x, w, meta, tile_m, out_dtype, x_name: str, rows_expected: i
 
 
 def gather_fused_grouped_gemm(x: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, *, tile_m: int = 128,
-                              out_dtype: torch.dtype | None = None, transpose_w: bool = False) -> torch.Tensor:
+                              out_dtype: torch.dtype | None = None, transpose_w: bool = False,
+                              config: GemmConfig | None = None) -> torch.Tensor:
     """out[r] = x[gather_idx[r]] @ w[e(r)], rows of x gathered inside the GEMM's loads. Returns (M, N).
 
     ``transpose_w=True``: w is stored (E, N, K) and row r is multiplied by ``w[e]^T`` (read K-major
-    by the production kernel, no transposed copy)."""
-    x, w, meta, out_dtype = _check_varlen_m(x, w, meta, tile_m, out_dtype, "x", None, transpose_w)
-    return _launch_varlen_m(x, w, meta, True, out_dtype, transpose_w)
+    by the production kernel, no transposed copy). ``config``: the kernel (``GemmConfig``; None = production)."""
+    cfg = checked_config(config)
+    x, w, meta, out_dtype = _check_varlen_m(cfg, x, w, meta, tile_m, out_dtype, "x", None, transpose_w)
+    return _launch_varlen_m(cfg, x, w, meta, True, out_dtype, transpose_w)
 
 
 def contiguous_grouped_gemm(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, *, tile_m: int = 128,
-                            out_dtype: torch.dtype | None = None, transpose_w: bool = False) -> torch.Tensor:
+                            out_dtype: torch.dtype | None = None, transpose_w: bool = False,
+                            config: GemmConfig | None = None) -> torch.Tensor:
     """out[r] = a[r] @ w[e(r)] for A already in expert-grouped row order (M, K). Returns (M, N).
-    ``transpose_w`` as in ``gather_fused_grouped_gemm``."""
-    a, w, meta, out_dtype = _check_varlen_m(a, w, meta, tile_m, out_dtype, "a", meta.gather_idx.numel()
+    ``transpose_w`` and ``config`` as in ``gather_fused_grouped_gemm``."""
+    cfg = checked_config(config)
+    a, w, meta, out_dtype = _check_varlen_m(cfg, a, w, meta, tile_m, out_dtype, "a", meta.gather_idx.numel()
                                             if isinstance(meta, RoutingMetadata) else None, transpose_w)
-    return _launch_varlen_m(a, w, meta, False, out_dtype, transpose_w)
+    return _launch_varlen_m(cfg, a, w, meta, False, out_dtype, transpose_w)
 
 
 def naive_grouped_gemm(x: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, *, tile_m: int = 128,
-                       out_dtype: torch.dtype | None = None, transpose_w: bool = False) -> torch.Tensor:
+                       out_dtype: torch.dtype | None = None, transpose_w: bool = False,
+                       config: GemmConfig | None = None) -> torch.Tensor:
     """The classic two-pass path: gather ``x[gather_idx]`` into an (M, K) buffer (torch.index_select),
     then the contiguous grouped GEMM. Same result as ``gather_fused_grouped_gemm``."""
-    x, w, meta, out_dtype = _check_varlen_m(x, w, meta, tile_m, out_dtype, "x", None, transpose_w)
+    cfg = checked_config(config)
+    x, w, meta, out_dtype = _check_varlen_m(cfg, x, w, meta, tile_m, out_dtype, "x", None, transpose_w)
     x_grouped = torch.index_select(x, 0, meta.gather_idx)  # (M, K): the gather kernel
-    return _launch_varlen_m(x_grouped, w, meta, False, out_dtype, transpose_w)
+    return _launch_varlen_m(cfg, x_grouped, w, meta, False, out_dtype, transpose_w)
 
 
 def gather_fused_grouped_gemm_swiglu(x: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, *,
-                                     tile_m: int = 128, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                                     tile_m: int = 128, fused: bool = True,
+                                     config: GemmConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE up-projection with SwiGLU in the GEMM's epilogue: returns (H, A).
 
     H = ``gather_fused_grouped_gemm(x, w, meta)`` (M, 2n) with w's columns interleaved (gate = even,
@@ -452,22 +486,24 @@ def gather_fused_grouped_gemm_swiglu(x: torch.Tensor, w: torch.Tensor, meta: Rou
     the separate kernel (same values).
     """
     _checks.check_bool("fused", fused)
-    x, w, meta, out_dtype = _check_varlen_m(x, w, meta, tile_m, None, "x", None, False)
+    cfg = checked_config(config)
+    x, w, meta, out_dtype = _check_varlen_m(cfg, x, w, meta, tile_m, None, "x", None, False)
     if w.shape[2] % 16:
         raise ValueError(f"w.shape[2] (2n) must be a multiple of 16 for the SwiGLU epilogue (n a multiple of 8), "
                          f"got {w.shape[2]}")
-    if not fused or _CONFIG["kernel"] not in PERSISTENT:
+    if not fused or not cfg.persistent:
         from sonic_learn.fast import moe_kernels
 
-        h = _launch_varlen_m(x, w, meta, True, out_dtype, False)
+        h = _launch_varlen_m(cfg, x, w, meta, True, out_dtype, False)
         return h, moe_kernels.swiglu(h)
     a = torch.empty(meta.gather_idx.numel(), w.shape[2] // 2, dtype=out_dtype, device=x.device)  # (M, n)
-    h = _launch_varlen_m(x, w, meta, True, out_dtype, False, "swiglu", (a,))  # (M, 2n)
+    h = _launch_varlen_m(cfg, x, w, meta, True, out_dtype, False, "swiglu", (a,))  # (M, 2n)
     return h, a
 
 
 def gather_fused_grouped_gemm_dswiglu(dout: torch.Tensor, w2: torch.Tensor, meta: RoutingMetadata, h: torch.Tensor,
-                                      row_scores: torch.Tensor, *, tile_m: int = 128, fused: bool = True):
+                                      row_scores: torch.Tensor, *, tile_m: int = 128, fused: bool = True,
+                                      config: GemmConfig | None = None):
     """The reduced-memory backward's dH kernel (paper Appendix C): returns (dH, A', dS).
 
     One GEMM dA' = dout[gather_idx] @ w2[e]^T (dout (T, d), w2 (E, n, d) read K-major) whose
@@ -478,7 +514,8 @@ def gather_fused_grouped_gemm_dswiglu(dout: torch.Tensor, w2: torch.Tensor, meta
     kernels (v1, sm90) it runs exactly that unfused pair.
     """
     _checks.check_bool("fused", fused)
-    dout, w2, meta, out_dtype = _check_varlen_m(dout, w2, meta, tile_m, None, "dout", None, True)
+    cfg = checked_config(config)
+    dout, w2, meta, out_dtype = _check_varlen_m(cfg, dout, w2, meta, tile_m, None, "dout", None, True)
     M, n = meta.gather_idx.numel(), w2.shape[1]
     h = _check_operand("h", h, 2)
     _checks.check_shape("h", h, (M, 2 * n))
@@ -488,33 +525,36 @@ def gather_fused_grouped_gemm_dswiglu(dout: torch.Tensor, w2: torch.Tensor, meta
     _checks.check_shape("row_scores", row_scores, (M,))
     _checks.check_same_device(dout=dout, h=h, row_scores=row_scores)
     h, row_scores = _aligned(h), row_scores.contiguous()
-    if not fused or _CONFIG["kernel"] not in PERSISTENT:
+    if not fused or not cfg.persistent:
         from sonic_learn.fast import moe_kernels
 
-        da_prime = _launch_varlen_m(dout, w2, meta, True, out_dtype, True)  # (M, n)
+        da_prime = _launch_varlen_m(cfg, dout, w2, meta, True, out_dtype, True)  # (M, n)
         rows = torch.arange(M, dtype=torch.int32, device=dout.device)  # scores already in row order
         return moe_kernels.swiglu_backward_scaled(h, da_prime, row_scores, rows)
     dh = torch.empty_like(h)  # (M, 2n)
-    ds_part = torch.empty(M, -(-n // _CONFIG["tile"][1]), dtype=torch.float32, device=dout.device)  # (M, n-tiles)
-    a_scaled = _launch_varlen_m(dout, w2, meta, True, out_dtype, True, "dswiglu", (dh, h, row_scores, ds_part))
+    ds_part = torch.empty(M, -(-n // cfg.tile[1]), dtype=torch.float32, device=dout.device)  # (M, n-tiles)
+    a_scaled = _launch_varlen_m(cfg, dout, w2, meta, True, out_dtype, True, "dswiglu", (dh, h, row_scores, ds_part))
     return dh, a_scaled, ds_part.sum(dim=1)
 
 
 def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadata, *, gather_a: bool = True,
-                          out_dtype: torch.dtype | None = None, transpose_out: bool = False) -> torch.Tensor:
+                          out_dtype: torch.dtype | None = None, transpose_out: bool = False,
+                          config: GemmConfig | None = None) -> torch.Tensor:
     """Weight gradients: out[e] = A_e^T @ b[rows of e], reduced over the f_e rows of expert e.
 
     A_e = ``a[gather_idx[rows of e]]`` when ``gather_a`` (a is (T, d), e.g. x), else ``a[rows of e]``
     (a is (M, d), already grouped). b is (M, N) in grouped row order. Returns (E, d, N); experts
     with no rows get zeros. ``transpose_out=True`` returns ``out[e]^T``, i.e. (E, N, d), written in
-    that orientation by the production kernel's epilogue (no transposed copy).
+    that orientation by the production kernel's epilogue (no transposed copy). ``config``: the
+    kernel (``GemmConfig``; None = production).
     """
+    cfg = checked_config(config)
     a = _check_operand("a", a, 2)
     b = _check_operand("b", b, 2)
     if b.dtype != a.dtype:
         raise TypeError(f"b must have the same dtype as a ({a.dtype}), got {b.dtype}")
     _checks.check_same_device(a=a, b=b)
-    meta = _check_meta(meta, a.device)
+    meta = _check_meta(meta, a.device, cfg)
     _checks.check_bool("gather_a", gather_a)
     _checks.check_bool("transpose_out", transpose_out)
     out_dtype = _out_dtype(out_dtype, a.dtype)
@@ -535,12 +575,12 @@ def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadat
     out_shape = (E, N, d) if transpose_out else (E, d, N)
     if M == 0:  # no rows at all: every expert's gradient is zero (and TMA cannot describe an empty b)
         return torch.zeros(out_shape, dtype=out_dtype, device=a.device)
-    native = transpose_out and _native_transposes()
+    native = transpose_out and cfg.persistent  # the teaching kernels write out as stored only
     out = torch.empty((E, N, d) if native else (E, d, N), dtype=out_dtype, device=a.device)
-    fn = _compiled("varlen_k_gather" if gather_a else "varlen_k", a.dtype, out_dtype, native)
+    fn = _compiled(cfg, "varlen_k_gather" if gather_a else "varlen_k", a.dtype, out_dtype, native)
     out2d = out.view(E * out.shape[1], out.shape[2])
-    launch(fn, a.device, _aligned(a), _aligned(b), out2d, *_epi_args(out2d), meta.gather_idx,
-           meta.expert_offsets, meta.expert_offsets, _grid_size(0, a.device, True))
+    launch(fn, a.device, _aligned(a), _aligned(b), out2d, *_epi_args(cfg, out2d), meta.gather_idx,
+           meta.expert_offsets, meta.expert_offsets, _grid_size(cfg, 0, a.device, True))
     if transpose_out and not native:  # teaching kernels: the transposed copy with torch
         out = out.transpose(1, 2).contiguous()
     return out
@@ -554,5 +594,9 @@ __all__ = [
     "gather_fused_grouped_gemm_swiglu",
     "gather_fused_grouped_gemm_dswiglu",
     "compile_grouped_gemm",
-    "set_kernel_config",
+    "GemmConfig",
+    "DEFAULT_CONFIG",
+    "STEPS",
+    "checked_config",
+    "cluster_size",
 ]

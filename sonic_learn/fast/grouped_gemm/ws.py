@@ -1,0 +1,700 @@
+"""Grouped GEMM on Hopper, steps 3 and 4 of the ladder: warp-specialized, persistent, TMA (the production kernel).
+
+Step 3 (``GroupedGemmWS``, the production kernel) adds to step 2 (``sm90``) warp specialization, an mbarrier
+pipeline, TMA loads and a persistent tile scheduler (its expert table built in shared memory), a
+TMA bulk-store epilogue, clusters of 2 CTAs with the B tile multicast, K-major weights, a
+transposed varlen-K store and the epilogue hook of the fused MoE epilogues (``epilogues``).
+Step 4 (``GroupedGemmWS(ping_pong=True)``) lets one MMA warpgroup's epilogue overlap the other's mainloop; at the
+128 x 128 tile it needs, it was measured slower than step 3 except on the 7B down-projection, so
+step 3 stays the default (benchmarks/results/grouped_gemm_tiles_pingpong_NVIDIA_H200.json).
+
+The TMA store uses one descriptor for the whole (M, N) output rather than one per expert: a
+warpgroup's 64 rows that all belong to the expert (every tile but the expert's last) go out as one
+bulk store, and the ragged rows of the expert's last tile take masked 16-byte stores from the same
+shared-memory buffer -- a bulk store cannot stop at an expert's last row, and rewriting a
+descriptor on the device would cost a rewrite and a fence each time a CTA moves to another
+expert. Not done: the fused epilogues still store with st.global (no TMA); tile shapes are fixed
+per output dtype.
+"""
+
+from __future__ import annotations
+
+from sonic_learn.fast._cute import import_cutlass
+from sonic_learn.fast.grouped_gemm.sm90 import CHUNK_BYTES, GroupedGemmSm90, epilogue_smem_bytes
+from sonic_learn.fast.grouped_gemm.v1 import CHUNK
+
+cutlass = import_cutlass()
+import cutlass.cute as cute  # noqa: E402
+import cutlass.pipeline as pipeline  # noqa: E402
+import cutlass.utils.hopper_helpers as sm90_utils  # noqa: E402
+from cutlass import Int32, const_expr  # noqa: E402
+from cutlass.cute.nvgpu import cpasync, warpgroup  # noqa: E402
+from cutlass.tensor_utils import LayoutEnum  # noqa: E402
+
+PRODUCER_THREADS = 128  # warpgroup 0: the load warps
+CONSUMER_THREADS = 256  # warpgroups 1 and 2: the MMA warps (64 rows of each tile, or whole tiles in ping-pong)
+TABLE_EXPERTS = 2048  # the in-kernel expert tile table's capacity (E <= 2048, as the fast routing)
+ORDER_BARRIER = 3  # named barriers 3 and 4: the ping-pong mainloop turns (1 and 2: the epilogues)
+PRODUCER_REGS = 56  # setmaxnreg budgets: 56 * 128 + 224 * 256 <= 65536 registers per SM
+CONSUMER_REGS = 224
+
+
+class GroupedGemmWS(GroupedGemmSm90):
+    """Warp-specialized, persistent grouped GEMM (same math and contract as GroupedGemmV1).
+
+    * **Roles.** Warpgroup 0 only loads (cp.async gather of A, cp.async of B, zero-fill of ragged
+      edges); warpgroups 1-2 only multiply and store. ``setmaxnreg`` moves registers from the
+      loaders to the MMA warps, which hold the 64 x tile_n fp32 accumulators.
+    * **Pipeline.** ``stages`` shared-memory slots, each with a "full" mbarrier (the 128 loader
+      threads arrive through ``cp.async.mbarrier.arrive``, i.e. when their copies have landed) and
+      an "empty" mbarrier (the 256 MMA threads arrive once the WGMMAs reading the slot are done).
+      No CTA-wide barrier in the mainloop: the loaders run up to ``stages`` k-tiles ahead, across
+      tile boundaries.
+    * **Persistent scheduler.** One CTA per SM (or one cluster of ``cluster_m`` CTAs per ``cluster_m``
+      SMs) walks the linear tile index ``t = cluster, cluster + clusters, ...`` over (row unit,
+      n-tile) pairs (n fastest), a row unit being ``cluster_m`` m-tiles of one expert; the per-expert
+      unit table is built in shared memory at start (``build_tile_table``). Loaders and MMA warps
+      decode the same sequence independently, so they need no extra queue. While the MMA warps run
+      an epilogue, the loaders already fill the next tile's slots.
+    * **Clusters** (``cluster_m=2``): the two CTAs of a unit need the same B tile; each fetches half
+      and TMA multicasts it into both, and a slot is freed only when both CTAs' MMA warps are done
+      with it (remote mbarrier arrivals, ``release_slot``).
+    * **Epilogue** per MMA warpgroup through its own shared-memory buffer (64 rows), synchronized
+      with a named barrier of 128 threads; the same ``tile_value`` hook as GroupedGemmSm90. The
+      plain store sends full rows by TMA bulk store (``epilogue_wg_tma``).
+    * **Layout options** (so the MoE backward never copies a transposed weight or gradient):
+      ``b_k_major`` (varlen-M) takes the weights stored (E, N, K) and multiplies by ``w[e]^T``
+      (WGMMA reads B K-major; only the TMA view's strides change); ``transpose_out`` (varlen-K)
+      stores ``out[e]^T``, i.e. an (E, N, d) result, from the shared-memory staged tile.
+    """
+
+    LAYOUT_OPTIONS = True
+    TMA_STORE = True  # the plain store epilogue can; the fused epilogues (subclasses) store with st.global
+
+    def __init__(self, *, ping_pong: bool = False, tma_store: bool = True, cluster_m: int = 1, **kernel):
+        """``kernel``: as ``GroupedGemmV1``. ``ping_pong`` (step 4 of the ladder): each MMA
+        warpgroup owns whole tiles -- the CTA's tiles alternate between them -- so one warpgroup's
+        epilogue runs while the other one's mainloop keeps the tensor cores busy; the producer is
+        unchanged, each MMA warpgroup steps its pipeline state over the slots of the other one's
+        tiles, a slot is released by the 128 threads that read it, and the two mainloops take turns
+        through a pair of named barriers (ORDER_BARRIER); a whole 128 x tile_n tile's accumulators
+        live in one warpgroup, so tile_n is 128. ``tma_store=False``: the plain store copies out
+        of shared memory synchronously instead of the TMA bulk store. ``cluster_m``: CTAs per
+        cluster along M that share each tile's B through TMA multicast (1 or 2)."""
+        super().__init__(**kernel)
+        assert cluster_m in (1, 2) and not (ping_pong and cluster_m > 1)
+        self.pingpong = ping_pong
+        self.tma_store = tma_store
+        self.cluster_m = cluster_m
+        if ping_pong:
+            self.MMA_WARPGROUPS = (1, 1, 1)  # one warpgroup's MMA covers a whole tile
+
+    def uses_tma_store(self) -> bool:
+        """Full tiles leave through a TMA bulk store (row-major ``out`` only; the transposed
+        varlen-K store and the fused epilogues keep the padded buffer and 16-byte stores)."""
+        return self.TMA_STORE and self.tma_store and not self.transpose_out
+
+    def wg_rows(self) -> int:
+        """Output rows one MMA warpgroup owns (and stages in its epilogue buffer)."""
+        return self.tile[0] if self.pingpong else self.tile[0] // 2
+
+    def wg_row_offset(self, wg):
+        """The first tile row of MMA warpgroup ``wg`` (1 or 2)."""
+        return 0 if self.pingpong else (wg - 1) * (self.tile[0] // 2)
+
+    @cute.jit
+    def __call__(self, a: cute.Tensor, b: cute.Tensor, out: cute.Tensor, epi_out: cute.Tensor, epi_in: cute.Tensor,
+                 row_in: cute.Tensor, row_out: cute.Tensor, gather_idx: cute.Tensor, expert_offsets: cute.Tensor,
+                 tile_offsets: cute.Tensor, num_ctas: Int32, stream):
+        bm, bn, bk = self.tile
+        tiled_mma, sA_layout, sB_layout = self.make_mma_and_smem_layouts(a, out)  # as GroupedGemmV1
+        dtype = self.dtype
+        epi_elems = 2 * self.wg_rows() * (bn + CHUNK_BYTES * 8 // self.out_dtype.width)  # one buffer per MMA WG
+
+        @cute.struct
+        class Storage:
+            barriers: cute.struct.MemRange[cutlass.Int64, self.stages * 2]
+            sA: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sA_layout)], 1024]
+            sB: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(sB_layout)], 1024]
+            sC: cute.struct.Align[cute.struct.MemRange[self.out_dtype, epi_elems], 1024]
+            tiles: cute.struct.MemRange[Int32, TABLE_EXPERTS + 1]  # varlen-M: first unit of each expert
+
+        self.storage = Storage
+        # The TMA-store epilogue: each MMA warpgroup stages its (rows, bn) part of the tile in a
+        # swizzled buffer (slot wg - 1 of a 2-slot layout; it fits in the padded buffers' space)
+        # and one thread sends it to ``out`` with a bulk tensor store. TMA clips columns past N;
+        # rows are never clipped per expert (the descriptor is the whole (M, N) matrix), so only a
+        # warpgroup whose rows all belong to the expert uses it -- the expert's ragged last tile
+        # takes the masked 16-byte stores instead.
+        epi_layout = None
+        tma_atom_c = None
+        tma_c = None
+        if const_expr(self.uses_tma_store()):
+            epi_layout = sm90_utils.make_smem_layout_epi(self.out_dtype, LayoutEnum.ROW_MAJOR,
+                                                         (self.wg_rows(), bn), 2)  # (rows, bn, WG)
+            tma_atom_c, tma_c = cpasync.make_tiled_tma_atom(
+                cpasync.CopyBulkTensorTileS2GOp(), out, cute.slice_(epi_layout, (None, None, 0)), (self.wg_rows(), bn))
+        # B through TMA, one descriptor for all experts.
+        # * varlen-M: B = the weights, seen as a 3-D (N, K, E) tensor with N contiguous; the tile of
+        #   expert e sits at (n0, k0, e) and TMA zero-fills whatever lies past N or K.
+        # * varlen-K: B = b (M, N), seen as (N, M); expert e's k-tiles start at row offsets[e]. Its
+        #   last k-tile reads up to tile_k - 1 rows of the NEXT expert (TMA cannot stop at a
+        #   per-expert row); those rows meet A rows that the producer zero-fills, so they add
+        #   0 * b = 0 (for finite b; a NaN/Inf in one expert's rows of b can leak into the previous
+        #   expert's gradient).
+        # * varlen-M with ``b_k_major``: the weights are stored (E, N, K) (e.g. W2 (E, n, d) for
+        #   dA = dY W2^T); the same (N, K, E) view with K contiguous, and WGMMA reads B K-major.
+        if const_expr(self.varlen_k):
+            n_dim = b.shape[1]
+            b_view = cute.make_tensor(b.iterator, cute.make_layout((n_dim, b.shape[0]), stride=(1, n_dim)))
+        else:
+            n_dim = out.shape[1]
+            k_dim = a.shape[1]
+            num_experts = expert_offsets.shape[0] - 1
+            b_stride = (k_dim, 1, n_dim * k_dim) if const_expr(self.b_k_major) else (1, n_dim, k_dim * n_dim)
+            b_view = cute.make_tensor(b.iterator, cute.make_layout((n_dim, k_dim, num_experts), stride=b_stride))
+        # With a cluster of cluster_m CTAs (neighbouring m-tiles of one expert, same n-tile, so the
+        # same B tile), each CTA fetches 1/cluster_m of B and the TMA unit multicasts it into every
+        # CTA of the cluster: B's traffic from L2 per tile drops by that factor.
+        b_op = cpasync.CopyBulkTensorTileG2SMulticastOp() if const_expr(self.cluster_m > 1) else \
+            cpasync.CopyBulkTensorTileG2SOp()
+        tma_atom_b, tma_b = cpasync.make_tiled_tma_atom(
+            b_op, b_view, cute.slice_(sB_layout, (None, None, 0)), (bn, bk), num_multicast=self.cluster_m)
+        # Contiguous A (varlen-M without gather): TMA as well. A tile starts at an arbitrary row
+        # (the expert's first row + m_start), so the kernel offsets the coordinate tensor by that row.
+        tma_atom_a = None
+        tma_a = None
+        if const_expr(not self.varlen_k and not self.gather):
+            tma_atom_a, tma_a = cpasync.make_tiled_tma_atom(
+                cpasync.CopyBulkTensorTileG2SOp(), a, cute.slice_(sA_layout, (None, None, 0)), (bm, bk))
+        self.kernel(a, b, tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_c, tma_c, out, epi_out, epi_in, row_in,
+                    row_out, gather_idx, expert_offsets, tile_offsets, tiled_mma, sA_layout, sB_layout,
+                    epi_layout).launch(grid=(num_ctas, 1, 1), block=[PRODUCER_THREADS + CONSUMER_THREADS, 1, 1],
+                                      cluster=[self.cluster_m, 1, 1],
+                                      stream=stream)
+
+    @cute.jit
+    def tile_coords(self, t: Int32, n_tiles: Int32, m_tiles: Int32, tile_offsets: cute.Tensor,
+                    num_experts: Int32, rank: Int32):
+        """Linear tile index -> (expert, m_start inside the expert's rows or d, n_start).
+
+        A tile index names a *unit* of ``cluster_m`` neighbouring m-tiles of one expert (one m-tile
+        without clusters); the CTA of rank ``rank`` in its cluster takes the unit's m-tile ``rank``.
+        ``tile_offsets`` (varlen-M) and ``m_tiles`` (varlen-K) count units, so a unit never
+        straddles two experts; a CTA whose m-tile lies past the expert's rows still runs (it must
+        fetch its share of B for its partner) and its epilogue stores nothing."""
+        bm, bn, _ = self.tile
+        n_tile = t % n_tiles
+        rest = t // n_tiles
+        expert = Int32(0)
+        unit = Int32(0)
+        if const_expr(self.varlen_k):
+            unit = rest % m_tiles
+            expert = rest // m_tiles
+        else:
+            expert = self.find_expert(tile_offsets, num_experts, rest)
+            unit = rest - tile_offsets[expert]
+        return expert, (unit * self.cluster_m + rank) * bm, n_tile * bn
+
+    @cute.jit
+    def tile_problem(self, t: Int32, n_tiles: Int32, m_tiles: Int32, tile_offsets: cute.Tensor,
+                     expert_offsets: cute.Tensor, a_cols: Int32, rank: Int32):
+        """Everything about tile t that both roles need (loaders and MMA warps decode the same tile
+        sequence independently, so they must decode it identically): ``tile_coords``, the expert's
+        grouped rows ``row0 : row0 + count``, and the tile's GEMM sizes (m_dim output rows, k_len
+        reduction length): (count, K = a_cols) for varlen-M, (d = a_cols, count) for varlen-K."""
+        num_experts = expert_offsets.shape[0] - 1
+        expert, m_start, n_start = self.tile_coords(t, n_tiles, m_tiles, tile_offsets, num_experts, rank)
+        row0 = expert_offsets[expert]
+        count = expert_offsets[expert + 1] - row0
+        m_dim = count
+        k_len = a_cols
+        if const_expr(self.varlen_k):
+            m_dim = a_cols
+            k_len = count
+        return expert, m_start, n_start, row0, count, m_dim, k_len
+
+    @cute.kernel
+    def kernel(self, a: cute.Tensor, b: cute.Tensor, tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_c, tma_c,
+               out: cute.Tensor, epi_out: cute.Tensor, epi_in: cute.Tensor, row_in: cute.Tensor,
+               row_out: cute.Tensor, gather_idx: cute.Tensor,
+               expert_offsets: cute.Tensor, tile_offsets: cute.Tensor, tiled_mma: cute.TiledMma,
+               sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout, epi_layout):
+        """One CTA: its place in the cluster, shared memory and the load pipeline, the tile space
+        (``tile_space``), then one role per warpgroup: ``producer`` (warpgroup 0) or ``consumer``
+        (the MMA warpgroups 1-2, mainloop + epilogue)."""
+        tidx, _, _ = cute.arch.thread_idx()
+        cta, _, _ = cute.arch.block_idx()
+        num_ctas, _, _ = cute.arch.grid_dim()
+        cm = self.cluster_m
+        rank = Int32(0)  # my rank in the cluster: which m-tile of each unit is mine
+        if const_expr(cm > 1):
+            rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+            # From here on the scheduler walks units: "cta" = my cluster, "num_ctas" = clusters.
+            cta = cta // cm
+            num_ctas = num_ctas // cm
+        wg = cute.arch.make_warp_uniform(tidx // 128)
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+
+        # ---- Shared memory and the load pipeline ----------------------------------------------
+        smem = cutlass.memory.SmemAllocator()
+        storage = smem.allocate(self.storage)
+        if const_expr(not self.varlen_k):
+            # The scheduler's expert table, built here from expert_offsets (no host-side pass): from
+            # now on ``tile_offsets`` is this shared-memory copy; the argument is not read.
+            table = storage.tiles.get_tensor(cute.make_layout(TABLE_EXPERTS + 1))
+            if warp == 0:
+                self.build_tile_table(expert_offsets, table)
+            cute.arch.sync_threads()
+            tile_offsets = table
+        sA = storage.sA.get_tensor(sA_layout.outer, swizzle=sA_layout.inner)  # (bm, bk, S)
+        sB = storage.sB.get_tensor(sB_layout.outer, swizzle=sB_layout.inner)  # (bn, bk, S)
+        pipe = pipeline.PipelineCpAsync.create(
+            barrier_storage=storage.barriers.data_ptr(),
+            num_stages=self.stages,
+            # full barrier: 128 cp.async arrivals + 1 arrive-with-byte-count from the TMA thread
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, PRODUCER_THREADS + 1),
+            # empty barrier: every MMA thread that read the slot (one warpgroup when ping-ponging);
+            # in a cluster, one lane per MMA warp of *every* CTA of the cluster (a slot is refilled
+            # by the partners' multicasts too, so all of them must have read it)
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.empty_arrivals()),
+            defer_sync=cm > 1,
+        )
+        if const_expr(cm > 1):  # the partners' barriers must be initialized before any remote arrive
+            cute.arch.mbarrier_init_fence()
+            cute.arch.cluster_arrive_relaxed()
+            cute.arch.cluster_wait()
+
+        # ---- The tile space (identical for both roles), then one role per warpgroup -------------
+        n_dim, n_tiles, m_tiles, num_tiles = self.tile_space(a, b, out, tile_offsets, expert_offsets)
+        sched = (cta, num_ctas, rank, n_tiles, m_tiles, num_tiles, tile_offsets, expert_offsets)
+        if wg == 0:
+            self.producer(a, gather_idx, tma_atom_a, tma_a, tma_atom_b, tma_b, sA, sB, pipe, sched, tidx, warp)
+        else:
+            self.consumer(a, out, (epi_out, epi_in, row_in, row_out), (tma_atom_c, tma_c), tiled_mma, sA, sB,
+                          storage, epi_layout, pipe, sched, n_dim, tidx, wg)
+        if const_expr(cm > 1):
+            # No CTA may exit while a partner can still arrive on its barriers or multicast into it.
+            cute.arch.cluster_arrive()
+            cute.arch.cluster_wait()
+
+    # ---- Scheduler ---------------------------------------------------------------------------------
+    @cute.jit
+    def tile_space(self, a: cute.Tensor, b: cute.Tensor, out: cute.Tensor, tile_offsets: cute.Tensor,
+                   expert_offsets: cute.Tensor):
+        """(N, n-tiles, units along M per expert (varlen-K), all tiles): the linear tile space that
+        the producer and the MMA warpgroups walk (``tile_problem`` decodes one index)."""
+        bm, bn, _ = self.tile
+        cm = self.cluster_m
+        num_experts = expert_offsets.shape[0] - 1
+        n_dim = b.shape[1] if const_expr(self.varlen_k) else out.shape[1]  # the GEMM's N
+        n_tiles = (n_dim + bn - 1) // bn
+        m_tiles = Int32(1)
+        num_tiles = Int32(0)
+        if const_expr(self.varlen_k):
+            m_tiles = (a.shape[1] + bm * cm - 1) // (bm * cm)  # units of cm m-tiles over d
+            num_tiles = num_experts * m_tiles * n_tiles
+        else:
+            num_tiles = tile_offsets[num_experts] * n_tiles
+        return n_dim, n_tiles, m_tiles, num_tiles
+
+    # ---- Producer --------------------------------------------------------------------------------
+    @cute.jit
+    def producer(self, a: cute.Tensor, gather_idx: cute.Tensor, tma_atom_a, tma_a, tma_atom_b, tma_b,
+                 sA: cute.Tensor, sB: cute.Tensor, pipe, sched: tuple, tidx: Int32, warp: Int32):
+        """Warpgroup 0: loads only. For every tile of this CTA, fill the pipeline's slots with its
+        k-tiles: B (and contiguous A) by TMA, gathered or ragged A rows by cp.async."""
+        cta, num_ctas, rank, n_tiles, m_tiles, num_tiles, tile_offsets, expert_offsets = sched
+        bm, bn, bk = self.tile
+        cm = self.cluster_m
+        use_tma_a = not self.varlen_k and not self.gather
+        cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+        copy_a = self.make_tiled_copy(not self.varlen_k, bm, PRODUCER_THREADS)
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.stages)
+        a_coord = copy_a.get_slice(tidx).partition_S(cute.make_identity_tensor((bm, bk)))  # (CPY, M, K)
+        a_rows = cute.make_rmem_tensor(cute.size(a_coord, mode=[1]), Int32)  # token of each of my rows
+        # varlen-K: the rows of A^T change with every k-tile; each thread resolves the global rows
+        # of its k positions one k-tile ahead, so the gather_idx loads' latency hides behind the
+        # current k-tile's copies and the wait for the next slot instead of stalling the producer.
+        k_rows = cute.make_rmem_tensor(cute.size(a_coord, mode=[2]), Int32)  # this k-tile
+        k_rows_next = cute.make_rmem_tensor(cute.size(a_coord, mode=[2]), Int32)
+        for t in cutlass.range(cta, num_tiles, num_ctas, unroll=1):
+            expert, m_start, n_start, row0, count, m_dim, k_len = self.tile_problem(
+                t, n_tiles, m_tiles, tile_offsets, expert_offsets, a.shape[1], rank)
+            # (bn, bk, k-tiles) view of this tile's B, partitioned for the TMA unit
+            if const_expr(self.varlen_k):
+                gB = cute.local_tile(cute.domain_offset((0, row0), tma_b), (bn, bk), (n_start // bn, None))
+            else:
+                gB = cute.local_tile(tma_b[None, None, expert], (bn, bk), (n_start // bn, None))
+            tBsB, tBgB = cpasync.tma_partition(tma_atom_b, rank, cute.make_layout(cm),
+                                               cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
+            if const_expr(not self.varlen_k and not use_tma_a):
+                # Gathered A: the tile's rows are the same for every k-tile, so each thread reads
+                # its rows' token indices once per tile into registers (-1 = past the expert).
+                for i in cutlass.range_constexpr(cute.size(a_rows)):
+                    mn = a_coord[0, i, 0][0]
+                    a_rows[i] = -1
+                    if mn < count - m_start:
+                        a_rows[i] = gather_idx[row0 + m_start + mn]
+            if const_expr(use_tma_a):
+                # (bm, bk, k-tiles) view of a's rows row0 + m_start ... (rows past the expert only
+                # feed output rows the epilogue masks; rows past M are zero-filled by TMA)
+                gA = cute.local_tile(cute.domain_offset((row0 + m_start, 0), tma_a), (bm, bk), (0, None))
+                tAsA, tAgA = cpasync.tma_partition(tma_atom_a, 0, cute.make_layout(1),
+                                                   cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
+            if const_expr(self.varlen_k):
+                self.resolve_k_rows(a_coord, gather_idx, k_rows_next, row0, 0, count)
+            for kt in cutlass.range((k_len + bk - 1) // bk, unroll=1):
+                if const_expr(self.varlen_k):
+                    k_rows.store(k_rows_next.load())
+                    if (kt + 1) * bk < k_len:  # prefetch the next k-tile's rows
+                        self.resolve_k_rows(a_coord, gather_idx, k_rows_next, row0, kt + 1, count)
+                pipe.producer_acquire(state)  # wait until the MMA warps freed this slot
+                if warp == 0:
+                    # One thread announces the TMA bytes (the +1 arrival of the full barrier);
+                    # the copies are issued by the whole warp (cute.copy elects one lane
+                    # with elect.sync, which needs the full warp converged).
+                    bar = pipe.producer_get_barrier(state)
+                    if tidx == 0:
+                        tx_rows = bn + (bm if const_expr(use_tma_a) else 0)
+                        cute.arch.mbarrier_arrive_and_expect_tx(bar, tx_rows * bk * self.dtype.width // 8)
+                    if const_expr(cm > 1):  # my share of B, into every CTA of the cluster
+                        cute.copy(tma_atom_b, tBgB[None, kt], tBsB[None, state.index], tma_bar_ptr=bar,
+                                  mcast_mask=cutlass.Int16((1 << cm) - 1))
+                    else:
+                        cute.copy(tma_atom_b, tBgB[None, kt], tBsB[None, state.index], tma_bar_ptr=bar)
+                    if const_expr(use_tma_a):
+                        cute.copy(tma_atom_a, tAgA[None, kt], tAsA[None, state.index], tma_bar_ptr=bar)
+                if const_expr(self.varlen_k):  # A^T tile: the expert's rows (maybe gathered), zero past f_e
+                    self.load_gathered_rows(copy_a, a, sA[None, None, state.index], k_rows, m_start, m_dim,
+                                            rows_along_k=True)
+                elif const_expr(not use_tma_a):  # gathered rows: cp.async with per-row addresses
+                    self.load_gathered_rows(copy_a, a, sA[None, None, state.index], a_rows, kt * bk, k_len,
+                                            rows_along_k=False)
+                # zero-filled slots are ordinary st.shared: publish them to the async proxy
+                cute.arch.fence_proxy("async.shared", space="cta")
+                pipe.producer_commit(state)  # arrives when this thread's cp.async have landed
+                state.advance()
+
+    # ---- Consumers: mainloop + epilogue ----------------------------------------------------------
+    @cute.jit
+    def consumer(self, a: cute.Tensor, out: cute.Tensor, epi: tuple, tma_store: tuple, tiled_mma: cute.TiledMma,
+                 sA: cute.Tensor, sB: cute.Tensor, storage, epi_layout, pipe, sched: tuple, n_dim: Int32,
+                 tidx: Int32, wg: Int32):
+        """Warpgroups 1-2: for every tile of this CTA (or, ping-ponging, every other one), the WGMMA
+        mainloop over its k-tiles, then the epilogue of this warpgroup's rows (``store_tile``)."""
+        cta, num_ctas, rank, n_tiles, m_tiles, num_tiles, tile_offsets, expert_offsets = sched
+        bm, bn, bk = self.tile
+        cute.arch.setmaxregister_increase(CONSUMER_REGS)
+        ctid = tidx - PRODUCER_THREADS  # 0..255 among the MMA threads
+        mma_tid = ctid % 128 if const_expr(self.pingpong) else ctid  # my index inside the tiled MMA
+        thr_mma = tiled_mma.get_slice(mma_tid - mma_tid % 128)  # my warpgroup's slice for A and B
+        tCrA = tiled_mma.make_fragment_A(thr_mma.partition_A(sA))
+        tCrB = tiled_mma.make_fragment_B(thr_mma.partition_B(sB))
+        tCcC = tiled_mma.get_slice(mma_tid).partition_C(cute.make_identity_tensor((bm, bn)))
+        acc = cute.make_rmem_tensor(tCcC.shape, cutlass.Float32)
+        tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+        num_k_blocks = cute.size(tCrA, mode=[2])
+        read = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
+        # The epilogue buffers: sC = this warpgroup's rows; tile_view = the tile's buffer (both
+        # warpgroups' rows, or mine when ping-ponging) seen as (bm, bn), to be partitioned like
+        # the accumulators.
+        rows = self.wg_rows()
+        if const_expr(self.uses_tma_store()):
+            # Swizzled slots in the TMA's layout: slot wg - 1 holds this warpgroup's rows.
+            # Cooperative: tile row r lives in slot r // 64, row r % 64 (the (rows, WG) modes
+            # grouped as one row mode); ping-pong: my slot is my whole tile.
+            sC_slots = storage.sC.get_tensor(epi_layout.outer, swizzle=epi_layout.inner)  # (rows, bn, WG)
+            sC = sC_slots[None, None, wg - 1]
+            tile_view = sC
+            if const_expr(not self.pingpong):
+                tile_view = cute.make_tensor(sC_slots.iterator, cute.group_modes(
+                    cute.select(sC_slots.layout, mode=[0, 2, 1]), 0, 2))  # ((rows, WG), bn) = (bm, bn)
+        else:
+            # Padded row-major buffers (one extra 16-byte chunk per row: conflict-free writes).
+            epi_pitch = bn + CHUNK_BYTES * 8 // self.out_dtype.width
+            sC_both = cute.make_tensor(storage.sC.data_ptr(), cute.make_layout(
+                (2, rows, bn), stride=(rows * epi_pitch, epi_pitch, 1)))  # (WG, rows, cols)
+            sC = sC_both[wg - 1, None, None]
+            tile_view = cute.make_tensor(sC_both[wg - 1 if const_expr(self.pingpong) else 0, None, None].iterator,
+                                         cute.make_layout((bm, bn), stride=(epi_pitch, 1)))
+        tCsC = tiled_mma.get_slice(mma_tid).partition_C(tile_view)
+        first = cta
+        step = num_ctas
+        if const_expr(self.pingpong):  # the CTA's tiles alternate between the two warpgroups
+            first = cta + (wg - 1) * num_ctas
+            step = 2 * num_ctas
+        cta_tiles = (num_tiles - cta + num_ctas - 1) // num_ctas  # this CTA's tiles (ping-pong order)
+        for t in cutlass.range(first, num_tiles, step, unroll=1):
+            if const_expr(self.pingpong):
+                # Mainloops take turns in the CTA's tile order: wait until the other warpgroup has
+                # waited on every slot of the previous tile. (An mbarrier wait only tells two
+                # phases apart, so a warpgroup must not wait on a slot more than one fill ahead.)
+                if t > cta:
+                    cute.arch.barrier(barrier_id=ORDER_BARRIER + wg - 1, number_of_threads=CONSUMER_THREADS)
+                # The other warpgroup consumes the slots of the CTA's previous tile: step over them
+                # (the producer fills the slots in the CTA's tile order).
+                if t - num_ctas >= cta:
+                    k_other = self.tile_problem(t - num_ctas, n_tiles, m_tiles, tile_offsets, expert_offsets,
+                                                a.shape[1], rank)[6]
+                    for _ in cutlass.range((k_other + bk - 1) // bk, unroll=1):
+                        read.advance()
+                        release.advance()
+            expert, m_start, n_start, row0, count, m_dim, k_len = self.tile_problem(
+                t, n_tiles, m_tiles, tile_offsets, expert_offsets, a.shape[1], rank)
+            out_row0 = row0 + m_start  # varlen-M: the expert's rows of out
+            if const_expr(self.varlen_k):
+                out_row0 = expert * m_dim + m_start  # varlen-K: expert e's (d, N) block of out
+            k_tiles = (k_len + bk - 1) // bk
+            # -- mainloop: acc = the tile's product over its k-tiles; one k-tile of WGMMAs stays in
+            # flight and the previous slot is freed once its WGMMAs are done. (Inline on purpose:
+            # ``read`` and ``release`` advance across tiles in this loop; moved into a helper method,
+            # the DSL carried them differently and the generated PTX changed.)
+            acc.fill(0.0)
+            for kt in cutlass.range(k_tiles, unroll=1):
+                pipe.consumer_wait(read)
+                cute.arch.fence_proxy("async.shared", space="cta")  # cp.async data -> async proxy
+                warpgroup.fence()
+                for kb in cutlass.range_constexpr(num_k_blocks):
+                    cute.gemm(tiled_mma, acc, tCrA[None, None, kb, read.index], tCrB[None, None, kb, read.index], acc)
+                warpgroup.commit_group()
+                warpgroup.wait_group(1)  # the previous k-tile's WGMMAs are done: free its slot
+                if kt > 0:
+                    self.release_slot(pipe, release)
+                    release.advance()
+                read.advance()
+            if const_expr(self.pingpong):  # my mainloop has waited on all its slots: the other's turn
+                if (t - cta) // num_ctas < cta_tiles - 1:
+                    cute.arch.barrier_arrive(barrier_id=ORDER_BARRIER + 2 - wg, number_of_threads=CONSUMER_THREADS)
+            warpgroup.wait_group(0)
+            if k_tiles > 0:
+                self.release_slot(pipe, release)
+                release.advance()
+            self.store_tile(acc, tCsC, tCcC, out, epi, tma_store, sC, wg, ctid, expert, m_start, n_start, out_row0,
+                            m_dim, n_dim)
+        if const_expr(self.uses_tma_store()):
+            if ctid % 128 < 32:  # the shared memory must outlive the last bulk store's reads
+                cute.arch.cp_async_bulk_wait_group(0, read=True)
+
+    @cute.jit
+    def store_tile(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
+                   tma_store: tuple, sC: cute.Tensor, wg: Int32, ctid: Int32, expert: Int32, m_start: Int32,
+                   n_start: Int32, out_row0: Int32, m_dim: Int32, n_dim: Int32):
+        """This warpgroup's rows of the tile, out of the accumulators: the transposed varlen-K store,
+        the TMA bulk store, or the ``epilogue_wg`` hook (plain store / fused SwiGLU / dSwiGLU)."""
+        if const_expr(self.transpose_out):  # varlen-K into (E, N, d): expert e's rows e*N ...
+            self.epilogue_wg_transposed(acc, tCsC, out, sC, wg, ctid, expert * n_dim + n_start, m_start,
+                                        m_dim - m_start, n_dim - n_start)
+        elif const_expr(self.uses_tma_store()):
+            self.epilogue_wg_tma(acc, tCsC, tma_store, out, sC, wg, ctid, out_row0,
+                                 m_dim - m_start, n_start, n_dim - n_start)
+        else:
+            self.epilogue_wg(acc, tCsC, tCcC, out, epi, sC, wg, ctid, out_row0, m_dim - m_start, n_start,
+                             n_dim - n_start)
+
+    @cute.jit
+    def build_tile_table(self, expert_offsets: cute.Tensor, table: cute.Tensor):
+        """``table[e]`` = sum over j < e of ceil(f_j / unit rows), for e = 0 .. E: the first scheduler
+        unit (``cluster_m`` m-tiles) of each expert, and ``table[E]`` = all units. One warp: lane l sums
+        the units of a contiguous chunk of experts, an inclusive warp scan (5 shuffles) turns the
+        chunk sums into chunk starts, and each lane writes its chunk's running sums."""
+        unit_rows = self.tile[0] * self.cluster_m
+        num_experts = expert_offsets.shape[0] - 1
+        lane = cute.arch.lane_idx()
+        per_lane = (num_experts + 31) // 32
+        lo = cutlass.min(lane * per_lane, num_experts)
+        hi = cutlass.min(lo + per_lane, num_experts)
+        chunk = Int32(0)
+        for e in cutlass.range(lo, hi, unroll=1):
+            chunk += (expert_offsets[e + 1] - expert_offsets[e] + unit_rows - 1) // unit_rows
+        upto = chunk  # inclusive scan over the lanes
+        for i in cutlass.range_constexpr(5):
+            other = cute.arch.shuffle_sync_up(upto, offset=1 << i)
+            if lane >= (1 << i):
+                upto = upto + other
+        run = upto - chunk
+        for e in cutlass.range(lo, hi, unroll=1):
+            table[e] = run
+            run += (expert_offsets[e + 1] - expert_offsets[e] + unit_rows - 1) // unit_rows
+        if lane == 31:
+            table[num_experts] = upto
+
+    def empty_arrivals(self) -> int:
+        """Arrivals that free a pipeline slot: every MMA thread that read it (one warpgroup when
+        ping-ponging), or with a cluster one lane per MMA warp per CTA of the cluster."""
+        if self.cluster_m > 1:
+            return CONSUMER_THREADS // 32 * self.cluster_m
+        return CONSUMER_THREADS // 2 if self.pingpong else CONSUMER_THREADS
+
+    @cute.jit
+    def release_slot(self, pipe, state):
+        """The MMA warps are done reading a slot: tell the producer(s) that may refill it."""
+        if const_expr(self.cluster_m == 1):
+            pipe.consumer_release(state)
+        else:  # lane r of each MMA warp arrives on the slot's empty barrier in the CTA of rank r
+            lane = cute.arch.lane_idx()
+            if lane < self.cluster_m:
+                pipe.sync_object_empty.arrive(state.index, lane)
+
+    @cute.jit
+    def resolve_k_rows(self, a_coord: cute.Tensor, gather_idx: cute.Tensor, rows: cute.Tensor, row0: Int32,
+                       kt: Int32, count: Int32):
+        """varlen-K: ``rows[j]`` = the global row of A for this thread's k position j of k-tile ``kt``
+        (the expert's row ``row0 + k``, through ``gather_idx`` when gathered), -1 past its f_e rows."""
+        bk = self.tile[2]
+        for j in cutlass.range_constexpr(cute.size(rows)):
+            k = kt * bk + a_coord[0, 0, j][1]
+            rows[j] = -1
+            if k < count:
+                rows[j] = gather_idx[row0 + k] if const_expr(self.gather) else row0 + k
+
+    @cute.jit
+    def load_gathered_rows(self, tiled_copy: cute.TiledCopy, g2d: cute.Tensor, s_stage: cute.Tensor,
+                           rows: cute.Tensor, col0: Int32, col_limit: Int32, rows_along_k: cutlass.Constexpr):
+        """One A tile from pre-resolved global rows: 16-byte cp.async per (row, chunk), zeros where
+        the row is past the expert (``rows[.] < 0``) or the chunk is past ``col_limit``.
+
+        varlen-M (K-major tile): my copies' mn positions are the rows (``rows[i]``), k the columns.
+        varlen-K (``rows_along_k``, M-major A^T tile): my copies' k positions are the rows
+        (``rows[j]``), mn (a slice of d) the columns."""
+        tidx, _, _ = cute.arch.thread_idx()
+        thr_copy = tiled_copy.get_slice(tidx)
+        t_smem = thr_copy.partition_D(s_stage)  # (CPY, CPY_M, CPY_K)
+        t_coord = thr_copy.partition_S(cute.make_identity_tensor((cute.size(s_stage, mode=[0]),
+                                                                  cute.size(s_stage, mode=[1]))))
+        g_chunks = cute.logical_divide(g2d, (None, CHUNK))  # (rows, (8, cols/8))
+        for i in cutlass.range_constexpr(cute.size(t_smem, mode=[1])):
+            for j in cutlass.range_constexpr(cute.size(t_smem, mode=[2])):
+                row = rows[j] if const_expr(rows_along_k) else rows[i]
+                col = col0 + t_coord[0, i, j][0 if const_expr(rows_along_k) else 1]
+                dst = t_smem[None, i, j]
+                if row >= 0 and col < col_limit:
+                    src = g_chunks[row, (None, col // CHUNK)]
+                    cute.copy(tiled_copy, cute.make_tensor(src.iterator, cute.make_layout(dst.shape)), dst)
+                else:
+                    dst.fill(0)
+
+    @cute.jit
+    def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
+                    sC: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32,
+                    cols_left: Int32):
+        """One MMA warpgroup stores its rows (64, or the whole tile when ping-ponging): registers ->
+        padded smem -> 16-byte masked global stores.
+
+        The epilogue *hook* of the production kernel. A fused epilogue is a subclass that overrides
+        this method only; it gets ``tCcC`` (each accumulator's (row, col) in the tile) and the
+        tensors ``epi = (epi_out, epi_in, row_in, row_out)``: a second 16-bit output, a 16-bit input
+        with the output's rows, an fp32 value per output row and an fp32 (rows, n-tiles) output
+        (placeholders when unused, as here; see ``SwiGLUEpilogue`` and ``DSwiGLUEpilogue``)."""
+        bm, bn, _ = self.tile
+        self.stage_tile(acc, tCsC, wg)
+        self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
+
+    @cute.jit
+    def epilogue_wg_tma(self, acc: cute.Tensor, tCsC: cute.Tensor, tma_store: tuple, out: cute.Tensor,
+                        sC: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32, n_start: Int32,
+                        cols_left: Int32):
+        """The plain store, asynchronous: registers -> swizzled smem -> one TMA bulk store per warpgroup.
+
+        The MMA warps only write shared memory and go straight back to the next tile's mainloop;
+        the TMA unit drains the buffer to global memory while they multiply (the stores of the
+        shared-memory copy-out in ``epilogue_wg`` keep the warps busy until the data have left the
+        SM, which on short-K problems costs as long as the multiply). Before a buffer is refilled,
+        the thread that issued its last bulk store waits until that store has *read* it."""
+        tma_atom_c, tma_c = tma_store
+        bm, bn, _ = self.tile
+        rows = self.wg_rows()
+        row_off = self.wg_row_offset(wg)
+        first_warp = ctid % 128 < 32  # the warp that issues (and so must wait for) the bulk stores
+        # Phase 1: my buffer is free once my previous bulk store has read it.
+        if first_warp:
+            cute.arch.cp_async_bulk_wait_group(0, read=True)
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)
+        # Phase 2: registers -> shared memory through the tile_value hook; the generic-proxy writes
+        # are then made visible to the TMA unit (async proxy).
+        r_out = cute.make_rmem_tensor_like(acc, self.out_dtype)
+        for i in cutlass.range_constexpr(cute.size(acc)):
+            r_out[i] = self.tile_value(acc[i])
+        cute.autovec_copy(r_out, tCsC)
+        cute.arch.fence_proxy("async.shared", space="cta")
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)
+        # Phase 3: a full warpgroup tile -> one bulk store (columns past N clipped by TMA); the
+        # expert's ragged last rows -> masked 16-byte stores from the same buffer.
+        if row_off + rows <= rows_left:
+            if first_warp:
+                gC = cute.local_tile(cute.domain_offset((out_row0 + row_off, n_start), tma_c), (rows, bn), (0, 0))
+                tCs, tCg = cpasync.tma_partition(tma_atom_c, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2),
+                                                 cute.group_modes(gC, 0, 2))
+                cute.copy(tma_atom_c, tCs, tCg)
+                cute.arch.cp_async_bulk_commit_group()
+        else:
+            self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
+
+    @cute.jit
+    def copy_out_rows(self, sC: cute.Tensor, cols: cutlass.Constexpr[int], dst: cute.Tensor, dst_row0: Int32,
+                      dst_col0: Int32, rows_left: Int32, cols_left: Int32, wg: Int32, ctid: Int32):
+        """This warpgroup's staged (rows, cols) tile -> ``dst[dst_row0 + row_off + m, dst_col0 + c]``, one
+        16-byte chunk per thread per step, masked to the expert's rows and the matrix's columns."""
+        half = self.wg_rows()
+        lt = ctid % 128  # thread index inside the warpgroup
+        row_off = self.wg_row_offset(wg)  # first tile row owned by this warpgroup
+        elems = CHUNK_BYTES * 8 // self.out_dtype.width
+        chunks_per_row = cols // elems
+        for it in cutlass.range_constexpr(half * chunks_per_row // 128):
+            c = it * 128 + lt
+            m = c // chunks_per_row
+            q = (c % chunks_per_row) * elems
+            if row_off + m < rows_left and q < cols_left:
+                src = cute.local_tile(sC, (1, elems), (m, q // elems))
+                cute.autovec_copy(src, cute.local_tile(dst, (1, elems), (dst_row0 + row_off + m, (dst_col0 + q) // elems)))
+
+    @cute.jit
+    def stage_tile(self, acc: cute.Tensor, tCsC: cute.Tensor, wg: Int32):
+        """Registers -> this warpgroup's padded shared-memory rows, through the ``tile_value`` hook."""
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)  # previous tile's copy-out is done
+        # Convert in registers, then one vectorized copy into this thread's slots of the padded tile
+        # (pairs of adjacent columns -> 32-bit shared stores for 16-bit outputs).
+        r_out = cute.make_rmem_tensor_like(acc, self.out_dtype)
+        for i in cutlass.range_constexpr(cute.size(acc)):
+            r_out[i] = self.tile_value(acc[i])
+        cute.autovec_copy(r_out, tCsC)
+        cute.arch.barrier(barrier_id=wg, number_of_threads=128)
+
+    @cute.jit
+    def epilogue_wg_transposed(self, acc: cute.Tensor, tCsC: cute.Tensor, out: cute.Tensor, sC: cute.Tensor,
+                               wg: Int32, ctid: Int32, out_row0: Int32, m_start: Int32, rows_left: Int32,
+                               cols_left: Int32):
+        """varlen-K stored transposed: tile element (m, n) goes to ``out[out_row0 + n, m_start + m]``.
+
+        Used for dW2 = (dO_e^T A'_e)^T: the kernel reduces with the gathered dO as its A operand
+        (only A can be gathered), and this store writes the (n, d) orientation the layer wants, so
+        no separate transpose pass over E*n*d elements is needed. The tile is staged in shared
+        memory as usual; each thread then reads 8 consecutive m of one column n (a warp reads 32
+        neighbouring columns: no bank conflicts) and writes them as one 16-byte row chunk of out.
+        """
+        bm, bn, _ = self.tile
+        half = self.wg_rows()
+        lt = ctid % 128
+        row_off = self.wg_row_offset(wg)
+        elems = CHUNK_BYTES * 8 // self.out_dtype.width  # consecutive m per 16-byte store
+        self.stage_tile(acc, tCsC, wg)
+        r_chunk = cute.make_rmem_tensor((1, elems), self.out_dtype)
+        for it in cutlass.range_constexpr(half * bn // elems // 128):
+            c = it * 128 + lt
+            n = c % bn
+            m = (c // bn) * elems  # first of this chunk's rows, inside the warpgroup's half
+            if row_off + m < rows_left and n < cols_left:  # d is a multiple of 8: whole chunks
+                for i in cutlass.range_constexpr(elems):
+                    r_chunk[0, i] = sC[m + i, n]
+                dst = cute.local_tile(out, (1, elems), (out_row0 + n, (m_start + row_off + m) // elems))
+                cute.autovec_copy(r_chunk, dst)
+
+
+def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = 227 * 1024, pingpong: bool = False) -> int:
+    """Stages that fit next to the two warpgroups' epilogue buffers (16-bit operands; each buffer is
+    a whole tile when ping-ponging)."""
+    bm, bn, bk = tile
+    per_stage = (bm + bn) * bk * 2
+    reserved = 2048 + 4 * (TABLE_EXPERTS + 1)  # barriers and alignment, the expert tile table
+    return (smem_bytes - reserved - epilogue_smem_bytes(tile, out_bytes) * (2 if pingpong else 1)) // per_stage
