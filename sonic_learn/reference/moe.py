@@ -34,7 +34,7 @@ from sonic_learn import _checks
 from sonic_learn.contracts import (  # noqa: F401  (the shared contract, re-exported under its old names here)
     BACKWARD_MODES, ROUTINGS, Routing, RoutingMetadata, SavedTensor, check_layer_inputs, expected_saved_bytes,
     record_saved_tensors)
-from sonic_learn.reference.grouped_gemm import gather_fused_grouped_gemm, grouped_gemm_varlen_k
+from sonic_learn.reference import grouped_gemm as _grouped_gemm
 from sonic_learn.reference.routing import build_metadata, token_rounding, topk_routing
 
 
@@ -146,11 +146,11 @@ def _expert_of_row(meta: RoutingMetadata) -> torch.Tensor:
     return torch.searchsorted(meta.expert_offsets[1:].long(), rows, right=True)  # (P,) #ends <= r
 
 
-def _rows_gemm(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, tile_m: int) -> torch.Tensor:
-    """Row r of the result = a[gather_idx[r]] @ w[e(r)]: ``gather_fused_grouped_gemm`` (the static twin
+def gather_fused_grouped_gemm(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, *, tile_m: int) -> torch.Tensor:
+    """Row r of the result = a[gather_idx[r]] @ w[e(r)]: ``reference.grouped_gemm``'s (its static twin
     while compiling). ``w`` (E, K, N), may be a transposed view."""
     if not torch.compiler.is_compiling():
-        return gather_fused_grouped_gemm(a, w, meta, tile_m=tile_m)
+        return _grouped_gemm.gather_fused_grouped_gemm(a, w, meta, tile_m=tile_m)
     acc = _acc_dtype(a)
     a_rows = a[meta.gather_idx.long()].to(acc)  # (P, K)
     owner = _expert_of_row(meta)[:, None]  # (P, 1)
@@ -160,11 +160,11 @@ def _rows_gemm(a: torch.Tensor, w: torch.Tensor, meta: RoutingMetadata, tile_m: 
     return out.to(a.dtype)
 
 
-def _varlen_k_gemm(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadata, gather_a: bool) -> torch.Tensor:
-    """out[e] = a[rows of e]^T @ b[rows of e], (E, K, N): ``grouped_gemm_varlen_k`` (the static twin
+def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadata, *, gather_a: bool) -> torch.Tensor:
+    """out[e] = a[rows of e]^T @ b[rows of e], (E, K, N): ``reference.grouped_gemm``'s (its static twin
     while compiling)."""
     if not torch.compiler.is_compiling():
-        return grouped_gemm_varlen_k(a, b, meta, gather_a=gather_a)
+        return _grouped_gemm.grouped_gemm_varlen_k(a, b, meta, gather_a=gather_a)
     acc = _acc_dtype(a)
     a_rows = (a[meta.gather_idx.long()] if gather_a else a).to(acc)  # (P, K)
     owner = _expert_of_row(meta)[:, None]  # (P, 1)
@@ -182,9 +182,9 @@ class ReducedMemoryExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w2, scores, meta: RoutingMetadata, tile_m: int):
         row_scores = scores[meta.pair_of_row.long()]  # (P,) score of each grouped row
-        h = _rows_gemm(x, w1, meta, tile_m)  # (P, 2n) up-proj, X gathered
+        h = gather_fused_grouped_gemm(x, w1, meta, tile_m=tile_m)  # (P, 2n) up-proj, X gathered
         a = swiglu(h)  # (P, n)
-        y = _rows_gemm(a, w2, _contiguous_meta(meta), tile_m)  # (P, d) down-proj
+        y = gather_fused_grouped_gemm(a, w2, _contiguous_meta(meta), tile_m=tile_m)  # (P, d) down-proj
         out = aggregate(y, row_scores, meta)  # (T, d); y is freed when forward returns
         # Cache only X, H and the routing: no (P, d) tensor.
         ctx.save_for_backward(x, w1, w2, h, scores, meta.expert_offsets, meta.gather_idx, meta.pair_of_row)
@@ -201,17 +201,17 @@ class ReducedMemoryExperts(torch.autograd.Function):
 
         # Step 1 (the "dH kernel"): dA' = dO[token of row] @ W2^T, dO gathered inside the GEMM.
         w2_t = w2.transpose(1, 2)  # (E, d, n)
-        dA_prime = _rows_gemm(dout, w2_t, meta, tile_m)  # (P, n)
+        dA_prime = gather_fused_grouped_gemm(dout, w2_t, meta, tile_m=tile_m)  # (P, n)
         #   ... and its epilogue gives dH, dS and A' from H (see dh_epilogue).
         dH, dS_rows, a_scaled = dh_epilogue(h, dA_prime, row_scores)  # (P, 2n), (P,), (P, n)
 
         # Step 2: dW2[e] = A'_e^T @ dO_e, computed as (dO_e^T @ A'_e)^T with dO gathered on K.
-        dw2 = _varlen_k_gemm(dout, a_scaled, meta, True).transpose(1, 2)  # (E, n, d)
+        dw2 = grouped_gemm_varlen_k(dout, a_scaled, meta, gather_a=True).transpose(1, 2)  # (E, n, d)
         # Step 3: dX~ = dH @ W1^T (contiguous rows), then dX = unweighted gather-and-sum.
-        dx_rows = _rows_gemm(dH, w1.transpose(1, 2), grouped, tile_m)  # (P, d)
+        dx_rows = gather_fused_grouped_gemm(dH, w1.transpose(1, 2), grouped, tile_m=tile_m)  # (P, d)
         dx = aggregate(dx_rows, None, meta)  # (T, d)
         # Step 4: dW1[e] = X_e^T @ dH_e with X gathered on K.
-        dw1 = _varlen_k_gemm(x, dH, meta, True)  # (E, d, 2n)
+        dw1 = grouped_gemm_varlen_k(x, dH, meta, gather_a=True)  # (E, d, 2n)
         # Step 5: route dS back from grouped-row order to pair order.
         dscores = torch.zeros_like(scores)  # (P,)
         dscores[pair_of_row.long()] = dS_rows.to(scores.dtype)
@@ -231,9 +231,9 @@ class StandardExperts(torch.autograd.Function):
         row_scores = scores[meta.pair_of_row.long()]  # (P,)
         x_gathered = x[meta.gather_idx.long()]  # (P, d)  an explicit copy, cached below
         grouped = _contiguous_meta(meta)
-        h = _rows_gemm(x_gathered, w1, grouped, tile_m)  # (P, 2n)
+        h = gather_fused_grouped_gemm(x_gathered, w1, grouped, tile_m=tile_m)  # (P, 2n)
         a = swiglu(h)  # (P, n)
-        y = _rows_gemm(a, w2, grouped, tile_m)  # (P, d)
+        y = gather_fused_grouped_gemm(a, w2, grouped, tile_m=tile_m)  # (P, d)
         out = aggregate(y, row_scores, meta)  # (T, d)
         ctx.save_for_backward(x_gathered, w1, w2, h, y, scores, meta.expert_offsets, meta.gather_idx, meta.pair_of_row)
         ctx.tile_m = tile_m
@@ -255,14 +255,14 @@ class StandardExperts(torch.autograd.Function):
         dS_rows = (dout_rows.to(acc) * y.to(acc)).sum(dim=1)  # (P,)
         # Step 3: dY = s * dO; dA = dY @ W2^T; dW2 = A^T @ dY.
         dy = (dout_rows.to(acc) * row_scores.to(acc)[:, None]).to(h.dtype)  # (P, d)
-        dA = _rows_gemm(dy, w2.transpose(1, 2), grouped, tile_m)  # (P, n)
+        dA = gather_fused_grouped_gemm(dy, w2.transpose(1, 2), grouped, tile_m=tile_m)  # (P, n)
         a = swiglu(h)  # (P, n)
-        dw2 = _varlen_k_gemm(a, dy, grouped, False)  # (E, n, d)
+        dw2 = grouped_gemm_varlen_k(a, dy, grouped, gather_a=False)  # (E, n, d)
         # Step 4: dSwiGLU as a separate pass.
         dH = swiglu_backward(h, dA)  # (P, 2n)
         # Step 5: dW1 = Xg^T @ dH on the cached gathered X; dX~ = dH @ W1^T; dX = scatter-add.
-        dw1 = _varlen_k_gemm(x_gathered, dH, grouped, False)  # (E, d, 2n)
-        dx_rows = _rows_gemm(dH, w1.transpose(1, 2), grouped, tile_m)  # (P, d)
+        dw1 = grouped_gemm_varlen_k(x_gathered, dH, grouped, gather_a=False)  # (E, d, 2n)
+        dx_rows = gather_fused_grouped_gemm(dH, w1.transpose(1, 2), grouped, tile_m=tile_m)  # (P, d)
         dx = aggregate(dx_rows, None, meta)  # (T, d)
         dscores = torch.zeros_like(scores)  # (P,)
         dscores[pair_of_row.long()] = dS_rows.to(scores.dtype)
