@@ -31,8 +31,8 @@ def _row_permutations(T: int, E: int, g: torch.Generator) -> torch.Tensor:
 def distinct_logits(T: int, E: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
     """(T, E) logits, every row a random permutation of E consecutive values of a 16-bit float
     format around 1.0 (bfloat16 for bf16, float16 otherwise), so the values are exact in ``dtype``
-    and in float32, and no row has a tie. float32 copies have their low 13+ mantissa bits zero, so
-    the bitonic top-k's index packing stays exact (E <= 8192)."""
+    and in float32, and no row has a tie: every implementation sees the same values, and the
+    selected experts are unique whatever an implementation's tie rule."""
     perm = _row_permutations(T, E, g)  # (T, E)
     if dtype == torch.bfloat16:
         base, limit, fmt = 0x3F80, 0x7F7F, torch.bfloat16  # bf16 bits of 1.0, largest finite
