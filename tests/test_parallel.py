@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import time
 import weakref
 
 import pytest
@@ -226,6 +227,8 @@ def test_needs_an_initialised_process_group() -> None:
 def _hang(rank: int, world: int) -> None:
     if rank == 0:
         dist.barrier()  # rank 1 never joins
+    else:
+        time.sleep(300)  # alive but elsewhere (had it exited, gloo would fail rank 0's barrier at once)
 
 
 def test_a_hang_fails_instead_of_blocking() -> None:
