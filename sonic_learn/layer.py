@@ -7,7 +7,6 @@ the reference implementation (``backend="reference"``, any device) or the CuTe-D
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -25,7 +24,8 @@ FAST_DTYPES = (torch.bfloat16, torch.float16)  # what backend="fast" runs in
 def _fast_moe_forward():
     """The fast layer's forward with its router outputs (imported on first use; its kernels need
     CuTe-DSL and a Hopper GPU, and say so when called without them)."""
-    fast_moe = importlib.import_module("sonic_learn.fast.moe")
+    from sonic_learn.fast import moe as fast_moe  # a plain import: torch.compile traces it (importlib it cannot)
+
     return fast_moe.moe_forward_with_router
 
 

@@ -572,14 +572,20 @@ def test_speedup_arithmetic_from_known_times(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("pair", ["topk", "routing", "grouped-gemm", "backward", "moe"])
 def test_gpu_fast_rows_pass_on_problems_they_cover(tmp_path, pair):
-    """No fast row may fail or raise on the tiny and tour problems (both inside every kernel's limits)."""
+    """No fast row may fail or raise on the tiny and tour problems. On the tour (tile_m = 128) every
+    kernel covers the problem, so every fast row PASSes; the tiny config's tile_m = 8 is outside the
+    fast grouped GEMM's 128-row tile, so those rows may be n/a (UnsupportedProblem), never FAIL/ERROR."""
     for config in ("tiny", "tour"):
         path = tmp_path / f"{config}.json"
         code = main([pair, "--config", config, "--device", "cuda", "--reps", "2", "--json", str(path)])
         rows = _rows(json.loads(path.read_text()), pair)
         assert code == 0, {k: (r["status"], r["why"]) for k, r in rows.items() if r["status"] != "PASS"}
         fast = {k: r for k, r in rows.items() if r["kind"] == "fast"}
-        assert fast and all(r["status"] == "PASS" for r in fast.values()), fast
+        allowed = ("PASS",) if config == "tour" else ("PASS", "n/a")
+        assert fast and any(r["status"] == "PASS" for r in fast.values()), fast
+        assert all(r["status"] in allowed for r in fast.values()), {k: (r["status"], r["why"]) for k, r in fast.items()}
+        if config == "tiny":
+            assert all("M tile is 128" in r["why"] for r in fast.values() if r["status"] == "n/a"), fast
 
 
 @pytest.mark.gpu

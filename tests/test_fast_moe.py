@@ -57,8 +57,9 @@ def _pinned_route(decision_logits: torch.Tensor):
     """A stand-in for ``reference.moe.route`` that keeps the pairs decided on ``decision_logits``
     (float32 logits of the 16-bit layer) and recomputes the scores from the caller's own logits."""
 
-    def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk", rounding_mode="nearest",
-              generator=None):
+    def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk", normalize=False,
+              rounding_mode="nearest", generator=None):
+        assert not normalize, "the pinned router covers the unnormalized scorings only"
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         logits = (x @ router_w).to(dtype)  # (T, E) differentiable
         tc = topk_routing(decision_logits, k, scoring=scoring)  # the token-choice picks
