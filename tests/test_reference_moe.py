@@ -281,9 +281,9 @@ def test_saved_bytes_match_closed_form(problem, routing, seed):
             assert shapes == sorted([(T, d), (P, 2 * n), (P,), (E + 1,), (P,), (P,)]), saved
         else:  # gathered X and Y are (P, d)
             assert shapes == sorted([(P, d), (P, 2 * n), (P, d), (P,), (E + 1,), (P,), (P,)]), saved
-    if P > 0:
+    if 2 * P > T:  # standard's two (P, d) tensors outweigh reduced memory's (T, d) X (token rounding can give P <= T/2)
         assert measured["standard"] > measured["reduced_memory"]
-        assert measured["standard"] - measured["reduced_memory"] >= 2 * P * d * 2 - T * d * 2
+    assert measured["standard"] - measured["reduced_memory"] >= 2 * P * d * 2 - T * d * 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

@@ -237,22 +237,27 @@ def oracle_routing(
     log_z = [torch.logsumexp(L[t] if over_all else L[t, picks[t]], dim=0) for t in range(T)]
     routed = {(t, e) for t in range(T) for e in picks[t]}
 
+    picked = set(routed)
+    # The router probability p[t, e] = softmax over ALL E experts (the paper's Algorithm 4 ranks by it).
+    log_z_all = [torch.logsumexp(L[t], dim=0) for t in range(T)]
     if routing == "token_rounding":
         # 3. Round every expert's load; the expert keeps its best-ranked tokens: its picks first,
-        #    then by score (the log score orders like the score), then the lower token.
+        #    then by p (the log probability orders like p), then the lower token.
         u = torch.rand(E, generator=generator, dtype=torch.float64).tolist() if mode == "stochastic" else [None] * E
         kept = set()
         for e in range(E):
             load = expected_rounding(sum(e in p for p in picks), tile_m, mode, T, u[e])
-            log_score = {t: rows[t][e] - float(log_z[t].detach()) for t in range(T)}
-            ranked = sorted(range(T), key=lambda t: ((t, e) not in routed, -log_score[t], t))
+            log_p = {t: rows[t][e] - float(log_z_all[t].detach()) for t in range(T)}
+            ranked = sorted(range(T), key=lambda t: ((t, e) not in picked, -log_p[t], t))
             kept.update((t, e) for t in ranked[:load])
         routed = kept
 
     pairs = sorted(routed)
     tokens = torch.tensor([t for t, _ in pairs], dtype=torch.long)
     experts = torch.tensor([e for _, e in pairs], dtype=torch.long)
-    log_z_of_pair = torch.stack(log_z)[tokens] if T else L.new_zeros(0)  # (P,)
+    # 4. A pick keeps its token-choice score exp(L) / Z_t; a token added by rounding up weighs p[t, e].
+    log_norm = [log_z[t] if (t, e) in picked else log_z_all[t] for t, e in pairs]
+    log_z_of_pair = torch.stack(log_norm) if pairs else L.new_zeros(0)  # (P,)
     return pairs, torch.exp(L[tokens, experts] - log_z_of_pair)  # (P,) float64 scores
 
 
