@@ -111,17 +111,11 @@ class _Resend:
     """Placeholder kept in the autograd graph instead of the received rows (see above)."""
 
 
-def _route(x, router_w, k, backend, **route_kw) -> Routing:
-    """Step 1's router; the same function as the single-GPU layer of the chosen backend."""
-    if backend == "fast":
-        from sonic_learn.fast import moe as fast_moe
-
-        r = fast_moe.route(x, router_w, k, **route_kw)  # DeviceRouting
-        m = r.meta
-        token_idx = m.gather_idx[m.row_of_pair.long()]  # pair order
-        expert_idx = torch.repeat_interleave(torch.arange(m.num_experts, device=x.device), m.expert_counts.long(),
-                                             output_size=m.gather_idx.numel())[m.row_of_pair.long()]
-        return Routing(token_idx, expert_idx.to(torch.int32), r.scores, m.num_tokens, m.num_experts)
+def _route(x, router_w, k, **route_kw) -> Routing:
+    """Step 1's router: the reference router (torch ops, any device) for both backends. Its pairs
+    are unpadded and token-sorted, which the count exchange needs; the fast backend's router pads
+    token rounding's pairs to a bound (its sync-free layout), so EP does not use it. The router is a
+    small part of the layer; the experts (step 4) are where the fast kernels matter."""
     return reference_moe.route(x, router_w, k, **route_kw)
 
 
@@ -193,7 +187,7 @@ def expert_parallel_forward(
 
     # Step 1: route locally; group the pairs by expert (so also by destination rank).
     t0 = clock()
-    r = _route(x, router_w, k, backend, routing=routing, tile_m=tile_m, scoring=scoring,
+    r = _route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
                rounding_mode=rounding_mode, generator=generator)
     home = build_metadata(r)  # grouped row g holds pair home.pair_of_row[g], token home.gather_idx[g]
     if t is not None:
