@@ -2,7 +2,7 @@
 
 A ladder (llm.c style) is a list of ``Step``: a name, one line saying what the step adds to the one
 before, and the call that runs it. A kernel module picks its step with an explicit argument
-(``bitonic_topk(..., step="rowwise")``, ``token_rounding(..., step="torch_select")``), never a
+(``bitonic_topk(..., step="rowwise")``, ``token_rounding(..., selection="torch")``), never a
 global, and ends with::
 
     if __name__ == "__main__":
