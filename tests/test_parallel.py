@@ -165,6 +165,7 @@ def _saved_rows(rank: int, world: int, backward: str, planted_bug: bool = False,
     E = 2 * world
     router_w, w1, w2, xs, grads = _problem(world, E, "random")
     received = []  # X's dispatches: the first 2-D all-to-all(s) of the forward, one per chunk
+    pending = []  # every started all-to-all: each must have been waited for by the end of the forward
     original, original_start = ep_moe.AllToAll.apply, ep_moe.all_to_all_start
 
     def spy(rows, recv_splits, send_splits, group):
@@ -174,10 +175,11 @@ def _saved_rows(rank: int, world: int, backward: str, planted_bug: bool = False,
         return out
 
     def spy_start(rows, recv_splits, send_splits, group):
-        out, pending = original_start(rows, recv_splits, send_splits, group)
+        out, handle = original_start(rows, recv_splits, send_splits, group)
         if out.dim() == 2 and len(received) < chunks:  # every dispatch is launched before any combine
             received.append(weakref.ref(out))
-        return out, pending
+        pending.append(handle)
+        return out, handle
 
     ep_moe.AllToAll.apply, ep_moe.all_to_all_start = spy, spy_start
     hook = ep_moe._resend_instead_of_saving
@@ -193,6 +195,9 @@ def _saved_rows(rank: int, world: int, backward: str, planted_bug: bool = False,
         ep_moe._resend_instead_of_saving = hook
     gc.collect()
     assert len(received) == chunks
+    # gloo's small transfers land before they are read even without a wait; NCCL's would not
+    assert all(h.work is None for h in pending), "an all-to-all was started but never waited for"
+    assert len(pending) == (0 if chunks == 1 else 3 * chunks)  # per chunk: X, scores, combine
     alive = any(ref() is not None for ref in received)
     out.sum().backward()  # the backward still works (it sends the rows again in reduced-memory mode)
     return alive
