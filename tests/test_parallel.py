@@ -335,7 +335,8 @@ def test_demo_cli_rejects_bad_arguments_before_launching(capsys) -> None:
 
     for argv, message in ((["-E", "3", "-W", "2"], "must be a multiple of --world-size"),
                           (["-K", "9", "-E", "8"], "--top-k (9) must be <= --experts (8)"),
-                          (["-T", "0"], "--tokens must be >= 1")):
+                          (["-T", "0"], "--tokens must be >= 1"),
+                          (["--chunks", "0"], "--chunks must be >= 1")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
