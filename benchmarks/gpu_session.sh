@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One GPU lease, every measurement in a row: the whole `gpu` test suite, the expert-parallel
+# benchmark at the GPU count of the machine, the side-by-side with upstream sonic-moe, the tiny
+# MoE language model under both routings, the token-rounding layer benchmark, the compare CLI's
+# upstream row and the memory breakdown. Each step has its own time limit and writes under $GS
+# (default /tmp/gs): logs in $GS/*.log, JSON/text results in $GS/results/. A step that fails or
+# times out is logged and the next one runs.
+#
+# Needs both sites staged by ../shared/gpu/pack-with-upstream (/tmp/stage/env.sh for this project,
+# /tmp/stage/env_up.sh for upstream). Long runs go past one device call's limit, so start it in
+# its own session and poll:   setsid nohup bash benchmarks/gpu_session.sh > /tmp/gs.log 2>&1 &
+# SKIP="tests ep ..." leaves steps out (names: tests ep vs_upstream train token_rounding compare
+# memory vs_upstream_more).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+GS=${GS:-/tmp/gs}
+mkdir -p "$GS/results"
+source /tmp/stage/env.sh
+export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=gpu NCCL_NVLS_ENABLE=0
+export SONIC_UPSTREAM_SITE=$(env -u PYTHONPATH bash -c 'source /tmp/stage/env_up.sh; echo "$PYTHONPATH"')
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$GS/results/device.txt"
+python3 -c "import torch, cutlass; print('torch', torch.__version__, 'cutlass-dsl', cutlass.__version__)" \
+  | tee -a "$GS/results/device.txt"
+
+step() {  # step NAME SECONDS CMD...: run unless skipped, with a time limit, log and status
+  local name=$1 limit=$2; shift 2
+  case " ${SKIP:-} " in *" $name "*) echo "== $name: skipped"; return;; esac
+  echo "== $name: start $(date +%T) (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$GS/$name.log" 2>&1
+  echo "== $name: exit $? after $((SECONDS - t0))s"
+  tail -6 "$GS/$name.log"
+}
+
+# Upstream's first call JIT-compiles for minutes (CPU work): start it now, beside the GPU tests,
+# so that its kernels are in CuTe-DSL's file cache when the timed side-by-side runs.
+( timeout 900 python3 benchmarks/vs_upstream.py --skip sonic_learn,grouped_mm --reps 1 --warmup 1 \
+    --configs 7b,30b,e256 --out "$GS/warm" --upstream-timeout 880 > "$GS/upstream_warmup.log" 2>&1
+  echo "upstream warm-up exit $?" >> "$GS/upstream_warmup.log" ) &
+warm=$!
+
+step tests 480 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ \
+  --deselect tests/test_parallel.py::test_a_hang_fails_instead_of_blocking
+step ep 150 torchrun --nproc-per-node "$(nvidia-smi -L | wc -l)" benchmarks/expert_parallel.py --configs 7b,30b \
+  --chunks 1,2,4 --out "$GS/results/expert_parallel.json"
+echo "== waiting for the upstream warm-up $(date +%T)"; wait $warm; tail -3 "$GS/upstream_warmup.log"
+step vs_upstream 560 python3 benchmarks/vs_upstream.py --configs 7b,30b,e256 --out "$GS/results" \
+  --upstream-timeout 500
+step train 330 python3 benchmarks/train_tiny_moe.py --out "$GS/results" --seeds 0,1,2 --steps 400
+step token_rounding 420 python3 benchmarks/token_rounding.py --out "$GS/results" --reps 10 --big-reps 5
+step compare 240 python3 -m sonic_learn.compare moe --config 7B --json "$GS/results/compare_moe_7B.json"
+step memory 240 python3 benchmarks/moe_memory.py --configs 7b --profile --out "$GS/results"
+step vs_upstream_more 560 python3 benchmarks/vs_upstream.py --configs 1.4b,120b --out "$GS/results/more" \
+  --upstream-timeout 500
+echo "== all done $(date +%T)"
