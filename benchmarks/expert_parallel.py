@@ -92,6 +92,7 @@ def main() -> None:
         doc = json.loads(out.read_text()) if out.exists() else {"benchmark": "expert_parallel", "runs": []}
         doc["runs"] = [r for r in doc["runs"] if r["world_size"] != W] + [{"environment": env, "rows": rows,
                                                                           "world_size": W}]
+        doc["environment"] = env  # the latest run's (each run keeps its own); the docs page reads the device here
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1))
         print(f"wrote {out}")
