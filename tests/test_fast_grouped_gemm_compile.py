@@ -190,6 +190,21 @@ def test_subtiled_epilogue_compiles_for_sm90a(variant, out_dtype, cluster_m, epi
     assert re.search(r"cp\.async\.bulk\.wait_group\.read\s+0;", ptx) and "st.global.v4" in ptx
 
 
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+@pytest.mark.parametrize("variant,transposed,epilogue", [("varlen_m_gather", False, "swiglu"),
+                                                         ("varlen_k_gather", True, "store")])
+def test_subtiled_epilogue_ignored_by_fused_and_transposed_stores(variant, transposed, epilogue):
+    """The fused epilogues and the transposed varlen-K store keep their whole-tile buffer: with
+    epi_subtile they compile to the very same kernel (so one GemmConfig serves every MoE GEMM)."""
+    from sonic_learn.fast.grouped_gemm import WS_TILE, compile_grouped_gemm
+
+    def ptx(**extra):
+        return compile_grouped_gemm(variant, torch.bfloat16, torch.bfloat16, WS_TILE, keep_ptx=True,
+                                    transposed=transposed, epilogue=epilogue, **extra).__ptx__
+
+    assert ptx(epi_subtile=64) == ptx()
+
+
 def test_subtiled_epilogue_frees_pipeline_stages_and_rejects_bad_values():
     """The stages count the subtiled epilogue's real footprint (two (64, S) buffers per warpgroup
     instead of one padded (64, tile_n) buffer); bad epi_subtile values are named before compiling."""
