@@ -11,6 +11,16 @@ forward and the whole forward+backward (medians), and counts the rows it sent, a
 ``alltoall_bytes`` (2*T*K*d*(W-1)/W elements each way). Run it once per W (e.g. --nproc-per-node
 1, 2, 4, 8); each run adds its rows to benchmarks/results/expert_parallel_<device>.json (or --out).
 ``--backend reference`` runs the PyTorch experts (any GPU), ``fast`` (default) the CuTe-DSL kernels.
+
+``--chunks 1,2,4`` times the plain layer (chunks=1) and the overlapped one (the dispatch and combine
+split into that many chunks of local experts, communication in flight while earlier chunks' experts
+run) side by side in the same run on the same GPUs, one row per chunk count. With chunks > 1 the
+step split changes meaning: ``experts`` is the whole overlapped section, ``dispatch`` and ``combine``
+only what does not overlap (see ``sonic_learn.parallel.StepTimes``); compare ``fwd_bwd``. At world
+size 1 the all-to-all is a local copy, so chunking can only show its overhead; the layer's default
+stays chunks=1 until a run on several GPUs shows a win::
+
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 1 benchmarks/expert_parallel.py --chunks 1,2,4
 """
 
 from __future__ import annotations
@@ -34,9 +44,16 @@ def main() -> None:
     p.add_argument("--configs", default="7b,30b")
     p.add_argument("--backend", choices=("fast", "reference"), default="fast")
     p.add_argument("--backward", choices=("reduced_memory", "standard"), default="reduced_memory")
+    p.add_argument("--chunks", default="1", help="comma list of chunk counts, one row each (default 1)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/expert_parallel_<device>.json)")
     args = p.parse_args()
+    try:
+        chunk_counts = [int(c) for c in args.chunks.split(",")]
+    except ValueError:
+        p.error(f"--chunks must be a comma list of ints, got {args.chunks!r}")
+    if min(chunk_counts) < 1:
+        p.error(f"--chunks must all be >= 1, got {args.chunks!r}")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)
@@ -53,19 +70,22 @@ def main() -> None:
                                   dtype=torch.bfloat16)
         g = torch.Generator(device=dev).manual_seed(1 + rank)  # each rank its own tokens
         x = torch.randn(T, d, device=dev, generator=g).to(torch.bfloat16)
-        steps = time_steps(layer, x, reps=args.reps, warmup=3)
-        everyone = [None] * W
-        dist.all_gather_object(everyone, steps)
-        model_rows = alltoall_bytes(T, K, d, W, 1) // (2 * d)
-        rows.append({"config": name, "shape": {"T_per_rank": T, "d": d, "n": n, "E": E, "K": K},
-                     "world_size": W, "backend": args.backend, "backward": args.backward,
-                     "per_rank": everyone, "model_rows_out_per_rank": model_rows,
-                     "model_bytes_out_per_rank": alltoall_bytes(T, K, d, W, 2)})
-        if rank == 0:
-            med = {k: sorted(s[k] for s in everyone)[W // 2] for k in ("route", "dispatch", "experts", "combine",
-                                                                          "fwd_bwd")}
-            print(f"{name} W={W}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items())
-                  + f"; rows out {everyone[0]['rows_sent']} (model {model_rows})", flush=True)
+        for chunks in chunk_counts:  # the same layer, weights and tokens for every chunk count
+            layer.chunks = chunks
+            steps = time_steps(layer, x, reps=args.reps, warmup=3)
+            everyone = [None] * W
+            dist.all_gather_object(everyone, steps)
+            model_rows = alltoall_bytes(T, K, d, W, 1) // (2 * d)
+            rows.append({"config": name, "shape": {"T_per_rank": T, "d": d, "n": n, "E": E, "K": K},
+                         "world_size": W, "backend": args.backend, "backward": args.backward, "chunks": chunks,
+                         "chunks_used": min(chunks, E // W), "per_rank": everyone,
+                         "model_rows_out_per_rank": model_rows,
+                         "model_bytes_out_per_rank": alltoall_bytes(T, K, d, W, 2)})
+            if rank == 0:
+                med = {k: sorted(s[k] for s in everyone)[W // 2] for k in ("route", "dispatch", "experts",
+                                                                              "combine", "fwd_bwd")}
+                print(f"{name} W={W} chunks={chunks}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items())
+                      + f"; rows out {everyone[0]['rows_sent']} (model {model_rows})", flush=True)
     if rank == 0:
         env = bench.environment(dev)
         out = Path(args.out or f"benchmarks/results/expert_parallel_{env['device'].replace(' ', '_')}.json")

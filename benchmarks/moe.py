@@ -14,8 +14,8 @@ Measured per implementation: forward and forward+backward time (medians of
 as in training) and TFLOP/s with the useful FLOPs 6*T*K*n*d (forward) and 18*T*K*n*d
 (forward+backward); the activation bytes still allocated after the forward (X counted, output not:
 compare with 2Td + 4TKn + metadata); and the peak allocation above the inputs during one
-forward+backward (which also holds the weight gradients). The upstream SonicMoE numbers measured on
-our H200 (../shared/notes/sonicmoe.md) are copied into the JSON for reference, not re-measured.
+forward+backward (which also holds the weight gradients). Upstream SonicMoE is compared in
+``benchmarks/vs_upstream.py``, in the same run (never against numbers from notes).
 JSON: benchmarks/results/moe_<device>.json (or --out).
 """
 
@@ -31,11 +31,6 @@ import torch
 from sonic_learn import bench
 
 CONFIGS = {"7b": (24576, 1536, 256, 128, 8), "30b": (32768, 4096, 1024, 128, 8), "e256": (16384, 4096, 512, 256, 16)}
-UPSTREAM_H200 = {  # sonic-moe 0.1.2.post1 on our H200 (notes/sonicmoe.md): fwd / fwd+bwd TFLOP/s, peak fwd act GB
-    "7b": {"fwd_tflops": 434, "fwd_bwd_tflops": 432, "peak_fwd_activation_gb": 0.99},
-    "30b": {"fwd_tflops": 557, "fwd_bwd_tflops": 582, "peak_fwd_activation_gb": 4.04},
-    "e256": {"fwd_tflops": 493, "fwd_bwd_tflops": 516, "peak_fwd_activation_gb": 3.10},
-}
 
 
 def make_inputs(T, d, n, E, seed=0):
@@ -157,7 +152,7 @@ def main(argv=None) -> int:
         "notes": ("fast = sonic_learn.fast.moe (grouped GEMMs of sonic_learn.fast.grouped_gemm as of this run; "
                   "reduced-memory mode: SwiGLU fused into the up-projection epilogue, the dH kernel = dA' GEMM with "
                   "the dSwiGLU/dS/A' epilogue; standard mode: unfused kernels; weights read K-major, no W^T copies). "
-                  "naive_loop = reference naive_moe_forward in bf16. upstream_sonicmoe = notes, not re-measured."),
+                  "naive_loop = reference naive_moe_forward in bf16."),
         "grouped_gemm_kernel": dataclasses.asdict(gemm),
         "flops": "fwd 6*T*K*n*d, fwd+bwd 18*T*K*n*d", "configs": {},
     }
@@ -187,8 +182,7 @@ def main(argv=None) -> int:
         router = T * E * 4 + P * 8  # what the router's autograd keeps: fp32 logits and int64 top-k ids
         cfg = {"T": T, "d": d, "n": n, "E": E, "K": K, "expected_reduced_memory_bytes": expected,
                "expected_reduced_memory_plus_router_bytes": expected + router,
-               "two_Td_plus_4TKn_bytes": 2 * T * d + 4 * P * n, "results": {},
-               "upstream_sonicmoe_h200_notes": UPSTREAM_H200[name]}
+               "two_Td_plus_4TKn_bytes": 2 * T * d + 4 * P * n, "results": {}}
         print(f"{name}: T={T} d={d} n={n} E={E} K={K}", flush=True)
         with torch.no_grad():
             fast_out = fast_moe.moe_forward(*leaves, K)
@@ -214,8 +208,6 @@ def main(argv=None) -> int:
         if "naive_loop" in res:
             for m in ("fwd_tflops", "fwd_bwd_tflops"):
                 ratios[f"fast_reduced_vs_naive_{m}"] = res["fast_reduced_memory"][m] / res["naive_loop"][m]
-        for m in ("fwd_tflops", "fwd_bwd_tflops"):
-            ratios[f"fast_reduced_vs_upstream_notes_{m}"] = res["fast_reduced_memory"][m] / UPSTREAM_H200[name][m]
         cfg["ratios"] = ratios
         print("  ratios:", {k: round(v, 3) for k, v in ratios.items()}, flush=True)
         record["configs"][name] = cfg

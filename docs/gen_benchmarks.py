@@ -24,6 +24,8 @@ activation and peak memory              ``cli_moe_<device>.json``, ``vs_upstream
 top-k speed-up over ``torch.topk``      ``cli_topk_<device>.json``
 grouped GEMM against dense cuBLAS       ``grouped_gemm_<device>.json``
 token rounding against top-k            ``token_rounding_<device>.json``
+does token rounding hurt quality?       ``train_tiny_moe_<device>.json``
+expert parallelism                      ``expert_parallel_<device>.json``
 =====================================  ==============================================
 """
 
@@ -500,6 +502,54 @@ def upstream_section(results: list[Result]) -> list[str]:
                     "python benchmarks/vs_upstream.py", body)
 
 
+def training_section(results: list[Result]) -> list[str]:
+    """The tiny MoE language model of ``train_tiny_moe_<device>.json``: final validation loss per
+    routing and tokens-per-tile ratio, mean and spread over the seeds (the file's ``summary``)."""
+
+    def body(r: Result) -> list[str]:
+        cfg = r.data["config"]
+        out = [f"A {cfg['layers']}-layer byte-level MoE language model (d = {cfg['d']}, E = {cfg['experts']}, "
+               f"K = {cfg['top_k']}, tile {cfg['tile_m']}), {cfg['steps']} steps per run, evaluated with top-k routing. "
+               "Lower is better; the spread is min to max over the seeds.", "",
+               "| Routing | tokens per expert / tile | seeds | final validation loss (mean) | min | max |",
+               "|---|---:|---:|---:|---:|---:|"]
+        for x in r.data["summary"]:
+            out.append(f"| {x['routing']} | {x['tokens_per_expert_per_tile']:g} | {x['seeds']} | "
+                       f"{x['final_val_loss_mean']:.4f} | {x['final_val_loss_min']:.4f} | {x['final_val_loss_max']:.4f} |")
+        return out + ["", _source(r), ""]
+
+    return _section(results, "Does token rounding hurt quality?", "train_tiny_moe",
+                    "training run (`train_tiny_moe_<device>.json`)", "python benchmarks/train_tiny_moe.py", body)
+
+
+def expert_parallel_section(results: list[Result]) -> list[str]:
+    """``expert_parallel_<device>.json``: per world size and config, the median over the ranks of each
+    forward step and of forward + backward, and the rows sent against the cost model."""
+
+    def body(r: Result) -> list[str]:
+        out = ["Each step is separated by a device synchronisation (so the steps add up to a little more "
+               "than an unsynchronised forward). With one GPU the all-to-alls are local copies.", "",
+               "| GPUs (EP) | Config | chunks | route ms | dispatch ms | experts ms | combine ms | fwd+bwd ms | "
+               "rows sent / rank | cost model |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        devices = set()
+        for run in sorted(r.data["runs"], key=lambda run: run["world_size"]):
+            devices.add(run.get("environment", {}).get("device", "device not recorded"))
+            for row in run["rows"]:
+                ranks = row["per_rank"]
+
+                def med(key: str) -> float:
+                    return sorted(x[key] for x in ranks)[len(ranks) // 2] * 1e3
+
+                out.append(f"| {run['world_size']} | {row['config']} | {row.get('chunks', 1)} | {med('route'):.2f} | "
+                           f"{med('dispatch'):.2f} | {med('experts'):.2f} | {med('combine'):.2f} | {med('fwd_bwd'):.2f} | "
+                           f"{ranks[0]['rows_sent']} | {row['model_rows_out_per_rank']} |")
+        return out + ["", f"*Devices: {', '.join(sorted(devices))}.* " + _source(r), ""]
+
+    return _section(results, "Expert parallelism", "expert_parallel",
+                    "expert-parallel run (`expert_parallel_<device>.json`)",
+                    "NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node <GPUs> benchmarks/expert_parallel.py", body)
+
+
 def raw_section(results: list[Result]) -> list[str]:
     out = ["| File | What | Device | Date |", "|---|---|---|---|"]
     for r in results:
@@ -508,7 +558,8 @@ def raw_section(results: list[Result]) -> list[str]:
     return out + [""]
 
 
-SECTIONS = (layer_section, upstream_section, memory_section, topk_section, grouped_gemm_section, token_rounding_section)
+SECTIONS = (layer_section, upstream_section, memory_section, topk_section, grouped_gemm_section, token_rounding_section,
+            training_section, expert_parallel_section)
 
 
 def render_results(results_dir: Path = RESULTS_DIR) -> str:

@@ -359,3 +359,40 @@ def test_every_tutorial_cell_shown_on_a_page_has_its_output(gen_outputs) -> None
         if files:
             text = gen_outputs.insert_outputs(md, outputs, gen_outputs.gpu_runs())
             assert text.count('<div class="cell-output" markdown>') >= 3, page
+
+
+def test_training_summary_is_the_files_own(gen_benchmarks, results: Path) -> None:
+    doc = {"benchmark": "train_tiny_moe", "environment": {"device": "NVIDIA H200"}, "date": "2031-01-04",
+           "config": {"layers": 4, "d": 256, "experts": 16, "top_k": 2, "tile_m": 128, "steps": 400},
+           "summary": [{"routing": "topk", "tokens_per_expert_per_tile": 8, "seeds": 3, "final_val_loss_mean": 1.5,
+                        "final_val_loss_min": 1.25, "final_val_loss_max": 1.75},
+                       {"routing": "token_rounding", "tokens_per_expert_per_tile": 1, "seeds": 1,
+                        "final_val_loss_mean": 2.125, "final_val_loss_min": 2.125, "final_val_loss_max": 2.125}]}
+    (results / "train_tiny_moe_NVIDIA_H200.json").write_text(json.dumps(doc))
+    body = gen_benchmarks.render_results(results).split("### Does token rounding hurt quality?", 1)[1].split("\n### ", 1)[0]
+    assert "| topk | 8 | 3 | 1.5000 | 1.2500 | 1.7500 |" in body
+    assert "| token_rounding | 1 | 1 | 2.1250 | 2.1250 | 2.1250 |" in body
+    assert "NVIDIA H200" in body and "2031-01-04" in body and "400 steps" in body
+
+
+def test_expert_parallel_medians_over_ranks(gen_benchmarks, results: Path) -> None:
+    def rank(scale: float) -> dict:
+        return {"route": 1e-3 * scale, "dispatch": 2e-3 * scale, "experts": 3e-3 * scale, "combine": 4e-3 * scale,
+                "fwd_bwd": 10e-3 * scale, "rows_sent": 100, "rows_received": 90}
+
+    rows = [{"config": "7b", "chunks": 2, "per_rank": [rank(1), rank(3), rank(2)], "model_rows_out_per_rank": 96}]
+    doc = {"benchmark": "expert_parallel", "runs": [{"environment": {"device": "NVIDIA H100 80GB HBM3"},
+                                                      "world_size": 3, "rows": rows}]}
+    (results / "expert_parallel_NVIDIA_H100_80GB_HBM3.json").write_text(json.dumps(doc))
+    body = gen_benchmarks.render_results(results).split("### Expert parallelism", 1)[1].split("\n## ", 1)[0]
+    # the middle rank of three (scale 2), not the first or the mean
+    assert "| 3 | 7b | 2 | 2.00 | 4.00 | 6.00 | 8.00 | 20.00 | 100 | 96 |" in body
+    assert "NVIDIA H100 80GB HBM3" in body
+
+
+def test_missing_training_and_parallel_files_say_what_writes_them(gen_benchmarks, results: Path) -> None:
+    text = gen_benchmarks.render_results(results)
+    for section, command in (("### Does token rounding hurt quality?", "benchmarks/train_tiny_moe.py"),
+                             ("### Expert parallelism", "benchmarks/expert_parallel.py")):
+        body = text.split(section, 1)[1].split("\n### ", 1)[0]
+        assert "Not measured yet" in body and command in body, section

@@ -132,10 +132,10 @@ def test_op_autograd_formulas():
 
 
 def _fast_layer(x, router_w, w1, w2, k, backward):
-    """The fast layer past its CUDA checks: fast.moe.route (top-k op + metadata op) and run_experts
-    with the default (custom-op) kernels."""
-    r = fast_moe.route(x, router_w, k)
-    return fast_moe.run_experts(x, w1, w2, r, backward), r.logits
+    """The fast layer past its CUDA checks: fast.moe.route_layer (router GEMM Function, top-k op +
+    metadata op) and run_experts with the default (custom-op) kernels."""
+    r, x_experts = fast_moe.route_layer(x, router_w, k)
+    return fast_moe.run_experts(x_experts, w1, w2, r, backward), r.logits
 
 
 @pytest.mark.parametrize("backward", ["reduced_memory", "standard"])
@@ -158,6 +158,48 @@ def test_fast_layer_on_the_ops_is_one_graph(backward):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(logits, (x @ router_w).float())
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("uses", ["both", "logits", "x"])
+def test_router_gemm_sums_both_gradients_of_x(uses):
+    """RouterGemm's backward = autograd's on the same graph (x used by the router and the experts):
+    dX = dX_experts + dlogits @ router_w^T in one addmm, drouter_w = x^T dlogits; an output that does
+    not reach the loss contributes nothing (its gradient arrives as None)."""
+    x, router_w, *_ = _problem(T=7, d=5, E=3, seed=3)
+    probe = torch.randn(7, 5, dtype=torch.float64)  # what "the experts" do with x: a weighted sum
+
+    def loss(logits, x_experts):
+        parts = {"logits": logits.sin().sum(), "x": (x_experts * probe).square().sum()}
+        return sum(parts[u] for u in (("logits", "x") if uses == "both" else (uses,)))
+
+    xs, ws = x.clone().requires_grad_(True), router_w.clone().requires_grad_(True)
+    got = torch.autograd.grad(loss(*fast_moe.RouterGemm.apply(xs, ws)), (xs, ws), allow_unused=True)
+    xr, wr = x.clone().requires_grad_(True), router_w.clone().requires_grad_(True)
+    want = torch.autograd.grad(loss((xr @ wr).float(), xr), (xr, wr), allow_unused=True)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    logits, x_alias = fast_moe.RouterGemm.apply(xs, ws)
+    assert logits.dtype == torch.float32 and torch.equal(x_alias, xs)  # float32 logits, as the fast router
+
+
+def test_router_gemm_bf16_is_one_rounding():
+    """In bf16 the fused dX rounds once (addmm accumulates in float32): at least as close to the
+    float64 truth as autograd's two roundings (a GEMM in bf16, then a bf16 add)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g).bfloat16()
+    router_w = torch.randn(32, 8, generator=g).bfloat16()
+    dlogits = torch.randn(64, 8, generator=g)
+    dx_experts = torch.randn(64, 32, generator=g).bfloat16()
+    truth = dx_experts.double() + dlogits.bfloat16().double() @ router_w.double().t()
+    xs = x.clone().requires_grad_(True)
+    logits, x_alias = fast_moe.RouterGemm.apply(xs, router_w)
+    (fused,) = torch.autograd.grad((logits, x_alias), (xs,), (dlogits, dx_experts))
+    two_roundings = dx_experts + dlogits.bfloat16() @ router_w.t()
+    err = lambda t: (t.double() - truth).abs().max().item()  # noqa: E731
+    assert err(fused) <= err(two_roundings) and err(fused) <= 2 ** -7 * truth.abs().max().item()
 
 
 def test_fake_shapes_trace_the_whole_step():

@@ -72,17 +72,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / max(scale, 1e-30) if a.numel() else 0.0
 
 
-def _agreement(rank: int, world: int, cases: list[tuple[str, str, str]], E: int) -> list[tuple]:
-    """Runs on every rank: for each (case, routing, backward) the worst relative error of out, dx,
-    d router_w, dw1, dw2 against the oracle, plus how many rows this rank received."""
+def _agreement(rank: int, world: int, cases: list[tuple], E: int) -> list[tuple]:
+    """Runs on every rank: for each (case, routing, backward, chunks) the worst relative error of out,
+    dx, d router_w, dw1, dw2 against the oracle, plus how many rows this rank received."""
     report = []
-    for case, routing, backward in cases:
+    for case, routing, backward, chunks in cases:
         router_w, w1, w2, xs, grads = _problem(world, E, case)
         ref_out, ref_dx, ref_drw, ref_dw1, ref_dw2 = _oracle(router_w, w1, w2, xs, grads, routing)
         E_local = E // world
         lo = rank * E_local
         torch.manual_seed(0)  # the constructor checks that the router starts replicated
-        layer = ExpertParallelMoE(D, N, E, K, routing=routing, tile_m=TILE, backward=backward, dtype=torch.float64)
+        layer = ExpertParallelMoE(D, N, E, K, routing=routing, tile_m=TILE, backward=backward, chunks=chunks,
+                                  dtype=torch.float64)
         with torch.no_grad():
             layer.router_w.copy_(router_w)
             layer.w1.copy_(w1[lo:lo + E_local])
@@ -98,11 +99,11 @@ def _agreement(rank: int, world: int, cases: list[tuple[str, str, str]], E: int)
             _rel(layer.w1.grad, ref_dw1[lo:lo + E_local]),
             _rel(layer.w2.grad, ref_dw2[lo:lo + E_local]),
         )
-        report.append((case, routing, backward, errs, layer.last_times.rows_received))
+        report.append((case, routing, backward, chunks, errs, layer.last_times.rows_received))
     return report
 
 
-CASES = [
+PLAIN_CASES = [
     ("random", "topk", "reduced_memory"),
     ("random", "topk", "standard"),
     ("random", "token_rounding", "reduced_memory"),
@@ -112,21 +113,40 @@ CASES = [
     ("idle_expert", "token_rounding", "standard"),
     ("empty_rank_tokens", "topk", "reduced_memory"),
 ]
+# The overlapped layer (chunks > 1): each (E_local = 3) is split into 2 uneven chunks, into E_local
+# chunks of one expert, and asked for more chunks than experts (capped at E_local). "idle_expert"
+# never picks expert 1: with chunks=3 rank 0's chunk 1 receives nothing, with chunks=2 it shares
+# chunk 1 with expert 2; "idle_rank" leaves the last rank with no rows in any chunk.
+CHUNKED_CASES = [
+    ("random", "topk", "reduced_memory", 2),
+    ("random", "token_rounding", "standard", 2),
+    ("random", "topk", "standard", 3),
+    ("random", "token_rounding", "reduced_memory", 3),
+    ("idle_rank", "topk", "reduced_memory", 3),
+    ("idle_expert", "token_rounding", "reduced_memory", 2),
+    ("idle_expert", "topk", "standard", 3),
+    ("empty_rank_tokens", "topk", "reduced_memory", 7),
+]
+EXPERTS_PER_RANK = 3  # odd, so that two chunks are uneven
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_matches_single_process(world: int) -> None:
-    E = 2 * world  # two experts per rank
-    reports = launch(_agreement, world, CASES, E, timeout_s=240)
+    """chunks=1 (the plain layer) and chunks > 1 (the overlapped one) both equal the oracle."""
+    E = EXPERTS_PER_RANK * world
+    cases = [(*c, 1) for c in PLAIN_CASES] + CHUNKED_CASES
+    reports = launch(_agreement, world, cases, E, timeout_s=240)
     for rank, report in enumerate(reports):
-        for case, routing, backward, errs, rows_received in report:
+        assert [r[:4] for r in report] == cases  # every case ran on every rank
+        for case, routing, backward, chunks, errs, rows_received in report:
             names = ("out", "dx", "d router_w", "dw1", "dw2")
             for name, err in zip(names, errs):
-                assert err <= TOL, f"W={world} rank {rank} {case}/{routing}/{backward}: {name} rel err {err:.2e}"
+                assert err <= TOL, (f"W={world} rank {rank} {case}/{routing}/{backward}/chunks={chunks}: "
+                                    f"{name} rel err {err:.2e}")
             if case == "idle_rank" and rank == world - 1:
                 assert rows_received == 0, "the idle rank should have received no rows"
     # the uneven cases really were uneven: somebody received rows while the idle rank got none
-    idle = [r[4] for rep in reports for r in rep if r[0] == "idle_rank"]
+    idle = [r[5] for rep in reports for r in rep if r[0] == "idle_rank"]
     assert max(idle) > 0 and min(idle) == 0
 
 
@@ -138,34 +158,47 @@ def test_topk_shards_equal_one_call_on_all_tokens() -> None:
     assert torch.allclose(torch.cat(outs), whole, rtol=0, atol=1e-12)
 
 
-def _saved_rows(rank: int, world: int, backward: str, planted_bug: bool = False) -> bool:
-    """Whether the rows of X received in the dispatch are still alive after the forward.
-    ``planted_bug``: run without the hook that resends them (so the experts cache them)."""
+def _saved_rows(rank: int, world: int, backward: str, planted_bug: bool = False, chunks: int = 1) -> bool:
+    """Whether any rows of X received in the dispatch are still alive after the forward.
+    ``planted_bug``: run without the hook that resends them (so the experts cache them).
+    With ``chunks`` = E_local = 2, each chunk's dispatch is watched."""
     E = 2 * world
     router_w, w1, w2, xs, grads = _problem(world, E, "random")
-    received = []
-    original = ep_moe.AllToAll.apply
+    received = []  # X's dispatches: the first 2-D all-to-all(s) of the forward, one per chunk
+    pending = []  # every started all-to-all: each must have been waited for by the end of the forward
+    original, original_start = ep_moe.AllToAll.apply, ep_moe.all_to_all_start
 
     def spy(rows, recv_splits, send_splits, group):
         out = original(rows, recv_splits, send_splits, group)
-        if out.dim() == 2 and not received:  # the first 2-D all-to-all of the forward is X's dispatch
+        if out.dim() == 2 and not received:
             received.append(weakref.ref(out))
         return out
 
-    ep_moe.AllToAll.apply = spy
+    def spy_start(rows, recv_splits, send_splits, group):
+        out, handle = original_start(rows, recv_splits, send_splits, group)
+        if out.dim() == 2 and len(received) < chunks:  # every dispatch is launched before any combine
+            received.append(weakref.ref(out))
+        pending.append(handle)
+        return out, handle
+
+    ep_moe.AllToAll.apply, ep_moe.all_to_all_start = spy, spy_start
     hook = ep_moe._resend_instead_of_saving
     if planted_bug:
         ep_moe._resend_instead_of_saving = lambda rows, resend: contextlib.nullcontext()
     try:
         torch.manual_seed(0)
-        layer = ExpertParallelMoE(D, N, E, K, backward=backward, tile_m=TILE, dtype=torch.float64)
+        layer = ExpertParallelMoE(D, N, E, K, backward=backward, tile_m=TILE, chunks=chunks, dtype=torch.float64)
         x = xs[rank].clone().requires_grad_(True)
         out = layer(x)
     finally:
-        ep_moe.AllToAll.apply = original
+        ep_moe.AllToAll.apply, ep_moe.all_to_all_start = original, original_start
         ep_moe._resend_instead_of_saving = hook
     gc.collect()
-    alive = received[0]() is not None
+    assert len(received) == chunks
+    # gloo's small transfers land before they are read even without a wait; NCCL's would not
+    assert all(h.work is None for h in pending), "an all-to-all was started but never waited for"
+    assert len(pending) == (0 if chunks == 1 else 3 * chunks)  # per chunk: X, scores, combine
+    alive = any(ref() is not None for ref in received)
     out.sum().backward()  # the backward still works (it sends the rows again in reduced-memory mode)
     return alive
 
@@ -187,13 +220,25 @@ def _bad_inputs(rank: int, world: int) -> list[str]:
         ep_moe.expert_parallel_forward(torch.randn(5, D), layer.router_w, layer.w1[:1], layer.w2[:1], 2)
     except ValueError as exc:
         messages.append(str(exc))
+    for bad in (0, 1.5):
+        try:
+            ep_moe.expert_parallel_forward(torch.randn(5, D), layer.router_w, layer.w1, layer.w2, 2, chunks=bad)
+        except (ValueError, TypeError) as exc:
+            messages.append(str(exc))
+    try:
+        ExpertParallelMoE(D, N, 4, 2, chunks=-1)
+    except ValueError as exc:
+        messages.append(str(exc))
     return messages
 
 
 def _memory_and_errors(rank: int, world: int) -> dict:
     """One launch for the checks that need a group but no oracle (process start-up is the cost)."""
     return {"alive": {"reduced_memory": _saved_rows(rank, world, "reduced_memory"),
-                      "planted: no resend hook": _saved_rows(rank, world, "reduced_memory", planted_bug=True)},
+                      "planted: no resend hook": _saved_rows(rank, world, "reduced_memory", planted_bug=True),
+                      "chunks=2": _saved_rows(rank, world, "reduced_memory", chunks=2),
+                      "chunks=2, planted: no resend hook": _saved_rows(rank, world, "reduced_memory",
+                                                                        planted_bug=True, chunks=2)},
             "errors": _bad_inputs(rank, world)}
 
 
@@ -206,16 +251,20 @@ def test_reduced_memory_caches_no_received_rows(two_rank_checks) -> None:
     """Reduced memory keeps no (P, d) tensor: the dispatched rows of X die with the forward. The
     control plants the bug (no resend hook: the experts cache the rows) and sees them alive."""
     for report in two_rank_checks:
-        assert report["alive"] == {"reduced_memory": False, "planted: no resend hook": True}
+        assert report["alive"] == {"reduced_memory": False, "planted: no resend hook": True,
+                                   "chunks=2": False, "chunks=2, planted: no resend hook": True}
 
 
 def test_bad_input_gets_clear_errors(two_rank_checks) -> None:
     for report in two_rank_checks:
         messages = report["errors"]
-        assert len(messages) == 3, messages
+        assert len(messages) == 6, messages
         assert "num_experts (3) must be divisible" in messages[0]
         assert "router_w differs across the ranks" in messages[1]
         assert "E_local" in messages[2] and "world size (2)" in messages[2]
+        assert "chunks must satisfy 1 <= chunks" in messages[3] and "got 0" in messages[3]
+        assert "chunks must be an int, got float" in messages[4]
+        assert "chunks must satisfy 1 <= chunks" in messages[5] and "got -1" in messages[5]
 
 
 def test_needs_an_initialised_process_group() -> None:
@@ -286,7 +335,8 @@ def test_demo_cli_rejects_bad_arguments_before_launching(capsys) -> None:
 
     for argv, message in ((["-E", "3", "-W", "2"], "must be a multiple of --world-size"),
                           (["-K", "9", "-E", "8"], "--top-k (9) must be <= --experts (8)"),
-                          (["-T", "0"], "--tokens must be >= 1")):
+                          (["-T", "0"], "--tokens must be >= 1"),
+                          (["--chunks", "0"], "--chunks must be >= 1")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2

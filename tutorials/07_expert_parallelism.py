@@ -103,7 +103,7 @@ applied to the same tokens with all experts. Then it times each step.
 from argparse import Namespace
 
 args = Namespace(tokens=T, d_model=d, d_expert=n, experts=E, top_k=K, routing="topk", tile_m=16,
-                 backward="reduced_memory", reps=3, seed=0)
+                 backward="reduced_memory", chunks=1, reps=3, seed=0)
 results = launch(ep_worker, W, args, timeout_s=300)
 for rank, res in enumerate(results):
     print(f"rank {rank}: rel. error vs single process: out {res['err_out']:.1e}, dX {res['err_dx']:.1e}; "

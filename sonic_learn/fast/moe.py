@@ -3,7 +3,8 @@
 Same signature and semantics as ``sonic_learn.reference.moe.moe_forward`` (paper
 Algorithm 1; Section 3.2 and Appendix C for the backward), built from:
 
-* the router GEMM (cuBLAS) and the token-choice router of ``sonic_learn.fast.routing`` (the bitonic
+* the router GEMM (cuBLAS, ``RouterGemm``: its backward adds the router's part of dX into the
+  experts' dX inside the same cuBLAS call) and the token-choice router of ``sonic_learn.fast.routing`` (the bitonic
   top-k kernel of ``sonic_learn.fast.topk`` when E and k are in its range, else a stable sort; ties
   to the lower expert like the reference); the scores are recomputed from the logits by torch ops
   so that dS flows back into the router (a few (T, K) elementwise ops);
@@ -181,13 +182,50 @@ def _token_offsets(token_idx: torch.Tensor, num_tokens: int, pairs_per_token: in
     return torch.searchsorted(token_idx.to(torch.int32), tokens).to(torch.int32)  # first pair of each token
 
 
+class RouterGemm(torch.autograd.Function):
+    """The router GEMM, logits = x @ router_w (in x's dtype, then float32, as the reference), which
+    also hands x on to the experts, so that one backward sees both of x's gradients.
+
+    Autograd would compute x's two gradients apart -- dX from the experts' gather-and-sum, and the
+    router's dlogits @ router_w^T -- and add them in a third pass over (T, d) (read two, write one).
+    Here the experts' dX arrives as the gradient of the second output and the router's part is
+    accumulated into it by the same cuBLAS call (``addmm``, beta = 1): one rounding, no extra pass.
+    Saves x and router_w (x is saved by the experts anyway: same storage, no extra bytes)."""
+
+    @staticmethod
+    def forward(ctx, x, router_w):
+        ctx.save_for_backward(x, router_w)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
+        return (x @ router_w).float(), x.view_as(x)  # (T, E) float32, and x for the experts
+
+    @staticmethod
+    def backward(ctx, dlogits, dx_experts):
+        x, router_w = ctx.saved_tensors
+        if dlogits is None:  # the routing did not reach the loss
+            return dx_experts, None
+        g = dlogits.to(x.dtype)  # (T, E), the float32 cast's backward
+        if dx_experts is None:
+            dx = g @ router_w.t()  # (T, d)
+        else:
+            dx = torch.addmm(dx_experts, g, router_w.t())  # (T, d) = dX_experts + dlogits @ router_w^T
+        return dx, x.t() @ g  # (T, d), (d, E)
+
+
 def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk", normalize=False,
           rounding_mode="nearest", generator=None) -> DeviceRouting:
     """Router + metadata. Scores are float32 and differentiable w.r.t. x and router_w."""
+    return route_layer(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring, normalize=normalize,
+                       rounding_mode=rounding_mode, generator=generator)[0]
+
+
+def route_layer(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk", normalize=False,
+                rounding_mode="nearest", generator=None) -> tuple[DeviceRouting, torch.Tensor]:
+    """The layer's router: ``route``, plus the x that the experts must read (``RouterGemm``'s second
+    output), so that x's two gradients meet in one backward and are summed by the router's GEMM."""
     from sonic_learn.fast import routing as fast_routing
 
     T, E = x.shape[0], router_w.shape[1]
-    logits = (x @ router_w).float()  # (T, E), as the reference: GEMM in x's dtype, then float32
+    logits, x_experts = RouterGemm.apply(x, router_w)  # (T, E) float32, (T, d)
     if routing == "topk":
         # Token choice: pair p = t*K + j (no host synchronization).
         r = custom_ops.topk_routing(logits, k, scoring, normalize)  # the top-k kernel as a custom op
@@ -199,7 +237,7 @@ def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk",
         r = fast_routing.token_rounding(logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator,
                                         scoring=scoring, normalize=normalize, check_finite=False, pad_to_bound=True)
         meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E, padded=True)
-    return DeviceRouting(meta, r.scores.contiguous(), token_offsets, logits, r.rounding)
+    return DeviceRouting(meta, r.scores.contiguous(), token_offsets, logits, r.rounding), x_experts
 
 
 def _metadata(token_idx, expert_idx, T: int, E: int, pairs_per_token: int | None = None, padded: bool = False):
@@ -432,9 +470,10 @@ def moe_forward_with_router(x, router_w, w1, w2, k, *, routing="topk", tile_m=12
                  rounding_mode=rounding_mode, generator=generator)
     _checks.check_bool("normalize", normalize)
     x = x.contiguous()
-    r = route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring, normalize=normalize,
-              rounding_mode=rounding_mode, generator=generator)
-    return run_experts(x, w1.contiguous(), w2.contiguous(), r, backward, ops), r.logits, r.meta.expert_counts
+    r, x_experts = route_layer(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
+                               normalize=normalize, rounding_mode=rounding_mode, generator=generator)
+    out = run_experts(x_experts, w1.contiguous(), w2.contiguous(), r, backward, ops)
+    return out, r.logits, r.meta.expert_counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,7 +502,8 @@ def expected_saved_bytes(T: int, d: int, n: int, E: int, P: int, *, dtype=torch.
 
 
 __all__ = [
-    "moe_forward", "moe_forward_with_router", "fast_ops", "route", "run_experts", "device_metadata", "check_inputs",
+    "moe_forward", "moe_forward_with_router", "fast_ops", "route", "route_layer", "run_experts", "RouterGemm", "device_metadata",
+    "check_inputs",
     "ReducedMemoryExperts",
     "UpProjection", "DownProjection", "StandardExperts", "ExpertOps", "DeviceRouting", "saved_tensors",
     "expected_saved_bytes", "ROUTINGS", "BACKWARD_MODES",

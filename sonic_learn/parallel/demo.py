@@ -7,6 +7,7 @@ that crossed between ranks against the cost model 2*T*K*d*(W-1)/W elements per r
 
     python -m sonic_learn.parallel                      # 2 ranks, top-k, reduced-memory backward
     python -m sonic_learn.parallel -W 4 --routing token_rounding --tile-m 8
+    python -m sonic_learn.parallel --chunks 2          # dispatch/combine overlapped with the experts
 
 CPU timings over gloo say where time goes in this toy, not what NCCL on GPUs does: see
 benchmarks/expert_parallel.py (torchrun) for that.
@@ -36,7 +37,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict:
 
     torch.manual_seed(args.seed)
     layer = ExpertParallelMoE(d, n, E, K, routing=args.routing, tile_m=args.tile_m, backward=args.backward,
-                              dtype=f64)
+                              chunks=args.chunks, dtype=f64)
     lo = rank * layer.experts_per_rank
     with torch.no_grad():
         layer.router_w.copy_(router_w)
@@ -70,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tile-m", type=int, default=16, help="token rounding's tile (default 16)")
     p.add_argument("--routing", choices=contracts.ROUTINGS, default="topk")
     p.add_argument("--backward", choices=contracts.BACKWARD_MODES, default="reduced_memory")
+    p.add_argument("--chunks", type=int, default=1,
+                   help="overlap communication with the experts in this many chunks of local experts (default 1)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name in ("world_size", "tokens", "d_model", "d_expert", "experts", "top_k", "tile_m", "reps"):
+    for name in ("world_size", "tokens", "d_model", "d_expert", "experts", "top_k", "tile_m", "chunks", "reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.experts % args.world_size:
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(max(r["err_out"], r["err_dx"]) for r in results)
     ok = worst < 1e-10
     print(f"expert parallelism on {W} gloo ranks (CPU), T_r={T} d={d} n={args.d_expert} E={args.experts} K={K}, "
-          f"{args.routing}, {args.backward} backward, float64")
+          f"{args.routing}, {args.backward} backward, chunks={args.chunks}, float64")
     print(f"agreement with the single-process layer: max rel error {worst:.1e}  {'PASS' if ok else 'FAIL'}")
     print(f"{'rank':>4} {'route ms':>9} {'dispatch':>9} {'experts':>9} {'combine':>9} {'fwd+bwd':>9} "
           f"{'rows out':>9} {'rows in':>8} {'model out':>9}")

@@ -35,6 +35,17 @@ tokens, so its gradient is a partial sum: call ``ExpertParallelMoE.all_reduce_ro
 over the group) after ``backward()`` and before the optimizer step. If the EP group is also your
 data-parallel group, that is the only all-reduce the layer needs; expert gradients are never reduced.
 
+**Overlapping communication with computation** (``chunks=C > 1``). Steps 3-5 can be split over C
+contiguous groups of this rank's local experts (C is capped at E_local). All C dispatches are launched
+asynchronously up front; then, for chunk c in order, the loop waits for chunk c's rows only, runs
+chunk c's experts while the later chunks are still in flight (on NCCL they travel on NCCL's stream
+while the GEMMs run on the compute stream), and launches chunk c's combine at once. The combines are
+waited for before the sum at home. The output equals ``chunks=1``'s. This can win only with several
+GPUs: on one GPU the all-to-all is a local copy, so chunking adds launches and smaller GEMMs and
+cannot hide anything. The overlap is a forward-only optimisation (the backward's all-to-alls are
+synchronous), and the default stays ``chunks=1`` until a multi-GPU measurement shows a win
+(``benchmarks/expert_parallel.py --chunks 1,2,4``).
+
 **Token rounding under EP** rounds on the home rank: each rank rounds *its own* count for every expert
 to a multiple of the tile, so every expert receives a multiple of the tile from each rank (and so in
 total). The guard's tokens-per-expert-per-tile ratio is then the *local* one, T_r*K/(E*tile), which is
@@ -55,7 +66,7 @@ from torch import nn
 
 from sonic_learn import _checks, contracts
 from sonic_learn.contracts import Routing
-from sonic_learn.parallel.comm import AllToAll, all_to_all_rows, exchange_counts
+from sonic_learn.parallel.comm import AllToAll, all_to_all_rows, all_to_all_start, all_to_all_wait, exchange_counts
 from sonic_learn.reference import moe as reference_moe
 from sonic_learn.reference.routing import build_metadata
 
@@ -67,7 +78,15 @@ BACKENDS = ("reference", "fast")
 @dataclass
 class StepTimes:
     """Seconds spent in each named step of the last forward (host clock, synchronised per step only
-    when ``time_steps=True`` is passed; otherwise left at zero)."""
+    when ``time_steps=True`` is passed; otherwise left at zero).
+
+    With ``chunks=1``: ``dispatch`` = steps 2-3, ``experts`` = step 4, ``combine`` = steps 5-6. With
+    ``chunks > 1`` the steps overlap, so the split is by what runs alone: ``dispatch`` = the count
+    exchange and *launching* the dispatches, ``experts`` = the whole overlapped section (waiting for
+    each chunk's rows, its experts, launching its combine), ``combine`` = waiting for the combines
+    that are still in flight after the last chunk's experts, and the sum at home. The synchronisation
+    between steps is of the compute stream only, so it does not wait for transfers in flight.
+    """
 
     route: float = 0.0
     dispatch: float = 0.0
@@ -87,6 +106,24 @@ def alltoall_bytes(T: int, K: int, d: int, world: int, elem_bytes: int) -> int:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class _Laps:
+    """The step timer: ``lap("dispatch")`` adds the time since the previous lap to that step of
+    ``times`` (a no-op without ``times``). It synchronises the current stream only: a synchronous
+    collective has joined it already, an asynchronous one in flight is not waited for."""
+
+    def __init__(self, times: StepTimes | None, device: torch.device):
+        self.times, self.device, self.t0 = times, device, time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        if self.times is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        now = time.perf_counter()
+        setattr(self.times, step, getattr(self.times, step) + now - self.t0)
+        self.t0 = now
 
 
 @contextmanager
@@ -153,6 +190,7 @@ def expert_parallel_forward(
     rounding_mode: str = "nearest",
     generator: torch.Generator | None = None,
     backend: str = "reference",
+    chunks: int = 1,
     times: StepTimes | None = None,
 ) -> torch.Tensor:
     """The expert-parallel MoE layer on this rank: x (T_r, d) -> out (T_r, d).
@@ -160,12 +198,15 @@ def expert_parallel_forward(
     ``router_w`` (d, E) is the replicated router; ``w1`` (E_local, d, 2n) and ``w2`` (E_local, n, d)
     are this rank's experts, E = E_local * W. Other arguments as ``sonic_learn.reference.moe.moe_forward``.
     Every rank of ``group`` must call it (collectives inside). Pass a ``StepTimes`` to have each step
-    timed (it synchronises between steps, so use it for measurements only).
+    timed (it synchronises between steps, so use it for measurements only). ``chunks`` > 1 splits
+    steps 3-5 into that many groups of local experts (at most E_local) whose communication overlaps
+    the experts (see the module docstring); every rank must pass the same ``chunks``.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("expert_parallel_forward needs torch.distributed initialised "
                            "(dist.init_process_group('gloo' on CPU, 'nccl' on GPUs))")
     _checks.check_choice("backend", backend, BACKENDS)
+    _checks.check_int_range("chunks", chunks, 1, what="the number of groups of local experts to overlap")
     W, rank = dist.get_world_size(group), dist.get_rank(group)
     _checks.check_tensor("w1", w1)
     _checks.check_tensor("router_w", router_w)
@@ -182,69 +223,128 @@ def expert_parallel_forward(
     _checks.check_choice("scoring", scoring, contracts.SCORINGS)
     _checks.check_choice("rounding_mode", rounding_mode, contracts.ROUNDING_MODES)
     contracts.check_generator(generator, x.device)
-    t = times
-    clock = time.perf_counter
+    lap = _Laps(times, x.device)
 
     # Step 1: route locally; group the pairs by expert (so also by destination rank).
-    t0 = clock()
     r = _route(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
                rounding_mode=rounding_mode, generator=generator)
     home = build_metadata(r)  # grouped row g holds pair home.pair_of_row[g], token home.gather_idx[g]
-    if t is not None:
-        _sync(x.device)
-        t.route = clock() - t0
+    lap("route")
 
     # Step 2: exchange counts. send_counts[q, e] = my pairs for expert e of rank q.
-    t0 = clock()
     send_counts = home.expert_counts.to(torch.int64).view(W, E_local)  # (W, E_local)
     recv_counts = exchange_counts(send_counts, group)  # (W, E_local)
     send_splits = send_counts.sum(1).tolist()  # host lists: the collective sizes its messages with them
     recv_splits = recv_counts.sum(1).tolist()
+    if times is not None:
+        times.rows_sent = sum(send_splits) - send_splits[rank]
+        times.rows_received = sum(recv_splits) - recv_splits[rank]
 
-    # Step 3: dispatch the rows of X and the scores to the experts' ranks.
     gather = home.gather_idx.long()  # (P_r,) token of each grouped row
-    x_send = x[gather]  # (P_r, d), grouped by destination rank (freed after the send)
-    x_recv = AllToAll.apply(x_send, recv_splits, send_splits, group)  # (P_recv, d)
-    del x_send
-    s_recv = AllToAll.apply(r.scores[home.pair_of_row.long()], recv_splits, send_splits, group)  # (P_recv,)
-    if t is not None:
-        _sync(x.device)
-        t.dispatch = clock() - t0
-        t.rows_sent, t.rows_received = sum(send_splits) - send_splits[rank], sum(recv_splits) - recv_splits[rank]
-
-    # Step 4: the local experts. Reduced memory: the received X rows are sent again in the backward
-    # instead of being cached (the hook), so no (P, d) tensor is kept on this rank.
-    t0 = clock()
+    scores = r.scores[home.pair_of_row.long()]  # (P_r,) score of each grouped row
     kw = dict(backend=backend, backward=backward, tile_m=tile_m)
-    if backward == "reduced_memory":
-        def resend():
-            return all_to_all_rows(x.detach()[gather], recv_splits, send_splits, group)
-
-        with _resend_instead_of_saving(x_recv, resend):
-            y_recv = _local_experts(x_recv, s_recv, recv_counts, w1, w2, **kw)  # (P_recv, d)
+    if min(chunks, E_local) > 1:
+        y_home = _overlapped_steps_3_to_5(x, gather, scores, send_counts, recv_counts, w1, w2, chunks, group,
+                                          lap, kw)  # (P_r, d)
     else:
-        y_recv = _local_experts(x_recv, s_recv, recv_counts, w1, w2, **kw)
-    del x_recv
-    if t is not None:
-        _sync(x.device)
-        t.experts = clock() - t0
+        # Step 3: dispatch the rows of X and the scores to the experts' ranks.
+        x_recv = AllToAll.apply(x[gather], recv_splits, send_splits, group)  # (P_recv, d)
+        s_recv = AllToAll.apply(scores, recv_splits, send_splits, group)  # (P_recv,)
+        lap("dispatch")
 
-    # Step 5: combine: each weighted row goes back to its token's rank (grouped order there).
-    t0 = clock()
-    y_home = AllToAll.apply(y_recv, send_splits, recv_splits, group)  # (P_r, d)
-    del y_recv
+        # Step 4: the local experts (the received X rows are resent in the backward, not cached).
+        y_recv = _experts_without_caching_rows(x, gather, x_recv, s_recv, recv_counts, recv_splits, send_splits,
+                                               w1, w2, group, kw)  # (P_recv, d)
+        del x_recv
+        lap("experts")
+
+        # Step 5: combine: each weighted row goes back to its token's rank (grouped order there).
+        y_home = AllToAll.apply(y_recv, send_splits, recv_splits, group)  # (P_r, d)
+        del y_recv
     # Step 6: sum at home: out[t] = sum of token t's returned rows (scores are already applied).
     out = reference_moe.aggregate(y_home, None, home)  # (T_r, d)
-    if t is not None:
-        _sync(x.device)
-        t.combine = clock() - t0
+    lap("combine")
     return out
+
+
+def _experts_without_caching_rows(x, gather, x_recv, s_recv, recv_counts, recv_splits, send_splits, w1, w2,
+                                  group, kw):
+    """Step 4 for the rows ``x_recv`` that arrived with splits ``recv_splits`` (sent from the grouped
+    rows ``gather`` of X with ``send_splits``). Reduced memory: the hook sends those rows again in the
+    backward instead of caching them, so no (P, d) tensor is kept on this rank."""
+    if kw["backward"] != "reduced_memory":
+        return _local_experts(x_recv, s_recv, recv_counts, w1, w2, **kw)
+
+    def resend():
+        return all_to_all_rows(x.detach()[gather], recv_splits, send_splits, group)
+
+    with _resend_instead_of_saving(x_recv, resend):
+        return _local_experts(x_recv, s_recv, recv_counts, w1, w2, **kw)
+
+
+def _chunk_bounds(E_local: int, chunks: int) -> list[tuple[int, int]]:
+    """The local experts [lo, hi) of each chunk: min(chunks, E_local) contiguous, near-equal groups."""
+    C = min(chunks, E_local)
+    return [(c * E_local // C, (c + 1) * E_local // C) for c in range(C)]
+
+
+def _overlapped_steps_3_to_5(x, gather, scores, send_counts, recv_counts, w1, w2, chunks, group, lap, kw):
+    """Steps 3-5 in C chunks of local experts, communication overlapped with the experts.
+    Returns the weighted rows back home, (P_r, d) in grouped order, as the plain steps 3-5 do."""
+    W, E_local = send_counts.shape
+    bounds = _chunk_bounds(E_local, chunks)
+    sizes = torch.tensor([hi - lo for lo, hi in bounds], device=gather.device)
+    send_host, recv_host = send_counts.tolist(), recv_counts.tolist()  # (W, E_local) each, on the host
+
+    # 3a. Each grouped row's chunk. Rows are grouped by (rank q, local expert e); chunk c holds local
+    # experts [lo_c, hi_c) of every rank. A stable sort by chunk gives (chunk, q, e, row) order, so
+    # chunk c's rows for rank q are contiguous, as all_to_all_single needs.
+    chunk_of_expert = torch.repeat_interleave(torch.arange(len(bounds), device=gather.device), sizes)  # (E_local,)
+    chunk_of_row = torch.repeat_interleave(chunk_of_expert.repeat(W), send_counts.reshape(-1),
+                                           output_size=gather.shape[0])  # (P_r,)
+    order = torch.argsort(chunk_of_row, stable=True)  # (P_r,) grouped rows, chunk by chunk
+
+    # 3b. Launch every chunk's dispatch (rows of X and scores) now; none is waited for yet.
+    chunk = []  # per chunk: its grouped rows, splits, and the pending received rows and scores
+    start = 0
+    for lo, hi in bounds:
+        send_c = [sum(row[lo:hi]) for row in send_host]  # (W,) rows for experts [lo, hi) of each rank
+        recv_c = [sum(row[lo:hi]) for row in recv_host]  # (W,) rows each rank sends to my experts [lo, hi)
+        rows_c = order[start:start + sum(send_c)]  # (P_c,) grouped rows of this chunk
+        start += sum(send_c)
+        gather_c = gather[rows_c]  # (P_c,) their tokens
+        x_recv, x_pending = all_to_all_start(x[gather_c], recv_c, send_c, group)  # (P_recv_c, d) in flight
+        s_recv, s_pending = all_to_all_start(scores[rows_c], recv_c, send_c, group)  # (P_recv_c,) in flight
+        chunk.append(dict(lo=lo, hi=hi, rows=rows_c, gather=gather_c, send=send_c, recv=recv_c,
+                          x=(x_recv, x_pending), s=(s_recv, s_pending)))
+    lap("dispatch")
+
+    # 4. Chunk by chunk: wait for its rows, run its experts (later chunks still in flight), and
+    # launch its combine at once.
+    combines = []
+    for c in chunk:
+        lo, hi = c["lo"], c["hi"]
+        x_recv, s_recv = all_to_all_wait(*c.pop("x")), all_to_all_wait(*c.pop("s"))
+        y_recv = _experts_without_caching_rows(x, c["gather"], x_recv, s_recv, recv_counts[:, lo:hi], c["recv"],
+                                               c["send"], w1[lo:hi], w2[lo:hi], group, kw)  # (P_recv_c, d)
+        del x_recv
+        combines.append(all_to_all_start(y_recv, c["send"], c["recv"], group))  # (P_c, d) in flight
+        del y_recv
+    lap("experts")
+
+    # 5. Wait for the combines and put the returned rows back in grouped order.
+    y_sorted = torch.cat([all_to_all_wait(y, pending) for y, pending in combines])  # (P_r, d), chunk order
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.shape[0], device=order.device)
+    return y_sorted[inverse]  # (P_r, d), grouped order
 
 
 class ExpertParallelMoE(nn.Module):
     """``sonic_learn.MoE`` with its experts split over the ranks of a process group.
 
-    Args: as ``sonic_learn.MoE``, plus ``group`` (the EP process group; None = the default group).
+    Args: as ``sonic_learn.MoE``, plus ``group`` (the EP process group; None = the default group)
+    and ``chunks`` (overlap communication with the experts in that many chunks, capped at E/W; see
+    ``expert_parallel_forward``; the default 1 is the plain, non-overlapped layer).
     This rank holds ``router_w`` (d, E), replicated, and its experts ``w1`` (E/W, d, 2n),
     ``w2`` (E/W, n, d): experts ``rank*E/W ... (rank+1)*E/W - 1``. Build it with the same seed on
     every rank, or with ``ExpertParallelMoE.from_module(moe, group)`` from a single-GPU layer.
@@ -253,7 +353,7 @@ class ExpertParallelMoE(nn.Module):
 
     def __init__(self, d_model: int, d_expert: int, num_experts: int, top_k: int, *, group=None,
                  routing: str = "topk", tile_m: int = 128, backward: str = "reduced_memory",
-                 backend: str = "reference", device=None, dtype=None):
+                 backend: str = "reference", chunks: int = 1, device=None, dtype=None):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ExpertParallelMoE needs torch.distributed initialised first")
@@ -267,6 +367,8 @@ class ExpertParallelMoE(nn.Module):
         _checks.check_choice("routing", routing, contracts.ROUTINGS)
         _checks.check_choice("backward", backward, contracts.BACKWARD_MODES)
         _checks.check_choice("backend", backend, BACKENDS)
+        _checks.check_int_range("chunks", chunks, 1, what="the number of groups of local experts to overlap")
+        self.chunks = chunks
         self.group, self.world_size, self.rank = group, W, dist.get_rank(group)
         self.d_model, self.d_expert, self.num_experts, self.top_k = d_model, d_expert, num_experts, top_k
         self.routing, self.tile_m, self.backward, self.backend = routing, tile_m, backward, backend
@@ -283,11 +385,12 @@ class ExpertParallelMoE(nn.Module):
         self.last_times: StepTimes | None = None
 
     @classmethod
-    def from_module(cls, moe: nn.Module, group=None) -> ExpertParallelMoE:
+    def from_module(cls, moe: nn.Module, group=None, *, chunks: int = 1) -> ExpertParallelMoE:
         """This rank's share of a single-GPU ``sonic_learn.MoE`` (same config, same weights)."""
         p = moe.router_w
         ep = cls(moe.d_model, moe.d_expert, moe.num_experts, moe.top_k, group=group, routing=moe.routing,
-                 tile_m=moe.tile_m, backward=moe.backward, backend=moe.backend, device=p.device, dtype=p.dtype)
+                 tile_m=moe.tile_m, backward=moe.backward, backend=moe.backend, chunks=chunks,
+                 device=p.device, dtype=p.dtype)
         lo = ep.rank * ep.experts_per_rank
         with torch.no_grad():
             ep.router_w.copy_(moe.router_w)
@@ -318,14 +421,15 @@ class ExpertParallelMoE(nn.Module):
         times = StepTimes() if time_steps else None
         out = expert_parallel_forward(x.reshape(-1, self.d_model), self.router_w, self.w1, self.w2, self.top_k,
                                       group=self.group, routing=self.routing, tile_m=self.tile_m,
-                                      backward=self.backward, backend=self.backend, times=times)
+                                      backward=self.backward, backend=self.backend, chunks=self.chunks,
+                                      times=times)
         self.last_times = times
         return out.reshape(x.shape)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_expert={self.d_expert}, num_experts={self.num_experts} "
                 f"({self.experts_per_rank} on rank {self.rank} of {self.world_size}), top_k={self.top_k}, "
-                f"routing={self.routing!r}, backward={self.backward!r}, backend={self.backend!r}")
+                f"routing={self.routing!r}, backward={self.backward!r}, backend={self.backend!r}, chunks={self.chunks}")
 
 
 def time_steps(layer: ExpertParallelMoE, x: torch.Tensor, *, reps: int = 5, warmup: int = 2) -> dict:
