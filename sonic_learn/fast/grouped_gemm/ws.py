@@ -15,8 +15,8 @@ shared-memory buffer -- a bulk store cannot stop at an expert's last row, and re
 descriptor on the device would cost a rewrite and a fence each time a CTA moves to another
 expert. Opt-in (``epi_subtile``): the plain store leaves in 64 x epi_subtile subtiles through two
 small staging buffers per warpgroup instead of one whole-tile buffer, so the freed shared memory
-becomes pipeline stages (``epilogue_wg_tma_subtiled``). Not done: the fused epilogues still store with st.global (no TMA); tile shapes are fixed
-per output dtype.
+becomes pipeline stages (``epilogue_wg_tma_subtiled``). Not done: the fused epilogues still store
+with st.global (no TMA); tile shapes are fixed per output dtype.
 """
 
 from __future__ import annotations
