@@ -168,6 +168,66 @@ def test_fp32_output_compiles():
     assert "wgmma.mma_async" in ptx and ".target sm_90a" in ptx
 
 
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+@pytest.mark.parametrize("epi_subtile", [32, 64])
+@pytest.mark.parametrize("variant,out_dtype,cluster_m", [
+    ("varlen_m", torch.bfloat16, 1), ("varlen_m_gather", torch.float16, 1), ("varlen_k_gather", torch.bfloat16, 2),
+    ("varlen_m_gather", torch.float32, 1)], ids=["varlen_m", "gather_fp16", "varlen_k_c2", "gather_fp32out"])
+def test_subtiled_epilogue_compiles_for_sm90a(variant, out_dtype, cluster_m, epi_subtile):
+    """GemmConfig(epi_subtile=S): one bulk store per (64, S) subtile (tile_n / S per warpgroup and
+    tile), a wait that leaves one bulk store reading (the other buffer's) while the next subtile is
+    written, and the masked 16-byte stores of the ragged rows still there."""
+    from sonic_learn.fast.grouped_gemm import WS_TILE, compile_grouped_gemm
+
+    tile = WS_TILE if out_dtype != torch.float32 else (128, 128, 64)
+    ptx = compile_grouped_gemm(variant, torch.bfloat16 if out_dtype == torch.float32 else out_dtype, out_dtype, tile,
+                               keep_ptx=True, kernel="ws", cluster_m=cluster_m, epi_subtile=epi_subtile).__ptx__
+    assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx
+    # one bulk store per subtile, or per 128-byte column box of a subtile (TMA's swizzled box width)
+    stores = max(tile[1] // epi_subtile, tile[1] * out_dtype.itemsize // 128)
+    assert len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.global\.shared", ptx)) == stores
+    assert re.search(r"cp\.async\.bulk\.wait_group\.read\s+1;", ptx), "stores of subtile j overlap subtile j+1"
+    assert re.search(r"cp\.async\.bulk\.wait_group\.read\s+0;", ptx) and "st.global.v4" in ptx
+
+
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+@pytest.mark.parametrize("variant,transposed,epilogue", [("varlen_m_gather", False, "swiglu"),
+                                                         ("varlen_k_gather", True, "store")])
+def test_subtiled_epilogue_ignored_by_fused_and_transposed_stores(variant, transposed, epilogue):
+    """The fused epilogues and the transposed varlen-K store keep their whole-tile buffer: with
+    epi_subtile they compile to the very same kernel (so one GemmConfig serves every MoE GEMM)."""
+    from sonic_learn.fast.grouped_gemm import WS_TILE, compile_grouped_gemm
+
+    def ptx(**extra):
+        return compile_grouped_gemm(variant, torch.bfloat16, torch.bfloat16, WS_TILE, keep_ptx=True,
+                                    transposed=transposed, epilogue=epilogue, **extra).__ptx__
+
+    assert ptx(epi_subtile=64) == ptx()
+
+
+def test_subtiled_epilogue_frees_pipeline_stages_and_rejects_bad_values():
+    """The stages count the subtiled epilogue's real footprint (two (64, S) buffers per warpgroup
+    instead of one padded (64, tile_n) buffer); bad epi_subtile values are named before compiling."""
+    from sonic_learn.fast import grouped_gemm as fast
+    from sonic_learn.fast.grouped_gemm.ws import ws_stages
+
+    assert ws_stages(fast.WS_TILE, 2) == 3
+    assert ws_stages(fast.WS_TILE, 2, epi_subtile=32) == 4
+    assert ws_stages(fast.WS_TILE, 2, epi_subtile=64) == 3  # 4 x 48 KB + 32 KB + the expert table: too much
+    assert fast.GemmConfig(epi_subtile=64).epi_subtile == 64 and fast.DEFAULT_CONFIG.epi_subtile is None
+    for bad in (48, 0, True, "64"):
+        with pytest.raises(ValueError, match="epi_subtile must be None or one of"):
+            fast.GemmConfig(epi_subtile=bad)
+    with pytest.raises(ValueError, match="epi_subtile=64 needs kernel='ws' with tma_store=True"):
+        fast.GemmConfig(kernel="pingpong", epi_subtile=64)
+    with pytest.raises(ValueError, match="epi_subtile=32 needs kernel='ws' with tma_store=True"):
+        fast.GemmConfig(tma_store=False, epi_subtile=32)
+    with pytest.raises(ValueError, match="epi_subtile=64 needs tile_n to be a multiple of 128"):
+        fast.GemmConfig(tile=(128, 64, 64), epi_subtile=64)
+    with pytest.raises(ValueError, match="epi_subtile=64 leaves room for 3 pipeline stages, got stages=4"):
+        fast.compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, fast.WS_TILE, 4, epi_subtile=64)
+
+
 def test_cpu_tensor_rejected_before_launch():
     from sonic_learn.fast import grouped_gemm as fast
 

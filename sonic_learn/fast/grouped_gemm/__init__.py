@@ -81,6 +81,7 @@ KERNELS = tuple(STEPS)
 PERSISTENT = ("ws", "pingpong")  # the warp-specialized persistent kernels (fused epilogues, layout options)
 PINGPONG_TILE = (128, 128, 64)  # a whole tile's accumulators in one warpgroup
 EPILOGUES = ("store", "swiglu", "dswiglu")  # the production kernel's epilogues (epilogues.py)
+EPI_SUBTILES = (32, 64)  # GemmConfig(epi_subtile=...): columns per subtile of the subtiled TMA-store epilogue
 
 
 def _check_cluster_m(cluster_m: object, allow_none: bool) -> None:
@@ -94,6 +95,20 @@ def _check_pingpong_tile(kernel: str, tile: object) -> None:
         raise ValueError(f"the ping-pong kernel keeps a whole tile in one warpgroup: tile_n <= 128, got {tile}")
 
 
+def _check_epi_subtile(epi_subtile: object, kernel: str, tile: tuple, tma_store: bool) -> None:
+    if epi_subtile is None:
+        return
+    if isinstance(epi_subtile, bool) or epi_subtile not in EPI_SUBTILES:
+        raise ValueError(f"epi_subtile must be None or one of {EPI_SUBTILES} (columns per epilogue subtile), "
+                         f"got {epi_subtile!r}")
+    if kernel != "ws" or not tma_store:
+        raise ValueError(f"epi_subtile={epi_subtile} needs kernel='ws' with tma_store=True (it subtiles the "
+                         f"TMA-store epilogue), got kernel={kernel!r}, tma_store={tma_store!r}")
+    if tile[1] % (2 * epi_subtile):  # two staging buffers take turns: an even number of subtiles
+        raise ValueError(f"epi_subtile={epi_subtile} needs tile_n to be a multiple of {2 * epi_subtile} "
+                         f"(an even number of subtiles), got tile {tile}")
+
+
 @dataclass(frozen=True)
 class GemmConfig:
     """Which step of the grouped-GEMM ladder runs, and how. Immutable: pass it down (``config=``).
@@ -105,7 +120,13 @@ class GemmConfig:
     many tiles). ``tma_store=False`` gives the persistent kernels' plain store the synchronous
     shared-memory copy-out instead of the TMA bulk store. ``cluster_m=2`` ("ws" only) runs the
     cooperative kernel in clusters of 2 CTAs along M sharing each tile's B through TMA multicast;
-    None picks per problem (``cluster_size``).
+    None picks per problem (``cluster_size``). ``epi_subtile`` (32 or 64; "ws" with the TMA store
+    only; None = the whole-tile buffer): the plain store leaves each warpgroup's accumulators in
+    subtiles of 64 rows x ``epi_subtile`` columns through two small staging buffers, so stores
+    overlap the next subtile's writes and the freed shared memory becomes pipeline stages
+    (``GroupedGemmWS.epilogue_wg_tma_subtiled``). tile_n must be a multiple of 2 x ``epi_subtile``.
+    The fused epilogues (SwiGLU, dH) and the transposed varlen-K store ignore it: they keep their
+    whole-tile buffer, so one config serves every GEMM of the MoE layer.
     """
 
     kernel: str = "ws"
@@ -114,6 +135,7 @@ class GemmConfig:
     max_ctas: int | None = None
     tma_store: bool = True
     cluster_m: int | None = None
+    epi_subtile: int | None = None
 
     def __post_init__(self) -> None:
         kernel, tile, stages = self.kernel, self.tile, self.stages
@@ -135,6 +157,7 @@ class GemmConfig:
         if self.cluster_m == 2 and kernel != "ws":
             raise ValueError(f"cluster_m={self.cluster_m} needs kernel='ws' (the cooperative production kernel), "
                              f"got {kernel!r}")
+        _check_epi_subtile(self.epi_subtile, kernel, tile, self.tma_store)
 
     @property
     def persistent(self) -> bool:
@@ -163,7 +186,8 @@ def _compiled(cfg: GemmConfig, variant: str, dtype: torch.dtype, out_dtype: torc
         tile = (tile[0], min(tile[1], 128 if cfg.kernel == "ws" else 64), tile[2])
     return compiled(compile_grouped_gemm, variant, dtype, out_dtype, tile, cfg.stages,
                     kernel=cfg.kernel, transposed=transposed, epilogue=epilogue,
-                    tma_store=cfg.tma_store, cluster_m=cluster_size(variant.startswith("varlen_k"), cfg))
+                    tma_store=cfg.tma_store, cluster_m=cluster_size(variant.startswith("varlen_k"), cfg),
+                    epi_subtile=cfg.epi_subtile)
 
 
 def cluster_size(varlen_k: bool, config: GemmConfig | None = None) -> int:
@@ -266,7 +290,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, tile: tuple = TILE,
                          stages: int | None = None, keep_ptx: bool = False, kernel: str = "ws",
                          transposed: bool = False, epilogue: str = "store", tma_store: bool = True,
-                         cluster_m: int = 1):
+                         cluster_m: int = 1, epi_subtile: int | None = None):
     """Compile one grouped-GEMM variant for sm_90a from fake tensors (no GPU needed).
 
     ``variant`` is one of "varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather". Sizes (rows,
@@ -282,6 +306,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     ``tma_store`` (persistent kernels, plain store): full tiles leave through a TMA bulk store
     (``GroupedGemmWS.epilogue_wg_tma``); False keeps the synchronous shared-memory copy-out.
     ``cluster_m`` (kernel "ws"): CTAs per cluster sharing B by TMA multicast (``GroupedGemmWS(cluster_m=...)``).
+    ``epi_subtile`` (kernel "ws", TMA store): the plain store's subtiled epilogue (``GemmConfig``);
+    ignored by the fused epilogues and the transposed varlen-K store, which keep the whole-tile buffer.
     """
     _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
     _checks.check_choice("epilogue", epilogue, EPILOGUES)
@@ -323,8 +349,15 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
         out = mat(odt, sym(), n_dim)  # (M, N)
     vec = lambda: make_fake_compact_tensor(cutlass.Int32, (sym(),), assumed_align=4)  # noqa: E731
     gidx, offs, toffs = vec(), vec(), vec()
+    _check_epi_subtile(epi_subtile, kernel, tile, tma_store)
+    if epilogue != "store" or (varlen_k and transposed):
+        epi_subtile = None  # the fused epilogues and the transposed store keep their whole-tile buffer
     if kernel in PERSISTENT:
-        stages = stages or ws_stages(tile, out_dtype.itemsize, pingpong=kernel == "pingpong")
+        fit = ws_stages(tile, out_dtype.itemsize, pingpong=kernel == "pingpong", epi_subtile=epi_subtile)
+        if epi_subtile is not None and stages is not None and stages > fit:
+            raise ValueError(f"tile {tile} with epi_subtile={epi_subtile} leaves room for {fit} pipeline stages, "
+                             f"got stages={stages}")
+        stages = stages or fit
         if stages < 2:
             raise ValueError(f"tile {tile} leaves room for {stages} pipeline stages next to the epilogue buffers")
     stages = stages or default_stages(tile)
@@ -341,6 +374,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     steps = {}  # the persistent kernels' own options (steps 3 and 4 of the ladder)
     if kernel in PERSISTENT:
         steps = {"ping_pong": kernel == "pingpong", "tma_store": tma_store, "cluster_m": cluster_m}
+        if epi_subtile is not None:
+            steps["epi_subtile"] = epi_subtile
     kernel_obj = cls(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2], stages=stages,
                      **layout, **steps)
     opts = compile_options(keep_ptx)

@@ -13,8 +13,10 @@ warpgroup's 64 rows that all belong to the expert (every tile but the expert's l
 bulk store, and the ragged rows of the expert's last tile take masked 16-byte stores from the same
 shared-memory buffer -- a bulk store cannot stop at an expert's last row, and rewriting a
 descriptor on the device would cost a rewrite and a fence each time a CTA moves to another
-expert. Not done: the fused epilogues still store with st.global (no TMA); tile shapes are fixed
-per output dtype.
+expert. Opt-in (``epi_subtile``): the plain store leaves in 64 x epi_subtile subtiles through two
+small staging buffers per warpgroup instead of one whole-tile buffer, so the freed shared memory
+becomes pipeline stages (``epilogue_wg_tma_subtiled``). Not done: the fused epilogues still store
+with st.global (no TMA); tile shapes are fixed per output dtype.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ class GroupedGemmWS(GroupedGemmSm90):
     LAYOUT_OPTIONS = True
     TMA_STORE = True  # the plain store epilogue can; the fused epilogues (subclasses) store with st.global
 
-    def __init__(self, *, ping_pong: bool = False, tma_store: bool = True, cluster_m: int = 1, **kernel):
+    def __init__(self, *, ping_pong: bool = False, tma_store: bool = True, cluster_m: int = 1,
+                 epi_subtile: int | None = None, **kernel):
         """``kernel``: as ``GroupedGemmV1``. ``ping_pong`` (step 4 of the ladder): each MMA
         warpgroup owns whole tiles -- the CTA's tiles alternate between them -- so one warpgroup's
         epilogue runs while the other one's mainloop keeps the tensor cores busy; the producer is
@@ -80,12 +83,16 @@ class GroupedGemmWS(GroupedGemmSm90):
         through a pair of named barriers (ORDER_BARRIER); a whole 128 x tile_n tile's accumulators
         live in one warpgroup, so tile_n is 128. ``tma_store=False``: the plain store copies out
         of shared memory synchronously instead of the TMA bulk store. ``cluster_m``: CTAs per
-        cluster along M that share each tile's B through TMA multicast (1 or 2)."""
+        cluster along M that share each tile's B through TMA multicast (1 or 2).
+        ``epi_subtile``: columns per subtile of the subtiled TMA-store epilogue (cooperative kernel,
+        plain TMA store only; ignored where ``uses_tma_store`` is False)."""
         super().__init__(**kernel)
         assert cluster_m in (1, 2) and not (ping_pong and cluster_m > 1)
         self.pingpong = ping_pong
         self.tma_store = tma_store
         self.cluster_m = cluster_m
+        assert epi_subtile is None or (not ping_pong and self.tile[1] % (2 * epi_subtile) == 0)
+        self.epi_subtile = epi_subtile
         if ping_pong:
             self.MMA_WARPGROUPS = (1, 1, 1)  # one warpgroup's MMA covers a whole tile
 
@@ -93,6 +100,10 @@ class GroupedGemmWS(GroupedGemmSm90):
         """Full tiles leave through a TMA bulk store (row-major ``out`` only; the transposed
         varlen-K store and the fused epilogues keep the padded buffer and 16-byte stores)."""
         return self.TMA_STORE and self.tma_store and not self.transpose_out
+
+    def subtiled(self) -> bool:
+        """The plain TMA store leaves subtile by subtile (``epilogue_wg_tma_subtiled``)."""
+        return self.epi_subtile is not None and self.uses_tma_store()
 
     def wg_rows(self) -> int:
         """Output rows one MMA warpgroup owns (and stages in its epilogue buffer)."""
@@ -110,6 +121,8 @@ class GroupedGemmWS(GroupedGemmSm90):
         tiled_mma, sA_layout, sB_layout = self.make_mma_and_smem_layouts(a, out)  # as GroupedGemmV1
         dtype = self.dtype
         epi_elems = 2 * self.wg_rows() * (bn + CHUNK_BYTES * 8 // self.out_dtype.width)  # one buffer per MMA WG
+        if const_expr(self.subtiled()):
+            epi_elems = 4 * self.wg_rows() * self.epi_subtile  # two (rows, subtile) buffers per MMA WG
 
         @cute.struct
         class Storage:
@@ -129,7 +142,15 @@ class GroupedGemmWS(GroupedGemmSm90):
         epi_layout = None
         tma_atom_c = None
         tma_c = None
-        if const_expr(self.uses_tma_store()):
+        # Subtiled (``epi_subtile``): four (rows, subtile) slots, 2 * (wg - 1) + buffer, and a TMA
+        # box of one subtile (the reference's "epi_tile").
+        if const_expr(self.subtiled()):
+            sub = self.epi_subtile
+            epi_layout = sm90_utils.make_smem_layout_epi(self.out_dtype, LayoutEnum.ROW_MAJOR,
+                                                         (self.wg_rows(), sub), 4)  # (rows, sub, slot)
+            tma_atom_c, tma_c = cpasync.make_tiled_tma_atom(
+                cpasync.CopyBulkTensorTileS2GOp(), out, cute.slice_(epi_layout, (None, None, 0)), (self.wg_rows(), sub))
+        elif const_expr(self.uses_tma_store()):
             epi_layout = sm90_utils.make_smem_layout_epi(self.out_dtype, LayoutEnum.ROW_MAJOR,
                                                          (self.wg_rows(), bn), 2)  # (rows, bn, WG)
             tma_atom_c, tma_c = cpasync.make_tiled_tma_atom(
@@ -401,7 +422,20 @@ class GroupedGemmWS(GroupedGemmSm90):
         # warpgroups' rows, or mine when ping-ponging) seen as (bm, bn), to be partitioned like
         # the accumulators.
         rows = self.wg_rows()
-        if const_expr(self.uses_tma_store()):
+        if const_expr(self.subtiled()):
+            # Four swizzled (rows, sub) slots; warpgroup wg stages subtile j in slot 2 * (wg - 1) + j % 2.
+            # The accumulators are partitioned over a (bm, bn) view that sends tile column n to
+            # column n % sub of buffer (n // sub) % 2 (a stride-0 mode over pairs of subtiles), so
+            # each accumulator element gets its address in the buffer of its subtile.
+            sub = self.epi_subtile
+            slots = epi_layout.outer  # (rows, sub, 4)
+            row_mode, col_mode = cute.get(slots, mode=[0]), cute.get(slots, mode=[1])
+            slot = rows * sub  # make_smem_layout_epi lays the slots out compactly, one after the other
+            sC = storage.sC.get_tensor(slots, swizzle=epi_layout.inner)  # (rows, sub, slot)
+            tile_view = storage.sC.get_tensor(cute.make_layout(
+                ((row_mode.shape, 2), (col_mode.shape, 2, bn // (2 * sub))),
+                stride=((row_mode.stride, 2 * slot), (col_mode.stride, slot, 0))), swizzle=epi_layout.inner)
+        elif const_expr(self.uses_tma_store()):
             # Swizzled slots in the TMA's layout: slot wg - 1 holds this warpgroup's rows.
             # Cooperative: tile row r lives in slot r // 64, row r % 64 (the (rows, WG) modes
             # grouped as one row mode); ping-pong: my slot is my whole tile.
@@ -486,6 +520,9 @@ class GroupedGemmWS(GroupedGemmSm90):
         if const_expr(self.transpose_out):  # varlen-K into (E, N, d): expert e's rows e*N ...
             self.epilogue_wg_transposed(acc, tCsC, out, sC, wg, ctid, expert * n_dim + n_start, m_start,
                                         m_dim - m_start, n_dim - n_start)
+        elif const_expr(self.subtiled()):
+            self.epilogue_wg_tma_subtiled(acc, tCsC, tma_store, out, sC, wg, ctid, out_row0,
+                                          m_dim - m_start, n_start, n_dim - n_start)
         elif const_expr(self.uses_tma_store()):
             self.epilogue_wg_tma(acc, tCsC, tma_store, out, sC, wg, ctid, out_row0,
                                  m_dim - m_start, n_start, n_dim - n_start)
@@ -632,6 +669,66 @@ class GroupedGemmWS(GroupedGemmSm90):
             self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
 
     @cute.jit
+    def epilogue_wg_tma_subtiled(self, acc: cute.Tensor, tCsC: cute.Tensor, tma_store: tuple, out: cute.Tensor,
+                                 sC_slots: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32,
+                                 n_start: Int32, cols_left: Int32):
+        """The plain TMA store, subtiled (``epi_subtile`` = S columns): my (64, bn) rows leave as bn / S
+        subtiles of (64, S) through two staging buffers that take turns.
+
+        As the reference Hopper epilogues (CUTLASS sm90 TMA epilogue, the CuTe-DSL dense GEMM's
+        ``epi_tile`` loop): per subtile j, wait until buffer j % 2 is free, write the subtile's
+        accumulators into it, fence them to the async proxy, and one thread issues a bulk store of
+        (64, S). Waiting for "at most one bulk group still reading" (not zero) lets the store of
+        subtile j - 1, from the other buffer, run while subtile j is written. The buffers need
+        4 x 64 x S elements instead of 2 x 64 x (bn + pad): the rest becomes pipeline stages.
+
+        Ragged rows (the expert's last tile): the same loop, but each subtile leaves by masked
+        16-byte stores from its buffer (``copy_out_rows`` on the (64, S) slot), and phase 1 waits
+        for *every* bulk store: no store is committed in such a tile, so the newest pending one may
+        belong to the previous tile and read the very buffer about to be refilled."""
+        tma_atom_c, tma_c = tma_store
+        bm, bn, _ = self.tile
+        sub = self.epi_subtile
+        rows = self.wg_rows()
+        row_off = self.wg_row_offset(wg)
+        first_warp = ctid % 128 < 32  # the warp that issues (and so must wait for) the bulk stores
+        full = row_off + rows <= rows_left  # all my rows belong to the expert: bulk stores
+        # My accumulators and their staging addresses, split along the fragment's value mode: with
+        # WGMMA's ((2, 2, bn / 8), 1, 1) fragment, each run of S / 2 values covers S / 8 column
+        # groups of 8, i.e. exactly one subtile: ((values of a subtile, subtile), 1, 1).
+        acc_sub = cute.logical_divide(acc, (sub // 2,))
+        smem_sub = cute.logical_divide(tCsC, (sub // 2,))
+        gC = cute.local_tile(cute.domain_offset((out_row0 + row_off, n_start), tma_c), (rows, sub), (0, None))
+        for j in cutlass.range_constexpr(bn // sub):
+            s_buf = sC_slots[None, None, 2 * (wg - 1) + j % 2]  # (rows, sub): this subtile's buffer
+            # Phase 1: buffer j % 2 is free (its last bulk store has read it).
+            if first_warp:
+                if full:
+                    cute.arch.cp_async_bulk_wait_group(1, read=True)
+                else:
+                    cute.arch.cp_async_bulk_wait_group(0, read=True)
+            cute.arch.barrier(barrier_id=wg, number_of_threads=128)
+            # Phase 2: subtile j's accumulators -> out_dtype registers (tile_value hook) -> buffer,
+            # then visible to the TMA unit.
+            acc_j = acc_sub[(None, j), None, None]
+            r_out = cute.make_rmem_tensor_like(acc_j, self.out_dtype)
+            for i in cutlass.range_constexpr(cute.size(acc_j)):
+                r_out[i] = self.tile_value(acc_j[i])
+            cute.autovec_copy(r_out, smem_sub[(None, j), None, None])
+            cute.arch.fence_proxy("async.shared", space="cta")
+            cute.arch.barrier(barrier_id=wg, number_of_threads=128)
+            # Phase 3: one bulk store of (rows, sub) (TMA clips columns past N), or masked stores.
+            if full:
+                if first_warp:
+                    tCs, tCg = cpasync.tma_partition(tma_atom_c, 0, cute.make_layout(1), cute.group_modes(s_buf, 0, 2),
+                                                     cute.group_modes(gC[None, None, j], 0, 2))
+                    cute.copy(tma_atom_c, tCs, tCg)
+                    cute.arch.cp_async_bulk_commit_group()
+            else:
+                self.copy_out_rows(s_buf, sub, out, out_row0, n_start + j * sub, rows_left, cols_left - j * sub,
+                                   wg, ctid)
+
+    @cute.jit
     def copy_out_rows(self, sC: cute.Tensor, cols: cutlass.Constexpr[int], dst: cute.Tensor, dst_row0: Int32,
                       dst_col0: Int32, rows_left: Int32, cols_left: Int32, wg: Int32, ctid: Int32):
         """This warpgroup's staged (rows, cols) tile -> ``dst[dst_row0 + row_off + m, dst_col0 + c]``, one
@@ -691,10 +788,14 @@ class GroupedGemmWS(GroupedGemmSm90):
                 cute.autovec_copy(r_chunk, dst)
 
 
-def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = 227 * 1024, pingpong: bool = False) -> int:
+def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = 227 * 1024, pingpong: bool = False,
+              epi_subtile: int | None = None) -> int:
     """Stages that fit next to the two warpgroups' epilogue buffers (16-bit operands; each buffer is
-    a whole tile when ping-ponging)."""
+    a whole tile when ping-ponging; with ``epi_subtile``, two (64, epi_subtile) buffers per warpgroup)."""
     bm, bn, bk = tile
     per_stage = (bm + bn) * bk * 2
     reserved = 2048 + 4 * (TABLE_EXPERTS + 1)  # barriers and alignment, the expert tile table
-    return (smem_bytes - reserved - epilogue_smem_bytes(tile, out_bytes) * (2 if pingpong else 1)) // per_stage
+    epi = epilogue_smem_bytes(tile, out_bytes) * (2 if pingpong else 1)
+    if epi_subtile is not None:
+        epi = 2 * 2 * (bm // 2) * epi_subtile * out_bytes  # (warpgroups, buffers, rows, columns)
+    return (smem_bytes - reserved - epi) // per_stage
