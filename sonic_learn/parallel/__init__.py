@@ -7,7 +7,7 @@ demonstration that checks the EP layer against the single-process one and times 
 
 from sonic_learn.parallel.comm import AllToAll, all_to_all_rows, exchange_counts
 from sonic_learn.parallel.launch import launch
-from sonic_learn.parallel.moe import ExpertParallelMoE, StepTimes, alltoall_bytes, expert_parallel_forward
+from sonic_learn.parallel.moe import ExpertParallelMoE, StepTimes, alltoall_bytes, expert_parallel_forward, time_steps
 
 __all__ = ["launch", "AllToAll", "all_to_all_rows", "exchange_counts", "ExpertParallelMoE", "expert_parallel_forward",
-           "StepTimes", "alltoall_bytes"]
+           "StepTimes", "alltoall_bytes", "time_steps"]
