@@ -130,7 +130,13 @@ def main(argv=None) -> int:
     p.add_argument("--cluster-ab", action="store_true",
                    help="also time the reduced-memory layer with clusters of 2 CTAs in the grouped GEMMs, then the "
                         "default again (A-B-A: the repeat shows the drift between rows)")
-    p.add_argument("--gemm", default=None, help="grouped-GEMM kernel:tile, e.g. pingpong:128x128x64 (default: the library's)")
+    p.add_argument("--gemm", default=None,
+                   help="comma-separated grouped-GEMM configs in grouped_gemm_tiles.py's syntax "
+                        "(kernel:MxNxK:stages[:flags], e.g. ws:128x256x64:3,ws:128x256x64:4:sub64); each adds a "
+                        "reduced-memory row fast_reduced_memory[<config>] that calls the kernels with that config "
+                        "directly, timed in the same process as the default rows (an A/B of GEMM configs)")
+    p.add_argument("--rows", default="reduced,unfused,standard",
+                   help="which default rows to time, from reduced,unfused,standard (the naive loop: --no-naive)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -140,10 +146,13 @@ def main(argv=None) -> int:
 
     from sonic_learn.fast import grouped_gemm as gg
 
+    from grouped_gemm_tiles import parse as parse_gemm  # noqa: E402  (same folder)
+
     gemm = gg.DEFAULT_CONFIG
-    if args.gemm:
-        kernel, tile = args.gemm.split(":")
-        gemm = gg.GemmConfig(kernel=kernel, tile=tuple(int(v) for v in tile.split("x")))
+    ab = {cfg: gg.GemmConfig(**parse_gemm(cfg)) for cfg in (args.gemm.split(",") if args.gemm else [])}
+    rows = set(args.rows.split(","))
+    if rows - {"reduced", "unfused", "standard"}:
+        p.error(f"--rows: choose from reduced, unfused, standard; got {args.rows}")
 
     env = bench.environment()
 
@@ -154,6 +163,7 @@ def main(argv=None) -> int:
                   "the dSwiGLU/dS/A' epilogue; standard mode: unfused kernels; weights read K-major, no W^T copies). "
                   "naive_loop = reference naive_moe_forward in bf16."),
         "grouped_gemm_kernel": dataclasses.asdict(gemm),
+        "gemm_ab": {cfg: dataclasses.asdict(c) for cfg, c in ab.items()},
         "flops": "fwd 6*T*K*n*d, fwd+bwd 18*T*K*n*d", "configs": {},
     }
     def layer(backward: str, ops):
@@ -167,6 +177,10 @@ def main(argv=None) -> int:
                                              fast_moe.fast_ops(gemm, fuse_swiglu=False, fuse_dh=False)),
         "fast_standard": layer("standard", ops),
     }
+    keep = {"reduced": "fast_reduced_memory", "unfused": "fast_reduced_memory_unfused", "standard": "fast_standard"}
+    impls = {name: fn for name, fn in impls.items() if name in {keep[r] for r in rows}}
+    for cfg, c in ab.items():  # the A/B rows: the reduced-memory layer on each GEMM config, kernels called directly
+        impls[f"fast_reduced_memory[{cfg}]"] = layer("reduced_memory", fast_moe.fast_ops(c))
     if args.cluster_ab:  # the grouped GEMMs of the forward AND backward in clusters of 2, then the default again
         impls["fast_reduced_memory_cluster2"] = layer(
             "reduced_memory", fast_moe.fast_ops(dataclasses.replace(gemm, cluster_m=2)))
@@ -205,7 +219,7 @@ def main(argv=None) -> int:
             cfg["reduced_memory_breakdown_ms"] = breakdown(leaves, gout, K, args.reps)
         res = cfg["results"]
         ratios = {}
-        if "naive_loop" in res:
+        if "naive_loop" in res and "fast_reduced_memory" in res:
             for m in ("fwd_tflops", "fwd_bwd_tflops"):
                 ratios[f"fast_reduced_vs_naive_{m}"] = res["fast_reduced_memory"][m] / res["naive_loop"][m]
         cfg["ratios"] = ratios
