@@ -42,22 +42,22 @@ warm=$!
 
 step tests 480 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ \
   --deselect tests/test_parallel.py::test_a_hang_fails_instead_of_blocking
-step ep 150 torchrun --nproc-per-node "$(nvidia-smi -L | wc -l)" benchmarks/expert_parallel.py --configs 7b,30b \
-  --chunks 1,2,4 --out "$GS/results/expert_parallel.json"
-# A/B of grouped-GEMM configs: per GEMM shape, then the whole reduced-memory layer (same process each)
-step tiles 240 python3 benchmarks/grouped_gemm_tiles.py --shapes 7b-up,7b-down,30b-up,30b-down \
-  --configs ws:128x256x64:3,ws:128x256x64:3:sub64,ws:128x256x64:4:sub32 --out "$GS/results/tiles"
-step layer_ab 300 python3 benchmarks/moe.py --configs 7b,30b --no-naive --no-breakdown --rows reduced \
-  --gemm ws:128x256x64:auto,ws:128x256x64:auto:sub32,pingpong:128x128x64:auto --out "$GS/results/layer_ab"
 echo "== waiting for the upstream warm-up $(date +%T)"; wait $warm; tail -3 "$GS/upstream_warmup.log"
 step vs_upstream 560 python3 benchmarks/vs_upstream.py --configs 7b,30b,e256 --out "$GS/results" \
   --upstream-timeout 500
-step compare 240 python3 -m sonic_learn.compare moe --config 7B --reps 5 --json "$GS/results/compare_moe_7B.json"
+step ep 150 torchrun --nproc-per-node "$(nvidia-smi -L | wc -l)" benchmarks/expert_parallel.py --configs 7b,30b \
+  --chunks 1,2,4 --out "$GS/results/expert_parallel.json"
+step train 330 python3 benchmarks/train_tiny_moe.py --out "$GS/results" --seeds 0,1 --steps 300
 # the layer before (BEFORE=path of another fast/moe.py) and after, same process; alive-at-peak; profile
 step memory 240 python3 benchmarks/moe_memory.py --configs 7b --profile ${BEFORE:+--before "$BEFORE"} \
   --out "$GS/results"
-step train 330 python3 benchmarks/train_tiny_moe.py --out "$GS/results" --seeds 0,1,2 --steps 300
+step compare 240 python3 -m sonic_learn.compare moe --config 7B --reps 5 --json "$GS/results/compare_moe_7B.json"
 step token_rounding 420 python3 benchmarks/token_rounding.py --out "$GS/results" --reps 6 --big-reps 3
+# A/B of grouped-GEMM configs: the whole reduced-memory layer, then per GEMM shape (same process each)
+step layer_ab 300 python3 benchmarks/moe.py --configs 7b,30b --no-naive --no-breakdown --rows reduced \
+  --gemm ws:128x256x64:auto,ws:128x256x64:auto:sub32,pingpong:128x128x64:auto --out "$GS/results/layer_ab"
+step tiles 240 python3 benchmarks/grouped_gemm_tiles.py --shapes 7b-up,7b-down,30b-up,30b-down \
+  --configs ws:128x256x64:3,ws:128x256x64:3:sub64,ws:128x256x64:4:sub32 --out "$GS/results/tiles"
 step vs_upstream_more 560 python3 benchmarks/vs_upstream.py --configs 1.4b,120b --out "$GS/results/more" \
   --upstream-timeout 500
 echo "== all done $(date +%T)"
