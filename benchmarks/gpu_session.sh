@@ -9,8 +9,8 @@
 # Needs both sites staged by ../shared/gpu/pack-with-upstream (/tmp/stage/env.sh for this project,
 # /tmp/stage/env_up.sh for upstream). Long runs go past one device call's limit, so start it in
 # its own session and poll:   setsid nohup bash benchmarks/gpu_session.sh > /tmp/gs.log 2>&1 &
-# SKIP="tests ep ..." leaves steps out (names: tests ep tiles layer_ab vs_upstream compare memory
-# train token_rounding vs_upstream_more). BEFORE=<another fast/moe.py> adds the memory step's
+# SKIP="tests ep ..." leaves steps out (names: tests ep vs_upstream memory token_rounding compare
+# layer_ab tiles vs_upstream_more; the training runs and upstream's warm-up always run). BEFORE=<another fast/moe.py> adds the memory step's
 # before/after of the layer's glue.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -33,26 +33,30 @@ step() {  # step NAME SECONDS CMD...: run unless skipped, with a time limit, log
   tail -6 "$GS/$name.log"
 }
 
-# Upstream's first call JIT-compiles for minutes (CPU work): start it now, beside the GPU tests,
-# so that its kernels are in CuTe-DSL's file cache when the timed side-by-side runs.
+# Beside the tests (neither is a timing): upstream's first call, which JIT-compiles for minutes
+# (CPU work), so that its kernels are in CuTe-DSL's file cache when the timed side-by-side runs;
+# and the tiny language model's training runs (their losses do not depend on the GPU's load).
 ( timeout 900 python3 benchmarks/vs_upstream.py --skip sonic_learn,grouped_mm --reps 1 --warmup 1 \
     --configs 7b,30b,e256 --out "$GS/warm" --upstream-timeout 880 > "$GS/upstream_warmup.log" 2>&1
   echo "upstream warm-up exit $?" >> "$GS/upstream_warmup.log" ) &
 warm=$!
+( timeout 600 python3 benchmarks/train_tiny_moe.py --out "$GS/results" --seeds 0,1 --steps 300 > "$GS/train.log" 2>&1
+  echo "train exit $?" >> "$GS/train.log" ) &
+train=$!
 
 step tests 480 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ \
   --deselect tests/test_parallel.py::test_a_hang_fails_instead_of_blocking
+echo "== waiting for the training runs $(date +%T)"; wait $train; tail -3 "$GS/train.log"
+step ep 150 torchrun --nproc-per-node "$(nvidia-smi -L | wc -l)" benchmarks/expert_parallel.py --configs 7b,30b \
+  --chunks 1,2,4 --out "$GS/results/expert_parallel.json"
 echo "== waiting for the upstream warm-up $(date +%T)"; wait $warm; tail -3 "$GS/upstream_warmup.log"
 step vs_upstream 560 python3 benchmarks/vs_upstream.py --configs 7b,30b,e256 --out "$GS/results" \
   --upstream-timeout 500
-step ep 150 torchrun --nproc-per-node "$(nvidia-smi -L | wc -l)" benchmarks/expert_parallel.py --configs 7b,30b \
-  --chunks 1,2,4 --out "$GS/results/expert_parallel.json"
-step train 330 python3 benchmarks/train_tiny_moe.py --out "$GS/results" --seeds 0,1 --steps 300
 # the layer before (BEFORE=path of another fast/moe.py) and after, same process; alive-at-peak; profile
 step memory 240 python3 benchmarks/moe_memory.py --configs 7b --profile ${BEFORE:+--before "$BEFORE"} \
   --out "$GS/results"
-step compare 240 python3 -m sonic_learn.compare moe --config 7B --reps 5 --json "$GS/results/compare_moe_7B.json"
 step token_rounding 420 python3 benchmarks/token_rounding.py --out "$GS/results" --reps 6 --big-reps 3
+step compare 240 python3 -m sonic_learn.compare moe --config 7B --reps 5 --json "$GS/results/compare_moe_7B.json"
 # A/B of grouped-GEMM configs: the whole reduced-memory layer, then per GEMM shape (same process each)
 step layer_ab 300 python3 benchmarks/moe.py --configs 7b,30b --no-naive --no-breakdown --rows reduced \
   --gemm ws:128x256x64:auto,ws:128x256x64:auto:sub32,pingpong:128x128x64:auto --out "$GS/results/layer_ab"
