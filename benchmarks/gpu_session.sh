@@ -10,8 +10,8 @@
 # /tmp/stage/env_up.sh for upstream). Long runs go past one device call's limit, so start it in
 # its own session and poll:   setsid nohup bash benchmarks/gpu_session.sh > /tmp/gs.log 2>&1 &
 # SKIP="tests ep ..." leaves steps out (names: tests ep vs_upstream memory token_rounding compare
-# layer_ab tiles vs_upstream_more; the training runs and upstream's warm-up always run). BEFORE=<another fast/moe.py> adds the memory step's
-# before/after of the layer's glue.
+# layer_ab tiles vs_upstream_more; the training runs and upstream's warm-up always run).
+# BEFORE=<another fast/moe.py> adds the memory step's before/after of the layer's glue.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 GS=${GS:-/tmp/gs}
