@@ -6,8 +6,9 @@
 # (default /tmp/gs): logs in $GS/*.log, JSON/text results in $GS/results/. A step that fails or
 # times out is logged and the next one runs.
 #
-# Needs both sites staged by ../shared/gpu/pack-with-upstream (/tmp/stage/env.sh for this project,
-# /tmp/stage/env_up.sh for upstream). Long runs go past one device call's limit, so start it in
+# Needs this project's CuTe-DSL staged by ../shared/gpu/pack (/tmp/gpu-wheels/env.sh), or both
+# sites by ../shared/gpu/pack-with-upstream (/tmp/stage/env.sh, /tmp/stage/env_up.sh: the steps
+# against upstream run only then). Long runs go past one device call's limit, so start it in
 # its own session and poll:   setsid nohup bash benchmarks/gpu_session.sh > /tmp/gs.log 2>&1 &
 # SKIP="tests ep ..." leaves steps out (names: tests ep vs_upstream memory token_rounding compare
 # layer_ab tiles vs_upstream_more; the training runs and upstream's warm-up always run).
@@ -16,9 +17,14 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 GS=${GS:-/tmp/gs}
 mkdir -p "$GS/results"
-source /tmp/stage/env.sh
+if [ -f /tmp/stage/env_up.sh ]; then  # both sites (pack-with-upstream)
+  source /tmp/stage/env.sh
+  export SONIC_UPSTREAM_SITE=$(env -u PYTHONPATH bash -c 'source /tmp/stage/env_up.sh; echo "$PYTHONPATH"')
+else  # this project's site only (../shared/gpu/pack): the steps that need upstream are skipped
+  source /tmp/gpu-wheels/env.sh
+  SKIP="${SKIP:-} vs_upstream compare vs_upstream_more"
+fi
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=gpu NCCL_NVLS_ENABLE=0
-export SONIC_UPSTREAM_SITE=$(env -u PYTHONPATH bash -c 'source /tmp/stage/env_up.sh; echo "$PYTHONPATH"')
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$GS/results/device.txt"
 python3 -c "import torch, cutlass; print('torch', torch.__version__, 'cutlass-dsl', cutlass.__version__)" \
   | tee -a "$GS/results/device.txt"
@@ -36,8 +42,8 @@ step() {  # step NAME SECONDS CMD...: run unless skipped, with a time limit, log
 # Beside the tests (neither is a timing): upstream's first call, which JIT-compiles for minutes
 # (CPU work), so that its kernels are in CuTe-DSL's file cache when the timed side-by-side runs;
 # and the tiny language model's training runs (their losses do not depend on the GPU's load).
-( timeout 900 python3 benchmarks/vs_upstream.py --skip sonic_learn,grouped_mm --reps 1 --warmup 1 \
-    --configs 7b,30b,e256 --out "$GS/warm" --upstream-timeout 880 > "$GS/upstream_warmup.log" 2>&1
+( [ -n "${SONIC_UPSTREAM_SITE:-}" ] && timeout 900 python3 benchmarks/vs_upstream.py --skip sonic_learn,grouped_mm \
+    --reps 1 --warmup 1 --configs 7b,30b,e256 --out "$GS/warm" --upstream-timeout 880 > "$GS/upstream_warmup.log" 2>&1
   echo "upstream warm-up exit $?" >> "$GS/upstream_warmup.log" ) &
 warm=$!
 ( timeout 600 python3 benchmarks/train_tiny_moe.py --out "$GS/results" --seeds 0,1 --steps 300 > "$GS/train.log" 2>&1
