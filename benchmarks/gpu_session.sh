@@ -12,7 +12,8 @@
 # its own session and poll:   setsid nohup bash benchmarks/gpu_session.sh > /tmp/gs.log 2>&1 &
 # SKIP="tests ep ..." leaves steps out (names: tests ep vs_upstream memory token_rounding compare
 # layer_ab tiles vs_upstream_more; the training runs and upstream's warm-up always run).
-# BEFORE=<another fast/moe.py> adds the memory step's before/after of the layer's glue.
+# BEFORE=<another fast/moe.py> adds the memory step's before/after of the layer's glue. TESTS=<pytest
+# paths> narrows the test step (default: every `gpu` test under tests/).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 GS=${GS:-/tmp/gs}
@@ -50,7 +51,7 @@ warm=$!
   echo "train exit $?" >> "$GS/train.log" ) &
 train=$!
 
-step tests 480 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ \
+step tests 480 python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS:-tests/} \
   --deselect tests/test_parallel.py::test_a_hang_fails_instead_of_blocking
 echo "== waiting for the training runs $(date +%T)"; wait $train; tail -3 "$GS/train.log"
 step ep 150 torchrun --nproc-per-node "$(nvidia-smi -L | wc -l)" benchmarks/expert_parallel.py --configs 7b,30b \
