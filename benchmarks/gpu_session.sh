@@ -11,7 +11,7 @@
 # against upstream run only then). Long runs go past one device call's limit, so start it in
 # its own session and poll:   setsid nohup bash benchmarks/gpu_session.sh > /tmp/gs.log 2>&1 &
 # SKIP="tests ep ..." leaves steps out (names: tests ep vs_upstream memory token_rounding compare
-# layer_ab tiles vs_upstream_more; the training runs and upstream's warm-up always run).
+# layer_ab tiles vs_upstream_more train; upstream's warm-up runs whenever upstream is staged).
 # BEFORE=<another fast/moe.py> adds the memory step's before/after of the layer's glue. TESTS=<pytest
 # paths> narrows the test step (default: every `gpu` test under tests/).
 set -u -o pipefail
@@ -47,7 +47,8 @@ step() {  # step NAME SECONDS CMD...: run unless skipped, with a time limit, log
     --reps 1 --warmup 1 --configs 7b,30b,e256 --out "$GS/warm" --upstream-timeout 880 > "$GS/upstream_warmup.log" 2>&1
   echo "upstream warm-up exit $?" >> "$GS/upstream_warmup.log" ) &
 warm=$!
-( timeout 600 python3 benchmarks/train_tiny_moe.py --out "$GS/results" --seeds 0,1 --steps 300 > "$GS/train.log" 2>&1
+( case " ${SKIP:-} " in *" train "*) exit 0;; esac
+  timeout 600 python3 benchmarks/train_tiny_moe.py --out "$GS/results" --seeds 0,1 --steps 300 > "$GS/train.log" 2>&1
   echo "train exit $?" >> "$GS/train.log" ) &
 train=$!
 
