@@ -185,6 +185,19 @@ def test_router_gemm_sums_both_gradients_of_x(uses):
     assert logits.dtype == torch.float32 and torch.equal(x_alias, xs)  # float32 logits, as the fast router
 
 
+def test_router_gemm_computes_only_the_gradients_asked_for():
+    """A frozen router (router_w without grad) or a frozen input (x without grad) skips that GEMM;
+    the other gradient is unchanged."""
+    x, router_w, *_ = _problem(T=4, d=3, E=2, seed=5)
+    for x_grad, w_grad in ((True, False), (False, True)):
+        xs, ws = x.clone().requires_grad_(x_grad), router_w.clone().requires_grad_(w_grad)
+        logits, x_experts = fast_moe.RouterGemm.apply(xs, ws)
+        (logits.sum() + x_experts.sum()).backward()
+        assert (xs.grad is not None) == x_grad and (ws.grad is not None) == w_grad
+        want = router_w.sum(1) + 1 if x_grad else x.sum(0)[:, None].expand(3, 2)  # d/dx, d/dW of the sums
+        torch.testing.assert_close(xs.grad if x_grad else ws.grad, want.expand_as(xs if x_grad else ws))
+
+
 def test_router_gemm_bf16_is_one_rounding():
     """In bf16 the fused dX rounds once (addmm accumulates in float32): at least as close to the
     float64 truth as autograd's two roundings (a GEMM in bf16, then a bf16 add)."""

@@ -201,14 +201,16 @@ class RouterGemm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dlogits, dx_experts):
         x, router_w = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
         if dlogits is None:  # the routing did not reach the loss
             return dx_experts, None
         g = dlogits.to(x.dtype)  # (T, E), the float32 cast's backward
-        if dx_experts is None:
+        dx = None
+        if need_x and dx_experts is None:
             dx = g @ router_w.t()  # (T, d)
-        else:
+        elif need_x:
             dx = torch.addmm(dx_experts, g, router_w.t())  # (T, d) = dX_experts + dlogits @ router_w^T
-        return dx, x.t() @ g  # (T, d), (d, E)
+        return dx, (x.t() @ g if need_w else None)  # (T, d), (d, E)
 
 
 def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk", normalize=False,
