@@ -130,7 +130,7 @@ def warm_up_gpu(routes: dict, x, w1, w2, gout, seconds: float = 1.0) -> None:
     while time.perf_counter() - t0 < seconds:
         for r in routes.values():
             scores = r.scores.detach().clone().requires_grad_(True)
-            fast_moe.run_experts(x, w1, w2, fast_moe.DeviceRouting(r.meta, scores, r.token_offsets),
+            fast_moe.run_experts(x, w1, w2, dataclasses.replace(r, scores=scores),
                                  "reduced_memory").backward(gout)
         torch.cuda.synchronize()
     for t in (x, w1, w2):
@@ -162,7 +162,7 @@ def gemm_times(leaves: list[torch.Tensor], gout: torch.Tensor, r, reps: int) -> 
     ops = dataclasses.replace(base, **{f.name: recorder(f.name, getattr(base, f.name))
                                        for f in dataclasses.fields(base) if "gemm" in f.name})
     scores = r.scores.detach().clone().requires_grad_(True)
-    out = fast_moe.run_experts(x, w1, w2, fast_moe.DeviceRouting(r.meta, scores, r.token_offsets),
+    out = fast_moe.run_experts(x, w1, w2, dataclasses.replace(r, scores=scores),
                                "reduced_memory", ops=ops)
     phase[0] = "bwd"
     out.backward(gout)
@@ -297,7 +297,7 @@ def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int, layer_only: b
             continue
         # Experts alone on the precomputed routing: scores become a leaf (its dS is computed too).
         scores = r.scores.detach().clone().requires_grad_(True)
-        r_leaf = fast_moe.DeviceRouting(r.meta, scores, r.token_offsets)
+        r_leaf = dataclasses.replace(r, scores=scores)
         out = fast_moe.run_experts(x, w1, w2, r_leaf, "reduced_memory")
         if not torch.isfinite(out).all():
             raise RuntimeError(f"{name}: the fast experts' output is not finite ({routing})")

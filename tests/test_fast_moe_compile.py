@@ -329,3 +329,86 @@ def test_device_metadata_equals_reference_build_metadata(T, E, k_frac, tile_m, r
     per_token = torch.bincount(r.token_idx.long(), minlength=T)  # (T,)
     assert token_offsets.dtype == torch.int32
     assert torch.equal(token_offsets.long(), torch.cat([torch.zeros(1, dtype=torch.long), per_token.cumsum(0)]))
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Token rounding's padded layout: the weight gradients never see the padding rows
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("M, end", [(300, 300), (300, 200), (300, 100), (300, 0), (50, 10), (50, 50), (1, 0), (0, 0)])
+def test_zero_rows_past_end(M, end):
+    """Rows end .. end+K_TAIL_ROWS-1 (those that exist) become 0; every other row keeps its bits, NaN
+    included; ``end`` = M (top-k: no padding) changes nothing."""
+    b = torch.randn(M, 3, dtype=torch.float64)
+    b[::7] = float("nan")
+    want = b.clone()
+    want[end:end + fast_moe.K_TAIL_ROWS] = 0
+    got = fast_moe.zero_rows_past_end(b, torch.tensor(end, dtype=torch.int32))
+    assert got is b and torch.equal(torch.nan_to_num(b, nan=7.0), torch.nan_to_num(want, nan=7.0))
+    assert torch.equal(b.isnan(), want.isnan())
+
+
+def _tile_faithful_varlen_k(a, b, meta, gather_a, transpose_out=False, bk=64):
+    """The production varlen-K GEMM's reads: per expert, whole k-tiles of b's rows from the expert's
+    first row (b past the tensor's end reads 0, as TMA), times a's rows zeroed past f_e."""
+    off = meta.expert_offsets.tolist()
+    E, d, N = len(off) - 1, a.shape[1], b.shape[1]
+    out = torch.zeros(E, d, N, dtype=a.dtype)
+    for e in range(E):
+        f = off[e + 1] - off[e]
+        if f == 0:
+            continue
+        rows = torch.arange(off[e], off[e] + -(-f // bk) * bk)  # whole k-tiles
+        b_tile = torch.where((rows < b.shape[0])[:, None], b[rows.clamp(max=b.shape[0] - 1)], 0)
+        a_rows = meta.gather_idx[rows.clamp(max=b.shape[0] - 1)].long() if gather_a else rows.clamp(max=a.shape[0] - 1)
+        a_tile = torch.where((rows < off[e + 1])[:, None], a[a_rows], 0)  # zero past the expert's f_e rows
+        out[e] = a_tile.t() @ b_tile
+    return out.transpose(1, 2).contiguous() if transpose_out else out
+
+
+def test_zeroed_tail_is_what_the_varlen_k_reads_need():
+    """With padding rows holding NaN (never written), a varlen-K GEMM that reads whole k-tiles times
+    zeros gives NaN for the last expert; after ``zero_rows_past_end`` it gives the exact product."""
+    from sonic_learn.reference.routing import build_padded_metadata
+
+    x, router_w, *_ = _params(40, 16, 8, 4, seed=2)
+    r = token_rounding(x @ router_w, 2, tile_m=4, pad_to_bound=True)
+    meta = build_padded_metadata(r)
+    P, bound = int(meta.expert_offsets[-1]), r.num_pairs
+    assert bound > P and P % 64  # padding rows exist, and the last k-tile reads into them
+    b = torch.randn(bound, 8, dtype=torch.float64)
+    b[P:] = float("nan")
+    exact = _tile_faithful_varlen_k(x, b[:P], dataclasses_replace_offsets(meta, P), True)
+    assert _tile_faithful_varlen_k(x, b, meta, True).isnan().any()
+    fast_moe.zero_rows_past_end(b, meta.expert_offsets[-1])
+    torch.testing.assert_close(_tile_faithful_varlen_k(x, b, meta, True), exact, rtol=1e-12, atol=1e-12)
+
+
+def dataclasses_replace_offsets(meta, P):
+    """The same metadata cut to its P real rows (what the kernel would see with no padding)."""
+    import dataclasses
+
+    return dataclasses.replace(meta, gather_idx=meta.gather_idx[:P])
+
+
+@pytest.mark.parametrize("backward", ["reduced_memory", "standard"])
+def test_padded_layers_zero_the_varlen_k_operands(backward, monkeypatch):
+    """``DeviceRouting(padded=True)`` makes the backward zero the rows after the last expert of the
+    varlen-K GEMMs' b operands (dH and A' reduced-memory, dY and dH standard) before dW1 / dW2;
+    unpadded, it does not; on a layout without padding rows the result is unchanged."""
+    calls = []
+    real = fast_moe.zero_rows_past_end
+    monkeypatch.setattr(fast_moe, "zero_rows_past_end", lambda b, end: calls.append(tuple(b.shape)) or real(b, end))
+    x, router_w, w1, w2 = _params(24, 16, 8, 4, seed=3)
+    r, meta, token_offsets = _route(x.detach() @ router_w.detach(), 2, "topk", 4)
+    outs = {}
+    for padded in (False, True):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w1, w2)]
+        dr = fast_moe.DeviceRouting(meta, r.scores.detach(), token_offsets, padded=padded)
+        fast_moe.run_experts(*leaves, dr, backward, TORCH_OPS).square().sum().backward()
+        outs[padded] = [t.grad for t in leaves]
+        if not padded:
+            assert calls == []
+    P = 24 * 2
+    assert sorted(calls) == sorted([(P, 16), (P, 8)] if backward == "reduced_memory" else [(P, 16), (P, 16)]), calls
+    for a, b in zip(outs[False], outs[True]):
+        assert torch.equal(a, b)

@@ -264,15 +264,18 @@ def test_gpu_fast_layer_compiles_fullgraph_and_matches_eager(backward):
 
 @pytest.mark.gpu
 def test_gpu_fast_layer_reduce_overhead_topk():
-    """mode="reduce-overhead" captures the top-k layer in a CUDA graph (no host sync inside)."""
+    """mode="reduce-overhead" captures the top-k layer in a CUDA graph (no host sync inside): the
+    replays repeat the recorded run bit for bit, and match eager to bf16 rounding (Inductor fuses
+    the router's elementwise ops around the kernels, which may round a score differently: an H100
+    run saw 1 element of 32768 one bf16 ulp apart)."""
     torch._dynamo.reset()
     moe = _gpu_layer()
     compiled = torch.compile(moe, mode="reduce-overhead", fullgraph=True)
     x = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         want = moe(x)
-        for _ in range(3):  # warm-up, record, replay
-            out = compiled(x)
-        torch.testing.assert_close(out.clone(), want, rtol=0, atol=0)
+        outs = [compiled(x).clone() for _ in range(4)]  # warm-up, record, replay, replay
+        assert torch.equal(outs[2], outs[1]) and torch.equal(outs[3], outs[1])
+        torch.testing.assert_close(outs[-1], want)  # bf16's own tolerance
     with torch.cuda.graph(torch.cuda.CUDAGraph()):  # and plain capture of the eager forward works too
         moe(x)

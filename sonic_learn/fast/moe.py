@@ -141,6 +141,7 @@ class DeviceRouting:
     token_offsets: torch.Tensor  # (T+1,) int32
     logits: torch.Tensor | None = None  # (T, E) float32, the router's output (for the router losses)
     rounding: RoundingStats | None = None  # token rounding: kept/dropped/added pairs, dropped tokens (device)
+    padded: bool = False  # pairs padded to a bound (token rounding): rows past expert_offsets[E] are padding
 
 
 def device_metadata(token_idx: torch.Tensor, expert_idx: torch.Tensor, num_tokens: int, num_experts: int,
@@ -239,7 +240,8 @@ def route_layer(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_
         r = fast_routing.token_rounding(logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator,
                                         scoring=scoring, normalize=normalize, check_finite=False, pad_to_bound=True)
         meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E, padded=True)
-    return DeviceRouting(meta, r.scores.contiguous(), token_offsets, logits, r.rounding), x_experts
+    padded = routing != "topk"  # token rounding's triples are padded to the bound (see above)
+    return DeviceRouting(meta, r.scores.contiguous(), token_offsets, logits, r.rounding, padded), x_experts
 
 
 def _metadata(token_idx, expert_idx, T: int, E: int, pairs_per_token: int | None = None, padded: bool = False):
@@ -263,6 +265,29 @@ def _metadata(token_idx, expert_idx, T: int, E: int, pairs_per_token: int | None
 # ----------------------------------------------------------------------------------------------
 # The experts: two autograd Functions
 # ----------------------------------------------------------------------------------------------
+K_TAIL_ROWS = 128  # at least every varlen-K k-tile (GemmConfig's tile_k is 32 or 64)
+
+
+def zero_rows_past_end(b: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """Zero rows ``end ... end + K_TAIL_ROWS - 1`` of ``b`` (those that exist), in place, with ``end``
+    (a 0-dim device tensor) never read on the host. Returns ``b``.
+
+    Why: the varlen-K GEMM (the weight gradients) loads its TMA operand b by whole k-tiles from each
+    expert's first row, and zeroes the other operand past the expert's f_e rows, so the rows of b
+    just after an expert are multiplied by 0. With token rounding's padded layout the rows after
+    the last expert (from ``expert_offsets[E]`` on) are padding that no kernel writes, and 0 * NaN
+    is NaN: those rows must hold zeros. Rows past the tensor are left alone (TMA zero-fills them)."""
+    M = b.shape[0]
+    if M == 0:
+        return b
+    end = end.long()
+    rows = (end + torch.arange(K_TAIL_ROWS, device=b.device)).clamp_(max=M - 1)  # (R,) rows past M -> M-1
+    past = (rows >= end).view(-1, *([1] * (b.dim() - 1)))  # the target row is padding: zero it
+    # Rows clamped onto M-1 all write the same value (zero if M-1 is padding, else its own value).
+    zero = torch.zeros((), dtype=b.dtype, device=b.device)
+    return b.index_copy_(0, rows, torch.where(past, zero, b.index_select(0, rows)))
+
+
 def _meta_from_saved(offsets, gather_idx, pair_of_row, row_of_pair, num_tokens) -> RoutingMetadata:
     return RoutingMetadata(
         expert_counts=offsets[1:] - offsets[:-1], expert_offsets=offsets, gather_idx=gather_idx,
@@ -314,12 +339,12 @@ class DownProjection(torch.autograd.Function):
     computed (A') before the up-projection's backward allocates the (P, d) dX~ rows."""
 
     @staticmethod
-    def forward(ctx, h, a, w2, scores, meta: RoutingMetadata, token_offsets, ops: ExpertOps):
+    def forward(ctx, h, a, w2, scores, meta: RoutingMetadata, token_offsets, ops: ExpertOps, padded: bool = False):
         y = ops.grouped_gemm(a, w2, meta)  # (P, d) down-projection
         out = ops.gather_sum(y, scores, meta.row_of_pair, token_offsets)  # (T, d); y, a freed on return
         ctx.save_for_backward(h, w2, scores, meta.expert_offsets, meta.gather_idx, meta.pair_of_row,
                               meta.row_of_pair)
-        ctx.ops = ops
+        ctx.ops, ctx.padded = ops, padded
         ctx.num_tokens = out.shape[0]
         return out
 
@@ -334,10 +359,13 @@ class DownProjection(torch.autograd.Function):
         # never stored.
         row_scores = scores[pair_of_row.long()]  # (P,) the score of each grouped row
         dh, a_scaled, ds_rows = ops.dh_gemm(dout, w2, meta, h, row_scores)  # (P, 2n), (P, n), (P,)
+        if ctx.padded:  # the varlen-K operands of dW1 and dW2: zeros after the last expert's rows
+            zero_rows_past_end(dh, offsets[-1])
+            zero_rows_past_end(a_scaled, offsets[-1])
         dscores = ds_rows[row_of_pair.long()]  # (P,) back to pair order
         # Step 3: dW2[e] = A'_e^T dO_e, computed as (dO_e^T A'_e)^T with dO gathered on K.
         dw2 = ops.varlen_k_gemm(dout, a_scaled, meta, True, True)  # (E, n, d), stored transposed
-        return dh, None, dw2, dscores.to(scores.dtype), None, None, None
+        return dh, None, dw2, dscores.to(scores.dtype), None, None, None, None
 
 
 class ReducedMemoryExperts:
@@ -349,16 +377,17 @@ class ReducedMemoryExperts:
     never H or A' beside them."""
 
     @staticmethod
-    def apply(x, w1, w2, scores, meta: RoutingMetadata, token_offsets, ops: ExpertOps) -> torch.Tensor:
+    def apply(x, w1, w2, scores, meta: RoutingMetadata, token_offsets, ops: ExpertOps,
+              padded: bool = False) -> torch.Tensor:
         h, a = UpProjection.apply(x, w1, meta, token_offsets, ops)  # (P, 2n), (P, n)
-        return DownProjection.apply(h, a, w2, scores, meta, token_offsets, ops)  # (T, d)
+        return DownProjection.apply(h, a, w2, scores, meta, token_offsets, ops, padded)  # (T, d)
 
 
 class StandardExperts(torch.autograd.Function):
     """The classic experts: caches gathered X, H and Y; dS = <dO, Y> in a separate pass."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, scores, meta: RoutingMetadata, token_offsets, ops: ExpertOps):
+    def forward(ctx, x, w1, w2, scores, meta: RoutingMetadata, token_offsets, ops: ExpertOps, padded: bool = False):
         x_gathered = torch.index_select(x, 0, meta.gather_idx)  # (P, d) the explicit gather, cached
         h = ops.grouped_gemm(x_gathered, w1, meta)  # (P, 2n)
         a = ops.swiglu(h)  # (P, n)
@@ -366,7 +395,7 @@ class StandardExperts(torch.autograd.Function):
         out = ops.gather_sum(y, scores, meta.row_of_pair, token_offsets)  # (T, d)
         ctx.save_for_backward(x_gathered, w1, w2, h, y, scores, meta.expert_offsets, meta.gather_idx,
                               meta.pair_of_row, meta.row_of_pair, token_offsets)
-        ctx.ops = ops
+        ctx.ops, ctx.padded = ops, padded
         ctx.num_tokens = x.shape[0]
         return out
 
@@ -382,19 +411,22 @@ class StandardExperts(torch.autograd.Function):
         # Step 2: dA = dY @ W2^T, then dSwiGLU as a separate pass (it also recomputes A for dW2).
         da = ops.grouped_gemm(dy, w2, meta, True)  # (P, n), W2 read K-major
         dh, a = ops.swiglu_backward(h, da)  # (P, 2n), (P, n)
+        if ctx.padded:  # the varlen-K operands of dW2 and dW1: zeros after the last expert's rows
+            zero_rows_past_end(dy, offsets[-1])
+            zero_rows_past_end(dh, offsets[-1])
         # Step 3: weight gradients on the cached, already gathered operands.
         dw2 = ops.varlen_k_gemm(a, dy, meta, False)  # (E, n, d)
         dw1 = ops.varlen_k_gemm(x_gathered, dh, meta, False)  # (E, d, 2n)
         # Step 4: dX~ = dH @ W1^T, dX = unweighted gather-and-sum.
         dx_rows = ops.grouped_gemm(dh, w1, meta, True)  # (P, d), W1 read K-major
         dx = ops.gather_sum(dx_rows, None, row_of_pair, token_offsets)  # (T, d)
-        return dx, dw1, dw2, dscores.to(scores.dtype), None, None, None
+        return dx, dw1, dw2, dscores.to(scores.dtype), None, None, None, None
 
 
 def run_experts(x, w1, w2, r: DeviceRouting, backward: str, ops: ExpertOps | None = None) -> torch.Tensor:
     """The experts' part of the layer on a given routing (``ops`` defaults to the CuTe-DSL kernels)."""
     experts = ReducedMemoryExperts if backward == "reduced_memory" else StandardExperts
-    return experts.apply(x, w1, w2, r.scores, r.meta, r.token_offsets, ops or fast_ops())
+    return experts.apply(x, w1, w2, r.scores, r.meta, r.token_offsets, ops or fast_ops(), r.padded)
 
 
 # ----------------------------------------------------------------------------------------------
