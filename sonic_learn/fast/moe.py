@@ -46,7 +46,9 @@ every buffer is sized by that bound on the host, the router pads its triples to 
 device memory, the gather-and-sum reads each token's pair range from ``token_offsets``, so no
 kernel reads a row past the true P as a real pair's row: padding rows and padding pairs map to
 each other (``fast.routing.build_metadata(padded=True)``), and the padding pairs' scores are 0 and
-take no gradient.
+take no gradient. One kernel does read past P: the varlen-K GEMM of the weight gradients loads its
+TMA operand by whole k-tiles and multiplies the rows past an expert's end by zeros, so the backward
+zeroes the rows after the last expert first (``zero_rows_past_end``; 0 * NaN would be NaN).
 
 Inputs must be CUDA tensors of bf16 or fp16 with d and n multiples of 8; ``tile_m`` is the token
 rounding tile (the GEMM's own M tile is fixed at 128 and does not change any result).
