@@ -28,8 +28,8 @@ DEFAULT_CONFIGS = "sm90:128x256x64:4,ws:128x256x64:3,ws:128x256x32:6"
 def parse(cfg: str):
     """kernel:MxNxK:stages[:notma][:c1|:c2][:subS] (stages "auto": as many as fit next to each
     kernel's epilogue, so one config serves the fused epilogues too; notma: the persistent kernels'
-    copy-out store instead of TMA; c1 / c2: clusters of 1 / 2 CTAs sharing B by TMA multicast; default: the library's choice;
-    subS, e.g. sub64: "ws"'s subtiled TMA-store epilogue with S columns per subtile, GemmConfig's
+    copy-out store instead of TMA; c1 / c2: clusters of 1 / 2 CTAs sharing B by TMA multicast;
+    default: the library's choice; subS, e.g. sub64: "ws"'s subtiled TMA-store epilogue with S columns per subtile, GemmConfig's
     ``epi_subtile``). Returns the keyword arguments of ``GemmConfig``."""
     kernel, tile, stages, *flags = cfg.split(":")
     cluster_m = 2 if "c2" in flags else 1 if "c1" in flags else None

@@ -367,7 +367,10 @@ def _tile_faithful_varlen_k(a, b, meta, gather_a, transpose_out=False, bk=64):
 
 def test_zeroed_tail_is_what_the_varlen_k_reads_need():
     """With padding rows holding NaN (never written), a varlen-K GEMM that reads whole k-tiles times
-    zeros gives NaN for the last expert; after ``zero_rows_past_end`` it gives the exact product."""
+    zeros gives NaN for the last expert; after ``zero_rows_past_end`` it gives the product of the
+    same metadata cut to its P real rows (what the kernel reads with no padding)."""
+    import dataclasses
+
     from sonic_learn.reference.routing import build_padded_metadata
 
     x, router_w, *_ = _params(40, 16, 8, 4, seed=2)
@@ -377,17 +380,10 @@ def test_zeroed_tail_is_what_the_varlen_k_reads_need():
     assert bound > P and P % 64  # padding rows exist, and the last k-tile reads into them
     b = torch.randn(bound, 8, dtype=torch.float64)
     b[P:] = float("nan")
-    exact = _tile_faithful_varlen_k(x, b[:P], dataclasses_replace_offsets(meta, P), True)
+    exact = _tile_faithful_varlen_k(x, b[:P], dataclasses.replace(meta, gather_idx=meta.gather_idx[:P]), True)
     assert _tile_faithful_varlen_k(x, b, meta, True).isnan().any()
     fast_moe.zero_rows_past_end(b, meta.expert_offsets[-1])
     torch.testing.assert_close(_tile_faithful_varlen_k(x, b, meta, True), exact, rtol=1e-12, atol=1e-12)
-
-
-def dataclasses_replace_offsets(meta, P):
-    """The same metadata cut to its P real rows (what the kernel would see with no padding)."""
-    import dataclasses
-
-    return dataclasses.replace(meta, gather_idx=meta.gather_idx[:P])
 
 
 @pytest.mark.parametrize("backward", ["reduced_memory", "standard"])

@@ -4,10 +4,11 @@ Same signature and semantics as ``sonic_learn.reference.moe.moe_forward`` (paper
 Algorithm 1; Section 3.2 and Appendix C for the backward), built from:
 
 * the router GEMM (cuBLAS, ``RouterGemm``: its backward adds the router's part of dX into the
-  experts' dX inside the same cuBLAS call) and the token-choice router of ``sonic_learn.fast.routing`` (the bitonic
-  top-k kernel of ``sonic_learn.fast.topk`` when E and k are in its range, else a stable sort; ties
-  to the lower expert like the reference); the scores are recomputed from the logits by torch ops
-  so that dS flows back into the router (a few (T, K) elementwise ops);
+  experts' dX inside the same cuBLAS call) and the token-choice router of
+  ``sonic_learn.fast.routing`` (the bitonic top-k kernel of ``sonic_learn.fast.topk`` when E and k
+  are in its range, else a stable sort; ties to the lower expert like the reference); the scores
+  are recomputed from the logits by torch ops so that dS flows back into the router (a few (T, K)
+  elementwise ops);
 * routing metadata built on the device without host synchronization (the CuTe-DSL kernels of
   ``sonic_learn.fast.routing``; ``device_metadata``'s torch ops for more than their MAX_EXPERTS);
 * the CuTe-DSL grouped GEMMs of ``sonic_learn.fast.grouped_gemm`` (varlen-M with gathered or
@@ -538,9 +539,8 @@ def expected_saved_bytes(T: int, d: int, n: int, E: int, P: int, *, dtype=torch.
 
 
 __all__ = [
-    "moe_forward", "moe_forward_with_router", "fast_ops", "route", "route_layer", "run_experts", "RouterGemm", "device_metadata",
-    "check_inputs",
-    "ReducedMemoryExperts",
+    "moe_forward", "moe_forward_with_router", "fast_ops", "route", "route_layer", "run_experts", "RouterGemm",
+    "device_metadata", "check_inputs", "zero_rows_past_end", "ReducedMemoryExperts",
     "UpProjection", "DownProjection", "StandardExperts", "ExpertOps", "DeviceRouting", "saved_tensors",
     "expected_saved_bytes", "ROUTINGS", "BACKWARD_MODES",
 ]
