@@ -51,6 +51,7 @@ JSON: ``benchmarks/results/token_rounding_<device>.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
