@@ -103,11 +103,11 @@ def _dh_gemm(dout, w2, meta, h, row_scores):
 
 
 TORCH_OPS = fast_moe.ExpertOps(
-    gather_gemm=lambda x, w, meta, transpose_w=False: ref_gg.gather_fused_grouped_gemm(
+    gather_gemm=lambda x, w, meta, transpose_w=False, *, role=None: ref_gg.gather_fused_grouped_gemm(
         x, w, meta, transpose_w=transpose_w),
     gather_gemm_swiglu=lambda x, w, meta: (lambda h: (h, ref_moe.swiglu(h)))(ref_gg.gather_fused_grouped_gemm(x, w, meta)),
     dh_gemm=lambda dout, w2, meta, h, row_scores: _dh_gemm(dout, w2, meta, h, row_scores),
-    grouped_gemm=lambda a, w, meta, transpose_w=False: ref_gg.gather_fused_grouped_gemm(
+    grouped_gemm=lambda a, w, meta, transpose_w=False, *, role=None: ref_gg.gather_fused_grouped_gemm(
         a, w, ref_moe._contiguous_meta(meta), transpose_w=transpose_w),
     varlen_k_gemm=lambda a, b, meta, gather_a, transpose_out=False: ref_gg.grouped_gemm_varlen_k(
         a, b, meta if gather_a else ref_moe._contiguous_meta(meta), gather_a=gather_a, transpose_out=transpose_out),
@@ -231,7 +231,7 @@ def test_reduced_memory_backward_frees_h_and_a_scaled_before_the_dx_rows(monkeyp
         alive["A'"] = StorageWeakRef(a_scaled.untyped_storage())
         return dh, a_scaled, ds
 
-    def grouped_gemm(a, w, meta, transpose_w=False):
+    def grouped_gemm(a, w, meta, transpose_w=False, *, role):
         if transpose_w:  # the dX~ GEMM
             seen["at dX~"] = still_alive()
         out = TORCH_OPS.grouped_gemm(a, w, meta, transpose_w)

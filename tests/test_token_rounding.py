@@ -226,10 +226,10 @@ def _poisoned(ops, P: int):
     bound = None
 
     def rows_gemm(fn, cut_a):
-        def run(a, w, meta, *rest):
+        def run(a, w, meta, *rest, **role):
             nonlocal bound
             bound = meta.gather_idx.numel()
-            return each(fn(a[:P] if cut_a else a, w, cut(meta), *rest), pad)
+            return each(fn(a[:P] if cut_a else a, w, cut(meta), *rest, **role), pad)
         return run
 
     def dh(dout, w2, meta, h, row_scores):

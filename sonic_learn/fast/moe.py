@@ -79,11 +79,16 @@ GEMM_TILE_M = 128  # the fast grouped GEMM's M tile
 @dataclass(frozen=True)
 class ExpertOps:
     """The eight operations of the experts' forward and backward (contracts as in moe_kernels /
-    fast.grouped_gemm)."""
+    fast.grouped_gemm).
 
-    gather_gemm: object  # (x (T, K), w, meta, transpose_w) -> (P, N), rows x[gather_idx] @ w[e] (or w[e]^T)
+    The two plain GEMMs serve several of the layer's GEMMs, so their callers name the part each
+    call plays with the keyword ``role`` (one of ``grouped_gemm.GEMM_ROLES``; ``fast_ops`` picks
+    that role's ``GemmConfig``). The other GEMMs have one role each: ``gather_gemm_swiglu`` is
+    "up", ``dh_gemm`` is "dh", ``varlen_k_gemm`` is "dw"."""
+
+    gather_gemm: object  # (x (T, K), w, meta, transpose_w, *, role) -> (P, N), rows x[gather_idx] @ w[e] (or w[e]^T)
     gather_gemm_swiglu: object  # (x (T, d), w1 (E, d, 2n), meta) -> (H (P, 2n), A = SwiGLU(H) (P, n))
-    grouped_gemm: object  # (a (P, K), w, meta, transpose_w) -> (P, N), rows a[r] @ w[e] (or w[e]^T)
+    grouped_gemm: object  # (a (P, K), w, meta, transpose_w, *, role) -> (P, N), rows a[r] @ w[e] (or w[e]^T)
     dh_gemm: object  # (dout (T, d), w2 (E, n, d), meta, H, row scores) -> (dH, A', dS in row order)
     varlen_k_gemm: object  # (a, b (P, N), meta, gather_a, transpose_out) -> (E, K, N) (or (E, N, K))
     swiglu: object  # H (P, 2n) -> A (P, n)
@@ -95,9 +100,11 @@ class ExpertOps:
 def fast_ops(gemm=None, *, fuse_swiglu: bool = True, fuse_dh: bool = True) -> ExpertOps:
     """The CuTe-DSL kernels behind the experts, configured explicitly (no process-wide switch).
 
-    ``gemm``: the grouped-GEMM step (a ``sonic_learn.fast.grouped_gemm.GemmConfig``; None = the
-    production kernel). ``fuse_swiglu`` / ``fuse_dh``: SwiGLU in the up-projection GEMM's epilogue
-    and dSwiGLU + dS + A' in the dH GEMM's epilogue (default: both). Unfused, the plain GEMM + the
+    ``gemm``: the grouped-GEMM step, either one ``sonic_learn.fast.grouped_gemm.GemmConfig`` for every
+    GEMM of the layer or a ``grouped_gemm.LayerGemms`` with one config per role (up, down, dh, dx,
+    dw: see ``grouped_gemm.GEMM_ROLES``); None = the production kernel everywhere. ``fuse_swiglu`` /
+    ``fuse_dh``: SwiGLU in the up-projection GEMM's epilogue and dSwiGLU + dS + A' in the dH GEMM's
+    epilogue (default: both; on the persistent kernels only). Unfused, the plain GEMM + the
     standalone kernel of moe_kernels compute the same values (A bit for bit; dH and A' within 1 ulp;
     dS up to the order of its fp32 sum). Pass the result as ``moe_forward(..., ops=...)``.
     """
@@ -106,7 +113,7 @@ def fast_ops(gemm=None, *, fuse_swiglu: bool = True, fuse_dh: bool = True) -> Ex
 
     _checks.check_bool("fuse_swiglu", fuse_swiglu)
     _checks.check_bool("fuse_dh", fuse_dh)
-    cfg = gg.checked_config(gemm)  # validated before any launch
+    cfg = gg.checked_layer_gemms(gemm, "gemm")  # validated before any launch
     if gemm is None and fuse_swiglu and fuse_dh:
         # Production: the same kernels, each behind a torch.library custom op (sonic_learn.fast.ops),
         # so that torch.compile traces the layer through them. Other configurations call the kernels
@@ -114,16 +121,16 @@ def fast_ops(gemm=None, *, fuse_swiglu: bool = True, fuse_dh: bool = True) -> Ex
         return custom_ops.expert_ops()
     tile_m = GEMM_TILE_M
     return ExpertOps(
-        gather_gemm=lambda x, w, meta, transpose_w=False: gg.gather_fused_grouped_gemm(
-            x, w, meta, tile_m=tile_m, transpose_w=transpose_w, config=cfg),
+        gather_gemm=lambda x, w, meta, transpose_w=False, *, role: gg.gather_fused_grouped_gemm(
+            x, w, meta, tile_m=tile_m, transpose_w=transpose_w, config=cfg.config(role)),
         gather_gemm_swiglu=lambda x, w, meta: gg.gather_fused_grouped_gemm_swiglu(
-            x, w, meta, tile_m=tile_m, fused=fuse_swiglu, config=cfg),
-        grouped_gemm=lambda a, w, meta, transpose_w=False: gg.contiguous_grouped_gemm(
-            a, w, meta, tile_m=tile_m, transpose_w=transpose_w, config=cfg),
+            x, w, meta, tile_m=tile_m, fused=fuse_swiglu, config=cfg.up),
+        grouped_gemm=lambda a, w, meta, transpose_w=False, *, role: gg.contiguous_grouped_gemm(
+            a, w, meta, tile_m=tile_m, transpose_w=transpose_w, config=cfg.config(role)),
         dh_gemm=lambda dout, w2, meta, h, row_scores: gg.gather_fused_grouped_gemm_dswiglu(
-            dout, w2, meta, h, row_scores, tile_m=tile_m, fused=fuse_dh, config=cfg),
+            dout, w2, meta, h, row_scores, tile_m=tile_m, fused=fuse_dh, config=cfg.dh),
         varlen_k_gemm=lambda a, b, meta, gather_a, transpose_out=False: gg.grouped_gemm_varlen_k(
-            a, b, meta, gather_a=gather_a, transpose_out=transpose_out, config=cfg),
+            a, b, meta, gather_a=gather_a, transpose_out=transpose_out, config=cfg.dw),
         swiglu=mk.swiglu,
         swiglu_backward=mk.swiglu_backward,
         gather_scale_dot=mk.gather_scale_dot,
@@ -326,7 +333,7 @@ class UpProjection(torch.autograd.Function):
         # Step 4: dX~ = dH @ W1^T, then dX = unweighted gather-and-sum over each token's rows. dX
         # first, so that the (P, d) rows dX~ -- the largest buffer of the backward -- are freed
         # before dW1 is allocated.
-        dx_rows = ops.grouped_gemm(dh, w1, meta, True)  # (P, d), W1 (E, d, 2n) read K-major
+        dx_rows = ops.grouped_gemm(dh, w1, meta, True, role="dx")  # (P, d), W1 (E, d, 2n) read K-major
         dx = ops.gather_sum(dx_rows, None, row_of_pair, token_offsets)  # (T, d)
         del dx_rows
         # Step 5: dW1[e] = X_e^T dH_e with X gathered on K.
@@ -343,7 +350,7 @@ class DownProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, a, w2, scores, meta: RoutingMetadata, token_offsets, ops: ExpertOps, padded: bool = False):
-        y = ops.grouped_gemm(a, w2, meta)  # (P, d) down-projection
+        y = ops.grouped_gemm(a, w2, meta, role="down")  # (P, d) down-projection
         out = ops.gather_sum(y, scores, meta.row_of_pair, token_offsets)  # (T, d); y, a freed on return
         ctx.save_for_backward(h, w2, scores, meta.expert_offsets, meta.gather_idx, meta.pair_of_row,
                               meta.row_of_pair)
@@ -392,9 +399,9 @@ class StandardExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w2, scores, meta: RoutingMetadata, token_offsets, ops: ExpertOps, padded: bool = False):
         x_gathered = torch.index_select(x, 0, meta.gather_idx)  # (P, d) the explicit gather, cached
-        h = ops.grouped_gemm(x_gathered, w1, meta)  # (P, 2n)
+        h = ops.grouped_gemm(x_gathered, w1, meta, role="up")  # (P, 2n)
         a = ops.swiglu(h)  # (P, n)
-        y = ops.grouped_gemm(a, w2, meta)  # (P, d), cached
+        y = ops.grouped_gemm(a, w2, meta, role="down")  # (P, d), cached
         out = ops.gather_sum(y, scores, meta.row_of_pair, token_offsets)  # (T, d)
         ctx.save_for_backward(x_gathered, w1, w2, h, y, scores, meta.expert_offsets, meta.gather_idx,
                               meta.pair_of_row, meta.row_of_pair, token_offsets)
@@ -412,7 +419,7 @@ class StandardExperts(torch.autograd.Function):
         # Step 1: a separate pass over the cached Y: dS = <dO[token], Y>, dY = s * dO[token].
         dy, dscores = ops.gather_scale_dot(dout, y, scores, gather_idx, pair_of_row)  # (P, d), (P,)
         # Step 2: dA = dY @ W2^T, then dSwiGLU as a separate pass (it also recomputes A for dW2).
-        da = ops.grouped_gemm(dy, w2, meta, True)  # (P, n), W2 read K-major
+        da = ops.grouped_gemm(dy, w2, meta, True, role="dh")  # (P, n), W2 read K-major (the dH GEMM's part)
         dh, a = ops.swiglu_backward(h, da)  # (P, 2n), (P, n)
         if ctx.padded:  # the varlen-K operands of dW2 and dW1: zeros after the last expert's rows
             zero_rows_past_end(dy, offsets[-1])
@@ -421,7 +428,7 @@ class StandardExperts(torch.autograd.Function):
         dw2 = ops.varlen_k_gemm(a, dy, meta, False)  # (E, n, d)
         dw1 = ops.varlen_k_gemm(x_gathered, dh, meta, False)  # (E, d, 2n)
         # Step 4: dX~ = dH @ W1^T, dX = unweighted gather-and-sum.
-        dx_rows = ops.grouped_gemm(dh, w1, meta, True)  # (P, d), W1 read K-major
+        dx_rows = ops.grouped_gemm(dh, w1, meta, True, role="dx")  # (P, d), W1 read K-major
         dx = ops.gather_sum(dx_rows, None, row_of_pair, token_offsets)  # (T, d)
         return dx, dw1, dw2, dscores.to(scores.dtype), None, None, None, None
 

@@ -252,14 +252,15 @@ def _(token_idx, expert_idx, num_tokens, num_experts):
 # The ExpertOps interface of fast.moe, on the custom ops
 # ----------------------------------------------------------------------------------------------
 def expert_ops():
-    """``fast.moe.ExpertOps`` whose every operation is one of the custom ops above."""
+    """``fast.moe.ExpertOps`` whose every operation is one of the custom ops above. Every GEMM runs
+    the production kernel, whatever its ``role``."""
     from sonic_learn.fast.moe import ExpertOps
 
     return ExpertOps(
-        gather_gemm=lambda x, w, meta, transpose_w=False: gather_gemm(
+        gather_gemm=lambda x, w, meta, transpose_w=False, *, role: gather_gemm(
             x, w, meta.expert_offsets, meta.gather_idx, transpose_w),
         gather_gemm_swiglu=lambda x, w, meta: gather_gemm_swiglu(x, w, meta.expert_offsets, meta.gather_idx),
-        grouped_gemm=lambda a, w, meta, transpose_w=False: grouped_gemm(
+        grouped_gemm=lambda a, w, meta, transpose_w=False, *, role: grouped_gemm(
             a, w, meta.expert_offsets, meta.gather_idx, transpose_w),
         dh_gemm=lambda dout, w2, meta, h, row_scores: dh_gemm(dout, w2, meta.expert_offsets, meta.gather_idx, h,
                                                              row_scores),

@@ -35,6 +35,9 @@ Which kernel runs (the ladder, llm.c style; a ``GemmConfig`` passed as ``config=
    128 x 128 tiles, so one warpgroup's epilogue overlaps the other's mainloop (opt-in: measured
    slower than step 3 on most shapes).
 
+The MoE layer's GEMMs can each take their own step: ``LayerGemms`` holds one ``GemmConfig`` per
+role (``GEMM_ROLES``: up, down, dh, dx, dw) for ``fast.moe.fast_ops``.
+
 The weights ``w (E, K, N)`` are used as stored (N contiguous): WGMMA reads B in its "MN-major"
 shared-memory mode and the TMA descriptor views w as (N, K, E), so no transposed copy is made.
 The backward needs ``W^T`` (dA = dY W2^T, dX = dH W1^T) and dW2 in (E, n, d): ``transpose_w=True``
@@ -126,7 +129,8 @@ class GemmConfig:
     overlap the next subtile's writes and the freed shared memory becomes pipeline stages
     (``GroupedGemmWS.epilogue_wg_tma_subtiled``). tile_n must be a multiple of 2 x ``epi_subtile``.
     The fused epilogues (SwiGLU, dH) and the transposed varlen-K store ignore it: they keep their
-    whole-tile buffer, so one config serves every GEMM of the MoE layer.
+    whole-tile buffer, so one config serves every GEMM of the MoE layer. To give the layer's GEMMs
+    different configs, pass a ``LayerGemms`` (one config per role) to ``fast.moe.fast_ops``.
     """
 
     kernel: str = "ws"
@@ -175,6 +179,67 @@ def checked_config(config: object) -> GemmConfig:
     if not isinstance(config, GemmConfig):
         raise TypeError(f"config must be a sonic_learn.fast.grouped_gemm.GemmConfig or None, got {type(config).__name__}")
     return config
+
+
+# The MoE layer's grouped GEMMs, by the part each plays (``LayerGemms`` gives each its own config).
+GEMM_ROLES = {
+    "up": "H = X[gather] W1, the up-projection (reduced-memory: X gathered in the loads, SwiGLU in the "
+          "epilogue; standard: on the gathered copy of X)",
+    "down": "Y = A W2, the down-projection (K = n: a short k-loop)",
+    "dh": "dA' = dO[gather] W2^T, the dH GEMM (reduced-memory: dSwiGLU, A' and dS in the epilogue; "
+          "standard: dA = dY W2^T, dSwiGLU as a separate pass)",
+    "dx": "dX~ = dH W1^T (K = 2n)",
+    "dw": "the varlen-K weight gradients dW1 = X^T dH and dW2 = A'^T dO",
+}
+
+
+@dataclass(frozen=True)
+class LayerGemms:
+    """One ``GemmConfig`` per grouped GEMM of the MoE layer, by role (``GEMM_ROLES``), so that each
+    GEMM can run the kernel that suits it: e.g. the fused SwiGLU and dH epilogues on the ping-pong
+    kernel, whose other warpgroup keeps the tensor cores busy while one runs its epilogue, and the
+    short-K down-projection and dX~ on the cooperative kernel. Every role defaults to
+    ``DEFAULT_CONFIG``; ``LayerGemms.uniform(config)`` gives every role the same config (what
+    ``fast.moe.fast_ops(gemm=GemmConfig(...))`` means). Immutable, like ``GemmConfig``."""
+
+    up: GemmConfig = DEFAULT_CONFIG
+    down: GemmConfig = DEFAULT_CONFIG
+    dh: GemmConfig = DEFAULT_CONFIG
+    dx: GemmConfig = DEFAULT_CONFIG
+    dw: GemmConfig = DEFAULT_CONFIG
+
+    def __post_init__(self) -> None:
+        for role in GEMM_ROLES:
+            config = getattr(self, role)
+            if not isinstance(config, GemmConfig):
+                raise TypeError(f"LayerGemms.{role} (the {role!r} GEMM's config) must be a "
+                                f"sonic_learn.fast.grouped_gemm.GemmConfig, got {type(config).__name__}")
+
+    @classmethod
+    def uniform(cls, config: GemmConfig) -> LayerGemms:
+        """Every role on ``config``."""
+        return cls(**{role: checked_config(config) for role in GEMM_ROLES})
+
+    def config(self, role: str) -> GemmConfig:
+        """The config of ``role`` (one of ``GEMM_ROLES``)."""
+        _checks.check_choice("role", role, tuple(GEMM_ROLES))
+        return getattr(self, role)
+
+
+DEFAULT_LAYER_GEMMS = LayerGemms()  # every role on DEFAULT_CONFIG
+
+
+def checked_layer_gemms(gemm: object, name: str = "gemm") -> LayerGemms:
+    """``gemm`` as a ``LayerGemms``: None -> ``DEFAULT_LAYER_GEMMS``, a ``GemmConfig`` -> every role on
+    it, a ``LayerGemms`` as is; else a TypeError naming the argument ``name``."""
+    if gemm is None:
+        return DEFAULT_LAYER_GEMMS  # (a constant: the production path is traced by torch.compile)
+    if isinstance(gemm, GemmConfig):
+        return LayerGemms.uniform(gemm)
+    if not isinstance(gemm, LayerGemms):
+        raise TypeError(f"{name} must be a sonic_learn.fast.grouped_gemm.GemmConfig (every GEMM), a LayerGemms "
+                        f"(one config per role: {', '.join(GEMM_ROLES)}) or None, got {type(gemm).__name__}")
+    return gemm
 
 
 def _compiled(cfg: GemmConfig, variant: str, dtype: torch.dtype, out_dtype: torch.dtype, transposed: bool = False,
@@ -631,6 +696,10 @@ __all__ = [
     "compile_grouped_gemm",
     "GemmConfig",
     "DEFAULT_CONFIG",
+    "LayerGemms",
+    "DEFAULT_LAYER_GEMMS",
+    "GEMM_ROLES",
+    "checked_layer_gemms",
     "STEPS",
     "checked_config",
     "cluster_size",
