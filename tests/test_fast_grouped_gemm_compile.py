@@ -55,8 +55,8 @@ def test_production_variant_compiles_for_sm90a(variant, dtype):
 
 @pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
 @pytest.mark.parametrize("variant,transposed,epilogue", [
-    ("varlen_m", False, "store"), ("varlen_m_gather", False, "swiglu"), ("varlen_m_gather", True, "dswiglu"),
-    ("varlen_k_gather", True, "store")])
+    ("varlen_m", False, "store"), ("varlen_m", True, "store"), ("varlen_m_gather", False, "swiglu"),
+    ("varlen_m_gather", True, "dswiglu"), ("varlen_k_gather", True, "store")])
 def test_pingpong_kernel_compiles_for_sm90a(variant, transposed, epilogue):
     """Step 4 of the ladder: one MMA warpgroup per 128 x 128 tile, two 64-row WGMMAs per k-block."""
     from sonic_learn.fast.grouped_gemm import PINGPONG_TILE, compile_grouped_gemm

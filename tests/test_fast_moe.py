@@ -93,7 +93,8 @@ def run_layer(fn, inputs, k, gout, **kw):
 NAMES = ("out", "dx", "drouter_w", "dw1", "dw2")
 
 
-def compare_layer(inputs, k, *, routing, backward, scoring="softmax_topk", tile_m=128):
+def compare_layer(inputs, k, *, routing, backward, scoring="softmax_topk", tile_m=128, ops=None):
+    """The fast layer (on ``ops``, None = production) vs the float64 oracle, within 2x the 16-bit loop."""
     from sonic_learn.fast import moe as fast_moe
 
     x, router_w = inputs[0], inputs[1]
@@ -105,7 +106,7 @@ def compare_layer(inputs, k, *, routing, backward, scoring="softmax_topk", tile_
         mp.setattr(ref_moe, "route", _pinned_route(decision))
         oracle = run_layer(ref_moe.naive_moe_forward, [t.double() for t in inputs], k, gout, **kw)
         loop16 = run_layer(ref_moe.naive_moe_forward, inputs, k, gout.to(x.dtype), **kw)
-    fast = run_layer(fast_moe.moe_forward, inputs, k, gout.to(x.dtype), backward=backward, **kw)
+    fast = run_layer(fast_moe.moe_forward, inputs, k, gout.to(x.dtype), backward=backward, ops=ops, **kw)
     for name, f, l16, o in zip(NAMES, fast, loop16, oracle):
         ef, el = rel_err(f, o), rel_err(l16, o)
         assert ef <= 2 * el + SLACK, f"{name}: fast rel err {ef:.2e} > 2 x 16-bit loop {el:.2e} + {SLACK}"
@@ -138,6 +139,32 @@ def test_layer_token_rounding_matches_oracle(T, E, k_frac, seed, tile_m, backwar
     k = 1 + int(k_frac * (E - 1))
     inputs = params(T, 64, 32, E, seed, torch.bfloat16)
     compare_layer(inputs, k, routing="token_rounding", backward=backward, tile_m=tile_m)
+
+
+@needs_hopper
+@settings(max_examples=6)
+@given(T=st.integers(1, 400), d=st.sampled_from([64, 136, 256]), n=st.sampled_from([32, 72, 136]),
+       E=st.integers(2, 16), k_frac=st.floats(0, 1), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from(sorted(DTYPES)), backward=st.sampled_from(["reduced_memory", "standard"]),
+       routing=st.sampled_from(["topk", "token_rounding"]), tile_m=st.sampled_from([16, 128]))
+@example(T=257, d=256, n=136, E=16, k_frac=0.3, seed=0, dtype="bf16", backward="reduced_memory", routing="topk",
+         tile_m=128)
+@example(T=300, d=64, n=72, E=8, k_frac=0.5, seed=3, dtype="bf16", backward="reduced_memory",
+         routing="token_rounding", tile_m=16)
+@example(T=129, d=136, n=32, E=5, k_frac=1.0, seed=1, dtype="fp16", backward="standard", routing="topk", tile_m=128)
+@example(T=200, d=64, n=136, E=6, k_frac=0.4, seed=2, dtype="bf16", backward="standard", routing="token_rounding",
+         tile_m=16)
+def test_layer_with_per_role_gemm_configs_matches_oracle(T, d, n, E, k_frac, seed, dtype, backward, routing, tile_m):
+    """The up-projection (fused SwiGLU epilogue) and the dH GEMM (fused dSwiGLU epilogue) on the
+    ping-pong kernel, the other GEMMs on the default one (``LayerGemms``): same oracle, same bound."""
+    from sonic_learn.fast import grouped_gemm as gg
+    from sonic_learn.fast import moe as fast_moe
+
+    pingpong = gg.GemmConfig(kernel="pingpong")
+    ops = fast_moe.fast_ops(gg.LayerGemms(up=pingpong, dh=pingpong))
+    k = 1 + int(k_frac * (min(E, 8) - 1))
+    inputs = params(T, d, n, E, seed, DTYPES[dtype])
+    compare_layer(inputs, k, routing=routing, backward=backward, tile_m=tile_m, ops=ops)
 
 
 @needs_hopper
