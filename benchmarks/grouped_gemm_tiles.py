@@ -32,11 +32,52 @@ def parse(cfg: str):
     default: the library's choice; subS, e.g. sub64: "ws"'s subtiled TMA-store epilogue with S columns per subtile, GemmConfig's
     ``epi_subtile``). Returns the keyword arguments of ``GemmConfig``."""
     kernel, tile, stages, *flags = cfg.split(":")
+    unknown = [f for f in flags if f not in ("notma", "c1", "c2") and not (f.startswith("sub") and f[3:].isdigit())]
+    if unknown:
+        raise ValueError(f"config {cfg!r}: unknown flags {unknown} (known: notma, c1, c2, subS)")
     cluster_m = 2 if "c2" in flags else 1 if "c1" in flags else None
     subtiles = [int(f[3:]) for f in flags if f.startswith("sub")]
     return dict(kernel=kernel, tile=tuple(int(v) for v in tile.split("x")),
                 stages=None if stages == "auto" else int(stages),
                 tma_store="notma" not in flags, cluster_m=cluster_m, epi_subtile=subtiles[-1] if subtiles else None)
+
+
+def parse_layer(entry: str):
+    """One entry of benchmarks/moe.py's ``--gemm``: the GEMM configs of the whole MoE layer.
+
+    Either one config in ``parse``'s syntax, for every GEMM of the layer (a ``GemmConfig``), or
+    per-role parts joined by "+", each ``role[/role...]=config`` with roles from
+    ``grouped_gemm.GEMM_ROLES`` (up, down, dh, dx, dw), e.g.
+    ``up/dh=pingpong:128x128x64:auto+down/dx=ws:128x256x64:auto:sub32`` (a ``LayerGemms``). The roles
+    not named run the entry's one bare part if it has one (``ws:128x256x64:auto:sub32+up=pingpong:
+    128x128x64:auto``), else the library default. ("+", "=" and "/" never occur in a config, and the
+    comma still separates entries.) Raises ValueError naming the entry."""
+    def config(text: str):
+        try:
+            return fast.GemmConfig(**parse(text))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"--gemm entry {entry!r}: config {text!r}: {exc}") from exc
+
+    if "=" not in entry and "+" not in entry:
+        return config(entry)
+    base, roles = None, {}
+    for part in entry.split("+"):
+        names, sep, text = part.rpartition("=")
+        part_config = config(text)
+        if not sep:
+            if base is not None:
+                raise ValueError(f"--gemm entry {entry!r}: more than one config without a role")
+            base = part_config
+            continue
+        for role in names.split("/"):
+            if role not in fast.GEMM_ROLES:
+                raise ValueError(f"--gemm entry {entry!r}: unknown role {role!r}, choose from "
+                                 f"{', '.join(fast.GEMM_ROLES)}")
+            if role in roles:
+                raise ValueError(f"--gemm entry {entry!r}: role {role!r} assigned twice")
+            roles[role] = part_config
+    default = base if base is not None else fast.DEFAULT_CONFIG
+    return fast.LayerGemms(**{role: roles.get(role, default) for role in fast.GEMM_ROLES})
 
 
 def main() -> int:

@@ -134,25 +134,30 @@ def main(argv=None) -> int:
                    help="comma-separated grouped-GEMM configs in grouped_gemm_tiles.py's syntax "
                         "(kernel:MxNxK:stages[:flags], e.g. ws:128x256x64:3,ws:128x256x64:4:sub64); each adds a "
                         "reduced-memory row fast_reduced_memory[<config>] that calls the kernels with that config "
-                        "directly, timed in the same process as the default rows (an A/B of GEMM configs)")
+                        "directly, timed in the same process as the default rows (an A/B of GEMM configs). An "
+                        "entry may give the layer's GEMMs their own configs by role (up, down, dh, dx, dw): "
+                        "parts joined by '+', each role[/role...]=config, unnamed roles on the default, e.g. "
+                        "up/dh=pingpong:128x128x64:auto+down/dx=ws:128x256x64:auto:sub32 (parse_layer)")
     p.add_argument("--rows", default="reduced,unfused,standard",
                    help="which default rows to time, from reduced,unfused,standard (the naive loop: --no-naive)")
     args = p.parse_args(argv)
+    from sonic_learn.fast import grouped_gemm as gg
+
+    from grouped_gemm_tiles import parse_layer  # noqa: E402  (same folder)
+
+    gemm = gg.DEFAULT_CONFIG
+    try:  # a GemmConfig (every GEMM) or a LayerGemms (by role) per entry, checked before any GPU work
+        ab = {entry: parse_layer(entry) for entry in (args.gemm.split(",") if args.gemm else [])}
+    except ValueError as exc:  # (it names the entry)
+        p.error(str(exc))
+    rows = set(args.rows.split(","))
+    if rows - {"reduced", "unfused", "standard"}:
+        p.error(f"--rows: choose from reduced, unfused, standard; got {args.rows}")
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     from sonic_learn.fast import moe as fast_moe
     from sonic_learn.reference import moe as ref_moe
-
-    from sonic_learn.fast import grouped_gemm as gg
-
-    from grouped_gemm_tiles import parse as parse_gemm  # noqa: E402  (same folder)
-
-    gemm = gg.DEFAULT_CONFIG
-    ab = {cfg: gg.GemmConfig(**parse_gemm(cfg)) for cfg in (args.gemm.split(",") if args.gemm else [])}
-    rows = set(args.rows.split(","))
-    if rows - {"reduced", "unfused", "standard"}:
-        p.error(f"--rows: choose from reduced, unfused, standard; got {args.rows}")
 
     env = bench.environment()
 
@@ -179,7 +184,7 @@ def main(argv=None) -> int:
     }
     keep = {"reduced": "fast_reduced_memory", "unfused": "fast_reduced_memory_unfused", "standard": "fast_standard"}
     impls = {name: fn for name, fn in impls.items() if name in {keep[r] for r in rows}}
-    for cfg, c in ab.items():  # the A/B rows: the reduced-memory layer on each GEMM config, kernels called directly
+    for cfg, c in ab.items():  # the A/B rows: the reduced-memory layer on each --gemm entry, kernels called directly
         impls[f"fast_reduced_memory[{cfg}]"] = layer("reduced_memory", fast_moe.fast_ops(c))
     if args.cluster_ab:  # the grouped GEMMs of the forward AND backward in clusters of 2, then the default again
         impls["fast_reduced_memory_cluster2"] = layer(

@@ -28,3 +28,64 @@ def test_help_imports_and_parses(script: Path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage" in done.stdout.lower()
+
+
+# ----------------------------------------------------------------------------------------------
+# The --gemm syntax (grouped_gemm_tiles.parse / parse_layer, shared by benchmarks/moe.py)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def tiles(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import grouped_gemm_tiles
+
+    return grouped_gemm_tiles
+
+
+def test_parse_layer_one_config_is_every_gemms(tiles):
+    from sonic_learn.fast.grouped_gemm import GemmConfig
+
+    assert tiles.parse_layer("ws:128x256x64:auto") == GemmConfig()
+    assert tiles.parse_layer("ws:128x256x64:4:c2:sub64") == GemmConfig(stages=4, cluster_m=2, epi_subtile=64)
+    assert tiles.parse_layer("ws:128x256x32:auto:notma") == GemmConfig(tile=(128, 256, 32), tma_store=False)
+    assert tiles.parse_layer("pingpong:128x128x64:3") == GemmConfig(kernel="pingpong", stages=3)
+
+
+def test_parse_layer_by_role(tiles):
+    from sonic_learn.fast.grouped_gemm import DEFAULT_CONFIG, GEMM_ROLES, GemmConfig, LayerGemms
+
+    pp, sub = GemmConfig(kernel="pingpong"), GemmConfig(epi_subtile=32)
+    got = tiles.parse_layer("up/dh=pingpong:128x128x64:auto")
+    assert got == LayerGemms(up=pp, dh=pp) and got.down is DEFAULT_CONFIG
+    assert tiles.parse_layer("up/dh=pingpong:128x128x64:auto+down/dx=ws:128x256x64:auto:sub32") == LayerGemms(
+        up=pp, dh=pp, down=sub, dx=sub)
+    # a bare part is the config of every role not named
+    assert tiles.parse_layer("ws:128x256x64:auto:sub32+dw=ws:128x256x64:auto") == LayerGemms(
+        **{role: sub for role in GEMM_ROLES if role != "dw"})
+    assert tiles.parse_layer("dw=ws:128x128x64:auto:c1") == LayerGemms(dw=GemmConfig(tile=(128, 128, 64), cluster_m=1))
+
+
+@pytest.mark.parametrize("entry,message", [
+    ("gate=ws:128x256x64:auto", r"unknown role 'gate', choose from up, down, dh, dx, dw"),
+    ("up/=ws:128x256x64:auto", r"unknown role ''"),
+    ("up=ws:128x256x64:auto+up/dh=ws:128x256x64:3", r"role 'up' assigned twice"),
+    ("ws:128x256x64:auto+ws:128x256x64:3", r"more than one config without a role"),
+    ("up=", r"config '': not enough values"),
+    ("up=pingpong:128x256x64:auto", r"config 'pingpong:128x256x64:auto': the ping-pong kernel .* tile_n <= 128"),
+    ("ws:128x256x64:auto:nottma", r"unknown flags \['nottma'\]"),
+    ("up=ws:128x256x64:auto:c2+dh", r"config 'dh': not enough values"),
+    ("ws:128x256x64:auto:sub", r"unknown flags \['sub'\]"),
+])
+def test_parse_layer_rejects_bad_entries(tiles, entry, message):
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(f"--gemm entry {entry!r}") + ".*" + message):
+        tiles.parse_layer(entry)
+
+
+def test_moe_benchmark_rejects_a_bad_gemm_entry_before_needing_a_gpu():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "moe.py"), "--gemm",
+                           "ws:128x256x64:auto,up/dx=pingpong:128x256x64:auto"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: --gemm entry 'up/dx=pingpong:128x256x64:auto'" in done.stderr and "tile_n <= 128" in done.stderr
