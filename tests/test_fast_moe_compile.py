@@ -130,11 +130,24 @@ def _route(logits, k, routing, tile_m):
     return r, meta, token_offsets
 
 
-def _cpu_layer(x, router_w, w1, w2, k, routing, backward, tile_m=4):
-    """The fast layer's routing + autograd Functions on the CPU (reference router, TORCH_OPS kernels)."""
+def _cpu_layer(x, router_w, w1, w2, k, routing, backward, tile_m=4, ops=TORCH_OPS):
+    """The fast layer's routing + autograd Functions on the CPU (reference router, ``ops`` kernels)."""
     r, meta, token_offsets = _route(x @ router_w, k, routing, tile_m)
     dr = fast_moe.DeviceRouting(meta, r.scores, token_offsets)
-    return fast_moe.run_experts(x, w1, w2, dr, backward, TORCH_OPS), dr
+    return fast_moe.run_experts(x, w1, w2, dr, backward, ops), dr
+
+
+def check_cpu_layer_against_reference(params, k, routing, backward, seed, ops=TORCH_OPS):
+    """``_cpu_layer`` on ``ops`` vs the reference layer (float64): output and the four gradients."""
+    out, _ = _cpu_layer(*params, k, routing, backward, ops=ops)
+    ref_params = [p.detach().clone().requires_grad_(True) for p in params]
+    ref = ref_moe.moe_forward(*ref_params, k, routing=routing, tile_m=4, backward=backward)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=out.dtype)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    for name, p, q in zip(("x", "router_w", "w1", "w2"), params, ref_params):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def _params(T, d, n, E, seed, dtype=torch.float64):
@@ -157,16 +170,7 @@ def _params(T, d, n, E, seed, dtype=torch.float64):
 @example(T=0, d=8, n=8, E=2, k_frac=1.0, seed=0, routing="topk", backward="standard")
 def test_autograd_logic_matches_reference_float64(T, d, n, E, k_frac, seed, routing, backward):
     k = 1 + int(k_frac * (E - 1))
-    params = _params(T, d, n, E, seed)
-    out, _ = _cpu_layer(*params, k, routing, backward)
-    ref_params = [p.detach().clone().requires_grad_(True) for p in params]
-    ref = ref_moe.moe_forward(*ref_params, k, routing=routing, tile_m=4, backward=backward)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=out.dtype)
-    (out * g).sum().backward()
-    (ref * g).sum().backward()
-    for name, p, q in zip(("x", "router_w", "w1", "w2"), params, ref_params):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"d{name}: {m}")
+    check_cpu_layer_against_reference(_params(T, d, n, E, seed), k, routing, backward, seed)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,11 +17,11 @@ import dataclasses
 
 import pytest
 import torch
-from test_fast_moe_compile import TORCH_OPS, _params, _route  # the kernels' torch stand-ins
+from test_fast_moe_compile import (  # the kernels' torch stand-ins and the CPU layer's check
+    TORCH_OPS, _params, _route, check_cpu_layer_against_reference)
 
 from sonic_learn.fast import grouped_gemm as gg
 from sonic_learn.fast import moe as fast_moe
-from sonic_learn.reference import moe as ref_moe
 
 pytestmark = pytest.mark.compile  # imports the CuTe-DSL kernels' modules (nothing is launched)
 
@@ -79,18 +79,7 @@ def _cpu_ops(gemm, **fuse) -> fast_moe.ExpertOps:
 def _run_layer(ops, routing, backward, T=19, E=4, k=2, seed=0):
     """Forward + backward of the fast layer's autograd Functions on ``ops``, checked against the
     reference layer (float64)."""
-    params = _params(T, D, N, E, seed)
-    x, router_w, w1, w2 = params
-    r, meta, token_offsets = _route(x @ router_w, k, routing, 4)
-    out = fast_moe.run_experts(x, w1, w2, fast_moe.DeviceRouting(meta, r.scores, token_offsets), backward, ops)
-    ref_params = [p.detach().clone().requires_grad_(True) for p in params]
-    ref = ref_moe.moe_forward(*ref_params, k, routing=routing, tile_m=4, backward=backward)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=out.dtype)
-    (out * g).sum().backward()
-    (ref * g).sum().backward()
-    for name, p, q in zip(("x", "router_w", "w1", "w2"), params, ref_params):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"d{name}: {m}")
+    check_cpu_layer_against_reference(_params(T, D, N, E, seed), k, routing, backward, seed, ops)
 
 
 @pytest.mark.parametrize("routing", ["topk", "token_rounding"])
