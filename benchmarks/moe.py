@@ -146,8 +146,13 @@ def main(argv=None) -> int:
     from grouped_gemm_tiles import parse_layer  # noqa: E402  (same folder)
 
     gemm = gg.DEFAULT_CONFIG
+    entries = args.gemm.split(",") if args.gemm else []
+    twice = sorted({e for e in entries if entries.count(e) > 1})
+    if twice:  # each row is named by its entry
+        p.error(f"--gemm: entries given twice: {twice} (rows are named by their entry: spell a repeat another "
+                "way, e.g. the default everywhere as up=ws:128x256x64:auto)")
     try:  # a GemmConfig (every GEMM) or a LayerGemms (by role) per entry, checked before any GPU work
-        ab = {entry: parse_layer(entry) for entry in (args.gemm.split(",") if args.gemm else [])}
+        ab = {entry: parse_layer(entry) for entry in entries}
     except ValueError as exc:  # (it names the entry)
         p.error(str(exc))
     rows = set(args.rows.split(","))
