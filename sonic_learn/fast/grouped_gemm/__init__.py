@@ -350,10 +350,13 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     vec = lambda: make_fake_compact_tensor(cutlass.Int32, (sym(),), assumed_align=4)  # noqa: E731
     gidx, offs, toffs = vec(), vec(), vec()
     _check_epi_subtile(epi_subtile, kernel, tile, tma_store)
-    if epilogue != "store" or (varlen_k and transposed):
-        epi_subtile = None  # the fused epilogues and the transposed store keep their whole-tile buffer
+    cls = {"v1": GroupedGemmV1, "sm90": GroupedGemmSm90, "ws": GroupedGemmWS, "pingpong": GroupedGemmWS}[kernel]
+    cls = {"swiglu": SwiGLUEpilogue, "dswiglu": DSwiGLUEpilogue}.get(epilogue, cls)
     if kernel in PERSISTENT:
-        fit = ws_stages(tile, out_dtype.itemsize, pingpong=kernel == "pingpong", epi_subtile=epi_subtile)
+        if not cls.SUBTILE_OUTPUTS or (varlen_k and transposed):
+            epi_subtile = None  # the dH epilogue and the transposed store keep their whole-tile buffer
+        fit = ws_stages(tile, out_dtype.itemsize, pingpong=kernel == "pingpong", epi_subtile=epi_subtile,
+                        subtile_outputs=cls.SUBTILE_OUTPUTS)
         if epi_subtile is not None and stages is not None and stages > fit:
             raise ValueError(f"tile {tile} with epi_subtile={epi_subtile} leaves room for {fit} pipeline stages, "
                              f"got stages={stages}")
@@ -364,8 +367,6 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     _check_cluster_m(cluster_m, allow_none=False)
     if cluster_m != 1 and kernel != "ws":
         raise ValueError(f"cluster_m={cluster_m} needs kernel='ws', got {kernel!r}")
-    cls = {"v1": GroupedGemmV1, "sm90": GroupedGemmSm90, "ws": GroupedGemmWS, "pingpong": GroupedGemmWS}[kernel]
-    cls = {"swiglu": SwiGLUEpilogue, "dswiglu": DSwiGLUEpilogue}.get(epilogue, cls)
     if kernel == "sm90":  # the epilogue reuses the A/B stage buffers for the output tile
         ab_bytes = stages * (tile[0] + tile[1]) * tile[2] * 2
         if epilogue_smem_bytes(tile, out_dtype.itemsize) > ab_bytes:
