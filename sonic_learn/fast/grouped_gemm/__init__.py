@@ -125,8 +125,10 @@ class GemmConfig:
     subtiles of 64 rows x ``epi_subtile`` columns through two small staging buffers, so stores
     overlap the next subtile's writes and the freed shared memory becomes pipeline stages
     (``GroupedGemmWS.epilogue_wg_tma_subtiled``). tile_n must be a multiple of 2 x ``epi_subtile``.
-    The fused epilogues (SwiGLU, dH) and the transposed varlen-K store ignore it: they keep their
-    whole-tile buffer, so one config serves every GEMM of the MoE layer.
+    The fused SwiGLU epilogue honours it too: each subtile of H and its half-width subtile of
+    A = SwiGLU(H) leave by TMA bulk stores (same values bit for bit). The dH epilogue and the
+    transposed varlen-K store ignore it and keep their whole-tile buffer, so one config serves
+    every GEMM of the MoE layer.
     """
 
     kernel: str = "ws"
@@ -306,8 +308,9 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     ``tma_store`` (persistent kernels, plain store): full tiles leave through a TMA bulk store
     (``GroupedGemmWS.epilogue_wg_tma``); False keeps the synchronous shared-memory copy-out.
     ``cluster_m`` (kernel "ws"): CTAs per cluster sharing B by TMA multicast (``GroupedGemmWS(cluster_m=...)``).
-    ``epi_subtile`` (kernel "ws", TMA store): the plain store's subtiled epilogue (``GemmConfig``);
-    ignored by the fused epilogues and the transposed varlen-K store, which keep the whole-tile buffer.
+    ``epi_subtile`` (kernel "ws", TMA store): the subtiled epilogue of the plain store and of the
+    SwiGLU epilogue (``GemmConfig``); ignored by the dH epilogue and the transposed varlen-K store,
+    which keep the whole-tile buffer.
     """
     _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
     _checks.check_choice("epilogue", epilogue, EPILOGUES)

@@ -15,8 +15,9 @@ shared-memory buffer -- a bulk store cannot stop at an expert's last row, and re
 descriptor on the device would cost a rewrite and a fence each time a CTA moves to another
 expert. Opt-in (``epi_subtile``): the plain store leaves in 64 x epi_subtile subtiles through two
 small staging buffers per warpgroup instead of one whole-tile buffer, so the freed shared memory
-becomes pipeline stages (``epilogue_wg_tma_subtiled``). Not done: the fused epilogues still store
-with st.global (no TMA); tile shapes are fixed per output dtype.
+becomes pipeline stages (``epilogue_wg_tma_subtiled``); the fused SwiGLU epilogue takes the same
+loop with a second output (A, through a second TMA store atom). Not done: the dH epilogue still
+stores with st.global (no TMA); tile shapes are fixed per output dtype.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class GroupedGemmWS(GroupedGemmSm90):
       with it (remote mbarrier arrivals, ``release_slot``).
     * **Epilogue** per MMA warpgroup through its own shared-memory buffer (64 rows), synchronized
       with a named barrier of 128 threads; the same ``tile_value`` hook as GroupedGemmSm90. The
-      plain store sends full rows by TMA bulk store (``epilogue_wg_tma``).
+      plain store sends full rows by TMA bulk store (``epilogue_wg_tma``), or subtile by subtile
+      (``epi_subtile``: ``epilogue_wg_tma_subtiled``, shared with the SwiGLU epilogue).
     * **Layout options** (so the MoE backward never copies a transposed weight or gradient):
       ``b_k_major`` (varlen-M) takes the weights stored (E, N, K) and multiplies by ``w[e]^T``
       (WGMMA reads B K-major; only the TMA view's strides change); ``transpose_out`` (varlen-K)
@@ -103,8 +105,9 @@ class GroupedGemmWS(GroupedGemmSm90):
             self.MMA_WARPGROUPS = (1, 1, 1)  # one warpgroup's MMA covers a whole tile
 
     def uses_tma_store(self) -> bool:
-        """Full tiles leave through a TMA bulk store (row-major ``out`` only; the transposed
-        varlen-K store and the fused epilogues keep the padded buffer and 16-byte stores)."""
+        """The plain store's full tiles leave through a TMA bulk store (row-major ``out`` only; the
+        transposed varlen-K store and the fused epilogues keep the padded buffer and 16-byte
+        stores, except the SwiGLU epilogue when ``subtiled``)."""
         return self.TMA_STORE and self.tma_store and not self.transpose_out
 
     def subtiled(self) -> bool:
