@@ -84,7 +84,6 @@ class SwiGLUEpilogue(GroupedGemmWS):
         return h
 
 
-
 PREFETCH = 16  # H loads in flight per thread in the dSwiGLU epilogue (16 x 8 bytes = 32 registers)
 
 

@@ -155,7 +155,7 @@ class GroupedGemmWS(GroupedGemmSm90):
         tma_c = None
         # Subtiled (``epi_subtile``): per output, four (rows, subtile) slots, 2 * (wg - 1) + buffer,
         # and a TMA box of one subtile (the reference's "epi_tile"); the SwiGLU epilogue's second
-        # output, A in ``epi_out``, gets its own slots and store atom at half the width.
+        # output, A in ``epi_out``, gets its own slots and store atom at half the width ("eo").
         tma_atom_eo = None
         tma_eo = None
         eo_layout = None
