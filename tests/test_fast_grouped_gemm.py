@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from sonic_learn.fast._cute import fast_available
 from sonic_learn.reference import grouped_gemm as ref
+from sonic_learn.reference import moe as ref_moe
 from sonic_learn.reference.routing import RoutingMetadata
 
 pytestmark = pytest.mark.gpu
@@ -329,14 +330,18 @@ def test_realistic_shape_7b_up_proj_slice(kernel_config):
 @example(problem=([129, 0, 128, 1, 127], 200, 64, 72, "bf16", None, 0))  # N = 72: subtiles past N clipped
 @example(problem=([300, 0, 257, 64], 300, 256, 520, "fp16", None, 3))  # M = 621, a partial last subtile
 @example(problem=([200, 0, 129], 100, 128, 264, "bf16", torch.float32, 5))  # fp32 output (tile 128 x 128)
+@example(problem=([0, 1, 63, 64, 65, 127, 128, 129], 300, 64, 272, "bf16", None, 11))  # a warpgroup's edges
+@example(problem=([129, 65, 0, 63], 150, 96, 528, "fp16", None, 13))  # 2n = 528: SwiGLU's 3rd n-tile clipped
 def test_subtiled_epilogue_matches_oracle(epi_subtile, max_ctas, problem):
     """GemmConfig(epi_subtile=S): the plain store leaves in (64, S) subtiles through two staging
     buffers. Against the float64 oracle on ragged, empty and one-row experts (full warpgroup tiles
-    by bulk stores, the expert's last rows by the masked subtile copy-out), and bit for bit equal to
-    the whole-tile epilogue (same accumulators, only the store path differs); with 3 CTAs every
-    CTA walks many tiles, so the buffers are refilled while earlier bulk stores may still read them.
-    varlen-K (clusters of 2 by default) and the fused SwiGLU epilogue (which ignores epi_subtile)
-    run with the same config."""
+    by bulk stores, the expert's last rows by the masked subtile copy-out; 63 / 64 / 65 rows put
+    one warpgroup of a tile on each path), and bit for bit equal to the whole-tile epilogue (same
+    accumulators, only the store path differs); with 3 CTAs every CTA walks many tiles, so the
+    buffers are refilled while earlier bulk stores may still read them. varlen-K (clusters of 2 by
+    default) runs with the same config, and so does the fused SwiGLU epilogue, whose H and A
+    subtiles leave by two TMA stores (H against the oracle, A against SwiGLU of the oracle's H,
+    both equal to the whole-tile SwiGLU epilogue's)."""
     from sonic_learn.fast import grouped_gemm as gg
 
     cfg = gg.GemmConfig(epi_subtile=epi_subtile, max_ctas=max_ctas)
@@ -363,10 +368,17 @@ def test_subtiled_epilogue_matches_oracle(epi_subtile, max_ctas, problem):
     assert torch.equal(dw, gg.grouped_gemm_varlen_k(x, b, meta, out_dtype=out_dtype, config=whole))
     assert torch.equal(gg.grouped_gemm_varlen_k(x, b, meta, out_dtype=out_dtype, transpose_out=True, config=cfg),
                        dw.transpose(1, 2))
-    if out_dtype is None and N % 16 == 0:  # the fused SwiGLU epilogue keeps its buffer: same (H, A)
-        h, act = gg.gather_fused_grouped_gemm_swiglu(x, w, meta, config=cfg)
-        h0, act0 = gg.gather_fused_grouped_gemm_swiglu(x, w, meta, config=whole)
-        assert torch.equal(h, h0) and torch.equal(act, act0)
+    # The up-projection with SwiGLU fused (2n = N rounded down to a multiple of 16; 16-bit output)
+    n2 = 16 * max(1, N // 16)
+    w_up = w[..., :n2].contiguous()  # (E, K, 2n), gate / up interleaved
+    oracle_h, same_h = varlen_m_oracle(x, w_up, meta)
+    poison((M, n2 // 2), dtype)
+    poison((M, n2), dtype)
+    h, act = gg.gather_fused_grouped_gemm_swiglu(x, w_up, meta, config=cfg)
+    check_close(f"subtiled SwiGLU H S={epi_subtile}", h, oracle_h, same_h)
+    check_close(f"subtiled SwiGLU A S={epi_subtile}", act, ref_moe.swiglu(oracle_h), ref_moe.swiglu(same_h))
+    h0, act0 = gg.gather_fused_grouped_gemm_swiglu(x, w_up, meta, config=whole)
+    assert torch.equal(h, h0) and torch.equal(act, act0)
 
 
 @needs_hopper

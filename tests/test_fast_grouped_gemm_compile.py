@@ -190,11 +190,45 @@ def test_subtiled_epilogue_compiles_for_sm90a(variant, out_dtype, cluster_m, epi
     assert re.search(r"cp\.async\.bulk\.wait_group\.read\s+0;", ptx) and "st.global.v4" in ptx
 
 
+def _swiglu_ptx(tile, cluster_m=1, epi_subtile=None):
+    from sonic_learn.fast.grouped_gemm import compile_grouped_gemm
+
+    return compile_grouped_gemm("varlen_m_gather", torch.bfloat16, torch.bfloat16, tile, keep_ptx=True, kernel="ws",
+                                epilogue="swiglu", cluster_m=cluster_m, epi_subtile=epi_subtile).__ptx__
+
+
 @pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
-@pytest.mark.parametrize("variant,transposed,epilogue", [("varlen_m_gather", False, "swiglu"),
+@pytest.mark.parametrize("tile,epi_subtile,cluster_m", [
+    ((128, 256, 64), 32, 1), ((128, 256, 64), 64, 1), ((128, 256, 64), 32, 2), ((128, 128, 64), 32, 1)],
+    ids=["256-sub32", "256-sub64", "256-sub32-c2", "128-sub32"])
+def test_subtiled_swiglu_epilogue_compiles_for_sm90a(tile, epi_subtile, cluster_m):
+    """The SwiGLU epilogue with epi_subtile=S: per (64, S) subtile of H one bulk store to ``out`` and
+    one of its (64, S / 2) subtile of A to ``epi_out`` (two more TMA tensor maps than the
+    whole-tile kernel, which has no bulk store at all), the overlapping wait, the masked stores of
+    the ragged rows, and the freed shared memory as pipeline stages (one "full" and one "empty"
+    mbarrier per stage)."""
+    from sonic_learn.fast.grouped_gemm.ws import ws_stages
+
+    whole = _swiglu_ptx(tile, cluster_m)
+    ptx = _swiglu_ptx(tile, cluster_m, epi_subtile)
+    assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx and "ex2.approx" in ptx
+    bulk_stores = r"cp\.async\.bulk\.tensor\.2d\.global\.shared"
+    assert len(re.findall(bulk_stores, whole)) == 0
+    assert len(re.findall(bulk_stores, ptx)) == 2 * (tile[1] // epi_subtile)  # H and A per subtile
+    tensor_maps = lambda text: text.count(".param .align 64 .b8")  # noqa: E731  (128-byte TMA descriptors)
+    assert tensor_maps(ptx) == tensor_maps(whole) + 2
+    assert re.search(r"cp\.async\.bulk\.wait_group\.read\s+1;", ptx), "stores of subtile j overlap subtile j+1"
+    assert re.search(r"cp\.async\.bulk\.wait_group\.read\s+0;", ptx) and "st.global.v4" in ptx
+    stages = ws_stages(tile, 2, epi_subtile=epi_subtile, subtile_outputs=(1, 2))
+    extra = stages - ws_stages(tile, 2)
+    assert ptx.count("mbarrier.init") - whole.count("mbarrier.init") == 2 * extra
+
+
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+@pytest.mark.parametrize("variant,transposed,epilogue", [("varlen_m_gather", True, "dswiglu"),
                                                          ("varlen_k_gather", True, "store")])
-def test_subtiled_epilogue_ignored_by_fused_and_transposed_stores(variant, transposed, epilogue):
-    """The fused epilogues and the transposed varlen-K store keep their whole-tile buffer: with
+def test_subtiled_epilogue_ignored_by_dh_and_transposed_stores(variant, transposed, epilogue):
+    """The dH epilogue and the transposed varlen-K store keep their whole-tile buffer: with
     epi_subtile they compile to the very same kernel (so one GemmConfig serves every MoE GEMM)."""
     from sonic_learn.fast.grouped_gemm import WS_TILE, compile_grouped_gemm
 
@@ -214,6 +248,15 @@ def test_subtiled_epilogue_frees_pipeline_stages_and_rejects_bad_values():
     assert ws_stages(fast.WS_TILE, 2) == 3
     assert ws_stages(fast.WS_TILE, 2, epi_subtile=32) == 4
     assert ws_stages(fast.WS_TILE, 2, epi_subtile=64) == 3  # 4 x 48 KB + 32 KB + the expert table: too much
+    # SwiGLU: H's buffers and A's half-width ones (1.5x the plain store's)
+    swiglu = dict(subtile_outputs=(1, 2))
+    assert ws_stages(fast.WS_TILE, 2, epi_subtile=32, **swiglu) == 4  # 24 KB of buffers
+    assert ws_stages(fast.WS_TILE, 2, epi_subtile=64, **swiglu) == 3  # 48 KB: no stage gained
+    assert ws_stages((128, 128, 64), 2) == 5
+    assert ws_stages((128, 128, 64), 2, epi_subtile=32, **swiglu) == 6
+    assert ws_stages((128, 128, 64), 2, epi_subtile=64, **swiglu) == 5
+    assert ws_stages((128, 128, 32), 2, epi_subtile=64) == 11
+    assert ws_stages((128, 128, 32), 2, epi_subtile=64, **swiglu) == 10  # A's buffers cost a stage here
     assert fast.GemmConfig(epi_subtile=64).epi_subtile == 64 and fast.DEFAULT_CONFIG.epi_subtile is None
     for bad in (48, 0, True, "64"):
         with pytest.raises(ValueError, match="epi_subtile must be None or one of"):
@@ -226,6 +269,9 @@ def test_subtiled_epilogue_frees_pipeline_stages_and_rejects_bad_values():
         fast.GemmConfig(tile=(128, 64, 64), epi_subtile=64)
     with pytest.raises(ValueError, match="epi_subtile=64 leaves room for 3 pipeline stages, got stages=4"):
         fast.compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, fast.WS_TILE, 4, epi_subtile=64)
+    with pytest.raises(ValueError, match="epi_subtile=32 leaves room for 4 pipeline stages, got stages=5"):
+        fast.compile_grouped_gemm("varlen_m_gather", torch.bfloat16, torch.bfloat16, fast.WS_TILE, 5,
+                                  epilogue="swiglu", epi_subtile=32)
 
 
 def test_cpu_tensor_rejected_before_launch():

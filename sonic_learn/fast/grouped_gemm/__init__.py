@@ -128,9 +128,11 @@ class GemmConfig:
     subtiles of 64 rows x ``epi_subtile`` columns through two small staging buffers, so stores
     overlap the next subtile's writes and the freed shared memory becomes pipeline stages
     (``GroupedGemmWS.epilogue_wg_tma_subtiled``). tile_n must be a multiple of 2 x ``epi_subtile``.
-    The fused epilogues (SwiGLU, dH) and the transposed varlen-K store ignore it: they keep their
-    whole-tile buffer, so one config serves every GEMM of the MoE layer. To give the layer's GEMMs
-    different configs, pass a ``LayerGemms`` (one config per role) to ``fast.moe.fast_ops``.
+    The fused SwiGLU epilogue honours it too: each subtile of H and its half-width subtile of
+    A = SwiGLU(H) leave by TMA bulk stores (same values bit for bit). The dH epilogue and the
+    transposed varlen-K store ignore it and keep their whole-tile buffer, so one config serves
+    every GEMM of the MoE layer. To give the layer's GEMMs different configs, pass a ``LayerGemms``
+    (one config per role) to ``fast.moe.fast_ops``.
     """
 
     kernel: str = "ws"
@@ -371,8 +373,9 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     ``tma_store`` (persistent kernels, plain store): full tiles leave through a TMA bulk store
     (``GroupedGemmWS.epilogue_wg_tma``); False keeps the synchronous shared-memory copy-out.
     ``cluster_m`` (kernel "ws"): CTAs per cluster sharing B by TMA multicast (``GroupedGemmWS(cluster_m=...)``).
-    ``epi_subtile`` (kernel "ws", TMA store): the plain store's subtiled epilogue (``GemmConfig``);
-    ignored by the fused epilogues and the transposed varlen-K store, which keep the whole-tile buffer.
+    ``epi_subtile`` (kernel "ws", TMA store): the subtiled epilogue of the plain store and of the
+    SwiGLU epilogue (``GemmConfig``); ignored by the dH epilogue and the transposed varlen-K store,
+    which keep the whole-tile buffer.
     """
     _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
     _checks.check_choice("epilogue", epilogue, EPILOGUES)
@@ -415,10 +418,13 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     vec = lambda: make_fake_compact_tensor(cutlass.Int32, (sym(),), assumed_align=4)  # noqa: E731
     gidx, offs, toffs = vec(), vec(), vec()
     _check_epi_subtile(epi_subtile, kernel, tile, tma_store)
-    if epilogue != "store" or (varlen_k and transposed):
-        epi_subtile = None  # the fused epilogues and the transposed store keep their whole-tile buffer
+    cls = {"v1": GroupedGemmV1, "sm90": GroupedGemmSm90, "ws": GroupedGemmWS, "pingpong": GroupedGemmWS}[kernel]
+    cls = {"swiglu": SwiGLUEpilogue, "dswiglu": DSwiGLUEpilogue}.get(epilogue, cls)
     if kernel in PERSISTENT:
-        fit = ws_stages(tile, out_dtype.itemsize, pingpong=kernel == "pingpong", epi_subtile=epi_subtile)
+        if not cls.SUBTILE_OUTPUTS or (varlen_k and transposed):
+            epi_subtile = None  # the dH epilogue and the transposed store keep their whole-tile buffer
+        fit = ws_stages(tile, out_dtype.itemsize, pingpong=kernel == "pingpong", epi_subtile=epi_subtile,
+                        subtile_outputs=cls.SUBTILE_OUTPUTS)
         if epi_subtile is not None and stages is not None and stages > fit:
             raise ValueError(f"tile {tile} with epi_subtile={epi_subtile} leaves room for {fit} pipeline stages, "
                              f"got stages={stages}")
@@ -429,8 +435,6 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     _check_cluster_m(cluster_m, allow_none=False)
     if cluster_m != 1 and kernel != "ws":
         raise ValueError(f"cluster_m={cluster_m} needs kernel='ws', got {kernel!r}")
-    cls = {"v1": GroupedGemmV1, "sm90": GroupedGemmSm90, "ws": GroupedGemmWS, "pingpong": GroupedGemmWS}[kernel]
-    cls = {"swiglu": SwiGLUEpilogue, "dswiglu": DSwiGLUEpilogue}.get(epilogue, cls)
     if kernel == "sm90":  # the epilogue reuses the A/B stage buffers for the output tile
         ab_bytes = stages * (tile[0] + tile[1]) * tile[2] * 2
         if epilogue_smem_bytes(tile, out_dtype.itemsize) > ab_bytes:

@@ -29,9 +29,17 @@ class SwiGLUEpilogue(GroupedGemmWS):
     from the *rounded* H values, exactly like ``moe_kernels.SwiGLUForward`` on the stored H, so the
     fused and unfused forwards agree bit for bit and the backward (which recomputes A from H)
     sees the same A. The separate SwiGLU pass, its re-read of H and its launch disappear.
+
+    Two store paths: by default (``epilogue_wg``) H and then A go out of one padded whole-tile
+    buffer by 16-byte stores, which keep the MMA warps busy until the data have left the SM. With
+    ``epi_subtile`` = S, the production kernel's subtiled TMA epilogue runs instead
+    (``epilogue_wg_tma_subtiled``, with ``stage_subtile`` below): each (64, S) subtile of H and
+    its (64, S / 2) subtile of A leave by TMA bulk stores (to ``out`` and ``epi_out``) from two
+    small pairs of staging buffers, and the freed shared memory becomes pipeline stages.
     """
 
-    TMA_STORE = False  # its own stores (two outputs / direct dH stores) from the padded buffer
+    TMA_STORE = False  # the whole-tile path: its own stores (two outputs) from the padded buffer
+    SUBTILE_OUTPUTS = (1, 2)  # subtiled: H to ``out`` (S columns per subtile), A to ``epi_out`` (S / 2)
 
     @cute.jit
     def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
@@ -57,6 +65,23 @@ class SwiGLUEpilogue(GroupedGemmWS):
         cute.arch.barrier(barrier_id=wg, number_of_threads=128)
         self.copy_out_rows(sA, a_cols, epi[0], out_row0, n_start // 2, rows_left, cols_left // 2, wg, ctid)
 
+    @cute.jit
+    def stage_subtile(self, acc_j: cute.Tensor, smem_j: tuple):
+        """Phase 2 of the subtiled epilogue for SwiGLU: subtile j of H, then the matching subtile of A.
+
+        ``acc_j`` holds this thread's accumulators of the subtile, (gate, up) pairs in neighbouring
+        values (2i, 2i + 1: one row, columns 2c and 2c + 1); ``smem_j`` = this thread's addresses in
+        H's and A's staging buffers, where both values of a pair map to A's column c."""
+        # H: rounded to the output dtype and staged, exactly as the plain store (reference: h = x W1).
+        h = GroupedGemmWS.stage_subtile(self, acc_j, smem_j)
+        # A = up * silu(gate) from the *rounded* H values, as the whole-tile path and SwiGLUForward
+        # (reference: ``swiglu``, gate = h[:, 0::2], up = h[:, 1::2]); one A value per pair.
+        s_a = smem_j[1]
+        for i in cutlass.range_constexpr(cute.size(acc_j) // 2):
+            g = h[2 * i].to(cutlass.Float32)
+            u = h[2 * i + 1].to(cutlass.Float32)
+            s_a[2 * i] = swiglu_parts(g, u)[2].to(self.out_dtype)
+        return h
 
 
 PREFETCH = 16  # H loads in flight per thread in the dSwiGLU epilogue (16 x 8 bytes = 32 registers)
@@ -84,7 +109,8 @@ class DSwiGLUEpilogue(GroupedGemmWS):
     grouped row (P,) fp32, ``row_out`` = (P, ceil(n / tile_n)) fp32.
     """
 
-    TMA_STORE = False  # its own stores (two outputs / direct dH stores) from the padded buffer
+    TMA_STORE = False  # its own stores (A' from the padded buffer, dH straight from registers)
+    SUBTILE_OUTPUTS = ()  # ignores epi_subtile: keeps the whole-tile buffer
 
     @cute.jit
     def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,

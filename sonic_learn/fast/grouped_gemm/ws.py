@@ -15,8 +15,9 @@ shared-memory buffer -- a bulk store cannot stop at an expert's last row, and re
 descriptor on the device would cost a rewrite and a fence each time a CTA moves to another
 expert. Opt-in (``epi_subtile``): the plain store leaves in 64 x epi_subtile subtiles through two
 small staging buffers per warpgroup instead of one whole-tile buffer, so the freed shared memory
-becomes pipeline stages (``epilogue_wg_tma_subtiled``). Not done: the fused epilogues still store
-with st.global (no TMA); tile shapes are fixed per output dtype.
+becomes pipeline stages (``epilogue_wg_tma_subtiled``); the fused SwiGLU epilogue takes the same
+loop with a second output (A, through a second TMA store atom). Not done: the dH epilogue still
+stores with st.global (no TMA); tile shapes are fixed per output dtype.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class GroupedGemmWS(GroupedGemmSm90):
       with it (remote mbarrier arrivals, ``release_slot``).
     * **Epilogue** per MMA warpgroup through its own shared-memory buffer (64 rows), synchronized
       with a named barrier of 128 threads; the same ``tile_value`` hook as GroupedGemmSm90. The
-      plain store sends full rows by TMA bulk store (``epilogue_wg_tma``).
+      plain store sends full rows by TMA bulk store (``epilogue_wg_tma``), or subtile by subtile
+      (``epi_subtile``: ``epilogue_wg_tma_subtiled``, shared with the SwiGLU epilogue).
     * **Layout options** (so the MoE backward never copies a transposed weight or gradient):
       ``b_k_major`` (varlen-M) takes the weights stored (E, N, K) and multiplies by ``w[e]^T``
       (WGMMA reads B K-major; only the TMA view's strides change); ``transpose_out`` (varlen-K)
@@ -72,6 +74,11 @@ class GroupedGemmWS(GroupedGemmSm90):
 
     LAYOUT_OPTIONS = True
     TMA_STORE = True  # the plain store epilogue can; the fused epilogues (subclasses) store with st.global
+    # The outputs that the subtiled epilogue (``epi_subtile``) sends through TMA bulk stores, each as
+    # the number of tile columns per column of that output: ``out`` first, then ``epi_out``. (1,):
+    # the plain store; the SwiGLU epilogue adds ``epi_out`` at half width (one A column per (gate,
+    # up) pair); (): the epilogue ignores ``epi_subtile``.
+    SUBTILE_OUTPUTS: tuple[int, ...] = (1,)
 
     def __init__(self, *, ping_pong: bool = False, tma_store: bool = True, cluster_m: int = 1,
                  epi_subtile: int | None = None, **kernel):
@@ -84,8 +91,9 @@ class GroupedGemmWS(GroupedGemmSm90):
         live in one warpgroup, so tile_n is 128. ``tma_store=False``: the plain store copies out
         of shared memory synchronously instead of the TMA bulk store. ``cluster_m``: CTAs per
         cluster along M that share each tile's B through TMA multicast (1 or 2).
-        ``epi_subtile``: columns per subtile of the subtiled TMA-store epilogue (cooperative kernel,
-        plain TMA store only; ignored where ``uses_tma_store`` is False)."""
+        ``epi_subtile``: columns per subtile of the subtiled TMA-store epilogue (cooperative kernel
+        with ``tma_store``; the plain store and the SwiGLU epilogue, ``SUBTILE_OUTPUTS``; ignored by
+        the dH epilogue and the transposed varlen-K store)."""
         super().__init__(**kernel)
         assert cluster_m in (1, 2) and not (ping_pong and cluster_m > 1)
         self.pingpong = ping_pong
@@ -97,13 +105,16 @@ class GroupedGemmWS(GroupedGemmSm90):
             self.MMA_WARPGROUPS = (1, 1, 1)  # one warpgroup's MMA covers a whole tile
 
     def uses_tma_store(self) -> bool:
-        """Full tiles leave through a TMA bulk store (row-major ``out`` only; the transposed
-        varlen-K store and the fused epilogues keep the padded buffer and 16-byte stores)."""
+        """The plain store's full tiles leave through a TMA bulk store (row-major ``out`` only; the
+        transposed varlen-K store and the fused epilogues keep the padded buffer and 16-byte
+        stores, except the SwiGLU epilogue when ``subtiled``)."""
         return self.TMA_STORE and self.tma_store and not self.transpose_out
 
     def subtiled(self) -> bool:
-        """The plain TMA store leaves subtile by subtile (``epilogue_wg_tma_subtiled``)."""
-        return self.epi_subtile is not None and self.uses_tma_store()
+        """The epilogue leaves subtile by subtile through TMA bulk stores (``epilogue_wg_tma_subtiled``):
+        the plain store, and the fused epilogues whose ``SUBTILE_OUTPUTS`` say so (SwiGLU)."""
+        return (self.epi_subtile is not None and self.tma_store and not self.transpose_out
+                and len(self.SUBTILE_OUTPUTS) > 0)
 
     def wg_rows(self) -> int:
         """Output rows one MMA warpgroup owns (and stages in its epilogue buffer)."""
@@ -121,8 +132,8 @@ class GroupedGemmWS(GroupedGemmSm90):
         tiled_mma, sA_layout, sB_layout = self.make_mma_and_smem_layouts(a, out)  # as GroupedGemmV1
         dtype = self.dtype
         epi_elems = 2 * self.wg_rows() * (bn + CHUNK_BYTES * 8 // self.out_dtype.width)  # one buffer per MMA WG
-        if const_expr(self.subtiled()):
-            epi_elems = 4 * self.wg_rows() * self.epi_subtile  # two (rows, subtile) buffers per MMA WG
+        if const_expr(self.subtiled()):  # per output, two (rows, subtile) buffers per MMA WG
+            epi_elems = subtile_staging_elems(self.wg_rows(), self.epi_subtile, self.SUBTILE_OUTPUTS)
 
         @cute.struct
         class Storage:
@@ -142,14 +153,17 @@ class GroupedGemmWS(GroupedGemmSm90):
         epi_layout = None
         tma_atom_c = None
         tma_c = None
-        # Subtiled (``epi_subtile``): four (rows, subtile) slots, 2 * (wg - 1) + buffer, and a TMA
-        # box of one subtile (the reference's "epi_tile").
+        # Subtiled (``epi_subtile``): per output, four (rows, subtile) slots, 2 * (wg - 1) + buffer,
+        # and a TMA box of one subtile (the reference's "epi_tile"); the SwiGLU epilogue's second
+        # output, A in ``epi_out``, gets its own slots and store atom at half the width ("eo").
+        tma_atom_eo = None
+        tma_eo = None
+        eo_layout = None
         if const_expr(self.subtiled()):
-            sub = self.epi_subtile
-            epi_layout = sm90_utils.make_smem_layout_epi(self.out_dtype, LayoutEnum.ROW_MAJOR,
-                                                         (self.wg_rows(), sub), 4)  # (rows, sub, slot)
-            tma_atom_c, tma_c = cpasync.make_tiled_tma_atom(
-                cpasync.CopyBulkTensorTileS2GOp(), out, cute.slice_(epi_layout, (None, None, 0)), (self.wg_rows(), sub))
+            epi_layout, tma_atom_c, tma_c = self.subtile_store(out, self.epi_subtile)
+            if const_expr(len(self.SUBTILE_OUTPUTS) > 1):
+                eo_layout, tma_atom_eo, tma_eo = self.subtile_store(epi_out,
+                                                                    self.epi_subtile // self.SUBTILE_OUTPUTS[1])
         elif const_expr(self.uses_tma_store()):
             epi_layout = sm90_utils.make_smem_layout_epi(self.out_dtype, LayoutEnum.ROW_MAJOR,
                                                          (self.wg_rows(), bn), 2)  # (rows, bn, WG)
@@ -188,11 +202,43 @@ class GroupedGemmWS(GroupedGemmSm90):
         if const_expr(not self.varlen_k and not self.gather):
             tma_atom_a, tma_a = cpasync.make_tiled_tma_atom(
                 cpasync.CopyBulkTensorTileG2SOp(), a, cute.slice_(sA_layout, (None, None, 0)), (bm, bk))
-        self.kernel(a, b, tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_c, tma_c, out, epi_out, epi_in, row_in,
-                    row_out, gather_idx, expert_offsets, tile_offsets, tiled_mma, sA_layout, sB_layout,
-                    epi_layout).launch(grid=(num_ctas, 1, 1), block=[PRODUCER_THREADS + CONSUMER_THREADS, 1, 1],
+        self.kernel(a, b, tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_c, tma_c, tma_atom_eo, tma_eo, out, epi_out,
+                    epi_in, row_in, row_out, gather_idx, expert_offsets, tile_offsets, tiled_mma, sA_layout, sB_layout,
+                    epi_layout, eo_layout).launch(grid=(num_ctas, 1, 1), block=[PRODUCER_THREADS + CONSUMER_THREADS, 1, 1],
                                       cluster=[self.cluster_m, 1, 1],
                                       stream=stream)
+
+    def subtile_store(self, dst: cute.Tensor, cols: int):
+        """One output of the subtiled epilogue: four swizzled (rows, cols) staging slots (rows = one
+        MMA warpgroup's) and the TMA store atom for ``dst`` whose box is one slot."""
+        slots = sm90_utils.make_smem_layout_epi(self.out_dtype, LayoutEnum.ROW_MAJOR,
+                                                (self.wg_rows(), cols), 4)  # (rows, cols, slot)
+        atom, tma = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileS2GOp(), dst,
+                                                cute.slice_(slots, (None, None, 0)), (self.wg_rows(), cols))
+        return slots, atom, tma
+
+    def subtile_slots(self, ptr: cute.Pointer, slots: cute.ComposedLayout, per_col: int):
+        """One output's four staging slots (``subtile_store``'s layout), placed at ``ptr``: the
+        (rows, cols, slot) tensor the stores read, and a (bm, bn) view of the same buffers to be
+        partitioned like the accumulators, so that each accumulator element gets its address in
+        the buffer of its subtile.
+
+        Warpgroup wg stages subtile j in slot 2 * (wg - 1) + j % 2. The view sends tile row r to row
+        r % rows of its warpgroup's slots and tile column n to column (n % S) // per_col of buffer
+        (n // S) % 2 (a stride-0 mode over pairs of subtiles); with ``per_col`` = 2 (SwiGLU's A) a
+        stride-0 mode of 2 sends the (gate, up) columns 2c, 2c + 1 both to A's column c."""
+        bm, bn, _ = self.tile
+        sub = self.epi_subtile
+        row_mode, col_mode = cute.get(slots.outer, mode=[0]), cute.get(slots.outer, mode=[1])
+        slot = self.wg_rows() * (sub // per_col)  # make_smem_layout_epi lays the slots out compactly
+        col_shape = (col_mode.shape, 2, bn // (2 * sub))
+        col_stride = (col_mode.stride, slot, 0)
+        if per_col > 1:
+            col_shape = (per_col,) + col_shape
+            col_stride = (0,) + col_stride
+        base = cute.recast_ptr(ptr, slots.inner, dtype=self.out_dtype)
+        view = cute.make_layout(((row_mode.shape, 2), col_shape), stride=((row_mode.stride, 2 * slot), col_stride))
+        return cute.make_tensor(base, slots.outer), cute.make_tensor(base, view)
 
     @cute.jit
     def tile_coords(self, t: Int32, n_tiles: Int32, m_tiles: Int32, tile_offsets: cute.Tensor,
@@ -237,10 +283,10 @@ class GroupedGemmWS(GroupedGemmSm90):
 
     @cute.kernel
     def kernel(self, a: cute.Tensor, b: cute.Tensor, tma_atom_a, tma_a, tma_atom_b, tma_b, tma_atom_c, tma_c,
-               out: cute.Tensor, epi_out: cute.Tensor, epi_in: cute.Tensor, row_in: cute.Tensor,
+               tma_atom_eo, tma_eo, out: cute.Tensor, epi_out: cute.Tensor, epi_in: cute.Tensor, row_in: cute.Tensor,
                row_out: cute.Tensor, gather_idx: cute.Tensor,
                expert_offsets: cute.Tensor, tile_offsets: cute.Tensor, tiled_mma: cute.TiledMma,
-               sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout, epi_layout):
+               sA_layout: cute.ComposedLayout, sB_layout: cute.ComposedLayout, epi_layout, eo_layout):
         """One CTA: its place in the cluster, shared memory and the load pipeline, the tile space
         (``tile_space``), then one role per warpgroup: ``producer`` (warpgroup 0) or ``consumer``
         (the MMA warpgroups 1-2, mainloop + epilogue)."""
@@ -292,8 +338,8 @@ class GroupedGemmWS(GroupedGemmSm90):
         if wg == 0:
             self.producer(a, gather_idx, tma_atom_a, tma_a, tma_atom_b, tma_b, sA, sB, pipe, sched, tidx, warp)
         else:
-            self.consumer(a, out, (epi_out, epi_in, row_in, row_out), (tma_atom_c, tma_c), tiled_mma, sA, sB,
-                          storage, epi_layout, pipe, sched, n_dim, tidx, wg)
+            self.consumer(a, out, (epi_out, epi_in, row_in, row_out), ((tma_atom_c, tma_c), (tma_atom_eo, tma_eo)),
+                          tiled_mma, sA, sB, storage, (epi_layout, eo_layout), pipe, sched, n_dim, tidx, wg)
         if const_expr(cm > 1):
             # No CTA may exit while a partner can still arrive on its barriers or multicast into it.
             cute.arch.cluster_arrive()
@@ -399,11 +445,13 @@ class GroupedGemmWS(GroupedGemmSm90):
 
     # ---- Consumers: mainloop + epilogue ----------------------------------------------------------
     @cute.jit
-    def consumer(self, a: cute.Tensor, out: cute.Tensor, epi: tuple, tma_store: tuple, tiled_mma: cute.TiledMma,
-                 sA: cute.Tensor, sB: cute.Tensor, storage, epi_layout, pipe, sched: tuple, n_dim: Int32,
+    def consumer(self, a: cute.Tensor, out: cute.Tensor, epi: tuple, tma_stores: tuple, tiled_mma: cute.TiledMma,
+                 sA: cute.Tensor, sB: cute.Tensor, storage, epi_layouts: tuple, pipe, sched: tuple, n_dim: Int32,
                  tidx: Int32, wg: Int32):
         """Warpgroups 1-2: for every tile of this CTA (or, ping-ponging, every other one), the WGMMA
-        mainloop over its k-tiles, then the epilogue of this warpgroup's rows (``store_tile``)."""
+        mainloop over its k-tiles, then the epilogue of this warpgroup's rows (``store_tile``).
+        ``tma_stores``: the (atom, tensor) of the TMA store to ``out`` and to ``epi_out`` (None where
+        unused); ``epi_layouts``: their staging buffers' layouts."""
         cta, num_ctas, rank, n_tiles, m_tiles, num_tiles, tile_offsets, expert_offsets = sched
         bm, bn, bk = self.tile
         cute.arch.setmaxregister_increase(CONSUMER_REGS)
@@ -422,19 +470,19 @@ class GroupedGemmWS(GroupedGemmSm90):
         # warpgroups' rows, or mine when ping-ponging) seen as (bm, bn), to be partitioned like
         # the accumulators.
         rows = self.wg_rows()
+        epi_layout = epi_layouts[0]
         if const_expr(self.subtiled()):
-            # Four swizzled (rows, sub) slots; warpgroup wg stages subtile j in slot 2 * (wg - 1) + j % 2.
-            # The accumulators are partitioned over a (bm, bn) view that sends tile column n to
-            # column n % sub of buffer (n // sub) % 2 (a stride-0 mode over pairs of subtiles), so
-            # each accumulator element gets its address in the buffer of its subtile.
-            sub = self.epi_subtile
-            slots = epi_layout.outer  # (rows, sub, 4)
-            row_mode, col_mode = cute.get(slots, mode=[0]), cute.get(slots, mode=[1])
-            slot = rows * sub  # make_smem_layout_epi lays the slots out compactly, one after the other
-            sC = storage.sC.get_tensor(slots, swizzle=epi_layout.inner)  # (rows, sub, slot)
-            tile_view = storage.sC.get_tensor(cute.make_layout(
-                ((row_mode.shape, 2), (col_mode.shape, 2, bn // (2 * sub))),
-                stride=((row_mode.stride, 2 * slot), (col_mode.stride, slot, 0))), swizzle=epi_layout.inner)
+            # Per output, four swizzled (rows, cols) slots (``subtile_slots``): sC and tCsC are tuples,
+            # one entry per output of ``SUBTILE_OUTPUTS``.
+            sC = ()
+            tCsC = ()
+            offset = 0  # the outputs' slots one after the other in the sC region
+            for k in cutlass.range_constexpr(len(self.SUBTILE_OUTPUTS)):
+                slots_k, view_k = self.subtile_slots(storage.sC.data_ptr() + offset, epi_layouts[k],
+                                                     self.SUBTILE_OUTPUTS[k])
+                sC = sC + (slots_k,)
+                tCsC = tCsC + (tiled_mma.get_slice(mma_tid).partition_C(view_k),)
+                offset = offset + cute.cosize(epi_layouts[k].outer)
         elif const_expr(self.uses_tma_store()):
             # Swizzled slots in the TMA's layout: slot wg - 1 holds this warpgroup's rows.
             # Cooperative: tile row r lives in slot r // 64, row r % 64 (the (rows, WG) modes
@@ -445,6 +493,7 @@ class GroupedGemmWS(GroupedGemmSm90):
             if const_expr(not self.pingpong):
                 tile_view = cute.make_tensor(sC_slots.iterator, cute.group_modes(
                     cute.select(sC_slots.layout, mode=[0, 2, 1]), 0, 2))  # ((rows, WG), bn) = (bm, bn)
+            tCsC = tiled_mma.get_slice(mma_tid).partition_C(tile_view)
         else:
             # Padded row-major buffers (one extra 16-byte chunk per row: conflict-free writes).
             epi_pitch = bn + CHUNK_BYTES * 8 // self.out_dtype.width
@@ -453,7 +502,7 @@ class GroupedGemmWS(GroupedGemmSm90):
             sC = sC_both[wg - 1, None, None]
             tile_view = cute.make_tensor(sC_both[wg - 1 if const_expr(self.pingpong) else 0, None, None].iterator,
                                          cute.make_layout((bm, bn), stride=(epi_pitch, 1)))
-        tCsC = tiled_mma.get_slice(mma_tid).partition_C(tile_view)
+            tCsC = tiled_mma.get_slice(mma_tid).partition_C(tile_view)
         first = cta
         step = num_ctas
         if const_expr(self.pingpong):  # the CTA's tiles alternate between the two warpgroups
@@ -505,26 +554,27 @@ class GroupedGemmWS(GroupedGemmSm90):
             if k_tiles > 0:
                 self.release_slot(pipe, release)
                 release.advance()
-            self.store_tile(acc, tCsC, tCcC, out, epi, tma_store, sC, wg, ctid, expert, m_start, n_start, out_row0,
+            self.store_tile(acc, tCsC, tCcC, out, epi, tma_stores, sC, wg, ctid, expert, m_start, n_start, out_row0,
                             m_dim, n_dim)
-        if const_expr(self.uses_tma_store()):
+        if const_expr(self.uses_tma_store() or self.subtiled()):
             if ctid % 128 < 32:  # the shared memory must outlive the last bulk store's reads
                 cute.arch.cp_async_bulk_wait_group(0, read=True)
 
     @cute.jit
-    def store_tile(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
-                   tma_store: tuple, sC: cute.Tensor, wg: Int32, ctid: Int32, expert: Int32, m_start: Int32,
+    def store_tile(self, acc: cute.Tensor, tCsC, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
+                   tma_stores: tuple, sC, wg: Int32, ctid: Int32, expert: Int32, m_start: Int32,
                    n_start: Int32, out_row0: Int32, m_dim: Int32, n_dim: Int32):
         """This warpgroup's rows of the tile, out of the accumulators: the transposed varlen-K store,
-        the TMA bulk store, or the ``epilogue_wg`` hook (plain store / fused SwiGLU / dSwiGLU)."""
+        the subtiled TMA store (plain or SwiGLU; ``sC`` and ``tCsC`` are then tuples, one entry per
+        output), the TMA bulk store, or the ``epilogue_wg`` hook (plain store / fused SwiGLU / dSwiGLU)."""
         if const_expr(self.transpose_out):  # varlen-K into (E, N, d): expert e's rows e*N ...
             self.epilogue_wg_transposed(acc, tCsC, out, sC, wg, ctid, expert * n_dim + n_start, m_start,
                                         m_dim - m_start, n_dim - n_start)
         elif const_expr(self.subtiled()):
-            self.epilogue_wg_tma_subtiled(acc, tCsC, tma_store, out, sC, wg, ctid, out_row0,
+            self.epilogue_wg_tma_subtiled(acc, tCsC, tma_stores, (out, epi[0]), sC, wg, ctid, out_row0,
                                           m_dim - m_start, n_start, n_dim - n_start)
         elif const_expr(self.uses_tma_store()):
-            self.epilogue_wg_tma(acc, tCsC, tma_store, out, sC, wg, ctid, out_row0,
+            self.epilogue_wg_tma(acc, tCsC, tma_stores[0], out, sC, wg, ctid, out_row0,
                                  m_dim - m_start, n_start, n_dim - n_start)
         else:
             self.epilogue_wg(acc, tCsC, tCcC, out, epi, sC, wg, ctid, out_row0, m_dim - m_start, n_start,
@@ -669,26 +719,32 @@ class GroupedGemmWS(GroupedGemmSm90):
             self.copy_out_rows(sC, bn, out, out_row0, n_start, rows_left, cols_left, wg, ctid)
 
     @cute.jit
-    def epilogue_wg_tma_subtiled(self, acc: cute.Tensor, tCsC: cute.Tensor, tma_store: tuple, out: cute.Tensor,
-                                 sC_slots: cute.Tensor, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32,
+    def epilogue_wg_tma_subtiled(self, acc: cute.Tensor, tCsC: tuple, tma_stores: tuple, dsts: tuple,
+                                 sC_slots: tuple, wg: Int32, ctid: Int32, out_row0: Int32, rows_left: Int32,
                                  n_start: Int32, cols_left: Int32):
-        """The plain TMA store, subtiled (``epi_subtile`` = S columns): my (64, bn) rows leave as bn / S
+        """The TMA store, subtiled (``epi_subtile`` = S columns): my (64, bn) rows leave as bn / S
         subtiles of (64, S) through two staging buffers that take turns.
+
+        One loop for every output of ``SUBTILE_OUTPUTS`` (``tCsC``, ``tma_stores``, ``dsts`` and
+        ``sC_slots`` hold one entry per output, ``out`` first): the plain store sends ``out``; the
+        SwiGLU epilogue sends H to ``out`` and A = SwiGLU(H) to ``epi_out``, whose subtile j is
+        (64, S / 2), the columns of H's subtile j. What a subtile holds is the ``stage_subtile`` hook.
 
         As the reference Hopper epilogues (CUTLASS sm90 TMA epilogue, the CuTe-DSL dense GEMM's
         ``epi_tile`` loop): per subtile j, wait until buffer j % 2 is free, write the subtile's
-        accumulators into it, fence them to the async proxy, and one thread issues a bulk store of
-        (64, S). Waiting for "at most one bulk group still reading" (not zero) lets the store of
-        subtile j - 1, from the other buffer, run while subtile j is written. The buffers need
-        4 x 64 x S elements instead of 2 x 64 x (bn + pad): the rest becomes pipeline stages.
+        values into it, fence them to the async proxy, and one thread issues the bulk stores of
+        (64, S) (one per output, one commit group per subtile). Waiting for "at most one bulk group
+        still reading" (not zero) lets the stores of subtile j - 1, from the other buffers, run while
+        subtile j is written. The buffers need 4 x 64 x S elements per output of full width instead
+        of 2 x 64 x (bn + pad): the rest becomes pipeline stages.
 
         Ragged rows (the expert's last tile): the same loop, but each subtile leaves by masked
-        16-byte stores from its buffer (``copy_out_rows`` on the (64, S) slot), and phase 1 waits
-        for *every* bulk store: no store is committed in such a tile, so the newest pending one may
-        belong to the previous tile and read the very buffer about to be refilled."""
-        tma_atom_c, tma_c = tma_store
+        16-byte stores from its buffers (``copy_out_rows`` on each (64, S / d) slot), and phase 1
+        waits for *every* bulk store: no store is committed in such a tile, so the newest pending
+        one may belong to the previous tile and read the very buffer about to be refilled."""
         bm, bn, _ = self.tile
         sub = self.epi_subtile
+        outputs = self.SUBTILE_OUTPUTS  # tile columns per column of each output: (1,) or (1, 2)
         rows = self.wg_rows()
         row_off = self.wg_row_offset(wg)
         first_warp = ctid % 128 < 32  # the warp that issues (and so must wait for) the bulk stores
@@ -697,36 +753,58 @@ class GroupedGemmWS(GroupedGemmSm90):
         # WGMMA's ((2, 2, bn / 8), 1, 1) fragment, each run of S / 2 values covers S / 8 column
         # groups of 8, i.e. exactly one subtile: ((values of a subtile, subtile), 1, 1).
         acc_sub = cute.logical_divide(acc, (sub // 2,))
-        smem_sub = cute.logical_divide(tCsC, (sub // 2,))
-        gC = cute.local_tile(cute.domain_offset((out_row0 + row_off, n_start), tma_c), (rows, sub), (0, None))
+        smem_sub = ()
+        g_sub = ()  # per output: (rows, S / d, subtile) view of my rows of its TMA tensor
+        for k in cutlass.range_constexpr(len(outputs)):
+            smem_sub = smem_sub + (cute.logical_divide(tCsC[k], (sub // 2,)),)
+            g_sub = g_sub + (cute.local_tile(cute.domain_offset((out_row0 + row_off, n_start // outputs[k]),
+                                                                tma_stores[k][1]),
+                                             (rows, sub // outputs[k]), (0, None)),)
         for j in cutlass.range_constexpr(bn // sub):
-            s_buf = sC_slots[None, None, 2 * (wg - 1) + j % 2]  # (rows, sub): this subtile's buffer
-            # Phase 1: buffer j % 2 is free (its last bulk store has read it).
+            # this subtile's buffer of every output: (rows, S / d)
+            s_bufs = tuple(sC_slots[k][None, None, 2 * (wg - 1) + j % 2] for k in range(len(outputs)))
+            # Phase 1: buffer j % 2 is free (its last bulk stores have read it).
             if first_warp:
                 if full:
                     cute.arch.cp_async_bulk_wait_group(1, read=True)
                 else:
                     cute.arch.cp_async_bulk_wait_group(0, read=True)
             cute.arch.barrier(barrier_id=wg, number_of_threads=128)
-            # Phase 2: subtile j's accumulators -> out_dtype registers (tile_value hook) -> buffer,
-            # then visible to the TMA unit.
-            acc_j = acc_sub[(None, j), None, None]
-            r_out = cute.make_rmem_tensor_like(acc_j, self.out_dtype)
-            for i in cutlass.range_constexpr(cute.size(acc_j)):
-                r_out[i] = self.tile_value(acc_j[i])
-            cute.autovec_copy(r_out, smem_sub[(None, j), None, None])
+            # Phase 2: subtile j's values -> its buffers (the ``stage_subtile`` hook), then visible
+            # to the TMA unit.
+            self.stage_subtile(acc_sub[(None, j), None, None],
+                               tuple(smem_sub[k][(None, j), None, None] for k in range(len(outputs))))
             cute.arch.fence_proxy("async.shared", space="cta")
             cute.arch.barrier(barrier_id=wg, number_of_threads=128)
-            # Phase 3: one bulk store of (rows, sub) (TMA clips columns past N), or masked stores.
+            # Phase 3: one bulk store of (rows, S / d) per output (TMA clips columns past N) and one
+            # commit group for the subtile, or masked stores.
             if full:
                 if first_warp:
-                    tCs, tCg = cpasync.tma_partition(tma_atom_c, 0, cute.make_layout(1), cute.group_modes(s_buf, 0, 2),
-                                                     cute.group_modes(gC[None, None, j], 0, 2))
-                    cute.copy(tma_atom_c, tCs, tCg)
+                    for k in cutlass.range_constexpr(len(outputs)):
+                        atom = tma_stores[k][0]
+                        tCs, tCg = cpasync.tma_partition(atom, 0, cute.make_layout(1),
+                                                         cute.group_modes(s_bufs[k], 0, 2),
+                                                         cute.group_modes(g_sub[k][None, None, j], 0, 2))
+                        cute.copy(atom, tCs, tCg)
                     cute.arch.cp_async_bulk_commit_group()
             else:
-                self.copy_out_rows(s_buf, sub, out, out_row0, n_start + j * sub, rows_left, cols_left - j * sub,
-                                   wg, ctid)
+                for k in cutlass.range_constexpr(len(outputs)):
+                    cols = sub // outputs[k]
+                    self.copy_out_rows(s_bufs[k], cols, dsts[k], out_row0,
+                                       n_start // outputs[k] + j * cols, rows_left, cols_left // outputs[k] - j * cols,
+                                       wg, ctid)
+
+    @cute.jit
+    def stage_subtile(self, acc_j: cute.Tensor, smem_j: tuple):
+        """Phase 2 of the subtiled epilogue, the hook of the fused epilogues: subtile j's accumulators
+        -> ``out_dtype`` registers (``tile_value``) -> ``out``'s staging buffer (``smem_j[0]``: this
+        thread's addresses in it). Returns the converted registers (the SwiGLU epilogue builds A
+        from them)."""
+        r_out = cute.make_rmem_tensor_like(acc_j, self.out_dtype)
+        for i in cutlass.range_constexpr(cute.size(acc_j)):
+            r_out[i] = self.tile_value(acc_j[i])
+        cute.autovec_copy(r_out, smem_j[0])
+        return r_out
 
     @cute.jit
     def copy_out_rows(self, sC: cute.Tensor, cols: cutlass.Constexpr[int], dst: cute.Tensor, dst_row0: Int32,
@@ -788,14 +866,22 @@ class GroupedGemmWS(GroupedGemmSm90):
                 cute.autovec_copy(r_chunk, dst)
 
 
+def subtile_staging_elems(rows: int, epi_subtile: int, outputs: tuple[int, ...] = (1,)) -> int:
+    """Elements of the subtiled epilogue's staging buffers: per output (``SUBTILE_OUTPUTS``: tile
+    columns per column of the output), two (rows, epi_subtile / d) buffers per MMA warpgroup."""
+    return sum(2 * 2 * rows * (epi_subtile // d) for d in outputs)  # (warpgroups, buffers, rows, columns)
+
+
 def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = 227 * 1024, pingpong: bool = False,
-              epi_subtile: int | None = None) -> int:
+              epi_subtile: int | None = None, subtile_outputs: tuple[int, ...] = (1,)) -> int:
     """Stages that fit next to the two warpgroups' epilogue buffers (16-bit operands; each buffer is
-    a whole tile when ping-ponging; with ``epi_subtile``, two (64, epi_subtile) buffers per warpgroup)."""
+    a whole tile when ping-ponging; with ``epi_subtile``, two (64, epi_subtile / d) buffers per
+    warpgroup and output, ``subtile_outputs`` = the epilogue's ``SUBTILE_OUTPUTS``: (1,) for the
+    plain store, (1, 2) for SwiGLU's H and A)."""
     bm, bn, bk = tile
     per_stage = (bm + bn) * bk * 2
     reserved = 2048 + 4 * (TABLE_EXPERTS + 1)  # barriers and alignment, the expert tile table
     epi = epilogue_smem_bytes(tile, out_bytes) * (2 if pingpong else 1)
     if epi_subtile is not None:
-        epi = 2 * 2 * (bm // 2) * epi_subtile * out_bytes  # (warpgroups, buffers, rows, columns)
+        epi = subtile_staging_elems(bm // 2, epi_subtile, subtile_outputs) * out_bytes
     return (smem_bytes - reserved - epi) // per_stage
