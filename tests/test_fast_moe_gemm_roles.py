@@ -7,7 +7,9 @@ of ``test_fast_moe_compile`` (the reference formulas). The layer runs forward an
 float64, both backward modes and both routings; each recorded call's role is told from its
 operands alone (which function, which weight, transposed or not), never from the label the layer
 passes, and must have received that role's config. The result must still match the reference layer.
-The GPU run of the same configs against the float64 oracle is in tests/test_fast_moe.py.
+Last, every kernel that the layer A/B's per-role assignments launch is compiled for sm_90a, so
+that the GPU session meets no compile error. The GPU run of such configs against the float64
+oracle is in tests/test_fast_moe.py.
 """
 
 from __future__ import annotations
@@ -162,3 +164,47 @@ def test_unknown_role_is_rejected_before_any_launch(recorded):
     with pytest.raises(TypeError, match="role"):  # the plain GEMMs serve several roles: the caller must say which
         ops.grouped_gemm(None, None, None)
     assert recorded == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Ready for the GPU: every kernel the layer's A/B assignments launch compiles for sm_90a
+# ----------------------------------------------------------------------------------------------
+def _kernel_of(fn_name: str, kwargs: dict) -> tuple[str, bool, str]:
+    """(variant, transposed, epilogue) that a call of a production-kernel entry point compiles."""
+    if fn_name == "gather_fused_grouped_gemm_swiglu":
+        return "varlen_m_gather", False, "swiglu" if kwargs["fused"] else "store"
+    if fn_name == "gather_fused_grouped_gemm_dswiglu":
+        return "varlen_m_gather", True, "dswiglu" if kwargs["fused"] else "store"
+    if fn_name == "grouped_gemm_varlen_k":
+        return "varlen_k_gather" if kwargs["gather_a"] else "varlen_k", kwargs["transpose_out"], "store"
+    return "varlen_m_gather" if fn_name == "gather_fused_grouped_gemm" else "varlen_m", kwargs["transpose_w"], "store"
+
+
+PINGPONG, SUB32 = gg.GemmConfig(kernel="pingpong"), gg.GemmConfig(epi_subtile=32)
+AB_ASSIGNMENTS = {  # the per-role rows of the layer A/B (benchmarks/moe.py --gemm)
+    "up/dh=pingpong": gg.LayerGemms(up=PINGPONG, dh=PINGPONG),
+    "up/dh/down/dx=pingpong": gg.LayerGemms(up=PINGPONG, dh=PINGPONG, down=PINGPONG, dx=PINGPONG),
+    "down/dx=ws:sub32": gg.LayerGemms(down=SUB32, dx=SUB32),
+}
+
+
+@pytest.mark.parametrize("name", list(AB_ASSIGNMENTS))
+def test_the_kernels_of_per_role_assignments_compile_for_sm90a(recorded, name):
+    """The layer runs on the CPU (both backward modes) with the recorders; each call's kernel, on its
+    role's config, is then compiled for Hopper (the default config's kernels are compiled elsewhere)."""
+    from sonic_learn.fast._cute import cutlass_available
+
+    ok, why = cutlass_available()
+    if not ok:
+        pytest.skip(f"CuTe-DSL not importable: {why}")
+    for backward in ("reduced_memory", "standard"):
+        _run_layer(_cpu_ops(AB_ASSIGNMENTS[name]), "topk", backward)
+    kernels = {(config, *_kernel_of(fn, kwargs)) for fn, _, kwargs, config in recorded if config != gg.DEFAULT_CONFIG}
+    assert kernels, "no call ran on the assignment's configs"
+    # up, dh (fused and plain: both modes), down and dx on their configs; dw stays on the default
+    assert {(c.kernel, c.epi_subtile, v, t, e) for c, v, t, e in kernels} <= {
+        (c.kernel, c.epi_subtile, v, t, e) for c in (PINGPONG, SUB32) for v, t, e in (
+            ("varlen_m_gather", False, "swiglu"), ("varlen_m_gather", True, "dswiglu"),
+            ("varlen_m", False, "store"), ("varlen_m", True, "store"))}
+    for config, variant, transposed, epilogue in sorted(kernels, key=repr):  # a compile error fails the test
+        gg._compiled(config, variant, torch.bfloat16, torch.bfloat16, transposed, epilogue)
