@@ -13,7 +13,7 @@
 # (setsid matters: a plain `cmd &` dies with the device call that started it). Poll with
 # `tail /tmp/gs.log`; to wait for the end, test for the line "== all done", not `pgrep -f
 # gpu_session.sh` (that also matches the polling command's own shell).
-# SKIP="tests ep ..." leaves steps out (names: tests tests_rest train memory token_rounding layer_ab
+# SKIP="tests ep ..." leaves steps out (names: tests tests_rest train memory token_rounding layer_ab_7b layer_ab_30b
 # vs_upstream compare ep tiles vs_upstream_more; upstream's warm-up runs whenever upstream is staged).
 # LAYER_AB=<comma list of benchmarks/moe.py --gemm entries> replaces the layer A/B's configs.
 # BEFORE=<another fast/moe.py> adds the memory step's before/after of the layer's glue. TESTS=<pytest
@@ -71,9 +71,17 @@ step train 600 python3 benchmarks/train_tiny_moe.py --out "$GS/results" --seeds 
 step memory 240 python3 benchmarks/moe_memory.py --configs 7b --profile ${BEFORE:+--before "$GS/moe_before.py"} \
   --out "$GS/results"
 step token_rounding 420 python3 benchmarks/token_rounding.py --out "$GS/results" --reps 6 --big-reps 3
-# A/B of grouped-GEMM configs: the whole reduced-memory layer, then per GEMM shape (same process each)
-step layer_ab 300 python3 benchmarks/moe.py --configs 7b,30b --no-naive --no-breakdown --rows reduced \
-  --gemm "${LAYER_AB:-ws:128x256x64:auto,ws:128x256x64:auto:sub32,pingpong:128x128x64:auto}" --out "$GS/results/layer_ab"
+# A/B of grouped-GEMM configs on the whole reduced-memory layer (one process per model config): the
+# default kernels called directly (the reference row for the others), per-role assignments
+# (LayerGemms: ping-pong for the fused epilogues, subtiled TMA stores for the short-K GEMMs), and
+# the default again last (drift between rows).
+AB_DEFAULT="ws:128x256x64:auto,up/dh=pingpong:128x128x64:auto,up/dh/down/dx=pingpong:128x128x64:auto"
+AB_DEFAULT+=",down/dx=ws:128x256x64:auto:sub32,ws:128x256x64:auto:sub32"
+AB_DEFAULT+=",up/dh=pingpong:128x128x64:auto+down/dx=ws:128x256x64:auto:sub32,up=ws:128x256x64:auto"
+for cfg in 7b 30b; do
+  step "layer_ab_$cfg" 400 python3 benchmarks/moe.py --configs "$cfg" --no-naive --no-breakdown --rows reduced \
+    --gemm "${LAYER_AB:-$AB_DEFAULT}" --out "$GS/results/layer_ab_$cfg"
+done
 
 # 3. Against upstream, once its warm-up is done.
 echo "== waiting for the upstream warm-up $(date +%T)"; wait $warm; tail -3 "$GS/upstream_warmup.log"
