@@ -93,7 +93,8 @@ step compare 240 python3 -m sonic_learn.compare moe --config 7B --reps 5 --json 
 step ep 150 torchrun --nproc-per-node "$(nvidia-smi -L | wc -l)" benchmarks/expert_parallel.py --configs 7b,30b \
   --chunks 1,2,4 --out "$GS/results/expert_parallel.json"
 step tiles 240 python3 benchmarks/grouped_gemm_tiles.py --shapes 7b-up,7b-down,30b-up,30b-down \
-  --configs ws:128x256x64:3,ws:128x256x64:3:sub64,ws:128x256x64:4:sub32 --out "$GS/results/tiles"
+  --configs ws:128x256x64:auto,ws:128x256x64:auto:sub32,ws:128x256x64:auto:sub64,pingpong:128x128x64:auto \
+  --out "$GS/results/tiles"
 step vs_upstream_more 560 python3 benchmarks/vs_upstream.py --configs 1.4b,120b --out "$GS/results/more" \
   --upstream-timeout 500
 echo "== all done $(date +%T)"

@@ -3,7 +3,8 @@
     python benchmarks/grouped_gemm_tiles.py [--shapes 7b-up,...] [--configs v1:128x128x64:5,sm90:128x256x64:4]
 
 For each shape (same definitions as benchmarks/grouped_gemm.py) and kernel config it checks the
-result against torch (fp32 per expert) and times contiguous, gather-fused and varlen-K in
+result against torch (fp32 per expert) and times contiguous, gather-fused and varlen-K (and, for an
+up-projection, the gather-fused GEMM with the fused SwiGLU epilogue) in
 ``--rounds`` interleaved rounds (configs and the dense torch.matmul yardstick take turns, so clock
 drift hits all alike; medians of the rounds); prints a table and writes JSON to $OUT (or
 benchmarks/results/) as grouped_gemm_tiles_<device>.json.
@@ -98,12 +99,16 @@ def main() -> int:
         ref = fp32_reference(a, w, meta)
         flops = 2 * a.shape[0] * Kg * Ng
         def calls(config):
-            """The three GEMMs of this shape on ``config``'s kernel."""
-            return {
+            """The GEMMs of this shape on ``config``'s kernel; an up-projection adds the gather-fused
+            GEMM with the SwiGLU epilogue (H and A = SwiGLU(H), as the MoE layer's forward runs it)."""
+            fns = {
                 "contiguous": lambda: fast.contiguous_grouped_gemm(a, w, meta, config=config),
                 "gather_fused": lambda: fast.gather_fused_grouped_gemm(x, w, meta, config=config),
                 "varlen_k": lambda: fast.grouped_gemm_varlen_k(x, b, meta, config=config),
             }
+            if proj == "up":
+                fns["gather_fused_swiglu"] = lambda: fast.gather_fused_grouped_gemm_swiglu(x, w, meta, config=config)
+            return fns
 
         rows, usable = {}, []
         for c in configs:  # check every config once (and compile it) before any timing
@@ -114,6 +119,9 @@ def main() -> int:
                     fn()
                 rows[c] = {"shape": shape, "config": c, "rel_err": err, "samples_ms": {k: [] for k in fns},
                            "calls": fns}
+                if "gather_fused_swiglu" in fns:  # H of the fused epilogue is the gathered rows' product too
+                    h = fns["gather_fused_swiglu"]()[0].float()
+                    rows[c]["swiglu_h_rel_err"] = ((h - ref).abs().max() / ref.abs().max()).item()
                 usable.append(c)
             except Exception as exc:  # a config that does not compile or fit is reported, not fatal
                 rows[c] = {"shape": shape, "config": c, "error": f"{type(exc).__name__}: {exc}"[:300]}
