@@ -1,0 +1,252 @@
+"""How many launches the fast token-rounding router step issues, counted on the CPU.
+
+The router step of the layer with ``routing="token_rounding"`` (``fast.moe.route_layer``: the router
+GEMM, token rounding with ``pad_to_bound=True``, the padded metadata) is a chain of CuTe kernels and
+torch ops. Every launch costs a few microseconds of GPU time however small its work, so their
+number is a cost that can be measured without a GPU: this file runs the step's Python glue on the
+CPU, with every CuTe launch replaced by a torch stand-in that fills the same output buffers
+(``STANDINS``; the GPU tests check the kernels themselves), and counts
+
+* **torch launches**: the ATen ops dispatched on the step's tensors (a ``TorchDispatchMode``, which
+  sees every op below autograd), *except* the ops that launch nothing on a GPU:
+
+  - views: every op whose schema returns an alias of its input (``OpOverload.is_view``: ``view``,
+    ``t``, ``expand``, ``select``, ``slice``, ``detach``, ``as_strided``, ...);
+  - allocations: ``empty``, ``empty_strided``, ``empty_like``, ``new_empty`` (the caching
+    allocator hands out memory without a kernel);
+  - host-side scalars: ``lift_fresh``, ``scalar_tensor`` (Python numbers wrapped into CPU 0-d
+    tensors; on a GPU they are kernel arguments).
+
+  Everything else counts as one launch: casts (``_to_copy``), ``copy_``, ``clone``, fills
+  (``zero_``, ``fill_``), ``arange``, reductions, elementwise ops, ``nonzero_static``, ... One ATen
+  op launches at least one kernel on a GPU; a few launch more than one (``nonzero_static`` is a
+  CUB select plus its fill, an out-of-place ``scatter`` copies first), so the count is a lower
+  bound on the kernels torch launches. The restructured glue never trades two ops for one
+  composite op that runs the same two kernels.
+* **CuTe launches**: the compiled calls of ``sonic_learn.fast._cute.launch`` (one host call each,
+  several kernels in order on the stream: ``CUTE_KERNELS``).
+* **host syncs**: ``_local_scalar_dense`` and ``nonzero`` (they read the device on the host).
+
+Each op is charged to a *phase* of the step by the outermost function of the step on the Python
+stack when it is dispatched (``PHASES``). Counts are taken on the second call (the first fills the
+per-device caches of placeholders).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sonic_learn.fast._cute import cutlass_available  # pins sm_90a before cutlass loads
+
+_ok, _why = cutlass_available()
+if not _ok:
+    pytest.skip(_why, allow_module_level=True)
+
+from sonic_learn import _checks  # noqa: E402
+from sonic_learn.fast import moe as fast_moe  # noqa: E402
+from sonic_learn.fast import routing as fast  # noqa: E402
+from sonic_learn.fast import topk as fast_topk  # noqa: E402
+from sonic_learn.reference import routing as ref  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# What counts
+# ---------------------------------------------------------------------------------------------
+ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
+HOST_SCALARS = {"lift_fresh", "scalar_tensor"}
+SYNCS = {"_local_scalar_dense", "nonzero"}
+
+# (file, function) -> phase. The outermost of these on the stack names the phase of an op.
+PHASES = {
+    ("fast/moe.py", "forward"): "router GEMM",  # RouterGemm.forward
+    ("fast/routing.py", "token_choice_experts"): "top-k",
+    ("fast/routing.py", "scores_from_experts"): "scores/softmax",
+    ("reference/routing.py", "router_probabilities"): "scores/softmax",
+    ("fast/routing.py", "_launch_metadata"): "counts f_e",  # under _metadata: "metadata" (outermost)
+    ("fast/routing.py", "_launch_boundary_kernels"): "keys+select",
+    ("fast/routing.py", "_pair_weights"): "pair weights",
+    ("fast/routing.py", "_rounding_stats"): "stats",
+    ("reference/routing.py", "padded_triples"): "compaction",
+    ("fast/routing.py", "_padded_triples"): "compaction",
+    ("fast/moe.py", "_metadata"): "metadata",
+}
+PHASE_ORDER = ["router GEMM", "top-k", "scores/softmax", "counts f_e", "keys+select", "pair weights", "stats",
+               "compaction", "metadata", "other"]
+
+# Kernels each compiled call runs (compile function -> kernels), for the report.
+CUTE_KERNELS = {"compile_kernel": 1, "compile_metadata_kernel": None, "compile_token_rounding_kernels": 2}
+
+
+def _phase() -> str:
+    """The phase of the op being dispatched: the outermost PHASES function on the stack."""
+    found = "other"
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        for (path, name), phase in PHASES.items():
+            if code.co_name == name and code.co_filename.replace("\\", "/").endswith(path):
+                found = phase
+        frame = frame.f_back
+    return found
+
+
+@dataclass
+class Launches:
+    """What one run of the step issued, per phase."""
+
+    torch_ops: collections.Counter = field(default_factory=collections.Counter)  # phase -> ATen launches
+    cute_calls: collections.Counter = field(default_factory=collections.Counter)  # phase -> compiled calls
+    cute_kernels: collections.Counter = field(default_factory=collections.Counter)  # phase -> kernels
+    syncs: list = field(default_factory=list)  # ops that read the device on the host
+    ops: list = field(default_factory=list)  # (phase, op name), in dispatch order
+
+    @property
+    def total(self) -> int:
+        """torch launches + CuTe compiled calls (host launches of the step)."""
+        return sum(self.torch_ops.values()) + sum(self.cute_calls.values())
+
+    def per_phase(self) -> dict[str, tuple[int, int]]:
+        """phase -> (torch launches, CuTe compiled calls), phases in step order, empty ones left out."""
+        return {p: (self.torch_ops[p], self.cute_calls[p]) for p in PHASE_ORDER
+                if self.torch_ops[p] or self.cute_calls[p]}
+
+    def table(self) -> str:
+        rows = [f"{p:15s} torch {t:3d}  cute {c} ({self.cute_kernels[p]} kernels)" for p, (t, c) in
+                self.per_phase().items()]
+        return "\n".join(rows + [f"{'total':15s} {self.total} launches "
+                                 f"({sum(self.torch_ops.values())} torch + {sum(self.cute_calls.values())} CuTe)"])
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self, launches: Launches):
+        super().__init__()
+        self.launches = launches
+        self.paused = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.paused and not func.is_view and name not in ALLOCATIONS | HOST_SCALARS:
+            phase = _phase()
+            if name in SYNCS:
+                self.launches.syncs.append(name)
+            if name != "_local_scalar_dense":
+                self.launches.torch_ops[phase] += 1
+                self.launches.ops.append((phase, name))
+        return func(*args, **(kwargs or {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch stand-ins for the CuTe launches: the same outputs, written into the same buffers
+# ---------------------------------------------------------------------------------------------
+def _topk_standin(variant, x, out, idx):
+    kind, dtype, n, k, epilogue = variant
+    assert epilogue == "values", "the token-rounding router asks the bitonic kernel for values only"
+    idx.copy_(torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k])  # ties to the lower column
+    out.copy_(x.gather(1, idx))
+
+
+def _metadata_standin(variant, expert, token, tile_counts, counts, offsets, gather, pair_of_row, row_of_pair,
+                      chunks_per_tile):
+    bucket, scatter = variant
+    E = counts.numel()
+    valid = ((expert >= 0) & (expert < E)).nonzero().squeeze(1)  # pairs the kernels do not skip
+    counts.copy_(torch.bincount(expert[valid].long(), minlength=E))
+    offsets.copy_(torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]))
+    if scatter:  # stable grouping by expert: rows of one expert in pair order
+        order = valid[torch.sort(expert[valid], stable=True).indices]  # (true P,) pair of each row
+        rows = torch.arange(order.numel(), dtype=torch.int32)
+        pair_of_row[: order.numel()] = order.to(torch.int32)
+        row_of_pair[order] = rows
+        gather[: order.numel()] = token[order]
+
+
+def _token_rounding_standin(variant, scores_bits, experts, keys, keep, counts, uniform, mode, tile_m):
+    mode_name = {code: name for name, code in fast.ROUNDING_CODES.items()}[mode]
+    scores = scores_bits.view(torch.float32)
+    picked = torch.zeros_like(keep, dtype=torch.bool).scatter_(1, experts.long(), True)  # (T, E)
+    keys.copy_(torch.where(picked, scores_bits | fast.PICK_BIT, scores_bits).t())
+    keep.copy_(fast._boundary_keep_torch(scores, experts.long(), counts, uniform if mode_name == "stochastic" else None,
+                                         mode_name, tile_m))
+
+
+STANDINS = {"compile_kernel": _topk_standin, "compile_metadata_kernel": _metadata_standin,
+            "compile_token_rounding_kernels": _token_rounding_standin}
+
+
+@dataclass(frozen=True)
+class _FakeCompiled:
+    name: str  # the compile function
+    variant: tuple  # its compile-time arguments
+
+
+@contextlib.contextmanager
+def counting_launches(monkeypatch):
+    """Within the block, the fast routing runs on CPU tensors with torch stand-ins for the CuTe
+    launches, and every launch is counted into the yielded ``Launches``."""
+    launches = Launches()
+    mode = _Counter(launches)
+
+    def fake_compiled(compile_fn, *args, **kwargs):
+        return _FakeCompiled(compile_fn.__name__, args)
+
+    def fake_launch(kernel, device, *args):
+        phase = _phase()
+        launches.cute_calls[phase] += 1
+        kernels = CUTE_KERNELS[kernel.name]
+        if kernels is None:  # the metadata call: three kernels, four with the scatter
+            kernels = 4 if kernel.variant[1] else 3
+        launches.cute_kernels[phase] += kernels
+        mode.paused += 1
+        try:
+            STANDINS[kernel.name](kernel.variant, *args)
+        finally:
+            mode.paused -= 1
+
+    for module in (fast, fast_topk):
+        monkeypatch.setattr(module, "compiled", fake_compiled)
+        monkeypatch.setattr(module, "launch", fake_launch)
+    monkeypatch.setattr(_checks, "check_cuda", lambda name, t: None)  # CPU tensors stand in for CUDA ones
+    with mode:
+        yield launches
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+def layer_router_step(T=512, d=64, E=32, K=4, tile_m=16, mode="nearest", scoring="softmax_topk", normalize=False,
+                      seed=0, grad=True):
+    """Inputs of the layer's router step (``fast.moe.route_layer``) on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, generator=g).to(torch.bfloat16).requires_grad_(grad)
+    router_w = (torch.randn(d, E, generator=g) / d**0.5).to(torch.bfloat16).requires_grad_(grad)
+    kwargs = dict(routing="token_rounding", tile_m=tile_m, scoring=scoring, normalize=normalize, rounding_mode=mode,
+                  generator=torch.Generator().manual_seed(seed + 1) if mode == "stochastic" else None)
+    return x, router_w, K, kwargs
+
+
+def count_router_step(monkeypatch, **shape) -> tuple[Launches, fast_moe.DeviceRouting]:
+    """Launches of one call of the layer's token-rounding router step (after a warm-up call)."""
+    x, router_w, K, kwargs = layer_router_step(**shape)
+    with counting_launches(monkeypatch) as warmup:
+        fast_moe.route_layer(x, router_w, K, **kwargs)
+    kwargs["generator"] = layer_router_step(**shape)[3]["generator"]  # the same draw again
+    with counting_launches(monkeypatch) as launches:
+        r = fast_moe.route_layer(x, router_w, K, **kwargs)[0]
+    assert warmup.total >= launches.total
+    return launches, r
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+def test_report_launches(monkeypatch, capsys):
+    launches, _ = count_router_step(monkeypatch)
+    with capsys.disabled():
+        print("\n" + launches.table())
+        print(launches.ops)
