@@ -145,7 +145,6 @@ def gemm_times(leaves: list[torch.Tensor], gout: torch.Tensor, r, reps: int) -> 
     every GEMM of its kernel set (the ``ExpertOps`` fields whose name contains "gemm") wrapped to note
     its arguments, and each noted call is then timed alone with the same arguments. So the list
     follows the layer as it is (fused epilogues, K-major weights...), whatever its current steps."""
-    import dataclasses
 
     from sonic_learn.fast import moe as fast_moe
 

@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n" + "\n".join(f"  {cmd:<{max(len(c) for c, _ in EXAMPLES)}}  # {what}"
                                           for cmd, what in EXAMPLES)
                + "\n\nexit status: 0 all rows agree, 1 a row FAILed (or raised), 2 bad arguments or a problem too "
-                 "large for this CPU (see --allow-large)",
+                 "large for this CPU (see --allow-large)"
+               + "\n\nupstream sonic-moe: the moe table adds its row when sonicmoe is importable here, or when "
+                 "SONIC_UPSTREAM_SITE names its own site (folders holding sonicmoe, quack and their CuTe-DSL, "
+                 "os.pathsep-separated); it runs in a subprocess, since it pins another CuTe-DSL version",
         formatter_class=_Formatter,
     )
     _add_options(parser, sub=False)
