@@ -183,7 +183,7 @@ def _token_offsets(token_idx: torch.Tensor, num_tokens: int, pairs_per_token: in
     tokens = torch.arange(num_tokens + 1, dtype=torch.int32, device=token_idx.device)  # (T+1,)
     if pairs_per_token is not None:
         return tokens * pairs_per_token
-    return torch.searchsorted(token_idx.to(torch.int32), tokens).to(torch.int32)  # first pair of each token
+    return torch.searchsorted(token_idx.to(torch.int32), tokens, out_int32=True)  # first pair of each token
 
 
 class RouterGemm(torch.autograd.Function):

@@ -64,22 +64,36 @@ the device-side counts of ``routing.rounding`` (a few (T, E) and (E,) reductions
 token-sorted triples from the (T, E) mask: ``nonzero`` by default (it sizes the output by the data
 dependent P: one host sync), or, with ``pad_to_bound=True`` (what the MoE layer uses),
 ``nonzero_static`` sized by the host bound ``reference.routing.max_pairs``, with no sync at all,
-plus the int32 casts and the score gather. Float64 logits give float64 scores, which do not fit the 32-bit key words: they take a
+plus the padding's ids (a ``remainder`` into int32 per column) and the score gather. Float64 logits give float64 scores, which do not fit the 32-bit key words: they take a
 torch-op selection (``torch.topk`` with k = min(tile_m - 1, T) over (E, T) keys for the
 threshold, ``cumsum`` for the tie ranks), the design this module used before the kernels.
 
-**Launches of the router step, and why there are several.** The layer's token-rounding router is
-the router GEMM (cuBLAS), the bitonic top-k kernel, two (T, K) torch ops for the token-choice
-scores, the counts-only histogram (one compiled call), a (T, E) ``softmax``, the two token-rounding
-kernels (one compiled call), the weights' ``scatter_``, the counts of ``routing.rounding``,
-``nonzero_static`` and a few (P,) elementwise ops, then the metadata kernels (one compiled call)
-and a ``searchsorted``. The kernels are separate because each step needs a grid-wide result of
-the one before: the counts f_e need every token's top-k, the boundary select needs every f_e and
-the whole key row of its expert, the token-sorted triples need the final mask of every expert,
-and the metadata needs every pair's expert. Fusing them would take grid-wide barriers
-(cooperative launches) or one CTA doing all the work. The torch ops that remain between them keep
-the scores bit-identical to the reference's and differentiable through autograd; none of them
-reads the device on the host, so the host issues the whole step ahead of the GPU.
+**Launches of the router step, and why there are several.** The layer's token-rounding router
+(``fast.moe.route_layer``) issues 30 launches; ``tests/test_router_launches.py`` counts them on the
+CPU, phase by phase, and fails if the count grows:
+
+* the router GEMM (cuBLAS) and its float32 cast (2; the reference rounds the logits to x's dtype
+  first, so a float32-output GEMM would change them);
+* the bitonic top-k kernel, its experts' int32 copy (the kernels' index type; torch's gather and
+  scatter take int64), and the counts-only histogram (one compiled call of three kernels);
+* the (T, E) ``softmax`` (the ranking key p) and the token-choice weights (a gather and a softmax
+  over K; ``topk_softmax`` gathers from p itself), then the weights' ``scatter`` (1);
+* the two token-rounding kernels (one compiled call);
+* the counts of ``routing.rounding`` (``_rounding_stats``: one (3, E) reduction, 5 launches, and 3
+  for the tokens left with no expert, a reduction over the other axis of the mask);
+* the padded triples (``_padded_triples``: ``nonzero_static`` and 5 elementwise launches);
+* the metadata kernels (one compiled call of four), the padded rows' initialization (3) and the
+  token offsets (an ``arange`` and a ``searchsorted``).
+
+The CuTe calls are separate because each step needs a grid-wide result of the one before: the
+counts f_e need every token's top-k, the boundary select needs every f_e and the whole key row of
+its expert, the token-sorted triples need the final mask of every expert, and the metadata needs
+every pair's expert. Fusing them would take grid-wide barriers (cooperative launches) or one CTA
+doing all the work. The torch ops between them keep the scores bit-identical to the reference's
+and differentiable through autograd (the softmaxes, the gather, the scatter, the score gather of
+the triples), or are reductions and compactions that need the whole mask (the counts, the
+``nonzero_static``); none reads the device on the host, so the host issues the whole step ahead
+of the GPU.
 
 **Exact agreement with the reference.** The expert indices are integers (the bitonic kernel and the
 reference's radix select agree exactly, ties to the lower expert). The scores are computed from
@@ -819,13 +833,18 @@ def token_choice_experts(logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]  # (T, K)
 
 
-def scores_from_experts(logits: torch.Tensor, experts: torch.Tensor, scoring: str, normalize: bool) -> torch.Tensor:
+def scores_from_experts(logits: torch.Tensor, experts: torch.Tensor, scoring: str, normalize: bool,
+                        probs: torch.Tensor | None = None) -> torch.Tensor:
     """(T, K) router weights of the chosen experts, with the reference's formulas (so bit-identical
-    to ``sonic_learn.reference.topk.softmax_topk`` / ``topk_softmax`` and differentiable)."""
+    to ``sonic_learn.reference.topk.softmax_topk`` / ``topk_softmax`` and differentiable).
+    ``probs``: the softmax of ``logits`` over all E experts when the caller has it already
+    (``reference.routing.router_probabilities``, the same call), reused by ``topk_softmax``."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if scoring == "softmax_topk":
         return torch.softmax(logits.gather(-1, experts).to(dtype), dim=-1)  # (T, K)
-    scores = torch.softmax(logits.to(dtype), dim=-1).gather(-1, experts)  # (T, K)
+    if probs is None:
+        probs = torch.softmax(logits.to(dtype), dim=-1)  # (T, E)
+    scores = probs.gather(-1, experts)  # (T, K)
     if normalize:
         scores = scores / scores.sum(-1, keepdim=True)
     return scores
@@ -991,9 +1010,8 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
     ratio = _ref.warn_below_paper_condition(T, E, k, tile_m)  # the paper's T_e / tile >= 2, host only
 
     # Step 1: token-choice top-k (CuTe bitonic) and f_e (CuTe histogram).
-    tc_experts = token_choice_experts(logits, k)  # (T, K) int64
-    tc_scores = scores_from_experts(logits, tc_experts, scoring, normalize)  # (T, K)
-    tc_experts32 = tc_experts.to(torch.int32)  # (T, K)
+    tc_experts = token_choice_experts(logits, k)  # (T, K) int64 (torch's gather/scatter index type)
+    tc_experts32 = tc_experts.to(torch.int32)  # (T, K) the kernels' index type
     counts = _launch_metadata(tc_experts32.view(-1), None, E, scatter=False)[0]  # (E,) f_e
 
     # Step 2's random draw, exactly the reference's (the rule itself runs inside the select kernel).
@@ -1001,8 +1019,10 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
     if mode == "stochastic":
         uniform = torch.rand(E, generator=generator, dtype=torch.float64, device=device)  # (E,) u_e
 
-    # The ranking key of Algorithm 4: p[t, e], the softmax over all E experts (the reference's call).
+    # The ranking key of Algorithm 4: p[t, e], the softmax over all E experts (the reference's call),
+    # and the token-choice weights (topk_softmax gathers them from the same softmax: one launch less).
     probs = _ref.router_probabilities(logits)  # (T, E)
+    tc_scores = scores_from_experts(logits, tc_experts, scoring, normalize, probs=probs)  # (T, K)
 
     # Steps 2-4: round f_e, then flip only the boundary pairs of each expert (see the module docstring).
     if T == 0:
@@ -1021,24 +1041,46 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
         token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)  <- the one host sync
         return Routing(token_idx=token_idx.to(torch.int32), expert_idx=expert_idx.to(torch.int32),
                        scores=scores[token_idx, expert_idx], num_tokens=T, num_experts=E, rounding=stats)
-    # Padded to the host bound (the reference's own helper, pad_to_bound=True there): no sync.
-    token_idx, expert_idx, pair_scores = _ref.padded_triples(keep, scores, _ref.max_pairs(T, E, k, tile_m))
+    # Padded to the host bound (the layout of the reference's pad_to_bound=True): no sync.
+    token_idx, expert_idx, pair_scores = _padded_triples(keep, scores, _ref.max_pairs(T, E, k, tile_m))
     return Routing(token_idx, expert_idx, pair_scores, num_tokens=T, num_experts=E, rounding=stats)
 
 
 def _rounding_stats(keep: torch.Tensor, counts: torch.Tensor, ratio: float) -> contracts.RoundingStats:
-    """``routing.rounding`` from the (T, E) keep mask and the token-choice counts f_e, on the device:
-    per expert, rounded_e - f_e > 0 pairs were added and < 0 dropped (rounding only ever moves one
-    side of an expert's boundary)."""
-    kept_per_expert = keep.sum(dim=0, dtype=torch.int64)  # (E,)
-    delta = kept_per_expert - counts.long()  # (E,)
+    """``routing.rounding`` from the (T, E) keep mask and the token-choice counts f_e, on the device.
+
+    Rounding only ever moves one side of an expert's boundary: with kept_e pairs, expert e added
+    max(kept_e - f_e, 0) pairs and dropped max(f_e - kept_e, 0). The three per-expert rows are
+    written into one (3, E) buffer and summed by one reduction (5 launches, plus 3 for the tokens
+    left with no expert: a reduction over the other axis of ``keep``)."""
+    E = counts.numel()
+    per_expert = torch.empty(3, E, dtype=torch.int64, device=keep.device)  # rows: kept, added, dropped
+    torch.sum(keep, dim=0, dtype=torch.int64, out=per_expert[0])  # kept_e
+    torch.sub(per_expert[0], counts, out=per_expert[1])  # kept_e - f_e
+    torch.sub(counts, per_expert[0], out=per_expert[2])  # f_e - kept_e
+    per_expert[1:].clamp_(min=0)  # the added and the dropped pairs of every expert
+    kept, added, dropped = per_expert.sum(dim=1)  # three () views of one (3,) result
     return contracts.RoundingStats(
-        kept_pairs=kept_per_expert.sum(),  # ()
-        dropped_pairs=(-delta).clamp(min=0).sum(),  # ()
-        added_pairs=delta.clamp(min=0).sum(),  # ()
+        kept_pairs=kept, dropped_pairs=dropped, added_pairs=added,
         dropped_tokens=(keep.sum(dim=1, dtype=torch.int32) == 0).sum(),  # () tokens with no expert left
         tokens_per_tile=ratio,
     )
+
+
+def _padded_triples(keep: torch.Tensor, scores: torch.Tensor, bound: int):
+    """``reference.routing.padded_triples`` bit for bit, in 6 launches instead of 11: the kept pairs
+    of the (T, E) mask, token-sorted, padded to ``bound`` with (token T, expert E, score 0).
+
+    ``nonzero_static`` fills the rows past P with -1, and -1 mod (T + 1) = T, -1 mod (E + 1) = E
+    (torch's remainder takes the divisor's sign), so one ``remainder`` per column maps the padding
+    and casts to int32 (its ``out``). The weights are read at the -1 rows too: a negative index
+    counts from the end (scores[T-1, E-1], in bounds), and ``where`` zeroes them."""
+    T, E = keep.shape
+    found = torch.nonzero_static(keep, size=bound, fill_value=-1)  # (bound, 2) kept pairs, then -1 rows
+    token_idx = torch.remainder(found[:, 0], T + 1, out=torch.empty(bound, dtype=torch.int32, device=keep.device))
+    expert_idx = torch.remainder(found[:, 1], E + 1, out=torch.empty(bound, dtype=torch.int32, device=keep.device))
+    weight = scores[found[:, 0], found[:, 1]]  # (bound,) padding rows read scores[-1, -1]
+    return token_idx, expert_idx, torch.where(found[:, 0] >= 0, weight, 0.0)  # padding: score 0, no gradient
 # --8<-- [end:token_rounding]
 
 
