@@ -73,17 +73,20 @@ PHASES = {
     ("reference/routing.py", "router_probabilities"): "scores/softmax",
     ("fast/routing.py", "_launch_metadata"): "counts f_e",  # under _metadata: "metadata" (outermost)
     ("fast/routing.py", "_launch_boundary_kernels"): "keys+select",
+    ("fast/routing.py", "_launch_token_rounding_triples"): "keys+select+triples",  # fused_glue=True
     ("fast/routing.py", "_pair_weights"): "pair weights",
     ("fast/routing.py", "_rounding_stats"): "stats",
     ("reference/routing.py", "padded_triples"): "compaction",
     ("fast/routing.py", "_padded_triples"): "compaction",
+    ("fast/routing.py", "_pair_scores"): "compaction",  # fused_glue=True: the weights of the kernel's triples
     ("fast/moe.py", "_metadata"): "metadata",
 }
-PHASE_ORDER = ["router GEMM", "top-k", "scores/softmax", "counts f_e", "keys+select", "pair weights", "stats",
-               "compaction", "metadata", "other"]
+PHASE_ORDER = ["router GEMM", "top-k", "scores/softmax", "counts f_e", "keys+select", "keys+select+triples",
+               "pair weights", "stats", "compaction", "metadata", "other"]
 
 # Kernels each compiled call runs (compile function -> kernels), for the report.
-CUTE_KERNELS = {"compile_kernel": 1, "compile_metadata_kernel": None, "compile_token_rounding_kernels": 2}
+CUTE_KERNELS = {"compile_kernel": 1, "compile_metadata_kernel": None, "compile_token_rounding_kernels": 2,
+                "compile_token_rounding_triples_kernels": 5}
 
 
 def _phase() -> str:
@@ -120,9 +123,9 @@ class Launches:
                 if self.torch_ops[p] or self.cute_calls[p]}
 
     def table(self) -> str:
-        rows = [f"{p:15s} torch {t:3d}  cute {c} ({self.cute_kernels[p]} kernels)" for p, (t, c) in
+        rows = [f"{p:20s} torch {t:3d}  cute {c} ({self.cute_kernels[p]} kernels)" for p, (t, c) in
                 self.per_phase().items()]
-        return "\n".join(rows + [f"{'total':15s} {self.total} launches "
+        return "\n".join(rows + [f"{'total':20s} {self.total} launches "
                                  f"({sum(self.torch_ops.values())} torch + {sum(self.cute_calls.values())} CuTe)"])
 
 
@@ -156,8 +159,13 @@ def _topk_standin(variant, x, out, idx):
 
 def _metadata_standin(variant, expert, token, tile_counts, counts, offsets, gather, pair_of_row, row_of_pair,
                       chunks_per_tile):
-    bucket, scatter = variant
+    bucket, scatter, fill_padding = variant
     E = counts.numel()
+    if fill_padding:  # the padding entries (what _launch_metadata initializes with torch otherwise)
+        ids = torch.arange(expert.numel(), dtype=torch.int32)
+        gather.zero_()
+        pair_of_row.copy_(ids)
+        row_of_pair.copy_(ids)
     valid = ((expert >= 0) & (expert < E)).nonzero().squeeze(1)  # pairs the kernels do not skip
     counts.copy_(torch.bincount(expert[valid].long(), minlength=E))
     offsets.copy_(torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]))
@@ -178,8 +186,28 @@ def _token_rounding_standin(variant, scores_bits, experts, keys, keep, counts, u
                                          mode_name, tile_m))
 
 
+def _triples_standin(variant, scores_bits, experts, keys, keep, counts, uniform, mode, tile_m, tile_pairs, tile_empty,
+                     token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4, tokens_per_tile):
+    _token_rounding_standin((), scores_bits, experts, keys, keep, counts, uniform, mode, tile_m)
+    T, E = keep.shape
+    found = keep.nonzero()  # (P, 2) token-sorted, then by expert
+    P = found.shape[0]
+    token_idx.fill_(T)
+    expert_idx.fill_(E)
+    pair_index.zero_()
+    is_pair.zero_()
+    token_idx[:P], expert_idx[:P] = found[:, 0], found[:, 1]
+    pair_index[:P] = found[:, 0] * E + found[:, 1]
+    is_pair[:P] = 1
+    token_offsets.copy_(torch.searchsorted(found[:, 0].contiguous(), torch.arange(T + 1)))
+    delta = keep.sum(0) - counts
+    counts4.copy_(torch.stack([torch.tensor(P), (-delta).clamp(min=0).sum(), delta.clamp(min=0).sum(),
+                               (keep.sum(1) == 0).sum()]))
+
+
 STANDINS = {"compile_kernel": _topk_standin, "compile_metadata_kernel": _metadata_standin,
-            "compile_token_rounding_kernels": _token_rounding_standin}
+            "compile_token_rounding_kernels": _token_rounding_standin,
+            "compile_token_rounding_triples_kernels": _triples_standin}
 
 
 @dataclass(frozen=True)
@@ -223,13 +251,13 @@ def counting_launches(monkeypatch):
 # The step
 # ---------------------------------------------------------------------------------------------
 def layer_router_step(T=512, d=64, E=32, K=4, tile_m=16, mode="nearest", scoring="softmax_topk", normalize=False,
-                      seed=0, grad=True):
+                      seed=0, grad=True, fused_glue=False):
     """Inputs of the layer's router step (``fast.moe.route_layer``) on the CPU."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, d, generator=g).to(torch.bfloat16).requires_grad_(grad)
     router_w = (torch.randn(d, E, generator=g) / d**0.5).to(torch.bfloat16).requires_grad_(grad)
     kwargs = dict(routing="token_rounding", tile_m=tile_m, scoring=scoring, normalize=normalize, rounding_mode=mode,
-                  generator=torch.Generator().manual_seed(seed + 1) if mode == "stochastic" else None)
+                  fused_glue=fused_glue, generator=torch.Generator().manual_seed(seed + 1) if mode == "stochastic" else None)
     return x, router_w, K, kwargs
 
 
@@ -261,7 +289,8 @@ def _reference_offsets(token_idx: torch.Tensor, T: int) -> torch.Tensor:
 @example(T=200, E=8, K=2, tile_m=16, mode="down", scoring=("softmax_topk", False), ties=True, seed=0)
 @example(T=5, E=8, K=2, tile_m=64, mode="down", scoring=("topk_softmax", True), ties=False, seed=1)  # every token dropped
 @example(T=0, E=8, K=2, tile_m=16, mode="up", scoring=("softmax_topk", False), ties=False, seed=2)
-def test_layer_router_step_equals_the_reference(T, E, K, tile_m, mode, scoring, ties, seed):
+@pytest.mark.parametrize("fused_glue", [False, True])
+def test_layer_router_step_equals_the_reference(fused_glue, T, E, K, tile_m, mode, scoring, ties, seed):
     """route_layer's glue (kernels stood in for) = the reference: padded triples and scores bit for
     bit, the padded metadata, the token offsets, the rounding counts, and the gradients of x and
     router_w through the scores."""
@@ -283,7 +312,7 @@ def test_layer_router_step_equals_the_reference(T, E, K, tile_m, mode, scoring, 
         warnings.simplefilter("ignore")  # below the paper's condition (not the point here)
         with pytest.MonkeyPatch.context() as mp, counting_launches(mp) as launches:
             r, x_experts = fast_moe.route_layer(x, router_w, K, routing="token_rounding", rounding_mode=mode,
-                                                generator=generator(), **kwargs)
+                                                generator=generator(), fused_glue=fused_glue, **kwargs)
         x_ref, w_ref = (t.detach().clone().requires_grad_(True) for t in (x, router_w))
         logits_ref = (x_ref @ w_ref).float()
         want = ref.token_rounding(logits_ref, K, mode=mode, generator=generator(), pad_to_bound=True, **kwargs)
@@ -363,15 +392,28 @@ MAX_LAUNCHES = {
 }
 
 
-def test_the_router_step_stays_within_its_launch_bound(monkeypatch):
-    launches, _ = count_router_step(monkeypatch)
+# The same step with ``fused_glue=True`` (opt-in, GPU-verification pending): the triples, the
+# rounding counts and the token offsets come out of the token-rounding compiled call, the padded
+# metadata's initialization out of the scatter kernel.
+MAX_LAUNCHES_FUSED = {
+    **{phase: MAX_LAUNCHES[phase] for phase in ("router GEMM", "top-k", "scores/softmax", "counts f_e", "pair weights",
+                                                 "other")},
+    "keys+select+triples": (0, 1),  # keys, select, then the triples' count, scan and write kernels
+    "compaction": (2, 0),  # the weights at the kernel's flat indices (index_select), 0 for the padding (where)
+    "metadata": (0, 1),  # the metadata kernels alone
+}
+
+
+@pytest.mark.parametrize("fused_glue, bound, total", [(False, MAX_LAUNCHES, 30), (True, MAX_LAUNCHES_FUSED, 13)])
+def test_the_router_step_stays_within_its_launch_bound(monkeypatch, fused_glue, bound, total):
+    launches, _ = count_router_step(monkeypatch, fused_glue=fused_glue)
     assert not launches.syncs, f"the router step read the device on the host: {launches.syncs}"
     for phase, (torch_ops, cute_calls) in launches.per_phase().items():
-        bound = MAX_LAUNCHES.get(phase, (0, 0))
-        assert torch_ops <= bound[0] and cute_calls <= bound[1], (
-            f"{phase}: {torch_ops} torch launches and {cute_calls} CuTe calls, bound {bound}\n{launches.table()}\n"
+        most = bound.get(phase, (0, 0))
+        assert torch_ops <= most[0] and cute_calls <= most[1], (
+            f"{phase}: {torch_ops} torch launches and {cute_calls} CuTe calls, bound {most}\n{launches.table()}\n"
             f"{[op for ph, op in launches.ops if ph == phase]}")
-    assert launches.total <= sum(t + c for t, c in MAX_LAUNCHES.values()) == 30
+    assert launches.total <= sum(t + c for t, c in bound.values()) == total
 
 
 @pytest.mark.parametrize("scoring, normalize, mode, grad, extra", [
@@ -386,9 +428,11 @@ def test_other_configurations_of_the_step(monkeypatch, scoring, normalize, mode,
     assert launches.total == sum(t + c for t, c in MAX_LAUNCHES.values()) + extra + normalize_ops, launches.table()
 
 
-def test_report_launches(monkeypatch, capsys):
+@pytest.mark.parametrize("fused_glue", [False, True])
+def test_report_launches(monkeypatch, capsys, fused_glue):
     """Print the count per phase (``pytest -s``); the bound test above is the check."""
-    launches, _ = count_router_step(monkeypatch, T=4096, d=64, E=128, K=8, tile_m=128)  # 7B-like, T/6
+    launches, _ = count_router_step(monkeypatch, T=4096, d=64, E=128, K=8, tile_m=128,  # 7B-like, T/6
+                                    fused_glue=fused_glue)
     with capsys.disabled():
-        print("\n" + launches.table())
+        print(f"\nfused_glue={fused_glue}\n" + launches.table())
     assert launches.total > 0
