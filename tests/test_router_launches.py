@@ -216,6 +216,12 @@ class _FakeCompiled:
     variant: tuple  # its compile-time arguments
 
 
+def _private_warning_registry(monkeypatch) -> None:
+    """The shapes warned about below the paper's condition are remembered process-wide (once per
+    shape): the shapes these tests draw must not silence another test's expected warning."""
+    monkeypatch.setattr(ref, "_warned_shapes", set(ref._warned_shapes))
+
+
 @contextlib.contextmanager
 def counting_launches(monkeypatch):
     """Within the block, the fast routing runs on CPU tensors with torch stand-ins for the CuTe
@@ -243,6 +249,7 @@ def counting_launches(monkeypatch):
         monkeypatch.setattr(module, "compiled", fake_compiled)
         monkeypatch.setattr(module, "launch", fake_launch)
     monkeypatch.setattr(_checks, "check_cuda", lambda name, t: None)  # CPU tensors stand in for CUDA ones
+    _private_warning_registry(monkeypatch)
     with mode:
         yield launches
 
@@ -308,9 +315,10 @@ def test_layer_router_step_equals_the_reference(fused_glue, T, E, K, tile_m, mod
     def generator():
         return torch.Generator().manual_seed(seed + 1) if mode == "stochastic" else None
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
         warnings.simplefilter("ignore")  # below the paper's condition (not the point here)
-        with pytest.MonkeyPatch.context() as mp, counting_launches(mp) as launches:
+        _private_warning_registry(mp)
+        with counting_launches(mp) as launches:
             r, x_experts = fast_moe.route_layer(x, router_w, K, routing="token_rounding", rounding_mode=mode,
                                                 generator=generator(), fused_glue=fused_glue, **kwargs)
         x_ref, w_ref = (t.detach().clone().requires_grad_(True) for t in (x, router_w))
@@ -358,9 +366,10 @@ def test_token_rounding_without_autograd_equals_the_reference(T, E, K, tile_m, m
         return torch.Generator().manual_seed(seed + 1) if mode == "stochastic" else None
 
     kwargs = dict(tile_m=tile_m, mode=mode, scoring=scoring, pad_to_bound=pad)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), pytest.MonkeyPatch.context() as mp:
         warnings.simplefilter("ignore")
-        with pytest.MonkeyPatch.context() as mp, counting_launches(mp) as launches:
+        _private_warning_registry(mp)
+        with counting_launches(mp) as launches:
             got = fast.token_rounding(logits, K, generator=generator(), check_finite=False, **kwargs)
         want = ref.token_rounding(logits, K, generator=generator(), **kwargs)
     assert (launches.syncs == []) == pad, launches.syncs  # unpadded: nonzero sizes the triples on the host
