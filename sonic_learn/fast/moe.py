@@ -245,8 +245,8 @@ def route_layer(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_
         # Token rounding: the fast router ranks only each expert's boundary tile. Its pair count is
         # data dependent, so the triples are padded to the host bound (token T, expert E, score 0)
         # and the true P stays on the device: no synchronization, capturable in a CUDA graph.
-        r, token_offsets = fast_routing._route_token_rounding(
-            logits, k, tile_m, rounding_mode, generator, scoring, normalize, False, "kernels", pad_to_bound=True,
+        r, token_offsets = fast_routing.layer_token_rounding(
+            logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator, scoring=scoring, normalize=normalize,
             fused_glue=fused_glue)  # token_offsets: from the fused glue's kernels, else None
         meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E, padded=True, fused_glue=fused_glue,
                                         token_offsets=token_offsets)

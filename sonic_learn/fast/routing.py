@@ -95,6 +95,17 @@ the triples), or are reductions and compactions that need the whole mask (the co
 ``nonzero_static``); none reads the device on the host, so the host issues the whole step ahead
 of the GPU.
 
+**Opt-in: the glue as kernels (``fused_glue=True``; verified on the CPU with torch stand-ins for
+the kernels, on the GPU by ``tests/test_fused_router_glue.py``).** The padded triples, the counts
+of ``routing.rounding`` and the token offsets come from ``PaddedTriplesKernel`` (count, scan and
+write over tiles of tokens) inside the token-rounding compiled call, and the scatter kernel writes
+the padded metadata's padding entries itself: 13 launches (9 torch, 4 CuTe calls). What stays
+torch then is what autograd must see or what the reference rounds: the router GEMM and its cast,
+the softmax and the token-choice weights (gather, softmax over K), the experts' int32 copy, the
+weights' ``scatter``, and the triples' weights (an ``index_select`` at the kernel's flat indices and
+a ``where`` for the padding). The four CuTe calls stay apart for the grid-wide reasons above, and
+because the torch ops between them (the int32 copy, the softmax, the weights) feed the next one.
+
 **Exact agreement with the reference.** The expert indices are integers (the bitonic kernel and the
 reference's radix select agree exactly, ties to the lower expert). The scores are computed from
 those indices with the reference's formulas (torch ops), so they are bit-identical, stay
@@ -131,6 +142,7 @@ __all__ = [
     "topk_routing",
     "round_counts",
     "token_rounding",
+    "layer_token_rounding",
     "compile_metadata_kernel",
     "compile_token_rounding_kernels",
     "compile_token_rounding_triples_kernels",
@@ -1240,6 +1252,16 @@ SELECTIONS = {
     "torch": "torch ops: torch.topk over each expert's (E, T) key row finds the boundary, cumsum ranks ties",
     "kernels": "+ two CuTe kernels: per-expert key rows, then a radix select of the boundary, one CTA per expert",
 }
+
+
+def layer_token_rounding(logits: torch.Tensor, k: int, *, tile_m: int, mode: str, generator: torch.Generator | None,
+                         scoring: str, normalize: bool, fused_glue: bool = False):
+    """The MoE layer's router (``fast.moe.route_layer``): ``token_rounding(..., check_finite=False,
+    pad_to_bound=True)``, sync-free and padded to the bound, and the (T+1,) int32 token offsets when
+    ``fused_glue``'s kernels wrote them (else None: the caller computes them from ``token_idx``)."""
+    _checks.check_bool("fused_glue", fused_glue)
+    return _route_token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, False, "kernels",
+                                 pad_to_bound=True, fused_glue=fused_glue)
 
 
 def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection: str,
