@@ -150,6 +150,9 @@ class _Counter(TorchDispatchMode):
 # ---------------------------------------------------------------------------------------------
 # Torch stand-ins for the CuTe launches: the same outputs, written into the same buffers
 # ---------------------------------------------------------------------------------------------
+POISON = -7  # what the stand-ins write first into buffers the kernels get uninitialized (torch.empty)
+
+
 def _topk_standin(variant, x, out, idx):
     kind, dtype, n, k, epilogue = variant
     assert epilogue == "values", "the token-rounding router asks the bitonic kernel for values only"
@@ -161,20 +164,26 @@ def _metadata_standin(variant, expert, token, tile_counts, counts, offsets, gath
                       chunks_per_tile):
     bucket, scatter, fill_padding = variant
     E = counts.numel()
-    if fill_padding:  # the padding entries (what _launch_metadata initializes with torch otherwise)
-        ids = torch.arange(expert.numel(), dtype=torch.int32)
-        gather.zero_()
-        pair_of_row.copy_(ids)
-        row_of_pair.copy_(ids)
     valid = ((expert >= 0) & (expert < E)).nonzero().squeeze(1)  # pairs the kernels do not skip
     counts.copy_(torch.bincount(expert[valid].long(), minlength=E))
     offsets.copy_(torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]))
-    if scatter:  # stable grouping by expert: rows of one expert in pair order
-        order = valid[torch.sort(expert[valid], stable=True).indices]  # (true P,) pair of each row
-        rows = torch.arange(order.numel(), dtype=torch.int32)
-        pair_of_row[: order.numel()] = order.to(torch.int32)
-        row_of_pair[order] = rows
-        gather[: order.numel()] = token[order]
+    if not scatter:
+        return
+    if fill_padding:  # buffers from torch.empty: write only what the kernel writes
+        for out in (gather, pair_of_row, row_of_pair):
+            out.fill_(POISON)
+    # stable grouping by expert: rows of one expert in pair order
+    order = valid[torch.sort(expert[valid], stable=True).indices]  # (true P,) pair of each row
+    rows = torch.arange(order.numel(), dtype=torch.int32)
+    pair_of_row[: order.numel()] = order.to(torch.int32)
+    row_of_pair[order] = rows
+    gather[: order.numel()] = token[order]
+    if fill_padding:  # per pair p: a skipped pair maps to row p; p >= offsets[E] is a padding row
+        p = torch.arange(expert.numel(), dtype=torch.int32)
+        skipped = (expert < 0) | (expert >= E)
+        row_of_pair[skipped] = p[skipped]
+        past = p >= offsets[E]
+        gather[past], pair_of_row[past] = 0, p[past]
 
 
 def _token_rounding_standin(variant, scores_bits, experts, keys, keep, counts, uniform, mode, tile_m):
@@ -186,23 +195,63 @@ def _token_rounding_standin(variant, scores_bits, experts, keys, keep, counts, u
                                          mode_name, tile_m))
 
 
+def _rounding_delta(f: int, u: float, mode: str, tile_m: int, T: int) -> int:
+    """rounded_e - f_e as the kernels' ``rounding_delta`` computes it (integer rule, capped at T)."""
+    floor_f = f // tile_m * tile_m
+    rem = f - floor_f
+    go_up = {"down": False, "up": rem > 0, "nearest": 2 * rem > tile_m}.get(mode)
+    if go_up is None:
+        go_up = u * float(tile_m) < float(rem)
+    return min(floor_f + tile_m if go_up and rem > 0 else floor_f, T) - f
+
+
 def _triples_standin(variant, scores_bits, experts, keys, keep, counts, uniform, mode, tile_m, tile_pairs, tile_empty,
                      token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4, tokens_per_tile):
+    """The selection (as above), then ``PaddedTriplesKernel`` step by step: per-tile counts from
+    32-expert ballots, the one-warp scan and counts, the per-token writes at ballot ranks, the
+    padding's grid-stride fill. Writes only what the kernels write, into poisoned buffers."""
     _token_rounding_standin((), scores_bits, experts, keys, keep, counts, uniform, mode, tile_m)
+    for out in (tile_pairs, tile_empty, token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4):
+        out.fill_(POISON if out.dtype != torch.uint8 else 255)
+    mode_name = {code: name for name, code in fast.ROUNDING_CODES.items()}[mode]
     T, E = keep.shape
-    found = keep.nonzero()  # (P, 2) token-sorted, then by expert
-    P = found.shape[0]
-    token_idx.fill_(T)
-    expert_idx.fill_(E)
-    pair_index.zero_()
-    is_pair.zero_()
-    token_idx[:P], expert_idx[:P] = found[:, 0], found[:, 1]
-    pair_index[:P] = found[:, 0] * E + found[:, 1]
-    is_pair[:P] = 1
-    token_offsets.copy_(torch.searchsorted(found[:, 0].contiguous(), torch.arange(T + 1)))
-    delta = keep.sum(0) - counts
-    counts4.copy_(torch.stack([torch.tensor(P), (-delta).clamp(min=0).sum(), delta.clamp(min=0).sum(),
-                               (keep.sum(1) == 0).sum()]))
+    kept_experts = [[e for e, k in enumerate(row) if k] for row in keep.tolist()]
+    num_tiles = tile_pairs.numel()
+
+    def ballots(t):  # per 32-expert chunk c: the lanes whose expert c + lane is kept
+        return [[e - c for e in kept_experts[t] if c <= e < c + 32] for c in range(0, E, 32)]
+
+    def tile_tokens(tile):
+        return [t for t in range(tile * tokens_per_tile, (tile + 1) * tokens_per_tile) if t < T]
+
+    for tile in range(num_tiles):  # 1. count
+        per_token = [sum(len(b) for b in ballots(t)) for t in tile_tokens(tile)]
+        tile_pairs[tile], tile_empty[tile] = sum(per_token), per_token.count(0)
+    starts = [0] + torch.cumsum(tile_pairs, 0).tolist()[:-1]  # 2. scan (exclusive, in place)
+    kept, empty = int(tile_pairs.sum()), int(tile_empty.sum())
+    tile_pairs.copy_(torch.tensor(starts))
+    deltas = [_rounding_delta(int(counts[e]), float(uniform[e]) if mode_name == "stochastic" else 0.0, mode_name,
+                              tile_m, T) for e in range(E)]
+    counts4.copy_(torch.tensor([kept, sum(-d for d in deltas if d < 0), sum(d for d in deltas if d > 0), empty]))
+    outs = {name: out.tolist() for name, out in
+            (("token", token_idx), ("expert", expert_idx), ("index", pair_index), ("is_pair", is_pair),
+             ("offsets", token_offsets))}
+    outs["offsets"][T] = kept
+    for tile in range(num_tiles):  # 3. write
+        running = starts[tile]
+        for t in tile_tokens(tile):
+            outs["offsets"][t] = running
+            for c, lanes in zip(range(0, E, 32), ballots(t)):
+                for rank, lane in enumerate(lanes):  # rank = popc(ballot & lanemask_lt)
+                    pos = running + rank
+                    outs["token"][pos], outs["expert"][pos] = t, c + lane
+                    outs["index"][pos], outs["is_pair"][pos] = t * E + c + lane, 1
+                running += len(lanes)
+    for pos in range(kept, token_idx.numel()):  # the padding (grid-stride)
+        outs["token"][pos], outs["expert"][pos], outs["index"][pos], outs["is_pair"][pos] = T, E, 0, 0
+    for name, out in (("token", token_idx), ("expert", expert_idx), ("index", pair_index), ("is_pair", is_pair),
+                      ("offsets", token_offsets)):
+        out.copy_(torch.tensor(outs[name], dtype=out.dtype))
 
 
 STANDINS = {"compile_kernel": _topk_standin, "compile_metadata_kernel": _metadata_standin,
