@@ -30,6 +30,13 @@ CPU, with every CuTe launch replaced by a torch stand-in that fills the same out
 Each op is charged to a *phase* of the step by the outermost function of the step on the Python
 stack when it is dispatched (``PHASES``). Counts are taken on the second call (the first fills the
 per-device caches of placeholders).
+
+The same harness checks the glue itself: with the stand-ins, the step's routing, metadata, token
+offsets, counts and gradients must be the reference's (``sonic_learn.reference.routing``), for the
+default path and for the opt-in ``fused_glue=True``. The stand-ins of the opt-in's kernels
+(``PaddedTriplesKernel``, the metadata scatter's padding fill) model them step by step and write
+only what the kernels write, into poisoned buffers, so a missed entry shows up; the kernels
+themselves are checked on a GPU by ``tests/test_fused_router_glue.py``.
 """
 
 from __future__ import annotations
