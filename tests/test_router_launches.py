@@ -320,7 +320,8 @@ def layer_router_step(T=512, d=64, E=32, K=4, tile_m=16, mode="nearest", scoring
     x = torch.randn(T, d, generator=g).to(torch.bfloat16).requires_grad_(grad)
     router_w = (torch.randn(d, E, generator=g) / d**0.5).to(torch.bfloat16).requires_grad_(grad)
     kwargs = dict(routing="token_rounding", tile_m=tile_m, scoring=scoring, normalize=normalize, rounding_mode=mode,
-                  fused_glue=fused_glue, generator=torch.Generator().manual_seed(seed + 1) if mode == "stochastic" else None)
+                  fused_glue=fused_glue,
+                  generator=torch.Generator().manual_seed(seed + 1) if mode == "stochastic" else None)
     return x, router_w, K, kwargs
 
 
@@ -350,7 +351,7 @@ def _reference_offsets(token_idx: torch.Tensor, T: int) -> torch.Tensor:
        scoring=st.sampled_from([("softmax_topk", False), ("topk_softmax", False), ("topk_softmax", True)]),
        ties=st.booleans(), seed=st.integers(0, 2**31 - 1))
 @example(T=200, E=8, K=2, tile_m=16, mode="down", scoring=("softmax_topk", False), ties=True, seed=0)
-@example(T=5, E=8, K=2, tile_m=64, mode="down", scoring=("topk_softmax", True), ties=False, seed=1)  # every token dropped
+@example(T=5, E=8, K=2, tile_m=64, mode="down", scoring=("topk_softmax", True), ties=False, seed=1)  # all dropped
 @example(T=0, E=8, K=2, tile_m=16, mode="up", scoring=("softmax_topk", False), ties=False, seed=2)
 @pytest.mark.parametrize("fused_glue", [False, True])
 def test_layer_router_step_equals_the_reference(fused_glue, T, E, K, tile_m, mode, scoring, ties, seed):

@@ -235,6 +235,7 @@ def route_layer(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_
     torch launches between them; the same result."""
     from sonic_learn.fast import routing as fast_routing
 
+    _checks.check_bool("fused_glue", fused_glue)
     T, E = x.shape[0], router_w.shape[1]
     logits, x_experts = RouterGemm.apply(x, router_w)  # (T, E) float32, (T, d)
     if routing == "topk":

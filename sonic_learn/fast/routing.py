@@ -64,13 +64,15 @@ the device-side counts of ``routing.rounding`` (a few (T, E) and (E,) reductions
 token-sorted triples from the (T, E) mask: ``nonzero`` by default (it sizes the output by the data
 dependent P: one host sync), or, with ``pad_to_bound=True`` (what the MoE layer uses),
 ``nonzero_static`` sized by the host bound ``reference.routing.max_pairs``, with no sync at all,
-plus the padding's ids (a ``remainder`` into int32 per column) and the score gather. Float64 logits give float64 scores, which do not fit the 32-bit key words: they take a
-torch-op selection (``torch.topk`` with k = min(tile_m - 1, T) over (E, T) keys for the
-threshold, ``cumsum`` for the tie ranks), the design this module used before the kernels.
+plus the padding's ids (a ``remainder`` into int32 per column) and the score gather. Float64
+logits give float64 scores, which do not fit the 32-bit key words: they take a torch-op selection
+(``torch.topk`` with k = min(tile_m - 1, T) over (E, T) keys for the threshold, ``cumsum`` for the
+tie ranks), the design this module used before the kernels.
 
 **Launches of the router step, and why there are several.** The layer's token-rounding router
-(``fast.moe.route_layer``) issues 30 launches; ``tests/test_router_launches.py`` counts them on the
-CPU, phase by phase, and fails if the count grows:
+(``fast.moe.route_layer``) issues 30 launches, 26 torch ops and 4 CuTe calls (10 kernels);
+``tests/test_router_launches.py`` counts them on the CPU, phase by phase, and fails if the count
+changes:
 
 * the router GEMM (cuBLAS) and its float32 cast (2; the reference rounds the logits to x's dtype
   first, so a float32-output GEMM would change them);
@@ -99,7 +101,7 @@ of the GPU.
 the kernels, on the GPU by ``tests/test_fused_router_glue.py``).** The padded triples, the counts
 of ``routing.rounding`` and the token offsets come from ``PaddedTriplesKernel`` (count, scan and
 write over tiles of tokens) inside the token-rounding compiled call, and the scatter kernel writes
-the padded metadata's padding entries itself: 13 launches (9 torch, 4 CuTe calls). What stays
+the padded metadata's padding entries itself: 13 launches (9 torch, 4 CuTe calls of 13 kernels). What stays
 torch then is what autograd must see or what the reference rounds: the router GEMM and its cast,
 the softmax and the token-choice weights (gather, softmax over K), the experts' int32 copy, the
 weights' ``scatter``, and the triples' weights (an ``index_select`` at the kernel's flat indices and
