@@ -470,9 +470,16 @@ MAX_LAUNCHES_FUSED = {
 }
 
 
+SHAPES = {"small": dict(T=512, d=64, E=32, K=4, tile_m=16),
+          "7B-like": dict(T=4096, d=64, E=128, K=8, tile_m=128)}  # the 7B router's E, K and tile, T/6
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("fused_glue, bound, total", [(False, MAX_LAUNCHES, 30), (True, MAX_LAUNCHES_FUSED, 13)])
-def test_the_router_step_stays_within_its_launch_bound(monkeypatch, fused_glue, bound, total):
-    launches, _ = count_router_step(monkeypatch, fused_glue=fused_glue)
+def test_the_router_step_stays_within_its_launch_bound(monkeypatch, shape, fused_glue, bound, total):
+    """The count per phase does not depend on the shape; ``pytest -s`` prints it."""
+    launches, _ = count_router_step(monkeypatch, fused_glue=fused_glue, **SHAPES[shape])
+    print(f"\n{shape}, fused_glue={fused_glue}\n{launches.table()}")
     assert not launches.syncs, f"the router step read the device on the host: {launches.syncs}"
     for phase, (torch_ops, cute_calls) in launches.per_phase().items():
         most = bound.get(phase, (0, 0))
@@ -495,13 +502,3 @@ def test_other_configurations_of_the_step(monkeypatch, scoring, normalize, mode,
     assert not launches.syncs
     normalize_ops = 2 if normalize else 0  # sum and divide
     assert launches.total == sum(t + c for t, c in MAX_LAUNCHES.values()) + extra + normalize_ops, launches.table()
-
-
-@pytest.mark.parametrize("fused_glue", [False, True])
-def test_report_launches(monkeypatch, capsys, fused_glue):
-    """Print the count per phase (``pytest -s``); the bound test above is the check."""
-    launches, _ = count_router_step(monkeypatch, T=4096, d=64, E=128, K=8, tile_m=128,  # 7B-like, T/6
-                                    fused_glue=fused_glue)
-    with capsys.disabled():
-        print(f"\nfused_glue={fused_glue}\n" + launches.table())
-    assert launches.total > 0
