@@ -190,7 +190,7 @@ def _token_offsets(token_idx: torch.Tensor, num_tokens: int, pairs_per_token: in
     tokens = torch.arange(num_tokens + 1, dtype=torch.int32, device=token_idx.device)  # (T+1,)
     if pairs_per_token is not None:
         return tokens * pairs_per_token
-    return torch.searchsorted(token_idx.to(torch.int32), tokens).to(torch.int32)  # first pair of each token
+    return torch.searchsorted(token_idx.to(torch.int32), tokens, out_int32=True)  # first pair of each token
 
 
 class RouterGemm(torch.autograd.Function):
@@ -225,18 +225,24 @@ class RouterGemm(torch.autograd.Function):
 
 
 def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk", normalize=False,
-          rounding_mode="nearest", generator=None) -> DeviceRouting:
+          rounding_mode="nearest", generator=None, fused_glue=False) -> DeviceRouting:
     """Router + metadata. Scores are float32 and differentiable w.r.t. x and router_w."""
     return route_layer(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring, normalize=normalize,
-                       rounding_mode=rounding_mode, generator=generator)[0]
+                       rounding_mode=rounding_mode, generator=generator, fused_glue=fused_glue)[0]
 
 
 def route_layer(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk", normalize=False,
-                rounding_mode="nearest", generator=None) -> tuple[DeviceRouting, torch.Tensor]:
+                rounding_mode="nearest", generator=None, fused_glue=False) -> tuple[DeviceRouting, torch.Tensor]:
     """The layer's router: ``route``, plus the x that the experts must read (``RouterGemm``'s second
-    output), so that x's two gradients meet in one backward and are summed by the router's GEMM."""
+    output), so that x's two gradients meet in one backward and are summed by the router's GEMM.
+
+    ``fused_glue=True`` (opt-in, token rounding only): the padded triples, the rounding counts, the
+    token offsets and the padded metadata's initialization run inside the CuTe kernels
+    (``fast.routing.token_rounding(fused_glue=True)``, ``build_metadata(fused_glue=True)``) instead of
+    torch launches between them; the same result."""
     from sonic_learn.fast import routing as fast_routing
 
+    _checks.check_bool("fused_glue", fused_glue)
     T, E = x.shape[0], router_w.shape[1]
     logits, x_experts = RouterGemm.apply(x, router_w)  # (T, E) float32, (T, d)
     if routing == "topk":
@@ -247,18 +253,23 @@ def route_layer(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_
         # Token rounding: the fast router ranks only each expert's boundary tile. Its pair count is
         # data dependent, so the triples are padded to the host bound (token T, expert E, score 0)
         # and the true P stays on the device: no synchronization, capturable in a CUDA graph.
-        r = fast_routing.token_rounding(logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator,
-                                        scoring=scoring, normalize=normalize, check_finite=False, pad_to_bound=True)
-        meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E, padded=True)
+        r, token_offsets = fast_routing.layer_token_rounding(
+            logits, k, tile_m=tile_m, mode=rounding_mode, generator=generator, scoring=scoring, normalize=normalize,
+            fused_glue=fused_glue)  # token_offsets: from the fused glue's kernels, else None
+        meta, token_offsets = _metadata(r.token_idx, r.expert_idx, T, E, padded=True, fused_glue=fused_glue,
+                                        token_offsets=token_offsets)
     padded = routing != "topk"  # token rounding's triples are padded to the bound (see above)
     return DeviceRouting(meta, r.scores.contiguous(), token_offsets, logits, r.rounding, padded), x_experts
 
 
-def _metadata(token_idx, expert_idx, T: int, E: int, pairs_per_token: int | None = None, padded: bool = False):
+def _metadata(token_idx, expert_idx, T: int, E: int, pairs_per_token: int | None = None, padded: bool = False,
+              fused_glue: bool = False, token_offsets: torch.Tensor | None = None):
     """Routing metadata with the CuTe-DSL kernels of ``sonic_learn.fast.routing`` (no sync) when E
-    fits them, else ``device_metadata``'s torch ops; plus the per-token pair offsets. ``padded``:
-    the routing is padded to a bound (token T, expert E; token rounding only, E <= MAX_EXPERTS),
-    so ``token_offsets[T]`` (the binary search puts the padding after every token) is the true P."""
+    fits them, else ``device_metadata``'s torch ops; plus the per-token pair offsets (unless the
+    router wrote them: ``token_offsets``). ``padded``: the routing is padded to a bound (token T,
+    expert E; token rounding only, E <= MAX_EXPERTS), so ``token_offsets[T]`` (the binary search
+    puts the padding after every token) is the true P; ``fused_glue``: the metadata kernels write
+    the padding entries themselves."""
     from sonic_learn.fast import routing as fast_routing
 
     if E > fast_routing.MAX_EXPERTS:
@@ -266,10 +277,13 @@ def _metadata(token_idx, expert_idx, T: int, E: int, pairs_per_token: int | None
     if padded:  # padding pairs (expert E): the kernels' padded layout (token rounding, sync-free)
         scores = torch.empty(expert_idx.numel(), dtype=torch.float32, device=expert_idx.device)  # unused
         meta = fast_routing.build_metadata(
-            Routing(token_idx.to(torch.int32), expert_idx.to(torch.int32), scores, T, E), check_ids=False, padded=True)
+            Routing(token_idx.to(torch.int32), expert_idx.to(torch.int32), scores, T, E), check_ids=False, padded=True,
+            fused_glue=fused_glue)
     else:
         meta = custom_ops.metadata(token_idx, expert_idx, T, E)  # the metadata kernels as a custom op
-    return meta, _token_offsets(token_idx, T, pairs_per_token)
+    if token_offsets is None:
+        token_offsets = _token_offsets(token_idx, T, pairs_per_token)
+    return meta, token_offsets
 
 
 # ----------------------------------------------------------------------------------------------

@@ -64,22 +64,49 @@ the device-side counts of ``routing.rounding`` (a few (T, E) and (E,) reductions
 token-sorted triples from the (T, E) mask: ``nonzero`` by default (it sizes the output by the data
 dependent P: one host sync), or, with ``pad_to_bound=True`` (what the MoE layer uses),
 ``nonzero_static`` sized by the host bound ``reference.routing.max_pairs``, with no sync at all,
-plus the int32 casts and the score gather. Float64 logits give float64 scores, which do not fit the 32-bit key words: they take a
-torch-op selection (``torch.topk`` with k = min(tile_m - 1, T) over (E, T) keys for the
-threshold, ``cumsum`` for the tie ranks), the design this module used before the kernels.
+plus the padding's ids (a ``remainder`` into int32 per column) and the score gather. Float64
+logits give float64 scores, which do not fit the 32-bit key words: they take a torch-op selection
+(``torch.topk`` with k = min(tile_m - 1, T) over (E, T) keys for the threshold, ``cumsum`` for the
+tie ranks), the design this module used before the kernels.
 
-**Launches of the router step, and why there are several.** The layer's token-rounding router is
-the router GEMM (cuBLAS), the bitonic top-k kernel, two (T, K) torch ops for the token-choice
-scores, the counts-only histogram (one compiled call), a (T, E) ``softmax``, the two token-rounding
-kernels (one compiled call), the weights' ``scatter_``, the counts of ``routing.rounding``,
-``nonzero_static`` and a few (P,) elementwise ops, then the metadata kernels (one compiled call)
-and a ``searchsorted``. The kernels are separate because each step needs a grid-wide result of
-the one before: the counts f_e need every token's top-k, the boundary select needs every f_e and
-the whole key row of its expert, the token-sorted triples need the final mask of every expert,
-and the metadata needs every pair's expert. Fusing them would take grid-wide barriers
-(cooperative launches) or one CTA doing all the work. The torch ops that remain between them keep
-the scores bit-identical to the reference's and differentiable through autograd; none of them
-reads the device on the host, so the host issues the whole step ahead of the GPU.
+**Launches of the router step, and why there are several.** The layer's token-rounding router
+(``fast.moe.route_layer``) issues 30 launches, 26 torch ops and 4 CuTe calls (10 kernels);
+``tests/test_router_launches.py`` counts them on the CPU, phase by phase, and fails if the count
+changes:
+
+* the router GEMM (cuBLAS) and its float32 cast (2; the reference rounds the logits to x's dtype
+  first, so a float32-output GEMM would change them);
+* the bitonic top-k kernel, its experts' int32 copy (the kernels' index type; torch's gather and
+  scatter take int64), and the counts-only histogram (one compiled call of three kernels);
+* the (T, E) ``softmax`` (the ranking key p) and the token-choice weights (a gather and a softmax
+  over K; ``topk_softmax`` gathers from p itself), then the weights' ``scatter`` (1);
+* the two token-rounding kernels (one compiled call);
+* the counts of ``routing.rounding`` (``_rounding_stats``: one (3, E) reduction, 5 launches, and 3
+  for the tokens left with no expert, a reduction over the other axis of the mask);
+* the padded triples (``_padded_triples``: ``nonzero_static`` and 5 elementwise launches);
+* the metadata kernels (one compiled call of four), the padded rows' initialization (3) and the
+  token offsets (an ``arange`` and a ``searchsorted``).
+
+The CuTe calls are separate because each step needs a grid-wide result of the one before: the
+counts f_e need every token's top-k, the boundary select needs every f_e and the whole key row of
+its expert, the token-sorted triples need the final mask of every expert, and the metadata needs
+every pair's expert. Fusing them would take grid-wide barriers (cooperative launches) or one CTA
+doing all the work. The torch ops between them keep the scores bit-identical to the reference's
+and differentiable through autograd (the softmaxes, the gather, the scatter, the score gather of
+the triples), or are reductions and compactions that need the whole mask (the counts, the
+``nonzero_static``); none reads the device on the host, so the host issues the whole step ahead
+of the GPU.
+
+**Opt-in: the glue as kernels (``fused_glue=True``; verified on the CPU with torch stand-ins for
+the kernels, on the GPU by ``tests/test_fused_router_glue.py``).** The padded triples, the counts
+of ``routing.rounding`` and the token offsets come from ``PaddedTriplesKernel`` (count, scan and
+write over tiles of tokens) inside the token-rounding compiled call, and the scatter kernel writes
+the padded metadata's padding entries itself: 13 launches (9 torch, 4 CuTe calls of 13 kernels). What stays
+torch then is what autograd must see or what the reference rounds: the router GEMM and its cast,
+the softmax and the token-choice weights (gather, softmax over K), the experts' int32 copy, the
+weights' ``scatter``, and the triples' weights (an ``index_select`` at the kernel's flat indices and
+a ``where`` for the padding). The four CuTe calls stay apart for the grid-wide reasons above, and
+because the torch ops between them (the int32 copy, the softmax, the weights) feed the next one.
 
 **Exact agreement with the reference.** The expert indices are integers (the bitonic kernel and the
 reference's radix select agree exactly, ties to the lower expert). The scores are computed from
@@ -107,7 +134,8 @@ from cutlass import Float64, Int32, Int64, Uint8, Uint32, const_expr  # noqa: E4
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
 
 from sonic_learn.fast import topk as _fast_topk  # noqa: E402
-from sonic_learn.fast.primitives import lane_bins_and_keys_above, warp_exclusive_scan  # noqa: E402
+from sonic_learn.fast.primitives import (  # noqa: E402
+    lane_bins_and_keys_above, warp_exclusive_scan, warp_exclusive_sum)
 
 __all__ = [
     "Routing",
@@ -116,9 +144,12 @@ __all__ = [
     "topk_routing",
     "round_counts",
     "token_rounding",
+    "layer_token_rounding",
     "compile_metadata_kernel",
     "compile_token_rounding_kernels",
+    "compile_token_rounding_triples_kernels",
     "TokenRoundingKernels",
+    "TokenRoundingTriplesKernels",
     "MAX_EXPERTS",
     "SELECTIONS",
 ]
@@ -156,13 +187,16 @@ def _tiling(num_pairs: int) -> tuple[int, int]:
 class RoutingMetadataKernel:
     """Histogram -> per-tile scan -> offsets -> stable scatter (see the module docstring).
 
-    Compile-time: ``bucket`` (shared-memory counters per warp, >= E) and ``scatter`` (False = stop
-    after counts and offsets, for token rounding). Runtime: P, E, the tile count, chunks_per_tile.
+    Compile-time: ``bucket`` (shared-memory counters per warp, >= E), ``scatter`` (False = stop
+    after counts and offsets, for token rounding) and ``fill_padding`` (opt-in, a padded routing:
+    the scatter also writes the padding entries of the row arrays, ``_launch_metadata``'s three
+    torch initializations). Runtime: P, E, the tile count, chunks_per_tile.
     """
 
-    def __init__(self, bucket: int, scatter: bool = True):
+    def __init__(self, bucket: int, scatter: bool = True, fill_padding: bool = False):
         self.bucket = bucket
         self.scatter = scatter
+        self.fill_padding = fill_padding
 
     @cute.jit
     def __call__(
@@ -321,13 +355,22 @@ class RoutingMetadataKernel:
                     mGather[row] = tokens[u]
                     if (peers & above) == Uint32(0):  # the last lane of the group advances e's counter
                         next_row[e] = base + Int32(cute.arch.popc(peers))
+                if const_expr(self.fill_padding):
+                    # A padding pair maps to its own row, and a row past the true P (no real pair
+                    # writes one) reads token 0 for pair r: p stands for both indices here.
+                    if p < num_pairs:
+                        if e < 0:
+                            mRowOfPair[p] = p
+                        if p >= mOffsets[num_experts]:
+                            mGather[p] = Int32(0)
+                            mPairOfRow[p] = p
                 cute.arch.sync_warp()
 
 
 # ---------------------------------------------------------------------------------------------
 # Compile (once per variant) and launch
 # ---------------------------------------------------------------------------------------------
-def compile_metadata_kernel(bucket: int, scatter: bool = True, *, extra_options: str = ""):
+def compile_metadata_kernel(bucket: int, scatter: bool = True, fill_padding: bool = False, *, extra_options: str = ""):
     """Compile the metadata kernels for sm_90a from fake tensors (no GPU needed); not cached.
 
     ``bucket`` is a power of two in [32, MAX_EXPERTS] bounding E. All lengths (P, E, tiles) are
@@ -337,7 +380,9 @@ def compile_metadata_kernel(bucket: int, scatter: bool = True, *, extra_options:
     """
     if bucket < MIN_BUCKET or bucket > MAX_EXPERTS or bucket & (bucket - 1):
         raise ValueError(f"bucket must be a power of two in [{MIN_BUCKET}, {MAX_EXPERTS}], got {bucket}")
-    op = RoutingMetadataKernel(bucket, scatter)
+    if fill_padding and not scatter:
+        raise ValueError("fill_padding=True needs scatter=True (the scatter kernel writes the padding)")
+    op = RoutingMetadataKernel(bucket, scatter, fill_padding)
 
     def vec():
         return make_fake_compact_tensor(Int32, (cute.sym_int(),), assumed_align=4)
@@ -357,7 +402,7 @@ def _unused_rows(device: torch.device) -> tuple[torch.Tensor, ...]:
 
 
 def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, num_experts: int, scatter: bool,
-                     padded: bool = False):
+                     padded: bool = False, fused_glue: bool = False):
     """Run the kernels on validated, int32, contiguous CUDA inputs; no host sync.
 
     Returns (counts, offsets, gather_idx, pair_of_row, row_of_pair); the last three are None when
@@ -366,6 +411,8 @@ def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, n
     expert_offsets[E] gets gather_idx 0 and pair_of_row r, a padding pair p gets row_of_pair p.
     Padding rows and padding pairs map to each other, never to a real pair or row (a kernel that
     walks every row, like the standard backward's gather-scale-dot, then writes padding entries only).
+    ``fused_glue`` (opt-in, with ``padded``): the scatter kernel writes those padding entries
+    itself, instead of three torch initializations.
     """
     device = expert_idx.device
     P, E = expert_idx.numel(), num_experts
@@ -373,8 +420,9 @@ def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, n
     alloc = torch.empty if P > 0 else torch.zeros  # the kernels write every count and offset
     counts = alloc(E, dtype=i32, device=device)
     offsets = alloc(E + 1, dtype=i32, device=device)
+    fill_in_kernel = scatter and padded and fused_glue
     if scatter:
-        if padded:
+        if padded and not fill_in_kernel:
             ids = torch.arange(P, dtype=i32, device=device)  # (P,) padding rows <-> padding pairs
             rows = [torch.zeros(P, dtype=i32, device=device), ids, ids.clone()]  # gather, pair_of_row, row_of_pair
         else:
@@ -385,7 +433,7 @@ def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, n
         chunks_per_tile, num_tiles = _tiling(P)
         tile_counts = torch.empty(E, num_tiles, dtype=i32, device=device)  # (E, tiles) scratch
         tokens = token_idx if token_idx is not None else expert_idx  # read only when scattering
-        launch(compiled(compile_metadata_kernel, _expert_bucket(E), scatter), device,
+        launch(compiled(compile_metadata_kernel, _expert_bucket(E), scatter, fill_in_kernel), device,
                expert_idx, tokens, tile_counts, counts, offsets, *rows, chunks_per_tile)  # current stream
     return (counts, offsets, *rows) if scatter else (counts, offsets, None, None, None)
 
@@ -402,6 +450,35 @@ RADIX_BITS = 8
 RADIX_BINS = 1 << RADIX_BITS
 ROUNDING_CODES = {"down": 0, "up": 1, "nearest": 2, "stochastic": 3}  # the select kernel's `mode`
 PICK_BIT = -(2**31)  # bit 31 of a key word (as int32): set = a token-choice pick
+
+
+@cute.jit
+def rounding_delta(mCounts: cute.Tensor, mUniform: cute.Tensor, e: Int32, mode: Int32, tile_m: Int64,
+                   T: Int32) -> Int32:
+    """rounded_e - f_e for expert e: the rounding rule of ``reference.routing.round_counts`` in int64
+    like the reference (``mUniform[e]``, the stochastic draw, is read only in that mode)."""
+    f = Int64(mCounts[e])
+    floor_f = (f // tile_m) * tile_m
+    rem = f - floor_f
+    ceil_f = floor_f
+    if rem > Int64(0):
+        ceil_f = floor_f + tile_m
+    go_up = Int32(0)
+    if mode == ROUNDING_CODES["up"]:
+        if rem > Int64(0):
+            go_up = Int32(1)
+    if mode == ROUNDING_CODES["nearest"]:
+        if rem * Int64(2) > tile_m:  # strict: exact halves round down
+            go_up = Int32(1)
+    if mode == ROUNDING_CODES["stochastic"]:
+        if mUniform[e] * Float64(tile_m) < Float64(rem):
+            go_up = Int32(1)
+    rounded = floor_f
+    if go_up != 0:
+        rounded = ceil_f
+    if rounded > Int64(T):
+        rounded = Int64(T)  # an expert cannot take more than T tokens
+    return Int32(rounded - f)
 
 
 class BoundaryKeysKernel:
@@ -553,28 +630,7 @@ class BoundarySelectKernel:
         found = smem.allocate_tensor(Int32, cute.make_layout(4), byte_alignment=16)  # digit, above, in bin
 
         # 1. The rounding rule (reference _round_counts_rule), in int64 like the reference.
-        f = Int64(mCounts[e])
-        floor_f = (f // tile_m) * tile_m
-        rem = f - floor_f
-        ceil_f = floor_f
-        if rem > Int64(0):
-            ceil_f = floor_f + tile_m
-        go_up = Int32(0)
-        if mode == ROUNDING_CODES["up"]:
-            if rem > Int64(0):
-                go_up = Int32(1)
-        if mode == ROUNDING_CODES["nearest"]:
-            if rem * Int64(2) > tile_m:  # strict: exact halves round down
-                go_up = Int32(1)
-        if mode == ROUNDING_CODES["stochastic"]:
-            if mUniform[e] * Float64(tile_m) < Float64(rem):
-                go_up = Int32(1)
-        rounded = floor_f
-        if go_up != 0:
-            rounded = ceil_f
-        if rounded > Int64(T):
-            rounded = Int64(T)  # an expert cannot take more than T tokens
-        delta = Int32(rounded - f)  # |delta| < tile_m
+        delta = rounding_delta(mCounts, mUniform, e, mode, tile_m, T)  # |delta| < tile_m
 
         if delta != 0:  # uniform over the CTA
             up = Int32(0)
@@ -678,6 +734,183 @@ class TokenRoundingKernels:
         self.select_op(mKeys, mCounts, mUniform, mKeep, mode, tile_m, stream)
 
 
+class PaddedTriplesKernel:
+    """Opt-in (``fused_glue=True``): step 5 of the fast token rounding, padded, and the counts of
+    ``routing.rounding``, as kernels instead of ~14 torch launches. Three kernels over *tiles* of
+    consecutive tokens (one warp per tile, like the metadata kernels' pair tiles):
+
+    1. ``count``: per token, its kept experts (a warp ballot per 32 bytes of its ``keep`` row);
+       per tile, the pairs and the tokens left with no expert.
+    2. ``scan`` (one warp): the tiles' exclusive prefix of pairs (in place), the totals, and the
+       rounding counts: kept = the total, added / dropped = the positive / negative parts of
+       ``rounding_delta`` (the select kernel's own rule) summed over experts, dropped tokens = the
+       sum of the tiles' empty tokens; ``token_offsets[T]`` = P.
+    3. ``write``: every warp walks its tokens again from its tile's prefix and writes, in token
+       order then expert order (nonzero's order), ``token_idx``, ``expert_idx``, ``pair_index`` =
+       t * E + e (where the torch glue gathers the weight) and ``is_pair`` = 1, plus
+       ``token_offsets[t]``; then the whole grid fills the padding [P, bound) with token T, expert E,
+       pair_index 0 and is_pair 0.
+
+    Separate kernels because each needs a grid-wide result of the one before (every tile's count
+    before any tile's offset)."""
+
+    @cute.jit
+    def __call__(self, mKeep: cute.Tensor, mCounts: cute.Tensor, mUniform: cute.Tensor, mode: Int32, tile_m: Int64,
+                 mTilePairs: cute.Tensor, mTileEmpty: cute.Tensor, mTokenIdx: cute.Tensor, mExpertIdx: cute.Tensor,
+                 mPairIndex: cute.Tensor, mIsPair: cute.Tensor, mTokenOffsets: cute.Tensor, mStats: cute.Tensor,
+                 tokens_per_tile: Int32, stream):
+        tile_ctas = cute.ceil_div(mTilePairs.shape[0], WARPS_PER_CTA)
+        block = [THREADS_PER_CTA, 1, 1]
+        self.count_kernel(mKeep, mTilePairs, mTileEmpty, tokens_per_tile).launch(
+            grid=[tile_ctas, 1, 1], block=block, stream=stream)
+        self.scan_kernel(mTilePairs, mTileEmpty, mCounts, mUniform, mode, tile_m, mTokenOffsets, mStats).launch(
+            grid=[1, 1, 1], block=[32, 1, 1], stream=stream)
+        self.write_kernel(mKeep, mTilePairs, mStats, mTokenIdx, mExpertIdx, mPairIndex, mIsPair, mTokenOffsets,
+                          tokens_per_tile).launch(grid=[tile_ctas, 1, 1], block=block, stream=stream)
+
+    @cute.jit
+    def _kept_ballot(self, mKeep: cute.Tensor, t: Int32, c: Int32, lane: Int32):
+        """(is expert c + lane kept for token t, the warp's ballot of it)."""
+        kept = Int32(0)
+        if c + lane < mKeep.shape[1]:
+            kept = Int32(mKeep[t, c + lane])
+        return kept, cute.arch.vote_ballot_sync(kept != 0)
+
+    # -- 1. pairs and empty tokens per tile ----------------------------------------------------
+    @cute.kernel
+    def count_kernel(self, mKeep: cute.Tensor, mTilePairs: cute.Tensor, mTileEmpty: cute.Tensor,
+                     tokens_per_tile: Int32):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        lane = cute.arch.lane_idx()
+        tile = bidx * WARPS_PER_CTA + tidx // 32
+        T, E = mKeep.shape[0], mKeep.shape[1]
+        if tile < mTilePairs.shape[0]:  # uniform over the warp
+            pairs = Int32(0)
+            empty = Int32(0)
+            for i in cutlass.range(tokens_per_tile):
+                t = tile * tokens_per_tile + i
+                if t < T:
+                    n = Int32(0)
+                    for c in cutlass.range(0, E, 32):
+                        _, ballot = self._kept_ballot(mKeep, t, c, lane)
+                        n = n + Int32(cute.arch.popc(ballot))
+                    pairs = pairs + n
+                    if n == 0:
+                        empty = empty + 1
+            if lane == 0:
+                mTilePairs[tile] = pairs
+                mTileEmpty[tile] = empty
+
+    # -- 2. tile offsets, P, and the rounding counts (one warp) ---------------------------------
+    @cute.kernel
+    def scan_kernel(self, mTilePairs: cute.Tensor, mTileEmpty: cute.Tensor, mCounts: cute.Tensor,
+                    mUniform: cute.Tensor, mode: Int32, tile_m: Int64, mTokenOffsets: cute.Tensor,
+                    mStats: cute.Tensor):
+        lane = cute.arch.lane_idx()
+        num_tiles = mTilePairs.shape[0]
+        T = mTokenOffsets.shape[0] - 1
+        kept = warp_exclusive_scan(mTilePairs, mTilePairs, num_tiles, lane, UNROLL)  # tile starts, in place
+        empty = warp_exclusive_scan(mTileEmpty, mTileEmpty, num_tiles, lane, UNROLL)  # (only the total is used)
+        added = Int32(0)
+        dropped = Int32(0)
+        for e in cutlass.range(lane, mCounts.shape[0], 32):
+            delta = rounding_delta(mCounts, mUniform, e, mode, tile_m, T)
+            if delta > 0:
+                added = added + delta
+            else:
+                dropped = dropped - delta
+        _, added_total = warp_exclusive_sum(added, lane)
+        _, dropped_total = warp_exclusive_sum(dropped, lane)
+        if lane == 0:  # RoundingStats' order: kept, dropped, added pairs, dropped tokens
+            mStats[0] = Int64(kept)
+            mStats[1] = Int64(dropped_total)
+            mStats[2] = Int64(added_total)
+            mStats[3] = Int64(empty)
+            mTokenOffsets[T] = kept
+
+    # -- 3. the triples, token by token, then the padding ---------------------------------------
+    @cute.kernel
+    def write_kernel(self, mKeep: cute.Tensor, mTileStart: cute.Tensor, mStats: cute.Tensor, mTokenIdx: cute.Tensor,
+                     mExpertIdx: cute.Tensor, mPairIndex: cute.Tensor, mIsPair: cute.Tensor,
+                     mTokenOffsets: cute.Tensor, tokens_per_tile: Int32):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        lane = cute.arch.lane_idx()
+        tile = bidx * WARPS_PER_CTA + tidx // 32
+        T, E = mKeep.shape[0], mKeep.shape[1]
+        num_tiles = mTileStart.shape[0]
+        below = cute.arch.lanemask_lt()
+        if tile < num_tiles:  # uniform over the warp
+            running = mTileStart[tile]  # the first pair of this tile's first token
+            for i in cutlass.range(tokens_per_tile):
+                t = tile * tokens_per_tile + i
+                if t < T:
+                    if lane == 0:
+                        mTokenOffsets[t] = running
+                    for c in cutlass.range(0, E, 32):
+                        kept, ballot = self._kept_ballot(mKeep, t, c, lane)
+                        if kept != 0:
+                            pos = running + Int32(cute.arch.popc(Uint32(ballot) & below))
+                            mTokenIdx[pos] = t
+                            mExpertIdx[pos] = c + lane
+                            mPairIndex[pos] = t * E + c + lane
+                            mIsPair[pos] = Uint8(1)
+                        running = running + Int32(cute.arch.popc(ballot))
+        # Padding, grid-stride over [P, bound): rows no tile writes.
+        threads = cute.ceil_div(num_tiles, WARPS_PER_CTA) * THREADS_PER_CTA
+        for p in cutlass.range(Int32(mStats[0]) + bidx * THREADS_PER_CTA + tidx, mTokenIdx.shape[0], threads):
+            mTokenIdx[p] = T
+            mExpertIdx[p] = E
+            mPairIndex[p] = Int32(0)
+            mIsPair[p] = Uint8(0)
+
+
+class TokenRoundingTriplesKernels:
+    """Opt-in (``fused_glue=True``): ``TokenRoundingKernels`` then ``PaddedTriplesKernel``, one
+    compiled call (one host launch, five kernels in order on the stream)."""
+
+    def __init__(self):
+        self.rounding = TokenRoundingKernels()
+        self.triples = PaddedTriplesKernel()
+
+    @cute.jit
+    def __call__(self, mScores: cute.Tensor, mExperts: cute.Tensor, mKeys: cute.Tensor, mKeep: cute.Tensor,
+                 mCounts: cute.Tensor, mUniform: cute.Tensor, mode: Int32, tile_m: Int64, mTilePairs: cute.Tensor,
+                 mTileEmpty: cute.Tensor, mTokenIdx: cute.Tensor, mExpertIdx: cute.Tensor, mPairIndex: cute.Tensor,
+                 mIsPair: cute.Tensor, mTokenOffsets: cute.Tensor, mStats: cute.Tensor, tokens_per_tile: Int32,
+                 stream):
+        self.rounding(mScores, mExperts, mKeys, mKeep, mCounts, mUniform, mode, tile_m, stream)
+        self.triples(mKeep, mCounts, mUniform, mode, tile_m, mTilePairs, mTileEmpty, mTokenIdx, mExpertIdx, mPairIndex,
+                     mIsPair, mTokenOffsets, mStats, tokens_per_tile, stream)
+
+
+def compile_token_rounding_triples_kernels(*, extra_options: str = ""):
+    """Compile ``TokenRoundingTriplesKernels`` (opt-in, ``fused_glue=True``) for sm_90a from fake
+    tensors; not cached. All of T, E, K, the tile count and the bound are symbolic. Returns the
+    TVM-FFI callable ``f(scores_bits, experts, keys, keep, counts, uniform, mode, tile_m, tile_pairs,
+    tile_empty, token_idx, expert_idx, pair_index, is_pair, token_offsets, stats, tokens_per_tile)``:
+    the arguments of ``compile_token_rounding_kernels``, then (tiles,) int32 scratch twice, (bound,)
+    int32 token_idx, expert_idx, pair_index, (bound,) uint8 is_pair, (T+1,) int32 token_offsets and
+    (4,) int64 stats."""
+    T, E, K, U = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
+
+    def mat(dtype, rows, cols, align):
+        return make_fake_compact_tensor(dtype, (rows, cols), stride_order=(1, 0), assumed_align=align)
+
+    def vec(dtype, n, align=4):
+        return make_fake_compact_tensor(dtype, (n,), assumed_align=align)
+
+    tiles, bound = cute.sym_int(), cute.sym_int()
+    return cute.compile(
+        TokenRoundingTriplesKernels(), mat(Int32, T, E, 4), mat(Int32, T, K, 4), mat(Int32, E, T, 4),
+        mat(Uint8, T, E, 1), vec(Int32, E), vec(Float64, U, 8), Int32(0), Int64(1), vec(Int32, tiles),
+        vec(Int32, tiles), vec(Int32, bound), vec(Int32, bound), vec(Int32, bound), vec(Uint8, bound, 1),
+        vec(Int32, cute.sym_int()), vec(Int64, cute.sym_int(), 8), Int32(1),
+        make_fake_stream(use_tvm_ffi_env_stream=True), options=compile_options(extra=extra_options),
+    )
+
+
 def compile_token_rounding_kernels(*, extra_options: str = ""):
     """Compile ``TokenRoundingKernels`` for sm_90a from fake tensors (no GPU needed); not cached.
 
@@ -719,6 +952,37 @@ def _launch_boundary_kernels(scores: torch.Tensor, experts: torch.Tensor, counts
     return keep
 
 
+def _token_tiling(num_tokens: int) -> tuple[int, int]:
+    """(tokens_per_tile, num_tiles) of the triples kernels: ~TARGET_TILES warps, one token at least."""
+    tokens_per_tile = max(1, -(-num_tokens // TARGET_TILES))
+    return tokens_per_tile, -(-num_tokens // tokens_per_tile)
+
+
+def _launch_token_rounding_triples(scores: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor,
+                                   uniform: torch.Tensor | None, mode: str, tile_m: int, bound: int):
+    """Opt-in (``fused_glue``): the selection and the padded triples in one compiled call; no host
+    sync. T must be > 0 and T * E, bound <= MAX_PAIRS. Returns (token_idx, expert_idx, pair_index
+    (bound,) int32, is_pair (bound,) bool, token_offsets (T+1,) int32, counts (4,) int64: kept,
+    dropped, added pairs and dropped tokens)."""
+    T, E = scores.shape
+    device = scores.device
+    i32 = torch.int32
+    tokens_per_tile, num_tiles = _token_tiling(T)
+    keys = torch.empty(E, T, dtype=i32, device=device)  # (E, T) one row per expert
+    keep = torch.empty(T, E, dtype=torch.uint8, device=device)  # (T, E) written whole by the keys kernel
+    tile_pairs, tile_empty = (torch.empty(num_tiles, dtype=i32, device=device) for _ in range(2))  # scratch
+    token_idx, expert_idx, pair_index = (torch.empty(bound, dtype=i32, device=device) for _ in range(3))
+    is_pair = torch.empty(bound, dtype=torch.uint8, device=device)
+    token_offsets = torch.empty(T + 1, dtype=i32, device=device)
+    counts4 = torch.empty(4, dtype=torch.int64, device=device)
+    if uniform is None:
+        uniform = _no_uniform(device)
+    launch(compiled(compile_token_rounding_triples_kernels), device, scores.view(i32), experts, keys, keep, counts,
+           uniform, ROUNDING_CODES[mode], tile_m, tile_pairs, tile_empty, token_idx, expert_idx, pair_index, is_pair,
+           token_offsets, counts4, tokens_per_tile)  # five kernels in order on the current stream
+    return token_idx, expert_idx, pair_index, is_pair.view(torch.bool), token_offsets, counts4
+
+
 # ---------------------------------------------------------------------------------------------
 # Argument checks (host only; value checks that read the device are opt-out)
 # ---------------------------------------------------------------------------------------------
@@ -740,7 +1004,8 @@ def _int32(t: torch.Tensor) -> torch.Tensor:
 
 
 # --8<-- [start:build_metadata]
-def build_metadata(routing: Routing, *, check_ids: bool = True, padded: bool = False) -> RoutingMetadata:
+def build_metadata(routing: Routing, *, check_ids: bool = True, padded: bool = False,
+                   fused_glue: bool = False) -> RoutingMetadata:
     """Group the pairs of ``routing`` by expert (CuTe-DSL kernels): counts, offsets, permutations.
 
     Same result as ``sonic_learn.reference.routing.build_metadata``, bit for bit. ``check_ids``
@@ -754,18 +1019,21 @@ def build_metadata(routing: Routing, *, check_ids: bool = True, padded: bool = F
     ``token_rounding(..., pad_to_bound=True)``: padding pairs carry expert E and are skipped, so
     ``expert_offsets[E]`` is the true P on the device; the arrays keep the padded length, and past
     the true P a row r has gather_idx 0 and pair_of_row r, a padding pair p has row_of_pair p.
+    ``fused_glue=True`` (opt-in, with ``padded``): the scatter kernel writes those padding entries
+    instead of three torch launches; the same result.
     """
     routing = _check_routing_structure(routing)
     if not isinstance(check_ids, bool):
         raise TypeError(f"check_ids must be a bool, got {type(check_ids).__name__}")
     _checks.check_bool("padded", padded)
+    _checks.check_bool("fused_glue", fused_glue)
     if check_ids and padded:
         raise ValueError("padded=True needs check_ids=False (padding pairs carry the out-of-range expert E)")
     if check_ids:
         contracts.check_routing_values(routing)  # ids, order, duplicates (reads the device)
     counts, offsets, gather_idx, pair_of_row, row_of_pair = _launch_metadata(
-        _int32(routing.expert_idx), _int32(routing.token_idx), routing.num_experts, scatter=True, padded=padded
-    )
+        _int32(routing.expert_idx), _int32(routing.token_idx), routing.num_experts, scatter=True, padded=padded,
+        fused_glue=fused_glue)
     return RoutingMetadata(
         expert_counts=counts,
         expert_offsets=offsets,
@@ -819,13 +1087,18 @@ def token_choice_experts(logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]  # (T, K)
 
 
-def scores_from_experts(logits: torch.Tensor, experts: torch.Tensor, scoring: str, normalize: bool) -> torch.Tensor:
+def scores_from_experts(logits: torch.Tensor, experts: torch.Tensor, scoring: str, normalize: bool,
+                        probs: torch.Tensor | None = None) -> torch.Tensor:
     """(T, K) router weights of the chosen experts, with the reference's formulas (so bit-identical
-    to ``sonic_learn.reference.topk.softmax_topk`` / ``topk_softmax`` and differentiable)."""
+    to ``sonic_learn.reference.topk.softmax_topk`` / ``topk_softmax`` and differentiable).
+    ``probs``: the softmax of ``logits`` over all E experts when the caller has it already
+    (``reference.routing.router_probabilities``, the same call), reused by ``topk_softmax``."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if scoring == "softmax_topk":
         return torch.softmax(logits.gather(-1, experts).to(dtype), dim=-1)  # (T, K)
-    scores = torch.softmax(logits.to(dtype), dim=-1).gather(-1, experts)  # (T, K)
+    if probs is None:
+        probs = torch.softmax(logits.to(dtype), dim=-1)  # (T, E)
+    scores = probs.gather(-1, experts)  # (T, K)
     if normalize:
         scores = scores / scores.sum(-1, keepdim=True)
     return scores
@@ -936,6 +1209,7 @@ def token_rounding(
     check_finite: bool = True,
     selection: str = "kernels",
     pad_to_bound: bool = False,
+    fused_glue: bool = False,
 ) -> Routing:
     """Token rounding (paper Algorithm 4) with the reference's exact semantics, without a full sort.
 
@@ -962,11 +1236,17 @@ def token_rounding(
 
     ``selection`` picks the step of the ladder (``SELECTIONS``; ``python -m sonic_learn.fast.routing``
     validates and times each): ``"torch"`` (step 1) or ``"kernels"`` (step 2, the default).
+
+    ``fused_glue=True`` (opt-in, with ``pad_to_bound=True``, float32 scores and the kernels' selection;
+    otherwise it changes nothing): the padded triples and the counts of ``routing.rounding`` come
+    from CuTe kernels (``PaddedTriplesKernel``, in the same compiled call as the selection) instead
+    of ~14 torch launches; the same result.
     """
     _checks.check_choice("selection", selection, tuple(SELECTIONS))
     _checks.check_bool("pad_to_bound", pad_to_bound)
-    return _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection=selection,
-                           pad_to_bound=pad_to_bound)
+    _checks.check_bool("fused_glue", fused_glue)
+    return _route_token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection,
+                                 pad_to_bound, fused_glue)[0]
 
 
 # The token-rounding ladder: how the boundary pairs of every expert are found (steps 2-4).
@@ -976,10 +1256,28 @@ SELECTIONS = {
 }
 
 
+def layer_token_rounding(logits: torch.Tensor, k: int, *, tile_m: int, mode: str, generator: torch.Generator | None,
+                         scoring: str, normalize: bool, fused_glue: bool = False):
+    """The MoE layer's router (``fast.moe.route_layer``): ``token_rounding(..., check_finite=False,
+    pad_to_bound=True)``, sync-free and padded to the bound, and the (T+1,) int32 token offsets when
+    ``fused_glue``'s kernels wrote them (else None: the caller computes them from ``token_idx``)."""
+    _checks.check_bool("fused_glue", fused_glue)
+    return _route_token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, False, "kernels",
+                                 pad_to_bound=True, fused_glue=fused_glue)
+
+
 def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection: str,
                     pad_to_bound: bool = False) -> Routing:
     """``token_rounding``; ``selection="torch"`` runs steps 2-4 with torch ops for every dtype (step 1
     of the ladder, also the float64 path)."""
+    return _route_token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection,
+                                 pad_to_bound)[0]
+
+
+def _route_token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, check_finite, selection: str,
+                          pad_to_bound: bool = False, fused_glue: bool = False):
+    """``token_rounding``, and the (T+1,) int32 token offsets (token t owns pairs token_offsets[t] :
+    token_offsets[t + 1]) when the fused glue's kernels wrote them, else None."""
     logits = _check_router_args(logits, k, scoring, normalize, check_finite)
     _checks.check_int_range("tile_m", tile_m, 1, 2**62)
     _checks.check_choice("mode", mode, ROUNDING_MODES)
@@ -991,9 +1289,8 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
     ratio = _ref.warn_below_paper_condition(T, E, k, tile_m)  # the paper's T_e / tile >= 2, host only
 
     # Step 1: token-choice top-k (CuTe bitonic) and f_e (CuTe histogram).
-    tc_experts = token_choice_experts(logits, k)  # (T, K) int64
-    tc_scores = scores_from_experts(logits, tc_experts, scoring, normalize)  # (T, K)
-    tc_experts32 = tc_experts.to(torch.int32)  # (T, K)
+    tc_experts = token_choice_experts(logits, k)  # (T, K) int64 (torch's gather/scatter index type)
+    tc_experts32 = tc_experts.to(torch.int32)  # (T, K) the kernels' index type
     counts = _launch_metadata(tc_experts32.view(-1), None, E, scatter=False)[0]  # (E,) f_e
 
     # Step 2's random draw, exactly the reference's (the rule itself runs inside the select kernel).
@@ -1001,8 +1298,22 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
     if mode == "stochastic":
         uniform = torch.rand(E, generator=generator, dtype=torch.float64, device=device)  # (E,) u_e
 
-    # The ranking key of Algorithm 4: p[t, e], the softmax over all E experts (the reference's call).
+    # The ranking key of Algorithm 4: p[t, e], the softmax over all E experts (the reference's call),
+    # and the token-choice weights (topk_softmax gathers them from the same softmax: one launch less).
     probs = _ref.router_probabilities(logits)  # (T, E)
+    tc_scores = scores_from_experts(logits, tc_experts, scoring, normalize, probs=probs)  # (T, K)
+
+    # Opt-in: steps 2-5 and the counts in one compiled call (selection, then the padded triples).
+    bound = _ref.max_pairs(T, E, k, tile_m)
+    if (fused_glue and pad_to_bound and T > 0 and probs.dtype == torch.float32 and selection == "kernels"
+            and max(T * E, bound) <= MAX_PAIRS):
+        token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4 = _launch_token_rounding_triples(
+            probs.detach(), tc_experts32, counts, uniform, mode, tile_m, bound)
+        scores = _pair_weights(probs, tc_experts, tc_scores)  # (T, E)
+        kept, dropped, added, dropped_tokens = counts4  # () views of the kernel's (4,) counts
+        stats = contracts.RoundingStats(kept, dropped, added, dropped_tokens, tokens_per_tile=ratio)
+        return Routing(token_idx, expert_idx, _pair_scores(scores, pair_index, is_pair), num_tokens=T, num_experts=E,
+                       rounding=stats), token_offsets
 
     # Steps 2-4: round f_e, then flip only the boundary pairs of each expert (see the module docstring).
     if T == 0:
@@ -1020,25 +1331,53 @@ def _token_rounding(logits, k, tile_m, mode, generator, scoring, normalize, chec
     if not pad_to_bound:
         token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)  <- the one host sync
         return Routing(token_idx=token_idx.to(torch.int32), expert_idx=expert_idx.to(torch.int32),
-                       scores=scores[token_idx, expert_idx], num_tokens=T, num_experts=E, rounding=stats)
-    # Padded to the host bound (the reference's own helper, pad_to_bound=True there): no sync.
-    token_idx, expert_idx, pair_scores = _ref.padded_triples(keep, scores, _ref.max_pairs(T, E, k, tile_m))
-    return Routing(token_idx, expert_idx, pair_scores, num_tokens=T, num_experts=E, rounding=stats)
+                       scores=scores[token_idx, expert_idx], num_tokens=T, num_experts=E, rounding=stats), None
+    # Padded to the host bound (the layout of the reference's pad_to_bound=True): no sync.
+    token_idx, expert_idx, pair_scores = _padded_triples(keep, scores, bound)
+    return Routing(token_idx, expert_idx, pair_scores, num_tokens=T, num_experts=E, rounding=stats), None
 
 
 def _rounding_stats(keep: torch.Tensor, counts: torch.Tensor, ratio: float) -> contracts.RoundingStats:
-    """``routing.rounding`` from the (T, E) keep mask and the token-choice counts f_e, on the device:
-    per expert, rounded_e - f_e > 0 pairs were added and < 0 dropped (rounding only ever moves one
-    side of an expert's boundary)."""
-    kept_per_expert = keep.sum(dim=0, dtype=torch.int64)  # (E,)
-    delta = kept_per_expert - counts.long()  # (E,)
+    """``routing.rounding`` from the (T, E) keep mask and the token-choice counts f_e, on the device.
+
+    Rounding only ever moves one side of an expert's boundary: with kept_e pairs, expert e added
+    max(kept_e - f_e, 0) pairs and dropped max(f_e - kept_e, 0). The three per-expert rows are
+    written into one (3, E) buffer and summed by one reduction (5 launches, plus 3 for the tokens
+    left with no expert: a reduction over the other axis of ``keep``)."""
+    E = counts.numel()
+    per_expert = torch.empty(3, E, dtype=torch.int64, device=keep.device)  # rows: kept, added, dropped
+    torch.sum(keep, dim=0, dtype=torch.int64, out=per_expert[0])  # kept_e
+    torch.sub(per_expert[0], counts, out=per_expert[1])  # kept_e - f_e
+    torch.sub(counts, per_expert[0], out=per_expert[2])  # f_e - kept_e
+    per_expert[1:].clamp_(min=0)  # the added and the dropped pairs of every expert
+    kept, added, dropped = per_expert.sum(dim=1)  # three () views of one (3,) result
     return contracts.RoundingStats(
-        kept_pairs=kept_per_expert.sum(),  # ()
-        dropped_pairs=(-delta).clamp(min=0).sum(),  # ()
-        added_pairs=delta.clamp(min=0).sum(),  # ()
+        kept_pairs=kept, dropped_pairs=dropped, added_pairs=added,
         dropped_tokens=(keep.sum(dim=1, dtype=torch.int32) == 0).sum(),  # () tokens with no expert left
         tokens_per_tile=ratio,
     )
+
+
+def _padded_triples(keep: torch.Tensor, scores: torch.Tensor, bound: int):
+    """``reference.routing.padded_triples`` bit for bit, in 6 launches instead of 11: the kept pairs
+    of the (T, E) mask, token-sorted, padded to ``bound`` with (token T, expert E, score 0).
+
+    ``nonzero_static`` fills the rows past P with -1, and -1 mod (T + 1) = T, -1 mod (E + 1) = E
+    (torch's remainder takes the divisor's sign), so one ``remainder`` per column maps the padding
+    and casts to int32 (its ``out``). The weights are read at the -1 rows too: a negative index
+    counts from the end (scores[T-1, E-1], in bounds), and ``where`` zeroes them."""
+    T, E = keep.shape
+    found = torch.nonzero_static(keep, size=bound, fill_value=-1)  # (bound, 2) kept pairs, then -1 rows
+    token_idx = torch.remainder(found[:, 0], T + 1, out=torch.empty(bound, dtype=torch.int32, device=keep.device))
+    expert_idx = torch.remainder(found[:, 1], E + 1, out=torch.empty(bound, dtype=torch.int32, device=keep.device))
+    weight = scores[found[:, 0], found[:, 1]]  # (bound,) padding rows read scores[-1, -1]
+    return token_idx, expert_idx, torch.where(found[:, 0] >= 0, weight, 0.0)  # padding: score 0, no gradient
+
+
+def _pair_scores(scores: torch.Tensor, pair_index: torch.Tensor, is_pair: torch.Tensor) -> torch.Tensor:
+    """(bound,) the weights of the fused glue's padded triples: the (T, E) weights at the kernel's
+    flat indices t * E + e (differentiable: two torch launches), 0 for the padding."""
+    return torch.where(is_pair, scores.reshape(-1).index_select(0, pair_index), 0.0)
 # --8<-- [end:token_rounding]
 
 

@@ -1,0 +1,151 @@
+"""The opt-in ``fused_glue=True`` of the token-rounding router step: its kernels compile, and on a GPU
+it gives the default path's routing bit for bit.
+
+``fused_glue=True`` (``fast.moe.route`` / ``route_layer``, ``fast.routing.token_rounding`` and
+``build_metadata``) moves the torch glue between the CuTe launches into the kernels: the padded
+triples, the rounding counts and the token offsets (``PaddedTriplesKernel``, in the token-rounding
+compiled call) and the padded metadata's initialization (``RoutingMetadataKernel(fill_padding=True)``).
+The glue and the launch count are checked on the CPU with torch stand-ins for the kernels
+(``tests/test_router_launches.py``); the kernels themselves only here:
+
+* compile tests (CPU, marker ``compile``): the five kernels of the token-rounding triples call and
+  the metadata kernels with the padding fill compile for sm_90a, with no register spills;
+* GPU tests (marker ``gpu``): the fused step equals the default step exactly (metadata, the scores'
+  bits, token offsets, rounding counts, the gradients), stays free of host syncs, and replays from
+  a CUDA graph. Run on a Hopper GPU: ``python3 -m pytest -q -p no:cacheprovider tests/test_fused_router_glue.py``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from sonic_learn.fast._cute import cutlass_available, fast_available  # pins sm_90a before cutlass loads
+
+_ok, _why = cutlass_available()
+if not _ok:
+    pytest.skip(_why, allow_module_level=True)
+
+from sonic_learn.fast import moe as fast_moe  # noqa: E402
+from sonic_learn.fast import routing as fast  # noqa: E402
+
+FAST_OK, FAST_WHY = fast_available()
+needs_hopper = pytest.mark.skipif(not FAST_OK, reason=f"fast path unavailable: {FAST_WHY}")
+
+
+def _entries(ptx: str) -> list[str]:
+    return re.findall(r"^\.visible \.entry (\w+)\(", ptx, re.MULTILINE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile (CPU)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.compile
+def test_token_rounding_triples_kernels_compile_for_sm90a(tmp_path):
+    ptx = fast.compile_token_rounding_triples_kernels(extra_options=f"--keep-ptx --dump-dir={tmp_path}").__ptx__
+    assert re.search(r"^\.target sm_90a\b", ptx, re.MULTILINE), "PTX must target sm_90a"
+    assert ".local" not in ptx, "a kernel spills registers to local memory"
+    entries = _entries(ptx)
+    names = ("BoundaryKeysKernel", "BoundarySelectKernel", "count_kernel", "scan_kernel", "write_kernel")
+    assert len(entries) == len(names), entries
+    for name in names:
+        assert any(name in entry for entry in entries), f"missing kernel {name} in {entries}"
+    assert "vote.sync.ballot" in ptx, "the triples kernels count and place a token's experts with warp ballots"
+    assert "shfl.sync.up" in ptx, "the tile scan uses warp shuffles"
+
+
+@pytest.mark.compile
+def test_metadata_kernels_with_the_padding_fill_compile_for_sm90a(tmp_path):
+    ptx = fast.compile_metadata_kernel(128, True, True, extra_options=f"--keep-ptx --dump-dir={tmp_path}").__ptx__
+    assert re.search(r"^\.target sm_90a\b", ptx, re.MULTILINE) and ".local" not in ptx
+    assert len(_entries(ptx)) == 4, _entries(ptx)
+    with pytest.raises(ValueError, match="fill_padding=True needs scatter=True"):
+        fast.compile_metadata_kernel(128, False, True)
+
+
+def test_fused_glue_must_be_a_bool():
+    with pytest.raises(TypeError, match="fused_glue"):
+        fast.token_rounding(torch.zeros(4, 8), 2, fused_glue=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the fused step is the default step, bit for bit
+# ---------------------------------------------------------------------------------------------
+CASES = [  # T, d, E, K, tile_m, mode, scoring, normalize
+    (24576, 256, 128, 8, 128, "nearest", "softmax_topk", False),  # the 7B router's shape (d smaller)
+    (16384, 128, 128, 2, 128, "up", "topk_softmax", False),
+    (4096, 64, 2048, 8, 128, "down", "softmax_topk", False),  # E = MAX_EXPERTS: many empty experts, dropped tokens
+    (3000, 64, 64, 4, 64, "stochastic", "topk_softmax", True),
+    (1, 64, 8, 2, 16, "nearest", "softmax_topk", False),  # one token: rounds to nothing
+    (70_000, 64, 16, 1, 64, "up", "softmax_topk", False),  # long token tiles
+    (300, 64, 24, 3, 1, "nearest", "softmax_topk", False),  # tile 1: no rounding, no padding
+]
+
+
+def _route(x, w, K, fused_glue, tile_m, mode, scoring, normalize, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed) if mode == "stochastic" else None
+    return fast_moe.route_layer(x, w, K, routing="token_rounding", tile_m=tile_m, rounding_mode=mode, scoring=scoring,
+                                normalize=normalize, generator=gen, fused_glue=fused_glue)[0]
+
+
+def assert_same_step(got: fast_moe.DeviceRouting, want: fast_moe.DeviceRouting) -> None:
+    for name in ("expert_counts", "expert_offsets", "gather_idx", "pair_of_row", "row_of_pair"):
+        a, b = getattr(got.meta, name), getattr(want.meta, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert torch.equal(got.scores.view(torch.int32), want.scores.view(torch.int32)), "scores differ in their bits"
+    assert got.token_offsets.dtype == want.token_offsets.dtype and torch.equal(got.token_offsets, want.token_offsets)
+    for name in ("kept_pairs", "dropped_pairs", "added_pairs", "dropped_tokens"):
+        a, b = getattr(got.rounding, name), getattr(want.rounding, name)
+        assert a.shape == b.shape == () and a.dtype == b.dtype and int(a) == int(b), name
+    assert got.padded and want.padded
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("T, d, E, K, tile_m, mode, scoring, normalize", CASES)
+def test_fused_glue_equals_the_default_step(T, d, E, K, tile_m, mode, scoring, normalize):
+    g = torch.Generator(device="cuda").manual_seed(T + E)
+    x = torch.randn(T, d, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(d, E, device="cuda", generator=g) / d**0.5).to(torch.bfloat16)
+    runs = []
+    for fused_glue in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w)]
+        r = _route(*leaves, K, fused_glue, tile_m, mode, scoring, normalize, seed=5)
+        gout = torch.rand(r.scores.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        (r.scores * gout).sum().backward()
+        runs.append((r, leaves))
+    (want, want_leaves), (got, got_leaves) = runs
+    assert_same_step(got, want)
+    for a, b in zip(got_leaves, want_leaves):
+        assert torch.equal(a.grad, b.grad), "the gradients through the scores differ"
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_fused_glue_has_no_host_sync_and_replays_from_a_cuda_graph():
+    T, d, E, K = 4096, 128, 64, 8
+    x = torch.randn(T, d, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(d, E, device="cuda") / d**0.5).to(torch.bfloat16)
+    _route(x, w, K, True, 128, "nearest", "softmax_topk", False, 0)  # warm up (JIT compiles)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _route(x, w, K, True, 128, "nearest", "softmax_topk", False, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _route(static_x, w, K, True, 128, "nearest", "softmax_topk", False, 0)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _route(static_x, w, K, True, 128, "nearest", "softmax_topk", False, 0)
+    new_x = torch.randn(T, d, device="cuda").to(torch.bfloat16)  # another routing, another P
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_same_step(captured, _route(new_x, w, K, False, 128, "nearest", "softmax_topk", False, 0))
