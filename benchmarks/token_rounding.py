@@ -387,13 +387,22 @@ def router_fraction(reps: int) -> dict:
     def fast_tr_route():
         return fast_moe.route(x, router_w, K, routing="token_rounding", tile_m=TILE_M)
 
+    def fast_tr_route_fused():  # the opt-in: triples, counts and metadata padding inside the CuTe calls
+        return fast_moe.route(x, router_w, K, routing="token_rounding", tile_m=TILE_M, fused_glue=True)
+
     assert same_metadata(fast_route().meta, ref_route()), "fast top-k routing metadata != reference"
+    default, fused = fast_tr_route(), fast_tr_route_fused()
+    for field in ("expert_counts", "expert_offsets", "gather_idx", "pair_of_row", "row_of_pair"):
+        assert torch.equal(getattr(default.meta, field), getattr(fused.meta, field)), f"fused_glue: {field} differs"
+    assert torch.equal(default.scores, fused.scores) and torch.equal(default.token_offsets, fused.token_offsets), \
+        "fused_glue: scores or token offsets differ"
     fwd_t = bench.measure(fwd, device="cuda", warmup=3, reps=reps).as_dict()
     fwd_kernel_us = kernel_us(fwd)
     pipelines = {
         "fast_route_topk (router GEMM + top-k + metadata)": (fast_route, reps),
         "fast_topk_plus_metadata (from logits)": (fast_topk_meta, reps),
         "fast_route_token_rounding (router GEMM + token rounding + metadata)": (fast_tr_route, reps),
+        "fast_route_token_rounding_fused_glue (the same, fused_glue=True)": (fast_tr_route_fused, reps),
         "reference_route_topk (router GEMM + top-k + metadata)": (ref_route, max(3, reps // 3)),
         "reference_topk_plus_metadata (from logits)": (ref_topk_meta, max(3, reps // 3)),
     }
