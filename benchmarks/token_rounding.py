@@ -293,6 +293,11 @@ def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int, layer_only: b
         t = time_fwd_and_fwd_bwd(lambda routing=routing: fast_moe.moe_forward(*leaves, K, routing=routing,
                                                                              tile_m=TILE_M), leaves, gout, reps)
         times["layer"][f"{routing}_fwd"], times["layer"][f"{routing}_fwd_bwd"] = t["fwd"], t["fwd_bwd"]
+        if routing == "token_rounding":  # the opt-in router glue inside the CuTe kernels, same layer
+            t = time_fwd_and_fwd_bwd(lambda: fast_moe.moe_forward(*leaves, K, routing=routing, tile_m=TILE_M,
+                                                                  fused_glue=True), leaves, gout, reps)
+            times["layer"]["token_rounding_fused_glue_fwd"] = t["fwd"]
+            times["layer"]["token_rounding_fused_glue_fwd_bwd"] = t["fwd_bwd"]
         if layer_only:
             continue
         # Experts alone on the precomputed routing: scores become a leaf (its dS is computed too).
@@ -345,6 +350,12 @@ def _speedups(row: dict, times: dict, cost: dict, n: int, d: int) -> dict:
         for key in ("fwd", "fwd_bwd"):
             speedup[part][f"{key}_time"] = tt[f"topk_{key}"]["median_ms"] / tt[f"token_rounding_{key}"]["median_ms"]
             speedup[part][f"{key}_tflops"] = tflops[part][f"token_rounding_{key}"] / tflops[part][f"topk_{key}"]
+            fused = tt.get(f"token_rounding_fused_glue_{key}")  # the layer with fused_glue=True (same P)
+            if fused is not None:
+                P = cost["token_rounding"]["pairs"]
+                flops = (6 if key == "fwd" else 18) * P * n * d
+                tflops[part][f"token_rounding_fused_glue_{key}"] = flops / (fused["median_ms"] * 1e-3) / 1e12
+                speedup[part][f"{key}_time_fused_glue"] = tt[f"topk_{key}"]["median_ms"] / fused["median_ms"]
     row["tflops"] = tflops
     row["speedup_token_rounding_over_topk"] = speedup
     for part in times:

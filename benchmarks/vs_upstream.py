@@ -19,6 +19,10 @@ Rows:
 * ``sonic_learn``: ``sonic_learn.fast.moe.moe_forward`` (reduced-memory backward, top-K routing);
 * ``upstream``: ``sonicmoe.functional.moe_TC_softmax_topk_layer`` in a subprocess whose
   ``PYTHONPATH`` starts with ``$SONIC_UPSTREAM_SITE`` (see ``sonic_learn.compare.upstream``);
+* ``sonic_learn[<entry>]`` (``--gemm``, one row per entry): the same layer with other grouped-GEMM
+  configs (``benchmarks/grouped_gemm_tiles.py``'s ``parse_layer`` syntax, per role or for every
+  GEMM), timed after the default row, and the default again last (``sonic_learn[repeat]``: the
+  drift between rows) -- an A/B of GEMM configs in the same run as upstream;
 * ``grouped_mm``: what plain PyTorch offers (the torchtitan recipe): router GEMM, top-K + softmax,
   argsort the pairs by expert, gather the rows, ``torch._grouped_mm`` up, SwiGLU, ``torch._grouped_mm``
   down, scatter back and weight-sum each token's K rows; autograd for the backward.
@@ -65,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"upstream's site folder(s), {os.pathsep}-separated (default: ${up.SITE_ENV})")
     p.add_argument("--upstream-timeout", type=float, default=None, help="seconds for the whole upstream subprocess")
     p.add_argument("--skip", default="", help=f"comma-separated rows to leave out, from {IMPLS}")
+    p.add_argument("--gemm", default="",
+                   help="comma-separated grouped-GEMM configs of our layer, each timed as an extra row "
+                        "sonic_learn[<entry>] (grouped_gemm_tiles.py's parse_layer syntax, e.g. "
+                        "up/dh=pingpong:128x128x64:auto+down/dx=ws:128x256x64:auto:sub32)")
     args = p.parse_args(argv)
     names = [c.strip().lower() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]
@@ -75,6 +83,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--skip: choose from {IMPLS}, got {skip}")
     if args.reps < 1 or args.warmup < 1:
         p.error("--reps and --warmup must be >= 1")
+    entries = [e.strip() for e in args.gemm.split(",") if e.strip()]
+    if len(set(entries)) != len(entries):
+        p.error(f"--gemm: an entry is given twice: {entries}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from grouped_gemm_tiles import parse_layer  # noqa: E402  (same folder)
+
+    try:  # a GemmConfig or a LayerGemms per entry, checked before any GPU work
+        args.gemm_variants = {e: parse_layer(e) for e in entries}
+    except ValueError as exc:  # (it names the entry)
+        p.error(str(exc))
     args.config_names, args.skip_impls = names, skip
     return args
 
@@ -193,18 +211,24 @@ def upstream_row(run: up.UpstreamRun | None, ref: dict, note: str) -> dict:
     return row
 
 
+def ours_impls(row: dict) -> list[str]:
+    """The row's sonic_learn entries: the default layer, then the ``--gemm`` variants in their order."""
+    return [k for k in row if k == "sonic_learn" or k.startswith("sonic_learn[")]
+
+
 def build_record(rows: list[dict], versions: dict) -> dict:
     """The JSON: rows with ratios (upstream / ours: above 1 means sonic_learn is faster / lighter)."""
     for row in rows:
-        ours, theirs = row["sonic_learn"], row["upstream"]
-        ratios = {}
-        for key in ("fwd_ms", "fwdbwd_ms"):
-            if ours.get(key) and theirs.get(key) and "error" not in ours and "error" not in theirs:
-                ratios[key.replace("_ms", "") + "_upstream_over_ours"] = theirs[key] / ours[key]
-        for key in ("fwd_peak_bytes", "held_after_fwd_bytes", "fwdbwd_peak_bytes"):
-            if ours.get(key) and theirs.get(key) and "error" not in ours and "error" not in theirs:
-                ratios[key.replace("_bytes", "") + "_ours_over_upstream"] = ours[key] / theirs[key]
-        row["ratios"] = ratios
+        theirs = row["upstream"]
+        for impl in ours_impls(row):  # "sonic_learn" (the default) first, then the --gemm variants
+            ours, ratios = row[impl], {}
+            for key in ("fwd_ms", "fwdbwd_ms"):
+                if ours.get(key) and theirs.get(key) and "error" not in ours and "error" not in theirs:
+                    ratios[key.replace("_ms", "") + "_upstream_over_ours"] = theirs[key] / ours[key]
+            for key in ("fwd_peak_bytes", "held_after_fwd_bytes", "fwdbwd_peak_bytes"):
+                if ours.get(key) and theirs.get(key) and "error" not in ours and "error" not in theirs:
+                    ratios[key.replace("_bytes", "") + "_ours_over_upstream"] = ours[key] / theirs[key]
+            row["ratios" if impl == "sonic_learn" else f"ratios{impl[len('sonic_learn'):]}"] = ratios
     return {"benchmark": "vs_upstream", "environment": bench.environment(), "versions": versions,
             "tolerance": TOLERANCE, "rows": rows}
 
@@ -212,7 +236,7 @@ def build_record(rows: list[dict], versions: dict) -> dict:
 def summary(record: dict) -> str:
     lines = [f"{'config':6s} {'impl':12s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'peak GB':>8s} {'held GB':>8s}  max err"]
     for row in record["rows"]:
-        for impl in IMPLS:
+        for impl in ours_impls(row) + [i for i in IMPLS if i != "sonic_learn"]:
             r = row.get(impl, {})
             if "error" in r and "fwd_ms" not in r:
                 lines.append(f"{row['config']:6s} {impl:12s} {r['error'][:90]}")
@@ -221,8 +245,8 @@ def summary(record: dict) -> str:
             lines.append(f"{row['config']:6s} {impl:12s} {r.get('fwd_ms', float('nan')):8.3f} "
                          f"{r.get('fwdbwd_ms', float('nan')):11.3f} {(r.get('fwdbwd_peak_bytes') or 0) / 1e9:8.3f} "
                          f"{(r.get('held_after_fwd_bytes') or 0) / 1e9:8.3f}  {err:.2e}")
-        if row.get("ratios"):
-            lines.append("       ratios " + ", ".join(f"{k}={v:.3f}" for k, v in row["ratios"].items()))
+        for key in [k for k in row if k.startswith("ratios") and row[k]]:
+            lines.append(f"       {key} " + ", ".join(f"{k}={v:.3f}" for k, v in row[key].items()))
     return "\n".join(lines)
 
 
@@ -235,6 +259,15 @@ def main(argv=None) -> int:
 
     def ours(x, rw, w1, w2, k):
         return fast_moe.moe_forward(x, rw, w1, w2, k)
+
+    def variant(gemm):  # the same layer, its grouped GEMMs on another config (kernels called directly)
+        ops = fast_moe.fast_ops(gemm)
+        return lambda x, rw, w1, w2, k: fast_moe.moe_forward(x, rw, w1, w2, k, ops=ops)
+
+    local = [("sonic_learn", ours)] + [(f"sonic_learn[{e}]", variant(g)) for e, g in args.gemm_variants.items()]
+    if args.gemm_variants:  # the default again, last: how far the rows drift apart over the run
+        local.append(("sonic_learn[repeat]", ours))
+    local.append(("grouped_mm", grouped_mm_moe))
 
     shapes = {name: CONFIGS[name] for name in args.config_names}
     # Upstream first, in its own process, while this one holds no tensors (inputs go by file).
@@ -261,8 +294,8 @@ def main(argv=None) -> int:
         ref = oracle(case)
         torch.cuda.empty_cache()
         row = {"config": name, "shape": dict(zip(("T", "d", "n", "E", "K"), shape))}
-        for impl, layer in (("sonic_learn", ours), ("grouped_mm", grouped_mm_moe)):
-            row[impl] = ({"error": "skipped"} if impl in args.skip_impls
+        for impl, layer in local:
+            row[impl] = ({"error": "skipped"} if impl.split("[")[0] in args.skip_impls
                          else local_row(layer, case, ref, warmup=args.warmup, reps=args.reps))
             torch.cuda.empty_cache()
         row["upstream"] = upstream_row(runs[name], ref, note)

@@ -70,6 +70,16 @@ def test_fused_glue_must_be_a_bool():
         fast.token_rounding(torch.zeros(4, 8), 2, fused_glue=1)
 
 
+def test_the_layer_checks_fused_glue_before_any_launch(monkeypatch):
+    """``moe_forward(fused_glue=...)`` names the argument; the check runs before the router."""
+    monkeypatch.setattr(fast_moe, "check_inputs", lambda *a, **k: None)  # CPU tensors pass the device check
+    monkeypatch.setattr(fast_moe, "route_layer", lambda *a, **k: pytest.fail("routed before checking fused_glue"))
+    x, w = torch.zeros(4, 8), torch.zeros(8, 4)
+    with pytest.raises(TypeError, match="fused_glue"):
+        fast_moe.moe_forward(x, w, torch.zeros(4, 8, 16), torch.zeros(4, 8, 8), 2, routing="token_rounding",
+                             fused_glue="yes")
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the fused step is the default step, bit for bit
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +130,28 @@ def test_fused_glue_equals_the_default_step(T, d, E, K, tile_m, mode, scoring, n
     assert_same_step(got, want)
     for a, b in zip(got_leaves, want_leaves):
         assert torch.equal(a.grad, b.grad), "the gradients through the scores differ"
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("backward", ["reduced_memory", "standard"])
+def test_the_layer_with_fused_glue_equals_the_default_layer(backward):
+    """``moe_forward(fused_glue=True)``: the same routing, so the same output and gradients, bit for bit."""
+    T, d, n, E, K = 2048, 256, 128, 32, 4
+    g = torch.Generator(device="cuda").manual_seed(3)
+    base = [torch.randn(T, d, device="cuda", generator=g), torch.randn(d, E, device="cuda", generator=g) / d**0.5,
+            torch.randn(E, d, 2 * n, device="cuda", generator=g) / d**0.5,
+            torch.randn(E, n, d, device="cuda", generator=g) / n**0.5]
+    gout = torch.randn(T, d, device="cuda", generator=g).to(torch.bfloat16)
+    results = []
+    for fused_glue in (False, True):
+        leaves = [t.to(torch.bfloat16).requires_grad_(True) for t in base]
+        out = fast_moe.moe_forward(*leaves, K, routing="token_rounding", tile_m=128, backward=backward,
+                                   fused_glue=fused_glue)
+        out.backward(gout)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for name, a, b in zip(("out", "dx", "drouter_w", "dw1", "dw2"), *results):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
 
 
 @pytest.mark.gpu

@@ -72,7 +72,41 @@ def test_parse_args_defaults_and_choices(vs):
     assert vs.CONFIGS["30b"] == (32768, 4096, 1024, 128, 8)
 
 
-@pytest.mark.parametrize("argv", [["--configs", "7b,13b"], ["--configs", ","], ["--skip", "ours"], ["--reps", "0"]])
+def test_parse_args_gemm_variants(vs):
+    """--gemm: one extra row per entry, a GemmConfig (every GEMM) or a LayerGemms (by role)."""
+    from sonic_learn.fast import grouped_gemm as gg
+
+    args = vs.parse_args(["--gemm", "ws:128x256x64:auto:sub32, up/dh=pingpong:128x128x64:auto"])
+    assert list(args.gemm_variants) == ["ws:128x256x64:auto:sub32", "up/dh=pingpong:128x128x64:auto"]
+    every, by_role = args.gemm_variants.values()
+    assert isinstance(every, gg.GemmConfig) and every.epi_subtile == 32
+    assert isinstance(by_role, gg.LayerGemms) and by_role.up.kernel == "pingpong" and by_role.dh.kernel == "pingpong"
+    assert by_role.down == gg.DEFAULT_CONFIG
+    assert vs.parse_args([]).gemm_variants == {}
+
+
+def test_build_record_gives_every_variant_its_ratios(vs):
+    def side(fwd, fwdbwd, peak):
+        return {"fwd_ms": fwd, "fwdbwd_ms": fwdbwd, "fwd_peak_bytes": peak, "held_after_fwd_bytes": peak,
+                "fwdbwd_peak_bytes": peak}
+
+    row = {"config": "7b", "shape": {}, "sonic_learn": side(2.0, 4.0, 10), "sonic_learn[x]": side(1.0, 5.0, 20),
+           "sonic_learn[repeat]": {"error": "boom"}, "grouped_mm": {"error": "skipped"},
+           "upstream": side(1.5, 4.5, 10)}
+    record = vs.build_record([row], {})
+    r = record["rows"][0]
+    assert r["ratios"]["fwd_upstream_over_ours"] == pytest.approx(0.75)
+    assert r["ratios[x]"]["fwd_upstream_over_ours"] == pytest.approx(1.5)
+    assert r["ratios[x]"]["fwdbwd_upstream_over_ours"] == pytest.approx(0.9)
+    assert r["ratios[x]"]["fwdbwd_peak_ours_over_upstream"] == pytest.approx(2.0)
+    assert r["ratios[repeat]"] == {}
+    text = vs.summary(record)
+    assert "sonic_learn[x]" in text and "ratios[x]" in text and "boom" in text
+
+
+@pytest.mark.parametrize("argv", [["--configs", "7b,13b"], ["--configs", ","], ["--skip", "ours"], ["--reps", "0"],
+                                  ["--gemm", "ws:128x256x64:auto,ws:128x256x64:auto"], ["--gemm", "up=nope:1x2x3:4"],
+                                  ["--gemm", "upp=ws:128x256x64:auto"]])
 def test_parse_args_rejects_bad_values(vs, argv, capsys):
     with pytest.raises(SystemExit):
         vs.parse_args(argv)

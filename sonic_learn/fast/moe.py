@@ -504,6 +504,7 @@ def moe_forward(
     rounding_mode: str = "nearest",
     generator: torch.Generator | None = None,
     ops: ExpertOps | None = None,
+    fused_glue: bool = False,
 ) -> torch.Tensor:
     """The MoE layer on the fast path: x (T, d) -> out (T, d) in x's dtype.
 
@@ -511,15 +512,16 @@ def moe_forward(
     ``w1`` (E, d, 2n) with gate/up interleaved, ``w2`` (E, n, d); gradients flow to x, router_w,
     w1 and w2. CUDA tensors of bf16/fp16 with d and n multiples of 8. ``ops``: the experts' kernels
     (``fast_ops(...)``: another grouped-GEMM step or unfused epilogues; None = production).
+    ``fused_glue``: token rounding's router glue inside the CuTe kernels (see ``route_layer``).
     """
     return moe_forward_with_router(x, router_w, w1, w2, k, routing=routing, tile_m=tile_m, backward=backward,
                                    scoring=scoring, normalize=normalize, rounding_mode=rounding_mode,
-                                   generator=generator, ops=ops)[0]
+                                   generator=generator, ops=ops, fused_glue=fused_glue)[0]
 
 
 def moe_forward_with_router(x, router_w, w1, w2, k, *, routing="topk", tile_m=128, backward="reduced_memory",
                             scoring="softmax_topk", normalize=False, rounding_mode="nearest", generator=None,
-                            ops: ExpertOps | None = None):
+                            ops: ExpertOps | None = None, fused_glue: bool = False):
     """``moe_forward``, also returning ``(logits (T, E) float32, expert_counts (E,) int32)`` as the
     reference's ``moe_forward_with_router`` does (no host synchronization added)."""
     if ops is not None and not isinstance(ops, ExpertOps):
@@ -527,9 +529,11 @@ def moe_forward_with_router(x, router_w, w1, w2, k, *, routing="topk", tile_m=12
     check_inputs(x, router_w, w1, w2, k, routing=routing, tile_m=tile_m, backward=backward, scoring=scoring,
                  rounding_mode=rounding_mode, generator=generator)
     _checks.check_bool("normalize", normalize)
+    _checks.check_bool("fused_glue", fused_glue)
     x = x.contiguous()
     r, x_experts = route_layer(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring,
-                               normalize=normalize, rounding_mode=rounding_mode, generator=generator)
+                               normalize=normalize, rounding_mode=rounding_mode, generator=generator,
+                               fused_glue=fused_glue)
     out = run_experts(x_experts, w1.contiguous(), w2.contiguous(), r, backward, ops)
     return out, r.logits, r.meta.expert_counts
 
