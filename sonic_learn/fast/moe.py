@@ -186,10 +186,12 @@ def device_metadata(token_idx: torch.Tensor, expert_idx: torch.Tensor, num_token
 
 def _token_offsets(token_idx: torch.Tensor, num_tokens: int, pairs_per_token: int | None) -> torch.Tensor:
     """(T+1,) int32: token t owns pairs token_offsets[t] : token_offsets[t+1] (``token_idx`` ascending).
-    With ``pairs_per_token=K`` (top-k) that is simply t*K; otherwise a binary search (no host sync)."""
-    tokens = torch.arange(num_tokens + 1, dtype=torch.int32, device=token_idx.device)  # (T+1,)
-    if pairs_per_token is not None:
-        return tokens * pairs_per_token
+    With ``pairs_per_token=K`` (top-k) that is simply t*K (one ``arange`` with step K); otherwise a
+    binary search (no host sync)."""
+    device, K = token_idx.device, pairs_per_token
+    if K is not None:
+        return torch.arange(0, (num_tokens + 1) * K, K, dtype=torch.int32, device=device)  # (T+1,) t*K
+    tokens = torch.arange(num_tokens + 1, dtype=torch.int32, device=device)  # (T+1,)
     return torch.searchsorted(token_idx.to(torch.int32), tokens, out_int32=True)  # first pair of each token
 
 
@@ -381,12 +383,12 @@ class DownProjection(torch.autograd.Function):
         # Steps 1+2, one kernel: dA' = dO[token of row] @ W2^T (dO gathered inside the GEMM, W2 (E, n, d)
         # read K-major), and in its epilogue dS = <dA', A>, A' = s*A, dH = dSwiGLU(H, s*dA'); dA' is
         # never stored.
-        row_scores = scores[pair_of_row.long()]  # (P,) the score of each grouped row
+        row_scores = scores.index_select(0, pair_of_row)  # (P,) the score of each grouped row (int32 index)
         dh, a_scaled, ds_rows = ops.dh_gemm(dout, w2, meta, h, row_scores)  # (P, 2n), (P, n), (P,)
         if ctx.padded:  # the varlen-K operands of dW1 and dW2: zeros after the last expert's rows
             zero_rows_past_end(dh, offsets[-1])
             zero_rows_past_end(a_scaled, offsets[-1])
-        dscores = ds_rows[row_of_pair.long()]  # (P,) back to pair order
+        dscores = ds_rows.index_select(0, row_of_pair)  # (P,) back to pair order (int32 index)
         # Step 3: dW2[e] = A'_e^T dO_e, computed as (dO_e^T A'_e)^T with dO gathered on K.
         dw2 = ops.varlen_k_gemm(dout, a_scaled, meta, True, True)  # (E, n, d), stored transposed
         return dh, None, dw2, dscores.to(scores.dtype), None, None, None, None
