@@ -346,9 +346,18 @@ def test_zero_rows_past_end(M, end):
     b[::7] = float("nan")
     want = b.clone()
     want[end:end + fast_moe.K_TAIL_ROWS] = 0
-    got = fast_moe.zero_rows_past_end(b, torch.tensor(end, dtype=torch.int32))
-    assert got is b and torch.equal(torch.nan_to_num(b, nan=7.0), torch.nan_to_num(want, nan=7.0))
+    c = torch.randn(M, 2, 5, dtype=torch.bfloat16)  # a second tensor of M rows, zeroed by the same call
+    want_c = c.clone()
+    want_c[end:end + fast_moe.K_TAIL_ROWS] = 0
+    got = fast_moe.zero_rows_past_end(b, c, end=torch.tensor(end, dtype=torch.int32))
+    assert got[0] is b and got[1] is c and torch.equal(torch.nan_to_num(b, nan=7.0), torch.nan_to_num(want, nan=7.0))
     assert torch.equal(b.isnan(), want.isnan())
+    assert torch.equal(c.view(torch.int16), want_c.view(torch.int16))
+
+
+def test_zero_rows_past_end_rejects_tensors_of_different_row_counts():
+    with pytest.raises(ValueError, match="same number of rows"):
+        fast_moe.zero_rows_past_end(torch.zeros(4, 2), torch.zeros(5, 2), end=torch.tensor(1))
 
 
 def _tile_faithful_varlen_k(a, b, meta, gather_a, transpose_out=False, bk=64):
@@ -386,7 +395,7 @@ def test_zeroed_tail_is_what_the_varlen_k_reads_need():
     b[P:] = float("nan")
     exact = _tile_faithful_varlen_k(x, b[:P], dataclasses.replace(meta, gather_idx=meta.gather_idx[:P]), True)
     assert _tile_faithful_varlen_k(x, b, meta, True).isnan().any()
-    fast_moe.zero_rows_past_end(b, meta.expert_offsets[-1])
+    fast_moe.zero_rows_past_end(b, end=meta.expert_offsets[-1])
     torch.testing.assert_close(_tile_faithful_varlen_k(x, b, meta, True), exact, rtol=1e-12, atol=1e-12)
 
 
@@ -397,7 +406,7 @@ def test_padded_layers_zero_the_varlen_k_operands(backward, monkeypatch):
     unpadded, it does not; on a layout without padding rows the result is unchanged."""
     calls = []
     real = fast_moe.zero_rows_past_end
-    monkeypatch.setattr(fast_moe, "zero_rows_past_end", lambda b, end: calls.append(tuple(b.shape)) or real(b, end))
+    monkeypatch.setattr(fast_moe, "zero_rows_past_end", lambda *tensors, end: calls.extend(tuple(b.shape) for b in tensors) or real(*tensors, end=end))
     x, router_w, w1, w2 = _params(24, 16, 8, 4, seed=3)
     r, meta, token_offsets = _route(x.detach() @ router_w.detach(), 2, "topk", 4)
     outs = {}

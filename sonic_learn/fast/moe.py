@@ -186,10 +186,12 @@ def device_metadata(token_idx: torch.Tensor, expert_idx: torch.Tensor, num_token
 
 def _token_offsets(token_idx: torch.Tensor, num_tokens: int, pairs_per_token: int | None) -> torch.Tensor:
     """(T+1,) int32: token t owns pairs token_offsets[t] : token_offsets[t+1] (``token_idx`` ascending).
-    With ``pairs_per_token=K`` (top-k) that is simply t*K; otherwise a binary search (no host sync)."""
-    tokens = torch.arange(num_tokens + 1, dtype=torch.int32, device=token_idx.device)  # (T+1,)
-    if pairs_per_token is not None:
-        return tokens * pairs_per_token
+    With ``pairs_per_token=K`` (top-k) that is simply t*K (one ``arange`` with step K); otherwise a
+    binary search (no host sync)."""
+    device, K = token_idx.device, pairs_per_token
+    if K is not None:
+        return torch.arange(0, (num_tokens + 1) * K, K, dtype=torch.int32, device=device)  # (T+1,) t*K
+    tokens = torch.arange(num_tokens + 1, dtype=torch.int32, device=device)  # (T+1,)
     return torch.searchsorted(token_idx.to(torch.int32), tokens, out_int32=True)  # first pair of each token
 
 
@@ -292,24 +294,28 @@ def _metadata(token_idx, expert_idx, T: int, E: int, pairs_per_token: int | None
 K_TAIL_ROWS = 128  # at least every varlen-K k-tile (GemmConfig's tile_k is 32 or 64)
 
 
-def zero_rows_past_end(b: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """Zero rows ``end ... end + K_TAIL_ROWS - 1`` of ``b`` (those that exist), in place, with ``end``
-    (a 0-dim device tensor) never read on the host. Returns ``b``.
+def zero_rows_past_end(*tensors: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Zero rows ``end ... end + K_TAIL_ROWS - 1`` of every tensor (those that exist), in place, with
+    ``end`` (a 0-dim device tensor) never read on the host. The tensors have the same number of rows
+    M, so the rows to zero are computed once for all of them. Returns the tensors.
 
     Why: the varlen-K GEMM (the weight gradients) loads its TMA operand b by whole k-tiles from each
     expert's first row, and zeroes the other operand past the expert's f_e rows, so the rows of b
     just after an expert are multiplied by 0. With token rounding's padded layout the rows after
     the last expert (from ``expert_offsets[E]`` on) are padding that no kernel writes, and 0 * NaN
     is NaN: those rows must hold zeros. Rows past the tensor are left alone (TMA zero-fills them)."""
-    M = b.shape[0]
+    M = tensors[0].shape[0] if tensors else 0
+    if any(t.shape[0] != M for t in tensors):
+        raise ValueError(f"tensors must have the same number of rows, got shapes {[tuple(t.shape) for t in tensors]}")
     if M == 0:
-        return b
-    end = end.long()
-    rows = (end + torch.arange(K_TAIL_ROWS, device=b.device)).clamp_(max=M - 1)  # (R,) rows past M -> M-1
-    past = (rows >= end).view(-1, *([1] * (b.dim() - 1)))  # the target row is padding: zero it
+        return tensors
+    # (R,) int64 (the arange's dtype wins over the 0-dim end's int32): rows past M -> M-1
+    rows = (torch.arange(K_TAIL_ROWS, device=tensors[0].device) + end).clamp_(max=M - 1)
+    past = rows >= end  # (R,) the target row is padding: zero it
     # Rows clamped onto M-1 all write the same value (zero if M-1 is padding, else its own value).
-    zero = torch.zeros((), dtype=b.dtype, device=b.device)
-    return b.index_copy_(0, rows, torch.where(past, zero, b.index_select(0, rows)))
+    for b in tensors:
+        b.index_copy_(0, rows, b.index_select(0, rows).masked_fill_(past.view(-1, *([1] * (b.dim() - 1))), 0))
+    return tensors
 
 
 def _meta_from_saved(offsets, gather_idx, pair_of_row, row_of_pair, num_tokens) -> RoutingMetadata:
@@ -381,12 +387,11 @@ class DownProjection(torch.autograd.Function):
         # Steps 1+2, one kernel: dA' = dO[token of row] @ W2^T (dO gathered inside the GEMM, W2 (E, n, d)
         # read K-major), and in its epilogue dS = <dA', A>, A' = s*A, dH = dSwiGLU(H, s*dA'); dA' is
         # never stored.
-        row_scores = scores[pair_of_row.long()]  # (P,) the score of each grouped row
+        row_scores = scores.index_select(0, pair_of_row)  # (P,) the score of each grouped row (int32 index)
         dh, a_scaled, ds_rows = ops.dh_gemm(dout, w2, meta, h, row_scores)  # (P, 2n), (P, n), (P,)
         if ctx.padded:  # the varlen-K operands of dW1 and dW2: zeros after the last expert's rows
-            zero_rows_past_end(dh, offsets[-1])
-            zero_rows_past_end(a_scaled, offsets[-1])
-        dscores = ds_rows[row_of_pair.long()]  # (P,) back to pair order
+            zero_rows_past_end(dh, a_scaled, end=offsets[-1])
+        dscores = ds_rows.index_select(0, row_of_pair)  # (P,) back to pair order (int32 index)
         # Step 3: dW2[e] = A'_e^T dO_e, computed as (dO_e^T A'_e)^T with dO gathered on K.
         dw2 = ops.varlen_k_gemm(dout, a_scaled, meta, True, True)  # (E, n, d), stored transposed
         return dh, None, dw2, dscores.to(scores.dtype), None, None, None, None
@@ -436,8 +441,7 @@ class StandardExperts(torch.autograd.Function):
         da = ops.grouped_gemm(dy, w2, meta, True, role="dh")  # (P, n), W2 read K-major (the dH GEMM's part)
         dh, a = ops.swiglu_backward(h, da)  # (P, 2n), (P, n)
         if ctx.padded:  # the varlen-K operands of dW2 and dW1: zeros after the last expert's rows
-            zero_rows_past_end(dy, offsets[-1])
-            zero_rows_past_end(dh, offsets[-1])
+            zero_rows_past_end(dy, dh, end=offsets[-1])
         # Step 3: weight gradients on the cached, already gathered operands.
         dw2 = ops.varlen_k_gemm(a, dy, meta, False)  # (E, n, d)
         dw1 = ops.varlen_k_gemm(x_gathered, dh, meta, False)  # (E, d, 2n)
