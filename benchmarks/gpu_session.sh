@@ -15,7 +15,8 @@
 # gpu_session.sh` (that also matches the polling command's own shell).
 # SKIP="tests ep ..." leaves steps out (names: tests tests_rest train memory token_rounding layer_ab_7b layer_ab_30b
 # vs_upstream compare ep tiles vs_upstream_more; upstream's warm-up runs whenever upstream is staged).
-# LAYER_AB=<comma list of benchmarks/moe.py --gemm entries> replaces the layer A/B's configs.
+# LAYER_AB=<comma list of benchmarks/moe.py --gemm entries> replaces the layer A/B's configs;
+# VS_GEMM / VS_ROUNDS / VS_CONFIGS: the side-by-side's extra GEMM-config rows, rounds and configs.
 # BEFORE=<another fast/moe.py> adds the memory step's before/after of the layer's glue. TESTS=<pytest
 # paths> replaces the kernel-test step's files (tests_rest runs every other `gpu` test).
 set -u -o pipefail
@@ -85,8 +86,10 @@ done
 
 # 3. Against upstream, once its warm-up is done.
 echo "== waiting for the upstream warm-up $(date +%T)"; wait $warm; tail -3 "$GS/upstream_warmup.log"
-step vs_upstream 560 python3 benchmarks/vs_upstream.py --configs 7b,30b,e256 --out "$GS/results" \
-  --upstream-timeout 500
+# VS_GEMM=<comma list of --gemm entries>: our layer on those GEMM configs too, as extra rows in the
+# same run (VS_ROUNDS rounds taking our rows in turn, default 3 when VS_GEMM is given).
+step vs_upstream 560 python3 benchmarks/vs_upstream.py --configs "${VS_CONFIGS:-7b,30b,e256}" --out "$GS/results" \
+  --upstream-timeout 500 ${VS_GEMM:+--gemm "$VS_GEMM" --rounds "${VS_ROUNDS:-3}"}
 step compare 240 python3 -m sonic_learn.compare moe --config 7B --reps 5 --json "$GS/results/compare_moe_7B.json"
 
 # 4. The rest, as time allows.

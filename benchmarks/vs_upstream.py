@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -69,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"upstream's site folder(s), {os.pathsep}-separated (default: ${up.SITE_ENV})")
     p.add_argument("--upstream-timeout", type=float, default=None, help="seconds for the whole upstream subprocess")
     p.add_argument("--skip", default="", help=f"comma-separated rows to leave out, from {IMPLS}")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="our rows are measured in this many rounds, taking the rows in turn (drift between rows)")
     p.add_argument("--gemm", default="",
                    help="comma-separated grouped-GEMM configs of our layer, each timed as an extra row "
                         "sonic_learn[<entry>] (grouped_gemm_tiles.py's parse_layer syntax, e.g. "
@@ -81,8 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     skip = [s.strip() for s in args.skip.split(",") if s.strip()]
     if any(s not in IMPLS for s in skip):
         p.error(f"--skip: choose from {IMPLS}, got {skip}")
-    if args.reps < 1 or args.warmup < 1:
-        p.error("--reps and --warmup must be >= 1")
+    if args.reps < 1 or args.warmup < 1 or args.rounds < 1:
+        p.error("--reps, --warmup and --rounds must be >= 1")
     entries = [e.strip() for e in args.gemm.split(",") if e.strip()]
     if len(set(entries)) != len(entries):
         p.error(f"--gemm: an entry is given twice: {entries}")
@@ -187,15 +190,40 @@ def _leaves(case: dict) -> list[torch.Tensor]:
 
 def local_row(layer, case: dict, ref: dict, *, warmup: int, reps: int) -> dict:
     """Check ``layer(x, router_w, w1, w2, k)`` against the oracle, then measure it (if it passed)."""
-    leaves = _leaves(case)
-    forward = lambda: layer(*leaves, case["k"])  # noqa: E731
-    try:
-        verdict = check(up.run_once(forward, leaves, case["dout"]), ref)
-    except Exception as exc:  # noqa: BLE001 - a row that cannot run is reported, not fatal
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    if not verdict["ok"]:
-        return {"check": verdict, "error": "outside the oracle's tolerance: not timed"}
-    return {"check": verdict, **up.measure_layer(forward, leaves, case["dout"], warmup=warmup, reps=reps)}
+    return local_rows([("row", layer)], case, ref, warmup=warmup, reps=reps)["row"]
+
+
+def local_rows(layers: list, case: dict, ref: dict, *, warmup: int, reps: int, rounds: int = 1) -> dict:
+    """``{name: row}`` for ``layers`` = [(name, layer)]: each checked against the oracle, then measured
+    (if it passed) in ``rounds`` rounds that take the layers in turn, so that a slow drift of the
+    GPU's clocks over the run reaches every layer alike. The times are the medians over the rounds
+    of each round's median (each round's times are kept in ``round_fwd_ms`` / ``round_fwdbwd_ms``);
+    the memory figures come from the first round (they do not change between rounds)."""
+    rows, runnable = {}, {}
+    for name, layer in layers:
+        leaves = _leaves(case)
+        forward = (lambda layer=layer, leaves=leaves: layer(*leaves, case["k"]))
+        try:
+            verdict = check(up.run_once(forward, leaves, case["dout"]), ref)
+        except Exception as exc:  # noqa: BLE001 - a row that cannot run is reported, not fatal
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        if not verdict["ok"]:
+            rows[name] = {"check": verdict, "error": "outside the oracle's tolerance: not timed"}
+            continue
+        rows[name], runnable[name] = {"check": verdict}, (forward, leaves)
+    measured: dict = {name: [] for name in runnable}
+    for _ in range(rounds):
+        for name, (forward, leaves) in runnable.items():
+            measured[name].append(up.measure_layer(forward, leaves, case["dout"], warmup=warmup, reps=reps))
+    for name, runs in measured.items():
+        rows[name].update(runs[0])
+        if rounds > 1:
+            for key in ("fwd_ms", "fwdbwd_ms"):
+                rows[name][f"round_{key}"] = [r[key] for r in runs]
+                rows[name][key] = statistics.median(r[key] for r in runs)
+            rows[name]["rounds"] = rounds
+    return rows
 
 
 def upstream_row(run: up.UpstreamRun | None, ref: dict, note: str) -> dict:
@@ -294,10 +322,11 @@ def main(argv=None) -> int:
         ref = oracle(case)
         torch.cuda.empty_cache()
         row = {"config": name, "shape": dict(zip(("T", "d", "n", "E", "K"), shape))}
-        for impl, layer in local:
-            row[impl] = ({"error": "skipped"} if impl.split("[")[0] in args.skip_impls
-                         else local_row(layer, case, ref, warmup=args.warmup, reps=args.reps))
-            torch.cuda.empty_cache()
+        todo = [(impl, layer) for impl, layer in local if impl.split("[")[0] not in args.skip_impls]
+        row.update({impl: {"error": "skipped"} for impl, _ in local if impl.split("[")[0] in args.skip_impls})
+        row.update(local_rows(todo, case, ref, warmup=args.warmup, reps=args.reps, rounds=args.rounds))
+        row = {k: row[k] for k in ["config", "shape"] + [impl for impl, _ in local]}  # the rows in their order
+        torch.cuda.empty_cache()
         row["upstream"] = upstream_row(runs[name], ref, note)
         if runs[name] is not None and runs[name].record.get("versions"):
             versions["upstream"] = runs[name].record["versions"]

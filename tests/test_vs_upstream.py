@@ -104,7 +104,45 @@ def test_build_record_gives_every_variant_its_ratios(vs):
     assert "sonic_learn[x]" in text and "ratios[x]" in text and "boom" in text
 
 
-@pytest.mark.parametrize("argv", [["--configs", "7b,13b"], ["--configs", ","], ["--skip", "ours"], ["--reps", "0"],
+def test_local_rows_take_the_layers_in_turn_over_rounds(vs, monkeypatch):
+    """Rounds alternate the layers (A B A B ...), times are medians over the rounds, and a layer
+    that fails the oracle or raises is reported and never measured."""
+    case = _case(vs)
+    ref = vs.oracle(case)
+    order, fake_ms = [], iter(range(1, 100))
+
+    def measure(forward, leaves, dout, *, warmup, reps):
+        order.append(forward.__defaults__[0].__name__)
+        ms = float(next(fake_ms))
+        return {"fwd_ms": ms, "fwdbwd_ms": 10 * ms, "fwd_peak_bytes": 1, "held_after_fwd_bytes": 1,
+                "fwdbwd_peak_bytes": 1}
+
+    monkeypatch.setattr(up, "measure_layer", measure)
+
+    def good(x, rw, w1, w2, k):
+        return ref_moe.moe_forward(x, rw, w1, w2, k)
+
+    def wrong(x, rw, w1, w2, k):  # a planted bug: the output is off by 10%
+        return 1.1 * ref_moe.moe_forward(x, rw, w1, w2, k)
+
+    def broken(x, rw, w1, w2, k):
+        raise RuntimeError("no kernel")
+
+    good2 = lambda x, rw, w1, w2, k: good(x, rw, w1, w2, k)  # noqa: E731
+    good2.__name__ = "good2"
+    rows = vs.local_rows([("a", good), ("bug", wrong), ("err", broken), ("b", good2)], case, ref, warmup=1, reps=1,
+                         rounds=3)
+    assert order == ["good", "good2"] * 3
+    assert rows["a"]["round_fwd_ms"] == [1.0, 3.0, 5.0] and rows["a"]["fwd_ms"] == 3.0
+    assert rows["b"]["round_fwdbwd_ms"] == [20.0, 40.0, 60.0] and rows["b"]["fwdbwd_ms"] == 40.0
+    assert rows["a"]["check"]["ok"] and rows["a"]["rounds"] == 3
+    assert "tolerance" in rows["bug"]["error"] and "fwd_ms" not in rows["bug"]
+    assert rows["err"]["error"] == "RuntimeError: no kernel"
+    one = vs.local_rows([("a", good)], case, ref, warmup=1, reps=1)
+    assert "round_fwd_ms" not in one["a"] and one["a"]["fwd_ms"] == 7.0
+
+
+@pytest.mark.parametrize("argv", [["--configs", "7b,13b"], ["--rounds", "0"], ["--configs", ","], ["--skip", "ours"], ["--reps", "0"],
                                   ["--gemm", "ws:128x256x64:auto,ws:128x256x64:auto"], ["--gemm", "up=nope:1x2x3:4"],
                                   ["--gemm", "upp=ws:128x256x64:auto"]])
 def test_parse_args_rejects_bad_values(vs, argv, capsys):
