@@ -1,4 +1,4 @@
-"""The opt-in ``fused_glue=True`` of the token-rounding router step: its kernels compile, and on a GPU
+"""``fused_glue=True`` (the layer's default) of the token-rounding router step: its kernels compile, and on a GPU
 it gives the default path's routing bit for bit.
 
 ``fused_glue=True`` (``fast.moe.route`` / ``route_layer``, ``fast.routing.token_rounding`` and

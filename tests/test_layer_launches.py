@@ -55,11 +55,12 @@ def layer_inputs(T=512, d=64, n=32, E=32, K=4, seed=0, ties=False):
     return [t.to(torch.bfloat16).requires_grad_(True) for t in (x, router_w, w1, w2)] + [K]
 
 
-def count_layer(monkeypatch, routing="topk", tile_m=16, **shape) -> tuple[lc.Launches, lc.Launches, lc.Launches]:
+def count_layer(monkeypatch, routing="topk", tile_m=16, fused_glue=True,
+                **shape) -> tuple[lc.Launches, lc.Launches, lc.Launches]:
     """Launches of the router step, of the layer's forward and of its backward (each on a second
     call: the first fills the placeholders' caches)."""
     x, router_w, w1, w2, K = layer_inputs(**shape)
-    kwargs = dict(routing=routing, tile_m=tile_m)
+    kwargs = dict(routing=routing, tile_m=tile_m, fused_glue=fused_glue)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # token rounding below the paper's condition (not the point here)
         for _ in range(2):
@@ -179,9 +180,13 @@ LAYER_BACKWARD_LAUNCHES = {
 # backward. Before the glue was cut the backward took 47 launches: experts backward 30 torch (the
 # two score gathers' int64 copies, and 18 to zero the varlen-K operands' rows past the last expert:
 # two calls of 9).
-TOKEN_ROUNDING_FORWARD_LAUNCHES = {
-    "router": (26, 4),  # test_router_launches.MAX_LAUNCHES
+TOKEN_ROUNDING_FORWARD_LAUNCHES = {  # the default router glue (fused_glue=True)
+    "router": (9, 4),  # test_router_launches.MAX_LAUNCHES_FUSED
     "experts forward": (2, 3),  # as top-k
+}
+TORCH_GLUE_FORWARD_LAUNCHES = {  # fused_glue=False: the glue between the CuTe calls as torch ops
+    "router": (26, 4),  # test_router_launches.MAX_LAUNCHES
+    "experts forward": (2, 3),
 }
 TOKEN_ROUNDING_BACKWARD_LAUNCHES = {
     # top-k's 10, and zeroing the rows past the last expert in dH and A' (zero_rows_past_end: the
@@ -192,7 +197,7 @@ TOKEN_ROUNDING_BACKWARD_LAUNCHES = {
     # (index_put into zeros), the pair weights' scatter, the token-choice weights (gather, softmax,
     # zeros + scatter_add), the ranking key's softmax, and the sum of the logits' two gradients
     "other": (10, 0),
-}
+}  # (the same with fused_glue=False: the glue's kernels record the same autograd nodes)
 
 
 SHAPES = {"small": dict(T=512, d=64, n=32, E=32, K=4),
@@ -200,14 +205,16 @@ SHAPES = {"small": dict(T=512, d=64, n=32, E=32, K=4),
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("routing, bounds, totals", [
-    ("topk", (TOPK_ROUTER_LAUNCHES, LAYER_FORWARD_LAUNCHES, LAYER_BACKWARD_LAUNCHES), (10, 15, 21)),
-    ("token_rounding", (None, TOKEN_ROUNDING_FORWARD_LAUNCHES, TOKEN_ROUNDING_BACKWARD_LAUNCHES), (30, 35, 38)),
-])
-def test_the_layer_stays_within_its_launch_bounds(monkeypatch, shape, routing, bounds, totals):
+@pytest.mark.parametrize("routing, extra, bounds, totals", [
+    ("topk", {}, (TOPK_ROUTER_LAUNCHES, LAYER_FORWARD_LAUNCHES, LAYER_BACKWARD_LAUNCHES), (10, 15, 21)),
+    ("token_rounding", {}, (None, TOKEN_ROUNDING_FORWARD_LAUNCHES, TOKEN_ROUNDING_BACKWARD_LAUNCHES), (13, 18, 38)),
+    ("token_rounding", {"fused_glue": False}, (None, TORCH_GLUE_FORWARD_LAUNCHES, TOKEN_ROUNDING_BACKWARD_LAUNCHES),
+     (30, 35, 38)),
+], ids=["topk", "token_rounding", "token_rounding_torch_glue"])
+def test_the_layer_stays_within_its_launch_bounds(monkeypatch, shape, routing, extra, bounds, totals):
     """The counts per phase do not depend on the shape; ``pytest -s`` prints them. (The token-rounding
     router step's phases are test_router_launches' bound.)"""
-    counted = count_layer(monkeypatch, routing=routing, **SHAPES[shape])
+    counted = count_layer(monkeypatch, routing=routing, **extra, **SHAPES[shape])
     for what, launches, bound in zip(("router step", "layer forward", "layer backward"), counted, bounds):
         print(f"\n{shape}, {routing}, {what}\n{launches.table()}")
         assert not launches.syncs, f"{what} read the device on the host: {launches.syncs}"

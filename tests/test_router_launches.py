@@ -9,7 +9,7 @@ that runs the same two kernels.
 
 The same harness checks the glue itself: with the stand-ins, the step's routing, metadata, token
 offsets, counts and gradients must be the reference's (``sonic_learn.reference.routing``), for the
-default path and for the opt-in ``fused_glue=True``. The stand-ins of the opt-in's kernels
+torch glue (``fused_glue=False``) and for the layer's default ``fused_glue=True``. The stand-ins of the fused kernels
 (``PaddedTriplesKernel``, the metadata scatter's padding fill) model them step by step and write
 only what the kernels write, into poisoned buffers, so a missed entry shows up; the kernels
 themselves are checked on a GPU by ``tests/test_fused_router_glue.py``.
@@ -184,7 +184,7 @@ MAX_LAUNCHES = {
 }
 
 
-# The same step with ``fused_glue=True`` (opt-in, GPU-verification pending): the triples, the
+# The same step with ``fused_glue=True`` (the layer's default, GPU-verified): the triples, the
 # rounding counts and the token offsets come out of the token-rounding compiled call, the padded
 # metadata's initialization out of the scatter kernel.
 MAX_LAUNCHES_FUSED = {
@@ -213,7 +213,7 @@ def test_the_router_step_stays_within_its_launch_bound(monkeypatch, shape, fused
             f"{phase}: {torch_ops} torch launches and {cute_calls} CuTe calls, bound {most}\n{launches.table()}\n"
             f"{[op for ph, op in launches.ops if ph == phase]}")
     # Exactly the bound: fewer launches are welcome, but then the bound and the module docstring's
-    # count are updated with them (and the default path must not slip into the opt-in kernels).
+    # count are updated with them (and the torch-glue path must not slip into the fused kernels).
     assert launches.per_phase() == bound, launches.table()
     assert launches.total == sum(t + c for t, c in bound.values()) == total
 

@@ -227,21 +227,22 @@ class RouterGemm(torch.autograd.Function):
 
 
 def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk", normalize=False,
-          rounding_mode="nearest", generator=None, fused_glue=False) -> DeviceRouting:
+          rounding_mode="nearest", generator=None, fused_glue=True) -> DeviceRouting:
     """Router + metadata. Scores are float32 and differentiable w.r.t. x and router_w."""
     return route_layer(x, router_w, k, routing=routing, tile_m=tile_m, scoring=scoring, normalize=normalize,
                        rounding_mode=rounding_mode, generator=generator, fused_glue=fused_glue)[0]
 
 
 def route_layer(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk", normalize=False,
-                rounding_mode="nearest", generator=None, fused_glue=False) -> tuple[DeviceRouting, torch.Tensor]:
+                rounding_mode="nearest", generator=None, fused_glue=True) -> tuple[DeviceRouting, torch.Tensor]:
     """The layer's router: ``route``, plus the x that the experts must read (``RouterGemm``'s second
     output), so that x's two gradients meet in one backward and are summed by the router's GEMM.
 
-    ``fused_glue=True`` (opt-in, token rounding only): the padded triples, the rounding counts, the
+    ``fused_glue`` (token rounding only; default True): the padded triples, the rounding counts, the
     token offsets and the padded metadata's initialization run inside the CuTe kernels
-    (``fast.routing.token_rounding(fused_glue=True)``, ``build_metadata(fused_glue=True)``) instead of
-    torch launches between them; the same result."""
+    (``fast.routing.token_rounding(fused_glue=True)``, ``build_metadata(fused_glue=True)``), 13 launches;
+    ``False`` runs that glue as torch ops between the CuTe calls (30 launches, the readable variant,
+    see ``fast.routing``'s docstring); the same routing, output and gradients bit for bit."""
     from sonic_learn.fast import routing as fast_routing
 
     _checks.check_bool("fused_glue", fused_glue)
@@ -508,7 +509,7 @@ def moe_forward(
     rounding_mode: str = "nearest",
     generator: torch.Generator | None = None,
     ops: ExpertOps | None = None,
-    fused_glue: bool = False,
+    fused_glue: bool = True,
 ) -> torch.Tensor:
     """The MoE layer on the fast path: x (T, d) -> out (T, d) in x's dtype.
 
@@ -516,7 +517,8 @@ def moe_forward(
     ``w1`` (E, d, 2n) with gate/up interleaved, ``w2`` (E, n, d); gradients flow to x, router_w,
     w1 and w2. CUDA tensors of bf16/fp16 with d and n multiples of 8. ``ops``: the experts' kernels
     (``fast_ops(...)``: another grouped-GEMM step or unfused epilogues; None = production).
-    ``fused_glue``: token rounding's router glue inside the CuTe kernels (see ``route_layer``).
+    ``fused_glue``: token rounding's router glue inside the CuTe kernels (default; ``False``: as torch
+    ops, see ``route_layer``).
     """
     return moe_forward_with_router(x, router_w, w1, w2, k, routing=routing, tile_m=tile_m, backward=backward,
                                    scoring=scoring, normalize=normalize, rounding_mode=rounding_mode,
@@ -525,7 +527,7 @@ def moe_forward(
 
 def moe_forward_with_router(x, router_w, w1, w2, k, *, routing="topk", tile_m=128, backward="reduced_memory",
                             scoring="softmax_topk", normalize=False, rounding_mode="nearest", generator=None,
-                            ops: ExpertOps | None = None, fused_glue: bool = False):
+                            ops: ExpertOps | None = None, fused_glue: bool = True):
     """``moe_forward``, also returning ``(logits (T, E) float32, expert_counts (E,) int32)`` as the
     reference's ``moe_forward_with_router`` does (no host synchronization added)."""
     if ops is not None and not isinstance(ops, ExpertOps):

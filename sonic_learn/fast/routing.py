@@ -69,7 +69,8 @@ logits give float64 scores, which do not fit the 32-bit key words: they take a t
 (``torch.topk`` with k = min(tile_m - 1, T) over (E, T) keys for the threshold, ``cumsum`` for the
 tie ranks), the design this module used before the kernels.
 
-**Launches of the router step, and why there are several.** The layer's token-rounding router
+**Launches of the router step, and why there are several.** With ``fused_glue=False`` (the glue
+between the CuTe calls as torch ops, the readable variant) the layer's token-rounding router
 (``fast.moe.route_layer``) issues 30 launches, 26 torch ops and 4 CuTe calls (10 kernels);
 ``tests/test_router_launches.py`` counts them on the CPU, phase by phase, and fails if the count
 changes:
@@ -97,8 +98,9 @@ the triples), or are reductions and compactions that need the whole mask (the co
 ``nonzero_static``); none reads the device on the host, so the host issues the whole step ahead
 of the GPU.
 
-**Opt-in: the glue as kernels (``fused_glue=True``; verified on the CPU with torch stand-ins for
-the kernels, on the GPU by ``tests/test_fused_router_glue.py``).** The padded triples, the counts
+**The layer's default: the glue as kernels (``fused_glue=True``; checked on the CPU with torch
+stand-ins for the kernels, on the GPU by ``tests/test_fused_router_glue.py``: the same routing, output
+and gradients bit for bit; the benchmark ``benchmarks/token_rounding.py`` times both).** The padded triples, the counts
 of ``routing.rounding`` and the token offsets come from ``PaddedTriplesKernel`` (count, scan and
 write over tiles of tokens) inside the token-rounding compiled call, and the scatter kernel writes
 the padded metadata's padding entries itself: 13 launches (9 torch, 4 CuTe calls of 13 kernels). What stays
@@ -411,7 +413,7 @@ def _launch_metadata(expert_idx: torch.Tensor, token_idx: torch.Tensor | None, n
     expert_offsets[E] gets gather_idx 0 and pair_of_row r, a padding pair p gets row_of_pair p.
     Padding rows and padding pairs map to each other, never to a real pair or row (a kernel that
     walks every row, like the standard backward's gather-scale-dot, then writes padding entries only).
-    ``fused_glue`` (opt-in, with ``padded``): the scatter kernel writes those padding entries
+    ``fused_glue`` (with ``padded``): the scatter kernel writes those padding entries
     itself, instead of three torch initializations.
     """
     device = expert_idx.device
@@ -735,7 +737,7 @@ class TokenRoundingKernels:
 
 
 class PaddedTriplesKernel:
-    """Opt-in (``fused_glue=True``): step 5 of the fast token rounding, padded, and the counts of
+    """``fused_glue=True`` (the layer's default): step 5 of the fast token rounding, padded, and the counts of
     ``routing.rounding``, as kernels instead of ~14 torch launches. Three kernels over *tiles* of
     consecutive tokens (one warp per tile, like the metadata kernels' pair tiles):
 
@@ -867,7 +869,7 @@ class PaddedTriplesKernel:
 
 
 class TokenRoundingTriplesKernels:
-    """Opt-in (``fused_glue=True``): ``TokenRoundingKernels`` then ``PaddedTriplesKernel``, one
+    """``fused_glue=True``: ``TokenRoundingKernels`` then ``PaddedTriplesKernel``, one
     compiled call (one host launch, five kernels in order on the stream)."""
 
     def __init__(self):
@@ -886,7 +888,7 @@ class TokenRoundingTriplesKernels:
 
 
 def compile_token_rounding_triples_kernels(*, extra_options: str = ""):
-    """Compile ``TokenRoundingTriplesKernels`` (opt-in, ``fused_glue=True``) for sm_90a from fake
+    """Compile ``TokenRoundingTriplesKernels`` (``fused_glue=True``) for sm_90a from fake
     tensors; not cached. All of T, E, K, the tile count and the bound are symbolic. Returns the
     TVM-FFI callable ``f(scores_bits, experts, keys, keep, counts, uniform, mode, tile_m, tile_pairs,
     tile_empty, token_idx, expert_idx, pair_index, is_pair, token_offsets, stats, tokens_per_tile)``:
@@ -960,7 +962,7 @@ def _token_tiling(num_tokens: int) -> tuple[int, int]:
 
 def _launch_token_rounding_triples(scores: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor,
                                    uniform: torch.Tensor | None, mode: str, tile_m: int, bound: int):
-    """Opt-in (``fused_glue``): the selection and the padded triples in one compiled call; no host
+    """``fused_glue``: the selection and the padded triples in one compiled call; no host
     sync. T must be > 0 and T * E, bound <= MAX_PAIRS. Returns (token_idx, expert_idx, pair_index
     (bound,) int32, is_pair (bound,) bool, token_offsets (T+1,) int32, counts (4,) int64: kept,
     dropped, added pairs and dropped tokens)."""
@@ -1019,7 +1021,7 @@ def build_metadata(routing: Routing, *, check_ids: bool = True, padded: bool = F
     ``token_rounding(..., pad_to_bound=True)``: padding pairs carry expert E and are skipped, so
     ``expert_offsets[E]`` is the true P on the device; the arrays keep the padded length, and past
     the true P a row r has gather_idx 0 and pair_of_row r, a padding pair p has row_of_pair p.
-    ``fused_glue=True`` (opt-in, with ``padded``): the scatter kernel writes those padding entries
+    ``fused_glue=True`` (with ``padded``): the scatter kernel writes those padding entries
     instead of three torch launches; the same result.
     """
     routing = _check_routing_structure(routing)
@@ -1237,8 +1239,8 @@ def token_rounding(
     ``selection`` picks the step of the ladder (``SELECTIONS``; ``python -m sonic_learn.fast.routing``
     validates and times each): ``"torch"`` (step 1) or ``"kernels"`` (step 2, the default).
 
-    ``fused_glue=True`` (opt-in, with ``pad_to_bound=True``, float32 scores and the kernels' selection;
-    otherwise it changes nothing): the padded triples and the counts of ``routing.rounding`` come
+    ``fused_glue=True`` (with ``pad_to_bound=True``, float32 scores and the kernels' selection;
+    otherwise it changes nothing; the MoE layer's router turns it on): the padded triples and the counts of ``routing.rounding`` come
     from CuTe kernels (``PaddedTriplesKernel``, in the same compiled call as the selection) instead
     of ~14 torch launches; the same result.
     """
@@ -1257,7 +1259,7 @@ SELECTIONS = {
 
 
 def layer_token_rounding(logits: torch.Tensor, k: int, *, tile_m: int, mode: str, generator: torch.Generator | None,
-                         scoring: str, normalize: bool, fused_glue: bool = False):
+                         scoring: str, normalize: bool, fused_glue: bool = True):
     """The MoE layer's router (``fast.moe.route_layer``): ``token_rounding(..., check_finite=False,
     pad_to_bound=True)``, sync-free and padded to the bound, and the (T+1,) int32 token offsets when
     ``fused_glue``'s kernels wrote them (else None: the caller computes them from ``token_idx``)."""
@@ -1303,7 +1305,7 @@ def _route_token_rounding(logits, k, tile_m, mode, generator, scoring, normalize
     probs = _ref.router_probabilities(logits)  # (T, E)
     tc_scores = scores_from_experts(logits, tc_experts, scoring, normalize, probs=probs)  # (T, K)
 
-    # Opt-in: steps 2-5 and the counts in one compiled call (selection, then the padded triples).
+    # fused_glue: steps 2-5 and the counts in one compiled call (selection, then the padded triples).
     bound = _ref.max_pairs(T, E, k, tile_m)
     if (fused_glue and pad_to_bound and T > 0 and probs.dtype == torch.float32 and selection == "kernels"
             and max(T * E, bound) <= MAX_PAIRS):
