@@ -52,8 +52,13 @@ def test_token_rounding_triples_kernels_compile_for_sm90a(tmp_path):
     assert len(entries) == len(names), entries
     for name in names:
         assert any(name in entry for entry in entries), f"missing kernel {name} in {entries}"
-    assert "vote.sync.ballot" in ptx, "the triples kernels count and place a token's experts with warp ballots"
+    assert "vote.sync.ballot" in ptx, "the select kernel ranks tied keys with warp ballots"
     assert "shfl.sync.up" in ptx, "the tile scan uses warp shuffles"
+    kernels = dict(zip(entries, re.split(r"^\.visible \.entry \w+\(", ptx, flags=re.MULTILINE)[1:]))
+    for name in ("count_kernel", "write_kernel"):  # they stream the keep mask in 16-byte words
+        body = next(body for entry, body in kernels.items() if name in entry)
+        loads = re.findall(r"ld\.global(?:\.nc)?\.v4\.b32", body)
+        assert len(loads) == fast.WORDS_IN_FLIGHT, f"{name}: {len(loads)} 16-byte keep loads"
 
 
 @pytest.mark.compile
@@ -91,6 +96,9 @@ CASES = [  # T, d, E, K, tile_m, mode, scoring, normalize
     (1, 64, 8, 2, 16, "nearest", "softmax_topk", False),  # one token: rounds to nothing
     (70_000, 64, 16, 1, 64, "up", "softmax_topk", False),  # long token tiles
     (300, 64, 24, 3, 1, "nearest", "softmax_topk", False),  # tile 1: no rounding, no padding
+    # several tokens per tile, rows of 40 bytes (16-byte words straddle tokens and tiles), and a
+    # keep mask of T * E = 200040 bytes (its last 16-byte word is partial: byte loads)
+    (5001, 64, 40, 3, 32, "stochastic", "softmax_topk", False),
 ]
 
 

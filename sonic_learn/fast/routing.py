@@ -137,7 +137,7 @@ from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # n
 
 from sonic_learn.fast import topk as _fast_topk  # noqa: E402
 from sonic_learn.fast.primitives import (  # noqa: E402
-    lane_bins_and_keys_above, warp_exclusive_scan, warp_exclusive_sum)
+    lane_bins_and_keys_above, warp_exclusive_max, warp_exclusive_scan, warp_exclusive_sum)
 
 __all__ = [
     "Routing",
@@ -736,22 +736,35 @@ class TokenRoundingKernels:
         self.select_op(mKeys, mCounts, mUniform, mKeep, mode, tile_m, stream)
 
 
+KEEP_WORD = 16  # bytes of the (T, E) keep mask one lane reads with one vector load
+WORDS_IN_FLIGHT = 2  # keep words a lane loads before using them (hides the load latency)
+TRIPLES_BYTE_SLACK = 32 * WORDS_IN_FLIGHT * KEEP_WORD  # int32 byte offsets a warp step may reach past T * E
+
+
 class PaddedTriplesKernel:
     """``fused_glue=True`` (the layer's default): step 5 of the fast token rounding, padded, and the counts of
     ``routing.rounding``, as kernels instead of ~14 torch launches. Three kernels over *tiles* of
-    consecutive tokens (one warp per tile, like the metadata kernels' pair tiles):
+    consecutive tokens (one warp per tile, like the metadata kernels' pair tiles).
 
-    1. ``count``: per token, its kept experts (a warp ballot per 32 bytes of its ``keep`` row);
-       per tile, the pairs and the tokens left with no expert.
+    The kept pairs in nonzero's order (token order, then expert order) are exactly the nonzero
+    bytes of the (T, E) ``keep`` mask read as one flat array: byte f = t * E + e. A tile of tokens
+    [t0, t1) is the contiguous byte range [t0 * E, t1 * E), so a warp streams it in 16-byte words
+    (one vector load per lane, ``WORDS_IN_FLIGHT`` loads in flight per lane, 512 bytes per warp
+    per word step), whatever E is; words that straddle two tiles are read by both and masked.
+
+    1. ``count``: per tile, the pairs (kept bytes) and the tokens left with no expert (the tile's
+       tokens minus those holding a *first* kept byte: one whose previous kept byte lies before its
+       token's first byte; a warp max-scan passes the last kept byte from lane to lane).
     2. ``scan`` (one warp): the tiles' exclusive prefix of pairs (in place), the totals, and the
        rounding counts: kept = the total, added / dropped = the positive / negative parts of
        ``rounding_delta`` (the select kernel's own rule) summed over experts, dropped tokens = the
        sum of the tiles' empty tokens; ``token_offsets[T]`` = P.
-    3. ``write``: every warp walks its tokens again from its tile's prefix and writes, in token
-       order then expert order (nonzero's order), ``token_idx``, ``expert_idx``, ``pair_index`` =
-       t * E + e (where the torch glue gathers the weight) and ``is_pair`` = 1, plus
-       ``token_offsets[t]``; then the whole grid fills the padding [P, bound) with token T, expert E,
-       pair_index 0 and is_pair 0.
+    3. ``write``: every warp streams its bytes again from its tile's prefix; a lane's kept bytes
+       go to consecutive positions after the kept bytes of the lanes below it (a warp prefix sum of
+       the per-lane counts), and each writes ``token_idx`` = t, ``expert_idx`` = e, ``pair_index``
+       = f = t * E + e (where the torch glue gathers the weight) and ``is_pair`` = 1; the byte that
+       starts a token writes ``token_offsets[t]``. Then the whole grid fills the padding [P, bound)
+       with token T, expert E, pair_index 0 and is_pair 0.
 
     Separate kernels because each needs a grid-wide result of the one before (every tile's count
     before any tile's offset)."""
@@ -771,12 +784,37 @@ class PaddedTriplesKernel:
                           tokens_per_tile).launch(grid=[tile_ctas, 1, 1], block=block, stream=stream)
 
     @cute.jit
-    def _kept_ballot(self, mKeep: cute.Tensor, t: Int32, c: Int32, lane: Int32):
-        """(is expert c + lane kept for token t, the warp's ballot of it)."""
+    def _load_words(self, mKeep: cute.Tensor, first_word: Int32, last_word: Int32, lane: Int32):
+        """The keep bytes of words first_word + 32 v + lane (v < WORDS_IN_FLIGHT) as (4, v) uint32:
+        one 16-byte vector load per whole word, byte loads for the mask's last, partial word,
+        zeros past ``last_word`` (exclusive)."""
+        num_bytes = mKeep.shape[0] * mKeep.shape[1]
+        flat = cute.make_tensor(mKeep.iterator, cute.make_layout(num_bytes))  # byte f = t * E + e
+        raw = cute.make_rmem_tensor((KEEP_WORD, WORDS_IN_FLIGHT), Uint8)
+        raw.fill(0)
+        for v in cutlass.range_constexpr(WORDS_IN_FLIGHT):
+            w = first_word + v * 32 + lane
+            if w < last_word:
+                if (w + 1) * KEEP_WORD <= num_bytes:
+                    cute.autovec_copy(cute.local_tile(flat, (KEEP_WORD,), (w,)), raw[None, v])
+                else:
+                    for j in cutlass.range_constexpr(KEEP_WORD):
+                        if w * KEEP_WORD + j < num_bytes:
+                            raw[j, v] = flat[w * KEEP_WORD + j]
+        return cute.recast_tensor(raw, Uint32)  # (4, WORDS_IN_FLIGHT): byte j of a word = bits 8(j%4).. of word j//4
+
+    @cute.jit
+    def _word_bits(self, words: cute.Tensor, v: cutlass.Constexpr[int], start: Int32, lo: Int32, hi: Int32):
+        """(kept, valid): 16-bit masks over the bytes start + j of word v, valid = inside [lo, hi)
+        (this tile's bytes), kept = valid and nonzero."""
         kept = Int32(0)
-        if c + lane < mKeep.shape[1]:
-            kept = Int32(mKeep[t, c + lane])
-        return kept, cute.arch.vote_ballot_sync(kept != 0)
+        for j in cutlass.range_constexpr(KEEP_WORD):
+            if ((words[j // 4, v] >> (8 * (j % 4))) & Uint32(0xFF)) != Uint32(0):
+                kept = kept | Int32(1 << j)
+        first = cutlass.max(cutlass.min(lo - start, Int32(KEEP_WORD)), Int32(0))
+        end = cutlass.max(cutlass.min(hi - start, Int32(KEEP_WORD)), Int32(0))
+        valid = ((Int32(1) << end) - Int32(1)) & ~((Int32(1) << first) - Int32(1))
+        return kept & valid, valid
 
     # -- 1. pairs and empty tokens per tile ----------------------------------------------------
     @cute.kernel
@@ -788,21 +826,42 @@ class PaddedTriplesKernel:
         tile = bidx * WARPS_PER_CTA + tidx // 32
         T, E = mKeep.shape[0], mKeep.shape[1]
         if tile < mTilePairs.shape[0]:  # uniform over the warp
-            pairs = Int32(0)
-            empty = Int32(0)
-            for i in cutlass.range(tokens_per_tile):
-                t = tile * tokens_per_tile + i
-                if t < T:
-                    n = Int32(0)
-                    for c in cutlass.range(0, E, 32):
-                        _, ballot = self._kept_ballot(mKeep, t, c, lane)
-                        n = n + Int32(cute.arch.popc(ballot))
-                    pairs = pairs + n
-                    if n == 0:
-                        empty = empty + 1
+            t0 = tile * tokens_per_tile
+            t1 = cutlass.min(t0 + tokens_per_tile, T)
+            lo, hi = t0 * E, t1 * E  # this tile's bytes
+            pairs = Int32(0)  # this lane's kept bytes
+            firsts = Int32(0)  # this lane's kept bytes that are their token's first
+            last_kept = Int32(-1)  # the warp's last kept byte so far (-1: none)
+            step = 32 * WORDS_IN_FLIGHT
+            for first_word in cutlass.range(lo // KEEP_WORD, cute.ceil_div(hi, KEEP_WORD), step):
+                words = self._load_words(mKeep, first_word, cute.ceil_div(hi, KEEP_WORD), lane)
+                for v in cutlass.range_constexpr(WORDS_IN_FLIGHT):
+                    start = (first_word + v * 32 + lane) * KEEP_WORD
+                    kept, _ = self._word_bits(words, v, start, lo, hi)
+                    pairs = pairs + Int32(cute.arch.popc(kept))
+                    # The last kept byte of this word, and the last one before it (lower lanes, earlier words).
+                    mine = Int32(-1)
+                    for j in cutlass.range_constexpr(KEEP_WORD):
+                        if (kept >> j) & 1 != 0:
+                            mine = start + j
+                    before, warp_last = warp_exclusive_max(mine, lane, Int32(-1))
+                    prev = cutlass.max(before, last_kept)
+                    last_kept = cutlass.max(warp_last, last_kept)
+                    if kept != 0:
+                        e = start - (start // E) * E  # expert of byte `start`
+                        for j in cutlass.range_constexpr(KEEP_WORD):
+                            if (kept >> j) & 1 != 0:
+                                if prev < start + j - e:  # no kept byte since the token's first byte
+                                    firsts = firsts + 1
+                                prev = start + j
+                            e = e + 1
+                            if e == E:
+                                e = Int32(0)
+            _, tile_pairs = warp_exclusive_sum(pairs, lane)
+            _, tile_firsts = warp_exclusive_sum(firsts, lane)
             if lane == 0:
-                mTilePairs[tile] = pairs
-                mTileEmpty[tile] = empty
+                mTilePairs[tile] = tile_pairs
+                mTileEmpty[tile] = (t1 - t0) - tile_firsts
 
     # -- 2. tile offsets, P, and the rounding counts (one warp) ---------------------------------
     @cute.kernel
@@ -831,7 +890,7 @@ class PaddedTriplesKernel:
             mStats[3] = Int64(empty)
             mTokenOffsets[T] = kept
 
-    # -- 3. the triples, token by token, then the padding ---------------------------------------
+    # -- 3. the triples, word by word, then the padding -----------------------------------------
     @cute.kernel
     def write_kernel(self, mKeep: cute.Tensor, mTileStart: cute.Tensor, mStats: cute.Tensor, mTokenIdx: cute.Tensor,
                      mExpertIdx: cute.Tensor, mPairIndex: cute.Tensor, mIsPair: cute.Tensor,
@@ -842,23 +901,37 @@ class PaddedTriplesKernel:
         tile = bidx * WARPS_PER_CTA + tidx // 32
         T, E = mKeep.shape[0], mKeep.shape[1]
         num_tiles = mTileStart.shape[0]
-        below = cute.arch.lanemask_lt()
         if tile < num_tiles:  # uniform over the warp
-            running = mTileStart[tile]  # the first pair of this tile's first token
-            for i in cutlass.range(tokens_per_tile):
-                t = tile * tokens_per_tile + i
-                if t < T:
-                    if lane == 0:
-                        mTokenOffsets[t] = running
-                    for c in cutlass.range(0, E, 32):
-                        kept, ballot = self._kept_ballot(mKeep, t, c, lane)
-                        if kept != 0:
-                            pos = running + Int32(cute.arch.popc(Uint32(ballot) & below))
-                            mTokenIdx[pos] = t
-                            mExpertIdx[pos] = c + lane
-                            mPairIndex[pos] = t * E + c + lane
-                            mIsPair[pos] = Uint8(1)
-                        running = running + Int32(cute.arch.popc(ballot))
+            t0 = tile * tokens_per_tile
+            t1 = cutlass.min(t0 + tokens_per_tile, T)
+            lo, hi = t0 * E, t1 * E  # this tile's bytes
+            running = mTileStart[tile]  # the position of the tile's first kept byte
+            step = 32 * WORDS_IN_FLIGHT
+            for first_word in cutlass.range(lo // KEEP_WORD, cute.ceil_div(hi, KEEP_WORD), step):
+                words = self._load_words(mKeep, first_word, cute.ceil_div(hi, KEEP_WORD), lane)
+                for v in cutlass.range_constexpr(WORDS_IN_FLIGHT):
+                    start = (first_word + v * 32 + lane) * KEEP_WORD
+                    kept, valid = self._word_bits(words, v, start, lo, hi)
+                    # This lane's kept bytes follow those of the lower lanes (nonzero's order).
+                    before, word_total = warp_exclusive_sum(Int32(cute.arch.popc(kept)), lane)
+                    pos = running + before
+                    if valid != 0:
+                        t = start // E  # token and expert of byte `start`, then byte by byte
+                        e = start - t * E
+                        for j in cutlass.range_constexpr(KEEP_WORD):
+                            if e == 0 and (valid >> j) & 1 != 0:  # the first byte of token t
+                                mTokenOffsets[t] = pos
+                            if (kept >> j) & 1 != 0:
+                                mTokenIdx[pos] = t
+                                mExpertIdx[pos] = e
+                                mPairIndex[pos] = start + j
+                                mIsPair[pos] = Uint8(1)
+                                pos = pos + 1
+                            e = e + 1
+                            if e == E:
+                                e = Int32(0)
+                                t = t + 1
+                    running = running + word_total
         # Padding, grid-stride over [P, bound): rows no tile writes.
         threads = cute.ceil_div(num_tiles, WARPS_PER_CTA) * THREADS_PER_CTA
         for p in cutlass.range(Int32(mStats[0]) + bidx * THREADS_PER_CTA + tidx, mTokenIdx.shape[0], threads):
@@ -906,7 +979,7 @@ def compile_token_rounding_triples_kernels(*, extra_options: str = ""):
     tiles, bound = cute.sym_int(), cute.sym_int()
     return cute.compile(
         TokenRoundingTriplesKernels(), mat(Int32, T, E, 4), mat(Int32, T, K, 4), mat(Int32, E, T, 4),
-        mat(Uint8, T, E, 1), vec(Int32, E), vec(Float64, U, 8), Int32(0), Int64(1), vec(Int32, tiles),
+        mat(Uint8, T, E, KEEP_WORD), vec(Int32, E), vec(Float64, U, 8), Int32(0), Int64(1), vec(Int32, tiles),
         vec(Int32, tiles), vec(Int32, bound), vec(Int32, bound), vec(Int32, bound), vec(Uint8, bound, 1),
         vec(Int32, cute.sym_int()), vec(Int64, cute.sym_int(), 8), Int32(1),
         make_fake_stream(use_tvm_ffi_env_stream=True), options=compile_options(extra=extra_options),
@@ -963,9 +1036,9 @@ def _token_tiling(num_tokens: int) -> tuple[int, int]:
 def _launch_token_rounding_triples(scores: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor,
                                    uniform: torch.Tensor | None, mode: str, tile_m: int, bound: int):
     """``fused_glue``: the selection and the padded triples in one compiled call; no host
-    sync. T must be > 0 and T * E, bound <= MAX_PAIRS. Returns (token_idx, expert_idx, pair_index
-    (bound,) int32, is_pair (bound,) bool, token_offsets (T+1,) int32, counts (4,) int64: kept,
-    dropped, added pairs and dropped tokens)."""
+    sync. T must be > 0, T * E + TRIPLES_BYTE_SLACK and bound <= MAX_PAIRS. Returns (token_idx,
+    expert_idx, pair_index (bound,) int32, is_pair (bound,) bool, token_offsets (T+1,) int32,
+    counts (4,) int64: kept, dropped, added pairs and dropped tokens)."""
     T, E = scores.shape
     device = scores.device
     i32 = torch.int32
@@ -1308,7 +1381,7 @@ def _route_token_rounding(logits, k, tile_m, mode, generator, scoring, normalize
     # fused_glue: steps 2-5 and the counts in one compiled call (selection, then the padded triples).
     bound = _ref.max_pairs(T, E, k, tile_m)
     if (fused_glue and pad_to_bound and T > 0 and probs.dtype == torch.float32 and selection == "kernels"
-            and max(T * E, bound) <= MAX_PAIRS):
+            and max(T * E + TRIPLES_BYTE_SLACK, bound) <= MAX_PAIRS):
         token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4 = _launch_token_rounding_triples(
             probs.detach(), tc_experts32, counts, uniform, mode, tile_m, bound)
         scores = _pair_weights(probs, tc_experts, tc_scores)  # (T, E)
