@@ -9,7 +9,9 @@ The glue and the launch count are checked on the CPU with torch stand-ins for th
 (``tests/test_router_launches.py``); the kernels themselves only here:
 
 * compile tests (CPU, marker ``compile``): the five kernels of the token-rounding triples call and
-  the metadata kernels with the padding fill compile for sm_90a, with no register spills;
+  the metadata kernels with the padding fill compile for sm_90a, with no register spills; the
+  triples kernels read the keep mask with 16-byte loads, and the select kernel with a staged row
+  reads its passes from shared memory;
 * GPU tests (marker ``gpu``): the fused step equals the default step exactly (metadata, the scores'
   bits, token offsets, rounding counts, the gradients), stays free of host syncs, and replays from
   a CUDA graph. Run on a Hopper GPU: ``python3 -m pytest -q -p no:cacheprovider tests/test_fused_router_glue.py``.
@@ -59,6 +61,37 @@ def test_token_rounding_triples_kernels_compile_for_sm90a(tmp_path):
         body = next(body for entry, body in kernels.items() if name in entry)
         loads = re.findall(r"ld\.global(?:\.nc)?\.v4\.b32", body)
         assert len(loads) == fast.WORDS_IN_FLIGHT, f"{name}: {len(loads)} 16-byte keep loads"
+
+
+@pytest.mark.compile
+def test_the_select_kernel_with_a_staged_row_reads_shared_memory(tmp_path):
+    """``stage_keys``: the select kernel copies its key row into shared memory once (one global
+    load per key of a sub-block), then every radix pass and the collect read shared memory."""
+    def select_body(stage_keys):
+        (tmp_path / str(stage_keys)).mkdir()
+        ptx = fast.compile_token_rounding_triples_kernels(
+            stage_keys, extra_options=f"--keep-ptx --dump-dir={tmp_path / str(stage_keys)}").__ptx__
+        assert re.search(r"^\.target sm_90a\b", ptx, re.MULTILINE) and ".local" not in ptx
+        entries = _entries(ptx)
+        assert len(entries) == 5, entries
+        bodies = dict(zip(entries, re.split(r"^\.visible \.entry \w+\(", ptx, flags=re.MULTILINE)[1:]))
+        return next(body for entry, body in bodies.items() if "BoundarySelectKernel" in entry)
+
+    plain, staged = select_body(0), select_body(max(fast.SELECT_STAGE_KEYS))
+    key_reads = (32 // fast.RADIX_BITS + 2) * fast.SELECT_UNROLL  # four radix passes and two collect loops
+    global_loads = [len(re.findall(r"ld\.global", body)) for body in (plain, staged)]
+    shared_loads = [body.count("ld.shared") for body in (plain, staged)]
+    assert global_loads[0] - global_loads[1] == key_reads - fast.SELECT_UNROLL, global_loads  # one staging pass left
+    assert shared_loads[1] - shared_loads[0] == key_reads, shared_loads
+    with pytest.raises(ValueError, match="stage_keys"):
+        fast.compile_token_rounding_triples_kernels(1000)
+
+
+def test_the_select_stage_is_the_smallest_that_holds_the_row():
+    stages = fast.SELECT_STAGE_KEYS
+    assert [fast._select_stage_keys(T) for T in (1, stages[0], stages[0] + 1, stages[-1], stages[-1] + 1, 70_000)] == [
+        stages[0], stages[0], stages[1], stages[-1], 0, 0]
+    assert stages[-1] * 4 <= 200 * 1024, "a staged row must leave room in the 227 KiB of shared memory of a Hopper CTA"
 
 
 @pytest.mark.compile

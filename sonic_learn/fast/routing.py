@@ -46,8 +46,9 @@ only need the r-th best key (a *threshold*) and the tie rule at it, never a sort
 2. ``BoundarySelectKernel``, one CTA per expert: the rounding rule (``round_counts``'s integer
    math; the stochastic uniforms are drawn by torch exactly as the reference draws them) gives
    delta_e; then a **radix select** over the row finds the |delta_e|-th largest selection key,
-   8 bits per pass (4 passes of a shared-memory histogram over the row, each keeping only the
-   keys that match the digits fixed so far), and a final pass in token order flips ``keep`` for
+   8 bits per pass (up to 4 passes of a shared-memory histogram over the row, each keeping only
+   the keys that match the digits fixed so far; it stops once a digit's bin is taken whole), and
+   a final pass in token order flips ``keep`` for
    every key above the threshold and for the right tokens among those equal to it: the lowest
    tokens for up (a lower token ranks higher in the reference), the highest for down (the
    highest token ranks lowest). Tie ranks come from warp ballots plus per-warp totals; the scan is
@@ -55,8 +56,9 @@ only need the r-th best key (a *threshold*) and the tie rule at it, never a sort
    delta_e = 0 exits at once; the others store at most tile_m - 1 bytes.
 
 Both kernels run from one compiled call (``TokenRoundingKernels``: one host launch, no sync).
-Cost: every pass reads one row of T keys (L2-resident), so the selection is O(T) per expert with
-no sort and no (T, E)-wide temporaries besides the keys and the mask. What stays torch: the
+Cost: every pass reads one row of T keys (L2-resident; in the layer's fused call the row is first
+copied into shared memory when T <= 32 Ki, and the passes read it there), so the selection is
+O(T) per expert with no sort and no (T, E)-wide temporaries besides the keys and the mask. What stays torch: the
 probabilities p and the weights (the reference's formulas, so the compared floats are bit-identical and the
 output stays differentiable: a ``softmax`` and a ``scatter``, in place when autograd is off),
 the stochastic draw (``torch.rand`` on the device, from the given generator),
@@ -449,6 +451,9 @@ SELECT_WARPS = 16
 SELECT_THREADS = 32 * SELECT_WARPS
 SELECT_UNROLL = 16  # keys a thread loads before using them (hides the load latency)
 RADIX_BITS = 8
+# Shared-memory capacities (keys) for staging an expert's key row in the select kernel (4 bytes a key,
+# so 32 Ki keys = 128 KiB): the smallest that holds T; longer rows are read from global memory.
+SELECT_STAGE_KEYS = (8192, 16384, 32768)
 RADIX_BINS = 1 << RADIX_BITS
 ROUNDING_CODES = {"down": 0, "up": 1, "nearest": 2, "stochastic": 3}  # the select kernel's `mode`
 PICK_BIT = -(2**31)  # bit 31 of a key word (as int32): set = a token-choice pick
@@ -570,18 +575,28 @@ class BoundarySelectKernel:
     2. Candidates and selection keys (larger = taken first), from the key row ``keys[e, :]``:
        up (delta_e > 0): the non-picks, key = score bits; down (delta_e < 0): the picks,
        key = 0x7FFFFFFF - score bits (the worst pick is dropped first). Keys are 31-bit, >= 0.
-    3. Radix select of the r = |delta_e|-th largest key: four 8-bit digit passes over the row,
-       each a shared-memory histogram of the keys matching the digits fixed so far (lanes with
-       the same digit add their count with one atomic, found with ``match.any``); warp 0
+    3. Radix select of the r = |delta_e|-th largest key: up to four 8-bit digit passes over the
+       row, each a shared-memory histogram of the keys matching the digits fixed so far (lanes
+       with the same digit add their count with one atomic, found with ``match.any``); warp 0
        finds the bin holding the r-th key. After the passes ``thr`` is that key exactly,
-       ``need`` of the keys equal to it are taken and ``ties`` is how many equal it.
+       ``need`` of the keys equal to it are taken and ``ties`` is how many equal it. A pass whose
+       bin is taken whole (its count is exactly the ``need`` left, the usual case once a few
+       digits are fixed) ends the select early: every key >= the digits fixed so far (lower bits
+       zero) is taken, so ``thr`` = that prefix and ``ties`` = ``need``.
     4. Collect, in token order: every key > thr, and among keys == thr the reference's tie rule:
        the ``need`` lowest tokens (up: a lower token ranks higher) or the ``need`` highest
        (down: the highest token ranks lowest). Ranks among ties come from a block scan
        (warp ballots + per-warp totals); when every tie is taken (ties == need, the usual
        case) the scan is skipped. Each taken token flips ``keep[t, e]`` (up: 0 -> 1, down:
        1 -> 0): at most |delta_e| < tile_m byte stores per expert.
+
+    ``stage_keys`` (compile time; 0 = off, the default): a CTA with delta_e != 0 first copies its
+    row (T <= stage_keys keys) into shared memory with one pass over global memory, and every
+    pass of steps 3 and 4 then reads shared memory instead of the row in global memory (L2).
     """
+
+    def __init__(self, stage_keys: int = 0):
+        self.stage_keys = stage_keys
 
     @cute.jit
     def __call__(self, mKeys: cute.Tensor, mCounts: cute.Tensor, mUniform: cute.Tensor, mKeep: cute.Tensor,
@@ -591,16 +606,16 @@ class BoundarySelectKernel:
         )
 
     @cute.jit
-    def _load_keys(self, mKeys: cute.Tensor, e: Int32, base: Int32, tidx: Int32, up: Int32):
-        """Selection keys of tokens base + u * SELECT_THREADS + tidx (u < SELECT_UNROLL); -1 for a
-        non-candidate or past the end."""
-        T = mKeys.shape[1]
+    def _load_keys(self, row: cute.Tensor, T: Int32, base: Int32, tidx: Int32, up: Int32):
+        """Selection keys of tokens base + u * SELECT_THREADS + tidx (u < SELECT_UNROLL) from the
+        expert's (T,) row of key words (global or staged shared memory); -1 for a non-candidate
+        or past the end."""
         keys = cute.make_rmem_tensor(SELECT_UNROLL, Int32)
         for u in cutlass.range_constexpr(SELECT_UNROLL):
             t = base + u * SELECT_THREADS + tidx
             key = Int32(-1)
             if t < T:
-                word = mKeys[e, t]
+                word = row[t]
                 if up != 0:
                     if word >= 0:  # not a pick
                         key = word
@@ -630,6 +645,9 @@ class BoundarySelectKernel:
         hist = smem.allocate_tensor(Int32, cute.make_layout(RADIX_BINS), byte_alignment=16)
         warp_ties = smem.allocate_tensor(Int32, cute.make_layout(SELECT_WARPS), byte_alignment=16)
         found = smem.allocate_tensor(Int32, cute.make_layout(4), byte_alignment=16)  # digit, above, in bin
+        row = mKeys[e, None]  # (T,) the key words of expert e, in global memory
+        if const_expr(self.stage_keys > 0):
+            staged = smem.allocate_tensor(Int32, cute.make_layout(self.stage_keys), byte_alignment=16)
 
         # 1. The rounding rule (reference _round_counts_rule), in int64 like the reference.
         delta = rounding_delta(mCounts, mUniform, e, mode, tile_m, T)  # |delta| < tile_m
@@ -643,51 +661,68 @@ class BoundarySelectKernel:
             step = SELECT_THREADS * SELECT_UNROLL
             below = cute.arch.lanemask_lt()
 
+            # 2b. (stage_keys) The row into shared memory, once; the passes below read it there.
+            src = row
+            if const_expr(self.stage_keys > 0):
+                for base in cutlass.range(0, T, step):
+                    words = cute.make_rmem_tensor(SELECT_UNROLL, Int32)
+                    for u in cutlass.range_constexpr(SELECT_UNROLL):
+                        t = base + u * SELECT_THREADS + tidx
+                        if t < T:
+                            words[u] = row[t]
+                    for u in cutlass.range_constexpr(SELECT_UNROLL):
+                        t = base + u * SELECT_THREADS + tidx
+                        if t < T:
+                            staged[t] = words[u]
+                cute.arch.sync_threads()
+                src = staged
+
             # 3. Radix select: fix the key of the need-th largest, 8 bits per pass.
             prefix = Int32(0)
             decided = Int32(0)
             ties = Int32(0)
             for p in cutlass.range_constexpr(32 // RADIX_BITS):
-                shift = 32 - RADIX_BITS * (p + 1)
-                if tidx < RADIX_BINS:
-                    hist[tidx] = Int32(0)
-                cute.arch.sync_threads()
-                for base in cutlass.range(0, T, step):
-                    keys = self._load_keys(mKeys, e, base, tidx, up)
-                    for u in cutlass.range_constexpr(SELECT_UNROLL):
-                        key = keys[u]
-                        digit = Int32(-1)  # -1: not counted in this pass
-                        if key >= 0 and (key & decided) == prefix:
-                            digit = (key >> shift) & Int32(RADIX_BINS - 1)
-                        # Scores crowd into few bins (the top digit is mostly the exponent): one
-                        # atomic per distinct digit of the warp, by its lowest lane, adding the
-                        # group's size (match.any), instead of up to 32 colliding atomics.
-                        peers = cute.arch.match_sync(FULL_MASK, digit)
-                        if digit >= 0 and (peers & below) == Uint32(0):
-                            cute.arch.atomic_add((hist.iterator + digit).llvm_ptr, Int32(cute.arch.popc(peers)))
-                cute.arch.sync_threads()
-                if warp == 0:
-                    # lane l owns bins 8l..8l+7; keys in higher bins = higher lanes, then higher bins
-                    per_lane = RADIX_BINS // 32
-                    counts, above = lane_bins_and_keys_above(hist, lane, RADIX_BINS)
-                    for b in cutlass.range_constexpr(per_lane - 1, -1, -1):
-                        if above < need and above + counts[b] >= need:  # exactly one (lane, bin)
-                            found[0] = lane * per_lane + b
-                            found[1] = above
-                            found[2] = counts[b]
-                        above = above + counts[b]
-                cute.arch.sync_threads()
-                prefix = prefix | (found[0] << shift)
-                decided = decided | (Int32(RADIX_BINS - 1) << shift)
-                need = need - found[1]
-                ties = found[2]
-            thr = prefix  # need (>= 1) of the `ties` keys equal to thr are taken
+                if ties != need:  # else the last bin was taken whole: keys >= prefix (uniform over the CTA)
+                    shift = 32 - RADIX_BITS * (p + 1)
+                    if tidx < RADIX_BINS:
+                        hist[tidx] = Int32(0)
+                    cute.arch.sync_threads()
+                    for base in cutlass.range(0, T, step):
+                        keys = self._load_keys(src, T, base, tidx, up)
+                        for u in cutlass.range_constexpr(SELECT_UNROLL):
+                            key = keys[u]
+                            digit = Int32(-1)  # -1: not counted in this pass
+                            if key >= 0 and (key & decided) == prefix:
+                                digit = (key >> shift) & Int32(RADIX_BINS - 1)
+                            # Scores crowd into few bins (the top digit is mostly the exponent): one
+                            # atomic per distinct digit of the warp, by its lowest lane, adding the
+                            # group's size (match.any), instead of up to 32 colliding atomics.
+                            peers = cute.arch.match_sync(FULL_MASK, digit)
+                            if digit >= 0 and (peers & below) == Uint32(0):
+                                cute.arch.atomic_add((hist.iterator + digit).llvm_ptr, Int32(cute.arch.popc(peers)))
+                    cute.arch.sync_threads()
+                    if warp == 0:
+                        # lane l owns bins 8l..8l+7; keys in higher bins = higher lanes, then higher bins
+                        per_lane = RADIX_BINS // 32
+                        counts, above = lane_bins_and_keys_above(hist, lane, RADIX_BINS)
+                        for b in cutlass.range_constexpr(per_lane - 1, -1, -1):
+                            if above < need and above + counts[b] >= need:  # exactly one (lane, bin)
+                                found[0] = lane * per_lane + b
+                                found[1] = above
+                                found[2] = counts[b]
+                            above = above + counts[b]
+                    cute.arch.sync_threads()
+                    prefix = prefix | (found[0] << shift)
+                    decided = decided | (Int32(RADIX_BINS - 1) << shift)
+                    need = need - found[1]
+                    ties = found[2]
+            thr = prefix  # need (>= 1) of the `ties` keys equal to thr are taken (all of them if stopped early)
             keep_value = Uint8(up)  # up adds a pair (0 -> 1), down removes one (1 -> 0)
 
             # 4. Collect in token order.
             if ties == need:  # every key >= thr is taken: no ranks needed
                 for base in cutlass.range(0, T, step):
-                    keys = self._load_keys(mKeys, e, base, tidx, up)
+                    keys = self._load_keys(src, T, base, tidx, up)
                     for u in cutlass.range_constexpr(SELECT_UNROLL):
                         if keys[u] >= thr:
                             mKeep[base + u * SELECT_THREADS + tidx, e] = keep_value
@@ -697,7 +732,7 @@ class BoundarySelectKernel:
                     first = ties - need
                 seen = Int32(0)  # tied keys in earlier sub-blocks
                 for base in cutlass.range(0, T, step):
-                    keys = self._load_keys(mKeys, e, base, tidx, up)
+                    keys = self._load_keys(src, T, base, tidx, up)
                     for u in cutlass.range_constexpr(SELECT_UNROLL):
                         key = keys[u]
                         tied = cute.arch.vote_ballot_sync(key == thr)
@@ -723,11 +758,12 @@ class BoundarySelectKernel:
 
 class TokenRoundingKernels:
     """Both token-rounding kernels behind one compiled call (one host launch, two kernels in order
-    on the stream): ``BoundaryKeysKernel`` then ``BoundarySelectKernel``."""
+    on the stream): ``BoundaryKeysKernel`` then ``BoundarySelectKernel`` (``stage_keys``: its
+    shared-memory row capacity, 0 = none)."""
 
-    def __init__(self):
+    def __init__(self, stage_keys: int = 0):
         self.keys_op = BoundaryKeysKernel()
-        self.select_op = BoundarySelectKernel()
+        self.select_op = BoundarySelectKernel(stage_keys)
 
     @cute.jit
     def __call__(self, mScores: cute.Tensor, mExperts: cute.Tensor, mKeys: cute.Tensor, mKeep: cute.Tensor,
@@ -945,8 +981,8 @@ class TokenRoundingTriplesKernels:
     """``fused_glue=True``: ``TokenRoundingKernels`` then ``PaddedTriplesKernel``, one
     compiled call (one host launch, five kernels in order on the stream)."""
 
-    def __init__(self):
-        self.rounding = TokenRoundingKernels()
+    def __init__(self, stage_keys: int = 0):
+        self.rounding = TokenRoundingKernels(stage_keys)
         self.triples = PaddedTriplesKernel()
 
     @cute.jit
@@ -960,14 +996,18 @@ class TokenRoundingTriplesKernels:
                      mIsPair, mTokenOffsets, mStats, tokens_per_tile, stream)
 
 
-def compile_token_rounding_triples_kernels(*, extra_options: str = ""):
+def compile_token_rounding_triples_kernels(stage_keys: int = 0, *, extra_options: str = ""):
     """Compile ``TokenRoundingTriplesKernels`` (``fused_glue=True``) for sm_90a from fake
-    tensors; not cached. All of T, E, K, the tile count and the bound are symbolic. Returns the
+    tensors; not cached. ``stage_keys``: 0, or one of ``SELECT_STAGE_KEYS``, the select kernel's
+    shared-memory row capacity (then only T <= stage_keys may be launched). All of T, E, K, the
+    tile count and the bound are symbolic. Returns the
     TVM-FFI callable ``f(scores_bits, experts, keys, keep, counts, uniform, mode, tile_m, tile_pairs,
     tile_empty, token_idx, expert_idx, pair_index, is_pair, token_offsets, stats, tokens_per_tile)``:
     the arguments of ``compile_token_rounding_kernels``, then (tiles,) int32 scratch twice, (bound,)
     int32 token_idx, expert_idx, pair_index, (bound,) uint8 is_pair, (T+1,) int32 token_offsets and
     (4,) int64 stats."""
+    if stage_keys != 0 and stage_keys not in SELECT_STAGE_KEYS:
+        raise ValueError(f"stage_keys must be 0 or one of {SELECT_STAGE_KEYS}, got {stage_keys}")
     T, E, K, U = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
 
     def mat(dtype, rows, cols, align):
@@ -978,7 +1018,7 @@ def compile_token_rounding_triples_kernels(*, extra_options: str = ""):
 
     tiles, bound = cute.sym_int(), cute.sym_int()
     return cute.compile(
-        TokenRoundingTriplesKernels(), mat(Int32, T, E, 4), mat(Int32, T, K, 4), mat(Int32, E, T, 4),
+        TokenRoundingTriplesKernels(stage_keys), mat(Int32, T, E, 4), mat(Int32, T, K, 4), mat(Int32, E, T, 4),
         mat(Uint8, T, E, KEEP_WORD), vec(Int32, E), vec(Float64, U, 8), Int32(0), Int64(1), vec(Int32, tiles),
         vec(Int32, tiles), vec(Int32, bound), vec(Int32, bound), vec(Int32, bound), vec(Uint8, bound, 1),
         vec(Int32, cute.sym_int()), vec(Int64, cute.sym_int(), 8), Int32(1),
@@ -1027,6 +1067,12 @@ def _launch_boundary_kernels(scores: torch.Tensor, experts: torch.Tensor, counts
     return keep
 
 
+def _select_stage_keys(num_tokens: int) -> int:
+    """The select kernel's shared-memory row capacity for T tokens: the smallest of
+    ``SELECT_STAGE_KEYS`` that holds the row, else 0 (the passes read global memory)."""
+    return next((keys for keys in SELECT_STAGE_KEYS if num_tokens <= keys), 0)
+
+
 def _token_tiling(num_tokens: int) -> tuple[int, int]:
     """(tokens_per_tile, num_tiles) of the triples kernels: ~TARGET_TILES warps, one token at least."""
     tokens_per_tile = max(1, -(-num_tokens // TARGET_TILES))
@@ -1052,9 +1098,10 @@ def _launch_token_rounding_triples(scores: torch.Tensor, experts: torch.Tensor, 
     counts4 = torch.empty(4, dtype=torch.int64, device=device)
     if uniform is None:
         uniform = _no_uniform(device)
-    launch(compiled(compile_token_rounding_triples_kernels), device, scores.view(i32), experts, keys, keep, counts,
-           uniform, ROUNDING_CODES[mode], tile_m, tile_pairs, tile_empty, token_idx, expert_idx, pair_index, is_pair,
-           token_offsets, counts4, tokens_per_tile)  # five kernels in order on the current stream
+    kernels = compiled(compile_token_rounding_triples_kernels, _select_stage_keys(T))  # the select's row in smem
+    launch(kernels, device, scores.view(i32), experts, keys, keep, counts, uniform, ROUNDING_CODES[mode], tile_m,
+           tile_pairs, tile_empty, token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4,
+           tokens_per_tile)  # five kernels in order on the current stream
     return token_idx, expert_idx, pair_index, is_pair.view(torch.bool), token_offsets, counts4
 
 
