@@ -65,8 +65,9 @@ def test_token_rounding_triples_kernels_compile_for_sm90a(tmp_path):
 
 @pytest.mark.compile
 def test_the_select_kernel_with_a_staged_row_reads_shared_memory(tmp_path):
-    """``stage_keys``: the select kernel copies its key row into shared memory once (one global
-    load per key of a sub-block), then every radix pass and the collect read shared memory."""
+    """``stage_keys``: the select kernel copies its row's selection keys into shared memory once
+    (one global load per key of a sub-block, counting the first radix pass on the way), then the
+    other radix passes and the collect read shared memory."""
     def select_body(stage_keys):
         (tmp_path / str(stage_keys)).mkdir()
         ptx = fast.compile_token_rounding_triples_kernels(
@@ -78,11 +79,11 @@ def test_the_select_kernel_with_a_staged_row_reads_shared_memory(tmp_path):
         return next(body for entry, body in bodies.items() if "BoundarySelectKernel" in entry)
 
     plain, staged = select_body(0), select_body(max(fast.SELECT_STAGE_KEYS))
-    key_reads = (32 // fast.RADIX_BITS + 2) * fast.SELECT_UNROLL  # four radix passes and two collect loops
+    row_reads = (32 // fast.RADIX_BITS + 2) * fast.SELECT_UNROLL  # key loads of four radix passes and two collects
     global_loads = [len(re.findall(r"ld\.global", body)) for body in (plain, staged)]
     shared_loads = [body.count("ld.shared") for body in (plain, staged)]
-    assert global_loads[0] - global_loads[1] == key_reads - fast.SELECT_UNROLL, global_loads  # one staging pass left
-    assert shared_loads[1] - shared_loads[0] == key_reads, shared_loads
+    assert global_loads[0] - global_loads[1] == row_reads - fast.SELECT_UNROLL, global_loads  # the staging pass left
+    assert shared_loads[1] - shared_loads[0] == row_reads - fast.SELECT_UNROLL, shared_loads  # pass 0 while staging
     with pytest.raises(ValueError, match="stage_keys"):
         fast.compile_token_rounding_triples_kernels(1000)
 

@@ -591,8 +591,9 @@ class BoundarySelectKernel:
        1 -> 0): at most |delta_e| < tile_m byte stores per expert.
 
     ``stage_keys`` (compile time; 0 = off, the default): a CTA with delta_e != 0 first copies its
-    row (T <= stage_keys keys) into shared memory with one pass over global memory, and every
-    pass of steps 3 and 4 then reads shared memory instead of the row in global memory (L2).
+    row's selection keys (T <= stage_keys) into shared memory with one pass over global memory
+    that also builds the first radix histogram; every later pass of steps 3 and 4 reads shared
+    memory instead of the row in global memory (L2).
     """
 
     def __init__(self, stage_keys: int = 0):
@@ -606,24 +607,45 @@ class BoundarySelectKernel:
         )
 
     @cute.jit
-    def _load_keys(self, row: cute.Tensor, T: Int32, base: Int32, tidx: Int32, up: Int32):
-        """Selection keys of tokens base + u * SELECT_THREADS + tidx (u < SELECT_UNROLL) from the
-        expert's (T,) row of key words (global or staged shared memory); -1 for a non-candidate
-        or past the end."""
+    def _load_keys(self, row: cute.Tensor, T: Int32, base: Int32, tidx: Int32, up: Int32,
+                   from_words: cutlass.Constexpr[bool]):
+        """Selection keys of tokens base + u * SELECT_THREADS + tidx (u < SELECT_UNROLL); -1 for a
+        non-candidate or past the end. ``row``: the expert's (T,) key words in global memory
+        (``from_words``), or its selection keys staged in shared memory."""
         keys = cute.make_rmem_tensor(SELECT_UNROLL, Int32)
         for u in cutlass.range_constexpr(SELECT_UNROLL):
             t = base + u * SELECT_THREADS + tidx
             key = Int32(-1)
             if t < T:
-                word = row[t]
-                if up != 0:
-                    if word >= 0:  # not a pick
-                        key = word
+                if const_expr(from_words):
+                    word = row[t]
+                    if up != 0:
+                        if word >= 0:  # not a pick
+                            key = word
+                    else:
+                        if word < 0:  # a pick: invert its score so the worst ranks first
+                            key = Int32(0x7FFFFFFF) - (word & Int32(0x7FFFFFFF))
                 else:
-                    if word < 0:  # a pick: invert its score so the worst ranks first
-                        key = Int32(0x7FFFFFFF) - (word & Int32(0x7FFFFFFF))
+                    key = row[t]
             keys[u] = key
         return keys
+
+    @cute.jit
+    def _count_digits(self, hist: cute.Tensor, keys: cute.Tensor, shift: cutlass.Constexpr[int], decided: Int32,
+                      prefix: Int32, below):
+        """One radix pass over a thread's loaded keys: the keys matching the digits fixed so far
+        (``key & decided == prefix``) add 1 to ``hist`` at their digit ``(key >> shift) & 255``."""
+        for u in cutlass.range_constexpr(SELECT_UNROLL):
+            key = keys[u]
+            digit = Int32(-1)  # -1: not counted in this pass
+            if key >= 0 and (key & decided) == prefix:
+                digit = (key >> shift) & Int32(RADIX_BINS - 1)
+            # Scores crowd into few bins (the top digit is mostly the exponent): one atomic per
+            # distinct digit of the warp, by its lowest lane, adding the group's size (match.any),
+            # instead of up to 32 colliding atomics.
+            peers = cute.arch.match_sync(FULL_MASK, digit)
+            if digit >= 0 and (peers & below) == Uint32(0):
+                cute.arch.atomic_add((hist.iterator + digit).llvm_ptr, Int32(cute.arch.popc(peers)))
 
     @cute.kernel
     def kernel(
@@ -661,20 +683,22 @@ class BoundarySelectKernel:
             step = SELECT_THREADS * SELECT_UNROLL
             below = cute.arch.lanemask_lt()
 
-            # 2b. (stage_keys) The row into shared memory, once; the passes below read it there.
+            # 2. (stage_keys) The row's selection keys into shared memory, with one read of the
+            # row in global memory that also counts the first radix pass; the passes below and
+            # the collect read shared memory.
             src = row
+            from_words = const_expr(self.stage_keys == 0)
             if const_expr(self.stage_keys > 0):
-                for base in cutlass.range(0, T, step):
-                    words = cute.make_rmem_tensor(SELECT_UNROLL, Int32)
-                    for u in cutlass.range_constexpr(SELECT_UNROLL):
-                        t = base + u * SELECT_THREADS + tidx
-                        if t < T:
-                            words[u] = row[t]
-                    for u in cutlass.range_constexpr(SELECT_UNROLL):
-                        t = base + u * SELECT_THREADS + tidx
-                        if t < T:
-                            staged[t] = words[u]
+                if tidx < RADIX_BINS:
+                    hist[tidx] = Int32(0)
                 cute.arch.sync_threads()
+                for base in cutlass.range(0, T, step):
+                    keys = self._load_keys(row, T, base, tidx, up, True)
+                    for u in cutlass.range_constexpr(SELECT_UNROLL):
+                        t = base + u * SELECT_THREADS + tidx
+                        if t < T:
+                            staged[t] = keys[u]
+                    self._count_digits(hist, keys, 32 - RADIX_BITS, Int32(0), Int32(0), below)  # pass 0
                 src = staged
 
             # 3. Radix select: fix the key of the need-th largest, 8 bits per pass.
@@ -684,22 +708,13 @@ class BoundarySelectKernel:
             for p in cutlass.range_constexpr(32 // RADIX_BITS):
                 if ties != need:  # else the last bin was taken whole: keys >= prefix (uniform over the CTA)
                     shift = 32 - RADIX_BITS * (p + 1)
-                    if tidx < RADIX_BINS:
-                        hist[tidx] = Int32(0)
-                    cute.arch.sync_threads()
-                    for base in cutlass.range(0, T, step):
-                        keys = self._load_keys(src, T, base, tidx, up)
-                        for u in cutlass.range_constexpr(SELECT_UNROLL):
-                            key = keys[u]
-                            digit = Int32(-1)  # -1: not counted in this pass
-                            if key >= 0 and (key & decided) == prefix:
-                                digit = (key >> shift) & Int32(RADIX_BINS - 1)
-                            # Scores crowd into few bins (the top digit is mostly the exponent): one
-                            # atomic per distinct digit of the warp, by its lowest lane, adding the
-                            # group's size (match.any), instead of up to 32 colliding atomics.
-                            peers = cute.arch.match_sync(FULL_MASK, digit)
-                            if digit >= 0 and (peers & below) == Uint32(0):
-                                cute.arch.atomic_add((hist.iterator + digit).llvm_ptr, Int32(cute.arch.popc(peers)))
+                    if const_expr(p > 0 or self.stage_keys == 0):  # (staged: pass 0 counted while staging)
+                        if tidx < RADIX_BINS:
+                            hist[tidx] = Int32(0)
+                        cute.arch.sync_threads()
+                        for base in cutlass.range(0, T, step):
+                            keys = self._load_keys(src, T, base, tidx, up, from_words)
+                            self._count_digits(hist, keys, shift, decided, prefix, below)
                     cute.arch.sync_threads()
                     if warp == 0:
                         # lane l owns bins 8l..8l+7; keys in higher bins = higher lanes, then higher bins
@@ -722,7 +737,7 @@ class BoundarySelectKernel:
             # 4. Collect in token order.
             if ties == need:  # every key >= thr is taken: no ranks needed
                 for base in cutlass.range(0, T, step):
-                    keys = self._load_keys(src, T, base, tidx, up)
+                    keys = self._load_keys(src, T, base, tidx, up, from_words)
                     for u in cutlass.range_constexpr(SELECT_UNROLL):
                         if keys[u] >= thr:
                             mKeep[base + u * SELECT_THREADS + tidx, e] = keep_value
@@ -732,7 +747,7 @@ class BoundarySelectKernel:
                     first = ties - need
                 seen = Int32(0)  # tied keys in earlier sub-blocks
                 for base in cutlass.range(0, T, step):
-                    keys = self._load_keys(src, T, base, tidx, up)
+                    keys = self._load_keys(src, T, base, tidx, up, from_words)
                     for u in cutlass.range_constexpr(SELECT_UNROLL):
                         key = keys[u]
                         tied = cute.arch.vote_ballot_sync(key == thr)
