@@ -293,11 +293,11 @@ def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int, layer_only: b
         t = time_fwd_and_fwd_bwd(lambda routing=routing: fast_moe.moe_forward(*leaves, K, routing=routing,
                                                                              tile_m=TILE_M), leaves, gout, reps)
         times["layer"][f"{routing}_fwd"], times["layer"][f"{routing}_fwd_bwd"] = t["fwd"], t["fwd_bwd"]
-        if routing == "token_rounding":  # the opt-in router glue inside the CuTe kernels, same layer
+        if routing == "token_rounding":  # the same layer with the router glue as torch ops (fused_glue=False)
             t = time_fwd_and_fwd_bwd(lambda: fast_moe.moe_forward(*leaves, K, routing=routing, tile_m=TILE_M,
-                                                                  fused_glue=True), leaves, gout, reps)
-            times["layer"]["token_rounding_fused_glue_fwd"] = t["fwd"]
-            times["layer"]["token_rounding_fused_glue_fwd_bwd"] = t["fwd_bwd"]
+                                                                  fused_glue=False), leaves, gout, reps)
+            times["layer"]["token_rounding_torch_glue_fwd"] = t["fwd"]
+            times["layer"]["token_rounding_torch_glue_fwd_bwd"] = t["fwd_bwd"]
         if layer_only:
             continue
         # Experts alone on the precomputed routing: scores become a leaf (its dS is computed too).
@@ -350,12 +350,12 @@ def _speedups(row: dict, times: dict, cost: dict, n: int, d: int) -> dict:
         for key in ("fwd", "fwd_bwd"):
             speedup[part][f"{key}_time"] = tt[f"topk_{key}"]["median_ms"] / tt[f"token_rounding_{key}"]["median_ms"]
             speedup[part][f"{key}_tflops"] = tflops[part][f"token_rounding_{key}"] / tflops[part][f"topk_{key}"]
-            fused = tt.get(f"token_rounding_fused_glue_{key}")  # the layer with fused_glue=True (same P)
-            if fused is not None:
+            other = tt.get(f"token_rounding_torch_glue_{key}")  # the layer with fused_glue=False (same P)
+            if other is not None:
                 P = cost["token_rounding"]["pairs"]
                 flops = (6 if key == "fwd" else 18) * P * n * d
-                tflops[part][f"token_rounding_fused_glue_{key}"] = flops / (fused["median_ms"] * 1e-3) / 1e12
-                speedup[part][f"{key}_time_fused_glue"] = tt[f"topk_{key}"]["median_ms"] / fused["median_ms"]
+                tflops[part][f"token_rounding_torch_glue_{key}"] = flops / (other["median_ms"] * 1e-3) / 1e12
+                speedup[part][f"{key}_time_torch_glue"] = tt[f"topk_{key}"]["median_ms"] / other["median_ms"]
     row["tflops"] = tflops
     row["speedup_token_rounding_over_topk"] = speedup
     for part in times:
@@ -398,14 +398,14 @@ def router_fraction(reps: int) -> dict:
     def fast_tr_route():
         return fast_moe.route(x, router_w, K, routing="token_rounding", tile_m=TILE_M)
 
-    def fast_tr_route_fused():  # the opt-in: triples, counts and metadata padding inside the CuTe calls
-        return fast_moe.route(x, router_w, K, routing="token_rounding", tile_m=TILE_M, fused_glue=True)
+    def fast_tr_route_torch_glue():  # the glue between the CuTe calls as torch ops
+        return fast_moe.route(x, router_w, K, routing="token_rounding", tile_m=TILE_M, fused_glue=False)
 
     assert same_metadata(fast_route().meta, ref_route()), "fast top-k routing metadata != reference"
-    default, fused = fast_tr_route(), fast_tr_route_fused()
+    default, other = fast_tr_route(), fast_tr_route_torch_glue()
     for field in ("expert_counts", "expert_offsets", "gather_idx", "pair_of_row", "row_of_pair"):
-        assert torch.equal(getattr(default.meta, field), getattr(fused.meta, field)), f"fused_glue: {field} differs"
-    assert torch.equal(default.scores, fused.scores) and torch.equal(default.token_offsets, fused.token_offsets), \
+        assert torch.equal(getattr(default.meta, field), getattr(other.meta, field)), f"fused_glue: {field} differs"
+    assert torch.equal(default.scores, other.scores) and torch.equal(default.token_offsets, other.token_offsets), \
         "fused_glue: scores or token offsets differ"
     fwd_t = bench.measure(fwd, device="cuda", warmup=3, reps=reps).as_dict()
     fwd_kernel_us = kernel_us(fwd)
@@ -413,7 +413,7 @@ def router_fraction(reps: int) -> dict:
         "fast_route_topk (router GEMM + top-k + metadata)": (fast_route, reps),
         "fast_topk_plus_metadata (from logits)": (fast_topk_meta, reps),
         "fast_route_token_rounding (router GEMM + token rounding + metadata)": (fast_tr_route, reps),
-        "fast_route_token_rounding_fused_glue (the same, fused_glue=True)": (fast_tr_route_fused, reps),
+        "fast_route_token_rounding_torch_glue (the same, fused_glue=False)": (fast_tr_route_torch_glue, reps),
         "reference_route_topk (router GEMM + top-k + metadata)": (ref_route, max(3, reps // 3)),
         "reference_topk_plus_metadata (from logits)": (ref_topk_meta, max(3, reps // 3)),
     }
