@@ -63,7 +63,7 @@ from sonic_learn.reference import routing as ref_routing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moe import make_inputs  # noqa: E402  (same folder)
-from routing import kernel_us, same_metadata  # noqa: E402  (same folder)
+from routing import kernel_breakdown, kernel_us, same_metadata  # noqa: E402  (same folder)
 
 TILE_M = 128  # token-rounding tile = the fast GEMM's M tile
 VARLEN_K_TILE = 64  # the fast varlen-K GEMM walks each expert's tokens in chunks of tile_k = 64
@@ -244,7 +244,8 @@ def routings_of(x, router_w, K: int) -> tuple[dict, dict]:
     return routes, agree
 
 
-def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int, layer_only: bool = False) -> dict:
+def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int, layer_only: bool = False,
+                breakdown: bool = False) -> dict:
     from sonic_learn.fast import moe as fast_moe
 
     name = f"T{T}_d{d}_n{n}_E{E}_K{K}"
@@ -298,6 +299,16 @@ def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int, layer_only: b
                                                                   fused_glue=False), leaves, gout, reps)
             times["layer"]["token_rounding_torch_glue_fwd"] = t["fwd"]
             times["layer"]["token_rounding_torch_glue_fwd_bwd"] = t["fwd_bwd"]
+        if breakdown:  # where the layer's fwd+bwd device time goes, kernel by kernel (torch profiler)
+            glues = {"": True, "_torch_glue": False} if routing == "token_rounding" else {"": True}
+            for suffix, fused_glue in glues.items():
+                def fwd_bwd(routing=routing, fused_glue=fused_glue):
+                    for leaf in leaves:
+                        leaf.grad = None
+                    fast_moe.moe_forward(*leaves, K, routing=routing, tile_m=TILE_M, fused_glue=fused_glue).backward(gout)
+                row.setdefault("layer_fwd_bwd_kernels", {})[routing + suffix] = kernel_breakdown(fwd_bwd, calls=5, top=24)
+            for leaf in leaves:
+                leaf.grad = None
         if layer_only:
             continue
         # Experts alone on the precomputed routing: scores become a leaf (its dS is computed too).
@@ -426,6 +437,8 @@ def router_fraction(reps: int) -> dict:
                       "gpu_kernel_us": kern, "fraction_of_fwd_wall_by_wall": wall["median_ms"] / fwd_ms,
                       "fraction_of_fwd_wall_by_kernel_time": kern * 1e-3 / fwd_ms,
                       "fraction_of_fwd_kernel_time_by_kernel_time": kern / fwd_kernel_us}
+        if name.startswith("fast_route"):  # the router steps kernel by kernel (where the time goes)
+            rows[name]["kernels"] = kernel_breakdown(fn, top=24)
         print(f"  {name:70s} wall {wall['median_ms'] * 1e3:8.1f} us, kernels {kern:8.1f} us, "
               f"of the forward's wall time: {rows[name]['fraction_of_fwd_wall_by_kernel_time']:.2%} (kernel time) / "
               f"{rows[name]['fraction_of_fwd_wall_by_wall']:.2%} (wall time)", flush=True)
@@ -459,6 +472,8 @@ def main(argv=None) -> int:
     p.add_argument("--big-reps", type=int, default=12, help="reps for the d = 4096 shapes")
     p.add_argument("--shapes", default="all", help="'all' or comma-separated indices into SHAPES")
     p.add_argument("--no-router-fraction", action="store_true")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also record each shape's layer fwd+bwd kernel by kernel (torch profiler), per routing and glue")
     p.add_argument("--layer-only", action="store_true",
                    help="time only the whole layer per shape (skip the experts-alone and per-GEMM timings)")
     args = p.parse_args(argv)
@@ -473,7 +488,7 @@ def main(argv=None) -> int:
         "benchmark": "token_rounding", "issue": 8, "environment": env,
         "settings": {"tile_m": TILE_M, "varlen_k_tile": VARLEN_K_TILE, "rounding_mode": "nearest",
                      "backward": "reduced_memory", "dtype": "bfloat16", "reps": args.reps, "big_reps": args.big_reps,
-                     "layer_only": args.layer_only},
+                     "layer_only": args.layer_only, "breakdown": args.breakdown},
         "small_shape_check": small,
         "paper_h100": PAPER,
         "targets": {"router_fraction_of_7b_fwd_max": 0.05, "fwd_bwd_speedup_on_sparsest_min": 1.05},
@@ -488,7 +503,7 @@ def main(argv=None) -> int:
     for i in picks:
         T, d, n, E, K = SHAPES[i]
         record["shapes"].append(bench_shape(T, d, n, E, K, args.reps if d == 1536 else args.big_reps,
-                                            layer_only=args.layer_only))
+                                            layer_only=args.layer_only, breakdown=args.breakdown))
         bench.write_record(record, args.out, "token_rounding")  # partial results survive a time limit
         torch.cuda.empty_cache()
     if not args.no_router_fraction:
