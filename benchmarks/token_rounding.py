@@ -63,7 +63,7 @@ from sonic_learn.reference import routing as ref_routing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moe import make_inputs  # noqa: E402  (same folder)
-from routing import kernel_us, same_metadata  # noqa: E402  (same folder)
+from routing import kernel_breakdown, kernel_us, same_metadata  # noqa: E402  (same folder)
 
 TILE_M = 128  # token-rounding tile = the fast GEMM's M tile
 VARLEN_K_TILE = 64  # the fast varlen-K GEMM walks each expert's tokens in chunks of tile_k = 64
@@ -244,7 +244,8 @@ def routings_of(x, router_w, K: int) -> tuple[dict, dict]:
     return routes, agree
 
 
-def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int, layer_only: bool = False) -> dict:
+def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int, layer_only: bool = False,
+                breakdown: bool = False) -> dict:
     from sonic_learn.fast import moe as fast_moe
 
     name = f"T{T}_d{d}_n{n}_E{E}_K{K}"
@@ -293,11 +294,21 @@ def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int, layer_only: b
         t = time_fwd_and_fwd_bwd(lambda routing=routing: fast_moe.moe_forward(*leaves, K, routing=routing,
                                                                              tile_m=TILE_M), leaves, gout, reps)
         times["layer"][f"{routing}_fwd"], times["layer"][f"{routing}_fwd_bwd"] = t["fwd"], t["fwd_bwd"]
-        if routing == "token_rounding":  # the opt-in router glue inside the CuTe kernels, same layer
+        if routing == "token_rounding":  # the same layer with the router glue as torch ops (fused_glue=False)
             t = time_fwd_and_fwd_bwd(lambda: fast_moe.moe_forward(*leaves, K, routing=routing, tile_m=TILE_M,
-                                                                  fused_glue=True), leaves, gout, reps)
-            times["layer"]["token_rounding_fused_glue_fwd"] = t["fwd"]
-            times["layer"]["token_rounding_fused_glue_fwd_bwd"] = t["fwd_bwd"]
+                                                                  fused_glue=False), leaves, gout, reps)
+            times["layer"]["token_rounding_torch_glue_fwd"] = t["fwd"]
+            times["layer"]["token_rounding_torch_glue_fwd_bwd"] = t["fwd_bwd"]
+        if breakdown:  # where the layer's fwd+bwd device time goes, kernel by kernel (torch profiler)
+            glues = {"": True, "_torch_glue": False} if routing == "token_rounding" else {"": True}
+            for suffix, fused_glue in glues.items():
+                def fwd_bwd(routing=routing, fused_glue=fused_glue):
+                    for leaf in leaves:
+                        leaf.grad = None
+                    fast_moe.moe_forward(*leaves, K, routing=routing, tile_m=TILE_M, fused_glue=fused_glue).backward(gout)
+                row.setdefault("layer_fwd_bwd_kernels", {})[routing + suffix] = kernel_breakdown(fwd_bwd, calls=5, top=24)
+            for leaf in leaves:
+                leaf.grad = None
         if layer_only:
             continue
         # Experts alone on the precomputed routing: scores become a leaf (its dS is computed too).
@@ -350,12 +361,12 @@ def _speedups(row: dict, times: dict, cost: dict, n: int, d: int) -> dict:
         for key in ("fwd", "fwd_bwd"):
             speedup[part][f"{key}_time"] = tt[f"topk_{key}"]["median_ms"] / tt[f"token_rounding_{key}"]["median_ms"]
             speedup[part][f"{key}_tflops"] = tflops[part][f"token_rounding_{key}"] / tflops[part][f"topk_{key}"]
-            fused = tt.get(f"token_rounding_fused_glue_{key}")  # the layer with fused_glue=True (same P)
-            if fused is not None:
+            other = tt.get(f"token_rounding_torch_glue_{key}")  # the layer with fused_glue=False (same P)
+            if other is not None:
                 P = cost["token_rounding"]["pairs"]
                 flops = (6 if key == "fwd" else 18) * P * n * d
-                tflops[part][f"token_rounding_fused_glue_{key}"] = flops / (fused["median_ms"] * 1e-3) / 1e12
-                speedup[part][f"{key}_time_fused_glue"] = tt[f"topk_{key}"]["median_ms"] / fused["median_ms"]
+                tflops[part][f"token_rounding_torch_glue_{key}"] = flops / (other["median_ms"] * 1e-3) / 1e12
+                speedup[part][f"{key}_time_torch_glue"] = tt[f"topk_{key}"]["median_ms"] / other["median_ms"]
     row["tflops"] = tflops
     row["speedup_token_rounding_over_topk"] = speedup
     for part in times:
@@ -398,14 +409,14 @@ def router_fraction(reps: int) -> dict:
     def fast_tr_route():
         return fast_moe.route(x, router_w, K, routing="token_rounding", tile_m=TILE_M)
 
-    def fast_tr_route_fused():  # the opt-in: triples, counts and metadata padding inside the CuTe calls
-        return fast_moe.route(x, router_w, K, routing="token_rounding", tile_m=TILE_M, fused_glue=True)
+    def fast_tr_route_torch_glue():  # the glue between the CuTe calls as torch ops
+        return fast_moe.route(x, router_w, K, routing="token_rounding", tile_m=TILE_M, fused_glue=False)
 
     assert same_metadata(fast_route().meta, ref_route()), "fast top-k routing metadata != reference"
-    default, fused = fast_tr_route(), fast_tr_route_fused()
+    default, other = fast_tr_route(), fast_tr_route_torch_glue()
     for field in ("expert_counts", "expert_offsets", "gather_idx", "pair_of_row", "row_of_pair"):
-        assert torch.equal(getattr(default.meta, field), getattr(fused.meta, field)), f"fused_glue: {field} differs"
-    assert torch.equal(default.scores, fused.scores) and torch.equal(default.token_offsets, fused.token_offsets), \
+        assert torch.equal(getattr(default.meta, field), getattr(other.meta, field)), f"fused_glue: {field} differs"
+    assert torch.equal(default.scores, other.scores) and torch.equal(default.token_offsets, other.token_offsets), \
         "fused_glue: scores or token offsets differ"
     fwd_t = bench.measure(fwd, device="cuda", warmup=3, reps=reps).as_dict()
     fwd_kernel_us = kernel_us(fwd)
@@ -413,7 +424,7 @@ def router_fraction(reps: int) -> dict:
         "fast_route_topk (router GEMM + top-k + metadata)": (fast_route, reps),
         "fast_topk_plus_metadata (from logits)": (fast_topk_meta, reps),
         "fast_route_token_rounding (router GEMM + token rounding + metadata)": (fast_tr_route, reps),
-        "fast_route_token_rounding_fused_glue (the same, fused_glue=True)": (fast_tr_route_fused, reps),
+        "fast_route_token_rounding_torch_glue (the same, fused_glue=False)": (fast_tr_route_torch_glue, reps),
         "reference_route_topk (router GEMM + top-k + metadata)": (ref_route, max(3, reps // 3)),
         "reference_topk_plus_metadata (from logits)": (ref_topk_meta, max(3, reps // 3)),
     }
@@ -426,6 +437,8 @@ def router_fraction(reps: int) -> dict:
                       "gpu_kernel_us": kern, "fraction_of_fwd_wall_by_wall": wall["median_ms"] / fwd_ms,
                       "fraction_of_fwd_wall_by_kernel_time": kern * 1e-3 / fwd_ms,
                       "fraction_of_fwd_kernel_time_by_kernel_time": kern / fwd_kernel_us}
+        if name.startswith("fast_route"):  # the router steps kernel by kernel (where the time goes)
+            rows[name]["kernels"] = kernel_breakdown(fn, top=24)
         print(f"  {name:70s} wall {wall['median_ms'] * 1e3:8.1f} us, kernels {kern:8.1f} us, "
               f"of the forward's wall time: {rows[name]['fraction_of_fwd_wall_by_kernel_time']:.2%} (kernel time) / "
               f"{rows[name]['fraction_of_fwd_wall_by_wall']:.2%} (wall time)", flush=True)
@@ -459,6 +472,8 @@ def main(argv=None) -> int:
     p.add_argument("--big-reps", type=int, default=12, help="reps for the d = 4096 shapes")
     p.add_argument("--shapes", default="all", help="'all' or comma-separated indices into SHAPES")
     p.add_argument("--no-router-fraction", action="store_true")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also record each shape's layer fwd+bwd kernel by kernel (torch profiler), per routing and glue")
     p.add_argument("--layer-only", action="store_true",
                    help="time only the whole layer per shape (skip the experts-alone and per-GEMM timings)")
     args = p.parse_args(argv)
@@ -473,7 +488,7 @@ def main(argv=None) -> int:
         "benchmark": "token_rounding", "issue": 8, "environment": env,
         "settings": {"tile_m": TILE_M, "varlen_k_tile": VARLEN_K_TILE, "rounding_mode": "nearest",
                      "backward": "reduced_memory", "dtype": "bfloat16", "reps": args.reps, "big_reps": args.big_reps,
-                     "layer_only": args.layer_only},
+                     "layer_only": args.layer_only, "breakdown": args.breakdown},
         "small_shape_check": small,
         "paper_h100": PAPER,
         "targets": {"router_fraction_of_7b_fwd_max": 0.05, "fwd_bwd_speedup_on_sparsest_min": 1.05},
@@ -488,7 +503,7 @@ def main(argv=None) -> int:
     for i in picks:
         T, d, n, E, K = SHAPES[i]
         record["shapes"].append(bench_shape(T, d, n, E, K, args.reps if d == 1536 else args.big_reps,
-                                            layer_only=args.layer_only))
+                                            layer_only=args.layer_only, breakdown=args.breakdown))
         bench.write_record(record, args.out, "token_rounding")  # partial results survive a time limit
         torch.cuda.empty_cache()
     if not args.no_router_fraction:

@@ -346,6 +346,12 @@ def token_rounding_rows(r: Result) -> list[dict]:
             continue
         sp = s["speedup_token_rounding_over_topk"]
         cm = s.get("cost_model", {}).get("topk", {})
+        # The same layer with the router glue the other way, when the file timed it: the torch glue
+        # (fused_glue=False; files where the fused glue is the default), or the fused glue (older
+        # files, where it was the opt-in and the torch glue the default).
+        other = next(((label, sp["layer"][f"fwd_bwd_time_{suffix}"]) for suffix, label in
+                      (("torch_glue", "torch glue"), ("fused_glue", "fused glue"))
+                      if f"fwd_bwd_time_{suffix}" in sp.get("layer", {})), (None, None))
         rows.append({"shape": _shape(s), "E": s["E"], "ran": True,
                      "tokens_per_expert_per_tile": s["T"] * s["K"] / s["E"] / s.get("tile_m", 128),
                      "padded_fraction_topk": cm.get("fwd_bwd_padded_flop_fraction"),
@@ -353,6 +359,7 @@ def token_rounding_rows(r: Result) -> list[dict]:
                      "layer_fwd": sp["layer"]["fwd_time"], "layer_fwd_bwd": sp["layer"]["fwd_bwd_time"],
                      "experts_fwd_tflops": sp["experts_only"].get("fwd_tflops"),
                      "experts_fwd_bwd_tflops": sp["experts_only"].get("fwd_bwd_tflops"),
+                     "layer_fwd_bwd_other_glue": other[1], "other_glue": other[0],
                      "key": (s["T"], s["d"], s["n"], s["E"], s["K"])})
     return rows
 
@@ -367,6 +374,9 @@ def token_rounding_section(results: list[Result]) -> list[str]:
                   "experts only, fwd + bwd": [x["experts_fwd_bwd"] for x in ran],
                   "whole layer, forward": [x["layer_fwd"] for x in ran],
                   "whole layer, fwd + bwd": [x["layer_fwd_bwd"] for x in ran]}
+        glue = {x["other_glue"] for x in ran} - {None}
+        if len(glue) == 1 and all(x["layer_fwd_bwd_other_glue"] is not None for x in ran):
+            series[f"whole layer, fwd + bwd, {glue.pop()}"] = [x["layer_fwd_bwd_other_glue"] for x in ran]
         out += _figure(_bars(groups, series, ylabel="speed-up of token rounding over top-k", hline=1.0, fmt="{:.2f}",
                              title=f"Token rounding vs top-k routing (tile_m = 128), bf16 — {r.label}"),
                        f"token_rounding_{r.path.stem}.png", f"token rounding speed-up over top-k, {r.label}")
@@ -379,15 +389,20 @@ def token_rounding_section(results: list[Result]) -> list[str]:
 
 def token_rounding_table(r: Result) -> str:
     """The speed-ups of token rounding over top-k of one file, as a Markdown table."""
-    lines = ["| Shape | tokens per expert / tile | top-k FLOPs on padding | experts fwd | experts fwd+bwd | layer fwd | layer fwd+bwd |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for x in token_rounding_rows(r):
+    rows = token_rounding_rows(r)
+    glue = next((x["other_glue"] for x in rows if x["ran"] and x.get("other_glue")), None)
+    extra = f" | layer fwd+bwd, {glue}" if glue else ""
+    lines = ["| Shape | tokens per expert / tile | top-k FLOPs on padding | experts fwd | experts fwd+bwd | layer fwd | "
+             f"layer fwd+bwd{extra} |", "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if glue else "")]
+    for x in rows:
         if not x["ran"]:
-            lines.append(f"| {x['shape']} | not run: {x['why']} |||||| ")
+            lines.append(f"| {x['shape']} | not run: {x['why']} |||||| " + ("|" if glue else ""))
             continue
         pad = "—" if x["padded_fraction_topk"] is None else f"{100 * x['padded_fraction_topk']:.1f} %"
+        cell = (f" | {_fmt(x['layer_fwd_bwd_other_glue'], '.2f')}x" if x["layer_fwd_bwd_other_glue"] is not None
+                else " | —") if glue else ""
         lines.append(f"| {x['shape']} | {x['tokens_per_expert_per_tile']:.1f} | {pad} | {x['experts_fwd']:.2f}x | "
-                     f"{x['experts_fwd_bwd']:.2f}x | {x['layer_fwd']:.2f}x | {x['layer_fwd_bwd']:.2f}x |")
+                     f"{x['experts_fwd_bwd']:.2f}x | {x['layer_fwd']:.2f}x | {x['layer_fwd_bwd']:.2f}x{cell} |")
     return "\n".join(lines)
 
 
