@@ -92,6 +92,7 @@ def test_the_select_stage_is_the_smallest_that_holds_the_row():
     stages = fast.SELECT_STAGE_KEYS
     assert [fast._select_stage_keys(T) for T in (1, stages[0], stages[0] + 1, stages[-1], stages[-1] + 1, 70_000)] == [
         stages[0], stages[0], stages[1], stages[-1], 0, 0]
+    assert fast._select_stage_keys(24576) == 24576  # the 7B router's T: 96 KiB, shared memory for two CTAs per SM
     assert stages[-1] * 4 <= 200 * 1024, "a staged row must leave room in the 227 KiB of shared memory of a Hopper CTA"
 
 
@@ -133,6 +134,7 @@ CASES = [  # T, d, E, K, tile_m, mode, scoring, normalize
     # several tokens per tile, rows of 40 bytes (16-byte words straddle tokens and tiles), and a
     # keep mask of T * E = 200040 bytes (its last 16-byte word is partial: byte loads)
     (5001, 64, 40, 3, 32, "stochastic", "softmax_topk", False),
+    (45_000, 64, 32, 2, 128, "down", "topk_softmax", False),  # the largest staged select row (192 KiB of smem)
 ]
 
 

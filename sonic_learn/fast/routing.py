@@ -57,7 +57,7 @@ only need the r-th best key (a *threshold*) and the tie rule at it, never a sort
 
 Both kernels run from one compiled call (``TokenRoundingKernels``: one host launch, no sync).
 Cost: every pass reads one row of T keys (L2-resident; in the layer's fused call the row is first
-copied into shared memory when T <= 32 Ki, and the passes read it there), so the selection is
+copied into shared memory when T <= 48 Ki, and the passes read it there), so the selection is
 O(T) per expert with no sort and no (T, E)-wide temporaries besides the keys and the mask. What stays torch: the
 probabilities p and the weights (the reference's formulas, so the compared floats are bit-identical and the
 output stays differentiable: a ``softmax`` and a ``scatter``, in place when autograd is off),
@@ -451,9 +451,10 @@ SELECT_WARPS = 16
 SELECT_THREADS = 32 * SELECT_WARPS
 SELECT_UNROLL = 16  # keys a thread loads before using them (hides the load latency)
 RADIX_BITS = 8
-# Shared-memory capacities (keys) for staging an expert's key row in the select kernel (4 bytes a key,
-# so 32 Ki keys = 128 KiB): the smallest that holds T; longer rows are read from global memory.
-SELECT_STAGE_KEYS = (8192, 16384, 32768)
+# Shared-memory capacities (keys) for staging an expert's key row in the select kernel, 4 bytes a
+# key: the smallest that holds T is compiled (steps of 8 Ki keys keep the CTAs per SM high; 48 Ki
+# keys = 192 KiB of the 227 KiB a Hopper CTA may use); longer rows are read from global memory.
+SELECT_STAGE_KEYS = tuple(8192 * i for i in range(1, 7))
 RADIX_BINS = 1 << RADIX_BITS
 ROUNDING_CODES = {"down": 0, "up": 1, "nearest": 2, "stochastic": 3}  # the select kernel's `mode`
 PICK_BIT = -(2**31)  # bit 31 of a key word (as int32): set = a token-choice pick
