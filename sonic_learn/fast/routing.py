@@ -836,6 +836,14 @@ class PaddedTriplesKernel:
                           tokens_per_tile).launch(grid=[tile_ctas, 1, 1], block=block, stream=stream)
 
     @cute.jit
+    def _tile_bytes(self, tile: Int32, tokens_per_tile: Int32, T: Int32, E: Int32):
+        """(tokens, lo, hi, last word): a tile's token count, its bytes [lo, hi) of the flat keep
+        mask and the end (exclusive) of the 16-byte words that hold them."""
+        t0 = tile * tokens_per_tile
+        t1 = cutlass.min(t0 + tokens_per_tile, T)
+        return t1 - t0, t0 * E, t1 * E, cute.ceil_div(t1 * E, KEEP_WORD)
+
+    @cute.jit
     def _load_words(self, mKeep: cute.Tensor, first_word: Int32, last_word: Int32, lane: Int32):
         """The keep bytes of words first_word + 32 v + lane (v < WORDS_IN_FLIGHT) as (4, v) uint32:
         one 16-byte vector load per whole word, byte loads for the mask's last, partial word,
@@ -878,15 +886,12 @@ class PaddedTriplesKernel:
         tile = bidx * WARPS_PER_CTA + tidx // 32
         T, E = mKeep.shape[0], mKeep.shape[1]
         if tile < mTilePairs.shape[0]:  # uniform over the warp
-            t0 = tile * tokens_per_tile
-            t1 = cutlass.min(t0 + tokens_per_tile, T)
-            lo, hi = t0 * E, t1 * E  # this tile's bytes
+            tokens, lo, hi, last_word = self._tile_bytes(tile, tokens_per_tile, T, E)
             pairs = Int32(0)  # this lane's kept bytes
             firsts = Int32(0)  # this lane's kept bytes that are their token's first
             last_kept = Int32(-1)  # the warp's last kept byte so far (-1: none)
-            step = 32 * WORDS_IN_FLIGHT
-            for first_word in cutlass.range(lo // KEEP_WORD, cute.ceil_div(hi, KEEP_WORD), step):
-                words = self._load_words(mKeep, first_word, cute.ceil_div(hi, KEEP_WORD), lane)
+            for first_word in cutlass.range(lo // KEEP_WORD, last_word, 32 * WORDS_IN_FLIGHT):
+                words = self._load_words(mKeep, first_word, last_word, lane)
                 for v in cutlass.range_constexpr(WORDS_IN_FLIGHT):
                     start = (first_word + v * 32 + lane) * KEEP_WORD
                     kept, _ = self._word_bits(words, v, start, lo, hi)
@@ -913,7 +918,7 @@ class PaddedTriplesKernel:
             _, tile_firsts = warp_exclusive_sum(firsts, lane)
             if lane == 0:
                 mTilePairs[tile] = tile_pairs
-                mTileEmpty[tile] = (t1 - t0) - tile_firsts
+                mTileEmpty[tile] = tokens - tile_firsts
 
     # -- 2. tile offsets, P, and the rounding counts (one warp) ---------------------------------
     @cute.kernel
@@ -954,13 +959,10 @@ class PaddedTriplesKernel:
         T, E = mKeep.shape[0], mKeep.shape[1]
         num_tiles = mTileStart.shape[0]
         if tile < num_tiles:  # uniform over the warp
-            t0 = tile * tokens_per_tile
-            t1 = cutlass.min(t0 + tokens_per_tile, T)
-            lo, hi = t0 * E, t1 * E  # this tile's bytes
+            _, lo, hi, last_word = self._tile_bytes(tile, tokens_per_tile, T, E)
             running = mTileStart[tile]  # the position of the tile's first kept byte
-            step = 32 * WORDS_IN_FLIGHT
-            for first_word in cutlass.range(lo // KEEP_WORD, cute.ceil_div(hi, KEEP_WORD), step):
-                words = self._load_words(mKeep, first_word, cute.ceil_div(hi, KEEP_WORD), lane)
+            for first_word in cutlass.range(lo // KEEP_WORD, last_word, 32 * WORDS_IN_FLIGHT):
+                words = self._load_words(mKeep, first_word, last_word, lane)
                 for v in cutlass.range_constexpr(WORDS_IN_FLIGHT):
                     start = (first_word + v * 32 + lane) * KEEP_WORD
                     kept, valid = self._word_bits(words, v, start, lo, hi)
