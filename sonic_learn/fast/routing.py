@@ -48,19 +48,18 @@ only need the r-th best key (a *threshold*) and the tie rule at it, never a sort
    delta_e; then a **radix select** over the row finds the |delta_e|-th largest selection key,
    8 bits per pass (up to 4 passes of a shared-memory histogram over the row, each keeping only
    the keys that match the digits fixed so far; it stops once a digit's bin is taken whole), and
-   a final pass in token order flips ``keep`` for
-   every key above the threshold and for the right tokens among those equal to it: the lowest
-   tokens for up (a lower token ranks higher in the reference), the highest for down (the
-   highest token ranks lowest). Tie ranks come from warp ballots plus per-warp totals; the scan is
+   a final pass in token order flips ``keep`` for every key above the threshold and for the
+   right tokens among those equal to it: the lowest tokens for up (a lower token ranks higher in
+   the reference), the highest for down (the highest token ranks lowest). Tie ranks come from warp ballots plus per-warp totals; the scan is
    skipped when every tied key is taken (the usual case with distinct scores). An expert with
    delta_e = 0 exits at once; the others store at most tile_m - 1 bytes.
 
 Both kernels run from one compiled call (``TokenRoundingKernels``: one host launch, no sync).
 Cost: every pass reads one row of T keys (L2-resident; in the layer's fused call the row is first
 copied into shared memory when T <= 48 Ki, and the passes read it there), so the selection is
-O(T) per expert with no sort and no (T, E)-wide temporaries besides the keys and the mask. What stays torch: the
-probabilities p and the weights (the reference's formulas, so the compared floats are bit-identical and the
-output stays differentiable: a ``softmax`` and a ``scatter``, in place when autograd is off),
+O(T) per expert with no sort and no (T, E)-wide temporaries besides the keys and the mask.
+What stays torch: the probabilities p and the weights (the reference's formulas, so the compared
+floats are bit-identical and the output stays differentiable: a ``softmax`` and a ``scatter``, in place when autograd is off),
 the stochastic draw (``torch.rand`` on the device, from the given generator),
 the device-side counts of ``routing.rounding`` (a few (T, E) and (E,) reductions), and the
 token-sorted triples from the (T, E) mask: ``nonzero`` by default (it sizes the output by the data
@@ -451,11 +450,11 @@ SELECT_WARPS = 16
 SELECT_THREADS = 32 * SELECT_WARPS
 SELECT_UNROLL = 16  # keys a thread loads before using them (hides the load latency)
 RADIX_BITS = 8
+RADIX_BINS = 1 << RADIX_BITS
 # Shared-memory capacities (keys) for staging an expert's key row in the select kernel, 4 bytes a
 # key: the smallest that holds T is compiled (steps of 8 Ki keys keep the CTAs per SM high; 48 Ki
 # keys = 192 KiB of the 227 KiB a Hopper CTA may use); longer rows are read from global memory.
 SELECT_STAGE_KEYS = tuple(8192 * i for i in range(1, 7))
-RADIX_BINS = 1 << RADIX_BITS
 ROUNDING_CODES = {"down": 0, "up": 1, "nearest": 2, "stochastic": 3}  # the select kernel's `mode`
 PICK_BIT = -(2**31)  # bit 31 of a key word (as int32): set = a token-choice pick
 
