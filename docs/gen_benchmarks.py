@@ -376,7 +376,11 @@ def token_rounding_section(results: list[Result]) -> list[str]:
                   "whole layer, fwd + bwd": [x["layer_fwd_bwd"] for x in ran]}
         glue = {x["other_glue"] for x in ran} - {None}
         if len(glue) == 1 and all(x["layer_fwd_bwd_other_glue"] is not None for x in ran):
-            series[f"whole layer, fwd + bwd, {glue.pop()}"] = [x["layer_fwd_bwd_other_glue"] for x in ran]
+            other = glue.pop()  # the glue the file timed besides its default: name both layer series
+            main = "torch glue" if other == "fused glue" else "fused glue"
+            series[f"whole layer, forward ({main})"] = series.pop("whole layer, forward")
+            series[f"whole layer, fwd + bwd ({main})"] = series.pop("whole layer, fwd + bwd")
+            series[f"whole layer, fwd + bwd ({other})"] = [x["layer_fwd_bwd_other_glue"] for x in ran]
         out += _figure(_bars(groups, series, ylabel="speed-up of token rounding over top-k", hline=1.0, fmt="{:.2f}",
                              title=f"Token rounding vs top-k routing (tile_m = 128), bf16 — {r.label}"),
                        f"token_rounding_{r.path.stem}.png", f"token rounding speed-up over top-k, {r.label}")
@@ -391,9 +395,11 @@ def token_rounding_table(r: Result) -> str:
     """The speed-ups of token rounding over top-k of one file, as a Markdown table."""
     rows = token_rounding_rows(r)
     glue = next((x["other_glue"] for x in rows if x["ran"] and x.get("other_glue")), None)
+    main = "" if not glue else f", {'torch glue' if glue == 'fused glue' else 'fused glue'}"
     extra = f" | layer fwd+bwd, {glue}" if glue else ""
-    lines = ["| Shape | tokens per expert / tile | top-k FLOPs on padding | experts fwd | experts fwd+bwd | layer fwd | "
-             f"layer fwd+bwd{extra} |", "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if glue else "")]
+    lines = ["| Shape | tokens per expert / tile | top-k FLOPs on padding | experts fwd | experts fwd+bwd | "
+             f"layer fwd{main} | layer fwd+bwd{main}{extra} |",
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if glue else "")]
     for x in rows:
         if not x["ran"]:
             lines.append(f"| {x['shape']} | not run: {x['why']} |||||| " + ("|" if glue else ""))
