@@ -185,7 +185,7 @@ TOKEN_ROUNDING_FORWARD_LAUNCHES = {  # the default router glue (fused_glue=True)
     "experts forward": (2, 3),  # as top-k
 }
 TORCH_GLUE_FORWARD_LAUNCHES = {  # fused_glue=False: the glue between the CuTe calls as torch ops
-    "router": (26, 4),  # test_router_launches.MAX_LAUNCHES
+    "router": (28, 4),  # test_router_launches.MAX_LAUNCHES
     "experts forward": (2, 3),
 }
 TOKEN_ROUNDING_BACKWARD_LAUNCHES = {
@@ -209,7 +209,7 @@ SHAPES = {"small": dict(T=512, d=64, n=32, E=32, K=4),
     ("topk", {}, (TOPK_ROUTER_LAUNCHES, LAYER_FORWARD_LAUNCHES, LAYER_BACKWARD_LAUNCHES), (10, 15, 21)),
     ("token_rounding", {}, (None, TOKEN_ROUNDING_FORWARD_LAUNCHES, TOKEN_ROUNDING_BACKWARD_LAUNCHES), (13, 18, 38)),
     ("token_rounding", {"fused_glue": False}, (None, TORCH_GLUE_FORWARD_LAUNCHES, TOKEN_ROUNDING_BACKWARD_LAUNCHES),
-     (30, 35, 38)),
+     (32, 37, 38)),
 ], ids=["topk", "token_rounding", "token_rounding_torch_glue"])
 def test_the_layer_stays_within_its_launch_bounds(monkeypatch, shape, routing, extra, bounds, totals):
     """The counts per phase do not depend on the shape; ``pytest -s`` prints them. (The token-rounding

@@ -71,7 +71,7 @@ tie ranks), the design this module used before the kernels.
 
 **Launches of the router step, and why there are several.** With ``fused_glue=False`` (the glue
 between the CuTe calls as torch ops, the readable variant) the layer's token-rounding router
-(``fast.moe.route_layer``) issues 30 launches, 26 torch ops and 4 CuTe calls (10 kernels);
+(``fast.moe.route_layer``) issues 32 launches, 28 torch ops and 4 CuTe calls (10 kernels);
 ``tests/test_router_launches.py`` counts them on the CPU, phase by phase, and fails if the count
 changes:
 
@@ -84,7 +84,7 @@ changes:
 * the two token-rounding kernels (one compiled call);
 * the counts of ``routing.rounding`` (``_rounding_stats``: one (3, E) reduction, 5 launches, and 3
   for the tokens left with no expert, a reduction over the other axis of the mask);
-* the padded triples (``_padded_triples``: ``nonzero_static`` and 5 elementwise launches);
+* the padded triples (``_padded_triples``: ``nonzero_static`` and 7 elementwise launches);
 * the metadata kernels (one compiled call of four), the padded rows' initialization (3) and the
   token offsets (an ``arange`` and a ``searchsorted``).
 
@@ -1361,18 +1361,23 @@ def _rounding_stats(keep: torch.Tensor, counts: torch.Tensor, ratio: float) -> c
 
 
 def _padded_triples(keep: torch.Tensor, scores: torch.Tensor, bound: int):
-    """``reference.routing.padded_triples`` bit for bit, in 6 launches instead of 11: the kept pairs
+    """``reference.routing.padded_triples`` bit for bit, in 8 launches instead of 11: the kept pairs
     of the (T, E) mask, token-sorted, padded to ``bound`` with (token T, expert E, score 0).
 
     ``nonzero_static`` fills the rows past P with -1, and -1 mod (T + 1) = T, -1 mod (E + 1) = E
     (torch's remainder takes the divisor's sign), so one ``remainder`` per column maps the padding
-    and casts to int32 (its ``out``). The weights are read at the -1 rows too: a negative index
-    counts from the end (scores[T-1, E-1], in bounds), and ``where`` zeroes them."""
+    and casts to int32 (its ``out``). The weights are read with ``index_select`` at the flat
+    indices t * E + e (padding rows clamped onto entry 0; ``where`` zeroes them), not with
+    ``scores[token, expert]``: the backward of that advanced indexing is an accumulating
+    ``index_put_``, which on CUDA sorts the indices and walks each run of equal ones in one
+    thread -- and every padding row (up to E * (tile_m - 1) of them) would name the same entry.
+    ``index_select``'s backward adds with atomics instead."""
     T, E = keep.shape
     found = torch.nonzero_static(keep, size=bound, fill_value=-1)  # (bound, 2) kept pairs, then -1 rows
     token_idx = torch.remainder(found[:, 0], T + 1, out=torch.empty(bound, dtype=torch.int32, device=keep.device))
     expert_idx = torch.remainder(found[:, 1], E + 1, out=torch.empty(bound, dtype=torch.int32, device=keep.device))
-    weight = scores[found[:, 0], found[:, 1]]  # (bound,) padding rows read scores[-1, -1]
+    flat = torch.add(found[:, 1], found[:, 0], alpha=E).clamp_(min=0)  # (bound,) t * E + e; padding: 0
+    weight = scores.reshape(-1).index_select(0, flat)  # (bound,)
     return token_idx, expert_idx, torch.where(found[:, 0] >= 0, weight, 0.0)  # padding: score 0, no gradient
 
 
