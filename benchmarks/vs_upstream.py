@@ -188,11 +188,6 @@ def _leaves(case: dict) -> list[torch.Tensor]:
     return [case[n].detach().clone().requires_grad_(True) for n in ("x", "router_w", "w1", "w2")]
 
 
-def local_row(layer, case: dict, ref: dict, *, warmup: int, reps: int) -> dict:
-    """Check ``layer(x, router_w, w1, w2, k)`` against the oracle, then measure it (if it passed)."""
-    return local_rows([("row", layer)], case, ref, warmup=warmup, reps=reps)["row"]
-
-
 def local_rows(layers: list, case: dict, ref: dict, *, warmup: int, reps: int, rounds: int = 1) -> dict:
     """``{name: row}`` for ``layers`` = [(name, layer)]: each checked against the oracle, then measured
     (if it passed) in ``rounds`` rounds that take the layers in turn, so that a slow drift of the

@@ -1366,24 +1366,23 @@ def _padded_triples(keep: torch.Tensor, scores: torch.Tensor, bound: int):
 
     ``nonzero_static`` fills the rows past P with -1, and -1 mod (T + 1) = T, -1 mod (E + 1) = E
     (torch's remainder takes the divisor's sign), so one ``remainder`` per column maps the padding
-    and casts to int32 (its ``out``). The weights are read with ``index_select`` at the flat
-    indices t * E + e (padding rows clamped onto entry 0; ``where`` zeroes them), not with
-    ``scores[token, expert]``: the backward of that advanced indexing is an accumulating
-    ``index_put_``, which on CUDA sorts the indices and walks each run of equal ones in one
-    thread -- and every padding row (up to E * (tile_m - 1) of them) would name the same entry.
-    ``index_select``'s backward adds with atomics instead."""
+    and casts to int32 (its ``out``). The weights are read as the fused glue reads them
+    (``_pair_scores``: ``index_select`` at the flat indices t * E + e, padding rows clamped onto
+    entry 0 and zeroed), not with ``scores[token, expert]``: the backward of that advanced indexing
+    is an accumulating ``index_put_``, which on CUDA sorts the indices and walks each run of equal
+    ones in one thread -- and all bound - P padding rows would name the same entry."""
     T, E = keep.shape
     found = torch.nonzero_static(keep, size=bound, fill_value=-1)  # (bound, 2) kept pairs, then -1 rows
     token_idx = torch.remainder(found[:, 0], T + 1, out=torch.empty(bound, dtype=torch.int32, device=keep.device))
     expert_idx = torch.remainder(found[:, 1], E + 1, out=torch.empty(bound, dtype=torch.int32, device=keep.device))
     flat = torch.add(found[:, 1], found[:, 0], alpha=E).clamp_(min=0)  # (bound,) t * E + e; padding: 0
-    weight = scores.reshape(-1).index_select(0, flat)  # (bound,)
-    return token_idx, expert_idx, torch.where(found[:, 0] >= 0, weight, 0.0)  # padding: score 0, no gradient
+    return token_idx, expert_idx, _pair_scores(scores, flat, found[:, 0] >= 0)  # padding: score 0, no gradient
 
 
 def _pair_scores(scores: torch.Tensor, pair_index: torch.Tensor, is_pair: torch.Tensor) -> torch.Tensor:
-    """(bound,) the weights of the fused glue's padded triples: the (T, E) weights at the kernel's
-    flat indices t * E + e (differentiable: two torch launches), 0 for the padding."""
+    """(bound,) the weights of the padded triples (both glues): the (T, E) weights at the flat
+    indices t * E + e (differentiable: two torch launches; the backward adds with atomics), 0 for
+    the padding."""
     return torch.where(is_pair, scores.reshape(-1).index_select(0, pair_index), 0.0)
 # --8<-- [end:token_rounding]
 
