@@ -142,15 +142,21 @@ def test_upstream_errors_and_other_baselines_are_shown(gen_benchmarks, results: 
     assert "Could not read" not in body
 
 
-def test_token_rounding_table_reads_the_speedups(gen_benchmarks, tmp_path: Path) -> None:
-    sp = {"experts_only": {"fwd_time": 1.25, "fwd_bwd_time": 1.125}, "layer": {"fwd_time": 0.75, "fwd_bwd_time": 1.0}}
+def _token_rounding_table(gen_benchmarks, tmp_path: Path, **layer_extra) -> str:
+    """The table of a token_rounding file with one timed shape (and ``layer_extra`` speed-ups) and one
+    shape that did not run."""
+    sp = {"experts_only": {"fwd_time": 1.25, "fwd_bwd_time": 1.125},
+          "layer": {"fwd_time": 0.75, "fwd_bwd_time": 1.0, **layer_extra}}
     doc = {"environment": {"device": "H200"}, "shapes": [
         {"T": 1024, "d": 64, "n": 32, "E": 4, "K": 2, "tile_m": 128, "ran": True, "speedup_token_rounding_over_topk": sp,
          "cost_model": {"topk": {"fwd_bwd_padded_flop_fraction": 0.25}}},
         {"T": 1024, "d": 64, "n": 32, "E": 8, "K": 2, "ran": False, "reason": "too big for int32"}]}
     (tmp_path / "token_rounding_H200.json").write_text(json.dumps(doc))
-    r = gen_benchmarks.load_results(tmp_path)[0]
-    table = gen_benchmarks.token_rounding_table(r)
+    return gen_benchmarks.token_rounding_table(gen_benchmarks.load_results(tmp_path)[0])
+
+
+def test_token_rounding_table_reads_the_speedups(gen_benchmarks, tmp_path: Path) -> None:
+    table = _token_rounding_table(gen_benchmarks, tmp_path)
     assert "| T=1024, d=64, n=32, E=4, K=2 | 4.0 | 25.0 % | 1.25x | 1.12x | 0.75x | 1.00x |" in table
     assert "not run: too big for int32" in table
 
@@ -161,15 +167,7 @@ def test_token_rounding_table_names_the_glue_of_each_layer_column(gen_benchmarks
                                                                    other) -> None:
     """A file that timed the layer with both router glues: its default's columns and the other
     glue's column are named (files of today name the torch glue as the other, older ones the fused)."""
-    sp = {"experts_only": {"fwd_time": 1.25, "fwd_bwd_time": 1.125},
-          "layer": {"fwd_time": 0.75, "fwd_bwd_time": 1.0, f"fwd_bwd_time_{suffix}": 0.5}}
-    doc = {"environment": {"device": "H200"}, "shapes": [
-        {"T": 1024, "d": 64, "n": 32, "E": 4, "K": 2, "tile_m": 128, "ran": True, "speedup_token_rounding_over_topk": sp,
-         "cost_model": {"topk": {"fwd_bwd_padded_flop_fraction": 0.25}}},
-        {"T": 1024, "d": 64, "n": 32, "E": 8, "K": 2, "ran": False, "reason": "too big for int32"}]}
-    (tmp_path / "token_rounding_H200.json").write_text(json.dumps(doc))
-    r = gen_benchmarks.load_results(tmp_path)[0]
-    table = gen_benchmarks.token_rounding_table(r)
+    table = _token_rounding_table(gen_benchmarks, tmp_path, **{f"fwd_bwd_time_{suffix}": 0.5})
     assert f"| layer fwd, {main} | layer fwd+bwd, {main} | layer fwd+bwd, {other} |" in table.splitlines()[0]
     assert "| T=1024, d=64, n=32, E=4, K=2 | 4.0 | 25.0 % | 1.25x | 1.12x | 0.75x | 1.00x | 0.50x |" in table
     assert table.splitlines()[1].count("|") == table.splitlines()[0].count("|")
