@@ -9,7 +9,8 @@ whichever sonic_learn is installed); the first line printed is the package that 
 Kernel entry names embed the module path, so compare across a file move after renaming those.
 
 The variants: the production kernel's plain store, SwiGLU and dH epilogues, varlen-K and its
-transposed store, each in clusters of 1 and 2 CTAs; ping-pong; an fp32 output; the two teaching steps.
+transposed store, each in clusters of 1 and 2 CTAs; ping-pong's plain store, SwiGLU and dH epilogues
+and varlen-K, also in clusters of 1 and 2 CTAs; an fp32 output; the two teaching steps.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ def variants() -> dict[str, dict]:
         found[f"ws_dh_c{cm}"] = dict(variant="varlen_m_gather", transposed=True, epilogue="dswiglu", **ws)
         found[f"ws_vk_c{cm}"] = dict(variant="varlen_k_gather", **ws)
         found[f"ws_vkT_c{cm}"] = dict(variant="varlen_k_gather", transposed=True, **ws)
-    found["pingpong_plain"] = dict(variant="varlen_m", dtype=bf, out_dtype=bf, tile=gg.PINGPONG_TILE, kernel="pingpong")
+        pp = dict(dtype=bf, out_dtype=bf, tile=gg.PINGPONG_TILE, kernel="pingpong", cluster_m=cm)
+        found[f"pingpong_plain_c{cm}"] = dict(variant="varlen_m", **pp)
+        found[f"pingpong_swiglu_c{cm}"] = dict(variant="varlen_m_gather", epilogue="swiglu", **pp)
+        found[f"pingpong_dh_c{cm}"] = dict(variant="varlen_m_gather", transposed=True, epilogue="dswiglu", **pp)
+        found[f"pingpong_vk_c{cm}"] = dict(variant="varlen_k_gather", **pp)
     found["ws_fp32out"] = dict(variant="varlen_k", dtype=bf, out_dtype=torch.float32, tile=(128, 128, 64), kernel="ws")
     found["v1_gather"] = dict(variant="varlen_m_gather", dtype=bf, out_dtype=bf, tile=gg.TILE, kernel="v1")
     found["sm90_gather"] = dict(variant="varlen_m_gather", dtype=bf, out_dtype=bf, tile=gg.TILE, kernel="sm90")

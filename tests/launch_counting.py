@@ -222,26 +222,58 @@ def _rounding_delta(f: int, u: float, mode: str, tile_m: int, T: int) -> int:
 
 def _triples_standin(variant, scores_bits, experts, keys, keep, counts, uniform, mode, tile_m, tile_pairs, tile_empty,
                      token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4, tokens_per_tile):
-    """The selection (as above), then ``PaddedTriplesKernel`` step by step: per-tile counts from
-    32-expert ballots, the one-warp scan and counts, the per-token writes at ballot ranks, the
-    padding's grid-stride fill. Writes only what the kernels write, into poisoned buffers."""
+    """The selection (as above), then ``PaddedTriplesKernel`` step by step, lane by lane: each tile
+    streams its bytes of the flat keep mask in 16-byte words (``WORDS_IN_FLIGHT`` per lane per step,
+    straddling words masked to the tile); the count's first-kept-byte rule with the warp max-scan,
+    the one-warp scan and counts, the writes at the lanes' prefix sums, the padding's grid-stride
+    fill. Writes only what the kernels write, into poisoned buffers."""
     _token_rounding_standin((), scores_bits, experts, keys, keep, counts, uniform, mode, tile_m)
     for out in (tile_pairs, tile_empty, token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4):
         out.fill_(POISON if out.dtype != torch.uint8 else 255)
     mode_name = {code: name for name, code in fast.ROUNDING_CODES.items()}[mode]
     T, E = keep.shape
-    kept_experts = [[e for e, k in enumerate(row) if k] for row in keep.tolist()]
+    flat, num_bytes = keep.reshape(-1).tolist(), T * E  # byte f = t * E + e
+    W, V = fast.KEEP_WORD, fast.WORDS_IN_FLIGHT
     num_tiles = tile_pairs.numel()
 
-    def ballots(t):  # per 32-expert chunk c: the lanes whose expert c + lane is kept
-        return [[e - c for e in kept_experts[t] if c <= e < c + 32] for c in range(0, E, 32)]
+    def tile_bytes(tile):  # (tokens, lo, hi): the tile's tokens and its bytes [lo, hi)
+        t0 = tile * tokens_per_tile
+        t1 = min(t0 + tokens_per_tile, T)
+        return t1 - t0, t0 * E, t1 * E
 
-    def tile_tokens(tile):
-        return [t for t in range(tile * tokens_per_tile, (tile + 1) * tokens_per_tile) if t < T]
+    def word_steps(lo, hi):  # per step: the 32 lanes' (start byte, kept bits, valid bits), as _load_words/_word_bits
+        last_word = -(-hi // W)
+        for first_word in range(lo // W, last_word, 32 * V):
+            for v in range(V):
+                lanes = []
+                for lane in range(32):
+                    w = first_word + 32 * v + lane
+                    start = w * W
+                    nonzero = sum(1 << j for j in range(W)
+                                  if w < last_word and start + j < num_bytes and flat[start + j])
+                    first, end = max(min(lo - start, W), 0), max(min(hi - start, W), 0)
+                    valid = ((1 << end) - 1) & ~((1 << first) - 1)
+                    lanes.append((start, nonzero & valid, valid))
+                yield lanes
+
+    def bits(mask):
+        return [j for j in range(W) if mask >> j & 1]
 
     for tile in range(num_tiles):  # 1. count
-        per_token = [sum(len(b) for b in ballots(t)) for t in tile_tokens(tile)]
-        tile_pairs[tile], tile_empty[tile] = sum(per_token), per_token.count(0)
+        tokens, lo, hi = tile_bytes(tile)
+        pairs = firsts = 0
+        last_kept = -1
+        for lanes in word_steps(lo, hi):
+            mine = [max((start + j for j in bits(kept)), default=-1) for start, kept, _ in lanes]
+            for lane, (start, kept, _) in enumerate(lanes):
+                prev = max([last_kept] + mine[:lane])  # warp_exclusive_max, then the earlier steps
+                for j in bits(kept):
+                    e = (start + j) % E
+                    firsts += prev < start + j - e  # no kept byte since the token's first byte
+                    prev = start + j
+                pairs += len(bits(kept))
+            last_kept = max([last_kept] + mine)
+        tile_pairs[tile], tile_empty[tile] = pairs, tokens - firsts
     starts = [0] + torch.cumsum(tile_pairs, 0).tolist()[:-1]  # 2. scan (exclusive, in place)
     kept, empty = int(tile_pairs.sum()), int(tile_empty.sum())
     tile_pairs.copy_(torch.tensor(starts))
@@ -253,15 +285,20 @@ def _triples_standin(variant, scores_bits, experts, keys, keep, counts, uniform,
              ("offsets", token_offsets))}
     outs["offsets"][T] = kept
     for tile in range(num_tiles):  # 3. write
+        _, lo, hi = tile_bytes(tile)
         running = starts[tile]
-        for t in tile_tokens(tile):
-            outs["offsets"][t] = running
-            for c, lanes in zip(range(0, E, 32), ballots(t)):
-                for rank, lane in enumerate(lanes):  # rank = popc(ballot & lanemask_lt)
-                    pos = running + rank
-                    outs["token"][pos], outs["expert"][pos] = t, c + lane
-                    outs["index"][pos], outs["is_pair"][pos] = t * E + c + lane, 1
-                running += len(lanes)
+        for lanes in word_steps(lo, hi):
+            pos = running
+            for start, kept_bits, valid in lanes:  # lane by lane: the exclusive prefix of the lanes' counts
+                for j in bits(valid):
+                    t, e = divmod(start + j, E)
+                    if e == 0:  # the first byte of token t
+                        outs["offsets"][t] = pos
+                    if kept_bits >> j & 1:
+                        outs["token"][pos], outs["expert"][pos] = t, e
+                        outs["index"][pos], outs["is_pair"][pos] = start + j, 1
+                        pos += 1
+            running = pos
     for pos in range(kept, token_idx.numel()):  # the padding (grid-stride)
         outs["token"][pos], outs["expert"][pos], outs["index"][pos], outs["is_pair"][pos] = T, E, 0, 0
     for name, out in (("token", token_idx), ("expert", expert_idx), ("index", pair_index), ("is_pair", is_pair),

@@ -48,6 +48,7 @@ def test_parse_layer_one_config_is_every_gemms(tiles):
     assert tiles.parse_layer("ws:128x256x64:4:c2:sub64") == GemmConfig(stages=4, cluster_m=2, epi_subtile=64)
     assert tiles.parse_layer("ws:128x256x32:auto:notma") == GemmConfig(tile=(128, 256, 32), tma_store=False)
     assert tiles.parse_layer("pingpong:128x128x64:3") == GemmConfig(kernel="pingpong", stages=3)
+    assert tiles.parse_layer("pingpong:128x128x64:auto:c2") == GemmConfig(kernel="pingpong", cluster_m=2)
 
 
 def test_parse_layer_by_role(tiles):
@@ -62,6 +63,9 @@ def test_parse_layer_by_role(tiles):
     assert tiles.parse_layer("ws:128x256x64:auto:sub32+dw=ws:128x256x64:auto") == LayerGemms(
         **{role: sub for role in GEMM_ROLES if role != "dw"})
     assert tiles.parse_layer("dw=ws:128x128x64:auto:c1") == LayerGemms(dw=GemmConfig(tile=(128, 128, 64), cluster_m=1))
+    # upstream SonicMoE's dH GEMM: ping-pong, 128 x 128 x 64, clusters of 2 along M
+    assert tiles.parse_layer("dh=pingpong:128x128x64:auto:c2") == LayerGemms(
+        dh=GemmConfig(kernel="pingpong", cluster_m=2))
 
 
 @pytest.mark.parametrize("entry,message", [
@@ -74,6 +78,7 @@ def test_parse_layer_by_role(tiles):
     ("ws:128x256x64:auto:nottma", r"unknown flags \['nottma'\]"),
     ("up=ws:128x256x64:auto:c2+dh", r"config 'dh': not enough values"),
     ("ws:128x256x64:auto:sub", r"unknown flags \['sub'\]"),
+    ("dh=sm90:128x128x64:auto:c2", r"cluster_m=2 needs a persistent kernel \('ws', 'pingpong'\)"),
 ])
 def test_parse_layer_rejects_bad_entries(tiles, entry, message):
     import re

@@ -104,14 +104,16 @@ def varlen_m_oracle(x, w, meta):
 # pipeline across tiles, ping-pong's turn taking between its two MMA warpgroups, and a TMA store
 # buffer refilled while its previous bulk store may still be reading it); the cooperative kernel
 # with its plain store done by the shared-memory copy-out instead of TMA (tma_store=False); and in
-# clusters of 2 CTAs sharing B by multicast (one cluster only: many units per cluster).
+# clusters of 2 CTAs sharing B by multicast (one cluster only: many units per cluster), both the
+# cooperative and the ping-pong kernel (where a slot is freed by one warpgroup's 4 warps in each CTA).
 # (kernel, tile, max_ctas, tma_store, cluster_m); cluster_m None = the library's per-problem choice
-# (varlen-K in pairs, varlen-M alone), so "ws" is the production default.
+# (varlen-K in pairs, varlen-M alone, ping-pong alone), so "ws" is the production default.
 KERNELS = [("v1", (128, 128, 64), None, True, None), ("sm90", (128, 128, 64), None, True, None),
            ("ws", (128, 256, 64), None, True, None), ("pingpong", (128, 128, 64), None, True, None),
            ("ws", (128, 256, 64), 3, True, 1), ("pingpong", (128, 128, 64), 2, True, None),
            ("ws", (128, 256, 64), None, False, None), ("ws", (128, 256, 64), None, True, 2),
-           ("ws", (128, 256, 64), 3, True, 2)]
+           ("ws", (128, 256, 64), 3, True, 2), ("pingpong", (128, 128, 64), None, True, 2),
+           ("pingpong", (128, 128, 64), 2, True, 2)]
 
 
 def _kernel_id(kernel, tile, max_ctas, tma_store, cluster_m):

@@ -85,9 +85,45 @@ def test_cluster_kernel_compiles_for_sm90a(variant, transposed, epilogue):
     assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx and "setmaxnreg" in ptx
     assert re.search(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global[^;]*multicast::cluster", ptx)
     assert "mapa" in ptx and "barrier.cluster.arrive" in ptx and "barrier.cluster.wait" in ptx
-    with pytest.raises(ValueError, match="cluster_m=2 needs kernel='ws'"):
-        compile_grouped_gemm(variant, torch.bfloat16, torch.bfloat16, (128, 128, 64), kernel="pingpong",
-                             transposed=transposed, epilogue=epilogue, cluster_m=2)
+    assert _mbarrier_init_counts(ptx) == {PRODUCER_ARRIVALS, 8 * 2}  # 8 MMA warps x 2 CTAs free a slot
+
+
+PRODUCER_ARRIVALS = 129  # a slot's "full" barrier: 128 cp.async arrivals + the TMA thread's byte count
+
+
+def _mbarrier_init_counts(ptx: str) -> set[int]:
+    """The arrival counts the kernel's mbarriers are initialized with (``mov.b32 %r, N`` then
+    ``mbarrier.init [...], %r``): the pipeline's "full" and "empty" barriers."""
+    consts = dict(re.findall(r"mov\.b32\s+(%r\d+),\s*(\d+);", ptx))
+    return {int(consts[reg]) for reg in re.findall(r"mbarrier\.init\.shared\.b64\s+\[[^]]*\],\s*(%r\d+);", ptx)}
+
+
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+@pytest.mark.parametrize("variant,transposed,epilogue", [
+    ("varlen_m", False, "store"), ("varlen_m_gather", True, "store"), ("varlen_m_gather", False, "swiglu"),
+    ("varlen_m_gather", True, "dswiglu"), ("varlen_k_gather", False, "store"), ("varlen_k", True, "store")])
+def test_pingpong_cluster_kernel_compiles_for_sm90a(variant, transposed, epilogue):
+    """Ping-pong in clusters of 2 CTAs along M (upstream SonicMoE's configuration of its dH GEMM):
+    the cooperative kernel's multicast loads, remote slot release and cluster barriers, but a slot
+    is read by one MMA warpgroup, so its "empty" barrier counts 4 warps x 2 CTAs (8 arrivals; the
+    ping-pong kernel without clusters counts its 128 reading threads). No register spills."""
+    from sonic_learn.fast.grouped_gemm import PINGPONG_TILE, compile_grouped_gemm
+
+    def ptx(cluster_m):
+        return compile_grouped_gemm(variant, torch.bfloat16, torch.bfloat16, PINGPONG_TILE, keep_ptx=True,
+                                    kernel="pingpong", transposed=transposed, epilogue=epilogue,
+                                    cluster_m=cluster_m).__ptx__
+
+    pair, alone = ptx(2), ptx(1)
+    assert ".target sm_90a" in pair and "setmaxnreg" in pair
+    assert pair.count("wgmma.mma_async") == 2 * (PINGPONG_TILE[2] // 16)  # one warpgroup per 128-row tile
+    assert re.search(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global[^;]*multicast::cluster", pair)
+    assert "multicast::cluster" not in alone
+    assert re.search(r"mapa\.shared::cluster", pair) and "mbarrier.arrive.shared::cluster" in pair
+    assert "barrier.cluster.arrive" in pair and "barrier.cluster.wait" in pair
+    assert _mbarrier_init_counts(pair) == {PRODUCER_ARRIVALS, 4 * 2}
+    assert _mbarrier_init_counts(alone) == {PRODUCER_ARRIVALS, 128}
+    assert ".local" not in pair and ".local" not in alone, "register spills to local memory"
 
 
 @pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
@@ -310,8 +346,18 @@ def test_gemm_config_rejects_bad_values():
         fast.GemmConfig(cluster_m=True)
     with pytest.raises(ValueError, match="cluster_m must be one of"):
         fast.compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, fast.WS_TILE, cluster_m=3)
-    with pytest.raises(ValueError, match="needs kernel='ws'"):
-        fast.GemmConfig(kernel="pingpong", cluster_m=2)
+    for kernel in ("v1", "sm90"):  # one CTA per tile: no clusters
+        with pytest.raises(ValueError, match=f"cluster_m=2 needs a persistent kernel .* got '{kernel}'"):
+            fast.GemmConfig(kernel=kernel, cluster_m=2)
+        with pytest.raises(ValueError, match="cluster_m=2 needs a persistent kernel"):
+            fast.compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, fast.TILE, kernel=kernel,
+                                      cluster_m=2)
+    # ping-pong in clusters of 2 on request; by default alone, for varlen-M and varlen-K (opt-in)
+    pingpong_pair = fast.GemmConfig(kernel="pingpong", cluster_m=2)
+    assert fast.cluster_size(False, pingpong_pair) == fast.cluster_size(True, pingpong_pair) == 2
+    assert fast.cluster_size(False, fast.GemmConfig(kernel="pingpong")) == 1
+    assert fast.cluster_size(True, fast.GemmConfig(kernel="pingpong")) == 1
+    assert fast.cluster_size(False) == 1 and fast.cluster_size(True) == 2  # the production default's rule
     # immutable, and the default is the production kernel with its own tile
     assert fast.DEFAULT_CONFIG == fast.GemmConfig(kernel="ws", tile=fast.WS_TILE)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -154,13 +154,16 @@ def test_layer_token_rounding_matches_oracle(T, E, k_frac, seed, tile_m, backwar
 @example(T=129, d=136, n=32, E=5, k_frac=1.0, seed=1, dtype="fp16", backward="standard", routing="topk", tile_m=128)
 @example(T=200, d=64, n=136, E=6, k_frac=0.4, seed=2, dtype="bf16", backward="standard", routing="token_rounding",
          tile_m=16)
-def test_layer_with_per_role_gemm_configs_matches_oracle(T, d, n, E, k_frac, seed, dtype, backward, routing, tile_m):
+@pytest.mark.parametrize("cluster_m", [None, 2], ids=["pingpong", "pingpong-cluster2"])
+def test_layer_with_per_role_gemm_configs_matches_oracle(T, d, n, E, k_frac, seed, dtype, backward, routing, tile_m,
+                                                         cluster_m):
     """The up-projection (fused SwiGLU epilogue) and the dH GEMM (fused dSwiGLU epilogue) on the
-    ping-pong kernel, the other GEMMs on the default one (``LayerGemms``): same oracle, same bound."""
+    ping-pong kernel, alone or in clusters of 2 CTAs sharing B (upstream SonicMoE's dH
+    configuration), the other GEMMs on the default one (``LayerGemms``): same oracle, same bound."""
     from sonic_learn.fast import grouped_gemm as gg
     from sonic_learn.fast import moe as fast_moe
 
-    pingpong = gg.GemmConfig(kernel="pingpong")
+    pingpong = gg.GemmConfig(kernel="pingpong", cluster_m=cluster_m)
     ops = fast_moe.fast_ops(gg.LayerGemms(up=pingpong, dh=pingpong))
     k = 1 + int(k_frac * (min(E, 8) - 1))
     inputs = params(T, d, n, E, seed, DTYPES[dtype])

@@ -181,8 +181,10 @@ def _kernel_of(fn_name: str, kwargs: dict) -> tuple[str, bool, str]:
 
 
 PINGPONG, SUB32 = gg.GemmConfig(kernel="pingpong"), gg.GemmConfig(epi_subtile=32)
+PINGPONG_C2 = gg.GemmConfig(kernel="pingpong", cluster_m=2)  # upstream SonicMoE's dH configuration
 AB_ASSIGNMENTS = {  # the per-role rows of the layer A/B (benchmarks/moe.py --gemm)
     "up/dh=pingpong": gg.LayerGemms(up=PINGPONG, dh=PINGPONG),
+    "up/dh=pingpong:c2": gg.LayerGemms(up=PINGPONG_C2, dh=PINGPONG_C2),
     "up/dh/down/dx=pingpong": gg.LayerGemms(up=PINGPONG, dh=PINGPONG, down=PINGPONG, dx=PINGPONG),
     "down/dx=ws:sub32": gg.LayerGemms(down=SUB32, dx=SUB32),
 }
@@ -208,3 +210,11 @@ def test_the_kernels_of_per_role_assignments_compile_for_sm90a(recorded, name):
             ("varlen_m", False, "store"), ("varlen_m", True, "store"))}
     for config, variant, transposed, epilogue in sorted(kernels, key=repr):  # a compile error fails the test
         gg._compiled(config, variant, torch.bfloat16, torch.bfloat16, transposed, epilogue)
+    # ... and each reached the compiler with its config's kernel and cluster size (c2: clusters of 2)
+    from sonic_learn.fast._cute import compiled_variants
+
+    built = {(kw["kernel"], kw["cluster_m"], args[0], kw["transposed"], kw["epilogue"])
+             for name, args, kw in compiled_variants() if name == "compile_grouped_gemm"}
+    for config, variant, transposed, epilogue in kernels:
+        cluster_m = config.cluster_m or gg.cluster_size(variant.startswith("varlen_k"), config)  # asked, or the rule
+        assert (config.kernel, cluster_m, variant, transposed, epilogue) in built

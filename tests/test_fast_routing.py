@@ -323,8 +323,9 @@ def test_fallback_token_choice_equals_reference_radix_select(T, E, K, dtype, tie
 def select_kernel_model(scores: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, uniform, mode: str,
                         tile_m: int) -> torch.Tensor:
     """Step by step what BoundaryKeysKernel + BoundarySelectKernel compute, in plain torch/Python:
-    the key words with the pick bit, the int64 rounding rule, four 8-bit radix passes finding the
-    need-th largest key and the tie rule by rank in token order. Returns the (T, E) bool keep mask.
+    the key words with the pick bit, the int64 rounding rule, up to four 8-bit radix passes finding
+    the need-th largest key (stopping once a bin is taken whole) and the tie rule by rank in token
+    order. Returns the (T, E) bool keep mask.
     (A model of the kernels' algorithm, checked against the reference on the CPU; the GPU tests
     check the kernels themselves.)"""
     T, E = scores.shape
@@ -352,6 +353,8 @@ def select_kernel_model(scores: torch.Tensor, experts: torch.Tensor, counts: tor
             key = torch.where(is_pick, 0x7FFFFFFF - (w & 0x7FFFFFFF), -1)
         prefix = decided = ties = 0
         for p in range(4):
+            if ties == need:  # the last bin was taken whole: every key >= prefix (its lower bits zero)
+                break
             shift = 24 - 8 * p
             match = (key >= 0) & ((key & decided) == prefix)
             hist = torch.bincount((key[match] >> shift) & 255, minlength=256).tolist()

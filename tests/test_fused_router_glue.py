@@ -9,7 +9,9 @@ The glue and the launch count are checked on the CPU with torch stand-ins for th
 (``tests/test_router_launches.py``); the kernels themselves only here:
 
 * compile tests (CPU, marker ``compile``): the five kernels of the token-rounding triples call and
-  the metadata kernels with the padding fill compile for sm_90a, with no register spills;
+  the metadata kernels with the padding fill compile for sm_90a, with no register spills; the
+  triples kernels read the keep mask with 16-byte loads, and the select kernel with a staged row
+  reads its passes from shared memory;
 * GPU tests (marker ``gpu``): the fused step equals the default step exactly (metadata, the scores'
   bits, token offsets, rounding counts, the gradients), stays free of host syncs, and replays from
   a CUDA graph. Run on a Hopper GPU: ``python3 -m pytest -q -p no:cacheprovider tests/test_fused_router_glue.py``.
@@ -52,8 +54,46 @@ def test_token_rounding_triples_kernels_compile_for_sm90a(tmp_path):
     assert len(entries) == len(names), entries
     for name in names:
         assert any(name in entry for entry in entries), f"missing kernel {name} in {entries}"
-    assert "vote.sync.ballot" in ptx, "the triples kernels count and place a token's experts with warp ballots"
+    assert "vote.sync.ballot" in ptx, "the select kernel ranks tied keys with warp ballots"
     assert "shfl.sync.up" in ptx, "the tile scan uses warp shuffles"
+    kernels = dict(zip(entries, re.split(r"^\.visible \.entry \w+\(", ptx, flags=re.MULTILINE)[1:]))
+    for name in ("count_kernel", "write_kernel"):  # they stream the keep mask in 16-byte words
+        body = next(body for entry, body in kernels.items() if name in entry)
+        loads = re.findall(r"ld\.global(?:\.nc)?\.v4\.b32", body)
+        assert len(loads) == fast.WORDS_IN_FLIGHT, f"{name}: {len(loads)} 16-byte keep loads"
+
+
+@pytest.mark.compile
+def test_the_select_kernel_with_a_staged_row_reads_shared_memory(tmp_path):
+    """``stage_keys``: the select kernel copies its row's selection keys into shared memory once
+    (one global load per key of a sub-block, counting the first radix pass on the way), then the
+    other radix passes and the collect read shared memory."""
+    def select_body(stage_keys):
+        (tmp_path / str(stage_keys)).mkdir()
+        ptx = fast.compile_token_rounding_triples_kernels(
+            stage_keys, extra_options=f"--keep-ptx --dump-dir={tmp_path / str(stage_keys)}").__ptx__
+        assert re.search(r"^\.target sm_90a\b", ptx, re.MULTILINE) and ".local" not in ptx
+        entries = _entries(ptx)
+        assert len(entries) == 5, entries
+        bodies = dict(zip(entries, re.split(r"^\.visible \.entry \w+\(", ptx, flags=re.MULTILINE)[1:]))
+        return next(body for entry, body in bodies.items() if "BoundarySelectKernel" in entry)
+
+    plain, staged = select_body(0), select_body(max(fast.SELECT_STAGE_KEYS))
+    row_reads = (32 // fast.RADIX_BITS + 2) * fast.SELECT_UNROLL  # key loads of four radix passes and two collects
+    global_loads = [len(re.findall(r"ld\.global", body)) for body in (plain, staged)]
+    shared_loads = [body.count("ld.shared") for body in (plain, staged)]
+    assert global_loads[0] - global_loads[1] == row_reads - fast.SELECT_UNROLL, global_loads  # the staging pass left
+    assert shared_loads[1] - shared_loads[0] == row_reads - fast.SELECT_UNROLL, shared_loads  # pass 0 while staging
+    with pytest.raises(ValueError, match="stage_keys"):
+        fast.compile_token_rounding_triples_kernels(1000)
+
+
+def test_the_select_stage_is_the_smallest_that_holds_the_row():
+    stages = fast.SELECT_STAGE_KEYS
+    assert [fast._select_stage_keys(T) for T in (1, stages[0], stages[0] + 1, stages[-1], stages[-1] + 1, 70_000)] == [
+        stages[0], stages[0], stages[1], stages[-1], 0, 0]
+    assert fast._select_stage_keys(24576) == 24576  # the 7B router's T: 96 KiB, shared memory for two CTAs per SM
+    assert stages[-1] * 4 <= 200 * 1024, "a staged row must leave room in the 227 KiB of shared memory of a Hopper CTA"
 
 
 @pytest.mark.compile
@@ -91,6 +131,10 @@ CASES = [  # T, d, E, K, tile_m, mode, scoring, normalize
     (1, 64, 8, 2, 16, "nearest", "softmax_topk", False),  # one token: rounds to nothing
     (70_000, 64, 16, 1, 64, "up", "softmax_topk", False),  # long token tiles
     (300, 64, 24, 3, 1, "nearest", "softmax_topk", False),  # tile 1: no rounding, no padding
+    # several tokens per tile, rows of 40 bytes (16-byte words straddle tokens and tiles), and a
+    # keep mask of T * E = 200040 bytes (its last 16-byte word is partial: byte loads)
+    (5001, 64, 40, 3, 32, "stochastic", "softmax_topk", False),
+    (45_000, 64, 32, 2, 128, "down", "topk_softmax", False),  # the largest staged select row (192 KiB of smem)
 ]
 
 

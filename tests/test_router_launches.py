@@ -79,6 +79,7 @@ def _reference_offsets(token_idx: torch.Tensor, T: int) -> torch.Tensor:
 @example(T=200, E=8, K=2, tile_m=16, mode="down", scoring=("softmax_topk", False), ties=True, seed=0)
 @example(T=5, E=8, K=2, tile_m=64, mode="down", scoring=("topk_softmax", True), ties=False, seed=1)  # all dropped
 @example(T=0, E=8, K=2, tile_m=16, mode="up", scoring=("softmax_topk", False), ties=False, seed=2)
+@example(T=2100, E=360, K=2, tile_m=16, mode="down", scoring=("softmax_topk", False), ties=False, seed=3)  # tiles of 3 tokens over 2 word steps
 @pytest.mark.parametrize("fused_glue", [False, True])
 def test_layer_router_step_equals_the_reference(fused_glue, T, E, K, tile_m, mode, scoring, ties, seed):
     """route_layer's glue (kernels stood in for) = the reference: padded triples and scores bit for

@@ -83,6 +83,9 @@ def test_parse_args_gemm_variants(vs):
     assert isinstance(by_role, gg.LayerGemms) and by_role.up.kernel == "pingpong" and by_role.dh.kernel == "pingpong"
     assert by_role.down == gg.DEFAULT_CONFIG
     assert vs.parse_args([]).gemm_variants == {}
+    # upstream's own dH configuration (ping-pong, clusters of 2 along M) as a per-role row
+    dh_c2 = vs.parse_args(["--gemm", "dh=pingpong:128x128x64:auto:c2"]).gemm_variants["dh=pingpong:128x128x64:auto:c2"]
+    assert dh_c2.dh == gg.GemmConfig(kernel="pingpong", cluster_m=2) and dh_c2.up == gg.DEFAULT_CONFIG
 
 
 def test_build_record_gives_every_variant_its_ratios(vs):

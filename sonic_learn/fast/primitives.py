@@ -2,11 +2,12 @@
 
 One home for the small ``@cute.jit`` helpers more than one kernel needs, so each is written once:
 
-* **Warp scans and reductions**: ``warp_exclusive_sum`` / ``warp_suffix_sum`` (shuffle scans over
-  the 32 lanes), ``warp_sum`` (butterfly reduction), ``warp_exclusive_scan`` (a warp scans a whole
-  array in chunks), ``lane_bins_and_keys_above`` (a warp reads a radix histogram, highest bins
-  first). Used by the top-k kernels (``fast.topk``), the routing metadata and token-rounding
-  kernels (``fast.routing``) and the memory-bound MoE kernels (``fast.moe_kernels``).
+* **Warp scans and reductions**: ``warp_exclusive_sum`` / ``warp_suffix_sum`` /
+  ``warp_exclusive_max`` (shuffle scans over the 32 lanes), ``warp_sum`` (butterfly reduction),
+  ``warp_exclusive_scan`` (a warp scans a whole array in chunks), ``lane_bins_and_keys_above`` (a
+  warp reads a radix histogram, highest bins first). Used by the top-k kernels (``fast.topk``),
+  the routing metadata and token-rounding kernels (``fast.routing``) and the memory-bound MoE
+  kernels (``fast.moe_kernels``).
 * **Keys**: a float's bits turned into an integer with the float's order (``to_ordered``), and the
   top-k key that also carries the column (``pack_key``, ``pack_key16``, ``unpack_key``; the radix
   select's ``radix_key``). ``sonic_learn.fast.topk``'s docstring explains the design.
@@ -26,7 +27,8 @@ from cutlass._mlir.dialects import llvm  # noqa: E402
 from cutlass.cutlass_dsl import T, dsl_user_op  # noqa: E402
 
 __all__ = [
-    "warp_exclusive_sum", "warp_suffix_sum", "warp_sum", "warp_exclusive_scan", "lane_bins_and_keys_above",
+    "warp_exclusive_sum", "warp_exclusive_max", "warp_suffix_sum", "warp_sum", "warp_exclusive_scan",
+    "lane_bins_and_keys_above",
     "IDX_BITS", "IDX_MASK", "value_word", "to_ordered", "from_ordered", "pack_key", "pack_key16", "unpack_key",
     "radix_key", "sigmoid", "swiglu_parts", "dswiglu",
 ]
@@ -46,6 +48,21 @@ def warp_exclusive_sum(x: Int32, lane: Int32):
             inclusive = inclusive + from_below
     total = cute.arch.shuffle_sync(inclusive, 31)
     return inclusive - x, total
+
+
+@cute.jit
+def warp_exclusive_max(x: Int32, lane: Int32, identity: Int32):
+    """Exclusive prefix maximum over the 32 lanes (lane 0 gets ``identity``), and the warp's maximum."""
+    inclusive = x
+    for step in cutlass.range_constexpr(5):
+        offset = 1 << step
+        from_below = cute.arch.shuffle_sync_up(inclusive, offset)
+        if lane >= offset and from_below > inclusive:
+            inclusive = from_below
+    exclusive = cute.arch.shuffle_sync_up(inclusive, 1)
+    if lane == 0:
+        exclusive = identity
+    return exclusive, cute.arch.shuffle_sync(inclusive, 31)
 
 
 @cute.jit

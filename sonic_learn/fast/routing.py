@@ -46,19 +46,20 @@ only need the r-th best key (a *threshold*) and the tie rule at it, never a sort
 2. ``BoundarySelectKernel``, one CTA per expert: the rounding rule (``round_counts``'s integer
    math; the stochastic uniforms are drawn by torch exactly as the reference draws them) gives
    delta_e; then a **radix select** over the row finds the |delta_e|-th largest selection key,
-   8 bits per pass (4 passes of a shared-memory histogram over the row, each keeping only the
-   keys that match the digits fixed so far), and a final pass in token order flips ``keep`` for
-   every key above the threshold and for the right tokens among those equal to it: the lowest
-   tokens for up (a lower token ranks higher in the reference), the highest for down (the
-   highest token ranks lowest). Tie ranks come from warp ballots plus per-warp totals; the scan is
+   8 bits per pass (up to 4 passes of a shared-memory histogram over the row, each keeping only
+   the keys that match the digits fixed so far; it stops once a digit's bin is taken whole), and
+   a final pass in token order flips ``keep`` for every key above the threshold and for the
+   right tokens among those equal to it: the lowest tokens for up (a lower token ranks higher in
+   the reference), the highest for down (the highest token ranks lowest). Tie ranks come from warp ballots plus per-warp totals; the scan is
    skipped when every tied key is taken (the usual case with distinct scores). An expert with
    delta_e = 0 exits at once; the others store at most tile_m - 1 bytes.
 
 Both kernels run from one compiled call (``TokenRoundingKernels``: one host launch, no sync).
-Cost: every pass reads one row of T keys (L2-resident), so the selection is O(T) per expert with
-no sort and no (T, E)-wide temporaries besides the keys and the mask. What stays torch: the
-probabilities p and the weights (the reference's formulas, so the compared floats are bit-identical and the
-output stays differentiable: a ``softmax`` and a ``scatter``, in place when autograd is off),
+Cost: every pass reads one row of T keys (L2-resident; in the layer's fused call the row is first
+copied into shared memory when T <= 48 Ki, and the passes read it there), so the selection is
+O(T) per expert with no sort and no (T, E)-wide temporaries besides the keys and the mask.
+What stays torch: the probabilities p and the weights (the reference's formulas, so the compared
+floats are bit-identical and the output stays differentiable: a ``softmax`` and a ``scatter``, in place when autograd is off),
 the stochastic draw (``torch.rand`` on the device, from the given generator),
 the device-side counts of ``routing.rounding`` (a few (T, E) and (E,) reductions), and the
 token-sorted triples from the (T, E) mask: ``nonzero`` by default (it sizes the output by the data
@@ -137,7 +138,7 @@ from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # n
 
 from sonic_learn.fast import topk as _fast_topk  # noqa: E402
 from sonic_learn.fast.primitives import (  # noqa: E402
-    lane_bins_and_keys_above, warp_exclusive_scan, warp_exclusive_sum)
+    lane_bins_and_keys_above, warp_exclusive_max, warp_exclusive_scan, warp_exclusive_sum)
 
 __all__ = [
     "Routing",
@@ -450,6 +451,10 @@ SELECT_THREADS = 32 * SELECT_WARPS
 SELECT_UNROLL = 16  # keys a thread loads before using them (hides the load latency)
 RADIX_BITS = 8
 RADIX_BINS = 1 << RADIX_BITS
+# Shared-memory capacities (keys) for staging an expert's key row in the select kernel, 4 bytes a
+# key: the smallest that holds T is compiled (steps of 8 Ki keys keep the CTAs per SM high; 48 Ki
+# keys = 192 KiB of the 227 KiB a Hopper CTA may use); longer rows are read from global memory.
+SELECT_STAGE_KEYS = tuple(8192 * i for i in range(1, 7))
 ROUNDING_CODES = {"down": 0, "up": 1, "nearest": 2, "stochastic": 3}  # the select kernel's `mode`
 PICK_BIT = -(2**31)  # bit 31 of a key word (as int32): set = a token-choice pick
 
@@ -570,18 +575,29 @@ class BoundarySelectKernel:
     2. Candidates and selection keys (larger = taken first), from the key row ``keys[e, :]``:
        up (delta_e > 0): the non-picks, key = score bits; down (delta_e < 0): the picks,
        key = 0x7FFFFFFF - score bits (the worst pick is dropped first). Keys are 31-bit, >= 0.
-    3. Radix select of the r = |delta_e|-th largest key: four 8-bit digit passes over the row,
-       each a shared-memory histogram of the keys matching the digits fixed so far (lanes with
-       the same digit add their count with one atomic, found with ``match.any``); warp 0
+    3. Radix select of the r = |delta_e|-th largest key: up to four 8-bit digit passes over the
+       row, each a shared-memory histogram of the keys matching the digits fixed so far (lanes
+       with the same digit add their count with one atomic, found with ``match.any``); warp 0
        finds the bin holding the r-th key. After the passes ``thr`` is that key exactly,
-       ``need`` of the keys equal to it are taken and ``ties`` is how many equal it.
+       ``need`` of the keys equal to it are taken and ``ties`` is how many equal it. A pass whose
+       bin is taken whole (its count is exactly the ``need`` left, the usual case once a few
+       digits are fixed) ends the select early: every key >= the digits fixed so far (lower bits
+       zero) is taken, so ``thr`` = that prefix and ``ties`` = ``need``.
     4. Collect, in token order: every key > thr, and among keys == thr the reference's tie rule:
        the ``need`` lowest tokens (up: a lower token ranks higher) or the ``need`` highest
        (down: the highest token ranks lowest). Ranks among ties come from a block scan
        (warp ballots + per-warp totals); when every tie is taken (ties == need, the usual
        case) the scan is skipped. Each taken token flips ``keep[t, e]`` (up: 0 -> 1, down:
        1 -> 0): at most |delta_e| < tile_m byte stores per expert.
+
+    ``stage_keys`` (compile time; 0 = off, the default): a CTA with delta_e != 0 first copies its
+    row's selection keys (T <= stage_keys) into shared memory with one pass over global memory
+    that also builds the first radix histogram; every later pass of steps 3 and 4 reads shared
+    memory instead of the row in global memory (L2).
     """
+
+    def __init__(self, stage_keys: int = 0):
+        self.stage_keys = stage_keys
 
     @cute.jit
     def __call__(self, mKeys: cute.Tensor, mCounts: cute.Tensor, mUniform: cute.Tensor, mKeep: cute.Tensor,
@@ -591,24 +607,45 @@ class BoundarySelectKernel:
         )
 
     @cute.jit
-    def _load_keys(self, mKeys: cute.Tensor, e: Int32, base: Int32, tidx: Int32, up: Int32):
+    def _load_keys(self, row: cute.Tensor, T: Int32, base: Int32, tidx: Int32, up: Int32,
+                   from_words: cutlass.Constexpr[bool]):
         """Selection keys of tokens base + u * SELECT_THREADS + tidx (u < SELECT_UNROLL); -1 for a
-        non-candidate or past the end."""
-        T = mKeys.shape[1]
+        non-candidate or past the end. ``row``: the expert's (T,) key words in global memory
+        (``from_words``), or its selection keys staged in shared memory."""
         keys = cute.make_rmem_tensor(SELECT_UNROLL, Int32)
         for u in cutlass.range_constexpr(SELECT_UNROLL):
             t = base + u * SELECT_THREADS + tidx
             key = Int32(-1)
             if t < T:
-                word = mKeys[e, t]
-                if up != 0:
-                    if word >= 0:  # not a pick
-                        key = word
+                if const_expr(from_words):
+                    word = row[t]
+                    if up != 0:
+                        if word >= 0:  # not a pick
+                            key = word
+                    else:
+                        if word < 0:  # a pick: invert its score so the worst ranks first
+                            key = Int32(0x7FFFFFFF) - (word & Int32(0x7FFFFFFF))
                 else:
-                    if word < 0:  # a pick: invert its score so the worst ranks first
-                        key = Int32(0x7FFFFFFF) - (word & Int32(0x7FFFFFFF))
+                    key = row[t]
             keys[u] = key
         return keys
+
+    @cute.jit
+    def _count_digits(self, hist: cute.Tensor, keys: cute.Tensor, shift: cutlass.Constexpr[int], decided: Int32,
+                      prefix: Int32, below):
+        """One radix pass over a thread's loaded keys: the keys matching the digits fixed so far
+        (``key & decided == prefix``) add 1 to ``hist`` at their digit ``(key >> shift) & 255``."""
+        for u in cutlass.range_constexpr(SELECT_UNROLL):
+            key = keys[u]
+            digit = Int32(-1)  # -1: not counted in this pass
+            if key >= 0 and (key & decided) == prefix:
+                digit = (key >> shift) & Int32(RADIX_BINS - 1)
+            # Scores crowd into few bins (the top digit is mostly the exponent): one atomic per
+            # distinct digit of the warp, by its lowest lane, adding the group's size (match.any),
+            # instead of up to 32 colliding atomics.
+            peers = cute.arch.match_sync(FULL_MASK, digit)
+            if digit >= 0 and (peers & below) == Uint32(0):
+                cute.arch.atomic_add((hist.iterator + digit).llvm_ptr, Int32(cute.arch.popc(peers)))
 
     @cute.kernel
     def kernel(
@@ -630,6 +667,9 @@ class BoundarySelectKernel:
         hist = smem.allocate_tensor(Int32, cute.make_layout(RADIX_BINS), byte_alignment=16)
         warp_ties = smem.allocate_tensor(Int32, cute.make_layout(SELECT_WARPS), byte_alignment=16)
         found = smem.allocate_tensor(Int32, cute.make_layout(4), byte_alignment=16)  # digit, above, in bin
+        row = mKeys[e, None]  # (T,) the key words of expert e, in global memory
+        if const_expr(self.stage_keys > 0):
+            staged = smem.allocate_tensor(Int32, cute.make_layout(self.stage_keys), byte_alignment=16)
 
         # 1. The rounding rule (reference _round_counts_rule), in int64 like the reference.
         delta = rounding_delta(mCounts, mUniform, e, mode, tile_m, T)  # |delta| < tile_m
@@ -643,51 +683,61 @@ class BoundarySelectKernel:
             step = SELECT_THREADS * SELECT_UNROLL
             below = cute.arch.lanemask_lt()
 
+            # 2. (stage_keys) The row's selection keys into shared memory, with one read of the
+            # row in global memory that also counts the first radix pass; the passes below and
+            # the collect read shared memory.
+            src = row
+            from_words = const_expr(self.stage_keys == 0)
+            if const_expr(self.stage_keys > 0):
+                if tidx < RADIX_BINS:
+                    hist[tidx] = Int32(0)
+                cute.arch.sync_threads()
+                for base in cutlass.range(0, T, step):
+                    keys = self._load_keys(row, T, base, tidx, up, True)
+                    for u in cutlass.range_constexpr(SELECT_UNROLL):
+                        t = base + u * SELECT_THREADS + tidx
+                        if t < T:
+                            staged[t] = keys[u]
+                    self._count_digits(hist, keys, 32 - RADIX_BITS, Int32(0), Int32(0), below)  # pass 0
+                src = staged
+
             # 3. Radix select: fix the key of the need-th largest, 8 bits per pass.
             prefix = Int32(0)
             decided = Int32(0)
             ties = Int32(0)
             for p in cutlass.range_constexpr(32 // RADIX_BITS):
-                shift = 32 - RADIX_BITS * (p + 1)
-                if tidx < RADIX_BINS:
-                    hist[tidx] = Int32(0)
-                cute.arch.sync_threads()
-                for base in cutlass.range(0, T, step):
-                    keys = self._load_keys(mKeys, e, base, tidx, up)
-                    for u in cutlass.range_constexpr(SELECT_UNROLL):
-                        key = keys[u]
-                        digit = Int32(-1)  # -1: not counted in this pass
-                        if key >= 0 and (key & decided) == prefix:
-                            digit = (key >> shift) & Int32(RADIX_BINS - 1)
-                        # Scores crowd into few bins (the top digit is mostly the exponent): one
-                        # atomic per distinct digit of the warp, by its lowest lane, adding the
-                        # group's size (match.any), instead of up to 32 colliding atomics.
-                        peers = cute.arch.match_sync(FULL_MASK, digit)
-                        if digit >= 0 and (peers & below) == Uint32(0):
-                            cute.arch.atomic_add((hist.iterator + digit).llvm_ptr, Int32(cute.arch.popc(peers)))
-                cute.arch.sync_threads()
-                if warp == 0:
-                    # lane l owns bins 8l..8l+7; keys in higher bins = higher lanes, then higher bins
-                    per_lane = RADIX_BINS // 32
-                    counts, above = lane_bins_and_keys_above(hist, lane, RADIX_BINS)
-                    for b in cutlass.range_constexpr(per_lane - 1, -1, -1):
-                        if above < need and above + counts[b] >= need:  # exactly one (lane, bin)
-                            found[0] = lane * per_lane + b
-                            found[1] = above
-                            found[2] = counts[b]
-                        above = above + counts[b]
-                cute.arch.sync_threads()
-                prefix = prefix | (found[0] << shift)
-                decided = decided | (Int32(RADIX_BINS - 1) << shift)
-                need = need - found[1]
-                ties = found[2]
-            thr = prefix  # need (>= 1) of the `ties` keys equal to thr are taken
+                if ties != need:  # else the last bin was taken whole: keys >= prefix (uniform over the CTA)
+                    shift = 32 - RADIX_BITS * (p + 1)
+                    if const_expr(p > 0 or self.stage_keys == 0):  # (staged: pass 0 counted while staging)
+                        if tidx < RADIX_BINS:
+                            hist[tidx] = Int32(0)
+                        cute.arch.sync_threads()
+                        for base in cutlass.range(0, T, step):
+                            keys = self._load_keys(src, T, base, tidx, up, from_words)
+                            self._count_digits(hist, keys, shift, decided, prefix, below)
+                    cute.arch.sync_threads()
+                    if warp == 0:
+                        # lane l owns bins 8l..8l+7; keys in higher bins = higher lanes, then higher bins
+                        per_lane = RADIX_BINS // 32
+                        counts, above = lane_bins_and_keys_above(hist, lane, RADIX_BINS)
+                        for b in cutlass.range_constexpr(per_lane - 1, -1, -1):
+                            if above < need and above + counts[b] >= need:  # exactly one (lane, bin)
+                                found[0] = lane * per_lane + b
+                                found[1] = above
+                                found[2] = counts[b]
+                            above = above + counts[b]
+                    cute.arch.sync_threads()
+                    prefix = prefix | (found[0] << shift)
+                    decided = decided | (Int32(RADIX_BINS - 1) << shift)
+                    need = need - found[1]
+                    ties = found[2]
+            thr = prefix  # need (>= 1) of the `ties` keys equal to thr are taken (all of them if stopped early)
             keep_value = Uint8(up)  # up adds a pair (0 -> 1), down removes one (1 -> 0)
 
             # 4. Collect in token order.
             if ties == need:  # every key >= thr is taken: no ranks needed
                 for base in cutlass.range(0, T, step):
-                    keys = self._load_keys(mKeys, e, base, tidx, up)
+                    keys = self._load_keys(src, T, base, tidx, up, from_words)
                     for u in cutlass.range_constexpr(SELECT_UNROLL):
                         if keys[u] >= thr:
                             mKeep[base + u * SELECT_THREADS + tidx, e] = keep_value
@@ -697,7 +747,7 @@ class BoundarySelectKernel:
                     first = ties - need
                 seen = Int32(0)  # tied keys in earlier sub-blocks
                 for base in cutlass.range(0, T, step):
-                    keys = self._load_keys(mKeys, e, base, tidx, up)
+                    keys = self._load_keys(src, T, base, tidx, up, from_words)
                     for u in cutlass.range_constexpr(SELECT_UNROLL):
                         key = keys[u]
                         tied = cute.arch.vote_ballot_sync(key == thr)
@@ -723,11 +773,12 @@ class BoundarySelectKernel:
 
 class TokenRoundingKernels:
     """Both token-rounding kernels behind one compiled call (one host launch, two kernels in order
-    on the stream): ``BoundaryKeysKernel`` then ``BoundarySelectKernel``."""
+    on the stream): ``BoundaryKeysKernel`` then ``BoundarySelectKernel`` (``stage_keys``: its
+    shared-memory row capacity, 0 = none)."""
 
-    def __init__(self):
+    def __init__(self, stage_keys: int = 0):
         self.keys_op = BoundaryKeysKernel()
-        self.select_op = BoundarySelectKernel()
+        self.select_op = BoundarySelectKernel(stage_keys)
 
     @cute.jit
     def __call__(self, mScores: cute.Tensor, mExperts: cute.Tensor, mKeys: cute.Tensor, mKeep: cute.Tensor,
@@ -736,22 +787,35 @@ class TokenRoundingKernels:
         self.select_op(mKeys, mCounts, mUniform, mKeep, mode, tile_m, stream)
 
 
+KEEP_WORD = 16  # bytes of the (T, E) keep mask one lane reads with one vector load
+WORDS_IN_FLIGHT = 2  # keep words a lane loads before using them (hides the load latency)
+TRIPLES_BYTE_SLACK = 32 * WORDS_IN_FLIGHT * KEEP_WORD  # int32 byte offsets a warp step may reach past T * E
+
+
 class PaddedTriplesKernel:
     """``fused_glue=True`` (the layer's default): step 5 of the fast token rounding, padded, and the counts of
     ``routing.rounding``, as kernels instead of ~14 torch launches. Three kernels over *tiles* of
-    consecutive tokens (one warp per tile, like the metadata kernels' pair tiles):
+    consecutive tokens (one warp per tile, like the metadata kernels' pair tiles).
 
-    1. ``count``: per token, its kept experts (a warp ballot per 32 bytes of its ``keep`` row);
-       per tile, the pairs and the tokens left with no expert.
+    The kept pairs in nonzero's order (token order, then expert order) are exactly the nonzero
+    bytes of the (T, E) ``keep`` mask read as one flat array: byte f = t * E + e. A tile of tokens
+    [t0, t1) is the contiguous byte range [t0 * E, t1 * E), so a warp streams it in 16-byte words
+    (one vector load per lane, ``WORDS_IN_FLIGHT`` loads in flight per lane, 512 bytes per warp
+    per word step), whatever E is; words that straddle two tiles are read by both and masked.
+
+    1. ``count``: per tile, the pairs (kept bytes) and the tokens left with no expert (the tile's
+       tokens minus those holding a *first* kept byte: one whose previous kept byte lies before its
+       token's first byte; a warp max-scan passes the last kept byte from lane to lane).
     2. ``scan`` (one warp): the tiles' exclusive prefix of pairs (in place), the totals, and the
        rounding counts: kept = the total, added / dropped = the positive / negative parts of
        ``rounding_delta`` (the select kernel's own rule) summed over experts, dropped tokens = the
        sum of the tiles' empty tokens; ``token_offsets[T]`` = P.
-    3. ``write``: every warp walks its tokens again from its tile's prefix and writes, in token
-       order then expert order (nonzero's order), ``token_idx``, ``expert_idx``, ``pair_index`` =
-       t * E + e (where the torch glue gathers the weight) and ``is_pair`` = 1, plus
-       ``token_offsets[t]``; then the whole grid fills the padding [P, bound) with token T, expert E,
-       pair_index 0 and is_pair 0.
+    3. ``write``: every warp streams its bytes again from its tile's prefix; a lane's kept bytes
+       go to consecutive positions after the kept bytes of the lanes below it (a warp prefix sum of
+       the per-lane counts), and each writes ``token_idx`` = t, ``expert_idx`` = e, ``pair_index``
+       = f = t * E + e (where the torch glue gathers the weight) and ``is_pair`` = 1; the byte that
+       starts a token writes ``token_offsets[t]``. Then the whole grid fills the padding [P, bound)
+       with token T, expert E, pair_index 0 and is_pair 0.
 
     Separate kernels because each needs a grid-wide result of the one before (every tile's count
     before any tile's offset)."""
@@ -771,12 +835,45 @@ class PaddedTriplesKernel:
                           tokens_per_tile).launch(grid=[tile_ctas, 1, 1], block=block, stream=stream)
 
     @cute.jit
-    def _kept_ballot(self, mKeep: cute.Tensor, t: Int32, c: Int32, lane: Int32):
-        """(is expert c + lane kept for token t, the warp's ballot of it)."""
+    def _tile_bytes(self, tile: Int32, tokens_per_tile: Int32, T: Int32, E: Int32):
+        """(tokens, lo, hi, last word): a tile's token count, its bytes [lo, hi) of the flat keep
+        mask and the end (exclusive) of the 16-byte words that hold them."""
+        t0 = tile * tokens_per_tile
+        t1 = cutlass.min(t0 + tokens_per_tile, T)
+        return t1 - t0, t0 * E, t1 * E, cute.ceil_div(t1 * E, KEEP_WORD)
+
+    @cute.jit
+    def _load_words(self, mKeep: cute.Tensor, first_word: Int32, last_word: Int32, lane: Int32):
+        """The keep bytes of words first_word + 32 v + lane (v < WORDS_IN_FLIGHT) as (4, v) uint32:
+        one 16-byte vector load per whole word, byte loads for the mask's last, partial word,
+        zeros past ``last_word`` (exclusive)."""
+        num_bytes = mKeep.shape[0] * mKeep.shape[1]
+        flat = cute.make_tensor(mKeep.iterator, cute.make_layout(num_bytes))  # byte f = t * E + e
+        raw = cute.make_rmem_tensor((KEEP_WORD, WORDS_IN_FLIGHT), Uint8)
+        raw.fill(0)
+        for v in cutlass.range_constexpr(WORDS_IN_FLIGHT):
+            w = first_word + v * 32 + lane
+            if w < last_word:
+                if (w + 1) * KEEP_WORD <= num_bytes:
+                    cute.autovec_copy(cute.local_tile(flat, (KEEP_WORD,), (w,)), raw[None, v])
+                else:
+                    for j in cutlass.range_constexpr(KEEP_WORD):
+                        if w * KEEP_WORD + j < num_bytes:
+                            raw[j, v] = flat[w * KEEP_WORD + j]
+        return cute.recast_tensor(raw, Uint32)  # (4, WORDS_IN_FLIGHT): byte j of a word = bits 8(j%4).. of word j//4
+
+    @cute.jit
+    def _word_bits(self, words: cute.Tensor, v: cutlass.Constexpr[int], start: Int32, lo: Int32, hi: Int32):
+        """(kept, valid): 16-bit masks over the bytes start + j of word v, valid = inside [lo, hi)
+        (this tile's bytes), kept = valid and nonzero."""
         kept = Int32(0)
-        if c + lane < mKeep.shape[1]:
-            kept = Int32(mKeep[t, c + lane])
-        return kept, cute.arch.vote_ballot_sync(kept != 0)
+        for j in cutlass.range_constexpr(KEEP_WORD):
+            if ((words[j // 4, v] >> (8 * (j % 4))) & Uint32(0xFF)) != Uint32(0):
+                kept = kept | Int32(1 << j)
+        first = cutlass.max(cutlass.min(lo - start, Int32(KEEP_WORD)), Int32(0))
+        end = cutlass.max(cutlass.min(hi - start, Int32(KEEP_WORD)), Int32(0))
+        valid = ((Int32(1) << end) - Int32(1)) & ~((Int32(1) << first) - Int32(1))
+        return kept & valid, valid
 
     # -- 1. pairs and empty tokens per tile ----------------------------------------------------
     @cute.kernel
@@ -788,21 +885,39 @@ class PaddedTriplesKernel:
         tile = bidx * WARPS_PER_CTA + tidx // 32
         T, E = mKeep.shape[0], mKeep.shape[1]
         if tile < mTilePairs.shape[0]:  # uniform over the warp
-            pairs = Int32(0)
-            empty = Int32(0)
-            for i in cutlass.range(tokens_per_tile):
-                t = tile * tokens_per_tile + i
-                if t < T:
-                    n = Int32(0)
-                    for c in cutlass.range(0, E, 32):
-                        _, ballot = self._kept_ballot(mKeep, t, c, lane)
-                        n = n + Int32(cute.arch.popc(ballot))
-                    pairs = pairs + n
-                    if n == 0:
-                        empty = empty + 1
+            tokens, lo, hi, last_word = self._tile_bytes(tile, tokens_per_tile, T, E)
+            pairs = Int32(0)  # this lane's kept bytes
+            firsts = Int32(0)  # this lane's kept bytes that are their token's first
+            last_kept = Int32(-1)  # the warp's last kept byte so far (-1: none)
+            for first_word in cutlass.range(lo // KEEP_WORD, last_word, 32 * WORDS_IN_FLIGHT):
+                words = self._load_words(mKeep, first_word, last_word, lane)
+                for v in cutlass.range_constexpr(WORDS_IN_FLIGHT):
+                    start = (first_word + v * 32 + lane) * KEEP_WORD
+                    kept, _ = self._word_bits(words, v, start, lo, hi)
+                    pairs = pairs + Int32(cute.arch.popc(kept))
+                    # The last kept byte of this word, and the last one before it (lower lanes, earlier words).
+                    mine = Int32(-1)
+                    for j in cutlass.range_constexpr(KEEP_WORD):
+                        if (kept >> j) & 1 != 0:
+                            mine = start + j
+                    before, warp_last = warp_exclusive_max(mine, lane, Int32(-1))
+                    prev = cutlass.max(before, last_kept)
+                    last_kept = cutlass.max(warp_last, last_kept)
+                    if kept != 0:
+                        e = start - (start // E) * E  # expert of byte `start`
+                        for j in cutlass.range_constexpr(KEEP_WORD):
+                            if (kept >> j) & 1 != 0:
+                                if prev < start + j - e:  # no kept byte since the token's first byte
+                                    firsts = firsts + 1
+                                prev = start + j
+                            e = e + 1
+                            if e == E:
+                                e = Int32(0)
+            _, tile_pairs = warp_exclusive_sum(pairs, lane)
+            _, tile_firsts = warp_exclusive_sum(firsts, lane)
             if lane == 0:
-                mTilePairs[tile] = pairs
-                mTileEmpty[tile] = empty
+                mTilePairs[tile] = tile_pairs
+                mTileEmpty[tile] = tokens - tile_firsts
 
     # -- 2. tile offsets, P, and the rounding counts (one warp) ---------------------------------
     @cute.kernel
@@ -831,7 +946,7 @@ class PaddedTriplesKernel:
             mStats[3] = Int64(empty)
             mTokenOffsets[T] = kept
 
-    # -- 3. the triples, token by token, then the padding ---------------------------------------
+    # -- 3. the triples, word by word, then the padding -----------------------------------------
     @cute.kernel
     def write_kernel(self, mKeep: cute.Tensor, mTileStart: cute.Tensor, mStats: cute.Tensor, mTokenIdx: cute.Tensor,
                      mExpertIdx: cute.Tensor, mPairIndex: cute.Tensor, mIsPair: cute.Tensor,
@@ -842,23 +957,34 @@ class PaddedTriplesKernel:
         tile = bidx * WARPS_PER_CTA + tidx // 32
         T, E = mKeep.shape[0], mKeep.shape[1]
         num_tiles = mTileStart.shape[0]
-        below = cute.arch.lanemask_lt()
         if tile < num_tiles:  # uniform over the warp
-            running = mTileStart[tile]  # the first pair of this tile's first token
-            for i in cutlass.range(tokens_per_tile):
-                t = tile * tokens_per_tile + i
-                if t < T:
-                    if lane == 0:
-                        mTokenOffsets[t] = running
-                    for c in cutlass.range(0, E, 32):
-                        kept, ballot = self._kept_ballot(mKeep, t, c, lane)
-                        if kept != 0:
-                            pos = running + Int32(cute.arch.popc(Uint32(ballot) & below))
-                            mTokenIdx[pos] = t
-                            mExpertIdx[pos] = c + lane
-                            mPairIndex[pos] = t * E + c + lane
-                            mIsPair[pos] = Uint8(1)
-                        running = running + Int32(cute.arch.popc(ballot))
+            _, lo, hi, last_word = self._tile_bytes(tile, tokens_per_tile, T, E)
+            running = mTileStart[tile]  # the position of the tile's first kept byte
+            for first_word in cutlass.range(lo // KEEP_WORD, last_word, 32 * WORDS_IN_FLIGHT):
+                words = self._load_words(mKeep, first_word, last_word, lane)
+                for v in cutlass.range_constexpr(WORDS_IN_FLIGHT):
+                    start = (first_word + v * 32 + lane) * KEEP_WORD
+                    kept, valid = self._word_bits(words, v, start, lo, hi)
+                    # This lane's kept bytes follow those of the lower lanes (nonzero's order).
+                    before, word_total = warp_exclusive_sum(Int32(cute.arch.popc(kept)), lane)
+                    pos = running + before
+                    if valid != 0:
+                        t = start // E  # token and expert of byte `start`, then byte by byte
+                        e = start - t * E
+                        for j in cutlass.range_constexpr(KEEP_WORD):
+                            if e == 0 and (valid >> j) & 1 != 0:  # the first byte of token t
+                                mTokenOffsets[t] = pos
+                            if (kept >> j) & 1 != 0:
+                                mTokenIdx[pos] = t
+                                mExpertIdx[pos] = e
+                                mPairIndex[pos] = start + j
+                                mIsPair[pos] = Uint8(1)
+                                pos = pos + 1
+                            e = e + 1
+                            if e == E:
+                                e = Int32(0)
+                                t = t + 1
+                    running = running + word_total
         # Padding, grid-stride over [P, bound): rows no tile writes.
         threads = cute.ceil_div(num_tiles, WARPS_PER_CTA) * THREADS_PER_CTA
         for p in cutlass.range(Int32(mStats[0]) + bidx * THREADS_PER_CTA + tidx, mTokenIdx.shape[0], threads):
@@ -872,8 +998,8 @@ class TokenRoundingTriplesKernels:
     """``fused_glue=True``: ``TokenRoundingKernels`` then ``PaddedTriplesKernel``, one
     compiled call (one host launch, five kernels in order on the stream)."""
 
-    def __init__(self):
-        self.rounding = TokenRoundingKernels()
+    def __init__(self, stage_keys: int = 0):
+        self.rounding = TokenRoundingKernels(stage_keys)
         self.triples = PaddedTriplesKernel()
 
     @cute.jit
@@ -887,14 +1013,18 @@ class TokenRoundingTriplesKernels:
                      mIsPair, mTokenOffsets, mStats, tokens_per_tile, stream)
 
 
-def compile_token_rounding_triples_kernels(*, extra_options: str = ""):
+def compile_token_rounding_triples_kernels(stage_keys: int = 0, *, extra_options: str = ""):
     """Compile ``TokenRoundingTriplesKernels`` (``fused_glue=True``) for sm_90a from fake
-    tensors; not cached. All of T, E, K, the tile count and the bound are symbolic. Returns the
+    tensors; not cached. ``stage_keys``: 0, or one of ``SELECT_STAGE_KEYS``, the select kernel's
+    shared-memory row capacity (then only T <= stage_keys may be launched). All of T, E, K, the
+    tile count and the bound are symbolic. Returns the
     TVM-FFI callable ``f(scores_bits, experts, keys, keep, counts, uniform, mode, tile_m, tile_pairs,
     tile_empty, token_idx, expert_idx, pair_index, is_pair, token_offsets, stats, tokens_per_tile)``:
     the arguments of ``compile_token_rounding_kernels``, then (tiles,) int32 scratch twice, (bound,)
     int32 token_idx, expert_idx, pair_index, (bound,) uint8 is_pair, (T+1,) int32 token_offsets and
     (4,) int64 stats."""
+    if stage_keys != 0 and stage_keys not in SELECT_STAGE_KEYS:
+        raise ValueError(f"stage_keys must be 0 or one of {SELECT_STAGE_KEYS}, got {stage_keys}")
     T, E, K, U = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
 
     def mat(dtype, rows, cols, align):
@@ -905,8 +1035,8 @@ def compile_token_rounding_triples_kernels(*, extra_options: str = ""):
 
     tiles, bound = cute.sym_int(), cute.sym_int()
     return cute.compile(
-        TokenRoundingTriplesKernels(), mat(Int32, T, E, 4), mat(Int32, T, K, 4), mat(Int32, E, T, 4),
-        mat(Uint8, T, E, 1), vec(Int32, E), vec(Float64, U, 8), Int32(0), Int64(1), vec(Int32, tiles),
+        TokenRoundingTriplesKernels(stage_keys), mat(Int32, T, E, 4), mat(Int32, T, K, 4), mat(Int32, E, T, 4),
+        mat(Uint8, T, E, KEEP_WORD), vec(Int32, E), vec(Float64, U, 8), Int32(0), Int64(1), vec(Int32, tiles),
         vec(Int32, tiles), vec(Int32, bound), vec(Int32, bound), vec(Int32, bound), vec(Uint8, bound, 1),
         vec(Int32, cute.sym_int()), vec(Int64, cute.sym_int(), 8), Int32(1),
         make_fake_stream(use_tvm_ffi_env_stream=True), options=compile_options(extra=extra_options),
@@ -954,6 +1084,12 @@ def _launch_boundary_kernels(scores: torch.Tensor, experts: torch.Tensor, counts
     return keep
 
 
+def _select_stage_keys(num_tokens: int) -> int:
+    """The select kernel's shared-memory row capacity for T tokens: the smallest of
+    ``SELECT_STAGE_KEYS`` that holds the row, else 0 (the passes read global memory)."""
+    return next((keys for keys in SELECT_STAGE_KEYS if num_tokens <= keys), 0)
+
+
 def _token_tiling(num_tokens: int) -> tuple[int, int]:
     """(tokens_per_tile, num_tiles) of the triples kernels: ~TARGET_TILES warps, one token at least."""
     tokens_per_tile = max(1, -(-num_tokens // TARGET_TILES))
@@ -963,9 +1099,9 @@ def _token_tiling(num_tokens: int) -> tuple[int, int]:
 def _launch_token_rounding_triples(scores: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor,
                                    uniform: torch.Tensor | None, mode: str, tile_m: int, bound: int):
     """``fused_glue``: the selection and the padded triples in one compiled call; no host
-    sync. T must be > 0 and T * E, bound <= MAX_PAIRS. Returns (token_idx, expert_idx, pair_index
-    (bound,) int32, is_pair (bound,) bool, token_offsets (T+1,) int32, counts (4,) int64: kept,
-    dropped, added pairs and dropped tokens)."""
+    sync. T must be > 0, T * E + TRIPLES_BYTE_SLACK and bound <= MAX_PAIRS. Returns (token_idx,
+    expert_idx, pair_index (bound,) int32, is_pair (bound,) bool, token_offsets (T+1,) int32,
+    counts (4,) int64: kept, dropped, added pairs and dropped tokens)."""
     T, E = scores.shape
     device = scores.device
     i32 = torch.int32
@@ -979,9 +1115,10 @@ def _launch_token_rounding_triples(scores: torch.Tensor, experts: torch.Tensor, 
     counts4 = torch.empty(4, dtype=torch.int64, device=device)
     if uniform is None:
         uniform = _no_uniform(device)
-    launch(compiled(compile_token_rounding_triples_kernels), device, scores.view(i32), experts, keys, keep, counts,
-           uniform, ROUNDING_CODES[mode], tile_m, tile_pairs, tile_empty, token_idx, expert_idx, pair_index, is_pair,
-           token_offsets, counts4, tokens_per_tile)  # five kernels in order on the current stream
+    kernels = compiled(compile_token_rounding_triples_kernels, _select_stage_keys(T))  # the select's row in smem
+    launch(kernels, device, scores.view(i32), experts, keys, keep, counts, uniform, ROUNDING_CODES[mode], tile_m,
+           tile_pairs, tile_empty, token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4,
+           tokens_per_tile)  # five kernels in order on the current stream
     return token_idx, expert_idx, pair_index, is_pair.view(torch.bool), token_offsets, counts4
 
 
@@ -1308,7 +1445,7 @@ def _route_token_rounding(logits, k, tile_m, mode, generator, scoring, normalize
     # fused_glue: steps 2-5 and the counts in one compiled call (selection, then the padded triples).
     bound = _ref.max_pairs(T, E, k, tile_m)
     if (fused_glue and pad_to_bound and T > 0 and probs.dtype == torch.float32 and selection == "kernels"
-            and max(T * E, bound) <= MAX_PAIRS):
+            and max(T * E + TRIPLES_BYTE_SLACK, bound) <= MAX_PAIRS):
         token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4 = _launch_token_rounding_triples(
             probs.detach(), tc_experts32, counts, uniform, mode, tile_m, bound)
         scores = _pair_weights(probs, tc_experts, tc_scores)  # (T, E)

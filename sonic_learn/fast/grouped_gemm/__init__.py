@@ -33,7 +33,7 @@ Which kernel runs (the ladder, llm.c style; a ``GemmConfig`` passed as ``config=
    of the fused MoE epilogues (``gather_fused_grouped_gemm_swiglu`` / ``_dswiglu``).
 4. ``"pingpong"`` (``ws.GroupedGemmWS(ping_pong=True)``): step 3 with each MMA warpgroup owning whole
    128 x 128 tiles, so one warpgroup's epilogue overlaps the other's mainloop (opt-in: measured
-   slower than step 3 on most shapes).
+   slower than step 3 on most shapes); clusters of 2 CTAs on request (``cluster_m=2``).
 
 The MoE layer's GEMMs can each take their own step: ``LayerGemms`` holds one ``GemmConfig`` per
 role (``GEMM_ROLES``: up, down, dh, dx, dw) for ``fast.moe.fast_ops``.
@@ -121,9 +121,11 @@ class GemmConfig:
     kernel's own. ``stages``: pipeline stages (None: as many as fit). ``max_ctas`` caps the
     persistent kernels' grid (None: one CTA per SM; tests use a small cap so that every CTA walks
     many tiles). ``tma_store=False`` gives the persistent kernels' plain store the synchronous
-    shared-memory copy-out instead of the TMA bulk store. ``cluster_m=2`` ("ws" only) runs the
-    cooperative kernel in clusters of 2 CTAs along M sharing each tile's B through TMA multicast;
-    None picks per problem (``cluster_size``). ``epi_subtile`` (32 or 64; "ws" with the TMA store
+    shared-memory copy-out instead of the TMA bulk store. ``cluster_m=2`` (the persistent kernels,
+    "ws" or "pingpong") runs the kernel in clusters of 2 CTAs along M sharing each tile's B through
+    TMA multicast (e.g. ping-pong in clusters of 2 is upstream SonicMoE's configuration of its dH
+    GEMM); None picks per problem (``cluster_size``: "ws" pairs the varlen-K GEMMs only, "pingpong"
+    never). ``epi_subtile`` (32 or 64; "ws" with the TMA store
     only; None = the whole-tile buffer): the plain store leaves each warpgroup's accumulators in
     subtiles of 64 rows x ``epi_subtile`` columns through two small staging buffers, so stores
     overlap the next subtile's writes and the freed shared memory becomes pipeline stages
@@ -160,9 +162,9 @@ class GemmConfig:
             _checks.check_int_range("max_ctas", self.max_ctas, 1, what="CTAs of the persistent kernels")
         _checks.check_bool("tma_store", self.tma_store)
         _check_cluster_m(self.cluster_m, allow_none=True)
-        if self.cluster_m == 2 and kernel != "ws":
-            raise ValueError(f"cluster_m={self.cluster_m} needs kernel='ws' (the cooperative production kernel), "
-                             f"got {kernel!r}")
+        if self.cluster_m == 2 and kernel not in PERSISTENT:
+            raise ValueError(f"cluster_m={self.cluster_m} needs a persistent kernel {PERSISTENT} (the teaching "
+                             f"kernels run one CTA per tile, without clusters), got {kernel!r}")
         _check_epi_subtile(self.epi_subtile, kernel, tile, self.tma_store)
 
     @property
@@ -258,17 +260,18 @@ def _compiled(cfg: GemmConfig, variant: str, dtype: torch.dtype, out_dtype: torc
 
 
 def cluster_size(varlen_k: bool, config: GemmConfig | None = None) -> int:
-    """CTAs per cluster for ``config``'s kernel: its ``cluster_m``, or by default the rule the tile
-    sweep supports (benchmarks/results/grouped_gemm_tiles_*.json, configs c1 vs c2): 2 for varlen-K
-    (both CTAs of a pair reduce over the same expert rows, so the multicast B costs no padding), 1
-    for varlen-M (a pair of m-tiles must stay inside one expert, which adds about half a tile of
-    padding per expert and costs more than the shared B saves)."""
+    """CTAs per cluster for ``config``'s kernel: its ``cluster_m`` (persistent kernels), or by default
+    the rule the tile sweep supports for "ws" (benchmarks/results/grouped_gemm_tiles_*.json, configs
+    c1 vs c2): 2 for varlen-K (both CTAs of a pair reduce over the same expert rows, so the multicast
+    B costs no padding), 1 for varlen-M (a pair of m-tiles must stay inside one expert, which adds
+    about half a tile of padding per expert and costs more than the shared B saves). "pingpong"
+    runs without clusters unless asked (its default is unchanged by the opt-in)."""
     cfg = checked_config(config)
-    if cfg.kernel != "ws":
+    if not cfg.persistent:
         return 1
     if cfg.cluster_m is not None:
         return cfg.cluster_m
-    return 2 if varlen_k else 1
+    return 2 if varlen_k and cfg.kernel == "ws" else 1
 
 
 def _epi_args(cfg: GemmConfig, out: torch.Tensor, epi_out=None, epi_in=None, row_in=None, row_out=None) -> tuple:
@@ -372,7 +375,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     kernel: ``epilogues.DSwiGLUEpilogue``).
     ``tma_store`` (persistent kernels, plain store): full tiles leave through a TMA bulk store
     (``GroupedGemmWS.epilogue_wg_tma``); False keeps the synchronous shared-memory copy-out.
-    ``cluster_m`` (kernel "ws"): CTAs per cluster sharing B by TMA multicast (``GroupedGemmWS(cluster_m=...)``).
+    ``cluster_m`` (persistent kernels, "ws" or "pingpong"): CTAs per cluster sharing B by TMA multicast
+    (``GroupedGemmWS(cluster_m=...)``).
     ``epi_subtile`` (kernel "ws", TMA store): the subtiled epilogue of the plain store and of the
     SwiGLU epilogue (``GemmConfig``); ignored by the dH epilogue and the transposed varlen-K store,
     which keep the whole-tile buffer.
@@ -433,8 +437,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
             raise ValueError(f"tile {tile} leaves room for {stages} pipeline stages next to the epilogue buffers")
     stages = stages or default_stages(tile)
     _check_cluster_m(cluster_m, allow_none=False)
-    if cluster_m != 1 and kernel != "ws":
-        raise ValueError(f"cluster_m={cluster_m} needs kernel='ws', got {kernel!r}")
+    if cluster_m != 1 and kernel not in PERSISTENT:
+        raise ValueError(f"cluster_m={cluster_m} needs a persistent kernel {PERSISTENT}, got {kernel!r}")
     if kernel == "sm90":  # the epilogue reuses the A/B stage buffers for the output tile
         ab_bytes = stages * (tile[0] + tile[1]) * tile[2] * 2
         if epilogue_smem_bytes(tile, out_dtype.itemsize) > ab_bytes:

@@ -6,7 +6,12 @@ TMA bulk-store epilogue, clusters of 2 CTAs with the B tile multicast, K-major w
 transposed varlen-K store and the epilogue hook of the fused MoE epilogues (``epilogues``).
 Step 4 (``GroupedGemmWS(ping_pong=True)``) lets one MMA warpgroup's epilogue overlap the other's mainloop; at the
 128 x 128 tile it needs, it was measured slower than step 3 except on the 7B down-projection, so
-step 3 stays the default (benchmarks/results/grouped_gemm_tiles_pingpong_NVIDIA_H200.json).
+step 3 stays the default (benchmarks/results/grouped_gemm_tiles_pingpong_NVIDIA_H200.json). Both
+steps run in clusters of 2 CTAs on request (``cluster_m=2``): the same multicast producer, cluster
+launch and remote slot release, with a ping-pong slot freed by the 4 warps of the one warpgroup
+that read it in each CTA. (Upstream SonicMoE runs its dH GEMM as a ping-pong kernel with a
+128 x 128 x 64 tile in clusters of 2 along M; ``GemmConfig(kernel="pingpong", cluster_m=2)`` is
+that configuration here.)
 
 The TMA store uses one descriptor for the whole (M, N) output rather than one per expert: a
 warpgroup's 64 rows that all belong to the expert (every tile but the expert's last) go out as one
@@ -60,8 +65,10 @@ class GroupedGemmWS(GroupedGemmSm90):
       decode the same sequence independently, so they need no extra queue. While the MMA warps run
       an epilogue, the loaders already fill the next tile's slots.
     * **Clusters** (``cluster_m=2``): the two CTAs of a unit need the same B tile; each fetches half
-      and TMA multicasts it into both, and a slot is freed only when both CTAs' MMA warps are done
-      with it (remote mbarrier arrivals, ``release_slot``).
+      and TMA multicasts it into both, and a slot is freed only when both CTAs' MMA warps that read
+      it are done with it (remote mbarrier arrivals, ``release_slot``; ``empty_arrivals``: the 8
+      MMA warps per CTA, or when ping-ponging the 4 warps of the slot's warpgroup). Cooperative and
+      ping-pong kernels share the producer, the launch and the release.
     * **Epilogue** per MMA warpgroup through its own shared-memory buffer (64 rows), synchronized
       with a named barrier of 128 threads; the same ``tile_value`` hook as GroupedGemmSm90. The
       plain store sends full rows by TMA bulk store (``epilogue_wg_tma``), or subtile by subtile
@@ -90,12 +97,13 @@ class GroupedGemmWS(GroupedGemmSm90):
         through a pair of named barriers (ORDER_BARRIER); a whole 128 x tile_n tile's accumulators
         live in one warpgroup, so tile_n is 128. ``tma_store=False``: the plain store copies out
         of shared memory synchronously instead of the TMA bulk store. ``cluster_m``: CTAs per
-        cluster along M that share each tile's B through TMA multicast (1 or 2).
+        cluster along M that share each tile's B through TMA multicast (1 or 2; cooperative or
+        ping-pong).
         ``epi_subtile``: columns per subtile of the subtiled TMA-store epilogue (cooperative kernel
         with ``tma_store``; the plain store and the SwiGLU epilogue, ``SUBTILE_OUTPUTS``; ignored by
         the dH epilogue and the transposed varlen-K store)."""
         super().__init__(**kernel)
-        assert cluster_m in (1, 2) and not (ping_pong and cluster_m > 1)
+        assert cluster_m in (1, 2)
         self.pingpong = ping_pong
         self.tma_store = tma_store
         self.cluster_m = cluster_m
@@ -322,8 +330,8 @@ class GroupedGemmWS(GroupedGemmSm90):
             # full barrier: 128 cp.async arrivals + 1 arrive-with-byte-count from the TMA thread
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, PRODUCER_THREADS + 1),
             # empty barrier: every MMA thread that read the slot (one warpgroup when ping-ponging);
-            # in a cluster, one lane per MMA warp of *every* CTA of the cluster (a slot is refilled
-            # by the partners' multicasts too, so all of them must have read it)
+            # in a cluster, one lane per reading MMA warp of *every* CTA of the cluster (a slot is
+            # refilled by the partners' multicasts too, so all of them must have read it)
             consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, self.empty_arrivals()),
             defer_sync=cm > 1,
         )
@@ -517,7 +525,10 @@ class GroupedGemmWS(GroupedGemmSm90):
                 if t > cta:
                     cute.arch.barrier(barrier_id=ORDER_BARRIER + wg - 1, number_of_threads=CONSUMER_THREADS)
                 # The other warpgroup consumes the slots of the CTA's previous tile: step over them
-                # (the producer fills the slots in the CTA's tile order).
+                # (the producer fills the slots in the CTA's tile order). In a cluster, t and the
+                # k-tile count are the same in both CTAs (t counts units of the cluster; k_other
+                # does not depend on the rank), so both CTAs give each slot fill to the same
+                # warpgroup, whose warps release it in both (``empty_arrivals``).
                 if t - num_ctas >= cta:
                     k_other = self.tile_problem(t - num_ctas, n_tiles, m_tiles, tile_offsets, expert_offsets,
                                                 a.shape[1], rank)[6]
@@ -608,15 +619,27 @@ class GroupedGemmWS(GroupedGemmSm90):
             table[num_experts] = upto
 
     def empty_arrivals(self) -> int:
-        """Arrivals that free a pipeline slot: every MMA thread that read it (one warpgroup when
-        ping-ponging), or with a cluster one lane per MMA warp per CTA of the cluster."""
+        """Arrivals that free a pipeline slot: every MMA thread that read it (both warpgroups, or
+        the one warpgroup whose tile it holds when ping-ponging), or with a cluster one lane per
+        reading MMA warp per CTA of the cluster (8 x cluster_m cooperative, 4 x cluster_m ping-pong).
+
+        Ping-pong in a cluster relies on both CTAs handing a slot to the *same* warpgroup: the
+        scheduler's "CTA" is the cluster (``kernel``), so both CTAs walk the same unit sequence
+        t = cluster, cluster + clusters, ...; warpgroup wg takes the units at even / odd positions
+        of it in both; ``read`` / ``release`` step over the other warpgroup's units by their
+        k-tile count, which depends only on the unit (K for varlen-M, the expert's rows for
+        varlen-K), not on the CTA's rank; and the producers fill the slots in that same order. So
+        slot i's n-th fill is read by the same warpgroup in both CTAs, whose 4 warps each arrive
+        once per CTA. The ORDER_BARRIER turns are per CTA and only delay a warpgroup's waits."""
+        readers = CONSUMER_THREADS // 2 if self.pingpong else CONSUMER_THREADS  # threads that read a slot
         if self.cluster_m > 1:
-            return CONSUMER_THREADS // 32 * self.cluster_m
-        return CONSUMER_THREADS // 2 if self.pingpong else CONSUMER_THREADS
+            return readers // 32 * self.cluster_m
+        return readers
 
     @cute.jit
     def release_slot(self, pipe, state):
-        """The MMA warps are done reading a slot: tell the producer(s) that may refill it."""
+        """The MMA warps are done reading a slot: tell the producer(s) that may refill it (called by
+        the warps that read it: both warpgroups, or the slot's warpgroup when ping-ponging)."""
         if const_expr(self.cluster_m == 1):
             pipe.consumer_release(state)
         else:  # lane r of each MMA warp arrives on the slot's empty barrier in the CTA of rank r
