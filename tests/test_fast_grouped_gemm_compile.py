@@ -262,6 +262,15 @@ def test_pingpong_192_config_and_its_limits():
         fast.gather_fused_grouped_gemm_swiglu(x, w, None, fused=False, config=pp)
     with pytest.raises(ValueError, match="a must be a CUDA tensor"):
         fast.grouped_gemm_varlen_k(x, x, None, config=pp)
+    # the MoE layer: the plain-store roles (down, dx) take it, the roles that need more refuse it
+    assert fast.LayerGemms(down=pp, dx=pp).config("dx") == pp
+    for role, needs in (("up", "the fused SwiGLU epilogue"), ("dh", "the fused dH epilogue"),
+                        ("dw", "the transposed varlen-K store")):
+        with pytest.raises(ValueError, match=rf"LayerGemms.{role}: .* runs the plain store only .* {needs}"):
+            fast.LayerGemms(**{role: pp})
+    with pytest.raises(ValueError, match="LayerGemms.up"):
+        fast.checked_layer_gemms(pp)  # one config for every GEMM of the layer
+    assert fast.checked_layer_gemms(fast.GemmConfig(kernel="ws", tile=PP192)).up.tile == PP192
 
 
 @pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")

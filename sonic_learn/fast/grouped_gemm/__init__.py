@@ -33,7 +33,13 @@ Which kernel runs (the ladder, llm.c style; a ``GemmConfig`` passed as ``config=
    of the fused MoE epilogues (``gather_fused_grouped_gemm_swiglu`` / ``_dswiglu``).
 4. ``"pingpong"`` (``ws.GroupedGemmWS(ping_pong=True)``): step 3 with each MMA warpgroup owning whole
    128 x 128 tiles, so one warpgroup's epilogue overlaps the other's mainloop (opt-in: measured
-   slower than step 3 on most shapes); clusters of 2 CTAs on request (``cluster_m=2``).
+   slower than step 3 on most shapes); clusters of 2 CTAs on request (``cluster_m=2``). Opt-in and
+   not yet measured: the 128 x 192 x 64 tile (``tile=(128, 192, 64)``, three 64-column swizzle
+   atoms), 1.5x the arithmetic intensity of 128 x 128 for the short-K plain-store GEMMs
+   (down-projection, dX~; upstream SonicMoE runs those as ping-pong 128 x 192 when n is small).
+   A warpgroup then holds 192 fp32 accumulators per thread, so its epilogue is kept lean
+   (``ws.GroupedGemmWS.lean_epilogue``) and it runs the plain store only (``lean_tile``,
+   ``GemmConfig.fused_epilogues``). The cooperative step 3 takes tile_n = 192 as well.
 
 The MoE layer's GEMMs can each take their own step: ``LayerGemms`` holds one ``GemmConfig`` per
 role (``GEMM_ROLES``: up, down, dh, dx, dw) for ``fast.moe.fast_ops``.
@@ -78,7 +84,8 @@ STEPS = {  # the ladder, one line each: what the step adds to the one before (Ge
     "sm90": "+ the tile staged in shared memory and stored as coalesced 16-byte row chunks (sm90.py)",
     "ws": "+ warp specialization, mbarrier pipeline, TMA loads, persistent scheduler, TMA-store epilogue, "
           "clusters (ws.py; production)",
-    "pingpong": "+ each MMA warpgroup owns whole tiles, so one's epilogue overlaps the other's mainloop (ws.py)",
+    "pingpong": "+ each MMA warpgroup owns whole tiles, so one's epilogue overlaps the other's mainloop (ws.py; "
+                "tile_n up to 192)",
 }
 KERNELS = tuple(STEPS)
 PERSISTENT = ("ws", "pingpong")  # the warp-specialized persistent kernels (fused epilogues, layout options)
@@ -149,7 +156,11 @@ class GemmConfig:
 
     ``kernel``: "v1" (teaching step), "sm90" (+ shared-memory epilogue), "ws" (production,
     cooperative) or "pingpong" (production, ping-pong). ``tile``: (128, tile_n, tile_k), default the
-    kernel's own. ``stages``: pipeline stages (None: as many as fit). ``max_ctas`` caps the
+    kernel's own; tile_n from ``TILE_NS[kernel]``, tile_k 32 or 64. tile_n = 192 (persistent kernels,
+    opt-in, unmeasured) is the ping-pong kernel's wide tile for the short-K plain-store GEMMs
+    (down-projection, dX~): it runs the plain store only (``fused_epilogues`` is False; the fused
+    SwiGLU / dH epilogues and the transposed varlen-K store are refused with a ValueError, and
+    ``LayerGemms`` gives it to the down / dx roles only). ``stages``: pipeline stages (None: as many as fit). ``max_ctas`` caps the
     persistent kernels' grid (None: one CTA per SM; tests use a small cap so that every CTA walks
     many tiles). ``tma_store=False`` gives the persistent kernels' plain store the synchronous
     shared-memory copy-out instead of the TMA bulk store. ``cluster_m=2`` (the persistent kernels,
@@ -230,6 +241,9 @@ GEMM_ROLES = {
     "dx": "dX~ = dH W1^T (K = 2n)",
     "dw": "the varlen-K weight gradients dW1 = X^T dH and dW2 = A'^T dO",
 }
+# The roles whose GEMM needs more than the plain store (``GemmConfig.fused_epilogues``)
+FUSED_ROLES = {"up": "the fused SwiGLU epilogue", "dh": "the fused dH epilogue",
+               "dw": "the transposed varlen-K store (dW2)"}
 
 
 @dataclass(frozen=True)
@@ -253,6 +267,10 @@ class LayerGemms:
             if not isinstance(config, GemmConfig):
                 raise TypeError(f"LayerGemms.{role} (the {role!r} GEMM's config) must be a "
                                 f"sonic_learn.fast.grouped_gemm.GemmConfig, got {type(config).__name__}")
+            if role in FUSED_ROLES and not config.fused_epilogues:
+                raise ValueError(f"LayerGemms.{role}: {config} runs the plain store only (GemmConfig."
+                                 f"fused_epilogues is False), and the {role!r} GEMM needs "
+                                 f"{FUSED_ROLES[role]}; give that config to the plain-store roles (down, dx)")
 
     @classmethod
     def uniform(cls, config: GemmConfig) -> LayerGemms:

@@ -11,7 +11,10 @@ steps run in clusters of 2 CTAs on request (``cluster_m=2``): the same multicast
 launch and remote slot release, with a ping-pong slot freed by the 4 warps of the one warpgroup
 that read it in each CTA. (Upstream SonicMoE runs its dH GEMM as a ping-pong kernel with a
 128 x 128 x 64 tile in clusters of 2 along M; ``GemmConfig(kernel="pingpong", cluster_m=2)`` is
-that configuration here.)
+that configuration here.) Opt-in and unmeasured: the ping-pong 128 x 192 x 64 tile (upstream's
+choice for its short-K down-projection and dX~ GEMMs), whose warpgroups hold 192 fp32
+accumulators per thread and keep a lean epilogue (``GroupedGemmWS.lean_epilogue``: plain store
+only, 3 pipeline stages); the cooperative kernel takes tile_n = 192 too.
 
 The TMA store uses one descriptor for the whole (M, N) output rather than one per expert: a
 warpgroup's 64 rows that all belong to the expert (every tile but the expert's last) go out as one
