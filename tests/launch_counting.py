@@ -47,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sonic_learn import _checks
 from sonic_learn.fast import grouped_gemm as gg
+from sonic_learn.fast import moe as fast_moe
 from sonic_learn.fast import moe_kernels as mk
 from sonic_learn.fast import routing as fast
 from sonic_learn.fast import topk as fast_topk
@@ -372,6 +373,10 @@ def _grouped_gemm_standin(variant, a, b, out, epi_out, epi_in, row_in, row_out, 
 
 def _moe_kernel_standin(variant, *args):
     name, dtype = variant
+    if name == "zero_rows_past_end":  # token rounding's backward: the torch version of the kernel
+        a, b, offsets = args
+        fast_moe.zero_rows_past_end(a, b, end=offsets[-1])
+        return
     if name not in ("gather_sum", "gather_sum_weighted"):
         raise NotImplementedError(f"no CPU stand-in for the moe_kernels kernel {name}")
     rows, weights, row_of_pair, token_offsets, out = args

@@ -301,6 +301,46 @@ def test_gather_scale_dot_kernel():
     assert (ds.double() - ds64).abs().max().item() <= 1e-4 * ds64.abs().max().item()
 
 
+@needs_hopper
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("M, end, widths", [
+    (300, 0, (8, 272)),  # every row from the first on (widths 8 and 2n, n = 136)
+    (300, 300, (272, 8)),  # end = M: no padding, nothing changes
+    (300, 299, (272, 136)),  # only the last row
+    (300, 100, (8, 8)),  # a full tail of K_TAIL_ROWS rows inside the tensor, garbage after it kept
+    (300, 200, (136, 4096)),  # the tail cut by M (100 rows), a row longer than one pass of the CTA's threads
+    (50, 0, (8, 272)), (50, 30, (272, 136)),  # M < K_TAIL_ROWS
+    (1, 0, (8, 8)), (0, 0, (8, 8)),
+])
+def test_zero_rows_past_end_kernel(M, end, widths, dtype):
+    """The tail kernel (one launch, end = offsets[E] read on the device) leaves two tensors exactly
+    as the torch version does, bit for bit: rows end .. end + K_TAIL_ROWS - 1 (those below M) zero,
+    every other row untouched. The tensors hold random bit patterns (NaN and inf among them) and
+    NaN rows, as the padding rows of token rounding's buffers do."""
+    from sonic_learn.fast import moe as fast_moe
+    from sonic_learn.fast import moe_kernels as mk
+
+    g = torch.Generator().manual_seed(M * 1000 + end)
+
+    def garbage(width):  # (M, width) random 16-bit patterns, every 7th row NaN
+        bits = torch.randint(-2**15, 2**15, (M, width), generator=g, dtype=torch.int32).to(torch.int16)
+        t = bits.view(DTYPES[dtype]).cuda()
+        t[::7] = float("nan")
+        return t
+
+    a, b = garbage(widths[0]), garbage(widths[1])
+    E = 5
+    inner = torch.sort(torch.randint(0, end + 1, (E - 1,), generator=g)).values  # offsets[E-1] != end, mostly
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), inner, torch.tensor([end])]).to("cuda", torch.int32)
+    want_a, want_b = fast_moe.zero_rows_past_end(a.clone(), b.clone(), end=offsets[-1])
+    assert mk.zero_rows_past_end(a, b, offsets) is None
+    torch.cuda.synchronize()
+    for name, got, want in (("a", a, want_a), ("b", b, want_b)):
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{name}: rows differ from the torch version"
+    tail = slice(end, end + fast_moe.K_TAIL_ROWS)
+    assert not a[tail].view(torch.int16).any() and not b[tail].view(torch.int16).any()  # +0.0 everywhere
+
+
 # ----------------------------------------------------------------------------------------------
 # No host synchronization; CUDA-graph capture
 # ----------------------------------------------------------------------------------------------

@@ -41,6 +41,10 @@ def test_kernels_compile_for_sm90a(dtype):
     for name in mk.KERNELS:
         ptx = mk.compile_kernel(name, dtype, keep_ptx=True).__ptx__
         assert ".target sm_90a" in ptx, name
+        if name == "zero_rows_past_end":  # stores only: 16-byte vectors of zeros, one per tensor's loop
+            assert len(re.findall(r"st\.global[.\w]*\.v4", ptx)) == 2, f"{name}: not two 16-byte vector stores"
+            assert len(re.findall(r"ld\.global", ptx)) == 1, f"{name}: reads more than offsets[E]"
+            continue
         assert re.search(r"ld\.global[.\w]*\.v4", ptx), f"{name}: no 16-byte vector load"
         if name in ("swiglu_bwd_scaled", "gather_scale_dot"):
             assert ptx.count("shfl.sync.bfly") >= 5, f"{name}: the dS warp reduction is missing"
@@ -102,6 +106,11 @@ def _dh_gemm(dout, w2, meta, h, row_scores):
     return _swiglu_bwd_scaled(h, da_prime, row_scores, torch.arange(h.shape[0]))
 
 
+def _zero_rows_past_end(a, b, offsets):
+    """The tail kernel's contract, on the torch version: in place, nothing returned."""
+    fast_moe.zero_rows_past_end(a, b, end=offsets[-1])
+
+
 TORCH_OPS = fast_moe.ExpertOps(
     gather_gemm=lambda x, w, meta, transpose_w=False, *, role=None: ref_gg.gather_fused_grouped_gemm(
         x, w, meta, transpose_w=transpose_w),
@@ -115,6 +124,7 @@ TORCH_OPS = fast_moe.ExpertOps(
     swiglu_backward=_swiglu_bwd,
     gather_scale_dot=_gather_scale_dot,
     gather_sum=_gather_sum,
+    zero_rows_past_end=_zero_rows_past_end,
 )
 
 
@@ -400,24 +410,31 @@ def test_zeroed_tail_is_what_the_varlen_k_reads_need():
 
 
 @pytest.mark.parametrize("backward", ["reduced_memory", "standard"])
-def test_padded_layers_zero_the_varlen_k_operands(backward, monkeypatch):
+def test_padded_layers_zero_the_varlen_k_operands(backward):
     """``DeviceRouting(padded=True)`` makes the backward zero the rows after the last expert of the
-    varlen-K GEMMs' b operands (dH and A' reduced-memory, dY and dH standard) before dW1 / dW2;
-    unpadded, it does not; on a layout without padding rows the result is unchanged."""
+    varlen-K GEMMs' b operands (dH and A' reduced-memory, dY and dH standard) before dW1 / dW2, in
+    one call of ``ExpertOps.zero_rows_past_end``; unpadded, it does not; on a layout without padding
+    rows the result is unchanged."""
+    import dataclasses
+
     calls = []
-    real = fast_moe.zero_rows_past_end
-    monkeypatch.setattr(fast_moe, "zero_rows_past_end", lambda *tensors, end: calls.extend(tuple(b.shape) for b in tensors) or real(*tensors, end=end))
+
+    def recording(a, b, offsets):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        TORCH_OPS.zero_rows_past_end(a, b, offsets)
+
+    ops = dataclasses.replace(TORCH_OPS, zero_rows_past_end=recording)
     x, router_w, w1, w2 = _params(24, 16, 8, 4, seed=3)
     r, meta, token_offsets = _route(x.detach() @ router_w.detach(), 2, "topk", 4)
     outs = {}
     for padded in (False, True):
         leaves = [t.detach().clone().requires_grad_(True) for t in (x, w1, w2)]
         dr = fast_moe.DeviceRouting(meta, r.scores.detach(), token_offsets, padded=padded)
-        fast_moe.run_experts(*leaves, dr, backward, TORCH_OPS).square().sum().backward()
+        fast_moe.run_experts(*leaves, dr, backward, ops).square().sum().backward()
         outs[padded] = [t.grad for t in leaves]
         if not padded:
             assert calls == []
     P = 24 * 2
-    assert sorted(calls) == sorted([(P, 16), (P, 8)] if backward == "reduced_memory" else [(P, 16), (P, 16)]), calls
+    assert calls == [((P, 16), (P, 8)) if backward == "reduced_memory" else ((P, 16), (P, 16))], calls
     for a, b in zip(outs[False], outs[True]):
         assert torch.equal(a, b)

@@ -20,7 +20,8 @@ from sonic_learn.fast import ops
 from sonic_learn.reference import moe as ref_moe
 
 OP_NAMES = ("gather_gemm", "gather_gemm_swiglu", "grouped_gemm", "dh_gemm", "varlen_k_gemm", "swiglu",
-            "swiglu_backward", "gather_scale_dot", "gather_sum", "topk_experts", "routing_metadata")
+            "swiglu_backward", "gather_scale_dot", "gather_sum", "zero_rows_past_end", "topk_experts",
+            "routing_metadata")
 
 
 def _meta(offsets, gather_idx, num_tokens):
@@ -43,6 +44,7 @@ CPU_KERNELS = {
     "swiglu_backward": lambda h, da: TORCH_OPS.swiglu_backward(h, da),
     "gather_scale_dot": lambda *args: TORCH_OPS.gather_scale_dot(*args),
     "gather_sum": lambda *args: TORCH_OPS.gather_sum(*args),
+    "zero_rows_past_end": lambda a, b, off: TORCH_OPS.zero_rows_past_end(a, b, off),
     "topk_experts": lambda logits, k: torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k].contiguous(),
     "routing_metadata": _cpu_metadata,
 }
@@ -109,6 +111,9 @@ def test_ops_pass_opcheck():
         "swiglu": (h.clone().requires_grad_(True),),
         "gather_sum": (torch.randn(P, d, dtype=bf16, requires_grad=True), scores.clone().requires_grad_(True),
                        row_of_pair, token_offsets),
+        # writes into its two inputs (declared: opcheck fails an undeclared mutation); end = 5 of P = 12 rows
+        "zero_rows_past_end": (torch.randn(P, 2 * n, dtype=bf16), torch.randn(P, d, dtype=bf16),
+                               torch.tensor([0, 2, 5], dtype=torch.int32)),
     }
     for name, args in cases.items():
         op = getattr(torch.ops.sonic_learn, name.removesuffix("_transposed")).default
@@ -157,6 +162,33 @@ def test_fast_layer_on_the_ops_is_one_graph(backward):
         for got, ref in zip(grads, want_grads):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(logits, (x @ router_w).float())
+    assert counter.frame_count == 1
+
+
+def test_tail_zeroing_op_keeps_its_writes_under_torch_compile():
+    """``zero_rows_past_end`` writes into its inputs and returns nothing: called on intermediates (as
+    dH and A' in token rounding's backward) inside a compiled function (one graph, dynamic sizes),
+    its zeros reach what the function returns, for an end past the first row, past every row, and
+    for fewer rows than the tail."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def step(a, b, offsets):
+        a2, b2 = a * 2, b + 1  # (M, Na), (M, Nb) intermediates the op zeroes in place
+        ops.zero_rows_past_end(a2, b2, offsets)
+        return a2.sum(1), b2 * 3  # (M,), (M, Nb): both read after the write
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    for M, end in ((300, 7), (300, 300), (40, 3)):
+        a, b = torch.randn(M, 16, generator=g), torch.randn(M, 8, generator=g)
+        offsets = torch.tensor([0, end // 2, end], dtype=torch.int32)
+        got_a, got_b = compiled(a, b, offsets)
+        tail = slice(end, end + fast_moe.K_TAIL_ROWS)
+        want_a, want_b = (a * 2).sum(1), (b + 1) * 3
+        want_a[tail], want_b[tail] = 0, 0
+        assert torch.equal(got_a, want_a) and torch.equal(got_b, want_b), (M, end)
     assert counter.frame_count == 1
 
 

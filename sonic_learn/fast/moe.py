@@ -49,7 +49,8 @@ kernel reads a row past the true P as a real pair's row: padding rows and paddin
 each other (``fast.routing.build_metadata(padded=True)``), and the padding pairs' scores are 0 and
 take no gradient. One kernel does read past P: the varlen-K GEMM of the weight gradients loads its
 TMA operand by whole k-tiles and multiplies the rows past an expert's end by zeros, so the backward
-zeroes the rows after the last expert first (``zero_rows_past_end``; 0 * NaN would be NaN).
+zeroes the rows after the last expert first (0 * NaN would be NaN): ``ExpertOps.zero_rows_past_end``,
+one kernel of ``moe_kernels`` for both operands; ``zero_rows_past_end`` here is its torch version.
 
 Inputs must be CUDA tensors of bf16 or fp16 with d and n multiples of 8; ``tile_m`` is the token
 rounding tile (the GEMM's own M tile is fixed at 128 and does not change any result).
@@ -78,7 +79,7 @@ GEMM_TILE_M = 128  # the fast grouped GEMM's M tile
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExpertOps:
-    """The eight operations of the experts' forward and backward (contracts as in moe_kernels /
+    """The ten operations of the experts' forward and backward (contracts as in moe_kernels /
     fast.grouped_gemm).
 
     The two plain GEMMs serve several of the layer's GEMMs, so their callers name the part each
@@ -95,6 +96,9 @@ class ExpertOps:
     swiglu_backward: object  # (H, dA) -> (dH, A)
     gather_scale_dot: object  # (dO, Y, scores, gather_idx, pair_of_row) -> (dY, dscores)
     gather_sum: object  # (rows, weights | None, row_of_pair, token_offsets) -> (T, d)
+    # (a (M, Na), b (M, Nb), expert_offsets (E+1,)) -> None: rows offsets[E] .. + K_TAIL_ROWS - 1 of a and b
+    # (those < M) set to 0 in place, offsets[E] read on the device (the torch version: zero_rows_past_end)
+    zero_rows_past_end: object
 
 
 def fast_ops(gemm=None, *, fuse_swiglu: bool = True, fuse_dh: bool = True) -> ExpertOps:
@@ -135,6 +139,7 @@ def fast_ops(gemm=None, *, fuse_swiglu: bool = True, fuse_dh: bool = True) -> Ex
         swiglu_backward=mk.swiglu_backward,
         gather_scale_dot=mk.gather_scale_dot,
         gather_sum=mk.gather_sum,
+        zero_rows_past_end=mk.zero_rows_past_end,
     )
 
 
@@ -300,6 +305,9 @@ def zero_rows_past_end(*tensors: torch.Tensor, end: torch.Tensor) -> tuple[torch
     ``end`` (a 0-dim device tensor) never read on the host. The tensors have the same number of rows
     M, so the rows to zero are computed once for all of them. Returns the tensors.
 
+    The readable torch version (ten launches for two tensors; the CPU stand-in of the tests); the
+    layer runs ``moe_kernels.ZeroRowsPastEnd``, one launch (``ExpertOps.zero_rows_past_end``).
+
     Why: the varlen-K GEMM (the weight gradients) loads its TMA operand b by whole k-tiles from each
     expert's first row, and zeroes the other operand past the expert's f_e rows, so the rows of b
     just after an expert are multiplied by 0. With token rounding's padded layout the rows after
@@ -391,7 +399,7 @@ class DownProjection(torch.autograd.Function):
         row_scores = scores.index_select(0, pair_of_row)  # (P,) the score of each grouped row (int32 index)
         dh, a_scaled, ds_rows = ops.dh_gemm(dout, w2, meta, h, row_scores)  # (P, 2n), (P, n), (P,)
         if ctx.padded:  # the varlen-K operands of dW1 and dW2: zeros after the last expert's rows
-            zero_rows_past_end(dh, a_scaled, end=offsets[-1])
+            ops.zero_rows_past_end(dh, a_scaled, offsets)
         dscores = ds_rows.index_select(0, row_of_pair)  # (P,) back to pair order (int32 index)
         # Step 3: dW2[e] = A'_e^T dO_e, computed as (dO_e^T A'_e)^T with dO gathered on K.
         dw2 = ops.varlen_k_gemm(dout, a_scaled, meta, True, True)  # (E, n, d), stored transposed
@@ -442,7 +450,7 @@ class StandardExperts(torch.autograd.Function):
         da = ops.grouped_gemm(dy, w2, meta, True, role="dh")  # (P, n), W2 read K-major (the dH GEMM's part)
         dh, a = ops.swiglu_backward(h, da)  # (P, 2n), (P, n)
         if ctx.padded:  # the varlen-K operands of dW2 and dW1: zeros after the last expert's rows
-            zero_rows_past_end(dy, dh, end=offsets[-1])
+            ops.zero_rows_past_end(dy, dh, offsets)
         # Step 3: weight gradients on the cached, already gathered operands.
         dw2 = ops.varlen_k_gemm(a, dy, meta, False)  # (E, n, d)
         dw1 = ops.varlen_k_gemm(x_gathered, dh, meta, False)  # (E, d, 2n)

@@ -3,7 +3,7 @@
 What this teaches (paper Section 3 and Appendix C; reference: ``sonic_learn.reference.moe``):
 the two grouped GEMMs do the FLOPs, but a MoE layer also has *elementwise and reduction* work
 between them. Every such pass reads and writes (P, n) or (P, d) activations (P = routed pairs),
-so its cost is bytes, not FLOPs. Four kernels here, one per job:
+so its cost is bytes, not FLOPs. Five kernels here, one per job:
 
 * ``SwiGLUForward``: A = up * silu(gate) from H on the interleaved layout (gate = H[:, 0::2],
   up = H[:, 1::2]), fp32 math. One thread turns one 16-byte chunk of H (4 gate/up pairs) into
@@ -18,6 +18,10 @@ so its cost is bytes, not FLOPs. Four kernels here, one per job:
 * ``GatherSum``: ``out[t] = sum over the pairs p of token t of w[p] * rows[row_of_pair[p]]``, fp32
   accumulation, used weighted (the forward output O) and unweighted (dX). Each token *pulls* its
   rows, so there are no atomics and the sum order is fixed: the result is deterministic.
+* ``ZeroRowsPastEnd`` (token rounding's padded layout only): zeroes the K_TAIL_ROWS rows after the
+  last expert of the two operands the weight-gradient GEMMs read by whole k-tiles, with the end
+  read on the device from ``expert_offsets[E]`` (no host sync). One launch for what takes ten torch
+  ops (``fast.moe.zero_rows_past_end``, the readable version, which says why the rows must be 0).
 
 No transposed copy of a weight is made anywhere: the grouped GEMM reads K-major weights for the
 backward's W1^T and W2^T and stores dW2 transposed itself.
@@ -55,6 +59,7 @@ import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_c
 from cutlass import Float32, Int32, const_expr  # noqa: E402
 from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # noqa: E402
 
+from sonic_learn.fast.moe import K_TAIL_ROWS  # noqa: E402
 from sonic_learn.fast.primitives import dswiglu, swiglu_parts, warp_sum  # noqa: E402
 
 THREADS = 128  # threads per CTA for every kernel here
@@ -258,10 +263,38 @@ class GatherSum:
 
 
 # ----------------------------------------------------------------------------------------------
+# Token rounding's padded tail: zero K_TAIL_ROWS rows of two tensors after the last expert; one CTA per row
+# ----------------------------------------------------------------------------------------------
+class ZeroRowsPastEnd:
+    """Rows end .. min(end + K_TAIL_ROWS, M) - 1 of a (M, Na) and b (M, Nb) become 0, with
+    end = offsets[E] read on the device (``fast.moe.zero_rows_past_end`` is the torch version and
+    says why). CTA i zeroes row end + i of both tensors, its threads striding over 16-byte chunks."""
+
+    @cute.jit
+    def __call__(self, a: cute.Tensor, b: cute.Tensor, offsets: cute.Tensor, stream):
+        self.kernel(a, b, offsets).launch(grid=(K_TAIL_ROWS, 1, 1), block=(THREADS, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, a: cute.Tensor, b: cute.Tensor, offsets: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        # Phase 1: this CTA's row, after the last expert's rows (offsets[E] = the true pair count).
+        row = offsets[offsets.shape[0] - 1] + bidx
+        if row < a.shape[0]:  # rows past the tensors stay untouched (the GEMM's TMA reads them as 0)
+            # Phase 2: one register vector of zeros, stored over the row of a, then of b.
+            zeros = cute.make_rmem_tensor((1, VEC), a.element_type)
+            zeros.fill(0.0)
+            for c in cutlass.range(tidx, a.shape[1] // VEC, THREADS, unroll=1):
+                _store_vec(zeros, a, row, c, VEC)
+            for c in cutlass.range(tidx, b.shape[1] // VEC, THREADS, unroll=1):
+                _store_vec(zeros, b, row, c, VEC)
+
+
+# ----------------------------------------------------------------------------------------------
 # Compile (fake tensors, symbolic sizes: one compile per dtype and variant) and launch helpers
 # ----------------------------------------------------------------------------------------------
 KERNELS = ("swiglu_fwd", "swiglu_bwd_scaled", "swiglu_bwd", "gather_scale_dot", "gather_sum_weighted",
-           "gather_sum")
+           "gather_sum", "zero_rows_past_end")
 
 
 def compile_kernel(name: str, dtype: torch.dtype, *, keep_ptx: bool = False):
@@ -290,6 +323,8 @@ def compile_kernel(name: str, dtype: torch.dtype, *, keep_ptx: bool = False):
     if name == "gather_scale_dot":
         return cute.compile(GatherScaleDot(), mat(dt), mat(dt), vec(Float32), vec(Int32), vec(Int32), mat(dt),
                             vec(Float32), stream, options=opts)
+    if name == "zero_rows_past_end":
+        return cute.compile(ZeroRowsPastEnd(), mat(dt), mat(dt), vec(Int32), stream, options=opts)
     op = GatherSum(weighted=name == "gather_sum_weighted")
     return cute.compile(op, mat(dt), vec(Float32), vec(Int32), vec(Int32), mat(dt), stream, options=opts)
 
@@ -358,7 +393,14 @@ def gather_sum(rows: torch.Tensor, weights: torch.Tensor | None, row_of_pair: to
     return out
 
 
+def zero_rows_past_end(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> None:
+    """In place: rows offsets[E] .. offsets[E] + K_TAIL_ROWS - 1 of a and b (those below their
+    common row count M) become 0; ``offsets`` (E+1,) int32 is read on the device only."""
+    if a.shape[0] > 0:
+        launch(compiled(compile_kernel, "zero_rows_past_end", a.dtype), a.device, a, b, offsets)
+
+
 __all__ = [
-    "SwiGLUForward", "SwiGLUBackward", "GatherScaleDot", "GatherSum", "KERNELS", "compile_kernel",
-    "swiglu", "swiglu_backward_scaled", "swiglu_backward", "gather_scale_dot", "gather_sum",
+    "SwiGLUForward", "SwiGLUBackward", "GatherScaleDot", "GatherSum", "ZeroRowsPastEnd", "KERNELS", "compile_kernel",
+    "swiglu", "swiglu_backward_scaled", "swiglu_backward", "gather_scale_dot", "gather_sum", "zero_rows_past_end",
 ]

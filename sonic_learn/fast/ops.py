@@ -13,6 +13,11 @@ calls is registered here as ``sonic_learn::<name>`` with
   differentiated by the layer's autograd Functions (``fast.moe``: their backward calls these ops),
   which dynamo traces as a whole, so they carry no autograd formula of their own.
 
+Every op returns new tensors but one: ``zero_rows_past_end`` (token rounding's backward) writes
+zeros into its two inputs and returns nothing. It says so (``mutates_args``), so that
+``torch.compile``'s functionalization keeps the write and orders it before the GEMMs that read
+those rows.
+
 Custom ops take tensors and plain numbers, not dataclasses: the routing metadata travels as its
 index tensors and is rebuilt inside the real implementation. ``expert_ops()`` wraps the ops in the
 ``fast.moe.ExpertOps`` interface the layer uses; ``topk_experts`` and ``routing_metadata`` are the
@@ -211,6 +216,19 @@ def _gather_sum_grad(ctx, dout):
 torch.library.register_autograd("sonic_learn::gather_sum", _gather_sum_grad, setup_context=_gather_sum_setup)
 
 
+@torch.library.custom_op("sonic_learn::zero_rows_past_end", mutates_args=("a", "b"))
+def zero_rows_past_end(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> None:
+    """In place: rows offsets[E] .. offsets[E] + K_TAIL_ROWS - 1 of a and b (M rows each) become 0."""
+    from sonic_learn.fast import moe_kernels as mk
+
+    mk.zero_rows_past_end(a, b, offsets)
+
+
+@zero_rows_past_end.register_fake
+def _(a, b, offsets):
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # The router's kernels (fast.topk, fast.routing)
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +288,7 @@ def expert_ops():
         swiglu_backward=swiglu_backward,
         gather_scale_dot=gather_scale_dot,
         gather_sum=gather_sum,
+        zero_rows_past_end=zero_rows_past_end,
     )
 
 
