@@ -125,9 +125,8 @@ class GroupedGemmWS(GroupedGemmSm90):
     def lean_epilogue(self) -> bool:
         """More than LEAN_ACC fp32 accumulators per MMA thread (the ping-pong 128 x 192 tile: 192).
 
-        The accumulators alone then take 192 of the 224 registers an MMA thread has
-        (CONSUMER_REGS), and the
-        epilogue must not keep anything else alive across the mainloop. Two things would: the
+        The accumulators alone then take 192 of the 224 registers an MMA thread has (CONSUMER_REGS),
+        and the epilogue must not keep anything else alive across the mainloop. Two things would: the
         shared-memory address of each accumulator pair in the swizzled epilogue buffer (the 128-byte
         swizzle XORs each address, so the compiler computes the 96 addresses once before the tile
         loop and holds them in 96 registers through every mainloop), and the unrolled masked
