@@ -2,6 +2,9 @@
 
     python benchmarks/grouped_gemm_tiles.py [--shapes 7b-up,...] [--configs v1:128x128x64:5,sm90:128x256x64:4]
 
+Shapes: <config>-<projection>, config from benchmarks/grouped_gemm.py (7b, 30b), projection "up"
+(K = d, N = 2n), "down" (K = n, N = d) or "dx" (the backward's dX~ = dH W1^T: K = 2n, N = d, the
+weights stored (E, N, K) and read K-major with ``transpose_w=True``, as the MoE layer does).
 For each shape (same definitions as benchmarks/grouped_gemm.py) and kernel config it checks the
 result against torch (fp32 per expert) and times contiguous, gather-fused and varlen-K (and, for an
 up-projection, the gather-fused GEMM with the fused SwiGLU epilogue, on the configs that run fused
@@ -25,6 +28,7 @@ from sonic_learn.fast import grouped_gemm as fast
 from grouped_gemm import CONFIGS, fp32_reference, make_inputs  # noqa: E402  (same folder)
 
 DEFAULT_CONFIGS = "sm90:128x256x64:4,ws:128x256x64:3,ws:128x256x32:6"
+PROJECTIONS = ("up", "down", "dx")  # (K, N) = (d, 2n), (n, d), (2n, d) with K-major weights
 
 
 def parse(cfg: str):
@@ -92,27 +96,37 @@ def parse_layer(entry: str):
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--shapes", default="7b-up,7b-down,30b-up,30b-down")
+    p.add_argument("--shapes", default="7b-up,7b-down,30b-up,30b-down",
+                   help=f"comma-separated <config>-<projection>, config from {sorted(CONFIGS)}, projection from "
+                        f"{PROJECTIONS}")
     p.add_argument("--configs", default=DEFAULT_CONFIGS)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the configs (median taken)")
     p.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results")
     args = p.parse_args()
+    bad = [s for s in args.shapes.split(",")
+           if s.partition("-")[0] not in CONFIGS or s.partition("-")[2] not in PROJECTIONS]
+    if bad:
+        p.error(f"--shapes: unknown {bad} (<config>-<projection>, config from {sorted(CONFIGS)}, projection from "
+                f"{PROJECTIONS})")
     out = {"environment": bench.environment(), "rounds": args.rounds, "reps": args.reps, "rows": []}
     configs = args.configs.split(",")
     for shape in args.shapes.split(","):
         cfg, proj = shape.split("-")
         T, d, n, E, K = CONFIGS[cfg]
-        Kg, Ng = (d, 2 * n) if proj == "up" else (n, d)
+        Kg, Ng = {"up": (d, 2 * n), "down": (n, d), "dx": (2 * n, d)}[proj]
         meta, x, w, a, b = make_inputs(T, Kg, Ng, E, K)
         ref = fp32_reference(a, w, meta)
+        kmajor = proj == "dx"  # dX~: W1 stored (E, d, 2n) = (E, N, K), read K-major
+        w_op = w.transpose(1, 2).contiguous() if kmajor else w
         flops = 2 * a.shape[0] * Kg * Ng
         def calls(config):
             """The GEMMs of this shape on ``config``'s kernel; an up-projection adds the gather-fused
             GEMM with the SwiGLU epilogue (H and A = SwiGLU(H), as the MoE layer's forward runs it)."""
             fns = {
-                "contiguous": lambda: fast.contiguous_grouped_gemm(a, w, meta, config=config),
-                "gather_fused": lambda: fast.gather_fused_grouped_gemm(x, w, meta, config=config),
+                "contiguous": lambda: fast.contiguous_grouped_gemm(a, w_op, meta, transpose_w=kmajor, config=config),
+                "gather_fused": lambda: fast.gather_fused_grouped_gemm(x, w_op, meta, transpose_w=kmajor,
+                                                                       config=config),
                 "varlen_k": lambda: fast.grouped_gemm_varlen_k(x, b, meta, config=config),
             }
             if proj == "up" and config.fused_epilogues:  # (a plain-store-only config: no SwiGLU row)
@@ -156,7 +170,7 @@ def main() -> int:
             out["rows"].append(row)
             print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                          if k not in ("shape", "samples_ms")}, flush=True)
-        del x, w, a, b, ref
+        del x, w, w_op, a, b, ref
         torch.cuda.empty_cache()
     print("wrote", bench.write_record(out, args.out, "grouped_gemm_tiles"))
     return 0

@@ -69,9 +69,9 @@ def test_parse_layer_by_role(tiles):
     # ... and its short-K down-projection and dX~: ping-pong 128 x 192 x 64 (plain store only)
     pp192 = GemmConfig(kernel="pingpong", tile=(128, 192, 64))
     assert tiles.parse_layer("down/dx=pingpong:128x192x64:auto") == LayerGemms(down=pp192, dx=pp192)
+    pp192_c2 = GemmConfig(kernel="pingpong", tile=(128, 192, 64), cluster_m=2)
     assert tiles.parse_layer("down/dx=pingpong:128x192x64:auto:c2+dh=pingpong:128x128x64:auto:c2") == LayerGemms(
-        down=GemmConfig(kernel="pingpong", tile=(128, 192, 64), cluster_m=2),
-        dx=GemmConfig(kernel="pingpong", tile=(128, 192, 64), cluster_m=2), dh=GemmConfig(kernel="pingpong", cluster_m=2))
+        down=pp192_c2, dx=pp192_c2, dh=GemmConfig(kernel="pingpong", cluster_m=2))
 
 
 def test_tile_sweep_parses_the_192_tiles(tiles):
@@ -84,6 +84,16 @@ def test_tile_sweep_parses_the_192_tiles(tiles):
     assert GemmConfig(**tiles.parse("pingpong:128x192x64:auto:c2:notma")) == GemmConfig(
         kernel="pingpong", tile=(128, 192, 64), cluster_m=2, tma_store=False)
     assert GemmConfig(**tiles.parse("ws:128x192x64:auto:sub32")).fused_epilogues
+
+
+def test_tile_sweep_rejects_unknown_shapes_before_needing_a_gpu():
+    """``--shapes`` takes <config>-<projection> with the projections up, down and dx (the dX~ GEMM,
+    K-major weights); anything else stops the script before any GPU work."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "grouped_gemm_tiles.py"), "--shapes",
+                           "7b-down,7b-side,70b-dx"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: --shapes: unknown ['7b-side', '70b-dx']" in done.stderr, done.stderr[-2000:]
 
 
 def test_vs_upstream_parses_the_pingpong_192_entry():

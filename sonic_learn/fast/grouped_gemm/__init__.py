@@ -160,9 +160,9 @@ class GemmConfig:
     opt-in, unmeasured) is the ping-pong kernel's wide tile for the short-K plain-store GEMMs
     (down-projection, dX~): it runs the plain store only (``fused_epilogues`` is False; the fused
     SwiGLU / dH epilogues and the transposed varlen-K store are refused with a ValueError, and
-    ``LayerGemms`` gives it to the down / dx roles only). ``stages``: pipeline stages (None: as many as fit). ``max_ctas`` caps the
-    persistent kernels' grid (None: one CTA per SM; tests use a small cap so that every CTA walks
-    many tiles). ``tma_store=False`` gives the persistent kernels' plain store the synchronous
+    ``LayerGemms`` gives it to the down / dx roles only). ``stages``: pipeline stages (None: as
+    many as fit). ``max_ctas`` caps the persistent kernels' grid (None: one CTA per SM; tests use a
+    small cap so that every CTA walks many tiles). ``tma_store=False`` gives the persistent kernels' plain store the synchronous
     shared-memory copy-out instead of the TMA bulk store. ``cluster_m=2`` (the persistent kernels,
     "ws" or "pingpong") runs the kernel in clusters of 2 CTAs along M sharing each tile's B through
     TMA multicast (e.g. ping-pong in clusters of 2 is upstream SonicMoE's configuration of its dH
