@@ -1562,8 +1562,8 @@ class TokenRoundingScores(torch.autograd.Function):
     backward leaves garbage there).
 
     Backward: the triples' gradient g, added into a (T, E) gradient G (each kept pair once); the
-    picks' entries are w's gradient, the others p's; then the softmax backwards, exactly the ops
-    autograd runs on the reference's graph (so, for ``softmax_topk``, the same bits):
+    picks' entries are w's gradient, the others p's; then the softmax backwards with autograd's own
+    kernel (for ``softmax_topk`` the very ops autograd runs on the reference's graph: the same bits):
 
     * ``softmax_topk``: w = softmax over K of the picks' logits: dlogits = softmax_bwd(G off the
       picks, p) + scattered softmax_bwd(G at the picks, w);
