@@ -4,7 +4,8 @@
 
 For each shape (same definitions as benchmarks/grouped_gemm.py) and kernel config it checks the
 result against torch (fp32 per expert) and times contiguous, gather-fused and varlen-K (and, for an
-up-projection, the gather-fused GEMM with the fused SwiGLU epilogue) in
+up-projection, the gather-fused GEMM with the fused SwiGLU epilogue, on the configs that run fused
+epilogues: not the plain-store-only ping-pong 128 x 192 tile, ``GemmConfig.fused_epilogues``) in
 ``--rounds`` interleaved rounds (configs and the dense torch.matmul yardstick take turns, so clock
 drift hits all alike; medians of the rounds); prints a table and writes JSON to $OUT (or
 benchmarks/results/) as grouped_gemm_tiles_<device>.json.
@@ -60,7 +61,12 @@ def parse_layer(entry: str):
             raise ValueError(f"--gemm entry {entry!r}: config {text!r}: {exc}") from exc
 
     if "=" not in entry and "+" not in entry:
-        return config(entry)
+        every = config(entry)
+        try:  # every role on it (e.g. a plain-store-only config cannot take the fused roles)
+            fast.LayerGemms.uniform(every)
+        except ValueError as exc:
+            raise ValueError(f"--gemm entry {entry!r}: {exc}") from exc
+        return every
     base, roles = None, {}
     for part in entry.split("+"):
         names, sep, text = part.rpartition("=")
@@ -78,7 +84,10 @@ def parse_layer(entry: str):
                 raise ValueError(f"--gemm entry {entry!r}: role {role!r} assigned twice")
             roles[role] = part_config
     default = base if base is not None else fast.DEFAULT_CONFIG
-    return fast.LayerGemms(**{role: roles.get(role, default) for role in fast.GEMM_ROLES})
+    try:
+        return fast.LayerGemms(**{role: roles.get(role, default) for role in fast.GEMM_ROLES})
+    except ValueError as exc:
+        raise ValueError(f"--gemm entry {entry!r}: {exc}") from exc
 
 
 def main() -> int:
@@ -106,7 +115,7 @@ def main() -> int:
                 "gather_fused": lambda: fast.gather_fused_grouped_gemm(x, w, meta, config=config),
                 "varlen_k": lambda: fast.grouped_gemm_varlen_k(x, b, meta, config=config),
             }
-            if proj == "up":
+            if proj == "up" and config.fused_epilogues:  # (a plain-store-only config: no SwiGLU row)
                 fns["gather_fused_swiglu"] = lambda: fast.gather_fused_grouped_gemm_swiglu(x, w, meta, config=config)
             return fns
 

@@ -10,7 +10,9 @@ Kernel entry names embed the module path, so compare across a file move after re
 
 The variants: the production kernel's plain store, SwiGLU and dH epilogues, varlen-K and its
 transposed store, each in clusters of 1 and 2 CTAs; ping-pong's plain store, SwiGLU and dH epilogues
-and varlen-K, also in clusters of 1 and 2 CTAs; an fp32 output; the two teaching steps.
+and varlen-K, also in clusters of 1 and 2 CTAs; the ping-pong 128 x 192 tile's plain store (the
+down-projection, and dX~ with K-major weights, in clusters of 1 and 2; the copy-out store) and the
+cooperative kernel's 128 x 192 tile; an fp32 output; the two teaching steps.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def variants() -> dict[str, dict]:
         found[f"pingpong_swiglu_c{cm}"] = dict(variant="varlen_m_gather", epilogue="swiglu", **pp)
         found[f"pingpong_dh_c{cm}"] = dict(variant="varlen_m_gather", transposed=True, epilogue="dswiglu", **pp)
         found[f"pingpong_vk_c{cm}"] = dict(variant="varlen_k_gather", **pp)
+        pp192 = dict(dtype=bf, out_dtype=bf, tile=(128, 192, 64), kernel="pingpong", cluster_m=cm)
+        found[f"pingpong192_down_c{cm}"] = dict(variant="varlen_m", **pp192)
+        found[f"pingpong192_dx_c{cm}"] = dict(variant="varlen_m", transposed=True, **pp192)
+    found["pingpong192_notma"] = dict(variant="varlen_m_gather", dtype=bf, out_dtype=bf, tile=(128, 192, 64),
+                                      kernel="pingpong", tma_store=False)
+    found["ws192_plain"] = dict(variant="varlen_m", dtype=bf, out_dtype=bf, tile=(128, 192, 64), kernel="ws")
     found["ws_fp32out"] = dict(variant="varlen_k", dtype=bf, out_dtype=torch.float32, tile=(128, 128, 64), kernel="ws")
     found["v1_gather"] = dict(variant="varlen_m_gather", dtype=bf, out_dtype=bf, tile=gg.TILE, kernel="v1")
     found["sm90_gather"] = dict(variant="varlen_m_gather", dtype=bf, out_dtype=bf, tile=gg.TILE, kernel="sm90")

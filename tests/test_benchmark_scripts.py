@@ -66,6 +66,40 @@ def test_parse_layer_by_role(tiles):
     # upstream SonicMoE's dH GEMM: ping-pong, 128 x 128 x 64, clusters of 2 along M
     assert tiles.parse_layer("dh=pingpong:128x128x64:auto:c2") == LayerGemms(
         dh=GemmConfig(kernel="pingpong", cluster_m=2))
+    # ... and its short-K down-projection and dX~: ping-pong 128 x 192 x 64 (plain store only)
+    pp192 = GemmConfig(kernel="pingpong", tile=(128, 192, 64))
+    assert tiles.parse_layer("down/dx=pingpong:128x192x64:auto") == LayerGemms(down=pp192, dx=pp192)
+    assert tiles.parse_layer("down/dx=pingpong:128x192x64:auto:c2+dh=pingpong:128x128x64:auto:c2") == LayerGemms(
+        down=GemmConfig(kernel="pingpong", tile=(128, 192, 64), cluster_m=2),
+        dx=GemmConfig(kernel="pingpong", tile=(128, 192, 64), cluster_m=2), dh=GemmConfig(kernel="pingpong", cluster_m=2))
+
+
+def test_tile_sweep_parses_the_192_tiles(tiles):
+    """``grouped_gemm_tiles.py --configs pingpong:128x192x64:auto`` (and the cooperative 192): each
+    config is one GemmConfig; the plain-store-only ping-pong tile says so (no SwiGLU row)."""
+    from sonic_learn.fast.grouped_gemm import GemmConfig
+
+    pp = GemmConfig(**tiles.parse("pingpong:128x192x64:auto"))
+    assert pp == GemmConfig(kernel="pingpong", tile=(128, 192, 64)) and not pp.fused_epilogues
+    assert GemmConfig(**tiles.parse("pingpong:128x192x64:auto:c2:notma")) == GemmConfig(
+        kernel="pingpong", tile=(128, 192, 64), cluster_m=2, tma_store=False)
+    assert GemmConfig(**tiles.parse("ws:128x192x64:auto:sub32")).fused_epilogues
+
+
+def test_vs_upstream_parses_the_pingpong_192_entry():
+    """``benchmarks/vs_upstream.py --gemm "down/dx=pingpong:128x192x64:auto"``: one extra row, our layer
+    with its down-projection and dX~ GEMMs on the ping-pong 128 x 192 tile."""
+    import importlib.util
+
+    from sonic_learn.fast.grouped_gemm import DEFAULT_CONFIG, GemmConfig
+
+    spec = importlib.util.spec_from_file_location("vs_upstream_for_parse", REPO / "benchmarks" / "vs_upstream.py")
+    vs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs)
+    entry = "down/dx=pingpong:128x192x64:auto"
+    layer = vs.parse_args(["--gemm", entry]).gemm_variants[entry]
+    pp192 = GemmConfig(kernel="pingpong", tile=(128, 192, 64))
+    assert layer.down == layer.dx == pp192 and layer.up == layer.dh == layer.dw == DEFAULT_CONFIG
 
 
 @pytest.mark.parametrize("entry,message", [
@@ -74,7 +108,13 @@ def test_parse_layer_by_role(tiles):
     ("up=ws:128x256x64:auto+up/dh=ws:128x256x64:3", r"role 'up' assigned twice"),
     ("ws:128x256x64:auto+ws:128x256x64:3", r"more than one config without a role"),
     ("up=", r"config '': not enough values"),
-    ("up=pingpong:128x256x64:auto", r"config 'pingpong:128x256x64:auto': the ping-pong kernel .* tile_n <= 128"),
+    ("up=pingpong:128x256x64:auto", r"config 'pingpong:128x256x64:auto': the ping-pong kernel .* tile_n in "
+                                    r"\(64, 128, 192\)"),
+    # the ping-pong 128 x 192 tile runs the plain store only: down / dx, not the fused roles
+    ("pingpong:128x192x64:auto", r"LayerGemms.up: .* runs the plain store only"),
+    ("up/down=pingpong:128x192x64:auto", r"LayerGemms.up: .* the fused SwiGLU epilogue"),
+    ("ws:128x256x64:auto+dw=pingpong:128x192x64:auto:c2", r"LayerGemms.dw: .* the transposed varlen-K store"),
+    ("down=v1:128x192x64:auto", r"kernel 'v1' takes tile_n in \(64, 128, 256\)"),
     ("ws:128x256x64:auto:nottma", r"unknown flags \['nottma'\]"),
     ("up=ws:128x256x64:auto:c2+dh", r"config 'dh': not enough values"),
     ("ws:128x256x64:auto:sub", r"unknown flags \['sub'\]"),
@@ -92,6 +132,7 @@ def test_parse_layer_rejects_bad_entries(tiles, entry, message):
      "error: --gemm entry 'up/dx=pingpong:128x256x64:auto': config 'pingpong:128x256x64:auto': the ping-pong"),
     ("ws:128x256x64:auto,up=ws:128x256x64:auto,ws:128x256x64:auto",
      "error: --gemm: entries given twice: ['ws:128x256x64:auto']"),
+    ("pingpong:128x192x64:auto", "error: --gemm entry 'pingpong:128x192x64:auto': LayerGemms.up:"),
 ])
 def test_moe_benchmark_rejects_bad_gemm_entries_before_needing_a_gpu(gemm, message):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

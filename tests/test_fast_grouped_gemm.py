@@ -11,6 +11,7 @@ the NaN-filled block to the kernel; an element the kernel forgets to write stays
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from types import SimpleNamespace
 
@@ -106,18 +107,27 @@ def varlen_m_oracle(x, w, meta):
 # with its plain store done by the shared-memory copy-out instead of TMA (tma_store=False); and in
 # clusters of 2 CTAs sharing B by multicast (one cluster only: many units per cluster), both the
 # cooperative and the ping-pong kernel (where a slot is freed by one warpgroup's 4 warps in each CTA).
+# The opt-in 128 x 192 tile (three 64-column swizzle atoms; N = 200, 136, 8 ... leave ragged
+# n-tiles): the ping-pong kernel's lean plain store alone, with many tiles per CTA, in clusters of 2
+# and with the copy-out store (its fused epilogues and transposed varlen-K store must refuse with
+# a ValueError), and the cooperative kernel with every epilogue.
 # (kernel, tile, max_ctas, tma_store, cluster_m); cluster_m None = the library's per-problem choice
 # (varlen-K in pairs, varlen-M alone, ping-pong alone), so "ws" is the production default.
+PP192 = (128, 192, 64)
 KERNELS = [("v1", (128, 128, 64), None, True, None), ("sm90", (128, 128, 64), None, True, None),
            ("ws", (128, 256, 64), None, True, None), ("pingpong", (128, 128, 64), None, True, None),
            ("ws", (128, 256, 64), 3, True, 1), ("pingpong", (128, 128, 64), 2, True, None),
            ("ws", (128, 256, 64), None, False, None), ("ws", (128, 256, 64), None, True, 2),
            ("ws", (128, 256, 64), 3, True, 2), ("pingpong", (128, 128, 64), None, True, 2),
-           ("pingpong", (128, 128, 64), 2, True, 2)]
+           ("pingpong", (128, 128, 64), 2, True, 2),
+           ("pingpong", PP192, None, True, None), ("pingpong", PP192, 2, True, None),
+           ("pingpong", PP192, 2, True, 2), ("pingpong", PP192, 3, False, None), ("ws", PP192, 3, True, None)]
+DEFAULT_TILE_N = {"v1": 128, "sm90": 128, "ws": 256, "pingpong": 128}
 
 
 def _kernel_id(kernel, tile, max_ctas, tma_store, cluster_m):
-    return (kernel + (f"-{max_ctas}ctas" if max_ctas else "") + ("" if tma_store else "-notma")
+    return (kernel + (str(tile[1]) if tile[1] != DEFAULT_TILE_N[kernel] else "")
+            + (f"-{max_ctas}ctas" if max_ctas else "") + ("" if tma_store else "-notma")
             + (f"-cluster{cluster_m}" if cluster_m else ""))
 
 
@@ -144,6 +154,10 @@ def configured(cfg):
 @given(problem=problems())
 @example(problem=([129, 0, 128, 1, 127], 200, 64, 72, "bf16", None, 0))
 @example(problem=([0, 0, 300], 100, 1536, 512, "bf16", None, 1))  # all rows on one expert, d = 1536
+@example(problem=([129, 0, 257, 1], 200, 256, 200, "bf16", None, 2))  # N = 192 + 8: a ragged second n-tile
+@example(problem=([0, 300, 5, 0], 80, 128, 136, "fp16", None, 3))  # N = 136: one tile, its third atom empty
+@example(problem=([64, 0, 130], 90, 64, 8, "bf16", None, 4))  # N = 8: one 16-byte column chunk
+@example(problem=([200, 1, 0, 127], 150, 512, 392, "bf16", None, 5))  # N = 2 x 192 + 8, K = 512 (dX~-like)
 def test_varlen_m_matches_oracle(kernel_config, problem):
     fast = configured(kernel_config)  # every call gets config=kernel_config
 
@@ -225,7 +239,12 @@ def test_varlen_k_matches_oracle(kernel_config, problem, gather_a):
             assert torch.count_nonzero(got[e]) == 0, "an expert with no rows must get a zero gradient"
     again = fast.grouped_gemm_varlen_k(a, b, meta, gather_a=gather_a, out_dtype=out_dtype)
     assert torch.equal(again, got)
-    # transpose_out: the same tiles stored as out[e]^T (E, N, K) by the epilogue: bit for bit.
+    # transpose_out: the same tiles stored as out[e]^T (E, N, K) by the epilogue: bit for bit (refused
+    # by the lean ping-pong 128 x 192 tile, which runs the plain store only).
+    if not fast.config.fused_epilogues:
+        with pytest.raises(ValueError, match=r"the transposed varlen-K store \(transpose_out=True\)"):
+            fast.grouped_gemm_varlen_k(a, b, meta, gather_a=gather_a, out_dtype=out_dtype, transpose_out=True)
+        return
     poison((E, N, K), odt)
     got_t = fast.grouped_gemm_varlen_k(a, b, meta, gather_a=gather_a, out_dtype=out_dtype, transpose_out=True)
     assert got_t.shape == (E, N, K) and got_t.is_contiguous()
@@ -250,9 +269,13 @@ def test_swiglu_epilogue_matches_unfused(kernel_config, problem):
     x = (2 * torch.randn(T, K, generator=gen)).to("cuda", dtype)  # O(1) gate values: silu not ~linear
     w = (torch.randn(len(counts), K, N, generator=gen) / K**0.5).to("cuda", dtype)
     M = sum(counts)
+    fused = fast.config.fused_epilogues  # the lean ping-pong 128 x 192 tile: the plain store + the SwiGLU kernel
+    if not fused:
+        with pytest.raises(ValueError, match=r"the fused epilogue='swiglu' \(fused=True\)"):
+            fast.gather_fused_grouped_gemm_swiglu(x, w, meta)
     poison((M, N // 2), dtype)
     poison((M, N), dtype)
-    h, a = fast.gather_fused_grouped_gemm_swiglu(x, w, meta)
+    h, a = fast.gather_fused_grouped_gemm_swiglu(x, w, meta, fused=fused)
     assert h.shape == (M, N) and a.shape == (M, N // 2) and a.dtype == dtype
     assert not torch.isnan(h).any() and not torch.isnan(a).any(), "an element of H or A was not written"
     assert torch.equal(h, fast.gather_fused_grouped_gemm(x, w, meta))
@@ -290,7 +313,11 @@ def test_dswiglu_epilogue_matches_unfused(kernel_config, problem):
     poison((M, 2 * n), dtype)
     poison((M, n), dtype)
     poison((M, -(-n // fast.config.tile[1])), torch.float32)  # the dS partials, one per n-tile
-    dh, a_scaled, ds = fast.gather_fused_grouped_gemm_dswiglu(dout, w2, meta, h, row_scores)
+    fused = fast.config.fused_epilogues  # the lean ping-pong 128 x 192 tile: the unfused pair
+    if not fused:
+        with pytest.raises(ValueError, match=r"the fused epilogue='dswiglu' \(fused=True\)"):
+            fast.gather_fused_grouped_gemm_dswiglu(dout, w2, meta, h, row_scores)
+    dh, a_scaled, ds = fast.gather_fused_grouped_gemm_dswiglu(dout, w2, meta, h, row_scores, fused=fused)
     assert dh.shape == (M, 2 * n) and a_scaled.shape == (M, n) and ds.shape == (M,) and ds.dtype == torch.float32
     assert not torch.isnan(dh).any() and not torch.isnan(a_scaled).any(), "unwritten element"
     assert not torch.isnan(ds).any(), "an unwritten dS partial"
@@ -322,6 +349,39 @@ def test_realistic_shape_7b_up_proj_slice(kernel_config):
     w = (torch.randn(E, K, N, generator=gen) / K**0.5).to("cuda", torch.bfloat16)
     oracle, same = varlen_m_oracle(x, w, meta)
     check_close("7b-slice", fast.gather_fused_grouped_gemm(x, w, meta), oracle, same)
+
+
+@needs_hopper
+@pytest.mark.parametrize("cluster_m", [None, 2], ids=["alone", "cluster2"])
+@pytest.mark.parametrize("role", ["down", "dx"])
+def test_pingpong_192_layer_gemm_shapes(role, cluster_m):
+    """The GEMMs the 128 x 192 ping-pong tile is for, on slices of the 7B layer (d = 1536 = 8 x 192,
+    n = 256): the down-projection Y = A W2 (K = n: four k-tiles per tile) and dX~ = dH W1^T (K = 2n,
+    W1 (E, d, 2n) read K-major, transpose_w=True), A contiguous in grouped order, 16 experts with
+    two empty and ragged counts; against the float64 oracle, every element written, two runs bitwise
+    equal; with cluster_m=2 each pair of m-tiles shares its B tiles by multicast."""
+    from sonic_learn.fast import grouped_gemm as fast
+
+    cfg = fast.GemmConfig(kernel="pingpong", tile=PP192, cluster_m=cluster_m)
+    gen = torch.Generator().manual_seed(192 + (cluster_m or 1))
+    T, d, n, E, topk = 1024, 1536, 256, 16, 4
+    experts = torch.rand(T, E, generator=gen).topk(topk, dim=1).indices.flatten()
+    experts[experts == 3] = 4  # two empty experts
+    experts[experts == 11] = 12
+    counts = torch.bincount(experts, minlength=E).tolist()
+    assert counts[3] == counts[11] == 0
+    M = sum(counts)
+    # A is already in grouped row order: row r is "token" r (the oracle then multiplies a[r] itself)
+    meta = dataclasses.replace(make_meta(counts, M, gen), gather_idx=torch.arange(M, dtype=torch.int32, device="cuda"))
+    K = n if role == "down" else 2 * n
+    a = torch.randn(M, K, generator=gen).to("cuda", torch.bfloat16)  # A (down) or dH (dX~), grouped rows
+    w = (torch.randn(E, K, d, generator=gen) / K**0.5).to("cuda", torch.bfloat16)  # (E, K, N)
+    stored = w if role == "down" else w.transpose(1, 2).contiguous()  # dX~: W1 as stored, (E, d, 2n)
+    oracle, same = varlen_m_oracle(a, w, meta)
+    poison((M, d), torch.bfloat16)
+    got = fast.contiguous_grouped_gemm(a, stored, meta, transpose_w=role == "dx", config=cfg)
+    check_close(f"pingpong 128x192 {role}", got, oracle, same)
+    assert torch.equal(got, fast.contiguous_grouped_gemm(a, stored, meta, transpose_w=role == "dx", config=cfg))
 
 
 @needs_hopper

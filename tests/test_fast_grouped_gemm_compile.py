@@ -10,6 +10,8 @@ kernel ("v1") uses cp.async only.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 
 import pytest
@@ -65,7 +67,7 @@ def test_pingpong_kernel_compiles_for_sm90a(variant, transposed, epilogue):
                                kernel="pingpong", transposed=transposed, epilogue=epilogue).__ptx__
     assert ".target sm_90a" in ptx and "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx
     assert ptx.count("wgmma.mma_async") == 2 * (PINGPONG_TILE[2] // 16)  # MMA_M = 2 blocks x 4 k-blocks
-    with pytest.raises(ValueError, match="tile_n <= 128"):
+    with pytest.raises(ValueError, match=r"whole tile in one warpgroup: tile_n in \(64, 128, 192\)"):
         compile_grouped_gemm(variant, torch.bfloat16, torch.bfloat16, (128, 256, 64), kernel="pingpong",
                              transposed=transposed, epilogue=epilogue)
 
@@ -124,6 +126,166 @@ def test_pingpong_cluster_kernel_compiles_for_sm90a(variant, transposed, epilogu
     assert _mbarrier_init_counts(pair) == {PRODUCER_ARRIVALS, 4 * 2}
     assert _mbarrier_init_counts(alone) == {PRODUCER_ARRIVALS, 128}
     assert ".local" not in pair and ".local" not in alone, "register spills to local memory"
+
+
+def _ptxas_report(**kwargs) -> tuple[str, dict[str, int]]:
+    """Compile one variant with ptxas's verbose report ("remarks{ptx}", printed on stderr) and return
+    its PTX and the report's stack frame, spill stores and spill loads in bytes. (Register spills
+    happen in ptxas, after the PTX: the PTX itself has no ".local" for them.)"""
+    from sonic_learn.fast.grouped_gemm import compile_grouped_gemm
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        ptx = compile_grouped_gemm(keep_ptx=True, options="remarks{ptx}", **kwargs).__ptx__
+    found = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                       err.getvalue())
+    assert len(found) == 1, err.getvalue()[-3000:]  # one kernel, one report
+    return ptx, dict(zip(("stack", "spill_stores", "spill_loads"), map(int, found[0])))
+
+
+PP192 = (128, 192, 64)  # the ping-pong kernel's opt-in wide tile
+
+
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+@pytest.mark.parametrize("variant,transposed,cluster_m,tma_store", [
+    ("varlen_m", False, 1, True), ("varlen_m", True, 1, True), ("varlen_m", False, 2, True),
+    ("varlen_m_gather", True, 2, True), ("varlen_m", True, 1, False), ("varlen_k_gather", False, 1, True)],
+    ids=["down", "dx", "down-c2", "gather-kmajor-c2", "dx-notma", "varlen_k"])
+def test_pingpong_192_compiles_without_spills(variant, transposed, cluster_m, tma_store):
+    """The ping-pong kernel with a 128 x 192 tile (the layer's down-projection and dX~ GEMMs, and
+    the plain varlen-K store): one warpgroup's two m64n192k16 WGMMAs per k-block, 192 fp32
+    accumulators per MMA thread and -- the point of the lean epilogue -- no register spill at the
+    usual 56 / 224 setmaxnreg split, by ptxas's own report. The TMA store leaves each warpgroup's
+    tile as three bulk stores (one per 64-column swizzle atom; 128 x 128 takes two)."""
+    from sonic_learn.fast.grouped_gemm.ws import CONSUMER_REGS, PRODUCER_REGS
+
+    ptx, report = _ptxas_report(variant=variant, dtype=torch.bfloat16, out_dtype=torch.bfloat16, tile=PP192,
+                                kernel="pingpong", transposed=transposed, cluster_m=cluster_m, tma_store=tma_store)
+    assert ".target sm_90a" in ptx
+    assert report == {"stack": 0, "spill_stores": 0, "spill_loads": 0}, report
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n192k16") == 2 * (PP192[2] // 16)
+    assert f"setmaxnreg.dec.sync.aligned.u32 \t{PRODUCER_REGS};" in ptx
+    assert f"setmaxnreg.inc.sync.aligned.u32 \t{CONSUMER_REGS};" in ptx
+    bulk_stores = len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.global\.shared", ptx))
+    assert bulk_stores == (3 if tma_store else 0)
+    assert "st.global.v4" in ptx  # the expert's ragged rows (and every row without TMA)
+    if cluster_m == 2:
+        assert re.search(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global[^;]*multicast::cluster", ptx)
+        assert _mbarrier_init_counts(ptx) == {PRODUCER_ARRIVALS, 4 * 2}
+
+
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+def test_pingpong_192_pipeline_stages_fit_shared_memory():
+    """Stages of the 128 x 192 ping-pong kernel: two whole-tile epilogue buffers (one per MMA
+    warpgroup) of 128 x 192 bf16 (48 KB each, unpadded with the TMA store) leave room for 3 stages
+    of (128 + 192) x 64 bf16 (40 KB each) in the 227 KB; the padded buffers of tma_store=False for
+    2. Counted from the shared-memory budget here (not from ws_stages' own formula), and in the
+    PTX as one "full" and one "empty" mbarrier per stage."""
+    from sonic_learn.fast.grouped_gemm.ws import TABLE_EXPERTS, ws_stages
+
+    budget, table = 227 * 1024, 4 * (TABLE_EXPERTS + 1)
+    stage = (128 + 192) * 64 * 2
+
+    def fits(stages, epi_bytes):  # barriers (first 1 KB: alignment), A/B stages, epilogue buffers, table
+        return 1024 + stages * stage + epi_bytes + table <= budget
+
+    tight, padded = 2 * 128 * 192 * 2, 2 * 128 * (192 + 8) * 2
+    assert fits(3, tight) and not fits(4, tight) and fits(2, padded) and not fits(3, padded)
+    assert ws_stages(PP192, 2, pingpong=True) == 3
+    assert ws_stages(PP192, 2, pingpong=True, tma_store=False) == 2
+    assert ws_stages(PP192, 2) == 4  # the cooperative kernel's 64-row buffers
+    # unchanged for the kernels that are not lean
+    assert ws_stages((128, 128, 64), 2, pingpong=True) == ws_stages((128, 128, 64), 2, pingpong=True, tma_store=False)
+    from sonic_learn.fast.grouped_gemm import PINGPONG_TILE, compile_grouped_gemm
+
+    def inits(tile, **kw):
+        return compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, tile, keep_ptx=True,
+                                    kernel="pingpong", **kw).__ptx__.count("mbarrier.init")
+
+    assert inits(PP192) - inits(PINGPONG_TILE) == 2 * (3 - ws_stages(PINGPONG_TILE, 2, pingpong=True))
+    assert inits(PP192) - inits(PP192, tma_store=False) == 2
+
+
+def test_lean_tile_is_the_pingpong_192_tile_only():
+    """Only the ping-pong 128 x 192 tile holds more than 128 accumulators per MMA thread: every
+    other persistent config keeps the epilogue (and the compiled code) it had."""
+    from sonic_learn.fast.grouped_gemm import LEAN_ACC, TILE_NS, lean_tile
+
+    assert LEAN_ACC == 128
+    assert lean_tile(PP192, pingpong=True)
+    for tile_n in TILE_NS["pingpong"][:-1]:
+        assert not lean_tile((128, tile_n, 64), pingpong=True)
+    for tile_n in TILE_NS["ws"]:
+        assert not lean_tile((128, tile_n, 64), pingpong=False)
+
+
+def test_pingpong_192_config_and_its_limits():
+    """GemmConfig(kernel="pingpong", tile=(128, 192, 64)) is accepted (clusters of 2 too); the
+    teaching kernels reject tile_n = 192; the fused epilogues and the transposed varlen-K store
+    are refused on it with an error naming the argument, before any compile or launch."""
+    from sonic_learn.fast import grouped_gemm as fast
+
+    pp = fast.GemmConfig(kernel="pingpong", tile=PP192)
+    assert pp.tile == PP192 and not pp.fused_epilogues and pp.persistent
+    assert fast.cluster_size(False, pp) == 1 and fast.cluster_size(False, fast.GemmConfig(
+        kernel="pingpong", tile=PP192, cluster_m=2)) == 2
+    assert fast.GemmConfig(kernel="ws", tile=PP192).fused_epilogues  # cooperative: 96 accumulators
+    assert fast.DEFAULT_CONFIG.fused_epilogues and fast.GemmConfig(kernel="pingpong").fused_epilogues
+    for kernel in ("v1", "sm90"):
+        with pytest.raises(ValueError, match=rf"kernel '{kernel}' takes tile_n in \(64, 128, 256\)"):
+            fast.GemmConfig(kernel=kernel, tile=PP192)
+        with pytest.raises(ValueError, match=rf"kernel '{kernel}' takes tile_n in"):
+            fast.compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, PP192, kernel=kernel)
+    for bad in ((128, 96, 64), (128, 192, 48), (128, 192.0, 64)):
+        with pytest.raises(ValueError, match="tile"):
+            fast.GemmConfig(kernel="pingpong", tile=bad)
+    with pytest.raises(ValueError, match="epi_subtile=64 needs tile_n to be a multiple of 128"):
+        fast.GemmConfig(tile=PP192, epi_subtile=64)  # three subtiles of 64: not an even number
+    with pytest.raises(ValueError, match="epi_subtile=32 needs kernel='ws'"):
+        fast.GemmConfig(kernel="pingpong", tile=PP192, epi_subtile=32)
+    lean = r"does not run on kernel='pingpong' with tile \(128, 192, 64\).*192 accumulators.*tile_n <= 128"
+    for variant, transposed, epilogue in (("varlen_m_gather", False, "swiglu"), ("varlen_m_gather", True, "dswiglu"),
+                                          ("varlen_k_gather", True, "store"), ("varlen_k", True, "store")):
+        with pytest.raises(ValueError, match=lean):
+            fast.compile_grouped_gemm(variant, torch.bfloat16, torch.bfloat16, PP192, kernel="pingpong",
+                                      transposed=transposed, epilogue=epilogue)
+    # the public functions name the offending argument before looking at the (here CPU) tensors
+    x = torch.zeros(4, 16, dtype=torch.bfloat16)
+    w = torch.zeros(2, 16, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"the fused epilogue='swiglu' \(fused=True\) " + lean[:15]):
+        fast.gather_fused_grouped_gemm_swiglu(x, w, None, config=pp)
+    with pytest.raises(ValueError, match=r"the fused epilogue='dswiglu' \(fused=True\)"):
+        fast.gather_fused_grouped_gemm_dswiglu(x, w, None, x, x[:, 0].float(), config=pp)
+    with pytest.raises(ValueError, match=r"the transposed varlen-K store \(transpose_out=True\)"):
+        fast.grouped_gemm_varlen_k(x, x, None, transpose_out=True, config=pp)
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):  # unfused: the plain store, allowed
+        fast.gather_fused_grouped_gemm_swiglu(x, w, None, fused=False, config=pp)
+    with pytest.raises(ValueError, match="a must be a CUDA tensor"):
+        fast.grouped_gemm_varlen_k(x, x, None, config=pp)
+    # the MoE layer: the plain-store roles (down, dx) take it, the roles that need more refuse it
+    assert fast.LayerGemms(down=pp, dx=pp).config("dx") == pp
+    for role, needs in (("up", "the fused SwiGLU epilogue"), ("dh", "the fused dH epilogue"),
+                        ("dw", "the transposed varlen-K store")):
+        with pytest.raises(ValueError, match=rf"LayerGemms.{role}: .* runs the plain store only .* {needs}"):
+            fast.LayerGemms(**{role: pp})
+    with pytest.raises(ValueError, match="LayerGemms.up"):
+        fast.checked_layer_gemms(pp)  # one config for every GEMM of the layer
+    assert fast.checked_layer_gemms(fast.GemmConfig(kernel="ws", tile=PP192)).up.tile == PP192
+
+
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+@pytest.mark.parametrize("variant,transposed,epilogue", [
+    ("varlen_m", False, "store"), ("varlen_m_gather", True, "store"), ("varlen_m_gather", False, "swiglu"),
+    ("varlen_m_gather", True, "dswiglu"), ("varlen_k_gather", True, "store")])
+def test_cooperative_192_compiles_without_spills(variant, transposed, epilogue):
+    """The cooperative kernel takes tile_n = 192 too (96 accumulators per MMA thread: every epilogue,
+    no spill by ptxas's report); its TMA store sends each warpgroup's 64 rows as 3 bulk stores."""
+    ptx, report = _ptxas_report(variant=variant, dtype=torch.bfloat16, out_dtype=torch.bfloat16, tile=PP192,
+                                kernel="ws", transposed=transposed, epilogue=epilogue)
+    assert report == {"stack": 0, "spill_stores": 0, "spill_loads": 0}, report
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n192k16") == PP192[2] // 16
+    if epilogue == "store" and variant.startswith("varlen_m"):
+        assert len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.global\.shared", ptx)) == 3
 
 
 @pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
@@ -336,7 +498,7 @@ def test_gemm_config_rejects_bad_values():
         fast.GemmConfig(stages="4")
     with pytest.raises(ValueError, match="max_ctas"):
         fast.GemmConfig(max_ctas=0)
-    with pytest.raises(ValueError, match="tile_n <= 128"):
+    with pytest.raises(ValueError, match=r"whole tile in one warpgroup: tile_n in \(64, 128, 192\)"):
         fast.GemmConfig(kernel="pingpong", tile=fast.WS_TILE)
     with pytest.raises(TypeError, match="tma_store"):
         fast.GemmConfig(tma_store=0)

@@ -33,7 +33,13 @@ Which kernel runs (the ladder, llm.c style; a ``GemmConfig`` passed as ``config=
    of the fused MoE epilogues (``gather_fused_grouped_gemm_swiglu`` / ``_dswiglu``).
 4. ``"pingpong"`` (``ws.GroupedGemmWS(ping_pong=True)``): step 3 with each MMA warpgroup owning whole
    128 x 128 tiles, so one warpgroup's epilogue overlaps the other's mainloop (opt-in: measured
-   slower than step 3 on most shapes); clusters of 2 CTAs on request (``cluster_m=2``).
+   slower than step 3 on most shapes); clusters of 2 CTAs on request (``cluster_m=2``). Opt-in and
+   not yet measured: the 128 x 192 x 64 tile (``tile=(128, 192, 64)``, three 64-column swizzle
+   atoms), 1.5x the arithmetic intensity of 128 x 128 for the short-K plain-store GEMMs
+   (down-projection, dX~; upstream SonicMoE runs those as ping-pong 128 x 192 when n is small).
+   A warpgroup then holds 192 fp32 accumulators per thread, so its epilogue is kept lean
+   (``ws.GroupedGemmWS.lean_epilogue``) and it runs the plain store only (``lean_tile``,
+   ``GemmConfig.fused_epilogues``). The cooperative step 3 takes tile_n = 192 as well.
 
 The MoE layer's GEMMs can each take their own step: ``LayerGemms`` holds one ``GemmConfig`` per
 role (``GEMM_ROLES``: up, down, dh, dx, dw) for ``fast.moe.fast_ops``.
@@ -78,11 +84,17 @@ STEPS = {  # the ladder, one line each: what the step adds to the one before (Ge
     "sm90": "+ the tile staged in shared memory and stored as coalesced 16-byte row chunks (sm90.py)",
     "ws": "+ warp specialization, mbarrier pipeline, TMA loads, persistent scheduler, TMA-store epilogue, "
           "clusters (ws.py; production)",
-    "pingpong": "+ each MMA warpgroup owns whole tiles, so one's epilogue overlaps the other's mainloop (ws.py)",
+    "pingpong": "+ each MMA warpgroup owns whole tiles, so one's epilogue overlaps the other's mainloop (ws.py; "
+                "tile_n up to 192)",
 }
 KERNELS = tuple(STEPS)
 PERSISTENT = ("ws", "pingpong")  # the warp-specialized persistent kernels (fused epilogues, layout options)
 PINGPONG_TILE = (128, 128, 64)  # a whole tile's accumulators in one warpgroup
+# tile_n each kernel takes. 192 (three 64-column swizzle atoms) is opt-in and unmeasured; on the
+# ping-pong kernel it is the plain store's tile only (``lean_tile``).
+TILE_NS = {"v1": (64, 128, 256), "sm90": (64, 128, 256), "ws": (64, 128, 192, 256), "pingpong": (64, 128, 192)}
+PINGPONG_TILE_NS = TILE_NS["pingpong"]  # a whole 128 x tile_n tile's accumulators in one warpgroup
+LEAN_ACC = 128  # fp32 accumulators per MMA thread above which a persistent kernel's epilogue is kept lean
 EPILOGUES = ("store", "swiglu", "dswiglu")  # the production kernel's epilogues (epilogues.py)
 EPI_SUBTILES = (32, 64)  # GemmConfig(epi_subtile=...): columns per subtile of the subtiled TMA-store epilogue
 
@@ -93,9 +105,35 @@ def _check_cluster_m(cluster_m: object, allow_none: bool) -> None:
         raise ValueError(f"cluster_m must be one of {choices}, got {cluster_m!r}")
 
 
-def _check_pingpong_tile(kernel: str, tile: object) -> None:
-    if kernel == "pingpong" and isinstance(tile, tuple) and len(tile) == 3 and tile[1] > 128:
-        raise ValueError(f"the ping-pong kernel keeps a whole tile in one warpgroup: tile_n <= 128, got {tile}")
+def _check_tile(kernel: str, tile: object) -> None:
+    """``tile`` = (128, tile_n, tile_k) with a tile_n that ``kernel`` takes (``TILE_NS``), tile_k 32 or 64."""
+    if not (isinstance(tile, tuple) and len(tile) == 3 and all(isinstance(v, int) for v in tile)
+            and tile[0] == 128 and tile[2] in (32, 64)):
+        raise ValueError(f"tile must be (128, tile_n, tile_k in 32/64), got {tile!r}")
+    if tile[1] not in TILE_NS[kernel]:
+        if kernel == "pingpong":
+            raise ValueError(f"the ping-pong kernel keeps a whole tile in one warpgroup: tile_n in "
+                             f"{TILE_NS[kernel]}, got {tile}")
+        raise ValueError(f"kernel {kernel!r} takes tile_n in {TILE_NS[kernel]}, got tile {tile}")
+
+
+def lean_tile(tile: tuple, pingpong: bool) -> bool:
+    """Does a persistent kernel with this tile hold more than LEAN_ACC fp32 accumulators per MMA
+    thread (its warpgroup's rows x tile_n / 128 threads; a ping-pong warpgroup holds the whole tile)?
+    Only the ping-pong 128 x 192 tile does (192): its epilogue is kept lean
+    (``ws.GroupedGemmWS.lean_epilogue``) and it runs the plain store only -- no fused epilogue, no
+    transposed varlen-K store (they spill registers at this size)."""
+    rows = tile[0] if pingpong else tile[0] // 2
+    return rows * tile[1] // 128 > LEAN_ACC
+
+
+def _check_lean(kernel: str, tile: tuple, what: str) -> None:
+    """A clear error when ``what`` (a fused epilogue or the transposed varlen-K store) is asked of a
+    lean tile (``lean_tile``), before any compile or launch."""
+    if kernel in PERSISTENT and lean_tile(tile, kernel == "pingpong"):
+        raise ValueError(f"{what} does not run on kernel={kernel!r} with tile {tile}: its MMA threads hold "
+                         f"{tile[0] * tile[1] // 128} accumulators each and it serves the plain store only "
+                         f"(it would spill registers); use a config with tile_n <= 128 for this GEMM")
 
 
 def _check_epi_subtile(epi_subtile: object, kernel: str, tile: tuple, tma_store: bool) -> None:
@@ -118,7 +156,11 @@ class GemmConfig:
 
     ``kernel``: "v1" (teaching step), "sm90" (+ shared-memory epilogue), "ws" (production,
     cooperative) or "pingpong" (production, ping-pong). ``tile``: (128, tile_n, tile_k), default the
-    kernel's own. ``stages``: pipeline stages (None: as many as fit). ``max_ctas`` caps the
+    kernel's own; tile_n from ``TILE_NS[kernel]``, tile_k 32 or 64. tile_n = 192 (persistent kernels,
+    opt-in, unmeasured) is the ping-pong kernel's wide tile for the short-K plain-store GEMMs
+    (down-projection, dX~): it runs the plain store only (``fused_epilogues`` is False; the fused
+    SwiGLU / dH epilogues and the transposed varlen-K store are refused with a ValueError, and
+    ``LayerGemms`` gives it to the down / dx roles only). ``stages``: pipeline stages (None: as many as fit). ``max_ctas`` caps the
     persistent kernels' grid (None: one CTA per SM; tests use a small cap so that every CTA walks
     many tiles). ``tma_store=False`` gives the persistent kernels' plain store the synchronous
     shared-memory copy-out instead of the TMA bulk store. ``cluster_m=2`` (the persistent kernels,
@@ -151,10 +193,7 @@ class GemmConfig:
         if tile is None:
             tile = {"ws": WS_TILE, "pingpong": PINGPONG_TILE}.get(kernel, TILE)
             object.__setattr__(self, "tile", tile)
-        _check_pingpong_tile(kernel, tile)
-        if not (isinstance(tile, tuple) and len(tile) == 3 and tile[0] == 128 and tile[1] in (64, 128, 256)
-                and tile[2] in (32, 64)):
-            raise ValueError(f"tile must be (128, tile_n in 64/128/256, tile_k in 32/64), got {tile!r}")
+        _check_tile(kernel, tile)
         if stages is not None:  # the WS pipeline needs 2 slots; v1/sm90 prefetch stages - 2 k-tiles ahead
             _checks.check_int_range("stages", stages, 2 if kernel in PERSISTENT else 3,
                                     what=f"pipeline stages of '{kernel}'")
@@ -171,6 +210,13 @@ class GemmConfig:
     def persistent(self) -> bool:
         """A warp-specialized persistent kernel (fused epilogues, native transposes, in-kernel table)."""
         return self.kernel in PERSISTENT
+
+    @property
+    def fused_epilogues(self) -> bool:
+        """Can this config's kernel run the fused SwiGLU / dH epilogues and the transposed varlen-K
+        store? Every config but the lean ping-pong 128 x 192 tile (``lean_tile``), which runs the
+        plain store only (the teaching kernels run the unfused pairs instead, and count as True)."""
+        return not (self.persistent and lean_tile(self.tile, self.kernel == "pingpong"))
 
 
 DEFAULT_CONFIG = GemmConfig()
@@ -195,6 +241,9 @@ GEMM_ROLES = {
     "dx": "dX~ = dH W1^T (K = 2n)",
     "dw": "the varlen-K weight gradients dW1 = X^T dH and dW2 = A'^T dO",
 }
+# The roles whose GEMM needs more than the plain store (``GemmConfig.fused_epilogues``)
+FUSED_ROLES = {"up": "the fused SwiGLU epilogue", "dh": "the fused dH epilogue",
+               "dw": "the transposed varlen-K store (dW2)"}
 
 
 @dataclass(frozen=True)
@@ -218,6 +267,10 @@ class LayerGemms:
             if not isinstance(config, GemmConfig):
                 raise TypeError(f"LayerGemms.{role} (the {role!r} GEMM's config) must be a "
                                 f"sonic_learn.fast.grouped_gemm.GemmConfig, got {type(config).__name__}")
+            if role in FUSED_ROLES and not config.fused_epilogues:
+                raise ValueError(f"LayerGemms.{role}: {config} runs the plain store only (GemmConfig."
+                                 f"fused_epilogues is False), and the {role!r} GEMM needs "
+                                 f"{FUSED_ROLES[role]}; give that config to the plain-store roles (down, dx)")
 
     @classmethod
     def uniform(cls, config: GemmConfig) -> LayerGemms:
@@ -360,7 +413,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, tile: tuple = TILE,
                          stages: int | None = None, keep_ptx: bool = False, kernel: str = "ws",
                          transposed: bool = False, epilogue: str = "store", tma_store: bool = True,
-                         cluster_m: int = 1, epi_subtile: int | None = None):
+                         cluster_m: int = 1, epi_subtile: int | None = None, options: str = ""):
     """Compile one grouped-GEMM variant for sm_90a from fake tensors (no GPU needed).
 
     ``variant`` is one of "varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather". Sizes (rows,
@@ -380,14 +433,21 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     ``epi_subtile`` (kernel "ws", TMA store): the subtiled epilogue of the plain store and of the
     SwiGLU epilogue (``GemmConfig``); ignored by the dH epilogue and the transposed varlen-K store,
     which keep the whole-tile buffer.
+    ``options``: more ``cute.compile`` options, e.g. "remarks{ptx}" for ptxas's register and spill
+    report on stderr (the compile tests' spill check).
     """
     _checks.check_choice("variant", variant, ("varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather"))
     _checks.check_choice("epilogue", epilogue, EPILOGUES)
+    _checks.check_choice("kernel", kernel, KERNELS)
     if (transposed or epilogue != "store") and kernel not in PERSISTENT:
         raise ValueError(f"transposed=True and fused epilogues need a persistent kernel {PERSISTENT}, got kernel={kernel!r}")
-    _check_pingpong_tile(kernel, tile)
+    _check_tile(kernel, tile)
     if epilogue != "store" and (variant.startswith("varlen_k") or out_dtype == torch.float32):
         raise ValueError(f"epilogue={epilogue!r} needs a varlen-M variant with a 16-bit output")
+    if epilogue != "store":
+        _check_lean(kernel, tile, f"the fused epilogue={epilogue!r}")
+    if transposed and variant.startswith("varlen_k"):
+        _check_lean(kernel, tile, "the transposed varlen-K store (transposed=True)")
     from sonic_learn.fast._cute import compile_options, cutlass_dtype, import_cutlass
 
     cutlass = import_cutlass()
@@ -398,8 +458,6 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     from sonic_learn.fast.grouped_gemm.sm90 import GroupedGemmSm90, epilogue_smem_bytes
     from sonic_learn.fast.grouped_gemm.v1 import GroupedGemmV1, default_stages
     from sonic_learn.fast.grouped_gemm.ws import GroupedGemmWS, ws_stages
-
-    _checks.check_choice("kernel", kernel, KERNELS)
 
     varlen_k = variant.startswith("varlen_k")
     gather = variant.endswith("gather")
@@ -428,7 +486,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
         if not cls.SUBTILE_OUTPUTS or (varlen_k and transposed):
             epi_subtile = None  # the dH epilogue and the transposed store keep their whole-tile buffer
         fit = ws_stages(tile, out_dtype.itemsize, pingpong=kernel == "pingpong", epi_subtile=epi_subtile,
-                        subtile_outputs=cls.SUBTILE_OUTPUTS)
+                        subtile_outputs=cls.SUBTILE_OUTPUTS, tma_store=tma_store)
         if epi_subtile is not None and stages is not None and stages > fit:
             raise ValueError(f"tile {tile} with epi_subtile={epi_subtile} leaves room for {fit} pipeline stages, "
                              f"got stages={stages}")
@@ -451,7 +509,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
             steps["epi_subtile"] = epi_subtile
     kernel_obj = cls(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2], stages=stages,
                      **layout, **steps)
-    opts = compile_options(keep_ptx)
+    opts = compile_options(keep_ptx, options)
     epi = ()
     if kernel in PERSISTENT:  # the epilogue's tensors: epi_out, epi_in (16-bit), row_in (P,), row_out (P, n-tiles)
         f32 = cutlass.Float32
@@ -595,6 +653,8 @@ def gather_fused_grouped_gemm_swiglu(x: torch.Tensor, w: torch.Tensor, meta: Rou
     """
     _checks.check_bool("fused", fused)
     cfg = checked_config(config)
+    if fused:
+        _check_lean(cfg.kernel, cfg.tile, "the fused epilogue='swiglu' (fused=True)")
     x, w, meta, out_dtype = _check_varlen_m(cfg, x, w, meta, tile_m, None, "x", None, False)
     if w.shape[2] % 16:
         raise ValueError(f"w.shape[2] (2n) must be a multiple of 16 for the SwiGLU epilogue (n a multiple of 8), "
@@ -623,6 +683,8 @@ def gather_fused_grouped_gemm_dswiglu(dout: torch.Tensor, w2: torch.Tensor, meta
     """
     _checks.check_bool("fused", fused)
     cfg = checked_config(config)
+    if fused:
+        _check_lean(cfg.kernel, cfg.tile, "the fused epilogue='dswiglu' (fused=True)")
     dout, w2, meta, out_dtype = _check_varlen_m(cfg, dout, w2, meta, tile_m, None, "dout", None, True)
     M, n = meta.gather_idx.numel(), w2.shape[1]
     h = _check_operand("h", h, 2)
@@ -657,6 +719,9 @@ def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadat
     kernel (``GemmConfig``; None = production).
     """
     cfg = checked_config(config)
+    _checks.check_bool("transpose_out", transpose_out)
+    if transpose_out:
+        _check_lean(cfg.kernel, cfg.tile, "the transposed varlen-K store (transpose_out=True)")
     a = _check_operand("a", a, 2)
     b = _check_operand("b", b, 2)
     if b.dtype != a.dtype:
@@ -664,7 +729,6 @@ def grouped_gemm_varlen_k(a: torch.Tensor, b: torch.Tensor, meta: RoutingMetadat
     _checks.check_same_device(a=a, b=b)
     meta = _check_meta(meta, a.device, cfg)
     _checks.check_bool("gather_a", gather_a)
-    _checks.check_bool("transpose_out", transpose_out)
     out_dtype = _out_dtype(out_dtype, a.dtype)
     M = meta.gather_idx.numel()
     E = meta.num_experts

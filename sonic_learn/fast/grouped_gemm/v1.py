@@ -68,11 +68,12 @@ class GroupedGemmV1:
 
     LAYOUT_OPTIONS = False  # b_k_major / transpose_out: implemented by the production kernel only
     MMA_WARPGROUPS = (2, 1, 1)  # two warpgroups share every tile, 64 rows each
+    TILE_NS = (64, 128, 256)  # the tile_n this kernel takes
 
     def __init__(self, *, varlen_k: bool, gather: bool, tile_m: int = 128, tile_n: int = 128,
                  tile_k: int = 64, stages: int = 5, b_k_major: bool = False, transpose_out: bool = False):
         assert tile_m == 128, "two warpgroups x 64 rows"
-        assert tile_n in (64, 128, 256) and tile_k in (32, 64)
+        assert tile_n in self.TILE_NS and tile_k in (32, 64)
         assert stages >= (2 if self.LAYOUT_OPTIONS else 3)  # the persistent kernels' pipeline needs 2 slots
         assert self.LAYOUT_OPTIONS or not (b_k_major or transpose_out), "K-major B / transposed out: 'ws' only"
         self.varlen_k = varlen_k

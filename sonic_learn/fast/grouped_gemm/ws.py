@@ -11,7 +11,10 @@ steps run in clusters of 2 CTAs on request (``cluster_m=2``): the same multicast
 launch and remote slot release, with a ping-pong slot freed by the 4 warps of the one warpgroup
 that read it in each CTA. (Upstream SonicMoE runs its dH GEMM as a ping-pong kernel with a
 128 x 128 x 64 tile in clusters of 2 along M; ``GemmConfig(kernel="pingpong", cluster_m=2)`` is
-that configuration here.)
+that configuration here.) Opt-in and unmeasured: the ping-pong 128 x 192 x 64 tile (upstream's
+choice for its short-K down-projection and dX~ GEMMs), whose warpgroups hold 192 fp32
+accumulators per thread and keep a lean epilogue (``GroupedGemmWS.lean_epilogue``: plain store
+only, 3 pipeline stages); the cooperative kernel takes tile_n = 192 too.
 
 The TMA store uses one descriptor for the whole (M, N) output rather than one per expert: a
 warpgroup's 64 rows that all belong to the expert (every tile but the expert's last) go out as one
@@ -28,6 +31,7 @@ stores with st.global (no TMA); tile shapes are fixed per output dtype.
 from __future__ import annotations
 
 from sonic_learn.fast._cute import import_cutlass
+from sonic_learn.fast.grouped_gemm import PINGPONG_TILE_NS, lean_tile
 from sonic_learn.fast.grouped_gemm.sm90 import CHUNK_BYTES, GroupedGemmSm90, epilogue_smem_bytes
 from sonic_learn.fast.grouped_gemm.v1 import CHUNK
 
@@ -42,6 +46,7 @@ from cutlass.tensor_utils import LayoutEnum  # noqa: E402
 PRODUCER_THREADS = 128  # warpgroup 0: the load warps
 CONSUMER_THREADS = 256  # warpgroups 1 and 2: the MMA warps (64 rows of each tile, or whole tiles in ping-pong)
 TABLE_EXPERTS = 2048  # the in-kernel expert tile table's capacity (E <= 2048, as the fast routing)
+SMEM_BYTES = 227 * 1024  # shared memory one CTA may use on Hopper
 ORDER_BARRIER = 3  # named barriers 3 and 4: the ping-pong mainloop turns (1 and 2: the epilogues)
 PRODUCER_REGS = 56  # setmaxnreg budgets: 56 * 128 + 224 * 256 <= 65536 registers per SM
 CONSUMER_REGS = 224
@@ -80,6 +85,7 @@ class GroupedGemmWS(GroupedGemmSm90):
     """
 
     LAYOUT_OPTIONS = True
+    TILE_NS = (64, 128, 192, 256)  # 192: three 64-column swizzle atoms (ping-pong: PINGPONG_TILE_NS)
     TMA_STORE = True  # the plain store epilogue can; the fused epilogues (subclasses) store with st.global
     # The outputs that the subtiled epilogue (``epi_subtile``) sends through TMA bulk stores, each as
     # the number of tile columns per column of that output: ``out`` first, then ``epi_out``. (1,):
@@ -95,7 +101,8 @@ class GroupedGemmWS(GroupedGemmSm90):
         unchanged, each MMA warpgroup steps its pipeline state over the slots of the other one's
         tiles, a slot is released by the 128 threads that read it, and the two mainloops take turns
         through a pair of named barriers (ORDER_BARRIER); a whole 128 x tile_n tile's accumulators
-        live in one warpgroup, so tile_n is 128. ``tma_store=False``: the plain store copies out
+        live in one warpgroup, so tile_n is 64, 128 or 192 (PINGPONG_TILE_NS; 192 has the lean
+        epilogue, plain store only: ``lean_epilogue``). ``tma_store=False``: the plain store copies out
         of shared memory synchronously instead of the TMA bulk store. ``cluster_m``: CTAs per
         cluster along M that share each tile's B through TMA multicast (1 or 2; cooperative or
         ping-pong).
@@ -111,6 +118,28 @@ class GroupedGemmWS(GroupedGemmSm90):
         self.epi_subtile = epi_subtile
         if ping_pong:
             self.MMA_WARPGROUPS = (1, 1, 1)  # one warpgroup's MMA covers a whole tile
+            assert self.tile[1] in PINGPONG_TILE_NS
+        # The lean epilogue serves the plain store only (see ``lean_epilogue``).
+        assert not self.lean_epilogue() or (type(self).TMA_STORE and not self.transpose_out)
+
+    def lean_epilogue(self) -> bool:
+        """More than LEAN_ACC fp32 accumulators per MMA thread (the ping-pong 128 x 192 tile: 192).
+
+        The accumulators alone then take 192 of the 224 registers an MMA thread has (CONSUMER_REGS),
+        and the epilogue must not keep anything else alive across the mainloop. Two things would: the
+        shared-memory address of each accumulator pair in the swizzled epilogue buffer (the 128-byte
+        swizzle XORs each address, so the compiler computes the 96 addresses once before the tile
+        loop and holds them in 96 registers through every mainloop), and the unrolled masked
+        copy-out of the ragged rows (24 hoisted address pairs). So a lean epilogue re-derives the
+        staging addresses every tile (``staging_view``) and rolls the copy-out loop; with both,
+        the kernel compiles without spills at the usual 56 / 224 register split (ptxas reports of
+        the compile tests). Only the plain store has a lean form: the fused epilogues and the
+        transposed varlen-K store spill at this size, and ``compile_grouped_gemm`` rejects them.
+        A lean kernel with the TMA store also allocates its swizzled buffers without the 16-byte
+        row padding that only the unswizzled buffers of ``tma_store=False`` use
+        (``epilogue_smem_bytes``): that leaves room for a third pipeline stage at 128 x 192
+        (``ws_stages``)."""
+        return lean_tile(self.tile, self.pingpong)
 
     def uses_tma_store(self) -> bool:
         """The plain store's full tiles leave through a TMA bulk store (row-major ``out`` only; the
@@ -140,6 +169,8 @@ class GroupedGemmWS(GroupedGemmSm90):
         tiled_mma, sA_layout, sB_layout = self.make_mma_and_smem_layouts(a, out)  # as GroupedGemmV1
         dtype = self.dtype
         epi_elems = 2 * self.wg_rows() * (bn + CHUNK_BYTES * 8 // self.out_dtype.width)  # one buffer per MMA WG
+        if const_expr(self.lean_epilogue() and self.uses_tma_store()):
+            epi_elems = 2 * self.wg_rows() * bn  # the swizzled TMA-store buffers need no row padding
         if const_expr(self.subtiled()):  # per output, two (rows, subtile) buffers per MMA WG
             epi_elems = subtile_staging_elems(self.wg_rows(), self.epi_subtile, self.SUBTILE_OUTPUTS)
 
@@ -152,6 +183,8 @@ class GroupedGemmWS(GroupedGemmSm90):
             tiles: cute.struct.MemRange[Int32, TABLE_EXPERTS + 1]  # varlen-M: first unit of each expert
 
         self.storage = Storage
+        # (the stage count comes from ``ws_stages``, which must count the same buffers)
+        assert Storage.size_in_bytes() <= SMEM_BYTES, f"{Storage.size_in_bytes()} bytes of shared memory"
         # The TMA-store epilogue: each MMA warpgroup stages its (rows, bn) part of the tile in a
         # swizzled buffer (slot wg - 1 of a 2-slot layout; it fits in the padded buffers' space)
         # and one thread sends it to ``out`` with a bulk tensor store. TMA clips columns past N;
@@ -565,11 +598,24 @@ class GroupedGemmWS(GroupedGemmSm90):
             if k_tiles > 0:
                 self.release_slot(pipe, release)
                 release.advance()
-            self.store_tile(acc, tCsC, tCcC, out, epi, tma_stores, sC, wg, ctid, expert, m_start, n_start, out_row0,
-                            m_dim, n_dim)
+            stage_at = tCsC  # where my accumulators go in the epilogue buffer
+            if const_expr(self.lean_epilogue()):
+                stage_at = self.staging_view(tiled_mma, mma_tid, tile_view)
+            self.store_tile(acc, stage_at, tCcC, out, epi, tma_stores, sC, wg, ctid, expert, m_start, n_start,
+                            out_row0, m_dim, n_dim)
         if const_expr(self.uses_tma_store() or self.subtiled()):
             if ctid % 128 < 32:  # the shared memory must outlive the last bulk store's reads
                 cute.arch.cp_async_bulk_wait_group(0, read=True)
+
+    @cute.jit
+    def staging_view(self, tiled_mma: cute.TiledMma, mma_tid: Int32, tile_view: cute.Tensor):
+        """The lean epilogue's ``tCsC``, derived anew for every tile: my accumulators' places in the
+        tile's epilogue buffer (``tile_view``). My index passes through a warp shuffle from my own
+        lane (an identity the compiler cannot see through), so the swizzled addresses are computed
+        here, after the mainloop, instead of being hoisted out of the tile loop into registers that
+        the accumulators need (``lean_epilogue``). One shuffle per tile."""
+        me = cute.arch.shuffle_sync(mma_tid, cute.arch.lane_idx())
+        return tiled_mma.get_slice(me).partition_C(tile_view)
 
     @cute.jit
     def store_tile(self, acc: cute.Tensor, tCsC, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,
@@ -839,13 +885,28 @@ class GroupedGemmWS(GroupedGemmSm90):
         row_off = self.wg_row_offset(wg)  # first tile row owned by this warpgroup
         elems = CHUNK_BYTES * 8 // self.out_dtype.width
         chunks_per_row = cols // elems
-        for it in cutlass.range_constexpr(half * chunks_per_row // 128):
-            c = it * 128 + lt
-            m = c // chunks_per_row
-            q = (c % chunks_per_row) * elems
-            if row_off + m < rows_left and q < cols_left:
-                src = cute.local_tile(sC, (1, elems), (m, q // elems))
-                cute.autovec_copy(src, cute.local_tile(dst, (1, elems), (dst_row0 + row_off + m, (dst_col0 + q) // elems)))
+        steps = half * chunks_per_row // 128
+        if const_expr(self.lean_epilogue()):  # a rolled loop: no addresses hoisted (``lean_epilogue``)
+            for it in cutlass.range(steps, unroll=1):
+                self.copy_out_chunk(sC, dst, it * 128 + lt, chunks_per_row, dst_row0, dst_col0, row_off, rows_left,
+                                    cols_left)
+        else:
+            for it in cutlass.range_constexpr(steps):
+                self.copy_out_chunk(sC, dst, it * 128 + lt, chunks_per_row, dst_row0, dst_col0, row_off, rows_left,
+                                    cols_left)
+
+    @cute.jit
+    def copy_out_chunk(self, sC: cute.Tensor, dst: cute.Tensor, c: Int32, chunks_per_row: cutlass.Constexpr[int],
+                       dst_row0: Int32, dst_col0: Int32, row_off: Int32, rows_left: Int32, cols_left: Int32):
+        """Chunk ``c`` (row-major over the staged rows' 16-byte chunks) of ``copy_out_rows``: staged row m,
+        columns q : q + 8 (16-bit; 4 for fp32) -> ``dst[dst_row0 + row_off + m, dst_col0 + q]``, if tile row
+        row_off + m is below ``rows_left`` and q below ``cols_left``."""
+        elems = CHUNK_BYTES * 8 // self.out_dtype.width
+        m = c // chunks_per_row
+        q = (c % chunks_per_row) * elems
+        if row_off + m < rows_left and q < cols_left:
+            src = cute.local_tile(sC, (1, elems), (m, q // elems))
+            cute.autovec_copy(src, cute.local_tile(dst, (1, elems), (dst_row0 + row_off + m, (dst_col0 + q) // elems)))
 
     @cute.jit
     def stage_tile(self, acc: cute.Tensor, tCsC: cute.Tensor, wg: Int32):
@@ -895,16 +956,19 @@ def subtile_staging_elems(rows: int, epi_subtile: int, outputs: tuple[int, ...] 
     return sum(2 * 2 * rows * (epi_subtile // d) for d in outputs)  # (warpgroups, buffers, rows, columns)
 
 
-def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = 227 * 1024, pingpong: bool = False,
-              epi_subtile: int | None = None, subtile_outputs: tuple[int, ...] = (1,)) -> int:
+def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = SMEM_BYTES, pingpong: bool = False,
+              epi_subtile: int | None = None, subtile_outputs: tuple[int, ...] = (1,), tma_store: bool = True) -> int:
     """Stages that fit next to the two warpgroups' epilogue buffers (16-bit operands; each buffer is
     a whole tile when ping-ponging; with ``epi_subtile``, two (64, epi_subtile / d) buffers per
     warpgroup and output, ``subtile_outputs`` = the epilogue's ``SUBTILE_OUTPUTS``: (1,) for the
-    plain store, (1, 2) for SwiGLU's H and A)."""
+    plain store, (1, 2) for SwiGLU's H and A). A lean kernel (``lean_epilogue``, the ping-pong
+    128 x 192 tile) with the TMA store (``tma_store``) allocates its buffers without the row padding."""
     bm, bn, bk = tile
     per_stage = (bm + bn) * bk * 2
     reserved = 2048 + 4 * (TABLE_EXPERTS + 1)  # barriers and alignment, the expert tile table
     epi = epilogue_smem_bytes(tile, out_bytes) * (2 if pingpong else 1)
+    if lean_tile(tile, pingpong) and tma_store:
+        epi = 2 * (bm if pingpong else bm // 2) * bn * out_bytes
     if epi_subtile is not None:
         epi = subtile_staging_elems(bm // 2, epi_subtile, subtile_outputs) * out_bytes
     return (smem_bytes - reserved - epi) // per_stage
