@@ -429,7 +429,8 @@ def test_token_rounding_padding_rows_are_never_read(backward, tile_m):
     """Sync-free token rounding sizes its buffers by max_pairs (far above P here, E 16): with the
     allocator's memory poisoned (NaN), output and every gradient still match the oracle. tile_m=16
     ends the last expert off a 64-row k-tile, so the weight-gradient GEMM's last k-tile reaches into
-    the padding rows (they must have been zeroed: ``fast.moe.zero_rows_past_end``)."""
+    the padding rows (they must have been zeroed: ``ExpertOps.zero_rows_past_end``, the
+    ``moe_kernels.ZeroRowsPastEnd`` kernel on this default path)."""
     inputs = params(700, 64, 32, 16, 5, torch.bfloat16)
     _poison_allocator_cache()
     compare_layer(inputs, 4, routing="token_rounding", backward=backward, tile_m=tile_m)

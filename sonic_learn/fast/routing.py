@@ -59,7 +59,8 @@ Cost: every pass reads one row of T keys (L2-resident; in the layer's fused call
 copied into shared memory when T <= 48 Ki, and the passes read it there), so the selection is
 O(T) per expert with no sort and no (T, E)-wide temporaries besides the keys and the mask.
 What stays torch: the probabilities p and the weights (the reference's formulas, so the compared
-floats are bit-identical and the output stays differentiable: a ``softmax`` and a ``scatter``, in place when autograd is off),
+floats are bit-identical: a ``softmax`` and a ``scatter``, in place when autograd is off; differentiable
+through one autograd node, ``TokenRoundingScores``, see below),
 the stochastic draw (``torch.rand`` on the device, from the given generator),
 the device-side counts of ``routing.rounding`` (a few (T, E) and (E,) reductions), and the
 token-sorted triples from the (T, E) mask: ``nonzero`` by default (it sizes the output by the data
@@ -85,7 +86,8 @@ changes:
 * the two token-rounding kernels (one compiled call);
 * the counts of ``routing.rounding`` (``_rounding_stats``: one (3, E) reduction, 5 launches, and 3
   for the tokens left with no expert, a reduction over the other axis of the mask);
-* the padded triples (``_padded_triples``: ``nonzero_static`` and 7 elementwise launches);
+* the padded triples (``_padded_triples``: ``nonzero_static`` and 5 elementwise launches) and
+  their weights (an ``index_select`` at the flat indices t * E + e and a ``where`` for the padding);
 * the metadata kernels (one compiled call of four), the padded rows' initialization (3) and the
   token offsets (an ``arange`` and a ``searchsorted``).
 
@@ -94,10 +96,22 @@ counts f_e need every token's top-k, the boundary select needs every f_e and the
 its expert, the token-sorted triples need the final mask of every expert, and the metadata needs
 every pair's expert. Fusing them would take grid-wide barriers (cooperative launches) or one CTA
 doing all the work. The torch ops between them keep the scores bit-identical to the reference's
-and differentiable through autograd (the softmaxes, the gather, the scatter, the score gather of
-the triples), or are reductions and compactions that need the whole mask (the counts, the
-``nonzero_static``); none reads the device on the host, so the host issues the whole step ahead
-of the GPU.
+(the softmaxes, the gather, the scatter, the score gather of the triples), or are reductions and
+compactions that need the whole mask (the counts, the ``nonzero_static``); none reads the device
+on the host, so the host issues the whole step ahead of the GPU.
+
+**The backward of the scores: one autograd node.** Recorded op by op, the scores' graph costs the
+backward 10 launches with ``softmax_topk`` (one node per op: the padding's ``where``, the triples'
+gather, the weights' scatter, the token-choice gather and softmax, the ranking key's softmax, and
+the sum of the logits' two gradients). The router computes p and the token-choice weights as
+values and hands them, with the triples' flat indices, to ``TokenRoundingScores``, whose forward
+runs the same ops (the same bits) and whose backward runs 8 launches with ``softmax_topk``: the
+padding's ``where``, the triples' gradient into (T, E) (``zeros``, ``index_add_``), the picks' part
+(``gather``) and the rest (``scatter_``), the two softmax backwards, the picks' part added
+(``scatter_add_``); with ``topk_softmax`` (the weights are p itself) 4: the softmax backward of the
+whole (T, E) gradient. The arithmetic is autograd's (``softmax_topk``: on the reference's graph, the
+same bits; ``topk_softmax``: one softmax backward where the reference adds two, another rounding);
+both glues of the layer read their weights through it.
 
 **The layer's default: the glue as kernels (``fused_glue=True``; checked on the CPU with torch
 stand-ins for the kernels, on the GPU by ``tests/test_fused_router_glue.py``: the same routing, output
@@ -108,8 +122,9 @@ the padded metadata's padding entries itself: 13 launches (9 torch, 4 CuTe calls
 torch then is what autograd must see or what the reference rounds: the router GEMM and its cast,
 the softmax and the token-choice weights (gather, softmax over K), the experts' int32 copy, the
 weights' ``scatter``, and the triples' weights (an ``index_select`` at the kernel's flat indices and
-a ``where`` for the padding). The four CuTe calls stay apart for the grid-wide reasons above, and
-because the torch ops between them (the int32 copy, the softmax, the weights) feed the next one.
+a ``where`` for the padding: ``TokenRoundingScores``' forward). The four CuTe calls stay apart for
+the grid-wide reasons above, and because the torch ops between them (the int32 copy, the softmax,
+the weights) feed the next one.
 
 **Exact agreement with the reference.** The expert indices are integers (the bitonic kernel and the
 reference's radix select agree exactly, ties to the lower expert). The scores are computed from
@@ -1279,11 +1294,11 @@ def topk_routing(
 round_counts = _ref.round_counts
 
 
-def _pair_weights(probs: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor) -> torch.Tensor:
-    """(T, E): ``reference.routing.pair_weights``, bit for bit. Call it after the selection has
-    read ``probs``: without autograd recording it overwrites ``probs`` in place (no (T, E) copy;
-    the stream runs the selection kernels first)."""
-    if torch.is_grad_enabled() and probs.requires_grad:
+def _pair_weights(probs: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor, *,
+                  in_place: bool) -> torch.Tensor:
+    """(T, E): ``reference.routing.pair_weights``, bit for bit; ``in_place`` overwrites ``probs``
+    (no (T, E) copy: only once nothing reads ``probs`` any more)."""
+    if not in_place:
         return _ref.pair_weights(probs, tc_experts, tc_scores)
     return probs.scatter_(1, tc_experts, tc_scores)  # (T, E) the picks: the token-choice scores
 
@@ -1368,7 +1383,8 @@ def token_rounding(
     Which steps are CuTe and which are torch: token-choice top-k (bitonic kernel), f_e
     (histogram kernel), the rounding rule, the key rows and the boundary selection (the two
     token-rounding kernels) are CuTe; the probabilities p and the weights (the reference's
-    formulas, so bit-identical and differentiable; in place when autograd is off), the stochastic
+    formulas, so bit-identical; in place when autograd is off; differentiable through one autograd
+    node, ``TokenRoundingScores``), the stochastic
     draw (``torch.rand`` on the device, from ``generator``), the counts of ``routing.rounding``
     and the final ``nonzero`` (``nonzero_static`` when padded) are torch. Float64 logits
     (float64 scores) take a torch-op selection instead of the two kernels (same result).
@@ -1439,41 +1455,43 @@ def _route_token_rounding(logits, k, tile_m, mode, generator, scoring, normalize
 
     # The ranking key of Algorithm 4: p[t, e], the softmax over all E experts (the reference's call),
     # and the token-choice weights (topk_softmax gathers them from the same softmax: one launch less).
-    probs = _ref.router_probabilities(logits)  # (T, E)
-    tc_scores = scores_from_experts(logits, tc_experts, scoring, normalize, probs=probs)  # (T, K)
+    # Values only: the gradient of every weight of the step is one autograd node, TokenRoundingScores.
+    with torch.no_grad():
+        probs = _ref.router_probabilities(logits)  # (T, E)
+        tc_scores = scores_from_experts(logits, tc_experts, scoring, normalize, probs=probs)  # (T, K)
+    weights = functools.partial(_kept_pair_scores, logits, probs, tc_experts, tc_scores, scoring, normalize)
 
     # fused_glue: steps 2-5 and the counts in one compiled call (selection, then the padded triples).
     bound = _ref.max_pairs(T, E, k, tile_m)
     if (fused_glue and pad_to_bound and T > 0 and probs.dtype == torch.float32 and selection == "kernels"
             and max(T * E + TRIPLES_BYTE_SLACK, bound) <= MAX_PAIRS):
         token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4 = _launch_token_rounding_triples(
-            probs.detach(), tc_experts32, counts, uniform, mode, tile_m, bound)
-        scores = _pair_weights(probs, tc_experts, tc_scores)  # (T, E)
+            probs, tc_experts32, counts, uniform, mode, tile_m, bound)
         kept, dropped, added, dropped_tokens = counts4  # () views of the kernel's (4,) counts
         stats = contracts.RoundingStats(kept, dropped, added, dropped_tokens, tokens_per_tile=ratio)
-        return Routing(token_idx, expert_idx, _pair_scores(scores, pair_index, is_pair), num_tokens=T, num_experts=E,
+        return Routing(token_idx, expert_idx, weights(pair_index, is_pair), num_tokens=T, num_experts=E,
                        rounding=stats), token_offsets
 
     # Steps 2-4: round f_e, then flip only the boundary pairs of each expert (see the module docstring).
     if T == 0:
         keep = torch.zeros(0, E, dtype=torch.bool, device=device)
     elif probs.dtype == torch.float32 and selection == "kernels":
-        keep = _launch_boundary_kernels(probs.detach(), tc_experts32, counts, uniform, mode, tile_m)  # (T, E) uint8
+        keep = _launch_boundary_kernels(probs, tc_experts32, counts, uniform, mode, tile_m)  # (T, E) uint8
     else:  # float64 probabilities (or the torch baseline)
         keep = _boundary_keep_torch(probs, tc_experts, counts, uniform, mode, tile_m)  # (T, E) bool
-
-    # The weights: picks keep their token-choice scores bit for bit, added tokens get p[t, e].
-    scores = _pair_weights(probs, tc_experts, tc_scores)  # (T, E)
     stats = _rounding_stats(keep, counts, ratio)
 
-    # Step 5: token-sorted triples (by token, then expert), as the reference's nonzero.
+    # Step 5: token-sorted triples (by token, then expert), as the reference's nonzero, and their
+    # weights: picks keep their token-choice scores bit for bit, added tokens get p[t, e].
     if not pad_to_bound:
         token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)  <- the one host sync
+        pair_index = torch.add(expert_idx, token_idx, alpha=E)  # (P,) t * E + e
         return Routing(token_idx=token_idx.to(torch.int32), expert_idx=expert_idx.to(torch.int32),
-                       scores=scores[token_idx, expert_idx], num_tokens=T, num_experts=E, rounding=stats), None
+                       scores=weights(pair_index, None), num_tokens=T, num_experts=E, rounding=stats), None
     # Padded to the host bound (the layout of the reference's pad_to_bound=True): no sync.
-    token_idx, expert_idx, pair_scores = _padded_triples(keep, scores, bound)
-    return Routing(token_idx, expert_idx, pair_scores, num_tokens=T, num_experts=E, rounding=stats), None
+    token_idx, expert_idx, pair_index, is_pair = _padded_triples(keep, bound)
+    return Routing(token_idx, expert_idx, weights(pair_index, is_pair), num_tokens=T, num_experts=E,
+                   rounding=stats), None
 
 
 def _rounding_stats(keep: torch.Tensor, counts: torch.Tensor, ratio: float) -> contracts.RoundingStats:
@@ -1497,30 +1515,96 @@ def _rounding_stats(keep: torch.Tensor, counts: torch.Tensor, ratio: float) -> c
     )
 
 
-def _padded_triples(keep: torch.Tensor, scores: torch.Tensor, bound: int):
-    """``reference.routing.padded_triples`` bit for bit, in 8 launches instead of 11: the kept pairs
-    of the (T, E) mask, token-sorted, padded to ``bound`` with (token T, expert E, score 0).
+def _padded_triples(keep: torch.Tensor, bound: int):
+    """The triples of ``reference.routing.padded_triples`` bit for bit, in 6 launches instead of 9:
+    the kept pairs of the (T, E) mask, token-sorted, padded to ``bound`` with (token T, expert E),
+    and where their weights are (the flat index t * E + e, 0 for the padding; ``is_pair``: not padding).
 
     ``nonzero_static`` fills the rows past P with -1, and -1 mod (T + 1) = T, -1 mod (E + 1) = E
     (torch's remainder takes the divisor's sign), so one ``remainder`` per column maps the padding
-    and casts to int32 (its ``out``). The weights are read as the fused glue reads them
-    (``_pair_scores``: ``index_select`` at the flat indices t * E + e, padding rows clamped onto
-    entry 0 and zeroed), not with ``scores[token, expert]``: the backward of that advanced indexing
-    is an accumulating ``index_put_``, which on CUDA sorts the indices and walks each run of equal
-    ones in one thread -- and all bound - P padding rows would name the same entry."""
+    and casts to int32 (its ``out``). The weights are read at the flat indices, as the fused glue
+    reads them (``_pair_scores``), not with ``scores[token, expert]``: the backward of that advanced
+    indexing is an accumulating ``index_put_``, which on CUDA sorts the indices and walks each run
+    of equal ones in one thread -- and all bound - P padding rows would name the same entry."""
     T, E = keep.shape
     found = torch.nonzero_static(keep, size=bound, fill_value=-1)  # (bound, 2) kept pairs, then -1 rows
     token_idx = torch.remainder(found[:, 0], T + 1, out=torch.empty(bound, dtype=torch.int32, device=keep.device))
     expert_idx = torch.remainder(found[:, 1], E + 1, out=torch.empty(bound, dtype=torch.int32, device=keep.device))
     flat = torch.add(found[:, 1], found[:, 0], alpha=E).clamp_(min=0)  # (bound,) t * E + e; padding: 0
-    return token_idx, expert_idx, _pair_scores(scores, flat, found[:, 0] >= 0)  # padding: score 0, no gradient
+    return token_idx, expert_idx, flat, found[:, 0] >= 0
 
 
-def _pair_scores(scores: torch.Tensor, pair_index: torch.Tensor, is_pair: torch.Tensor) -> torch.Tensor:
-    """(bound,) the weights of the padded triples (both glues): the (T, E) weights at the flat
-    indices t * E + e (differentiable: two torch launches; the backward adds with atomics), 0 for
-    the padding."""
-    return torch.where(is_pair, scores.reshape(-1).index_select(0, pair_index), 0.0)
+def _pair_scores(weights: torch.Tensor, pair_index: torch.Tensor, is_pair: torch.Tensor | None) -> torch.Tensor:
+    """(N,) the weights of the triples: the (T, E) ``weights`` at the flat indices t * E + e, 0 where
+    ``is_pair`` is False (the padding; None: no padding)."""
+    scores = weights.reshape(-1).index_select(0, pair_index)  # (N,)
+    return scores if is_pair is None else torch.where(is_pair, scores, 0.0)
+
+
+def _kept_pair_scores(logits, probs, tc_experts, tc_scores, scoring: str, normalize: bool, pair_index: torch.Tensor,
+                      is_pair: torch.Tensor | None) -> torch.Tensor:
+    """(N,) the triples' weights (every path of token rounding, both glues of the layer): with
+    autograd recording, ``TokenRoundingScores`` (one node); without, the (T, E) weights are written
+    over ``probs`` in place (no (T, E) copy; call it after the selection has read ``probs``)."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return TokenRoundingScores.apply(logits, probs, tc_experts, tc_scores, pair_index, is_pair, scoring, normalize)
+    return _pair_scores(_pair_weights(probs, tc_experts, tc_scores, in_place=True), pair_index, is_pair)
+
+
+class TokenRoundingScores(torch.autograd.Function):
+    """The weights of token rounding's triples as one autograd node of the logits: the values of the
+    reference's formulas bit for bit, and a backward of at most 8 torch launches.
+
+    Forward (from values computed without autograd): p = softmax(logits) over E (``probs``), the
+    token-choice weights w (``tc_scores`` (T, K), at the picks ``tc_experts``), the (T, E) weights =
+    p with w scattered at the picks (``reference.routing.pair_weights``), read at the triples' flat
+    indices t * E + e, 0 for the padding (``is_pair`` False; its gradient is dropped: the experts'
+    backward leaves garbage there).
+
+    Backward: the triples' gradient g, added into a (T, E) gradient G (each kept pair once); the
+    picks' entries are w's gradient, the others p's; then the softmax backwards with autograd's own
+    kernel (for ``softmax_topk`` the very ops autograd runs on the reference's graph: the same bits):
+
+    * ``softmax_topk``: w = softmax over K of the picks' logits: dlogits = softmax_bwd(G off the
+      picks, p) + scattered softmax_bwd(G at the picks, w);
+    * ``topk_softmax``: w = p at the picks, so every entry of G is p's gradient: dlogits =
+      softmax_bwd(G, p); with ``normalize`` (w = p_picks / their sum) the picks' entries first go
+      back through the normalization (autograd on its two ops).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, probs, tc_experts, tc_scores, pair_index, is_pair, scoring, normalize):
+        ctx.save_for_backward(probs, tc_experts, tc_scores, pair_index, is_pair)
+        ctx.scoring, ctx.normalize, ctx.logits_dtype = scoring, normalize, logits.dtype
+        return _pair_scores(_pair_weights(probs, tc_experts, tc_scores, in_place=False), pair_index, is_pair)
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, tc_experts, tc_scores, pair_index, is_pair = ctx.saved_tensors
+        T, E = probs.shape
+        # Step 1: the (T, E) weights' gradient G; the padding's entries (pair index 0) add nothing.
+        if is_pair is not None:
+            grad = torch.where(is_pair, grad, 0.0)  # (N,)
+        g = torch.zeros(T * E, dtype=probs.dtype, device=probs.device).index_add_(0, pair_index, grad).view(T, E)
+        if ctx.scoring == "topk_softmax" and not ctx.normalize:  # w is p itself: all of G is p's gradient
+            return _softmax_backward(g, probs).to(ctx.logits_dtype), *([None] * 7)
+        # Step 2: the picks' entries are the token-choice weights' gradient (T, K); the rest is p's.
+        g_tc = g.gather(1, tc_experts)  # (T, K)
+        if ctx.scoring == "topk_softmax":  # w = s / sum(s), s = p at the picks: back to s, which is p
+            with torch.enable_grad():
+                s = probs.gather(1, tc_experts).requires_grad_(True)  # (T, K)
+                (ds,) = torch.autograd.grad(s / s.sum(-1, keepdim=True), s, g_tc)
+            return _softmax_backward(g.scatter_(1, tc_experts, ds), probs).to(ctx.logits_dtype), *([None] * 7)
+        # softmax_topk: two softmax backwards, p's (over E, picks excluded) and w's (over K)
+        dlogits = _softmax_backward(g.scatter_(1, tc_experts, 0.0), probs).to(ctx.logits_dtype)  # (T, E)
+        d_picked = _softmax_backward(g_tc, tc_scores).to(ctx.logits_dtype)  # (T, K)
+        return dlogits.scatter_add_(1, tc_experts, d_picked), *([None] * 7)
+
+
+def _softmax_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The gradient of x for out = softmax(x) over the last dim: out * (grad - <grad, out>), with the
+    kernel autograd runs for ``torch.softmax`` (one launch, the same bits)."""
+    return torch._softmax_backward_data(grad, out, out.dim() - 1, out.dtype)
 # --8<-- [end:token_rounding]
 
 
