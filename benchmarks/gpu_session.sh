@@ -53,7 +53,7 @@ step() {  # step NAME SECONDS CMD...: run unless skipped, with a time limit, log
 #    limit is generous: on an H100 (2026-12-07) test_fast_grouped_gemm.py alone ran past 300 s, and the
 #    routing, token-rounding and fused-glue files took 105 s. The machine is released after ~30 s
 #    without a device call, so poll with calls that sleep inside (e.g. a loop of `sleep 10` for up
-#    to a few minutes), back to back, and do the CPU work between polls inside the same calls' time.
+#    to a few minutes), issued back to back.
 FAST_TESTS="tests/test_fast_ops.py tests/test_fast_moe.py tests/test_token_rounding.py tests/test_fast_routing.py
   tests/test_fast_topk.py tests/test_fast_grouped_gemm.py tests/test_integrations_hf.py
   tests/test_moe_module_backend_checks.py tests/test_fast_ladders.py tests/test_reference_routing.py
