@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from sonic_learn._deprecated import renamed
 from sonic_learn.fast._cute import import_cutlass
+from sonic_learn.fast.grouped_gemm import TILE_NS as TILE_NS_BY_KERNEL
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402
@@ -68,7 +69,7 @@ class GroupedGemmV1:
 
     LAYOUT_OPTIONS = False  # b_k_major / transpose_out: implemented by the production kernel only
     MMA_WARPGROUPS = (2, 1, 1)  # two warpgroups share every tile, 64 rows each
-    TILE_NS = (64, 128, 256)  # the tile_n this kernel takes
+    TILE_NS = TILE_NS_BY_KERNEL["v1"]  # the tile_n this kernel takes (sm90: the same)
 
     def __init__(self, *, varlen_k: bool, gather: bool, tile_m: int = 128, tile_n: int = 128,
                  tile_k: int = 64, stages: int = 5, b_k_major: bool = False, transpose_out: bool = False):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from sonic_learn.fast._cute import import_cutlass
 from sonic_learn.fast.grouped_gemm import PINGPONG_TILE_NS, lean_tile
+from sonic_learn.fast.grouped_gemm import TILE_NS as TILE_NS_BY_KERNEL
 from sonic_learn.fast.grouped_gemm.sm90 import CHUNK_BYTES, GroupedGemmSm90, epilogue_smem_bytes
 from sonic_learn.fast.grouped_gemm.v1 import CHUNK
 
@@ -85,7 +86,7 @@ class GroupedGemmWS(GroupedGemmSm90):
     """
 
     LAYOUT_OPTIONS = True
-    TILE_NS = (64, 128, 192, 256)  # 192: three 64-column swizzle atoms (ping-pong: PINGPONG_TILE_NS)
+    TILE_NS = TILE_NS_BY_KERNEL["ws"]  # 192: three 64-column swizzle atoms (ping-pong: PINGPONG_TILE_NS)
     TMA_STORE = True  # the plain store epilogue can; the fused epilogues (subclasses) store with st.global
     # The outputs that the subtiled epilogue (``epi_subtile``) sends through TMA bulk stores, each as
     # the number of tile columns per column of that output: ``out`` first, then ``epi_out``. (1,):
