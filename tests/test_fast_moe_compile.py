@@ -370,6 +370,17 @@ def test_zero_rows_past_end_rejects_tensors_of_different_row_counts():
         fast_moe.zero_rows_past_end(torch.zeros(4, 2), torch.zeros(5, 2), end=torch.tensor(1))
 
 
+@pytest.mark.parametrize("b_shape, b_dtype", [((5, 8), torch.bfloat16), ((4, 8), torch.float16)], ids=["rows", "dtype"])
+def test_zero_rows_past_end_kernel_launcher_rejects_mismatched_tensors(b_shape, b_dtype):
+    """The kernel indexes b with a's row count and dtype: a mismatch is a ValueError before any launch
+    (raised on the CPU too, since the check comes first)."""
+    from sonic_learn.fast import moe_kernels as mk
+
+    a, b = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(*b_shape, dtype=b_dtype)
+    with pytest.raises(ValueError, match="same number of rows and dtype"):
+        mk.zero_rows_past_end(a, b, torch.zeros(2, dtype=torch.int32))
+
+
 def _tile_faithful_varlen_k(a, b, meta, gather_a, transpose_out=False, bk=64):
     """The production varlen-K GEMM's reads: per expert, whole k-tiles of b's rows from the expert's
     first row (b past the tensor's end reads 0, as TMA), times a's rows zeroed past f_e."""

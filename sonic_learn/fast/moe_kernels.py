@@ -395,7 +395,11 @@ def gather_sum(rows: torch.Tensor, weights: torch.Tensor | None, row_of_pair: to
 
 def zero_rows_past_end(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> None:
     """In place: rows offsets[E] .. offsets[E] + K_TAIL_ROWS - 1 of a and b (those below their
-    common row count M) become 0; ``offsets`` (E+1,) int32 is read on the device only."""
+    common row count M) become 0; ``offsets`` (E+1,) int32 is read on the device only. The kernel
+    indexes both tensors with a's row count and dtype, so a mismatch is an error here, not a wild store."""
+    if a.shape[0] != b.shape[0] or a.dtype != b.dtype:
+        raise ValueError(f"a and b must have the same number of rows and dtype, got a {tuple(a.shape)} {a.dtype} "
+                         f"and b {tuple(b.shape)} {b.dtype}")
     if a.shape[0] > 0:
         launch(compiled(compile_kernel, "zero_rows_past_end", a.dtype), a.device, a, b, offsets)
 
