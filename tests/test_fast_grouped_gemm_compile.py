@@ -90,6 +90,26 @@ def test_cluster_kernel_compiles_for_sm90a(variant, transposed, epilogue):
     assert _mbarrier_init_counts(ptx) == {PRODUCER_ARRIVALS, 8 * 2}  # 8 MMA warps x 2 CTAs free a slot
 
 
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+@pytest.mark.parametrize("kernel", ["ws", "pingpong"])
+def test_transposed_varlen_k_store_moves_16_byte_runs(kernel):
+    """The transposed varlen-K store (dW2) stages the tile column-major and copies 16-byte runs of
+    8 consecutive rows m: per thread, 16-bit shared stores in (one per accumulator), then only
+    16-byte shared loads and 16-byte global stores out -- no 16-bit shared loads (a row-major
+    staging tile read down its columns needs 8 of them per 16-byte store, and each warp store then
+    touches 32 lines of out)."""
+    from sonic_learn.fast.grouped_gemm import PINGPONG_TILE, WS_TILE, compile_grouped_gemm
+
+    tile = WS_TILE if kernel == "ws" else PINGPONG_TILE
+    ptx = compile_grouped_gemm("varlen_k_gather", torch.bfloat16, torch.bfloat16, tile, keep_ptx=True,
+                               kernel=kernel, transposed=True).__ptx__
+    rows = tile[0] if kernel == "pingpong" else tile[0] // 2  # one warpgroup's rows
+    runs = rows * tile[1] // 8 // 128  # 16-byte runs per thread
+    assert ptx.count("st.shared.b16") == rows * tile[1] // 128  # one per accumulator
+    assert not re.search(r"ld\.shared\.(u|b|s)16", ptx)
+    assert ptx.count("ld.shared.v4") == runs and ptx.count("st.global.v4") == runs
+
+
 PRODUCER_ARRIVALS = 129  # a slot's "full" barrier: 128 cp.async arrivals + the TMA thread's byte count
 
 

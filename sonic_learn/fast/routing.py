@@ -73,7 +73,7 @@ tie ranks), the design this module used before the kernels.
 
 **Launches of the router step, and why there are several.** With ``fused_glue=False`` (the glue
 between the CuTe calls as torch ops, the readable variant) the layer's token-rounding router
-(``fast.moe.route_layer``) issues 32 launches, 28 torch ops and 4 CuTe calls (10 kernels);
+(``fast.moe.route_layer``) issues 34 launches, 30 torch ops and 4 CuTe calls (10 kernels);
 ``tests/test_router_launches.py`` counts them on the CPU, phase by phase, and fails if the count
 changes:
 
@@ -82,7 +82,9 @@ changes:
 * the bitonic top-k kernel, its experts' int32 copy (the kernels' index type; torch's gather and
   scatter take int64), and the counts-only histogram (one compiled call of three kernels);
 * the (T, E) ``softmax`` (the ranking key p) and the token-choice weights (a gather and a softmax
-  over K; ``topk_softmax`` gathers from p itself), then the weights' ``scatter`` (1);
+  over K; ``topk_softmax`` gathers from p itself), then the weights written over p in place
+  (3: the picks' p saved by a ``gather``, the ``scatter_`` of w, and after the triples' weights are
+  read, the ``scatter_`` that puts p back for the backward; a (T, E) copy would move T*E values);
 * the two token-rounding kernels (one compiled call);
 * the counts of ``routing.rounding`` (``_rounding_stats``: one (3, E) reduction, 5 launches, and 3
   for the tokens left with no expert, a reduction over the other axis of the mask);
@@ -105,10 +107,11 @@ backward 10 launches with ``softmax_topk`` (one node per op: the padding's ``whe
 gather, the weights' scatter, the token-choice gather and softmax, the ranking key's softmax, and
 the sum of the logits' two gradients). The router computes p and the token-choice weights as
 values and hands them, with the triples' flat indices, to ``TokenRoundingScores``, whose forward
-runs the same ops (the same bits) and whose backward runs 8 launches with ``softmax_topk``: the
-padding's ``where``, the triples' gradient into (T, E) (``zeros``, ``index_add_``), the picks' part
+runs the same ops (the same bits) and whose backward runs 9 launches with ``softmax_topk``: the
+padding sent to a spare entry (``where``, and the int64 copy ``index_copy_`` takes), the triples'
+gradient into (T, E) (``zeros``, ``index_copy_``: a scatter without atomics), the picks' part
 (``gather``) and the rest (``scatter_``), the two softmax backwards, the picks' part added
-(``scatter_add_``); with ``topk_softmax`` (the weights are p itself) 4: the softmax backward of the
+(``scatter_add_``); with ``topk_softmax`` (the weights are p itself) 5: the softmax backward of the
 whole (T, E) gradient. The arithmetic is autograd's (``softmax_topk``: on the reference's graph, the
 same bits; ``topk_softmax``: one softmax backward where the reference adds two, another rounding);
 both glues of the layer read their weights through it.
@@ -118,10 +121,10 @@ stand-ins for the kernels, on the GPU by ``tests/test_fused_router_glue.py``: th
 and gradients bit for bit; the benchmark ``benchmarks/token_rounding.py`` times both).** The padded triples, the counts
 of ``routing.rounding`` and the token offsets come from ``PaddedTriplesKernel`` (count, scan and
 write over tiles of tokens) inside the token-rounding compiled call, and the scatter kernel writes
-the padded metadata's padding entries itself: 13 launches (9 torch, 4 CuTe calls of 13 kernels). What stays
+the padded metadata's padding entries itself: 15 launches (11 torch, 4 CuTe calls of 13 kernels). What stays
 torch then is what autograd must see or what the reference rounds: the router GEMM and its cast,
 the softmax and the token-choice weights (gather, softmax over K), the experts' int32 copy, the
-weights' ``scatter``, and the triples' weights (an ``index_select`` at the kernel's flat indices and
+weights written over p and p put back (3), and the triples' weights (an ``index_select`` at the kernel's flat indices and
 a ``where`` for the padding: ``TokenRoundingScores``' forward). The four CuTe calls stay apart for
 the grid-wide reasons above, and because the torch ops between them (the int32 copy, the softmax,
 the weights) feed the next one.
@@ -1295,12 +1298,14 @@ round_counts = _ref.round_counts
 
 
 def _pair_weights(probs: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor, *,
-                  in_place: bool) -> torch.Tensor:
-    """(T, E): ``reference.routing.pair_weights``, bit for bit; ``in_place`` overwrites ``probs``
-    (no (T, E) copy: only once nothing reads ``probs`` any more)."""
-    if not in_place:
-        return _ref.pair_weights(probs, tc_experts, tc_scores)
-    return probs.scatter_(1, tc_experts, tc_scores)  # (T, E) the picks: the token-choice scores
+                  keep_probs: bool) -> torch.Tensor | None:
+    """Turn ``probs`` into the (T, E) weights of ``reference.routing.pair_weights`` in place, bit
+    for bit: the token-choice scores written over p at the picks, no (T, E) copy. ``keep_probs``:
+    return the (T, K) p values they replaced, so that the caller can put them back
+    (``probs.scatter_(1, tc_experts, replaced)``); else None."""
+    replaced = probs.gather(1, tc_experts) if keep_probs else None  # (T, K)
+    probs.scatter_(1, tc_experts, tc_scores)  # (T, E) the picks: the token-choice scores
+    return replaced
 
 
 def _boundary_selection(keys: torch.Tensor, r: torch.Tensor, max_r: int, prefer_low_token: torch.Tensor) -> torch.Tensor:
@@ -1548,12 +1553,13 @@ def _kept_pair_scores(logits, probs, tc_experts, tc_scores, scoring: str, normal
     over ``probs`` in place (no (T, E) copy; call it after the selection has read ``probs``)."""
     if torch.is_grad_enabled() and logits.requires_grad:
         return TokenRoundingScores.apply(logits, probs, tc_experts, tc_scores, pair_index, is_pair, scoring, normalize)
-    return _pair_scores(_pair_weights(probs, tc_experts, tc_scores, in_place=True), pair_index, is_pair)
+    _pair_weights(probs, tc_experts, tc_scores, keep_probs=False)  # probs is the weights from here on
+    return _pair_scores(probs, pair_index, is_pair)
 
 
 class TokenRoundingScores(torch.autograd.Function):
     """The weights of token rounding's triples as one autograd node of the logits: the values of the
-    reference's formulas bit for bit, and a backward of at most 8 torch launches.
+    reference's formulas bit for bit, and a backward of at most 9 torch launches.
 
     Forward (from values computed without autograd): p = softmax(logits) over E (``probs``), the
     token-choice weights w (``tc_scores`` (T, K), at the picks ``tc_experts``), the (T, E) weights =
@@ -1561,7 +1567,7 @@ class TokenRoundingScores(torch.autograd.Function):
     indices t * E + e, 0 for the padding (``is_pair`` False; its gradient is dropped: the experts'
     backward leaves garbage there).
 
-    Backward: the triples' gradient g, added into a (T, E) gradient G (each kept pair once); the
+    Backward: the triples' gradient g, scattered into a (T, E) gradient G (each kept pair once); the
     picks' entries are w's gradient, the others p's; then the softmax backwards with autograd's own
     kernel (for ``softmax_topk`` the very ops autograd runs on the reference's graph: the same bits):
 
@@ -1574,18 +1580,27 @@ class TokenRoundingScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, probs, tc_experts, tc_scores, pair_index, is_pair, scoring, normalize):
+        # The (T, E) weights without a (T, E) copy: w written over p at the picks for the read, then
+        # the picks' p put back (the backward needs p; the same bits, T*K values moved each way).
+        p_picks = _pair_weights(probs, tc_experts, tc_scores, keep_probs=True)  # (T, K)
+        scores = _pair_scores(probs, pair_index, is_pair)
+        _pair_weights(probs, tc_experts, p_picks, keep_probs=False)  # (T, E) p again
         ctx.save_for_backward(probs, tc_experts, tc_scores, pair_index, is_pair)
         ctx.scoring, ctx.normalize, ctx.logits_dtype = scoring, normalize, logits.dtype
-        return _pair_scores(_pair_weights(probs, tc_experts, tc_scores, in_place=False), pair_index, is_pair)
+        return scores
 
     @staticmethod
     def backward(ctx, grad):
         probs, tc_experts, tc_scores, pair_index, is_pair = ctx.saved_tensors
         T, E = probs.shape
-        # Step 1: the (T, E) weights' gradient G; the padding's entries (pair index 0) add nothing.
-        if is_pair is not None:
-            grad = torch.where(is_pair, grad, 0.0)  # (N,)
-        g = torch.zeros(T * E, dtype=probs.dtype, device=probs.device).index_add_(0, pair_index, grad).view(T, E)
+        # Step 1: the (T, E) weights' gradient G. Every kept pair has its own entry t * E + e, so G is
+        # a plain scatter (no atomics); the padding (pair index 0, a gradient the experts' backward
+        # left as garbage) goes to one spare entry past the end, which is dropped. (Adding the
+        # padding's zeros at entry 0 instead serializes thousands of atomic adds on one address.)
+        index = pair_index if is_pair is None else torch.where(is_pair, pair_index, T * E)  # (N,)
+        g = torch.zeros(T * E + 1, dtype=probs.dtype, device=probs.device)
+        g.index_copy_(0, index.long(), grad.to(probs.dtype))  # (index_copy_ takes int64 indices only)
+        g = g[: T * E].view(T, E)
         if ctx.scoring == "topk_softmax" and not ctx.normalize:  # w is p itself: all of G is p's gradient
             return _softmax_backward(g, probs).to(ctx.logits_dtype), *([None] * 7)
         # Step 2: the picks' entries are the token-choice weights' gradient (T, K); the rest is p's.

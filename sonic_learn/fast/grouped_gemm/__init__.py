@@ -486,7 +486,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
         if not cls.SUBTILE_OUTPUTS or (varlen_k and transposed):
             epi_subtile = None  # the dH epilogue and the transposed store keep their whole-tile buffer
         fit = ws_stages(tile, out_dtype.itemsize, pingpong=kernel == "pingpong", epi_subtile=epi_subtile,
-                        subtile_outputs=cls.SUBTILE_OUTPUTS, tma_store=tma_store)
+                        subtile_outputs=cls.SUBTILE_OUTPUTS, tma_store=tma_store,
+                        transpose_out=varlen_k and transposed)
         if epi_subtile is not None and stages is not None and stages > fit:
             raise ValueError(f"tile {tile} with epi_subtile={epi_subtile} leaves room for {fit} pipeline stages, "
                              f"got stages={stages}")

@@ -174,6 +174,8 @@ class GroupedGemmWS(GroupedGemmSm90):
             epi_elems = 2 * self.wg_rows() * bn  # the swizzled TMA-store buffers need no row padding
         if const_expr(self.subtiled()):  # per output, two (rows, subtile) buffers per MMA WG
             epi_elems = subtile_staging_elems(self.wg_rows(), self.epi_subtile, self.SUBTILE_OUTPUTS)
+        if const_expr(self.transpose_out):  # the column-major staging tile(s), see ``consumer``
+            epi_elems = max(epi_elems, transposed_staging_elems(self.tile, self.pingpong, self.out_dtype.width // 8))
 
         @cute.struct
         class Storage:
@@ -536,6 +538,16 @@ class GroupedGemmWS(GroupedGemmSm90):
                 tile_view = cute.make_tensor(sC_slots.iterator, cute.group_modes(
                     cute.select(sC_slots.layout, mode=[0, 2, 1]), 0, 2))  # ((rows, WG), bn) = (bm, bn)
             tCsC = tiled_mma.get_slice(mma_tid).partition_C(tile_view)
+        elif const_expr(self.transpose_out):
+            # The transposed store's staging tile: column-major, m contiguous, one extra 16-byte
+            # chunk per column (``epilogue_wg_transposed``). One (bm, bn) tile shared by the two
+            # warpgroups (each writes and reads only its own rows), or one per warpgroup when
+            # ping-ponging.
+            m_pitch = bm + CHUNK_BYTES * 8 // self.out_dtype.width
+            sT_both = cute.make_tensor(storage.sC.data_ptr(), cute.make_layout(
+                (2, bm, bn), stride=(bn * m_pitch, 1, m_pitch)))  # (WG, m, n)
+            sC = sT_both[wg - 1 if const_expr(self.pingpong) else 0, None, None]  # (bm, bn), m contiguous
+            tCsC = tiled_mma.get_slice(mma_tid).partition_C(sC)
         else:
             # Padded row-major buffers (one extra 16-byte chunk per row: conflict-free writes).
             epi_pitch = bn + CHUNK_BYTES * 8 // self.out_dtype.width
@@ -911,7 +923,8 @@ class GroupedGemmWS(GroupedGemmSm90):
 
     @cute.jit
     def stage_tile(self, acc: cute.Tensor, tCsC: cute.Tensor, wg: Int32):
-        """Registers -> this warpgroup's padded shared-memory rows, through the ``tile_value`` hook."""
+        """Registers -> this warpgroup's part of the padded staging tile (rows, or columns for the
+        transposed store), through the ``tile_value`` hook."""
         cute.arch.barrier(barrier_id=wg, number_of_threads=128)  # previous tile's copy-out is done
         # Convert in registers, then one vectorized copy into this thread's slots of the padded tile
         # (pairs of adjacent columns -> 32-bit shared stores for 16-bit outputs).
@@ -929,26 +942,39 @@ class GroupedGemmWS(GroupedGemmSm90):
 
         Used for dW2 = (dO_e^T A'_e)^T: the kernel reduces with the gathered dO as its A operand
         (only A can be gathered), and this store writes the (n, d) orientation the layer wants, so
-        no separate transpose pass over E*n*d elements is needed. The tile is staged in shared
-        memory as usual; each thread then reads 8 consecutive m of one column n (a warp reads 32
-        neighbouring columns: no bank conflicts) and writes them as one 16-byte row chunk of out.
+        no separate transpose pass over E*n*d elements is needed.
+
+        1. Stage: the accumulators go into a *column-major* tile ``sC`` (m contiguous; the pitch
+           has one spare 16-byte chunk, so the 32 lanes' 16-bit writes of one register -- 8 rows m
+           x 4 column pairs n -- land in 16 different banks).
+        2. Copy out: each thread moves one 16-byte run of 8 consecutive m of one column n, from
+           shared memory to row n of out. A warp covers whole columns (this warpgroup's 64 or 128
+           rows m are 128 or 256 contiguous bytes of out), so every warp store writes full
+           128-byte lines: coalesced, where a row-major staging tile would give each lane its own
+           line (a warp store touching 32 lines).
         """
         bm, bn, _ = self.tile
         half = self.wg_rows()
         lt = ctid % 128
         row_off = self.wg_row_offset(wg)
         elems = CHUNK_BYTES * 8 // self.out_dtype.width  # consecutive m per 16-byte store
+        runs_per_col = half // elems  # this warpgroup's rows of one column n, in 16-byte runs
         self.stage_tile(acc, tCsC, wg)
-        r_chunk = cute.make_rmem_tensor((1, elems), self.out_dtype)
         for it in cutlass.range_constexpr(half * bn // elems // 128):
             c = it * 128 + lt
-            n = c % bn
-            m = (c // bn) * elems  # first of this chunk's rows, inside the warpgroup's half
-            if row_off + m < rows_left and n < cols_left:  # d is a multiple of 8: whole chunks
-                for i in cutlass.range_constexpr(elems):
-                    r_chunk[0, i] = sC[m + i, n]
-                dst = cute.local_tile(out, (1, elems), (out_row0 + n, (m_start + row_off + m) // elems))
-                cute.autovec_copy(r_chunk, dst)
+            n = c // runs_per_col
+            m = row_off + (c % runs_per_col) * elems  # first row of this run, inside the tile
+            if m < rows_left and n < cols_left:  # d is a multiple of 8: whole runs
+                src = cute.local_tile(sC[None, n], (elems,), (m // elems,))
+                dst = cute.local_tile(out[out_row0 + n, None], (elems,), ((m_start + m) // elems,))
+                cute.autovec_copy(src, dst)
+
+
+def transposed_staging_elems(tile: tuple[int, int, int], pingpong: bool, out_bytes: int) -> int:
+    """Elements of the transposed varlen-K store's staging: a column-major (bm, bn) tile with one
+    spare 16-byte chunk per column, shared by the two warpgroups or one per warpgroup (ping-pong)."""
+    bm, bn, _ = tile
+    return (2 if pingpong else 1) * bn * (bm + CHUNK_BYTES // out_bytes)
 
 
 def subtile_staging_elems(rows: int, epi_subtile: int, outputs: tuple[int, ...] = (1,)) -> int:
@@ -958,12 +984,15 @@ def subtile_staging_elems(rows: int, epi_subtile: int, outputs: tuple[int, ...] 
 
 
 def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = SMEM_BYTES, pingpong: bool = False,
-              epi_subtile: int | None = None, subtile_outputs: tuple[int, ...] = (1,), tma_store: bool = True) -> int:
+              epi_subtile: int | None = None, subtile_outputs: tuple[int, ...] = (1,), tma_store: bool = True,
+              transpose_out: bool = False) -> int:
     """Stages that fit next to the two warpgroups' epilogue buffers (16-bit operands; each buffer is
     a whole tile when ping-ponging; with ``epi_subtile``, two (64, epi_subtile / d) buffers per
     warpgroup and output, ``subtile_outputs`` = the epilogue's ``SUBTILE_OUTPUTS``: (1,) for the
     plain store, (1, 2) for SwiGLU's H and A). A lean kernel (``lean_epilogue``, the ping-pong
-    128 x 192 tile) with the TMA store (``tma_store``) allocates its buffers without the row padding."""
+    128 x 192 tile) with the TMA store (``tma_store``) allocates its buffers without the row padding.
+    ``transpose_out``: the transposed varlen-K store's column-major staging (``transposed_staging_elems``)
+    where it is larger."""
     bm, bn, bk = tile
     per_stage = (bm + bn) * bk * 2
     reserved = 2048 + 4 * (TABLE_EXPERTS + 1)  # barriers and alignment, the expert tile table
@@ -972,4 +1001,6 @@ def ws_stages(tile: tuple[int, int, int], out_bytes: int, smem_bytes: int = SMEM
         epi = 2 * (bm if pingpong else bm // 2) * bn * out_bytes
     if epi_subtile is not None:
         epi = subtile_staging_elems(bm // 2, epi_subtile, subtile_outputs) * out_bytes
+    if transpose_out:
+        epi = max(epi, transposed_staging_elems(tile, pingpong, out_bytes) * out_bytes)
     return (smem_bytes - reserved - epi) // per_stage
