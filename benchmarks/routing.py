@@ -47,33 +47,6 @@ def timed(fn, reps: int) -> dict:
     return bench.measure(fn, device="cuda", warmup=3, reps=reps).as_dict()
 
 
-def _profile(fn, calls: int):
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return prof.key_averages()
-
-
-def kernel_us(fn, calls: int = 10) -> float:
-    """GPU kernel time of one call (sum of all CUDA kernel time, from the torch profiler): what
-    the routing costs on the GPU when the host runs ahead, as it does inside a layer."""
-    return sum(e.self_device_time_total for e in _profile(fn, calls)) / calls
-
-
-def kernel_breakdown(fn, calls: int = 10, top: int = 14) -> list[dict]:
-    """The largest GPU kernels of one call: name (shortened), microseconds and launches per call."""
-    rows = [e for e in _profile(fn, calls) if e.self_device_time_total > 0]
-    rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    return [{"kernel": e.key[:90], "us_per_call": e.self_device_time_total / calls, "launches_per_call": e.count / calls}
-            for e in rows[:top]]
-
-
 def torch_ops_metadata(r: ref.Routing):
     """The classic metadata with plain torch ops and no validation (the torch-op baseline)."""
     e = r.expert_idx.long()  # (P,)
@@ -166,20 +139,20 @@ def bench_shape(T: int, E: int, K: int, reps: int, modes: tuple[str, ...]) -> di
         }
 
     row["gpu_kernel_us_per_call"] = {
-        "metadata_fast": kernel_us(lambda: fast.build_metadata(tc, check_ids=False)),
-        "metadata_reference": kernel_us(lambda: ref.build_metadata(tc)),
-        "topk_routing_plus_metadata_fast": kernel_us(fast_topk),
-        "topk_routing_plus_metadata_reference": kernel_us(lambda: ref.build_metadata(ref.topk_routing(logits, K))),
-        "token_rounding_nearest_plus_metadata_fast": kernel_us(lambda: fast.build_metadata(
+        "metadata_fast": bench.kernel_us(lambda: fast.build_metadata(tc, check_ids=False)),
+        "metadata_reference": bench.kernel_us(lambda: ref.build_metadata(tc)),
+        "topk_routing_plus_metadata_fast": bench.kernel_us(fast_topk),
+        "topk_routing_plus_metadata_reference": bench.kernel_us(lambda: ref.build_metadata(ref.topk_routing(logits, K))),
+        "token_rounding_nearest_plus_metadata_fast": bench.kernel_us(lambda: fast.build_metadata(
             fast.token_rounding(logits, K, tile_m=TILE_M, check_finite=False), check_ids=False)),
-        "token_rounding_nearest_plus_metadata_fast_torch_selection": kernel_us(lambda: fast.build_metadata(
+        "token_rounding_nearest_plus_metadata_fast_torch_selection": bench.kernel_us(lambda: fast.build_metadata(
             fast.token_rounding(logits, K, tile_m=TILE_M, mode="nearest", check_finite=False, selection="torch"),
             check_ids=False)),
-        "token_rounding_nearest_plus_metadata_reference": kernel_us(lambda: ref.build_metadata(
+        "token_rounding_nearest_plus_metadata_reference": bench.kernel_us(lambda: ref.build_metadata(
             ref.token_rounding(logits, K, tile_m=TILE_M))),
     }
     if (T, E, K) == SEVEN_B:
-        row["fast_token_rounding_nearest_kernels"] = kernel_breakdown(
+        row["fast_token_rounding_nearest_kernels"] = bench.kernel_breakdown(
             lambda: fast.token_rounding(logits, K, tile_m=TILE_M, check_finite=False))
 
     def ratio(d: dict) -> dict:

@@ -63,7 +63,7 @@ from sonic_learn.reference import routing as ref_routing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moe import make_inputs  # noqa: E402  (same folder)
-from routing import kernel_breakdown, kernel_us, same_metadata  # noqa: E402  (same folder)
+from routing import same_metadata  # noqa: E402  (same folder)
 
 TILE_M = 128  # token-rounding tile = the fast GEMM's M tile
 VARLEN_K_TILE = 64  # the fast varlen-K GEMM walks each expert's tokens in chunks of tile_k = 64
@@ -306,7 +306,7 @@ def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int, layer_only: b
                     for leaf in leaves:
                         leaf.grad = None
                     fast_moe.moe_forward(*leaves, K, routing=routing, tile_m=TILE_M, fused_glue=fused_glue).backward(gout)
-                row.setdefault("layer_fwd_bwd_kernels", {})[routing + suffix] = kernel_breakdown(fwd_bwd, calls=5, top=24)
+                row.setdefault("layer_fwd_bwd_kernels", {})[routing + suffix] = bench.kernel_breakdown(fwd_bwd, calls=5, top=24)
             for leaf in leaves:
                 leaf.grad = None
         if layer_only:
@@ -419,7 +419,7 @@ def router_fraction(reps: int) -> dict:
     assert torch.equal(default.scores, other.scores) and torch.equal(default.token_offsets, other.token_offsets), \
         "fused_glue: scores or token offsets differ"
     fwd_t = bench.measure(fwd, device="cuda", warmup=3, reps=reps).as_dict()
-    fwd_kernel_us = kernel_us(fwd)
+    fwd_kernel_us = bench.kernel_us(fwd)
     pipelines = {
         "fast_route_topk (router GEMM + top-k + metadata)": (fast_route, reps),
         "fast_topk_plus_metadata (from logits)": (fast_topk_meta, reps),
@@ -432,13 +432,13 @@ def router_fraction(reps: int) -> dict:
     rows = {}
     for name, (fn, r) in pipelines.items():
         wall = bench.measure(fn, device="cuda", warmup=3, reps=r).as_dict()
-        kern = kernel_us(fn)
+        kern = bench.kernel_us(fn)
         rows[name] = {"wall_median_ms": wall["median_ms"], "wall_p20_ms": wall["p20_ms"], "wall_p80_ms": wall["p80_ms"],
                       "gpu_kernel_us": kern, "fraction_of_fwd_wall_by_wall": wall["median_ms"] / fwd_ms,
                       "fraction_of_fwd_wall_by_kernel_time": kern * 1e-3 / fwd_ms,
                       "fraction_of_fwd_kernel_time_by_kernel_time": kern / fwd_kernel_us}
         if name.startswith("fast_route"):  # the router steps kernel by kernel (where the time goes)
-            rows[name]["kernels"] = kernel_breakdown(fn, top=24)
+            rows[name]["kernels"] = bench.kernel_breakdown(fn, top=24)
         print(f"  {name:70s} wall {wall['median_ms'] * 1e3:8.1f} us, kernels {kern:8.1f} us, "
               f"of the forward's wall time: {rows[name]['fraction_of_fwd_wall_by_kernel_time']:.2%} (kernel time) / "
               f"{rows[name]['fraction_of_fwd_wall_by_wall']:.2%} (wall time)", flush=True)

@@ -4,7 +4,7 @@
 Run on the GPU machine (upstream staged beside the project, e.g. by ``pack-with-upstream``)::
 
     SONIC_UPSTREAM_SITE=<upstream's site folders> python benchmarks/vs_upstream.py \
-        [--configs 7b,30b,e256,1.4b,120b] [--reps 20] [--out DIR] [--upstream-timeout S]
+        [--configs 7b,30b,e256,1.4b,120b] [--reps 20] [--out DIR] [--upstream-timeout S] [--kernels]
 
 Every row gets the same seeded bf16 inputs (generated once here; upstream's process reads the same
 tensors from a file), the same timer (``sonic_learn.bench.measure``: median of CUDA events around
@@ -29,8 +29,9 @@ Rows:
 
 JSON: ``benchmarks/results/vs_upstream_<device>.json`` (or ``--out``): one row per config with its
 ``config``, ``shape`` and per implementation ``fwd_ms``, ``fwdbwd_ms``, ``fwd_peak_bytes``,
-``held_after_fwd_bytes``, ``fwdbwd_peak_bytes`` and the oracle errors, plus the ratios
-upstream / ours, the device and every version.
+``held_after_fwd_bytes``, ``fwdbwd_peak_bytes`` and the oracle errors (with ``--kernels`` also
+``kernels_fwdbwd``: one forward + backward's device time per kernel, for the per-kernel comparison
+with upstream's QuACK kernels), plus the ratios upstream / ours, the device and every version.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", default="", help=f"comma-separated rows to leave out, from {IMPLS}")
     p.add_argument("--rounds", type=int, default=1,
                    help="our rows are measured in this many rounds, taking the rows in turn (drift between rows)")
+    p.add_argument("--kernels", action="store_true",
+                   help="also record where one forward + backward of each row spends its device time, kernel "
+                        "by kernel (torch profiler, the 24 largest; upstream's in its own process)")
     p.add_argument("--gemm", default="",
                    help="comma-separated grouped-GEMM configs of our layer, each timed as an extra row "
                         "sonic_learn[<entry>] (grouped_gemm_tiles.py's parse_layer syntax, e.g. "
@@ -188,12 +192,14 @@ def _leaves(case: dict) -> list[torch.Tensor]:
     return [case[n].detach().clone().requires_grad_(True) for n in ("x", "router_w", "w1", "w2")]
 
 
-def local_rows(layers: list, case: dict, ref: dict, *, warmup: int, reps: int, rounds: int = 1) -> dict:
+def local_rows(layers: list, case: dict, ref: dict, *, warmup: int, reps: int, rounds: int = 1,
+               kernels: bool = False) -> dict:
     """``{name: row}`` for ``layers`` = [(name, layer)]: each checked against the oracle, then measured
     (if it passed) in ``rounds`` rounds that take the layers in turn, so that a slow drift of the
     GPU's clocks over the run reaches every layer alike. The times are the medians over the rounds
     of each round's median (each round's times are kept in ``round_fwd_ms`` / ``round_fwdbwd_ms``);
-    the memory figures come from the first round (they do not change between rounds)."""
+    the memory figures come from the first round (they do not change between rounds), and so does
+    ``kernels_fwdbwd`` with ``kernels`` (``up.measure_layer``)."""
     rows, runnable = {}, {}
     for name, layer in layers:
         leaves = _leaves(case)
@@ -208,9 +214,10 @@ def local_rows(layers: list, case: dict, ref: dict, *, warmup: int, reps: int, r
             continue
         rows[name], runnable[name] = {"check": verdict}, (forward, leaves)
     measured: dict = {name: [] for name in runnable}
-    for _ in range(rounds):
+    for i in range(rounds):
         for name, (forward, leaves) in runnable.items():
-            measured[name].append(up.measure_layer(forward, leaves, case["dout"], warmup=warmup, reps=reps))
+            measured[name].append(up.measure_layer(forward, leaves, case["dout"], warmup=warmup, reps=reps,
+                                                   kernels=kernels and i == 0))
     for name, runs in measured.items():
         rows[name].update(runs[0])
         if rounds > 1:
@@ -270,6 +277,9 @@ def summary(record: dict) -> str:
                          f"{(r.get('held_after_fwd_bytes') or 0) / 1e9:8.3f}  {err:.2e}")
         for key in [k for k in row if k.startswith("ratios") and row[k]]:
             lines.append(f"       {key} " + ", ".join(f"{k}={v:.3f}" for k, v in row[key].items()))
+        for impl in ("sonic_learn", "upstream"):  # --kernels: the largest kernels of one forward + backward
+            for k in row.get(impl, {}).get("kernels_fwdbwd", [])[:8]:
+                lines.append(f"       {impl} kernel {k['us_per_call']:9.1f} us x{k['launches_per_call']:g}  {k['kernel'][:70]}")
     return "\n".join(lines)
 
 
@@ -306,7 +316,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
             t0 = time.perf_counter()
             found, note = up.run_upstream(cases, site=site, warmup=args.warmup, reps=args.reps,
-                                          timeout_s=args.upstream_timeout)
+                                          timeout_s=args.upstream_timeout, kernels=args.kernels)
             del cases
             print(f"upstream worker: {time.perf_counter() - t0:.0f} s {note}", flush=True)
             runs = dict(zip(shapes, found))
@@ -319,7 +329,8 @@ def main(argv=None) -> int:
         row = {"config": name, "shape": dict(zip(("T", "d", "n", "E", "K"), shape))}
         todo = [(impl, layer) for impl, layer in local if impl.split("[")[0] not in args.skip_impls]
         row.update({impl: {"error": "skipped"} for impl, _ in local if impl.split("[")[0] in args.skip_impls})
-        row.update(local_rows(todo, case, ref, warmup=args.warmup, reps=args.reps, rounds=args.rounds))
+        row.update(local_rows(todo, case, ref, warmup=args.warmup, reps=args.reps, rounds=args.rounds,
+                              kernels=args.kernels))
         row = {k: row[k] for k in ["config", "shape"] + [impl for impl, _ in local]}  # the rows in their order
         torch.cuda.empty_cache()
         row["upstream"] = upstream_row(runs[name], ref, note)

@@ -12,7 +12,8 @@ Rules this module enforces (see docs "Benchmarks"):
 - report the median with the 20th and 80th percentiles, never a single run.
 
 Benchmark scripts also share ``host_time_us`` (the host cost of issuing one call, no sync per
-call), ``environment()`` (stamped on every record) and ``write_record`` (the JSON file, named by
+call), ``kernel_us`` / ``kernel_breakdown`` (a call's device time, kernel by kernel, from the torch
+profiler), ``environment()`` (stamped on every record) and ``write_record`` (the JSON file, named by
 benchmark and device).
 """
 
@@ -200,6 +201,48 @@ def host_time_us(fn: Callable[[], object], *, calls: int = 1000, warmup: int = 2
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return (t1 - t0) / calls * 1e6
+
+
+def _profile(fn: Callable[[], object], calls: int, device: torch.device):
+    """The torch profiler's per-name averages over ``calls`` calls of ``fn`` (after two warm-up
+    calls): CUDA kernels on a CUDA device, ATen ops on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    for _ in range(2):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    return [(e.key, e.self_device_time_total if cuda else e.self_cpu_time_total, e.count)
+            for e in prof.key_averages()]
+
+
+def kernel_us(fn: Callable[[], object], *, calls: int = 10, device: torch.device | str = "cuda") -> float:
+    """Device time of one ``fn()`` call in microseconds: the sum of its kernels' own time (torch
+    profiler), i.e. what the call costs the GPU when the host runs ahead, as inside a layer.
+    Gaps between kernels are not counted (``measure`` times the wall of the device work)."""
+    _check_callable("fn", fn)
+    _checks.check_int_range("calls", calls, 1)
+    return sum(us for _, us, _ in _profile(fn, calls, torch.device(device))) / calls
+
+
+def kernel_breakdown(fn: Callable[[], object], *, calls: int = 10, top: int = 14,
+                     device: torch.device | str = "cuda") -> list[dict]:
+    """Where one ``fn()`` call spends its device time, kernel by kernel (torch profiler): the
+    ``top`` largest, each ``{"kernel": name (first 90 characters), "us_per_call",
+    "launches_per_call"}``, largest first. On a CUDA device: the CUDA kernels' own time; on the
+    CPU (the tests): the ATen ops' self CPU time."""
+    _check_callable("fn", fn)
+    _checks.check_int_range("calls", calls, 1)
+    _checks.check_int_range("top", top, 1)
+    rows = sorted((r for r in _profile(fn, calls, torch.device(device)) if r[1] > 0), key=lambda r: -r[1])
+    return [{"kernel": name[:90], "us_per_call": us / calls, "launches_per_call": count / calls}
+            for name, us, count in rows[:top]]
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str) -> int | None:

@@ -112,10 +112,11 @@ def test_local_rows_take_the_layers_in_turn_over_rounds(vs, monkeypatch):
     that fails the oracle or raises is reported and never measured."""
     case = _case(vs)
     ref = vs.oracle(case)
-    order, fake_ms = [], iter(range(1, 100))
+    order, profiled, fake_ms = [], [], iter(range(1, 100))
 
-    def measure(forward, leaves, dout, *, warmup, reps):
+    def measure(forward, leaves, dout, *, warmup, reps, kernels=False):
         order.append(forward.__defaults__[0].__name__)
+        profiled.append(kernels)
         ms = float(next(fake_ms))
         return {"fwd_ms": ms, "fwdbwd_ms": 10 * ms, "fwd_peak_bytes": 1, "held_after_fwd_bytes": 1,
                 "fwdbwd_peak_bytes": 1}
@@ -143,6 +144,26 @@ def test_local_rows_take_the_layers_in_turn_over_rounds(vs, monkeypatch):
     assert rows["err"]["error"] == "RuntimeError: no kernel"
     one = vs.local_rows([("a", good)], case, ref, warmup=1, reps=1)
     assert "round_fwd_ms" not in one["a"] and one["a"]["fwd_ms"] == 7.0
+    assert not any(profiled)
+    profiled.clear()
+    vs.local_rows([("a", good), ("b", good2)], case, ref, warmup=1, reps=1, rounds=2, kernels=True)
+    assert profiled == [True, True, False, False]  # --kernels: each row profiled once, in the first round
+
+
+def test_kernel_table_counts_each_op_per_call():
+    """``measure_layer(kernels=True)`` on the CPU (ATen ops stand in for kernels): one forward +
+    backward of y = x @ w runs three matrix products (y, dx, dw), so ``aten::mm`` shows 3 launches
+    per call, whatever the number of profiled calls; entries come largest first."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g).requires_grad_(True)
+    w = torch.randn(32, 48, generator=g).requires_grad_(True)
+    rec = up.measure_layer(lambda: x @ w, [x, w], torch.randn(64, 48, generator=g), warmup=1, reps=2, kernels=True)
+    table = rec["kernels_fwdbwd"]
+    by_name = {row["kernel"]: row for row in table}
+    assert by_name["aten::mm"]["launches_per_call"] == 3 and by_name["aten::mm"]["us_per_call"] > 0
+    assert [r["us_per_call"] for r in table] == sorted((r["us_per_call"] for r in table), reverse=True)
+    assert x.grad is None and w.grad is None  # measure_layer leaves no gradients behind
+    assert "kernels_fwdbwd" not in up.measure_layer(lambda: x @ w, [x, w], torch.randn(64, 48), warmup=1, reps=1)
 
 
 @pytest.mark.parametrize("argv", [["--configs", "7b,13b"], ["--rounds", "0"], ["--configs", ","], ["--skip", "ours"], ["--reps", "0"],
@@ -242,6 +263,20 @@ def test_fake_upstream_end_to_end_json_layout(vs, fake_site, tmp_path):
     assert r0["ratios"]["fwdbwd_peak_ours_over_upstream"] == pytest.approx(0.5)
     assert "check" in r0["upstream"] and "inputs" not in r0["upstream"]
     assert "upstream" in vs.summary(back)
+    back["rows"][0]["upstream"]["kernels_fwdbwd"] = [{"kernel": "quack_gemm", "us_per_call": 12.5, "launches_per_call": 2}]
+    assert "upstream kernel      12.5 us x2  quack_gemm" in vs.summary(back)
+
+
+def test_fake_upstream_kernel_table_comes_back_from_the_worker(vs, fake_site, tmp_path):
+    """``run_upstream(kernels=True)``: upstream's per-kernel table is measured in its own process
+    (here the fake's ATen ops on the CPU) and arrives in the record; without it, no table."""
+    runs, note = up.run_upstream([_case(vs)], site=fake_site, warmup=1, reps=1, workdir=str(tmp_path), kernels=True)
+    assert note == "", note
+    table = runs[0].record["kernels_fwdbwd"]
+    assert table and all(set(r) == {"kernel", "us_per_call", "launches_per_call"} for r in table)
+    assert any(r["kernel"].startswith("aten::") for r in table)
+    runs, _ = up.run_upstream([_case(vs)], site=fake_site, warmup=1, reps=1, workdir=str(tmp_path))
+    assert "kernels_fwdbwd" not in runs[0].record
 
 
 def test_fake_upstream_with_a_layout_bug_fails_the_check(vs, fake_site, tmp_path, monkeypatch):

@@ -51,7 +51,7 @@ GRAD_NAMES = ("dx", "drouter_w", "dw1", "dw2")
 # The measurement both processes share
 # ----------------------------------------------------------------------------------------------
 def measure_layer(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], dout: torch.Tensor, *,
-                  warmup: int = 3, reps: int = 20) -> dict:
+                  warmup: int = 3, reps: int = 20, kernels: bool = False) -> dict:
     """Time and account one MoE layer: ``forward()`` -> out (T, d) with autograd recording.
 
     Returns ``fwd_ms`` and ``fwdbwd_ms`` (medians of ``sonic_learn.bench.measure``, L2 flushed,
@@ -60,7 +60,9 @@ def measure_layer(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Te
     ``fwd_peak_bytes`` (peak over one forward), ``held_after_fwd_bytes`` (still allocated after the
     forward while its output and graph are alive: the activations the backward will read, plus the
     output) and ``fwdbwd_peak_bytes`` (peak over one forward + backward, which also holds the
-    weight gradients).
+    weight gradients). ``kernels``: also ``kernels_fwdbwd``, where one forward + backward spends its
+    device time, kernel by kernel (``bench.kernel_breakdown``, the 24 largest; profiled after the
+    timing, so the profiler does not slow the timed calls).
     """
     from sonic_learn import bench
 
@@ -85,12 +87,16 @@ def measure_layer(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Te
     del out
     fwdbwd_peak = bench.peak_memory_bytes(forward_backward, dout.device)
     clear_grads()
-    return {
+    record = {
         "fwd_ms": t_fwd.median_ms, "fwd_p20_ms": t_fwd.p20_ms, "fwd_p80_ms": t_fwd.p80_ms,
         "fwdbwd_ms": t_all.median_ms, "fwdbwd_p20_ms": t_all.p20_ms, "fwdbwd_p80_ms": t_all.p80_ms,
         "fwd_peak_bytes": fwd_peak, "held_after_fwd_bytes": held, "fwdbwd_peak_bytes": fwdbwd_peak,
         "timer": t_all.timer, "reps": t_all.reps,
     }
+    if kernels:
+        record["kernels_fwdbwd"] = bench.kernel_breakdown(forward_backward, calls=5, top=24, device=dout.device)
+        clear_grads()
+    return record
 
 
 def run_once(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], dout: torch.Tensor) -> dict:
@@ -149,8 +155,10 @@ def _versions() -> dict:
     return found
 
 
-def worker(paths: Sequence[str], results: str, *, warmup: int, reps: int, time_it: bool = True) -> None:
-    """Upstream's side: for each input file, one checked run (outputs saved beside it), then timing."""
+def worker(paths: Sequence[str], results: str, *, warmup: int, reps: int, time_it: bool = True,
+           kernels: bool = False) -> None:
+    """Upstream's side: for each input file, one checked run (outputs saved beside it), then timing
+    (and with ``kernels`` the per-kernel table, ``measure_layer``)."""
     from sonic_learn import bench
 
     versions = _versions()
@@ -166,7 +174,7 @@ def worker(paths: Sequence[str], results: str, *, warmup: int, reps: int, time_i
             torch.save({n: t.cpu() for n, t in outputs.items()}, outputs_path(path))
             del outputs
             if time_it:
-                record.update(measure_layer(forward, leaves, dout, warmup=warmup, reps=reps))
+                record.update(measure_layer(forward, leaves, dout, warmup=warmup, reps=reps, kernels=kernels))
             record["timer_env"] = bench.environment()["timer"]
             del forward, leaves, dout
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
@@ -221,12 +229,15 @@ class UpstreamRun:
         return self.record.get("error")
 
 
-def worker_command(paths: Sequence[str], results: str, *, warmup: int, reps: int, time_it: bool) -> list[str]:
+def worker_command(paths: Sequence[str], results: str, *, warmup: int, reps: int, time_it: bool,
+                   kernels: bool = False) -> list[str]:
     """The subprocess's command line: this file run as ``__main__`` from a neutral folder."""
     script = os.path.abspath(__file__)
     argv = [script, "--worker", "--results", results, "--warmup", str(warmup), "--reps", str(reps)]
     if not time_it:
         argv.append("--no-time")
+    if kernels:
+        argv.append("--kernels")
     code = f"import runpy, sys; sys.argv = {argv + list(paths)!r}; runpy.run_path({script!r}, run_name='__main__')"
     return [sys.executable, "-c", code]
 
@@ -240,11 +251,12 @@ def worker_env(site: str) -> dict:
 
 
 def run_upstream(cases: Sequence[dict], *, site: str | None = None, warmup: int = 3, reps: int = 20,
-                 time_it: bool = True, timeout_s: float | None = None,
-                 workdir: str | None = None) -> tuple[list[UpstreamRun | None], str]:
+                 time_it: bool = True, timeout_s: float | None = None, workdir: str | None = None,
+                 kernels: bool = False) -> tuple[list[UpstreamRun | None], str]:
     """Run upstream's layer on each case (dict of CPU or CUDA tensors ``x, router_w, w1, w2, dout`` in
     sonic_learn's layout, and ``k``) in one subprocess. Returns one ``UpstreamRun`` per case (None
     for a case the worker did not reach before ``timeout_s``) and a note ('' or why runs are missing).
+    ``kernels``: each timed record also gets upstream's per-kernel table (``measure_layer``).
     Raises ``ValueError`` when no upstream site is named."""
     site, why = upstream_site(site)
     if site is None:
@@ -258,7 +270,8 @@ def run_upstream(cases: Sequence[dict], *, site: str | None = None, warmup: int 
         results = os.path.join(tmp, "results.jsonl")
         note = ""
         try:
-            proc = subprocess.run(worker_command(paths, results, warmup=warmup, reps=reps, time_it=time_it),
+            proc = subprocess.run(worker_command(paths, results, warmup=warmup, reps=reps, time_it=time_it,
+                                                 kernels=kernels),
                                   env=worker_env(site), cwd=tmp, timeout=timeout_s, capture_output=True, text=True)
             if proc.returncode != 0:
                 note = f"upstream worker exited with {proc.returncode}: {proc.stderr.strip()[-2000:]}"
@@ -352,9 +365,11 @@ def _main(argv: Sequence[str]) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--no-time", action="store_true")
+    p.add_argument("--kernels", action="store_true")
     p.add_argument("inputs", nargs="+")
     args = p.parse_args(argv)
-    worker(args.inputs, args.results, warmup=args.warmup, reps=args.reps, time_it=not args.no_time)
+    worker(args.inputs, args.results, warmup=args.warmup, reps=args.reps, time_it=not args.no_time,
+           kernels=args.kernels)
     return 0
 
 
