@@ -50,8 +50,9 @@ step() {  # step NAME SECONDS CMD...: run unless skipped, with a time limit, log
 # 1. The tests, alone on the machine: the kernels JIT-compile on the CPU, and sharing it with
 #    upstream's first compile made the whole suite miss its limit (H100, 2026-12-07). The kernel
 #    tests come first, one line per test (-v), so a cut-off run still says what passed. Their
-#    limit is generous: on an H100 (2026-12-07) test_fast_grouped_gemm.py alone ran past 300 s, and the
-#    routing, token-rounding and fused-glue files took 105 s. The machine is released after ~30 s
+#    limit is generous: on an H100 (2026-12-07) test_fast_grouped_gemm.py alone took 360 s,
+#    test_fast_moe.py + test_fast_ops.py 90-120 s, and the routing, token-rounding and fused-glue
+#    files 60-105 s. The machine is released after ~30 s
 #    without a device call, so poll with calls that sleep inside (e.g. a loop of `sleep 10` for up
 #    to a few minutes), issued back to back.
 FAST_TESTS="tests/test_fast_ops.py tests/test_fast_moe.py tests/test_token_rounding.py tests/test_fast_routing.py
@@ -75,7 +76,7 @@ step train 600 python3 benchmarks/train_tiny_moe.py --out "$GS/results" --seeds 
 # alive-at-peak; profile
 step memory 240 python3 benchmarks/moe_memory.py --configs 7b --profile ${BEFORE:+--before "$GS/moe_before.py"} \
   --out "$GS/results"
-step token_rounding 420 python3 benchmarks/token_rounding.py --out "$GS/results" --reps 6 --big-reps 3
+step token_rounding 420 python3 benchmarks/token_rounding.py --out "$GS/results" --reps 6 --big-reps 3 --breakdown
 # A/B of grouped-GEMM configs on the whole reduced-memory layer (one process per model config): the
 # default kernels called directly (the reference row for the others), per-role assignments
 # (LayerGemms: ping-pong for the fused epilogues, subtiled TMA stores for the short-K GEMMs), and
@@ -91,9 +92,10 @@ done
 # 3. Against upstream, once its warm-up is done.
 echo "== waiting for the upstream warm-up $(date +%T)"; wait $warm; tail -3 "$GS/upstream_warmup.log"
 # VS_GEMM=<comma list of --gemm entries>: our layer on those GEMM configs too, as extra rows in the
-# same run (VS_ROUNDS rounds taking our rows in turn, default 3 when VS_GEMM is given).
+# same run (VS_ROUNDS rounds taking our rows in turn, default 3 when VS_GEMM is given). --kernels: each
+# row's device time per kernel over one forward + backward (upstream's profiled in its own process).
 step vs_upstream 560 python3 benchmarks/vs_upstream.py --configs "${VS_CONFIGS:-7b,30b,e256}" --out "$GS/results" \
-  --upstream-timeout 500 ${VS_GEMM:+--gemm "$VS_GEMM" --rounds "${VS_ROUNDS:-3}"}
+  --upstream-timeout 500 --kernels ${VS_GEMM:+--gemm "$VS_GEMM" --rounds "${VS_ROUNDS:-3}"}
 step compare 240 python3 -m sonic_learn.compare moe --config 7B --reps 5 --json "$GS/results/compare_moe_7B.json"
 
 # 4. The rest, as time allows.
