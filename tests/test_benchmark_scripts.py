@@ -150,3 +150,41 @@ def test_moe_benchmark_rejects_bad_gemm_entries_before_needing_a_gpu(gemm, messa
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr, done.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/layer_kernels.py (the Nsight Compute driver)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def layer_kernels():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("layer_kernels", REPO / "benchmarks" / "layer_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_layer_kernels_parses_shape_and_routings(layer_kernels):
+    args = layer_kernels.parse_args(["--shape", "64,32,16,8,2", "--routings", "token_rounding", "--steps", "3"])
+    assert args.shape == (64, 32, 16, 8, 2) and args.routings == ["token_rounding"] and args.steps == 3
+    assert layer_kernels.parse_args([]).routings == ["topk", "token_rounding"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shape", "64,32,16,8"], "--shape: five positive integers"),
+    (["--shape", "64,32,16,8,0"], "--shape: five positive integers"),
+    (["--shape", "64,32,x,8,2"], "--shape: five integers"),
+    (["--routings", "expert_choice"], "--routings: choose from"),
+    (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_layer_kernels_rejects_bad_options(layer_kernels, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        layer_kernels.parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU exit")
+def test_layer_kernels_needs_a_gpu(layer_kernels, capsys):
+    assert layer_kernels.main(["--steps", "1"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

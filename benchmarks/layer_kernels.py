@@ -1,0 +1,75 @@
+"""A driver for Nsight Compute: the fast MoE layer's forward + backward, one NVTX range per routing and step.
+
+Timings belong to the other benchmarks (``token_rounding.py``, ``vs_upstream.py``); this script only
+runs the layer so that a profiler can look inside its kernels, for example at why one kernel is
+slower under token rounding than under top-k on the same shape::
+
+    ncu --nvtx --nvtx-include "token_rounding-step1/" --kernel-name regex:DSwiGLU \\
+        --section SpeedOfLight --section MemoryWorkloadAnalysis \\
+        python benchmarks/layer_kernels.py --shape 16384,1536,1024,32,2
+
+Each routing runs ``--steps`` forward + backward steps (the first JIT-compiles the kernels), each
+step inside the NVTX push/pop range ``<routing>-step<i>`` (in ``--nvtx-include`` a trailing ``/``
+names such a range), on the same seeded bf16 inputs for every routing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+ROUTINGS = ("topk", "token_rounding")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="16384,1536,1024,32,2", help="T,d,n,E,K")
+    p.add_argument("--routings", default=",".join(ROUTINGS), help=f"comma-separated, from {ROUTINGS}")
+    p.add_argument("--steps", type=int, default=2, help="forward + backward steps per routing (>= 1)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        shape = tuple(int(v) for v in args.shape.split(","))
+    except ValueError:
+        p.error(f"--shape: five integers T,d,n,E,K expected, got {args.shape!r}")
+    if len(shape) != 5 or min(shape) < 1:
+        p.error(f"--shape: five positive integers T,d,n,E,K expected, got {args.shape!r}")
+    routings = [r.strip() for r in args.routings.split(",") if r.strip()]
+    if not routings or any(r not in ROUTINGS for r in routings):
+        p.error(f"--routings: choose from {ROUTINGS}, got {args.routings!r}")
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    args.shape, args.routings = shape, routings
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("layer_kernels needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from sonic_learn.fast import moe as fast_moe
+
+    T, d, n, E, K = args.shape
+    g = torch.Generator(device="cuda").manual_seed(args.seed)
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=g, device="cuda") * scale).to(torch.bfloat16)
+
+    x, router_w = randn(T, d), randn(d, E, scale=d**-0.5)
+    w1, w2, dout = randn(E, d, 2 * n, scale=d**-0.5), randn(E, n, d, scale=n**-0.5), randn(T, d)
+    for routing in args.routings:
+        for step in range(args.steps):
+            leaves = [t.detach().requires_grad_(True) for t in (x, router_w, w1, w2)]
+            torch.cuda.nvtx.range_push(f"{routing}-step{step}")
+            fast_moe.moe_forward(*leaves, K, routing=routing).backward(dout)
+            torch.cuda.synchronize()
+            torch.cuda.nvtx.range_pop()
+        print(f"{routing}: {args.steps} steps", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
