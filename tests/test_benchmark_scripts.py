@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((REPO / "benchmarks").glob("*.py"))
@@ -99,13 +100,9 @@ def test_tile_sweep_rejects_unknown_shapes_before_needing_a_gpu():
 def test_vs_upstream_parses_the_pingpong_192_entry():
     """``benchmarks/vs_upstream.py --gemm "down/dx=pingpong:128x192x64:auto"``: one extra row, our layer
     with its down-projection and dX~ GEMMs on the ping-pong 128 x 192 tile."""
-    import importlib.util
-
     from sonic_learn.fast.grouped_gemm import DEFAULT_CONFIG, GemmConfig
 
-    spec = importlib.util.spec_from_file_location("vs_upstream_for_parse", REPO / "benchmarks" / "vs_upstream.py")
-    vs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vs)
+    vs = load_script("benchmarks/vs_upstream.py", "vs_upstream_for_parse")
     entry = "down/dx=pingpong:128x192x64:auto"
     layer = vs.parse_args(["--gemm", entry]).gemm_variants[entry]
     pp192 = GemmConfig(kernel="pingpong", tile=(128, 192, 64))
@@ -157,12 +154,7 @@ def test_moe_benchmark_rejects_bad_gemm_entries_before_needing_a_gpu(gemm, messa
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def layer_kernels():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("layer_kernels", REPO / "benchmarks" / "layer_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/layer_kernels.py", "layer_kernels")
 
 
 def test_layer_kernels_parses_shape_and_routings(layer_kernels):

@@ -6,13 +6,13 @@ reproduced), and check the data behind each picture against the library it claim
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from script_modules import load_script
 
 pytest.importorskip("matplotlib")
 
@@ -22,10 +22,7 @@ COMMITTED = REPO / "docs" / "assets" / "figures"
 
 @pytest.fixture(scope="module")
 def gen():
-    spec = importlib.util.spec_from_file_location("gen_figures", REPO / "docs" / "gen_figures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("docs/gen_figures.py", "gen_figures")
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -8,26 +8,20 @@ protocol then checks our layout conversions, the file exchange and the oracle ch
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from script_modules import load_script
 
 from sonic_learn.compare import upstream as up
 from sonic_learn.reference import moe as ref_moe
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def vs():
-    spec = importlib.util.spec_from_file_location("vs_upstream", ROOT / "benchmarks" / "vs_upstream.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/vs_upstream.py", "vs_upstream")
 
 
 FAKE_SONICMOE = {
