@@ -63,6 +63,13 @@ def test_fast_float64_selection_follows_the_same_ranking():
 # ---------------------------------------------------------------------------------------------
 # The guard below the paper's condition (T*K / (E*tile_m) >= 2) and the rounding counts
 # ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_warning_registry(monkeypatch):
+    """An empty registry of the shapes already warned about (it is process-wide, once per shape): a
+    shape another test drew earlier in the run must not silence the warning these tests expect."""
+    monkeypatch.setattr(ref, "_warned_shapes", set())
+
+
 def _caught(fn):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -70,7 +77,7 @@ def _caught(fn):
     return out, [w for w in caught if issubclass(w.category, UserWarning) and "paper's condition" in str(w.message)]
 
 
-def test_warns_below_the_condition_once_per_shape():
+def test_warns_below_the_condition_once_per_shape(fresh_warning_registry):
     logits = torch.randn(77, 8, generator=torch.Generator().manual_seed(0))  # 77*2/(8*16) = 1.2 < 2
     _, first = _caught(lambda: ref.token_rounding(logits, 2, tile_m=16))
     assert len(first) == 1
@@ -90,7 +97,7 @@ def test_no_warning_at_or_above_the_condition(T, E, K, tile_m):
     assert got == []
 
 
-def test_layer_below_the_condition_warns_and_counts_every_dropped_token():
+def test_layer_below_the_condition_warns_and_counts_every_dropped_token(fresh_warning_registry):
     """MoE(64, 32, 8, 2) on 64 tokens: every expert gets ~16 tokens, which 'nearest' rounds to 0."""
     from sonic_learn import MoE
 
