@@ -71,7 +71,7 @@ ROUTER_PHASES = {
     ("fast/routing.py", "_launch_metadata"): "counts f_e",  # under _metadata: "metadata" (outermost)
     ("fast/routing.py", "_launch_boundary_kernels"): "keys+select",
     ("fast/routing.py", "_launch_token_rounding_triples"): "keys+select+triples",  # fused_glue=True
-    ("fast/routing.py", "_pair_weights"): "pair weights",
+    ("fast/routing.py", "_write_at_picks"): "pair weights",
     ("fast/routing.py", "_rounding_stats"): "stats",
     ("reference/routing.py", "padded_triples"): "compaction",
     ("fast/routing.py", "_padded_triples"): "compaction",

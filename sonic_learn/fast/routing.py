@@ -1297,14 +1297,14 @@ def topk_routing(
 round_counts = _ref.round_counts
 
 
-def _pair_weights(probs: torch.Tensor, tc_experts: torch.Tensor, tc_scores: torch.Tensor, *,
-                  keep_probs: bool) -> torch.Tensor | None:
-    """Turn ``probs`` into the (T, E) weights of ``reference.routing.pair_weights`` in place, bit
-    for bit: the token-choice scores written over p at the picks, no (T, E) copy. ``keep_probs``:
-    return the (T, K) p values they replaced, so that the caller can put them back
-    (``probs.scatter_(1, tc_experts, replaced)``); else None."""
-    replaced = probs.gather(1, tc_experts) if keep_probs else None  # (T, K)
-    probs.scatter_(1, tc_experts, tc_scores)  # (T, E) the picks: the token-choice scores
+def _write_at_picks(probs: torch.Tensor, tc_experts: torch.Tensor, values: torch.Tensor, *,
+                    keep_replaced: bool) -> torch.Tensor | None:
+    """Write ``values`` (T, K) over ``probs`` (T, E) at the token-choice picks ``tc_experts``, in
+    place (no (T, E) copy). With the token-choice scores as ``values``, ``probs`` becomes the (T, E)
+    weights of ``reference.routing.pair_weights``, bit for bit. ``keep_replaced``: return the (T, K)
+    entries that were overwritten (to write them back afterwards the same way); else None."""
+    replaced = probs.gather(1, tc_experts) if keep_replaced else None  # (T, K)
+    probs.scatter_(1, tc_experts, values)  # (T, E)
     return replaced
 
 
@@ -1553,7 +1553,7 @@ def _kept_pair_scores(logits, probs, tc_experts, tc_scores, scoring: str, normal
     over ``probs`` in place (no (T, E) copy; call it after the selection has read ``probs``)."""
     if torch.is_grad_enabled() and logits.requires_grad:
         return TokenRoundingScores.apply(logits, probs, tc_experts, tc_scores, pair_index, is_pair, scoring, normalize)
-    _pair_weights(probs, tc_experts, tc_scores, keep_probs=False)  # probs is the weights from here on
+    _write_at_picks(probs, tc_experts, tc_scores, keep_replaced=False)  # probs is the (T, E) weights from here on
     return _pair_scores(probs, pair_index, is_pair)
 
 
@@ -1582,9 +1582,9 @@ class TokenRoundingScores(torch.autograd.Function):
     def forward(ctx, logits, probs, tc_experts, tc_scores, pair_index, is_pair, scoring, normalize):
         # The (T, E) weights without a (T, E) copy: w written over p at the picks for the read, then
         # the picks' p put back (the backward needs p; the same bits, T*K values moved each way).
-        p_picks = _pair_weights(probs, tc_experts, tc_scores, keep_probs=True)  # (T, K)
+        p_picks = _write_at_picks(probs, tc_experts, tc_scores, keep_replaced=True)  # (T, K); probs = weights
         scores = _pair_scores(probs, pair_index, is_pair)
-        _pair_weights(probs, tc_experts, p_picks, keep_probs=False)  # (T, E) p again
+        _write_at_picks(probs, tc_experts, p_picks, keep_replaced=False)  # (T, E) p again
         ctx.save_for_backward(probs, tc_experts, tc_scores, pair_index, is_pair)
         ctx.scoring, ctx.normalize, ctx.logits_dtype = scoring, normalize, logits.dtype
         return scores

@@ -33,10 +33,12 @@ Which kernel runs (the ladder, llm.c style; a ``GemmConfig`` passed as ``config=
    of the fused MoE epilogues (``gather_fused_grouped_gemm_swiglu`` / ``_dswiglu``).
 4. ``"pingpong"`` (``ws.GroupedGemmWS(ping_pong=True)``): step 3 with each MMA warpgroup owning whole
    128 x 128 tiles, so one warpgroup's epilogue overlaps the other's mainloop (opt-in: measured
-   slower than step 3 on most shapes); clusters of 2 CTAs on request (``cluster_m=2``). Opt-in and
-   not yet measured: the 128 x 192 x 64 tile (``tile=(128, 192, 64)``, three 64-column swizzle
-   atoms), 1.5x the arithmetic intensity of 128 x 128 for the short-K plain-store GEMMs
-   (down-projection, dX~; upstream SonicMoE runs those as ping-pong 128 x 192 when n is small).
+   slower than step 3 on most shapes); clusters of 2 CTAs on request (``cluster_m=2``). Opt-in:
+   the 128 x 192 x 64 tile (``tile=(128, 192, 64)``, three 64-column swizzle atoms), 1.5x the
+   arithmetic intensity of 128 x 128 for the short-K plain-store GEMMs (down-projection, dX~;
+   upstream SonicMoE runs those as ping-pong 128 x 192 when n is small); on the 7B layer's
+   down-projection and dX~ it made the layer 1.5% slower on an H100
+   (benchmarks/results/gemm_config_ab_session9_NVIDIA_H100_80GB_HBM3.json).
    A warpgroup then holds 192 fp32 accumulators per thread, so its epilogue is kept lean
    (``ws.GroupedGemmWS.lean_epilogue``) and it runs the plain store only (``lean_tile``,
    ``GemmConfig.fused_epilogues``). The cooperative step 3 takes tile_n = 192 as well.
@@ -90,8 +92,8 @@ STEPS = {  # the ladder, one line each: what the step adds to the one before (Ge
 KERNELS = tuple(STEPS)
 PERSISTENT = ("ws", "pingpong")  # the warp-specialized persistent kernels (fused epilogues, layout options)
 PINGPONG_TILE = (128, 128, 64)  # a whole tile's accumulators in one warpgroup
-# tile_n each kernel takes. 192 (three 64-column swizzle atoms) is opt-in and unmeasured; on the
-# ping-pong kernel it is the plain store's tile only (``lean_tile``).
+# tile_n each kernel takes. 192 (three 64-column swizzle atoms) is opt-in; on the ping-pong kernel it
+# is the plain store's tile only (``lean_tile``).
 TILE_NS = {"v1": (64, 128, 256), "sm90": (64, 128, 256), "ws": (64, 128, 192, 256), "pingpong": (64, 128, 192)}
 PINGPONG_TILE_NS = TILE_NS["pingpong"]  # a whole 128 x tile_n tile's accumulators in one warpgroup
 LEAN_ACC = 128  # fp32 accumulators per MMA thread above which a persistent kernel's epilogue is kept lean
@@ -157,7 +159,7 @@ class GemmConfig:
     ``kernel``: "v1" (teaching step), "sm90" (+ shared-memory epilogue), "ws" (production,
     cooperative) or "pingpong" (production, ping-pong). ``tile``: (128, tile_n, tile_k), default the
     kernel's own; tile_n from ``TILE_NS[kernel]``, tile_k 32 or 64. tile_n = 192 (persistent kernels,
-    opt-in, unmeasured) is the ping-pong kernel's wide tile for the short-K plain-store GEMMs
+    opt-in; 1.5% slower on the 7B layer, see the module docstring) is the ping-pong kernel's wide tile for the short-K plain-store GEMMs
     (down-projection, dX~): it runs the plain store only (``fused_epilogues`` is False; the fused
     SwiGLU / dH epilogues and the transposed varlen-K store are refused with a ValueError, and
     ``LayerGemms`` gives it to the down / dx roles only). ``stages``: pipeline stages (None: as

@@ -11,10 +11,12 @@ steps run in clusters of 2 CTAs on request (``cluster_m=2``): the same multicast
 launch and remote slot release, with a ping-pong slot freed by the 4 warps of the one warpgroup
 that read it in each CTA. (Upstream SonicMoE runs its dH GEMM as a ping-pong kernel with a
 128 x 128 x 64 tile in clusters of 2 along M; ``GemmConfig(kernel="pingpong", cluster_m=2)`` is
-that configuration here.) Opt-in and unmeasured: the ping-pong 128 x 192 x 64 tile (upstream's
-choice for its short-K down-projection and dX~ GEMMs), whose warpgroups hold 192 fp32
-accumulators per thread and keep a lean epilogue (``GroupedGemmWS.lean_epilogue``: plain store
-only, 3 pipeline stages); the cooperative kernel takes tile_n = 192 too.
+that configuration here; as the 7B layer's dH GEMM it made the layer 1.7% faster on an H100, the
+30B and E = 256 layers 1.1% and 1.6% slower, so it stays opt-in.) Also opt-in: the ping-pong
+128 x 192 x 64 tile (upstream's choice for its short-K down-projection and dX~ GEMMs; 1.5%
+slower on the 7B layer), whose warpgroups hold 192 fp32 accumulators per thread and keep a lean
+epilogue (``GroupedGemmWS.lean_epilogue``: plain store only, 3 pipeline stages); the cooperative
+kernel takes tile_n = 192 too. Both A/Bs: benchmarks/results/gemm_config_ab_session9_NVIDIA_H100_80GB_HBM3.json.
 
 The TMA store uses one descriptor for the whole (M, N) output rather than one per expert: a
 warpgroup's 64 rows that all belong to the expert (every tile but the expert's last) go out as one
@@ -543,7 +545,7 @@ class GroupedGemmWS(GroupedGemmSm90):
             # chunk per column (``epilogue_wg_transposed``). One (bm, bn) tile shared by the two
             # warpgroups (each writes and reads only its own rows), or one per warpgroup when
             # ping-ponging.
-            m_pitch = bm + CHUNK_BYTES * 8 // self.out_dtype.width
+            m_pitch = transposed_m_pitch(self.tile, self.out_dtype.width // 8)
             sT_both = cute.make_tensor(storage.sC.data_ptr(), cute.make_layout(
                 (2, bm, bn), stride=(bn * m_pitch, 1, m_pitch)))  # (WG, m, n)
             sC = sT_both[wg - 1 if const_expr(self.pingpong) else 0, None, None]  # (bm, bn), m contiguous
@@ -927,7 +929,8 @@ class GroupedGemmWS(GroupedGemmSm90):
         transposed store), through the ``tile_value`` hook."""
         cute.arch.barrier(barrier_id=wg, number_of_threads=128)  # previous tile's copy-out is done
         # Convert in registers, then one vectorized copy into this thread's slots of the padded tile
-        # (pairs of adjacent columns -> 32-bit shared stores for 16-bit outputs).
+        # (row-major: pairs of adjacent columns -> 32-bit shared stores for 16-bit outputs; the
+        # transposed store's column-major tile takes one 16-bit store per value).
         r_out = cute.make_rmem_tensor_like(acc, self.out_dtype)
         for i in cutlass.range_constexpr(cute.size(acc)):
             r_out[i] = self.tile_value(acc[i])
@@ -970,11 +973,16 @@ class GroupedGemmWS(GroupedGemmSm90):
                 cute.autovec_copy(src, dst)
 
 
+def transposed_m_pitch(tile: tuple[int, int, int], out_bytes: int) -> int:
+    """Elements between two columns of the transposed store's column-major staging tile: the tile's
+    bm rows and one spare 16-byte chunk (conflict-free 16-bit writes, ``epilogue_wg_transposed``)."""
+    return tile[0] + CHUNK_BYTES // out_bytes
+
+
 def transposed_staging_elems(tile: tuple[int, int, int], pingpong: bool, out_bytes: int) -> int:
-    """Elements of the transposed varlen-K store's staging: a column-major (bm, bn) tile with one
-    spare 16-byte chunk per column, shared by the two warpgroups or one per warpgroup (ping-pong)."""
-    bm, bn, _ = tile
-    return (2 if pingpong else 1) * bn * (bm + CHUNK_BYTES // out_bytes)
+    """Elements of the transposed varlen-K store's staging: a column-major (bm, bn) tile
+    (``transposed_m_pitch``), shared by the two warpgroups or one per warpgroup (ping-pong)."""
+    return (2 if pingpong else 1) * tile[1] * transposed_m_pitch(tile, out_bytes)
 
 
 def subtile_staging_elems(rows: int, epi_subtile: int, outputs: tuple[int, ...] = (1,)) -> int:
