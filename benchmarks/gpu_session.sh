@@ -14,7 +14,8 @@
 # `tail /tmp/gs.log`; to wait for the end, test for the line "== all done", not `pgrep -f
 # gpu_session.sh` (that also matches the polling command's own shell).
 # SKIP="tests ep ..." leaves steps out (names: tests tests_rest train memory token_rounding layer_ab_7b layer_ab_30b
-# vs_upstream compare ep tiles vs_upstream_more ncu_dh_topk ncu_dh_token_rounding; upstream's warm-up runs whenever upstream is staged).
+# vs_upstream compare ep tiles vs_upstream_more ncu_dh_topk_base ncu_dh_topk_none ncu_dh_token_rounding_base
+# ncu_dh_token_rounding_none; upstream's warm-up runs whenever upstream is staged).
 # LAYER_AB=<comma list of benchmarks/moe.py --gemm entries> replaces the layer A/B's configs;
 # VS_GEMM / VS_ROUNDS / VS_CONFIGS: the side-by-side's extra GEMM-config rows, rounds and configs.
 # BEFORE=<another fast/moe.py> adds the memory step's before/after of the layer's glue. TESTS=<pytest
@@ -107,10 +108,14 @@ step tiles 240 python3 benchmarks/grouped_gemm_tiles.py --shapes 7b-up,7b-down,3
 step vs_upstream_more 560 python3 benchmarks/vs_upstream.py --configs 1.4b,120b --out "$GS/results/more" \
   --upstream-timeout 500
 # Why is the fused dH GEMM slower under token rounding than under top-k at E = 32 and 64, K = 2 (388 vs
-# 365 us on an H100, 2026-12-07)? Nsight Compute on that kernel, one step of each routing.
+# 365 us on an H100, 2026-12-07)? Nsight Compute on that kernel, the second step of each routing (the
+# backward runs on autograd's thread, outside the script's NVTX ranges: pick the launch instead), at
+# the locked base clock and at free clocks.
 for routing in topk token_rounding; do
-  step "ncu_dh_$routing" 240 ncu --nvtx --nvtx-include "$routing-step1/" --kernel-name regex:DSwiGLU \
-    --section SpeedOfLight --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
-    python3 benchmarks/layer_kernels.py --shape 16384,1536,1024,32,2 --routings "$routing"
+  for clocks in base none; do
+    step "ncu_dh_${routing}_$clocks" 240 ncu --clock-control "$clocks" --kernel-name regex:DSwiGLU --launch-skip 1 \
+      --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section SchedulerStats \
+      --section WarpStateStats python3 benchmarks/layer_kernels.py --shape 16384,1536,1024,32,2 --routings "$routing"
+  done
 done
 echo "== all done $(date +%T)"

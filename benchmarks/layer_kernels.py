@@ -2,15 +2,20 @@
 
 Timings belong to the other benchmarks (``token_rounding.py``, ``vs_upstream.py``); this script only
 runs the layer so that a profiler can look inside its kernels, for example at why one kernel is
-slower under token rounding than under top-k on the same shape::
+slower under token rounding than under top-k on the same shape. One routing per process, and pick
+the kernel by name and launch (the first step JIT-compiles and warms up; ``--launch-skip 1`` takes
+the second step's launch)::
 
-    ncu --nvtx --nvtx-include "token_rounding-step1/" --kernel-name regex:DSwiGLU \\
+    ncu --kernel-name regex:DSwiGLU --launch-skip 1 --launch-count 1 \\
         --section SpeedOfLight --section MemoryWorkloadAnalysis \\
-        python benchmarks/layer_kernels.py --shape 16384,1536,1024,32,2
+        python benchmarks/layer_kernels.py --shape 16384,1536,1024,32,2 --routings token_rounding
 
-Each routing runs ``--steps`` forward + backward steps (the first JIT-compiles the kernels), each
-step inside the NVTX push/pop range ``<routing>-step<i>`` (in ``--nvtx-include`` a trailing ``/``
-names such a range), on the same seeded bf16 inputs for every routing.
+Each routing runs ``--steps`` forward + backward steps on the same seeded bf16 inputs, each step
+inside the NVTX push/pop range ``<routing>-step<i>``. Those ranges hold the *forward's* kernels
+only: autograd runs the backward on its own thread, and NVTX ranges are per thread, so
+``--nvtx-include "<routing>-step1/"`` matches no backward kernel (it profiled nothing for the dH
+GEMM, H100, 2026-12-07). Nsight Compute locks the clocks by default (base clock); add
+``--clock-control none`` to profile at the clocks a timed run sees.
 """
 
 from __future__ import annotations
