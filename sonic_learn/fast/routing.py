@@ -1807,11 +1807,9 @@ class ScoresBackwardKernel:
         mOut: cute.Tensor,  # (T, E) float32 out: dlogits
     ):
         tidx, _, _ = cute.arch.thread_idx()
-        bidx, _, _ = cute.arch.block_idx()
+        t = cute.arch.block_idx()[0] * WARPS_PER_CTA + tidx // 32  # this warp's token
         lane = cute.arch.lane_idx()
-        t = bidx * WARPS_PER_CTA + tidx // 32
-        T, E = mProbs.shape[0], mProbs.shape[1]
-        K = mTcExperts.shape[1]
+        T, E, K = mProbs.shape[0], mProbs.shape[1], mTcExperts.shape[1]
         zero = cutlass.Float32(0.0)
         if t < T:  # uniform over the warp
             lo = mTokenOffsets[t]
