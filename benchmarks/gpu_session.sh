@@ -15,7 +15,7 @@
 # gpu_session.sh` (that also matches the polling command's own shell).
 # SKIP="tests ep ..." leaves steps out (names: tests tests_rest train memory token_rounding layer_ab_7b layer_ab_30b
 # vs_upstream compare ep tiles vs_upstream_more ncu_dh_topk_base ncu_dh_topk_none ncu_dh_token_rounding_base
-# ncu_dh_token_rounding_none; upstream's warm-up runs whenever upstream is staged).
+# ncu_dh_token_rounding_none dh_layout; upstream's warm-up runs whenever upstream is staged).
 # LAYER_AB=<comma list of benchmarks/moe.py --gemm entries> replaces the layer A/B's configs;
 # VS_GEMM / VS_ROUNDS / VS_CONFIGS: the side-by-side's extra GEMM-config rows, rounds and configs.
 # BEFORE=<another fast/moe.py> adds the memory step's before/after of the layer's glue. TESTS=<pytest
@@ -118,4 +118,7 @@ for routing in topk token_rounding; do
       --section WarpStateStats python3 benchmarks/layer_kernels.py --shape 16384,1536,1024,32,2 --routings "$routing"
   done
 done
+# The same question from the routing's side: the dH GEMM under routings that differ in one thing at a
+# time (benchmarks/dh_layout.py; rows 1-7 ran on an H100 in session 10, the shifted rows 8 not yet).
+step dh_layout 200 python3 benchmarks/dh_layout.py --out "$GS/results"
 echo "== all done $(date +%T)"

@@ -180,3 +180,35 @@ def test_layer_kernels_rejects_bad_options(layer_kernels, argv, message, capsys)
 def test_layer_kernels_needs_a_gpu(layer_kernels, capsys):
     assert layer_kernels.main(["--steps", "1"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/dh_layout.py (the dH GEMM under routings that differ in one thing at a time)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dh_layout():
+    return load_script("benchmarks/dh_layout.py", "dh_layout")
+
+
+def test_dh_layout_parses_its_options(dh_layout):
+    args = dh_layout.parse_args(["--shape", "64,32,16,8,2", "--reps", "3", "--shifts", "8"])
+    assert args.shape == (64, 32, 16, 8, 2) and args.reps == 3 and args.shifts == (8,) and args.out is None
+    assert dh_layout.parse_args([]).shifts == (8, 64)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shape", "64,32,16,8"], "--shape: five positive integers"),
+    (["--shape", "64,32,x,8,2"], "take integers"),
+    (["--shifts", "0"], "--shifts must be >= 1"),
+    (["--reps", "0"], "--reps must be >= 1"),
+])
+def test_dh_layout_rejects_bad_options(dh_layout, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        dh_layout.parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU exit")
+def test_dh_layout_needs_a_gpu(dh_layout, capsys):
+    assert dh_layout.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

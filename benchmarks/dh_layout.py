@@ -1,0 +1,148 @@
+"""The fused dH GEMM's time under routings that differ in one thing at a time (a probe, not a benchmark row).
+
+Why this exists: on the paper's (16384, 1536, 1024), E = 32, K = 2 shape the dH GEMM (dSwiGLU
+epilogue) took longer under token rounding than under top-k although token rounding gives it fewer
+tiles (255 vs 270 row tiles of 128), while the up-projection and down-projection GEMMs got faster in
+proportion to their tiles. This script times the dH GEMM (and the up-projection, as a control) on
+the same inputs under:
+
+1. ``topk``: the layer's top-k routing (experts' row counts 919..1155, so every expert's rows start
+   anywhere and most experts end in a partial tile);
+2. ``token_rounding``: the layer's token rounding, padded to the bound (every count a multiple of
+   128, so every expert starts on a multiple of 128 rows and no tile is partial);
+3. the same pairs without the padding rows (metadata of exactly P rows);
+4. the same padded pairs, metadata rebuilt (the layer's own metadata vs ``build_metadata``);
+5. a synthetic routing with exactly T * K / E rows per expert (token t to experts t and t + 1 mod E);
+6. top-k with each expert's rows cut to a multiple of 128 (fewer rows, all tiles full, aligned);
+7. the same minus one row per expert (one partial tile per expert, starts no longer aligned);
+8. token rounding's pairs behind a dummy expert 0 owning ``--shift`` rows (8, then 64): the same
+   tiles, every expert's rows starting off a multiple of 128.
+
+Each row prints the rows, the true P, the row tiles, the partial tiles, and the median time of the
+dH GEMM and of the up-projection, also per row tile. Unit row scores (the epilogue's arithmetic does
+not branch on values). Needs a Hopper GPU::
+
+    python benchmarks/dh_layout.py --shape 16384,1536,1024,32,2 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="16384,1536,1024,32,2", help="T,d,n,E,K")
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions per row (>= 1)")
+    p.add_argument("--shifts", default="8,64", help="comma-separated row shifts of variant 8 (each >= 1)")
+    p.add_argument("--out", default=None, help="folder for dh_layout_<device>.json (default: print only)")
+    args = p.parse_args(argv)
+    try:
+        shape = tuple(int(v) for v in args.shape.split(","))
+        shifts = tuple(int(v) for v in args.shifts.split(",") if v.strip())
+    except ValueError:
+        p.error(f"--shape and --shifts take integers, got {args.shape!r} and {args.shifts!r}")
+    if len(shape) != 5 or min(shape) < 1:
+        p.error(f"--shape: five positive integers T,d,n,E,K expected, got {args.shape!r}")
+    if any(s < 1 for s in shifts):
+        p.error(f"--shifts must be >= 1, got {args.shifts!r}")
+    if args.reps < 1:
+        p.error(f"--reps must be >= 1, got {args.reps}")
+    args.shape, args.shifts = shape, shifts
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("dh_layout needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from sonic_learn import bench
+    from sonic_learn.contracts import Routing
+    from sonic_learn.fast import moe as fm
+    from sonic_learn.fast import routing as fr
+
+    T, d, n, E, K = args.shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=g, device="cuda") * scale).to(torch.bfloat16)
+
+    x, router_w = randn(T, d), randn(d, E, scale=d**-0.5)
+    w1, w2, dout = randn(E, d, 2 * n, scale=d**-0.5), randn(E, n, d, scale=n**-0.5), randn(T, d)
+    ops = fm.fast_ops()
+    rows_out = []
+
+    def meta_of(tok, exp, num_experts, padded=False):
+        r = Routing(tok.int(), exp.int(), torch.ones(tok.numel(), device="cuda"), T, num_experts)
+        return fr.build_metadata(r, check_ids=False, padded=padded)
+
+    def run(name, m, w1_=w1, w2_=w2):
+        off = m.expert_offsets.long()
+        cnt = off[1:] - off[:-1]
+        tiles = int(((cnt + 127) // 128).sum())
+        h, _ = ops.gather_gemm_swiglu(x, w1_, m)
+        row_scores = torch.ones(m.gather_idx.numel(), device="cuda")
+        dh_us = bench.measure(lambda: ops.dh_gemm(dout, w2_, m, h, row_scores), device="cuda",
+                              reps=args.reps).median_ms * 1e3
+        up_us = bench.measure(lambda: ops.gather_gemm_swiglu(x, w1_, m), device="cuda", reps=args.reps).median_ms * 1e3
+        row = {"routing": name, "rows": m.gather_idx.numel(), "pairs": int(off[-1]), "row_tiles": tiles,
+               "partial_tiles": int((cnt % 128 != 0).sum()), "first_offsets": off[:3].tolist(),
+               "dh_us": dh_us, "dh_ns_per_row_tile": dh_us / tiles * 1e3, "up_us": up_us,
+               "up_ns_per_row_tile": up_us / tiles * 1e3}
+        rows_out.append(row)
+        print(f"{name:38s} rows={row['rows']:6d} P={row['pairs']:6d} tiles={tiles:4d} "
+              f"partial={row['partial_tiles']:3d} dh {dh_us:6.1f}us ({row['dh_ns_per_row_tile']:6.1f} ns/tile) "
+              f"up {up_us:6.1f}us ({row['up_ns_per_row_tile']:6.1f})", flush=True)
+
+    with torch.no_grad():
+        topk = fm.route(x, router_w, K, routing="topk")
+        run("1 topk", topk.meta)
+        rounded = fm.route(x, router_w, K, routing="token_rounding")
+        run("2 token_rounding (padded)", rounded.meta)
+        logits = (x @ router_w).float()
+        r2, _ = fr.layer_token_rounding(logits, K, tile_m=128, mode="nearest", generator=None,
+                                        scoring="softmax_topk", normalize=False)
+        P = int(r2.rounding.kept_pairs)
+        run("3 token_rounding unpadded meta", meta_of(r2.token_idx[:P], r2.expert_idx[:P], E))
+        run("4 token_rounding padded meta (rebuilt)", meta_of(r2.token_idx, r2.expert_idx, E, padded=True))
+        t = torch.arange(T, device="cuda")
+        if K == 2:
+            tok = t.repeat_interleave(K)
+            exp = torch.stack([t % E, (t + 1) % E], 1).reshape(-1)
+            run("5 synthetic T*K/E rows per expert", meta_of(tok, exp, E))
+        pair_tok = t.repeat_interleave(K)
+        pair_exp = fr.token_choice_experts(logits, K).reshape(-1)
+        for minus, name in ((0, "6 topk cut to full tiles"), (1, "7 topk cut to full tiles - 1")):
+            keep = torch.zeros_like(pair_exp, dtype=torch.bool)
+            for e in range(E):
+                idx = (pair_exp == e).nonzero().squeeze(1)
+                keep[idx[: max((idx.numel() // 128) * 128 - minus, 0)]] = True
+            run(name, meta_of(pair_tok[keep], pair_exp[keep], E))
+        tok, exp = r2.token_idx[:P].long(), r2.expert_idx[:P].long()
+        w1x, w2x = torch.cat([w1[:1], w1]), torch.cat([w2[:1], w2])  # expert 0: the dummy in front
+        for shift in args.shifts:
+            dummy = torch.arange(shift, device="cuda")
+            t2, e2 = torch.cat([dummy, tok]), torch.cat([torch.zeros_like(dummy), exp + 1])
+            order = torch.argsort(t2 * (E + 1) + e2)  # token order, then expert order
+            run(f"8 token_rounding shifted by {shift} rows", meta_of(t2[order], e2[order], E + 1), w1x, w2x)
+    if args.out:
+        device = torch.cuda.get_device_name()
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"dh_layout_{device.replace(' ', '_')}.json")
+        with open(path, "w") as f:
+            json.dump({"benchmark": "dh_layout", "device": device, "torch": torch.__version__,
+                       "shape": dict(zip("T d n E K".split(), args.shape)), "reps": args.reps,
+                       "timer": "sonic_learn.bench.measure (cuda events, L2 flushed, median)", "rows": rows_out},
+                      f, indent=1)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
