@@ -20,9 +20,14 @@ the same inputs under:
 
 Each row prints the rows, the true P, the row tiles, the partial tiles, and the median time of the
 dH GEMM and of the up-projection, also per row tile. Unit row scores (the epilogue's arithmetic does
-not branch on values). Needs a Hopper GPU::
+not branch on values). ``--dh-configs`` adds rows timing the dH GEMM on other grouped-GEMM configs
+(``grouped_gemm_tiles.py``'s syntax), for example the ping-pong kernel, whose two consumer
+warpgroups overlap one tile's epilogue with the other's MMAs: a test of the guess that uniform full
+tiles keep every CTA's memory-bound epilogue in step (session 10's numbers, see the results file).
+Needs a Hopper GPU::
 
-    python benchmarks/dh_layout.py --shape 16384,1536,1024,32,2 --out benchmarks/results
+    python benchmarks/dh_layout.py --shape 16384,1536,1024,32,2 --dh-configs pingpong:128x128x64:auto \\
+        --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shape", default="16384,1536,1024,32,2", help="T,d,n,E,K")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per row (>= 1)")
     p.add_argument("--shifts", default="8,64", help="comma-separated row shifts of variant 8 (each >= 1)")
+    p.add_argument("--dh-configs", default="", help="comma-separated extra dH GEMM configs "
+                   "(grouped_gemm_tiles.py's syntax, e.g. pingpong:128x128x64:auto)")
     p.add_argument("--out", default=None, help="folder for dh_layout_<device>.json (default: print only)")
     args = p.parse_args(argv)
     try:
@@ -53,6 +60,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--shifts must be >= 1, got {args.shifts!r}")
     if args.reps < 1:
         p.error(f"--reps must be >= 1, got {args.reps}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from grouped_gemm_tiles import parse  # noqa: E402  (same folder)
+
+    from sonic_learn.fast import grouped_gemm as gg
+
+    configs = [c.strip() for c in args.dh_configs.split(",") if c.strip()]
+    try:  # each a LayerGemms with that dH config, checked before any GPU work
+        args.dh_configs = {c: gg.LayerGemms(dh=gg.GemmConfig(**parse(c))) for c in configs}
+    except (ValueError, TypeError) as exc:
+        p.error(f"--dh-configs: {exc}")
     args.shape, args.shifts = shape, shifts
     return args
 
@@ -76,6 +93,7 @@ def main(argv=None) -> int:
     x, router_w = randn(T, d), randn(d, E, scale=d**-0.5)
     w1, w2, dout = randn(E, d, 2 * n, scale=d**-0.5), randn(E, n, d, scale=n**-0.5), randn(T, d)
     ops = fm.fast_ops()
+    dh_ops = {name: fm.fast_ops(gemm=gemms) for name, gemms in args.dh_configs.items()}
     rows_out = []
 
     def meta_of(tok, exp, num_experts, padded=False):
@@ -95,10 +113,16 @@ def main(argv=None) -> int:
                "partial_tiles": int((cnt % 128 != 0).sum()), "first_offsets": off[:3].tolist(),
                "dh_us": dh_us, "dh_ns_per_row_tile": dh_us / tiles * 1e3, "up_us": up_us,
                "up_ns_per_row_tile": up_us / tiles * 1e3}
+        extra = ""
+        for cfg, cfg_ops in dh_ops.items():
+            us = bench.measure(lambda cfg_ops=cfg_ops: cfg_ops.dh_gemm(dout, w2_, m, h, row_scores), device="cuda",
+                               reps=args.reps).median_ms * 1e3
+            row.setdefault("dh_us_by_config", {})[cfg] = us
+            extra += f" | dh[{cfg}] {us:6.1f}us"
         rows_out.append(row)
         print(f"{name:38s} rows={row['rows']:6d} P={row['pairs']:6d} tiles={tiles:4d} "
               f"partial={row['partial_tiles']:3d} dh {dh_us:6.1f}us ({row['dh_ns_per_row_tile']:6.1f} ns/tile) "
-              f"up {up_us:6.1f}us ({row['up_ns_per_row_tile']:6.1f})", flush=True)
+              f"up {up_us:6.1f}us ({row['up_ns_per_row_tile']:6.1f}){extra}", flush=True)
 
     with torch.no_grad():
         topk = fm.route(x, router_w, K, routing="topk")

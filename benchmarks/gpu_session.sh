@@ -119,6 +119,9 @@ for routing in topk token_rounding; do
   done
 done
 # The same question from the routing's side: the dH GEMM under routings that differ in one thing at a
-# time (benchmarks/dh_layout.py; rows 1-7 ran on an H100 in session 10, the shifted rows 8 not yet).
-step dh_layout 200 python3 benchmarks/dh_layout.py --out "$GS/results"
+# time (benchmarks/dh_layout.py; rows 1-7 ran on an H100 in session 10, the shifted rows 8 not yet), on
+# the default cooperative kernel and on the ping-pong kernel (does overlapping one warpgroup's epilogue
+# with the other's MMAs remove the slowdown of uniform full tiles?).
+step dh_layout 300 python3 benchmarks/dh_layout.py --out "$GS/results" \
+  --dh-configs pingpong:128x128x64:auto,pingpong:128x128x64:auto:c2
 echo "== all done $(date +%T)"

@@ -191,9 +191,13 @@ def dh_layout():
 
 
 def test_dh_layout_parses_its_options(dh_layout):
-    args = dh_layout.parse_args(["--shape", "64,32,16,8,2", "--reps", "3", "--shifts", "8"])
+    args = dh_layout.parse_args(["--shape", "64,32,16,8,2", "--reps", "3", "--shifts", "8",
+                                 "--dh-configs", "pingpong:128x128x64:auto,ws:128x256x64:auto:c2"])
     assert args.shape == (64, 32, 16, 8, 2) and args.reps == 3 and args.shifts == (8,) and args.out is None
-    assert dh_layout.parse_args([]).shifts == (8, 64)
+    assert args.dh_configs["pingpong:128x128x64:auto"].dh.kernel == "pingpong"
+    assert args.dh_configs["ws:128x256x64:auto:c2"].dh.cluster_m == 2
+    defaults = dh_layout.parse_args([])
+    assert defaults.shifts == (8, 64) and defaults.dh_configs == {}
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -201,6 +205,7 @@ def test_dh_layout_parses_its_options(dh_layout):
     (["--shape", "64,32,x,8,2"], "take integers"),
     (["--shifts", "0"], "--shifts must be >= 1"),
     (["--reps", "0"], "--reps must be >= 1"),
+    (["--dh-configs", "ws:128x256x64:auto:fast"], "--dh-configs: config 'ws:128x256x64:auto:fast': unknown flags"),
 ])
 def test_dh_layout_rejects_bad_options(dh_layout, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
