@@ -33,11 +33,12 @@ Needs a Hopper GPU::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
+
+from sonic_learn.bench import layer_inputs, parse_layer_shape
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,19 +50,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(grouped_gemm_tiles.py's syntax, e.g. pingpong:128x128x64:auto)")
     p.add_argument("--out", default=None, help="folder for dh_layout_<device>.json (default: print only)")
     args = p.parse_args(argv)
+    shape = parse_layer_shape(p, args.shape)
     try:
-        shape = tuple(int(v) for v in args.shape.split(","))
         shifts = tuple(int(v) for v in args.shifts.split(",") if v.strip())
     except ValueError:
-        p.error(f"--shape and --shifts take integers, got {args.shape!r} and {args.shifts!r}")
-    if len(shape) != 5 or min(shape) < 1:
-        p.error(f"--shape: five positive integers T,d,n,E,K expected, got {args.shape!r}")
+        p.error(f"--shifts takes integers, got {args.shifts!r}")
     if any(s < 1 for s in shifts):
         p.error(f"--shifts must be >= 1, got {args.shifts!r}")
     if args.reps < 1:
         p.error(f"--reps must be >= 1, got {args.reps}")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from grouped_gemm_tiles import parse  # noqa: E402  (same folder)
+    from grouped_gemm_tiles import parse  # noqa: E402  (same folder; imports the kernels)
 
     from sonic_learn.fast import grouped_gemm as gg
 
@@ -85,13 +84,7 @@ def main(argv=None) -> int:
     from sonic_learn.fast import routing as fr
 
     T, d, n, E, K = args.shape
-    g = torch.Generator(device="cuda").manual_seed(0)
-
-    def randn(*size, scale=1.0):
-        return (torch.randn(*size, generator=g, device="cuda") * scale).to(torch.bfloat16)
-
-    x, router_w = randn(T, d), randn(d, E, scale=d**-0.5)
-    w1, w2, dout = randn(E, d, 2 * n, scale=d**-0.5), randn(E, n, d, scale=n**-0.5), randn(T, d)
+    x, router_w, w1, w2, dout = layer_inputs(args.shape, seed=0)  # the same draws as the session-10 probe
     ops = fm.fast_ops()
     dh_ops = {name: fm.fast_ops(gemm=gemms) for name, gemms in args.dh_configs.items()}
     rows_out = []
@@ -156,15 +149,10 @@ def main(argv=None) -> int:
             order = torch.argsort(t2 * (E + 1) + e2)  # token order, then expert order
             run(f"8 token_rounding shifted by {shift} rows", meta_of(t2[order], e2[order], E + 1), w1x, w2x)
     if args.out:
-        device = torch.cuda.get_device_name()
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"dh_layout_{device.replace(' ', '_')}.json")
-        with open(path, "w") as f:
-            json.dump({"benchmark": "dh_layout", "device": device, "torch": torch.__version__,
-                       "shape": dict(zip("T d n E K".split(), args.shape)), "reps": args.reps,
-                       "timer": "sonic_learn.bench.measure (cuda events, L2 flushed, median)", "rows": rows_out},
-                      f, indent=1)
-        print(f"wrote {path}")
+        record = {"benchmark": "dh_layout", "environment": bench.environment(),
+                  "shape": dict(zip("T d n E K".split(), args.shape)), "reps": args.reps,
+                  "timer": "sonic_learn.bench.measure (cuda events, L2 flushed, median)", "rows": rows_out}
+        print(f"wrote {bench.write_record(record, args.out, 'dh_layout')}")
     return 0
 
 

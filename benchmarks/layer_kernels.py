@@ -25,6 +25,8 @@ import sys
 
 import torch
 
+from sonic_learn.bench import layer_inputs, parse_layer_shape
+
 ROUTINGS = ("topk", "token_rounding")
 
 
@@ -35,12 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="forward + backward steps per routing (>= 1)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    try:
-        shape = tuple(int(v) for v in args.shape.split(","))
-    except ValueError:
-        p.error(f"--shape: five integers T,d,n,E,K expected, got {args.shape!r}")
-    if len(shape) != 5 or min(shape) < 1:
-        p.error(f"--shape: five positive integers T,d,n,E,K expected, got {args.shape!r}")
+    shape = parse_layer_shape(p, args.shape)
     routings = [r.strip() for r in args.routings.split(",") if r.strip()]
     if not routings or any(r not in ROUTINGS for r in routings):
         p.error(f"--routings: choose from {ROUTINGS}, got {args.routings!r}")
@@ -57,14 +54,8 @@ def main(argv=None) -> int:
         return 2
     from sonic_learn.fast import moe as fast_moe
 
-    T, d, n, E, K = args.shape
-    g = torch.Generator(device="cuda").manual_seed(args.seed)
-
-    def randn(*size, scale=1.0):
-        return (torch.randn(*size, generator=g, device="cuda") * scale).to(torch.bfloat16)
-
-    x, router_w = randn(T, d), randn(d, E, scale=d**-0.5)
-    w1, w2, dout = randn(E, d, 2 * n, scale=d**-0.5), randn(E, n, d, scale=n**-0.5), randn(T, d)
+    K = args.shape[4]
+    x, router_w, w1, w2, dout = layer_inputs(args.shape, args.seed)
     for routing in args.routings:
         for step in range(args.steps):
             leaves = [t.detach().requires_grad_(True) for t in (x, router_w, w1, w2)]

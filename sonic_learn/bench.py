@@ -321,3 +321,31 @@ def write_record(record: dict, out_dir: str, name: str) -> str:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
     return path
+
+
+def parse_layer_shape(parser, text: str) -> tuple[int, int, int, int, int]:
+    """(T, d, n, E, K) from a ``--shape`` option "T,d,n,E,K" of ``parser`` (an argparse parser, whose
+    ``error`` exits naming the option)."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        parser.error(f"--shape: five integers T,d,n,E,K expected, got {text!r}")
+    if len(shape) != 5 or min(shape) < 1:
+        parser.error(f"--shape: five positive integers T,d,n,E,K expected, got {text!r}")
+    return shape
+
+
+def layer_inputs(shape: tuple[int, int, int, int, int], seed: int = 0, device: torch.device | str = "cuda"):
+    """The MoE layer's inputs for a (T, d, n, E, K) shape: x (T, d), router_w (d, E), w1 (E, d, 2n),
+    w2 (E, n, d) and an output gradient (T, d), bf16, scaled like the layer's initialization, drawn
+    in this order from one generator seeded with ``seed`` on ``device`` (the same tensors for every
+    script that asks for the same shape, seed and device)."""
+    T, d, n, E, _ = shape
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=g, device=device) * scale).to(torch.bfloat16)
+
+    x, router_w = randn(T, d), randn(d, E, scale=d**-0.5)
+    w1, w2, dout = randn(E, d, 2 * n, scale=d**-0.5), randn(E, n, d, scale=n**-0.5), randn(T, d)
+    return x, router_w, w1, w2, dout

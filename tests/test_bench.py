@@ -52,3 +52,26 @@ def test_environment_describes_the_timer_of_its_device():
         bench.environment("meta")
     if torch.cuda.is_available():
         assert bench.environment("cuda")["timer"] == bench.TIMER_CUDA
+
+
+def test_layer_inputs_are_seeded_shaped_and_scaled():
+    shape = (64, 32, 16, 8, 2)  # T, d, n, E, K
+    x, router_w, w1, w2, dout = bench.layer_inputs(shape, seed=3, device="cpu")
+    assert [t.shape for t in (x, router_w, w1, w2, dout)] == [(64, 32), (32, 8), (8, 32, 32), (8, 16, 32), (64, 32)]
+    assert all(t.dtype == torch.bfloat16 for t in (x, router_w, w1, w2, dout))
+    again = bench.layer_inputs(shape, seed=3, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip((x, router_w, w1, w2, dout), again))  # same seed, same tensors
+    assert not torch.equal(x, bench.layer_inputs(shape, seed=4, device="cpu")[0])
+    assert 0.5 < float(x.float().std()) < 2 and 0.5 < float(w1.float().std()) * 32**0.5 < 2  # x ~ 1, w1 ~ d^-1/2
+
+
+@pytest.mark.parametrize("text,message", [("64,32,16,8", "five positive integers"), ("64,32,16,8,0", "five positive"),
+                                          ("64,x,16,8,2", "five integers")])
+def test_parse_layer_shape_rejects_bad_shapes(text, message, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    assert bench.parse_layer_shape(parser, "64,32,16,8,2") == (64, 32, 16, 8, 2)
+    with pytest.raises(SystemExit):
+        bench.parse_layer_shape(parser, text)
+    assert f"--shape: {message}" in capsys.readouterr().err

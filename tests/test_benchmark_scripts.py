@@ -202,7 +202,8 @@ def test_dh_layout_parses_its_options(dh_layout):
 
 @pytest.mark.parametrize("argv,message", [
     (["--shape", "64,32,16,8"], "--shape: five positive integers"),
-    (["--shape", "64,32,x,8,2"], "take integers"),
+    (["--shape", "64,32,x,8,2"], "--shape: five integers"),
+    (["--shifts", "8,x"], "--shifts takes integers"),
     (["--shifts", "0"], "--shifts must be >= 1"),
     (["--reps", "0"], "--reps must be >= 1"),
     (["--dh-configs", "ws:128x256x64:auto:fast"], "--dh-configs: config 'ws:128x256x64:auto:fast': unknown flags"),
