@@ -12,7 +12,8 @@ the same inputs under:
    128, so every expert starts on a multiple of 128 rows and no tile is partial);
 3. the same pairs without the padding rows (metadata of exactly P rows);
 4. the same padded pairs, metadata rebuilt (the layer's own metadata vs ``build_metadata``);
-5. a synthetic routing with exactly T * K / E rows per expert (token t to experts t and t + 1 mod E);
+5. (K = 2 only) a synthetic routing with T * K / E rows per expert when E divides T (token t to
+   experts t and t + 1 mod E);
 6. top-k with each expert's rows cut to a multiple of 128 (fewer rows, all tiles full, aligned);
 7. the same minus one row per expert (one partial tile per expert, starts no longer aligned);
 8. token rounding's pairs behind a dummy expert 0 owning ``--shift`` rows (8, then 64): the same
@@ -55,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         shifts = tuple(int(v) for v in args.shifts.split(",") if v.strip())
     except ValueError:
         p.error(f"--shifts takes integers, got {args.shifts!r}")
-    if any(s < 1 for s in shifts):
-        p.error(f"--shifts must be >= 1, got {args.shifts!r}")
+    if any(s < 1 or s > shape[0] for s in shifts):  # the dummy expert's rows are tokens 0 .. shift - 1
+        p.error(f"--shifts must be between 1 and T = {shape[0]}, got {args.shifts!r}")
     if args.reps < 1:
         p.error(f"--reps must be >= 1, got {args.reps}")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
     from sonic_learn.fast import routing as fr
 
     T, d, n, E, K = args.shape
+    tile_m = fm.GEMM_TILE_M  # the grouped GEMM's row tile
     x, router_w, w1, w2, dout = layer_inputs(args.shape, seed=0)  # the same draws as the session-10 probe
     ops = fm.fast_ops()
     dh_ops = {name: fm.fast_ops(gemm=gemms) for name, gemms in args.dh_configs.items()}
@@ -96,14 +98,14 @@ def main(argv=None) -> int:
     def run(name, m, w1_=w1, w2_=w2):
         off = m.expert_offsets.long()
         cnt = off[1:] - off[:-1]
-        tiles = int(((cnt + 127) // 128).sum())
+        tiles = int(((cnt + tile_m - 1) // tile_m).sum())
         h, _ = ops.gather_gemm_swiglu(x, w1_, m)
         row_scores = torch.ones(m.gather_idx.numel(), device="cuda")
         dh_us = bench.measure(lambda: ops.dh_gemm(dout, w2_, m, h, row_scores), device="cuda",
                               reps=args.reps).median_ms * 1e3
         up_us = bench.measure(lambda: ops.gather_gemm_swiglu(x, w1_, m), device="cuda", reps=args.reps).median_ms * 1e3
         row = {"routing": name, "rows": m.gather_idx.numel(), "pairs": int(off[-1]), "row_tiles": tiles,
-               "partial_tiles": int((cnt % 128 != 0).sum()), "first_offsets": off[:3].tolist(),
+               "partial_tiles": int((cnt % tile_m != 0).sum()), "first_offsets": off[:3].tolist(),
                "dh_us": dh_us, "dh_ns_per_row_tile": dh_us / tiles * 1e3, "up_us": up_us,
                "up_ns_per_row_tile": up_us / tiles * 1e3}
         extra = ""
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
         rounded = fm.route(x, router_w, K, routing="token_rounding")
         run("2 token_rounding (padded)", rounded.meta)
         logits = (x @ router_w).float()
-        r2, _ = fr.layer_token_rounding(logits, K, tile_m=128, mode="nearest", generator=None,
+        r2, _ = fr.layer_token_rounding(logits, K, tile_m=tile_m, mode="nearest", generator=None,
                                         scoring="softmax_topk", normalize=False)
         P = int(r2.rounding.kept_pairs)
         run("3 token_rounding unpadded meta", meta_of(r2.token_idx[:P], r2.expert_idx[:P], E))
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
             keep = torch.zeros_like(pair_exp, dtype=torch.bool)
             for e in range(E):
                 idx = (pair_exp == e).nonzero().squeeze(1)
-                keep[idx[: max((idx.numel() // 128) * 128 - minus, 0)]] = True
+                keep[idx[: max((idx.numel() // tile_m) * tile_m - minus, 0)]] = True
             run(name, meta_of(pair_tok[keep], pair_exp[keep], E))
         tok, exp = r2.token_idx[:P].long(), r2.expert_idx[:P].long()
         w1x, w2x = torch.cat([w1[:1], w1]), torch.cat([w2[:1], w2])  # expert 0: the dummy in front

@@ -150,47 +150,27 @@ def test_moe_benchmark_rejects_bad_gemm_entries_before_needing_a_gpu(gemm, messa
 
 
 # ----------------------------------------------------------------------------------------------
-# benchmarks/layer_kernels.py (the Nsight Compute driver)
+# The GPU probe scripts: benchmarks/layer_kernels.py (the Nsight Compute driver) and
+# benchmarks/dh_layout.py (the dH GEMM under routings that differ in one thing at a time). Their
+# --shape is sonic_learn.bench.parse_layer_shape (tests/test_bench.py has its cases).
 # ----------------------------------------------------------------------------------------------
+PROBES = ("layer_kernels", "dh_layout")
+
+
 @pytest.fixture(scope="module")
-def layer_kernels():
-    return load_script("benchmarks/layer_kernels.py", "layer_kernels")
+def probes():
+    return {name: load_script(f"benchmarks/{name}.py", name) for name in PROBES}
 
 
-def test_layer_kernels_parses_shape_and_routings(layer_kernels):
+def test_layer_kernels_parses_shape_and_routings(probes):
+    layer_kernels = probes["layer_kernels"]
     args = layer_kernels.parse_args(["--shape", "64,32,16,8,2", "--routings", "token_rounding", "--steps", "3"])
     assert args.shape == (64, 32, 16, 8, 2) and args.routings == ["token_rounding"] and args.steps == 3
     assert layer_kernels.parse_args([]).routings == ["topk", "token_rounding"]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--shape", "64,32,16,8"], "--shape: five positive integers"),
-    (["--shape", "64,32,16,8,0"], "--shape: five positive integers"),
-    (["--shape", "64,32,x,8,2"], "--shape: five integers"),
-    (["--routings", "expert_choice"], "--routings: choose from"),
-    (["--steps", "0"], "--steps must be >= 1"),
-])
-def test_layer_kernels_rejects_bad_options(layer_kernels, argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        layer_kernels.parse_args(argv)
-    assert exc.value.code == 2 and message in capsys.readouterr().err
-
-
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU exit")
-def test_layer_kernels_needs_a_gpu(layer_kernels, capsys):
-    assert layer_kernels.main(["--steps", "1"]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
-
-
-# ----------------------------------------------------------------------------------------------
-# benchmarks/dh_layout.py (the dH GEMM under routings that differ in one thing at a time)
-# ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def dh_layout():
-    return load_script("benchmarks/dh_layout.py", "dh_layout")
-
-
-def test_dh_layout_parses_its_options(dh_layout):
+def test_dh_layout_parses_its_options(probes):
+    dh_layout = probes["dh_layout"]
     args = dh_layout.parse_args(["--shape", "64,32,16,8,2", "--reps", "3", "--shifts", "8",
                                  "--dh-configs", "pingpong:128x128x64:auto,ws:128x256x64:auto:c2"])
     assert args.shape == (64, 32, 16, 8, 2) and args.reps == 3 and args.shifts == (8,) and args.out is None
@@ -200,21 +180,26 @@ def test_dh_layout_parses_its_options(dh_layout):
     assert defaults.shifts == (8, 64) and defaults.dh_configs == {}
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--shape", "64,32,16,8"], "--shape: five positive integers"),
-    (["--shape", "64,32,x,8,2"], "--shape: five integers"),
-    (["--shifts", "8,x"], "--shifts takes integers"),
-    (["--shifts", "0"], "--shifts must be >= 1"),
-    (["--reps", "0"], "--reps must be >= 1"),
-    (["--dh-configs", "ws:128x256x64:auto:fast"], "--dh-configs: config 'ws:128x256x64:auto:fast': unknown flags"),
+@pytest.mark.parametrize("script,argv,message", [
+    ("layer_kernels", ["--shape", "64,32,16,8"], "--shape: five positive integers"),
+    ("layer_kernels", ["--routings", "expert_choice"], "--routings: choose from"),
+    ("layer_kernels", ["--steps", "0"], "--steps must be >= 1"),
+    ("dh_layout", ["--shape", "64,32,x,8,2"], "--shape: five integers"),
+    ("dh_layout", ["--shifts", "8,x"], "--shifts takes integers"),
+    ("dh_layout", ["--shifts", "0"], "--shifts must be between 1 and T = 16384"),
+    ("dh_layout", ["--shape", "64,32,16,8,2", "--shifts", "65"], "--shifts must be between 1 and T = 64"),
+    ("dh_layout", ["--reps", "0"], "--reps must be >= 1"),
+    ("dh_layout", ["--dh-configs", "ws:128x256x64:auto:fast"],
+     "--dh-configs: config 'ws:128x256x64:auto:fast': unknown flags"),
 ])
-def test_dh_layout_rejects_bad_options(dh_layout, argv, message, capsys):
+def test_probe_scripts_reject_bad_options(probes, script, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        dh_layout.parse_args(argv)
+        probes[script].parse_args(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU exit")
-def test_dh_layout_needs_a_gpu(dh_layout, capsys):
-    assert dh_layout.main([]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
+@pytest.mark.parametrize("script,argv", [("layer_kernels", ["--steps", "1"]), ("dh_layout", [])])
+def test_probe_scripts_need_a_gpu(probes, script, argv, capsys):
+    assert probes[script].main(argv) == 2
+    assert f"{script} needs a CUDA GPU" in capsys.readouterr().err

@@ -303,7 +303,7 @@ def test_the_router_step_stays_within_its_launch_bound(monkeypatch, shape, fused
 @pytest.mark.parametrize("scoring, normalize, mode, grad, extra", [
     ("topk_softmax", True, "nearest", True, -1),  # the weights gather from the ranking key's softmax
     ("softmax_topk", False, "stochastic", True, 1),  # + the uniform draw (torch.rand, on the device)
-      ("softmax_topk", False, "up", False, -2),  # no autograd: w over p for good (one scatter_), p not kept
+    ("softmax_topk", False, "up", False, -2),  # no autograd: w over p for good (one scatter_), p not kept
 ])
 def test_other_configurations_of_the_step(monkeypatch, scoring, normalize, mode, grad, extra):
     launches, _ = count_router_step(monkeypatch, scoring=scoring, normalize=normalize, mode=mode, grad=grad)
