@@ -336,6 +336,41 @@ def test_dswiglu_epilogue_matches_unfused(kernel_config, problem):
 
 
 @needs_hopper
+@pytest.mark.parametrize("base", [dict(), dict(max_ctas=3), dict(kernel="pingpong", cluster_m=2),
+                                  dict(kernel="pingpong", cluster_m=2, max_ctas=2)],
+                         ids=["ws", "ws-3ctas", "pingpong-cluster2", "pingpong-2ctas-cluster2"])
+@settings(max_examples=6, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=problems())
+@example(problem=([129, 0, 128, 1, 127], 200, 64, 272, "bf16", None, 0))  # ragged rows, a partial n-tile
+@example(problem=([300, 5], 50, 1536, 520, "bf16", None, 1))  # K = 1536: the prefetch well before the end
+@example(problem=([0, 7, 0], 20, 64, 8, "fp16", None, 2))  # n = 8: 32 bytes of H per row, one k-tile
+def test_epi_prefetch_changes_no_bit_of_the_dh_kernel(base, problem):
+    """GemmConfig(epi_prefetch=True) only asks L2 to fetch H early: dH, A' and the dS partials are
+    the kernel's without it, bit for bit (and the pipeline, whose producer loop issues it, still
+    completes on ragged experts, short k-loops and many tiles per CTA)."""
+    from sonic_learn.fast import grouped_gemm as gg
+
+    counts, T, d, n, dtype_name, _, seed = problem
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(seed)
+    meta = make_meta(counts, T, gen)
+    M, E = sum(counts), len(counts)
+    dout = torch.randn(T, d, generator=gen).to("cuda", dtype)
+    w2 = (torch.randn(E, n, d, generator=gen) / d**0.5).to("cuda", dtype)  # (E, n, d)
+    h = (2 * torch.randn(M, 2 * n, generator=gen)).to("cuda", dtype)
+    row_scores = torch.rand(M, generator=gen).to("cuda")
+    outs = []
+    for prefetch in (False, True):
+        poison((M, 2 * n), dtype)
+        poison((M, n), dtype)
+        cfg = gg.GemmConfig(**base, epi_prefetch=prefetch)
+        outs.append(gg.gather_fused_grouped_gemm_dswiglu(dout, w2, meta, h, row_scores, config=cfg))
+    for name, without, with_pf in zip(("dH", "A'", "dS"), *outs):
+        assert without.shape == with_pf.shape and not torch.isnan(with_pf).any(), name
+        assert torch.equal(without, with_pf), f"{name} changed with epi_prefetch"
+
+
+@needs_hopper
 def test_realistic_shape_7b_up_proj_slice(kernel_config):
     """A slice of the 7B up-projection (d = 1536, 2n = 512) with uniform routing over 16 experts."""
     fast = configured(kernel_config)  # every call gets config=kernel_config

@@ -457,6 +457,43 @@ def test_subtiled_epilogue_ignored_by_dh_and_transposed_stores(variant, transpos
     assert ptx(epi_subtile=64) == ptx()
 
 
+PREFETCH_L2 = "cp.async.bulk.prefetch.L2.global"
+
+
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+@pytest.mark.parametrize("kernel,tile,cluster_m", [("ws", (128, 256, 64), 1), ("pingpong", (128, 128, 64), 2)])
+def test_epi_prefetch_adds_one_l2_prefetch_to_the_dh_kernel(kernel, tile, cluster_m):
+    """GemmConfig(epi_prefetch=True): the dH kernel's producer issues one bulk L2 prefetch (of one
+    tile row of H per thread); without it the kernel has none, and the epilogues that read no input
+    (SwiGLU, the plain store) compile to the very same kernel either way."""
+    from sonic_learn.fast.grouped_gemm import compile_grouped_gemm
+
+    def ptx(variant, transposed, epilogue, **extra):
+        return compile_grouped_gemm(variant, torch.bfloat16, torch.bfloat16, tile, keep_ptx=True, kernel=kernel,
+                                    transposed=transposed, epilogue=epilogue, cluster_m=cluster_m, **extra).__ptx__
+
+    with_pf = ptx("varlen_m_gather", True, "dswiglu", epi_prefetch=True)
+    assert with_pf.count(PREFETCH_L2) == 1 and ".local" not in with_pf
+    assert PREFETCH_L2 not in ptx("varlen_m_gather", True, "dswiglu")
+    for variant, transposed, epilogue in (("varlen_m_gather", False, "swiglu"), ("varlen_m", True, "store")):
+        assert ptx(variant, transposed, epilogue, epi_prefetch=True) == ptx(variant, transposed, epilogue)
+
+
+def test_epi_prefetch_config_checks():
+    from sonic_learn.fast import grouped_gemm as fast
+
+    assert fast.GemmConfig(epi_prefetch=True).epi_prefetch and not fast.DEFAULT_CONFIG.epi_prefetch
+    assert fast.GemmConfig(kernel="pingpong", cluster_m=2, epi_prefetch=True).epi_prefetch
+    for bad in (1, "yes", None):
+        with pytest.raises(TypeError, match="epi_prefetch"):
+            fast.GemmConfig(epi_prefetch=bad)
+    for kernel in ("v1", "sm90"):
+        with pytest.raises(ValueError, match=f"epi_prefetch=True needs a persistent kernel .* got kernel='{kernel}'"):
+            fast.GemmConfig(kernel=kernel, epi_prefetch=True)
+    with pytest.raises(ValueError, match="epi_prefetch=True needs a persistent kernel"):
+        fast.compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, kernel="v1", epi_prefetch=True)
+
+
 def test_subtiled_epilogue_frees_pipeline_stages_and_rejects_bad_values():
     """The stages count the subtiled epilogue's real footprint (two (64, S) buffers per warpgroup
     instead of one padded (64, tile_n) buffer); bad epi_subtile values are named before compiling."""

@@ -152,6 +152,13 @@ def _check_epi_subtile(epi_subtile: object, kernel: str, tile: tuple, tma_store:
                          f"(an even number of subtiles), got tile {tile}")
 
 
+def _check_epi_prefetch(epi_prefetch: object, kernel: str) -> None:
+    _checks.check_bool("epi_prefetch", epi_prefetch)
+    if epi_prefetch and kernel not in PERSISTENT:
+        raise ValueError(f"epi_prefetch=True needs a persistent kernel {PERSISTENT} (its producer warpgroup issues "
+                         f"the prefetch), got kernel={kernel!r}")
+
+
 @dataclass(frozen=True)
 class GemmConfig:
     """Which step of the grouped-GEMM ladder runs, and how. Immutable: pass it down (``config=``).
@@ -177,8 +184,12 @@ class GemmConfig:
     The fused SwiGLU epilogue honours it too: each subtile of H and its half-width subtile of
     A = SwiGLU(H) leave by TMA bulk stores (same values bit for bit). The dH epilogue and the
     transposed varlen-K store ignore it and keep their whole-tile buffer, so one config serves
-    every GEMM of the MoE layer. To give the layer's GEMMs different configs, pass a ``LayerGemms``
-    (one config per role) to ``fast.moe.fast_ops``.
+    every GEMM of the MoE layer. ``epi_prefetch`` (persistent kernels; opt-in until measured): the
+    dH epilogue's input H is prefetched into L2 by the producer warpgroup while each tile's mainloop
+    runs (``GroupedGemmWS.prefetch_epi_in``), so that the epilogue, which the cooperative kernel
+    does not overlap with any MMA, reads H from L2 instead of DRAM; the other epilogues read no
+    input and ignore it. Same results bit for bit. To give the layer's GEMMs different configs,
+    pass a ``LayerGemms`` (one config per role) to ``fast.moe.fast_ops``.
     """
 
     kernel: str = "ws"
@@ -188,6 +199,7 @@ class GemmConfig:
     tma_store: bool = True
     cluster_m: int | None = None
     epi_subtile: int | None = None
+    epi_prefetch: bool = False
 
     def __post_init__(self) -> None:
         kernel, tile, stages = self.kernel, self.tile, self.stages
@@ -207,6 +219,7 @@ class GemmConfig:
             raise ValueError(f"cluster_m={self.cluster_m} needs a persistent kernel {PERSISTENT} (the teaching "
                              f"kernels run one CTA per tile, without clusters), got {kernel!r}")
         _check_epi_subtile(self.epi_subtile, kernel, tile, self.tma_store)
+        _check_epi_prefetch(self.epi_prefetch, kernel)
 
     @property
     def persistent(self) -> bool:
@@ -311,7 +324,7 @@ def _compiled(cfg: GemmConfig, variant: str, dtype: torch.dtype, out_dtype: torc
     return compiled(compile_grouped_gemm, variant, dtype, out_dtype, tile, cfg.stages,
                     kernel=cfg.kernel, transposed=transposed, epilogue=epilogue,
                     tma_store=cfg.tma_store, cluster_m=cluster_size(variant.startswith("varlen_k"), cfg),
-                    epi_subtile=cfg.epi_subtile)
+                    epi_subtile=cfg.epi_subtile, epi_prefetch=cfg.epi_prefetch)
 
 
 def cluster_size(varlen_k: bool, config: GemmConfig | None = None) -> int:
@@ -415,7 +428,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, tile: tuple = TILE,
                          stages: int | None = None, keep_ptx: bool = False, kernel: str = "ws",
                          transposed: bool = False, epilogue: str = "store", tma_store: bool = True,
-                         cluster_m: int = 1, epi_subtile: int | None = None, options: str = ""):
+                         cluster_m: int = 1, epi_subtile: int | None = None, epi_prefetch: bool = False,
+                         options: str = ""):
     """Compile one grouped-GEMM variant for sm_90a from fake tensors (no GPU needed).
 
     ``variant`` is one of "varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather". Sizes (rows,
@@ -435,6 +449,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     ``epi_subtile`` (kernel "ws", TMA store): the subtiled epilogue of the plain store and of the
     SwiGLU epilogue (``GemmConfig``); ignored by the dH epilogue and the transposed varlen-K store,
     which keep the whole-tile buffer.
+    ``epi_prefetch`` (persistent kernels): the L2 prefetch of the dH epilogue's input (``GemmConfig``).
     ``options``: more ``cute.compile`` options, e.g. "remarks{ptx}" for ptxas's register and spill
     report on stderr (the compile tests' spill check).
     """
@@ -482,6 +497,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     vec = lambda: make_fake_compact_tensor(cutlass.Int32, (sym(),), assumed_align=4)  # noqa: E731
     gidx, offs, toffs = vec(), vec(), vec()
     _check_epi_subtile(epi_subtile, kernel, tile, tma_store)
+    _check_epi_prefetch(epi_prefetch, kernel)
     cls = {"v1": GroupedGemmV1, "sm90": GroupedGemmSm90, "ws": GroupedGemmWS, "pingpong": GroupedGemmWS}[kernel]
     cls = {"swiglu": SwiGLUEpilogue, "dswiglu": DSwiGLUEpilogue}.get(epilogue, cls)
     if kernel in PERSISTENT:
@@ -510,6 +526,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
         steps = {"ping_pong": kernel == "pingpong", "tma_store": tma_store, "cluster_m": cluster_m}
         if epi_subtile is not None:
             steps["epi_subtile"] = epi_subtile
+        if epi_prefetch:
+            steps["epi_prefetch"] = True
     kernel_obj = cls(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2], stages=stages,
                      **layout, **steps)
     opts = compile_options(keep_ptx, options)
