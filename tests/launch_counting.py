@@ -97,6 +97,7 @@ LAYER_PHASE_ORDER = ["router", "experts forward", "experts backward", "router ba
 # Kernels each compiled call runs ("module.compile function" -> kernels), for the report.
 CUTE_KERNELS = {"topk.compile_kernel": 1, "routing.compile_metadata_kernel": None,
                 "routing.compile_token_rounding_kernels": 2, "routing.compile_token_rounding_triples_kernels": 5,
+                "routing.compile_scores_backward_kernel": 1,
                 "grouped_gemm.compile_grouped_gemm": 1, "moe_kernels.compile_kernel": 1}
 
 
@@ -222,14 +223,21 @@ def _rounding_delta(f: int, u: float, mode: str, tile_m: int, T: int) -> int:
 
 
 def _triples_standin(variant, scores_bits, experts, keys, keep, counts, uniform, mode, tile_m, tile_pairs, tile_empty,
-                     token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4, tokens_per_tile):
+                     token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4, tokens_per_tile, tc_score_bits,
+                     pair_score_bits):
     """The selection (as above), then ``PaddedTriplesKernel`` step by step, lane by lane: each tile
     streams its bytes of the flat keep mask in 16-byte words (``WORDS_IN_FLIGHT`` per lane per step,
     straddling words masked to the tile); the count's first-kept-byte rule with the warp max-scan,
     the one-warp scan and counts, the writes at the lanes' prefix sums, the padding's grid-stride
-    fill. Writes only what the kernels write, into poisoned buffers."""
+    fill. Writes only what the kernels write, into poisoned buffers. The keep bytes name the picks'
+    slots (1 + j) and the added pairs (``ADDED_BYTE``), and each kept pair's weight is read where its
+    byte says: w[t, j] or p[t, e]."""
     _token_rounding_standin((), scores_bits, experts, keys, keep, counts, uniform, mode, tile_m)
-    for out in (tile_pairs, tile_empty, token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4):
+    slots = torch.zeros_like(keep, dtype=torch.int32).scatter_(
+        1, experts.long(), torch.arange(1, experts.shape[1] + 1, dtype=torch.int32).expand_as(experts).contiguous())
+    keep.copy_(torch.where(keep.bool(), torch.where(slots > 0, slots, fast.ADDED_BYTE), 0).to(torch.uint8))
+    for out in (tile_pairs, tile_empty, token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4,
+                pair_score_bits):
         out.fill_(POISON if out.dtype != torch.uint8 else 255)
     mode_name = {code: name for name, code in fast.ROUNDING_CODES.items()}[mode]
     T, E = keep.shape
@@ -283,7 +291,8 @@ def _triples_standin(variant, scores_bits, experts, keys, keep, counts, uniform,
     counts4.copy_(torch.tensor([kept, sum(-d for d in deltas if d < 0), sum(d for d in deltas if d > 0), empty]))
     outs = {name: out.tolist() for name, out in
             (("token", token_idx), ("expert", expert_idx), ("index", pair_index), ("is_pair", is_pair),
-             ("offsets", token_offsets))}
+             ("offsets", token_offsets), ("score", pair_score_bits))}
+    p_bits, w_bits = scores_bits.reshape(-1).tolist(), tc_score_bits.tolist()
     outs["offsets"][T] = kept
     for tile in range(num_tiles):  # 3. write
         _, lo, hi = tile_bytes(tile)
@@ -298,13 +307,30 @@ def _triples_standin(variant, scores_bits, experts, keys, keep, counts, uniform,
                     if kept_bits >> j & 1:
                         outs["token"][pos], outs["expert"][pos] = t, e
                         outs["index"][pos], outs["is_pair"][pos] = start + j, 1
+                        byte = flat[start + j]  # where the weight is: p at an added pair, else w[t, slot]
+                        outs["score"][pos] = p_bits[start + j] if byte == fast.ADDED_BYTE else w_bits[t][byte - 1]
                         pos += 1
             running = pos
     for pos in range(kept, token_idx.numel()):  # the padding (grid-stride)
         outs["token"][pos], outs["expert"][pos], outs["index"][pos], outs["is_pair"][pos] = T, E, 0, 0
+        outs["score"][pos] = 0
     for name, out in (("token", token_idx), ("expert", expert_idx), ("index", pair_index), ("is_pair", is_pair),
-                      ("offsets", token_offsets)):
+                      ("offsets", token_offsets), ("score", pair_score_bits)):
         out.copy_(torch.tensor(outs[name], dtype=out.dtype))
+
+
+def _scores_backward_standin(variant, grad, expert_idx, token_offsets, probs, tc_experts, tc_scores, out):
+    """``ScoresBackwardKernel``: each token's pairs (``token_offsets``) put into the dense (T, E)
+    gradient of the weights, then the torch backward's formulas on it (the same arithmetic as the
+    reference's autograd: the kernel's sums may differ in the last bits, checked on the GPU)."""
+    (separate_picks,) = variant
+    T, E = probs.shape
+    P = int(token_offsets[T])
+    tokens = torch.repeat_interleave(torch.arange(T), (token_offsets[1:] - token_offsets[:-1]).long())  # (P,)
+    g = torch.zeros(T, E, dtype=torch.float32)
+    g[tokens, expert_idx[:P].long()] = grad[:P]
+    out.copy_(fast._scores_backward_dense(g, probs, tc_experts.long(), tc_scores,
+                                          "softmax_topk" if separate_picks else "topk_softmax", False, torch.float32))
 
 
 # The experts' kernels (fast.grouped_gemm, fast.moe_kernels): fp32 accumulation, one rounding to
@@ -386,6 +412,7 @@ def _moe_kernel_standin(variant, *args):
 STANDINS = {"topk.compile_kernel": _topk_standin, "routing.compile_metadata_kernel": _metadata_standin,
             "routing.compile_token_rounding_kernels": _token_rounding_standin,
             "routing.compile_token_rounding_triples_kernels": _triples_standin,
+            "routing.compile_scores_backward_kernel": _scores_backward_standin,
             "grouped_gemm.compile_grouped_gemm": _grouped_gemm_standin,
             "moe_kernels.compile_kernel": _moe_kernel_standin}
 
@@ -432,6 +459,7 @@ def counting_launches(monkeypatch, phases: dict = ROUTER_PHASES, order: list = R
         monkeypatch.setattr(module, "launch", fake_launch)
     monkeypatch.setattr(gg, "_grid_size", lambda *args: 1)  # the persistent GEMM's grid: no SM count on the CPU
     monkeypatch.setattr(_checks, "check_cuda", lambda name, t: None)  # CPU tensors stand in for CUDA ones
+    monkeypatch.setattr(fast, "_kernel_device", lambda t: True)  # (the same for the scores' backward kernel)
     private_warning_registry(monkeypatch)
     with mode:
         yield launches
