@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import struct
 import sys
 from dataclasses import dataclass, field
 
@@ -320,17 +321,55 @@ def _triples_standin(variant, scores_bits, experts, keys, keep, counts, uniform,
 
 
 def _scores_backward_standin(variant, grad, expert_idx, token_offsets, probs, tc_experts, tc_scores, out):
-    """``ScoresBackwardKernel``: each token's pairs (``token_offsets``) put into the dense (T, E)
-    gradient of the weights, then the torch backward's formulas on it (the same arithmetic as the
-    reference's autograd: the kernel's sums may differ in the last bits, checked on the GPU)."""
+    """``ScoresBackwardKernel`` step by step, lane by lane, in float32: per token t a warp walks its
+    pairs 32 at a time; each pick j (lane j) finds the pair holding its expert (the lowest such lane,
+    as the ballot does) and takes its gradient; the other pairs add g * p to their lane's partial
+    sum; the two butterfly sums (offsets 16, 8, 4, 2, 1); the row p * (0 - dot_p), then the pairs'
+    p * (g - dot_p) and the picks' p * (0 - dot_p) + w * (g - dot_w). (The GPU may contract a
+    multiply-add into one rounding; the tests compare both against float64 with a tolerance.)"""
     (separate_picks,) = variant
+
+    def f32(x: float) -> float:  # round to float32 (each op: the exact double result, rounded once)
+        return struct.unpack("f", struct.pack("f", x))[0]
+
     T, E = probs.shape
-    P = int(token_offsets[T])
-    tokens = torch.repeat_interleave(torch.arange(T), (token_offsets[1:] - token_offsets[:-1]).long())  # (P,)
-    g = torch.zeros(T, E, dtype=torch.float32)
-    g[tokens, expert_idx[:P].long()] = grad[:P]
-    out.copy_(fast._scores_backward_dense(g, probs, tc_experts.long(), tc_scores,
-                                          "softmax_topk" if separate_picks else "topk_softmax", False, torch.float32))
+    p_all, grads, experts = probs.tolist(), grad.tolist(), expert_idx.tolist()
+    offsets, picks_all, w_all = token_offsets.tolist(), tc_experts.tolist(), tc_scores.tolist()
+    K = len(picks_all[0]) if separate_picks and T else 0
+
+    def warp_sum(lanes):  # the butterfly: every lane ends with the same float32 sum
+        x = list(lanes) + [0.0] * (32 - len(lanes))
+        for offset in (16, 8, 4, 2, 1):
+            x = [f32(x[lane] + x[lane ^ offset]) for lane in range(32)]
+        return x[0]
+
+    rows = []
+    for t in range(T):
+        lo, hi = offsets[t], offsets[t + 1]
+        p = p_all[t]
+        picks, w = picks_all[t][:K], w_all[t][:K]
+        g_pick = [0.0] * K
+        partial = [0.0] * 32
+        non_picks = []  # (expert, gradient) of the pairs that are p's
+        for base in range(lo, hi, 32):
+            chunk = [(experts[i], grads[i]) for i in range(base, min(base + 32, hi))]
+            for j, e_j in enumerate(picks):
+                holders = [lane for lane, (e, _) in enumerate(chunk) if e == e_j]
+                if holders:
+                    g_pick[j] = chunk[holders[0]][1]
+            for lane, (e, g) in enumerate(chunk):
+                if e not in picks:
+                    partial[lane] = f32(partial[lane] + f32(g * p[e]))
+                    non_picks.append((e, g))
+        dot_p = warp_sum(partial)
+        dot_w = warp_sum([f32(g_pick[j] * w[j]) for j in range(K)])
+        row = [f32(v * f32(0.0 - dot_p)) for v in p]
+        for e, g in non_picks:
+            row[e] = f32(p[e] * f32(g - dot_p))
+        for j, e in enumerate(picks):
+            row[e] = f32(f32(p[e] * f32(0.0 - dot_p)) + f32(w[j] * f32(g_pick[j] - dot_w)))
+        rows.append(row)
+    out.copy_(torch.tensor(rows, dtype=torch.float32).view(T, E))
 
 
 # The experts' kernels (fast.grouped_gemm, fast.moe_kernels): fp32 accumulation, one rounding to

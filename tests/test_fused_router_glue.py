@@ -186,7 +186,7 @@ def test_the_scores_backward_kernel_is_as_close_to_float64_as_the_reference(monk
     """``ScoresBackwardKernel`` (the weights' backward of both glues, where it fits): the logits'
     gradient against the float64 oracle at the same pairs, at most twice as far as the reference's
     own (torch's softmax backwards on the reference's graph), entry-wise at worst and in norm."""
-    from test_router_launches import _largest, _oracle_logits_grad
+    from test_router_launches import _oracle_logits_grad, assert_within_twice_the_references_error
 
     calls = []
     real = fast._scores_backward_kernel
@@ -206,10 +206,7 @@ def test_the_scores_backward_kernel_is_as_close_to_float64_as_the_reference(monk
     assert torch.equal(want.scores.view(torch.int32), r.scores.view(torch.int32)), "not the same routing"
     (want.scores * gout).sum().backward()
     exact = _oracle_logits_grad(logits.detach(), want, K, scoring, normalize, gout)
-    err_got, err_want = (r.logits.grad.double() - exact).abs(), (logits.grad.double() - exact).abs()
-    slack = 8 * torch.finfo(torch.float32).eps * _largest(exact.abs())
-    assert _largest(err_got) <= 2 * _largest(err_want) + slack, (_largest(err_got), _largest(err_want))
-    assert float(err_got.norm()) <= 2 * float(err_want.norm()) + slack
+    assert_within_twice_the_references_error(r.logits.grad, logits.grad, exact)
 
 
 @pytest.mark.compile
