@@ -245,7 +245,7 @@ def route_layer(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_
 
     ``fused_glue`` (token rounding only; default True): the padded triples, the rounding counts, the
     token offsets and the padded metadata's initialization run inside the CuTe kernels
-    (``fast.routing.token_rounding(fused_glue=True)``, ``build_metadata(fused_glue=True)``), 15 launches;
+    (``fast.routing.token_rounding(fused_glue=True)``, ``build_metadata(fused_glue=True)``), 10 launches;
     ``False`` runs that glue as torch ops between the CuTe calls (34 launches, the readable variant,
     see ``fast.routing``'s docstring); the same routing, output and gradients bit for bit."""
     from sonic_learn.fast import routing as fast_routing
