@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU checks that land branch verify11 (session 11): its kernels have only compiled. In priority
+# order, each step with its own time limit, every log and result written under $OUT (or $GS), so a
+# call cut off at its limit still returns what finished. One device call holds ~600 s: run it as
+#   STEPS="tests planted pf_ab" bash benchmarks/gpu_verify_branch.sh     (first call)
+#   STEPS="tr layer_ab" bash benchmarks/gpu_verify_branch.sh              (second call)
+# after staging CuTe-DSL (../shared/gpu/pack; /tmp/gpu-wheels/env.sh).
+#   tests    the new GPU tests: the dH kernel with and without epi_prefetch (bit for bit), the fused
+#            router glue (pair weights from the write kernel; ScoresBackwardKernel vs float64),
+#            token rounding through the layer
+#   planted  ScoresBackwardKernel with dot_p dropped (a copy of the tree in gpu_planted/): the
+#            float64 test must fail
+#   pf_ab    the dH GEMM under each routing of dh_layout.py, default vs epi_prefetch (E = 32 and 7B)
+#   tr       the token-rounding benchmark (layer, experts, router share) on this tree, then on the
+#            previous tree in gpu_before/ (--layer-only) in the same call: the same-run A/B
+#   layer_ab the 7B layer with the dH GEMM on epi_prefetch vs the default (benchmarks/moe.py --gemm)
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+GS=${OUT:-${GS:-/tmp/gs}}; mkdir -p "$GS/new" "$GS/old" "$GS/dh_e32" "$GS/dh_7b" "$GS/layer_ab"
+source /tmp/gpu-wheels/env.sh
+export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=gpu NCCL_NVLS_ENABLE=0
+BASE=$PYTHONPATH
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$GS/device.txt"
+python3 -c "import torch, cutlass; print('torch', torch.__version__, 'cutlass-dsl', cutlass.__version__)" | tee -a "$GS/device.txt"
+step() { local name=$1 limit=$2; shift 2
+  echo "== $name: start $(date +%T) (limit ${limit}s)"; local t0=$SECONDS
+  timeout "$limit" "$@" > "$GS/$name.log" 2>&1
+  echo "== $name: exit $? after $((SECONDS - t0))s"; tail -3 "$GS/$name.log"; }
+NEW="env PYTHONPATH=$PWD:$BASE"
+PF="ws:128x256x64:auto:pf,pingpong:128x128x64:auto:c2,pingpong:128x128x64:auto:c2:pf"
+for s in ${STEPS:-tests planted pf_ab tr layer_ab}; do case $s in
+tests) step tests 300 $NEW python3 -m pytest -v -rfE -p no:cacheprovider -m gpu tests/test_fused_router_glue.py \
+    "tests/test_fast_grouped_gemm.py::test_epi_prefetch_changes_no_bit_of_the_dh_kernel" \
+    tests/test_fast_moe.py -k "token_rounding or epi_prefetch or fused_glue or scores_backward" ;;
+planted) [ -d gpu_planted ] && step planted 150 bash -c "cd gpu_planted && grep -q PLANTED sonic_learn/fast/routing.py \
+    && env PYTHONPATH=$PWD/gpu_planted:$BASE python3 -m pytest -q -rfE -p no:cacheprovider -m gpu \
+    ../tests/test_fused_router_glue.py -k 'scores_backward_kernel and 24576'" ;;
+pf_ab) step dh_e32 200 $NEW python3 benchmarks/dh_layout.py --out "$GS/dh_e32" --dh-configs "$PF"
+    step dh_7b 200 $NEW python3 benchmarks/dh_layout.py --out "$GS/dh_7b" --shape 24576,1536,256,128,8 --shifts 64 \
+      --dh-configs "$PF" ;;
+tr) step tr_new 240 $NEW python3 benchmarks/token_rounding.py --out "$GS/new" --reps 6 --big-reps 3 --breakdown
+    [ -d gpu_before ] && step tr_old 150 bash -c "cd gpu_before && env PYTHONPATH=$PWD/gpu_before:$BASE \
+      python3 benchmarks/token_rounding.py --out $GS/old --reps 6 --big-reps 3 --layer-only" ;;
+layer_ab) step layer_ab 300 $NEW python3 benchmarks/moe.py --configs 7b --no-naive --no-breakdown --rows reduced \
+    --gemm "ws:128x256x64:auto,dh=ws:128x256x64:auto:pf,dh=pingpong:128x128x64:auto:c2:pf,ws:128x256x64:auto" \
+    --out "$GS/layer_ab" ;;
+esac; done
+echo "== all done $(date +%T)"
