@@ -479,6 +479,20 @@ def test_epi_prefetch_adds_one_l2_prefetch_to_the_dh_kernel(kernel, tile, cluste
         assert ptx(variant, transposed, epilogue, epi_prefetch=True) == ptx(variant, transposed, epilogue)
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_epi_prefetch_reaches_the_compiler(monkeypatch, prefetch):
+    """The config's flag is what the kernel is compiled with (the GPU test's bit-equality would pass
+    trivially if the flag were dropped on the way)."""
+    from sonic_learn.fast import grouped_gemm as gg
+
+    seen = []
+    monkeypatch.setattr(gg, "compile_grouped_gemm", lambda *args, **kwargs: seen.append(kwargs) or object())
+    for kernel in ("ws", "pingpong"):
+        cfg = gg.GemmConfig(kernel=kernel, epi_prefetch=prefetch)
+        gg._compiled(cfg, "varlen_m_gather", torch.bfloat16, torch.bfloat16, True, "dswiglu")
+        assert seen[-1]["epi_prefetch"] is prefetch and seen[-1]["kernel"] == kernel
+
+
 def test_epi_prefetch_config_checks():
     from sonic_learn.fast import grouped_gemm as fast
 
