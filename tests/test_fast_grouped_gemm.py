@@ -345,7 +345,7 @@ def test_dswiglu_epilogue_matches_unfused(kernel_config, problem):
 @example(problem=([300, 5], 50, 1536, 520, "bf16", None, 1))  # K = 1536: the prefetch well before the end
 @example(problem=([0, 7, 0], 20, 64, 8, "fp16", None, 2))  # n = 8: 32 bytes of H per row, one k-tile
 def test_epi_prefetch_changes_no_bit_of_the_dh_kernel(base, problem):
-    """GemmConfig(epi_prefetch=True) only asks L2 to fetch H early: dH, A' and the dS partials are
+    """GemmConfig(epi_prefetch=N) only asks L2 to fetch H early: dH, A' and the dS partials are
     the kernel's without it, bit for bit (and the pipeline, whose producer loop issues it, still
     completes on ragged experts, short k-loops and many tiles per CTA)."""
     from sonic_learn.fast import grouped_gemm as gg
@@ -360,7 +360,7 @@ def test_epi_prefetch_changes_no_bit_of_the_dh_kernel(base, problem):
     h = (2 * torch.randn(M, 2 * n, generator=gen)).to("cuda", dtype)
     row_scores = torch.rand(M, generator=gen).to("cuda")
     outs = []
-    for prefetch in (False, True):
+    for prefetch in (0, 8):
         poison((M, 2 * n), dtype)
         poison((M, n), dtype)
         cfg = gg.GemmConfig(**base, epi_prefetch=prefetch)
