@@ -125,7 +125,7 @@ done
 # time (benchmarks/dh_layout.py; rows 1-7 ran on an H100 in session 10, the shifted rows 8 not yet), on
 # the default cooperative kernel and on the ping-pong kernel (does overlapping one warpgroup's epilogue
 # with the other's MMAs remove the slowdown of uniform full tiles?), and both with H prefetched into L2
-# during the mainloop (":pf", GemmConfig.epi_prefetch: does an epilogue that finds H in L2?).
+# during the mainloop (":pfN", GemmConfig.epi_prefetch = N k-tiles of lead, 4, 8 and 16: does an epilogue that finds H in L2?).
 step dh_layout 300 python3 benchmarks/dh_layout.py --out "$GS/results" \
-  --dh-configs pingpong:128x128x64:auto,pingpong:128x128x64:auto:c2,ws:128x256x64:auto:pf,pingpong:128x128x64:auto:c2:pf
+  --dh-configs pingpong:128x128x64:auto,pingpong:128x128x64:auto:c2,ws:128x256x64:auto:pf4,ws:128x256x64:auto:pf,ws:128x256x64:auto:pf16,pingpong:128x128x64:auto:c2:pf
 echo "== all done $(date +%T)"

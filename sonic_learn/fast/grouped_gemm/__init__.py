@@ -152,11 +152,16 @@ def _check_epi_subtile(epi_subtile: object, kernel: str, tile: tuple, tma_store:
                          f"(an even number of subtiles), got tile {tile}")
 
 
+EPI_PREFETCH_LEAD = 8  # GemmConfig(epi_prefetch=...)'s usual lead, in k-tiles (the config syntax's bare "pf")
+
+
 def _check_epi_prefetch(epi_prefetch: object, kernel: str) -> None:
-    _checks.check_bool("epi_prefetch", epi_prefetch)
+    if isinstance(epi_prefetch, bool) or not isinstance(epi_prefetch, int) or epi_prefetch < 0:
+        raise TypeError(f"epi_prefetch must be an int >= 0 (k-tiles of lead of the L2 prefetch of the dH "
+                        f"epilogue's input; 0 = off, e.g. {EPI_PREFETCH_LEAD}), got {epi_prefetch!r}")
     if epi_prefetch and kernel not in PERSISTENT:
-        raise ValueError(f"epi_prefetch=True needs a persistent kernel {PERSISTENT} (its producer warpgroup issues "
-                         f"the prefetch), got kernel={kernel!r}")
+        raise ValueError(f"epi_prefetch={epi_prefetch} needs a persistent kernel {PERSISTENT} (its producer "
+                         f"warpgroup issues the prefetch), got kernel={kernel!r}")
 
 
 @dataclass(frozen=True)
@@ -184,11 +189,12 @@ class GemmConfig:
     The fused SwiGLU epilogue honours it too: each subtile of H and its half-width subtile of
     A = SwiGLU(H) leave by TMA bulk stores (same values bit for bit). The dH epilogue and the
     transposed varlen-K store ignore it and keep their whole-tile buffer, so one config serves
-    every GEMM of the MoE layer. ``epi_prefetch`` (persistent kernels; opt-in until measured): the
-    dH epilogue's input H is prefetched into L2 by the producer warpgroup while each tile's mainloop
-    runs (``GroupedGemmWS.prefetch_epi_in``), so that the epilogue, which the cooperative kernel
-    does not overlap with any MMA, reads H from L2 instead of DRAM; the other epilogues read no
-    input and ignore it. Same results bit for bit. To give the layer's GEMMs different configs,
+    every GEMM of the MoE layer. ``epi_prefetch`` = N > 0 (persistent kernels; opt-in until
+    measured; 0 = off): the dH epilogue's input H is prefetched into L2 by the producer warpgroup
+    while each tile's mainloop runs, N k-tiles before the producer loads the tile's last one
+    (``GroupedGemmWS.prefetch_epi_in``; ``EPI_PREFETCH_LEAD`` = 8 is the usual N), so that the
+    epilogue, which the cooperative kernel does not overlap with any MMA, reads H from L2 instead of
+    DRAM; the other epilogues read no input and ignore it. Same results bit for bit. To give the layer's GEMMs different configs,
     pass a ``LayerGemms`` (one config per role) to ``fast.moe.fast_ops``.
     """
 
@@ -199,7 +205,7 @@ class GemmConfig:
     tma_store: bool = True
     cluster_m: int | None = None
     epi_subtile: int | None = None
-    epi_prefetch: bool = False
+    epi_prefetch: int = 0
 
     def __post_init__(self) -> None:
         kernel, tile, stages = self.kernel, self.tile, self.stages
@@ -428,7 +434,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, tile: tuple = TILE,
                          stages: int | None = None, keep_ptx: bool = False, kernel: str = "ws",
                          transposed: bool = False, epilogue: str = "store", tma_store: bool = True,
-                         cluster_m: int = 1, epi_subtile: int | None = None, epi_prefetch: bool = False,
+                         cluster_m: int = 1, epi_subtile: int | None = None, epi_prefetch: int = 0,
                          options: str = ""):
     """Compile one grouped-GEMM variant for sm_90a from fake tensors (no GPU needed).
 
@@ -449,7 +455,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     ``epi_subtile`` (kernel "ws", TMA store): the subtiled epilogue of the plain store and of the
     SwiGLU epilogue (``GemmConfig``); ignored by the dH epilogue and the transposed varlen-K store,
     which keep the whole-tile buffer.
-    ``epi_prefetch`` (persistent kernels): the L2 prefetch of the dH epilogue's input (``GemmConfig``).
+    ``epi_prefetch`` (persistent kernels): the L2 prefetch of the dH epilogue's input, N k-tiles of
+    lead (0 = off; ``GemmConfig``).
     ``options``: more ``cute.compile`` options, e.g. "remarks{ptx}" for ptxas's register and spill
     report on stderr (the compile tests' spill check).
     """
@@ -527,7 +534,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
         if epi_subtile is not None:
             steps["epi_subtile"] = epi_subtile
         if epi_prefetch:
-            steps["epi_prefetch"] = True
+            steps["epi_prefetch"] = epi_prefetch
     kernel_obj = cls(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2], stages=stages,
                      **layout, **steps)
     opts = compile_options(keep_ptx, options)

@@ -54,10 +54,6 @@ SMEM_BYTES = 227 * 1024  # shared memory one CTA may use on Hopper
 ORDER_BARRIER = 3  # named barriers 3 and 4: the ping-pong mainloop turns (1 and 2: the epilogues)
 PRODUCER_REGS = 56  # setmaxnreg budgets: 56 * 128 + 224 * 256 <= 65536 registers per SM
 CONSUMER_REGS = 224
-# ``epi_prefetch``: the producer asks for a tile's epilogue input this many k-tiles before it has
-# loaded the tile's last k-tile. The producer runs up to ``stages`` k-tiles ahead of the MMA warps,
-# so the input has about LEAD + stages k-tiles of WGMMAs to arrive in L2 before the epilogue reads it.
-EPI_PREFETCH_LEAD = 8
 
 
 class GroupedGemmWS(GroupedGemmSm90):
@@ -105,7 +101,7 @@ class GroupedGemmWS(GroupedGemmSm90):
     EPI_IN_COLS = 0
 
     def __init__(self, *, ping_pong: bool = False, tma_store: bool = True, cluster_m: int = 1,
-                 epi_subtile: int | None = None, epi_prefetch: bool = False, **kernel):
+                 epi_subtile: int | None = None, epi_prefetch: int = 0, **kernel):
         """``kernel``: as ``GroupedGemmV1``. ``ping_pong`` (step 4 of the ladder): each MMA
         warpgroup owns whole tiles -- the CTA's tiles alternate between them -- so one warpgroup's
         epilogue runs while the other one's mainloop keeps the tensor cores busy; the producer is
@@ -120,9 +116,11 @@ class GroupedGemmWS(GroupedGemmSm90):
         ``epi_subtile``: columns per subtile of the subtiled TMA-store epilogue (cooperative kernel
         with ``tma_store``; the plain store and the SwiGLU epilogue, ``SUBTILE_OUTPUTS``; ignored by
         the dH epilogue and the transposed varlen-K store).
-        ``epi_prefetch``: the producer prefetches each tile's part of the epilogue's input into L2
-        while the tile's mainloop runs (``prefetch_epi_in``; only an epilogue that reads an input,
-        ``EPI_IN_COLS`` > 0, i.e. the dH epilogue; ignored by the others)."""
+        ``epi_prefetch`` = N > 0: the producer prefetches each tile's part of the epilogue's input into
+        L2 when it reaches the tile's k-tile ``k_tiles - N`` (``prefetch_epi_in``; only an epilogue
+        that reads an input, ``EPI_IN_COLS`` > 0, i.e. the dH epilogue; ignored by the others). The
+        producer runs up to ``stages`` k-tiles ahead of the MMA warps, so the input has about
+        N + stages k-tiles of WGMMAs to arrive in L2 before the epilogue reads it."""
         super().__init__(**kernel)
         assert cluster_m in (1, 2)
         self.pingpong = ping_pong
@@ -171,7 +169,7 @@ class GroupedGemmWS(GroupedGemmSm90):
     def prefetches_epi_in(self) -> bool:
         """Does the producer prefetch the epilogue's input (``epi_prefetch`` and an epilogue that
         reads one)?"""
-        return self.epi_prefetch and self.EPI_IN_COLS > 0 and not self.varlen_k
+        return self.epi_prefetch > 0 and self.EPI_IN_COLS > 0 and not self.varlen_k
 
     def wg_rows(self) -> int:
         """Output rows one MMA warpgroup owns (and stages in its epilogue buffer)."""
@@ -479,7 +477,7 @@ class GroupedGemmWS(GroupedGemmSm90):
             k_tiles = (k_len + bk - 1) // bk
             for kt in cutlass.range(k_tiles, unroll=1):
                 if const_expr(self.prefetches_epi_in()):
-                    if kt == cutlass.max(k_tiles - EPI_PREFETCH_LEAD, 0):
+                    if kt == cutlass.max(k_tiles - self.epi_prefetch, 0):
                         self.prefetch_epi_in(epi_in, row0 + m_start, count - m_start, n_start, tidx)
                 if const_expr(self.varlen_k):
                     k_rows.store(k_rows_next.load())
