@@ -481,8 +481,9 @@ def test_epi_prefetch_adds_one_l2_prefetch_to_the_dh_kernel(kernel, tile, cluste
 
 @pytest.mark.parametrize("prefetch", [0, 4, 16])
 def test_epi_prefetch_reaches_the_compiler(monkeypatch, prefetch):
-    """The config's flag is what the kernel is compiled with (the GPU test's bit-equality would pass
-    trivially if the flag were dropped on the way)."""
+    """The config's lead is what the dH kernel is compiled with (the GPU test's bit-equality would
+    pass trivially if it were dropped on the way); the GEMMs without an epilogue input get 0, so one
+    config serves every role without compiling copies of the same kernel."""
     from sonic_learn.fast import grouped_gemm as gg
 
     seen = []
@@ -491,6 +492,8 @@ def test_epi_prefetch_reaches_the_compiler(monkeypatch, prefetch):
         cfg = gg.GemmConfig(kernel=kernel, epi_prefetch=prefetch)
         gg._compiled(cfg, "varlen_m_gather", torch.bfloat16, torch.bfloat16, True, "dswiglu")
         assert seen[-1]["epi_prefetch"] == prefetch and seen[-1]["kernel"] == kernel
+        gg._compiled(cfg, "varlen_m_gather", torch.bfloat16, torch.bfloat16, False, "swiglu")
+        assert seen[-1]["epi_prefetch"] == 0
 
 
 def test_epi_prefetch_config_checks():

@@ -330,7 +330,8 @@ def _compiled(cfg: GemmConfig, variant: str, dtype: torch.dtype, out_dtype: torc
     return compiled(compile_grouped_gemm, variant, dtype, out_dtype, tile, cfg.stages,
                     kernel=cfg.kernel, transposed=transposed, epilogue=epilogue,
                     tma_store=cfg.tma_store, cluster_m=cluster_size(variant.startswith("varlen_k"), cfg),
-                    epi_subtile=cfg.epi_subtile, epi_prefetch=cfg.epi_prefetch)
+                    epi_subtile=cfg.epi_subtile,
+                    epi_prefetch=cfg.epi_prefetch if epilogue == "dswiglu" else 0)  # (the only epilogue input)
 
 
 def cluster_size(varlen_k: bool, config: GemmConfig | None = None) -> int:

@@ -522,7 +522,7 @@ class GroupedGemmWS(GroupedGemmSm90):
         width = epi_in.shape[1]  # input columns per row
         first = n_start * self.EPI_IN_COLS
         span = cutlass.min(bn * self.EPI_IN_COLS, width - first)  # this tile's input columns
-        num_bytes = span * (self.out_dtype.width // 8) // 16 * 16
+        num_bytes = span * (epi_in.element_type.width // 8) // 16 * 16
         if num_bytes > 0:
             for r in cutlass.range(tidx, cutlass.min(bm, rows_left), PRODUCER_THREADS, unroll=1):
                 prefetch_l2(epi_in.iterator + cute.crd2idx((out_row0 + r, first), epi_in.layout), num_bytes)
