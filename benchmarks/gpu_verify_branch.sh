@@ -47,7 +47,7 @@ tr) step tr_new 240 $NEW python3 benchmarks/token_rounding.py --out "$GS/new" --
     [ -d gpu_before ] && step tr_old 150 bash -c "cd gpu_before && env PYTHONPATH=$PWD/gpu_before:$BASE \
       python3 benchmarks/token_rounding.py --out $GS/old --reps 6 --big-reps 3 --layer-only" ;;
 layer_ab) step layer_ab 300 $NEW python3 benchmarks/moe.py --configs 7b --no-naive --no-breakdown --rows reduced \
-    --gemm "ws:128x256x64:auto,dh=ws:128x256x64:auto:pf,dh=pingpong:128x128x64:auto:c2:pf,ws:128x256x64:auto:sub32,ws:128x256x64:auto" \
+    --gemm "ws:128x256x64:auto,dh=ws:128x256x64:auto:pf,dh=pingpong:128x128x64:auto:c2:pf,ws:128x256x64:auto:sub32,up=ws:128x256x64:auto" \
     --out "$GS/layer_ab"
     [ -d gpu_before ] && step layer_old 200 bash -c "cd gpu_before && env PYTHONPATH=$PWD/gpu_before:$BASE \
       python3 benchmarks/moe.py --configs 7b --no-naive --no-breakdown --rows reduced --gemm ws:128x256x64:auto \
