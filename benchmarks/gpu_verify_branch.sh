@@ -2,12 +2,13 @@
 # The GPU checks that land branch verify11 (session 11): its kernels have only compiled. In priority
 # order, each step with its own time limit, every log and result written under $OUT (or $GS), so a
 # call cut off at its limit still returns what finished. One device call holds ~600 s: run it as
-#   STEPS="tests planted pf_ab" bash benchmarks/gpu_verify_branch.sh     (first call)
-#   STEPS="tr layer_ab" bash benchmarks/gpu_verify_branch.sh              (second call)
+#   STEPS="tests planted" bash benchmarks/gpu_verify_branch.sh     (first call, ~8 min on an H100)
+#   STEPS="pf_ab tr" bash benchmarks/gpu_verify_branch.sh          (second call)
+#   STEPS="layer_ab" bash benchmarks/gpu_verify_branch.sh          (third call)
 # after staging CuTe-DSL (../shared/gpu/pack; /tmp/gpu-wheels/env.sh).
 #   tests    the new GPU tests: the dH kernel with and without epi_prefetch (bit for bit), the fused
-#            router glue (pair weights from the write kernel; ScoresBackwardKernel vs float64),
-#            token rounding through the layer, GatherSum's grouped loads (test_gather_sum_kernel)
+#            router glue (pair weights from the write kernel; ScoresBackwardKernel vs float64); and
+#            every layer and op test (GatherSum's grouped loads run in every layer), token rounding
 #   planted  ScoresBackwardKernel with dot_p dropped (a copy of the tree in gpu_planted/): the
 #            float64 test must fail
 #   pf_ab    the dH GEMM under each routing of dh_layout.py, default vs epi_prefetch with leads of 4, 8
@@ -34,9 +35,9 @@ NEW="env PYTHONPATH=$PWD:$BASE"
 PF="ws:128x256x64:auto:pf4,ws:128x256x64:auto:pf,ws:128x256x64:auto:pf16,pingpong:128x128x64:auto:c2"
 PF+=",pingpong:128x128x64:auto:c2:pf"
 for s in ${STEPS:-tests planted pf_ab tr layer_ab}; do case $s in
-tests) step tests 300 $NEW python3 -m pytest -v -rfE -p no:cacheprovider -m gpu tests/test_fused_router_glue.py \
+tests) step tests 420 $NEW python3 -m pytest -v -rfE -p no:cacheprovider -m gpu tests/test_fused_router_glue.py \
     "tests/test_fast_grouped_gemm.py::test_epi_prefetch_changes_no_bit_of_the_dh_kernel" \
-    tests/test_fast_moe.py -k "token_rounding or epi_prefetch or fused_glue or scores_backward or gather_sum" ;;
+    tests/test_fast_moe.py tests/test_fast_ops.py tests/test_token_rounding.py ;;
 planted) [ -d gpu_planted ] && step planted 150 bash -c "cd gpu_planted && grep -q PLANTED sonic_learn/fast/routing.py \
     && env PYTHONPATH=$PWD/gpu_planted:$BASE python3 -m pytest -q -rfE -p no:cacheprovider -m gpu \
     ../tests/test_fused_router_glue.py -k 'scores_backward_kernel and 24576'" ;;
