@@ -3,8 +3,7 @@
 # order, each step with its own time limit, every log and result written under $OUT (or $GS), so a
 # call cut off at its limit still returns what finished. One device call holds ~600 s: run it as
 #   STEPS="tests planted" bash benchmarks/gpu_verify_branch.sh     (first call, ~8 min on an H100)
-#   STEPS="pf_ab tr" bash benchmarks/gpu_verify_branch.sh          (second call)
-#   STEPS="layer_ab" bash benchmarks/gpu_verify_branch.sh          (third call)
+#   STEPS="pf_ab" ..., then STEPS="tr" ..., then STEPS="layer_ab" ...  (one call each)
 # after staging CuTe-DSL (../shared/gpu/pack; /tmp/gpu-wheels/env.sh).
 #   tests    the new GPU tests: the dH kernel with and without epi_prefetch (bit for bit), the fused
 #            router glue (pair weights from the write kernel; ScoresBackwardKernel vs float64); and
@@ -13,8 +12,10 @@
 #            float64 test must fail
 #   pf_ab    the dH GEMM under each routing of dh_layout.py, default vs epi_prefetch with leads of 4, 8
 #            and 16 k-tiles, and upstream's ping-pong-in-clusters dH with and without (E = 32 and 7B)
-#   tr       the token-rounding benchmark (layer, experts, router share) on this tree, then on the
-#            previous tree in gpu_before/ (--layer-only) in the same call: the same-run A/B
+#   tr       the token-rounding benchmark (layer, experts, router share) on this tree, its layer also
+#            on the dH epilogue prefetch and on the subtiled TMA-store epilogues (--gemm: the
+#            token-rounding / top-k ratio under each), then on the previous tree in gpu_before/
+#            (--layer-only) in the same call: the same-run A/B
 #   layer_ab the 7B layer with the dH GEMM on epi_prefetch, and with the subtiled TMA-store epilogues
 #            (sub32: 5.5% faster 7B forward in session 8, but that run's 30B / E = 256 rows were too
 #            noisy to judge), vs the default (benchmarks/moe.py --gemm), then the same layer rows on
@@ -44,7 +45,8 @@ planted) [ -d gpu_planted ] && step planted 150 bash -c "cd gpu_planted && grep 
 pf_ab) step dh_e32 200 $NEW python3 benchmarks/dh_layout.py --out "$GS/dh_e32" --dh-configs "$PF"
     step dh_7b 200 $NEW python3 benchmarks/dh_layout.py --out "$GS/dh_7b" --shape 24576,1536,256,128,8 --shifts 64 \
       --dh-configs "$PF" ;;
-tr) step tr_new 240 $NEW python3 benchmarks/token_rounding.py --out "$GS/new" --reps 6 --big-reps 3 --breakdown
+tr) step tr_new 330 $NEW python3 benchmarks/token_rounding.py --out "$GS/new" --reps 6 --big-reps 3 --breakdown \
+      --gemm "dh=ws:128x256x64:auto:pf,ws:128x256x64:auto:sub32"
     [ -d gpu_before ] && step tr_old 150 bash -c "cd gpu_before && env PYTHONPATH=$PWD/gpu_before:$BASE \
       python3 benchmarks/token_rounding.py --out $GS/old --reps 6 --big-reps 3 --layer-only" ;;
 layer_ab) step layer_ab 300 $NEW python3 benchmarks/moe.py --configs 7b --no-naive --no-breakdown --rows reduced \
