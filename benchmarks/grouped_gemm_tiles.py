@@ -94,6 +94,22 @@ def parse_layer(entry: str):
         raise ValueError(f"--gemm entry {entry!r}: {exc}") from exc
 
 
+def parse_gemm_option(parser: argparse.ArgumentParser, text: str | None) -> dict:
+    """A ``--gemm`` option (benchmarks/moe.py, vs_upstream.py, token_rounding.py): comma-separated
+    entries in ``parse_layer``'s syntax, as {entry: GemmConfig or LayerGemms} in their order. Each
+    entry names a row, so an entry given twice, like a bad one, ends the script through
+    ``parser.error`` (naming it) before any GPU work."""
+    entries = [e.strip() for e in (text or "").split(",") if e.strip()]
+    twice = sorted({e for e in entries if entries.count(e) > 1})
+    if twice:
+        parser.error(f"--gemm: entries given twice: {twice} (rows are named by their entry: spell a repeat another "
+                     "way, e.g. the default everywhere as up=ws:128x256x64:auto)")
+    try:
+        return {entry: parse_layer(entry) for entry in entries}
+    except ValueError as exc:  # (it names the entry)
+        parser.error(str(exc))
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="7b-up,7b-down,30b-up,30b-down",

@@ -143,18 +143,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from sonic_learn.fast import grouped_gemm as gg
 
-    from grouped_gemm_tiles import parse_layer  # noqa: E402  (same folder)
+    from grouped_gemm_tiles import parse_gemm_option  # noqa: E402  (same folder)
 
     gemm = gg.DEFAULT_CONFIG
-    entries = args.gemm.split(",") if args.gemm else []
-    twice = sorted({e for e in entries if entries.count(e) > 1})
-    if twice:  # each row is named by its entry
-        p.error(f"--gemm: entries given twice: {twice} (rows are named by their entry: spell a repeat another "
-                "way, e.g. the default everywhere as up=ws:128x256x64:auto)")
-    try:  # a GemmConfig (every GEMM) or a LayerGemms (by role) per entry, checked before any GPU work
-        ab = {entry: parse_layer(entry) for entry in entries}
-    except ValueError as exc:  # (it names the entry)
-        p.error(str(exc))
+    ab = parse_gemm_option(p, args.gemm)  # {entry: a GemmConfig (every GEMM) or a LayerGemms (by role)}
     rows = set(args.rows.split(","))
     if rows - {"reduced", "unfused", "standard"}:
         p.error(f"--rows: choose from reduced, unfused, standard; got {args.rows}")

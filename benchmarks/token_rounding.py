@@ -62,6 +62,7 @@ from sonic_learn.reference import grouped_gemm as ref_gg
 from sonic_learn.reference import routing as ref_routing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from grouped_gemm_tiles import parse_gemm_option  # noqa: E402  (same folder)
 from moe import make_inputs  # noqa: E402  (same folder)
 from routing import same_metadata  # noqa: E402  (same folder)
 
@@ -245,7 +246,9 @@ def routings_of(x, router_w, K: int) -> tuple[dict, dict]:
 
 
 def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int, layer_only: bool = False,
-                breakdown: bool = False) -> dict:
+                breakdown: bool = False, gemm: dict | None = None) -> dict:
+    """One shape of Part 1. ``gemm``: {entry: GemmConfig or LayerGemms} (``--gemm``): the whole layer
+    of both routings is also timed on each, as the part ``layer[<entry>]``."""
     from sonic_learn.fast import moe as fast_moe
 
     name = f"T{T}_d{d}_n{n}_E{E}_K{K}"
@@ -294,6 +297,12 @@ def bench_shape(T: int, d: int, n: int, E: int, K: int, reps: int, layer_only: b
         t = time_fwd_and_fwd_bwd(lambda routing=routing: fast_moe.moe_forward(*leaves, K, routing=routing,
                                                                              tile_m=TILE_M), leaves, gout, reps)
         times["layer"][f"{routing}_fwd"], times["layer"][f"{routing}_fwd_bwd"] = t["fwd"], t["fwd_bwd"]
+        for entry, config in (gemm or {}).items():  # the same layer, its grouped GEMMs on other configs
+            ops = fast_moe.fast_ops(config)
+            t = time_fwd_and_fwd_bwd(lambda routing=routing, ops=ops: fast_moe.moe_forward(
+                *leaves, K, routing=routing, tile_m=TILE_M, ops=ops), leaves, gout, reps)
+            part = times.setdefault(f"layer[{entry}]", {})
+            part[f"{routing}_fwd"], part[f"{routing}_fwd_bwd"] = t["fwd"], t["fwd_bwd"]
         if routing == "token_rounding":  # the same layer with the router glue as torch ops (fused_glue=False)
             t = time_fwd_and_fwd_bwd(lambda: fast_moe.moe_forward(*leaves, K, routing=routing, tile_m=TILE_M,
                                                                   fused_glue=False), leaves, gout, reps)
@@ -476,7 +485,12 @@ def main(argv=None) -> int:
                    help="also record each shape's layer fwd+bwd kernel by kernel (torch profiler), per routing and glue")
     p.add_argument("--layer-only", action="store_true",
                    help="time only the whole layer per shape (skip the experts-alone and per-GEMM timings)")
+    p.add_argument("--gemm", default=None,
+                   help="comma-separated grouped-GEMM configs (grouped_gemm_tiles.py's parse_layer syntax, e.g. "
+                        "dh=ws:128x256x64:auto:pf or ws:128x256x64:auto:sub32): the whole layer of both routings "
+                        "is also timed on each, in the same process (the part layer[<entry>] of each shape)")
     args = p.parse_args(argv)
+    gemm = parse_gemm_option(p, args.gemm)  # checked before any GPU work
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -488,7 +502,7 @@ def main(argv=None) -> int:
         "benchmark": "token_rounding", "issue": 8, "environment": env,
         "settings": {"tile_m": TILE_M, "varlen_k_tile": VARLEN_K_TILE, "rounding_mode": "nearest",
                      "backward": "reduced_memory", "dtype": "bfloat16", "reps": args.reps, "big_reps": args.big_reps,
-                     "layer_only": args.layer_only, "breakdown": args.breakdown},
+                     "layer_only": args.layer_only, "breakdown": args.breakdown, "gemm": list(gemm)},
         "small_shape_check": small,
         "paper_h100": PAPER,
         "targets": {"router_fraction_of_7b_fwd_max": 0.05, "fwd_bwd_speedup_on_sparsest_min": 1.05},
@@ -503,7 +517,7 @@ def main(argv=None) -> int:
     for i in picks:
         T, d, n, E, K = SHAPES[i]
         record["shapes"].append(bench_shape(T, d, n, E, K, args.reps if d == 1536 else args.big_reps,
-                                            layer_only=args.layer_only, breakdown=args.breakdown))
+                                            layer_only=args.layer_only, breakdown=args.breakdown, gemm=gemm))
         bench.write_record(record, args.out, "token_rounding")  # partial results survive a time limit
         torch.cuda.empty_cache()
     if not args.no_router_fraction:

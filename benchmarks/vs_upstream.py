@@ -90,16 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--skip: choose from {IMPLS}, got {skip}")
     if args.reps < 1 or args.warmup < 1 or args.rounds < 1:
         p.error("--reps, --warmup and --rounds must be >= 1")
-    entries = [e.strip() for e in args.gemm.split(",") if e.strip()]
-    if len(set(entries)) != len(entries):
-        p.error(f"--gemm: an entry is given twice: {entries}")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from grouped_gemm_tiles import parse_layer  # noqa: E402  (same folder)
+    from grouped_gemm_tiles import parse_gemm_option  # noqa: E402  (same folder)
 
-    try:  # a GemmConfig or a LayerGemms per entry, checked before any GPU work
-        args.gemm_variants = {e: parse_layer(e) for e in entries}
-    except ValueError as exc:  # (it names the entry)
-        p.error(str(exc))
+    args.gemm_variants = parse_gemm_option(p, args.gemm)  # {entry: a GemmConfig or a LayerGemms}
     args.config_names, args.skip_impls = names, skip
     return args
 

@@ -134,16 +134,20 @@ def test_parse_layer_rejects_bad_entries(tiles, entry, message):
         tiles.parse_layer(entry)
 
 
+@pytest.mark.parametrize("script", ["moe.py", "token_rounding.py", "vs_upstream.py"])
 @pytest.mark.parametrize("gemm,message", [
     ("ws:128x256x64:auto,up/dx=pingpong:128x256x64:auto",
      "error: --gemm entry 'up/dx=pingpong:128x256x64:auto': config 'pingpong:128x256x64:auto': the ping-pong"),
     ("ws:128x256x64:auto,up=ws:128x256x64:auto,ws:128x256x64:auto",
      "error: --gemm: entries given twice: ['ws:128x256x64:auto']"),
     ("pingpong:128x192x64:auto", "error: --gemm entry 'pingpong:128x192x64:auto': LayerGemms.up:"),
+    ("dh=ws:128x256x64:auto:pf-1", "error: --gemm entry 'dh=ws:128x256x64:auto:pf-1': config"),
 ])
-def test_moe_benchmark_rejects_bad_gemm_entries_before_needing_a_gpu(gemm, message):
+def test_gemm_options_reject_bad_entries_before_needing_a_gpu(script, gemm, message):
+    """``--gemm`` of the layer benchmarks (grouped_gemm_tiles.parse_gemm_option): a bad or repeated
+    entry exits with status 2 naming it, before any GPU work."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "moe.py"), "--gemm", gemm], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--gemm", gemm], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr, done.stderr[-2000:]
