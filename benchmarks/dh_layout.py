@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     from sonic_learn.fast import grouped_gemm as gg
 
     configs = [c.strip() for c in args.dh_configs.split(",") if c.strip()]
+    twice = sorted({c for c in configs if configs.count(c) > 1})
+    if twice:  # each names a column of the rows: a repeat would be timed once and silently dropped
+        p.error(f"--dh-configs: configs given twice: {twice}")
     try:  # each a LayerGemms with that dH config, checked before any GPU work
         args.dh_configs = {c: gg.LayerGemms(dh=gg.GemmConfig(**parse(c))) for c in configs}
     except (ValueError, TypeError) as exc:

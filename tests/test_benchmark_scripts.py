@@ -199,6 +199,8 @@ def test_dh_layout_parses_its_options(probes):
     ("dh_layout", ["--reps", "0"], "--reps must be >= 1"),
     ("dh_layout", ["--dh-configs", "ws:128x256x64:auto:fast"],
      "--dh-configs: config 'ws:128x256x64:auto:fast': unknown flags"),
+    ("dh_layout", ["--dh-configs", "pingpong:128x128x64:auto,ws:128x256x64:auto,pingpong:128x128x64:auto"],
+     "--dh-configs: configs given twice: ['pingpong:128x128x64:auto']"),
 ])
 def test_probe_scripts_reject_bad_options(probes, script, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
