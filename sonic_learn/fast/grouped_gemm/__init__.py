@@ -189,12 +189,15 @@ class GemmConfig:
     The fused SwiGLU epilogue honours it too: each subtile of H and its half-width subtile of
     A = SwiGLU(H) leave by TMA bulk stores (same values bit for bit). The dH epilogue and the
     transposed varlen-K store ignore it and keep their whole-tile buffer, so one config serves
-    every GEMM of the MoE layer. ``epi_prefetch`` = N > 0 (persistent kernels; opt-in until
-    measured; 0 = off): the dH epilogue's input H is prefetched into L2 by the producer warpgroup
+    every GEMM of the MoE layer. ``epi_prefetch`` = N > 0 (persistent kernels; 0 = off, the
+    default: measured slower, see below): the dH epilogue's input H is prefetched into L2 by the producer warpgroup
     while each tile's mainloop runs, N k-tiles before the producer loads the tile's last one
     (``GroupedGemmWS.prefetch_epi_in``; ``EPI_PREFETCH_LEAD`` = 8 is the usual N), so that the
     epilogue, which the cooperative kernel does not overlap with any MMA, reads H from L2 instead of
-    DRAM; the other epilogues read no input and ignore it. Same results bit for bit. To give the layer's GEMMs different configs,
+    DRAM; the other epilogues read no input and ignore it. Same results bit for bit. On an H100 it
+    made the dH GEMM 11-14% slower at leads of 4, 8 and 16 k-tiles, cooperative and clustered
+    ping-pong alike (``benchmarks/results/dh_epi_prefetch_ab_NVIDIA_H100_80GB_HBM3.json``): the
+    epilogue's wait is not DRAM latency that L2 can hide. Kept as an experiment. To give the layer's GEMMs different configs,
     pass a ``LayerGemms`` (one config per role) to ``fast.moe.fast_ops``.
     """
 
