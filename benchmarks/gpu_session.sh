@@ -85,6 +85,9 @@ step token_rounding 420 python3 benchmarks/token_rounding.py --out "$GS/results"
 AB_DEFAULT="ws:128x256x64:auto,up/dh=pingpong:128x128x64:auto,up/dh/down/dx=pingpong:128x128x64:auto"
 AB_DEFAULT+=",down/dx=ws:128x256x64:auto:sub32,ws:128x256x64:auto:sub32"
 AB_DEFAULT+=",up/dh=pingpong:128x128x64:auto+down/dx=ws:128x256x64:auto:sub32,up=ws:128x256x64:auto"
+# the dH GEMM with its input H prefetched into L2 during the mainloop (GemmConfig.epi_prefetch), on
+# the cooperative kernel and on upstream's ping-pong-in-clusters configuration
+AB_DEFAULT+=",dh=ws:128x256x64:auto:pf,dh=pingpong:128x128x64:auto:c2,dh=pingpong:128x128x64:auto:c2:pf"
 for cfg in 7b 30b; do
   step "layer_ab_$cfg" 400 python3 benchmarks/moe.py --configs "$cfg" --no-naive --no-breakdown --rows reduced \
     --gemm "${LAYER_AB:-$AB_DEFAULT}" --out "$GS/results/layer_ab_$cfg"
@@ -121,7 +124,8 @@ done
 # The same question from the routing's side: the dH GEMM under routings that differ in one thing at a
 # time (benchmarks/dh_layout.py; rows 1-7 ran on an H100 in session 10, the shifted rows 8 not yet), on
 # the default cooperative kernel and on the ping-pong kernel (does overlapping one warpgroup's epilogue
-# with the other's MMAs remove the slowdown of uniform full tiles?).
+# with the other's MMAs remove the slowdown of uniform full tiles?), and both with H prefetched into L2
+# during the mainloop (":pfN", GemmConfig.epi_prefetch = N k-tiles of lead, 4, 8 and 16: does an epilogue that finds H in L2?).
 step dh_layout 300 python3 benchmarks/dh_layout.py --out "$GS/results" \
-  --dh-configs pingpong:128x128x64:auto,pingpong:128x128x64:auto:c2
+  --dh-configs pingpong:128x128x64:auto,pingpong:128x128x64:auto:c2,ws:128x256x64:auto:pf4,ws:128x256x64:auto:pf,ws:128x256x64:auto:pf16,pingpong:128x128x64:auto:c2:pf
 echo "== all done $(date +%T)"

@@ -32,20 +32,25 @@ PROJECTIONS = ("up", "down", "dx")  # (K, N) = (d, 2n), (n, d), (2n, d) with K-m
 
 
 def parse(cfg: str):
-    """kernel:MxNxK:stages[:notma][:c1|:c2][:subS] (stages "auto": as many as fit next to each
+    """kernel:MxNxK:stages[:notma][:c1|:c2][:subS][:pf|:pfN] (stages "auto": as many as fit next to each
     kernel's epilogue, so one config serves the fused epilogues too; notma: the persistent kernels'
     copy-out store instead of TMA; c1 / c2: clusters of 1 / 2 CTAs sharing B by TMA multicast;
     default: the library's choice; subS, e.g. sub64: "ws"'s subtiled TMA-store epilogue with S columns per subtile, GemmConfig's
-    ``epi_subtile``). Returns the keyword arguments of ``GemmConfig``."""
+    ``epi_subtile``; pfN, e.g. pf16: the dH epilogue's input prefetched into L2 N k-tiles ahead,
+    ``epi_prefetch``; pf: N = ``EPI_PREFETCH_LEAD``). Returns the keyword arguments of ``GemmConfig``."""
     kernel, tile, stages, *flags = cfg.split(":")
-    unknown = [f for f in flags if f not in ("notma", "c1", "c2") and not (f.startswith("sub") and f[3:].isdigit())]
+    unknown = [f for f in flags
+               if f not in ("notma", "c1", "c2", "pf") and not (f.startswith("sub") and f[3:].isdigit())
+               and not (f.startswith("pf") and f[2:].isdigit())]
     if unknown:
-        raise ValueError(f"config {cfg!r}: unknown flags {unknown} (known: notma, c1, c2, subS)")
+        raise ValueError(f"config {cfg!r}: unknown flags {unknown} (known: notma, c1, c2, subS, pf, pfN)")
     cluster_m = 2 if "c2" in flags else 1 if "c1" in flags else None
     subtiles = [int(f[3:]) for f in flags if f.startswith("sub")]
+    leads = [int(f[2:]) if f != "pf" else fast.EPI_PREFETCH_LEAD for f in flags if f.startswith("pf")]
     return dict(kernel=kernel, tile=tuple(int(v) for v in tile.split("x")),
                 stages=None if stages == "auto" else int(stages),
-                tma_store="notma" not in flags, cluster_m=cluster_m, epi_subtile=subtiles[-1] if subtiles else None)
+                tma_store="notma" not in flags, cluster_m=cluster_m, epi_subtile=subtiles[-1] if subtiles else None,
+                epi_prefetch=leads[-1] if leads else 0)
 
 
 def parse_layer(entry: str):

@@ -7,7 +7,7 @@
 # TRAIN_ARGS to train_tiny_moe.py (default "--steps 300").
 source "$(dirname "$0")/gpu_common.sh" token-rounding-out
 python3 -c "import torch, cutlass; print('torch', torch.__version__, 'cutlass-dsl', cutlass.__version__)" | tee -a "$OUT/device.txt"
-timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_token_rounding.py \
+timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_token_rounding.py tests/test_fused_router_glue.py \
   tests/test_fast_moe.py::test_no_host_sync tests/test_fast_moe.py::test_cuda_graph_capture_and_replay \
   tests/test_fast_moe.py::test_token_rounding_padding_rows_are_never_read \
   tests/test_fast_moe.py::test_layer_token_rounding_matches_oracle 2>&1 | tee "$OUT/gpu_tests.log"

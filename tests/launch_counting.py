@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import struct
 import sys
 from dataclasses import dataclass, field
 
@@ -97,6 +98,7 @@ LAYER_PHASE_ORDER = ["router", "experts forward", "experts backward", "router ba
 # Kernels each compiled call runs ("module.compile function" -> kernels), for the report.
 CUTE_KERNELS = {"topk.compile_kernel": 1, "routing.compile_metadata_kernel": None,
                 "routing.compile_token_rounding_kernels": 2, "routing.compile_token_rounding_triples_kernels": 5,
+                "routing.compile_scores_backward_kernel": 1,
                 "grouped_gemm.compile_grouped_gemm": 1, "moe_kernels.compile_kernel": 1}
 
 
@@ -222,14 +224,21 @@ def _rounding_delta(f: int, u: float, mode: str, tile_m: int, T: int) -> int:
 
 
 def _triples_standin(variant, scores_bits, experts, keys, keep, counts, uniform, mode, tile_m, tile_pairs, tile_empty,
-                     token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4, tokens_per_tile):
+                     token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4, tokens_per_tile, tc_score_bits,
+                     pair_score_bits):
     """The selection (as above), then ``PaddedTriplesKernel`` step by step, lane by lane: each tile
     streams its bytes of the flat keep mask in 16-byte words (``WORDS_IN_FLIGHT`` per lane per step,
     straddling words masked to the tile); the count's first-kept-byte rule with the warp max-scan,
     the one-warp scan and counts, the writes at the lanes' prefix sums, the padding's grid-stride
-    fill. Writes only what the kernels write, into poisoned buffers."""
+    fill. Writes only what the kernels write, into poisoned buffers. The keep bytes name the picks'
+    slots (1 + j) and the added pairs (``ADDED_BYTE``), and each kept pair's weight is read where its
+    byte says: w[t, j] or p[t, e]."""
     _token_rounding_standin((), scores_bits, experts, keys, keep, counts, uniform, mode, tile_m)
-    for out in (tile_pairs, tile_empty, token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4):
+    slots = torch.zeros_like(keep, dtype=torch.int32).scatter_(
+        1, experts.long(), torch.arange(1, experts.shape[1] + 1, dtype=torch.int32).expand_as(experts).contiguous())
+    keep.copy_(torch.where(keep.bool(), torch.where(slots > 0, slots, fast.ADDED_BYTE), 0).to(torch.uint8))
+    for out in (tile_pairs, tile_empty, token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4,
+                pair_score_bits):
         out.fill_(POISON if out.dtype != torch.uint8 else 255)
     mode_name = {code: name for name, code in fast.ROUNDING_CODES.items()}[mode]
     T, E = keep.shape
@@ -283,7 +292,8 @@ def _triples_standin(variant, scores_bits, experts, keys, keep, counts, uniform,
     counts4.copy_(torch.tensor([kept, sum(-d for d in deltas if d < 0), sum(d for d in deltas if d > 0), empty]))
     outs = {name: out.tolist() for name, out in
             (("token", token_idx), ("expert", expert_idx), ("index", pair_index), ("is_pair", is_pair),
-             ("offsets", token_offsets))}
+             ("offsets", token_offsets), ("score", pair_score_bits))}
+    p_bits, w_bits = scores_bits.reshape(-1).tolist(), tc_score_bits.tolist()
     outs["offsets"][T] = kept
     for tile in range(num_tiles):  # 3. write
         _, lo, hi = tile_bytes(tile)
@@ -298,13 +308,68 @@ def _triples_standin(variant, scores_bits, experts, keys, keep, counts, uniform,
                     if kept_bits >> j & 1:
                         outs["token"][pos], outs["expert"][pos] = t, e
                         outs["index"][pos], outs["is_pair"][pos] = start + j, 1
+                        byte = flat[start + j]  # where the weight is: p at an added pair, else w[t, slot]
+                        outs["score"][pos] = p_bits[start + j] if byte == fast.ADDED_BYTE else w_bits[t][byte - 1]
                         pos += 1
             running = pos
     for pos in range(kept, token_idx.numel()):  # the padding (grid-stride)
         outs["token"][pos], outs["expert"][pos], outs["index"][pos], outs["is_pair"][pos] = T, E, 0, 0
+        outs["score"][pos] = 0
     for name, out in (("token", token_idx), ("expert", expert_idx), ("index", pair_index), ("is_pair", is_pair),
-                      ("offsets", token_offsets)):
+                      ("offsets", token_offsets), ("score", pair_score_bits)):
         out.copy_(torch.tensor(outs[name], dtype=out.dtype))
+
+
+def _scores_backward_standin(variant, grad, expert_idx, token_offsets, probs, tc_experts, tc_scores, out):
+    """``ScoresBackwardKernel`` step by step, lane by lane, in float32: per token t a warp walks its
+    pairs 32 at a time; each pick j (lane j) finds the pair holding its expert (the lowest such lane,
+    as the ballot does) and takes its gradient; the other pairs add g * p to their lane's partial
+    sum; the two butterfly sums (offsets 16, 8, 4, 2, 1); the row p * (0 - dot_p), then the pairs'
+    p * (g - dot_p) and the picks' p * (0 - dot_p) + w * (g - dot_w). (The GPU may contract a
+    multiply-add into one rounding; the tests compare both against float64 with a tolerance.)"""
+    (separate_picks,) = variant
+
+    def f32(x: float) -> float:  # round to float32 (each op: the exact double result, rounded once)
+        return struct.unpack("f", struct.pack("f", x))[0]
+
+    T, E = probs.shape
+    p_all, grads, experts = probs.tolist(), grad.tolist(), expert_idx.tolist()
+    offsets, picks_all, w_all = token_offsets.tolist(), tc_experts.tolist(), tc_scores.tolist()
+    K = len(picks_all[0]) if separate_picks and T else 0
+
+    def warp_sum(lanes):  # the butterfly: every lane ends with the same float32 sum
+        x = list(lanes) + [0.0] * (32 - len(lanes))
+        for offset in (16, 8, 4, 2, 1):
+            x = [f32(x[lane] + x[lane ^ offset]) for lane in range(32)]
+        return x[0]
+
+    rows = []
+    for t in range(T):
+        lo, hi = offsets[t], offsets[t + 1]
+        p = p_all[t]
+        picks, w = picks_all[t][:K], w_all[t][:K]
+        g_pick = [0.0] * K
+        partial = [0.0] * 32
+        non_picks = []  # (expert, gradient) of the pairs that are p's
+        for base in range(lo, hi, 32):
+            chunk = [(experts[i], grads[i]) for i in range(base, min(base + 32, hi))]
+            for j, e_j in enumerate(picks):
+                holders = [lane for lane, (e, _) in enumerate(chunk) if e == e_j]
+                if holders:
+                    g_pick[j] = chunk[holders[0]][1]
+            for lane, (e, g) in enumerate(chunk):
+                if e not in picks:
+                    partial[lane] = f32(partial[lane] + f32(g * p[e]))
+                    non_picks.append((e, g))
+        dot_p = warp_sum(partial)
+        dot_w = warp_sum([f32(g_pick[j] * w[j]) for j in range(K)])
+        row = [f32(v * f32(0.0 - dot_p)) for v in p]
+        for e, g in non_picks:
+            row[e] = f32(p[e] * f32(g - dot_p))
+        for j, e in enumerate(picks):
+            row[e] = f32(f32(p[e] * f32(0.0 - dot_p)) + f32(w[j] * f32(g_pick[j] - dot_w)))
+        rows.append(row)
+    out.copy_(torch.tensor(rows, dtype=torch.float32).view(T, E))
 
 
 # The experts' kernels (fast.grouped_gemm, fast.moe_kernels): fp32 accumulation, one rounding to
@@ -386,6 +451,7 @@ def _moe_kernel_standin(variant, *args):
 STANDINS = {"topk.compile_kernel": _topk_standin, "routing.compile_metadata_kernel": _metadata_standin,
             "routing.compile_token_rounding_kernels": _token_rounding_standin,
             "routing.compile_token_rounding_triples_kernels": _triples_standin,
+            "routing.compile_scores_backward_kernel": _scores_backward_standin,
             "grouped_gemm.compile_grouped_gemm": _grouped_gemm_standin,
             "moe_kernels.compile_kernel": _moe_kernel_standin}
 
@@ -432,6 +498,7 @@ def counting_launches(monkeypatch, phases: dict = ROUTER_PHASES, order: list = R
         monkeypatch.setattr(module, "launch", fake_launch)
     monkeypatch.setattr(gg, "_grid_size", lambda *args: 1)  # the persistent GEMM's grid: no SM count on the CPU
     monkeypatch.setattr(_checks, "check_cuda", lambda name, t: None)  # CPU tensors stand in for CUDA ones
+    monkeypatch.setattr(fast, "_kernel_device", lambda t: True)  # (the same for the scores' backward kernel)
     private_warning_registry(monkeypatch)
     with mode:
         yield launches

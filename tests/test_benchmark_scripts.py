@@ -43,13 +43,17 @@ def tiles(monkeypatch):
 
 
 def test_parse_layer_one_config_is_every_gemms(tiles):
-    from sonic_learn.fast.grouped_gemm import GemmConfig
+    from sonic_learn.fast.grouped_gemm import GemmConfig, LayerGemms
 
     assert tiles.parse_layer("ws:128x256x64:auto") == GemmConfig()
     assert tiles.parse_layer("ws:128x256x64:4:c2:sub64") == GemmConfig(stages=4, cluster_m=2, epi_subtile=64)
     assert tiles.parse_layer("ws:128x256x32:auto:notma") == GemmConfig(tile=(128, 256, 32), tma_store=False)
     assert tiles.parse_layer("pingpong:128x128x64:3") == GemmConfig(kernel="pingpong", stages=3)
     assert tiles.parse_layer("pingpong:128x128x64:auto:c2") == GemmConfig(kernel="pingpong", cluster_m=2)
+    assert tiles.parse_layer("ws:128x256x64:auto:pf") == GemmConfig(epi_prefetch=8)
+    assert tiles.parse_layer("ws:128x256x64:auto:pf16") == GemmConfig(epi_prefetch=16)
+    assert tiles.parse_layer("dh=pingpong:128x128x64:auto:c2:pf4") == LayerGemms(
+        dh=GemmConfig(kernel="pingpong", cluster_m=2, epi_prefetch=4))
 
 
 def test_parse_layer_by_role(tiles):

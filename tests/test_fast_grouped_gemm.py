@@ -288,6 +288,21 @@ def _ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((ia - ib).abs().max().item()) if a.numel() else 0
 
 
+def dh_inputs(problem):
+    """The dH kernel's inputs for a drawn problem (counts per expert, T, d = the GEMM's K, n, dtype,
+    _, seed): routing metadata, dO (T, d), W2 (E, n, d), H (M, 2n) and the rows' scores (M,)."""
+    counts, T, d, n, dtype_name, _, seed = problem
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(seed)
+    meta = make_meta(counts, T, gen)
+    M, E = sum(counts), len(counts)
+    dout = torch.randn(T, d, generator=gen).to("cuda", dtype)
+    w2 = (torch.randn(E, n, d, generator=gen) / d**0.5).to("cuda", dtype)  # (E, n, d)
+    h = (2 * torch.randn(M, 2 * n, generator=gen)).to("cuda", dtype)
+    row_scores = torch.rand(M, generator=gen).to("cuda")
+    return meta, dout, w2, h, row_scores
+
+
 @needs_hopper
 @settings(max_examples=8, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problem=problems())
@@ -301,15 +316,8 @@ def test_dswiglu_epilogue_matches_unfused(kernel_config, problem):
     fast = configured(kernel_config)  # every call gets config=kernel_config
     from sonic_learn.fast import moe_kernels as mk
 
-    counts, T, d, n, dtype_name, _, seed = problem
-    dtype = DTYPES[dtype_name]
-    gen = torch.Generator().manual_seed(seed)
-    meta = make_meta(counts, T, gen)
-    M, E = sum(counts), len(counts)
-    dout = torch.randn(T, d, generator=gen).to("cuda", dtype)
-    w2 = (torch.randn(E, n, d, generator=gen) / d**0.5).to("cuda", dtype)  # (E, n, d)
-    h = (2 * torch.randn(M, 2 * n, generator=gen)).to("cuda", dtype)
-    row_scores = torch.rand(M, generator=gen).to("cuda")
+    meta, dout, w2, h, row_scores = dh_inputs(problem)
+    M, n, dtype = h.shape[0], w2.shape[1], h.dtype
     poison((M, 2 * n), dtype)
     poison((M, n), dtype)
     poison((M, -(-n // fast.config.tile[1])), torch.float32)  # the dS partials, one per n-tile
@@ -333,6 +341,34 @@ def test_dswiglu_epilogue_matches_unfused(kernel_config, problem):
     ds64 = (da_prime.double() * u * g * torch.sigmoid(g)).sum(1)
     scale = (da_prime.double() * u * g * torch.sigmoid(g)).abs().sum(1).max().item() if M else 0.0
     assert (ds.double() - ds64).abs().max().item() <= 1e-4 * scale + 1e-6 if M else True
+
+
+@needs_hopper
+@pytest.mark.parametrize("base", [dict(), dict(max_ctas=3), dict(kernel="pingpong", cluster_m=2),
+                                  dict(kernel="pingpong", cluster_m=2, max_ctas=2)],
+                         ids=["ws", "ws-3ctas", "pingpong-cluster2", "pingpong-2ctas-cluster2"])
+@settings(max_examples=6, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=problems())
+@example(problem=([129, 0, 128, 1, 127], 200, 64, 272, "bf16", None, 0))  # ragged rows, a partial n-tile
+@example(problem=([300, 5], 50, 1536, 520, "bf16", None, 1))  # K = 1536: the prefetch well before the end
+@example(problem=([0, 7, 0], 20, 64, 8, "fp16", None, 2))  # n = 8: 32 bytes of H per row, one k-tile
+def test_epi_prefetch_changes_no_bit_of_the_dh_kernel(base, problem):
+    """GemmConfig(epi_prefetch=N) only asks L2 to fetch H early: dH, A' and the dS partials are
+    the kernel's without it, bit for bit (and the pipeline, whose producer loop issues it, still
+    completes on ragged experts, short k-loops and many tiles per CTA)."""
+    from sonic_learn.fast import grouped_gemm as gg
+
+    meta, dout, w2, h, row_scores = dh_inputs(problem)
+    M, n, dtype = h.shape[0], w2.shape[1], h.dtype
+    outs = []
+    for prefetch in (0, 8):
+        poison((M, 2 * n), dtype)
+        poison((M, n), dtype)
+        cfg = gg.GemmConfig(**base, epi_prefetch=prefetch)
+        outs.append(gg.gather_fused_grouped_gemm_dswiglu(dout, w2, meta, h, row_scores, config=cfg))
+    for name, without, with_pf in zip(("dH", "A'", "dS"), *outs):
+        assert without.shape == with_pf.shape and not torch.isnan(with_pf).any(), name
+        assert torch.equal(without, with_pf), f"{name} changed with epi_prefetch"
 
 
 @needs_hopper

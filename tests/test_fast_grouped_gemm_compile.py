@@ -457,6 +457,61 @@ def test_subtiled_epilogue_ignored_by_dh_and_transposed_stores(variant, transpos
     assert ptx(epi_subtile=64) == ptx()
 
 
+PREFETCH_L2 = "cp.async.bulk.prefetch.L2.global"
+
+
+@pytest.mark.skipif(not OK, reason=f"CuTe-DSL not importable: {WHY}")
+@pytest.mark.parametrize("kernel,tile,cluster_m", [("ws", (128, 256, 64), 1), ("pingpong", (128, 128, 64), 2)])
+def test_epi_prefetch_adds_one_l2_prefetch_to_the_dh_kernel(kernel, tile, cluster_m):
+    """GemmConfig(epi_prefetch=N): the dH kernel's producer issues one bulk L2 prefetch (of one
+    tile row of H per thread); without it the kernel has none, and the epilogues that read no input
+    (SwiGLU, the plain store) compile to the very same kernel either way."""
+    from sonic_learn.fast.grouped_gemm import compile_grouped_gemm
+
+    def ptx(variant, transposed, epilogue, **extra):
+        return compile_grouped_gemm(variant, torch.bfloat16, torch.bfloat16, tile, keep_ptx=True, kernel=kernel,
+                                    transposed=transposed, epilogue=epilogue, cluster_m=cluster_m, **extra).__ptx__
+
+    with_pf = ptx("varlen_m_gather", True, "dswiglu", epi_prefetch=8)
+    assert with_pf.count(PREFETCH_L2) == 1 and ".local" not in with_pf
+    assert PREFETCH_L2 not in ptx("varlen_m_gather", True, "dswiglu")
+    for variant, transposed, epilogue in (("varlen_m_gather", False, "swiglu"), ("varlen_m", True, "store")):
+        assert ptx(variant, transposed, epilogue, epi_prefetch=8) == ptx(variant, transposed, epilogue)
+
+
+@pytest.mark.parametrize("prefetch", [0, 4, 16])
+def test_epi_prefetch_reaches_the_compiler(monkeypatch, prefetch):
+    """The config's lead is what the dH kernel is compiled with (the GPU test's bit-equality would
+    pass trivially if it were dropped on the way); the GEMMs without an epilogue input get 0, so one
+    config serves every role without compiling copies of the same kernel."""
+    from sonic_learn.fast import grouped_gemm as gg
+
+    seen = []
+    monkeypatch.setattr(gg, "compile_grouped_gemm", lambda *args, **kwargs: seen.append(kwargs) or object())
+    for kernel in ("ws", "pingpong"):
+        cfg = gg.GemmConfig(kernel=kernel, epi_prefetch=prefetch)
+        gg._compiled(cfg, "varlen_m_gather", torch.bfloat16, torch.bfloat16, True, "dswiglu")
+        assert seen[-1]["epi_prefetch"] == prefetch and seen[-1]["kernel"] == kernel
+        gg._compiled(cfg, "varlen_m_gather", torch.bfloat16, torch.bfloat16, False, "swiglu")
+        assert seen[-1]["epi_prefetch"] == 0
+
+
+def test_epi_prefetch_config_checks():
+    from sonic_learn.fast import grouped_gemm as fast
+
+    assert fast.GemmConfig(epi_prefetch=8).epi_prefetch == 8 and fast.DEFAULT_CONFIG.epi_prefetch == 0
+    assert fast.GemmConfig(kernel="pingpong", cluster_m=2, epi_prefetch=4).epi_prefetch == 4
+    assert fast.GemmConfig(kernel="v1", epi_prefetch=0).epi_prefetch == 0  # off: any kernel
+    for bad in (True, -1, 2.0, "8", None):
+        with pytest.raises(TypeError, match=r"epi_prefetch must be an int >= 0 .* got"):
+            fast.GemmConfig(epi_prefetch=bad)
+    for kernel in ("v1", "sm90"):
+        with pytest.raises(ValueError, match=f"epi_prefetch=8 needs a persistent kernel .* got kernel='{kernel}'"):
+            fast.GemmConfig(kernel=kernel, epi_prefetch=8)
+    with pytest.raises(ValueError, match="epi_prefetch=8 needs a persistent kernel"):
+        fast.compile_grouped_gemm("varlen_m", torch.bfloat16, torch.bfloat16, kernel="v1", epi_prefetch=8)
+
+
 def test_subtiled_epilogue_frees_pipeline_stages_and_rejects_bad_values():
     """The stages count the subtiled epilogue's real footprint (two (64, S) buffers per warpgroup
     instead of one padded (64, tile_n) buffer); bad epi_subtile values are named before compiling."""

@@ -46,6 +46,8 @@ def test_kernels_compile_for_sm90a(dtype):
             assert len(re.findall(r"ld\.global", ptx)) == 1, f"{name}: reads more than offsets[E]"
             continue
         assert re.search(r"ld\.global[.\w]*\.v4", ptx), f"{name}: no 16-byte vector load"
+        if name.startswith("gather_sum"):  # a group of pairs' chunks is loaded before any is added
+            assert len(re.findall(r"ld\.global[.\w]*\.v4", ptx)) == mk.GATHER_GROUP, name
         if name in ("swiglu_bwd_scaled", "gather_scale_dot"):
             assert ptx.count("shfl.sync.bfly") >= 5, f"{name}: the dS warp reduction is missing"
         assert "atom." not in ptx and "red.global" not in ptx, f"{name}: uses atomics (must be deterministic)"

@@ -247,6 +247,27 @@ def test_router_gemm_bf16_is_one_rounding():
     assert err(fused) <= err(two_roundings) and err(fused) <= 2 ** -7 * truth.abs().max().item()
 
 
+def test_router_gemm_accumulates_into_the_experts_dx_in_place():
+    """The router's dX is added into the experts' dX buffer itself (no (T, d) copy first): the
+    gradient returned for x is that buffer, and it holds bit for bit what the out-of-place addmm
+    gives. A gradient that is not a plain buffer (a broadcast) is not written: the out-of-place path."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 24, generator=g).bfloat16().requires_grad_(True)
+    router_w = torch.randn(24, 8, generator=g).bfloat16()
+    dlogits = torch.randn(48, 8, generator=g)
+    dx_experts = torch.randn(48, 24, generator=g).bfloat16()
+    want = torch.addmm(dx_experts, dlogits.bfloat16(), router_w.t())
+    ptr = dx_experts.data_ptr()
+    logits, x_alias = fast_moe.RouterGemm.apply(x, router_w)
+    (got,) = torch.autograd.grad((logits, x_alias), (x,), (dlogits, dx_experts))
+    assert got.data_ptr() == ptr and torch.equal(got, want)
+    broadcast = torch.ones(1, 1, dtype=torch.bfloat16).expand(48, 24)
+    logits, x_alias = fast_moe.RouterGemm.apply(x, router_w)
+    (got,) = torch.autograd.grad((logits, x_alias), (x,), (dlogits, broadcast))
+    assert torch.equal(got, torch.addmm(broadcast, dlogits.bfloat16(), router_w.t()))
+    assert torch.equal(broadcast, torch.ones(48, 24, dtype=torch.bfloat16))  # not written
+
+
 def test_fake_shapes_trace_the_whole_step():
     """With fake tensors only (no kernel runs), the forward + backward of the fast experts traces
     through the ops' fake implementations and gives every gradient its parameter's shape."""

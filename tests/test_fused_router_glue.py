@@ -32,6 +32,7 @@ if not _ok:
 
 from sonic_learn.fast import moe as fast_moe  # noqa: E402
 from sonic_learn.fast import routing as fast  # noqa: E402
+from sonic_learn.reference import routing as ref  # noqa: E402
 
 FAST_OK, FAST_WHY = fast_available()
 needs_hopper = pytest.mark.skipif(not FAST_OK, reason=f"fast path unavailable: {FAST_WHY}")
@@ -174,6 +175,49 @@ def test_fused_glue_equals_the_default_step(T, d, E, K, tile_m, mode, scoring, n
     assert_same_step(got, want)
     for a, b in zip(got_leaves, want_leaves):
         assert torch.equal(a.grad, b.grad), "the gradients through the scores differ"
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("fused_glue", [True, False])
+@pytest.mark.parametrize("T, d, E, K, tile_m, mode, scoring, normalize", CASES)
+def test_the_scores_backward_kernel_is_as_close_to_float64_as_the_reference(monkeypatch, T, d, E, K, tile_m, mode,
+                                                                           scoring, normalize, fused_glue):
+    """``ScoresBackwardKernel`` (the weights' backward of both glues, where it fits): the logits'
+    gradient against the float64 oracle at the same pairs, at most twice as far as the reference's
+    own (torch's softmax backwards on the reference's graph), entry-wise at worst and in norm."""
+    from test_router_launches import _oracle_logits_grad, assert_within_twice_the_references_error
+
+    calls = []
+    real = fast._scores_backward_kernel
+    monkeypatch.setattr(fast, "_scores_backward_kernel", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator(device="cuda").manual_seed(T + E + 7)
+    x = torch.randn(T, d, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(d, E, device="cuda", generator=g) / d**0.5).to(torch.bfloat16)
+    r = _route(x, w.requires_grad_(True), K, fused_glue, tile_m, mode, scoring, normalize, seed=5)
+    r.logits.retain_grad()
+    gout = torch.randn(r.scores.shape, device="cuda", generator=g)
+    (r.scores * gout).sum().backward()
+    assert len(calls) == (0 if normalize else 1), "the kernel runs exactly where it fits"
+    logits = r.logits.detach().clone().requires_grad_(True)
+    gen = torch.Generator(device="cuda").manual_seed(5) if mode == "stochastic" else None
+    want = ref.token_rounding(logits, K, tile_m=tile_m, mode=mode, generator=gen, scoring=scoring, normalize=normalize,
+                              pad_to_bound=True)
+    assert torch.equal(want.scores.view(torch.int32), r.scores.view(torch.int32)), "not the same routing"
+    (want.scores * gout).sum().backward()
+    exact = _oracle_logits_grad(logits.detach(), want, K, scoring, normalize, gout)
+    assert_within_twice_the_references_error(r.logits.grad, logits.grad, exact)
+
+
+@pytest.mark.compile
+def test_the_scores_backward_kernel_compiles_for_sm90a(tmp_path):
+    for separate_picks in (True, False):
+        ptx = fast.compile_scores_backward_kernel(
+            separate_picks, extra_options=f"--keep-ptx --dump-dir={tmp_path}").__ptx__
+        assert re.search(r"^\.target sm_90a\b", ptx, re.MULTILINE) and ".local" not in ptx
+        assert len(_entries(ptx)) == 1, _entries(ptx)
+        # softmax_topk finds each pair's pick with ballots; topk_softmax has no picks to find
+        assert ("vote.sync.ballot" in ptx) == separate_picks
 
 
 @pytest.mark.gpu

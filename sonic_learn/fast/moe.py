@@ -207,7 +207,11 @@ class RouterGemm(torch.autograd.Function):
     Autograd would compute x's two gradients apart -- dX from the experts' gather-and-sum, and the
     router's dlogits @ router_w^T -- and add them in a third pass over (T, d) (read two, write one).
     Here the experts' dX arrives as the gradient of the second output and the router's part is
-    accumulated into it by the same cuBLAS call (``addmm``, beta = 1): one rounding, no extra pass.
+    accumulated into it by the same cuBLAS call (``addmm_``, beta = 1): one rounding, no extra pass.
+    In place: the experts' dX is a buffer that only this backward reads (the gather-and-sum wrote
+    it). Out of place, ``torch.addmm`` would first copy it into a new (T, d) tensor, one more read
+    and write of T * d elements (a ~35 us device-to-device copy at T = 16384, d = 1536 on an H100,
+    in session 9's kernel breakdown of ``benchmarks/results/token_rounding_*.json``).
     Saves x and router_w (x is saved by the experts anyway: same storage, no extra bytes)."""
 
     @staticmethod
@@ -226,9 +230,21 @@ class RouterGemm(torch.autograd.Function):
         dx = None
         if need_x and dx_experts is None:
             dx = g @ router_w.t()  # (T, d)
-        elif need_x:
+        elif need_x and _accumulates_in_place(dx_experts, x):
+            dx = dx_experts.addmm_(g, router_w.t())  # (T, d) dX_experts += dlogits @ router_w^T, in place
+        elif need_x:  # a gradient that is not a plain (T, d) buffer of x's dtype (a broadcast, a view)
             dx = torch.addmm(dx_experts, g, router_w.t())  # (T, d) = dX_experts + dlogits @ router_w^T
         return dx, (x.t() @ g if need_w else None)  # (T, d), (d, E)
+
+
+def _accumulates_in_place(grad: torch.Tensor, x: torch.Tensor) -> bool:
+    """``grad`` can take ``RouterGemm``'s addmm in place: a dense (T, d) tensor of x's dtype that
+    owns its storage (not an expanded zero or a view into a larger buffer). Under ``torch.compile``
+    the compiler plans the buffers itself, so the out-of-place addmm is left to it."""
+    if torch.compiler.is_compiling():
+        return False
+    return (grad.dtype == x.dtype and grad.shape == x.shape and grad.is_contiguous() and not grad._is_view()
+            and grad.untyped_storage().nbytes() == grad.numel() * grad.element_size())
 
 
 def route(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_topk", normalize=False,
@@ -245,7 +261,7 @@ def route_layer(x, router_w, k, *, routing="topk", tile_m=128, scoring="softmax_
 
     ``fused_glue`` (token rounding only; default True): the padded triples, the rounding counts, the
     token offsets and the padded metadata's initialization run inside the CuTe kernels
-    (``fast.routing.token_rounding(fused_glue=True)``, ``build_metadata(fused_glue=True)``), 15 launches;
+    (``fast.routing.token_rounding(fused_glue=True)``, ``build_metadata(fused_glue=True)``), 10 launches;
     ``False`` runs that glue as torch ops between the CuTe calls (34 launches, the readable variant,
     see ``fast.routing``'s docstring); the same routing, output and gradients bit for bit."""
     from sonic_learn.fast import routing as fast_routing

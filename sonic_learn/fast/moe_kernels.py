@@ -67,6 +67,7 @@ WARP = 32
 ROWS_PER_CTA = THREADS // WARP  # the row kernels give one warp to one row
 VEC = 8  # 16-bit elements per 16-byte vector
 PAIRS = VEC // 2  # gate/up pairs in one 16-byte chunk of H
+GATHER_GROUP = 4  # pairs whose rows GatherSum loads before it adds them (16-byte loads in flight per thread)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,7 +226,12 @@ class GatherScaleDot:
 # Gather-and-sum: out[t] = sum_p w[p] * rows[row_of_pair[p]]; one thread per (token, 16-byte chunk)
 # ----------------------------------------------------------------------------------------------
 class GatherSum:
-    """Deterministic per-token reduction over its rows (pairs ``token_offsets[t] : token_offsets[t+1]``)."""
+    """Deterministic per-token reduction over its rows (pairs ``token_offsets[t] : token_offsets[t+1]``).
+
+    One thread per (token, 16-byte chunk of d): neighbouring threads read neighbouring chunks of the
+    same rows. A token's rows are scattered (``row_of_pair``), so each load waits on the index load
+    before it; the thread therefore loads the chunks of ``GATHER_GROUP`` pairs at once and adds them
+    afterwards, in pair order (the same fp32 sums as pair by pair), to keep several loads in flight."""
 
     def __init__(self, weighted: bool):
         self.weighted = weighted
@@ -249,13 +255,24 @@ class GatherSum:
         if t < out.shape[0]:
             acc = cute.make_rmem_tensor((1, VEC), Float32)
             acc.fill(0.0)
-            for p in cutlass.range(token_offsets[t], token_offsets[t + 1], unroll=1):
-                w = Float32(1.0)
-                if const_expr(self.weighted):
-                    w = weights[p]
-                rv = _load_vec(rows, row_of_pair[p], c, VEC)
-                for j in cutlass.range_constexpr(VEC):
-                    acc[0, j] = acc[0, j] + w * rv[0, j].to(Float32)
+            hi = token_offsets[t + 1]
+            # The token's pairs in groups of GATHER_GROUP: first every load of the group (its rows'
+            # indices, then their chunks: GATHER_GROUP 16-byte loads in flight per thread instead
+            # of one), then the sums, in pair order (the same fp32 sum as one pair at a time).
+            for base in cutlass.range(token_offsets[t], hi, GATHER_GROUP, unroll=1):
+                w = cute.make_rmem_tensor(GATHER_GROUP, Float32)
+                rv = cute.make_rmem_tensor(cute.make_layout((GATHER_GROUP, VEC), stride=(VEC, 1)), rows.element_type)
+                for u in cutlass.range_constexpr(GATHER_GROUP):
+                    w[u] = Float32(1.0)
+                    if base + u < hi:
+                        if const_expr(self.weighted):
+                            w[u] = weights[base + u]
+                        cute.autovec_copy(cute.local_tile(rows, (1, VEC), (row_of_pair[base + u], c)),
+                                          cute.local_tile(rv, (1, VEC), (u, 0)))
+                for u in cutlass.range_constexpr(GATHER_GROUP):
+                    if base + u < hi:
+                        for j in cutlass.range_constexpr(VEC):
+                            acc[0, j] = acc[0, j] + w[u] * rv[u, j].to(Float32)
             res = cute.make_rmem_tensor((1, VEC), out.element_type)
             for j in cutlass.range_constexpr(VEC):
                 res[0, j] = acc[0, j].to(out.element_type)

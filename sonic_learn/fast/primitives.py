@@ -11,6 +11,8 @@ One home for the small ``@cute.jit`` helpers more than one kernel needs, so each
 * **Keys**: a float's bits turned into an integer with the float's order (``to_ordered``), and the
   top-k key that also carries the column (``pack_key``, ``pack_key16``, ``unpack_key``; the radix
   select's ``radix_key``). ``sonic_learn.fast.topk``'s docstring explains the design.
+* **Cache hints**: ``prefetch_l2`` (a bulk prefetch of a contiguous byte range into L2, e.g. a
+  fused epilogue's input fetched while the mainloop still runs).
 * **SwiGLU in fp32**: ``swiglu_parts`` and ``dswiglu``, the one SwiGLU formula of the kernels, used
   by the standalone passes (``fast.moe_kernels``) and the fused GEMM epilogues (``fast.grouped_gemm.epilogues``)
   alike, so fused and unfused results agree bit for bit.
@@ -23,14 +25,14 @@ from sonic_learn.fast._cute import import_cutlass
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402  (after the arch is pinned by import_cutlass)
 from cutlass import Float32, Int32, Int64, Uint32, const_expr  # noqa: E402
-from cutlass._mlir.dialects import llvm  # noqa: E402
+from cutlass._mlir.dialects import llvm, nvvm  # noqa: E402
 from cutlass.cutlass_dsl import T, dsl_user_op  # noqa: E402
 
 __all__ = [
     "warp_exclusive_sum", "warp_exclusive_max", "warp_suffix_sum", "warp_sum", "warp_exclusive_scan",
     "lane_bins_and_keys_above",
     "IDX_BITS", "IDX_MASK", "value_word", "to_ordered", "from_ordered", "pack_key", "pack_key16", "unpack_key",
-    "radix_key", "sigmoid", "swiglu_parts", "dswiglu",
+    "radix_key", "sigmoid", "swiglu_parts", "dswiglu", "prefetch_l2",
 ]
 
 
@@ -252,3 +254,15 @@ def dswiglu(g: Float32, u: Float32, sig: Float32, silu: Float32, grad: Float32):
     """(d gate, d up) of A = u * silu(g) for the output gradient ``grad`` (parts from ``swiglu_parts``):
     d gate = grad * u * sig * (1 + g * (1 - sig)), d up = grad * silu."""
     return grad * u * sig * (Float32(1.0) + g * (Float32(1.0) - sig)), grad * silu
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache hints
+# ---------------------------------------------------------------------------------------------
+@dsl_user_op
+def prefetch_l2(ptr: cute.Pointer, num_bytes: Int32, *, loc=None, ip=None) -> None:
+    """Ask the copy engine to bring ``num_bytes`` of global memory from ``ptr`` into L2, without
+    waiting (``cp.async.bulk.prefetch.L2.global``: no registers, no barrier, no data to the SM).
+    ``ptr`` must be 16-byte aligned and ``num_bytes`` a multiple of 16, the whole range inside one
+    allocation. It only changes where later loads find the data, never their values."""
+    nvvm.cp_async_bulk_prefetch(ptr.llvm_ptr, Int32(num_bytes).ir_value(loc=loc, ip=ip), loc=loc, ip=ip)

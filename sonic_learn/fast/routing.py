@@ -114,18 +114,29 @@ gradient into (T, E) (``zeros``, ``index_copy_``: a scatter without atomics), th
 (``scatter_add_``); with ``topk_softmax`` (the weights are p itself) 5: the softmax backward of the
 whole (T, E) gradient. The arithmetic is autograd's (``softmax_topk``: on the reference's graph, the
 same bits; ``topk_softmax``: one softmax backward where the reference adds two, another rounding);
-both glues of the layer read their weights through it.
+both glues of the layer read their weights through it. On the GPU (float32 logits, ``softmax_topk``
+or ``topk_softmax`` without ``normalize``, K <= 32) those ops are one kernel,
+``ScoresBackwardKernel``: a warp per token reads the token's pairs (its gradients, at
+``token_offsets[t]``), finds which are picks with shuffles and ballots, forms the two row sums and
+writes the token's row of dlogits once: no (T, E) gradient is built, zeroed or scattered. Same
+formulas; its sums add the same products in another order, so the gradient may differ from the
+torch ops' in the last bits (``tests/test_fused_router_glue.py`` bounds it against float64 by
+twice the reference's own error); both glues get the same bits.
 
 **The layer's default: the glue as kernels (``fused_glue=True``; checked on the CPU with torch
 stand-ins for the kernels, on the GPU by ``tests/test_fused_router_glue.py``: the same routing, output
 and gradients bit for bit; the benchmark ``benchmarks/token_rounding.py`` times both).** The padded triples, the counts
 of ``routing.rounding`` and the token offsets come from ``PaddedTriplesKernel`` (count, scan and
 write over tiles of tokens) inside the token-rounding compiled call, and the scatter kernel writes
-the padded metadata's padding entries itself: 15 launches (11 torch, 4 CuTe calls of 13 kernels). What stays
-torch then is what autograd must see or what the reference rounds: the router GEMM and its cast,
-the softmax and the token-choice weights (gather, softmax over K), the experts' int32 copy, the
-weights written over p and p put back (3), and the triples' weights (an ``index_select`` at the kernel's flat indices and
-a ``where`` for the padding: ``TokenRoundingScores``' forward). The four CuTe calls stay apart for
+the padded metadata's padding entries itself. The triples' weights come out of the same write
+kernel: the keys kernel writes each pick's slot into its keep byte (1 + j for the token's j-th
+pick) and the select kernel marks the pairs it adds (``ADDED_BYTE``), so for every kept pair the
+write kernel copies w[t, j] or p[t, e], the reference's ``pair_weights`` bit for bit, and
+``TokenRoundingScores``' forward runs no op. 10 launches (6 torch, 4 CuTe calls of 13 kernels;
+15 before the weights moved into the kernel: the picks' p saved, w written over p, the weights'
+``index_select`` and padding ``where``, p put back). What stays torch then is what autograd must
+see or what the reference rounds: the router GEMM and its cast, the softmax and the token-choice
+weights (gather, softmax over K) and the experts' int32 copy. The four CuTe calls stay apart for
 the grid-wide reasons above, and because the torch ops between them (the int32 copy, the softmax,
 the weights) feed the next one.
 
@@ -156,7 +167,7 @@ from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream  # n
 
 from sonic_learn.fast import topk as _fast_topk  # noqa: E402
 from sonic_learn.fast.primitives import (  # noqa: E402
-    lane_bins_and_keys_above, warp_exclusive_max, warp_exclusive_scan, warp_exclusive_sum)
+    lane_bins_and_keys_above, warp_exclusive_max, warp_exclusive_scan, warp_exclusive_sum, warp_sum)
 
 __all__ = [
     "Routing",
@@ -475,6 +486,11 @@ RADIX_BINS = 1 << RADIX_BITS
 SELECT_STAGE_KEYS = tuple(8192 * i for i in range(1, 7))
 ROUNDING_CODES = {"down": 0, "up": 1, "nearest": 2, "stochastic": 3}  # the select kernel's `mode`
 PICK_BIT = -(2**31)  # bit 31 of a key word (as int32): set = a token-choice pick
+# The fused call's keep bytes (``pick_slots``): 1 + j at the token's j-th token-choice pick (j < K),
+# ADDED_BYTE at a non-pick the select kernel added, 0 elsewhere; so the triples' write kernel knows
+# where each kept pair's weight is (w[t, j] or p[t, e]) without a second look at the picks.
+ADDED_BYTE = 255
+MAX_SLOT_K = ADDED_BYTE - 1  # the largest K whose pick slots a keep byte can name
 
 
 @cute.jit
@@ -514,11 +530,16 @@ class BoundaryKeysKernel:
     * ``keys`` (E, T) int32: ``keys[e, t]`` = the bits of ``scores[t, e]`` with bit 31 set when
       (t, e) is a token-choice pick. Scores are >= +0.0, so bit 31 is free and the other 31 bits
       order like the scores;
-    * ``keep`` (T, E) uint8: 1 at the picks (the select kernel then flips the boundary pairs).
+    * ``keep`` (T, E) uint8: 1 at the picks (the select kernel then flips the boundary pairs);
+      with ``pick_slots`` (the fused call) 1 + j at the token's j-th pick, which tells the triples'
+      write kernel that the pair's weight is w[t, j].
 
     One CTA moves a 32 x 32 tile through shared memory (padded rows: no bank conflicts), so both
     the (T, E) read and the (E, T) write touch whole 128-byte lines.
     """
+
+    def __init__(self, pick_slots: bool = False):
+        self.pick_slots = pick_slots
 
     @cute.jit
     def __call__(self, mScores: cute.Tensor, mExperts: cute.Tensor, mKeys: cute.Tensor, mKeep: cute.Tensor, stream):
@@ -546,6 +567,9 @@ class BoundaryKeysKernel:
         # tile[i, j] = word of (token t0 + i, expert e0 + j); rows padded to 33 words
         tile = smem.allocate_tensor(Int32, cute.make_layout((PACK_TILE, PACK_TILE), stride=(PACK_TILE + 1, 1)),
                                     byte_alignment=16)
+        if const_expr(self.pick_slots):  # slot[i, j] = 1 + the pick's position in the token's row, else 0
+            slot = smem.allocate_tensor(Int32, cute.make_layout((PACK_TILE, PACK_TILE), stride=(PACK_TILE + 1, 1)),
+                                        byte_alignment=16)
 
         # (a) scores in, row by row: lane j reads expert e0 + j (coalesced along E).
         for m in cutlass.range_constexpr(PACK_TILE // PACK_WARPS):
@@ -556,6 +580,8 @@ class BoundaryKeysKernel:
             if t < T and e < E:
                 word = mScores[t, e]
             tile[i, lane] = word
+            if const_expr(self.pick_slots):
+                slot[i, lane] = Int32(0)
         cute.arch.sync_threads()
 
         # (b) mark the picks of these 32 tokens that fall into these 32 experts (distinct per token).
@@ -566,6 +592,8 @@ class BoundaryKeysKernel:
                 j = mExperts[t, idx - i * K] - e0
                 if j >= 0 and j < PACK_TILE:
                     tile[i, j] = tile[i, j] | Int32(PICK_BIT)
+                    if const_expr(self.pick_slots):
+                        slot[i, j] = idx - i * K + 1
         cute.arch.sync_threads()
 
         # (c) keys out, one expert row at a time: lane i writes token t0 + i (coalesced along T).
@@ -581,7 +609,10 @@ class BoundaryKeysKernel:
             t = t0 + i
             e = e0 + lane
             if t < T and e < E:
-                mKeep[t, e] = Uint8((tile[i, lane] >> 31) & 1)
+                if const_expr(self.pick_slots):
+                    mKeep[t, e] = Uint8(slot[i, lane])
+                else:
+                    mKeep[t, e] = Uint8((tile[i, lane] >> 31) & 1)
 
 
 class BoundarySelectKernel:
@@ -614,8 +645,9 @@ class BoundarySelectKernel:
     memory instead of the row in global memory (L2).
     """
 
-    def __init__(self, stage_keys: int = 0):
+    def __init__(self, stage_keys: int = 0, added_byte: int = 1):
         self.stage_keys = stage_keys
+        self.added_byte = added_byte  # the keep byte of an added pair (ADDED_BYTE with pick slots)
 
     @cute.jit
     def __call__(self, mKeys: cute.Tensor, mCounts: cute.Tensor, mUniform: cute.Tensor, mKeep: cute.Tensor,
@@ -750,7 +782,9 @@ class BoundarySelectKernel:
                     need = need - found[1]
                     ties = found[2]
             thr = prefix  # need (>= 1) of the `ties` keys equal to thr are taken (all of them if stopped early)
-            keep_value = Uint8(up)  # up adds a pair (0 -> 1), down removes one (1 -> 0)
+            keep_value = Uint8(0)  # down removes a pick (-> 0)
+            if up != 0:
+                keep_value = Uint8(self.added_byte)  # up adds a non-pick (0 -> 1, or ADDED_BYTE)
 
             # 4. Collect in token order.
             if ties == need:  # every key >= thr is taken: no ranks needed
@@ -792,11 +826,12 @@ class BoundarySelectKernel:
 class TokenRoundingKernels:
     """Both token-rounding kernels behind one compiled call (one host launch, two kernels in order
     on the stream): ``BoundaryKeysKernel`` then ``BoundarySelectKernel`` (``stage_keys``: its
-    shared-memory row capacity, 0 = none)."""
+    shared-memory row capacity, 0 = none; ``pick_slots``: the keep bytes name the pick slots and
+    the added pairs, for the fused call's triples)."""
 
-    def __init__(self, stage_keys: int = 0):
-        self.keys_op = BoundaryKeysKernel()
-        self.select_op = BoundarySelectKernel(stage_keys)
+    def __init__(self, stage_keys: int = 0, pick_slots: bool = False):
+        self.keys_op = BoundaryKeysKernel(pick_slots)
+        self.select_op = BoundarySelectKernel(stage_keys, ADDED_BYTE if pick_slots else 1)
 
     @cute.jit
     def __call__(self, mScores: cute.Tensor, mExperts: cute.Tensor, mKeys: cute.Tensor, mKeep: cute.Tensor,
@@ -831,9 +866,13 @@ class PaddedTriplesKernel:
     3. ``write``: every warp streams its bytes again from its tile's prefix; a lane's kept bytes
        go to consecutive positions after the kept bytes of the lanes below it (a warp prefix sum of
        the per-lane counts), and each writes ``token_idx`` = t, ``expert_idx`` = e, ``pair_index``
-       = f = t * E + e (where the torch glue gathers the weight) and ``is_pair`` = 1; the byte that
-       starts a token writes ``token_offsets[t]``. Then the whole grid fills the padding [P, bound)
-       with token T, expert E, pair_index 0 and is_pair 0.
+       = f = t * E + e (where the backward puts the weight's gradient), ``is_pair`` = 1 and the
+       pair's weight ``pair_scores``: the keep byte names where it is (``pick_slots``): 1 + j, a
+       token-choice pick, has w[t, j] (``tc_scores``), ``ADDED_BYTE``, a pair the rounding added,
+       has p[t, e] (the (T, E) scores the selection ranked), so the weights are the reference's
+       ``pair_weights`` bit for bit (copies, no arithmetic); the byte that starts a token writes
+       ``token_offsets[t]``. Then the whole grid fills the padding [P, bound) with token T,
+       expert E, pair_index 0, is_pair 0 and weight 0.
 
     Separate kernels because each needs a grid-wide result of the one before (every tile's count
     before any tile's offset)."""
@@ -842,7 +881,8 @@ class PaddedTriplesKernel:
     def __call__(self, mKeep: cute.Tensor, mCounts: cute.Tensor, mUniform: cute.Tensor, mode: Int32, tile_m: Int64,
                  mTilePairs: cute.Tensor, mTileEmpty: cute.Tensor, mTokenIdx: cute.Tensor, mExpertIdx: cute.Tensor,
                  mPairIndex: cute.Tensor, mIsPair: cute.Tensor, mTokenOffsets: cute.Tensor, mStats: cute.Tensor,
-                 tokens_per_tile: Int32, stream):
+                 tokens_per_tile: Int32, mScores: cute.Tensor, mTcScores: cute.Tensor, mPairScores: cute.Tensor,
+                 stream):
         tile_ctas = cute.ceil_div(mTilePairs.shape[0], WARPS_PER_CTA)
         block = [THREADS_PER_CTA, 1, 1]
         self.count_kernel(mKeep, mTilePairs, mTileEmpty, tokens_per_tile).launch(
@@ -850,7 +890,8 @@ class PaddedTriplesKernel:
         self.scan_kernel(mTilePairs, mTileEmpty, mCounts, mUniform, mode, tile_m, mTokenOffsets, mStats).launch(
             grid=[1, 1, 1], block=[32, 1, 1], stream=stream)
         self.write_kernel(mKeep, mTilePairs, mStats, mTokenIdx, mExpertIdx, mPairIndex, mIsPair, mTokenOffsets,
-                          tokens_per_tile).launch(grid=[tile_ctas, 1, 1], block=block, stream=stream)
+                          tokens_per_tile, mScores, mTcScores, mPairScores).launch(
+            grid=[tile_ctas, 1, 1], block=block, stream=stream)
 
     @cute.jit
     def _tile_bytes(self, tile: Int32, tokens_per_tile: Int32, T: Int32, E: Int32):
@@ -968,13 +1009,16 @@ class PaddedTriplesKernel:
     @cute.kernel
     def write_kernel(self, mKeep: cute.Tensor, mTileStart: cute.Tensor, mStats: cute.Tensor, mTokenIdx: cute.Tensor,
                      mExpertIdx: cute.Tensor, mPairIndex: cute.Tensor, mIsPair: cute.Tensor,
-                     mTokenOffsets: cute.Tensor, tokens_per_tile: Int32):
+                     mTokenOffsets: cute.Tensor, tokens_per_tile: Int32, mScores: cute.Tensor, mTcScores: cute.Tensor,
+                     mPairScores: cute.Tensor):
+        # mScores (T, E) and mTcScores (T, K): float32 bits as int32; mPairScores (bound,) the same
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         lane = cute.arch.lane_idx()
         tile = bidx * WARPS_PER_CTA + tidx // 32
         T, E = mKeep.shape[0], mKeep.shape[1]
         num_tiles = mTileStart.shape[0]
+        flat_scores = cute.make_tensor(mScores.iterator, cute.make_layout(T * E))  # p of byte f = t * E + e
         if tile < num_tiles:  # uniform over the warp
             _, lo, hi, last_word = self._tile_bytes(tile, tokens_per_tile, T, E)
             running = mTileStart[tile]  # the position of the tile's first kept byte
@@ -997,6 +1041,12 @@ class PaddedTriplesKernel:
                                 mExpertIdx[pos] = e
                                 mPairIndex[pos] = start + j
                                 mIsPair[pos] = Uint8(1)
+                                # the weight: w[t, slot] at a pick, p[t, e] at an added pair
+                                byte = Int32((words[j // 4, v] >> (8 * (j % 4))) & Uint32(0xFF))
+                                if byte == ADDED_BYTE:
+                                    mPairScores[pos] = flat_scores[start + j]
+                                else:
+                                    mPairScores[pos] = mTcScores[t, byte - 1]
                                 pos = pos + 1
                             e = e + 1
                             if e == E:
@@ -1010,14 +1060,15 @@ class PaddedTriplesKernel:
             mExpertIdx[p] = E
             mPairIndex[p] = Int32(0)
             mIsPair[p] = Uint8(0)
+            mPairScores[p] = Int32(0)  # +0.0
 
 
 class TokenRoundingTriplesKernels:
-    """``fused_glue=True``: ``TokenRoundingKernels`` then ``PaddedTriplesKernel``, one
-    compiled call (one host launch, five kernels in order on the stream)."""
+    """``fused_glue=True``: ``TokenRoundingKernels`` (keep bytes naming the pick slots) then
+    ``PaddedTriplesKernel``, one compiled call (one host launch, five kernels in order on the stream)."""
 
     def __init__(self, stage_keys: int = 0):
-        self.rounding = TokenRoundingKernels(stage_keys)
+        self.rounding = TokenRoundingKernels(stage_keys, pick_slots=True)
         self.triples = PaddedTriplesKernel()
 
     @cute.jit
@@ -1025,10 +1076,10 @@ class TokenRoundingTriplesKernels:
                  mCounts: cute.Tensor, mUniform: cute.Tensor, mode: Int32, tile_m: Int64, mTilePairs: cute.Tensor,
                  mTileEmpty: cute.Tensor, mTokenIdx: cute.Tensor, mExpertIdx: cute.Tensor, mPairIndex: cute.Tensor,
                  mIsPair: cute.Tensor, mTokenOffsets: cute.Tensor, mStats: cute.Tensor, tokens_per_tile: Int32,
-                 stream):
+                 mTcScores: cute.Tensor, mPairScores: cute.Tensor, stream):
         self.rounding(mScores, mExperts, mKeys, mKeep, mCounts, mUniform, mode, tile_m, stream)
         self.triples(mKeep, mCounts, mUniform, mode, tile_m, mTilePairs, mTileEmpty, mTokenIdx, mExpertIdx, mPairIndex,
-                     mIsPair, mTokenOffsets, mStats, tokens_per_tile, stream)
+                     mIsPair, mTokenOffsets, mStats, tokens_per_tile, mScores, mTcScores, mPairScores, stream)
 
 
 def compile_token_rounding_triples_kernels(stage_keys: int = 0, *, extra_options: str = ""):
@@ -1037,10 +1088,11 @@ def compile_token_rounding_triples_kernels(stage_keys: int = 0, *, extra_options
     shared-memory row capacity (then only T <= stage_keys may be launched). All of T, E, K, the
     tile count and the bound are symbolic. Returns the
     TVM-FFI callable ``f(scores_bits, experts, keys, keep, counts, uniform, mode, tile_m, tile_pairs,
-    tile_empty, token_idx, expert_idx, pair_index, is_pair, token_offsets, stats, tokens_per_tile)``:
-    the arguments of ``compile_token_rounding_kernels``, then (tiles,) int32 scratch twice, (bound,)
-    int32 token_idx, expert_idx, pair_index, (bound,) uint8 is_pair, (T+1,) int32 token_offsets and
-    (4,) int64 stats."""
+    tile_empty, token_idx, expert_idx, pair_index, is_pair, token_offsets, stats, tokens_per_tile,
+    tc_score_bits, pair_score_bits)``: the arguments of ``compile_token_rounding_kernels``, then
+    (tiles,) int32 scratch twice, (bound,) int32 token_idx, expert_idx, pair_index, (bound,) uint8
+    is_pair, (T+1,) int32 token_offsets, (4,) int64 stats, the token tile, the (T, K) token-choice
+    weights' float32 bits and the (bound,) pair weights' bits (out), both int32."""
     if stage_keys != 0 and stage_keys not in SELECT_STAGE_KEYS:
         raise ValueError(f"stage_keys must be 0 or one of {SELECT_STAGE_KEYS}, got {stage_keys}")
     T, E, K, U = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
@@ -1056,7 +1108,7 @@ def compile_token_rounding_triples_kernels(stage_keys: int = 0, *, extra_options
         TokenRoundingTriplesKernels(stage_keys), mat(Int32, T, E, 4), mat(Int32, T, K, 4), mat(Int32, E, T, 4),
         mat(Uint8, T, E, KEEP_WORD), vec(Int32, E), vec(Float64, U, 8), Int32(0), Int64(1), vec(Int32, tiles),
         vec(Int32, tiles), vec(Int32, bound), vec(Int32, bound), vec(Int32, bound), vec(Uint8, bound, 1),
-        vec(Int32, cute.sym_int()), vec(Int64, cute.sym_int(), 8), Int32(1),
+        vec(Int32, cute.sym_int()), vec(Int64, cute.sym_int(), 8), Int32(1), mat(Int32, T, K, 4), vec(Int32, bound),
         make_fake_stream(use_tvm_ffi_env_stream=True), options=compile_options(extra=extra_options),
     )
 
@@ -1115,11 +1167,14 @@ def _token_tiling(num_tokens: int) -> tuple[int, int]:
 
 
 def _launch_token_rounding_triples(scores: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor,
-                                   uniform: torch.Tensor | None, mode: str, tile_m: int, bound: int):
+                                   uniform: torch.Tensor | None, mode: str, tile_m: int, bound: int,
+                                   tc_scores: torch.Tensor):
     """``fused_glue``: the selection and the padded triples in one compiled call; no host
-    sync. T must be > 0, T * E + TRIPLES_BYTE_SLACK and bound <= MAX_PAIRS. Returns (token_idx,
-    expert_idx, pair_index (bound,) int32, is_pair (bound,) bool, token_offsets (T+1,) int32,
-    counts (4,) int64: kept, dropped, added pairs and dropped tokens)."""
+    sync. T must be > 0, K <= MAX_SLOT_K, T * E + TRIPLES_BYTE_SLACK and bound <= MAX_PAIRS.
+    ``tc_scores``: the (T, K) float32 token-choice weights w. Returns (token_idx, expert_idx,
+    pair_index (bound,) int32, is_pair (bound,) bool, token_offsets (T+1,) int32, counts (4,)
+    int64: kept, dropped, added pairs and dropped tokens, pair_scores (bound,) float32: the
+    weights, ``reference.routing.pair_weights`` at the triples bit for bit, 0 for the padding)."""
     T, E = scores.shape
     device = scores.device
     i32 = torch.int32
@@ -1131,13 +1186,14 @@ def _launch_token_rounding_triples(scores: torch.Tensor, experts: torch.Tensor, 
     is_pair = torch.empty(bound, dtype=torch.uint8, device=device)
     token_offsets = torch.empty(T + 1, dtype=i32, device=device)
     counts4 = torch.empty(4, dtype=torch.int64, device=device)
+    pair_scores = torch.empty(bound, dtype=torch.float32, device=device)
     if uniform is None:
         uniform = _no_uniform(device)
     kernels = compiled(compile_token_rounding_triples_kernels, _select_stage_keys(T))  # the select's row in smem
     launch(kernels, device, scores.view(i32), experts, keys, keep, counts, uniform, ROUNDING_CODES[mode], tile_m,
            tile_pairs, tile_empty, token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4,
-           tokens_per_tile)  # five kernels in order on the current stream
-    return token_idx, expert_idx, pair_index, is_pair.view(torch.bool), token_offsets, counts4
+           tokens_per_tile, tc_scores.contiguous().view(i32), pair_scores.view(i32))  # five kernels, current stream
+    return token_idx, expert_idx, pair_index, is_pair.view(torch.bool), token_offsets, counts4, pair_scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1398,9 +1454,9 @@ def token_rounding(
     validates and times each): ``"torch"`` (step 1) or ``"kernels"`` (step 2, the default).
 
     ``fused_glue=True`` (with ``pad_to_bound=True``, float32 scores and the kernels' selection;
-    otherwise it changes nothing; the MoE layer's router turns it on): the padded triples and the counts of ``routing.rounding`` come
-    from CuTe kernels (``PaddedTriplesKernel``, in the same compiled call as the selection) instead
-    of ~14 torch launches; the same result.
+    otherwise it changes nothing; the MoE layer's router turns it on): the padded triples, their
+    weights and the counts of ``routing.rounding`` come from CuTe kernels (``PaddedTriplesKernel``,
+    in the same compiled call as the selection) instead of ~19 torch launches; the same result.
     """
     _checks.check_choice("selection", selection, tuple(SELECTIONS))
     _checks.check_bool("pad_to_bound", pad_to_bound)
@@ -1466,16 +1522,18 @@ def _route_token_rounding(logits, k, tile_m, mode, generator, scoring, normalize
         tc_scores = scores_from_experts(logits, tc_experts, scoring, normalize, probs=probs)  # (T, K)
     weights = functools.partial(_kept_pair_scores, logits, probs, tc_experts, tc_scores, scoring, normalize)
 
-    # fused_glue: steps 2-5 and the counts in one compiled call (selection, then the padded triples).
+    # fused_glue: steps 2-5, the counts and the weights in one compiled call (selection, then the
+    # padded triples with their weights).
     bound = _ref.max_pairs(T, E, k, tile_m)
     if (fused_glue and pad_to_bound and T > 0 and probs.dtype == torch.float32 and selection == "kernels"
+            and tc_scores.dtype == torch.float32 and k <= MAX_SLOT_K
             and max(T * E + TRIPLES_BYTE_SLACK, bound) <= MAX_PAIRS):
-        token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4 = _launch_token_rounding_triples(
-            probs, tc_experts32, counts, uniform, mode, tile_m, bound)
+        token_idx, expert_idx, pair_index, is_pair, token_offsets, counts4, pair_scores = (
+            _launch_token_rounding_triples(probs, tc_experts32, counts, uniform, mode, tile_m, bound, tc_scores))
         kept, dropped, added, dropped_tokens = counts4  # () views of the kernel's (4,) counts
         stats = contracts.RoundingStats(kept, dropped, added, dropped_tokens, tokens_per_tile=ratio)
-        return Routing(token_idx, expert_idx, weights(pair_index, is_pair), num_tokens=T, num_experts=E,
-                       rounding=stats), token_offsets
+        scores = weights(pair_index, is_pair, pair_scores, (expert_idx, token_offsets, token_idx, tc_experts32))
+        return Routing(token_idx, expert_idx, scores, num_tokens=T, num_experts=E, rounding=stats), token_offsets
 
     # Steps 2-4: round f_e, then flip only the boundary pairs of each expert (see the module docstring).
     if T == 0:
@@ -1491,12 +1549,14 @@ def _route_token_rounding(logits, k, tile_m, mode, generator, scoring, normalize
     if not pad_to_bound:
         token_idx, expert_idx = keep.nonzero(as_tuple=True)  # (P,), (P,)  <- the one host sync
         pair_index = torch.add(expert_idx, token_idx, alpha=E)  # (P,) t * E + e
-        return Routing(token_idx=token_idx.to(torch.int32), expert_idx=expert_idx.to(torch.int32),
-                       scores=weights(pair_index, None), num_tokens=T, num_experts=E, rounding=stats), None
+        token_idx, expert_idx = token_idx.to(torch.int32), expert_idx.to(torch.int32)
+        scores = weights(pair_index, None, None, (expert_idx, None, token_idx, tc_experts32))
+        return Routing(token_idx=token_idx, expert_idx=expert_idx, scores=scores, num_tokens=T, num_experts=E,
+                       rounding=stats), None
     # Padded to the host bound (the layout of the reference's pad_to_bound=True): no sync.
     token_idx, expert_idx, pair_index, is_pair = _padded_triples(keep, bound)
-    return Routing(token_idx, expert_idx, weights(pair_index, is_pair), num_tokens=T, num_experts=E,
-                   rounding=stats), None
+    scores = weights(pair_index, is_pair, None, (expert_idx, None, token_idx, tc_experts32))
+    return Routing(token_idx, expert_idx, scores, num_tokens=T, num_experts=E, rounding=stats), None
 
 
 def _rounding_stats(keep: torch.Tensor, counts: torch.Tensor, ratio: float) -> contracts.RoundingStats:
@@ -1547,73 +1607,145 @@ def _pair_scores(weights: torch.Tensor, pair_index: torch.Tensor, is_pair: torch
 
 
 def _kept_pair_scores(logits, probs, tc_experts, tc_scores, scoring: str, normalize: bool, pair_index: torch.Tensor,
-                      is_pair: torch.Tensor | None) -> torch.Tensor:
+                      is_pair: torch.Tensor | None, pair_scores: torch.Tensor | None = None,
+                      pairs: tuple | None = None) -> torch.Tensor:
     """(N,) the triples' weights (every path of token rounding, both glues of the layer): with
     autograd recording, ``TokenRoundingScores`` (one node); without, the (T, E) weights are written
-    over ``probs`` in place (no (T, E) copy; call it after the selection has read ``probs``)."""
+    over ``probs`` in place (no (T, E) copy; call it after the selection has read ``probs``).
+    ``pair_scores``: the weights already read by the fused call's kernels (then no op reads them);
+    ``pairs``: what the backward kernel reads (see ``TokenRoundingScores``)."""
     if torch.is_grad_enabled() and logits.requires_grad:
-        return TokenRoundingScores.apply(logits, probs, tc_experts, tc_scores, pair_index, is_pair, scoring, normalize)
+        return TokenRoundingScores.apply(logits, probs, tc_experts, tc_scores, pair_index, is_pair, scoring, normalize,
+                                         pair_scores, pairs)
+    if pair_scores is not None:
+        return pair_scores
     _write_at_picks(probs, tc_experts, tc_scores, keep_replaced=False)  # probs is the (T, E) weights from here on
     return _pair_scores(probs, pair_index, is_pair)
 
 
 class TokenRoundingScores(torch.autograd.Function):
     """The weights of token rounding's triples as one autograd node of the logits: the values of the
-    reference's formulas bit for bit, and a backward of at most 9 torch launches.
+    reference's formulas bit for bit, and a backward of one kernel (or at most 9 torch launches).
 
     Forward (from values computed without autograd): p = softmax(logits) over E (``probs``), the
     token-choice weights w (``tc_scores`` (T, K), at the picks ``tc_experts``), the (T, E) weights =
     p with w scattered at the picks (``reference.routing.pair_weights``), read at the triples' flat
     indices t * E + e, 0 for the padding (``is_pair`` False; its gradient is dropped: the experts'
-    backward leaves garbage there).
+    backward leaves garbage there). With ``pair_scores`` (the fused call, whose write kernel already
+    copied those weights) the forward runs no op and returns them.
 
     Backward: the triples' gradient g, scattered into a (T, E) gradient G (each kept pair once); the
-    picks' entries are w's gradient, the others p's; then the softmax backwards with autograd's own
-    kernel (for ``softmax_topk`` the very ops autograd runs on the reference's graph: the same bits):
+    picks' entries are w's gradient, the others p's; then the softmax backwards:
 
     * ``softmax_topk``: w = softmax over K of the picks' logits: dlogits = softmax_bwd(G off the
       picks, p) + scattered softmax_bwd(G at the picks, w);
     * ``topk_softmax``: w = p at the picks, so every entry of G is p's gradient: dlogits =
       softmax_bwd(G, p); with ``normalize`` (w = p_picks / their sum) the picks' entries first go
       back through the normalization (autograd on its two ops).
+
+    Two implementations of those formulas. With ``pairs`` = (expert_idx int32, token_offsets or
+    None, token_idx int32, tc_experts int32), CUDA tensors and float32 logits, ``softmax_topk`` or
+    ``topk_softmax`` without ``normalize``, K <= ``SCORES_BWD_MAX_K``: ``ScoresBackwardKernel``, one launch (plus a
+    ``searchsorted`` for the token offsets when the router did not write them), which reads p once
+    and never builds G; its two row sums add the same products in another order than torch's
+    softmax backward, so the bits may differ from the reference's in the last places. Otherwise the
+    torch ops (``_scores_backward_torch``): autograd's own softmax-backward kernel (for
+    ``softmax_topk`` the very ops autograd runs on the reference's graph: the same bits).
     """
 
     @staticmethod
-    def forward(ctx, logits, probs, tc_experts, tc_scores, pair_index, is_pair, scoring, normalize):
-        # The (T, E) weights without a (T, E) copy: w written over p at the picks for the read, then
-        # the picks' p put back (the backward needs p; the same bits, T*K values moved each way).
-        p_picks = _write_at_picks(probs, tc_experts, tc_scores, keep_replaced=True)  # (T, K); probs = weights
-        scores = _pair_scores(probs, pair_index, is_pair)
-        _write_at_picks(probs, tc_experts, p_picks, keep_replaced=False)  # (T, E) p again
-        ctx.save_for_backward(probs, tc_experts, tc_scores, pair_index, is_pair)
+    def forward(ctx, logits, probs, tc_experts, tc_scores, pair_index, is_pair, scoring, normalize, pair_scores=None,
+                pairs=None):
+        if pair_scores is not None:  # read by the fused call's kernels already
+            scores = pair_scores.view_as(pair_scores)  # (a view: autograd's output, the kernels' buffer)
+        else:
+            # The (T, E) weights without a (T, E) copy: w written over p at the picks for the read,
+            # then the picks' p put back (the backward needs p; the same bits, T*K values moved each way).
+            p_picks = _write_at_picks(probs, tc_experts, tc_scores, keep_replaced=True)  # (T, K); probs = weights
+            scores = _pair_scores(probs, pair_index, is_pair)
+            _write_at_picks(probs, tc_experts, p_picks, keep_replaced=False)  # (T, E) p again
+        ctx.kernel = pairs is not None and _scores_backward_kernel_fits(logits, probs, tc_experts, scoring, normalize)
+        saved = (probs, tc_experts, tc_scores, pair_index, is_pair)  # the torch backward's (the CPU's too)
+        if ctx.kernel:
+            expert_idx, token_offsets, token_idx, tc_experts32 = pairs
+            ctx.offsets_given = token_offsets is not None
+            saved += (tc_experts32, expert_idx, token_offsets if ctx.offsets_given else token_idx)
+        ctx.save_for_backward(*saved)
         ctx.scoring, ctx.normalize, ctx.logits_dtype = scoring, normalize, logits.dtype
         return scores
 
     @staticmethod
     def backward(ctx, grad):
-        probs, tc_experts, tc_scores, pair_index, is_pair = ctx.saved_tensors
-        T, E = probs.shape
-        # Step 1: the (T, E) weights' gradient G. Every kept pair has its own entry t * E + e, so G is
-        # a plain scatter (no atomics); the padding (pair index 0, a gradient the experts' backward
-        # left as garbage) goes to one spare entry past the end, which is dropped. (Adding the
-        # padding's zeros at entry 0 instead serializes thousands of atomic adds on one address.)
-        index = pair_index if is_pair is None else torch.where(is_pair, pair_index, T * E)  # (N,)
-        g = torch.zeros(T * E + 1, dtype=probs.dtype, device=probs.device)
-        g.index_copy_(0, index.long(), grad.to(probs.dtype))  # (index_copy_ takes int64 indices only)
-        g = g[: T * E].view(T, E)
-        if ctx.scoring == "topk_softmax" and not ctx.normalize:  # w is p itself: all of G is p's gradient
-            return _softmax_backward(g, probs).to(ctx.logits_dtype), *([None] * 7)
-        # Step 2: the picks' entries are the token-choice weights' gradient (T, K); the rest is p's.
-        g_tc = g.gather(1, tc_experts)  # (T, K)
-        if ctx.scoring == "topk_softmax":  # w = s / sum(s), s = p at the picks: back to s, which is p
-            with torch.enable_grad():
-                s = probs.gather(1, tc_experts).requires_grad_(True)  # (T, K)
-                (ds,) = torch.autograd.grad(s / s.sum(-1, keepdim=True), s, g_tc)
-            return _softmax_backward(g.scatter_(1, tc_experts, ds), probs).to(ctx.logits_dtype), *([None] * 7)
-        # softmax_topk: two softmax backwards, p's (over E, picks excluded) and w's (over K)
-        dlogits = _softmax_backward(g.scatter_(1, tc_experts, 0.0), probs).to(ctx.logits_dtype)  # (T, E)
-        d_picked = _softmax_backward(g_tc, tc_scores).to(ctx.logits_dtype)  # (T, K)
-        return dlogits.scatter_add_(1, tc_experts, d_picked), *([None] * 7)
+        probs, tc_experts, tc_scores, pair_index, is_pair, *kernel_args = ctx.saved_tensors
+        if ctx.kernel and _kernel_device(probs):
+            tc_experts32, expert_idx, offsets_or_tokens = kernel_args
+            return _scores_backward_kernel(grad, probs, tc_experts32, tc_scores, expert_idx, offsets_or_tokens,
+                                           ctx.offsets_given, ctx.scoring), *([None] * 9)
+        return _scores_backward_torch(grad, probs, tc_experts, tc_scores, pair_index, is_pair, ctx.scoring,
+                                      ctx.normalize, ctx.logits_dtype), *([None] * 9)
+
+
+def _kernel_device(t: torch.Tensor) -> bool:
+    """Can a CuTe kernel read ``t`` (a CUDA tensor)? The tests' launch counter answers yes for the
+    CPU tensors its stand-ins compute on."""
+    return t.is_cuda
+
+
+def _scores_backward_kernel_fits(logits, probs, tc_experts, scoring: str, normalize: bool) -> bool:
+    """Can ``ScoresBackwardKernel`` compute this node's backward? (float32, its two scorings, K <= 32)"""
+    T, E = probs.shape
+    return (logits.dtype == torch.float32 and probs.dtype == torch.float32 and T > 0
+            and tc_experts.shape[1] <= SCORES_BWD_MAX_K and T * E <= MAX_PAIRS
+            and (scoring == "softmax_topk" or (scoring == "topk_softmax" and not normalize)))
+
+
+def _scores_backward_kernel(grad, probs, tc_experts32, tc_scores, expert_idx, offsets_or_tokens, offsets_given: bool,
+                            scoring: str) -> torch.Tensor:
+    """(T, E) float32 dlogits from ``ScoresBackwardKernel`` (one launch; a ``searchsorted`` first for
+    the (T+1,) token offsets when only the ascending (N,) token_idx is at hand)."""
+    T = probs.shape[0]
+    token_offsets = offsets_or_tokens
+    if not offsets_given:  # first pair of each token (the padding's token T sorts after every token)
+        tokens = torch.arange(T + 1, dtype=torch.int32, device=probs.device)
+        token_offsets = torch.searchsorted(offsets_or_tokens, tokens, out_int32=True)
+    out = torch.empty_like(probs)
+    launch(compiled(compile_scores_backward_kernel, scoring == "softmax_topk"), probs.device,
+           grad.to(torch.float32).contiguous(), expert_idx, token_offsets, probs, tc_experts32,
+           tc_scores.contiguous(), out)
+    return out
+
+
+def _scores_backward_torch(grad, probs, tc_experts, tc_scores, pair_index, is_pair, scoring: str, normalize: bool,
+                           logits_dtype) -> torch.Tensor:
+    """``TokenRoundingScores``' backward with torch ops (every configuration; at most 9 launches)."""
+    T, E = probs.shape
+    # Step 1: the (T, E) weights' gradient G. Every kept pair has its own entry t * E + e, so G is
+    # a plain scatter (no atomics); the padding (pair index 0, a gradient the experts' backward
+    # left as garbage) goes to one spare entry past the end, which is dropped. (Adding the
+    # padding's zeros at entry 0 instead serializes thousands of atomic adds on one address.)
+    index = pair_index if is_pair is None else torch.where(is_pair, pair_index, T * E)  # (N,)
+    g = torch.zeros(T * E + 1, dtype=probs.dtype, device=probs.device)
+    g.index_copy_(0, index.long(), grad.to(probs.dtype))  # (index_copy_ takes int64 indices only)
+    return _scores_backward_dense(g[: T * E].view(T, E), probs, tc_experts, tc_scores, scoring, normalize, logits_dtype)
+
+
+def _scores_backward_dense(g: torch.Tensor, probs, tc_experts, tc_scores, scoring: str, normalize: bool,
+                          logits_dtype) -> torch.Tensor:
+    """Steps 2-3 of the torch backward from the dense (T, E) gradient G of the weights (modified in
+    place); also the CPU stand-in's arithmetic for ``ScoresBackwardKernel``."""
+    if scoring == "topk_softmax" and not normalize:  # w is p itself: all of G is p's gradient
+        return _softmax_backward(g, probs).to(logits_dtype)
+    # Step 2: the picks' entries are the token-choice weights' gradient (T, K); the rest is p's.
+    g_tc = g.gather(1, tc_experts)  # (T, K)
+    if scoring == "topk_softmax":  # w = s / sum(s), s = p at the picks: back to s, which is p
+        with torch.enable_grad():
+            s = probs.gather(1, tc_experts).requires_grad_(True)  # (T, K)
+            (ds,) = torch.autograd.grad(s / s.sum(-1, keepdim=True), s, g_tc)
+        return _softmax_backward(g.scatter_(1, tc_experts, ds), probs).to(logits_dtype)
+    # softmax_topk: two softmax backwards, p's (over E, picks excluded) and w's (over K)
+    dlogits = _softmax_backward(g.scatter_(1, tc_experts, 0.0), probs).to(logits_dtype)  # (T, E)
+    d_picked = _softmax_backward(g_tc, tc_scores).to(logits_dtype)  # (T, K)
+    return dlogits.scatter_add_(1, tc_experts, d_picked)
 
 
 def _softmax_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -1621,6 +1753,146 @@ def _softmax_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     kernel autograd runs for ``torch.softmax`` (one launch, the same bits)."""
     return torch._softmax_backward_data(grad, out, out.dim() - 1, out.dtype)
 # --8<-- [end:token_rounding]
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward of the token-rounding weights as one kernel (TokenRoundingScores.backward)
+# ---------------------------------------------------------------------------------------------
+SCORES_BWD_MAX_K = 32  # one lane holds each token-choice pick
+
+
+class ScoresBackwardKernel:
+    """The logits' gradient of token rounding's weights, one warp per token t (the formulas of
+    ``TokenRoundingScores.backward``, whose torch ops it replaces: 9 launches and five passes over
+    a (T, E) buffer become one launch that reads p once and writes dlogits once).
+
+    Token t owns the pairs ``token_offsets[t] : token_offsets[t + 1]`` (in expert order), each
+    with its gradient g. With ``separate_picks`` (``softmax_topk``: a pick's weight is w = the
+    softmax over the token's K pick logits, any other kept pair's weight is p):
+
+    1. lane j < K holds pick j (expert, w); a chunk of 32 pairs at a time, the lanes compare
+       their pair's expert with every pick (shuffles): a pick's lane takes its pair's g (0 if the
+       rounding dropped it), the other pairs are p's;
+    2. two warp sums: dot_p = sum of g * p over the non-pick pairs, dot_w = sum of g * w over the
+       picks;
+    3. every entry of the row gets p * (0 - dot_p) (the softmax backward over E with the picks'
+       entries 0), then, after a warp barrier, the entries with a pair are rewritten:
+       p * (g - dot_p) at a non-pick, p * (0 - dot_p) + w * (g - dot_w) at a pick (the softmax
+       backward over K added, as ``scatter_add_``).
+
+    Without ``separate_picks`` (``topk_softmax`` without ``normalize``: the weights are p itself)
+    every pair is p's: dlogits = p * (G - <G, p>). Same formulas as the torch ops; the two sums add
+    the same nonzero products in another order, so results may differ from them in the last bits.
+    """
+
+    def __init__(self, separate_picks: bool):
+        self.separate_picks = separate_picks
+
+    @cute.jit
+    def __call__(self, mGrad: cute.Tensor, mExpertIdx: cute.Tensor, mTokenOffsets: cute.Tensor, mProbs: cute.Tensor,
+                 mTcExperts: cute.Tensor, mTcScores: cute.Tensor, mOut: cute.Tensor, stream):
+        ctas = cute.ceil_div(mProbs.shape[0], WARPS_PER_CTA)
+        self.kernel(mGrad, mExpertIdx, mTokenOffsets, mProbs, mTcExperts, mTcScores, mOut).launch(
+            grid=[ctas, 1, 1], block=[THREADS_PER_CTA, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(
+        self,
+        mGrad: cute.Tensor,  # (N,) float32: the triples' gradient (the padding's is never read)
+        mExpertIdx: cute.Tensor,  # (N,) int32
+        mTokenOffsets: cute.Tensor,  # (T+1,) int32: token t owns pairs [offsets[t], offsets[t+1])
+        mProbs: cute.Tensor,  # (T, E) float32: p
+        mTcExperts: cute.Tensor,  # (T, K) int32: the token-choice picks
+        mTcScores: cute.Tensor,  # (T, K) float32: their weights w
+        mOut: cute.Tensor,  # (T, E) float32 out: dlogits
+    ):
+        tidx, _, _ = cute.arch.thread_idx()
+        t = cute.arch.block_idx()[0] * WARPS_PER_CTA + tidx // 32  # this warp's token
+        lane = cute.arch.lane_idx()
+        T, E, K = mProbs.shape[0], mProbs.shape[1], mTcExperts.shape[1]
+        zero = cutlass.Float32(0.0)
+        if t < T:  # uniform over the warp
+            lo = mTokenOffsets[t]
+            hi = mTokenOffsets[t + 1]
+            # 1. the picks (lane j < K holds pick j), and each pair's gradient: p's or a pick's
+            pick = Int32(-1)
+            w = zero
+            if const_expr(self.separate_picks):
+                if lane < K:
+                    pick = mTcExperts[t, lane]
+                    w = mTcScores[t, lane]
+            g_pick = zero  # lane j: the gradient of pick j's pair (0: dropped by the rounding)
+            dot_p = zero
+            for base in cutlass.range(lo, hi, 32, unroll=1):
+                e, g = self._load_pair(mExpertIdx, mGrad, base + lane, hi)
+                is_pick, g_pick = self._find_picks(e, g, pick, K, lane, g_pick)
+                if e >= 0 and is_pick == 0:
+                    dot_p = dot_p + g * mProbs[t, e]
+            # 2. the two sums over the warp
+            dot_p = warp_sum(dot_p)
+            dot_w = warp_sum(g_pick * w)
+            # 3. p * (0 - dot_p) on the whole row, then the entries of the pairs and the picks
+            for e in cutlass.range(lane, E, 32, unroll=1):
+                mOut[t, e] = mProbs[t, e] * (zero - dot_p)
+            cute.arch.sync_warp()  # the rewrites below land after the row's stores
+            for base in cutlass.range(lo, hi, 32, unroll=1):
+                e, g = self._load_pair(mExpertIdx, mGrad, base + lane, hi)
+                is_pick, _ = self._find_picks(e, g, pick, K, lane, zero)
+                if e >= 0 and is_pick == 0:
+                    mOut[t, e] = mProbs[t, e] * (g - dot_p)
+            if const_expr(self.separate_picks):
+                if lane < K:
+                    mOut[t, pick] = mProbs[t, pick] * (zero - dot_p) + w * (g_pick - dot_w)
+
+    @cute.jit
+    def _load_pair(self, mExpertIdx: cute.Tensor, mGrad: cute.Tensor, i: Int32, hi: Int32):
+        """(expert, gradient) of pair i, or (-1, 0) past the token's pairs."""
+        e = Int32(-1)
+        g = cutlass.Float32(0.0)
+        if i < hi:
+            e = mExpertIdx[i]
+            g = mGrad[i]
+        return e, g
+
+    @cute.jit
+    def _find_picks(self, e: Int32, g, pick: Int32, K: Int32, lane: Int32, g_pick):
+        """Every lane calls it (shuffles): is this lane's pair (expert e, -1 for none) one of the
+        token's picks (1/0), and lane j's ``g_pick`` = the gradient of the pair holding pick j, if
+        this chunk of 32 pairs has it (else unchanged). Without ``separate_picks``: (0, g_pick)."""
+        is_pick = Int32(0)
+        if const_expr(self.separate_picks):
+            for j in cutlass.range(K, unroll=1):
+                pick_j = cute.arch.shuffle_sync(pick, j)  # >= 0: lane j < K holds a pick
+                hit = cute.arch.vote_ballot_sync(e == pick_j)
+                if e == pick_j:
+                    is_pick = Int32(1)
+                if hit != Uint32(0):  # uniform over the warp: one lane holds that pair
+                    src = Int32(cute.arch.popc((hit & (Uint32(0) - hit)) - Uint32(1)))  # its lane
+                    g_src = cute.arch.shuffle_sync(g, src)
+                    if lane == j:
+                        g_pick = g_src
+        return is_pick, g_pick
+
+
+def compile_scores_backward_kernel(separate_picks: bool, *, extra_options: str = ""):
+    """Compile ``ScoresBackwardKernel`` for sm_90a from fake tensors (no GPU needed); not cached.
+    N, T, E and K are symbolic. Returns the TVM-FFI callable ``f(grad, expert_idx, token_offsets,
+    probs, tc_experts, tc_scores, out)``: (N,) float32, (N,) int32, (T+1,) int32, (T, E) float32,
+    (T, K) int32, (T, K) float32, (T, E) float32 out."""
+    N, T, E, K = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
+
+    def mat(dtype, rows, cols):
+        return make_fake_compact_tensor(dtype, (rows, cols), stride_order=(1, 0), assumed_align=4)
+
+    def vec(dtype, n):
+        return make_fake_compact_tensor(dtype, (n,), assumed_align=4)
+
+    return cute.compile(
+        ScoresBackwardKernel(separate_picks), vec(cutlass.Float32, N), vec(Int32, N), vec(Int32, cute.sym_int()),
+        mat(cutlass.Float32, T, E), mat(Int32, T, K), mat(cutlass.Float32, T, K),
+        mat(cutlass.Float32, T, E), make_fake_stream(use_tvm_ffi_env_stream=True),
+        options=compile_options(extra=extra_options),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

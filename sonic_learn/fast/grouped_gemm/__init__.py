@@ -152,6 +152,18 @@ def _check_epi_subtile(epi_subtile: object, kernel: str, tile: tuple, tma_store:
                          f"(an even number of subtiles), got tile {tile}")
 
 
+EPI_PREFETCH_LEAD = 8  # GemmConfig(epi_prefetch=...)'s usual lead, in k-tiles (the config syntax's bare "pf")
+
+
+def _check_epi_prefetch(epi_prefetch: object, kernel: str) -> None:
+    if isinstance(epi_prefetch, bool) or not isinstance(epi_prefetch, int) or epi_prefetch < 0:
+        raise TypeError(f"epi_prefetch must be an int >= 0 (k-tiles of lead of the L2 prefetch of the dH "
+                        f"epilogue's input; 0 = off, e.g. {EPI_PREFETCH_LEAD}), got {epi_prefetch!r}")
+    if epi_prefetch and kernel not in PERSISTENT:
+        raise ValueError(f"epi_prefetch={epi_prefetch} needs a persistent kernel {PERSISTENT} (its producer "
+                         f"warpgroup issues the prefetch), got kernel={kernel!r}")
+
+
 @dataclass(frozen=True)
 class GemmConfig:
     """Which step of the grouped-GEMM ladder runs, and how. Immutable: pass it down (``config=``).
@@ -177,8 +189,16 @@ class GemmConfig:
     The fused SwiGLU epilogue honours it too: each subtile of H and its half-width subtile of
     A = SwiGLU(H) leave by TMA bulk stores (same values bit for bit). The dH epilogue and the
     transposed varlen-K store ignore it and keep their whole-tile buffer, so one config serves
-    every GEMM of the MoE layer. To give the layer's GEMMs different configs, pass a ``LayerGemms``
-    (one config per role) to ``fast.moe.fast_ops``.
+    every GEMM of the MoE layer. ``epi_prefetch`` = N > 0 (persistent kernels; 0 = off, the
+    default: measured slower, see below): the dH epilogue's input H is prefetched into L2 by the producer warpgroup
+    while each tile's mainloop runs, N k-tiles before the producer loads the tile's last one
+    (``GroupedGemmWS.prefetch_epi_in``; ``EPI_PREFETCH_LEAD`` = 8 is the usual N), so that the
+    epilogue, which the cooperative kernel does not overlap with any MMA, reads H from L2 instead of
+    DRAM; the other epilogues read no input and ignore it. Same results bit for bit. On an H100 it
+    made the dH GEMM 11-14% slower at leads of 4, 8 and 16 k-tiles, cooperative and clustered
+    ping-pong alike (``benchmarks/results/dh_epi_prefetch_ab_NVIDIA_H100_80GB_HBM3.json``): the
+    epilogue's wait is not DRAM latency that L2 can hide. Kept as an experiment. To give the layer's GEMMs different configs,
+    pass a ``LayerGemms`` (one config per role) to ``fast.moe.fast_ops``.
     """
 
     kernel: str = "ws"
@@ -188,6 +208,7 @@ class GemmConfig:
     tma_store: bool = True
     cluster_m: int | None = None
     epi_subtile: int | None = None
+    epi_prefetch: int = 0
 
     def __post_init__(self) -> None:
         kernel, tile, stages = self.kernel, self.tile, self.stages
@@ -207,6 +228,7 @@ class GemmConfig:
             raise ValueError(f"cluster_m={self.cluster_m} needs a persistent kernel {PERSISTENT} (the teaching "
                              f"kernels run one CTA per tile, without clusters), got {kernel!r}")
         _check_epi_subtile(self.epi_subtile, kernel, tile, self.tma_store)
+        _check_epi_prefetch(self.epi_prefetch, kernel)
 
     @property
     def persistent(self) -> bool:
@@ -311,7 +333,8 @@ def _compiled(cfg: GemmConfig, variant: str, dtype: torch.dtype, out_dtype: torc
     return compiled(compile_grouped_gemm, variant, dtype, out_dtype, tile, cfg.stages,
                     kernel=cfg.kernel, transposed=transposed, epilogue=epilogue,
                     tma_store=cfg.tma_store, cluster_m=cluster_size(variant.startswith("varlen_k"), cfg),
-                    epi_subtile=cfg.epi_subtile)
+                    epi_subtile=cfg.epi_subtile,
+                    epi_prefetch=cfg.epi_prefetch if epilogue == "dswiglu" else 0)  # (the only epilogue input)
 
 
 def cluster_size(varlen_k: bool, config: GemmConfig | None = None) -> int:
@@ -415,7 +438,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtype, tile: tuple = TILE,
                          stages: int | None = None, keep_ptx: bool = False, kernel: str = "ws",
                          transposed: bool = False, epilogue: str = "store", tma_store: bool = True,
-                         cluster_m: int = 1, epi_subtile: int | None = None, options: str = ""):
+                         cluster_m: int = 1, epi_subtile: int | None = None, epi_prefetch: int = 0,
+                         options: str = ""):
     """Compile one grouped-GEMM variant for sm_90a from fake tensors (no GPU needed).
 
     ``variant`` is one of "varlen_m", "varlen_m_gather", "varlen_k", "varlen_k_gather". Sizes (rows,
@@ -435,6 +459,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     ``epi_subtile`` (kernel "ws", TMA store): the subtiled epilogue of the plain store and of the
     SwiGLU epilogue (``GemmConfig``); ignored by the dH epilogue and the transposed varlen-K store,
     which keep the whole-tile buffer.
+    ``epi_prefetch`` (persistent kernels): the L2 prefetch of the dH epilogue's input, N k-tiles of
+    lead (0 = off; ``GemmConfig``).
     ``options``: more ``cute.compile`` options, e.g. "remarks{ptx}" for ptxas's register and spill
     report on stderr (the compile tests' spill check).
     """
@@ -482,6 +508,7 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
     vec = lambda: make_fake_compact_tensor(cutlass.Int32, (sym(),), assumed_align=4)  # noqa: E731
     gidx, offs, toffs = vec(), vec(), vec()
     _check_epi_subtile(epi_subtile, kernel, tile, tma_store)
+    _check_epi_prefetch(epi_prefetch, kernel)
     cls = {"v1": GroupedGemmV1, "sm90": GroupedGemmSm90, "ws": GroupedGemmWS, "pingpong": GroupedGemmWS}[kernel]
     cls = {"swiglu": SwiGLUEpilogue, "dswiglu": DSwiGLUEpilogue}.get(epilogue, cls)
     if kernel in PERSISTENT:
@@ -510,6 +537,8 @@ def compile_grouped_gemm(variant: str, dtype: torch.dtype, out_dtype: torch.dtyp
         steps = {"ping_pong": kernel == "pingpong", "tma_store": tma_store, "cluster_m": cluster_m}
         if epi_subtile is not None:
             steps["epi_subtile"] = epi_subtile
+        if epi_prefetch:
+            steps["epi_prefetch"] = epi_prefetch
     kernel_obj = cls(varlen_k=varlen_k, gather=gather, tile_m=tile[0], tile_n=tile[1], tile_k=tile[2], stages=stages,
                      **layout, **steps)
     opts = compile_options(keep_ptx, options)

@@ -111,6 +111,7 @@ class DSwiGLUEpilogue(GroupedGemmWS):
 
     TMA_STORE = False  # its own stores (A' from the padded buffer, dH straight from registers)
     SUBTILE_OUTPUTS = ()  # ignores epi_subtile: keeps the whole-tile buffer
+    EPI_IN_COLS = 2  # reads H: a (gate, up) pair of columns per column of dA' (``epi_prefetch``)
 
     @cute.jit
     def epilogue_wg(self, acc: cute.Tensor, tCsC: cute.Tensor, tCcC: cute.Tensor, out: cute.Tensor, epi: tuple,

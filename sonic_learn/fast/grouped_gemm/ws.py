@@ -37,6 +37,7 @@ from sonic_learn.fast.grouped_gemm import PINGPONG_TILE_NS, lean_tile
 from sonic_learn.fast.grouped_gemm import TILE_NS as TILE_NS_BY_KERNEL
 from sonic_learn.fast.grouped_gemm.sm90 import CHUNK_BYTES, GroupedGemmSm90, epilogue_smem_bytes
 from sonic_learn.fast.grouped_gemm.v1 import CHUNK
+from sonic_learn.fast.primitives import prefetch_l2
 
 cutlass = import_cutlass()
 import cutlass.cute as cute  # noqa: E402
@@ -95,9 +96,12 @@ class GroupedGemmWS(GroupedGemmSm90):
     # the plain store; the SwiGLU epilogue adds ``epi_out`` at half width (one A column per (gate,
     # up) pair); (): the epilogue ignores ``epi_subtile``.
     SUBTILE_OUTPUTS: tuple[int, ...] = (1,)
+    # Columns of the epilogue's input ``epi_in`` per output column (0: the epilogue reads no input;
+    # the dH epilogue reads H, two columns (gate, up) per column of dA'). ``epi_prefetch`` uses it.
+    EPI_IN_COLS = 0
 
     def __init__(self, *, ping_pong: bool = False, tma_store: bool = True, cluster_m: int = 1,
-                 epi_subtile: int | None = None, **kernel):
+                 epi_subtile: int | None = None, epi_prefetch: int = 0, **kernel):
         """``kernel``: as ``GroupedGemmV1``. ``ping_pong`` (step 4 of the ladder): each MMA
         warpgroup owns whole tiles -- the CTA's tiles alternate between them -- so one warpgroup's
         epilogue runs while the other one's mainloop keeps the tensor cores busy; the producer is
@@ -111,7 +115,12 @@ class GroupedGemmWS(GroupedGemmSm90):
         ping-pong).
         ``epi_subtile``: columns per subtile of the subtiled TMA-store epilogue (cooperative kernel
         with ``tma_store``; the plain store and the SwiGLU epilogue, ``SUBTILE_OUTPUTS``; ignored by
-        the dH epilogue and the transposed varlen-K store)."""
+        the dH epilogue and the transposed varlen-K store).
+        ``epi_prefetch`` = N > 0: the producer prefetches each tile's part of the epilogue's input into
+        L2 when it reaches the tile's k-tile ``k_tiles - N`` (``prefetch_epi_in``; only an epilogue
+        that reads an input, ``EPI_IN_COLS`` > 0, i.e. the dH epilogue; ignored by the others). The
+        producer runs up to ``stages`` k-tiles ahead of the MMA warps, so the input has about
+        N + stages k-tiles of WGMMAs to arrive in L2 before the epilogue reads it."""
         super().__init__(**kernel)
         assert cluster_m in (1, 2)
         self.pingpong = ping_pong
@@ -119,6 +128,7 @@ class GroupedGemmWS(GroupedGemmSm90):
         self.cluster_m = cluster_m
         assert epi_subtile is None or (not ping_pong and self.tile[1] % (2 * epi_subtile) == 0)
         self.epi_subtile = epi_subtile
+        self.epi_prefetch = epi_prefetch
         if ping_pong:
             self.MMA_WARPGROUPS = (1, 1, 1)  # one warpgroup's MMA covers a whole tile
             assert self.tile[1] in PINGPONG_TILE_NS
@@ -155,6 +165,11 @@ class GroupedGemmWS(GroupedGemmSm90):
         the plain store, and the fused epilogues whose ``SUBTILE_OUTPUTS`` say so (SwiGLU)."""
         return (self.epi_subtile is not None and self.tma_store and not self.transpose_out
                 and len(self.SUBTILE_OUTPUTS) > 0)
+
+    def prefetches_epi_in(self) -> bool:
+        """Does the producer prefetch the epilogue's input (``epi_prefetch`` and an epilogue that
+        reads one)?"""
+        return self.epi_prefetch > 0 and self.EPI_IN_COLS > 0 and not self.varlen_k
 
     def wg_rows(self) -> int:
         """Output rows one MMA warpgroup owns (and stages in its epilogue buffer)."""
@@ -382,7 +397,8 @@ class GroupedGemmWS(GroupedGemmSm90):
         n_dim, n_tiles, m_tiles, num_tiles = self.tile_space(a, b, out, tile_offsets, expert_offsets)
         sched = (cta, num_ctas, rank, n_tiles, m_tiles, num_tiles, tile_offsets, expert_offsets)
         if wg == 0:
-            self.producer(a, gather_idx, tma_atom_a, tma_a, tma_atom_b, tma_b, sA, sB, pipe, sched, tidx, warp)
+            self.producer(a, gather_idx, tma_atom_a, tma_a, tma_atom_b, tma_b, sA, sB, pipe, sched, tidx, warp,
+                          epi_in)
         else:
             self.consumer(a, out, (epi_out, epi_in, row_in, row_out), ((tma_atom_c, tma_c), (tma_atom_eo, tma_eo)),
                           tiled_mma, sA, sB, storage, (epi_layout, eo_layout), pipe, sched, n_dim, tidx, wg)
@@ -414,9 +430,10 @@ class GroupedGemmWS(GroupedGemmSm90):
     # ---- Producer --------------------------------------------------------------------------------
     @cute.jit
     def producer(self, a: cute.Tensor, gather_idx: cute.Tensor, tma_atom_a, tma_a, tma_atom_b, tma_b,
-                 sA: cute.Tensor, sB: cute.Tensor, pipe, sched: tuple, tidx: Int32, warp: Int32):
+                 sA: cute.Tensor, sB: cute.Tensor, pipe, sched: tuple, tidx: Int32, warp: Int32, epi_in: cute.Tensor):
         """Warpgroup 0: loads only. For every tile of this CTA, fill the pipeline's slots with its
-        k-tiles: B (and contiguous A) by TMA, gathered or ragged A rows by cp.async."""
+        k-tiles: B (and contiguous A) by TMA, gathered or ragged A rows by cp.async; with
+        ``epi_prefetch``, also the L2 prefetch of the tile's epilogue input (``prefetch_epi_in``)."""
         cta, num_ctas, rank, n_tiles, m_tiles, num_tiles, tile_offsets, expert_offsets = sched
         bm, bn, bk = self.tile
         cm = self.cluster_m
@@ -457,7 +474,11 @@ class GroupedGemmWS(GroupedGemmSm90):
                                                    cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
             if const_expr(self.varlen_k):
                 self.resolve_k_rows(a_coord, gather_idx, k_rows_next, row0, 0, count)
-            for kt in cutlass.range((k_len + bk - 1) // bk, unroll=1):
+            k_tiles = (k_len + bk - 1) // bk
+            for kt in cutlass.range(k_tiles, unroll=1):
+                if const_expr(self.prefetches_epi_in()):
+                    if kt == cutlass.max(k_tiles - self.epi_prefetch, 0):
+                        self.prefetch_epi_in(epi_in, row0 + m_start, count - m_start, n_start, tidx)
                 if const_expr(self.varlen_k):
                     k_rows.store(k_rows_next.load())
                     if (kt + 1) * bk < k_len:  # prefetch the next k-tile's rows
@@ -488,6 +509,23 @@ class GroupedGemmWS(GroupedGemmSm90):
                 cute.arch.fence_proxy("async.shared", space="cta")
                 pipe.producer_commit(state)  # arrives when this thread's cp.async have landed
                 state.advance()
+
+    @cute.jit
+    def prefetch_epi_in(self, epi_in: cute.Tensor, out_row0: Int32, rows_left: Int32, n_start: Int32, tidx: Int32):
+        """``epi_prefetch``: bring this tile's part of the epilogue's input into L2 -- its rows
+        ``out_row0 ...`` (at most ``rows_left``, one per producer thread) and the ``EPI_IN_COLS``
+        input columns of each of its output columns -- with one bulk prefetch per row, so that the
+        epilogue's loads find it in L2 instead of waiting on DRAM while the tensor cores idle. The
+        values read are the same; only where they come from changes. Whole 16-byte units only (a
+        ragged row end is left to the epilogue's own load)."""
+        bm, bn, _ = self.tile
+        width = epi_in.shape[1]  # input columns per row
+        first = n_start * self.EPI_IN_COLS
+        span = cutlass.min(bn * self.EPI_IN_COLS, width - first)  # this tile's input columns
+        num_bytes = span * (epi_in.element_type.width // 8) // 16 * 16
+        if num_bytes > 0:
+            for r in cutlass.range(tidx, cutlass.min(bm, rows_left), PRODUCER_THREADS, unroll=1):
+                prefetch_l2(epi_in.iterator + cute.crd2idx((out_row0 + r, first), epi_in.layout), num_bytes)
 
     # ---- Consumers: mainloop + epilogue ----------------------------------------------------------
     @cute.jit
