@@ -210,8 +210,9 @@ class RouterGemm(torch.autograd.Function):
     accumulated into it by the same cuBLAS call (``addmm_``, beta = 1): one rounding, no extra pass.
     In place: the experts' dX is a buffer that only this backward reads (the gather-and-sum wrote
     it). Out of place, ``torch.addmm`` would first copy it into a new (T, d) tensor, one more read
-    and write of T * d elements (a ~35 us device-to-device copy at T = 16384, d = 1536 on an H100,
-    in session 9's kernel breakdown of ``benchmarks/results/token_rounding_*.json``).
+    and write of T * d elements: a 33-35 us device-to-device copy at T = 16384, d = 1536 on an H100
+    in the kernel breakdown of ``benchmarks/results/token_rounding_NVIDIA_H100_80GB_HBM3.json`` as
+    committed before this change (387bdeb), and absent from the file's next breakdown (session 12).
     Saves x and router_w (x is saved by the experts anyway: same storage, no extra bytes)."""
 
     @staticmethod
