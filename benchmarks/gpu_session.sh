@@ -8,15 +8,18 @@
 #
 # Needs this project's CuTe-DSL staged by ../shared/gpu/pack (/tmp/gpu-wheels/env.sh), or both
 # sites by ../shared/gpu/pack-with-upstream (/tmp/stage/env.sh, /tmp/stage/env_up.sh: the steps
-# against upstream run only then). Long runs go past one device call's limit, so start it in
+# against upstream run only then). That script's 60 MiB parts plus this checkout's ~8.5 MiB exceed
+# the 64 MiB one device call may carry: pack smaller parts (then 4 staging runs, p1 .. p4) with
+#   sed 's/-b 60m/-b 52m/' ../shared/gpu/pack-with-upstream > /tmp/pwu.sh && bash /tmp/pwu.sh Long runs go past one device call's limit, so start it in
 # its own session and poll:   setsid nohup bash benchmarks/gpu_session.sh > /tmp/gs.log 2>&1 < /dev/null &
 # (setsid matters: a plain `cmd &` dies with the device call that started it). Poll with
 # `tail /tmp/gs.log`; to wait for the end, test for the line "== all done", not `pgrep -f
 # gpu_session.sh` (that also matches the polling command's own shell).
-# SKIP="tests ep ..." leaves steps out (names: tests tests_rest train memory token_rounding layer_ab_7b layer_ab_30b
+# SKIP="tests ep ..." leaves steps out (names: tests tests_rest train memory token_rounding layer_ab_7b layer_ab_30b ab_tree<i>_<dir>
 # vs_upstream compare ep tiles vs_upstream_more ncu_dh_topk_base ncu_dh_topk_none ncu_dh_token_rounding_base
 # ncu_dh_token_rounding_none dh_layout; upstream's warm-up runs whenever upstream is staged).
 # LAYER_AB=<comma list of benchmarks/moe.py --gemm entries> replaces the layer A/B's configs;
+# AB_TREES="<dir> <dir> ..." adds an A/B of source trees (see the step; AB_CONFIGS, default 7b,30b,e256);
 # VS_GEMM / VS_ROUNDS / VS_CONFIGS: the side-by-side's extra GEMM-config rows, rounds and configs.
 # BEFORE=<another fast/moe.py> adds the memory step's before/after of the layer's glue. TESTS=<pytest
 # paths> replaces the kernel-test step's files (tests_rest runs every other `gpu` test).
@@ -92,6 +95,21 @@ for cfg in 7b 30b; do
   step "layer_ab_$cfg" 400 python3 benchmarks/moe.py --configs "$cfg" --no-naive --no-breakdown --rows reduced \
     --gemm "${LAYER_AB:-$AB_DEFAULT}" --out "$GS/results/layer_ab_$cfg"
 done
+# A/B of source trees (kernel changes, where a GEMM config cannot express the difference): AB_TREES
+# names folders that each hold a copy of sonic_learn/ and benchmarks/ (made here before the run, e.g.
+# `git archive main sonic_learn benchmarks pyproject.toml | tar -x -C ab_main`; untracked folders
+# travel with the working tree), plus "." for this checkout. One process per tree, in the order
+# given (list a tree twice to see the drift), the reduced-memory layer and its per-kernel breakdown.
+# A carried folder is gone after the next device call: the trees are copied first.
+if [ -n "${AB_TREES:-}" ]; then
+  i=0
+  for tree in $AB_TREES; do
+    i=$((i + 1)); name="tree${i}_$(basename "$(cd "$tree" && pwd)")"; dest="$GS/trees/$name"
+    rm -rf "$dest" && mkdir -p "$dest" && cp -r "$tree/sonic_learn" "$tree/benchmarks" "$dest/"
+    step "ab_$name" 400 env PYTHONPATH="$dest:$PYTHONPATH" python3 "$dest/benchmarks/moe.py" \
+      --configs "${AB_CONFIGS:-7b,30b,e256}" --no-naive --rows reduced --out "$GS/results/ab_$name"
+  done
+fi
 
 # 3. Against upstream, once its warm-up is done.
 echo "== waiting for the upstream warm-up $(date +%T)"; wait $warm; tail -3 "$GS/upstream_warmup.log"
