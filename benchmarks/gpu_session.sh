@@ -63,7 +63,10 @@ FAST_TESTS="tests/test_fast_ops.py tests/test_fast_moe.py tests/test_token_round
   tests/test_fast_topk.py tests/test_fast_grouped_gemm.py tests/test_integrations_hf.py
   tests/test_moe_module_backend_checks.py tests/test_fast_ladders.py tests/test_reference_routing.py
   tests/test_fast_grouped_gemm_compile.py"
-step tests 900 python3 -m pytest -v -rfE -p no:cacheprovider -m gpu ${TESTS:-$FAST_TESTS}
+# The kernel tests' time is mostly the kernels' JIT compile, on the CPU and one process at a time:
+# pytest-xdist (on the GPU image) spreads the test files' compiles over TEST_WORKERS processes that
+# share the GPU (TEST_WORKERS=0: one process). Correctness tests only: nothing here is timed.
+step tests 900 python3 -m pytest -v -rfE -p no:cacheprovider -n "${TEST_WORKERS:-8}" -m gpu ${TESTS:-$FAST_TESTS}
 step tests_rest 300 python3 -m pytest -v -rfE -p no:cacheprovider -m gpu tests/ \
   $(for f in $FAST_TESTS; do echo "--ignore=$f"; done) --deselect tests/test_parallel.py::test_a_hang_fails_instead_of_blocking
 
