@@ -16,7 +16,7 @@
 # `tail /tmp/gs.log`; to wait for the end, test for the line "== all done", not `pgrep -f
 # gpu_session.sh` (that also matches the polling command's own shell).
 # SKIP="tests ep ..." leaves steps out (names: tests tests_rest train memory token_rounding layer_ab_7b layer_ab_30b ab_tree<i>_<dir>
-# vs_upstream compare ep tiles vs_upstream_more ncu_dh_topk_base ncu_dh_topk_none ncu_dh_token_rounding_base
+# vs_upstream compare ncu_step_ours ncu_step_upstream ep tiles vs_upstream_more ncu_dh_topk_base ncu_dh_topk_none ncu_dh_token_rounding_base
 # ncu_dh_token_rounding_none dh_layout; upstream's warm-up runs whenever upstream is staged).
 # LAYER_AB=<comma list of benchmarks/moe.py --gemm entries> replaces the layer A/B's configs;
 # AB_TREES="<dir> <dir> ..." adds an A/B of source trees (see the step; AB_CONFIGS, default 7b,30b,e256);
@@ -122,6 +122,18 @@ echo "== waiting for the upstream warm-up $(date +%T)"; wait $warm; tail -3 "$GS
 step vs_upstream 560 python3 benchmarks/vs_upstream.py --configs "${VS_CONFIGS:-7b,30b,e256}" --out "$GS/results" \
   --upstream-timeout 500 --kernels ${VS_GEMM:+--gemm "$VS_GEMM" --rounds "${VS_ROUNDS:-3}"}
 step compare 240 python3 -m sonic_learn.compare moe --config 7B --reps 5 --json "$GS/results/compare_moe_7B.json"
+# Nsight Compute on every kernel of one forward + backward step of each layer at the 7B shape, at
+# free clocks: our dH kernel and upstream's side by side (DRAM / L2 throughput, the memory tables,
+# the stall reasons). layer_kernels.py --profile-last brackets the step with cudaProfilerStart/Stop,
+# so autograd's backward kernels are in it; upstream's layer runs in its own process on its site.
+NCU_STEP="ncu --profile-from-start off --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+  --section WarpStateStats"
+step ncu_step_ours 420 $NCU_STEP python3 benchmarks/layer_kernels.py --shape 24576,1536,256,128,8 --routings topk \
+  --profile-last
+if [ -n "${SONIC_UPSTREAM_SITE:-}" ]; then
+  step ncu_step_upstream 420 env PYTHONPATH="$SONIC_UPSTREAM_SITE:$PWD" $NCU_STEP python3 benchmarks/layer_kernels.py \
+    --impl upstream --shape 24576,1536,256,128,8 --profile-last
+fi
 
 # 4. The rest, as time allows.
 step ep 150 torchrun --nproc-per-node "$(nvidia-smi -L | wc -l)" benchmarks/expert_parallel.py --configs 7b,30b \

@@ -15,6 +15,13 @@ import pytest
 from script_modules import load_script
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def env_with_repo() -> dict:
+    """The environment of a script run from this checkout (its folder first on PYTHONPATH)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
 SCRIPTS = sorted((REPO / "benchmarks").glob("*.py"))
 
 
@@ -24,7 +31,7 @@ def test_there_are_scripts():
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_help_imports_and_parses(script: Path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = env_with_repo()
     done = subprocess.run([sys.executable, str(script), "--help"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -94,7 +101,7 @@ def test_tile_sweep_parses_the_192_tiles(tiles):
 def test_tile_sweep_rejects_unknown_shapes_before_needing_a_gpu():
     """``--shapes`` takes <config>-<projection> with the projections up, down and dx (the dX~ GEMM,
     K-major weights); anything else stops the script before any GPU work."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = env_with_repo()
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "grouped_gemm_tiles.py"), "--shapes",
                            "7b-down,7b-side,70b-dx"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
@@ -150,7 +157,7 @@ def test_parse_layer_rejects_bad_entries(tiles, entry, message):
 def test_gemm_options_reject_bad_entries_before_needing_a_gpu(script, gemm, message):
     """``--gemm`` of the layer benchmarks (grouped_gemm_tiles.parse_gemm_option): a bad or repeated
     entry exits with status 2 naming it, before any GPU work."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = env_with_repo()
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--gemm", gemm], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
@@ -177,6 +184,32 @@ def test_layer_kernels_parses_shape_and_routings(probes):
     assert layer_kernels.parse_args([]).routings == ["topk", "token_rounding"]
 
 
+def test_layer_kernels_runs_upstream_top_k_only(probes):
+    layer_kernels = probes["layer_kernels"]
+    args = layer_kernels.parse_args(["--impl", "upstream", "--profile-last"])
+    assert args.impl == "upstream" and args.routings == ["topk"] and args.profile_last
+    assert not layer_kernels.parse_args([]).profile_last
+
+
+def test_layer_kernels_upstream_step_needs_only_sonicmoe():
+    """The upstream step runs in upstream's process, beside another CuTe-DSL: it loads
+    ``compare/upstream.py`` as a file, so in a fresh interpreter without upstream the one missing
+    module is ``sonicmoe``, and neither CuTe-DSL nor ``sonic_learn.fast`` has been imported."""
+    code = (
+        "import runpy, sys, torch\n"
+        "m = runpy.run_path('benchmarks/layer_kernels.py')\n"
+        "inputs = tuple(torch.zeros(s) for s in ((4, 8), (8, 2), (2, 8, 6), (2, 3, 8), (4, 8)))\n"
+        "try:\n"
+        "    m['layer_step']('upstream', 'topk', inputs, 1)\n"
+        "except ModuleNotFoundError as e:\n"
+        "    print('missing', e.name)\n"
+        "print('cutlass' in sys.modules, 'sonic_learn.fast' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env_with_repo(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["missing sonicmoe", "False False"], done.stdout
+
+
 def test_dh_layout_parses_its_options(probes):
     dh_layout = probes["dh_layout"]
     args = dh_layout.parse_args(["--shape", "64,32,16,8,2", "--reps", "3", "--shifts", "8",
@@ -192,6 +225,9 @@ def test_dh_layout_parses_its_options(probes):
     ("layer_kernels", ["--shape", "64,32,16,8"], "--shape: five positive integers"),
     ("layer_kernels", ["--routings", "expert_choice"], "--routings: choose from"),
     ("layer_kernels", ["--steps", "0"], "--steps must be >= 1"),
+    ("layer_kernels", ["--impl", "quack"], "--impl: choose from ('sonic_learn', 'upstream')"),
+    ("layer_kernels", ["--impl", "upstream", "--routings", "token_rounding"],
+     "--routings: choose from ('topk',) for --impl upstream"),
     ("dh_layout", ["--shape", "64,32,x,8,2"], "--shape: five integers"),
     ("dh_layout", ["--shifts", "8,x"], "--shifts takes integers"),
     ("dh_layout", ["--shifts", "0"], "--shifts must be between 1 and T = 16384"),
