@@ -10,8 +10,9 @@
 # sites by ../shared/gpu/pack-with-upstream (/tmp/stage/env.sh, /tmp/stage/env_up.sh: the steps
 # against upstream run only then). That script's 60 MiB parts plus this checkout's ~8.5 MiB exceed
 # the 64 MiB one device call may carry: pack smaller parts (then 4 staging runs, p1 .. p4) with
-#   sed 's/-b 60m/-b 52m/' ../shared/gpu/pack-with-upstream > /tmp/pwu.sh && bash /tmp/pwu.sh Long runs go past one device call's limit, so start it in
-# its own session and poll:   setsid nohup bash benchmarks/gpu_session.sh > /tmp/gs.log 2>&1 < /dev/null &
+#   sed 's/-b 60m/-b 52m/' ../shared/gpu/pack-with-upstream > /tmp/pwu.sh && bash /tmp/pwu.sh
+# Long runs go past one device call's limit, so start it in its own session and poll:
+#   setsid nohup bash benchmarks/gpu_session.sh > /tmp/gs.log 2>&1 < /dev/null &
 # (setsid matters: a plain `cmd &` dies with the device call that started it). Poll with
 # `tail /tmp/gs.log`; to wait for the end, test for the line "== all done", not `pgrep -f
 # gpu_session.sh` (that also matches the polling command's own shell).
